@@ -1,0 +1,35 @@
+# The two set-up commands of the README: `make demo` and `make test`. Each creates .venv and
+# installs what it needs. torch is installed first and pinned so pip keeps the local CPU build
+# (torch==2.13.0 lies on this machine's disk) instead of downloading a multi-GB CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format proto bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/safety-monitor demo
+
+test: $(STAMP) lint
+	$(VENV)/bin/pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+proto: $(STAMP)
+	$(PY) -m monitor.wire.codegen
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,287 @@
+"""The restricted encoders: the run-time kernels of a feature pack.
+
+Compile-time algebra leaves one GEMM plus an epilogue per message:
+``(x - b_dec) @ W + b_enc == x @ W + (b_enc - b_dec @ W)``, and ReLU / JumpReLU / gated /
+identity all become "keep h where h > floor, else 0".
+
+Three encoder kinds share one small interface (``d_in``, ``k``, ``encode``, ``to``):
+- :class:`RestrictedEncoder`: the sliced columns (exact for ReLU, JumpReLU, gated; the
+  approximate mode of TopK SAEs).
+- :class:`TopKExactEncoder`: a TopK SAE's full encoder, so membership in the top k is decided
+  over all latents, then only the selected columns are returned.
+- :class:`ConcatEncoder`: several of the above at one hook point (several SAEs, or SAE features
+  plus probes that need different input normalisations), outputs side by side.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from monitor.features.errors import FeatureError
+
+# Per-token input normalisations that cannot fold into the weights.
+RUNTIME_NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
+# SAELens (and OpenAI's LN) add this to the std in the layer_norm prologue.
+LAYER_NORM_EPS = 1e-5
+
+
+def normalize_input(x: torch.Tensor, normalization: str) -> torch.Tensor:
+    """Apply SAELens's run-time input normalisation to float32 rows ``x``."""
+    if normalization == "none":
+        return x
+    if normalization == "constant_norm_rescale":
+        return x * (math.sqrt(x.shape[-1]) / x.norm(dim=-1, keepdim=True))
+    if normalization == "layer_norm":
+        mean = x.mean(dim=-1, keepdim=True)
+        std = x.std(dim=-1, keepdim=True)  # unbiased, as torch's default and SAELens
+        return (x - mean) / (std + LAYER_NORM_EPS)
+    raise FeatureError(
+        f"unknown normalization {normalization!r}, expected one of {RUNTIME_NORMALIZATIONS}",
+        field="normalization",
+    )
+
+
+class Encoder(Protocol):
+    """What a hook point's encoder offers the pack."""
+
+    normalization: str
+
+    @property
+    def d_in(self) -> int: ...
+
+    @property
+    def k(self) -> int: ...
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def to(self, device: str | torch.device) -> Encoder: ...
+
+
+def check_activations(x: torch.Tensor, d_in: int) -> None:
+    if x.ndim != 2 or x.shape[1] != d_in or not x.is_floating_point():
+        raise FeatureError(
+            f"expected float [rows, {d_in}], got {x.dtype} {list(x.shape)}",
+            field="activations",
+        )
+
+
+def _check_normalization(normalization: str) -> None:
+    if normalization not in RUNTIME_NORMALIZATIONS:
+        raise FeatureError(
+            f"{normalization!r}, expected one of {RUNTIME_NORMALIZATIONS}",
+            field="normalization",
+        )
+
+
+def _check_float(name: str, tensor: torch.Tensor, shape: tuple[int, ...] | int) -> None:
+    """float32 with the given shape (an int means: that many dimensions)."""
+    ok = tensor.dtype == torch.float32 and (
+        tensor.ndim == shape if isinstance(shape, int) else tuple(tensor.shape) == shape
+    )
+    if not ok:
+        want = f"{shape}-d" if isinstance(shape, int) else str(list(shape))
+        raise FeatureError(
+            f"expected float32 {want}, got {tensor.dtype} {list(tensor.shape)}", field=name
+        )
+
+
+@dataclass
+class RestrictedEncoder:
+    """``k`` selected features of one hook point, ready to encode ``[rows, d_in]`` activations."""
+
+    weight: torch.Tensor  # [d_in, k] float32, contiguous
+    bias: torch.Tensor  # [k] float32, decoder bias already folded in
+    floor: torch.Tensor  # [k] float32: output h where h > floor, else 0
+    normalization: str  # 'none' | 'constant_norm_rescale' | 'layer_norm'
+
+    def __post_init__(self) -> None:
+        _check_float("weight", self.weight, 2)
+        k = self.weight.shape[1]
+        _check_float("bias", self.bias, (k,))
+        _check_float("floor", self.floor, (k,))
+        _check_normalization(self.normalization)
+        # addmm reads the weight with a fixed stride; a transposed view would be slow.
+        self.weight = self.weight.contiguous()
+
+    @property
+    def d_in(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode ``[rows, d_in]`` activations of any float dtype into ``[rows, k]`` float32.
+
+        The result is on this encoder's device (``x`` is moved there if needed).
+        """
+        check_activations(x, self.d_in)
+        x = x.to(self.device, non_blocking=True)
+        if x.is_cuda:
+            from monitor.features.triton_encoder import triton_available, triton_encode
+
+            if triton_available():
+                return triton_encode(x, self.weight, self.bias, self.floor, self.normalization)
+        return self.encode_torch(x)
+
+    def encode_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """The torch path: one ``addmm`` and an in-place epilogue."""
+        x = normalize_input(x.float(), self.normalization)
+        h = torch.addmm(self.bias, x, self.weight)
+        return h.masked_fill_(h <= self.floor, 0.0)
+
+    def to(self, device: str | torch.device) -> RestrictedEncoder:
+        return RestrictedEncoder(
+            weight=self.weight.to(device),
+            bias=self.bias.to(device),
+            floor=self.floor.to(device),
+            normalization=self.normalization,
+        )
+
+    def column_floors(self) -> list[float]:
+        return self.floor.tolist()
+
+
+@dataclass
+class TopKExactEncoder:
+    """Exact restricted TopK: full pre-activations, the k-th value per row, selected columns.
+
+    ``weight``/``bias`` cover all ``d_sae`` latents with the decoder bias and any per-latent
+    scale (SAELens ``rescale_acts_by_decoder_norm``) folded in; the scale is a norm, so it is
+    non-negative and commutes with ReLU and with the ordering TopK depends on.
+    """
+
+    weight: torch.Tensor  # [d_in, d_sae] float32
+    bias: torch.Tensor  # [d_sae] float32
+    indices: torch.Tensor  # [k] int64: the selected latents, in column order
+    top_k: int  # the SAE's k (latents kept per row)
+    relu_first: bool  # sparsify / dictionary_learning: ReLU before TopK
+    normalization: str
+
+    def __post_init__(self) -> None:
+        _check_float("weight", self.weight, 2)
+        d_sae = self.weight.shape[1]
+        _check_float("bias", self.bias, (d_sae,))
+        if self.indices.dtype != torch.int64 or self.indices.ndim != 1:
+            raise FeatureError(f"expected int64 [k], got {self.indices.dtype}", field="indices")
+        if (
+            len(self.indices)
+            and not 0 <= int(self.indices.min()) <= int(self.indices.max()) < d_sae
+        ):
+            raise FeatureError(f"out of range [0, {d_sae})", field="indices")
+        if not 0 < self.top_k <= d_sae:
+            raise FeatureError(f"{self.top_k} not in [1, {d_sae}]", field="k")
+        _check_normalization(self.normalization)
+        self.weight = self.weight.contiguous()
+
+    @property
+    def d_in(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[0])
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        check_activations(x, self.d_in)
+        x = normalize_input(x.to(self.weight.device).float(), self.normalization)
+        h = torch.addmm(self.bias, x, self.weight)
+        if self.relu_first:
+            h.relu_()
+        # The k-th largest value per row decides membership; ties at it are measure-zero for
+        # real activations, and a member at or below zero is zeroed by the final ReLU anyway.
+        kth = torch.topk(h, self.top_k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+        selected = h.index_select(1, self.indices)
+        return selected.masked_fill_((selected < kth) | (selected <= 0), 0.0)
+
+    def to(self, device: str | torch.device) -> TopKExactEncoder:
+        return TopKExactEncoder(
+            weight=self.weight.to(device),
+            bias=self.bias.to(device),
+            indices=self.indices.to(device),
+            top_k=self.top_k,
+            relu_first=self.relu_first,
+            normalization=self.normalization,
+        )
+
+    def column_floors(self) -> list[float]:
+        return [0.0] * self.k
+
+
+SegmentEncoder = RestrictedEncoder | TopKExactEncoder
+
+
+@dataclass
+class ConcatEncoder:
+    """Several encoders of one hook point; their columns side by side, in order."""
+
+    parts: list[SegmentEncoder] = field(default_factory=list)
+    normalization: str = "mixed"
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            raise FeatureError("needs at least one part", field="parts")
+        widths = {p.d_in for p in self.parts}
+        if len(widths) != 1:
+            raise FeatureError(f"parts disagree on d_in: {sorted(widths)}", field="parts")
+
+    @property
+    def d_in(self) -> int:
+        return self.parts[0].d_in
+
+    @property
+    def k(self) -> int:
+        return sum(p.k for p in self.parts)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        check_activations(x, self.d_in)
+        return torch.cat([p.encode(x) for p in self.parts], dim=1)
+
+    def to(self, device: str | torch.device) -> ConcatEncoder:
+        return ConcatEncoder([p.to(device) for p in self.parts])
+
+    def column_floors(self) -> list[float]:
+        return [f for p in self.parts for f in p.column_floors()]
+
+
+AnyEncoder = RestrictedEncoder | TopKExactEncoder | ConcatEncoder
+
+
+def segments(encoder: AnyEncoder) -> list[SegmentEncoder]:
+    """The plain encoders inside ``encoder``, in column order."""
+    return list(encoder.parts) if isinstance(encoder, ConcatEncoder) else [encoder]
+
+
+def combine(parts: list[SegmentEncoder]) -> AnyEncoder:
+    """One encoder for ``parts``: adjacent sliced parts with the same normalisation merge into
+    one matrix, so the common case stays a single GEMM."""
+    merged: list[SegmentEncoder] = []
+    for part in parts:
+        last = merged[-1] if merged else None
+        if (
+            isinstance(part, RestrictedEncoder)
+            and isinstance(last, RestrictedEncoder)
+            and last.normalization == part.normalization
+        ):
+            merged[-1] = RestrictedEncoder(
+                weight=torch.cat([last.weight, part.weight], dim=1),
+                bias=torch.cat([last.bias, part.bias]),
+                floor=torch.cat([last.floor, part.floor]),
+                normalization=part.normalization,
+            )
+        else:
+            merged.append(part)
+    return merged[0] if len(merged) == 1 else ConcatEncoder(merged)

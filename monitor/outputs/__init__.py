@@ -1,0 +1,1 @@
+"""Outputs of the sidecar: metrics, logs (and later Alertmanager)."""

@@ -1,0 +1,159 @@
+"""Sidecar configuration: one YAML file, validated strictly at start-up.
+
+Relative paths in the file are resolved against the file's directory, so a config and the packs
+and rules next to it can be moved together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Invalid sidecar configuration; str() is one line naming the file and the key."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    # gRPC's default is 4 MB; a 2,000-token prefill at d_model 4096 in BF16 is 16 MB.
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_rows_per_batch: int = 16384
+    max_conversations: int = 100_000
+    max_conversation_id_length: int = 256
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    listen: str = "127.0.0.1:50051"
+    metrics_port: int = 9464
+    metrics_host: str = ""  # empty: the host part of `listen`
+    packs: tuple[Path, ...] = ()
+    rules: tuple[Path, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    log_format: str = "auto"
+    log_level: str = "info"
+    shutdown_grace_seconds: float = 10.0
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rsplit(":", 1)[0]
+
+    @property
+    def metrics_bind_host(self) -> str:
+        return self.metrics_host or self.listen_host.strip("[]")
+
+
+_LOG_FORMATS = ("auto", "json", "console")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def load_config(path: str | Path) -> SidecarConfig:
+    """Read and validate a sidecar YAML config, raising ConfigError on the first problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {_one_line(exc)}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return parse_config(raw, base_dir=path.parent, origin=str(path))
+
+
+def parse_config(raw: dict[str, Any], base_dir: Path, origin: str) -> SidecarConfig:
+    """Validate an already-parsed config mapping."""
+    known = {f.name for f in fields(SidecarConfig)}
+    _reject_unknown(raw, known, origin, prefix="")
+    values: dict[str, Any] = {}
+    if "listen" in raw:
+        values["listen"] = _listen_address(raw["listen"], origin)
+    if "metrics_port" in raw:
+        values["metrics_port"] = _int(
+            raw["metrics_port"], origin, "metrics_port", low=0, high=65535
+        )
+    if "metrics_host" in raw:
+        values["metrics_host"] = _str(raw["metrics_host"], origin, "metrics_host")
+    for key in ("packs", "rules"):
+        if key in raw:
+            values[key] = _paths(raw[key], base_dir, origin, key)
+    if "limits" in raw:
+        values["limits"] = _limits(raw["limits"], origin)
+    if "log_format" in raw:
+        values["log_format"] = _choice(raw["log_format"], _LOG_FORMATS, origin, "log_format")
+    if "log_level" in raw:
+        values["log_level"] = _choice(raw["log_level"], _LOG_LEVELS, origin, "log_level")
+    if "shutdown_grace_seconds" in raw:
+        grace = raw["shutdown_grace_seconds"]
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
+            raise ConfigError(f"{origin}: shutdown_grace_seconds: expected a number >= 0")
+        values["shutdown_grace_seconds"] = float(grace)
+    config = SidecarConfig(**values)
+    if not config.packs:
+        raise ConfigError(f"{origin}: packs: at least one feature pack is required")
+    return config
+
+
+def _reject_unknown(raw: dict[str, Any], known: set[str], origin: str, prefix: str) -> None:
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                f"{origin}: {prefix}{key}: unknown key (known: {', '.join(sorted(known))})"
+            )
+
+
+def _listen_address(value: Any, origin: str) -> str:
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f"{origin}: listen: expected 'host:port', got {value!r}")
+    port = value.rsplit(":", 1)[1]
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{origin}: listen: port must be 0-65535, got {port!r}")
+    return value
+
+
+def _limits(value: Any, origin: str) -> Limits:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{origin}: limits: expected a mapping")
+    _reject_unknown(value, {f.name for f in fields(Limits)}, origin, prefix="limits.")
+    checked = {
+        key: _int(item, origin, f"limits.{key}", low=1, high=2**31 - 1)
+        for key, item in value.items()
+    }
+    return Limits(**checked)
+
+
+def _paths(value: Any, base_dir: Path, origin: str, key: str) -> tuple[Path, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+        raise ConfigError(f"{origin}: {key}: expected a path or a list of paths")
+    resolved = tuple((base_dir / item).resolve() for item in items)
+    for item, path in zip(items, resolved, strict=True):
+        if not path.exists():
+            raise ConfigError(f"{origin}: {key}: {item}: no such file or directory ({path})")
+    return resolved
+
+
+def _int(value: Any, origin: str, key: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{origin}: {key}: expected an integer in {low}..{high}, got {value!r}")
+    return value
+
+
+def _str(value: Any, origin: str, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{origin}: {key}: expected a string, got {value!r}")
+    return value
+
+
+def _choice(value: Any, choices: tuple[str, ...], origin: str, key: str) -> str:
+    if value not in choices:
+        raise ConfigError(f"{origin}: {key}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())

@@ -1,0 +1,260 @@
+"""The sidecar process: gRPC server (Monitor, Evaluate, GetStatus), health, reflection,
+Prometheus metrics on their own port, graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+import monitor
+from monitor.features import FeatureError, FeaturePack, load_pack
+from monitor.outputs.metrics import SidecarMetrics
+from monitor.rules.errors import RuleLoadError
+from monitor.rules.loader import RuleSet, load_rules
+from monitor.sidecar.config import SidecarConfig
+from monitor.sidecar.pipeline import BatchOutcome, Pipeline, qualified_feature_names
+from monitor.wire import SERVICE_NAME, WIRE_DTYPES, pb, pb_grpc
+
+log = structlog.get_logger("safety_monitor.sidecar")
+
+
+class StartupError(RuntimeError):
+    """The sidecar cannot start with this configuration; str() is one line."""
+
+
+def load_packs(paths: Sequence[Path]) -> list[FeaturePack]:
+    packs: list[FeaturePack] = []
+    for path in paths:
+        try:
+            pack = load_pack(path)
+        except FeatureError as exc:
+            raise StartupError(str(exc)) from exc
+        if any(p.name == pack.name for p in packs):
+            raise StartupError(f"{path}: pack name {pack.name!r} is already used by another pack")
+        packs.append(pack)
+    return packs
+
+
+def load_ruleset(paths: Sequence[Path], packs: Sequence[FeaturePack]) -> RuleSet:
+    try:
+        return load_rules(paths, known_features=qualified_feature_names(packs))
+    except RuleLoadError as exc:
+        raise StartupError(str(exc).replace("\n", "; ")) from exc
+
+
+class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
+    def __init__(
+        self, pipeline: Pipeline, executor: ThreadPoolExecutor, metrics: SidecarMetrics
+    ) -> None:
+        self.pipeline = pipeline
+        self.executor = executor
+        self.metrics = metrics
+
+    async def Monitor(
+        self, request_iterator: AsyncIterator[pb.StepBatch], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.MonitorEvent]:
+        self.metrics.active_streams.inc()
+        peer = context.peer()
+        log.info("stream opened", peer=peer)
+        try:
+            async for batch in request_iterator:
+                outcome = await self._run(self.pipeline.process, batch)
+                for event in outcome.events:
+                    yield event
+        finally:
+            self.metrics.active_streams.dec()
+            log.info("stream closed", peer=peer)
+
+    async def Evaluate(
+        self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EvaluateResponse:
+        outcome = await self._run(self.pipeline.evaluate_once, request.batch)
+        response = pb.EvaluateResponse()
+        for event in outcome.events:
+            if event.HasField("alert"):
+                response.alerts.append(event.alert)
+            elif event.HasField("error"):
+                response.error.CopyFrom(event.error)
+        if request.include_features:
+            for name, values in sorted(outcome.features.items()):
+                response.features.append(pb.FeatureValues(name=name, values=values.tolist()))
+        return response
+
+    async def GetStatus(
+        self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatusResponse:
+        pipeline = self.pipeline
+        limits = pipeline.limits
+        return pb.StatusResponse(
+            version=monitor.__version__,
+            packs=[
+                pb.PackStatus(
+                    name=p.name,
+                    sha256=p.sha256,
+                    hook_points={hp: p.d_model(hp) for hp in p.hook_points},
+                    features=p.feature_count,
+                )
+                for p in pipeline.packs
+            ],
+            rule_files=[
+                pb.RuleFileStatus(path=path, sha256=h) for path, h in pipeline.ruleset.files
+            ],
+            rules=len(pipeline.ruleset.rules),
+            limits=pb.Limits(
+                max_message_bytes=limits.max_message_bytes,
+                max_rows_per_batch=limits.max_rows_per_batch,
+                max_conversations=limits.max_conversations,
+                max_conversation_id_length=limits.max_conversation_id_length,
+            ),
+            accepted_dtypes=list(WIRE_DTYPES),
+        )
+
+    async def _run(self, func, batch: pb.StepBatch) -> BatchOutcome:  # type: ignore[no-untyped-def]
+        """Run pipeline work on the single worker thread; a bug becomes a BatchError, never a
+        dead stream."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.executor, func, batch)
+        except Exception as exc:  # the stream must survive our own bugs too
+            log.exception("internal error processing batch", seq_no=batch.seq_no)
+            self.metrics.batches_rejected.labels(reason="internal").inc()
+            error = pb.BatchError(
+                seq_no=batch.seq_no,
+                reason="internal",
+                field="",
+                message=f"internal error: {type(exc).__name__}",
+            )
+            return BatchOutcome([pb.MonitorEvent(error=error)], [], {})
+
+
+@dataclass
+class RunningSidecar:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    metrics_port: int
+    shutdown_metrics: object
+
+
+class Sidecar:
+    """Owns everything a running sidecar holds; `start` binds the ports, `stop` drains."""
+
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        self.metrics = SidecarMetrics()
+        packs = load_packs(config.packs)
+        ruleset = load_ruleset(config.rules, packs)
+        try:
+            self.pipeline = Pipeline(packs, ruleset, self.metrics, config.limits)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from exc
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+        self.running: RunningSidecar | None = None
+
+    async def start(self) -> RunningSidecar:
+        max_bytes = self.config.limits.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_bytes),
+                ("grpc.max_send_message_length", max_bytes),
+            ]
+        )
+        pb_grpc.add_SafetyMonitorServicer_to_server(
+            SafetyMonitorService(self.pipeline, self.executor, self.metrics), server
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        port = server.add_insecure_port(self.config.listen)
+        if port == 0:
+            raise StartupError(f"listen: cannot bind {self.config.listen}")
+        httpd = self._start_metrics()
+        await server.start()
+        for service in ("", SERVICE_NAME):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.running = RunningSidecar(
+            server, health_servicer, port, httpd.server_port, httpd.shutdown
+        )
+        log.info(
+            "sidecar started",
+            grpc_port=port,
+            metrics_port=httpd.server_port,
+            packs=[p.name for p in self.pipeline.packs],
+            rules=len(self.pipeline.ruleset.rules),
+        )
+        return self.running
+
+    def _start_metrics(self):  # type: ignore[no-untyped-def]
+        try:
+            httpd, _ = start_http_server(
+                self.config.metrics_port,
+                addr=self.config.metrics_bind_host,
+                registry=self.metrics.registry,
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"metrics_port: cannot bind {self.config.metrics_bind_host}:"
+                f"{self.config.metrics_port}: {exc.strerror}"
+            ) from exc
+        return httpd
+
+    async def stop(self) -> None:
+        """Go NOT_SERVING, let streams drain for the grace period, then close everything."""
+        running = self.running
+        if running is None:
+            return
+        self.running = None
+        log.info("sidecar draining", grace_seconds=self.config.shutdown_grace_seconds)
+        await running.health.enter_graceful_shutdown()
+        await running.server.stop(self.config.shutdown_grace_seconds)
+        self.executor.shutdown(wait=True)
+        running.shutdown_metrics()  # type: ignore[operator]
+        log.info("sidecar stopped")
+
+
+async def serve(config: SidecarConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain."""
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await sidecar.stop()
+
+
+class SidecarThread:
+    """A sidecar on its own event loop in a background thread (embedded demo, tests)."""
+
+    def __init__(self, config: SidecarConfig) -> None:
+        self.sidecar = Sidecar(config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sidecar", daemon=True)
+
+    def start(self) -> RunningSidecar:
+        self._thread.start()
+        return asyncio.run_coroutine_threadsafe(self.sidecar.start(), self._loop).result(30)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.sidecar.stop(), self._loop).result(60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

@@ -1,0 +1,184 @@
+"""Validate a StepBatch before any work is done on it.
+
+Every problem becomes a BatchRejected naming the field and the problem, with a stable reason
+code for the rejected-batches metric. Nothing here trusts the client: sizes are checked before
+bytes are viewed, and every row is checked for NaN/Inf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Set
+from dataclasses import dataclass
+
+import torch
+
+from monitor.rules.engine import SequenceSlice
+from monitor.sidecar.config import Limits
+from monitor.wire import TensorDecodeError, decode_tensor, pb
+
+
+@dataclass(frozen=True)
+class BatchRejected(Exception):
+    reason: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class ValidatedBatch:
+    seq_no: int
+    model: str
+    rows: int
+    activations: dict[str, torch.Tensor]  # hook point -> [rows, d_model] float32
+    slices: list[SequenceSlice]
+    tokens: list[list[str]]  # per slice; empty lists when the client sent no text
+
+
+def validate_batch(
+    batch: pb.StepBatch,
+    d_model_of: Mapping[str, int],
+    required_hook_points: Set[str],
+    limits: Limits,
+) -> ValidatedBatch:
+    """Check a batch against the loaded packs and limits; raise BatchRejected on a problem."""
+    slices, tokens = _validate_sequences(batch, limits)
+    rows = sum(s.rows for s in slices)
+    if rows > limits.max_rows_per_batch:
+        raise BatchRejected(
+            "too_many_rows",
+            "sequences",
+            f"sequences: {rows} rows exceed the limit of {limits.max_rows_per_batch} per batch",
+        )
+    activations = _validate_layers(batch, rows, d_model_of)
+    missing = sorted(required_hook_points - activations.keys())
+    if missing:
+        raise BatchRejected(
+            "missing_hook_point",
+            "layers",
+            f"layers: the loaded rules need hook point(s) {', '.join(missing)}, "
+            "which the batch does not carry",
+        )
+    return ValidatedBatch(batch.seq_no, batch.model, rows, activations, slices, tokens)
+
+
+def _validate_sequences(
+    batch: pb.StepBatch, limits: Limits
+) -> tuple[list[SequenceSlice], list[list[str]]]:
+    if not batch.sequences:
+        raise BatchRejected("no_sequences", "sequences", "sequences: the batch has no sequences")
+    slices: list[SequenceSlice] = []
+    tokens: list[list[str]] = []
+    seen: set[str] = set()
+    start = 0
+    for i, seq in enumerate(batch.sequences):
+        field = f"sequences[{i}]"
+        _check_conversation_id(seq.conversation_id, field, limits)
+        if seq.conversation_id in seen:
+            raise BatchRejected(
+                "duplicate_conversation",
+                f"{field}.conversation_id",
+                f"{field}.conversation_id: {seq.conversation_id!r} appears more than once "
+                "in the batch",
+            )
+        seen.add(seq.conversation_id)
+        if seq.tokens and len(seq.tokens) != seq.rows:
+            raise BatchRejected(
+                "bad_tokens",
+                f"{field}.tokens",
+                f"{field}.tokens: {len(seq.tokens)} token texts for {seq.rows} rows",
+            )
+        slices.append(
+            SequenceSlice(
+                conversation_id=seq.conversation_id,
+                start_row=start,
+                rows=seq.rows,
+                position=seq.position,
+                role=seq.role,
+                end=seq.end,
+                request_id=seq.request_id,
+            )
+        )
+        tokens.append(list(seq.tokens))
+        start += seq.rows
+    return slices, tokens
+
+
+def _check_conversation_id(conversation_id: str, field: str, limits: Limits) -> None:
+    if not conversation_id:
+        raise BatchRejected(
+            "bad_conversation_id",
+            f"{field}.conversation_id",
+            f"{field}.conversation_id: empty",
+        )
+    if len(conversation_id) > limits.max_conversation_id_length:
+        raise BatchRejected(
+            "bad_conversation_id",
+            f"{field}.conversation_id",
+            f"{field}.conversation_id: {len(conversation_id)} characters exceed the limit of "
+            f"{limits.max_conversation_id_length}",
+        )
+
+
+def _validate_layers(
+    batch: pb.StepBatch, rows: int, d_model_of: Mapping[str, int]
+) -> dict[str, torch.Tensor]:
+    if not batch.layers:
+        raise BatchRejected("no_layers", "layers", "layers: the batch has no layers")
+    activations: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(batch.layers):
+        field = f"layers[{i}]"
+        hook_point = layer.hook_point
+        if hook_point not in d_model_of:
+            raise BatchRejected(
+                "unknown_hook_point",
+                f"{field}.hook_point",
+                f"{field}.hook_point: no loaded pack reads {hook_point!r} "
+                f"(packs read: {', '.join(sorted(d_model_of)) or 'none'})",
+            )
+        if hook_point in activations:
+            raise BatchRejected(
+                "duplicate_hook_point",
+                f"{field}.hook_point",
+                f"{field}.hook_point: {hook_point!r} appears more than once in the batch",
+            )
+        activations[hook_point] = _layer_tensor(layer, f"{field}.activations", rows, d_model_of)
+    return activations
+
+
+def _layer_tensor(
+    layer: pb.Layer, field: str, rows: int, d_model_of: Mapping[str, int]
+) -> torch.Tensor:
+    d_model = d_model_of[layer.hook_point]
+    shape = list(layer.activations.shape)
+    if len(shape) != 2:
+        raise BatchRejected(
+            "bad_shape", f"{field}.shape", f"{field}.shape: expected [rows, d_model], got {shape}"
+        )
+    if shape[1] != d_model:
+        raise BatchRejected(
+            "d_model_mismatch",
+            f"{field}.shape",
+            f"{field}.shape: d_model {shape[1]} does not match the pack's {d_model} for "
+            f"{layer.hook_point!r}",
+        )
+    if shape[0] != rows:
+        raise BatchRejected(
+            "row_count_mismatch",
+            f"{field}.shape",
+            f"{field}.shape: {shape[0]} rows, but the sequences add up to {rows}",
+        )
+    try:
+        tensor = decode_tensor(layer.activations, field).to(torch.float32)
+    except TensorDecodeError as exc:
+        raise BatchRejected(exc.reason, exc.field, exc.message) from exc
+    if not bool(torch.isfinite(tensor).all()):
+        bad_row = int((~torch.isfinite(tensor)).any(dim=1).nonzero()[0, 0])
+        raise BatchRejected(
+            "non_finite",
+            f"{field}.data",
+            f"{field}.data: NaN or Inf in row {bad_row}",
+        )
+    return tensor

@@ -1,0 +1,78 @@
+"""Capture client behaviour that needs no sidecar logic: layer lookup, fail-open when the
+sidecar is down, detach."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from monitor.capture import CaptureClient, LayerNotFoundError, select_layers
+from tests.conftest import build_tiny_llama
+
+
+def _unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_layers_are_found_by_index_with_canonical_names():
+    model = build_tiny_llama(layers=3)
+    selected = select_layers(model, [0, -1])
+    assert list(selected) == ["layers.0", "layers.2"]
+    assert selected["layers.2"] is model.model.layers[2]
+
+
+def test_out_of_range_layer_is_a_clear_error():
+    model = build_tiny_llama(layers=3)
+    with pytest.raises(LayerNotFoundError, match=r"index 3 out of range.*3 layers \(0\.\.2\)"):
+        select_layers(model, [3])
+
+
+def test_unknown_architecture_lists_candidates():
+    model = torch.nn.Sequential(
+        torch.nn.ModuleDict({"blocks": torch.nn.ModuleList([torch.nn.Linear(2, 2)])})
+    )
+    with pytest.raises(LayerNotFoundError, match=r"ModuleLists found: 0\.blocks"):
+        select_layers(model, [0])
+    assert list(select_layers(model, [0], module_path="0.blocks")) == ["layers.0"]
+
+
+def test_sidecar_down_fails_open_and_generation_is_unchanged():
+    model = build_tiny_llama()
+    prompt = torch.randint(1, 256, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    client = CaptureClient(f"127.0.0.1:{_unused_port()}", queue_size=2)
+    client.attach(model, layers=[1])
+    with client.conversation("c"), torch.no_grad():
+        got = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, expected)
+    assert client.flush(timeout=10)
+    client.close(timeout=5)
+    assert client.stats.steps_captured == 5
+    assert client.stats.batches_acked == 0
+    # Every step is accounted for: dropped on a full queue or while the sidecar was down.
+    assert client.stats.dropped["queue_full"] + client.stats.dropped["sidecar_unavailable"] == 5
+
+
+def test_detach_removes_every_hook():
+    model = build_tiny_llama()
+    client = CaptureClient("127.0.0.1:1")
+    client.attach(model, layers=[0, 2])
+    assert all(len(layer._forward_hooks) == 1 for layer in model.model.layers[::2])
+    client.close(timeout=2)
+    assert all(len(layer._forward_hooks) == 0 for layer in model.model.layers)
+
+
+def test_untagged_forward_passes_are_counted_not_sent():
+    model = build_tiny_llama()
+    client = CaptureClient("127.0.0.1:1")
+    client.attach(model, layers=[1])
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    client.close(timeout=2)
+    assert client.stats.dropped["untagged"] == 1
+    assert client.stats.steps_captured == 0

@@ -1,0 +1,383 @@
+"""The rule engine: `for` runs, roles, gaps, state lifetime, temporal functions, chunking."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from monitor.rules import RuleEngine, RuleSet, SequenceSlice, load_rules
+
+
+def ruleset(text: str) -> RuleSet:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "rules.yaml"
+        path.write_text(text)
+        return load_rules([path])
+
+
+def rule_file(*rules: str, extra: str = "") -> str:
+    body = "".join(f"  - {{{rule}}}\n" for rule in rules)
+    return f"features: {{a: p/a, b: p/b}}\n{extra}rules:\n{body}"
+
+
+Token = tuple[float, float]  # values of features a and b
+
+
+def feed(
+    engine: RuleEngine,
+    batch: Sequence[tuple[str, int, list[Token], str, bool]],
+) -> list[tuple[str, str, int, float]]:
+    """One batch of (conversation, first position, tokens, role, end) slices."""
+    slices, a, b = [], [], []
+    for conversation, position, tokens, role, end in batch:
+        slices.append(SequenceSlice(conversation, len(a), len(tokens), position, role, end))
+        a.extend(t[0] for t in tokens)
+        b.extend(t[1] for t in tokens)
+    features = {"p/a": torch.tensor(a, dtype=torch.float32), "p/b": torch.tensor(b)}
+    result = engine.evaluate(features, slices)
+    return [(f.rule, f.conversation_id, f.position, f.value) for f in result.firings]
+
+
+def positions(engine: RuleEngine, values: list[float], start: int = 0, conv: str = "c") -> list:
+    return [
+        p for _, _, p, _ in feed(engine, [(conv, start, [(v, 0.0) for v in values], "", False)])
+    ]
+
+
+def test_for_fires_once_per_run():
+    engine = RuleEngine(ruleset(rule_file("rule: r, severity: info, condition: a > 0, for: 3")))
+    assert positions(engine, [1, 1, 0, 1, 1, 1, 1, 1, 0, 1, 1, 1]) == [5, 11]
+
+
+def test_for_one_fires_on_rising_edges():
+    engine = RuleEngine(ruleset(rule_file("rule: r, severity: info, condition: a > 0")))
+    assert positions(engine, [1, 1, 0, 1, 0, 0, 1]) == [0, 3, 6]
+
+
+def test_runs_carry_across_batches():
+    engine = RuleEngine(ruleset(rule_file("rule: r, severity: info, condition: a > 0, for: 4")))
+    assert positions(engine, [1, 1]) == []
+    assert positions(engine, [1], start=2) == []
+    assert positions(engine, [1, 1, 1], start=3) == [3]
+    assert positions(engine, [0, 1, 1, 1, 1], start=6) == [10]
+
+
+def test_roles_break_runs():
+    engine = RuleEngine(
+        ruleset(rule_file("rule: r, severity: info, condition: a > 0, for: 2, roles: [assistant]"))
+    )
+    ones = [(1.0, 0.0)] * 3
+    fired = feed(
+        engine,
+        [("c", 0, ones, "user", False)],
+    )
+    assert fired == []
+    assert feed(engine, [("c", 3, ones[:1], "assistant", False)]) == []
+    assert feed(engine, [("c", 4, ones[:1], "user", False)]) == []
+    assert [p for *_, p, _ in feed(engine, [("c", 5, ones, "assistant", False)])] == [6]
+
+
+def test_gap_resets_state_and_is_counted():
+    engine = RuleEngine(ruleset(rule_file("rule: r, severity: info, condition: a > 0, for: 3")))
+    assert positions(engine, [1, 1]) == []
+    slices = [SequenceSlice("c", 0, 2, 5)]
+    result = engine.evaluate({"p/a": torch.ones(2), "p/b": torch.zeros(2)}, slices)
+    assert (result.gaps, result.firings) == (1, [])  # a jump 2 -> 5 must not complete the run
+    assert positions(engine, [1], start=7) == [7]
+
+
+def test_end_frees_state():
+    engine = RuleEngine(ruleset(rule_file("rule: r, severity: info, condition: a > 0, for: 2")))
+    feed(engine, [("c", 0, [(1.0, 0.0)], "", True), ("d", 0, [(1.0, 0.0)], "", False)])
+    assert engine.tracked_conversations == 1
+    assert positions(engine, [1], start=1) == []  # "c" started afresh: no carried run
+    assert engine.tracked_conversations == 2
+
+
+def test_lru_eviction():
+    engine = RuleEngine(
+        ruleset(rule_file("rule: r, severity: info, condition: a > 0, for: 2")), max_conversations=2
+    )
+    one = [(1.0, 0.0)]
+    feed(engine, [("x", 0, one, "", False), ("y", 0, one, "", False)])
+    feed(engine, [("x", 1, [(0.0, 0.0)], "", False)])  # x is now the most recently used
+    slices = [SequenceSlice("z", 0, 1, 0)]
+    result = engine.evaluate({"p/a": torch.ones(1), "p/b": torch.zeros(1)}, slices)
+    assert (result.evicted, engine.tracked_conversations) == (1, 2)
+    assert feed(engine, [("y", 1, one, "", False)]) == []  # y was evicted: its run is gone
+    with pytest.raises(ValueError, match="more than 2 conversations"):
+        feed(engine, [(c, 0, one, "", False) for c in "pqr"])
+
+
+def test_replace_rules_keeps_state_of_unchanged_rules():
+    old = ruleset(
+        rule_file(
+            "rule: keep, severity: info, condition: a > 0, for: 3",
+            "rule: change, severity: info, condition: a > 0, for: 3",
+        )
+    )
+    engine = RuleEngine(old)
+    assert positions(engine, [1, 1]) == []
+    new = ruleset(
+        rule_file(
+            "rule: keep, severity: warning, condition: (a > 0), for: 3",
+            "rule: change, severity: info, condition: a > 0.5, for: 3",
+            "rule: added, severity: info, condition: a > 0, for: 1",
+        )
+    )
+    engine.replace_rules(new)
+    fired = feed(engine, [("c", 2, [(1.0, 0.0)], "", False)])
+    assert [(r, p) for r, _, p, _ in fired] == [("keep", 2), ("added", 2)]
+
+
+def test_firing_fields_and_message():
+    rules = ruleset(
+        rule_file(
+            "rule: r, severity: critical, category: bias, condition: a * 2 > 1 and b < 1,"
+            " for: 2, labels: {team: ts}, actions: [alert, audit],"
+            " output: '{rule} {value:.1f} {start}-{end} {conversation_id} {request_id}'"
+        )
+    )
+    engine = RuleEngine(rules)
+    slices = [SequenceSlice("c", 0, 3, 10, "assistant", request_id="req")]
+    result = engine.evaluate({"p/a": torch.tensor([1.0, 2.0, 3.0]), "p/b": torch.zeros(3)}, slices)
+    (firing,) = result.firings
+    assert (firing.position, firing.row, firing.value) == (11, 1, 4.0)
+    assert firing.message == "r 4.0 10-11 c req"
+    assert (firing.category, firing.severity, firing.labels, firing.actions) == (
+        "bias",
+        "critical",
+        {"team": "ts"},
+        ("alert", "audit"),
+    )
+
+
+def test_bad_template_at_runtime_falls_back():
+    rules = ruleset(rule_file("rule: r, severity: info, condition: a > 0"))
+    rules.rules[0] = dataclasses.replace(rules.rules[0], output="{value:d}")
+    engine = RuleEngine(rules)
+    result = engine.evaluate(
+        {"p/a": torch.ones(1), "p/b": torch.zeros(1)}, [SequenceSlice("c", 0, 1, 0)]
+    )
+    assert result.firings[0].message == "r fired at token 0 of c (value 1.0)"
+
+
+def test_disabled_rules_do_not_run():
+    rules = ruleset(rule_file("rule: r, severity: info, condition: a > 0, enabled: false"))
+    engine = RuleEngine(rules)
+    assert engine.evaluate({}, [SequenceSlice("c", 0, 1, 0)]).firings == []
+
+
+def test_malformed_batches_are_rejected():
+    engine = RuleEngine(ruleset(rule_file("rule: r, severity: info, condition: a > 0")))
+    good = {"p/a": torch.ones(2), "p/b": torch.ones(2)}
+    with pytest.raises(ValueError, match="missing feature 'p/a'"):
+        engine.evaluate({"p/b": torch.ones(2)}, [SequenceSlice("c", 0, 2, 0)])
+    with pytest.raises(ValueError, match="at least 3 rows"):
+        engine.evaluate(good, [SequenceSlice("c", 0, 3, 0)])
+    with pytest.raises(ValueError, match="overlap"):
+        engine.evaluate(good, [SequenceSlice("c", 0, 2, 0), SequenceSlice("d", 1, 1, 0)])
+    with pytest.raises(ValueError, match="negative"):
+        engine.evaluate(good, [SequenceSlice("c", 0, -1, 0)])
+    assert engine.tracked_conversations == 0
+
+
+def test_same_conversation_twice_in_one_batch():
+    engine = RuleEngine(ruleset(rule_file("rule: r, severity: info, condition: a > 0, for: 3")))
+    two = [(1.0, 0.0)] * 2
+    fired = feed(
+        engine, [("c", 0, two, "", False), ("d", 0, two, "", False), ("c", 2, two, "", False)]
+    )
+    assert [(c, p) for _, c, p, _ in fired] == [("c", 2)]
+
+
+# --------------------------------------------------------------------------- temporal functions
+
+
+def _reference(kind: str, xs: list[float], n: float) -> list[float]:
+    out = []
+    for t in range(len(xs)):
+        window = xs[max(0, t - int(n) + 1) : t + 1]
+        if kind == "rolling_mean":
+            out.append(sum(window) / len(window))
+        elif kind == "rolling_sum":
+            out.append(sum(window))
+        elif kind == "rolling_max":
+            out.append(max(window))
+        elif kind == "rolling_min":
+            out.append(min(window))
+        elif kind == "cummax":
+            out.append(max(xs[: t + 1]))
+        elif kind == "delta":
+            out.append(xs[t] - xs[t - int(n)] if t >= n else 0.0)
+        elif kind == "ewma":
+            weights = [0.5 ** (j / n) for j in range(t + 1)]
+            out.append(
+                sum(w * x for w, x in zip(weights, reversed(xs[: t + 1]), strict=True))
+                / sum(weights)
+            )
+    return out
+
+
+@pytest.mark.parametrize(
+    ("call", "kind", "n"),
+    [
+        ("rolling_mean(a, 3)", "rolling_mean", 3),
+        ("rolling_sum(a, 4)", "rolling_sum", 4),
+        ("rolling_max(a, 2)", "rolling_max", 2),
+        ("rolling_min(a, 5)", "rolling_min", 5),
+        ("cummax(a)", "cummax", 0),
+        ("delta(a, 2)", "delta", 2),
+        ("ewma(a, 3)", "ewma", 3),
+    ],
+)
+def test_temporal_functions_match_reference(call, kind, n):
+    # `x > -1000` is true everywhere; the firing values expose the function at each token.
+    rules = ruleset(rule_file(f"rule: r, severity: info, condition: '{call} > -1000 and b > 0'"))
+    xs = [random.Random(n).uniform(-3, 3) for _ in range(12)]
+    engine = RuleEngine(rules)
+    got = []
+    for t, x in enumerate(xs):  # b alternates so the rule fires (rising edge) on every 2nd token
+        got += feed(engine, [("c", t, [(x, float(t % 2))], "", False)])
+    expected = _reference(kind, xs, n)
+    assert [p for *_, p, _ in got] == list(range(1, 12, 2))
+    assert [v for *_, v in got] == pytest.approx(expected[1::2], rel=1e-5, abs=1e-5)
+
+
+def test_count_over_and_nesting():
+    rules = ruleset(
+        rule_file(
+            "rule: r, severity: info, condition: 'count_over(a > 0, 3) >= 2'",
+            "rule: pooled, severity: info, condition: 'rolling_max(rolling_mean(a, 2), 3) >= 1'",
+        )
+    )
+    engine = RuleEngine(rules)
+    fired = feed(engine, [("c", 0, [(v, 0.0) for v in [1, 0, 1, 0, 0, 1, 1]], "", False)])
+    # rolling_mean over the tokens seen so far: 1.0 at token 0 already.
+    assert [(r, p) for r, _, p, _ in fired] == [("pooled", 0), ("r", 2), ("r", 6), ("pooled", 6)]
+
+
+def test_temporal_state_resets_on_gap():
+    engine = RuleEngine(
+        ruleset(rule_file("rule: r, severity: info, condition: 'rolling_sum(a, 3) >= 3'"))
+    )
+    assert positions(engine, [1, 1]) == []
+    assert positions(engine, [1], start=9) == []  # the gap dropped the two earlier tokens
+    assert positions(engine, [1, 1], start=10) == [11]
+
+
+# --------------------------------------------------------------------------- chunking invariance
+
+CHUNK_RULES = ruleset(
+    rule_file(
+        "rule: r1, severity: info, condition: a > 0.5",
+        "rule: r2, severity: info, condition: a > b and b > -0.5, for: 3",
+        "rule: r3, severity: info, condition: 'span > 0.25 or count_over(b > 0.5, 4) >= 2', for: 2",
+        "rule: r4, severity: info, condition: 'rolling_max(a - b, 5) > 1 and ewma(b, 2) < 0.5'",
+        "rule: r5, severity: info, condition: 'cummax(a) > 0.9 and delta(b, 2) > 0.3'",
+        "rule: r6, severity: info, condition: sigmoid(a) * 2 > 1.2, for: 2, roles: [assistant]",
+        "rule: r7, severity: info, condition: 'rolling_sum(a, 3) / 3 - rolling_mean(a, 3) == 0'",
+        extra="macros: {span: 'rolling_mean(a, 3)'}\n",
+    )
+)
+
+_VALUE = st.one_of(
+    st.sampled_from([-1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 2.0]),
+    st.floats(-2, 2, width=32, allow_subnormal=False),
+)
+_CONVERSATION = st.lists(
+    st.tuples(_VALUE, _VALUE, st.sampled_from(["assistant", "user"])), min_size=1, max_size=24
+)
+
+
+def _split(tokens: list, cuts: set[int]) -> list[tuple[int, list]]:
+    """Chunks (start, tokens) cut at `cuts` and wherever the role changes."""
+    chunks, start = [], 0
+    for i in range(1, len(tokens) + 1):
+        if i == len(tokens) or i in cuts or tokens[i][2] != tokens[i - 1][2]:
+            chunks.append((start, tokens[start:i]))
+            start = i
+    return chunks
+
+
+def _run(conversations: dict[str, list], schedule: list[list[tuple[str, int, list]]]) -> list:
+    engine = RuleEngine(CHUNK_RULES)
+    fired = []
+    for batch in schedule:
+        slices = [
+            (
+                c,
+                start,
+                [(a, b) for a, b, _ in chunk],
+                chunk[0][2],
+                start + len(chunk) == len(conversations[c]),
+            )
+            for c, start, chunk in batch
+        ]
+        fired += feed(engine, slices)
+    assert engine.tracked_conversations == 0  # every conversation ended
+    return sorted(fired)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(_CONVERSATION, min_size=2, max_size=3),
+    st.randoms(use_true_random=False),
+)
+def test_chunking_invariance(conversation_list, rng):
+    conversations = {f"c{i}": tokens for i, tokens in enumerate(conversation_list)}
+    # Token by token, round robin over conversations.
+    one_by_one = []
+    for t in range(max(len(v) for v in conversations.values())):
+        batch = [
+            (c, t, tokens[t : t + 1]) for c, tokens in conversations.items() if t < len(tokens)
+        ]
+        one_by_one.extend([[slice_] for slice_ in batch])
+    # Everything in one batch (a conversation with role changes appears several times).
+    all_at_once = [
+        [(c, s, chunk) for c, tokens in conversations.items() for s, chunk in _split(tokens, set())]
+    ]
+    # Random cuts, random interleaving, random batch boundaries.
+    queues = {
+        c: _split(tokens, {i for i in range(1, len(tokens)) if rng.random() < 0.3})
+        for c, tokens in conversations.items()
+    }
+    stream = []
+    while any(queues.values()):
+        c = rng.choice([c for c, q in queues.items() if q])
+        start, chunk = queues[c].pop(0)
+        stream.append((c, start, chunk))
+    random_batches, batch = [], []
+    for item in stream:
+        batch.append(item)
+        if rng.random() < 0.4:
+            random_batches.append(batch)
+            batch = []
+    if batch:
+        random_batches.append(batch)
+
+    expected = _run(conversations, one_by_one)
+    assert _run(conversations, all_at_once) == expected
+    assert _run(conversations, random_batches) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 1.0]), min_size=1, max_size=40), st.integers(1, 5))
+def test_for_matches_a_naive_reference(values, need):
+    engine = RuleEngine(
+        ruleset(rule_file(f"rule: r, severity: info, condition: a > 0, for: {need}"))
+    )
+    expected, run = [], 0
+    for t, v in enumerate(values):
+        run = run + 1 if v > 0 else 0
+        if run == need:
+            expected.append(t)
+    assert positions(engine, values) == expected
