@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format proto bench clean
+.PHONY: demo test lint format proto services clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/safety-monitor demo
 
-test: $(STAMP) lint
+test: $(STAMP) lint services
 	$(VENV)/bin/pytest
+
+services:
+	bash tests/install_services.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

@@ -1,4 +1,9 @@
-"""safety-monitor command line: serve | demo | pack build."""
+"""safety-monitor command line.
+
+serve | demo | pack build|fit|calibrate|inspect | rules check|test | audit list|show|export|purge
+| bench encoder|rules|overhead. Each command group lives with its stage (monitor/features/cli.py,
+monitor/rules/cli.py, monitor/audit/cli.py, monitor/bench/); this module only assembles them.
+"""
 
 from __future__ import annotations
 
@@ -40,14 +45,23 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, help="keep the generated SAE, pack and rules here")
     demo.set_defaults(handler=_demo)
 
-    pack = commands.add_parser("pack", help="feature packs").add_subparsers(metavar="ACTION")
-    build = pack.add_parser("build", help="compile a pack from SAE features")
-    build.add_argument("--sae", required=True, type=Path, help="SAELens SAE directory")
-    build.add_argument("--features", required=True, help="SAE indices, e.g. 3,17,42")
-    build.add_argument("--name", help="pack name used in rule files (default: the SAE dir name)")
-    build.add_argument("--hook-point", help="override the SAE's hook point, e.g. layers.12")
-    build.add_argument("--out", required=True, type=Path, help="pack file to write")
-    build.set_defaults(handler=_pack_build)
+    from monitor.audit.cli import add_audit_commands
+    from monitor.bench.encoder import add_bench_encoder_command
+    from monitor.bench.overhead import add_bench_overhead_command
+    from monitor.bench.rules import add_bench_rules_command
+    from monitor.features.cli import add_pack_commands
+    from monitor.rules.cli import add_rules_commands
+
+    pack = commands.add_parser("pack", help="build, fit, calibrate and inspect feature packs")
+    add_pack_commands(pack.add_subparsers(metavar="ACTION"))
+    rules = commands.add_parser("rules", help="check and unit-test rule files")
+    add_rules_commands(rules.add_subparsers(metavar="ACTION"))
+    add_audit_commands(commands)
+    bench = commands.add_parser("bench", help="benchmarks, side by side in one run")
+    bench_commands = bench.add_subparsers(metavar="BENCHMARK")
+    add_bench_encoder_command(bench_commands)
+    add_bench_rules_command(bench_commands)
+    add_bench_overhead_command(bench_commands)
     return parser
 
 
@@ -77,30 +91,6 @@ def _demo(args: argparse.Namespace) -> int:
     from monitor.demo import run_demo
 
     return run_demo(args.workdir)
-
-
-def _pack_build(args: argparse.Namespace) -> int:
-    from monitor.features import FeatureError, build_pack_from_sae, load_sae, save_pack
-
-    try:
-        indices = _parse_indices(args.features)
-        sae = load_sae(args.sae)
-        name = args.name or args.sae.resolve().name
-        pack = build_pack_from_sae(sae, indices, name=name, hook_point=args.hook_point)
-        digest = save_pack(pack, args.out)
-    except (FeatureError, ValueError) as exc:
-        return _fail(str(exc))
-    hook_points = ", ".join(pack.hook_points)
-    print(f"wrote {args.out}: pack {pack.name!r}, {pack.feature_count} features at {hook_points}")
-    print(f"sha256 {digest}")
-    return 0
-
-
-def _parse_indices(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as exc:
-        raise ValueError(f"--features: expected comma-separated integers, got {text!r}") from exc
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ BAD_BATCHES = {
         _with(lambda b: _set_data(b, torch.randn(2, D_MODEL + 1))),
         "d_model_mismatch",
         "layers[0].activations.shape",
-        f"d_model {D_MODEL + 1} does not match the pack's {D_MODEL}",
+        f"width {D_MODEL + 1} does not match the pack's {D_MODEL}",
     ),
     "rows do not add up": (
         _with(lambda b: setattr(b.sequences[0], "rows", 3)),
@@ -118,7 +118,7 @@ BAD_BATCHES = {
         _with(lambda b: _set_data(b, torch.randn(1, 2, D_MODEL))),
         "bad_shape",
         "layers[0].activations.shape",
-        "expected [rows, d_model]",
+        "expected [rows, width]",
     ),
     "NaN": (_with(_nan), "non_finite", "layers[0].activations.data", "NaN or Inf in row 1"),
     "Inf in BF16": (

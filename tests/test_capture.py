@@ -76,3 +76,59 @@ def test_untagged_forward_passes_are_counted_not_sent():
     client.close(timeout=2)
     assert client.stats.dropped["untagged"] == 1
     assert client.stats.steps_captured == 0
+
+
+def test_client_metrics_on_the_serving_process_registry():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    model = build_tiny_llama()
+    target = f"127.0.0.1:{_unused_port()}"
+    client = CaptureClient(target, queue_size=1, metrics_registry=registry)
+    client.attach(model, layers=[1])
+    with client.conversation("m"), torch.no_grad():
+        model(torch.tensor([[1, 2]]))
+        model(torch.tensor([[3, 4]]))
+    assert client.flush(10)
+    client.close(timeout=5)
+    text = generate_latest(registry).decode()
+    assert f'safety_monitor_capture_steps_total{{target="{target}"}} 2.0' in text
+    assert (
+        f'safety_monitor_capture_dropped_total{{reason="queue_full",target="{target}"}} 1.0' in text
+    )
+
+
+def test_sender_selects_real_rows_and_token_text():
+    """Row selection and token text happen on the sender thread, from host copies."""
+    import queue
+    import threading
+
+    from monitor.capture.sender import Sender, SenderSettings
+    from monitor.capture.steps import CapturedStep, CaptureStats, SequenceTag
+    from monitor.wire import decode_tensor
+
+    hidden = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    valid = torch.tensor([[False, True, True], [True, True, True]])
+    step = CapturedStep(
+        layers={"layers.0": hidden},
+        sequences=[SequenceTag("a", 2, 5, "assistant", ""), SequenceTag("b", 3, 0, "user", "r")],
+        valid=valid,
+        token_ids=torch.tensor([[0, 7, 8], [1, 2, 3]]),
+    )
+    settings = SenderSettings("127.0.0.1:1", "m", 1 << 20, (0.1, 0.1), 0.1, False)
+    sender = Sender(
+        settings,
+        queue.Queue(),
+        CaptureStats(),
+        threading.Condition(),
+        lambda e: None,
+        lambda ids: [f"<{i}>" for i in ids],
+    )
+    message = sender.to_message(9, step)
+    rows = decode_tensor(message.layers[0].activations, "t")
+    assert torch.equal(rows, hidden[valid])
+    assert [list(s.tokens) for s in message.sequences] == [["<7>", "<8>"], ["<1>", "<2>", "<3>"]]
+    assert [(s.conversation_id, s.position, s.rows, s.role) for s in message.sequences] == [
+        ("a", 5, 2, "assistant"),
+        ("b", 0, 3, "user"),
+    ]

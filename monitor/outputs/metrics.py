@@ -90,5 +90,28 @@ class SidecarMetrics:
         self.conversations = Gauge(
             "safety_monitor_conversations", "Conversations with live rule state.", registry=r
         )
+        self.audit_writes = Counter(
+            "safety_monitor_audit_writes",
+            "Audit store writes, by result (ok, error, dropped).",
+            ["result"],
+            registry=r,
+        )
+        self.alertmanager_sends = Counter(
+            "safety_monitor_alertmanager_sends",
+            "Alertmanager pushes, by result (ok, error, dropped).",
+            ["result"],
+            registry=r,
+        )
+        self.alerts_withheld = Counter(
+            "safety_monitor_alerts_withheld",
+            "Alerts not sent on the stream because their audit record was not durable.",
+            registry=r,
+        )
+        self.rule_reloads = Counter(
+            "safety_monitor_rule_reloads",
+            "Rule file reloads, by result (ok, error).",
+            ["result"],
+            registry=r,
+        )
         self.build = Info("safety_monitor_build", "Build information.", registry=r)
         self.build.info({"version": monitor.__version__})

@@ -1,20 +1,26 @@
 """Safety rules: YAML rule files compiled to vectorised, stateful per-token evaluation.
 
 ``load_rules`` validates and compiles rule files (raising ``RuleLoadError`` with every located
-issue); ``RuleEngine`` evaluates the resulting ``RuleSet`` on batches of feature values.
+issue); ``RuleEngine`` evaluates the resulting ``RuleSet`` on batches of feature values;
+``RuleReloader`` notices edited rule files and reloads them without raising.
 """
 
 from monitor.rules.engine import EvaluationResult, Firing, RuleEngine, SequenceSlice
 from monitor.rules.errors import RuleIssue, RuleLoadError, SourceLocation
 from monitor.rules.loader import Rule, RuleSet, load_rules
+from monitor.rules.model import RuleException
+from monitor.rules.reload import ReloadResult, RuleReloader
 
 __all__ = [
     "EvaluationResult",
     "Firing",
+    "ReloadResult",
     "Rule",
     "RuleEngine",
+    "RuleException",
     "RuleIssue",
     "RuleLoadError",
+    "RuleReloader",
     "RuleSet",
     "SequenceSlice",
     "SourceLocation",

@@ -15,24 +15,32 @@ batches gives the same firings at the same positions.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 
-from monitor.rules.expressions import MAX_WINDOW, Instr
-from monitor.rules.loader import Rule, RuleSet
+from monitor.rules.expressions import FUNCTIONS, MAX_WINDOW, Instr
+from monitor.rules.model import SCOPES, Rule, RuleSet
 
 _INITIAL_CAPACITY = 64
+_NEVER = -(1 << 62)  # "last fired at" before any firing: far enough back for any cooldown
+TemporalKey = tuple[str, str]  # (scope, expression digest)
+
+
+_NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
 class SequenceSlice:
     """Rows ``[start_row, start_row + rows)`` of a batch are tokens ``position, position+1, ...``
-    of one conversation."""
+    of one conversation. ``attributes`` (tenant, ...) are what rule exceptions match on,
+    together with ``role`` and the batch's ``model``."""
 
     conversation_id: str
     start_row: int
@@ -41,6 +49,7 @@ class SequenceSlice:
     role: str = ""
     end: bool = False
     request_id: str = ""
+    attributes: Mapping[str, str] = field(default_factory=lambda: _NO_ATTRIBUTES, hash=False)
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class Firing:
     labels: dict[str, str]
     message: str
     actions: tuple[str, ...]
+    annotations: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,20 +96,23 @@ class _Table:
 
 @dataclass
 class _History:
-    """State of one temporal function of one rule: the last values it needs, and a count of
-    tokens seen since the conversation (re)started."""
+    """State of one temporal sub-expression: the last values it needs, and (for the functions
+    that divide by how many tokens they have seen) a count since the conversation started.
+
+    Keyed by (scope, expression digest), so rules computing the same thing share it."""
 
     values: _Table
-    seen: _Table
+    seen: _Table | None
 
-    def tables(self) -> tuple[_Table, _Table]:
-        return self.values, self.seen
+    def tables(self) -> list[_Table]:
+        return [self.values] if self.seen is None else [self.values, self.seen]
 
 
 @dataclass
 class _Conversation:
     slot: int
     next_position: int
+    request_id: str = ""
 
 
 # --------------------------------------------------------------------------- wave layout
@@ -111,18 +124,24 @@ class _Wave:
 
     slices: list[SequenceSlice]
     slots: torch.Tensor  # [S] int64
+    at: torch.Tensor | slice  # indexes the slots' state rows: a slice (a view) when consecutive
     lengths: torch.Tensor  # [S] int64
     width: int  # L, the longest slice
     total: int  # R, rows in this wave
     offsets: list[int]  # first wave row of each slice
     rows: torch.Tensor | None  # batch row of each wave row; None when it is the identity
-    flat: torch.Tensor | None  # padded position of each wave row; None when S == 1
+    flat: torch.Tensor | None  # padded position of each wave row; None when no padding
+
+    @property
+    def uniform(self) -> bool:
+        """Every slice has the same length (decode steps, single prefills): no padding."""
+        return self.flat is None
 
     def pad(self, x: torch.Tensor, fill: float | bool) -> torch.Tensor:
         """[..., R] -> [..., S, L]."""
         lead = x.shape[:-1]
         if self.flat is None:
-            return x.reshape(*lead, 1, self.width)
+            return x.reshape(*lead, len(self.slices), self.width)
         out = x.new_full((*lead, len(self.slices) * self.width), fill)
         out[..., self.flat] = x
         return out.reshape(*lead, len(self.slices), self.width)
@@ -154,15 +173,20 @@ def _layout(slices: list[SequenceSlice], slots: list[int], batch_rows: int) -> _
     )
     lengths_t = torch.tensor(lengths, dtype=torch.int64)
     flat = rows = None
-    if len(slices) > 1 or not identity:
+    uniform = all(n == width for n in lengths)
+    if not uniform or not identity:
         local = torch.arange(total) - torch.repeat_interleave(torch.tensor(offsets), lengths_t)
         segment = torch.repeat_interleave(torch.arange(len(slices)), lengths_t)
-        flat = segment * width + local if len(slices) > 1 else None
+        flat = None if uniform else segment * width + local
         if not identity:
             starts = torch.tensor([s.start_row for s in slices], dtype=torch.int64)
             rows = torch.repeat_interleave(starts, lengths_t) + local
     slots_t = torch.tensor(slots, dtype=torch.int64)
-    return _Wave(slices, slots_t, lengths_t, width, total, offsets, rows, flat)
+    # Conversations allocated together and batched in the same order (the steady decode
+    # state) have consecutive slots: slicing state is cheaper than gathering and scattering.
+    consecutive = bool(slots) and slots == list(range(slots[0], slots[0] + len(slots)))
+    at = slice(slots[0], slots[0] + len(slots)) if consecutive else slots_t
+    return _Wave(slices, slots_t, at, lengths_t, width, total, offsets, rows, flat)
 
 
 def _waves(sequences: Sequence[SequenceSlice]) -> list[list[SequenceSlice]]:
@@ -193,30 +217,104 @@ def _window(ins: Instr) -> int:
 
 
 _FILL = {"rolling_max": float("-inf"), "rolling_min": float("inf"), "cummax": float("-inf")}
+_COUNTED = frozenset({"rolling_mean", "ewma", "delta"})  # need tokens-seen counts
 
 
-def _apply_window(ins: Instr, ext: torch.Tensor, seen: torch.Tensor, width: int) -> torch.Tensor:
+def _apply_window(
+    ins: Instr, ext: torch.Tensor, seen: torch.Tensor | None, width: int
+) -> torch.Tensor:
     """ext: [S, H + L] = carried history then this slice; returns [S, L]."""
     kind, n = ins.kind, _window(ins)
-    count = (seen[:, None] + torch.arange(width) + 1).clamp(max=n)  # tokens in each window
-    if kind == "delta":
-        change = ext[:, n - 1 :] - ext[:, :width]
-        return torch.where(count > n - 1, change, torch.zeros_like(change))
-    windows = ext.unfold(1, n, 1)  # [S, L, n], oldest first
     if kind == "rolling_max":
-        return windows.amax(-1)
+        return ext.unfold(1, n, 1).amax(-1)
     if kind == "rolling_min":
-        return windows.amin(-1)
-    if kind == "ewma":
-        weights = 0.5 ** (torch.arange(n, dtype=torch.float64) / ins.param[0])
-        total = (windows.double() * weights.flip(0)).sum(-1)
-        return (total / weights.cumsum(0)[count - 1]).float()
+        return ext.unfold(1, n, 1).amin(-1)
+    if kind == "delta":
+        assert seen is not None
+        change = ext[:, n - 1 :] - ext[:, :width]
+        return torch.where(seen[:, None] + torch.arange(width) >= n, change, 0.0)
     # Sums in float64 are exact for float32 inputs of similar magnitude, so the result does
-    # not depend on where the window starts in the batch.
-    total = windows.double().sum(-1)
-    if kind == "rolling_mean":
-        total = total / count
-    return total.float()
+    # not depend on where the window starts in the batch. The unfolded windows are a view of
+    # one float64 copy: each window is still summed on its own, in the same order.
+    windows = ext.double().unfold(1, n, 1)  # [S, L, n], oldest first
+    if kind in ("rolling_sum", "count_over"):
+        return windows.sum(-1).float()
+    assert seen is not None
+    count = (seen[:, None] + torch.arange(width) + 1).clamp(max=n)  # tokens in each window
+    if kind == "ewma":
+        weights, totals = _ewma_weights(n, float(ins.param[0]))
+        return ((windows * weights).sum(-1) / totals[count - 1]).float()
+    return (windows.sum(-1) / count).float()
+
+
+@functools.lru_cache(maxsize=256)
+def _ewma_weights(n: int, halflife: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights oldest-first for a window of n, and their sums over the newest k tokens."""
+    weights = 0.5 ** (torch.arange(n, dtype=torch.float64) / halflife)
+    return weights.flip(0), weights.cumsum(0)
+
+
+# --------------------------------------------------------------------------- who is evaluated
+
+
+class _MaskCache:
+    """[K, S] masks of which rules evaluate which slices (roles and exceptions).
+
+    Only the attributes some rule looks at form a slice's signature, and masks are cached per
+    signature, so a decode step costs a dict lookup or two per slice, not a rule loop.
+    """
+
+    _LIMIT = 4096  # distinct signatures kept; cleared when exceeded (tenants are unbounded)
+
+    def __init__(self, rules: list[Rule]) -> None:
+        self.rules = rules
+        keys = {"role"} if any(rule.roles for rule in rules) else set()
+        for rule in rules:
+            keys.update(key for exc in rule.exceptions for key, _ in exc.attributes)
+        self.enabled = bool(keys)
+        self.uses_model = "model" in keys
+        self.plain = tuple(sorted(keys - {"role", "model"}))
+        self.cache: dict[_Signature, torch.Tensor] = {}
+
+    def active(self, slices: list[SequenceSlice], model: str) -> torch.Tensor | None:
+        if not self.enabled:
+            return None
+        # Slices often share one attributes object (or the empty default): look those up once.
+        seen: dict[tuple[str, int], torch.Tensor] = {}
+        columns = []
+        for sl in slices:
+            ident = (sl.role, id(sl.attributes))
+            column = seen.get(ident)
+            if column is None:
+                column = seen[ident] = self.column(self.signature(sl, model))
+            columns.append(column)
+        if all(c is columns[0] for c in columns):
+            return columns[0][:, None].expand(len(self.rules), len(slices))
+        return torch.stack(columns, dim=1)
+
+    def signature(self, sl: SequenceSlice, model: str) -> _Signature:
+        attributes = sl.attributes
+        plain = tuple(map(attributes.get, self.plain))
+        # The batch's model unless the slice names its own.
+        own_model = (attributes.get("model") or model or None) if self.uses_model else None
+        return (sl.role, own_model, plain)
+
+    def column(self, signature: _Signature) -> torch.Tensor:
+        column = self.cache.get(signature)
+        if column is None:
+            if len(self.cache) >= self._LIMIT:
+                self.cache.clear()
+            role, model, plain = signature
+            attributes = {k: v for k, v in zip(self.plain, plain, strict=True) if v is not None}
+            attributes["role"] = role
+            if model is not None:
+                attributes["model"] = model
+            column = torch.tensor([rule.applies_to(attributes) for rule in self.rules])
+            self.cache[signature] = column
+        return column
+
+
+_Signature = tuple[str, str | None, tuple[str | None, ...]]
 
 
 # --------------------------------------------------------------------------- engine
@@ -234,7 +332,7 @@ class RuleEngine:
         self._free: list[int] = []
         self._next_slot = 0
         self._lock = threading.Lock()
-        self._temporal: dict[tuple[tuple[str, str, int], str], _History] = {}
+        self._temporal: dict[TemporalKey, _History] = {}
         self._install(ruleset, previous=None)
 
     @property
@@ -254,37 +352,57 @@ class RuleEngine:
     def _install(self, ruleset: RuleSet, previous: list[Rule] | None) -> None:
         rules = ruleset.enabled_rules
         runs = _Table((len(rules),), 0, torch.int64, self._capacity)
+        fired = _Table((len(rules),), _NEVER, torch.int64, self._capacity)
         old = {rule.state_key: i for i, rule in enumerate(previous or [])}
         for j, rule in enumerate(rules):
             if rule.state_key in old:
                 runs.data[:, j] = self._runs.data[:, old[rule.state_key]]
-        keys = {rule.state_key for rule in rules}
-        self._temporal = {k: v for k, v in self._temporal.items() if k[0] in keys}
-        self._ruleset, self._rules, self._runs = ruleset, rules, runs
+                fired.data[:, j] = self._fired.data[:, old[rule.state_key]]
+        used = {
+            (rule.scope, ins.key)
+            for rule in rules
+            for ins in rule.condition.program
+            if ins.kind in FUNCTIONS and FUNCTIONS[ins.kind].temporal
+        }
+        self._temporal = {k: v for k, v in self._temporal.items() if k in used}
+        self._ruleset, self._rules, self._runs, self._fired = ruleset, rules, runs, fired
         self._for = torch.tensor([rule.for_tokens for rule in rules], dtype=torch.int64)
         self._required = ruleset.required_features
         self._rule_order = {rule.name: i for i, rule in enumerate(rules)}
+        self._request_rules = torch.tensor(
+            [j for j, rule in enumerate(rules) if rule.scope == "request"], dtype=torch.int64
+        )
+        self._masks = _MaskCache(rules)
 
     def evaluate(
-        self, features: Mapping[str, torch.Tensor], sequences: Sequence[SequenceSlice]
+        self,
+        features: Mapping[str, torch.Tensor],
+        sequences: Sequence[SequenceSlice],
+        *,
+        model: str = "",
     ) -> EvaluationResult:
         """Evaluate all enabled rules on one batch.
 
         ``features`` maps qualified feature names to float tensors ``[rows]`` covering the
-        batch. Raises ValueError for a malformed batch before touching any state.
+        batch; ``model`` names the model that produced it (an attribute exceptions can match).
+        Raises ValueError for a malformed batch before touching any state.
         """
         with self._lock:
-            batch_rows = self._check(features, sequences)
+            waves = _waves(sequences)
+            batch_rows = self._check(features, sequences, waves)
             result = EvaluationResult()
-            for wave in _waves(sequences):
-                self._run_wave(features, wave, batch_rows, result)
+            for wave in waves:
+                self._run_wave(features, wave, batch_rows, result, model)
             result.firings.sort(key=lambda f: (f.row, self._rule_order[f.rule]))
             return result
 
     # ----------------------------------------------------------------- validation
 
     def _check(
-        self, features: Mapping[str, torch.Tensor], sequences: Sequence[SequenceSlice]
+        self,
+        features: Mapping[str, torch.Tensor],
+        sequences: Sequence[SequenceSlice],
+        waves: list[list[SequenceSlice]],
     ) -> int:
         spans = sorted((s.start_row, s.start_row + s.rows) for s in sequences)
         for s in sequences:
@@ -302,7 +420,7 @@ class RuleEngine:
                 raise ValueError(f"missing feature {name!r}")
             if tensor.dim() != 1 or tensor.shape[0] < batch_rows:
                 raise ValueError(f"feature {name!r} must be a vector of at least {batch_rows} rows")
-        for wave in _waves(sequences):
+        for wave in waves:
             if len(wave) > self._max:
                 raise ValueError(f"batch has more than {self._max} conversations")
         return batch_rows
@@ -314,7 +432,7 @@ class RuleEngine:
         for s in slices:  # touch first so that eviction never picks one of this wave's
             if s.conversation_id in self._conversations:
                 self._conversations.move_to_end(s.conversation_id)
-        slots, fresh = [], []
+        slots, fresh, new_request = [], [], []
         for s in slices:
             conv = self._conversations.get(s.conversation_id)
             if conv is None:
@@ -323,13 +441,28 @@ class RuleEngine:
             elif conv.next_position != s.position:
                 result.gaps += 1
                 fresh.append(conv.slot)
+            elif conv.request_id != s.request_id:
+                new_request.append(conv.slot)
             conv.next_position = s.position + s.rows
+            conv.request_id = s.request_id
             slots.append(conv.slot)
         if fresh:
             index = torch.tensor(fresh, dtype=torch.int64)
             for table in self._tables():
                 table.reset(index)
+        if new_request and len(self._request_rules):
+            self._reset_request_state(torch.tensor(new_request, dtype=torch.int64))
         return slots
+
+    def _reset_request_state(self, slots: torch.Tensor) -> None:
+        """A new request in a conversation: rules with ``scope: request`` start afresh."""
+        columns = self._request_rules
+        for table in (self._runs, self._fired):
+            table.data[slots[:, None], columns] = table.fill
+        for (scope, _), history in self._temporal.items():
+            if scope == "request":
+                for table in history.tables():
+                    table.reset(slots)
 
     def _allocate(self, conversation_id: str, result: EvaluationResult) -> _Conversation:
         if len(self._conversations) >= self._max:
@@ -343,7 +476,7 @@ class RuleEngine:
             self._next_slot += 1
             if slot >= self._capacity:
                 self._grow()
-        conv = _Conversation(slot, 0)
+        conv = _Conversation(slot, 0, "")
         self._conversations[conversation_id] = conv
         return conv
 
@@ -353,7 +486,8 @@ class RuleEngine:
             table.grow(self._capacity)
 
     def _tables(self) -> list[_Table]:
-        return [self._runs, *(t for h in self._temporal.values() for t in h.tables())]
+        tables = [self._runs, self._fired]
+        return tables + [t for h in self._temporal.values() for t in h.tables()]
 
     # ----------------------------------------------------------------- evaluation
 
@@ -363,45 +497,40 @@ class RuleEngine:
         slices: list[SequenceSlice],
         batch_rows: int,
         result: EvaluationResult,
+        model: str,
     ) -> None:
         wave = _layout(slices, self._bind(slices, result), batch_rows)
         if wave.total and self._rules:
             inputs = wave.gather(features, self._required)
             conditions, values = [], []
+            temporal = _WaveTemporal(self, wave)
             for rule in self._rules:
-
-                def temporal(ins: Instr, x: torch.Tensor, key=rule.state_key) -> torch.Tensor:
-                    return self._temporal_fn(key, wave, ins, x)
-
-                condition, value = rule.condition.evaluate(inputs, wave.total, temporal)
+                condition, value = rule.condition.evaluate(
+                    inputs, wave.total, temporal.for_scope(rule.scope)
+                )
                 conditions.append(condition)
                 values.append(value)
-            fires = self._advance_runs(wave, torch.stack(conditions))
+            active = self._masks.active(wave.slices, model)
+            fires = self._advance_runs(wave, torch.stack(conditions), active)
             self._collect(wave, fires, torch.stack(values), result)
         for s in slices:
             if s.end and s.conversation_id in self._conversations:
                 self._free.append(self._conversations.pop(s.conversation_id).slot)
 
-    def _role_mask(self, wave: _Wave) -> torch.Tensor:
-        """[K, S]: whether each rule evaluates each slice's role."""
-        roles = [s.role for s in wave.slices]
-        masks: dict[tuple[str, ...], torch.Tensor] = {}
-        for rule in self._rules:
-            if rule.roles not in masks:
-                allowed = set(rule.roles)
-                masks[rule.roles] = torch.tensor([not allowed or r in allowed for r in roles])
-        return torch.stack([masks[rule.roles] for rule in self._rules])
-
-    def _advance_runs(self, wave: _Wave, conditions: torch.Tensor) -> torch.Tensor:
+    def _advance_runs(
+        self, wave: _Wave, conditions: torch.Tensor, active: torch.Tensor | None
+    ) -> torch.Tensor:
         """Run lengths with carry for all rules at once; returns where runs reach ``for``.
 
         The run length at token t is t minus the index of the last false token; that index
         is a cummax over "t where false", seeded with the carried run as a virtual false
         token before the slice.
         """
-        held = wave.pad(conditions, False) & self._role_mask(wave)[:, :, None]  # [K, S, L]
+        held = wave.pad(conditions, False)  # [K, S, L]
+        if active is not None:  # a rule skipped for a slice (role, exception) breaks its run
+            held = held & active[:, :, None]
         need = self._for[:, None, None]
-        carry = self._runs.data[wave.slots].T  # [K, S]
+        carry = self._runs.data[wave.at].T  # [K, S]
         local = torch.arange(wave.width)
         last_false = torch.where(held, -(need + 2), local)
         seeded = torch.cat([(-1 - carry)[:, :, None], last_false], dim=2)
@@ -409,7 +538,7 @@ class RuleEngine:
         last = (wave.lengths - 1).clamp(min=0).expand_as(carry)[:, :, None]
         # Clamped at N: a run already past N must not reach N again, and must not overflow.
         ended = torch.minimum(runs.gather(2, last)[:, :, 0], need[:, :, 0])
-        self._runs.data[wave.slots] = torch.where(wave.lengths > 0, ended, carry).T
+        self._runs.data[wave.at] = torch.where(wave.lengths > 0, ended, carry).T
         return runs == need
 
     def _collect(
@@ -421,41 +550,71 @@ class RuleEngine:
         k, s, t = hits.unbind(1)
         offsets = torch.tensor(wave.offsets, dtype=torch.int64)
         fired_values = values[k, offsets[s] + t].tolist()
+        slots = wave.slots.tolist()
+        # Hits come sorted by (rule, slice, token), so a cooldown sees its own firings in order.
         for (ki, si, ti), value in zip(hits.tolist(), fired_values, strict=True):
-            result.firings.append(_firing(self._rules[ki], wave.slices[si], ti, value))
+            rule, sl = self._rules[ki], wave.slices[si]
+            position = sl.position + ti
+            if rule.cooldown_tokens:
+                last = int(self._fired.data[slots[si], ki])
+                if position - last < rule.cooldown_tokens:
+                    continue
+            self._fired.data[slots[si], ki] = position
+            result.firings.append(_firing(rule, sl, ti, value))
 
     def _temporal_fn(
-        self, key: tuple[str, str, int], wave: _Wave, ins: Instr, x: torch.Tensor
+        self, key: TemporalKey, wave: _Wave, ins: Instr, x: torch.Tensor
     ) -> torch.Tensor:
         history = self._history(key, ins)
-        n = _window(ins)
-        kept = n if ins.kind == "cummax" else n - 1
-        fill = _FILL.get(ins.kind, 0.0)
-        carried = history.values.data[wave.slots]  # [S, kept]
-        seen = history.seen.data[wave.slots]
-        padded = wave.pad(x.to(torch.float32).expand(wave.total), fill)
+        kept = history.values.data.shape[1]
+        carried = history.values.data[wave.at]  # [S, kept]
+        padded = wave.pad(x.to(torch.float32).expand(wave.total), _FILL.get(ins.kind, 0.0))
         ext = torch.cat([carried, padded], dim=1)
+        seen = None if history.seen is None else history.seen.data[wave.at]
         if ins.kind == "cummax":
             ext = ext.cummax(dim=1).values
             out = ext[:, 1:]
         else:
             out = _apply_window(ins, ext, seen, wave.width)
-        take = wave.lengths[:, None] + torch.arange(kept)  # the last `kept` values of ext
-        history.values.data[wave.slots] = ext.gather(1, take)
-        history.seen.data[wave.slots] = seen + wave.lengths
+        if wave.uniform:  # every slice ends at the last column
+            history.values.data[wave.at] = ext[:, ext.shape[1] - kept :]
+        else:
+            take = wave.lengths[:, None] + torch.arange(kept)  # the last `kept` values of ext
+            history.values.data[wave.at] = ext.gather(1, take)
+        if history.seen is not None and seen is not None:
+            history.seen.data[wave.at] = seen + wave.lengths
         return wave.unpad(out)
 
-    def _history(self, key: tuple[str, str, int], ins: Instr) -> _History:
-        state = self._temporal.get((key, ins.key))
+    def _history(self, key: TemporalKey, ins: Instr) -> _History:
+        state = self._temporal.get(key)
         if state is None:
             kept = _window(ins) if ins.kind == "cummax" else _window(ins) - 1
             fill = _FILL.get(ins.kind, 0.0)
-            state = _History(
-                _Table((kept,), fill, torch.float32, self._capacity),
-                _Table((), 0, torch.int64, self._capacity),
-            )
-            self._temporal[(key, ins.key)] = state
+            seen = _Table((), 0, torch.int64, self._capacity) if ins.kind in _COUNTED else None
+            state = _History(_Table((kept,), fill, torch.float32, self._capacity), seen)
+            self._temporal[key] = state
         return state
+
+
+class _WaveTemporal:
+    """Temporal functions for one wave: each (scope, expression) is computed, and its state
+    advanced, once per wave however many rules use it."""
+
+    def __init__(self, engine: RuleEngine, wave: _Wave) -> None:
+        self.engine = engine
+        self.wave = wave
+        self.results: dict[TemporalKey, torch.Tensor] = {}
+        self.fns = {scope: functools.partial(self.compute, scope) for scope in SCOPES}
+
+    def for_scope(self, scope: str) -> Callable[[Instr, torch.Tensor], torch.Tensor]:
+        return self.fns[scope]
+
+    def compute(self, scope: str, ins: Instr, x: torch.Tensor) -> torch.Tensor:
+        key = (scope, ins.key)
+        out = self.results.get(key)
+        if out is None:
+            out = self.results[key] = self.engine._temporal_fn(key, self.wave, ins, x)
+        return out
 
 
 def _firing(rule: Rule, sl: SequenceSlice, offset: int, value: float) -> Firing:
@@ -483,6 +642,7 @@ def _firing(rule: Rule, sl: SequenceSlice, offset: int, value: float) -> Firing:
         labels=dict(rule.labels),
         message=_render(rule.output, fields),
         actions=rule.actions,
+        annotations={name: _render(text, fields) for name, text in rule.annotations.items()},
     )
 
 

@@ -27,8 +27,9 @@ from monitor.rules.errors import ExpressionError, RuleIssue, SourceLocation
 MAX_EXPRESSION_LENGTH = 4096
 MAX_NESTING_DEPTH = 64
 # Macro expansion can nest expressions inside each other; bound it separately so a chain of
-# macros cannot exhaust the Python stack.
-MAX_EXPANSION_DEPTH = 256
+# macros cannot exhaust the Python stack. Each level costs about four frames of the resolver,
+# so this stays well inside Python's default limit of 1000 even when called from deep code.
+MAX_EXPANSION_DEPTH = 128
 MAX_WINDOW = 4096
 MAX_HALFLIFE = 256.0
 

@@ -27,6 +27,29 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """The audit trail of flagged conversations (off unless `url` is set)."""
+
+    url: str = ""  # sqlite:///path.db (relative to the config file) or postgresql://...
+    window_tokens: int = 64
+    max_tokens_per_conversation: int = 8192
+    redact_patterns: tuple[str, ...] = ()
+    retention_days: float | None = None
+    on_backpressure: str = "block"
+    write_timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class AlertmanagerSettings:
+    """Where fired rules with the `alert` action are pushed (off unless `url` is set)."""
+
+    url: str = ""
+    resend_interval_seconds: float = 60.0
+    resolve_after_seconds: float = 300.0
+    audit_base_url: str = ""  # link put in each alert's annotations, + '/<conversation id>'
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     listen: str = "127.0.0.1:50051"
     metrics_port: int = 9464
@@ -37,6 +60,8 @@ class SidecarConfig:
     log_format: str = "auto"
     log_level: str = "info"
     shutdown_grace_seconds: float = 10.0
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    alertmanager: AlertmanagerSettings = field(default_factory=AlertmanagerSettings)
 
     @property
     def listen_host(self) -> str:
@@ -88,10 +113,12 @@ def parse_config(raw: dict[str, Any], base_dir: Path, origin: str) -> SidecarCon
     if "log_level" in raw:
         values["log_level"] = _choice(raw["log_level"], _LOG_LEVELS, origin, "log_level")
     if "shutdown_grace_seconds" in raw:
-        grace = raw["shutdown_grace_seconds"]
-        if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
-            raise ConfigError(f"{origin}: shutdown_grace_seconds: expected a number >= 0")
-        values["shutdown_grace_seconds"] = float(grace)
+        grace = _number(raw["shutdown_grace_seconds"], origin, "shutdown_grace_seconds")
+        values["shutdown_grace_seconds"] = grace
+    if "audit" in raw:
+        values["audit"] = _audit(raw["audit"], base_dir, origin)
+    if "alertmanager" in raw:
+        values["alertmanager"] = _alertmanager(raw["alertmanager"], origin)
     config = SidecarConfig(**values)
     if not config.packs:
         raise ConfigError(f"{origin}: packs: at least one feature pack is required")
@@ -104,6 +131,80 @@ def _reject_unknown(raw: dict[str, Any], known: set[str], origin: str, prefix: s
             raise ConfigError(
                 f"{origin}: {prefix}{key}: unknown key (known: {', '.join(sorted(known))})"
             )
+
+
+def _section(value: Any, cls: type, origin: str, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{origin}: {name}: expected a mapping")
+    _reject_unknown(value, {f.name for f in fields(cls)}, origin, prefix=f"{name}.")
+    return value
+
+
+def _audit(value: Any, base_dir: Path, origin: str) -> AuditSettings:
+    raw = _section(value, AuditSettings, origin, "audit")
+    out: dict[str, Any] = {}
+    if "url" in raw:
+        out["url"] = _store_url(_str(raw["url"], origin, "audit.url"), base_dir, origin)
+    for key in ("window_tokens", "max_tokens_per_conversation"):
+        if key in raw:
+            out[key] = _int(raw[key], origin, f"audit.{key}", low=1, high=2**31 - 1)
+    if "redact_patterns" in raw:
+        out["redact_patterns"] = _patterns(raw["redact_patterns"], origin)
+    if "retention_days" in raw and raw["retention_days"] is not None:
+        out["retention_days"] = _number(raw["retention_days"], origin, "audit.retention_days")
+    if "on_backpressure" in raw:
+        out["on_backpressure"] = _choice(
+            raw["on_backpressure"], ("block", "drop"), origin, "audit.on_backpressure"
+        )
+    if "write_timeout_seconds" in raw:
+        key = "audit.write_timeout_seconds"
+        out["write_timeout_seconds"] = _number(raw["write_timeout_seconds"], origin, key)
+    return AuditSettings(**out)
+
+
+def _alertmanager(value: Any, origin: str) -> AlertmanagerSettings:
+    raw = _section(value, AlertmanagerSettings, origin, "alertmanager")
+    out: dict[str, Any] = {}
+    for key in ("url", "audit_base_url"):
+        if key in raw:
+            text = _str(raw[key], origin, f"alertmanager.{key}")
+            if text and not text.startswith(("http://", "https://")):
+                raise ConfigError(f"{origin}: alertmanager.{key}: expected an http(s):// URL")
+            out[key] = text
+    for key in ("resend_interval_seconds", "resolve_after_seconds"):
+        if key in raw:
+            out[key] = _number(raw[key], origin, f"alertmanager.{key}", low=0.1)
+    return AlertmanagerSettings(**out)
+
+
+def _store_url(url: str, base_dir: Path, origin: str) -> str:
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        return f"sqlite:///{path if path.is_absolute() else (base_dir / path).resolve()}"
+    if url.startswith(("postgresql://", "postgres://")):
+        return url
+    raise ConfigError(
+        f"{origin}: audit.url: expected sqlite:///PATH or postgresql://..., got {url!r}"
+    )
+
+
+def _patterns(value: Any, origin: str) -> tuple[str, ...]:
+    import re
+
+    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+        raise ConfigError(f"{origin}: audit.redact_patterns: expected a list of regexes")
+    for i, pattern in enumerate(value):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{origin}: audit.redact_patterns[{i}]: {exc}") from exc
+    return tuple(value)
+
+
+def _number(value: Any, origin: str, key: str, low: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < low:
+        raise ConfigError(f"{origin}: {key}: expected a number >= {low:g}, got {value!r}")
+    return float(value)
 
 
 def _listen_address(value: Any, origin: str) -> str:

@@ -17,8 +17,14 @@ from monitor.features import FeaturePack
 from monitor.outputs.metrics import SidecarMetrics
 from monitor.rules.engine import Firing, RuleEngine
 from monitor.rules.loader import RuleSet
+from monitor.sidecar.actions import Actions, ruleset_hash
 from monitor.sidecar.config import Limits
-from monitor.sidecar.validate import BatchRejected, ValidatedBatch, validate_batch
+from monitor.sidecar.validate import (
+    BatchRejected,
+    EncoderCatalog,
+    ValidatedBatch,
+    validate_batch,
+)
 from monitor.wire import pb
 
 log = structlog.get_logger("safety_monitor.pipeline")
@@ -48,15 +54,33 @@ class Pipeline:
         ruleset: RuleSet,
         metrics: SidecarMetrics,
         limits: Limits,
+        actions: Actions | None = None,
     ) -> None:
         self.packs = list(packs)
-        self.ruleset = ruleset
         self.metrics = metrics
         self.limits = limits
+        self.actions = actions
         self.engine = RuleEngine(ruleset, max_conversations=limits.max_conversations)
-        self.d_model_of = _d_model_by_hook_point(self.packs)
+        self.catalog = EncoderCatalog(
+            d_model_of=_d_model_by_hook_point(self.packs),
+            columns_of={
+                (p.name, hp): (p.sha256, len(p.qualified_names(hp)))
+                for p in self.packs
+                for hp in p.hook_points
+            },
+        )
+        self._use_rules(ruleset)
+
+    def replace_rules(self, ruleset: RuleSet) -> None:
+        """Swap in a new rule set between batches; state of unchanged rules is kept."""
+        self.engine.replace_rules(ruleset)
+        self._use_rules(ruleset)
+
+    def _use_rules(self, ruleset: RuleSet) -> None:
+        self.ruleset = ruleset
+        self.rules_hash = ruleset_hash(ruleset)
         self.columns = _feature_columns(self.packs, ruleset.required_features)
-        self.required_hook_points = {c.hook_point for c in self.columns}
+        self.required = {(c.pack.name, c.hook_point) for c in self.columns}
 
     def process(self, batch: pb.StepBatch) -> BatchOutcome:
         """Run one batch through the stream's stateful rule engine; never raises on bad input."""
@@ -72,11 +96,11 @@ class Pipeline:
         self.metrics.position_gaps.inc(result.gaps)
         self.metrics.conversations_evicted.inc(result.evicted)
         self.metrics.conversations.set(self.engine.tracked_conversations)
-        events = [_alert_event(batch.seq_no, f) for f in result.firings]
         for firing in result.firings:
             self._record_firing(batch, firing)
-        ack = pb.Ack(seq_no=batch.seq_no, rows=validated.rows, alerts=len(result.firings))
-        events.append(pb.MonitorEvent(ack=ack))
+        sendable, closing = self._dispatch(validated, features, result.firings)
+        events = [_alert_event(batch.seq_no, f) for f in sendable]
+        events.append(closing)
         self.metrics.tokens.inc(validated.rows)
         self.metrics.batches.inc()
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
@@ -95,12 +119,13 @@ class Pipeline:
         return BatchOutcome(events, result.firings, features)
 
     def validate(self, batch: pb.StepBatch) -> ValidatedBatch:
-        return validate_batch(batch, self.d_model_of, self.required_hook_points, self.limits)
+        return validate_batch(batch, self.catalog, self.required, self.limits)
 
     def encode(self, batch: ValidatedBatch) -> dict[str, torch.Tensor]:
-        """Encode each hook point once per pack and pick out the columns the rules use."""
+        """Encode each hook point once per pack (unless the client already did) and pick out
+        the columns the rules use."""
         started = time.perf_counter()
-        encoded: dict[tuple[str, str], torch.Tensor] = {}
+        encoded: dict[tuple[str, str], torch.Tensor] = dict(batch.encoded)
         features: dict[str, torch.Tensor] = {}
         for column in self.columns:
             key = (column.pack.name, column.hook_point)
@@ -109,6 +134,43 @@ class Pipeline:
             features[column.name] = encoded[key][:, column.column]
         self.metrics.encode_seconds.observe(time.perf_counter() - started)
         return features
+
+    def _dispatch(
+        self, batch: ValidatedBatch, features: dict[str, torch.Tensor], firings: list[Firing]
+    ) -> tuple[list[Firing], pb.MonitorEvent]:
+        """Audit and Alertmanager; returns the alerts that may be sent and the closing event
+        (an Ack, or a BatchError when alerts were withheld for want of a durable record)."""
+        ack = pb.Ack(seq_no=batch.seq_no, rows=batch.rows, alerts=len(firings))
+        if self.actions is None:
+            return firings, pb.MonitorEvent(ack=ack)
+        result = self.actions.dispatch(
+            model=batch.model,
+            rules_hash=self.rules_hash,
+            hook_points=sorted(batch.activations),
+            slices=batch.slices,
+            tokens=batch.tokens,
+            features=features,
+            firings=firings,
+        )
+        if not result.withheld:
+            ack.alerts = len(result.sendable)
+            return result.sendable, pb.MonitorEvent(ack=ack)
+        self.metrics.alerts_withheld.inc(result.withheld)
+        self.metrics.batches_rejected.labels(reason="audit_not_durable").inc()
+        log.error(
+            "alerts withheld",
+            seq_no=batch.seq_no,
+            withheld=result.withheld,
+            audit_status=result.audit_status,
+        )
+        error = pb.BatchError(
+            seq_no=batch.seq_no,
+            reason="audit_not_durable",
+            field="",
+            message=f"{result.withheld} alert(s) withheld: the audit store did not commit their "
+            f"records (status {result.audit_status}); rules were evaluated",
+        )
+        return result.sendable, pb.MonitorEvent(error=error)
 
     def _reject(self, seq_no: int, rejected: BatchRejected) -> BatchOutcome:
         self.metrics.batches_rejected.labels(reason=rejected.reason).inc()

@@ -22,11 +22,17 @@ from monitor.features import FeatureError, FeaturePack, load_pack
 from monitor.outputs.metrics import SidecarMetrics
 from monitor.rules.errors import RuleLoadError
 from monitor.rules.loader import RuleSet, load_rules
+from monitor.sidecar.actions import Actions
 from monitor.sidecar.config import SidecarConfig
 from monitor.sidecar.pipeline import BatchOutcome, Pipeline, qualified_feature_names
 from monitor.wire import SERVICE_NAME, WIRE_DTYPES, pb, pb_grpc
 
 log = structlog.get_logger("safety_monitor.sidecar")
+
+# Named health service of the audit trail: NOT_SERVING while the store cannot commit, so a
+# probe or an operator sees it, while the sidecar itself keeps monitoring.
+AUDIT_HEALTH_SERVICE = "safety_monitor.audit"
+HEALTH_POLL_SECONDS = 1.0
 
 
 class StartupError(RuntimeError):
@@ -156,9 +162,14 @@ class Sidecar:
         packs = load_packs(config.packs)
         ruleset = load_ruleset(config.rules, packs)
         try:
-            self.pipeline = Pipeline(packs, ruleset, self.metrics, config.limits)
+            self.actions = Actions(config.audit, config.alertmanager, self.metrics)
+        except Exception as exc:  # a bad store URL or the like: one line, exit 2
+            raise StartupError(f"audit: {exc}") from exc
+        try:
+            self.pipeline = Pipeline(packs, ruleset, self.metrics, config.limits, self.actions)
         except ValueError as exc:
             raise StartupError(str(exc)) from exc
+        self._background: list[asyncio.Task[None]] = []
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self.running: RunningSidecar | None = None
 
@@ -190,6 +201,8 @@ class Sidecar:
         await server.start()
         for service in ("", SERVICE_NAME):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.actions.recorder is not None:
+            self._background.append(asyncio.create_task(self._watch_audit(health_servicer)))
         self.running = RunningSidecar(
             server, health_servicer, port, httpd.server_port, httpd.shutdown
         )
@@ -216,16 +229,32 @@ class Sidecar:
             ) from exc
         return httpd
 
+    async def _watch_audit(self, health_servicer: health.aio.HealthServicer) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        last = None
+        while True:
+            healthy = self.actions.audit_healthy
+            if healthy != last:
+                await health_servicer.set(AUDIT_HEALTH_SERVICE, serving if healthy else not_serving)
+                (log.info if healthy else log.error)("audit store health", healthy=healthy)
+                last = healthy
+            await asyncio.sleep(HEALTH_POLL_SECONDS)
+
     async def stop(self) -> None:
-        """Go NOT_SERVING, let streams drain for the grace period, then close everything."""
+        """Go NOT_SERVING, let streams drain for the grace period, flush the audit trail and
+        Alertmanager, then close everything."""
         running = self.running
         if running is None:
             return
         self.running = None
         log.info("sidecar draining", grace_seconds=self.config.shutdown_grace_seconds)
+        for task in self._background:
+            task.cancel()
         await running.health.enter_graceful_shutdown()
         await running.server.stop(self.config.shutdown_grace_seconds)
         self.executor.shutdown(wait=True)
+        await asyncio.to_thread(self.actions.close, self.config.shutdown_grace_seconds)
         running.shutdown_metrics()  # type: ignore[operator]
         log.info("sidecar stopped")
 

@@ -28,6 +28,15 @@ class BatchRejected(Exception):
 
 
 @dataclass(frozen=True)
+class EncoderCatalog:
+    """What the loaded packs accept: d_model per hook point, and per (pack, hook point) the
+    pack's hash and column count for feature values a client encoded itself."""
+
+    d_model_of: Mapping[str, int]
+    columns_of: Mapping[tuple[str, str], tuple[str, int]]  # (pack, hp) -> (sha256, k)
+
+
+@dataclass(frozen=True)
 class ValidatedBatch:
     seq_no: int
     model: str
@@ -35,15 +44,17 @@ class ValidatedBatch:
     activations: dict[str, torch.Tensor]  # hook point -> [rows, d_model] float32
     slices: list[SequenceSlice]
     tokens: list[list[str]]  # per slice; empty lists when the client sent no text
+    encoded: dict[tuple[str, str], torch.Tensor]  # (pack, hp) -> [rows, k], encoded by the client
 
 
 def validate_batch(
     batch: pb.StepBatch,
-    d_model_of: Mapping[str, int],
-    required_hook_points: Set[str],
+    catalog: EncoderCatalog,
+    required: Set[tuple[str, str]],
     limits: Limits,
 ) -> ValidatedBatch:
-    """Check a batch against the loaded packs and limits; raise BatchRejected on a problem."""
+    """Check a batch against the loaded packs and limits; raise BatchRejected on a problem.
+    `required` holds the (pack, hook point) pairs the rules read."""
     slices, tokens = _validate_sequences(batch, limits)
     rows = sum(s.rows for s in slices)
     if rows > limits.max_rows_per_batch:
@@ -52,8 +63,15 @@ def validate_batch(
             "sequences",
             f"sequences: {rows} rows exceed the limit of {limits.max_rows_per_batch} per batch",
         )
-    activations = _validate_layers(batch, rows, d_model_of)
-    missing = sorted(required_hook_points - activations.keys())
+    activations = _validate_layers(batch, rows, catalog.d_model_of) if batch.layers else {}
+    encoded = _validate_feature_blocks(batch, rows, catalog)
+    if not activations and not encoded:
+        raise BatchRejected(
+            "no_layers", "layers", "layers: the batch has no layers and no feature blocks"
+        )
+    missing = sorted(
+        hp for pack, hp in required if hp not in activations and (pack, hp) not in encoded
+    )
     if missing:
         raise BatchRejected(
             "missing_hook_point",
@@ -61,7 +79,7 @@ def validate_batch(
             f"layers: the loaded rules need hook point(s) {', '.join(missing)}, "
             "which the batch does not carry",
         )
-    return ValidatedBatch(batch.seq_no, batch.model, rows, activations, slices, tokens)
+    return ValidatedBatch(batch.seq_no, batch.model, rows, activations, slices, tokens, encoded)
 
 
 def _validate_sequences(
@@ -122,11 +140,39 @@ def _check_conversation_id(conversation_id: str, field: str, limits: Limits) -> 
         )
 
 
+def _validate_feature_blocks(
+    batch: pb.StepBatch, rows: int, catalog: EncoderCatalog
+) -> dict[tuple[str, str], torch.Tensor]:
+    encoded: dict[tuple[str, str], torch.Tensor] = {}
+    for i, block in enumerate(batch.features):
+        field = f"features[{i}]"
+        key = (block.pack, block.hook_point)
+        known = catalog.columns_of.get(key)
+        if known is None:
+            raise BatchRejected(
+                "unknown_pack",
+                f"{field}.pack",
+                f"{field}.pack: no loaded pack {block.pack!r} reads {block.hook_point!r}",
+            )
+        sha, k = known
+        if block.pack_sha256 != sha:
+            raise BatchRejected(
+                "pack_mismatch",
+                f"{field}.pack_sha256",
+                f"{field}.pack_sha256: the client encoded with another version of pack "
+                f"{block.pack!r} ({block.pack_sha256[:12] or 'none'}, sidecar has {sha[:12]})",
+            )
+        if key in encoded:
+            raise BatchRejected(
+                "duplicate_hook_point", field, f"{field}: {key} appears more than once"
+            )
+        encoded[key] = _checked_tensor(block.values, f"{field}.values", rows, k, f"pack {k}")
+    return encoded
+
+
 def _validate_layers(
     batch: pb.StepBatch, rows: int, d_model_of: Mapping[str, int]
 ) -> dict[str, torch.Tensor]:
-    if not batch.layers:
-        raise BatchRejected("no_layers", "layers", "layers: the batch has no layers")
     activations: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(batch.layers):
         field = f"layers[{i}]"
@@ -152,17 +198,24 @@ def _layer_tensor(
     layer: pb.Layer, field: str, rows: int, d_model_of: Mapping[str, int]
 ) -> torch.Tensor:
     d_model = d_model_of[layer.hook_point]
-    shape = list(layer.activations.shape)
+    what = f"the pack's {d_model} for {layer.hook_point!r}"
+    return _checked_tensor(layer.activations, field, rows, d_model, what)
+
+
+def _checked_tensor(
+    message: pb.Tensor, field: str, rows: int, width: int, expected_width: str
+) -> torch.Tensor:
+    """Shape [rows, width], decodable, finite -> float32 tensor."""
+    shape = list(message.shape)
     if len(shape) != 2:
         raise BatchRejected(
-            "bad_shape", f"{field}.shape", f"{field}.shape: expected [rows, d_model], got {shape}"
+            "bad_shape", f"{field}.shape", f"{field}.shape: expected [rows, width], got {shape}"
         )
-    if shape[1] != d_model:
+    if shape[1] != width:
         raise BatchRejected(
             "d_model_mismatch",
             f"{field}.shape",
-            f"{field}.shape: d_model {shape[1]} does not match the pack's {d_model} for "
-            f"{layer.hook_point!r}",
+            f"{field}.shape: width {shape[1]} does not match {expected_width}",
         )
     if shape[0] != rows:
         raise BatchRejected(
@@ -171,7 +224,7 @@ def _layer_tensor(
             f"{field}.shape: {shape[0]} rows, but the sequences add up to {rows}",
         )
     try:
-        tensor = decode_tensor(layer.activations, field).to(torch.float32)
+        tensor = decode_tensor(message, field).to(torch.float32)
     except TensorDecodeError as exc:
         raise BatchRejected(exc.reason, exc.field, exc.message) from exc
     if not bool(torch.isfinite(tensor).all()):

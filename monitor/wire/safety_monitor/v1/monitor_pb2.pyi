@@ -54,19 +54,33 @@ class Sequence(_message.Message):
     attributes: _containers.ScalarMap[str, str]
     def __init__(self, conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., rows: _Optional[int] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[str]] = ..., role: _Optional[str] = ..., end: _Optional[bool] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
+class FeatureBlock(_message.Message):
+    __slots__ = ("pack", "pack_sha256", "hook_point", "values")
+    PACK_FIELD_NUMBER: _ClassVar[int]
+    PACK_SHA256_FIELD_NUMBER: _ClassVar[int]
+    HOOK_POINT_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    pack: str
+    pack_sha256: str
+    hook_point: str
+    values: Tensor
+    def __init__(self, pack: _Optional[str] = ..., pack_sha256: _Optional[str] = ..., hook_point: _Optional[str] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
 class StepBatch(_message.Message):
-    __slots__ = ("seq_no", "model", "layers", "sequences", "sent_at")
+    __slots__ = ("seq_no", "model", "layers", "sequences", "sent_at", "features")
     SEQ_NO_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     seq_no: int
     model: str
     layers: _containers.RepeatedCompositeFieldContainer[Layer]
     sequences: _containers.RepeatedCompositeFieldContainer[Sequence]
     sent_at: _timestamp_pb2.Timestamp
-    def __init__(self, seq_no: _Optional[int] = ..., model: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    features: _containers.RepeatedCompositeFieldContainer[FeatureBlock]
+    def __init__(self, seq_no: _Optional[int] = ..., model: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., features: _Optional[_Iterable[_Union[FeatureBlock, _Mapping]]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq_no", "rows", "alerts")

@@ -1,0 +1,333 @@
+"""`safety-monitor bench overhead`: what capture costs the serving model.
+
+Generation throughput of a randomly initialised transformers causal LM (sized so one decode
+step takes several milliseconds on one CPU core), measured side by side in one run, rounds
+interleaved so drift hits every mode alike:
+
+  baseline       no hooks
+  sidecar-up     capture on 2 layers, streaming to a real sidecar process
+  sidecar-down   capture on 2 layers, nothing listening (fail-open: steps dropped)
+  local-encode   capture encoding the pack in-process, sending only feature values
+
+The model runs on core 0 with one torch thread; the sidecar process is pinned to the other
+core, as it would run in its own container. Optionally a soak: memory of the serving process
+over N captured forward passes with the sidecar up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+MODES = ("baseline", "sidecar-up", "sidecar-down", "local-encode")
+HOOK_LAYERS = (2, 4)
+
+
+def add_bench_overhead_command(bench_subparsers: Any) -> None:
+    parser = bench_subparsers.add_parser(
+        "overhead", help="generation throughput with and without capture, side by side"
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument(
+        "--soak-steps", type=int, default=0, help="also measure memory over N steps"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(handler=_run_command)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    result = run_overhead_bench(
+        rounds=args.rounds,
+        new_tokens=args.new_tokens,
+        batch=args.batch,
+        hidden=args.hidden,
+        layers=args.layers,
+        soak_steps=args.soak_steps,
+    )
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def build_bench_model(hidden: int, layers: int, seed: int = 0) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=8192,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def run_overhead_bench(
+    rounds: int = 5,
+    new_tokens: int = 48,
+    batch: int = 4,
+    hidden: int = 512,
+    layers: int = 6,
+    prompt_tokens: int = 32,
+    soak_steps: int = 0,
+) -> dict[str, Any]:
+    from monitor.capture import CaptureClient
+
+    model = build_bench_model(hidden, layers)
+    prompt = torch.randint(
+        0, 8192, (batch, prompt_tokens), generator=torch.Generator().manual_seed(1)
+    )
+    with tempfile.TemporaryDirectory(prefix="safety-monitor-bench-") as tmp:
+        pack = _write_pack(Path(tmp), hidden)
+        sidecar, port = _start_sidecar(Path(tmp), pack)
+        clients = {
+            "sidecar-up": CaptureClient(f"127.0.0.1:{port}", metrics_registry=None),
+            "sidecar-down": CaptureClient(f"127.0.0.1:{_closed_port()}", metrics_registry=None),
+            "local-encode": CaptureClient(
+                f"127.0.0.1:{port}", encode_locally=pack, metrics_registry=None
+            ),
+        }
+        # Pin only now: threads inherit the affinity of the thread that creates them, and the
+        # capture sender threads (created above) should not be confined to the model's core.
+        _pin_to_first_core()
+        try:
+            _wait_connected(clients["sidecar-up"])
+            _wait_connected(clients["local-encode"])
+            seconds = _interleaved_rounds(model, prompt, new_tokens, rounds, clients)
+            for client in clients.values():
+                client.flush(30)
+            accounting = {m: _accounting(c) for m, c in clients.items()}
+            soak = _soak(model, clients["sidecar-up"], soak_steps) if soak_steps else None
+        finally:
+            for client in clients.values():
+                client.close(timeout=5)
+            sidecar.terminate()
+            sidecar.wait(30)
+    return _summarise(seconds, batch * new_tokens, accounting, soak, hidden, layers, batch)
+
+
+def _interleaved_rounds(model, prompt, new_tokens, rounds, clients) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
+    seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
+    _generate(model, prompt, new_tokens)  # warm-up
+    for round_index in range(rounds):
+        for mode in MODES:
+            client = clients.get(mode)
+            if client is not None:
+                client.attach(model, layers=list(HOOK_LAYERS))
+            started = time.perf_counter()
+            if client is None:
+                _generate(model, prompt, new_tokens)
+            else:
+                ids = [f"{mode}-{round_index}-{row}" for row in range(prompt.shape[0])]
+                with client.conversation(ids):
+                    _generate(model, prompt, new_tokens)
+            seconds[mode].append(time.perf_counter() - started)
+            if client is not None:
+                client.detach()
+    return seconds
+
+
+def _generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(
+            prompt,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+
+def _soak(model: torch.nn.Module, client: Any, steps: int) -> dict[str, Any]:
+    """RSS of this process while `steps` forward passes are captured and streamed."""
+    client.attach(model, layers=list(HOOK_LAYERS))
+    prompt = torch.randint(0, 8192, (1, 8), generator=torch.Generator().manual_seed(2))
+    per_conversation = 50  # a prefill and 49 decode steps
+    samples = []
+    done = 0
+    conversation = 0
+    while done < steps:
+        with client.conversation(f"soak-{conversation}"):
+            _generate(model, prompt, per_conversation)
+        client.end_conversation(f"soak-{conversation}")
+        conversation += 1
+        done += per_conversation
+        if conversation % 20 == 0:
+            client.flush(30)
+            gc.collect()
+            samples.append((done, _rss_mib()))
+    client.detach()
+    client.flush(30)
+    first, last = samples[0][1], samples[-1][1]
+    return {
+        "steps": done,
+        "rss_mib_samples": samples,
+        "rss_growth_mib_after_warmup": round(last - first, 1),
+        "acked": client.stats.batches_acked,
+    }
+
+
+def _summarise(seconds, tokens, accounting, soak, hidden, layers, batch) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    medians = {mode: statistics.median(values) for mode, values in seconds.items()}
+    baseline = tokens / medians["baseline"]
+    modes = {
+        mode: {
+            "tokens_per_s": round(tokens / median, 1),
+            "ms_per_decode_step": round(1000 * median / (tokens / batch), 2),
+            "overhead_pct": round(100 * (1 - (tokens / median) / baseline), 2),
+            **accounting.get(mode, {}),
+        }
+        for mode, median in medians.items()
+    }
+    return {
+        "model": f"llama hidden={hidden} layers={layers}, batch {batch}, hooks on {HOOK_LAYERS}",
+        "new_tokens_per_round": tokens,
+        "rounds": len(seconds["baseline"]),
+        "modes": modes,
+        "soak": soak,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"capture overhead: {result['model']}; {result['new_tokens_per_round']} new tokens per "
+        f"round, median of {result['rounds']} interleaved rounds",
+        f"{'mode':<14}{'tokens/s':>10}{'ms/step':>10}{'overhead':>10}{'acked':>8}{'dropped':>9}",
+    ]
+    for mode, row in result["modes"].items():
+        lines.append(
+            f"{mode:<14}{row['tokens_per_s']:>10.1f}{row['ms_per_decode_step']:>10.2f}"
+            f"{row['overhead_pct']:>9.2f}%{row.get('acked', '-'):>8}{row.get('dropped', '-'):>9}"
+        )
+    if result["soak"]:
+        soak = result["soak"]
+        lines.append(
+            f"soak: {soak['steps']} steps captured, {soak['acked']} acked; RSS growth after "
+            f"warm-up {soak['rss_growth_mib_after_warmup']} MiB "
+            f"(samples {[s[1] for s in soak['rss_mib_samples']]})"
+        )
+    return "\n".join(lines)
+
+
+def _accounting(client: Any) -> dict[str, int]:
+    return {"acked": client.stats.batches_acked, "dropped": client.stats.dropped.total()}
+
+
+def _write_pack(workdir: Path, hidden: int) -> Path:
+    from monitor.demo import write_saelens_sae
+    from monitor.features import build_pack_from_sae, load_sae, save_pack
+
+    packs = []
+    for layer in HOOK_LAYERS:
+        sae = load_sae(write_saelens_sae(workdir / f"sae-{layer}", hidden, 4096, layer, seed=layer))
+        packs.append(build_pack_from_sae(sae, list(range(0, 4096, 16)), name=f"l{layer}"))
+    # One pack per hook point; the bench's local-encode mode uses the first layer's pack and
+    # the sidecar encodes the other from activations.
+    for pack in packs:
+        save_pack(pack, workdir / f"{pack.name}.pack.safetensors")
+    return workdir / f"{packs[0].name}.pack.safetensors"
+
+
+def _start_sidecar(workdir: Path, pack: Path) -> tuple[subprocess.Popen[bytes], int]:
+    rules = workdir / "rules.yaml"
+    rules.write_text(_bench_rules())
+    port = _closed_port()
+    config = {
+        "listen": f"127.0.0.1:{port}",
+        "metrics_port": 0,
+        "packs": sorted(str(p) for p in workdir.glob("*.pack.safetensors")),
+        "rules": [str(rules)],
+        "log_format": "json",
+        "log_level": "warning",
+    }
+    (workdir / "sidecar.yaml").write_text(yaml.safe_dump(config))
+    log = (workdir / "sidecar.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "monitor.cli", "serve", "--config", str(workdir / "sidecar.yaml")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_pin_to_last_core,
+    )
+    _wait_port(port, process)
+    return process, port
+
+
+def _bench_rules() -> str:
+    """20 rules over features of both hook points, about half of them temporal."""
+    lines = ["features:"]
+    for layer in HOOK_LAYERS:
+        lines += [f"  a{layer}_{i}: l{layer}/{16 * i}" for i in range(10)]
+    lines.append("rules:")
+    for layer in HOOK_LAYERS:
+        for i in range(10):
+            condition = (
+                f"a{layer}_{i} > 1000" if i % 2 else f"rolling_mean(a{layer}_{i}, 16) > 1000"
+            )
+            lines += [
+                f"  - rule: bench-{layer}-{i}",
+                "    severity: info",
+                f"    condition: {condition}",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"bench sidecar exited with {process.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("bench sidecar did not start")
+
+
+def _wait_connected(client: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not client.connected and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _pin_to_first_core() -> None:
+    torch.set_num_threads(1)
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= 2:
+        os.sched_setaffinity(0, {cores[0]})  # this thread: the one that runs the model
+
+
+def _pin_to_last_core() -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[-1]})
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * resource.getpagesize() / 2**20

@@ -1,0 +1,212 @@
+"""``safety-monitor bench rules``: rule-engine latency on a decode step and on a prefill.
+
+The issue's budget on this machine: 20 rules within 1 ms for a 64-conversation decode step and
+within 5 ms for one 4,096-token prefill. Times are for ``RuleEngine.evaluate`` alone, after a
+warm-up, on feature tensors already on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from monitor.rules import RuleEngine, RuleSet, SequenceSlice, load_rules
+
+DECODE_BUDGET_MS = 1.0
+PREFILL_BUDGET_MS = 5.0
+
+# A realistic mix: 20 rules, 10 of them temporal, with roles, for, cooldown, request scope and
+# exceptions, over 3 probes and 5 SAE features.
+BENCH_RULES = """\
+features:
+  deception: probes/deception
+  bias: probes/bias
+  misuse: probes/misuse
+  secrecy: sae/6642
+  false_claim: sae/1297
+  stereotype: sae/3810
+  pathogen: sae/9120
+  exploit: sae/15002
+lists:
+  evals: [red-team, safety-evals]
+macros:
+  deceptive_span: rolling_mean(deception, 16)
+  misuse_span: rolling_mean(misuse, 16)
+rules:
+  - {rule: deception-now, severity: info, condition: deception > 4, roles: [assistant]}
+  - {rule: bias-now, severity: info, condition: bias > 4, roles: [assistant]}
+  - {rule: misuse-now, severity: warning, condition: misuse > 4, for: 2}
+  - {rule: secrecy-high, severity: info, condition: secrecy > 5 and deception > 1}
+  - {rule: false-claim, severity: info, condition: false_claim > 5 and deception > 0}
+  - {rule: stereotype, severity: info, condition: stereotype > 5 and bias > 1, for: 3}
+  - {rule: pathogen, severity: warning, condition: pathogen > 5 and misuse > 1, for: 2}
+  - {rule: exploit, severity: warning, condition: "max(exploit, pathogen) > 6", for: 4}
+  - {rule: calibrated, severity: info, condition: sigmoid(deception) > 0.99, for: 4}
+  - rule: clipped
+    severity: info
+    condition: clip(misuse, -5, 5) + abs(bias) * 0.5 > 6
+    exceptions: [{name: evals, attributes: {tenant: evals}}]
+  - rule: sustained-deception
+    severity: critical
+    condition: deceptive_span > 2.5
+    for: 8
+    roles: [assistant]
+    cooldown: 256
+    exceptions: [{name: evals, attributes: {tenant: evals}}]
+  - rule: deceptive-response
+    severity: warning
+    scope: request
+    condition: cummax(rolling_mean(deception, 32)) > 1.5
+  - rule: concealment
+    severity: warning
+    condition: deceptive_span > 1.5 and rolling_max(secrecy, 16) > 3
+    for: 4
+    cooldown: 128
+  - rule: biased-passage
+    severity: warning
+    condition: rolling_mean(bias, 24) > 2
+    for: 12
+    cooldown: 512
+  - rule: stereotype-burst
+    severity: info
+    condition: count_over(stereotype > 5, 32) >= 8
+    cooldown: 256
+  - {rule: misuse-assistance, severity: critical, condition: misuse_span > 3, for: 4}
+  - rule: bio-uplift
+    severity: critical
+    condition: rolling_max(rolling_mean(pathogen, 8), 64) > 4 and rolling_mean(misuse, 32) > 1.5
+    for: 2
+  - {rule: misuse-drift, severity: info, condition: "ewma(misuse, 16) > 1", for: 32}
+  - {rule: deception-jump, severity: info, condition: "delta(deception, 8) > 4"}
+  - rule: exploit-total
+    severity: info
+    scope: request
+    condition: rolling_sum(exploit, 64) > 200
+"""
+
+
+def bench_ruleset() -> RuleSet:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "bench.yaml"
+        path.write_text(BENCH_RULES)
+        return load_rules([path])
+
+
+def _features(ruleset: RuleSet, rows: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    # Benign-looking noise: rules rarely fire, as in production.
+    return {
+        name: torch.randn(rows, generator=generator) - 1.0
+        for name in sorted(ruleset.required_features)
+    }
+
+
+def _timed(step: Callable[[int], None], warmup: int, repeats: int) -> list[float]:
+    for i in range(warmup):
+        step(i)
+    times = []
+    for i in range(warmup, warmup + repeats):
+        start = time.perf_counter()
+        step(i)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def _summary(times: list[float]) -> dict[str, float]:
+    ordered = sorted(times)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {"median_ms": statistics.median(ordered), "p99_ms": p99, "min_ms": ordered[0]}
+
+
+def bench_decode(ruleset: RuleSet, conversations: int, warmup: int, repeats: int) -> dict:
+    engine = RuleEngine(ruleset, max_conversations=max(conversations, 1))
+    generator = torch.Generator().manual_seed(0)
+    batches = [_features(ruleset, conversations, generator) for _ in range(16)]
+    roles = ["assistant"] * conversations
+    # One attributes mapping per sequence, as a server decoding each request would build.
+    tenants = [{"tenant": f"tenant-{j % 4}"} for j in range(conversations)]
+
+    def step(i: int) -> None:
+        slices = [
+            SequenceSlice(f"c{j}", j, 1, i, roles[j], request_id="r", attributes=tenants[j])
+            for j in range(conversations)
+        ]
+        engine.evaluate(batches[i % len(batches)], slices, model="bench")
+
+    return {"conversations": conversations, **_summary(_timed(step, warmup, repeats))}
+
+
+def bench_prefill(ruleset: RuleSet, tokens: int, warmup: int, repeats: int) -> dict:
+    engine = RuleEngine(ruleset)
+    features = _features(ruleset, tokens, torch.Generator().manual_seed(1))
+
+    def step(i: int) -> None:
+        sl = SequenceSlice(f"p{i}", 0, tokens, 0, "assistant", end=True, request_id="r")
+        engine.evaluate(features, [sl], model="bench")
+
+    return {"tokens": tokens, **_summary(_timed(step, warmup, repeats))}
+
+
+def run_rules_bench(
+    conversations: int = 64,
+    prefill_tokens: int = 4096,
+    repeats: int = 200,
+    warmup: int = 20,
+    prefill_repeats: int | None = None,
+) -> dict:
+    """Median/p99 of ``evaluate`` for a decode step and a prefill; a JSON-ready dict."""
+    ruleset = bench_ruleset()
+    temporal = sum(rule.condition.temporal for rule in ruleset.rules)
+    decode = bench_decode(ruleset, conversations, warmup, repeats)
+    prefill = bench_prefill(
+        ruleset, prefill_tokens, max(1, warmup // 4), prefill_repeats or max(1, repeats // 4)
+    )
+    return {
+        "rules": len(ruleset.rules),
+        "temporal_rules": temporal,
+        "torch_threads": torch.get_num_threads(),
+        "decode": {**decode, "budget_ms": DECODE_BUDGET_MS},
+        "prefill": {**prefill, "budget_ms": PREFILL_BUDGET_MS},
+        "within_budget": decode["median_ms"] <= DECODE_BUDGET_MS
+        and prefill["median_ms"] <= PREFILL_BUDGET_MS,
+    }
+
+
+def format_table(report: dict) -> str:
+    lines = [
+        f"{report['rules']} rules ({report['temporal_rules']} temporal), "
+        f"torch threads {report['torch_threads']}",
+        f"{'case':<28}{'median ms':>11}{'p99 ms':>10}{'budget ms':>11}",
+    ]
+    for key, label in (("decode", "conversations decode step"), ("prefill", "token prefill")):
+        row = report[key]
+        size = row.get("conversations", row.get("tokens"))
+        lines.append(
+            f"{f'{size} {label}':<28}{row['median_ms']:>11.3f}{row['p99_ms']:>10.3f}"
+            f"{row['budget_ms']:>11.1f}"
+        )
+    lines.append("within budget" if report["within_budget"] else "OVER BUDGET")
+    return "\n".join(lines)
+
+
+def add_bench_rules_command(bench_subparsers: argparse._SubParsersAction) -> None:
+    """Register ``rules`` on the ``bench`` command's subparsers (sets ``handler``)."""
+    parser = bench_subparsers.add_parser("rules", help="rule engine latency (decode, prefill)")
+    parser.add_argument("--conversations", type=int, default=64, help="decode batch size")
+    parser.add_argument("--prefill-tokens", type=int, default=4096, help="prefill length")
+    parser.add_argument("--repeats", type=int, default=200, help="timed decode steps")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps first")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(handler=_bench_rules)
+
+
+def _bench_rules(args: argparse.Namespace) -> int:
+    report = run_rules_bench(args.conversations, args.prefill_tokens, args.repeats, args.warmup)
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0

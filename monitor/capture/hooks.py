@@ -1,0 +1,255 @@
+"""The forward-pass side of capture: hooks that copy activations off the device and assemble
+one CapturedStep per forward pass. Nothing here may block on the network or raise into the
+model.
+
+A pre-hook on the top-level model reads the attention mask of the current forward (a tiny
+[batch, seq] tensor, read before the heavy kernels are launched) so padding rows are never sent;
+a forward hook on each chosen layer starts the device->host copy of its output; the hook of the
+deepest chosen layer closes the step.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from monitor.capture.steps import CapturedStep, SequenceTag
+
+
+@dataclass
+class ConversationContext:
+    """The tagging in force for forward passes in a `conversation(...)` block."""
+
+    conversation_ids: tuple[str, ...]
+    roles: tuple[str, ...]
+    request_ids: tuple[str, ...]
+    # Absolute position of the first token of the block's first forward pass: tokens before
+    # the conversation's counter were already sent (a server re-running the chat history).
+    start_position: int | None = None
+    started: bool = field(default=False)
+
+
+@dataclass
+class _Pending:
+    valid: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None
+    layers: dict[str, torch.Tensor] = field(default_factory=dict)
+    features: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
+
+
+class PositionLedger:
+    """Next token position per conversation id, capped (least recently used forgotten)."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._next: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def advance(self, conversation_id: str, rows: int) -> int:
+        with self._lock:
+            position = self._next.pop(conversation_id, 0)
+            self._next[conversation_id] = position + rows
+            if len(self._next) > self.capacity:
+                self._next.popitem(last=False)
+            return position
+
+    def peek(self, conversation_id: str) -> int:
+        with self._lock:
+            return self._next.get(conversation_id, 0)
+
+    def forget(self, conversation_id: str) -> int | None:
+        with self._lock:
+            return self._next.pop(conversation_id, None)
+
+    def __len__(self) -> int:
+        return len(self._next)
+
+
+LocalEncoder = Callable[[str, torch.Tensor], dict[tuple[str, str, str], torch.Tensor]]
+
+
+class StepAssembler:
+    """Per-thread pending state of the forward in progress -> CapturedStep."""
+
+    def __init__(
+        self,
+        hook_points: list[str],
+        ledger: PositionLedger,
+        emit: Callable[[CapturedStep], None],
+        drop: Callable[[str], None],
+        want_token_ids: bool,
+        local_encoder: LocalEncoder | None = None,
+    ) -> None:
+        self.hook_points = hook_points
+        self.deepest = max(hook_points, key=lambda hp: int(hp.rsplit(".", 1)[1]))
+        self.ledger = ledger
+        self.emit = emit
+        self.drop = drop
+        self.want_token_ids = want_token_ids
+        self.local_encoder = local_encoder
+        self._pending = threading.local()
+
+    def begin(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Model pre-hook: note which rows of this forward are real tokens."""
+        token_ids = kwargs.get("input_ids")
+        if token_ids is None and args and isinstance(args[0], torch.Tensor):
+            token_ids = args[0]
+        embeds = kwargs.get("inputs_embeds")
+        seq = _sequence_length(token_ids, embeds)
+        mask = kwargs.get("attention_mask")
+        pending = _Pending()
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and seq is not None:
+            pending.valid = mask[:, -seq:].to("cpu").bool()
+        if self.want_token_ids and isinstance(token_ids, torch.Tensor) and token_ids.dim() == 2:
+            pending.token_ids = token_ids.to("cpu")
+        self._pending.state = pending
+
+    def layer_output(
+        self, hook_point: str, output: object, context: ConversationContext | None
+    ) -> None:
+        """Layer forward hook: start the copy off the device; the deepest layer closes the step."""
+        pending: _Pending | None = getattr(self._pending, "state", None)
+        if pending is None:
+            pending = self._pending.state = _Pending()
+        hidden = output[0] if isinstance(output, tuple) else output
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            raise TypeError(f"{hook_point}: expected a [batch, seq, d_model] tensor output")
+        if hidden.device.type == "meta":
+            raise TypeError(f"{hook_point}: activations on the meta device cannot be captured")
+        if context is not None:
+            # With local encoding, hook points the pack does not cover still go as activations.
+            encoded = self.local_encoder(hook_point, hidden.detach()) if self.local_encoder else {}
+            if encoded:
+                pending.features.update(encoded)
+            else:
+                pending.layers[hook_point] = _to_host(hidden.detach())
+        if hook_point == self.deepest:
+            self._pending.state = None
+            if context is None:
+                self.drop("untagged")
+            else:
+                self._finish(pending, context, batch=hidden.shape[0], seq=hidden.shape[1])
+
+    def _finish(
+        self, pending: _Pending, context: ConversationContext, batch: int, seq: int
+    ) -> None:
+        ids = _expand(context.conversation_ids, batch)
+        if ids is None:
+            self.drop("batch_mismatch")
+            return
+        roles = _expand(context.roles, batch) or (context.roles[0],) * batch
+        requests = _expand(context.request_ids, batch) or (context.request_ids[0],) * batch
+        valid = pending.valid if pending.valid is not None else torch.ones(batch, seq, dtype=bool)
+        if valid.shape != (batch, seq):
+            valid = torch.ones(batch, seq, dtype=bool)
+        valid = self._skip_already_sent(valid, ids, context)
+        counts = valid.sum(dim=1).tolist()
+        tags = [
+            SequenceTag(cid, rows, self.ledger.advance(cid, rows), role, request)
+            for cid, rows, role, request in zip(ids, counts, roles, requests, strict=True)
+        ]
+        all_valid = all(rows == seq for rows in counts)
+        step = CapturedStep(
+            layers=pending.layers,
+            sequences=tags,
+            valid=None if all_valid else valid,
+            token_ids=pending.token_ids,
+            features=_select_features(pending.features, None if all_valid else valid),
+        )
+        if any(t.device.type == "cuda" for t in [*step.layers.values(), *step.features.values()]):
+            step.ready = torch.cuda.Event()
+            step.ready.record()
+        self.emit(step)
+
+    def _skip_already_sent(
+        self, valid: torch.Tensor, ids: tuple[str, ...], context: ConversationContext
+    ) -> torch.Tensor:
+        """With start_position, the block's first forward may re-run tokens already sent."""
+        if context.started or context.start_position is None:
+            context.started = True
+            return valid
+        context.started = True
+        valid = valid.clone()
+        for row, cid in enumerate(ids):
+            already = self.ledger.peek(cid) - context.start_position
+            if already > 0:
+                real = valid[row].nonzero().flatten()
+                valid[row, real[:already]] = False
+            elif already < 0:
+                # Tokens between the counter and start_position were never seen: a gap.
+                self.ledger.advance(cid, -already)
+        return valid
+
+
+def _sequence_length(token_ids: object, embeds: object) -> int | None:
+    if isinstance(token_ids, torch.Tensor) and token_ids.dim() == 2:
+        return token_ids.shape[1]
+    if isinstance(embeds, torch.Tensor) and embeds.dim() == 3:
+        return embeds.shape[1]
+    return None
+
+
+def _expand(values: tuple[str, ...], batch: int) -> tuple[str, ...] | None:
+    """One value per row; n rows per value (num_return_sequences, beams) get '/<j>' suffixes."""
+    if len(values) == batch:
+        return values
+    if len(values) == 0 or batch % len(values):
+        return None
+    copies = batch // len(values)
+    return tuple(f"{v}/{j}" for v in values for j in range(copies))
+
+
+def _select_features(
+    features: dict[tuple[str, str, str], torch.Tensor], valid: torch.Tensor | None
+) -> dict[tuple[str, str, str], torch.Tensor]:
+    if valid is None:
+        return features
+    flat = valid.flatten()
+    return {key: values[flat.to(values.device)] for key, values in features.items()}
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Copy off the model's device without waiting for it (pinned buffer + non_blocking)."""
+    if tensor.device.type == "cuda":
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        return host
+    # A copy, because the serving code may reuse or modify the buffer after the hook returns.
+    return tensor.clone()
+
+
+def register_hooks(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    assembler: StepAssembler,
+    context_of: Callable[[], ConversationContext | None],
+    on_error: Callable[[str, BaseException], None],
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Install the model pre-hook and one forward hook per layer; errors go to on_error."""
+
+    def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        try:
+            if context_of() is not None:
+                assembler.begin(args, kwargs)
+        except Exception as exc:
+            on_error("pre_hook", exc)
+
+    def make_layer_hook(hook_point: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            try:
+                assembler.layer_output(hook_point, output, context_of())
+            except Exception as exc:
+                on_error(hook_point, exc)
+
+        return hook
+
+    handles = [model.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    for hook_point, module in layers.items():
+        handles.append(module.register_forward_hook(make_layer_hook(hook_point)))
+    return handles

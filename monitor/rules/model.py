@@ -1,0 +1,79 @@
+"""What a loaded rule file becomes: plain dataclasses shared by the loader, engine and tools."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from monitor.rules.errors import SourceLocation
+from monitor.rules.expressions import Condition
+
+SEVERITIES = ("info", "warning", "critical")
+ACTIONS = ("alert", "audit", "log")
+SCOPES = ("conversation", "request")
+DEFAULT_OUTPUT = "{rule} fired at token {position} of {conversation_id} (value {value:.3g})"
+DEFAULT_CATEGORY = "uncategorized"
+
+
+@dataclass(frozen=True)
+class RuleException:
+    """Falco-style exception: the rule is silenced on a sequence whose attributes match.
+
+    Every listed attribute must match (and); an attribute matches when its value is one of the
+    listed values (or). A sequence without the attribute does not match.
+    """
+
+    name: str
+    attributes: tuple[tuple[str, frozenset[str]], ...]
+    desc: str = ""
+
+    def matches(self, attributes: Mapping[str, str]) -> bool:
+        return all(attributes.get(key) in values for key, values in self.attributes)
+
+
+@dataclass
+class Rule:
+    name: str
+    desc: str
+    category: str
+    severity: str
+    condition: Condition
+    for_tokens: int = 1
+    roles: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    output: str = DEFAULT_OUTPUT
+    actions: tuple[str, ...] = ("alert",)
+    enabled: bool = True
+    source: SourceLocation = field(default_factory=lambda: SourceLocation("<memory>", 1, 1))
+    scope: str = "conversation"
+    cooldown_tokens: int = 0
+    exceptions: tuple[RuleException, ...] = ()
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def state_key(self) -> tuple[str, str, int, str]:
+        """What must stay equal across a reload for the engine to keep this rule's state."""
+        return (self.name, self.condition.digest, self.for_tokens, self.scope)
+
+    def applies_to(self, attributes: Mapping[str, str]) -> bool:
+        """Whether this rule evaluates a sequence: its role is listed and no exception matches."""
+        if self.roles and attributes.get("role", "") not in self.roles:
+            return False
+        return not any(exception.matches(attributes) for exception in self.exceptions)
+
+
+@dataclass
+class RuleSet:
+    rules: list[Rule] = field(default_factory=list)
+    feature_aliases: dict[str, str] = field(default_factory=dict)
+    files: list[tuple[str, str]] = field(default_factory=list)  # (path, sha256 of content)
+    macros: dict[str, str] = field(default_factory=dict)  # name -> expression text
+    lists: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def required_features(self) -> set[str]:
+        return {name for rule in self.rules if rule.enabled for name in rule.condition.features}
+
+    @property
+    def enabled_rules(self) -> list[Rule]:
+        return [rule for rule in self.rules if rule.enabled]

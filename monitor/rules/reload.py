@@ -1,0 +1,82 @@
+"""Hot reload of rule files: notice changed content, load it, and report without raising.
+
+The sidecar polls ``RuleReloader.check()`` (and calls ``check(force=True)`` on SIGHUP), then
+swaps a good result in with ``RuleEngine.replace_rules`` between batches. A broken edit yields
+one error result and the previous rule set keeps running; the same broken content is not
+re-reported on every poll, only when it changes again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from monitor.rules.errors import RuleLoadError
+from monitor.rules.loader import load_rules
+from monitor.rules.model import RuleSet
+from monitor.rules.yamlsource import Issues, rule_files
+
+Fingerprint = tuple[tuple[str, str], ...]  # (path, sha256 or a read error), in load order
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    ok: bool
+    ruleset: RuleSet | None  # the new set when ok
+    error: str = ""  # every located issue, one per line, when not ok
+
+
+class RuleReloader:
+    """Re-loads rule files when their content (not their mtime) changes."""
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        known_features: Collection[str] | None = None,
+        ruleset: RuleSet | None = None,
+    ) -> None:
+        """``ruleset``: the set already running (its file hashes are the baseline); without
+        one, the first ``check()`` loads."""
+        self.paths = list(paths)
+        self.known_features = None if known_features is None else frozenset(known_features)
+        self._ruleset = ruleset
+        self._seen: Fingerprint | None = tuple(ruleset.files) if ruleset is not None else None
+        self._lock = threading.Lock()
+
+    @property
+    def ruleset(self) -> RuleSet | None:
+        """The last rule set that loaded."""
+        return self._ruleset
+
+    def check(self, force: bool = False) -> ReloadResult | None:
+        """None when nothing changed (and not forced); else the outcome of loading."""
+        with self._lock:
+            fingerprint = self.fingerprint()
+            if not force and fingerprint == self._seen:
+                return None
+            self._seen = fingerprint
+            try:
+                ruleset = load_rules(self.paths, known_features=self.known_features)
+            except RuleLoadError as exc:
+                return ReloadResult(False, None, str(exc))
+            except Exception as exc:  # a reload must never take the sidecar down
+                return ReloadResult(False, None, f"unexpected error loading rules: {exc!r}")
+            self._ruleset = ruleset
+            # What was loaded may differ from what was hashed (a write in between): keep the
+            # loader's own hashes so the next poll sees the difference.
+            self._seen = tuple(ruleset.files)
+            return ReloadResult(True, ruleset)
+
+    def fingerprint(self) -> Fingerprint:
+        """Path and content hash of every rule file the paths name right now."""
+        entries = []
+        for path in rule_files(self.paths, Issues()):
+            try:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError as exc:
+                digest = f"unreadable: {exc.strerror or exc}"
+            entries.append((str(path), digest))
+        return tuple(entries)

@@ -1,0 +1,166 @@
+"""What happens when rules fire, beyond the stream and the log: the audit trail and
+Alertmanager. Both are optional and configured in the sidecar config.
+
+The audit write for a batch happens before its alerts are sent: an Alert on the stream means
+its audit record is committed. When the audit store cannot make a batch durable, the alerts of
+rules with the `audit` action are withheld and the batch gets a BatchError instead (the
+records follow once the store recovers when the recorder kept them pending).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from monitor.audit import AuditFiring, AuditRecorder, AuditSlice, AuditStep, RecorderConfig
+from monitor.outputs.alertmanager import AlertmanagerAlert, AlertmanagerClient
+from monitor.outputs.metrics import SidecarMetrics
+from monitor.rules.engine import Firing, SequenceSlice
+from monitor.rules.loader import RuleSet
+from monitor.sidecar.config import AlertmanagerSettings, AuditSettings
+
+
+@dataclass(frozen=True)
+class DispatchResult:
+    sendable: list[Firing]  # alerts that may go on the stream now
+    withheld: int  # alerts held back because their audit record is not durable
+    audit_status: str  # "nothing" | "written" | "pending" | "dropped" | "off"
+
+
+def ruleset_hash(ruleset: RuleSet) -> str:
+    """One hash for the loaded rule files (recorded with each audited alert)."""
+    digest = hashlib.sha256()
+    for path, sha in sorted(ruleset.files):
+        digest.update(f"{path}\0{sha}\n".encode())
+    return digest.hexdigest()
+
+
+class Actions:
+    def __init__(
+        self,
+        audit: AuditSettings,
+        alertmanager: AlertmanagerSettings,
+        metrics: SidecarMetrics,
+    ) -> None:
+        self.metrics = metrics
+        self.recorder = _recorder(audit, metrics) if audit.url else None
+        self.alertmanager = _alertmanager(alertmanager, metrics) if alertmanager.url else None
+
+    @property
+    def audit_healthy(self) -> bool:
+        return self.recorder is None or self.recorder.healthy
+
+    def dispatch(
+        self,
+        *,
+        model: str,
+        rules_hash: str,
+        hook_points: Sequence[str],
+        slices: Sequence[SequenceSlice],
+        tokens: Sequence[Sequence[str]],
+        features: Mapping[str, torch.Tensor],
+        firings: Sequence[Firing],
+    ) -> DispatchResult:
+        status = "off"
+        sendable = list(firings)
+        if self.recorder is not None:
+            step = _audit_step(model, rules_hash, hook_points, slices, tokens, features, firings)
+            result = self.recorder.record_batch(step)
+            status = result.status
+            if not result.durable:
+                sendable = [f for f in firings if "audit" not in f.actions]
+        if self.alertmanager is not None:
+            for firing in sendable:
+                if "alert" in firing.actions:
+                    self.alertmanager.fire(_alertmanager_alert(model, firing))
+        return DispatchResult(sendable, len(firings) - len(sendable), status)
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self.recorder is not None:
+            self.recorder.close(timeout)
+        if self.alertmanager is not None:
+            self.alertmanager.close(timeout)
+
+
+def _recorder(settings: AuditSettings, metrics: SidecarMetrics) -> AuditRecorder:
+    config = RecorderConfig(
+        window_tokens=settings.window_tokens,
+        max_tokens_per_conversation=settings.max_tokens_per_conversation,
+        redact_patterns=settings.redact_patterns,
+        retention_days=settings.retention_days,
+        on_backpressure=settings.on_backpressure,  # type: ignore[arg-type]
+        write_timeout=settings.write_timeout_seconds,
+    )
+    return AuditRecorder(
+        settings.url,
+        config,
+        on_result=lambda result: metrics.audit_writes.labels(result=result).inc(),
+    )
+
+
+def _alertmanager(settings: AlertmanagerSettings, metrics: SidecarMetrics) -> AlertmanagerClient:
+    return AlertmanagerClient(
+        settings.url,
+        resend_interval=settings.resend_interval_seconds,
+        resolve_after=settings.resolve_after_seconds,
+        audit_base_url=settings.audit_base_url or None,
+        on_result=lambda result: metrics.alertmanager_sends.labels(result=result).inc(),
+    )
+
+
+def _audit_step(
+    model: str,
+    rules_hash: str,
+    hook_points: Sequence[str],
+    slices: Sequence[SequenceSlice],
+    tokens: Sequence[Sequence[str]],
+    features: Mapping[str, torch.Tensor],
+    firings: Sequence[Firing],
+) -> AuditStep:
+    audit_slices = [
+        AuditSlice(
+            conversation_id=s.conversation_id,
+            request_id=s.request_id,
+            position=s.position,
+            tokens=tuple(text),
+            role=s.role,
+            end=s.end,
+            features={n: v[s.start_row : s.start_row + s.rows] for n, v in features.items()},
+            rows=s.rows,
+        )
+        for s, text in zip(slices, tokens, strict=True)
+    ]
+    audit_firings = [
+        AuditFiring(
+            rule=f.rule,
+            category=f.category,
+            severity=f.severity,
+            conversation_id=f.conversation_id,
+            request_id=f.request_id,
+            position=f.position,
+            value=f.value,
+            message=f.message,
+            labels=f.labels,
+            actions=f.actions,
+            feature_values={n: float(v[f.row]) for n, v in features.items()},
+        )
+        for f in firings
+    ]
+    return AuditStep(model, rules_hash, audit_slices, audit_firings, tuple(hook_points))
+
+
+def _alertmanager_alert(model: str, firing: Firing) -> AlertmanagerAlert:
+    return AlertmanagerAlert(
+        rule=firing.rule,
+        category=firing.category,
+        severity=firing.severity,
+        model=model,
+        summary=firing.message,
+        conversation_id=firing.conversation_id,
+        request_id=firing.request_id,
+        value=firing.value,
+        labels=firing.labels,
+    )
