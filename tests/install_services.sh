@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the real services some tests run against, from Debian's packages, when missing:
-# PostgreSQL (audit store backend) and Alertmanager. Called by `make test`.
+# PostgreSQL (audit store backend), Alertmanager, and promtool (Debian package prometheus).
+# Called by `make test`.
 set -euo pipefail
 need=()
 if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need+=(postgresql)
 fi
 command -v prometheus-alertmanager >/dev/null || need+=(prometheus-alertmanager)
+command -v promtool >/dev/null || need+=(prometheus)  # promtool checks deploy/prometheus
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "install_services: need ${need[*]}; run as root or install them (apt-get install ${need[*]})" >&2

@@ -133,9 +133,15 @@ def test_fired_rules_reach_alertmanager(tmp_path, sidecar_factory):
 
 
 def _audit_health(target: str) -> int:
+    """The audit health status; SERVICE_UNKNOWN before the sidecar's first check of the store."""
     with grpc.insecure_channel(target) as channel:
         request = health_pb2.HealthCheckRequest(service="safety_monitor.audit")
-        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
+        try:
+            return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
 def test_store_down_at_start_withholds_alerts_then_recovers(tmp_path, sidecar_factory):

@@ -54,6 +54,9 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
 
 
 def _run_command(args: argparse.Namespace) -> int:
+    from monitor.outputs.logging import configure_logging
+
+    configure_logging("auto", "warning")
     result = run_overhead_bench(
         rounds=args.rounds,
         new_tokens=args.new_tokens,
@@ -100,6 +103,11 @@ def run_overhead_bench(
     with tempfile.TemporaryDirectory(prefix="safety-monitor-bench-") as tmp:
         pack = _write_pack(Path(tmp), hidden)
         sidecar, port = _start_sidecar(Path(tmp), pack)
+        # The model thread gets core 0 to itself; the sidecar process and the capture client's
+        # background threads (created below, so they inherit this) share the other core, as
+        # they would run on spare cores of a serving host. What remains on the model's core is
+        # the hooks themselves and contention for Python's GIL.
+        _pin_to_last_core()
         clients = {
             "sidecar-up": CaptureClient(f"127.0.0.1:{port}", metrics_registry=None),
             "sidecar-down": CaptureClient(f"127.0.0.1:{_closed_port()}", metrics_registry=None),
@@ -107,8 +115,6 @@ def run_overhead_bench(
                 f"127.0.0.1:{port}", encode_locally=pack, metrics_registry=None
             ),
         }
-        # Pin only now: threads inherit the affinity of the thread that creates them, and the
-        # capture sender threads (created above) should not be confined to the model's core.
         _pin_to_first_core()
         try:
             _wait_connected(clients["sidecar-up"])
@@ -315,16 +321,18 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
+_CORES = sorted(os.sched_getaffinity(0))  # read once: pinning changes what it returns
+
+
 def _pin_to_first_core() -> None:
     torch.set_num_threads(1)
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) >= 2:
-        os.sched_setaffinity(0, {cores[0]})  # this thread: the one that runs the model
+    if len(_CORES) >= 2:
+        os.sched_setaffinity(0, {_CORES[0]})  # this thread: the one that runs the model
 
 
 def _pin_to_last_core() -> None:
-    cores = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cores[-1]})
+    if len(_CORES) >= 2:
+        os.sched_setaffinity(0, {_CORES[-1]})
 
 
 def _rss_mib() -> float:

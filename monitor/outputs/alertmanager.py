@@ -48,6 +48,7 @@ class AlertmanagerAlert:
     value: float | None = None
     labels: Mapping[str, str] = field(default_factory=dict)  # the rule's own labels
     description: str = ""
+    annotations: Mapping[str, str] = field(default_factory=dict)  # the rule's, rendered
 
 
 @dataclass
@@ -177,7 +178,9 @@ class AlertmanagerClient:
         return labels
 
     def _annotations(self, alert: AlertmanagerAlert) -> dict[str, str]:
-        notes = {"summary": alert.summary}
+        # The rule's own annotations (runbook, a richer summary) come first; ids and the
+        # audit link below are the sidecar's and win.
+        notes = {"summary": alert.summary, **alert.annotations}
         if alert.description:
             notes["description"] = alert.description
         if alert.conversation_id:

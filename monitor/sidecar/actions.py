@@ -163,4 +163,5 @@ def _alertmanager_alert(model: str, firing: Firing) -> AlertmanagerAlert:
         request_id=firing.request_id,
         value=firing.value,
         labels=firing.labels,
+        annotations=firing.annotations,
     )

@@ -60,6 +60,8 @@ class SidecarConfig:
     log_format: str = "auto"
     log_level: str = "info"
     shutdown_grace_seconds: float = 10.0
+    rules_reload_seconds: float = 2.0  # poll rule files for changes; 0 = only on SIGHUP
+    device: str = "auto"  # where packs encode: auto (cuda if available) | cpu | cuda
     audit: AuditSettings = field(default_factory=AuditSettings)
     alertmanager: AlertmanagerSettings = field(default_factory=AlertmanagerSettings)
 
@@ -115,6 +117,11 @@ def parse_config(raw: dict[str, Any], base_dir: Path, origin: str) -> SidecarCon
     if "shutdown_grace_seconds" in raw:
         grace = _number(raw["shutdown_grace_seconds"], origin, "shutdown_grace_seconds")
         values["shutdown_grace_seconds"] = grace
+    if "rules_reload_seconds" in raw:
+        key = "rules_reload_seconds"
+        values[key] = _number(raw[key], origin, key)
+    if "device" in raw:
+        values["device"] = _choice(raw["device"], ("auto", "cpu", "cuda"), origin, "device")
     if "audit" in raw:
         values["audit"] = _audit(raw["audit"], base_dir, origin)
     if "alertmanager" in raw:

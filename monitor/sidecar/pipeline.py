@@ -130,7 +130,8 @@ class Pipeline:
         for column in self.columns:
             key = (column.pack.name, column.hook_point)
             if key not in encoded:
-                encoded[key] = column.pack.encode(column.hook_point, batch.activations[key[1]])
+                values = column.pack.encode(column.hook_point, batch.activations[key[1]])
+                encoded[key] = values.to("cpu")  # the rules engine runs on CPU
             features[column.name] = encoded[key][:, column.column]
         self.metrics.encode_seconds.observe(time.perf_counter() - started)
         return features

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import structlog
@@ -22,6 +23,7 @@ from monitor.features import FeatureError, FeaturePack, load_pack
 from monitor.outputs.metrics import SidecarMetrics
 from monitor.rules.errors import RuleLoadError
 from monitor.rules.loader import RuleSet, load_rules
+from monitor.rules.reload import RuleReloader
 from monitor.sidecar.actions import Actions
 from monitor.sidecar.config import SidecarConfig
 from monitor.sidecar.pipeline import BatchOutcome, Pipeline, qualified_feature_names
@@ -126,7 +128,9 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
             accepted_dtypes=list(WIRE_DTYPES),
         )
 
-    async def _run(self, func, batch: pb.StepBatch) -> BatchOutcome:  # type: ignore[no-untyped-def]
+    async def _run(
+        self, func: Callable[[pb.StepBatch], BatchOutcome], batch: pb.StepBatch
+    ) -> BatchOutcome:
         """Run pipeline work on the single worker thread; a bug becomes a BatchError, never a
         dead stream."""
         loop = asyncio.get_running_loop()
@@ -150,7 +154,7 @@ class RunningSidecar:
     health: health.aio.HealthServicer
     port: int
     metrics_port: int
-    shutdown_metrics: object
+    shutdown_metrics: Callable[[], None]
 
 
 class Sidecar:
@@ -159,8 +163,11 @@ class Sidecar:
     def __init__(self, config: SidecarConfig) -> None:
         self.config = config
         self.metrics = SidecarMetrics()
-        packs = load_packs(config.packs)
+        packs = [pack.to(_device(config.device)) for pack in load_packs(config.packs)]
         ruleset = load_ruleset(config.rules, packs)
+        self.reloader = RuleReloader(
+            config.rules, known_features=qualified_feature_names(packs), ruleset=ruleset
+        )
         try:
             self.actions = Actions(config.audit, config.alertmanager, self.metrics)
         except Exception as exc:  # a bad store URL or the like: one line, exit 2
@@ -203,6 +210,8 @@ class Sidecar:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self.actions.recorder is not None:
             self._background.append(asyncio.create_task(self._watch_audit(health_servicer)))
+        if self.config.rules and self.config.rules_reload_seconds > 0:
+            self._background.append(asyncio.create_task(self._poll_rules()))
         self.running = RunningSidecar(
             server, health_servicer, port, httpd.server_port, httpd.shutdown
         )
@@ -215,7 +224,7 @@ class Sidecar:
         )
         return self.running
 
-    def _start_metrics(self):  # type: ignore[no-untyped-def]
+    def _start_metrics(self) -> WSGIServer:
         try:
             httpd, _ = start_http_server(
                 self.config.metrics_port,
@@ -229,17 +238,43 @@ class Sidecar:
             ) from exc
         return httpd
 
+    async def reload_rules(self, force: bool = False) -> bool | None:
+        """Re-read the rule files (if changed, or when forced) and swap the new set in on the
+        pipeline thread, between batches. A broken file keeps the running set. Returns None
+        when nothing changed, else whether the new set loaded."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._reload_on_pipeline, force)
+
+    def _reload_on_pipeline(self, force: bool) -> bool | None:
+        result = self.reloader.check(force=force)
+        if result is None:
+            return None
+        if result.ok and result.ruleset is not None:
+            self.pipeline.replace_rules(result.ruleset)
+            self.metrics.rule_reloads.labels(result="ok").inc()
+            log.info("rules reloaded", rules=len(result.ruleset.rules))
+            return True
+        self.metrics.rule_reloads.labels(result="error").inc()
+        log.error("rule reload failed; keeping the running rules", error=result.error)
+        return False
+
+    async def _poll_rules(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.rules_reload_seconds)
+            await self.reload_rules()
+
     async def _watch_audit(self, health_servicer: health.aio.HealthServicer) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         last = None
         while True:
+            # Sleep first: the store opens on the recorder's own thread just after start-up.
+            await asyncio.sleep(HEALTH_POLL_SECONDS)
             healthy = self.actions.audit_healthy
             if healthy != last:
                 await health_servicer.set(AUDIT_HEALTH_SERVICE, serving if healthy else not_serving)
                 (log.info if healthy else log.error)("audit store health", healthy=healthy)
                 last = healthy
-            await asyncio.sleep(HEALTH_POLL_SECONDS)
 
     async def stop(self) -> None:
         """Go NOT_SERVING, let streams drain for the grace period, flush the audit trail and
@@ -255,7 +290,7 @@ class Sidecar:
         await running.server.stop(self.config.shutdown_grace_seconds)
         self.executor.shutdown(wait=True)
         await asyncio.to_thread(self.actions.close, self.config.shutdown_grace_seconds)
-        running.shutdown_metrics()  # type: ignore[operator]
+        running.shutdown_metrics()
         log.info("sidecar stopped")
 
 
@@ -267,8 +302,26 @@ async def serve(config: SidecarConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[bool | None]] = set()
+
+    def on_sighup() -> None:
+        task = asyncio.create_task(sidecar.reload_rules(force=True))
+        reloads.add(task)  # keep a reference until done
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stop.wait()
     await sidecar.stop()
+
+
+def _device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise StartupError("device: cuda requested but torch sees no CUDA device")
+    return setting
 
 
 class SidecarThread:

@@ -41,7 +41,7 @@ class ValidatedBatch:
     seq_no: int
     model: str
     rows: int
-    activations: dict[str, torch.Tensor]  # hook point -> [rows, d_model] float32
+    activations: dict[str, torch.Tensor]  # hook point -> [rows, d_model], wire dtype
     slices: list[SequenceSlice]
     tokens: list[list[str]]  # per slice; empty lists when the client sent no text
     encoded: dict[tuple[str, str], torch.Tensor]  # (pack, hp) -> [rows, k], encoded by the client
@@ -166,7 +166,8 @@ def _validate_feature_blocks(
             raise BatchRejected(
                 "duplicate_hook_point", field, f"{field}: {key} appears more than once"
             )
-        encoded[key] = _checked_tensor(block.values, f"{field}.values", rows, k, f"pack {k}")
+        values = _checked_tensor(block.values, f"{field}.values", rows, k, f"pack {k}")
+        encoded[key] = values.to(torch.float32)
     return encoded
 
 
@@ -205,7 +206,7 @@ def _layer_tensor(
 def _checked_tensor(
     message: pb.Tensor, field: str, rows: int, width: int, expected_width: str
 ) -> torch.Tensor:
-    """Shape [rows, width], decodable, finite -> float32 tensor."""
+    """Shape [rows, width], decodable, finite -> a tensor viewing the message bytes."""
     shape = list(message.shape)
     if len(shape) != 2:
         raise BatchRejected(
@@ -224,7 +225,8 @@ def _checked_tensor(
             f"{field}.shape: {shape[0]} rows, but the sequences add up to {rows}",
         )
     try:
-        tensor = decode_tensor(message, field).to(torch.float32)
+        # Kept in its wire dtype: the encoder reads BF16/FP16 directly (on GPU, in-kernel).
+        tensor = decode_tensor(message, field)
     except TensorDecodeError as exc:
         raise BatchRejected(exc.reason, exc.field, exc.message) from exc
     if not bool(torch.isfinite(tensor).all()):
