@@ -433,3 +433,38 @@ def test_token_text_from_a_real_tokenizer(sidecar):
         assert seen_tokens(client, "text-b") == 1
     finally:
         client.close(timeout=5)
+
+
+class _TupleLayer(torch.nn.Module):
+    """A decoder layer in the transformers 4.x style: returns a tuple, hidden states first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(HIDDEN, HIDDEN)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return hidden + self.linear(hidden), None
+
+
+class _TupleModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(32, HIDDEN)
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList([_TupleLayer(), _TupleLayer()])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        for layer in self.model.layers:
+            hidden = layer(hidden)[0]
+        return hidden
+
+
+def test_layers_returning_tuples_like_transformers_4(client):
+    model = _TupleModel().eval()
+    client.attach(model, layers=[1])
+    with client.conversation("tuple-layers"), torch.no_grad():
+        model(tokens([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]))  # one id, two rows: 'tuple-layers/0', /1
+    assert client.flush(30)
+    assert seen_tokens(client, "tuple-layers/0") == 5
+    assert seen_tokens(client, "tuple-layers/1") == 5
