@@ -18,9 +18,10 @@ import torch
 from monitor.audit import AuditFiring, AuditRecorder, AuditSlice, AuditStep, RecorderConfig
 from monitor.outputs.alertmanager import AlertmanagerAlert, AlertmanagerClient
 from monitor.outputs.metrics import SidecarMetrics
-from monitor.rules.engine import Firing, SequenceSlice
+from monitor.rules.engine import Firing
 from monitor.rules.loader import RuleSet
 from monitor.sidecar.config import AlertmanagerSettings, AuditSettings
+from monitor.sidecar.validate import ValidatedBatch
 
 
 @dataclass(frozen=True)
@@ -55,27 +56,24 @@ class Actions:
 
     def dispatch(
         self,
-        *,
-        model: str,
+        batch: ValidatedBatch,
         rules_hash: str,
-        hook_points: Sequence[str],
-        slices: Sequence[SequenceSlice],
-        tokens: Sequence[Sequence[str]],
         features: Mapping[str, torch.Tensor],
         firings: Sequence[Firing],
     ) -> DispatchResult:
+        """Audit the batch (durably, before its alerts may be sent), then push the sendable
+        alerts with the `alert` action to Alertmanager."""
         status = "off"
         sendable = list(firings)
         if self.recorder is not None:
-            step = _audit_step(model, rules_hash, hook_points, slices, tokens, features, firings)
-            result = self.recorder.record_batch(step)
+            result = self.recorder.record_batch(_audit_step(batch, rules_hash, features, firings))
             status = result.status
             if not result.durable:
                 sendable = [f for f in firings if "audit" not in f.actions]
         if self.alertmanager is not None:
             for firing in sendable:
                 if "alert" in firing.actions:
-                    self.alertmanager.fire(_alertmanager_alert(model, firing))
+                    self.alertmanager.fire(_alertmanager_alert(batch.model, firing))
         return DispatchResult(sendable, len(firings) - len(sendable), status)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -112,11 +110,8 @@ def _alertmanager(settings: AlertmanagerSettings, metrics: SidecarMetrics) -> Al
 
 
 def _audit_step(
-    model: str,
+    batch: ValidatedBatch,
     rules_hash: str,
-    hook_points: Sequence[str],
-    slices: Sequence[SequenceSlice],
-    tokens: Sequence[Sequence[str]],
     features: Mapping[str, torch.Tensor],
     firings: Sequence[Firing],
 ) -> AuditStep:
@@ -131,7 +126,7 @@ def _audit_step(
             features={n: v[s.start_row : s.start_row + s.rows] for n, v in features.items()},
             rows=s.rows,
         )
-        for s, text in zip(slices, tokens, strict=True)
+        for s, text in zip(batch.slices, batch.tokens, strict=True)
     ]
     audit_firings = [
         AuditFiring(
@@ -149,7 +144,8 @@ def _audit_step(
         )
         for f in firings
     ]
-    return AuditStep(model, rules_hash, audit_slices, audit_firings, tuple(hook_points))
+    hook_points = sorted({*batch.activations, *(hp for _, hp in batch.encoded)})
+    return AuditStep(batch.model, rules_hash, audit_slices, audit_firings, tuple(hook_points))
 
 
 def _alertmanager_alert(model: str, firing: Firing) -> AlertmanagerAlert:

@@ -144,15 +144,7 @@ class Pipeline:
         ack = pb.Ack(seq_no=batch.seq_no, rows=batch.rows, alerts=len(firings))
         if self.actions is None:
             return firings, pb.MonitorEvent(ack=ack)
-        result = self.actions.dispatch(
-            model=batch.model,
-            rules_hash=self.rules_hash,
-            hook_points=sorted(batch.activations),
-            slices=batch.slices,
-            tokens=batch.tokens,
-            features=features,
-            firings=firings,
-        )
+        result = self.actions.dispatch(batch, self.rules_hash, features, firings)
         if not result.withheld:
             ack.alerts = len(result.sendable)
             return result.sendable, pb.MonitorEvent(ack=ack)
