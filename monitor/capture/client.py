@@ -32,7 +32,7 @@ from monitor.capture.hooks import (
 )
 from monitor.capture.layers import select_layers
 from monitor.capture.metrics import register_client
-from monitor.capture.sender import Sender, SenderSettings
+from monitor.capture.sender import Sender, SenderSettings, TransportSecurity
 from monitor.capture.steps import CapturedStep, CaptureStats, SequenceTag
 from monitor.wire import pb
 
@@ -77,10 +77,16 @@ class CaptureClient:
         connect_timeout: float = 1.0,
         max_tracked_conversations: int = 100_000,
         metrics_registry: CollectorRegistry | None = REGISTRY,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        token: str | None = None,
     ) -> None:
         """`tokenizer` (optional) adds token text for the audit trail; `encode_locally` (a
         FeaturePack or a pack path) encodes on the model's device and sends only feature values;
-        `metrics_registry=None` registers no client metrics."""
+        `metrics_registry=None` registers no client metrics. `tls_ca` (PEM file of the sidecar's
+        CA) turns on TLS, `tls_cert` + `tls_key` add a client certificate for mutual TLS, and
+        `token` is sent as `authorization: Bearer <token>`."""
         if on_full not in ("drop", "block"):
             raise ValueError(f"on_full: expected 'drop' or 'block', got {on_full!r}")
         self.target = target
@@ -109,6 +115,9 @@ class CaptureClient:
             reconnect_backoff=reconnect_backoff,
             connect_timeout=connect_timeout,
             fail_closed=on_full == "block",
+            security=TransportSecurity(
+                ca=_read(tls_ca), cert=_read(tls_cert), key=_read(tls_key), token=token
+            ),
         )
         self._sender = Sender(
             settings,
@@ -295,6 +304,10 @@ class CaptureClient:
                 self.on_alert(received)
             except Exception:
                 log.exception("on_alert callback failed", rule=alert.rule)
+
+
+def _read(path: str | Path | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
 
 
 def _as_tuple(value: str | Sequence[str]) -> tuple[str, ...]:

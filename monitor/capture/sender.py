@@ -23,6 +23,17 @@ TokenDecoder = Callable[[list[int]], list[str]]
 
 
 @dataclass(frozen=True)
+class TransportSecurity:
+    """PEM bytes for TLS (ca: the server's CA; cert + key: a client certificate for mutual
+    TLS) and a bearer token sent as `authorization` metadata."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    token: str | None = None
+
+
+@dataclass(frozen=True)
 class SenderSettings:
     target: str
     model_name: str
@@ -30,6 +41,20 @@ class SenderSettings:
     reconnect_backoff: tuple[float, float]
     connect_timeout: float
     fail_closed: bool
+    security: TransportSecurity = TransportSecurity()
+
+    def channel(self) -> grpc.Channel:
+        options = [("grpc.max_send_message_length", self.max_message_bytes)]
+        tls = self.security
+        if tls.ca is None and tls.cert is None:
+            return grpc.insecure_channel(self.target, options=options)
+        credentials = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
+        return grpc.secure_channel(self.target, credentials, options=options)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        token = self.security.token
+        return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 class Sender:
@@ -109,8 +134,7 @@ class Sender:
 
     def _stream_once(self) -> bool:
         """Run one gRPC stream until it ends; True if it got connected."""
-        options = [("grpc.max_send_message_length", self.settings.max_message_bytes)]
-        with grpc.insecure_channel(self.settings.target, options=options) as channel:
+        with self.settings.channel() as channel:
             try:
                 ready = grpc.channel_ready_future(channel)
                 ready.result(timeout=self.settings.connect_timeout)
@@ -125,7 +149,7 @@ class Sender:
             alive = threading.Event()
             alive.set()
             try:
-                for event in stub.Monitor(self._requests(alive)):
+                for event in stub.Monitor(self._requests(alive), metadata=self.settings.metadata):
                     self._handle(event)
             except grpc.RpcError as exc:
                 log.warning(

@@ -50,6 +50,16 @@ class AlertmanagerSettings:
 
 
 @dataclass(frozen=True)
+class SecuritySettings:
+    """TLS (cert + key), mutual TLS (+ client_ca) and a bearer token for the gRPC port."""
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     listen: str = "127.0.0.1:50051"
     metrics_port: int = 9464
@@ -64,6 +74,7 @@ class SidecarConfig:
     device: str = "auto"  # where packs encode: auto (cuda if available) | cpu | cuda
     audit: AuditSettings = field(default_factory=AuditSettings)
     alertmanager: AlertmanagerSettings = field(default_factory=AlertmanagerSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
     @property
     def listen_host(self) -> str:
@@ -126,6 +137,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path, origin: str) -> SidecarCon
         values["audit"] = _audit(raw["audit"], base_dir, origin)
     if "alertmanager" in raw:
         values["alertmanager"] = _alertmanager(raw["alertmanager"], origin)
+    if "security" in raw:
+        values["security"] = _security(raw["security"], base_dir, origin)
     config = SidecarConfig(**values)
     if not config.packs:
         raise ConfigError(f"{origin}: packs: at least one feature pack is required")
@@ -182,6 +195,20 @@ def _alertmanager(value: Any, origin: str) -> AlertmanagerSettings:
         if key in raw:
             out[key] = _number(raw[key], origin, f"alertmanager.{key}", low=0.1)
     return AlertmanagerSettings(**out)
+
+
+def _security(value: Any, base_dir: Path, origin: str) -> SecuritySettings:
+    raw = _section(value, SecuritySettings, origin, "security")
+    out: dict[str, Any] = {}
+    for key in raw:
+        (path,) = _paths(raw[key], base_dir, origin, f"security.{key}")
+        out[key] = path
+    settings = SecuritySettings(**out)
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError(f"{origin}: security: tls_cert and tls_key go together")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise ConfigError(f"{origin}: security.tls_client_ca: mutual TLS needs tls_cert/tls_key")
+    return settings
 
 
 def _store_url(url: str, base_dir: Path, origin: str) -> str:

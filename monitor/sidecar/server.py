@@ -27,6 +27,7 @@ from monitor.rules.reload import RuleReloader
 from monitor.sidecar.actions import Actions
 from monitor.sidecar.config import SidecarConfig
 from monitor.sidecar.pipeline import BatchOutcome, Pipeline, qualified_feature_names
+from monitor.sidecar.security import BearerTokenInterceptor, read_token, server_credentials
 from monitor.wire import SERVICE_NAME, WIRE_DTYPES, pb, pb_grpc
 
 log = structlog.get_logger("safety_monitor.sidecar")
@@ -182,11 +183,18 @@ class Sidecar:
 
     async def start(self) -> RunningSidecar:
         max_bytes = self.config.limits.max_message_bytes
+        security = self.config.security
+        try:
+            token = read_token(security.token_file)
+            credentials = server_credentials(security)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"security: {exc}") from exc
         server = grpc.aio.server(
+            interceptors=[BearerTokenInterceptor(token)] if token else [],
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
-            ]
+            ],
         )
         pb_grpc.add_SafetyMonitorServicer_to_server(
             SafetyMonitorService(self.pipeline, self.executor, self.metrics), server
@@ -201,7 +209,10 @@ class Sidecar:
             ),
             server,
         )
-        port = server.add_insecure_port(self.config.listen)
+        if credentials is None:
+            port = server.add_insecure_port(self.config.listen)
+        else:
+            port = server.add_secure_port(self.config.listen, credentials)
         if port == 0:
             raise StartupError(f"listen: cannot bind {self.config.listen}")
         httpd = self._start_metrics()
@@ -218,6 +229,8 @@ class Sidecar:
         log.info(
             "sidecar started",
             grpc_port=port,
+            tls="mutual" if security.tls_client_ca else ("on" if credentials else "off"),
+            token_auth=bool(token),
             metrics_port=httpd.server_port,
             packs=[p.name for p in self.pipeline.packs],
             rules=len(self.pipeline.ruleset.rules),
