@@ -1,8 +1,9 @@
 """safety-monitor command line.
 
 serve | demo | pack build|fit|calibrate|inspect | rules check|test | audit list|show|export|purge
-| bench encoder|rules|overhead. Each command group lives with its stage (monitor/features/cli.py,
-monitor/rules/cli.py, monitor/audit/cli.py, monitor/bench/); this module only assembles them.
+| bench encoder|rules|overhead|sidecar. Each command group lives with its stage
+(monitor/features/cli.py, monitor/rules/cli.py, monitor/audit/cli.py, monitor/bench/); this
+module only assembles them.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     from monitor.bench.encoder import add_bench_encoder_command
     from monitor.bench.overhead import add_bench_overhead_command
     from monitor.bench.rules import add_bench_rules_command
+    from monitor.bench.sidecar import add_bench_sidecar_command
     from monitor.features.cli import add_pack_commands
     from monitor.rules.cli import add_rules_commands
 
@@ -62,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     add_bench_encoder_command(bench_commands)
     add_bench_rules_command(bench_commands)
     add_bench_overhead_command(bench_commands)
+    add_bench_sidecar_command(bench_commands)
     return parser
 
 
