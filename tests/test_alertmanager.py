@@ -168,3 +168,26 @@ def test_close_flushes_queued_alerts(receiver: Receiver) -> None:
     client.fire(alert(rule="last-words"))
     client.close(2)
     assert [a["labels"]["alertname"] for a in receiver.alerts()] == ["last-words"]
+
+
+def test_fired_again_while_its_resolve_is_failing_stays_active(receiver: Receiver) -> None:
+    client = AlertmanagerClient(
+        receiver.url, resend_interval=0.2, resolve_after=0.5, retry_initial=0.2, retry_max=0.2
+    )
+    try:
+        client.fire(alert("conv-1"))
+        wait_for(lambda: len(receiver.alerts()) >= 1)
+        receiver.fail_next = 10**6  # the resolve (and everything after) fails for now
+        time.sleep(1.0)  # past resolve_after: a resolve is pending, failing
+        client.fire(alert("conv-2"))  # ... and the rule fires again
+        time.sleep(0.3)
+        with receiver.lock:
+            receiver.fail_next = 0
+        posted = len(receiver.posts)
+        wait_for(lambda: len(receiver.posts) > posted, timeout=5)
+        latest = receiver.posts[-1][1][-1]
+        assert parse(latest["endsAt"]) > datetime.now(UTC)  # active, not resolved
+        assert latest["annotations"]["conversation_id"] == "conv-2"
+        assert client.active_count() == 1
+    finally:
+        client.close(2)

@@ -276,3 +276,42 @@ def test_postgres_flow(pg_url: str, make_recorder) -> None:
         ).durable
     record = read(pg_url, "pg-1")
     assert [t.position for t in record.tokens] == [1, 2, 3, 4] and record.summary.ended
+
+
+def test_a_step_that_can_never_be_written_does_not_block_later_ones(tmp_path: Path) -> None:
+    """A value the store cannot hold (a position past 64 bits) is a permanent error: the job
+    is set aside after a few attempts and the next conversation's step is written."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    recorder = AuditRecorder(url, RecorderConfig(write_timeout=5.0, retry_initial=0.01))
+    try:
+        started = time.monotonic()
+        bad = recorder.record_batch(step("huge", 2**63, ["x"], fire_at=2**63))
+        assert (bad.durable, bad.status) == (False, "dropped")
+        assert time.monotonic() - started < 4.0  # not the full write_timeout per batch
+        good = recorder.record_batch(step("fine", 0, ["a", "b"], fire_at=1))
+        assert (good.durable, good.status) == (True, "written")
+        assert recorder.counts().dropped == 1
+    finally:
+        recorder.close()
+    store = open_store(url)
+    try:
+        assert store.get_conversation("fine") is not None
+    finally:
+        store.close()
+
+
+def test_nul_in_token_text_is_stored_as_a_replacement_character(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    recorder = AuditRecorder(url, RecorderConfig(redaction_holdback_chars=0))
+    try:
+        result = recorder.record_batch(step("nul", 0, ["a\x00b ", "c "], fire_at=0, end=True))
+        assert result.durable
+    finally:
+        recorder.close()
+    store = open_store(url)
+    try:
+        record = store.get_conversation("nul")
+        assert record is not None
+        assert "\x00" not in "".join(t.text or "" for t in record.tokens)
+    finally:
+        store.close()

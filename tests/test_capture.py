@@ -122,7 +122,7 @@ def test_sender_selects_real_rows_and_token_text():
         CaptureStats(),
         threading.Condition(),
         lambda e: None,
-        lambda ids: [f"<{i}>" for i in ids],
+        lambda conversation, ids: [f"<{i}>" for i in ids],
     )
     message = sender.to_message(9, step)
     rows = decode_tensor(message.layers[0].activations, "t")
@@ -132,3 +132,22 @@ def test_sender_selects_real_rows_and_token_text():
         ("a", 5, 2, "assistant"),
         ("b", 0, 3, "user"),
     ]
+
+
+def test_token_texts_keep_the_spaces_between_words():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from monitor.capture.client import token_texts
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "the", "cat", "play", "##ing", "."])}
+    backend = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    ids = tokenizer("the cat playing.")["input_ids"]
+    texts = token_texts(tokenizer, ids)
+    assert "".join(texts) == tokenizer.decode(ids) == "the cat playing."
+    assert texts[:2] == ["the", " cat"]
+    # The first token of a later decode step reads in the context of the one before it.
+    assert token_texts(tokenizer, [vocab["##ing"]], previous=vocab["play"]) == ["ing"]

@@ -468,3 +468,29 @@ def test_layers_returning_tuples_like_transformers_4(client):
     assert client.flush(30)
     assert seen_tokens(client, "tuple-layers/0") == 5
     assert seen_tokens(client, "tuple-layers/1") == 5
+
+
+def test_end_conversation_with_local_encoding_and_several_sequences(sidecar):
+    import glob
+
+    pack_path = glob.glob(str(sidecar.log_path.parent / "bars.pack.safetensors"))[0]
+    client = CaptureClient(sidecar.target, encode_locally=pack_path, metrics_registry=None)
+    model = build_tiny_llama(hidden=HIDDEN)
+    client.attach(model, layers=[1])
+    try:
+        for _ in range(2):  # the second run reuses the id: it must start again at position 0
+            with client.conversation("ended-beams"):
+                generate(model, tokens([1, 2, 3]), num_beams=2, max_new_tokens=2, min_new_tokens=2)
+            client.end_conversation("ended-beams")
+        assert client.flush(30)
+        assert client.stats.batches_rejected == 0
+        for j in range(2):
+            fired = sorted(
+                (a.rule, a.position)
+                for a in client.alerts
+                if a.conversation_id == f"ended-beams/{j}"
+            )
+            once = [("seen-1", 0), ("seen-2", 1), ("seen-3", 2), ("seen-4", 3)]
+            assert fired == sorted(once + once)
+    finally:
+        client.close(timeout=5)

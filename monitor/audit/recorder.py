@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import sqlite3
 import threading
 import time
 from collections import OrderedDict, deque
@@ -146,6 +147,8 @@ class _Conversation:
 class _Job:
     writes: list[ConversationWrite]
     done: threading.Event = field(default_factory=threading.Event)
+    failed: bool = False  # set with `done` when the job can never be written
+    attempts: int = 0
 
 
 class AuditRecorder:
@@ -204,8 +207,8 @@ class AuditRecorder:
 
         for sl in step.slices:
             conv = self._track(sl.conversation_id, out, step.model)
-            self._accept(conv, _tokens_of(sl))
             firings = fired.get(sl.conversation_id)
+            self._accept(conv, _tokens_of(sl, self._first_kept_row(conv, sl, firings)))
             if firings and not conv.flagged:
                 self._flag(conv, min(f.position for f in firings))
             if conv.flagged:
@@ -234,6 +237,19 @@ class AuditRecorder:
             if old.flagged:
                 out.setdefault(old_id, _WriteBuilder()).add(self._release(old, final=True), False)
         return conv
+
+    def _first_kept_row(
+        self, conv: _Conversation, sl: AuditSlice, firings: list[AuditFiring] | None
+    ) -> int:
+        """Rows of an unflagged conversation older than the window are dropped anyway; not
+        building them keeps a long unflagged prefill cheap."""
+        if conv.flagged:
+            return 0
+        rows = sl.rows if sl.rows is not None else len(sl.tokens)
+        keep_from = sl.position + rows - self.config.window_tokens
+        if firings:
+            keep_from = min(keep_from, min(f.position for f in firings) - self.config.window_tokens)
+        return max(0, keep_from - sl.position)
 
     def _accept(self, conv: _Conversation, tokens: list[_Token]) -> None:
         if not conv.flagged:
@@ -337,6 +353,20 @@ class _WriteBuilder:
         )
 
 
+PERMANENT_ERROR_ATTEMPTS = 3
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    """Errors about the values written (out of range, invalid text), which a retry cannot fix,
+    as opposed to the store being unreachable, locked or full."""
+    if isinstance(exc, OverflowError | ValueError | UnicodeError | sqlite3.DataError):
+        return True
+    if isinstance(exc, sqlite3.IntegrityError | sqlite3.InterfaceError):
+        return True
+    name = type(exc).__name__  # psycopg's classes, without importing psycopg here
+    return name in {"DataError", "IntegrityError", "ProgrammingError", "NumericValueOutOfRange"}
+
+
 def _audit_firings(firings: Iterable[AuditFiring]) -> dict[str, list[AuditFiring]]:
     out: dict[str, list[AuditFiring]] = {}
     for f in firings:
@@ -351,20 +381,25 @@ def _as_floats(values: Any) -> list[float | None]:
     return [None if v is None else float(v) for v in items]
 
 
-def _tokens_of(sl: AuditSlice) -> list[_Token]:
-    features = {name: _as_floats(values) for name, values in sl.features.items()}
+def _tokens_of(sl: AuditSlice, first_row: int = 0) -> list[_Token]:
+    """The slice's tokens from `first_row` on (rows before it are not kept, so not built)."""
+    features = {name: _as_floats(values[first_row:]) for name, values in sl.features.items()}
     rows = sl.rows
     if rows is None:
-        rows = len(sl.tokens) or max((len(v) for v in features.values()), default=0)
+        rows = len(sl.tokens) or max((len(v) + first_row for v in features.values()), default=0)
+    texts = sl.tokens
     return [
         _Token(
             position=sl.position + i,
-            text=sl.tokens[i] if i < len(sl.tokens) else None,
+            # NUL cannot be stored in PostgreSQL text; a byte-level tokenizer can produce it.
+            text=texts[i].replace("\x00", "\ufffd") if i < len(texts) else None,
             role=sl.role,
             request_id=sl.request_id,
-            features={n: v[i] if i < len(v) else None for n, v in features.items()},
+            features={
+                n: v[i - first_row] if i - first_row < len(v) else None for n, v in features.items()
+            },
         )
-        for i in range(rows)
+        for i in range(first_row, rows)
     ]
 
 
@@ -433,6 +468,8 @@ class _Writer(threading.Thread):
         if cfg.on_backpressure == "drop" and self._failing:
             return AuditWriteResult(False, "pending", n)
         if job.done.wait(max(0.0, deadline - time.monotonic())):
+            if job.failed:
+                return AuditWriteResult(False, "dropped", n)
             return AuditWriteResult(True, "written", n)
         return AuditWriteResult(False, "pending", n)
 
@@ -469,6 +506,8 @@ class _Writer(threading.Thread):
         while time.monotonic() <= self._stop_deadline:  # retries end at close() at the latest
             if self._ensure_store() and self._try_write(job):
                 return
+            if job.failed:
+                return
             time.sleep(min(delay, max(0.0, self._stop_deadline - time.monotonic())))
             delay = min(delay * 2, self._config.retry_max)
         self._abandoned += 1
@@ -478,8 +517,16 @@ class _Writer(threading.Thread):
         assert self._store is not None
         try:
             self._store.write(job.writes)
-        except Exception:
+        except Exception as exc:
             self._failed()
+            job.attempts += 1
+            if _is_data_error(exc) and job.attempts >= PERMANENT_ERROR_ATTEMPTS:
+                # The data itself cannot be stored (not the store being down): set the job
+                # aside instead of blocking every later write behind it.
+                job.failed = True
+                self._abandoned += 1
+                self._count("dropped")
+                job.done.set()
             return False
         self._failing = False
         job.done.set()

@@ -178,7 +178,7 @@ def _soak(model: torch.nn.Module, client: Any, steps: int) -> dict[str, Any]:
         client.end_conversation(f"soak-{conversation}")
         conversation += 1
         done += per_conversation
-        if conversation % 20 == 0:
+        if conversation % 20 == 0 or done >= steps:
             client.flush(30)
             gc.collect()
             samples.append((done, _rss_mib()))

@@ -13,8 +13,8 @@ import contextlib
 import contextvars
 import queue
 import threading
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +40,7 @@ log = structlog.get_logger("safety_monitor.capture")
 
 OnFull = Literal["drop", "block"]
 _KEEP_ALERTS = 10_000
+_MAX_LAST_TOKENS = 100_000
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class CaptureClient:
         )
         self._lock = threading.Lock()
         self._alerts: deque[ReceivedAlert] = deque(maxlen=_KEEP_ALERTS)
+        self._last_token: OrderedDict[str, int] = OrderedDict()  # sender thread only
         self._alert_queue: queue.Queue[ReceivedAlert] = queue.Queue(maxsize=_KEEP_ALERTS)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         # Zero-row tensors of the shapes last sent, for end-of-conversation messages.
@@ -141,6 +143,8 @@ class CaptureClient:
         if any(p.device.type == "meta" for p in model.parameters()):
             raise ValueError("the model has parameters on the meta device; load its weights first")
         selected = select_layers(model, list(layers), layer_path)
+        if self.pack is not None:  # local encoding runs on the model's own device
+            self.pack = self.pack.to(next(model.parameters()).device)
         assembler = StepAssembler(
             list(selected),
             self._ledger,
@@ -169,18 +173,22 @@ class CaptureClient:
         role: str | Sequence[str] = "assistant",
         request_id: str | Sequence[str] = "",
         start_position: int | None = None,
+        attributes: Mapping[str, str] | None = None,
     ) -> Iterator[None]:
         """Tag forward passes in this block: one id for the whole batch, or one per batch row
         (batched servers mixing requests). With n rows per id (num_return_sequences, beams) the
         rows become '<id>/0' ... '<id>/<n-1>'. `start_position` is the conversation position of
         the block's first token: when a server re-runs the chat history, tokens already sent
-        are skipped so positions stay correct across turns."""
+        are skipped so positions stay correct across turns. `attributes` (tenant, ...) travel
+        with every row; rule `exceptions` match on them."""
         ids = _as_tuple(conversation_ids)
         if not ids or not all(isinstance(i, str) and i for i in ids):
             raise ValueError("conversation ids must be non-empty strings")
         if start_position is not None and start_position < 0:
             raise ValueError("start_position must be >= 0")
-        context = ConversationContext(ids, _as_tuple(role), _as_tuple(request_id), start_position)
+        context = ConversationContext(
+            ids, _as_tuple(role), _as_tuple(request_id), start_position, dict(attributes or {})
+        )
         token = self._context.set(context)
         try:
             yield
@@ -189,12 +197,12 @@ class CaptureClient:
 
     def end_conversation(self, conversation_id: str) -> None:
         """Tell the sidecar the conversation is over (its rule state is freed) and forget it."""
-        position = self._ledger.forget(conversation_id)
-        if position is None or not (self._empty_layers or self._empty_features):
+        positions = self._ledger.forget(conversation_id)  # with its '<id>/<j>' sequences
+        if not positions or not (self._empty_layers or self._empty_features):
             return
-        tag = SequenceTag(conversation_id, 0, position, "", "", end=True)
+        tags = [SequenceTag(cid, 0, pos, "", "", end=True) for cid, pos in positions.items()]
         step = CapturedStep(
-            layers=dict(self._empty_layers), sequences=[tag], features=dict(self._empty_features)
+            layers=dict(self._empty_layers), sequences=tags, features=dict(self._empty_features)
         )
         self._enqueue(step)
 
@@ -244,11 +252,16 @@ class CaptureClient:
     # ---- internals ------------------------------------------------------------------------
 
     def _enqueue(self, step: CapturedStep) -> None:
+        # Zero-row tensors of the shapes sent, so an end-of-conversation message can carry the
+        # same hook points and feature blocks as the conversation's steps.
         for hook_point, tensor in step.layers.items():
             if hook_point not in self._empty_layers:
-                self._empty_layers[hook_point] = tensor.new_empty(
-                    (0, tensor.shape[-1]), device="cpu"
+                self._empty_layers[hook_point] = torch.empty(
+                    0, tensor.shape[-1], dtype=tensor.dtype
                 )
+        for key, values in step.features.items():
+            if key not in self._empty_features:
+                self._empty_features[key] = torch.empty(0, values.shape[-1])
         self._sender.added()
         try:
             if self.on_full == "block":
@@ -276,8 +289,15 @@ class CaptureClient:
         values = pack.encode(hook_point, hidden.reshape(-1, hidden.shape[-1]))
         return {(pack.name, pack.sha256, hook_point): values}
 
-    def _decode_tokens(self, ids: list[int]) -> list[str]:
-        return [self.tokenizer.decode([i]) for i in ids]
+    def _decode_tokens(self, conversation_id: str, ids: list[int]) -> list[str]:
+        """Token texts that join back into the decoded text, spaces included."""
+        previous = self._last_token.pop(conversation_id, None)
+        texts = token_texts(self.tokenizer, ids, previous)
+        if ids:
+            self._last_token[conversation_id] = ids[-1]
+            if len(self._last_token) > _MAX_LAST_TOKENS:
+                self._last_token.popitem(last=False)
+        return texts
 
     def _on_event(self, event: pb.MonitorEvent) -> None:
         if event.WhichOneof("event") != "alert":
@@ -304,6 +324,27 @@ class CaptureClient:
                 self.on_alert(received)
             except Exception:
                 log.exception("on_alert callback failed", rule=alert.rule)
+
+
+def token_texts(tokenizer: Any, ids: list[int], previous: int | None = None) -> list[str]:
+    """Each token's text as it reads in context. Decoding a token alone loses its leading
+    space (SentencePiece's '▁', WordPiece's word boundaries); decoding it after its
+    predecessor and taking the difference keeps it. Two batched decodes per row."""
+    if not ids:
+        return []
+    context = [previous, *ids[:-1]]
+    pairs = [[p, i] if p is not None else [i] for p, i in zip(context, ids, strict=True)]
+    heads = [[p] if p is not None else [] for p in context]
+    decode_many = getattr(tokenizer, "batch_decode", None)
+    if decode_many is not None:
+        pair_texts, head_texts = decode_many(pairs), decode_many(heads)
+    else:
+        pair_texts = [tokenizer.decode(p) for p in pairs]
+        head_texts = [tokenizer.decode(h) for h in heads]
+    return [
+        pair[len(head) :] if pair.startswith(head) else tokenizer.decode([i])
+        for pair, head, i in zip(pair_texts, head_texts, ids, strict=True)
+    ]
 
 
 def _read(path: str | Path | None) -> bytes | None:

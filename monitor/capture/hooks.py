@@ -32,6 +32,7 @@ class ConversationContext:
     # Absolute position of the first token of the block's first forward pass: tokens before
     # the conversation's counter were already sent (a server re-running the chat history).
     start_position: int | None = None
+    attributes: dict[str, str] = field(default_factory=dict)
     started: bool = field(default=False)
 
 
@@ -49,6 +50,7 @@ class PositionLedger:
     def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
         self._next: OrderedDict[str, int] = OrderedDict()
+        self._children: dict[str, tuple[str, ...]] = {}
         self._lock = threading.Lock()
 
     def advance(self, conversation_id: str, rows: int) -> int:
@@ -56,16 +58,24 @@ class PositionLedger:
             position = self._next.pop(conversation_id, 0)
             self._next[conversation_id] = position + rows
             if len(self._next) > self.capacity:
-                self._next.popitem(last=False)
+                evicted, _ = self._next.popitem(last=False)
+                self._children.pop(evicted, None)
             return position
 
     def peek(self, conversation_id: str) -> int:
         with self._lock:
             return self._next.get(conversation_id, 0)
 
-    def forget(self, conversation_id: str) -> int | None:
+    def link(self, parent: str, children: tuple[str, ...]) -> None:
+        """Remember that `parent` was expanded into per-sequence ids (`<id>/<j>`)."""
         with self._lock:
-            return self._next.pop(conversation_id, None)
+            self._children[parent] = children
+
+    def forget(self, conversation_id: str) -> dict[str, int]:
+        """Drop a conversation and its per-sequence ids; returns their next positions."""
+        with self._lock:
+            ids = (conversation_id, *self._children.pop(conversation_id, ()))
+            return {cid: self._next.pop(cid) for cid in ids if cid in self._next}
 
     def __len__(self) -> int:
         return len(self._next)
@@ -143,6 +153,10 @@ class StepAssembler:
         if ids is None:
             self.drop("batch_mismatch")
             return
+        if ids is not context.conversation_ids:
+            copies = batch // len(context.conversation_ids)
+            for i, parent in enumerate(context.conversation_ids):
+                self.ledger.link(parent, ids[i * copies : (i + 1) * copies])
         roles = _expand(context.roles, batch) or (context.roles[0],) * batch
         requests = _expand(context.request_ids, batch) or (context.request_ids[0],) * batch
         valid = pending.valid if pending.valid is not None else torch.ones(batch, seq, dtype=bool)
@@ -151,7 +165,9 @@ class StepAssembler:
         valid = self._skip_already_sent(valid, ids, context)
         counts = valid.sum(dim=1).tolist()
         tags = [
-            SequenceTag(cid, rows, self.ledger.advance(cid, rows), role, request)
+            SequenceTag(
+                cid, rows, self.ledger.advance(cid, rows), role, request, False, context.attributes
+            )
             for cid, rows, role, request in zip(ids, counts, roles, requests, strict=True)
         ]
         all_valid = all(rows == seq for rows in counts)

@@ -19,7 +19,7 @@ from monitor.wire import encode_tensor, pb, pb_grpc
 
 log = structlog.get_logger("safety_monitor.capture")
 
-TokenDecoder = Callable[[list[int]], list[str]]
+TokenDecoder = Callable[[str, list[int]], list[str]]  # (conversation id, token ids) -> texts
 
 
 @dataclass(frozen=True)
@@ -213,6 +213,7 @@ class Sender:
                     role=tag.role,
                     end=tag.end,
                     tokens=texts[index] if texts else (),
+                    attributes=tag.attributes,
                 )
             )
         return batch
@@ -226,7 +227,7 @@ class Sender:
         texts = []
         for row in range(ids.shape[0]):
             row_ids = ids[row] if step.valid is None else ids[row][step.valid[row]]
-            texts.append(self.decode_tokens(row_ids.tolist()))
+            texts.append(self.decode_tokens(step.sequences[row].conversation_id, row_ids.tolist()))
         return texts
 
     def _handle(self, event: pb.MonitorEvent) -> None:

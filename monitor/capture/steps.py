@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,7 @@ class SequenceTag:
     role: str
     request_id: str
     end: bool = False
+    attributes: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass

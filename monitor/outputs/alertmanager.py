@@ -163,6 +163,10 @@ class AlertmanagerClient:
             return
         active.last_fired = now
         active.annotations = self._annotations(alert)
+        if active.resolved_at is not None:
+            # Fired again while its resolve was still being sent: it is a live alert again.
+            active.resolved_at = None
+            active.last_sent = None
 
     def _labels(self, alert: AlertmanagerAlert) -> dict[str, str]:
         labels = {_label_name(k): str(v) for k, v in alert.labels.items()}

@@ -45,9 +45,12 @@ class Actions:
         audit: AuditSettings,
         alertmanager: AlertmanagerSettings,
         metrics: SidecarMetrics,
+        max_conversations: int = 100_000,
     ) -> None:
         self.metrics = metrics
-        self.recorder = _recorder(audit, metrics) if audit.url else None
+        # The recorder tracks as many conversations as the rule engine, so a flagged
+        # conversation the engine still follows is never evicted from the audit trail first.
+        self.recorder = _recorder(audit, metrics, max_conversations) if audit.url else None
         self.alertmanager = _alertmanager(alertmanager, metrics) if alertmanager.url else None
 
     @property
@@ -83,9 +86,12 @@ class Actions:
             self.alertmanager.close(timeout)
 
 
-def _recorder(settings: AuditSettings, metrics: SidecarMetrics) -> AuditRecorder:
+def _recorder(
+    settings: AuditSettings, metrics: SidecarMetrics, max_conversations: int
+) -> AuditRecorder:
     config = RecorderConfig(
         window_tokens=settings.window_tokens,
+        max_conversations=max_conversations,
         max_tokens_per_conversation=settings.max_tokens_per_conversation,
         redact_patterns=settings.redact_patterns,
         retention_days=settings.retention_days,

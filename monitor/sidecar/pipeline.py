@@ -91,7 +91,7 @@ class Pipeline:
             return self._reject(batch.seq_no, rejected)
         features = self.encode(validated)
         rules_started = time.perf_counter()
-        result = self.engine.evaluate(features, validated.slices)
+        result = self.engine.evaluate(features, validated.slices, model=batch.model)
         self.metrics.rules_seconds.observe(time.perf_counter() - rules_started)
         self.metrics.position_gaps.inc(result.gaps)
         self.metrics.conversations_evicted.inc(result.evicted)
@@ -114,7 +114,7 @@ class Pipeline:
             return self._reject(batch.seq_no, rejected)
         features = self.encode(validated)
         engine = RuleEngine(self.ruleset, max_conversations=self.limits.max_conversations)
-        result = engine.evaluate(features, validated.slices)
+        result = engine.evaluate(features, validated.slices, model=batch.model)
         events = [_alert_event(batch.seq_no, f) for f in result.firings]
         return BatchOutcome(events, result.firings, features)
 

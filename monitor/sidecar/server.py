@@ -170,7 +170,9 @@ class Sidecar:
             config.rules, known_features=qualified_feature_names(packs), ruleset=ruleset
         )
         try:
-            self.actions = Actions(config.audit, config.alertmanager, self.metrics)
+            self.actions = Actions(
+                config.audit, config.alertmanager, self.metrics, config.limits.max_conversations
+            )
         except Exception as exc:  # a bad store URL or the like: one line, exit 2
             raise StartupError(f"audit: {exc}") from exc
         try:
@@ -274,7 +276,10 @@ class Sidecar:
     async def _poll_rules(self) -> None:
         while True:
             await asyncio.sleep(self.config.rules_reload_seconds)
-            await self.reload_rules()
+            try:
+                await self.reload_rules()
+            except Exception:  # keep polling: one failed swap must not end hot reload
+                log.exception("rule reload crashed; keeping the running rules")
 
     async def _watch_audit(self, health_servicer: health.aio.HealthServicer) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING
@@ -301,7 +306,7 @@ class Sidecar:
             task.cancel()
         await running.health.enter_graceful_shutdown()
         await running.server.stop(self.config.shutdown_grace_seconds)
-        self.executor.shutdown(wait=True)
+        await asyncio.to_thread(self.executor.shutdown, wait=True)
         await asyncio.to_thread(self.actions.close, self.config.shutdown_grace_seconds)
         running.shutdown_metrics()
         log.info("sidecar stopped")
@@ -315,10 +320,16 @@ async def serve(config: SidecarConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task[bool | None]] = set()
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def reload_logged() -> None:
+        try:
+            await sidecar.reload_rules(force=True)
+        except Exception:  # e.g. a SIGHUP during shutdown, once the pipeline has stopped
+            log.exception("rule reload on SIGHUP failed")
 
     def on_sighup() -> None:
-        task = asyncio.create_task(sidecar.reload_rules(force=True))
+        task = asyncio.create_task(reload_logged())
         reloads.add(task)  # keep a reference until done
         task.add_done_callback(reloads.discard)
 

@@ -16,6 +16,10 @@ from monitor.rules.engine import SequenceSlice
 from monitor.sidecar.config import Limits
 from monitor.wire import TensorDecodeError, decode_tensor, pb
 
+# Positions are stored as signed 64-bit integers downstream (audit store, rule state); a
+# conversation of 2**62 tokens does not exist, so anything past it is a client bug.
+MAX_POSITION = 2**62
+
 
 @dataclass(frozen=True)
 class BatchRejected(Exception):
@@ -102,6 +106,13 @@ def _validate_sequences(
                 "in the batch",
             )
         seen.add(seq.conversation_id)
+        if seq.position + seq.rows > MAX_POSITION:
+            raise BatchRejected(
+                "bad_position",
+                f"{field}.position",
+                f"{field}.position: {seq.position} + {seq.rows} rows is past the largest "
+                f"supported position {MAX_POSITION}",
+            )
         if seq.tokens and len(seq.tokens) != seq.rows:
             raise BatchRejected(
                 "bad_tokens",
@@ -117,6 +128,7 @@ def _validate_sequences(
                 role=seq.role,
                 end=seq.end,
                 request_id=seq.request_id,
+                attributes=dict(seq.attributes),
             )
         )
         tokens.append(list(seq.tokens))
