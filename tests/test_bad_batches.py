@@ -169,6 +169,12 @@ BAD_BATCHES = {
         "sequences",
         "no sequences",
     ),
+    "position past 64 bits": (
+        _with(lambda b: setattr(b.sequences[0], "position", 2**63)),
+        "bad_position",
+        "sequences[0].position",
+        "past the largest supported position",
+    ),
     "token texts": (
         _with(lambda b: b.sequences[0].tokens.extend(["a"])),
         "bad_tokens",

@@ -7,6 +7,7 @@ bytes are viewed, and every row is checked for NaN/Inf.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
@@ -96,44 +97,54 @@ def _validate_sequences(
     seen: set[str] = set()
     start = 0
     for i, seq in enumerate(batch.sequences):
-        field = f"sequences[{i}]"
-        _check_conversation_id(seq.conversation_id, field, limits)
-        if seq.conversation_id in seen:
-            raise BatchRejected(
-                "duplicate_conversation",
-                f"{field}.conversation_id",
-                f"{field}.conversation_id: {seq.conversation_id!r} appears more than once "
-                "in the batch",
-            )
-        seen.add(seq.conversation_id)
-        if seq.position + seq.rows > MAX_POSITION:
-            raise BatchRejected(
-                "bad_position",
-                f"{field}.position",
-                f"{field}.position: {seq.position} + {seq.rows} rows is past the largest "
-                f"supported position {MAX_POSITION}",
-            )
-        if seq.tokens and len(seq.tokens) != seq.rows:
-            raise BatchRejected(
-                "bad_tokens",
-                f"{field}.tokens",
-                f"{field}.tokens: {len(seq.tokens)} token texts for {seq.rows} rows",
-            )
-        slices.append(
-            SequenceSlice(
-                conversation_id=seq.conversation_id,
-                start_row=start,
-                rows=seq.rows,
-                position=seq.position,
-                role=seq.role,
-                end=seq.end,
-                request_id=seq.request_id,
-                attributes=dict(seq.attributes),
-            )
+        conversation_id = seq.conversation_id
+        if (
+            not conversation_id
+            or len(conversation_id) > limits.max_conversation_id_length
+            or conversation_id in seen
+            or seq.position + seq.rows > MAX_POSITION
+            or (seq.tokens and len(seq.tokens) != seq.rows)
+        ):
+            _reject_sequence(seq, f"sequences[{i}]", seen, limits)  # the slow, precise path
+        seen.add(conversation_id)
+        slice_ = SequenceSlice(
+            conversation_id=conversation_id,
+            start_row=start,
+            rows=seq.rows,
+            position=seq.position,
+            role=seq.role,
+            end=seq.end,
+            request_id=seq.request_id,
         )
+        if seq.attributes:  # else the engine's shared empty default, which it caches on
+            slice_ = dataclasses.replace(slice_, attributes=dict(seq.attributes))
+        slices.append(slice_)
         tokens.append(list(seq.tokens))
         start += seq.rows
     return slices, tokens
+
+
+def _reject_sequence(seq: pb.Sequence, field: str, seen: set[str], limits: Limits) -> None:
+    """Raise the BatchRejected that names what is wrong with one sequence."""
+    _check_conversation_id(seq.conversation_id, field, limits)
+    if seq.conversation_id in seen:
+        raise BatchRejected(
+            "duplicate_conversation",
+            f"{field}.conversation_id",
+            f"{field}.conversation_id: {seq.conversation_id!r} appears more than once in the batch",
+        )
+    if seq.position + seq.rows > MAX_POSITION:
+        raise BatchRejected(
+            "bad_position",
+            f"{field}.position",
+            f"{field}.position: {seq.position} + {seq.rows} rows is past the largest "
+            f"supported position {MAX_POSITION}",
+        )
+    raise BatchRejected(
+        "bad_tokens",
+        f"{field}.tokens",
+        f"{field}.tokens: {len(seq.tokens)} token texts for {seq.rows} rows",
+    )
 
 
 def _check_conversation_id(conversation_id: str, field: str, limits: Limits) -> None:
