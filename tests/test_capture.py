@@ -98,40 +98,74 @@ def test_client_metrics_on_the_serving_process_registry():
     )
 
 
-def test_sender_selects_real_rows_and_token_text():
-    """Row selection and token text happen on the sender thread, from host copies."""
-    import queue
-    import threading
-
-    from monitor.capture.sender import Sender, SenderSettings
-    from monitor.capture.steps import CapturedStep, CaptureStats, SequenceTag
+def test_a_frame_on_the_ring_becomes_the_wire_message():
+    """Row selection happens on the way onto the ring; the relay's side adds the tensor bytes
+    back to the metadata, exactly."""
+    from monitor.capture.frames import FrameWriter, read_step
+    from monitor.capture.ring import SharedRing
+    from monitor.capture.steps import CapturedStep, SequenceTag
     from monitor.wire import decode_tensor
 
     hidden = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
     valid = torch.tensor([[False, True, True], [True, True, True]])
     step = CapturedStep(
-        layers={"layers.0": hidden},
+        layers={"layers.0": hidden, "layers.1": hidden.to(torch.float64)},
         sequences=[SequenceTag("a", 2, 5, "assistant", ""), SequenceTag("b", 3, 0, "user", "r")],
         valid=valid,
-        token_ids=torch.tensor([[0, 7, 8], [1, 2, 3]]),
+        features={("p", "sha", "layers.0"): torch.ones(5, 2)},
     )
-    settings = SenderSettings("127.0.0.1:1", "m", 1 << 20, (0.1, 0.1), 0.1, False)
-    sender = Sender(
-        settings,
-        queue.Queue(),
-        CaptureStats(),
-        threading.Condition(),
-        lambda e: None,
-        lambda conversation, ids: [f"<{i}>" for i in ids],
-    )
-    message = sender.to_message(9, step)
-    rows = decode_tensor(message.layers[0].activations, "t")
-    assert torch.equal(rows, hidden[valid])
-    assert [list(s.tokens) for s in message.sequences] == [["<7>", "<8>"], ["<1>", "<2>", "<3>"]]
+    ring = SharedRing.create(1 << 16)
+    try:
+        assert FrameWriter(ring).write(step, [["x", "y"], ["1", "2", "3"]])
+        _, offset, size, meta, rows = ring.peek()
+        assert rows == 5
+        message = read_step(ring, offset, meta)
+        ring.release(size)
+        assert ring.peek() is None
+    finally:
+        ring.close()
+    assert torch.equal(decode_tensor(message.layers[0].activations, "t"), hidden[valid])
+    assert message.layers[1].activations.dtype == "FP32"  # FP64 has no wire name
+    assert torch.equal(decode_tensor(message.layers[1].activations, "t"), hidden[valid])
+    assert torch.equal(decode_tensor(message.features[0].values, "t"), torch.ones(5, 2))
+    assert [list(s.tokens) for s in message.sequences] == [["x", "y"], ["1", "2", "3"]]
     assert [(s.conversation_id, s.position, s.rows, s.role) for s in message.sequences] == [
         ("a", 5, 2, "assistant"),
         ("b", 0, 3, "user"),
     ]
+
+
+def test_ring_wraps_and_refuses_what_does_not_fit():
+    """Frames never straddle the end; a full ring says so instead of overwriting."""
+    from monitor.capture.frames import FrameTooLarge, FrameWriter, read_step
+    from monitor.capture.ring import SharedRing
+    from monitor.capture.steps import CapturedStep, SequenceTag
+    from monitor.wire import decode_tensor
+
+    def step(value: float, rows: int) -> CapturedStep:
+        tags = [SequenceTag("c", rows, 0, "assistant", "")]
+        return CapturedStep(layers={"layers.0": torch.full((1, rows, 64), value)}, sequences=tags)
+
+    ring = SharedRing.create(4096)
+    writer = FrameWriter(ring)
+    try:
+        with pytest.raises(FrameTooLarge):
+            writer.write(step(0, 32), None)  # 8 KiB of activations
+        seen = []
+        for value in range(40):
+            while not writer.write(step(value, 3), None):  # full: consume one, then retry
+                _, offset, size, meta, _ = ring.peek()
+                seen.append(decode_tensor(read_step(ring, offset, meta).layers[0].activations, "t"))
+                ring.release(size)
+        while (frame := ring.peek()) is not None:
+            seen.append(
+                decode_tensor(read_step(ring, frame[1], frame[3]).layers[0].activations, "t")
+            )
+            ring.release(frame[2])
+    finally:
+        ring.close()
+    assert [int(t[0, 0]) for t in seen] == list(range(40))
+    assert all(torch.equal(t, torch.full((3, 64), float(i))) for i, t in enumerate(seen))
 
 
 def test_token_texts_keep_the_spaces_between_words():

@@ -1,10 +1,13 @@
 """CaptureClient: the one object a serving process holds.
 
 Forward hooks copy the chosen layers' residual stream off the model's device and close one
-CapturedStep per forward pass; a background Sender owns the gRPC stream. The forward pass never
-waits on the network: when the queue is full the step is dropped whole (`on_full="drop"`,
-fail-open, the default) or the forward waits up to `block_timeout` (`on_full="block"`, for
-deployments that must not serve unmonitored tokens).
+CapturedStep per forward pass, which is copied onto a shared-memory ring; a relay process the
+client starts (`relay.py`) owns the gRPC stream, so no gRPC thread competes with the model for
+the GIL. The forward pass never waits on the network: when the ring is full the step is
+dropped whole (`on_full="drop"`, fail-open, the default) or the forward waits up to
+`block_timeout` (`on_full="block"`, for deployments that must not serve unmonitored tokens).
+On a GPU the copy off the device is asynchronous and the step goes onto the ring from a
+background thread once the copy is done.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import contextlib
 import contextvars
 import queue
 import threading
-from collections import OrderedDict, deque
+import time
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ import torch
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 from torch import nn
 
+from monitor.capture.frames import FrameTooLarge
 from monitor.capture.hooks import (
     ConversationContext,
     PositionLedger,
@@ -31,8 +36,10 @@ from monitor.capture.hooks import (
     register_hooks,
 )
 from monitor.capture.layers import select_layers
+from monitor.capture.link import RelayLink
 from monitor.capture.metrics import register_client
-from monitor.capture.sender import Sender, SenderSettings, TransportSecurity
+from monitor.capture.ring import LOST_REASONS
+from monitor.capture.sender import SenderSettings, TransportSecurity
 from monitor.capture.steps import CapturedStep, CaptureStats, SequenceTag
 from monitor.wire import pb
 
@@ -74,6 +81,7 @@ class CaptureClient:
         tokenizer: Any = None,
         encode_locally: Any = None,
         max_message_bytes: int = 64 * 1024 * 1024,
+        buffer_bytes: int = 64 * 1024 * 1024,
         reconnect_backoff: tuple[float, float] = (0.1, 5.0),
         connect_timeout: float = 1.0,
         max_tracked_conversations: int = 100_000,
@@ -87,7 +95,9 @@ class CaptureClient:
         FeaturePack or a pack path) encodes on the model's device and sends only feature values;
         `metrics_registry=None` registers no client metrics. `tls_ca` (PEM file of the sidecar's
         CA) turns on TLS, `tls_cert` + `tls_key` add a client certificate for mutual TLS, and
-        `token` is sent as `authorization: Bearer <token>`."""
+        `token` is sent as `authorization: Bearer <token>`. `queue_size` bounds the steps
+        waiting to be sent and `buffer_bytes` their bytes (the shared ring; a single step
+        larger than that is dropped as `too_large`)."""
         if on_full not in ("drop", "block"):
             raise ValueError(f"on_full: expected 'drop' or 'block', got {on_full!r}")
         self.target = target
@@ -96,15 +106,18 @@ class CaptureClient:
         self.on_alert = on_alert
         self.tokenizer = tokenizer
         self.pack = _load_pack(encode_locally)
-        self.stats = CaptureStats()
-        self._steps: queue.Queue[CapturedStep] = queue.Queue(maxsize=queue_size)
+        self._captured = 0
+        self._dropped: Counter[str] = Counter()  # drops decided in this process
         self._ledger = PositionLedger(max_tracked_conversations)
         self._context: contextvars.ContextVar[ConversationContext | None] = contextvars.ContextVar(
             f"safety_monitor_conversation_{id(self)}", default=None
         )
         self._lock = threading.Lock()
         self._alerts: deque[ReceivedAlert] = deque(maxlen=_KEEP_ALERTS)
-        self._last_token: OrderedDict[str, int] = OrderedDict()  # sender thread only
+        self._last_token: OrderedDict[str, int] = OrderedDict()  # under _publish_lock
+        self._publish_lock = threading.Lock()
+        self._copies: queue.Queue[CapturedStep] | None = None  # GPU steps awaiting their copy
+        self._copies_pending = 0
         self._alert_queue: queue.Queue[ReceivedAlert] = queue.Queue(maxsize=_KEEP_ALERTS)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         # Zero-row tensors of the shapes last sent, for end-of-conversation messages.
@@ -121,15 +134,8 @@ class CaptureClient:
                 ca=_read(tls_ca), cert=_read(tls_cert), key=_read(tls_key), token=token
             ),
         )
-        self._sender = Sender(
-            settings,
-            self._steps,
-            self.stats,
-            threading.Condition(self._lock),
-            self._on_event,
-            self._decode_tokens if tokenizer is not None else None,
-        )
-        self._sender.start()
+        self._link = RelayLink(settings, buffer_bytes, queue_size, self._on_event)
+        self._link.start()
         register_client(self, metrics_registry)
 
     # ---- attaching ------------------------------------------------------------------------
@@ -223,25 +229,49 @@ class CaptureClient:
                 return
 
     @property
+    def stats(self) -> CaptureStats:
+        """A snapshot of this client's counters (they only grow)."""
+        relay = self._link.counters()
+        with self._lock:
+            dropped = self._dropped.copy()
+            captured = self._captured
+        for reason in (*LOST_REASONS.values(), "relay_exited", "client_closed"):
+            dropped[reason] += relay[reason]
+        return CaptureStats(
+            steps_captured=captured,
+            batches_sent=relay["sent"],
+            batches_acked=relay["acked"],
+            batches_rejected=relay["rejected"],
+            rows_acked=relay["rows_acked"],
+            reconnects=relay["reconnects"],
+            dropped=+dropped,
+        )
+
+    @property
     def queue_depth(self) -> int:
-        return self._steps.qsize()
+        """Steps waiting to be sent (on the ring or still being copied off the GPU)."""
+        return self._link.queue_depth + self._copies_pending
 
     @property
     def connected(self) -> bool:
-        return self._sender.connected
+        return self._link.connected
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every captured step is acknowledged, rejected or dropped."""
-        with self._sender.progress:
-            return self._sender.progress.wait_for(
-                lambda: self._sender.outstanding == 0, timeout=timeout
-            )
+        deadline = time.monotonic() + timeout
+        while self._copies_pending or self._link.unsettled():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
+        return True
 
     def close(self, timeout: float = 10.0) -> None:
-        """Detach, flush what is queued (up to `timeout`), and stop the sender thread."""
+        """Detach, flush what is queued (up to `timeout`), and stop the relay process."""
         self.detach()
         self.flush(timeout)
-        self._sender.stop(timeout)
+        if self._copies is not None:
+            self._copies.put(None)  # type: ignore[arg-type]
+        self._link.close(timeout)
 
     def __enter__(self) -> CaptureClient:
         return self
@@ -262,18 +292,74 @@ class CaptureClient:
         for key, values in step.features.items():
             if key not in self._empty_features:
                 self._empty_features[key] = torch.empty(0, values.shape[-1])
-        self._sender.added()
-        try:
-            if self.on_full == "block":
-                self._steps.put(step, timeout=self.block_timeout)
-            else:
-                self._steps.put_nowait(step)
-        except queue.Full:
-            self._sender.resolve(dropped="queue_full")
+        with self._lock:
+            self._captured += 1
+        if step.ready is not None:
+            self._await_copy(step)
+        else:
+            self._publish(step)
+
+    def _publish(self, step: CapturedStep) -> None:
+        """Onto the ring; when it is full, drop the step or (fail-closed) wait for room."""
+        with self._publish_lock:
+            texts = self._token_texts(step)
+        deadline = None
+        while True:
+            try:
+                if self._link.publish(step, texts):
+                    return
+            except FrameTooLarge as exc:
+                self._count_drop("too_large")
+                log.error("captured step dropped", error=str(exc))
+                return
+            if self.on_full != "block":
+                break
+            now = time.monotonic()
+            deadline = deadline or now + self.block_timeout
+            if now >= deadline:
+                break
+            time.sleep(0.0005)
+        self._count_drop("queue_full")
+
+    def _token_texts(self, step: CapturedStep) -> list[list[str]] | None:
+        if self.tokenizer is None or step.token_ids is None:
+            return None
+        ids = step.token_ids
+        if ids.shape[0] != len(step.sequences):
+            return None
+        texts = []
+        for row, sequence in enumerate(step.sequences):
+            row_ids = ids[row] if step.valid is None else ids[row][step.valid[row]]
+            texts.append(self._decode_tokens(sequence.conversation_id, row_ids.tolist()))
+        return texts
+
+    def _await_copy(self, step: CapturedStep) -> None:
+        """GPU steps: publish from a background thread once the device->host copy is done,
+        so the forward pass never waits on it."""
+        with self._lock:
+            if self._copies is None:
+                self._copies = queue.Queue()
+                threading.Thread(
+                    target=self._publish_copies, name="safety-monitor-copies", daemon=True
+                ).start()
+            self._copies_pending += 1
+        self._copies.put(step)
+
+    def _publish_copies(self) -> None:
+        assert self._copies is not None
+        while (step := self._copies.get()) is not None:
+            try:
+                step.ready.synchronize()  # type: ignore[union-attr]
+                self._publish(step)
+            except Exception as exc:
+                self._on_hook_error("copy", exc)
+            finally:
+                with self._lock:
+                    self._copies_pending -= 1
 
     def _count_drop(self, reason: str) -> None:
         with self._lock:
-            self.stats.dropped[reason] += 1
+            self._dropped[reason] += 1
 
     def _on_hook_error(self, where: str, exc: BaseException) -> None:
         # Nothing may raise into the model: a monitoring bug must not break serving.

@@ -10,6 +10,7 @@ deepest chosen layer closes the step.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,6 +35,10 @@ class ConversationContext:
     start_position: int | None = None
     attributes: dict[str, str] = field(default_factory=dict)
     started: bool = field(default=False)
+    serial: int = field(default_factory=lambda: next(_context_serials))
+
+
+_context_serials = itertools.count()
 
 
 @dataclass
@@ -177,6 +182,7 @@ class StepAssembler:
             valid=None if all_valid else valid,
             token_ids=pending.token_ids,
             features=_select_features(pending.features, None if all_valid else valid),
+            tags_key=(context.serial, batch),
         )
         if any(t.device.type == "cuda" for t in [*step.layers.values(), *step.features.values()]):
             step.ready = torch.cuda.Event()

@@ -1,25 +1,32 @@
-"""The background sender: owns the gRPC stream, turns CapturedSteps into StepBatches, reads
-acks, alerts and batch errors, and reconnects with exponential backoff and jitter."""
+"""The relay's gRPC side: takes frames off the shared ring, sends them as StepBatches on one
+long-lived Monitor stream, reads acks, alerts and batch errors, and reconnects with
+exponential backoff and jitter. Runs in the relay process (`monitor.capture.relay`), so none
+of this costs the serving process's GIL. Imports no torch.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import queue
+import os
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
 import structlog
-import torch
 
-from monitor.capture.steps import CapturedStep, CaptureStats
-from monitor.wire import encode_tensor, pb, pb_grpc
+from monitor.capture.frames import read_step
+from monitor.capture.ring import FrameKind, SharedRing, Slot
+from monitor.wire import pb, pb_grpc
 
 log = structlog.get_logger("safety_monitor.capture")
 
-TokenDecoder = Callable[[str, list[int]], list[str]]  # (conversation id, token ids) -> texts
+# How long the relay sleeps between looks at an empty ring: short while steps are flowing
+# (a decode step every few ms), longer once the model has gone quiet.
+_POLL_ACTIVE, _POLL_IDLE, _ACTIVE_FOR = 0.0005, 0.005, 0.25
 
 
 @dataclass(frozen=True)
@@ -57,91 +64,115 @@ class SenderSettings:
         return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+class FrameSource:
+    """Steps off the ring, in order. With a doorbell (CPUs that reorder stores), only frames
+    whose doorbell byte has arrived are read."""
+
+    def __init__(self, ring: SharedRing, doorbell_fd: int | None = None) -> None:
+        self.ring = ring
+        self.doorbell_fd = doorbell_fd
+        self._announced = 0
+        self._last_frame = 0.0
+
+    def next(self, timeout: float, on_bad_frame: Callable[[], None]) -> pb.StepBatch | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self._peek()
+            if frame is not None:
+                _, offset, size, meta, _ = frame
+                try:
+                    batch = read_step(self.ring, offset, meta)
+                except Exception:
+                    log.exception("unreadable frame on the capture ring")
+                    batch = None
+                self.ring.release(size)
+                self._last_frame = time.monotonic()
+                if batch is None:
+                    on_bad_frame()
+                    continue
+                return batch
+            now = time.monotonic()
+            if now >= deadline:
+                return None
+            idle = now - self._last_frame > _ACTIVE_FOR
+            time.sleep(min(_POLL_IDLE if idle else _POLL_ACTIVE, deadline - now))
+
+    def discard_waiting(self) -> int:
+        """Take every waiting frame off the ring unread; returns how many."""
+        discarded = 0
+        while (frame := self._peek()) is not None:
+            self.ring.release(frame[2])
+            discarded += 1
+        return discarded
+
+    def _peek(self) -> tuple[FrameKind, int, int, int, int] | None:
+        if self.doorbell_fd is not None:
+            with contextlib.suppress(BlockingIOError):
+                self._announced += len(os.read(self.doorbell_fd, 65536))
+            if self.ring.slots[Slot.CONSUMED] >= self._announced:
+                return None
+        return self.ring.peek()
+
+
 class Sender:
-    """Consumes the step queue on its own thread; the model never waits for it."""
+    """Owns the gRPC stream; its counters live in the ring's header for the serving process."""
 
     def __init__(
         self,
         settings: SenderSettings,
-        steps: queue.Queue[CapturedStep],
-        stats: CaptureStats,
-        progress: threading.Condition,
+        ring: SharedRing,
+        source: FrameSource,
         on_event: Callable[[pb.MonitorEvent], None],
-        decode_tokens: TokenDecoder | None,
     ) -> None:
         self.settings = settings
-        self.steps = steps
-        self.stats = stats
-        self.progress = progress
+        self.ring = ring
+        self.source = source
         self.on_event = on_event
-        self.decode_tokens = decode_tokens
-        self.outstanding = 0  # steps queued or in flight; guarded by `progress`
         self.inflight: dict[int, int] = {}  # seq_no -> rows
-        self.connected = False
+        self._lock = threading.Lock()
         self._seq_no = itertools.count(1)
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="safety-monitor-capture")
-        self._thread.daemon = True
 
-    def start(self) -> None:
-        self._thread.start()
+    # ---- counters (any relay thread) ---------------------------------------------------------
 
-    def stop(self, timeout: float) -> None:
-        self._stopping.set()
-        self._thread.join(timeout)
-
-    # ---- accounting (called from any thread) ------------------------------------------------
-
-    def added(self) -> None:
-        with self.progress:
-            self.outstanding += 1
-            self.stats.steps_captured += 1
-
-    def resolve(self, dropped: str | None = None) -> None:
-        with self.progress:
-            self.outstanding -= 1
-            if dropped:
-                self.stats.dropped[dropped] += 1
-            self.progress.notify_all()
+    def count(self, slot: Slot, amount: int = 1) -> None:
+        with self._lock:
+            self.ring.slots[slot] += amount
 
     def settle(self, seq_no: int, rejected: bool) -> None:
-        with self.progress:
+        with self._lock:
             rows = self.inflight.pop(seq_no, None)
             if rows is None:
                 return
             if rejected:
-                self.stats.batches_rejected += 1
+                self.ring.slots[Slot.REJECTED] += 1
             else:
-                self.stats.batches_acked += 1
-                self.stats.rows_acked += rows
-            self.outstanding -= 1
-            self.progress.notify_all()
+                self.ring.slots[Slot.ROWS_ACKED] += rows
+                self.ring.slots[Slot.ACKED] += 1
 
-    # ---- the thread ------------------------------------------------------------------------
+    # ---- the loop --------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self, stopping: threading.Event) -> None:
         low, high = self.settings.reconnect_backoff
         backoff = low
-        while not self._stopping.is_set():
-            was_connected = self._stream_once()
-            if self._stopping.is_set():
+        while not stopping.is_set():
+            was_connected = self._stream_once(stopping)
+            if stopping.is_set():
                 break
             backoff = low if was_connected else min(high, backoff * 2)
-            with self.progress:
-                self.stats.reconnects += 1
+            self.count(Slot.RECONNECTS)
             # Jitter so a fleet of serving processes does not reconnect in lockstep.
-            self._stopping.wait(backoff * random.uniform(0.5, 1.5))
+            stopping.wait(backoff * random.uniform(0.5, 1.5))
 
-    def _stream_once(self) -> bool:
+    def _stream_once(self, stopping: threading.Event) -> bool:
         """Run one gRPC stream until it ends; True if it got connected."""
         with self.settings.channel() as channel:
             try:
                 ready = grpc.channel_ready_future(channel)
                 ready.result(timeout=self.settings.connect_timeout)
             except grpc.FutureTimeoutError:
-                self._drop_queued_while_down()
+                self._drop_waiting_while_down()
                 return False
-            self.connected = True
+            self.ring.slots[Slot.CONNECTED] = 1
             stub = pb_grpc.SafetyMonitorStub(channel)
             # gRPC pulls requests on its own thread and may still be inside the generator
             # when the call dies; `alive` (checked under the lock) keeps such a step from
@@ -149,86 +180,40 @@ class Sender:
             alive = threading.Event()
             alive.set()
             try:
-                for event in stub.Monitor(self._requests(alive), metadata=self.settings.metadata):
+                requests = self._requests(alive, stopping)
+                for event in stub.Monitor(requests, metadata=self.settings.metadata):
                     self._handle(event)
             except grpc.RpcError as exc:
                 log.warning(
                     "monitor stream broke", code=str(exc.code()), target=self.settings.target
                 )
             finally:
-                self.connected = False
-                with self.progress:
+                self.ring.slots[Slot.CONNECTED] = 0
+                with self._lock:
                     alive.clear()
                 self._lose_inflight()
             return True
 
-    def _requests(self, alive: threading.Event) -> Iterator[pb.StepBatch]:
-        while alive.is_set() and not (self._stopping.is_set() and self.steps.empty()):
-            try:
-                step = self.steps.get(timeout=0.05)
-            except queue.Empty:
+    def _requests(
+        self, alive: threading.Event, stopping: threading.Event
+    ) -> Iterator[pb.StepBatch]:
+        bad_frame = lambda: self.count(Slot.LOST_BAD_FRAME)  # noqa: E731
+        while alive.is_set() and not (stopping.is_set() and self.ring.frames_waiting() == 0):
+            batch = self.source.next(0.05, bad_frame)
+            if batch is None:
                 continue
             seq_no = next(self._seq_no)
-            try:
-                message = self.to_message(seq_no, step)
-            except Exception:
-                log.exception("could not serialise a captured step")
-                self.resolve(dropped="serialise_error")
-                continue
-            with self.progress:
+            batch.seq_no = seq_no
+            batch.model = self.settings.model_name
+            batch.sent_at.GetCurrentTime()
+            rows = sum(sequence.rows for sequence in batch.sequences)
+            with self._lock:
                 if not alive.is_set():
-                    self.outstanding -= 1
-                    self.stats.dropped["disconnected"] += 1
-                    self.progress.notify_all()
+                    self.ring.slots[Slot.LOST_DISCONNECTED] += 1
                     return
-                self.inflight[seq_no] = step.rows
-                self.stats.batches_sent += 1
-            yield message
-
-    def to_message(self, seq_no: int, step: CapturedStep) -> pb.StepBatch:
-        if step.ready is not None:
-            step.ready.synchronize()
-        batch = pb.StepBatch(seq_no=seq_no, model=self.settings.model_name)
-        batch.sent_at.GetCurrentTime()
-        for hook_point, tensor in step.layers.items():
-            rows = _select_rows(tensor, step.valid)
-            batch.layers.append(pb.Layer(hook_point=hook_point, activations=encode_tensor(rows)))
-        for (pack, sha, hook_point), values in step.features.items():
-            batch.features.append(
-                pb.FeatureBlock(
-                    pack=pack,
-                    pack_sha256=sha,
-                    hook_point=hook_point,
-                    values=encode_tensor(values.to("cpu", torch.float32)),
-                )
-            )
-        texts = self._token_texts(step)
-        for index, tag in enumerate(step.sequences):
-            batch.sequences.append(
-                pb.Sequence(
-                    conversation_id=tag.conversation_id,
-                    request_id=tag.request_id,
-                    rows=tag.rows,
-                    position=tag.position,
-                    role=tag.role,
-                    end=tag.end,
-                    tokens=texts[index] if texts else (),
-                    attributes=tag.attributes,
-                )
-            )
-        return batch
-
-    def _token_texts(self, step: CapturedStep) -> list[list[str]] | None:
-        if self.decode_tokens is None or step.token_ids is None:
-            return None
-        ids = step.token_ids
-        if ids.shape[0] != len(step.sequences):
-            return None
-        texts = []
-        for row in range(ids.shape[0]):
-            row_ids = ids[row] if step.valid is None else ids[row][step.valid[row]]
-            texts.append(self.decode_tokens(step.sequences[row].conversation_id, row_ids.tolist()))
-        return texts
+                self.inflight[seq_no] = rows
+                self.ring.slots[Slot.SENT] += 1
+            yield batch
 
     def _handle(self, event: pb.MonitorEvent) -> None:
         kind = event.WhichOneof("event")
@@ -245,31 +230,14 @@ class Sender:
         self.on_event(event)
 
     def _lose_inflight(self) -> None:
-        with self.progress:
+        with self._lock:
             lost = len(self.inflight)
             self.inflight.clear()
-            self.outstanding -= lost
-            if lost:
-                self.stats.dropped["disconnected"] += lost
-            self.progress.notify_all()
+            self.ring.slots[Slot.LOST_DISCONNECTED] += lost
 
-    def _drop_queued_while_down(self) -> None:
-        """Fail-open must not keep stale steps queued while the sidecar is unreachable; a
-        fail-closed client keeps them (the model is blocked on the queue anyway)."""
+    def _drop_waiting_while_down(self) -> None:
+        """Fail-open must not keep stale steps waiting while the sidecar is unreachable; a
+        fail-closed client keeps them (its model waits for room on the ring anyway)."""
         if self.settings.fail_closed:
             return
-        while True:
-            try:
-                self.steps.get_nowait()
-            except queue.Empty:
-                return
-            self.resolve(dropped="sidecar_unavailable")
-
-
-def _select_rows(tensor: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """[batch, seq, d] -> [rows, d]: the real-token rows, sequences concatenated in order."""
-    if tensor.dim() == 2:
-        return tensor
-    if valid is None:
-        return tensor.reshape(-1, tensor.shape[-1])
-    return tensor[valid]
+        self.count(Slot.LOST_UNAVAILABLE, self.source.discard_waiting())

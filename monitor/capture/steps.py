@@ -39,6 +39,9 @@ class CapturedStep:
     token_ids: torch.Tensor | None = None  # [batch, seq] on CPU, for token text
     features: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
     ready: torch.cuda.Event | None = None  # set when a device->host copy is asynchronous
+    # Same key, same conversation ids, roles, request ids and attributes in the same order:
+    # lets the frame writer reuse the step's metadata and only update rows and positions.
+    tags_key: tuple[int, int] | None = None
 
     @property
     def rows(self) -> int:
