@@ -301,6 +301,11 @@ class CaptureClient:
 
     def _publish(self, step: CapturedStep) -> None:
         """Onto the ring; when it is full, drop the step or (fail-closed) wait for room."""
+        if self.on_full == "drop" and self._link.unreachable:
+            # Fail-open with the sidecar known to be down: the relay would only discard the
+            # step, so skip copying it (the cheapest path for the model while it is down).
+            self._count_drop("sidecar_unavailable")
+            return
         with self._publish_lock:
             texts = self._token_texts(step)
         deadline = None

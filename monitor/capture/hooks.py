@@ -142,6 +142,9 @@ class StepAssembler:
             encoded = self.local_encoder(hook_point, hidden.detach()) if self.local_encoder else {}
             if encoded:
                 pending.features.update(encoded)
+            elif hook_point == self.deepest and hidden.device.type == "cpu":
+                # The step is copied onto the ring before this hook returns: no clone needed.
+                pending.layers[hook_point] = hidden.detach()
             else:
                 pending.layers[hook_point] = _to_host(hidden.detach())
         if hook_point == self.deepest:

@@ -103,6 +103,12 @@ class RelayLink:
                 return False
             return channel.writer.write(step, texts)
 
+    @property
+    def unreachable(self) -> bool:
+        """The relay's last attempt to reach the sidecar failed (and none has succeeded since)."""
+        channel = self._channel
+        return channel is not None and channel.ring.slots[Slot.UNREACHABLE] == 1
+
     # ---- what the client reads ----------------------------------------------------------------
 
     def counters(self) -> Counter[str]:

@@ -170,8 +170,10 @@ class Sender:
                 ready = grpc.channel_ready_future(channel)
                 ready.result(timeout=self.settings.connect_timeout)
             except grpc.FutureTimeoutError:
+                self.ring.slots[Slot.UNREACHABLE] = 1
                 self._drop_waiting_while_down()
                 return False
+            self.ring.slots[Slot.UNREACHABLE] = 0
             self.ring.slots[Slot.CONNECTED] = 1
             stub = pb_grpc.SafetyMonitorStub(channel)
             # gRPC pulls requests on its own thread and may still be inside the generator
