@@ -259,7 +259,7 @@ class CaptureClient:
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every captured step is acknowledged, rejected or dropped."""
         deadline = time.monotonic() + timeout
-        while self._copies_pending or self._link.unsettled():
+        while self._copies_pending or self._link.unsettled() or self._link.alerts_pending():
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.002)

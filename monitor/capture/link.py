@@ -49,6 +49,7 @@ class _Channel:
             os.set_blocking(self.doorbell_read, False)
             os.set_blocking(self.doorbell_write, False)
         self.writer = FrameWriter(self.ring, self._ring_doorbell if doorbell else None)
+        self.alerts_delivered = 0
 
     def _ring_doorbell(self) -> None:
         # The pipe only fills if the relay is 64k frames behind; the queue bound forbids that.
@@ -146,11 +147,12 @@ class RelayLink:
         delay = low
         while not self._closing.is_set():
             started = time.monotonic()
+            channel = self._channel
             process = self._spawn()
             if process is not None:
                 assert process.stdout is not None
                 while (event := read_event(process.stdout)) is not None:
-                    self._deliver(event)
+                    self._deliver(event, channel)
                 process.wait()
                 if self._closing.is_set():
                     return
@@ -199,11 +201,22 @@ class RelayLink:
             return None
         return process
 
-    def _deliver(self, event: pb.MonitorEvent) -> None:
+    def _deliver(self, event: pb.MonitorEvent, channel: _Channel | None) -> None:
         try:
             self.on_event(event)
         except Exception:
             log.exception("handling a relay event failed")
+        if channel is not None:
+            channel.alerts_delivered += 1
+
+    def alerts_pending(self) -> int:
+        """Alerts the relay has written that this process has not handled yet: an ack is
+        counted only after its batch's alerts were written, so a flush waits for these too."""
+        with self._lock:
+            channel = self._channel
+            if channel is None:
+                return 0
+            return channel.ring.slots[Slot.ALERTS] - channel.alerts_delivered
 
     def _retire_channel(self) -> None:
         """The relay is gone: count what it held as dropped and start over on a fresh ring."""

@@ -19,6 +19,7 @@ import json
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -88,8 +89,9 @@ def _unb64(value: str | None) -> bytes | None:
 class EventWriter:
     """Alerts to the serving process: length-prefixed MonitorEvent bytes on stdout."""
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: BinaryIO, written: Callable[[], None]) -> None:
         self.stream = stream
+        self.written = written  # counts the alert; the client's flush waits for its delivery
         self._lock = threading.Lock()
 
     def __call__(self, event: pb.MonitorEvent) -> None:
@@ -101,7 +103,8 @@ class EventWriter:
                 self.stream.write(EVENT_LENGTH.pack(len(payload)) + payload)
                 self.stream.flush()
             except (BrokenPipeError, ValueError):
-                pass  # the serving process is gone; stdin's EOF stops us next
+                return  # the serving process is gone; stdin's EOF stops us next
+            self.written()
 
 
 def read_event(stream: BinaryIO) -> pb.MonitorEvent | None:
@@ -137,7 +140,8 @@ def main() -> int:
     )
     watcher.start()
     source = FrameSource(ring, config.doorbell_fd)
-    sender = Sender(config.settings, ring, source, EventWriter(sys.stdout.buffer))
+    events = EventWriter(sys.stdout.buffer, lambda: sender.count(Slot.ALERTS))
+    sender = Sender(config.settings, ring, source, events)
     ring.slots[Slot.RELAY_READY] = 1
     try:
         sender.run(stopping)

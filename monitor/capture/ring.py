@@ -51,6 +51,7 @@ class Slot(IntEnum):
     LOST_BAD_FRAME = 12  # a frame the relay could not turn into a message
     RELAY_READY = 13  # the relay has started and read its configuration
     UNREACHABLE = 14  # 1 from a failed connection attempt until the next stream opens
+    ALERTS = 15  # alerts written to the relay's stdout (before their batch's ack is counted)
 
 
 # Every way a consumed frame is settled, and the drop reason the client reports for it.
