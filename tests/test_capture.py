@@ -102,25 +102,27 @@ def test_a_frame_on_the_ring_becomes_the_wire_message():
     """Row selection happens on the way onto the ring; the relay's side adds the tensor bytes
     back to the metadata, exactly."""
     from monitor.capture.frames import FrameWriter, read_step
-    from monitor.capture.ring import SharedRing
-    from monitor.capture.steps import CapturedStep, SequenceTag
+    from monitor.capture.ring import FrameKind, SharedRing
+    from monitor.capture.steps import CapturedStep, Tagging
     from monitor.wire import decode_tensor
 
     hidden = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
     valid = torch.tensor([[False, True, True], [True, True, True]])
     step = CapturedStep(
         layers={"layers.0": hidden, "layers.1": hidden.to(torch.float64)},
-        sequences=[SequenceTag("a", 2, 5, "assistant", ""), SequenceTag("b", 3, 0, "user", "r")],
+        tagging=Tagging(("a", "b"), ("assistant", "user"), ("", "r"), key=(0, 2)),
+        rows=[2, 3],
+        positions=[5, 0],
         valid=valid,
         features={("p", "sha", "layers.0"): torch.ones(5, 2)},
     )
     ring = SharedRing.create(1 << 16)
     try:
         assert FrameWriter(ring).write(step, [["x", "y"], ["1", "2", "3"]])
-        _, offset, size, meta, rows = ring.peek()
-        assert rows == 5
-        message = read_step(ring, offset, meta)
-        ring.release(size)
+        frame = ring.peek()
+        assert frame.rows == 5 and frame.kind == FrameKind.STEP  # token text: no template
+        message = read_step(ring, frame)
+        ring.release(frame.size)
         assert ring.peek() is None
     finally:
         ring.close()
@@ -135,16 +137,78 @@ def test_a_frame_on_the_ring_becomes_the_wire_message():
     ]
 
 
+def test_steps_of_one_tagging_share_a_template_and_arrive_exact():
+    """Decode steps reuse their tagging's serialised metadata and add only rows and
+    positions; every message the relay rebuilds equals the one built from scratch, also when
+    the row counts, dtypes or hook points change under the same tagging."""
+    from monitor.capture.frames import FrameWriter, read_step
+    from monitor.capture.ring import FrameKind, SharedRing
+    from monitor.capture.steps import CapturedStep, Tagging
+    from monitor.wire import decode_tensor
+
+    tagging = Tagging(("a", "b/0"), ("assistant",) * 2, ("r1", "r2"), {"tenant": "t"}, key=(7, 2))
+    shapes = [(3, torch.float32, "layers.1"), (1, torch.float32, "layers.1")]
+    shapes += [(1, torch.bfloat16, "layers.1"), (2, torch.float16, "layers.3")]
+    ring = SharedRing.create(1 << 16)
+    writer = FrameWriter(ring)
+    try:
+        for index, (seq, dtype, hook_point) in enumerate(shapes):
+            hidden = torch.randn(2, seq, 8).to(dtype)
+            valid = torch.ones(2, seq, dtype=torch.bool)
+            valid[0, 0] = index % 2 == 0  # some steps drop a row of the first sequence
+            rows = valid.sum(dim=1).tolist()
+            step = CapturedStep(
+                {hook_point: hidden}, tagging, rows, [10 * index, 100 + index], valid=valid
+            )
+            assert writer.write(step, None)
+            frame = ring.peek()
+            assert frame.kind == FrameKind.TEMPLATED_STEP
+            message = read_step(ring, frame)
+            ring.release(frame.size)
+            layer = message.layers[0]
+            assert layer.hook_point == hook_point
+            assert torch.equal(decode_tensor(layer.activations, "t"), hidden[valid])
+            assert [(s.conversation_id, s.rows, s.position) for s in message.sequences] == [
+                ("a", rows[0], 10 * index),
+                ("b/0", rows[1], 100 + index),
+            ]
+            assert [s.request_id for s in message.sequences] == ["r1", "r2"]
+            assert all(dict(s.attributes) == {"tenant": "t"} for s in message.sequences)
+    finally:
+        ring.close()
+
+
+def test_a_corrupt_templated_frame_is_refused_not_misread():
+    from monitor.capture.frames import FrameWriter, read_step
+    from monitor.capture.ring import FRAME_HEADER, SharedRing
+    from monitor.capture.steps import CapturedStep, Tagging
+
+    ring = SharedRing.create(1 << 16)
+    try:
+        tagging = Tagging(("a",), ("assistant",), ("",), key=(1, 1))
+        step = CapturedStep({"layers.0": torch.ones(1, 2, 4)}, tagging, [2], [0])
+        assert FrameWriter(ring).write(step, None)
+        frame = ring.peek()
+        # The frame header claims 3 rows; the sequences add up to 2.
+        FRAME_HEADER.pack_into(ring.data, frame.offset, frame.size, frame.kind, frame.meta, 3)
+        with pytest.raises(ValueError, match="do not add up"):
+            read_step(ring, ring.peek())
+    finally:
+        ring.close()
+
+
 def test_ring_wraps_and_refuses_what_does_not_fit():
     """Frames never straddle the end; a full ring says so instead of overwriting."""
     from monitor.capture.frames import FrameTooLarge, FrameWriter, read_step
     from monitor.capture.ring import SharedRing
-    from monitor.capture.steps import CapturedStep, SequenceTag
+    from monitor.capture.steps import CapturedStep, Tagging
     from monitor.wire import decode_tensor
 
+    tagging = Tagging(("c",), ("assistant",), ("",), key=(0, 1))
+
     def step(value: float, rows: int) -> CapturedStep:
-        tags = [SequenceTag("c", rows, 0, "assistant", "")]
-        return CapturedStep(layers={"layers.0": torch.full((1, rows, 64), value)}, sequences=tags)
+        layers = {"layers.0": torch.full((1, rows, 64), value)}
+        return CapturedStep(layers, tagging, [rows], [0])
 
     ring = SharedRing.create(4096)
     writer = FrameWriter(ring)
@@ -154,14 +218,12 @@ def test_ring_wraps_and_refuses_what_does_not_fit():
         seen = []
         for value in range(40):
             while not writer.write(step(value, 3), None):  # full: consume one, then retry
-                _, offset, size, meta, _ = ring.peek()
-                seen.append(decode_tensor(read_step(ring, offset, meta).layers[0].activations, "t"))
-                ring.release(size)
+                frame = ring.peek()
+                seen.append(decode_tensor(read_step(ring, frame).layers[0].activations, "t"))
+                ring.release(frame.size)
         while (frame := ring.peek()) is not None:
-            seen.append(
-                decode_tensor(read_step(ring, frame[1], frame[3]).layers[0].activations, "t")
-            )
-            ring.release(frame[2])
+            seen.append(decode_tensor(read_step(ring, frame).layers[0].activations, "t"))
+            ring.release(frame.size)
     finally:
         ring.close()
     assert [int(t[0, 0]) for t in seen] == list(range(40))

@@ -40,7 +40,7 @@ from monitor.capture.link import RelayLink
 from monitor.capture.metrics import register_client
 from monitor.capture.ring import LOST_REASONS
 from monitor.capture.sender import SenderSettings, TransportSecurity
-from monitor.capture.steps import CapturedStep, CaptureStats, SequenceTag
+from monitor.capture.steps import CapturedStep, CaptureStats, Tagging
 from monitor.wire import pb
 
 log = structlog.get_logger("safety_monitor.capture")
@@ -206,9 +206,13 @@ class CaptureClient:
         positions = self._ledger.forget(conversation_id)  # with its '<id>/<j>' sequences
         if not positions or not (self._empty_layers or self._empty_features):
             return
-        tags = [SequenceTag(cid, 0, pos, "", "", end=True) for cid, pos in positions.items()]
+        ids = tuple(positions)
         step = CapturedStep(
-            layers=dict(self._empty_layers), sequences=tags, features=dict(self._empty_features)
+            layers=dict(self._empty_layers),
+            tagging=Tagging(ids, ("",) * len(ids), ("",) * len(ids), end=True),
+            rows=[0] * len(ids),
+            positions=list(positions.values()),
+            features=dict(self._empty_features),
         )
         self._enqueue(step)
 
@@ -306,8 +310,10 @@ class CaptureClient:
             # step, so skip copying it (the cheapest path for the model while it is down).
             self._count_drop("sidecar_unavailable")
             return
-        with self._publish_lock:
-            texts = self._token_texts(step)
+        texts = None
+        if self.tokenizer is not None:
+            with self._publish_lock:
+                texts = self._token_texts(step)
         deadline = None
         while True:
             try:
@@ -327,15 +333,16 @@ class CaptureClient:
         self._count_drop("queue_full")
 
     def _token_texts(self, step: CapturedStep) -> list[list[str]] | None:
-        if self.tokenizer is None or step.token_ids is None:
+        if step.token_ids is None:
             return None
         ids = step.token_ids
-        if ids.shape[0] != len(step.sequences):
+        conversation_ids = step.tagging.conversation_ids
+        if ids.shape[0] != len(conversation_ids):
             return None
         texts = []
-        for row, sequence in enumerate(step.sequences):
+        for row, conversation_id in enumerate(conversation_ids):
             row_ids = ids[row] if step.valid is None else ids[row][step.valid[row]]
-            texts.append(self._decode_tokens(sequence.conversation_id, row_ids.tolist()))
+            texts.append(self._decode_tokens(conversation_id, row_ids.tolist()))
         return texts
 
     def _await_copy(self, step: CapturedStep) -> None:

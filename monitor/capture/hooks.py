@@ -13,14 +13,14 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from monitor.capture.steps import CapturedStep, SequenceTag
+from monitor.capture.steps import CapturedStep, Tagging
 
 
 @dataclass
@@ -36,6 +36,8 @@ class ConversationContext:
     attributes: dict[str, str] = field(default_factory=dict)
     started: bool = field(default=False)
     serial: int = field(default_factory=lambda: next(_context_serials))
+    # batch size -> the rows' tagging, built on the block's first forward at that size
+    taggings: dict[int, Tagging] = field(default_factory=dict)
 
 
 _context_serials = itertools.count()
@@ -43,10 +45,11 @@ _context_serials = itertools.count()
 
 @dataclass
 class _Pending:
-    valid: torch.Tensor | None = None
+    valid: torch.Tensor | None = None  # None: every token of the forward is real
     token_ids: torch.Tensor | None = None
     layers: dict[str, torch.Tensor] = field(default_factory=dict)
     features: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
+    on_cuda: bool = False  # some copy off the device is still in flight
 
 
 class PositionLedger:
@@ -58,14 +61,21 @@ class PositionLedger:
         self._children: dict[str, tuple[str, ...]] = {}
         self._lock = threading.Lock()
 
-    def advance(self, conversation_id: str, rows: int) -> int:
+    def advance_many(self, conversation_ids: Sequence[str], rows: Sequence[int]) -> list[int]:
+        """Each conversation's position for its next `rows` tokens; moves the counters on."""
+        positions = []
         with self._lock:
-            position = self._next.pop(conversation_id, 0)
-            self._next[conversation_id] = position + rows
-            if len(self._next) > self.capacity:
+            for conversation_id, count in zip(conversation_ids, rows, strict=True):
+                position = self._next.pop(conversation_id, 0)
+                self._next[conversation_id] = position + count
+                positions.append(position)
+            while len(self._next) > self.capacity:
                 evicted, _ = self._next.popitem(last=False)
                 self._children.pop(evicted, None)
-            return position
+        return positions
+
+    def advance(self, conversation_id: str, rows: int) -> int:
+        return self.advance_many((conversation_id,), (rows,))[0]
 
     def peek(self, conversation_id: str) -> int:
         with self._lock:
@@ -90,7 +100,12 @@ LocalEncoder = Callable[[str, torch.Tensor], dict[tuple[str, str, str], torch.Te
 
 
 class StepAssembler:
-    """Per-thread pending state of the forward in progress -> CapturedStep."""
+    """Per-thread pending state of the forward in progress -> CapturedStep.
+
+    This runs on the model's thread right after the model's own compute, with the caches
+    cold: every torch call and Python object costs several times what a microbenchmark says,
+    so a decode step (same tagging, every token real) takes a path with almost none.
+    """
 
     def __init__(
         self,
@@ -115,12 +130,11 @@ class StepAssembler:
         token_ids = kwargs.get("input_ids")
         if token_ids is None and args and isinstance(args[0], torch.Tensor):
             token_ids = args[0]
-        embeds = kwargs.get("inputs_embeds")
-        seq = _sequence_length(token_ids, embeds)
+        seq = _sequence_length(token_ids, kwargs.get("inputs_embeds"))
         mask = kwargs.get("attention_mask")
         pending = _Pending()
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and seq is not None:
-            pending.valid = mask[:, -seq:].to("cpu").bool()
+            pending.valid = _real_tokens(mask[:, -seq:])
         if self.want_token_ids and isinstance(token_ids, torch.Tensor) and token_ids.dim() == 2:
             pending.token_ids = token_ids.to("cpu")
         self._pending.state = pending
@@ -135,19 +149,23 @@ class StepAssembler:
         hidden = output[0] if isinstance(output, tuple) else output
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             raise TypeError(f"{hook_point}: expected a [batch, seq, d_model] tensor output")
-        if hidden.device.type == "meta":
+        if hidden.is_meta:
             raise TypeError(f"{hook_point}: activations on the meta device cannot be captured")
+        deepest = hook_point == self.deepest
         if context is not None:
+            if hidden.requires_grad:
+                hidden = hidden.detach()
             # With local encoding, hook points the pack does not cover still go as activations.
-            encoded = self.local_encoder(hook_point, hidden.detach()) if self.local_encoder else {}
+            encoded = self.local_encoder(hook_point, hidden) if self.local_encoder else None
             if encoded:
                 pending.features.update(encoded)
-            elif hook_point == self.deepest and hidden.device.type == "cpu":
+            elif deepest and hidden.is_cpu:
                 # The step is copied onto the ring before this hook returns: no clone needed.
-                pending.layers[hook_point] = hidden.detach()
+                pending.layers[hook_point] = hidden
             else:
-                pending.layers[hook_point] = _to_host(hidden.detach())
-        if hook_point == self.deepest:
+                pending.layers[hook_point] = _to_host(hidden)
+            pending.on_cuda = pending.on_cuda or hidden.is_cuda
+        if deepest:
             self._pending.state = None
             if context is None:
                 self.drop("untagged")
@@ -157,50 +175,61 @@ class StepAssembler:
     def _finish(
         self, pending: _Pending, context: ConversationContext, batch: int, seq: int
     ) -> None:
-        ids = _expand(context.conversation_ids, batch)
-        if ids is None:
+        tagging = context.taggings.get(batch) or self._tagging(context, batch)
+        if tagging is None:
             self.drop("batch_mismatch")
             return
-        if ids is not context.conversation_ids:
-            copies = batch // len(context.conversation_ids)
-            for i, parent in enumerate(context.conversation_ids):
-                self.ledger.link(parent, ids[i * copies : (i + 1) * copies])
-        roles = _expand(context.roles, batch) or (context.roles[0],) * batch
-        requests = _expand(context.request_ids, batch) or (context.request_ids[0],) * batch
-        valid = pending.valid if pending.valid is not None else torch.ones(batch, seq, dtype=bool)
-        if valid.shape != (batch, seq):
-            valid = torch.ones(batch, seq, dtype=bool)
-        valid = self._skip_already_sent(valid, ids, context)
-        counts = valid.sum(dim=1).tolist()
-        tags = [
-            SequenceTag(
-                cid, rows, self.ledger.advance(cid, rows), role, request, False, context.attributes
-            )
-            for cid, rows, role, request in zip(ids, counts, roles, requests, strict=True)
-        ]
-        all_valid = all(rows == seq for rows in counts)
+        valid = pending.valid
+        if valid is not None and valid.shape != (batch, seq):
+            valid = None
+        if not context.started:
+            valid = self._skip_already_sent(valid, tagging.conversation_ids, context, seq)
+        rows = [seq] * batch if valid is None else valid.sum(dim=1).tolist()
         step = CapturedStep(
             layers=pending.layers,
-            sequences=tags,
-            valid=None if all_valid else valid,
+            tagging=tagging,
+            rows=rows,
+            positions=self.ledger.advance_many(tagging.conversation_ids, rows),
+            valid=valid,
             token_ids=pending.token_ids,
-            features=_select_features(pending.features, None if all_valid else valid),
-            tags_key=(context.serial, batch),
+            features=_select_features(pending.features, valid),
         )
-        if any(t.device.type == "cuda" for t in [*step.layers.values(), *step.features.values()]):
+        if pending.on_cuda:
             step.ready = torch.cuda.Event()
             step.ready.record()
         self.emit(step)
 
+    def _tagging(self, context: ConversationContext, batch: int) -> Tagging | None:
+        """The block's ids, roles and request ids, one per row of a `batch`-row forward."""
+        ids = _expand(context.conversation_ids, batch)
+        if ids is None:
+            return None
+        if ids is not context.conversation_ids:
+            copies = batch // len(context.conversation_ids)
+            for i, parent in enumerate(context.conversation_ids):
+                self.ledger.link(parent, ids[i * copies : (i + 1) * copies])
+        tagging = Tagging(
+            conversation_ids=ids,
+            roles=_expand(context.roles, batch) or (context.roles[0],) * batch,
+            request_ids=_expand(context.request_ids, batch) or (context.request_ids[0],) * batch,
+            attributes=context.attributes,
+            key=(context.serial, batch),
+        )
+        context.taggings[batch] = tagging
+        return tagging
+
     def _skip_already_sent(
-        self, valid: torch.Tensor, ids: tuple[str, ...], context: ConversationContext
-    ) -> torch.Tensor:
+        self,
+        valid: torch.Tensor | None,
+        ids: tuple[str, ...],
+        context: ConversationContext,
+        seq: int,
+    ) -> torch.Tensor | None:
         """With start_position, the block's first forward may re-run tokens already sent."""
-        if context.started or context.start_position is None:
-            context.started = True
-            return valid
         context.started = True
-        valid = valid.clone()
+        if context.start_position is None:
+            return valid
+        valid = torch.ones(len(ids), seq, dtype=torch.bool) if valid is None else valid.clone()
         for row, cid in enumerate(ids):
             already = self.ledger.peek(cid) - context.start_position
             if already > 0:
@@ -209,7 +238,19 @@ class StepAssembler:
             elif already < 0:
                 # Tokens between the counter and start_position were never seen: a gap.
                 self.ledger.advance(cid, -already)
-        return valid
+        return None if bool(valid.all()) else valid
+
+
+def _real_tokens(mask: torch.Tensor) -> torch.Tensor | None:
+    """[batch, seq] attention mask -> bool tensor of the real tokens, or None when all are
+    (checked through numpy: one torch call instead of three)."""
+    if not mask.is_cpu:
+        mask = mask.to("cpu")
+    if mask.dtype == torch.bfloat16:  # the one mask dtype numpy cannot view
+        mask = mask.bool()
+    if mask.numpy().all():
+        return None
+    return mask.bool()
 
 
 def _sequence_length(token_ids: object, embeds: object) -> int | None:
@@ -241,12 +282,12 @@ def _select_features(
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     """Copy off the model's device without waiting for it (pinned buffer + non_blocking)."""
-    if tensor.device.type == "cuda":
+    if tensor.is_cuda:
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         host.copy_(tensor, non_blocking=True)
         return host
     # A copy, because the serving code may reuse or modify the buffer after the hook returns.
-    return tensor.clone()
+    return tensor.clone() if tensor.is_cpu else tensor.to("cpu")
 
 
 def register_hooks(

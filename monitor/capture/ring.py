@@ -27,6 +27,7 @@ import mmap
 import os
 import struct
 from enum import IntEnum
+from typing import NamedTuple
 
 HEADER_BYTES = 4096
 ALIGN = 64  # frames start on cache lines
@@ -64,7 +65,16 @@ LOST_REASONS = {
 
 class FrameKind(IntEnum):
     PAD = 0
-    STEP = 1
+    STEP = 1  # metadata: a StepBatch
+    TEMPLATED_STEP = 2  # metadata: a cached StepBatch of the same tagging + rows and positions
+
+
+class Frame(NamedTuple):
+    kind: FrameKind
+    offset: int  # in `data`
+    size: int  # bytes, header and padding included
+    meta: int  # metadata bytes
+    rows: int
 
 
 def aligned(nbytes: int) -> int:
@@ -130,7 +140,7 @@ class SharedRing:
 
     # ---- consumer --------------------------------------------------------------------------
 
-    def peek(self) -> tuple[FrameKind, int, int, int, int] | None:
+    def peek(self) -> Frame | None:
         """The next frame: (kind, offset, frame bytes, meta bytes, rows), skipping padding;
         None when the ring is empty. Call `release` once the frame has been copied out."""
         while True:
@@ -142,7 +152,7 @@ class SharedRing:
             if kind == FrameKind.PAD:
                 self.slots[Slot.TAIL] = tail + size
                 continue
-            return FrameKind(kind), offset, size, meta, rows
+            return Frame(FrameKind(kind), offset, size, meta, rows)
 
     def release(self, size: int) -> None:
         self.slots[Slot.CONSUMED] += 1

@@ -19,7 +19,7 @@ import grpc
 import structlog
 
 from monitor.capture.frames import read_step
-from monitor.capture.ring import FrameKind, SharedRing, Slot
+from monitor.capture.ring import Frame, SharedRing, Slot
 from monitor.wire import pb, pb_grpc
 
 log = structlog.get_logger("safety_monitor.capture")
@@ -79,13 +79,12 @@ class FrameSource:
         while True:
             frame = self._peek()
             if frame is not None:
-                _, offset, size, meta, _ = frame
                 try:
-                    batch = read_step(self.ring, offset, meta)
+                    batch = read_step(self.ring, frame)
                 except Exception:
                     log.exception("unreadable frame on the capture ring")
                     batch = None
-                self.ring.release(size)
+                self.ring.release(frame.size)
                 self._last_frame = time.monotonic()
                 if batch is None:
                     on_bad_frame()
@@ -101,11 +100,11 @@ class FrameSource:
         """Take every waiting frame off the ring unread; returns how many."""
         discarded = 0
         while (frame := self._peek()) is not None:
-            self.ring.release(frame[2])
+            self.ring.release(frame.size)
             discarded += 1
         return discarded
 
-    def _peek(self) -> tuple[FrameKind, int, int, int, int] | None:
+    def _peek(self) -> Frame | None:
         if self.doorbell_fd is not None:
             with contextlib.suppress(BlockingIOError):
                 self._announced += len(os.read(self.doorbell_fd, 65536))

@@ -1,51 +1,54 @@
-"""What crosses from the forward pass to the sender thread: one CapturedStep per forward."""
+"""What crosses from the forward pass to the ring: one CapturedStep per forward."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass(frozen=True)
-class SequenceTag:
-    """Who one batch row belongs to, and which of its token positions this step covers."""
+class Tagging:
+    """Who each batch row belongs to: fixed for every forward of one `conversation(...)` block
+    at one batch size, so it is built once and shared by those steps."""
 
-    conversation_id: str
-    rows: int
-    position: int
-    role: str
-    request_id: str
-    end: bool = False
+    conversation_ids: tuple[str, ...]
+    roles: tuple[str, ...]
+    request_ids: tuple[str, ...]
     attributes: Mapping[str, str] = field(default_factory=dict)
+    end: bool = False  # an end-of-conversation message (zero rows)
+    # Equal keys mean an equal tagging: the frame writer reuses the serialised metadata.
+    # None: build it afresh every time.
+    key: Hashable | None = None
 
 
 @dataclass
 class CapturedStep:
-    """One forward pass, as host copies; row selection and serialisation happen later, off the
-    model's thread.
+    """One forward pass, as host copies (or, on a CPU, the layer outputs themselves: the step
+    is copied onto the ring before the forward continues).
 
     layers: hook point -> [batch, seq, d_model] activations (or, with local encoding,
     features: (pack, sha, hook point) -> [batch * seq, k] values, already row-selected).
+    rows, positions: per sequence of the tagging, the real tokens this step covers and the
+    conversation position of the first of them.
     valid: [batch, seq] bool, the rows to send (padding and already-sent tokens are False);
     None means every row.
     """
 
     layers: dict[str, torch.Tensor]
-    sequences: list[SequenceTag]
+    tagging: Tagging
+    rows: list[int]
+    positions: list[int]
     valid: torch.Tensor | None = None
     token_ids: torch.Tensor | None = None  # [batch, seq] on CPU, for token text
     features: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
     ready: torch.cuda.Event | None = None  # set when a device->host copy is asynchronous
-    # Same key, same conversation ids, roles, request ids and attributes in the same order:
-    # lets the frame writer reuse the step's metadata and only update rows and positions.
-    tags_key: tuple[int, int] | None = None
 
     @property
-    def rows(self) -> int:
-        return sum(s.rows for s in self.sequences)
+    def total_rows(self) -> int:
+        return sum(self.rows)
 
 
 @dataclass
