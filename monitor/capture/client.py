@@ -123,6 +123,7 @@ class CaptureClient:
         # Zero-row tensors of the shapes last sent, for end-of-conversation messages.
         self._empty_layers: dict[str, torch.Tensor] = {}
         self._empty_features: dict[tuple[str, str, str], torch.Tensor] = {}
+        self._last_tagging: Tagging | None = None
         settings = SenderSettings(
             target=target,
             model_name=model_name,
@@ -286,6 +287,17 @@ class CaptureClient:
     # ---- internals ------------------------------------------------------------------------
 
     def _enqueue(self, step: CapturedStep) -> None:
+        if step.tagging is not self._last_tagging:  # a new block: its first step
+            self._last_tagging = step.tagging
+            self._note_shapes(step)
+        with self._lock:
+            self._captured += 1
+        if step.ready is not None:
+            self._await_copy(step)
+        else:
+            self._publish(step)
+
+    def _note_shapes(self, step: CapturedStep) -> None:
         # Zero-row tensors of the shapes sent, so an end-of-conversation message can carry the
         # same hook points and feature blocks as the conversation's steps.
         for hook_point, tensor in step.layers.items():
@@ -296,12 +308,6 @@ class CaptureClient:
         for key, values in step.features.items():
             if key not in self._empty_features:
                 self._empty_features[key] = torch.empty(0, values.shape[-1])
-        with self._lock:
-            self._captured += 1
-        if step.ready is not None:
-            self._await_copy(step)
-        else:
-            self._publish(step)
 
     def _publish(self, step: CapturedStep) -> None:
         """Onto the ring; when it is full, drop the step or (fail-closed) wait for room."""

@@ -19,6 +19,7 @@ conversion, if the wire lacks the model's dtype). This module's relay half impor
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -42,14 +43,16 @@ class FrameTooLarge(Exception):
     """A step larger than the whole ring; it can never be sent."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Tensor:
-    """One tensor of a step, ready to be copied: a C-contiguous host array in a wire dtype."""
+    """One tensor of a step, ready to be copied: C-contiguous, in host memory, in a wire
+    dtype. `tensor` keeps the memory at `address` alive until the copy."""
 
     dtype: str  # wire name
     columns: int
     nbytes: int
-    data: Any  # numpy array
+    address: int
+    tensor: torch.Tensor
 
 
 class _Template:
@@ -77,12 +80,7 @@ class FrameWriter:
 
         self.ring = ring
         self.doorbell = doorbell
-        # torch dtype -> (wire name, a dtype numpy has for the same bits where it lacks this one)
-        self._wire = {
-            torch.float32: ("FP32", None),
-            torch.float16: ("FP16", None),
-            torch.bfloat16: ("BF16", torch.int16),
-        }
+        self._wire = {torch.float32: "FP32", torch.float16: "FP16", torch.bfloat16: "BF16"}
         self._fp32 = torch.float32
         self._templates: OrderedDict[Hashable, _Template] = OrderedDict()
 
@@ -96,8 +94,8 @@ class FrameWriter:
             meta_size = len(meta)
         else:
             kind, meta_size = FrameKind.TEMPLATED_STEP, template.size
-        position = aligned(FRAME_HEADER.size + meta_size)
-        total = position + sum(aligned(t.nbytes) for t in tensors)
+        tensors_at = aligned(FRAME_HEADER.size + meta_size)
+        total = tensors_at + sum(aligned(t.nbytes) for t in tensors)
         if total > self.ring.capacity:
             raise FrameTooLarge(
                 f"a {total}-byte step does not fit a {self.ring.capacity}-byte ring"
@@ -114,11 +112,12 @@ class FrameWriter:
             data[start : start + meta_size] = meta
         else:
             template.write(data, start, step.rows, step.positions)
-        position += offset
+        # Bounds: `reserve` gave `total` bytes from `offset`, and the tensors' aligned sizes
+        # add up to what is left of it after the metadata.
+        address = self.ring.data_address + offset + tensors_at
         for tensor in tensors:
-            if tensor.nbytes:
-                data[position : position + tensor.nbytes] = tensor.data.data.cast("B")
-            position += aligned(tensor.nbytes)
+            ctypes.memmove(address, tensor.address, tensor.nbytes)
+            address += aligned(tensor.nbytes)
         self.ring.publish(new_head)
         if self.doorbell is not None:
             self.doorbell()
@@ -143,16 +142,15 @@ class FrameWriter:
         return tensors, signature
 
     def _host_array(self, tensor: torch.Tensor) -> _Tensor:
+        if not tensor.is_cpu:  # a raw copy must never read a device pointer
+            tensor = tensor.cpu()
         wire = self._wire.get(tensor.dtype)
         if wire is None:  # any other dtype travels as FP32
-            import torch
-
-            tensor = tensor.to(torch.float32)
-            wire = self._wire[torch.float32]
+            tensor = tensor.to(self._fp32)
+            wire = "FP32"
         if not tensor.is_contiguous():
             tensor = tensor.contiguous()
-        array = (tensor if wire[1] is None else tensor.view(wire[1])).numpy()
-        return _Tensor(wire[0], tensor.shape[-1], array.nbytes, array)
+        return _Tensor(wire, tensor.shape[-1], tensor.nbytes, tensor.data_ptr(), tensor)
 
     def _template(
         self, step: CapturedStep, tensors: list[_Tensor], signature: list[tuple[Any, ...]]

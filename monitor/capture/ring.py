@@ -23,6 +23,7 @@ connection state), so reading its statistics costs the serving process nothing e
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import struct
@@ -96,6 +97,11 @@ class SharedRing:
         self._map = mmap.mmap(fd, HEADER_BYTES + capacity, flags=flags)
         self.slots = memoryview(self._map)[:HEADER_BYTES].cast("Q")
         self.data = memoryview(self._map)[HEADER_BYTES:]
+        # Where `data` lies in this process, for copies straight from a tensor's memory
+        # (ctypes.memmove: no array object built per copy). Valid until `close`.
+        anchor = ctypes.c_char.from_buffer(self._map, HEADER_BYTES)
+        self.data_address = ctypes.addressof(anchor)
+        del anchor  # the mapping must not stay exported, or it could never be closed
 
     @classmethod
     def create(cls, capacity: int) -> SharedRing:
