@@ -9,6 +9,8 @@ import math
 import grpc
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from monitor.wire import encode_tensor, pb, pb_grpc
 from tests.conftest import build_pack_with_cli
@@ -238,6 +240,32 @@ def test_alerts_precede_their_ack(sidecar):
     assert events[0].alert.position == 0 and events[1].ack.alerts == 1
 
 
+def test_a_burst_read_ahead_is_processed_whole_and_in_order(sidecar):
+    """The sidecar reads batches ahead of the one it is processing (at most a few waiting);
+    a client that sends far more than that at once and half-closes still gets every batch
+    processed, in order, before the stream ends."""
+    from monitor.sidecar.server import READ_AHEAD
+
+    count = 5 * READ_AHEAD
+    batches = [
+        good_batch(n, conversation=f"burst-{n % 3}", position=2 * ((n - 1) // 3))
+        for n in range(1, count + 1)
+    ]
+    events = run_stream(sidecar.target, batches)
+    assert [e.ack.seq_no for e in events if e.HasField("ack")] == list(range(1, count + 1))
+    # The rule fires as each conversation's first batch is processed: before that batch's ack.
+    kinds = [(e.WhichOneof("event"), e.ack.seq_no or e.alert.seq_no) for e in events]
+    assert kinds[:6] == [
+        ("alert", 1),
+        ("ack", 1),
+        ("alert", 2),
+        ("ack", 2),
+        ("alert", 3),
+        ("ack", 3),
+    ]
+    assert not any(e.HasField("error") for e in events)
+
+
 def test_oversize_message_is_refused_by_grpc_limit(tmp_path, sidecar_factory):
     """Past max_message_bytes gRPC itself refuses the message (RESOURCE_EXHAUSTED) before our
     code sees it; the sidecar keeps serving other streams."""
@@ -248,3 +276,26 @@ def test_oversize_message_is_refused_by_grpc_limit(tmp_path, sidecar_factory):
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     events = run_stream(small.target, [good_batch(2, rows=2)])
     assert [e.WhichOneof("event") for e in events] == ["ack"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+    rows=st.integers(1, 9),
+    width=st.integers(1, 40),
+    bad=st.sampled_from([math.nan, math.inf, -math.inf, None]),
+    where=st.floats(0, 1, exclude_max=True),
+    scale=st.sampled_from([1.0, 1e-30, 1e4]),
+)
+def test_the_fast_finite_check_agrees_with_isfinite(dtype, rows, width, bad, where, scale):
+    """The min/max shortcut the validator uses must say exactly what isfinite says, wherever
+    the NaN or Inf lies, in every wire dtype, at any magnitude."""
+    from monitor.sidecar.validate import _all_finite
+
+    tensor = (torch.randn(rows, width, generator=torch.Generator().manual_seed(rows)) * scale).to(
+        dtype
+    )
+    if bad is not None:
+        tensor.view(-1)[int(where * tensor.numel())] = bad
+    assert _all_finite(tensor) == bool(torch.isfinite(tensor).all())
+    assert _all_finite(tensor[:0])

@@ -6,8 +6,10 @@ run, from a raw gRPC client streaming BF16 StepBatches:
 
   throughput  prefill-sized messages (512 rows) as fast as acks come back, a bounded window in
               flight: sustained tokens/s.
-  latency     64-sequence decode steps (64 rows, one per conversation) paced at half the
-              measured throughput: send-to-ack p50/p99 in ms.
+  latency     64-sequence decode steps (64 rows, one per conversation) paced at a fixed
+              load, by default 25,000 tokens/s (half the 50,000 tokens/s budget; the budget
+              asks for p99 <= 10 ms there): send-to-ack p50/p99 in ms. `--latency-load half`
+              paces at half the throughput just measured instead.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ def add_bench_sidecar_command(bench_subparsers: Any) -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--prefill-rows", type=int, default=512)
     parser.add_argument("--conversations", type=int, default=64)
+    parser.add_argument(
+        "--latency-load",
+        type=_load,
+        default=25_000.0,
+        help="tokens/s of the decode-step phase, or 'half' (of the measured throughput)",
+    )
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=_run_command)
 
@@ -48,14 +56,32 @@ def _run_command(args: argparse.Namespace) -> int:
     from monitor.outputs.logging import configure_logging
 
     configure_logging("auto", "warning")
-    result = run_sidecar_bench(args.seconds, args.prefill_rows, args.conversations)
+    result = run_sidecar_bench(
+        args.seconds, args.prefill_rows, args.conversations, args.latency_load
+    )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
 
+def _load(text: str) -> float | None:
+    if text == "half":
+        return None
+    try:
+        load = float(text)
+    except ValueError:
+        load = 0.0
+    if load <= 0:
+        raise argparse.ArgumentTypeError(f"expected tokens/s > 0 or 'half', got {text!r}")
+    return load
+
+
 def run_sidecar_bench(
-    seconds: float = 10.0, prefill_rows: int = 512, conversations: int = 64
+    seconds: float = 10.0,
+    prefill_rows: int = 512,
+    conversations: int = 64,
+    latency_tokens_per_s: float | None = 25_000.0,
 ) -> dict[str, Any]:
+    """`latency_tokens_per_s=None`: pace the decode steps at half the measured throughput."""
     from monitor.bench.overhead import _closed_port, _wait_port  # same sidecar plumbing
 
     with tempfile.TemporaryDirectory(prefix="safety-monitor-bench-sidecar-") as tmp:
@@ -66,7 +92,8 @@ def run_sidecar_bench(
             _wait_port(port, process)
             target = f"127.0.0.1:{port}"
             throughput = _throughput(target, seconds, prefill_rows)
-            rate = throughput["tokens_per_s"] / 2 / conversations  # decode steps per second
+            load = latency_tokens_per_s or throughput["tokens_per_s"] / 2
+            rate = load / conversations  # decode steps per second
             latency = _latency(target, seconds, conversations, rate)
         finally:
             process.terminate()

@@ -36,7 +36,7 @@ TemporalKey = tuple[str, str]  # (scope, expression digest)
 _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SequenceSlice:
     """Rows ``[start_row, start_row + rows)`` of a batch are tokens ``position, position+1, ...``
     of one conversation. ``attributes`` (tenant, ...) are what rule exceptions match on,

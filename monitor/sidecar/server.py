@@ -36,6 +36,9 @@ log = structlog.get_logger("safety_monitor.sidecar")
 # probe or an operator sees it, while the sidecar itself keeps monitoring.
 AUDIT_HEALTH_SERVICE = "safety_monitor.audit"
 HEALTH_POLL_SECONDS = 1.0
+# Batches of one stream read ahead of the one being processed. Bounded, so a client faster
+# than the sidecar is held back by gRPC flow control rather than by our memory.
+READ_AHEAD = 8
 
 
 class StartupError(RuntimeError):
@@ -62,6 +65,21 @@ def load_ruleset(paths: Sequence[Path], packs: Sequence[FeaturePack]) -> RuleSet
         raise StartupError(str(exc).replace("\n", "; ")) from exc
 
 
+async def _read_into(
+    requests: AsyncIterator[pb.StepBatch],
+    arrived: asyncio.Queue[pb.StepBatch | None],
+    room: asyncio.Semaphore,
+) -> None:
+    """Read a stream's batches into `arrived`, at most READ_AHEAD waiting; None at the end
+    (also when reading failed: the handler then awaits this task for the error)."""
+    try:
+        async for batch in requests:
+            arrived.put_nowait(batch)
+            await room.acquire()
+    finally:
+        arrived.put_nowait(None)
+
+
 class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
     def __init__(
         self, pipeline: Pipeline, executor: ThreadPoolExecutor, metrics: SidecarMetrics
@@ -76,12 +94,21 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         self.metrics.active_streams.inc()
         peer = context.peer()
         log.info("stream opened", peer=peer)
+        # Reading runs ahead of processing: the next batches arrive and are parsed on the
+        # event loop while the worker thread processes this one, instead of the stream
+        # standing still between an ack and the next read.
+        arrived: asyncio.Queue[pb.StepBatch | None] = asyncio.Queue()
+        room = asyncio.Semaphore(READ_AHEAD)
+        reader = asyncio.create_task(_read_into(request_iterator, arrived, room))
         try:
-            async for batch in request_iterator:
+            while (batch := await arrived.get()) is not None:
+                room.release()
                 outcome = await self._run(self.pipeline.process, batch)
                 for event in outcome.events:
                     yield event
+            await reader  # a broken stream raises here, as it would have from the loop
         finally:
+            reader.cancel()
             self.metrics.active_streams.dec()
             log.info("stream closed", peer=peer)
 
