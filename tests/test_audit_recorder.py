@@ -315,3 +315,31 @@ def test_nul_in_token_text_is_stored_as_a_replacement_character(tmp_path: Path) 
         assert "\x00" not in "".join(t.text or "" for t in record.tokens)
     finally:
         store.close()
+
+
+def test_a_locked_database_withholds_then_writes_once_released(
+    tmp_path: Path, make_recorder
+) -> None:
+    """Another process holding the write lock (a long transaction, a manual purge): the step
+    is not acknowledged as written while the lock is held, errors are counted and health
+    goes down; once released, the same step is written, nothing lost or written twice."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    rec = make_recorder(
+        url, write_timeout=0.5, retry_initial=0.05, retry_max=0.2, redaction_holdback_chars=0
+    )
+    assert rec.record_batch(step("before", 0, ["a"], fire_at=0)).durable
+    holder = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        result = rec.record_batch(step("during", 0, ["b", "c"], fire_at=1))
+        assert not result.durable and result.status != "written"
+        wait_for(lambda: rec.counts().error > 0 and not rec.healthy)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    wait_for(lambda: rec.healthy and rec.counts().ok == 2 and rec.counts().pending == 0)
+    record = read(url, "during")
+    assert [a.rule for a in record.alerts] == ["sustained-deception"]
+    assert [t.position for t in record.tokens] == [0, 1] and rec.counts().dropped == 0
