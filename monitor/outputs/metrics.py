@@ -44,6 +44,11 @@ class SidecarMetrics:
         self.batches = Counter(
             "safety_monitor_batches", "Step batches accepted and processed.", registry=r
         )
+        self.batches_grouped = Counter(
+            "safety_monitor_batches_grouped",
+            "Step batches that waited together and were evaluated as one (under load).",
+            registry=r,
+        )
         self.batches_rejected = Counter(
             "safety_monitor_batches_rejected",
             "Step batches rejected with a BatchError, by reason.",

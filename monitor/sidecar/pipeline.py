@@ -17,8 +17,9 @@ from monitor.features import FeaturePack
 from monitor.outputs.metrics import SidecarMetrics
 from monitor.rules.engine import Firing, RuleEngine
 from monitor.rules.loader import RuleSet
-from monitor.sidecar.actions import Actions, ruleset_hash
+from monitor.sidecar.actions import Actions, DispatchResult, ruleset_hash
 from monitor.sidecar.config import Limits
+from monitor.sidecar.grouping import can_join, merge_steps
 from monitor.sidecar.validate import (
     BatchRejected,
     EncoderCatalog,
@@ -44,7 +45,7 @@ class FeatureColumn:
 class BatchOutcome:
     events: list[pb.MonitorEvent]
     firings: list[Firing]
-    features: dict[str, torch.Tensor]
+    features: dict[str, torch.Tensor]  # the Evaluate RPC's; empty on a stream
 
 
 class Pipeline:
@@ -84,27 +85,59 @@ class Pipeline:
 
     def process(self, batch: pb.StepBatch) -> BatchOutcome:
         """Run one batch through the stream's stateful rule engine; never raises on bad input."""
+        return self.process_many([batch])[0]
+
+    def process_many(self, batches: Sequence[pb.StepBatch]) -> list[BatchOutcome]:
+        """Batches of one stream that arrived together, in order: one outcome each, exactly
+        as if processed one at a time, but consecutive steps that continue the same
+        conversations are evaluated as one (`grouping.py`): how the sidecar keeps up when
+        decode steps queue."""
+        outcomes: list[BatchOutcome | None] = [None] * len(batches)
+        group: list[tuple[int, ValidatedBatch]] = []
+        for index, batch in enumerate(batches):
+            try:
+                validated = self.validate(batch)
+            except BatchRejected as rejected:  # touches no state: the group goes on
+                outcomes[index] = self._reject(batch.seq_no, rejected)
+                continue
+            members = [member for _, member in group]
+            if group and not can_join(members, validated, self.limits.max_rows_per_batch):
+                self._process_group(group, outcomes)
+                group = []
+            group.append((index, validated))
+        if group:
+            self._process_group(group, outcomes)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _process_group(
+        self, group: list[tuple[int, ValidatedBatch]], outcomes: list[BatchOutcome | None]
+    ) -> None:
         started = time.perf_counter()
-        try:
-            validated = self.validate(batch)
-        except BatchRejected as rejected:
-            return self._reject(batch.seq_no, rejected)
-        features = self.encode(validated)
+        steps = merge_steps([member for _, member in group])
+        batch = steps.merged
+        features = self.encode(batch)
         rules_started = time.perf_counter()
-        result = self.engine.evaluate(features, validated.slices, model=batch.model)
+        result = self.engine.evaluate(features, batch.slices, model=batch.model)
         self.metrics.rules_seconds.observe(time.perf_counter() - rules_started)
         self.metrics.position_gaps.inc(result.gaps)
         self.metrics.conversations_evicted.inc(result.evicted)
         self.metrics.conversations.set(self.engine.tracked_conversations)
-        for firing in result.firings:
-            self._record_firing(batch, firing)
-        sendable, closing = self._dispatch(validated, features, result.firings)
-        events = [_alert_event(batch.seq_no, f) for f in sendable]
-        events.append(closing)
-        self.metrics.tokens.inc(validated.rows)
-        self.metrics.batches.inc()
-        self.metrics.batch_seconds.observe(time.perf_counter() - started)
-        return BatchOutcome(events, result.firings, features)
+        dispatched = self._dispatch(batch, features, result.firings)
+        sendable = {id(firing) for firing in dispatched.sendable}
+        for (index, member), firings in zip(group, steps.split(result.firings), strict=True):
+            for firing in firings:
+                self._record_firing(member, firing)
+            sent = [firing for firing in firings if id(firing) in sendable]
+            events = [_alert_event(member.seq_no, firing) for firing in sent]
+            events.append(self._closing(member, sent, len(firings), dispatched.audit_status))
+            outcomes[index] = BatchOutcome(events, firings, {})
+        self.metrics.tokens.inc(batch.rows)
+        self.metrics.batches.inc(len(group))
+        if len(group) > 1:
+            self.metrics.batches_grouped.inc(len(group))
+        elapsed = time.perf_counter() - started
+        for _ in group:  # each step waited for the whole group
+            self.metrics.batch_seconds.observe(elapsed)
 
     def evaluate_once(self, batch: pb.StepBatch) -> BatchOutcome:
         """Score a batch with fresh rule state (the Evaluate RPC); shares no stream state."""
@@ -138,32 +171,34 @@ class Pipeline:
 
     def _dispatch(
         self, batch: ValidatedBatch, features: dict[str, torch.Tensor], firings: list[Firing]
-    ) -> tuple[list[Firing], pb.MonitorEvent]:
-        """Audit and Alertmanager; returns the alerts that may be sent and the closing event
-        (an Ack, or a BatchError when alerts were withheld for want of a durable record)."""
-        ack = pb.Ack(seq_no=batch.seq_no, rows=batch.rows, alerts=len(firings))
+    ) -> DispatchResult:
+        """Audit and Alertmanager: which alerts may be sent now (an alert of an `audit` rule
+        only once its record is durable)."""
         if self.actions is None:
-            return firings, pb.MonitorEvent(ack=ack)
-        result = self.actions.dispatch(batch, self.rules_hash, features, firings)
-        if not result.withheld:
-            ack.alerts = len(result.sendable)
-            return result.sendable, pb.MonitorEvent(ack=ack)
-        self.metrics.alerts_withheld.inc(result.withheld)
+            return DispatchResult(list(firings), 0, "off")
+        return self.actions.dispatch(batch, self.rules_hash, features, firings)
+
+    def _closing(
+        self, step: ValidatedBatch, sent: list[Firing], fired: int, audit_status: str
+    ) -> pb.MonitorEvent:
+        """The step's Ack, or a BatchError when some of its alerts were withheld for want of
+        a durable audit record (its rules were still evaluated)."""
+        withheld = fired - len(sent)
+        if not withheld:
+            return pb.MonitorEvent(ack=pb.Ack(seq_no=step.seq_no, rows=step.rows, alerts=len(sent)))
+        self.metrics.alerts_withheld.inc(withheld)
         self.metrics.batches_rejected.labels(reason="audit_not_durable").inc()
         log.error(
-            "alerts withheld",
-            seq_no=batch.seq_no,
-            withheld=result.withheld,
-            audit_status=result.audit_status,
+            "alerts withheld", seq_no=step.seq_no, withheld=withheld, audit_status=audit_status
         )
         error = pb.BatchError(
-            seq_no=batch.seq_no,
+            seq_no=step.seq_no,
             reason="audit_not_durable",
             field="",
-            message=f"{result.withheld} alert(s) withheld: the audit store did not commit their "
-            f"records (status {result.audit_status}); rules were evaluated",
+            message=f"{withheld} alert(s) withheld: the audit store did not commit their "
+            f"records (status {audit_status}); rules were evaluated",
         )
-        return result.sendable, pb.MonitorEvent(error=error)
+        return pb.MonitorEvent(error=error)
 
     def _reject(self, seq_no: int, rejected: BatchRejected) -> BatchOutcome:
         self.metrics.batches_rejected.labels(reason=rejected.reason).inc()
@@ -179,7 +214,7 @@ class Pipeline:
         )
         return BatchOutcome([pb.MonitorEvent(error=error)], [], {})
 
-    def _record_firing(self, batch: pb.StepBatch, firing: Firing) -> None:
+    def _record_firing(self, batch: ValidatedBatch, firing: Firing) -> None:
         self.metrics.alerts.labels(
             rule=firing.rule, category=firing.category, severity=firing.severity
         ).inc()

@@ -4,6 +4,7 @@ Prometheus metrics on their own port, graceful drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -38,7 +39,9 @@ AUDIT_HEALTH_SERVICE = "safety_monitor.audit"
 HEALTH_POLL_SECONDS = 1.0
 # Batches of one stream read ahead of the one being processed. Bounded, so a client faster
 # than the sidecar is held back by gRPC flow control rather than by our memory.
-READ_AHEAD = 8
+READ_AHEAD = 16
+# At most this many waiting batches are processed as one group.
+MAX_GROUP = 16
 
 
 class StartupError(RuntimeError):
@@ -80,6 +83,13 @@ async def _read_into(
         arrived.put_nowait(None)
 
 
+def _internal_error(seq_no: int, exc: Exception) -> BatchOutcome:
+    error = pb.BatchError(
+        seq_no=seq_no, reason="internal", field="", message=f"internal error: {type(exc).__name__}"
+    )
+    return BatchOutcome([pb.MonitorEvent(error=error)], [], {})
+
+
 class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
     def __init__(
         self, pipeline: Pipeline, executor: ThreadPoolExecutor, metrics: SidecarMetrics
@@ -101,11 +111,22 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         room = asyncio.Semaphore(READ_AHEAD)
         reader = asyncio.create_task(_read_into(request_iterator, arrived, room))
         try:
-            while (batch := await arrived.get()) is not None:
+            ended = False
+            while not ended and (batch := await arrived.get()) is not None:
                 room.release()
-                outcome = await self._run(self.pipeline.process, batch)
-                for event in outcome.events:
-                    yield event
+                # Whatever else has arrived meanwhile goes with it: under load the pipeline
+                # evaluates waiting decode steps together (see grouping.py).
+                batches = [batch]
+                while len(batches) < MAX_GROUP and not arrived.empty():
+                    more = arrived.get_nowait()
+                    if more is None:
+                        ended = True
+                        break
+                    room.release()
+                    batches.append(more)
+                for outcome in await self._run_many(batches):
+                    for event in outcome.events:
+                        yield event
             await reader  # a broken stream raises here, as it would have from the loop
         finally:
             reader.cancel()
@@ -159,21 +180,25 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
     async def _run(
         self, func: Callable[[pb.StepBatch], BatchOutcome], batch: pb.StepBatch
     ) -> BatchOutcome:
-        """Run pipeline work on the single worker thread; a bug becomes a BatchError, never a
-        dead stream."""
+        return (await self._run_many([batch], lambda batches: [func(batches[0])]))[0]
+
+    async def _run_many(
+        self,
+        batches: list[pb.StepBatch],
+        func: Callable[[list[pb.StepBatch]], list[BatchOutcome]] | None = None,
+    ) -> list[BatchOutcome]:
+        """Run pipeline work on the single worker thread; a bug becomes a BatchError for each
+        batch, never a dead stream."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self.executor, func, batch)
-        except Exception as exc:  # the stream must survive our own bugs too
-            log.exception("internal error processing batch", seq_no=batch.seq_no)
-            self.metrics.batches_rejected.labels(reason="internal").inc()
-            error = pb.BatchError(
-                seq_no=batch.seq_no,
-                reason="internal",
-                field="",
-                message=f"internal error: {type(exc).__name__}",
+            return await loop.run_in_executor(
+                self.executor, func or self.pipeline.process_many, batches
             )
-            return BatchOutcome([pb.MonitorEvent(error=error)], [], {})
+        except Exception as exc:  # the stream must survive our own bugs too
+            seq_nos = [batch.seq_no for batch in batches]
+            log.exception("internal error processing batches", seq_nos=seq_nos)
+            self.metrics.batches_rejected.labels(reason="internal").inc(len(batches))
+            return [_internal_error(seq_no, exc) for seq_no in seq_nos]
 
 
 @dataclass
@@ -343,6 +368,11 @@ async def serve(config: SidecarConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain."""
     sidecar = Sidecar(config)
     await sidecar.start()
+    # What is loaded by now (torch, the packs, gRPC) lives as long as the process. Frozen,
+    # it is left out of the collector's full passes, which otherwise took ~90 ms here, a
+    # stall every stream felt (send-to-ack p99 60-70 ms instead of 10-14 ms).
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
