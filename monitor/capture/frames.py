@@ -116,7 +116,8 @@ class FrameWriter:
         # add up to what is left of it after the metadata.
         address = self.ring.data_address + offset + tensors_at
         for tensor in tensors:
-            ctypes.memmove(address, tensor.address, tensor.nbytes)
+            if tensor.nbytes:  # an empty tensor's data pointer may be null
+                ctypes.memmove(address, tensor.address, tensor.nbytes)
             address += aligned(tensor.nbytes)
         self.ring.publish(new_head)
         if self.doorbell is not None:
