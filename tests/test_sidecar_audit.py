@@ -127,7 +127,11 @@ def test_fired_rules_reach_alertmanager(tmp_path, sidecar_factory):
         assert "am-conv" not in sent["labels"].values()  # ids are annotations, not labels
         assert sent["annotations"]["conversation_id"] == "am-conv"
         assert sent["annotations"]["summary"] == "audited at 0 of am-conv"
-        assert sidecar.metric("safety_monitor_alertmanager_sends_total", result="ok") >= 1
+        # The receiver records the request before it answers; the sidecar counts the send
+        # once the answer is back, a moment later.
+        wait_for(
+            lambda: sidecar.metric("safety_monitor_alertmanager_sends_total", result="ok") >= 1
+        )
     finally:
         receiver.server.shutdown()
 
