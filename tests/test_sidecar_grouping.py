@@ -45,8 +45,9 @@ def make_pipeline(tmp_path_factory):
     )
     ruleset = load_ruleset([rules], [pack])
 
-    def make() -> Pipeline:
-        return Pipeline([pack], ruleset, SidecarMetrics(), Limits(max_rows_per_batch=64))
+    def make(max_conversations: int = 100) -> Pipeline:
+        limits = Limits(max_rows_per_batch=64, max_conversations=max_conversations)
+        return Pipeline([pack], ruleset, SidecarMetrics(), limits)
 
     return make
 
@@ -133,8 +134,26 @@ def test_steps_that_cannot_be_merged_are_not(make_pipeline):
         return pipeline.validate(batch)
 
     first = [step(1, 0, rows=4)]
-    assert can_join(first, step(2, 4), max_rows=64)
-    assert not can_join(first, step(2, 5), max_rows=64)  # a gap
-    assert not can_join(first, step(2, 4, request="r2"), max_rows=64)
-    assert not can_join([step(1, 0, end=True)], step(2, 1), max_rows=64)
-    assert not can_join(first, step(2, 4), max_rows=4)  # over the row limit
+    assert can_join(first, step(2, 4), max_rows=64, room=10)
+    assert not can_join(first, step(2, 5), max_rows=64, room=10)  # a gap
+    assert not can_join(first, step(2, 4, request="r2"), max_rows=64, room=10)
+    assert not can_join([step(1, 0, end=True)], step(2, 1), max_rows=64, room=10)
+    assert not can_join(first, step(2, 4), max_rows=4, room=10)  # over the row limit
+    assert not can_join(first, step(2, 4), max_rows=64, room=0)  # the engine is full
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_grouping_at_the_conversation_cap_still_matches_one_at_a_time(make_pipeline, seed):
+    """With few conversation slots the engine evicts; a merged wave would evict in another
+    order (or exceed the cap and fail), so steps that would need eviction are not grouped.
+    (A step with more conversations than the cap fails alone too: an internal BatchError.)"""
+    batches = _stream(seed, steps=80)
+    alone = make_pipeline(max_conversations=3)
+    expected = _events(alone.process(batch) for batch in batches)
+    grouped = make_pipeline(max_conversations=3)
+    outcomes = []
+    for start in range(0, len(batches), 6):
+        outcomes += grouped.process_many(batches[start : start + 6])
+    assert _events(outcomes) == expected
+    kinds = [pb.MonitorEvent.FromString(e).WhichOneof("event") for e in expected]
+    assert kinds.count("alert") > 5 and alone.metrics.conversations_evicted._value.get() > 0

@@ -53,11 +53,15 @@ class StepGroup:
         return [[f for _, f in sorted(pairs, key=lambda pair: pair[0])] for pairs in keyed]
 
 
-def can_join(members: Sequence[ValidatedBatch], step: ValidatedBatch, max_rows: int) -> bool:
+def can_join(
+    members: Sequence[ValidatedBatch], step: ValidatedBatch, max_rows: int, room: int
+) -> bool:
     """Whether `step` can be evaluated together with the steps before it: every conversation
     it shares with them continues at the next position with the same request, role,
     attributes and token-text presence (anything else, a gap or a new request, resets rule
-    state at a boundary the merged batch would not have), and none of them has ended."""
+    state at a boundary the merged batch would not have), none of them has ended, and the
+    group's conversations fit in `room` (what the engine can track without evicting: one
+    wave would evict in another order than the steps one at a time)."""
     first = members[0]
     if step.encoded or first.encoded or step.model != first.model:
         return False
@@ -66,6 +70,9 @@ def can_join(members: Sequence[ValidatedBatch], step: ValidatedBatch, max_rows: 
     ):
         return False
     if sum(m.rows for m in members) + step.rows > max_rows:
+        return False
+    conversations = {sl.conversation_id for m in (*members, step) for sl in m.slices}
+    if len(conversations) > room:
         return False
     last: dict[str, tuple[SequenceSlice, bool]] = {}
     for member in members:

@@ -101,7 +101,9 @@ class Pipeline:
                 outcomes[index] = self._reject(batch.seq_no, rejected)
                 continue
             members = [member for _, member in group]
-            if group and not can_join(members, validated, self.limits.max_rows_per_batch):
+            # Conversations already tracked may be counted twice: the room is a lower bound.
+            room = self.limits.max_conversations - self.engine.tracked_conversations
+            if group and not can_join(members, validated, self.limits.max_rows_per_batch, room):
                 self._process_group(group, outcomes)
                 group = []
             group.append((index, validated))
@@ -110,6 +112,26 @@ class Pipeline:
         return [outcome for outcome in outcomes if outcome is not None]
 
     def _process_group(
+        self, group: list[tuple[int, ValidatedBatch]], outcomes: list[BatchOutcome | None]
+    ) -> None:
+        """A failure here is confined to this group's steps (each gets an internal BatchError);
+        the outcomes of groups already processed stand."""
+        try:
+            self._evaluate_group(group, outcomes)
+        except Exception as exc:
+            seq_nos = [member.seq_no for _, member in group]
+            log.exception("internal error processing batches", seq_nos=seq_nos)
+            self.metrics.batches_rejected.labels(reason="internal").inc(len(group))
+            for index, member in group:
+                error = pb.BatchError(
+                    seq_no=member.seq_no,
+                    reason="internal",
+                    field="",
+                    message=f"internal error: {type(exc).__name__}",
+                )
+                outcomes[index] = BatchOutcome([pb.MonitorEvent(error=error)], [], {})
+
+    def _evaluate_group(
         self, group: list[tuple[int, ValidatedBatch]], outcomes: list[BatchOutcome | None]
     ) -> None:
         started = time.perf_counter()

@@ -37,11 +37,13 @@ log = structlog.get_logger("safety_monitor.sidecar")
 # probe or an operator sees it, while the sidecar itself keeps monitoring.
 AUDIT_HEALTH_SERVICE = "safety_monitor.audit"
 HEALTH_POLL_SECONDS = 1.0
-# Batches of one stream read ahead of the one being processed. Bounded, so a client faster
-# than the sidecar is held back by gRPC flow control rather than by our memory.
+# Batches of one stream held at once: those being processed and those read ahead. Bounded
+# (at most this many messages of `max_message_bytes` per stream), so a client faster than
+# the sidecar is held back by gRPC flow control rather than by our memory.
 READ_AHEAD = 16
-# At most this many waiting batches are processed as one group.
-MAX_GROUP = 16
+# At most this many waiting batches are processed as one group: half the read-ahead, so the
+# next ones are still read while a full group is processed.
+MAX_GROUP = 8
 
 
 class StartupError(RuntimeError):
@@ -75,10 +77,15 @@ async def _read_into(
 ) -> None:
     """Read a stream's batches into `arrived`, at most READ_AHEAD waiting; None at the end
     (also when reading failed: the handler then awaits this task for the error)."""
+    batches = aiter(requests)
     try:
-        async for batch in requests:
+        while True:
+            await room.acquire()  # released once the batch has been processed
+            try:
+                batch = await anext(batches)
+            except StopAsyncIteration:
+                return
             arrived.put_nowait(batch)
-            await room.acquire()
     finally:
         arrived.put_nowait(None)
 
@@ -113,7 +120,6 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         try:
             ended = False
             while not ended and (batch := await arrived.get()) is not None:
-                room.release()
                 # Whatever else has arrived meanwhile goes with it: under load the pipeline
                 # evaluates waiting decode steps together (see grouping.py).
                 batches = [batch]
@@ -122,9 +128,11 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                     if more is None:
                         ended = True
                         break
-                    room.release()
                     batches.append(more)
-                for outcome in await self._run_many(batches):
+                outcomes = await self._run_many(batches)
+                for _ in batches:
+                    room.release()
+                for outcome in outcomes:
                     for event in outcome.events:
                         yield event
             await reader  # a broken stream raises here, as it would have from the loop
