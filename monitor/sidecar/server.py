@@ -144,7 +144,10 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
     async def Evaluate(
         self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext
     ) -> pb.EvaluateResponse:
-        outcome = await self._run(self.pipeline.evaluate_once, request.batch)
+        include = request.include_features
+        outcome = await self._run(
+            lambda batch: self.pipeline.evaluate_once(batch, include), request.batch
+        )
         response = pb.EvaluateResponse()
         for event in outcome.events:
             if event.HasField("alert"):
