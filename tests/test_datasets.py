@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import json
 import tomllib
@@ -122,24 +123,36 @@ def test_misuse_labels_sit_on_user_turns_and_others_on_assistant() -> None:
 
 
 def _auroc(pos: list[float], neg: list[float]) -> float:
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    ordered = sorted(neg)
+    wins = sum(
+        bisect.bisect_left(ordered, p)
+        + 0.5 * (bisect.bisect_right(ordered, p) - bisect.bisect_left(ordered, p))
+        for p in pos
+    )
     return wins / (len(pos) * len(neg))
 
 
-def test_misuse_length_and_wrappers_do_not_give_the_label_away() -> None:
-    convs = datasets.load("misuse")
-    by_label = {label: [c.turns[-1].text for c in convs if c.label == label] for label in (0, 1)}
+def test_length_does_not_give_the_label_away(shipped) -> None:
+    task, convs = shipped
+    lengths = {lab: [len(c.labeled_text) for c in convs if c.label == lab] for lab in (0, 1)}
     # Length alone should be a poor classifier (0.5 is chance).
-    auroc = _auroc([len(t) for t in by_label[1]], [len(t) for t in by_label[0]])
-    assert 0.35 < auroc < 0.65, auroc
-    # Every wrapper used at all is used under both labels, at a similar rate.
-    for wrapper in surface.JAILBREAKS + surface.FRAMINGS:
+    auroc = _auroc(lengths[1], lengths[0])
+    assert 0.35 < auroc < 0.65, (task, auroc)
+
+
+def test_misuse_wrappers_do_not_give_the_label_away() -> None:
+    convs = datasets.load("misuse")
+    by_label = {lab: [c.turns[-1].text.lower() for c in convs if c.label == lab] for lab in (0, 1)}
+    # Every wrapper used at all is used under both labels.
+    for wrapper in surface.JAILBREAKS + surface.FRAMINGS + surface.OPENERS:
         marker = wrapper.split("{")[0].strip().lower()[:30]
-        rates = [
-            sum(marker in t.lower() for t in by_label[lab]) / len(by_label[lab]) for lab in (0, 1)
-        ]
-        if max(rates) > 0:
-            assert min(rates) > 0, (marker, rates)
+        counts = [sum(t.startswith(marker) for t in by_label[lab]) for lab in (0, 1)]
+        if max(counts) > 0:
+            assert min(counts) > 0, (marker, counts)
+    question = [
+        sum(t.rstrip().endswith("?") for t in by_label[lab]) / len(by_label[lab]) for lab in (0, 1)
+    ]
+    assert abs(question[0] - question[1]) < 0.15, question
     system = [
         sum(c.turns[0].role == "system" for c in convs if c.label == lab)
         / sum(c.label == lab for c in convs)

@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import random
+import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -211,6 +212,26 @@ def stats_table(built: dict[str, Sequence[LabeledConversation]]) -> str:
         for category in sorted(per):
             pos, neg = per[category]
             lines.append(f"| {task} | {category} | {pos} | {neg} |")
+    lines += [
+        "",
+        "Surface check of the labeled text (the turns in `label_roles`), per label 1 / label 0:",
+        "",
+        "| set | median characters | ends with `?` | has a system turn |",
+        "|---|---|---|---|",
+    ]
+    for task, convs in built.items():
+        cols = []
+        for measure in (
+            lambda c: len(c.labeled_text),
+            lambda c: c.labeled_text.rstrip().endswith("?"),
+            lambda c: any(t.role == "system" for t in c.turns),
+        ):
+            values = [[measure(c) for c in convs if c.label == label] for label in (1, 0)]
+            if isinstance(values[0][0], bool):
+                cols.append(" / ".join(f"{sum(v) / len(v):.0%}" for v in values))
+            else:
+                cols.append(" / ".join(f"{statistics.median(v):.0f}" for v in values))
+        lines.append(f"| {task} | {' | '.join(cols)} |")
     return "\n".join(lines)
 
 

@@ -154,8 +154,58 @@ def typos(text: str, rng: random.Random, rate: float = 0.08) -> str:
     return " ".join(words)
 
 
+_HOW = re.compile(
+    r"^how (?:do|can|would|should|could) (?:i|you|we|someone|one|people) (.+)\?$", re.I
+)
+_BEST_WAY = re.compile(
+    r"^what(?:'s| is) the (best|easiest|simplest|fastest|safest) way to (.+)\?$", re.I
+)
+_IMPERATIVE = re.compile(
+    r"^(write|give|create|make|help|tell|explain|describe|generate|provide|develop|draft|"
+    r"compose|find|plan|outline|list|suggest|recommend|summarize|translate|put|walk) (.+?)[.!]?$",
+    re.I,
+)
+_TO_IMPERATIVE = [
+    "Tell me how to {x}.",
+    "Explain how to {x}.",
+    "I want to know how to {x}.",
+    "Show me how to {x}.",
+    "Walk me through how to {x}.",
+    "Need to know how to {x}",
+]
+_TO_QUESTION = [
+    "Can you {x}?",
+    "Could you {x}?",
+    "Would you {x}?",
+    "Please {x}.",
+    "I need you to {x}.",
+    "Is it possible for you to {x}?",
+]
+
+
+def reform(text: str, rng: random.Random) -> str:
+    """Turn a question into a command or a command into a question (both labels alike).
+
+    Seeds lean one way or the other per label (harmful ones are more often commands); switching
+    the grammatical form at random keeps "ends with a question mark" from being a cue.
+    """
+    match = _HOW.match(text)
+    if match:
+        return rng.choice(_TO_IMPERATIVE).format(x=match.group(1))
+    match = _BEST_WAY.match(text)
+    if match:
+        verb = rng.choice(["Tell me", "Give me", "I need"])
+        return f"{verb} the {match.group(1).lower()} way to {match.group(2)}."
+    match = _IMPERATIVE.match(text)
+    if match:
+        return rng.choice(_TO_QUESTION).format(x=match.group(1).lower() + " " + match.group(2))
+    return text
+
+
 def restyle(text: str, rng: random.Random) -> str:
     """One variant: maybe a framing or jailbreak, opener, suffix, then case/typo/punctuation."""
+    if rng.random() < 0.5:
+        text = reform(text, rng)
     roll = rng.random()
     if roll < 0.22:
         text = rng.choice(FRAMINGS).format(req=text, lc=lower_first(text))
