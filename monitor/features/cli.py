@@ -21,11 +21,12 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def add_pack_commands(pack_subparsers: Any) -> None:
-    """Register build, fit, calibrate and inspect under ``safety-monitor pack``."""
+    """Register build, fit, calibrate, inspect and search under ``safety-monitor pack``."""
     _add_build(pack_subparsers)
     _add_fit(pack_subparsers)
     _add_calibrate(pack_subparsers)
     _add_inspect(pack_subparsers)
+    _add_search(pack_subparsers)
 
 
 def _guarded(handler: Handler) -> Handler:
@@ -75,6 +76,19 @@ def _add_build(sub: Any) -> None:
         type=Path,
         help="approx TopK: sample activations (.safetensors/.npy) to fit per-feature thresholds",
     )
+    p.add_argument(
+        "--explanations",
+        nargs="+",
+        type=Path,
+        metavar="EXPORT",
+        help="Neuronpedia explanation exports (batch-N.jsonl.gz files or their directory): "
+        "record each feature's descriptions and Neuronpedia id in the pack",
+    )
+    p.add_argument(
+        "--neuronpedia-source",
+        metavar="MODEL/SOURCE",
+        help="which of the export's sources the SAE is, e.g. gemma-2-2b/12-gemmascope-res-16k",
+    )
     p.add_argument("--out", required=True, type=Path, help="pack file to write")
     p.set_defaults(handler=_guarded(_build))
 
@@ -92,11 +106,40 @@ def _build(args: argparse.Namespace) -> int:
         return fail("give --sae DIR --features 1,2,3, or --selection FILE")
     else:
         pack = _build_from_sae(args)
+    if args.explanations:
+        pack = _with_explanations(pack, args)
     digest = save_pack(pack, args.out)
     hook_points = ", ".join(pack.hook_points)
     print(f"wrote {args.out}: pack {pack.name!r}, {pack.feature_count} features at {hook_points}")
     print(f"sha256 {digest}")
     return 0
+
+
+def _with_explanations(pack: Any, args: argparse.Namespace) -> Any:
+    """The pack with each SAE feature's export descriptions and Neuronpedia id recorded."""
+    import dataclasses
+
+    from monitor.features.neuronpedia import describe, read_explanations
+
+    sae_features = [f for f in pack.features() if f.sae_index is not None]
+    found = describe(
+        read_explanations(args.explanations),
+        [f.sae_index for f in sae_features],
+        args.neuronpedia_source,
+    )
+    updated = {}
+    for info in sae_features:
+        entry = found.get(info.sae_index)
+        if entry is None:
+            note(f"feature {info.name} (index {info.sae_index}) has no explanation in the export")
+            continue
+        updated[info.name] = dataclasses.replace(
+            info,
+            description=" | ".join(dict.fromkeys(entry.descriptions)),
+            neuronpedia_id=info.neuronpedia_id or entry.neuronpedia_id,
+            label=info.label or entry.descriptions[0][:80],
+        )
+    return pack.with_features(updated)
 
 
 def _build_from_sae(args: argparse.Namespace) -> Any:
@@ -488,6 +531,58 @@ def _print_report(report: dict[str, Any], as_json: bool) -> None:
         print(f"{report['pack']}/{name}: alert threshold {threshold:.6g}")
     if "wrote" in report:
         print(f"wrote {report['wrote']}: sha256 {report['sha256']}")
+
+
+# --- search -------------------------------------------------------------------------------
+
+
+def _add_search(sub: Any) -> None:
+    p = sub.add_parser(
+        "search",
+        help="find SAE features by meaning in Neuronpedia explanation exports",
+        description="Lists the features whose export descriptions contain every word of QUERY "
+        "(prefix match, case-insensitive). Exports: Neuronpedia's public "
+        "<model>/<source>/explanations/batch-N.jsonl.gz files, downloaded beforehand.",
+    )
+    p.add_argument("query", help="words the description must contain, e.g. 'deception lie'")
+    p.add_argument("--explanations", nargs="+", required=True, type=Path, metavar="EXPORT")
+    p.add_argument("--model", help="only this modelId, e.g. gemma-2-2b")
+    p.add_argument("--source", help="only this source (layer), e.g. 12-gemmascope-res-16k")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_guarded(_search))
+
+
+def _search(args: argparse.Namespace) -> int:
+    from monitor.features.neuronpedia import read_explanations, search
+
+    features = read_explanations(args.explanations)
+    hits = search(
+        features.values(), args.query, model=args.model, source=args.source, limit=args.limit
+    )
+    if args.json:
+        rows = [
+            {
+                "neuronpedia_id": h.neuronpedia_id,
+                "model": h.model,
+                "source": h.source,
+                "index": h.index,
+                "descriptions": h.descriptions,
+            }
+            for h in hits
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not hits:
+        print(f"no feature description contains every word of {args.query!r}")
+        return 0
+    for h in hits:
+        print(f"{h.neuronpedia_id:<40} {' | '.join(dict.fromkeys(h.descriptions))}")
+    print(
+        f"{len(hits)} feature(s); build a pack with them: pack build --sae DIR --features "
+        f"{','.join(str(h.index) for h in hits[:5])} --explanations ... --out ..."
+    )
+    return 0
 
 
 # --- inspect ------------------------------------------------------------------------------
