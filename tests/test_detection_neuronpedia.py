@@ -70,7 +70,7 @@ def test_search_cli_prints_ids_and_descriptions(tmp_path: Path, capsys) -> None:
 def test_a_bad_export_line_is_a_located_error(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "batch-0.jsonl"
     bad.write_text('{"modelId": "m", "layer": "l", "index": "x", "description": "d"}\n')
-    with pytest.raises(FeatureError, match="batch-0.jsonl:1"):
+    with pytest.raises(FeatureError, match=r"batch-0\.jsonl:1"):
         read_explanations([bad])
     assert main(["pack", "search", "d", "--explanations", str(bad)]) == 2
     assert "batch-0.jsonl:1" in capsys.readouterr().err

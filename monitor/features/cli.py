@@ -198,7 +198,11 @@ def _add_fit(sub: Any) -> None:
     p.add_argument("--model", type=Path, help="local transformers model dir (default: MiniLM)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="labeled conversations (JSONL)")
-    source.add_argument("--dataset", help="a shipped set: misuse, deception or bias")
+    source.add_argument(
+        "--dataset",
+        help="shipped sets: misuse, deception or bias; several (misuse,deception,bias) fit "
+        "one feature each into one pack",
+    )
     p.add_argument("--layers", required=True, help="layer indices, e.g. 3 or 2,3,4")
     p.add_argument(
         "--window",
@@ -242,6 +246,8 @@ def _fit(args: argparse.Namespace) -> int:
     layers = _int_list(args.layers, "--layers")
     if not layers:
         return fail("--layers: give at least one layer index")
+    if args.dataset is not None and "," in args.dataset:
+        return _fit_datasets(args, layers)
     if args.dataset is not None:
         conversations = load_dataset(args.dataset)
         data_name = f"dataset:{args.dataset}"
@@ -272,7 +278,47 @@ def _fit(args: argparse.Namespace) -> int:
         data_name=data_name,
     )
     digest = save_pack(pack, args.out)
-    _print_fit(pack, report, args, digest)
+    _print_fit(_fit_rows(pack, report), report, args, digest)
+    return 0
+
+
+def _fit_datasets(args: argparse.Namespace, layers: list[int]) -> int:
+    """One pack, one feature per shipped set (named after it): the default packs."""
+    from monitor.features.labeled import fit_and_heldout, load_dataset
+    from monitor.features.pack import FeaturePack, save_pack
+    from monitor.features.token_probes import FitReport, fit_token_probe_pack
+
+    if args.feature_name or args.pooling:
+        raise ValueError("several --dataset names: each feature is named after its set")
+    model, tokenizer = _load_model(args.model)
+    entries, provenance, rows = [], {}, []
+    seconds, fitted, held = 0.0, 0, 0
+    for name in [n.strip() for n in args.dataset.split(",") if n.strip()]:
+        fit, heldout = fit_and_heldout(load_dataset(name))
+        pack, report = fit_token_probe_pack(
+            model, tokenizer, fit, heldout, layers, name=args.name, feature_name=name,
+            fpr=args.fpr, windows=_windows(args.window), l2=args.l2, category=name,
+            data_name=f"dataset:{name}",
+        )  # fmt: skip
+        entries.extend(pack.hook_points.values())
+        provenance[name] = pack.provenance
+        rows.extend(_fit_rows(pack, report))
+        seconds += report.fit_seconds
+        fitted += report.fit_conversations
+        held += report.heldout_conversations
+    from monitor.features.pack import assemble_pack
+
+    merged: FeaturePack = assemble_pack(args.name, entries)
+    # Overlap checks read every set's fit digests.
+    digests = sorted({d for p in provenance.values() for d in p["fit"]["digests"]})
+    merged.provenance = {"fit": {"digests": digests}, "datasets": {
+        name: {k: v for k, v in p.items() if k != "fit"} | {
+            "fit": {k: v for k, v in p["fit"].items() if k != "digests"}
+        }
+        for name, p in provenance.items()
+    }}  # fmt: skip
+    digest = save_pack(merged, args.out)
+    _print_fit(rows, FitReport([], "", fitted, held, seconds), args, digest)
     return 0
 
 
@@ -287,8 +333,9 @@ def _windows(text: str) -> tuple[int, ...]:
     return windows
 
 
-def _print_fit(pack: Any, report: Any, args: argparse.Namespace, digest: str) -> None:
-    rows = [
+def _fit_rows(pack: Any, report: Any) -> list[dict[str, Any]]:
+    """One row per feature of a pack fitted from one data set (one feature per layer)."""
+    return [
         {
             "feature": f"{pack.name}/{info.name}",
             "hook_point": info.hook_point,
@@ -299,6 +346,11 @@ def _print_fit(pack: Any, report: Any, args: argparse.Namespace, digest: str) ->
         for result in report.layers
         for info in pack.hook_points[result.hook_point].features
     ]
+
+
+def _print_fit(
+    rows: list[dict[str, Any]], report: Any, args: argparse.Namespace, digest: str
+) -> None:
     if args.json:
         document = {
             "pack": str(args.out),

@@ -11,7 +11,8 @@ mean-pooled probe lost 29 points of recall at 1% FPR when served per token). So:
 2. The conversation score is the rule's pooling of those per-token values: the maximum over
    labeled tokens of a rolling mean over the last W tokens (Google DeepMind's production misuse
    probes use max-of-rolling-means aggregation so a short harmful span in a long context is
-   not diluted). W is chosen on the held-out calibration split among ``WINDOWS`` (or given).
+   not diluted). W is chosen on the held-out calibration split among ``WINDOWS`` (or given),
+   by AUROC.
 3. The alert threshold is set on the calibration split's negatives for the target FPR, with
    the same pooling, and both are recorded in the pack (``aggregation``,
    ``threshold_pooling``) so rules and `rules calibrate` use what was fitted.
@@ -149,14 +150,15 @@ def choose_aggregation(
     fpr: float,
     windows: Sequence[int],
 ) -> tuple[str, dict[int, dict[str, float]]]:
-    """The window with the best held-out recall at ``fpr`` (then AUROC, then the shorter)."""
+    """The window with the best held-out AUROC (then recall at ``fpr``, then the shorter).
+    AUROC first: recall at 1% FPR rests on a handful of negatives and is the noisier guide."""
     labels = [c.label for c in heldout]
     by_window: dict[int, dict[str, float]] = {}
     for window in windows:
         scores = score_conversations(heldout, hook_point, fit, f"max_rolling_mean:{window}")
         point = recall_at_fpr(scores, labels, fpr)
         by_window[window] = {"auroc": auroc(scores, labels), "recall": point.recall}
-    best = max(windows, key=lambda w: (by_window[w]["recall"], by_window[w]["auroc"], -w))
+    best = max(windows, key=lambda w: (by_window[w]["auroc"], by_window[w]["recall"], -w))
     return f"max_rolling_mean:{best}", by_window
 
 
@@ -217,7 +219,7 @@ def fit_token_probe_pack(
 ) -> tuple[FeaturePack, FitReport]:
     """Replay both splits, fit per layer, and build the pack.
 
-    The layer with the best held-out recall at ``fpr`` (then AUROC) gets the plain
+    The layer with the best held-out AUROC (then recall at ``fpr``) gets the plain
     ``feature_name`` (what rules refer to, e.g. ``probes/misuse``); the other layers are
     ``<feature_name>.layers.<i>``.
     """
@@ -226,7 +228,7 @@ def fit_token_probe_pack(
     heldout_tokens = replay(model, tokenizer, heldout_data, layers, progress=progress)
     hook_points = [f"layers.{i}" for i in layers]
     results = fit_layers(fit_tokens, heldout_tokens, hook_points, fpr=fpr, windows=windows, l2=l2)
-    chosen = max(results, key=lambda r: (r.heldout["recall"], r.heldout["auroc"])).hook_point
+    chosen = max(results, key=lambda r: (r.heldout["auroc"], r.heldout["recall"])).hook_point
     entries = []
     for result in results:
         fname = (
