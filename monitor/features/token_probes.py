@@ -177,24 +177,24 @@ def fit_layers(
     negatives = labels.count(0)
     if negatives == 0 or labels.count(1) == 0:
         raise FeatureError("the held-out split needs both labels", field="label")
-    if math.floor(fpr * negatives) < 1:
-        raise FeatureError(
-            f"{negatives} held-out negatives cannot resolve a false-positive rate of {fpr} "
-            f"(need at least {math.ceil(1 / fpr)})",
-            field="fpr",
-        )
+    # Too few negatives to resolve ``fpr``: the threshold goes just above the highest negative
+    # score (none of them above it), which is the lowest rate these negatives can show.
+    resolvable = math.floor(fpr * negatives) >= 1
     for hp in hook_points:
         fit = fit_token_probe(fit_tokens, hp, l2=l2)
         aggregation, by_window = choose_aggregation(heldout_tokens, hp, fit, fpr, windows)
         scores = score_conversations(heldout_tokens, hp, fit, aggregation)
         negative_scores = [s for s, y in zip(scores, labels, strict=True) if y == 0]
-        threshold = threshold_at_fpr(negative_scores, fpr)
+        threshold = threshold_at_fpr(negative_scores, fpr) if resolvable else max(negative_scores)
         point = operating_point(scores, labels, threshold)
         heldout = {
             "auroc": auroc(scores, labels),
             "recall": point.recall,
             "fpr": point.fpr,
             "conversations": float(len(heldout_tokens)),
+            "negatives": float(negatives),
+            # 1.0 when the negatives could not resolve ``fpr`` and the threshold is their max.
+            "threshold_at_max_negative": float(not resolvable),
         }
         results.append(LayerResult(hp, fit, aggregation, threshold, heldout, by_window))
     return results
