@@ -34,7 +34,7 @@ def test_real_weights_demo_alerts_and_keeps_its_workdir(tmp_path: Path, capsys) 
     # requests and keep most benign ones silent.
     misuse = re.search(r"misuse: (\d+) of (\d+) label-1 alerted, (\d+) of (\d+) label-0", out)
     assert misuse is not None
-    hits, positives, silent, negatives = map(int, misuse.groups())
+    hits, _, silent, negatives = map(int, misuse.groups())
     assert hits >= 1 and silent >= negatives - 1
     assert (workdir / "audit.db").is_file() and (workdir / "demo-rules.yaml").is_file()
     assert f"safety-monitor audit list --store sqlite:///{workdir / 'audit.db'}" in out
