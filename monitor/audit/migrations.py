@@ -83,6 +83,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX conversations_updated_at ON conversations (updated_at)",
         ),
     ),
+    Migration(
+        3,
+        "reviewer labels of alerts (the review page)",
+        (
+            # One row per verdict given; the newest row of an alert is its current label, the
+            # older ones are its history (who changed their mind, and when).
+            """CREATE TABLE labels (
+                id {id},
+                alert_id BIGINT NOT NULL REFERENCES alerts (id),
+                conversation_id TEXT NOT NULL REFERENCES conversations (conversation_id),
+                verdict TEXT NOT NULL,
+                note TEXT NOT NULL DEFAULT '',
+                labeler TEXT NOT NULL,
+                created_at {ts} NOT NULL
+            )""",
+            "CREATE INDEX labels_conversation ON labels (conversation_id, id)",
+            "CREATE INDEX labels_alert ON labels (alert_id)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
