@@ -227,7 +227,9 @@ def test_export_labeled_cli(store_url: str, tmp_path: Path, capsys) -> None:
     L.add_label(store, _alert_ids(store, "c3")[0], L.ESCALATE, "", "alice", NOW)
     store.close()
     out = tmp_path / "labeled.jsonl"
-    assert audit_main(["audit", "export", "--store", store_url, "--labeled", "--out", str(out)]) == 0
+    assert (
+        audit_main(["audit", "export", "--store", store_url, "--labeled", "--out", str(out)]) == 0
+    )
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["id"], r["label"]) for r in lines] == [("review:c2:deception", 1)]
     assert "exported 1 labeled record(s)" in capsys.readouterr().err

@@ -57,7 +57,9 @@ SECURITY_HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),  # conversation ids are in our URLs
+    # Conversation ids are in our URLs: never send them to another site. (no-referrer would
+    # make browsers send `Origin: null` on our own form posts, which the Origin check refuses.)
+    (b"referrer-policy", b"same-origin"),
     (b"cross-origin-opener-policy", b"same-origin"),
 ]
 # Shown as a visible escape instead of acting on the text around them: C0/C1 controls (but
@@ -158,7 +160,9 @@ class ReviewApp:
     def _unauthorized(self, request: Request) -> Response:
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": "authentication required"}, 401)
-        next_path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        # The path as sent (still percent-encoded): an id with '/' must come back the same.
+        raw = request.scope.get("raw_path") or request.url.path.encode()
+        next_path = raw.decode("latin-1") + (f"?{request.url.query}" if request.url.query else "")
         return self._html(
             "login.html",
             {"next": next_path, "login": self.auth.login_enabled, "error": ""},
