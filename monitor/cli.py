@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     from monitor.audit.cli import add_audit_commands
     from monitor.bench.encoder import add_bench_encoder_command
     from monitor.bench.overhead import add_bench_overhead_command
+    from monitor.bench.review import add_bench_review_command
     from monitor.bench.rules import add_bench_rules_command
     from monitor.bench.sidecar import add_bench_sidecar_command
     from monitor.features.cli import add_pack_commands
@@ -65,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     add_bench_rules_command(bench_commands)
     add_bench_overhead_command(bench_commands)
     add_bench_sidecar_command(bench_commands)
+    add_bench_review_command(bench_commands)
     return parser
 
 

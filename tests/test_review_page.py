@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -166,6 +167,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         ]
     )  # fmt: skip
     store.close()
+    # A damaged row (hand-edited, or a bug): its line break must not shift later tokens' values.
+    with sqlite3.connect(workdir / "audit.db") as db:
+        db.execute(
+            "UPDATE tokens SET features = ? WHERE conversation_id = ? AND position = 2",
+            ('not json\r\n{"p/deception": 99}</script><script>window.__pwned=4</script>', HOSTILE),
+        )
     write_pack(workdir / "p.pack.safetensors")
     (workdir / "alice.token").write_text(TOKEN + "\n")
     port = _free_port()
@@ -266,7 +273,11 @@ def test_pages_carry_a_strict_csp_and_no_inline_script(server: Server) -> None:
         html = body.decode()
         for chunk in html.split("<script")[1:]:
             tag = chunk.split(">", 1)[0]
-            assert 'src="/static/' in tag or 'type="application/json"' in tag, tag
+            assert (
+                'src="/static/' in tag
+                or 'type="application/json"' in tag
+                or ('type="text/plain"' in tag)
+            ), tag
         assert "http://" not in html.replace(server.base, "") and "https://" not in html
 
 
@@ -574,6 +585,10 @@ def test_hostile_token_text_renders_inertly(page: Any, server: Server) -> None:
     assert tokens.nth(4).locator(".nl").count() == 1
     assert tokens.nth(6).inner_text() == "<b>not bold</b>"
     assert page.locator("#tokens img, #tokens b, #tokens script, #alerts img").count() == 0
+    assert "damaged feature values at token(s) 2" in page.inner_text("section.head")
+    page.hover(".fname[data-feature='p/deception']")
+    values = tokens.evaluate_all("ts => ts.map(t => t.dataset.value)")
+    assert values == ["0", "1", "", "3", "4", "5", "6"]  # the damaged row shifted nothing
     mega = tokens.nth(5).inner_text()
     assert len(mega) < 5000 and f"(+{MEGA - 4096} chars)" in mega
     card = page.locator(".alert-card").first

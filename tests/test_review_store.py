@@ -177,7 +177,7 @@ def test_same_timestamp_pages_by_conversation_id(store: AuditStore) -> None:
     rest = L.list_review(
         store, L.ReviewQuery(limit=10, after=(first[-1].updated_at, first[-1].conversation_id))
     )
-    assert [r.conversation_id for r in first + rest] == [f"s{i}" for i in range(5)]
+    assert [r.conversation_id for r in first + rest] == [f"s{i}" for i in reversed(range(5))]
 
 
 def test_purge_removes_labels_with_their_conversation(store: AuditStore) -> None:

@@ -189,13 +189,14 @@ def list_review(store: AuditStore, query: ReviewQuery) -> list[ReviewRow]:
         params.extend(status_clause[1])
     if query.after is not None:
         at, cid = query.after
-        where.append("(c.updated_at < ? OR (c.updated_at = ? AND c.conversation_id > ?))")
-        params.extend([sql._write_ts(at), sql._write_ts(at), cid])
+        where.append("(c.updated_at, c.conversation_id) < (?, ?)")
+        params.extend([sql._write_ts(at), cid])
     statement = (
         "SELECT c.conversation_id, c.model, c.first_flagged_at, c.updated_at, c.ended "
         "FROM conversations c"
         + (" WHERE " + " AND ".join(where) if where else "")
-        + " ORDER BY c.updated_at DESC, c.conversation_id LIMIT ?"
+        # Both keys descending: one backward walk of conversations_recent, no sort.
+        + " ORDER BY c.updated_at DESC, c.conversation_id DESC LIMIT ?"
     )
     params.append(max(1, query.limit))
     with sql._lock, sql._transaction(write=False) as cur:
@@ -396,3 +397,78 @@ def label_to_json(label: LabelRecord) -> dict[str, Any]:
 def dumps_record(item: Mapping[str, Any]) -> str:
     """One JSONL line (no ASCII escaping: the loaders read UTF-8)."""
     return json.dumps(item, ensure_ascii=False)
+
+
+@dataclass
+class RawConversation:
+    """A conversation as stored, with token features still JSON text (the review page's fast
+    path: it parses all tokens' features in one call instead of one per token)."""
+
+    conversation_id: str
+    model: str
+    first_flagged_at: datetime | None
+    updated_at: datetime | None
+    ended: bool
+    hook_points: tuple[str, ...]
+    positions: list[int]
+    texts: list[str | None]
+    roles: list[str]
+    request_ids: list[str]
+    features_json: list[str]
+    alerts: list[Any]  # AlertRecord
+    warnings: list[str]
+
+
+def raw_conversation(store: AuditStore, conversation_id: str) -> RawConversation | None:
+    """The conversation's columns, or None when it is not in the store."""
+    from monitor.audit.store import _ALERT_COLUMNS, _Decoder
+
+    sql = _sql_store(store)
+    with sql._lock, sql._transaction(write=False) as cur:
+        cur.execute(
+            sql._sql(
+                "SELECT conversation_id, model, first_flagged_at, updated_at, ended, hook_points "
+                "FROM conversations WHERE conversation_id = ?"
+            ),
+            (conversation_id,),
+        )
+        head = cur.fetchone()
+        if head is None:
+            return None
+        cur.execute(
+            sql._sql(
+                "SELECT position, text, role, request_id, features FROM tokens "
+                "WHERE conversation_id = ? ORDER BY position"
+            ),
+            (conversation_id,),
+        )
+        token_rows = cur.fetchall()
+        cur.execute(
+            sql._sql(
+                f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE conversation_id = ? "
+                "ORDER BY position, id"
+            ),
+            (conversation_id,),
+        )
+        alert_rows = cur.fetchall()
+    dec = _Decoder(sql._read_ts)
+    columns: list[list[Any]] = [list(c) for c in zip(*token_rows, strict=True)] or [[]] * 5
+    positions, texts, roles, request_ids, features = columns
+    return RawConversation(
+        conversation_id=str(head[0]),
+        model=dec.text(head[1], "conversation model"),
+        first_flagged_at=dec.ts(head[2], "conversation first_flagged_at"),
+        updated_at=dec.ts(head[3], "conversation updated_at"),
+        ended=bool(head[4]),
+        hook_points=tuple(dec.json_list(head[5], "conversation hook_points")),
+        positions=[int(p) for p in positions],
+        texts=[t if t is None or isinstance(t, str) else CORRUPT_TEXT for t in texts],
+        roles=[r if isinstance(r, str) else CORRUPT_TEXT for r in roles],
+        request_ids=[q if isinstance(q, str) else CORRUPT_TEXT for q in request_ids],
+        features_json=[f if isinstance(f, str) else "null" for f in features],
+        alerts=[sql._alert(row, dec) for row in alert_rows],
+        warnings=dec.warnings,
+    )
+
+
+CORRUPT_TEXT = "\ufffd"

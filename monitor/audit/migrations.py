@@ -100,6 +100,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
             "CREATE INDEX labels_conversation ON labels (conversation_id, id)",
             "CREATE INDEX labels_alert ON labels (alert_id)",
+            # The list view walks conversations newest first and pages by this key; without
+            # it every page sorts the whole table.
+            "CREATE INDEX conversations_recent ON conversations (updated_at, conversation_id)",
+            # Its rule filter checks each walked conversation's alerts: by conversation first
+            # (SQLite would otherwise scan every alert of the rule for each conversation).
+            "CREATE INDEX alerts_conversation_rule ON alerts (conversation_id, rule)",
         ),
     ),
 )

@@ -235,7 +235,7 @@ class ReviewApp:
         filters = {k: params.get(k, "") for k in _FILTERS}
         next_query = ""
         if more and rows and rows[-1].updated_at is not None:
-            cursor = _cursor(rows[-1].updated_at, rows[-1].conversation_id)
+            cursor = page_cursor(rows[-1].updated_at, rows[-1].conversation_id)
             next_query = urllib.parse.urlencode({**_nonempty(filters), "after": cursor})
         context = {
             "identity": identity,
@@ -265,20 +265,23 @@ class ReviewApp:
             return self._unauthorized(request)
         cid = request.path_params["conversation_id"]
         try:
-            record, labels = self._record(cid)
+            raw = label_store.raw_conversation(self.store, cid)
+            labels = label_store.labels_for(self.store, cid) if raw is not None else []
         except Exception as exc:
             return self._store_failed(identity, exc)
-        if record is None:
+        if raw is None:
             message = f"no conversation {visible(cid)!r} in the audit store"
             return self._html("error.html", {"message": message, "identity": identity}, 404)
-        data = page_data(record, labels, self.features)
+        data = page_data(raw, labels, self.features)
         context = {
             "identity": identity,
-            "record": record,
-            "summary": record.summary,
+            "conversation": raw,
+            "token_count": len(raw.positions),
+            "warnings": data["warnings"],
             "data": _json_for_html(data),
+            "feature_rows": feature_rows(raw),
             "csrf": self.auth.csrf_token(identity),
-            "alert_count": len(record.alerts),
+            "alert_count": len(raw.alerts),
         }
         return self._html("conversation.html", context)
 
@@ -375,7 +378,8 @@ def _parse_time(text: str, name: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _cursor(at: datetime, conversation_id: str) -> str:
+def page_cursor(at: datetime, conversation_id: str) -> str:
+    """The list view's `after` parameter for the page after this row."""
     raw = json.dumps([at.isoformat(), conversation_id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -425,46 +429,37 @@ def _finite(value: float | None) -> float | None:
     return value if value is None or math.isfinite(value) else None
 
 
+def feature_rows(raw: label_store.RawConversation) -> Markup:
+    """Each token's feature values as the JSON text the store holds (`{"pack/f": 1.5}`), one
+    line per token, for a `<script type="text/plain">` data block.
+
+    The browser parses them: parsing 4,096 x k numbers in Python, or quoting them all as JSON
+    strings, would be most of the page's server time. The store writes these without raw
+    newlines; a row that has one (a damaged row) is sent as `null`, so line i stays token i.
+    A row that does not parse is shown as missing values with a warning. Escaping `<` keeps
+    `</script>` out; `<` is never valid JSON outside a string, where \\u003c means the same.
+    """
+    # (The HTML parser turns a CR into a line break too.)
+    lines = [row if "\n" not in row and "\r" not in row else "null" for row in raw.features_json]
+    return Markup("\n".join(lines).replace("<", "\\u003c"))
+
+
 def page_data(
-    record: ConversationRecord, labels: list[Any], metadata: Mapping[str, Mapping[str, str]]
+    raw: label_store.RawConversation,
+    labels: list[Any],
+    metadata: Mapping[str, Mapping[str, str]],
 ) -> dict[str, Any]:
-    """What the conversation page's script draws: tokens, the feature x token matrix, alerts."""
-    names: dict[str, None] = {}
-    for token in record.tokens:
-        names.update(dict.fromkeys(token.features))
-    for alert in record.alerts:
-        names.update(dict.fromkeys(alert.feature_values))
-    ordered = sorted(names)
-    values = [[_finite(t.features.get(n)) for t in record.tokens] for n in ordered]
-    features = []
-    for name, row in zip(ordered, values, strict=True):
-        present = [(v, i) for i, v in enumerate(row) if v is not None]
-        # The first token of the highest value (max keeps the first of equal keys).
-        peak, at = max(present, key=lambda p: p[0], default=(None, None))
-        info = metadata.get(name, {})
-        features.append(
-            {
-                "name": name,
-                "description": info.get("description", ""),
-                "label": info.get("label", ""),
-                "category": info.get("category", ""),
-                "hook_point": info.get("hook_point", ""),
-                "peak": peak,
-                "peak_position": record.tokens[at].position if at is not None else None,
-            }
-        )
-    tokens = []
-    for t in record.tokens:
-        item: dict[str, Any] = {"p": t.position, "r": t.role, "q": t.request_id}
-        text = t.text
+    """What the conversation page's script draws, but the feature values (`feature_rows`)."""
+    texts: list[str | None] = []
+    cut: dict[int, int] = {}
+    for i, text in enumerate(raw.texts):
         if text is not None and len(text) > MAX_TOKEN_CHARS:
-            item["n"] = len(text)
+            cut[i] = len(text)
             text = text[:MAX_TOKEN_CHARS]
-        item["t"] = text
-        tokens.append(item)
+        texts.append(text)
     current = label_store.current_labels(labels)
     alerts = []
-    for a in record.alerts:
+    for a in raw.alerts:
         label = current.get(a.id) if a.id is not None else None
         alerts.append(
             {
@@ -488,13 +483,18 @@ def page_data(
             }
         )
     return {
-        "conversation_id": record.summary.conversation_id,
-        "tokens": tokens,
-        "features": features,
-        "values": values,
+        "conversation_id": raw.conversation_id,
+        "feature_info": {name: dict(info) for name, info in metadata.items()},
+        "tokens": {
+            "position": raw.positions,
+            "text": texts,
+            "role": raw.roles,
+            "request": raw.request_ids,
+            "cut": cut,  # token index -> full length, for tokens shown cut short
+        },
         "alerts": alerts,
         "verdicts": list(label_store.VERDICTS),
-        "warnings": record.warnings,
+        "warnings": raw.warnings,
     }
 
 

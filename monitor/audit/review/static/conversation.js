@@ -6,10 +6,54 @@
 (function () {
   const data = JSON.parse(document.getElementById("review-data").textContent);
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
-  const tokens = data.tokens;
-  const features = data.features;
-  const values = data.values;
-  const n = tokens.length;
+  const columns = data.tokens;
+  const n = columns.position.length;
+  // Token i: {p: position, t: text (or null), r: role, q: request id, n: full length if cut}.
+  const tokens = columns.position.map((p, i) => ({
+    p: p, t: columns.text[i], r: columns.role[i], q: columns.request[i], n: columns.cut[i],
+  }));
+  // Each token's feature values, as the JSON text the store holds; a damaged row is shown as
+  // "nothing recorded" and named in a warning.
+  const damaged = [];
+  const rowText = document.getElementById("feature-rows").textContent;
+  const lines = n ? rowText.split("\n") : [];
+  const rows = tokens.map((t, i) => {
+    const text = lines[i];
+    try {
+      const row = JSON.parse(text);
+      if (row !== null && typeof row === "object" && !Array.isArray(row)) return row;
+    } catch (e) { /* fall through */ }
+    damaged.push(tokens[i].p);
+    return {};
+  });
+  const nameSet = new Set();
+  for (const row of rows) for (const k of Object.keys(row)) nameSet.add(k);
+  for (const a of data.alerts) for (const k of Object.keys(a.feature_values)) nameSet.add(k);
+  const names = Array.from(nameSet).sort();
+  const values = names.map((name) => rows.map((row) => {
+    const v = row[name];
+    return typeof v === "number" && Number.isFinite(v) ? v : null;
+  }));
+  // Peak: the highest value and the first token where it occurs.
+  const features = names.map((name, fi) => {
+    const info = data.feature_info[name] || {};
+    let peak = null;
+    let at = null;
+    values[fi].forEach((v, ti) => {
+      if (v !== null && (peak === null || v > peak)) { peak = v; at = ti; }
+    });
+    return {
+      name: name, description: info.description || "", label: info.label || "",
+      category: info.category || "", hook_point: info.hook_point || "",
+      peak: peak, peak_position: at === null ? null : tokens[at].p,
+    };
+  });
+  if (damaged.length) {
+    const warning = document.createElement("p");
+    warning.className = "warning";
+    warning.textContent = "damaged feature values at token(s) " + damaged.slice(0, 20).join(", ");
+    document.querySelector("section.head").appendChild(warning);
+  }
   const ROW_H = 14;
   // Wide enough to hover one token, narrow enough that 4,096 tokens stay one scroll strip.
   const CELL_W = Math.max(2, Math.min(12, Math.floor(960 / Math.max(1, n))));
@@ -142,13 +186,13 @@
     sctx.fillRect(x0, 0, Math.max(CELL_W, x1 - x0), strip.height);
   }
 
-  const names = document.getElementById("heat-names");
+  const nameBox = document.getElementById("heat-names");
   const nameRows = features.map((f, fi) => {
     const row = el("div", "fname", f.label ? f.label + " (" + f.name + ")" : f.name);
     row.dataset.feature = f.name;
     row.addEventListener("mouseenter", () => { if (pinned === null) select(fi); });
     row.addEventListener("click", () => pin(fi));
-    names.appendChild(row);
+    nameBox.appendChild(row);
     return row;
   });
 
