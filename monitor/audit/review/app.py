@@ -17,6 +17,7 @@ and styles only from /static (no inline script or style, nothing from another or
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import re
@@ -110,6 +111,21 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def cpu_timed(handler: Callable[[Any, Request], Response]) -> Callable[[Any, Request], Response]:
+    """Adds `Server-Timing: cpu;dur=<ms>`: the handler thread's CPU time, which (unlike wall
+    time) a CPU-contended machine does not inflate."""
+
+    @functools.wraps(handler)
+    def timed(self: Any, request: Request) -> Response:
+        start = time.thread_time()
+        response = handler(self, request)
+        cpu_ms = (time.thread_time() - start) * 1000
+        response.headers.append("server-timing", f"cpu;dur={cpu_ms:.2f}")
+        return response
+
+    return timed
 
 
 class ReviewApp:
@@ -217,6 +233,7 @@ class ReviewApp:
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response
 
+    @cpu_timed
     def conversation_list(self, request: Request) -> Response:
         identity = self._identity(request)
         if identity is None:
@@ -259,6 +276,7 @@ class ReviewApp:
             return None, []
         return record, label_store.labels_for(self.store, conversation_id)
 
+    @cpu_timed
     def conversation_page(self, request: Request) -> Response:
         identity = self._identity(request)
         if identity is None:
