@@ -311,3 +311,65 @@ def test_pack_metadata_reader_matches_a_real_pack(tmp_path: Path) -> None:
     assert meta["probes/deception"]["description"] == "model states what it believes false"
     assert meta["probes/deception"]["label"] == "Deception"
     assert meta["probes/harm"]["hook_point"] == "layers.3"
+
+
+# --- the served page on each backend -------------------------------------------------------------
+
+
+def test_review_page_serves_each_backend(store_url: str, tmp_path: Path) -> None:
+    """The page's own queries on SQLite and PostgreSQL: list, conversation view, a label."""
+    import socket
+    import threading
+    import time
+    import urllib.request
+
+    import uvicorn
+
+    from monitor.audit.review.app import create_app
+    from monitor.audit.review.config import AuthSettings, ReviewConfig, TokenEntry
+
+    store = open_store(store_url)
+    store.write([_conversation("c/1", NOW), _conversation("c2", NOW - timedelta(hours=1))])
+    (aid,) = _alert_ids(store, "c/1")
+    store.close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = "k" * 32
+    config = ReviewConfig(
+        store=store_url,
+        listen=f"127.0.0.1:{port}",
+        auth=AuthSettings(tokens=(TokenEntry("alice", token),)),
+    )
+    app = create_app(config)
+    server = uvicorn.Server(
+        uvicorn.Config(app.asgi, host="127.0.0.1", port=port, log_level="error")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started
+
+        def call(path: str, data: bytes | None = None) -> tuple[int, str]:
+            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data, headers)
+            with urllib.request.urlopen(request, timeout=20) as r:
+                return r.status, r.read().decode()
+
+        status, body = call("/conversations?status=unreviewed&rule=deceive")
+        assert status == 200 and 'data-conversation="c/1"' in body and "c2" in body
+        status, body = call("/conversations/c%2F1")
+        assert status == 200 and "deceive fired" in body and '{"p/x":2.5}' in body
+        label = json.dumps({"verdict": "true_positive", "note": "n"}).encode()
+        assert call(f"/api/alerts/{aid}/labels", label)[0] == 201
+        status, body = call("/conversations?status=true_positive")
+        assert 'data-conversation="c/1"' in body and 'data-conversation="c2"' not in body
+        status, body = call("/export/c%2F1")
+        assert json.loads(body)["labels"][0]["labeler"] == "alice"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        app.close()
