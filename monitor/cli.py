@@ -1,9 +1,9 @@
 """safety-monitor command line.
 
 serve | demo | pack build|fit|calibrate|inspect | rules check|test
-| audit list|show|export|purge|serve | bench encoder|rules|overhead|sidecar|review. Each
-command group lives with its stage (monitor/features/cli.py, monitor/rules/cli.py, monitor/audit/cli.py, monitor/bench/); this
-module only assembles them.
+| audit list|show|export|purge|serve | bench encoder|rules|overhead|sidecar|review.
+Each command group lives with its stage (monitor/features/cli.py, monitor/rules/cli.py,
+monitor/audit/cli.py, monitor/bench/); this module only assembles them.
 """
 
 from __future__ import annotations
