@@ -529,6 +529,16 @@ def test_scrubbing_a_feature_highlights_its_tokens(page: Any, server: Server) ->
     hot = page.locator(".tok.hot").evaluate_all("ts => ts.map(t => Number(t.dataset.pos))")
     peak = max(deception(i) for i in range(10, 120))
     assert sorted(hot) == [i for i in range(10, 120) if deception(i) >= 0.5 * peak]
+    # The keyboard scrubs too: down to the next feature, right to the next token.
+    page.focus("#heatmap")
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("ArrowRight")
+    assert page.inner_text("#feature-name") == "p/harm"
+    assert page.locator("#cell-readout").get_attribute("data-position") == "31"
+    page.keyboard.press("ArrowUp")
+    assert page.inner_text("#feature-name") == "p/deception"
+    hot = page.locator(".tok.hot").evaluate_all("ts => ts.map(t => Number(t.dataset.pos))")
+    assert sorted(hot) == [i for i in range(10, 120) if deception(i) >= 0.5 * peak]
 
 
 def test_label_an_alert_and_find_it_in_the_labeled_export(page: Any, server: Server) -> None:

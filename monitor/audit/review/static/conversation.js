@@ -239,11 +239,11 @@
   }
 
   const readout = document.getElementById("cell-readout");
-  canvas.addEventListener("mousemove", (ev) => {
-    const ti = Math.floor(ev.offsetX / CELL_W);
-    const fi = Math.floor(ev.offsetY / ROW_H);
+  let cursor = { ti: 0, fi: 0 };
+  function point(ti, fi, follow) {
     if (ti < 0 || ti >= n || fi < 0 || fi >= features.length) return;
-    if (pinned === null) select(fi);
+    cursor = { ti: ti, fi: fi };
+    if (follow || pinned === null) select(fi);
     const v = values[fi][ti];
     const t = tokens[ti];
     readout.textContent = features[fi].name + " @ token " + t.p + " " +
@@ -253,6 +253,20 @@
     readout.dataset.value = v === null ? "" : String(v);
     spans.forEach((s) => s.classList.remove("cursor"));
     spans[ti].classList.add("cursor");
+  }
+  canvas.addEventListener("mousemove", (ev) => {
+    point(Math.floor(ev.offsetX / CELL_W), Math.floor(ev.offsetY / ROW_H), false);
+  });
+  // Keyboard scrubbing: left/right along the tokens, up/down between features.
+  canvas.tabIndex = 0;
+  canvas.addEventListener("keydown", (ev) => {
+    const step = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+    const move = step[ev.key];
+    if (!move) return;
+    ev.preventDefault();
+    pinned = null;
+    point(Math.min(n - 1, Math.max(0, cursor.ti + move[0])),
+      Math.min(features.length - 1, Math.max(0, cursor.fi + move[1])), true);
   });
   canvas.addEventListener("click", (ev) => {
     const fi = Math.floor(ev.offsetY / ROW_H);
