@@ -42,7 +42,7 @@ from monitor.audit import labels as label_store
 from monitor.audit.review.auth import CSRF_HEADER, SESSION_COOKIE, Authenticator, Identity
 from monitor.audit.review.config import ReviewConfig
 from monitor.audit.review.packs import read_all
-from monitor.audit.store import AuditStore, ConversationRecord, StoreError, open_store
+from monitor.audit.store import AuditStore, ConversationRecord, open_store
 
 HERE = Path(__file__).parent
 # A token longer than this is cut on the page (the export keeps it whole): a megabyte token
@@ -245,7 +245,7 @@ class ReviewApp:
             return self._html("error.html", {"message": str(exc), "identity": identity}, 400)
         try:
             rows = label_store.list_review(self.store, query)
-        except (StoreError, Exception) as exc:  # the driver's errors are not StoreError
+        except Exception as exc:  # StoreError, or the driver's own errors
             return self._store_failed(identity, exc)
         more = len(rows) > self.config.page_size
         rows = rows[: self.config.page_size]
