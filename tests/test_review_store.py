@@ -170,6 +170,21 @@ def test_list_filters_status_and_keyset_paging(store: AuditStore) -> None:
     assert seen == everything
 
 
+def test_rule_filter_gives_the_same_rows_on_both_query_plans(
+    store: AuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.write(
+        [_conversation(f"c{i}", NOW - timedelta(minutes=i),
+                       (("deceive" if i % 3 else "stereotype", "deception", "critical"),))
+         for i in range(12)]
+    )  # fmt: skip
+    query = L.ReviewQuery(rule="stereotype", since=NOW - timedelta(minutes=7), limit=100)
+    rare = [r.conversation_id for r in L.list_review(store, query)]  # from the rule's alerts
+    monkeypatch.setattr(L, "RARE_RULE_ALERTS", 0)
+    common = [r.conversation_id for r in L.list_review(store, query)]  # walking conversations
+    assert rare == common == ["c0", "c3", "c6"]
+
+
 def test_same_timestamp_pages_by_conversation_id(store: AuditStore) -> None:
     store.write([_conversation(f"s{i}", NOW) for i in range(5)])
     first = L.list_review(store, L.ReviewQuery(limit=2))

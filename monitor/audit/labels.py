@@ -35,7 +35,10 @@ VERDICTS = (TRUE_POSITIVE, FALSE_POSITIVE, ESCALATE)
 STATUSES = ("unreviewed", "reviewed", *VERDICTS)
 MAX_NOTE_CHARS = 4000
 MAX_LABELER_CHARS = 256
-DATASET_SPLIT = "calibrate"  # review labels are calibration data, never fit or test data
+DATASET_SPLIT = "calibrate"
+# Up to this many alerts of a filtered rule, the list query starts from those alerts and sorts
+# them; above it, walking conversations newest first finds a page sooner.
+RARE_RULE_ALERTS = 5000  # review labels are calibration data, never fit or test data
 
 
 class LabelError(ValueError):
@@ -174,11 +177,31 @@ def list_review(store: AuditStore, query: ReviewQuery) -> list[ReviewRow]:
         if value:
             alert_clauses.append(f"a.{column} = ?")
             params.append(value)
-    if alert_clauses:
-        where.append(
+    if query.since is not None:
+        # A conversation last written before `since` has no alert since then: this bounds the
+        # newest-first walk.
+        where.append("c.updated_at >= ?")
+        params.append(sql._write_ts(query.since))
+    rare_rule = False
+    if query.rule:
+        with sql._lock, sql._transaction(write=False) as cur:
+            cur.execute(sql._sql("SELECT COUNT(*) FROM alerts WHERE rule = ?"), (query.rule,))
+            rare_rule = int(cur.fetchone()[0]) <= RARE_RULE_ALERTS
+    if alert_clauses and rare_rule:
+        # Few alerts of this rule: start from them (the alerts_rule index) rather than walk
+        # every conversation looking for one.
+        where.insert(
+            0,
+            "c.conversation_id IN (SELECT a.conversation_id FROM alerts a WHERE "
+            + " AND ".join(alert_clauses)
+            + ")",
+        )
+    elif alert_clauses:
+        where.insert(
+            0,
             "EXISTS (SELECT 1 FROM alerts a WHERE a.conversation_id = c.conversation_id AND "
             + " AND ".join(alert_clauses)
-            + ")"
+            + ")",
         )
     if query.model:
         where.append("c.model = ?")
@@ -237,13 +260,6 @@ def _ts_or_none(sql: SqlAuditStore, value: Any) -> datetime | None:
         return None
 
 
-# The newest label of each alert, as a subquery: labels.id grows with time.
-_CURRENT = (
-    "SELECT l.alert_id, l.verdict FROM labels l WHERE l.conversation_id = c.conversation_id "
-    "AND l.id = (SELECT MAX(l2.id) FROM labels l2 WHERE l2.alert_id = l.alert_id)"
-)
-
-
 def _status_clause(status: str | None) -> tuple[str, list[Any]] | None:
     if not status:
         return None
@@ -254,10 +270,16 @@ def _status_clause(status: str | None) -> tuple[str, list[Any]] | None:
             "NOT EXISTS (SELECT 1 FROM labels l WHERE l.alert_id = a.id))",
             [],
         )
+    # Labeled conversations are the few: start from the labels rather than walk every
+    # conversation looking for one.
     if status == "reviewed":
-        return ("EXISTS (SELECT 1 FROM labels l WHERE l.conversation_id = c.conversation_id)", [])
+        return ("c.conversation_id IN (SELECT l.conversation_id FROM labels l)", [])
     if status in VERDICTS:
-        return (f"EXISTS ({_CURRENT} AND l.verdict = ?)", [status])
+        return (
+            "c.conversation_id IN (SELECT l.conversation_id FROM labels l WHERE l.verdict = ? "
+            "AND l.id = (SELECT MAX(l2.id) FROM labels l2 WHERE l2.alert_id = l.alert_id))",
+            [status],
+        )
     raise LabelError(f"status must be one of {', '.join(STATUSES)}")
 
 

@@ -106,6 +106,9 @@ MIGRATIONS: tuple[Migration, ...] = (
             # Its rule filter checks each walked conversation's alerts: by conversation first
             # (SQLite would otherwise scan every alert of the rule for each conversation).
             "CREATE INDEX alerts_conversation_rule ON alerts (conversation_id, rule)",
+            # Its model filter, newest first, without walking the other models' rows.
+            "CREATE INDEX conversations_model_recent ON conversations "
+            "(model, updated_at, conversation_id)",
         ),
     ),
 )
