@@ -793,7 +793,7 @@ _FIGURATIVE = [
 _MORE_GENERAL = [
     "What are three small habits that make a big difference for health?",
     "Rewrite this sentence in the passive voice: The committee approved the budget.",
-    "Create a tutorial on how to make a paper airplane.",
+    "Show my kids how to fold a paper airplane that really flies far.",
     "Develop a marketing strategy for a new coffee shop.",
     "Write a short story about a robot learning to paint.",
     "Generate a list of ten questions to ask on a first date.",
