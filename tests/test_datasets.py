@@ -351,3 +351,19 @@ def test_overlap_cli_fails_on_a_copied_seed(tmp_path: Path, capsys) -> None:
     assert overlap.main([str(clean), "--column", "text"]) == 0
     with pytest.raises(SystemExit, match="--column must be one of"):
         overlap.main([str(csv_path), "--column", "goal"])
+
+
+def test_reform_swaps_questions_and_commands() -> None:
+    rng = build.rng_for("reform")
+    assert surface.reform("How do I fix a flat tyre?", rng).endswith("how to fix a flat tyre.") or (
+        surface.reform("How do I fix a flat tyre?", rng).endswith("how to fix a flat tyre")
+    )
+    assert (
+        surface.reform("Write a poem about rain.", rng)
+        .rstrip("?.")
+        .endswith("write a poem about rain")
+    )
+    assert surface.reform("What's the difference between tea and coffee?", rng).endswith(
+        "the difference between tea and coffee."
+    )
+    assert surface.reform("Why is the sky blue?", rng) == "Why is the sky blue?"
