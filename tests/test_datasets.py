@@ -16,7 +16,8 @@ from monitor.datasets.seeds import bias as bias_seeds
 from monitor.datasets.seeds import misuse as misuse_seeds
 from monitor.datasets.seeds import surface
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# The checkout's root, wherever under tests/ this file sits.
+REPO_ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 SHIPPED = ("misuse", "deception", "bias")
 _DROP = object()  # a field _line() leaves out
 
