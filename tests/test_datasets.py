@@ -75,6 +75,15 @@ def test_shipped_ids_unique_and_groups_stay_in_one_split(shipped) -> None:
     assert not straddling, f"{task}: groups in several splits: {list(straddling)[:5]}"
 
 
+def test_shipped_labeled_texts_are_unique(shipped) -> None:
+    # The same labeled text twice would be a contradiction (two labels) or a leak (two splits).
+    task, convs = shipped
+    seen: dict[str, tuple[int, str | None]] = {}
+    for c in convs:
+        text = c.labeled_text.lower()
+        assert seen.setdefault(text, (c.label, c.split)) == (c.label, c.split), (task, text)
+
+
 def test_shipped_splits_are_about_60_20_20_by_group(shipped) -> None:
     task, convs = shipped
     split_of_group = {c.group: c.split for c in convs}
