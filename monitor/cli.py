@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     from monitor.bench.overhead import add_bench_overhead_command
     from monitor.bench.rules import add_bench_rules_command
     from monitor.bench.sidecar import add_bench_sidecar_command
-    from monitor.features.cli import add_pack_commands
+    from monitor.features.build.cli import add_pack_commands
     from monitor.rules.cli import add_rules_commands
 
     pack = commands.add_parser("pack", help="build, fit, calibrate and inspect feature packs")
@@ -74,9 +74,9 @@ def _fail(message: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from monitor.outputs.logging import configure_logging
+    from monitor.logs import configure_logging
     from monitor.sidecar.config import ConfigError, load_config
-    from monitor.sidecar.server import StartupError, serve
+    from monitor.sidecar.process import StartupError, serve
 
     try:
         config = load_config(args.config)

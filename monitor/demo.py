@@ -187,7 +187,7 @@ def calibrate(
     most often on benign prompts (so they can fire at all) and sets each threshold at the benign
     per-token quantile, a preview of `pack calibrate`.
     """
-    from monitor.features import load_sae
+    from monitor.features.build import load_sae
 
     sae = load_sae(sae_dir)
     generator = torch.Generator().manual_seed(seed)
@@ -235,7 +235,7 @@ def write_rules(path: Path, features: dict[str, int], thresholds: dict[str, floa
 
 
 def run_demo(workdir: Path | None = None, conversations: int = 4, new_tokens: int = 32) -> int:
-    from monitor.outputs.logging import configure_logging
+    from monitor.logs import configure_logging
 
     configure_logging("console", "error")
     if workdir is None:
@@ -247,9 +247,10 @@ def run_demo(workdir: Path | None = None, conversations: int = 4, new_tokens: in
 
 def _run(workdir: Path, conversations: int, new_tokens: int) -> int:
     from monitor.capture import CaptureClient
-    from monitor.features import build_pack_from_sae, load_sae, save_pack
+    from monitor.features import save_pack
+    from monitor.features.build import build_pack_from_sae, load_sae
     from monitor.sidecar.config import AuditSettings, SidecarConfig
-    from monitor.sidecar.server import SidecarThread
+    from monitor.sidecar.process import SidecarThread
 
     print(f"[1/5] building a tiny Llama model, an SAE and a feature pack in {workdir}")
     model = build_model()

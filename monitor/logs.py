@@ -1,4 +1,5 @@
-"""structlog set-up: JSON lines in production, a readable console on a TTY."""
+"""Process-wide structlog set-up (sidecar, relay, CLI, demo, bench): JSON lines in production, a
+readable console on a TTY."""
 
 from __future__ import annotations
 

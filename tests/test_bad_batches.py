@@ -244,7 +244,7 @@ def test_a_burst_read_ahead_is_processed_whole_and_in_order(sidecar):
     """The sidecar reads batches ahead of the one it is processing (at most a few waiting);
     a client that sends far more than that at once and half-closes still gets every batch
     processed, in order, before the stream ends."""
-    from monitor.sidecar.server import READ_AHEAD
+    from monitor.sidecar.grouping import READ_AHEAD
 
     count = 5 * READ_AHEAD
     batches = [

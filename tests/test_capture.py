@@ -101,8 +101,8 @@ def test_client_metrics_on_the_serving_process_registry():
 def test_a_frame_on_the_ring_becomes_the_wire_message():
     """Row selection happens on the way onto the ring; the relay's side adds the tensor bytes
     back to the metadata, exactly."""
-    from monitor.capture.frames import FrameWriter, read_step
-    from monitor.capture.ring import FrameKind, SharedRing
+    from monitor.capture.channel.frames import FrameWriter, read_step
+    from monitor.capture.channel.ring import FrameKind, SharedRing
     from monitor.capture.steps import CapturedStep, Tagging
     from monitor.wire import decode_tensor
 
@@ -141,8 +141,8 @@ def test_steps_of_one_tagging_share_a_template_and_arrive_exact():
     """Decode steps reuse their tagging's serialised metadata and add only rows and
     positions; every message the relay rebuilds equals the one built from scratch, also when
     the row counts, dtypes or hook points change under the same tagging."""
-    from monitor.capture.frames import FrameWriter, read_step
-    from monitor.capture.ring import FrameKind, SharedRing
+    from monitor.capture.channel.frames import FrameWriter, read_step
+    from monitor.capture.channel.ring import FrameKind, SharedRing
     from monitor.capture.steps import CapturedStep, Tagging
     from monitor.wire import decode_tensor
 
@@ -179,8 +179,8 @@ def test_steps_of_one_tagging_share_a_template_and_arrive_exact():
 
 
 def test_a_corrupt_templated_frame_is_refused_not_misread():
-    from monitor.capture.frames import FrameWriter, read_step
-    from monitor.capture.ring import FRAME_HEADER, SharedRing
+    from monitor.capture.channel.frames import FrameWriter, read_step
+    from monitor.capture.channel.ring import FRAME_HEADER, SharedRing
     from monitor.capture.steps import CapturedStep, Tagging
 
     ring = SharedRing.create(1 << 16)
@@ -199,8 +199,8 @@ def test_a_corrupt_templated_frame_is_refused_not_misread():
 
 def test_ring_wraps_and_refuses_what_does_not_fit():
     """Frames never straddle the end; a full ring says so instead of overwriting."""
-    from monitor.capture.frames import FrameTooLarge, FrameWriter, read_step
-    from monitor.capture.ring import SharedRing
+    from monitor.capture.channel.frames import FrameTooLarge, FrameWriter, read_step
+    from monitor.capture.channel.ring import SharedRing
     from monitor.capture.steps import CapturedStep, Tagging
     from monitor.wire import decode_tensor
 

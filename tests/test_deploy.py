@@ -304,7 +304,7 @@ def test_safety_monitor_is_a_native_sidecar_of_the_model_server():
 
 
 def test_probes_are_grpc_health_checks_on_the_grpc_port():
-    from monitor.sidecar.server import AUDIT_HEALTH_SERVICE
+    from monitor.sidecar.process import AUDIT_HEALTH_SERVICE
     from monitor.wire import SERVICE_NAME
 
     served = {"", SERVICE_NAME, AUDIT_HEALTH_SERVICE}

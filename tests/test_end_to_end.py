@@ -11,7 +11,7 @@ import grpc
 import torch
 
 from monitor.capture import CaptureClient
-from monitor.features import load_sae
+from monitor.features.build import load_sae
 from monitor.wire import encode_tensor, pb, pb_grpc
 from tests.conftest import build_pack_with_cli, build_tiny_llama
 

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import save_file
 
 from monitor.features import load_pack
-from monitor.features.cli import add_pack_commands
+from monitor.features.build.cli import add_pack_commands
 from tests.features_helpers import write_saelens_sae, write_sparsify
 from tests.test_features_probes import tiny_model_and_tokenizer, write_dataset
 

@@ -16,14 +16,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from monitor.features import (
-    FeatureError,
-    SAEFormatError,
-    TopKExactEncoder,
-    build_pack_from_sae,
-    detect_format,
-    load_sae,
-)
+from monitor.features import FeatureError, SAEFormatError, TopKExactEncoder
+from monitor.features.build import build_pack_from_sae, detect_format, load_sae
 from tests.features_helpers import (
     openai_state,
     write_dictionary_learning,

@@ -21,11 +21,10 @@ from monitor.features import (
     HookPointEncoder,
     PackError,
     RestrictedEncoder,
-    build_pack_from_sae,
     load_pack,
-    load_sae,
     save_pack,
 )
+from monitor.features.build import build_pack_from_sae, load_sae
 from tests.features_helpers import write_saelens_sae
 
 D_IN, D_SAE = 32, 48

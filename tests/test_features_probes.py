@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from monitor.features import FeatureError, load_pack, save_pack
-from monitor.features.probes import (
+from monitor.features.build.probes import (
     calibrate_pack,
     calibrate_thresholds,
     fit_probe,

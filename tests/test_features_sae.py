@@ -11,14 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from monitor.features import (
-    SAE,
-    FeatureError,
-    RestrictedEncoder,
-    SAEFormatError,
-    canonical_hook_point,
-    load_sae,
-)
+from monitor.features import FeatureError, RestrictedEncoder, SAEFormatError, canonical_hook_point
+from monitor.features.build import SAE, load_sae
 from tests.features_helpers import write_saelens_sae
 
 D_IN, D_SAE, ROWS = 64, 96, 33

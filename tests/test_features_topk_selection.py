@@ -15,13 +15,12 @@ from monitor.features import (
     PackError,
     RestrictedEncoder,
     TopKExactEncoder,
-    build_pack_from_sae,
     load_pack,
-    load_sae,
     save_pack,
 )
-from monitor.features.selection import build_from_selection, load_selection
-from monitor.features.topk import fit_topk_thresholds, load_activations, topk_disagreement
+from monitor.features.build import build_pack_from_sae, load_sae
+from monitor.features.build.selection import build_from_selection, load_selection
+from monitor.features.build.topk import fit_topk_thresholds, load_activations, topk_disagreement
 from tests.features_helpers import write_gemma_scope, write_saelens_sae, write_sparsify
 
 D_IN, D_SAE, K = 32, 128, 8

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from monitor.demo import write_saelens_sae
-from monitor.features import build_pack_from_sae, load_sae
+from monitor.features.build import build_pack_from_sae, load_sae
 from monitor.outputs.metrics import SidecarMetrics
 from monitor.sidecar.config import Limits
 from monitor.sidecar.pipeline import Pipeline
-from monitor.sidecar.server import load_ruleset
+from monitor.sidecar.process import load_ruleset
 from monitor.wire import encode_tensor, pb
 
 D_MODEL, HOOK = 16, "layers.3"

@@ -44,6 +44,7 @@ from monitor.audit.store import (
     TokenRecord,
     open_store,
 )
+from monitor.limits import MAX_CONVERSATIONS
 
 ResultKind = Literal["ok", "error", "dropped"]
 MAX_HELD_TOKENS = 512  # redaction holdback never keeps more tokens than this in memory
@@ -102,7 +103,7 @@ class AuditWriteResult:
 @dataclass(frozen=True)
 class RecorderConfig:
     window_tokens: int = 64
-    max_conversations: int = 10_000
+    max_conversations: int = MAX_CONVERSATIONS
     max_tokens_per_conversation: int = 8192
     redact_patterns: tuple[str, ...] = ()
     redaction_holdback_chars: int = 64

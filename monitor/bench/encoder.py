@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from monitor.features.sae import SAE
+from monitor.features.build.sae import SAE
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

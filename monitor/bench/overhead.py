@@ -55,7 +55,7 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    from monitor.outputs.logging import configure_logging
+    from monitor.logs import configure_logging
 
     configure_logging("auto", "warning")
     result = run_overhead_bench(
@@ -251,7 +251,8 @@ def _accounting(client: Any) -> dict[str, int]:
 
 def _write_pack(workdir: Path, hidden: int) -> Path:
     from monitor.demo import write_saelens_sae
-    from monitor.features import build_pack_from_sae, load_sae, save_pack
+    from monitor.features import save_pack
+    from monitor.features.build import build_pack_from_sae, load_sae
 
     packs = []
     for layer in HOOK_LAYERS:

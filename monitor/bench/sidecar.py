@@ -53,7 +53,7 @@ def add_bench_sidecar_command(bench_subparsers: Any) -> None:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    from monitor.outputs.logging import configure_logging
+    from monitor.logs import configure_logging
 
     configure_logging("auto", "warning")
     result = run_sidecar_bench(
@@ -112,7 +112,8 @@ def _start(workdir: Path, port: int):  # type: ignore[no-untyped-def]
     import yaml
 
     from monitor.demo import write_saelens_sae
-    from monitor.features import build_pack_from_sae, load_sae, save_pack
+    from monitor.features import save_pack
+    from monitor.features.build import build_pack_from_sae, load_sae
 
     sae = load_sae(write_saelens_sae(workdir / "sae", D_MODEL, D_SAE, HOOK_LAYER, seed=0))
     pack = build_pack_from_sae(sae, list(range(0, D_SAE, D_SAE // FEATURES)), name="ref")

@@ -28,7 +28,9 @@ import torch
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 from torch import nn
 
-from monitor.capture.frames import FrameTooLarge
+from monitor.capture.channel.frames import FrameTooLarge
+from monitor.capture.channel.protocol import SenderSettings, TransportSecurity
+from monitor.capture.channel.ring import LOST_REASONS
 from monitor.capture.hooks import (
     ConversationContext,
     PositionLedger,
@@ -38,8 +40,6 @@ from monitor.capture.hooks import (
 from monitor.capture.layers import select_layers
 from monitor.capture.link import RelayLink
 from monitor.capture.metrics import register_client
-from monitor.capture.ring import LOST_REASONS
-from monitor.capture.sender import SenderSettings, TransportSecurity
 from monitor.capture.steps import CapturedStep, CaptureStats, Tagging
 from monitor.wire import pb
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from monitor.hookpoints import hook_point_name
+
 # Module paths of the layer list, most common first. Wrappers such as *ForCausalLM put the
 # base model under an attribute; we try each path from the top-level model.
 LAYER_LIST_PATHS = (
@@ -25,10 +27,6 @@ LAYER_LIST_PATHS = (
 
 class LayerNotFoundError(ValueError):
     """The model's layer list or a requested layer index could not be found."""
-
-
-def hook_point_name(index: int) -> str:
-    return f"layers.{index}"
 
 
 def find_layer_list(model: nn.Module, module_path: str | None = None) -> nn.ModuleList:

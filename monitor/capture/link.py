@@ -21,10 +21,9 @@ from pathlib import Path
 
 import structlog
 
-from monitor.capture.frames import FrameWriter
-from monitor.capture.relay import RelayConfig, read_event
-from monitor.capture.ring import LOST_REASONS, SharedRing, Slot
-from monitor.capture.sender import SenderSettings
+from monitor.capture.channel.frames import FrameWriter
+from monitor.capture.channel.protocol import RelayConfig, SenderSettings, read_event
+from monitor.capture.channel.ring import LOST_REASONS, SharedRing, Slot
 from monitor.capture.steps import CapturedStep
 from monitor.wire import pb
 

@@ -25,6 +25,7 @@ from types import MappingProxyType
 
 import torch
 
+from monitor.limits import MAX_CONVERSATIONS
 from monitor.rules.expressions import FUNCTIONS, MAX_WINDOW, Instr
 from monitor.rules.model import SCOPES, Rule, RuleSet
 
@@ -323,7 +324,7 @@ _Signature = tuple[str, str | None, tuple[str | None, ...]]
 class RuleEngine:
     """Evaluates a RuleSet batch after batch, keeping per-conversation state between batches."""
 
-    def __init__(self, ruleset: RuleSet, max_conversations: int = 10000) -> None:
+    def __init__(self, ruleset: RuleSet, max_conversations: int = MAX_CONVERSATIONS) -> None:
         if max_conversations < 1:
             raise ValueError("max_conversations must be at least 1")
         self._max = max_conversations

@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from monitor.limits import MAX_CONVERSATIONS
+
 
 class ConfigError(ValueError):
     """Invalid sidecar configuration; str() is one line naming the file and the key."""
@@ -22,7 +24,7 @@ class Limits:
     # gRPC's default is 4 MB; a 2,000-token prefill at d_model 4096 in BF16 is 16 MB.
     max_message_bytes: int = 64 * 1024 * 1024
     max_rows_per_batch: int = 16384
-    max_conversations: int = 100_000
+    max_conversations: int = MAX_CONVERSATIONS
     max_conversation_id_length: int = 256
 
 

@@ -1,5 +1,8 @@
-"""What happens when rules fire, beyond the stream and the log: the audit trail and
-Alertmanager. Both are optional and configured in the sidecar config.
+"""What happens when rules fire: the log line and alerts metric, the Alert on the stream, the
+step's closing Ack or BatchError, the audit trail and Alertmanager. Every translation of a
+`Firing` lives here: to the proto `Alert` (`alert_event`), to `AuditFiring` (`_audit_step`)
+and to `AlertmanagerAlert` (`_alertmanager_alert`). The audit trail and Alertmanager are
+optional and configured in the sidecar config.
 
 The audit write for a batch happens before its alerts are sent: an Alert on the stream means
 its audit record is committed. When the audit store cannot make a batch durable, the alerts of
@@ -13,15 +16,20 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import structlog
 import torch
 
 from monitor.audit import AuditFiring, AuditRecorder, AuditSlice, AuditStep, RecorderConfig
+from monitor.limits import MAX_CONVERSATIONS
 from monitor.outputs.alertmanager import AlertmanagerAlert, AlertmanagerClient
 from monitor.outputs.metrics import SidecarMetrics
-from monitor.rules.engine import Firing
-from monitor.rules.loader import RuleSet
+from monitor.rules import Firing, RuleSet
 from monitor.sidecar.config import AlertmanagerSettings, AuditSettings
 from monitor.sidecar.validate import ValidatedBatch
+from monitor.wire import pb
+
+# The pipeline's logger: these lines kept their logger name when they moved here.
+log = structlog.get_logger("safety_monitor.pipeline")
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,7 @@ class Actions:
         audit: AuditSettings,
         alertmanager: AlertmanagerSettings,
         metrics: SidecarMetrics,
-        max_conversations: int = 100_000,
+        max_conversations: int = MAX_CONVERSATIONS,
     ) -> None:
         self.metrics = metrics
         # The recorder tracks as many conversations as the rule engine, so a flagged
@@ -166,4 +174,62 @@ def _alertmanager_alert(model: str, firing: Firing) -> AlertmanagerAlert:
         value=firing.value,
         labels=firing.labels,
         annotations=firing.annotations,
+    )
+
+
+def alert_event(seq_no: int, firing: Firing) -> pb.MonitorEvent:
+    """A firing as the stream's Alert event for step `seq_no`."""
+    alert = pb.Alert(
+        seq_no=seq_no,
+        rule=firing.rule,
+        category=firing.category,
+        severity=firing.severity,
+        conversation_id=firing.conversation_id,
+        request_id=firing.request_id,
+        position=firing.position,
+        value=firing.value,
+        message=firing.message,
+        labels=firing.labels,
+    )
+    return pb.MonitorEvent(alert=alert)
+
+
+def closing_event(
+    metrics: SidecarMetrics, step: ValidatedBatch, sent: list[Firing], fired: int, audit_status: str
+) -> pb.MonitorEvent:
+    """The step's Ack, or a BatchError when some of its alerts were withheld for want of
+    a durable audit record (its rules were still evaluated)."""
+    withheld = fired - len(sent)
+    if not withheld:
+        return pb.MonitorEvent(ack=pb.Ack(seq_no=step.seq_no, rows=step.rows, alerts=len(sent)))
+    metrics.alerts_withheld.inc(withheld)
+    metrics.batches_rejected.labels(reason="audit_not_durable").inc()
+    log.error("alerts withheld", seq_no=step.seq_no, withheld=withheld, audit_status=audit_status)
+    error = pb.BatchError(
+        seq_no=step.seq_no,
+        reason="audit_not_durable",
+        field="",
+        message=f"{withheld} alert(s) withheld: the audit store did not commit their "
+        f"records (status {audit_status}); rules were evaluated",
+    )
+    return pb.MonitorEvent(error=error)
+
+
+def log_firing(metrics: SidecarMetrics, batch: ValidatedBatch, firing: Firing) -> None:
+    """Count a firing in the alerts metric and log it (every firing, sent or withheld)."""
+    metrics.alerts.labels(
+        rule=firing.rule, category=firing.category, severity=firing.severity
+    ).inc()
+    log.warning(
+        "rule fired",
+        rule=firing.rule,
+        category=firing.category,
+        severity=firing.severity,
+        conversation_id=firing.conversation_id,
+        request_id=firing.request_id,
+        position=firing.position,
+        value=firing.value,
+        model=batch.model,
+        seq_no=batch.seq_no,
+        output=firing.message,
     )

@@ -1,5 +1,6 @@
-"""The sidecar process: gRPC server (Monitor, Evaluate, GetStatus), health, reflection,
-Prometheus metrics on their own port, graceful drain on SIGTERM."""
+"""The sidecar process: start-up (packs, rules, audit, Alertmanager), the gRPC server with
+health and reflection, Prometheus metrics on their own port, rule hot reload (polling and
+SIGHUP) and graceful drain on SIGTERM. The RPCs themselves are in `service.py`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import gc
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +20,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-import monitor
 from monitor.features import FeatureError, FeaturePack, load_pack
 from monitor.outputs.metrics import SidecarMetrics
-from monitor.rules.errors import RuleLoadError
-from monitor.rules.loader import RuleSet, load_rules
-from monitor.rules.reload import RuleReloader
-from monitor.sidecar.actions import Actions
+from monitor.rules import RuleLoadError, RuleReloader, RuleSet, load_rules
 from monitor.sidecar.config import SidecarConfig
-from monitor.sidecar.pipeline import BatchOutcome, Pipeline, qualified_feature_names
+from monitor.sidecar.firings import Actions
+from monitor.sidecar.pipeline import Pipeline, qualified_feature_names
 from monitor.sidecar.security import BearerTokenInterceptor, read_token, server_credentials
-from monitor.wire import SERVICE_NAME, WIRE_DTYPES, pb, pb_grpc
+from monitor.sidecar.service import SafetyMonitorService
+from monitor.wire import SERVICE_NAME, pb_grpc
 
 log = structlog.get_logger("safety_monitor.sidecar")
 
@@ -37,13 +36,6 @@ log = structlog.get_logger("safety_monitor.sidecar")
 # probe or an operator sees it, while the sidecar itself keeps monitoring.
 AUDIT_HEALTH_SERVICE = "safety_monitor.audit"
 HEALTH_POLL_SECONDS = 1.0
-# Batches of one stream held at once: those being processed and those read ahead. Bounded
-# (at most this many messages of `max_message_bytes` per stream), so a client faster than
-# the sidecar is held back by gRPC flow control rather than by our memory.
-READ_AHEAD = 16
-# At most this many waiting batches are processed as one group: half the read-ahead, so the
-# next ones are still read while a full group is processed.
-MAX_GROUP = 8
 
 
 class StartupError(RuntimeError):
@@ -68,145 +60,6 @@ def load_ruleset(paths: Sequence[Path], packs: Sequence[FeaturePack]) -> RuleSet
         return load_rules(paths, known_features=qualified_feature_names(packs))
     except RuleLoadError as exc:
         raise StartupError(str(exc).replace("\n", "; ")) from exc
-
-
-async def _read_into(
-    requests: AsyncIterator[pb.StepBatch],
-    arrived: asyncio.Queue[pb.StepBatch | None],
-    room: asyncio.Semaphore,
-) -> None:
-    """Read a stream's batches into `arrived`, at most READ_AHEAD waiting; None at the end
-    (also when reading failed: the handler then awaits this task for the error)."""
-    batches = aiter(requests)
-    try:
-        while True:
-            await room.acquire()  # released once the batch has been processed
-            try:
-                batch = await anext(batches)
-            except StopAsyncIteration:
-                return
-            arrived.put_nowait(batch)
-    finally:
-        arrived.put_nowait(None)
-
-
-def _internal_error(seq_no: int, exc: Exception) -> BatchOutcome:
-    error = pb.BatchError(
-        seq_no=seq_no, reason="internal", field="", message=f"internal error: {type(exc).__name__}"
-    )
-    return BatchOutcome([pb.MonitorEvent(error=error)], [], {})
-
-
-class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
-    def __init__(
-        self, pipeline: Pipeline, executor: ThreadPoolExecutor, metrics: SidecarMetrics
-    ) -> None:
-        self.pipeline = pipeline
-        self.executor = executor
-        self.metrics = metrics
-
-    async def Monitor(
-        self, request_iterator: AsyncIterator[pb.StepBatch], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.MonitorEvent]:
-        self.metrics.active_streams.inc()
-        peer = context.peer()
-        log.info("stream opened", peer=peer)
-        # Reading runs ahead of processing: the next batches arrive and are parsed on the
-        # event loop while the worker thread processes this one, instead of the stream
-        # standing still between an ack and the next read.
-        arrived: asyncio.Queue[pb.StepBatch | None] = asyncio.Queue()
-        room = asyncio.Semaphore(READ_AHEAD)
-        reader = asyncio.create_task(_read_into(request_iterator, arrived, room))
-        try:
-            ended = False
-            while not ended and (batch := await arrived.get()) is not None:
-                # Whatever else has arrived meanwhile goes with it: under load the pipeline
-                # evaluates waiting decode steps together (see grouping.py).
-                batches = [batch]
-                while len(batches) < MAX_GROUP and not arrived.empty():
-                    more = arrived.get_nowait()
-                    if more is None:
-                        ended = True
-                        break
-                    batches.append(more)
-                outcomes = await self._run_many(batches)
-                for _ in batches:
-                    room.release()
-                for outcome in outcomes:
-                    for event in outcome.events:
-                        yield event
-            await reader  # a broken stream raises here, as it would have from the loop
-        finally:
-            reader.cancel()
-            self.metrics.active_streams.dec()
-            log.info("stream closed", peer=peer)
-
-    async def Evaluate(
-        self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext
-    ) -> pb.EvaluateResponse:
-        outcome = await self._run(self.pipeline.evaluate_once, request.batch)
-        response = pb.EvaluateResponse()
-        for event in outcome.events:
-            if event.HasField("alert"):
-                response.alerts.append(event.alert)
-            elif event.HasField("error"):
-                response.error.CopyFrom(event.error)
-        if request.include_features:
-            for name, values in sorted(outcome.features.items()):
-                response.features.append(pb.FeatureValues(name=name, values=values.tolist()))
-        return response
-
-    async def GetStatus(
-        self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
-    ) -> pb.StatusResponse:
-        pipeline = self.pipeline
-        limits = pipeline.limits
-        return pb.StatusResponse(
-            version=monitor.__version__,
-            packs=[
-                pb.PackStatus(
-                    name=p.name,
-                    sha256=p.sha256,
-                    hook_points={hp: p.d_model(hp) for hp in p.hook_points},
-                    features=p.feature_count,
-                )
-                for p in pipeline.packs
-            ],
-            rule_files=[
-                pb.RuleFileStatus(path=path, sha256=h) for path, h in pipeline.ruleset.files
-            ],
-            rules=len(pipeline.ruleset.rules),
-            limits=pb.Limits(
-                max_message_bytes=limits.max_message_bytes,
-                max_rows_per_batch=limits.max_rows_per_batch,
-                max_conversations=limits.max_conversations,
-                max_conversation_id_length=limits.max_conversation_id_length,
-            ),
-            accepted_dtypes=list(WIRE_DTYPES),
-        )
-
-    async def _run(
-        self, func: Callable[[pb.StepBatch], BatchOutcome], batch: pb.StepBatch
-    ) -> BatchOutcome:
-        return (await self._run_many([batch], lambda batches: [func(batches[0])]))[0]
-
-    async def _run_many(
-        self,
-        batches: list[pb.StepBatch],
-        func: Callable[[list[pb.StepBatch]], list[BatchOutcome]] | None = None,
-    ) -> list[BatchOutcome]:
-        """Run pipeline work on the single worker thread; a bug becomes a BatchError for each
-        batch, never a dead stream."""
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(
-                self.executor, func or self.pipeline.process_many, batches
-            )
-        except Exception as exc:  # the stream must survive our own bugs too
-            seq_nos = [batch.seq_no for batch in batches]
-            log.exception("internal error processing batches", seq_nos=seq_nos)
-            self.metrics.batches_rejected.labels(reason="internal").inc(len(batches))
-            return [_internal_error(seq_no, exc) for seq_no in seq_nos]
 
 
 @dataclass

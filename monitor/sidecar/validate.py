@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from monitor.rules.engine import SequenceSlice
+from monitor.rules import SequenceSlice
 from monitor.sidecar.config import Limits
 from monitor.wire import TensorDecodeError, decode_tensor, pb
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from monitor.capture.ring import FRAME_HEADER, Frame, FrameKind, SharedRing, aligned
+from monitor.capture.channel.ring import FRAME_HEADER, Frame, FrameKind, SharedRing, aligned
 from monitor.wire.safety_monitor.v1 import monitor_pb2 as pb
 
 if TYPE_CHECKING:

@@ -1,15 +1,8 @@
-"""The capture relay: a small process the capture client starts next to the serving process.
-
-Python's gRPC runs several threads per message (the request iterator, the channel's event
-loop, the response reader). Inside the serving process every one of them takes the GIL away
-from the model, which cost 2-4.5% of generation throughput on a 2-core machine. So the
-serving process only copies each step into a shared-memory ring (`ring.py`), and this process
-owns everything else: reading the ring, the gRPC stream, acks, reconnects. Alerts come back
-to the serving process on this process's stdout; counters through the ring's header.
-
-Started as `python -m monitor.capture.relay` with the ring's memfd inherited; its settings
-(secrets included, hence not argv) arrive as one JSON line on stdin. It exits when stdin
-closes: the client closed, or the serving process died.
+"""What the serving process and the relay process agree on: the relay's settings
+(`RelayConfig`, sent as one JSON line on the relay's stdin, secrets included, hence not argv)
+and the event pipe (`EventWriter` / `read_event`: alerts as length-prefixed MonitorEvent bytes
+on the relay's stdout). Both processes import this module, so it imports neither torch nor
+grpc (`SenderSettings.channel` imports grpc when the relay calls it).
 """
 
 from __future__ import annotations
@@ -17,21 +10,54 @@ from __future__ import annotations
 import base64
 import json
 import struct
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import structlog
-
-from monitor.capture.ring import SharedRing, Slot
-from monitor.capture.sender import FrameSource, Sender, SenderSettings, TransportSecurity
 from monitor.wire import pb
 
-log = structlog.get_logger("safety_monitor.capture")
+if TYPE_CHECKING:
+    import grpc
 
 EVENT_LENGTH = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class TransportSecurity:
+    """PEM bytes for TLS (ca: the server's CA; cert + key: a client certificate for mutual
+    TLS) and a bearer token sent as `authorization` metadata."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class SenderSettings:
+    target: str
+    model_name: str
+    max_message_bytes: int
+    reconnect_backoff: tuple[float, float]
+    connect_timeout: float
+    fail_closed: bool
+    security: TransportSecurity = TransportSecurity()
+
+    def channel(self) -> grpc.Channel:
+        import grpc  # only the relay opens channels; the serving process never imports grpc here
+
+        options = [("grpc.max_send_message_length", self.max_message_bytes)]
+        tls = self.security
+        if tls.ca is None and tls.cert is None:
+            return grpc.insecure_channel(self.target, options=options)
+        credentials = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
+        return grpc.secure_channel(self.target, credentials, options=options)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        token = self.security.token
+        return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 @dataclass(frozen=True)
@@ -117,39 +143,3 @@ def read_event(stream: BinaryIO) -> pb.MonitorEvent | None:
     if len(payload) < length:
         return None
     return pb.MonitorEvent.FromString(payload)
-
-
-def _stop_when_parent_goes(stdin: BinaryIO, stopping: threading.Event) -> None:
-    while stdin.read(4096):
-        pass
-    stopping.set()
-
-
-def main() -> int:
-    from monitor.outputs.logging import configure_logging
-
-    line = sys.stdin.buffer.readline()
-    if not line:
-        return 0
-    config = RelayConfig.from_json(line)
-    configure_logging("auto", config.log_level)
-    ring = SharedRing.attach(config.ring_fd, config.ring_capacity)
-    stopping = threading.Event()
-    watcher = threading.Thread(
-        target=_stop_when_parent_goes, args=(sys.stdin.buffer, stopping), daemon=True
-    )
-    watcher.start()
-    source = FrameSource(ring, config.doorbell_fd)
-    events = EventWriter(sys.stdout.buffer, lambda: sender.count(Slot.ALERTS))
-    sender = Sender(config.settings, ring, source, events)
-    ring.slots[Slot.RELAY_READY] = 1
-    try:
-        sender.run(stopping)
-    except Exception:
-        log.exception("capture relay failed")
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

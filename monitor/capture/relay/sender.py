@@ -13,13 +13,13 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import grpc
 import structlog
 
-from monitor.capture.frames import read_step
-from monitor.capture.ring import Frame, SharedRing, Slot
+from monitor.capture.channel.frames import read_step
+from monitor.capture.channel.protocol import SenderSettings
+from monitor.capture.channel.ring import Frame, SharedRing, Slot
 from monitor.wire import pb, pb_grpc
 
 log = structlog.get_logger("safety_monitor.capture")
@@ -27,41 +27,6 @@ log = structlog.get_logger("safety_monitor.capture")
 # How long the relay sleeps between looks at an empty ring: short while steps are flowing
 # (a decode step every few ms), longer once the model has gone quiet.
 _POLL_ACTIVE, _POLL_IDLE, _ACTIVE_FOR = 0.0005, 0.005, 0.25
-
-
-@dataclass(frozen=True)
-class TransportSecurity:
-    """PEM bytes for TLS (ca: the server's CA; cert + key: a client certificate for mutual
-    TLS) and a bearer token sent as `authorization` metadata."""
-
-    ca: bytes | None = None
-    cert: bytes | None = None
-    key: bytes | None = None
-    token: str | None = None
-
-
-@dataclass(frozen=True)
-class SenderSettings:
-    target: str
-    model_name: str
-    max_message_bytes: int
-    reconnect_backoff: tuple[float, float]
-    connect_timeout: float
-    fail_closed: bool
-    security: TransportSecurity = TransportSecurity()
-
-    def channel(self) -> grpc.Channel:
-        options = [("grpc.max_send_message_length", self.max_message_bytes)]
-        tls = self.security
-        if tls.ca is None and tls.cert is None:
-            return grpc.insecure_channel(self.target, options=options)
-        credentials = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
-        return grpc.secure_channel(self.target, credentials, options=options)
-
-    @property
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        token = self.security.token
-        return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 class FrameSource:

@@ -60,7 +60,7 @@ def _int_list(text: str, option: str) -> list[int]:
 
 
 def _add_build(sub: Any) -> None:
-    from monitor.features.sae import FORMATS, TOPK_MODES
+    from monitor.features.build.sae import FORMATS, TOPK_MODES
 
     p = sub.add_parser("build", help="compile a pack from SAE features (and existing packs)")
     p.add_argument("--sae", type=Path, help="SAE directory or weights file")
@@ -85,7 +85,7 @@ def _build(args: argparse.Namespace) -> int:
     if args.selection is not None:
         if args.sae is not None or args.features is not None:
             return fail("--selection replaces --sae/--features: give one or the other")
-        from monitor.features.selection import build_from_selection, load_selection
+        from monitor.features.build.selection import build_from_selection, load_selection
 
         pack = build_from_selection(load_selection(args.selection), args.name)
     elif args.sae is None or args.features is None:
@@ -100,8 +100,8 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _build_from_sae(args: argparse.Namespace) -> Any:
-    from monitor.features.pack import build_pack_from_sae
-    from monitor.features.sae import load_sae
+    from monitor.features.build.builder import build_pack_from_sae
+    from monitor.features.build.sae import load_sae
 
     indices = _int_list(args.features, "--features")
     sae = load_sae(args.sae, args.format)
@@ -114,7 +114,7 @@ def _build_from_sae(args: argparse.Namespace) -> Any:
 
 
 def _topk_thresholds(args: argparse.Namespace, sae: Any, indices: list[int]) -> Any:
-    from monitor.features.topk import fit_topk_thresholds, load_activations, topk_disagreement
+    from monitor.features.build.topk import fit_topk_thresholds, load_activations, topk_disagreement
 
     if args.topk_mode is None:
         raise ValueError(
@@ -143,7 +143,7 @@ def _topk_thresholds(args: argparse.Namespace, sae: Any, indices: list[int]) -> 
 
 
 def _add_fit(sub: Any) -> None:
-    from monitor.features.probes import METHODS, POOLINGS
+    from monitor.features.build.probes import METHODS, POOLINGS
 
     p = sub.add_parser("fit", help="fit supervised linear probes from labeled JSONL")
     p.add_argument("--model", required=True, type=Path, help="local transformers model dir")
@@ -162,7 +162,7 @@ def _add_fit(sub: Any) -> None:
 
 def _fit(args: argparse.Namespace) -> int:
     from monitor.features.pack import save_pack
-    from monitor.features.probes import fit_probes, load_labeled_jsonl
+    from monitor.features.build.probes import fit_probes, load_labeled_jsonl
 
     layers = _int_list(args.layers, "--layers")
     examples = load_labeled_jsonl(args.data)
@@ -206,7 +206,7 @@ def _load_model(path: Path) -> tuple[Any, Any]:
 
 
 def _add_calibrate(sub: Any) -> None:
-    from monitor.features.probes import POOLINGS
+    from monitor.features.build.probes import POOLINGS
 
     p = sub.add_parser(
         "calibrate", help="set alert thresholds for a false-positive rate; check TopK approx"
@@ -225,7 +225,7 @@ def _add_calibrate(sub: Any) -> None:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from monitor.features.pack import load_pack, save_pack
-    from monitor.features.probes import calibrate_pack
+    from monitor.features.build.probes import calibrate_pack
 
     pack = load_pack(args.pack)
     report: dict[str, Any] = {"pack": pack.name}
@@ -247,8 +247,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _benign_scores(pack: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from monitor.features.probes import load_labeled_jsonl, render, sample_scores, token_activations
-    from monitor.features.topk import load_activations
+    from monitor.features.build.probes import load_labeled_jsonl, render, sample_scores, token_activations
+    from monitor.features.build.topk import load_activations
 
     if args.activations is not None:
         return {
@@ -271,8 +271,8 @@ def _benign_scores(pack: Any, args: argparse.Namespace) -> dict[str, Any]:
 def _topk_report(pack: Any, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from monitor.features.sae import load_sae
-    from monitor.features.topk import load_activations, topk_disagreement
+    from monitor.features.build.sae import load_sae
+    from monitor.features.build.topk import load_activations, topk_disagreement
 
     if args.activations is None:
         raise ValueError("--topk-sae needs --activations (sample activations)")

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from monitor.features._io import (
+from monitor.features.build._io import (
     as_bool,
     optional_str,
     positive_int,
@@ -24,8 +24,8 @@ from monitor.features._io import (
     take,
 )
 from monitor.features.errors import FeatureError, SAEFormatError
-from monitor.features.hookpoints import canonical_hook_point
-from monitor.features.sae import SAE
+from monitor.hookpoints import canonical_hook_point, hook_point_name
+from monitor.features.build.sae import SAE
 
 _LAYER_DIR = re.compile(r"layer_(\d+)")
 _GEMMA_SCOPE_RELEASE = re.compile(r"gemma-scope-(2b|9b|27b)-pt-res(?:-canonical)?")
@@ -85,7 +85,7 @@ def _gemma_scope_hook_point(npz: Path) -> str | None:
     if any(_NON_RESIDUAL.search(p) for p in parts):
         return None
     layers = [m.group(1) for p in parts if (m := _LAYER_DIR.fullmatch(p))]
-    return f"layers.{int(layers[-1])}" if layers else None
+    return hook_point_name(int(layers[-1])) if layers else None
 
 
 def _gemma_scope_neuronpedia(npz: Path, d_sae: int) -> str | None:
@@ -340,7 +340,7 @@ def _dictionary_hook_point(trainer: dict[str, Any], cfg_path: Path) -> str | Non
         raise SAEFormatError(
             f"expected a layer index, got {layer!r}", where=cfg_path, field="trainer.layer"
         )
-    return f"layers.{layer}"
+    return hook_point_name(layer)
 
 
 # --- OpenAI sparse_autoencoder -------------------------------------------------------------
@@ -401,4 +401,4 @@ def _openai_hook_point(path: Path) -> str | None:
     if not any("resid_post_mlp" in p for p in path.parts):
         return None
     match = re.fullmatch(r"(?:layer_)?(\d+)", path.stem)
-    return f"layers.{int(match.group(1))}" if match else None
+    return hook_point_name(int(match.group(1))) if match else None

@@ -20,7 +20,9 @@ from torch import nn
 
 from monitor.features.encoder import RestrictedEncoder
 from monitor.features.errors import FeatureError
-from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder, assemble_pack
+from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder
+from monitor.features.build.builder import assemble_pack
+from monitor.hookpoints import hook_point_name
 
 POOLINGS = ("mean", "last", "max")
 METHODS = ("logistic", "diff-means")
@@ -147,7 +149,7 @@ def token_activations(
             raise FeatureError(f"layer {i} out of range [0, {len(layer_list)})", field="layers")
     captured: dict[int, torch.Tensor] = {}
     hooks = [layer_list[i].register_forward_hook(_capture(captured, i)) for i in layers]
-    result: dict[str, list[torch.Tensor]] = {f"layers.{i}": [] for i in layers}
+    result: dict[str, list[torch.Tensor]] = {hook_point_name(i): [] for i in layers}
     try:
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(
@@ -161,7 +163,7 @@ def token_activations(
             mask = batch["attention_mask"].bool()
             for i in layers:
                 for row, keep in zip(captured[i], mask, strict=True):
-                    result[f"layers.{i}"].append(row[keep].float())
+                    result[hook_point_name(i)].append(row[keep].float())
     finally:
         for hook in hooks:
             hook.remove()

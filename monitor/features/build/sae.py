@@ -239,7 +239,7 @@ def _as_index(value: object) -> int:
 
 def load_sae(path: str | Path, format: str | None = None) -> SAE:
     """Load an SAE from a local path; ``format`` (one of :data:`FORMATS`) or auto-detected."""
-    from monitor.features import formats, saelens
+    from monitor.features.build import formats, saelens
 
     loaders = {
         "saelens": saelens.load_saelens,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from monitor.features._io import (
+from monitor.features.build._io import (
     as_bool,
     optional_str,
     positive_int,
@@ -17,8 +17,8 @@ from monitor.features._io import (
     take,
 )
 from monitor.features.errors import FeatureError, SAEFormatError
-from monitor.features.hookpoints import canonical_hook_point
-from monitor.features.sae import SAE
+from monitor.hookpoints import canonical_hook_point
+from monitor.features.build.sae import SAE
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"

@@ -29,15 +29,9 @@ from typing import Any
 import yaml
 
 from monitor.features.errors import FeatureError, PackError
-from monitor.features.pack import (
-    FeaturePack,
-    FeatureSpec,
-    HookPointEncoder,
-    assemble_pack,
-    load_pack,
-    sae_segment,
-)
-from monitor.features.sae import TOPK_MODES, load_sae
+from monitor.features.pack import FeaturePack, HookPointEncoder, load_pack
+from monitor.features.build.builder import FeatureSpec, assemble_pack, sae_segment
+from monitor.features.build.sae import TOPK_MODES, load_sae
 
 _SAE_KEYS = {"sae", "format", "hook_point", "topk_mode", "calibration_activations", "features"}
 _FEATURE_KEYS = {"index", "name", "label", "category", "description", "neuronpedia_id"}
@@ -107,7 +101,7 @@ def build_from_selection(selection: Selection, name: str | None = None) -> Featu
 
 
 def _sae_entry(source: SAESource) -> HookPointEncoder:
-    from monitor.features.topk import fit_topk_thresholds, load_activations
+    from monitor.features.build.topk import fit_topk_thresholds, load_activations
 
     sae = load_sae(source.path, source.format)
     thresholds = None

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 
 from monitor.features.errors import FeatureError
-from monitor.features.sae import SAE, check_indices
+from monitor.features.build.sae import SAE, check_indices
 
 
 @dataclass(frozen=True)

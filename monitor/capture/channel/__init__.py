@@ -1,0 +1,4 @@
+"""The channel between the serving process and the relay process: the shared-memory ring
+(`ring.py`), the frame format on it (`frames.py`) and the relay's settings and event pipe
+(`protocol.py`). Imported by both processes, so nothing here imports torch or grpc at load.
+"""
