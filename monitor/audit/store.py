@@ -141,13 +141,24 @@ class AuditStore:
                 yield record
 
 
+# The audit backends, chosen here and nowhere else: by the URL's scheme.
+SQLITE_SCHEME = "sqlite:///"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
 def open_store(url: str) -> AuditStore:
-    """`sqlite:///relative.db`, `sqlite:////absolute.db` or `postgresql://user@host:port/db`."""
-    if url.startswith("sqlite:///"):
+    """`sqlite:///relative.db`, `sqlite:////absolute.db` or `postgresql://user@host:port/db`.
+
+    >>> store = open_store("sqlite:///audit.db")
+    >>> store.list_conversations(AuditQuery(limit=10))
+    []
+    """
+    path = sqlite_path(url)
+    if path is not None:
         from monitor.audit.sqlite_store import SqliteAuditStore
 
-        return SqliteAuditStore(url.removeprefix("sqlite:///"))
-    if url.startswith(("postgresql://", "postgres://")):
+        return SqliteAuditStore(path)
+    if url.startswith(POSTGRES_SCHEMES):
         from monitor.audit.postgres_store import PostgresAuditStore
 
         return PostgresAuditStore(url)
@@ -156,7 +167,12 @@ def open_store(url: str) -> AuditStore:
 
 def sqlite_path(url: str) -> str | None:
     """The file behind a sqlite URL (None for other URLs)."""
-    return url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
+    return url.removeprefix(SQLITE_SCHEME) if url.startswith(SQLITE_SCHEME) else None
+
+
+def is_store_url(url: str) -> bool:
+    """Whether `open_store` knows the URL's scheme."""
+    return url.startswith((SQLITE_SCHEME, *POSTGRES_SCHEMES))
 
 
 def _dumps(value: Mapping[str, Any]) -> str:

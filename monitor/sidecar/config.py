@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from monitor.audit.store import SQLITE_SCHEME, is_store_url, sqlite_path
 from monitor.limits import MAX_CONVERSATIONS
 
 
@@ -214,10 +215,11 @@ def _security(value: Any, base_dir: Path, origin: str) -> SecuritySettings:
 
 
 def _store_url(url: str, base_dir: Path, origin: str) -> str:
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        return f"sqlite:///{path if path.is_absolute() else (base_dir / path).resolve()}"
-    if url.startswith(("postgresql://", "postgres://")):
+    sqlite = sqlite_path(url)
+    if sqlite is not None:
+        path = Path(sqlite)
+        return f"{SQLITE_SCHEME}{path if path.is_absolute() else (base_dir / path).resolve()}"
+    if is_store_url(url):
         return url
     raise ConfigError(
         f"{origin}: audit.url: expected sqlite:///PATH or postgresql://..., got {url!r}"

@@ -21,7 +21,7 @@ HOOK = "layers.1"
 
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory):
-    from tests.conftest import start_sidecar
+    from monitor.fixtures import start_sidecar
 
     workdir = tmp_path_factory.mktemp("bad-batches")
     pack = build_pack_with_cli(workdir, d_in=D_MODEL, d_sae=64, hook_layer=1, features=[1, 2, 3])

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from monitor.capture import CaptureClient
-from tests.conftest import build_tiny_llama, start_sidecar
-from tests.test_capture_serving import (
+from monitor.fixtures import build_tiny_llama, start_sidecar
+from tests.integration.test_capture_serving import (
     HIDDEN,
     generate,
     seen_tokens,

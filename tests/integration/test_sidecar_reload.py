@@ -10,7 +10,7 @@ import grpc
 
 from monitor.wire import pb, pb_grpc
 from tests.conftest import build_pack_with_cli
-from tests.test_bad_batches import good_batch
+from tests.integration.test_bad_batches import good_batch
 
 RULE = (
     "features: {{one: bars/1}}\n"

@@ -12,8 +12,9 @@ import torch
 
 from monitor.capture import CaptureClient
 from monitor.features.build import load_sae
+from monitor.fixtures import build_tiny_llama
 from monitor.wire import encode_tensor, pb, pb_grpc
-from tests.conftest import build_pack_with_cli, build_tiny_llama
+from tests.conftest import build_pack_with_cli
 
 HIDDEN = 64
 HOOK_LAYER = 1

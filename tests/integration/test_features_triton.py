@@ -22,7 +22,7 @@ import pytest
 import torch
 import triton  # noqa: F401  (fail loudly when missing)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 D_IN, K, ROWS = 72, 40, 37  # not multiples of the tiles: exercises the masks
 ACTIVATIONS = ("relu", "jumprelu", "identity")
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")

@@ -16,7 +16,7 @@ from monitor.rules.cli import add_rules_commands, check_rules, main, run_tests
 from monitor.rules.reload import RuleReloader
 from monitor.rules.testing import parse_series
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "rules"
 
 GOOD = """\

@@ -1,8 +1,30 @@
-"""Write tiny SAEs for tests, in every supported library's on-disk format (exact key names)."""
+"""Test and demo fixtures, in one place for the demo, the benches and the tests: tiny
+randomly initialised Llama models (`build_tiny_llama`), a toy word-level tokenizer
+(`ToyTokenizer`), synthetic SAEs in every supported library's on-disk format (exact key
+names; `write_saelens_sae` and friends), and a launcher that runs `safety-monitor serve` as a
+subprocess on loopback and waits until it serves (`start_sidecar`).
+
+Nothing in the product's runtime imports this module.
+
+    >>> model = build_tiny_llama(hidden=64, layers=3)
+    >>> sae_dir = write_saelens_sae(tmp / "sae", 64, 256, hook_name="blocks.1.hook_resid_post")
+    >>> sidecar = start_sidecar({"packs": [...], "rules": [...]}, tmp)
+    >>> sidecar.target
+    '127.0.0.1:...'
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +47,13 @@ def write_saelens_sae(
     neuronpedia_id: str | None = None,
     k: int = 6,
     rescale_acts_by_decoder_norm: bool = False,
+    bias_scale: tuple[float, float] = (0.2, 0.5),
 ) -> Path:
     """A random SAE as SAELens saves it: ``cfg.json`` + ``sae_weights.safetensors``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(
-        random_weights(d_in, d_sae, architecture=architecture, seed=seed),
+        random_weights(d_in, d_sae, architecture=architecture, seed=seed, bias_scale=bias_scale),
         str(directory / "sae_weights.safetensors"),
     )
     make_cfg = v6_cfg if v6 else pre6_cfg
@@ -53,16 +76,36 @@ def write_saelens_sae(
     return directory
 
 
+def write_layer_sae(directory: Path, d_in: int, d_sae: int, hook_layer: int, seed: int) -> Path:
+    """A random standard-ReLU SAE in SAELens v6 layout reading the output of decoder layer
+    `hook_layer` (small biases): what the demo, the benches and the sidecar tests build
+    their packs from."""
+    return write_saelens_sae(
+        directory,
+        d_in,
+        d_sae,
+        hook_name=f"blocks.{hook_layer}.hook_resid_post",
+        seed=seed,
+        bias_scale=(0.1, 0.1),
+    )
+
+
 def random_weights(
-    d_in: int, d_sae: int, *, architecture: str = "standard", seed: int = 0
+    d_in: int,
+    d_sae: int,
+    *,
+    architecture: str = "standard",
+    seed: int = 0,
+    bias_scale: tuple[float, float] = (0.2, 0.5),
 ) -> dict[str, torch.Tensor]:
-    """Weights at a realistic scale: pre-activations O(1), biases clearly nonzero."""
+    """Weights at a realistic scale: pre-activations O(1), biases clearly nonzero
+    (``bias_scale``: the standard deviations of ``b_enc`` and ``b_dec``)."""
     generator = torch.Generator().manual_seed(seed)
     weights = {
         "W_enc": torch.randn(d_in, d_sae, generator=generator) / d_in**0.5,
         "W_dec": torch.randn(d_sae, d_in, generator=generator) / d_sae**0.5,
-        "b_enc": torch.randn(d_sae, generator=generator) * 0.2,
-        "b_dec": torch.randn(d_in, generator=generator) * 0.5,
+        "b_enc": torch.randn(d_sae, generator=generator) * bias_scale[0],
+        "b_dec": torch.randn(d_in, generator=generator) * bias_scale[1],
     }
     if architecture == "jumprelu":
         # Small positive thresholds, so some activations land between 0 and the threshold.
@@ -317,3 +360,232 @@ def write_openai(path: Path, d_in: int, d_sae: int, k: int | None = 6, seed: int
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(openai_state(d_in, d_sae, k, seed), path)
     return path
+
+
+# --- tiny models and a toy tokenizer ----------------------------------------------------------
+
+
+def build_tiny_llama(
+    seed: int = 0, hidden: int = 64, layers: int = 3, **config: Any
+) -> torch.nn.Module:
+    """A randomly initialised LlamaForCausalLM (no hub access): `hidden` wide, `layers` deep;
+    `config` overrides other LlamaConfig fields (vocab_size, intermediate_size, heads...)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings: dict[str, Any] = {
+        "vocab_size": 256,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+    }
+    settings.update(config)
+    return LlamaForCausalLM(
+        LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, **settings)
+    ).eval()
+
+
+VOCAB_SIZE = 512  # the toy tokenizer's and the demo model's vocabulary
+_WORDS = [
+    "and",
+    "you",
+    "the",
+    "a",
+    "model",
+    "user",
+    "said",
+    "please",
+    "tell",
+    "me",
+    "about",
+    "how",
+    "why",
+    "what",
+    "is",
+    "are",
+    "was",
+    "not",
+    "no",
+    "yes",
+    "can",
+    "will",
+    "would",
+    "should",
+    "could",
+    "do",
+    "does",
+    "did",
+    "make",
+    "help",
+    "write",
+    "explain",
+    "secret",
+    "plan",
+    "hide",
+    "truth",
+    "lie",
+    "honest",
+    "report",
+    "results",
+    "data",
+    "email",
+    "send",
+    "contact",
+    "reach",
+    "at",
+    "on",
+    "in",
+    "of",
+    "to",
+    "for",
+    "with",
+    "alice.smith@example.com",
+    "+1-415-555-0134",
+    "password",
+    "account",
+    "bank",
+    "transfer",
+    "money",
+    "safe",
+    "risk",
+    "harm",
+    "test",
+    "check",
+    "review",
+    "policy",
+    "team",
+    "people",
+    "job",
+    "hire",
+    "candidate",
+    "age",
+    "gender",
+]
+
+
+class ToyTokenizer:
+    """A toy word-level tokenizer (no hub access here): word i is token i; the rest of the
+    vocabulary is filler words. The capture client only needs `decode`."""
+
+    def __init__(self) -> None:
+        # Token 0 is padding (generate() masks it out), the last one is unknown.
+        words = ["<pad>", *_WORDS]
+        words += [f"w{i}" for i in range(VOCAB_SIZE - len(words) - 1)] + ["<unk>"]
+        self.words = words[:VOCAB_SIZE]
+        self.ids = {word: i for i, word in enumerate(self.words)}
+
+    def encode(self, text: str) -> list[int]:
+        return [self.ids.get(word, VOCAB_SIZE - 1) for word in text.split()]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f"{self.words[i]} " for i in ids)
+
+
+# --- a real sidecar process on loopback -------------------------------------------------------
+
+STARTUP_TIMEOUT_S = 60.0
+
+
+@dataclass
+class SidecarProcess:
+    """A `safety-monitor serve` subprocess started by `start_sidecar`."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        """The gRPC target, ``127.0.0.1:<port>``."""
+        return f"127.0.0.1:{self.port}"
+
+    def log_events(self) -> list[dict]:
+        """The sidecar's JSON log lines so far, parsed (other lines are skipped)."""
+        events = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return events
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample of /metrics keyed by (name, sorted labels)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return samples
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of /metrics (0.0 when absent)."""
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (graceful drain) and wait; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+
+def start_sidecar(
+    config: dict,
+    workdir: Path,
+    *,
+    cwd: Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+    timeout: float = STARTUP_TIMEOUT_S,
+) -> SidecarProcess:
+    """Run `safety-monitor serve` as a subprocess with `config` (written to
+    ``workdir/sidecar.yaml``, JSON logs to ``workdir/sidecar.log``) and wait until it serves:
+    its 'sidecar started' log line, or, with a fixed ``listen`` port and a log level that
+    hides that line, its port accepting connections."""
+    import yaml
+
+    config = {"listen": "127.0.0.1:0", "metrics_port": 0, "log_format": "json", **config}
+    config_path = workdir / "sidecar.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = workdir / "sidecar.log"
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "monitor.cli", "serve", "--config", str(config_path)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=preexec_fn,
+    )
+    fixed_port = int(config["listen"].rsplit(":", 1)[1])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log_path.read_text().splitlines():
+            if '"sidecar started"' in line:
+                event = json.loads(line)
+                return SidecarProcess(process, event["grpc_port"], event["metrics_port"], log_path)
+        if process.poll() is not None:
+            raise RuntimeError(f"sidecar exited {process.returncode}: {log_path.read_text()}")
+        if fixed_port and _accepts(fixed_port):
+            return SidecarProcess(process, fixed_port, config["metrics_port"], log_path)
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"sidecar did not start in {timeout}s: {log_path.read_text()}")
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (now): for a sidecar to bind, or for a client to
+    find closed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

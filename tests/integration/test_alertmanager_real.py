@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from monitor.wire import pb_grpc
-from tests.test_sidecar_audit import _batch, _config
+from tests.integration.test_sidecar_audit import _batch, _config
 
 SKIP_ENV = "SAFETY_MONITOR_SKIP_ALERTMANAGER"
 

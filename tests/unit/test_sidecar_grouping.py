@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from monitor.demo import write_saelens_sae
 from monitor.features.build import build_pack_from_sae, load_sae
+from monitor.fixtures import write_layer_sae
 from monitor.outputs.metrics import SidecarMetrics
 from monitor.sidecar.config import Limits
 from monitor.sidecar.pipeline import Pipeline
@@ -22,7 +22,7 @@ D_MODEL, HOOK = 16, "layers.3"
 @pytest.fixture(scope="module")
 def make_pipeline(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("grouping")
-    sae = load_sae(write_saelens_sae(workdir / "sae", D_MODEL, 64, 3, seed=5))
+    sae = load_sae(write_layer_sae(workdir / "sae", D_MODEL, 64, 3, seed=5))
     pack = build_pack_from_sae(sae, [1, 2, 3, 4], name="p")
     # Thresholds at the features' medians, so rules hold about half the time.
     sample = pack.encode(

@@ -13,9 +13,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from monitor.capture import CaptureClient
+from monitor.fixtures import build_tiny_llama
 from monitor.sidecar.config import ConfigError, load_config
 from monitor.wire import pb, pb_grpc
-from tests.conftest import build_pack_with_cli, build_tiny_llama
+from tests.conftest import build_pack_with_cli
 
 HIDDEN = 64
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from monitor.features import FeatureError, RestrictedEncoder, SAEFormatError, canonical_hook_point
 from monitor.features.build import SAE, load_sae
-from tests.features_helpers import write_saelens_sae
+from monitor.fixtures import write_saelens_sae
 
 D_IN, D_SAE, ROWS = 64, 96, 33
 INDICES = [0, 5, 17, 95, 42, 3, 60]  # unsorted on purpose: column order must follow it

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from monitor.features import FeatureError, SAEFormatError, TopKExactEncoder
 from monitor.features.build import build_pack_from_sae, detect_format, load_sae
-from tests.features_helpers import (
+from monitor.fixtures import (
     openai_state,
     write_dictionary_learning,
     write_gemma_scope,

@@ -102,23 +102,23 @@ def test_pool(pooling: str) -> None:
 
 def tiny_model_and_tokenizer() -> tuple[torch.nn.Module, object]:
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
+
+    from monitor.fixtures import build_tiny_llama
 
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *WORDS, "user:", "assistant:"])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]")
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    model = build_tiny_llama(
+        0,
+        hidden=32,
+        layers=3,
         vocab_size=len(vocab),
-        hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return model, tokenizer
 
 
 def write_dataset(path: Path, n: int = 60) -> Path:

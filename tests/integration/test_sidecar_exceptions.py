@@ -7,9 +7,10 @@ import grpc
 import torch
 
 from monitor.capture import CaptureClient
+from monitor.fixtures import build_tiny_llama
 from monitor.wire import pb_grpc
-from tests.conftest import build_pack_with_cli, build_tiny_llama
-from tests.test_bad_batches import good_batch
+from tests.conftest import build_pack_with_cli
+from tests.integration.test_bad_batches import good_batch
 
 RULES = """
 features: {one: bars/1}

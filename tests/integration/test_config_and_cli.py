@@ -101,9 +101,9 @@ def test_serve_exits_2_on_a_rule_naming_an_unknown_feature(tmp_path):
 
 
 def test_pack_build_rejects_bad_indices(tmp_path):
-    from monitor.demo import write_saelens_sae
+    from monitor.fixtures import write_layer_sae
 
-    sae = write_saelens_sae(tmp_path / "sae", 8, 16, 0, seed=0)
+    sae = write_layer_sae(tmp_path / "sae", 8, 16, 0, seed=0)
     for features, text in [("1,x", "--features"), ("1,99", "99"), ("2,2", "2")]:
         result = subprocess.run(
             [

@@ -17,7 +17,8 @@ import torch
 import transformers as tf
 
 from monitor.capture import CaptureClient
-from tests.conftest import build_pack_with_cli, build_tiny_llama, start_sidecar
+from monitor.fixtures import build_tiny_llama, start_sidecar
+from tests.conftest import build_pack_with_cli
 
 HIDDEN = 64
 MAX_COUNTED = 48

@@ -21,7 +21,7 @@ from monitor.features import (
 from monitor.features.build import build_pack_from_sae, load_sae
 from monitor.features.build.selection import build_from_selection, load_selection
 from monitor.features.build.topk import fit_topk_thresholds, load_activations, topk_disagreement
-from tests.features_helpers import write_gemma_scope, write_saelens_sae, write_sparsify
+from monitor.fixtures import write_gemma_scope, write_saelens_sae, write_sparsify
 
 D_IN, D_SAE, K = 32, 128, 8
 INDICES = [5, 90, 17, 3]

@@ -25,7 +25,7 @@ from monitor.features import (
     save_pack,
 )
 from monitor.features.build import build_pack_from_sae, load_sae
-from tests.features_helpers import write_saelens_sae
+from monitor.fixtures import write_saelens_sae
 
 D_IN, D_SAE = 32, 48
 INDICES = [7, 2, 40]

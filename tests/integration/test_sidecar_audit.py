@@ -17,7 +17,7 @@ from monitor.audit import open_store
 from monitor.audit.store import AuditQuery
 from monitor.wire import encode_tensor, pb, pb_grpc
 from tests.conftest import build_pack_with_cli
-from tests.test_alertmanager import Receiver, wait_for
+from tests.integration.test_alertmanager import Receiver, wait_for
 
 D_MODEL = 16
 RULES = """

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from monitor.features import load_pack
 from monitor.features.build.cli import add_pack_commands
-from tests.features_helpers import write_saelens_sae, write_sparsify
-from tests.test_features_probes import tiny_model_and_tokenizer, write_dataset
+from monitor.fixtures import write_saelens_sae, write_sparsify
+from tests.unit.test_features_probes import tiny_model_and_tokenizer, write_dataset
 
 D_IN, D_SAE = 32, 96
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from monitor.capture import CaptureClient, LayerNotFoundError, select_layers
-from tests.conftest import build_tiny_llama
+from monitor.fixtures import build_tiny_llama
 
 
 def _unused_port() -> int:

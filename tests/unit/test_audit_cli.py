@@ -17,7 +17,7 @@ from monitor.audit.cli import main
 from monitor.audit.store import AlertRecord, ConversationWrite, TokenRecord, open_store
 
 NOW = datetime.now(UTC)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _alert(cid: str, rule: str, severity: str, position: int, at: datetime) -> AlertRecord:
