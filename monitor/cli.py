@@ -2,7 +2,7 @@
 
 serve | demo | pack build|fit|calibrate|inspect | rules check|test | audit list|show|export|purge
 | bench encoder|rules|overhead|sidecar. Each command group lives with its stage
-(monitor/features/cli.py, monitor/rules/cli.py, monitor/audit/cli.py, monitor/bench/); this
+(monitor/features/build/cli.py, monitor/rules/cli.py, monitor/audit/cli.py, monitor/bench/); this
 module only assembles them.
 """
 

@@ -74,6 +74,18 @@ def build_pack_with_cli(
     return out
 
 
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    """A real PostgreSQL server for the module (tests/pg_server.py), as a URL."""
+    from tests.pg_server import start_pg_server
+
+    server = start_pg_server()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test by its folder, so `-m unit` / `-m integration` select them."""
     for item in items:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -14,16 +13,11 @@ import urllib.request
 import grpc
 import pytest
 
+from monitor.fixtures import free_port
 from monitor.wire import pb_grpc
 from tests.integration.test_sidecar_audit import _batch, _config
 
 SKIP_ENV = "SAFETY_MONITOR_SKIP_ALERTMANAGER"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -36,7 +30,7 @@ def alertmanager(tmp_path):
         pytest.fail(f"{message}, or set {SKIP_ENV}=1 to skip", pytrace=False)
     config = tmp_path / "alertmanager.yml"
     config.write_text("route: {receiver: nobody}\nreceivers: [{name: nobody}]\n")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             binary,

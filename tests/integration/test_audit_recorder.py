@@ -17,7 +17,7 @@ from monitor.audit.recorder import (
     RecorderConfig,
 )
 from monitor.audit.store import AuditStore, open_store
-from tests.pg_server import start_pg_server
+from monitor.fixtures import wait_for
 
 FEATURE = "probes/deception"
 
@@ -54,15 +54,6 @@ def step(
         )
     sl = AuditSlice(cid, "req-1", position, texts, "assistant", end, {FEATURE: values})
     return AuditStep("gemma", "hash1", [sl], firings, ("layers.12",))
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest.fixture
@@ -257,15 +248,6 @@ def test_retention_purge(db: str, make_recorder) -> None:
     )
     wait_for(lambda: rec.counts().purged >= 1)
     assert read(db, "c1") is None
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    server = start_pg_server()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 def test_postgres_flow(pg_url: str, make_recorder) -> None:

@@ -19,18 +19,8 @@ from monitor.audit.store import (
     TokenRecord,
     open_store,
 )
-from tests.pg_server import start_pg_server
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    server = start_pg_server()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 _db_counter = iter(range(1_000_000))

@@ -3,19 +3,11 @@ sidecar is down, detach."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
 from monitor.capture import CaptureClient, LayerNotFoundError, select_layers
-from monitor.fixtures import build_tiny_llama
-
-
-def _unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from monitor.fixtures import build_tiny_llama, free_port
 
 
 def test_layers_are_found_by_index_with_canonical_names():
@@ -45,7 +37,7 @@ def test_sidecar_down_fails_open_and_generation_is_unchanged():
     prompt = torch.randint(1, 256, (1, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    client = CaptureClient(f"127.0.0.1:{_unused_port()}", queue_size=2)
+    client = CaptureClient(f"127.0.0.1:{free_port()}", queue_size=2)
     client.attach(model, layers=[1])
     with client.conversation("c"), torch.no_grad():
         got = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -83,7 +75,7 @@ def test_client_metrics_on_the_serving_process_registry():
 
     registry = CollectorRegistry()
     model = build_tiny_llama()
-    target = f"127.0.0.1:{_unused_port()}"
+    target = f"127.0.0.1:{free_port()}"
     client = CaptureClient(target, queue_size=1, metrics_registry=registry)
     client.attach(model, layers=[1])
     with client.conversation("m"), torch.no_grad():

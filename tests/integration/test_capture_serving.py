@@ -9,7 +9,6 @@ missing, extra or misplaced token shows up as a wrong set or a wrong position.
 from __future__ import annotations
 
 import signal
-import socket
 import time
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 import transformers as tf
 
 from monitor.capture import CaptureClient
-from monitor.fixtures import build_tiny_llama, start_sidecar
+from monitor.fixtures import build_tiny_llama, free_port, start_sidecar
 from tests.conftest import build_pack_with_cli
 
 HIDDEN = 64
@@ -35,12 +34,6 @@ def counting_rules() -> str:
             f"    for: {length}",
         ]
     return "\n".join(lines) + "\n"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def sidecar_config(workdir, port: int = 0) -> dict:

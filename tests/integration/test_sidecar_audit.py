@@ -15,9 +15,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from monitor.audit import open_store
 from monitor.audit.store import AuditQuery
+from monitor.fixtures import wait_for
 from monitor.wire import encode_tensor, pb, pb_grpc
 from tests.conftest import build_pack_with_cli
-from tests.integration.test_alertmanager import Receiver, wait_for
+from tests.integration.test_alertmanager import Receiver
 
 D_MODEL = 16
 RULES = """
@@ -149,9 +150,10 @@ def _audit_health(target: str) -> int:
 
 
 def test_store_down_at_start_withholds_alerts_then_recovers(tmp_path, sidecar_factory):
-    from tests.pg_server import _free_port, start_pg_server
+    from monitor.fixtures import free_port
+    from tests.pg_server import start_pg_server
 
-    port = _free_port()
+    port = free_port()
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     sidecar = sidecar_factory(
         _config(

@@ -1,8 +1,7 @@
 """What the serving process and the relay process agree on: the relay's settings
 (`RelayConfig`, sent as one JSON line on the relay's stdin, secrets included, hence not argv)
 and the event pipe (`EventWriter` / `read_event`: alerts as length-prefixed MonitorEvent bytes
-on the relay's stdout). Both processes import this module, so it imports neither torch nor
-grpc (`SenderSettings.channel` imports grpc when the relay calls it).
+on the relay's stdout). Both processes import this module, so it imports no torch.
 """
 
 from __future__ import annotations
@@ -13,12 +12,11 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
+
+import grpc
 
 from monitor.wire import pb
-
-if TYPE_CHECKING:
-    import grpc
 
 EVENT_LENGTH = struct.Struct("<I")
 
@@ -45,8 +43,6 @@ class SenderSettings:
     security: TransportSecurity = TransportSecurity()
 
     def channel(self) -> grpc.Channel:
-        import grpc  # only the relay opens channels; the serving process never imports grpc here
-
         options = [("grpc.max_send_message_length", self.max_message_bytes)]
         tls = self.security
         if tls.ca is None and tls.cert is None:
