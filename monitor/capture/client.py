@@ -67,7 +67,24 @@ class ReceivedAlert:
 
 
 class CaptureClient:
-    """Stream a transformers model's residual-stream activations to a safety-monitor sidecar."""
+    """Stream a transformers model's residual-stream activations to a safety-monitor sidecar.
+
+    The model's thread only copies each step into a shared-memory ring; a relay process
+    started by the client does the gRPC. Alerts come back on the stream (`alerts`,
+    `iter_alerts`, or the `on_alert` callback); what was sent, acked or dropped is in `stats`.
+
+        from monitor.capture import CaptureClient
+
+        client = CaptureClient("127.0.0.1:50051", model_name="llama-3-8b", tokenizer=tokenizer)
+        client.attach(model, layers=[12, 20])        # hook points layers.12, layers.20
+        with client.conversation("conv-42"):         # tag what the model computes next
+            model.generate(input_ids, max_new_tokens=64)
+        client.end_conversation("conv-42")           # the sidecar frees its state
+        client.flush(timeout=10)
+        for alert in client.alerts:
+            print(alert.rule, alert.severity, alert.position)
+        client.close()
+    """
 
     def __init__(
         self,
@@ -259,6 +276,7 @@ class CaptureClient:
 
     @property
     def connected(self) -> bool:
+        """The relay has a live stream to the sidecar."""
         return self._link.connected
 
     def flush(self, timeout: float = 10.0) -> bool:

@@ -67,6 +67,11 @@ class _Channel:
 
 
 class RelayLink:
+    """The serving process's end of the relay: owns the ring and the relay process, restarts a
+    relay that dies (on a fresh ring, counting what it held as dropped), publishes steps and
+    reads alerts and counters back. The CaptureClient holds one.
+    """
+
     def __init__(
         self,
         settings: SenderSettings,
@@ -90,6 +95,7 @@ class RelayLink:
         )
 
     def start(self) -> None:
+        """Start the supervising thread, which starts the relay process."""
         self._thread.start()
 
     # ---- the hot path ----------------------------------------------------------------------
@@ -131,11 +137,13 @@ class RelayLink:
 
     @property
     def connected(self) -> bool:
+        """The relay has a live stream to the sidecar."""
         channel = self._channel
         return channel is not None and channel.ring.slots[Slot.CONNECTED] == 1
 
     @property
     def queue_depth(self) -> int:
+        """Steps on the ring that the relay has not taken yet."""
         channel = self._channel
         return 0 if channel is None else channel.ring.frames_waiting()
 

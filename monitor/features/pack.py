@@ -79,7 +79,17 @@ class HookPointEncoder:
 
 @dataclass
 class FeaturePack:
-    """A named set of restricted encoders, one per hook point."""
+    """A named set of restricted encoders, one per hook point: what a sidecar (or a capture
+    client with `encode_locally`) runs on captured activations.
+
+        from monitor.features import load_pack
+
+        pack = load_pack("deception.pack.safetensors")
+        pack.qualified_names("layers.12")            # ['deception/lying', ...] for rule files
+        values = pack.encode("layers.12", acts)      # acts [rows, d_model] -> [rows, features]
+
+    Packs are built offline with `safety-monitor pack build` (`monitor.features.build`).
+    """
 
     name: str  # used in rule files as '<pack name>/<feature name>'
     hook_points: dict[str, HookPointEncoder]

@@ -23,6 +23,10 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Limits:
     # gRPC's default is 4 MB; a 2,000-token prefill at d_model 4096 in BF16 is 16 MB.
+    """What the sidecar accepts: message and batch sizes, the conversations it tracks, the length of
+    a conversation id. Sent to clients in GetStatus.
+    """
+
     max_message_bytes: int = 64 * 1024 * 1024
     max_rows_per_batch: int = 16384
     max_conversations: int = MAX_CONVERSATIONS
@@ -64,6 +68,14 @@ class SecuritySettings:
 
 @dataclass(frozen=True)
 class SidecarConfig:
+    """The sidecar's configuration, as `load_config` reads it from YAML (paths resolved relative
+    to the file): where it listens, which packs and rules it loads, its limits, logging, the
+    optional audit trail, Alertmanager and transport security.
+
+        config = load_config("sidecar.yaml")
+        asyncio.run(serve(config))           # monitor.sidecar.process.serve
+    """
+
     listen: str = "127.0.0.1:50051"
     metrics_port: int = 9464
     metrics_host: str = ""  # empty: the host part of `listen`
@@ -81,10 +93,12 @@ class SidecarConfig:
 
     @property
     def listen_host(self) -> str:
+        """The host part of `listen` (brackets kept for IPv6)."""
         return self.listen.rsplit(":", 1)[0]
 
     @property
     def metrics_bind_host(self) -> str:
+        """Where /metrics binds: `metrics_host`, else the host of `listen`."""
         return self.metrics_host or self.listen_host.strip("[]")
 
 

@@ -34,6 +34,10 @@ log = structlog.get_logger("safety_monitor.pipeline")
 
 @dataclass(frozen=True)
 class DispatchResult:
+    """Which firings of a batch may go on the stream now, how many were withheld for want of a
+    durable audit record, and the audit status of the batch.
+    """
+
     sendable: list[Firing]  # alerts that may go on the stream now
     withheld: int  # alerts held back because their audit record is not durable
     audit_status: str  # "nothing" | "written" | "pending" | "dropped" | "off"
@@ -48,6 +52,10 @@ def ruleset_hash(ruleset: RuleSet) -> str:
 
 
 class Actions:
+    """Where firings go besides the stream: the audit recorder and the Alertmanager client, each
+    made only when configured. `Pipeline` calls `dispatch` once per batch on its worker thread.
+    """
+
     def __init__(
         self,
         audit: AuditSettings,
@@ -63,6 +71,8 @@ class Actions:
 
     @property
     def audit_healthy(self) -> bool:
+        """False while the audit store cannot commit (the named health service turns
+        NOT_SERVING)."""
         return self.recorder is None or self.recorder.healthy
 
     def dispatch(
@@ -88,6 +98,8 @@ class Actions:
         return DispatchResult(sendable, len(firings) - len(sendable), status)
 
     def close(self, timeout: float = 10.0) -> None:
+        """Flush and stop the recorder and the Alertmanager client, each within `timeout`
+        seconds."""
         if self.recorder is not None:
             self.recorder.close(timeout)
         if self.alertmanager is not None:

@@ -58,6 +58,15 @@ class BatchOutcome:
 
 
 class Pipeline:
+    """The per-batch work of a sidecar: validate a StepBatch, encode its activations with the
+    packs, evaluate the rules, hand the firings to `Actions`, and return the events for the
+    stream. One Pipeline serves every stream; it runs on a single worker thread.
+
+        pipeline = Pipeline(packs, ruleset, SidecarMetrics(), Limits())
+        outcome = pipeline.process(batch)    # pb.StepBatch -> BatchOutcome
+        outcome.events                       # Alerts, then the Ack or a BatchError
+    """
+
     def __init__(
         self,
         packs: Sequence[FeaturePack],
@@ -177,6 +186,9 @@ class Pipeline:
         return BatchOutcome(events, result.firings, features)
 
     def validate(self, batch: pb.StepBatch) -> ValidatedBatch:
+        """Check a StepBatch against the packs, the rules' hook points and the limits; raises
+        BatchRejected (reason, field, message) without touching any state.
+        """
         return validate_batch(batch, self.catalog, self.required, self.limits)
 
     def encode(self, batch: ValidatedBatch) -> dict[str, torch.Tensor]:

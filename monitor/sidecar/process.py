@@ -43,6 +43,8 @@ class StartupError(RuntimeError):
 
 
 def load_packs(paths: Sequence[Path]) -> list[FeaturePack]:
+    """Load the configured feature packs; StartupError for an unreadable pack or a name used
+    twice."""
     packs: list[FeaturePack] = []
     for path in paths:
         try:
@@ -56,6 +58,8 @@ def load_packs(paths: Sequence[Path]) -> list[FeaturePack]:
 
 
 def load_ruleset(paths: Sequence[Path], packs: Sequence[FeaturePack]) -> RuleSet:
+    """Load the rule files against the packs' feature names; StartupError (one line) on any
+    problem."""
     try:
         return load_rules(paths, known_features=qualified_feature_names(packs))
     except RuleLoadError as exc:
@@ -64,6 +68,10 @@ def load_ruleset(paths: Sequence[Path], packs: Sequence[FeaturePack]) -> RuleSet
 
 @dataclass
 class RunningSidecar:
+    """A started sidecar: its gRPC server and health servicer, the ports it bound (useful when
+    configured as 0) and how to stop its metrics server.
+    """
+
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     port: int
@@ -97,6 +105,7 @@ class Sidecar:
         self.running: RunningSidecar | None = None
 
     async def start(self) -> RunningSidecar:
+        """Bind the gRPC and metrics ports and start serving; returns what was started."""
         max_bytes = self.config.limits.max_message_bytes
         security = self.config.security
         try:
@@ -275,10 +284,12 @@ class SidecarThread:
         self._thread = threading.Thread(target=self._loop.run_forever, name="sidecar", daemon=True)
 
     def start(self) -> RunningSidecar:
+        """Start the loop thread and the sidecar on it; returns once it serves (30 s at most)."""
         self._thread.start()
         return asyncio.run_coroutine_threadsafe(self.sidecar.start(), self._loop).result(30)
 
     def stop(self) -> None:
+        """Drain and stop the sidecar, then its loop and thread."""
         asyncio.run_coroutine_threadsafe(self.sidecar.stop(), self._loop).result(60)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)

@@ -55,6 +55,8 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
     async def Monitor(
         self, request_iterator: AsyncIterator[pb.StepBatch], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.MonitorEvent]:
+        """The capture stream: StepBatches in, their Alerts and an Ack or BatchError each out, in
+        order."""
         self.metrics.active_streams.inc()
         peer = context.peer()
         log.info("stream opened", peer=peer)
@@ -91,6 +93,7 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
     async def Evaluate(
         self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext
     ) -> pb.EvaluateResponse:
+        """Score one batch with fresh rule state; optionally return the feature values."""
         outcome = await self._run(self.pipeline.evaluate_once, request.batch)
         response = pb.EvaluateResponse()
         for event in outcome.events:
@@ -106,6 +109,7 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
     async def GetStatus(
         self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatusResponse:
+        """The version, loaded packs and rule files, limits and accepted dtypes."""
         pipeline = self.pipeline
         limits = pipeline.limits
         return pb.StatusResponse(

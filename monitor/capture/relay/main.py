@@ -34,6 +34,7 @@ def _stop_when_parent_goes(stdin: BinaryIO, stopping: threading.Event) -> None:
 
 
 def main() -> int:
+    """The relay process: read the settings from stdin, attach the ring, send until stdin closes."""
     from monitor.logs import configure_logging
 
     line = sys.stdin.buffer.readline()

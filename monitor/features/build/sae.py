@@ -238,7 +238,17 @@ def _as_index(value: object) -> int:
 
 
 def load_sae(path: str | Path, format: str | None = None) -> SAE:
-    """Load an SAE from a local path; ``format`` (one of :data:`FORMATS`) or auto-detected."""
+    """Load an SAE from a local path; ``format`` (one of :data:`FORMATS`) or auto-detected.
+    Only safetensors/npz/JSON are read: never a pickle.
+
+        from monitor.features.build import build_pack_from_sae, load_sae
+        from monitor.features import save_pack
+
+        sae = load_sae("gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82")
+        sae.hook_point                               # 'layers.12'
+        pack = build_pack_from_sae(sae, [1024, 7731], name="deception")
+        save_pack(pack, "deception.pack.safetensors")
+    """
     from monitor.features.build import formats, saelens
 
     loaders = {
