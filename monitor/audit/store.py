@@ -29,6 +29,10 @@ class StoreError(RuntimeError):
 
 @dataclass(frozen=True)
 class TokenRecord:
+    """One stored token of a flagged conversation: position, redacted text, role, request and the
+    feature values the rules used.
+    """
+
     position: int
     text: str | None  # redacted; None when the client sent no token text
     role: str
@@ -38,6 +42,8 @@ class TokenRecord:
 
 @dataclass(frozen=True)
 class AlertRecord:
+    """One stored alert: which rule fired where, with its value, message and labels."""
+
     conversation_id: str
     request_id: str
     rule: str
@@ -82,6 +88,8 @@ class AuditQuery:
 
 @dataclass(frozen=True)
 class ConversationSummary:
+    """One flagged conversation as `audit list` shows it."""
+
     conversation_id: str
     model: str
     first_flagged_at: datetime | None
@@ -95,6 +103,8 @@ class ConversationSummary:
 
 @dataclass
 class ConversationRecord:
+    """Everything stored about one conversation (`audit show`), with a warning per damaged row."""
+
     summary: ConversationSummary
     hook_points: tuple[str, ...]
     tokens: list[TokenRecord]
@@ -103,6 +113,7 @@ class ConversationRecord:
 
     @property
     def request_ids(self) -> tuple[str, ...]:
+        """The conversation's request ids, in order of first appearance."""
         seen = dict.fromkeys(t.request_id for t in self.tokens)
         seen.update(dict.fromkeys(a.request_id for a in self.alerts))
         return tuple(seen)
@@ -114,27 +125,35 @@ class AuditStore:
     dialect = "abstract"
 
     def write(self, writes: Sequence[ConversationWrite]) -> None:
+        """Write one step's conversation updates in one transaction."""
         raise NotImplementedError
 
     def list_conversations(self, query: AuditQuery = AuditQuery()) -> list[ConversationSummary]:
+        """Flagged conversations matching `query`, most recently updated first."""
         raise NotImplementedError
 
     def list_alerts(self, query: AuditQuery = AuditQuery()) -> list[AlertRecord]:
+        """Alerts matching `query`."""
         raise NotImplementedError
 
     def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        """One conversation with its tokens and alerts; None when it is not stored."""
         raise NotImplementedError
 
     def purge(self, older_than: datetime) -> int:
+        """Delete conversations with no activity since `older_than`; returns how many."""
         raise NotImplementedError
 
     def schema_version(self) -> int:
+        """The schema version the store is at."""
         raise NotImplementedError
 
     def close(self) -> None:
+        """Release the connection."""
         raise NotImplementedError
 
     def iter_conversations(self, query: AuditQuery = AuditQuery()) -> Iterator[ConversationRecord]:
+        """The full records of the conversations matching `query` (`audit export`)."""
         for summary in self.list_conversations(query):
             record = self.get_conversation(summary.conversation_id)
             if record is not None:
