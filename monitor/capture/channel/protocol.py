@@ -34,6 +34,10 @@ class TransportSecurity:
 
 @dataclass(frozen=True)
 class SenderSettings:
+    """Where and how the relay streams: the sidecar's target, the model name sent with each batch,
+    message size, reconnect backoff (low, high), connect timeout, fail-closed and TLS/token.
+    """
+
     target: str
     model_name: str
     max_message_bytes: int
@@ -43,6 +47,7 @@ class SenderSettings:
     security: TransportSecurity = TransportSecurity()
 
     def channel(self) -> grpc.Channel:
+        """A gRPC channel to the target, with TLS when a CA or client certificate is set."""
         options = [("grpc.max_send_message_length", self.max_message_bytes)]
         tls = self.security
         if tls.ca is None and tls.cert is None:
@@ -52,6 +57,7 @@ class SenderSettings:
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The `authorization` metadata for every call (empty without a token)."""
         token = self.security.token
         return (("authorization", f"Bearer {token}"),) if token else ()
 
@@ -67,6 +73,7 @@ class RelayConfig:
     log_level: str = "warning"
 
     def to_json(self) -> bytes:
+        """The settings as one JSON line for the relay's stdin (PEM bytes in base64)."""
         s, tls = self.settings, self.settings.security
         document = {
             "target": s.target,
@@ -86,6 +93,7 @@ class RelayConfig:
 
     @classmethod
     def from_json(cls, line: bytes) -> RelayConfig:
+        """The relay's side of `to_json`."""
         d = json.loads(line)
         tls = {name: _unb64(value) for name, value in d["tls"].items()}
         settings = SenderSettings(

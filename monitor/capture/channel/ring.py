@@ -65,12 +65,19 @@ LOST_REASONS = {
 
 
 class FrameKind(IntEnum):
+    """What a frame on the ring holds: padding up to the end of the buffer, a step, or a step that
+    reuses the cached metadata of an earlier one.
+    """
+
     PAD = 0
     STEP = 1  # metadata: a StepBatch
     TEMPLATED_STEP = 2  # metadata: a cached StepBatch of the same tagging + rows and positions
 
 
 class Frame(NamedTuple):
+    """A frame as the reader finds it: kind, where it starts in `data`, its size and metadata
+    size."""
+
     kind: FrameKind
     offset: int  # in `data`
     size: int  # bytes, header and padding included
@@ -79,6 +86,7 @@ class Frame(NamedTuple):
 
 
 def aligned(nbytes: int) -> int:
+    """`nbytes` rounded up to the frame alignment."""
     return (nbytes + ALIGN - 1) & ~(ALIGN - 1)
 
 
@@ -105,17 +113,21 @@ class SharedRing:
 
     @classmethod
     def create(cls, capacity: int) -> SharedRing:
+        """A new ring in an anonymous memory file (the serving process's side)."""
         fd = os.memfd_create("safety-monitor-capture")  # close-on-exec: only the relay gets it
         os.ftruncate(fd, HEADER_BYTES + capacity)
         return cls(fd, capacity)
 
     @classmethod
     def attach(cls, fd: int, capacity: int) -> SharedRing:
+        """The ring behind an inherited file descriptor (the relay's side); ValueError on a size
+        mismatch."""
         if os.fstat(fd).st_size != HEADER_BYTES + capacity:
             raise ValueError(f"shared ring fd {fd} is not {HEADER_BYTES + capacity} bytes")
         return cls(fd, capacity)
 
     def close(self) -> None:
+        """Unmap the ring and close its file descriptor."""
         self.slots.release()
         self.data.release()
         self._map.close()
@@ -124,6 +136,7 @@ class SharedRing:
     # ---- producer --------------------------------------------------------------------------
 
     def frames_waiting(self) -> int:
+        """Frames published and not yet consumed."""
         return self.slots[Slot.PUBLISHED] - self.slots[Slot.CONSUMED]
 
     def reserve(self, nbytes: int) -> tuple[int, int] | None:
@@ -141,6 +154,7 @@ class SharedRing:
         return (0 if pad else position), head + pad + nbytes
 
     def publish(self, new_head: int) -> None:
+        """Make the frame reserved up to `new_head` visible to the reader."""
         self.slots[Slot.PUBLISHED] += 1
         self.slots[Slot.HEAD] = new_head
 
@@ -161,5 +175,6 @@ class SharedRing:
             return Frame(FrameKind(kind), offset, size, meta, rows)
 
     def release(self, size: int) -> None:
+        """Give the oldest frame's `size` bytes back to the writer."""
         self.slots[Slot.CONSUMED] += 1
         self.slots[Slot.TAIL] = self.slots[Slot.TAIL] + size

@@ -40,6 +40,9 @@ class FrameSource:
         self._last_frame = 0.0
 
     def next(self, timeout: float, on_bad_frame: Callable[[], None]) -> pb.StepBatch | None:
+        """The next step on the ring as a StepBatch, None after `timeout` seconds without one;
+        `on_bad_frame` is called for a frame that cannot be read (it is skipped).
+        """
         deadline = time.monotonic() + timeout
         while True:
             frame = self._peek()
@@ -99,10 +102,12 @@ class Sender:
     # ---- counters (any relay thread) ---------------------------------------------------------
 
     def count(self, slot: Slot, amount: int = 1) -> None:
+        """Add `amount` to a counter in the ring's header."""
         with self._lock:
             self.ring.slots[slot] += amount
 
     def settle(self, seq_no: int, rejected: bool) -> None:
+        """A batch was acked or rejected: count it (and its rows, when acked) and forget it."""
         with self._lock:
             rows = self.inflight.pop(seq_no, None)
             if rows is None:
@@ -116,6 +121,7 @@ class Sender:
     # ---- the loop --------------------------------------------------------------------------
 
     def run(self, stopping: threading.Event) -> None:
+        """Stream until `stopping` is set, reconnecting with exponential backoff and jitter."""
         low, high = self.settings.reconnect_backoff
         backoff = low
         while not stopping.is_set():
