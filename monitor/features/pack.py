@@ -113,9 +113,11 @@ class FeaturePack:
 
     @property
     def feature_count(self) -> int:
+        """Number of features, all hook points together."""
         return sum(hp.encoder.k for hp in self.hook_points.values())
 
     def features(self) -> list[FeatureInfo]:
+        """Every feature's metadata, hook point by hook point."""
         return [f for entry in self.hook_points.values() for f in entry.features]
 
     def to(self, device: str | torch.device) -> FeaturePack:
