@@ -16,6 +16,7 @@ from monitor.features.errors import FeatureError, PackError
 from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder
 from monitor.hookpoints import canonical_hook_point
 
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """One SAE feature to put in a pack, with the metadata a selection file gives it."""

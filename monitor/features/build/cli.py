@@ -161,8 +161,8 @@ def _add_fit(sub: Any) -> None:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from monitor.features.pack import save_pack
     from monitor.features.build.probes import fit_probes, load_labeled_jsonl
+    from monitor.features.pack import save_pack
 
     layers = _int_list(args.layers, "--layers")
     examples = load_labeled_jsonl(args.data)
@@ -224,8 +224,8 @@ def _add_calibrate(sub: Any) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from monitor.features.pack import load_pack, save_pack
     from monitor.features.build.probes import calibrate_pack
+    from monitor.features.pack import load_pack, save_pack
 
     pack = load_pack(args.pack)
     report: dict[str, Any] = {"pack": pack.name}
@@ -247,7 +247,12 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _benign_scores(pack: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from monitor.features.build.probes import load_labeled_jsonl, render, sample_scores, token_activations
+    from monitor.features.build.probes import (
+        load_labeled_jsonl,
+        render,
+        sample_scores,
+        token_activations,
+    )
     from monitor.features.build.topk import load_activations
 
     if args.activations is not None:

@@ -23,9 +23,9 @@ from monitor.features.build._io import (
     read_state_dict,
     take,
 )
+from monitor.features.build.sae import SAE
 from monitor.features.errors import FeatureError, SAEFormatError
 from monitor.hookpoints import canonical_hook_point, hook_point_name
-from monitor.features.build.sae import SAE
 
 _LAYER_DIR = re.compile(r"layer_(\d+)")
 _GEMMA_SCOPE_RELEASE = re.compile(r"gemma-scope-(2b|9b|27b)-pt-res(?:-canonical)?")

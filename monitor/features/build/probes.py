@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from monitor.features.build.builder import assemble_pack
 from monitor.features.encoder import RestrictedEncoder
 from monitor.features.errors import FeatureError
 from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder
-from monitor.features.build.builder import assemble_pack
 from monitor.hookpoints import hook_point_name
 
 POOLINGS = ("mean", "last", "max")

@@ -16,9 +16,9 @@ from monitor.features.build._io import (
     read_safetensors,
     take,
 )
+from monitor.features.build.sae import SAE
 from monitor.features.errors import FeatureError, SAEFormatError
 from monitor.hookpoints import canonical_hook_point
-from monitor.features.build.sae import SAE
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"

@@ -28,10 +28,10 @@ from typing import Any
 
 import yaml
 
-from monitor.features.errors import FeatureError, PackError
-from monitor.features.pack import FeaturePack, HookPointEncoder, load_pack
 from monitor.features.build.builder import FeatureSpec, assemble_pack, sae_segment
 from monitor.features.build.sae import TOPK_MODES, load_sae
+from monitor.features.errors import FeatureError, PackError
+from monitor.features.pack import FeaturePack, HookPointEncoder, load_pack
 
 _SAE_KEYS = {"sae", "format", "hook_point", "topk_mode", "calibration_activations", "features"}
 _FEATURE_KEYS = {"index", "name", "label", "category", "description", "neuronpedia_id"}

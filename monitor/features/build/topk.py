@@ -16,8 +16,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from monitor.features.errors import FeatureError
 from monitor.features.build.sae import SAE, check_indices
+from monitor.features.errors import FeatureError
 
 
 @dataclass(frozen=True)
