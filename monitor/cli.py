@@ -20,6 +20,8 @@ EXIT_USAGE = 2  # bad config, bad input files: one clear line on stderr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`safety-monitor`: parse the command line and run the chosen command; returns the exit
+    code."""
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):

@@ -76,6 +76,7 @@ def calibrate(
 
 
 def write_rules(path: Path, features: dict[str, int], thresholds: dict[str, float]) -> Path:
+    """The demo's rule file: three rules over the four features at their calibrated thresholds."""
     lines = ["features:"]
     lines += [f"  {name}: demo/{index}" for name, index in features.items()]
     lines += [
@@ -108,6 +109,9 @@ def write_rules(path: Path, features: dict[str, int], thresholds: dict[str, floa
 
 
 def run_demo(workdir: Path | None = None, conversations: int = 4, new_tokens: int = 32) -> int:
+    """`safety-monitor demo`: build everything in `workdir` (a temporary directory when None),
+    run it and print what happened; returns the exit code.
+    """
     from monitor.logs import configure_logging
 
     configure_logging("console", "error")
