@@ -22,20 +22,10 @@ from monitor.features.build.builder import assemble_pack
 from monitor.features.encoder import RestrictedEncoder
 from monitor.features.errors import FeatureError
 from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder
-from monitor.hookpoints import hook_point_name
+from monitor.hookpoints import hook_point_name, layer_list
 
 POOLINGS = ("mean", "last", "max")
 METHODS = ("logistic", "diff-means")
-LAYER_LIST_PATHS = (
-    "model.layers",
-    "model.language_model.layers",
-    "layers",
-    "transformer.h",
-    "gpt_neox.layers",
-    "model.decoder.layers",
-    "encoder.layer",
-    "bert.encoder.layer",
-)
 
 
 @dataclass(frozen=True)
@@ -122,12 +112,10 @@ def render(example: LabeledExample, tokenizer: Any) -> str:
 
 
 def find_layers(model: nn.Module) -> nn.ModuleList:
-    for path in LAYER_LIST_PATHS:
-        module: Any = model
-        for part in path.split("."):
-            module = getattr(module, part, None)
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            return module
+    """The model's decoder layers; FeatureError when it has none at a known path."""
+    found = layer_list(model)
+    if found is not None:
+        return found
     raise FeatureError(f"{type(model).__name__}: no decoder layer list found", field="model")
 
 
