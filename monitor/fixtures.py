@@ -356,6 +356,7 @@ def openai_state(d_in: int, d_sae: int, k: int | None = 6, seed: int = 0) -> dic
 
 
 def write_openai(path: Path, d_in: int, d_sae: int, k: int | None = 6, seed: int = 0) -> Path:
+    """A random OpenAI sparse_autoencoder state dict at `path` (TopK when `k` is set)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(openai_state(d_in, d_sae, k, seed), path)
@@ -476,9 +477,12 @@ class ToyTokenizer:
         self.ids = {word: i for i, word in enumerate(self.words)}
 
     def encode(self, text: str) -> list[int]:
+        """Word ids of `text` split on spaces (unknown words get the last id)."""
         return [self.ids.get(word, VOCAB_SIZE - 1) for word in text.split()]
 
     def decode(self, ids: list[int]) -> str:
+        """The words of `ids`, each followed by a space (what the capture client stores as token
+        text)."""
         return "".join(f"{self.words[i]} " for i in ids)
 
 

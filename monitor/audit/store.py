@@ -317,10 +317,12 @@ class SqlAuditStore(AuditStore):
             return migrations.migrate(cur, self.dialect, self.placeholder)
 
     def schema_version(self) -> int:
+        """The schema version the store is at (migrations applied)."""
         with self._lock, self._transaction(write=False) as cur:
             return migrations.current_version(cur)
 
     def write(self, writes: Sequence[ConversationWrite]) -> None:
+        """Write one step's conversation updates in one transaction (see AuditStore.write)."""
         if not writes:
             return
         with self._lock, self._transaction(write=True) as cur:
@@ -390,6 +392,7 @@ class SqlAuditStore(AuditStore):
         return clauses, params
 
     def list_conversations(self, query: AuditQuery = AuditQuery()) -> list[ConversationSummary]:
+        """Flagged conversations matching `query`, most recently updated first."""
         clauses, params = self._alert_filter(query, "a")
         where = []
         if clauses:
@@ -453,6 +456,7 @@ class SqlAuditStore(AuditStore):
         )
 
     def list_alerts(self, query: AuditQuery = AuditQuery()) -> list[AlertRecord]:
+        """Alerts matching `query`, newest first."""
         clauses, params = self._alert_filter(query, "a")
         if query.model is not None:
             clauses.append("c.model = ?")
@@ -494,6 +498,8 @@ class SqlAuditStore(AuditStore):
         )
 
     def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        """One conversation with its tokens and alerts (damaged rows become warnings); None if
+        absent."""
         with self._lock, self._transaction(write=False) as cur:
             cur.execute(
                 self._sql(

@@ -125,6 +125,7 @@ def _time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def format_table(result: dict[str, Any]) -> str:
+    """The report as a table."""
     shape = result["shape"]
     lines = [
         f"encoder bench: {shape['rows']} rows x d_model {shape['d_model']}, "

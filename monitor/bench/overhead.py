@@ -35,6 +35,7 @@ HOOK_LAYERS = (2, 4)
 
 
 def add_bench_overhead_command(bench_subparsers: Any) -> None:
+    """Register ``overhead`` under ``safety-monitor bench``."""
     parser = bench_subparsers.add_parser(
         "overhead", help="generation throughput with and without capture, side by side"
     )
@@ -92,6 +93,9 @@ def run_overhead_bench(
     prompt_tokens: int = 32,
     soak_steps: int = 0,
 ) -> dict[str, Any]:
+    """Generation throughput of one model without capture and with it (sidecar up, sidecar down,
+    local encoding), in interleaved rounds; per mode the median of per-round ratios.
+    """
     from monitor.capture import CaptureClient
     from monitor.fixtures import free_port
 
@@ -223,6 +227,7 @@ def _paired_overhead(mode: list[float], baseline: list[float]) -> float:
 
 
 def format_table(result: dict[str, Any]) -> str:
+    """The report as a table."""
     lines = [
         f"capture overhead: {result['model']}; {result['new_tokens_per_round']} new tokens per "
         f"round, {result['rounds']} interleaved rounds (overhead: median of per-round ratios)",

@@ -36,6 +36,7 @@ HOOK_LAYER = 12
 
 
 def add_bench_sidecar_command(bench_subparsers: Any) -> None:
+    """Register ``sidecar`` under ``safety-monitor bench``."""
     parser = bench_subparsers.add_parser(
         "sidecar", help="end-to-end tokens/s and send-to-ack latency over loopback gRPC"
     )
@@ -241,6 +242,7 @@ def _latency(target: str, seconds: float, conversations: int, rate: float) -> di
 
 
 def format_table(result: dict[str, Any]) -> str:
+    """The report as a table."""
     t, lat = result["throughput"], result["latency"]
     return "\n".join(
         [

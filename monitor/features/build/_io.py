@@ -19,6 +19,7 @@ from monitor.features.errors import SAEFormatError
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; SAEFormatError naming the file for anything else."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -53,6 +54,7 @@ def read_safetensors(
 
 
 def read_npz(path: Path) -> dict[str, torch.Tensor]:
+    """The arrays of an .npz file as tensors (pickles refused)."""
     if not path.is_file():
         raise SAEFormatError("file not found", where=path)
     try:
@@ -63,6 +65,9 @@ def read_npz(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: Path) -> dict[str, Any]:
+    """A torch state dict loaded with `weights_only=True`: tensors and plain containers, never
+    arbitrary pickled objects.
+    """
     if not path.is_file():
         raise SAEFormatError("file not found", where=path)
     try:
@@ -84,6 +89,7 @@ def take(tensors: dict[str, Any], name: str, shape: tuple[int, ...], path: Path)
 
 
 def check_tensor(tensor: Any, shape: tuple[int, ...], path: Path, name: str) -> torch.Tensor:
+    """`tensor` if it is a float tensor of `shape`, else SAEFormatError naming the file and key."""
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
         kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise SAEFormatError(f"expected a float tensor, got {kind}", where=path, field=name)
@@ -100,6 +106,8 @@ def check_tensor(tensor: Any, shape: tuple[int, ...], path: Path, name: str) -> 
 
 
 def positive_int(cfg: dict[str, Any], key: str, path: Path, field: str | None = None) -> int:
+    """`cfg[key]` as a positive integer (a one-element integer tensor counts), else
+    SAEFormatError."""
     if key not in cfg:
         raise SAEFormatError("missing", where=path, field=field or key)
     value = cfg[key]
@@ -113,6 +121,7 @@ def positive_int(cfg: dict[str, Any], key: str, path: Path, field: str | None = 
 
 
 def optional_str(cfg: dict[str, Any], key: str, path: Path, field: str | None = None) -> str | None:
+    """`cfg[key]` when it is a string, None when absent, else SAEFormatError."""
     value = cfg.get(key)
     if value is not None and not isinstance(value, str):
         raise SAEFormatError(f"expected a string, got {value!r}", where=path, field=field or key)
@@ -120,6 +129,7 @@ def optional_str(cfg: dict[str, Any], key: str, path: Path, field: str | None = 
 
 
 def as_bool(cfg: dict[str, Any], key: str, path: Path, *, default: bool) -> bool:
+    """`cfg[key]` as a boolean (`default` when absent), else SAEFormatError."""
     value = cfg.get(key, default)
     if not isinstance(value, bool):
         raise SAEFormatError(f"expected true or false, got {value!r}", where=path, field=key)

@@ -75,6 +75,8 @@ def sae_segment(
 
 
 def resolve_hook_point(sae: SAE, hook_point: str | None) -> str:
+    """The canonical hook point: `hook_point` if given, else the SAE's own; FeatureError if
+    neither."""
     if hook_point is None and sae.hook_point is None:
         raise FeatureError(
             "the SAE config names no hook point; pass --hook-point (e.g. layers.12)",

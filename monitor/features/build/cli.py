@@ -41,11 +41,13 @@ def _guarded(handler: Handler) -> Handler:
 
 
 def fail(message: str) -> int:
+    """Print a one-line error to stderr; returns the usage exit code."""
     print(f"safety-monitor: error: {' '.join(message.splitlines())}", file=sys.stderr)
     return EXIT_USAGE
 
 
 def note(message: str) -> None:
+    """Print a note to stderr."""
     print(f"safety-monitor: note: {message}", file=sys.stderr)
 
 

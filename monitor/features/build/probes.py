@@ -30,6 +30,8 @@ METHODS = ("logistic", "diff-means")
 
 @dataclass(frozen=True)
 class LabeledExample:
+    """One labelled example: a text or a chat (`messages`), label 1 (the behaviour) or 0."""
+
     text: str | None  # one of text / messages
     messages: list[dict[str, str]] | None
     label: int  # 1 = positive (the behaviour to detect), 0 = negative
@@ -37,6 +39,10 @@ class LabeledExample:
 
 @dataclass(frozen=True)
 class ProbeFit:
+    """A fitted linear probe at one hook point: weight and bias on raw activations, the method and
+    its training accuracy.
+    """
+
     hook_point: str
     weight: torch.Tensor  # [d_model] float32, applies to raw activations
     bias: float
@@ -209,6 +215,7 @@ def fit_probe(
 
 
 def check_two_classes(labels: torch.Tensor) -> None:
+    """FeatureError unless both labels 0 and 1 occur."""
     classes = sorted(int(c) for c in labels.unique().tolist())
     if classes != [0, 1]:
         raise FeatureError(
@@ -282,6 +289,7 @@ def fit_probes(
 
 
 def probe_encoder(fit: ProbeFit) -> RestrictedEncoder:
+    """A fitted probe as a one-column encoder: its logit, never floored."""
     return RestrictedEncoder(
         weight=fit.weight.unsqueeze(1).contiguous(),
         bias=torch.tensor([fit.bias], dtype=torch.float32),

@@ -59,14 +59,17 @@ class SAE:
 
     @property
     def d_in(self) -> int:
+        """Width of the activations the SAE reads."""
         return int(self.W_enc.shape[0])
 
     @property
     def d_sae(self) -> int:
+        """Number of latents."""
         return int(self.W_enc.shape[1])
 
     @property
     def is_topk(self) -> bool:
+        """Whether it is a TopK SAE (restricting it needs a `topk_mode`)."""
         return self.architecture == "topk"
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,6 +206,7 @@ class SAE:
     def runtime_normalization(self) -> str:
         # The expected-average factor is folded into the weights by SAELens at the end of
         # training; a directory on disk carries no factor to apply at run time.
+        """The input normalisation a pack applies at run time."""
         if self.normalize_activations == "expected_average_only_in":
             return "none"
         return self.normalize_activations

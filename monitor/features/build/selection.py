@@ -39,6 +39,8 @@ _FEATURE_KEYS = {"index", "name", "label", "category", "description", "neuronped
 
 @dataclass
 class SAESource:
+    """One SAE of a selection file and the features taken from it."""
+
     path: Path
     features: list[FeatureSpec]
     format: str | None = None
@@ -49,11 +51,15 @@ class SAESource:
 
 @dataclass
 class PackSource:
+    """An existing pack of a selection file, merged in whole."""
+
     path: Path
 
 
 @dataclass
 class Selection:
+    """A parsed selection file: the pack name and its sources, in order."""
+
     name: str | None
     sources: list[SAESource | PackSource] = field(default_factory=list)
 
