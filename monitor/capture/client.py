@@ -2,7 +2,7 @@
 
 Forward hooks copy the chosen layers' residual stream off the model's device and close one
 CapturedStep per forward pass, which is copied onto a shared-memory ring; a relay process the
-client starts (`relay.py`) owns the gRPC stream, so no gRPC thread competes with the model for
+client starts (`relay/`) owns the gRPC stream, so no gRPC thread competes with the model for
 the GIL. The forward pass never waits on the network: when the ring is full the step is
 dropped whole (`on_full="drop"`, fail-open, the default) or the forward waits up to
 `block_timeout` (`on_full="block"`, for deployments that must not serve unmonitored tokens).

@@ -30,7 +30,7 @@ from monitor.wire import pb
 log = structlog.get_logger("safety_monitor.capture")
 
 # Stores reach other cores in program order only on x86-64; elsewhere each frame also gets a
-# doorbell byte (see ring.py).
+# doorbell byte (see channel/ring.py).
 ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64")
 _SETTLED = (Slot.ACKED, Slot.REJECTED, *LOST_REASONS)
 _REPORTED = (Slot.SENT, Slot.ACKED, Slot.REJECTED, Slot.ROWS_ACKED, Slot.RECONNECTS)

@@ -3,9 +3,10 @@
 Python's gRPC runs several threads per message (the request iterator, the channel's event
 loop, the response reader). Inside the serving process every one of them takes the GIL away
 from the model, which cost 2-4.5% of generation throughput on a 2-core machine. So the
-serving process only copies each step into a shared-memory ring (`ring.py`), and this process
-owns everything else: reading the ring, the gRPC stream, acks, reconnects. Alerts come back
-to the serving process on this process's stdout; counters through the ring's header.
+serving process only copies each step into a shared-memory ring (`channel/ring.py`), and
+this process owns everything else: reading the ring, the gRPC stream, acks, reconnects.
+Alerts come back to the serving process on this process's stdout; counters through the
+ring's header.
 
 Started as `python -m monitor.capture.relay` with the ring's memfd inherited; its settings
 (secrets included, hence not argv) arrive as one JSON line on stdin. It exits when stdin
