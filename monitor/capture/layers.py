@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from monitor import hookpoints
+from monitor import layerlist
 from monitor.hookpoints import hook_point_name
 
 
@@ -18,7 +18,7 @@ class LayerNotFoundError(ValueError):
 
 def find_layer_list(model: nn.Module, module_path: str | None = None) -> nn.ModuleList:
     """The model's decoder layers, at `module_path` if given, else by the known paths."""
-    found = hookpoints.layer_list(model, module_path)
+    found = layerlist.layer_list(model, module_path)
     if found is not None:
         return found
     candidates = [

@@ -22,7 +22,8 @@ from monitor.features.build.builder import assemble_pack
 from monitor.features.encoder import RestrictedEncoder
 from monitor.features.errors import FeatureError
 from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder
-from monitor.hookpoints import hook_point_name, layer_list
+from monitor.hookpoints import hook_point_name
+from monitor.layerlist import layer_list
 
 POOLINGS = ("mean", "last", "max")
 METHODS = ("logistic", "diff-means")
