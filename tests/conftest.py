@@ -86,6 +86,15 @@ def pg_url() -> Iterator[str]:
         server.stop()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Plain JSON logs for code that runs inside the test process. structlog's default console
+    renderer draws exceptions with rich, locals of every frame included: the grouping tests
+    log an internal error per oversized step, and drawing those took minutes per test."""
+    from monitor.logs import configure_logging
+
+    configure_logging("json", "debug")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test by its folder, so `-m unit` / `-m integration` select them."""
     for item in items:
