@@ -1,5 +1,5 @@
 # The set-up commands of the README: `make demo`, `make test` (everything) and `make test-fast`
-# (the unit tests only, well under a minute). Each creates .venv and
+# (the unit tests only: no servers). Each creates .venv and
 # installs what it needs. torch is installed first and pinned so pip keeps the local CPU build
 # (torch==2.13.0 lies on this machine's disk) instead of downloading a multi-GB CUDA build.
 VENV ?= .venv

@@ -1,7 +1,7 @@
 """Shared pytest fixtures and markers. The builders themselves (tiny models, synthetic SAEs,
 the sidecar launcher) are in `monitor.fixtures`, shared with the demo and the benches.
 
-Tests under tests/unit/ are marked `unit` (in-process, no servers, seconds); tests under
+Tests under tests/unit/ are marked `unit` (no servers, mostly in-process); tests under
 tests/integration/ are marked `integration` (real sidecar processes, gRPC, databases,
 browsers). `make test-fast` runs `-m unit`."""
 
