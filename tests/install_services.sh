@@ -10,7 +10,7 @@ if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev
 fi
 command -v prometheus-alertmanager >/dev/null || need+=(prometheus-alertmanager)
 command -v promtool >/dev/null || need+=(prometheus)  # promtool checks deploy/prometheus
-[ -x /usr/bin/chromium ] || need+=(chromium)  # tests/test_review_page.py
+[ -x /usr/bin/chromium ] || need+=(chromium)  # tests/integration/test_review_page.py
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "install_services: need ${need[*]}; run as root or install them (apt-get install ${need[*]})" >&2
