@@ -78,7 +78,7 @@ def available() -> bool:
 
 def write_rules(path: Path, pack: Any) -> Path:
     """The demo's rule file, each rule pooling with the window its probe was fitted with."""
-    from monitor.features.scoring import parse_aggregation
+    from monitor.features.build.scoring import parse_aggregation
 
     windows = {}
     for info in pack.features():
@@ -92,11 +92,11 @@ def run(workdir: Path) -> int:
     """The real-weights demo; keeps ``workdir`` and says how to explore it."""
     from monitor import datasets
     from monitor.capture import CaptureClient
-    from monitor.features.conversations import load_model, replay
+    from monitor.features.build.conversations import load_model, replay
     from monitor.features.pack import load_pack
-    from monitor.outputs.logging import configure_logging
+    from monitor.logs import configure_logging
     from monitor.sidecar.config import AuditSettings, SidecarConfig
-    from monitor.sidecar.server import SidecarThread
+    from monitor.sidecar.process import SidecarThread
 
     configure_logging("console", "error")
     workdir.mkdir(parents=True, exist_ok=True)

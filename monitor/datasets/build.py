@@ -13,6 +13,7 @@ ordered by a hash of their name and cut 60/20/20 into fit / calibrate / test.
 from __future__ import annotations
 
 import argparse
+import bisect
 import hashlib
 import json
 import random
@@ -191,6 +192,17 @@ STATS_BEGIN = "<!-- stats: written by python -m monitor.datasets.build; do not e
 STATS_END = "<!-- /stats -->"
 
 
+def length_auroc(positive: Sequence[int], negative: Sequence[int]) -> float:
+    """AUROC of "longer means label 1" (0.5: length says nothing about the label)."""
+    ordered = sorted(negative)
+    wins = 0.0
+    for value in positive:
+        below = bisect.bisect_left(ordered, value)
+        ties = bisect.bisect_right(ordered, value) - below
+        wins += below + 0.5 * ties
+    return wins / (len(positive) * len(negative))
+
+
 def stats_table(built: dict[str, Sequence[LabeledConversation]]) -> str:
     """Markdown tables of sizes per split and label, and per category, for the datasheet."""
     lines = [
@@ -216,8 +228,8 @@ def stats_table(built: dict[str, Sequence[LabeledConversation]]) -> str:
         "",
         "Surface check of the labeled text (the turns in `label_roles`), per label 1 / label 0:",
         "",
-        "| set | median characters | ends with `?` | has a system turn |",
-        "|---|---|---|---|",
+        "| set | median characters | ends with `?` | has a system turn | AUROC of length alone |",
+        "|---|---|---|---|---:|",
     ]
     for task, convs in built.items():
         cols = []
@@ -231,6 +243,8 @@ def stats_table(built: dict[str, Sequence[LabeledConversation]]) -> str:
                 cols.append(" / ".join(f"{sum(v) / len(v):.0%}" for v in values))
             else:
                 cols.append(" / ".join(f"{statistics.median(v):.0f}" for v in values))
+        lengths = [[len(c.labeled_text) for c in convs if c.label == label] for label in (1, 0)]
+        cols.append(f"{length_auroc(*lengths):.2f}")
         lines.append(f"| {task} | {' | '.join(cols)} |")
     return "\n".join(lines)
 

@@ -6,6 +6,6 @@ recall, false-positive rate, precision and tokens to first alert, and per featur
 and recall at fixed false-positive rates of its pooled score (`evaluate.py`, `report.py`).
 ``rules calibrate`` replays benign conversations through the real rules engine and sets each
 named threshold of the rule files for a conversation-level false-positive rate
-(`calibrate.py`). Both replay conversations the way `monitor.features.conversations` defines,
+(`calibrate.py`). Both replay conversations the way `monitor.features.build.conversations` defines,
 which is also how `pack fit` fits, so fit, calibration and measurement see the same tokens.
 """

@@ -98,7 +98,7 @@ def _note(message: str) -> None:
 
 
 def _conversations(args: argparse.Namespace, split: str | None) -> list[Any]:
-    from monitor.features.labeled import load_dataset, read_conversations
+    from monitor.features.build.labeled import load_dataset, read_conversations
 
     if args.dataset is not None:
         return load_dataset(args.dataset, split=split)
@@ -119,8 +119,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     from monitor.evaluation.evaluate import evaluate
     from monitor.evaluation.report import as_json, plot_roc, table
-    from monitor.features.conversations import load_model
-    from monitor.outputs.logging import configure_logging
+    from monitor.features.build.conversations import load_model
+    from monitor.logs import configure_logging
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -171,9 +171,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     from monitor.evaluation.calibrate import calibrate, write_thresholds
     from monitor.evaluation.engine_replay import EngineReplay, layers_of, pack_features
-    from monitor.features.conversations import load_model, replay, text_digest
+    from monitor.features.build.conversations import load_model, replay, text_digest
+    from monitor.features.build.token_probes import fit_digests
     from monitor.features.pack import load_pack
-    from monitor.features.token_probes import fit_digests
     from monitor.rules import load_rules
 
     if args.threads > 0:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from monitor.features.conversations import ConversationTokens
+from monitor.features.build.conversations import ConversationTokens
 from monitor.features.pack import FeaturePack
 from monitor.rules import RuleEngine, RuleSet, SequenceSlice
 

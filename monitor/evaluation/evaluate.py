@@ -2,7 +2,7 @@
 
 A sidecar starts on a loopback port with the given packs and rules (the production server, in
 a background thread). The capture client attaches to the model and every conversation is
-replayed turn by turn (`monitor.features.conversations`), so its tokens travel capture ->
+replayed turn by turn (`monitor.features.build.conversations`), so its tokens travel capture ->
 relay process -> gRPC stream -> sidecar -> rules exactly as in production; the alerts that come
 back on the stream are what the per-rule numbers count. The feature values behind the
 per-feature numbers come from the same sidecar, through its Evaluate RPC with
@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from monitor.features.conversations import ConversationLike, ConversationTokens, replay
+from monitor.features.build.conversations import ConversationLike, ConversationTokens, replay
+from monitor.features.build.scoring import auroc, conversation_score, operating_point, recall_at_fpr
 from monitor.features.pack import FeaturePack, load_pack
-from monitor.features.scoring import auroc, conversation_score, operating_point, recall_at_fpr
 
 DEFAULT_FPRS = (0.01, 0.05)
 _EVALUATE_ROWS = 8192  # rows per Evaluate message (each [rows, d_model] float32)
@@ -87,7 +87,7 @@ def evaluate(
 ) -> EvalReport:
     """Run ``conversations`` through capture -> sidecar -> rules and measure."""
     from monitor.sidecar.config import Limits, SidecarConfig
-    from monitor.sidecar.server import SidecarThread
+    from monitor.sidecar.process import SidecarThread
 
     started = time.perf_counter()
     packs = [load_pack(path) for path in pack_paths]
@@ -345,7 +345,7 @@ def _feature_result(
     fprs: Sequence[float],
     threshold: float | None,
 ) -> FeatureResult:
-    from monitor.features.scoring import roc_curve
+    from monitor.features.build.scoring import roc_curve
 
     scores = [
         conversation_score(v, t.labeled, aggregation) for v, t in zip(values, tokens, strict=True)

@@ -57,6 +57,7 @@ def add_rules_commands(rules_subparsers: argparse._SubParsersAction) -> None:
 
 
 def rules_check_command(args: argparse.Namespace) -> int:
+    """`safety-monitor rules check`."""
     known: Any = _feature_names(args.features) if args.features else None
     if args.packs:
         from monitor.features.errors import FeatureError
@@ -85,6 +86,8 @@ def check_rules(
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
+    """Load the rule files and print every issue to `err` (exit 1) or a summary to `out` (exit
+    0)."""
     try:
         ruleset = load_rules(paths, known_features=known_features)
     except RuleLoadError as exc:
@@ -105,6 +108,7 @@ def check_rules(
 
 
 def rules_test_command(args: argparse.Namespace) -> int:
+    """`safety-monitor rules test`."""
     return run_tests(args.files, verbose=args.verbose, out=sys.stdout)
 
 

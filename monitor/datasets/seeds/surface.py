@@ -183,6 +183,24 @@ _TO_QUESTION = [
 ]
 
 
+# Other common question forms and a command that asks the same thing.
+_QUESTION_FORMS = [
+    (re.compile(r"^what are (some |the )?(.+)\?$", re.I), ["List {1}{2}.", "Name {1}{2}."]),
+    (
+        re.compile(r"^what(?:'s| is) the difference between (.+)\?$", re.I),
+        ["Explain the difference between {1}.", "Tell me the difference between {1}."],
+    ),
+    (
+        re.compile(r"^is it (legal|safe|normal|okay|ok|true|possible) (.+)\?$", re.I),
+        ["Tell me if it's {1} {2}.", "I want to know whether it's {1} {2}."],
+    ),
+    (
+        re.compile(r"^(can|should) i (.+)\?$", re.I),
+        ["Tell me whether I {1} {2}.", "I'm wondering if I {1} {2}."],
+    ),
+]
+
+
 def reform(text: str, rng: random.Random) -> str:
     """Turn a question into a command or a command into a question (both labels alike).
 
@@ -199,6 +217,12 @@ def reform(text: str, rng: random.Random) -> str:
     match = _IMPERATIVE.match(text)
     if match:
         return rng.choice(_TO_QUESTION).format(x=match.group(1).lower() + " " + match.group(2))
+    for pattern, templates in _QUESTION_FORMS:
+        match = pattern.match(text)
+        if match:
+            groups = [""] + [(g or "") for g in match.groups()]
+            groups[1] = groups[1].lower()
+            return rng.choice(templates).format(*groups)
     return text
 
 
