@@ -318,3 +318,28 @@ def test_search_finds_the_boundary_either_way(direction: int) -> None:
     assert fired <= 5 and not note
     # One step further towards more firings exceeds the allowance.
     assert rate(value - direction * 1e-3) > 5 or rate(value - direction * 1e-2) > 5
+
+
+# --- capture tagging: what `eval` streams must be what the rules engine is fed offline ------
+
+
+def test_one_role_and_request_id_apply_to_every_row_unsuffixed() -> None:
+    """Per-row conversation ids with the default role and request id: every row is 'assistant'
+    with request '' (they used to become 'assistant/0', '/1', ...: no `roles:` rule matched,
+    and `scope: request` rules restarted whenever a conversation's row index changed)."""
+    from monitor.capture.hooks import ConversationContext, PositionLedger, StepAssembler
+
+    assembler = StepAssembler(
+        ["layers.0"], PositionLedger(), emit=lambda step: None, drop=print, want_token_ids=False
+    )
+    per_row = ConversationContext(("a", "b", "c"), ("assistant",), ("",))
+    tagging = assembler._tagging(per_row, 3)
+    assert tagging is not None
+    assert tagging.conversation_ids == ("a", "b", "c")
+    assert tagging.roles == ("assistant",) * 3 and tagging.request_ids == ("",) * 3
+    # One id over two rows (num_return_sequences): only the ids get '/<j>'.
+    shared = ConversationContext(("a",), ("user",), ("r1",))
+    tagging = assembler._tagging(shared, 2)
+    assert tagging is not None
+    assert tagging.conversation_ids == ("a/0", "a/1")
+    assert tagging.roles == ("user", "user") and tagging.request_ids == ("r1", "r1")
