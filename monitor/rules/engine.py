@@ -157,21 +157,36 @@ def _as_array(values: torch.Tensor | np.ndarray) -> np.ndarray:
     """A float32 numpy view of a feature column (a copy only when it is not one already)."""
     if isinstance(values, np.ndarray):
         return values.astype(np.float32, copy=False)
-    if values.dtype != torch.float32 or values.device.type != "cpu" or values.requires_grad:
-        values = values.detach().to("cpu", torch.float32)
-    return values.numpy()
+    if values.dtype is torch.float32:
+        try:
+            return values.numpy()  # a view: the usual case, a CPU tensor
+        except (RuntimeError, TypeError):  # on a GPU, or needs grad
+            pass
+    return values.detach().to("cpu", torch.float32).numpy()
 
 
 def _layout(slices: list[SequenceSlice], slots: list[int], batch_rows: int) -> _Wave:
     count = len(slices)
-    lengths = np.fromiter((s.rows for s in slices), np.int64, count)
-    starts = np.fromiter((s.start_row for s in slices), np.int64, count)
+    first = slots[0] if slots else 0
+    # Conversations allocated together and batched in the same order (the steady decode
+    # state) have consecutive slots: slicing state is cheaper than gathering and scattering.
+    consecutive = bool(slots) and slots == list(range(first, first + count))
+    slots_a = np.array(slots, dtype=np.int64)
+    at = slice(first, first + count) if consecutive else slots_a
+    lengths_l = [s.rows for s in slices]
+    starts_l = [s.start_row for s in slices]
+    if batch_rows == count and lengths_l.count(1) == count and starts_l == list(range(count)):
+        # A decode step: one row per slice, in batch order.
+        ones, offsets = _decode_layout(count)
+        return _Wave(slices, slots_a, at, ones, 1, count, offsets, None, None)
+    lengths = np.array(lengths_l, dtype=np.int64)
+    starts = np.array(starts_l, dtype=np.int64)
     ends = np.cumsum(lengths)
     offsets = ends - lengths
     total = int(ends[-1]) if count else 0
     width = int(lengths.max()) if count else 0
-    identity = total == batch_rows and np.array_equal(starts, offsets)
-    uniform = bool((lengths == width).all())
+    identity = total == batch_rows and starts_l == offsets.tolist()
+    uniform = lengths_l.count(width) == count
     flat = rows = None
     if not uniform or not identity:
         segment = np.repeat(np.arange(count), lengths)
@@ -179,17 +194,21 @@ def _layout(slices: list[SequenceSlice], slots: list[int], batch_rows: int) -> _
         flat = None if uniform else segment * width + local
         if not identity:
             rows = starts[segment] + local
-    slots_a = np.asarray(slots, dtype=np.int64)
-    # Conversations allocated together and batched in the same order (the steady decode
-    # state) have consecutive slots: slicing state is cheaper than gathering and scattering.
-    first = slots[0] if slots else 0
-    consecutive = bool(slots) and np.array_equal(slots_a, np.arange(first, first + count))
-    at = slice(first, first + count) if consecutive else slots_a
     return _Wave(slices, slots_a, at, lengths, width, total, offsets, rows, flat)
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_layout(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lengths (all 1) and offsets (0, 1, ...) of a decode step's slices; read-only."""
+    ones, offsets = np.ones(count, dtype=np.int64), np.arange(count, dtype=np.int64)
+    ones.flags.writeable = offsets.flags.writeable = False
+    return ones, offsets
 
 
 def _waves(sequences: Sequence[SequenceSlice]) -> list[list[SequenceSlice]]:
     """The k-th slice of each conversation goes to wave k, so state flows wave to wave."""
+    if len({sl.conversation_id for sl in sequences}) == len(sequences):
+        return [list(sequences)] if sequences else []  # the usual case: one wave
     waves: list[list[SequenceSlice]] = []
     count: dict[str, int] = {}
     for sl in sequences:
@@ -293,23 +312,34 @@ class _MaskCache:
         self.enabled = bool(keys)
         self.uses_model = "model" in keys
         self.plain = tuple(sorted(keys - {"role", "model"}))
-        self.cache: dict[_Signature, np.ndarray] = {}
+        self.index: dict[_Signature, int] = {}  # signature -> its column of matrix
+        self.matrix = np.zeros((len(rules), 0), dtype=bool)  # [rules, signatures]
 
     def active(self, slices: list[SequenceSlice], model: str) -> np.ndarray | None:
         if not self.enabled:
             return None
-        # Slices often share one attributes object (or the empty default): look those up once.
-        seen: dict[tuple[str, int], np.ndarray] = {}
-        columns = []
-        for sl in slices:
-            ident = (sl.role, id(sl.attributes))
-            column = seen.get(ident)
-            if column is None:
-                column = seen[ident] = self.column(self.signature(sl, model))
-            columns.append(column)
-        if all(c is columns[0] for c in columns):
-            return np.broadcast_to(columns[0][:, None], (len(self.rules), len(slices)))
-        return np.stack(columns, axis=1)
+        if not self.uses_model and len(self.plain) <= 1:
+            # The usual case (roles, at most one attribute such as a tenant): a signature is
+            # two dictionary reads, and the masks are columns of one matrix.
+            key = self.plain[0] if self.plain else ""
+            signatures = [(s.role, None, (s.attributes.get(key),)) for s in slices]
+            if not self.plain:
+                signatures = [(role, None, ()) for role, _, _ in signatures]
+        else:
+            signatures = [self.signature(s, model) for s in slices]
+        index = self.index
+        columns = [index.get(signature) for signature in signatures]
+        if None in columns:
+            missing = {
+                sig for sig, column in zip(signatures, columns, strict=True) if column is None
+            }
+            if len(index) + len(missing) > self._LIMIT:
+                index.clear()
+                self.matrix = self.matrix[:, :0]
+            for signature in missing:
+                self.add(signature)
+            columns = [index[signature] for signature in signatures]
+        return self.matrix[:, columns]
 
     def signature(self, sl: SequenceSlice, model: str) -> _Signature:
         attributes = sl.attributes
@@ -318,19 +348,16 @@ class _MaskCache:
         own_model = (attributes.get("model") or model or None) if self.uses_model else None
         return (sl.role, own_model, plain)
 
-    def column(self, signature: _Signature) -> np.ndarray:
-        column = self.cache.get(signature)
-        if column is None:
-            if len(self.cache) >= self._LIMIT:
-                self.cache.clear()
-            role, model, plain = signature
-            attributes = {k: v for k, v in zip(self.plain, plain, strict=True) if v is not None}
-            attributes["role"] = role
-            if model is not None:
-                attributes["model"] = model
-            column = np.array([rule.applies_to(attributes) for rule in self.rules], dtype=bool)
-            self.cache[signature] = column
-        return column
+    def add(self, signature: _Signature) -> None:
+        """Compute a signature's mask as a new column of ``matrix``."""
+        role, model, plain = signature
+        attributes = {k: v for k, v in zip(self.plain, plain, strict=True) if v is not None}
+        attributes["role"] = role
+        if model is not None:
+            attributes["model"] = model
+        column = np.array([rule.applies_to(attributes) for rule in self.rules], dtype=bool)
+        self.matrix = np.concatenate((self.matrix, column[:, None]), axis=1)
+        self.index[signature] = self.matrix.shape[1] - 1
 
 
 _Signature = tuple[str, str | None, tuple[str | None, ...]]
