@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,11 +39,13 @@ _NEVER = -(1 << 62)  # "last fired at" before any firing: far enough back for an
 _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
-class SequenceSlice:
+class SequenceSlice(NamedTuple):
     """Rows ``[start_row, start_row + rows)`` of a batch are tokens ``position, position+1, ...``
     of one conversation. ``attributes`` (tenant, ...) are what rule exceptions match on,
-    together with ``role`` and the batch's ``model``."""
+    together with ``role`` and the batch's ``model``.
+
+    A named tuple: a sidecar builds one per sequence per message, and a tuple is built
+    several times faster than a frozen dataclass (the decode path builds 64 per step)."""
 
     conversation_id: str
     start_row: int
@@ -51,7 +54,7 @@ class SequenceSlice:
     role: str = ""
     end: bool = False
     request_id: str = ""
-    attributes: Mapping[str, str] = field(default_factory=lambda: _NO_ATTRIBUTES, hash=False)
+    attributes: Mapping[str, str] = _NO_ATTRIBUTES
 
 
 @dataclass(frozen=True)
