@@ -39,6 +39,8 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
 class UsageError(ValueError):
+    """A bad argument or a missing store: exit code 2 with a one-line message."""
+
     pass
 
 
@@ -86,6 +88,8 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """`--since`: an ISO date/time (UTC when it names no zone) or a span back from now (30m, 24h,
+    7d)."""
     match = _RELATIVE.fullmatch(text.strip())
     if match:
         delta = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
@@ -133,6 +137,8 @@ def _run(args: argparse.Namespace, body: Any) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """`audit list`: flagged conversations as a table or JSON."""
+
     def body(store: AuditStore) -> int:
         summaries = store.list_conversations(_query(args, default_limit=1000))
         if args.json:
@@ -147,6 +153,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    """`audit show ID`: one conversation with its token text, alerts and feature sparklines."""
+
     def body(store: AuditStore) -> int:
         record = store.get_conversation(args.conversation_id)
         if record is None:
@@ -161,6 +169,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """`audit export`: full records as JSON lines or CSV."""
+
     def body(store: AuditStore) -> int:
         query = _query(args, default_limit=None)
         with ExitStack() as stack:
@@ -178,6 +188,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
+    """`audit purge`: delete conversations older than `--older-than-days`."""
     if args.older_than_days < 0:
         return _fail("--older-than-days must be >= 0")
 
@@ -197,6 +208,7 @@ def _json_default(value: Any) -> Any:
 
 
 def record_to_json(record: ConversationRecord) -> dict[str, Any]:
+    """A conversation record as plain JSON-able data (with its request ids)."""
     data = asdict(record)
     data["request_ids"] = list(record.request_ids)
     return data
@@ -249,6 +261,7 @@ def _write_csv(records: Any, out: TextIO) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `audit` commands on their own (`safety-monitor audit ...` without the other groups)."""
     parser = argparse.ArgumentParser(prog="safety-monitor")
     add_audit_commands(parser.add_subparsers(metavar="COMMAND"))
     args = parser.parse_args(argv)

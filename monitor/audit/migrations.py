@@ -27,6 +27,10 @@ TYPES = {
 
 @dataclass(frozen=True)
 class Migration:
+    """One schema version: its number, what it changes, and its statements (`{ts}`/`{id}` filled
+    in per dialect by `render`).
+    """
+
     version: int
     description: str
     statements: tuple[str, ...]
@@ -99,10 +103,12 @@ class SchemaError(RuntimeError):
 
 
 def render(statement: str, dialect: str) -> str:
+    """A migration statement with the dialect's column types filled in."""
     return statement.format(**TYPES[dialect])
 
 
 def current_version(cursor: Any) -> int:
+    """The schema version the database is at (0: none applied)."""
     cursor.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version")
     return int(cursor.fetchone()[0])
 

@@ -46,6 +46,7 @@ HOOK_LAYER = 12
 
 
 def add_bench_sidecar_command(bench_subparsers: Any) -> None:
+    """Register ``sidecar`` under ``safety-monitor bench``."""
     parser = bench_subparsers.add_parser(
         "sidecar", help="end-to-end tokens/s and send-to-ack latency over loopback gRPC"
     )
@@ -75,7 +76,7 @@ def add_bench_sidecar_command(bench_subparsers: Any) -> None:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    from monitor.outputs.logging import configure_logging
+    from monitor.logs import configure_logging
 
     configure_logging("auto", "warning")
     result = run_sidecar_bench(
@@ -111,15 +112,12 @@ def run_sidecar_bench(
     saturation: bool = True,
 ) -> dict[str, Any]:
     """`latency_tokens_per_s=None`: pace the decode steps at half the measured throughput."""
-    from monitor.bench.overhead import _closed_port, _wait_port  # same sidecar plumbing
-
     cores = sorted(os.sched_getaffinity(0))
     sidecar_core = cores[-1] if pin and len(cores) >= 2 else None
     client_cores = set(cores[:-1]) if sidecar_core is not None else set(cores)
     with tempfile.TemporaryDirectory(prefix="safety-monitor-bench-sidecar-") as tmp:
         workdir = Path(tmp)
-        port = _closed_port()
-        process, pack, ruleset = _start(workdir, port, sidecar_core)
+        process, port, pack, ruleset = _start(workdir, sidecar_core)
         result: dict[str, Any] = {
             "shape": f"d_model {D_MODEL}, {FEATURES} of {D_SAE} latents, BF16, 20 rules",
             "pinned": sidecar_core is not None,
@@ -127,7 +125,6 @@ def run_sidecar_bench(
             "client_cores": sorted(client_cores),
         }
         try:
-            _wait_port(port, process)
             target = f"127.0.0.1:{port}"
             os.sched_setaffinity(0, client_cores)
             result["throughput"] = _measured(process, _throughput, target, seconds, prefill_rows)
@@ -201,22 +198,19 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _start(workdir: Path, port: int, core: int | None):  # type: ignore[no-untyped-def]
-    """The sidecar process (on `core` alone, one torch thread, when given), and the pack and
-    rules it serves."""
-    import subprocess
-    import sys
+def _start(workdir: Path, core: int | None):  # type: ignore[no-untyped-def]
+    """The sidecar process and its port (on `core` alone, one torch thread, when given), and
+    the pack and rules it serves."""
+    from monitor.features import save_pack
+    from monitor.features.build import build_pack_from_sae, load_sae
+    from monitor.fixtures import free_port, start_sidecar, write_layer_sae
+    from monitor.sidecar.process import load_ruleset
 
-    import yaml
-
-    from monitor.demo import write_saelens_sae
-    from monitor.features import build_pack_from_sae, load_sae, save_pack
-    from monitor.sidecar.server import load_ruleset
-
-    sae = load_sae(write_saelens_sae(workdir / "sae", D_MODEL, D_SAE, HOOK_LAYER, seed=0))
+    sae = load_sae(write_layer_sae(workdir / "sae", D_MODEL, D_SAE, HOOK_LAYER, seed=0))
     pack = build_pack_from_sae(sae, list(range(0, D_SAE, D_SAE // FEATURES)), name="ref")
     save_pack(pack, workdir / "ref.pack.safetensors")
     (workdir / "rules.yaml").write_text(_rules("ref", D_SAE // FEATURES))
+    port = free_port()
     config = {
         "listen": f"127.0.0.1:{port}",
         "metrics_port": 0,
@@ -225,18 +219,19 @@ def _start(workdir: Path, port: int, core: int | None):  # type: ignore[no-untyp
         "log_format": "json",
         "log_level": "warning",
     }
-    (workdir / "sidecar.yaml").write_text(yaml.safe_dump(config))
-    env = dict(os.environ)
-    if core is not None:  # one core: more torch threads would only fight over it
-        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "monitor.cli", "serve", "--config", str(workdir / "sidecar.yaml")],
-        stdout=(workdir / "sidecar.log").open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        preexec_fn=(lambda: os.sched_setaffinity(0, {core})) if core is not None else None,
-    )
-    return process, pack, load_ruleset([workdir / "rules.yaml"], [pack])
+    threads = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    try:
+        if core is not None:  # one core: more torch threads would only fight over it
+            os.environ.update(dict.fromkeys(threads, "1"))  # start_sidecar passes os.environ
+        pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None
+        sidecar = start_sidecar(config, workdir, preexec_fn=pin)
+    finally:
+        for name, value in threads.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return sidecar.process, port, pack, load_ruleset([workdir / "rules.yaml"], [pack])
 
 
 def _rules(pack: str, stride: int) -> str:
@@ -395,6 +390,7 @@ def _decode_saturation(target: str, seconds: float, conversations: int) -> dict[
 
 
 def format_table(result: dict[str, Any]) -> str:
+    """The report as a table."""
     t, lat = result["throughput"], result["latency"]
     pinning = (
         f"sidecar alone on core {result['sidecar_core']} (1 torch thread), client on cores "
