@@ -13,7 +13,10 @@ numpy rather than torch: a decode step's vectors are ~64 values, where the cost 
 Chunking invariance: every quantity is a function of the conversation's own token stream
 (carried state + this slice), computed with order-independent arithmetic (max, exact small
 integer counts, float64 window sums rounded once), so any split of a conversation into
-batches gives the same firings at the same positions.
+batches gives the same firings at the same positions. The one limit: a float64 sum of float32
+values is exact, hence order-independent, while the window's values lie within about 2**29 of
+each other in magnitude (and ewma's weighted products are rounded); past that, a decode step
+(summed by ``_StepKernel``) and a prefill (``_apply_window``) can differ in the last bit.
 """
 
 from __future__ import annotations
@@ -256,9 +259,10 @@ def _apply_window(slot: TemporalSlot, ext: np.ndarray, seen: np.ndarray | None, 
         assert seen is not None
         change = ext[:, n - 1 :] - ext[:, :width]
         return np.where(seen[:, None] + np.arange(width) >= n, change, np.float32(0.0))
-    # Sums in float64 are exact for float32 inputs of similar magnitude; where they are not,
-    # every window is still summed the same way (``_window_sums``), so the result does not
-    # depend on where the window starts in the batch.
+    # Sums in float64 of float32 inputs are exact (so independent of the order of addition,
+    # hence of how the tokens were batched) while a window's values are within about 2**29 of
+    # each other in magnitude; ewma's weighted products are rounded, so its sums can differ
+    # in the last bit between batchings (``_StepKernel`` sums a decode step differently).
     weights = divisors = None
     if kind == "ewma":
         weights, divisors = _ewma_weights(n, float(slot.param[0]))
@@ -279,22 +283,16 @@ _SUM_BLOCK = 1 << 22
 def _window_sums(
     ext: np.ndarray, n: int, width: int, weights: np.ndarray | None = None
 ) -> np.ndarray:
-    """[S, n - 1 + L] float64 -> [S, L]: each window's (weighted) sum.
-
-    Each window is copied to a contiguous run of n values and summed by ``np.add.reduceat``,
-    which sums a contiguous segment the same way wherever it lies: ``_StepKernel`` sums the
-    windows of a decode step with the same call, so both give identical bits."""
+    """[S, n - 1 + L] float64 -> [S, L]: each window's (weighted) sum. Weighted products are
+    made in blocks of windows, so a long prefill with a long ewma stays within ~32 MiB."""
     views = _windows(ext, n, width)
+    if weights is None:
+        return views.sum(-1)
     rows = views.shape[0]
     out = np.empty((rows, width), dtype=np.float64)
     block = max(1, _SUM_BLOCK // max(1, rows * n))
     for lo in range(0, width, block):
-        part = np.array(views[:, lo : lo + block])  # a contiguous copy
-        if weights is not None:
-            part *= weights
-        flat = part.reshape(-1)
-        sums = np.add.reduceat(flat, np.arange(0, flat.size, n))
-        out[:, lo : lo + block] = sums.reshape(rows, -1)
+        out[:, lo : lo + block] = (views[:, lo : lo + block] * weights).sum(-1)
     return out
 
 
@@ -646,7 +644,7 @@ class RuleEngine:
         local = np.arange(wave.width)
         last_false = np.where(held, -(need[:, :, None] + 2), local)
         seeded = np.concatenate([(-1 - carry)[:, :, None], last_false], axis=2)
-        runs = local - np.maximum.accumulate(seeded, axis=2)[:, :, 1:]
+        runs = local - _running_max(seeded)[:, :, 1:]
         last = np.maximum(wave.lengths - 1, 0)
         at_end = np.take_along_axis(
             runs, np.broadcast_to(last[None, :, None], (*carry.shape, 1)), 2
@@ -675,6 +673,13 @@ class RuleEngine:
                     continue
             self._fired.data[slots[si], ki] = position
             result.firings.append(_firing(rule, sl, ti, value))
+
+
+def _running_max(x: np.ndarray) -> np.ndarray:
+    """Running maximum along the last axis. torch's cummax on a view of the same memory:
+    numpy's ``maximum.accumulate`` along a last axis steps through it one element at a time
+    over all the others (milliseconds for a 4,096-token prefill). Both propagate NaN."""
+    return torch.from_numpy(np.ascontiguousarray(x)).cummax(dim=-1).values.numpy()
 
 
 def _columns(slot: TemporalSlot) -> slice:
@@ -718,7 +723,7 @@ class _WaveTemporal:
         ext = np.concatenate([carried, wave.pad(values, slot.fill)], axis=1)
         seen = self.seen[:, slot.counted] if slot.counted >= 0 else None
         if slot.kind == "cummax":
-            ext = np.maximum.accumulate(ext, axis=1)
+            ext = _running_max(ext)
             out = ext[:, 1:]
         else:
             out = _apply_window(slot, ext, seen, wave.width)
@@ -745,8 +750,11 @@ class _StepKernel:
     array) then the new value. Every sum-type function (rolling sum/mean, count_over, ewma)
     is then one column of a single matrix product of ``[history | new values]`` with a fixed
     weight matrix (1 on a function's columns; ewma's weights for ewma), in float64 like
-    ``_apply_window``; maxima, minima and deltas are a slice each. The new history is the
+    ``_apply_window``, whose results it equals whenever the float64 sums are exact (see the
+    module docstring); maxima, minima and deltas are a slice each. The new history is the
     old one shifted by one column, with each function's newest value put in its last column.
+    A step with a non-finite value is left to ``_apply_window`` (0 * inf in the product would
+    spill NaN into other functions' sums).
     """
 
     def __init__(self, slots: list[TemporalSlot], history_width: int, sum_width: int) -> None:
