@@ -39,6 +39,7 @@ import torch
 
 from monitor.wire import encode_tensor, pb, pb_grpc
 
+PIN_MODES = ("client", "both", "none")
 D_MODEL = 2304
 D_SAE = 16384
 FEATURES = 256
@@ -61,9 +62,10 @@ def add_bench_sidecar_command(bench_subparsers: Any) -> None:
     )
     parser.add_argument(
         "--pin",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="sidecar alone on the last core (one torch thread), this client on the others",
+        choices=PIN_MODES,
+        default="client",
+        help="client: this load client alone on the first core (the sidecar may use them all); "
+        "both: also the sidecar alone on the last core, with one torch thread; none",
     )
     parser.add_argument(
         "--saturation",
@@ -108,19 +110,24 @@ def run_sidecar_bench(
     prefill_rows: int = 512,
     conversations: int = 64,
     latency_tokens_per_s: float | None = 25_000.0,
-    pin: bool = True,
+    pin: str = "client",
     saturation: bool = True,
 ) -> dict[str, Any]:
-    """`latency_tokens_per_s=None`: pace the decode steps at half the measured throughput."""
+    """`latency_tokens_per_s=None`: pace the decode steps at half the measured throughput.
+    `pin` (needs two cores or more, else nothing is pinned): "client" puts this load client
+    alone on the first core; "both" also puts the sidecar alone on the last core."""
+    if pin not in PIN_MODES:
+        raise ValueError(f"pin must be one of {PIN_MODES}, got {pin!r}")
     cores = sorted(os.sched_getaffinity(0))
-    sidecar_core = cores[-1] if pin and len(cores) >= 2 else None
-    client_cores = set(cores[:-1]) if sidecar_core is not None else set(cores)
+    pinned = pin != "none" and len(cores) >= 2
+    client_cores = {cores[0]} if pinned else set(cores)
+    sidecar_core = cores[-1] if pinned and pin == "both" else None
     with tempfile.TemporaryDirectory(prefix="safety-monitor-bench-sidecar-") as tmp:
         workdir = Path(tmp)
         process, port, pack, ruleset = _start(workdir, sidecar_core)
         result: dict[str, Any] = {
             "shape": f"d_model {D_MODEL}, {FEATURES} of {D_SAE} latents, BF16, 20 rules",
-            "pinned": sidecar_core is not None,
+            "pin": pin if pinned else "none",
             "sidecar_core": sidecar_core,
             "client_cores": sorted(client_cores),
         }
@@ -392,12 +399,15 @@ def _decode_saturation(target: str, seconds: float, conversations: int) -> dict[
 def format_table(result: dict[str, Any]) -> str:
     """The report as a table."""
     t, lat = result["throughput"], result["latency"]
-    pinning = (
-        f"sidecar alone on core {result['sidecar_core']} (1 torch thread), client on cores "
-        f"{','.join(map(str, result['client_cores']))}"
-        if result.get("pinned")
-        else "sidecar and client share the cores"
-    )
+    if result.get("sidecar_core") is not None:
+        pinning = (
+            f"sidecar alone on core {result['sidecar_core']} (1 torch thread), client on "
+            f"core(s) {','.join(map(str, result['client_cores']))}"
+        )
+    elif result.get("pin") == "client":
+        pinning = f"client alone on core(s) {','.join(map(str, result['client_cores']))}"
+    else:
+        pinning = "sidecar and client share the cores"
     lines = [
         f"sidecar end to end over loopback gRPC: {result['shape']}; {pinning}",
         f"throughput: {t['tokens_per_s']:,} tokens/s sustained "
@@ -416,11 +426,11 @@ def format_table(result: dict[str, Any]) -> str:
             f"decode steps back to back: {sat['tokens_per_s']:,} tokens/s "
             f"({sat['decode_steps']} steps, {sat['errors']} errors); "
             f"sidecar CPU {sat['sidecar_cpu_ms_per_message']} ms per step",
-            f"encode-only bound on the sidecar's core: {prefill_bound:,} rows/s "
+            f"encode-only bound (the sidecar's cores and threads): {prefill_bound:,} rows/s "
             f"({t['rows_per_message']}-row inputs), {decode_bound:,} rows/s (decode-step inputs)",
             f"prefill throughput {t['tokens_per_s'] / prefill_bound:.0%} of its bound; "
             f"decode saturation {sat['tokens_per_s'] / decode_bound:.0%} of its bound",
-            "sidecar CPU per message, by stage (ms; this process, the sidecar's core):",
+            "sidecar CPU per message by stage (ms), the pipeline run in this process:",
             f"{'':<10}" + "".join(f"{stage:>11}" for stage in STAGE_COLUMNS),
         ]
         for name, row in result["stages"].items():

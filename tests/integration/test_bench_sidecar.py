@@ -12,7 +12,7 @@ def test_sidecar_bench_measures_throughput_and_latency():
 
     cores = os.sched_getaffinity(0)
     result = run_sidecar_bench(
-        seconds=1.0, prefill_rows=128, conversations=8, latency_tokens_per_s=2000
+        seconds=1.0, prefill_rows=128, conversations=8, latency_tokens_per_s=2000, pin="both"
     )
     throughput, latency = result["throughput"], result["latency"]
     assert throughput["errors"] == 0 and latency["errors"] == 0
@@ -36,7 +36,9 @@ def test_sidecar_bench_measures_throughput_and_latency():
         assert stages["total_cpu_ms"] == pytest.approx(sum(stages["cpu_ms"].values()), abs=1e-3)
         assert stages["machine_gemm_gflops"] > 0 and stages["encode_gflops"] > 0
     if len(os.sched_getaffinity(0)) >= 2:
-        assert result["pinned"] and result["sidecar_core"] not in result["client_cores"]
+        # The client alone on the first core, the sidecar alone on the last.
+        assert result["pin"] == "both" and result["client_cores"] == [min(cores)]
+        assert result["sidecar_core"] == max(cores)
     table = format_table(result)
     assert "tokens/s sustained" in table and "of the machine's fp32 GEMM" in table
     assert os.sched_getaffinity(0) == cores  # the client's pinning is given back
@@ -49,3 +51,5 @@ def test_sidecar_bench_refuses_a_load_it_cannot_pace():
     for text in ("0", "-5", "fast"):
         with pytest.raises(Exception, match="expected tokens/s > 0 or 'half'"):
             _load(text)
+    with pytest.raises(ValueError, match="pin must be one of"):
+        run_sidecar_bench(seconds=0.1, pin="sidecar")
