@@ -1,9 +1,9 @@
 """safety-monitor command line.
 
-serve | demo | pack build|fit|calibrate|inspect | rules check|test | audit list|show|export|purge
-| bench encoder|rules|overhead|sidecar. Each command group lives with its stage
-(monitor/features/build/cli.py, monitor/rules/cli.py, monitor/audit/cli.py, monitor/bench/); this
-module only assembles them.
+serve | demo | pack build|fit|calibrate|inspect | rules check|test
+| audit list|show|export|purge|serve | bench encoder|rules|overhead|sidecar|review.
+Each command group lives with its stage (monitor/features/build/cli.py, monitor/rules/cli.py,
+monitor/audit/cli.py, monitor/bench/); this module only assembles them.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     from monitor.audit.cli import add_audit_commands
     from monitor.bench.encoder import add_bench_encoder_command
     from monitor.bench.overhead import add_bench_overhead_command
+    from monitor.bench.review import add_bench_review_command
     from monitor.bench.rules import add_bench_rules_command
     from monitor.bench.sidecar import add_bench_sidecar_command
     from monitor.features.build.cli import add_pack_commands
@@ -67,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     add_bench_rules_command(bench_commands)
     add_bench_overhead_command(bench_commands)
     add_bench_sidecar_command(bench_commands)
+    add_bench_review_command(bench_commands)
     return parser
 
 

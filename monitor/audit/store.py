@@ -557,6 +557,10 @@ class SqlAuditStore(AuditStore):
         cutoff = self._write_ts(older_than)
         old = "SELECT conversation_id FROM conversations WHERE updated_at < ?"
         with self._lock, self._transaction(write=True) as cur:
+            # Labels first: they reference the alerts (a foreign key PostgreSQL enforces).
+            cur.execute(
+                self._sql(f"DELETE FROM labels WHERE conversation_id IN ({old})"), (cutoff,)
+            )
             cur.execute(
                 self._sql(f"DELETE FROM tokens WHERE conversation_id IN ({old})"), (cutoff,)
             )

@@ -42,6 +42,7 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 SIDECAR_CONTAINER = "safety-monitor"
 GRPC_PORT = 50051
 METRICS_PORT = 9464
+REVIEW_PORT = 8088  # the review page's container (tests/integration/test_deploy_review.py)
 # Labels Prometheus (prometheus-operator's PodMonitor) puts on every scraped series.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "endpoint"}
 
@@ -177,10 +178,12 @@ def test_kustomize_builds_base_and_postgres_component(tmp_path):
     assert kinds == [
         "ConfigMap",
         "ConfigMap",
+        "ConfigMap",
         "Deployment",
         "PersistentVolumeClaim",
         "PersistentVolumeClaim",
         "PodMonitor",
+        "Service",
     ]
     # With the component enabled the config is a Secret and the SQLite volume is gone.
     copy_dir = tmp_path / "kubernetes"
@@ -370,7 +373,7 @@ def test_image_cmd_reads_the_mounted_config():
     exposed = {
         int(p.split("/")[0]) for word, rest in stage if word == "EXPOSE" for p in rest.split()
     }
-    assert exposed == {GRPC_PORT, METRICS_PORT}
+    assert exposed == {GRPC_PORT, METRICS_PORT, REVIEW_PORT}
     # COPY sources (from the build context, not other stages) exist in the repository.
     for word, rest in _dockerfile_instructions():
         if word == "COPY" and "--from" not in rest:
