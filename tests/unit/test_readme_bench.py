@@ -31,7 +31,7 @@ def _bench_names() -> set[str]:
 def test_the_readme_shows_bench_commands():
     spans = _bench_spans()
     assert len(spans) >= 4  # the Benchmarks section names each benchmark with its command
-    assert _bench_names() == {"encoder", "rules", "overhead", "sidecar"}
+    assert {"encoder", "rules", "overhead", "sidecar"} <= _bench_names()
 
 
 @pytest.mark.parametrize("span", _bench_spans())
