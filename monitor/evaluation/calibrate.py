@@ -44,6 +44,8 @@ class ThresholdResult:
 
 @dataclass
 class CalibrationReport:
+    """What `rules calibrate` found: each threshold's old and new value and measured FPR."""
+
     conversations: int
     target_fpr: float
     thresholds: list[ThresholdResult] = field(default_factory=list)

@@ -64,6 +64,8 @@ class FeatureResult:
 
 @dataclass
 class EvalReport:
+    """Everything `eval` measured, for the table, the JSON and the plot."""
+
     conversations: int
     positives: int
     negatives: int

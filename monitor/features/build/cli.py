@@ -487,6 +487,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         report["thresholds"] = {
             f.name: f.alert_threshold for f in pack.features() if f.alert_threshold is not None
         }
+        report["pooling"] = pooling
     elif args.topk_sae is None:
         return fail("nothing to do: give --fpr (with benign samples) and/or --topk-sae")
     _print_report(report, args.json)
@@ -597,7 +598,11 @@ def _print_report(report: dict[str, Any], as_json: bool) -> None:
             f"exact-only {topk['false_negative_rate']:.2%})"
         )
     for name, threshold in report.get("thresholds", {}).items():
-        print(f"{report['pack']}/{name}: alert threshold {threshold:.6g}")
+        pooling = report.get("pooling", {}).get(name, "")
+        print(
+            f"{report['pack']}/{name}: alert threshold {threshold:.6g}"
+            + (f" ({pooling} pooling)" if pooling else "")
+        )
     if "wrote" in report:
         print(f"wrote {report['wrote']}: sha256 {report['sha256']}")
 

@@ -29,6 +29,8 @@ from monitor.features.errors import FeatureError
 
 
 class TurnLike(Protocol):
+    """One turn: who spoke and what."""
+
     role: str
     text: str
 
@@ -58,6 +60,7 @@ class ConversationTokens:
 
     @property
     def tokens(self) -> int:
+        """Tokens in the conversation's stream (all turns)."""
         return len(self.roles)
 
 

@@ -20,6 +20,8 @@ from monitor.features.errors import FeatureError
 
 @dataclass(frozen=True)
 class SimpleTurn:
+    """A turn of a conversation read from an older file."""
+
     role: str
     text: str
 
@@ -37,6 +39,7 @@ class SimpleConversation:
 
     @property
     def labeled_roles(self) -> tuple[str, ...]:
+        """Roles whose tokens carry the label (all roles present when none were named)."""
         if self.label_roles is not None:
             return self.label_roles
         return tuple(dict.fromkeys(t.role for t in self.turns))
@@ -89,6 +92,7 @@ def _legacy(path: Path) -> list[SimpleConversation]:
 
 
 def split_of(conversation: Any) -> str | None:
+    """The conversation's split (fit / calibrate / test), or None."""
     return getattr(conversation, "split", None)
 
 

@@ -123,6 +123,7 @@ class OperatingPoint:
 def operating_point(
     scores: Sequence[float], labels: Sequence[int], threshold: float
 ) -> OperatingPoint:
+    """Recall and FPR of alerting when a score is above ``threshold``."""
     pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
     neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
     recall = sum(s > threshold for s in pos) / len(pos) if pos else math.nan
