@@ -108,7 +108,7 @@ def run(workdir: Path) -> int:
         if info.name in ("misuse", "deception", "bias"):
             print(
                 f"        probes/{info.name:<10} {info.hook_point}  {info.aggregation:<20} "
-                f"alert threshold {info.alert_threshold:.3f} (calibrate split, FPR "
+                f"alert threshold {info.alert_threshold:.3f} (calibrate split, target FPR "
                 f"{info.target_fpr:g})"
             )
     conversations = []
