@@ -110,20 +110,20 @@ def _query(args: argparse.Namespace, default_limit: int | None) -> AuditQuery:
     )
 
 
-def _open(args: argparse.Namespace) -> AuditStore:
+def _open(args: argparse.Namespace, readonly: bool) -> AuditStore:
     url = args.store or os.environ.get(ENV_URL) or DEFAULT_URL
     path = sqlite_path(url)
     if path is not None and not Path(path).exists():
         # Opening would create an empty store; a typo in the path deserves an error instead.
         raise UsageError(f"no audit store at {path}")
-    return open_store(url)
+    return open_store(url, readonly=readonly)
 
 
-def _run(args: argparse.Namespace, body: Any) -> int:
+def _run(args: argparse.Namespace, body: Any, readonly: bool = True) -> int:
     """Open the store, run `body(store)`, map errors to exit codes; always closes the store."""
     try:
         with ExitStack() as stack:
-            store = _open(args)
+            store = _open(args, readonly)
             stack.callback(store.close)
             return int(body(store))
     except UsageError as exc:
@@ -187,7 +187,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         print(f"purged {purged} conversation(s) with no activity since {cutoff:%Y-%m-%d %H:%M}Z")
         return 0
 
-    return _run(args, body)
+    return _run(args, body, readonly=False)
 
 
 def _json_default(value: Any) -> Any:

@@ -141,12 +141,17 @@ class AuditStore:
                 yield record
 
 
-def open_store(url: str) -> AuditStore:
-    """`sqlite:///relative.db`, `sqlite:////absolute.db` or `postgresql://user@host:port/db`."""
+def open_store(url: str, *, readonly: bool = False) -> AuditStore:
+    """`sqlite:///relative.db`, `sqlite:////absolute.db` or `postgresql://user@host:port/db`.
+
+    `readonly`: for readers (the review CLI) of a store a sidecar may be writing. A SQLite file
+    is then opened read-only and neither migrated nor switched to WAL, so opening it never
+    competes for the writer's lock.
+    """
     if url.startswith("sqlite:///"):
         from monitor.audit.sqlite_store import SqliteAuditStore
 
-        return SqliteAuditStore(url.removeprefix("sqlite:///"))
+        return SqliteAuditStore(url.removeprefix("sqlite:///"), readonly=readonly)
     if url.startswith(("postgresql://", "postgres://")):
         from monitor.audit.postgres_store import PostgresAuditStore
 
