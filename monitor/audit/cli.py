@@ -29,6 +29,7 @@ from monitor.audit.store import (
     open_store,
     sqlite_path,
 )
+from monitor.escape import csv_cell
 
 ENV_URL = "SAFETY_MONITOR_AUDIT_URL"
 DEFAULT_URL = "sqlite:///safety-monitor-audit.db"
@@ -223,7 +224,10 @@ CSV_COLUMNS = (
 
 
 def _write_csv(records: Any, out: TextIO) -> int:
-    """One row per token; `alert_rules` names the rules that fired at that token."""
+    """One row per token; `alert_rules` names the rules that fired at that token.
+
+    Every cell goes through `csv_cell`: control and invisible characters escaped, and a cell a
+    spreadsheet would evaluate as a formula (`= + - @` first) prefixed with `'`."""
     writer = csv.writer(out)
     writer.writerow(CSV_COLUMNS)
     count = 0
@@ -233,7 +237,8 @@ def _write_csv(records: Any, out: TextIO) -> int:
             fired.setdefault(a.position, []).append(a.rule)
         for t in record.tokens:
             writer.writerow(
-                (
+                csv_cell(cell)
+                for cell in (
                     record.summary.conversation_id,
                     record.summary.model,
                     t.position,
