@@ -21,11 +21,24 @@ pending tokens plus the tail of what was already written, and is mapped back ont
 characters of a flagged conversation are held in memory until more text follows (or the
 conversation ends, the recorder closes or the conversation is evicted): a value split across
 steps is then seen whole before any of it is written. Alerts are never held back.
+
+Redaction cost is linear in the text and bounded per step: the held-back text is scanned only
+when it can be released (it is short, at most a few times the holdback) or has grown by half
+since the last scan that released nothing (a long run without spaces: geometric, so each
+character is scanned a bounded number of times), and a run longer than `MAX_HELD_CHARS` is
+released in parts. One scan per release serves both the release decision and the redaction.
+
+When an alert commits, the held-back tokens of its conversation are written with it, without
+their text (positions, roles, features): a sidecar killed before the text could be released
+leaves those last characters without text, never unredacted. The text follows, in place,
+with the next release.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import queue
 import sqlite3
 import threading
@@ -36,7 +49,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from monitor.audit.redaction import Redactor
+from monitor.audit.redaction import Redactor, Span, cut_tokens
 from monitor.audit.store import (
     AlertRecord,
     AuditStore,
@@ -47,6 +60,9 @@ from monitor.audit.store import (
 
 ResultKind = Literal["ok", "error", "dropped"]
 MAX_HELD_TOKENS = 512  # redaction holdback never keeps more tokens than this in memory
+# ... nor more characters than this: a longer run without spaces is released in parts, the
+# oldest first, down to half of it (a value longer than the rest is then redacted in parts).
+MAX_HELD_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -139,6 +155,8 @@ class _Conversation:
     window: deque[_Token] = field(default_factory=deque)
     flagged: bool = False
     held: list[_Token] = field(default_factory=list)  # flagged, not yet written
+    held_chars: int = 0  # characters of text in `held`
+    next_scan_at: int = 0  # scan `held` for release once it holds this many characters
     context: str = ""  # raw tail of written text, only for matching across the boundary
     accepted: int = 0  # tokens accepted for writing, against max_tokens_per_conversation
 
@@ -222,6 +240,8 @@ class AuditRecorder:
             if conv is not None and not conv.flagged:  # fired on a slice not in this step
                 self._flag(conv, min(f.position for f in firings))
             builder(cid).alerts.extend(self._alert(f, step.rule_set_hash, now) for f in firings)
+            if conv is not None and conv.held:
+                builder(cid).tokens.extend(self._provisional(conv))
         return [b.build(cid, step, now) for cid, b in out.items()]
 
     def _track(self, cid: str, out: dict[str, _WriteBuilder], model: str) -> _Conversation:
@@ -256,7 +276,7 @@ class AuditRecorder:
             conv.window.extend(tokens)
             return
         room = max(0, self.config.max_tokens_per_conversation - conv.accepted)
-        conv.held.extend(tokens[:room])
+        _hold(conv, tokens[:room])
         conv.accepted += min(room, len(tokens))
 
     def _flag(self, conv: _Conversation, first_position: int) -> None:
@@ -266,21 +286,32 @@ class AuditRecorder:
         kept = [t for t in conv.window if t.position >= earliest]
         kept = kept[: self.config.max_tokens_per_conversation]
         conv.window.clear()
-        conv.held.extend(kept)
+        _hold(conv, kept)
         conv.accepted = len(kept)
 
     def _release(self, conv: _Conversation, final: bool) -> list[TokenRecord]:
         """Redact and hand over the held tokens that can no longer be part of a longer match."""
-        if not conv.held:
+        if not conv.held or (not final and conv.held_chars < conv.next_scan_at):
             return []
         texts = [t.text or "" for t in conv.held]
-        count = len(texts) if final else self._releasable(conv, texts)
+        joined = conv.context + "".join(texts)
+        spans = self._redactor.spans(joined)
+        count = len(texts) if final else self._releasable(conv, texts, joined, spans)
         if count == 0:
+            # Nothing could go (a run without spaces): look again once it has grown by half.
+            conv.next_scan_at = conv.held_chars + max(1, conv.held_chars // 2)
             return []
-        redacted = self._redactor.redact_tokens(texts, context=conv.context)
+        lengths = [len(t) for t in texts[:count]]
+        redacted = cut_tokens(joined, spans, len(conv.context), lengths)
         released, conv.held = conv.held[:count], conv.held[count:]
+        released_chars = sum(lengths)
+        conv.held_chars -= released_chars
         keep = 2 * self.config.redaction_holdback_chars
-        conv.context = (conv.context + "".join(texts[:count]))[-keep:] if keep else ""
+        end = len(conv.context) + released_chars
+        conv.context = joined[max(0, end - keep) : end] if keep else ""
+        # Short held text is looked at every step (bounded work); a long one geometrically.
+        small = 4 * self.config.redaction_holdback_chars
+        conv.next_scan_at = 0 if conv.held_chars <= small else conv.held_chars * 3 // 2
         return [
             TokenRecord(
                 t.position, None if t.text is None else text, t.role, t.request_id, t.features
@@ -288,29 +319,34 @@ class AuditRecorder:
             for t, text in zip(released, redacted, strict=False)
         ]
 
-    def _releasable(self, conv: _Conversation, texts: list[str]) -> int:
+    def _releasable(
+        self, conv: _Conversation, texts: list[str], joined: str, spans: list[Span]
+    ) -> int:
         holdback = self.config.redaction_holdback_chars
-        total = sum(map(len, texts))
+        total = conv.held_chars
         if holdback <= 0 or total == 0:
             return len(texts)
-        ends, offset = [], 0
-        for text in texts:
-            offset += len(text)
-            ends.append(offset)
-        count = sum(1 for end in ends if end <= total - holdback)
+        ends = list(itertools.accumulate(map(len, texts)))
+        base = len(conv.context)
+        count = bisect.bisect_right(ends, total - holdback)
         # Never cut through a run of non-space characters: an e-mail address only matches once
         # its domain has arrived, so its first fragments must wait for the rest of the run.
-        joined = "".join(texts)
-        while 0 < count < len(texts) and _inside_word(joined, ends[count - 1]):
+        while 0 < count < len(texts) and _inside_word(joined, base + ends[count - 1]):
             count -= 1
         # Never cut through a match: release only up to the token where it starts.
-        base = len(conv.context)
         boundary = base + (ends[count - 1] if count else 0)
-        for span in self._redactor.spans(conv.context + "".join(texts)):
+        for span in spans:
             if span.start >= base and span.start < boundary < span.end:
                 count = min(count, _token_index(ends, span.start - base))
-        # Memory bound (a very long run without spaces): release the oldest beyond the cap.
-        return max(count, len(texts) - MAX_HELD_TOKENS)
+        # Memory bounds (a very long run without spaces): release the oldest beyond the caps.
+        forced = len(texts) - MAX_HELD_TOKENS
+        if total > MAX_HELD_CHARS:
+            forced = max(forced, bisect.bisect_left(ends, total - MAX_HELD_CHARS // 2) + 1)
+        return min(len(texts), max(count, forced))
+
+    def _provisional(self, conv: _Conversation) -> list[TokenRecord]:
+        """The held tokens without their text, written with an alert (see the module doc)."""
+        return [TokenRecord(t.position, None, t.role, t.request_id, t.features) for t in conv.held]
 
     def _alert(self, f: AuditFiring, rule_set_hash: str, now: datetime) -> AlertRecord:
         return AlertRecord(
@@ -401,6 +437,11 @@ def _tokens_of(sl: AuditSlice, first_row: int = 0) -> list[_Token]:
         )
         for i in range(first_row, rows)
     ]
+
+
+def _hold(conv: _Conversation, tokens: list[_Token]) -> None:
+    conv.held.extend(tokens)
+    conv.held_chars += sum(len(t.text or "") for t in tokens)
 
 
 def _trim(window: deque[_Token], size: int) -> None:
