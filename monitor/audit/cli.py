@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+from monitor.audit.redaction import Redactor, redact_identifier
 from monitor.audit.render import render_conversation, render_table
 from monitor.audit.store import (
     AuditQuery,
@@ -150,6 +151,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     def body(store: AuditStore) -> int:
         record = store.get_conversation(args.conversation_id)
+        if record is None:
+            # An id with personal data in it is stored redacted: accept the id as the client
+            # sent it (from an alert) too.
+            stored_id = redact_identifier(Redactor(), args.conversation_id)
+            if stored_id != args.conversation_id:
+                record = store.get_conversation(stored_id)
         if record is None:
             raise UsageError(f"no conversation {args.conversation_id!r} in the audit store")
         for warning in record.warnings:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import itertools
 import queue
 import sqlite3
@@ -49,7 +50,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from monitor.audit.redaction import Redactor, Span, cut_tokens
+from monitor.audit.redaction import Redactor, Span, cut_tokens, redact_identifier
 from monitor.audit.store import (
     AlertRecord,
     AuditStore,
@@ -180,6 +181,12 @@ class AuditRecorder:
     ) -> None:
         self.config = config or RecorderConfig()
         self._redactor = Redactor(self.config.redact_patterns)
+        # Ids and the model name are client text too: stored and shown only redacted. Cached,
+        # as they repeat on every step.
+        self._safe_id = functools.lru_cache(maxsize=4096)(
+            functools.partial(redact_identifier, self._redactor)
+        )
+        self._safe_text = functools.lru_cache(maxsize=256)(self._redactor.redact)
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
         open_fn = (lambda: open_store(store)) if isinstance(store, str) else store
         self._writer = _Writer(open_fn, self.config, on_result)
@@ -209,7 +216,11 @@ class AuditRecorder:
         for cid, conv in self._conversations.items():
             tokens = self._release(conv, final=True)
             if tokens:
-                writes.append(ConversationWrite(cid, conv.model, now, tokens=tuple(tokens)))
+                writes.append(
+                    ConversationWrite(
+                        self._safe_id(cid), self._safe_text(conv.model), now, tokens=tuple(tokens)
+                    )
+                )
         self._conversations.clear()
         if writes:
             self._writer.submit(writes)
@@ -226,7 +237,8 @@ class AuditRecorder:
         for sl in step.slices:
             conv = self._track(sl.conversation_id, out, step.model)
             firings = fired.get(sl.conversation_id)
-            self._accept(conv, _tokens_of(sl, self._first_kept_row(conv, sl, firings)))
+            first_row = self._first_kept_row(conv, sl, firings)
+            self._accept(conv, _tokens_of(sl, first_row, self._safe_id(sl.request_id)))
             if firings and not conv.flagged:
                 self._flag(conv, min(f.position for f in firings))
             if conv.flagged:
@@ -242,7 +254,8 @@ class AuditRecorder:
             builder(cid).alerts.extend(self._alert(f, step.rule_set_hash, now) for f in firings)
             if conv is not None and conv.held:
                 builder(cid).tokens.extend(self._provisional(conv))
-        return [b.build(cid, step, now) for cid, b in out.items()]
+        model = self._safe_text(step.model)
+        return [b.build(self._safe_id(cid), model, step, now) for cid, b in out.items()]
 
     def _track(self, cid: str, out: dict[str, _WriteBuilder], model: str) -> _Conversation:
         conv = self._conversations.get(cid)
@@ -350,8 +363,8 @@ class AuditRecorder:
 
     def _alert(self, f: AuditFiring, rule_set_hash: str, now: datetime) -> AlertRecord:
         return AlertRecord(
-            conversation_id=f.conversation_id,
-            request_id=f.request_id,
+            conversation_id=self._safe_id(f.conversation_id),
+            request_id=self._safe_id(f.request_id),
             rule=f.rule,
             rule_set_hash=rule_set_hash,
             category=f.category,
@@ -377,10 +390,10 @@ class _WriteBuilder:
         self.tokens.extend(tokens)
         self.ended = self.ended or ended
 
-    def build(self, cid: str, step: AuditStep, now: datetime) -> ConversationWrite:
+    def build(self, cid: str, model: str, step: AuditStep, now: datetime) -> ConversationWrite:
         return ConversationWrite(
             conversation_id=cid,
-            model=step.model,
+            model=model,
             at=now,
             hook_points=tuple(step.hook_points),
             ended=self.ended,
@@ -417,7 +430,7 @@ def _as_floats(values: Any) -> list[float | None]:
     return [None if v is None else float(v) for v in items]
 
 
-def _tokens_of(sl: AuditSlice, first_row: int = 0) -> list[_Token]:
+def _tokens_of(sl: AuditSlice, first_row: int, request_id: str) -> list[_Token]:
     """The slice's tokens from `first_row` on (rows before it are not kept, so not built)."""
     features = {name: _as_floats(values[first_row:]) for name, values in sl.features.items()}
     rows = sl.rows
@@ -430,7 +443,7 @@ def _tokens_of(sl: AuditSlice, first_row: int = 0) -> list[_Token]:
             # NUL cannot be stored in PostgreSQL text; a byte-level tokenizer can produce it.
             text=texts[i].replace("\x00", "\ufffd") if i < len(texts) else None,
             role=sl.role,
-            request_id=sl.request_id,
+            request_id=request_id,
             features={
                 n: v[i - first_row] if i - first_row < len(v) else None for n, v in features.items()
             },

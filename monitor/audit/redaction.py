@@ -32,6 +32,7 @@ What is not covered is listed in the README (audit trail, redaction).
 from __future__ import annotations
 
 import bisect
+import hashlib
 import html
 import ipaddress
 import re
@@ -303,6 +304,25 @@ class Redactor:
         """
         joined = context + "".join(texts)
         return cut_tokens(joined, self.spans(joined), len(context), [len(t) for t in texts])
+
+
+def redact_identifier(redactor: Redactor, identifier: str) -> str:
+    """An id (conversation, request) with personal data in it, made safe to store and show.
+
+    Ids are keys: two ids that differ only in their personal data must stay two ids, and the
+    same id must give the same result in every process and after a restart. So the redacted
+    text is followed by `#` and a 12-hex-digit BLAKE2b digest of the original id. The digest is
+    not a secret: a short value such as a phone number can be found from it by trying every
+    candidate. An id without personal data is kept as it is.
+
+    >>> redact_identifier(Redactor(), "conv:alice@example.com:7")
+    'conv:[EMAIL]:7#da996837ffb3'
+    """
+    spans = redactor.spans(identifier)
+    if not spans:
+        return identifier
+    digest = hashlib.blake2b(identifier.encode("utf-8", "surrogatepass"), digest_size=6)
+    return cut_tokens(identifier, spans, 0, [len(identifier)])[0] + "#" + digest.hexdigest()
 
 
 def cut_tokens(
