@@ -91,6 +91,7 @@ _DOTS = frozenset("\u2024\u2027\u3002\uff0e\uff61\ufe52\u00b7\u2219\u22c5\u30fb"
 _SLASHES = frozenset("\u2215\u2044\u29f8\uff0f")
 _DASHES = frozenset("\u2212\u2043\u02d7\ufe63\uff0d\u2796")
 _INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u034f")
+_FOLD_KEEPS = frozenset("@.-+_/:,() ")
 
 
 def luhn_valid(digits: str) -> bool:
@@ -183,7 +184,9 @@ def _normalise_char(ch: str) -> str:
     if digit is not None:
         return str(digit)
     folded = unicodedata.normalize("NFKC", ch)
-    if folded == ch:
+    # Only a fold into letters, digits and the characters addresses are made of: "Ŀ" folds
+    # into "L·", which would split a domain label that the letter itself belongs to.
+    if folded == ch or not all(c.isalnum() or c in _FOLD_KEEPS for c in folded):
         return ch
     return "".join(c if c.isascii() else _normalise_char(c) for c in folded)
 
@@ -268,12 +271,12 @@ class Redactor:
 
     def spans(self, text: str) -> list[Span]:
         """Non-overlapping matches in `text` (original coordinates) sorted by start; earlier
-        kinds win overlaps, and within a kind the character view before the decoded view."""
+        kinds win overlaps, and overlapping matches of one kind merge."""
         self.scanned_chars += len(text)
         chosen = _Chosen()
         views = [_View(text, decode=False)]
         if _DECODE_OR_CHAR.search(text) is not None:
-            views.append(_View(text, decode=True))
+            views.insert(0, _View(text, decode=True))
         for kind in _BUILTIN:
             for view in views:
                 if kind.needs and kind.needs not in view.text:
@@ -346,13 +349,23 @@ class _Chosen:
         self._starts: list[int] = []
 
     def add(self, span: Span) -> None:
+        """Add `span` unless it overlaps a span of another kind (added earlier: it wins);
+        spans of the same kind that overlap are merged into one (the two views of the text
+        can find the same value with different edges)."""
         i = bisect.bisect_left(self._starts, span.start)
-        if i > 0 and self.spans[i - 1].end > span.start:
+        low = i - 1 if i > 0 and self.spans[i - 1].end > span.start else i
+        high = i
+        while high < len(self.spans) and self.spans[high].start < span.end:
+            high += 1
+        overlapping = self.spans[low:high]
+        if any(s.placeholder != span.placeholder for s in overlapping):
             return
-        if i < len(self.spans) and self.spans[i].start < span.end:
-            return
-        self.spans.insert(i, span)
-        self._starts.insert(i, span.start)
+        if overlapping:
+            start = min(span.start, overlapping[0].start)
+            end = max(span.end, overlapping[-1].end)
+            span = Span(start, end, span.placeholder)
+        self.spans[low:high] = [span]
+        self._starts[low:high] = [span.start]
 
 
 def _local_part_start(normalised: str, low: int, view: _View, start: int) -> int:
