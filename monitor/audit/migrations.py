@@ -83,6 +83,16 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX conversations_updated_at ON conversations (updated_at)",
         ),
     ),
+    Migration(
+        3,
+        "idempotent alert writes: a key per firing, unique",
+        (
+            # A retried transaction whose COMMIT reply was lost must not store its alerts twice.
+            # Rows written before this version keep a NULL key (NULLs never conflict).
+            "ALTER TABLE alerts ADD COLUMN alert_key TEXT",
+            "CREATE UNIQUE INDEX alerts_key ON alerts (alert_key)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

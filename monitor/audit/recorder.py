@@ -48,8 +48,12 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
+import structlog
+
+from monitor.audit import spool
 from monitor.audit.redaction import Redactor, Span, cut_tokens, redact_identifier
 from monitor.audit.store import (
     AlertRecord,
@@ -57,7 +61,10 @@ from monitor.audit.store import (
     ConversationWrite,
     TokenRecord,
     open_store,
+    sqlite_path,
 )
+
+log = structlog.get_logger(__name__)
 
 ResultKind = Literal["ok", "error", "dropped"]
 MAX_HELD_TOKENS = 512  # redaction holdback never keeps more tokens than this in memory
@@ -130,6 +137,11 @@ class RecorderConfig:
     purge_interval: float = 3600.0
     retry_initial: float = 0.1
     retry_max: float = 5.0
+    health_probe_seconds: float = 1.0  # idle probe of the store, so health is honest
+    # Where records go that the store could not take before shutdown. None: beside a SQLite
+    # store (`<file>.spool.jsonl`), `safety-monitor-audit.spool.jsonl` in the working directory
+    # for PostgreSQL, and no spool for a store given as a function (tests).
+    spool_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +151,7 @@ class AuditCounts:
     dropped: int
     pending: int
     purged: int
+    spooled: int = 0  # write jobs put in the spool at shutdown
 
 
 @dataclass
@@ -189,7 +202,7 @@ class AuditRecorder:
         self._safe_text = functools.lru_cache(maxsize=256)(self._redactor.redact)
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
         open_fn = (lambda: open_store(store)) if isinstance(store, str) else store
-        self._writer = _Writer(open_fn, self.config, on_result)
+        self._writer = _Writer(open_fn, self.config, on_result, _spool_path(store, self.config))
         self._writer.start()
 
     # --- public API ------------------------------------------------------------------------
@@ -403,6 +416,17 @@ class _WriteBuilder:
 
 
 PERMANENT_ERROR_ATTEMPTS = 3
+ERROR_LOG_INTERVAL_S = 30.0  # while the store stays down, one error line per interval
+DEFAULT_PG_SPOOL = "safety-monitor-audit.spool.jsonl"
+
+
+def _spool_path(store: object, config: RecorderConfig) -> Path | None:
+    if config.spool_path:
+        return Path(config.spool_path)
+    if not isinstance(store, str):
+        return None
+    path = sqlite_path(store)
+    return Path(path + ".spool.jsonl") if path is not None else Path(DEFAULT_PG_SPOOL)
 
 
 def _is_data_error(exc: BaseException) -> bool:
@@ -474,26 +498,39 @@ def _token_index(ends: list[int], char_offset: int) -> int:
 
 
 class _Writer(threading.Thread):
-    """Owns the store; commits jobs in order, retrying each until it commits or we stop."""
+    """Owns the store; commits jobs in order, retrying each until it commits or we stop.
+
+    While idle it probes the store every `health_probe_seconds`, so `healthy` also turns false
+    (and back) when no write happens. At stop, what could not be committed within the timeout
+    goes to the spool file (see spool.py), with an error in the log, never silently away.
+    """
 
     def __init__(
         self,
         open_fn: Callable[[], AuditStore],
         config: RecorderConfig,
         on_result: Callable[[ResultKind], None] | None,
+        spool_path: Path | None,
     ) -> None:
         super().__init__(name="audit-writer", daemon=True)
         self._open_fn = open_fn
         self._config = config
         self._on_result = on_result
+        self._spool_path = spool_path
         self._queue: queue.Queue[_Job] = queue.Queue(maxsize=max(1, config.buffer_batches))
         self._stop_event = threading.Event()
         self._stop_deadline = float("inf")
         self._lock = threading.Lock()
-        self._counts = {"ok": 0, "error": 0, "dropped": 0, "purged": 0}
+        self._counts = {"ok": 0, "error": 0, "dropped": 0, "purged": 0, "spooled": 0}
         self._store: AuditStore | None = None
         self._failing = False
+        self._failing_since: float | None = None
+        self._last_error_log = 0.0
         self._next_purge = 0.0
+        self._next_probe = 0.0
+        self._current: _Job | None = None  # the job being written (for the spool at stop)
+        self._spool_lock = threading.Lock()
+        self._spooled = False
         self._abandoned = 0  # jobs given up at close(): close() then reports failure
 
     # --- called from the pipeline thread ---------------------------------------------------
@@ -504,7 +541,9 @@ class _Writer(threading.Thread):
     def counts(self) -> AuditCounts:
         with self._lock:
             c = dict(self._counts)
-        return AuditCounts(c["ok"], c["error"], c["dropped"], self._queue.qsize(), c["purged"])
+        return AuditCounts(
+            c["ok"], c["error"], c["dropped"], self._queue.qsize(), c["purged"], c["spooled"]
+        )
 
     def submit(self, writes: list[ConversationWrite]) -> AuditWriteResult:
         job = _Job(writes)
@@ -518,8 +557,12 @@ class _Writer(threading.Thread):
                 self._queue.put_nowait(job)
         except queue.Full:
             self._count("dropped")
+            log.error("audit buffer full: step's audit records dropped", conversations=n)
             return AuditWriteResult(False, "dropped", n)
-        if cfg.on_backpressure == "drop" and self._failing:
+        if self._failing:
+            # The store is known to be down: waiting for this commit would stall the pipeline
+            # (and every other stream with it) for write_timeout per step. The job stays
+            # queued and commits when the store is back; its alerts are withheld now.
             return AuditWriteResult(False, "pending", n)
         if job.done.wait(max(0.0, deadline - time.monotonic())):
             if job.failed:
@@ -528,16 +571,22 @@ class _Writer(threading.Thread):
         return AuditWriteResult(False, "pending", n)
 
     def stop(self, timeout: float) -> bool:
+        """Commit what is queued within `timeout`, spool the rest. True if all committed."""
         self._stop_deadline = time.monotonic() + timeout
         self._stop_event.set()
         self.join(timeout + 1.0)
+        if self.is_alive():
+            # Stuck in a database call (a connect or statement timeout longer than the grace
+            # period): spool from here. Writes are idempotent, so should that call still
+            # commit, the replay stores nothing twice.
+            self._spool_remaining()
         return self._abandoned == 0 and not self.is_alive()
 
     # --- writer thread -----------------------------------------------------------------------
     def _count(self, kind: str, amount: int = 1) -> None:
         with self._lock:
             self._counts[kind] += amount
-        if self._on_result is not None and kind != "purged":
+        if self._on_result is not None and kind not in ("purged", "spooled"):
             self._on_result(kind)  # type: ignore[arg-type]
 
     def run(self) -> None:
@@ -547,42 +596,51 @@ class _Writer(threading.Thread):
                 break
             self._maybe_purge()
             try:
-                job = self._queue.get(timeout=0.2)
+                job = self._queue.get(timeout=min(0.2, self._config.health_probe_seconds))
             except queue.Empty:
+                self._maybe_probe()
                 continue
             self._commit(job)
-        self._drop_remaining()
+        self._spool_remaining()
         if self._store is not None:
-            self._store.close()
+            with contextlib.suppress(Exception):
+                self._store.close()
 
     def _commit(self, job: _Job) -> None:
+        self._current = job
         delay = self._config.retry_initial
         while time.monotonic() <= self._stop_deadline:  # retries end at close() at the latest
             if self._ensure_store() and self._try_write(job):
+                self._current = None
                 return
             if job.failed:
+                self._current = None
                 return
             time.sleep(min(delay, max(0.0, self._stop_deadline - time.monotonic())))
             delay = min(delay * 2, self._config.retry_max)
-        self._abandoned += 1
-        self._count("dropped")
+        # Stopping, and the store is still down: the job stays `_current` for the spool.
 
     def _try_write(self, job: _Job) -> bool:
         assert self._store is not None
         try:
             self._store.write(job.writes)
         except Exception as exc:
-            self._failed()
             job.attempts += 1
-            if _is_data_error(exc) and job.attempts >= PERMANENT_ERROR_ATTEMPTS:
+            if not _is_data_error(exc):
+                self._failed(exc, "write")
+                return False
+            # The store answered (and rolled back): it is up, this job's data is the problem.
+            log.warning("audit write refused", error=str(exc)[:1000], attempt=job.attempts)
+            if job.attempts >= PERMANENT_ERROR_ATTEMPTS:
                 # The data itself cannot be stored (not the store being down): set the job
                 # aside instead of blocking every later write behind it.
                 job.failed = True
                 self._abandoned += 1
                 self._count("dropped")
+                log.error("audit records dropped: the store refuses their data", error=str(exc))
                 job.done.set()
             return False
-        self._failing = False
+        self._recovered()
         job.done.set()
         self._count("ok")
         return True
@@ -592,20 +650,80 @@ class _Writer(threading.Thread):
             return True
         try:
             self._store = self._open_fn()
-        except Exception:
-            self._failing = True
-            self._count("error")
+        except Exception as exc:
+            self._failed(exc, "open")
             return False
+        return self._spool_path is None or self._replay_spool()
+
+    def _replay_spool(self) -> bool:
+        """Write the jobs a previous run spooled, before any new one; False if the store
+        failed meanwhile (the spool is kept)."""
+        assert self._spool_path is not None and self._store is not None
+        try:
+            jobs = spool.load(self._spool_path)
+        except (OSError, ValueError) as exc:
+            log.error("audit spool unreadable; kept", path=str(self._spool_path), error=str(exc))
+            self._spool_path = None  # do not append to a damaged spool either
+            return True
+        if not jobs:
+            return True
+        try:
+            for writes in jobs:
+                self._store.write(writes)
+        except Exception as exc:
+            self._failed(exc, "spool replay")
+            return False
+        self._spool_path.unlink(missing_ok=True)
+        log.info("audit spool replayed", jobs=len(jobs), path=str(self._spool_path))
         return True
 
-    def _failed(self) -> None:
+    def _failed(self, exc: BaseException | None, during: str) -> None:
         # Reconnect on the next attempt: after a PostgreSQL restart the old connection is dead.
+        now = time.monotonic()
+        if not self._failing or now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
+            # The first failure, then one line per interval: the cause is in the log, not only
+            # healthy=false, and a long outage does not flood it.
+            self._last_error_log = now
+            log.error(
+                "audit store failed",
+                during=during,
+                error_type=type(exc).__name__ if exc else None,
+                error=str(exc).strip()[:1000] if exc else None,
+                failing_for_s=round(now - self._failing_since, 1) if self._failing_since else 0.0,
+                queued=self._queue.qsize(),
+            )
+        if not self._failing:
+            self._failing_since = now
         self._failing = True
         self._count("error")
         store, self._store = self._store, None
         if store is not None:
             with contextlib.suppress(Exception):
                 store.close()
+
+    def _recovered(self) -> None:
+        self._next_probe = time.monotonic() + self._config.health_probe_seconds
+        if self._failing:
+            since = self._failing_since or time.monotonic()
+            log.info("audit store recovered", failed_for_s=round(time.monotonic() - since, 1))
+        self._failing = False
+        self._failing_since = None
+
+    def _maybe_probe(self) -> None:
+        """Idle: check the store is still there (or back), so health is honest without writes."""
+        now = time.monotonic()
+        if now < self._next_probe or self._stop_event.is_set():
+            return
+        self._next_probe = now + self._config.health_probe_seconds
+        if not self._ensure_store():
+            return
+        assert self._store is not None
+        try:
+            self._store.ping()
+        except Exception as exc:
+            self._failed(exc, "probe")
+            return
+        self._recovered()
 
     def _maybe_purge(self) -> None:
         days = self._config.retention_days
@@ -616,16 +734,46 @@ class _Writer(threading.Thread):
         assert self._store is not None
         try:
             purged = self._store.purge(datetime.now(UTC) - timedelta(days=days))
-        except Exception:
-            self._failed()
+        except Exception as exc:
+            self._failed(exc, "purge")
             return
         self._count("purged", purged)
 
-    def _drop_remaining(self) -> None:
-        for _ in range(self._queue.qsize()):
+    def _spool_remaining(self) -> None:
+        """At stop: the job in flight and every queued job go to the spool (or, without one,
+        or when it cannot be written, are counted dropped), with an error in the log."""
+        with self._spool_lock:
+            if self._spooled:
+                return
+            self._spooled = True
+            jobs = [] if self._current is None else [self._current]
+            while True:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if not jobs:
+                return
+            self._abandoned += len(jobs)
+            path = self._spool_path
             try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-            self._abandoned += 1
-            self._count("dropped")
+                if path is None:
+                    raise OSError("no spool path configured")
+                spool.append(path, [job.writes for job in jobs])
+            except (OSError, ValueError, TypeError) as exc:
+                self._count("dropped", len(jobs))
+                log.critical(
+                    "audit records LOST at shutdown: the store was down and the spool failed",
+                    jobs=len(jobs),
+                    alerts=sum(len(w.alerts) for job in jobs for w in job.writes),
+                    spool=str(path),
+                    error=str(exc),
+                )
+                return
+            self._count("spooled", len(jobs))
+            log.error(
+                "audit store down at shutdown: records spooled, written at the next start",
+                jobs=len(jobs),
+                alerts=sum(len(w.alerts) for job in jobs for w in job.writes),
+                spool=str(path),
+            )

@@ -103,6 +103,13 @@ class SqliteAuditStore(SqlAuditStore):
         finally:
             cur.close()
 
+    def ping(self) -> None:
+        """Take the write lock and let it go: a file another process keeps locked, or that
+        cannot be written, fails here as a write would (SELECT 1 alone would not notice)."""
+        with self._lock, self._transaction(write=not self.readonly) as cur:
+            cur.execute("SELECT 1")
+            cur.fetchall()
+
     def _write_ts(self, value: datetime) -> str:
         return encode_ts(value)
 

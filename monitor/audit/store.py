@@ -8,6 +8,7 @@ placeholder and a line in `ConversationRecord.warnings`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
@@ -131,6 +132,10 @@ class AuditStore:
     def schema_version(self) -> int:
         raise NotImplementedError
 
+    def ping(self) -> None:
+        """Raise if the store cannot be reached now."""
+        self.schema_version()
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -172,6 +177,22 @@ def _dumps(value: Mapping[str, Any]) -> str:
     return json.dumps(clean, sort_keys=True, separators=(",", ":"))
 
 
+def alert_key(alert: AlertRecord) -> str:
+    """The identity of a firing: this rule, over this span, in this conversation and request,
+    under this rule set. The same firing written twice is one alert."""
+    parts = (
+        alert.conversation_id,
+        alert.request_id,
+        alert.rule,
+        alert.rule_set_hash,
+        str(alert.position),
+        str(alert.start),
+        str(alert.end),
+    )
+    digest = hashlib.sha256("\0".join(parts).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
 def _finite(value: float | None) -> float | None:
     return value if value is None or math.isfinite(value) else None
 
@@ -190,9 +211,12 @@ ON CONFLICT (conversation_id) DO UPDATE SET updated_at = excluded.updated_at,
                      ELSE excluded.hook_points END,
   ended = CASE WHEN excluded.ended = 1 THEN 1 ELSE conversations.ended END"""
 
+# Idempotent: the key names the firing (see `alert_key`), so writing it again (a transaction
+# retried after its COMMIT reply was lost, a spool replayed) leaves the one row there is.
 _ALERT_INSERT = """INSERT INTO alerts (conversation_id, request_id, rule, rule_set_hash, category,
   severity, value, position, start_position, end_position, feature_values, message, labels,
-  created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+  created_at, alert_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (alert_key) DO NOTHING"""
 
 _ALERT_COLUMNS = """id, conversation_id, request_id, rule, rule_set_hash, category, severity, value,
   position, start_position, end_position, feature_values, message, labels, created_at"""
@@ -290,6 +314,12 @@ class SqlAuditStore(AuditStore):
         with self._lock, self._transaction(write=False) as cur:
             return migrations.current_version(cur)
 
+    def ping(self) -> None:
+        """Raise if the store cannot be reached now (the writer's idle health probe)."""
+        with self._lock, self._transaction(write=False) as cur:
+            cur.execute("SELECT 1")
+            cur.fetchall()
+
     def write(self, writes: Sequence[ConversationWrite]) -> None:
         if not writes:
             return
@@ -345,6 +375,7 @@ class SqlAuditStore(AuditStore):
             a.message,
             json.dumps(dict(a.labels), sort_keys=True),
             self._write_ts(a.created_at or at),
+            alert_key(a),
         )
 
     def _alert_filter(self, query: AuditQuery, alias: str) -> tuple[list[str], list[Any]]:
