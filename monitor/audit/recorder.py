@@ -64,7 +64,24 @@ from monitor.audit.store import (
     sqlite_path,
 )
 
-log = structlog.get_logger(__name__)
+_log = structlog.get_logger(__name__)
+
+
+class _SafeLog:
+    """The writer thread logs through this: a failing log stream (closed, full disk) must
+    never end the thread that holds the audit records."""
+
+    def __getattr__(self, level: str) -> Callable[..., None]:
+        method = getattr(_log, level)
+
+        def emit(*args: Any, **kwargs: Any) -> None:
+            with contextlib.suppress(Exception):
+                method(*args, **kwargs)
+
+        return emit
+
+
+log = _SafeLog()
 
 ResultKind = Literal["ok", "error", "dropped"]
 MAX_HELD_TOKENS = 512  # redaction holdback never keeps more tokens than this in memory
