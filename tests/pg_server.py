@@ -63,10 +63,14 @@ class PgServer:
         """Start the server again on the same port and data after `kill`."""
         root = self.data_dir.parent
         options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {root} -c fsync=off"
-        self._run(
-            str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-o", options, "-w",
-            "-t", str(START_TIMEOUT_S), "-l", str(root / "server.log"), "start",
-        )  # fmt: skip
+        try:
+            self._run(
+                str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-o", options, "-w",
+                "-t", str(START_TIMEOUT_S), "-l", str(root / "server.log"), "start",
+            )  # fmt: skip
+        except subprocess.CalledProcessError as exc:
+            log = (root / "server.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"restart failed: {exc.stderr!r} {exc.stdout!r}\n{log}") from exc
 
     def stop(self) -> None:
         """Stop the server (if running) and delete its data."""
