@@ -29,7 +29,7 @@ from monitor.audit.redaction import Redactor, luhn_valid, redact_identifier
 from monitor.audit.store import open_store
 
 ZW = "\u200b"
-# (text as written, placeholder expected where the value was). 72 formats.
+# (text as written, placeholder expected where the value was).
 FORMATS = [
     # e-mail: plain, internationalised, confusable and fullwidth, spaces and invisibles at @
     ("alice@example.com", "[EMAIL]"),
