@@ -42,6 +42,7 @@ def _fmt_value(value: float | None) -> str:
 
 
 def render_table(summaries: Sequence[ConversationSummary]) -> str:
+    """The `audit list` table of flagged conversations."""
     header = ("CONVERSATION", "MODEL", "ALERTS", "SEVERITY", "RULES", "TOKENS", "ENDED", "UPDATED")
     rows = [
         (
@@ -161,6 +162,9 @@ def _sparklines(record: ConversationRecord, features: list[str]) -> list[str]:
 
 
 def render_conversation(record: ConversationRecord, *, color: bool) -> str:
+    """The `audit show` view of one conversation: header, alerts, token text (shaded by feature
+    strength with `color`) and a sparkline per feature the rules used.
+    """
     features = rule_features(record)
     lines = _header(record) + _body(record, color, features) + _sparklines(record, features)
     if color and features:

@@ -41,6 +41,8 @@ def encode_ts(value: datetime) -> str:
 
 
 class SqliteAuditStore(SqlAuditStore):
+    """The SQLite backend (`sqlite:///path.db`): the embedded default, one file, no server."""
+
     dialect = "sqlite"
     placeholder = "?"
 
@@ -120,6 +122,7 @@ class SqliteAuditStore(SqlAuditStore):
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
     def close(self) -> None:
+        """Close the connection."""
         with self._lock:
             self._conn.close()
 
