@@ -65,15 +65,14 @@ from monitor.audit.store import (
 )
 from monitor.limits import MAX_CONVERSATIONS
 
-_log = structlog.get_logger(__name__)
-
 
 class _SafeLog:
     """The writer thread logs through this: a failing log stream (closed, full disk) must
-    never end the thread that holds the audit records."""
+    never end the thread that holds the audit records. The logger is looked up per call (only
+    errors and state changes are logged), so it follows the process's current log set-up."""
 
     def __getattr__(self, level: str) -> Callable[..., None]:
-        method = getattr(_log, level)
+        method = getattr(structlog.get_logger(__name__), level)
 
         def emit(*args: Any, **kwargs: Any) -> None:
             with contextlib.suppress(Exception):

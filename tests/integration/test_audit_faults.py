@@ -38,8 +38,9 @@ from monitor.audit.recorder import (
     RecorderConfig,
 )
 from monitor.audit.store import AuditQuery, open_store
+from monitor.fixtures import free_port
 from monitor.logs import configure_logging
-from tests.pg_server import PgServer, _free_port, start_pg_server
+from tests.pg_server import PgServer, start_pg_server
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
@@ -323,7 +324,7 @@ def test_held_back_tokens_are_written_with_the_alert_without_text(tmp_path: Path
 
 # --- logs ----------------------------------------------------------------------------------------
 def test_store_errors_are_logged_as_json_with_their_cause(json_log) -> None:
-    url = f"postgresql://postgres@127.0.0.1:{_free_port()}/postgres"  # nothing listens
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"  # nothing listens
     rec = AuditRecorder(url, RecorderConfig(retry_initial=0.05, health_probe_seconds=0.1))
     try:
         wait_for(lambda: rec.counts().error > 0, what="a failure")
