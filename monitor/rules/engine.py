@@ -18,13 +18,13 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import torch
 
+from monitor.rules.conversations import Conversation, ConversationTable
 from monitor.rules.expressions import FUNCTIONS, MAX_WINDOW, Instr
 from monitor.rules.model import SCOPES, Rule, RuleSet
 
@@ -40,7 +40,9 @@ _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 class SequenceSlice:
     """Rows ``[start_row, start_row + rows)`` of a batch are tokens ``position, position+1, ...``
     of one conversation. ``attributes`` (tenant, ...) are what rule exceptions match on,
-    together with ``role`` and the batch's ``model``."""
+    together with ``role`` and the batch's ``model``. ``scope`` (a client identity or a
+    tenant; empty: one namespace) keeps conversations of the same id apart: state belongs to
+    ``(scope, conversation_id)``."""
 
     conversation_id: str
     start_row: int
@@ -50,6 +52,12 @@ class SequenceSlice:
     end: bool = False
     request_id: str = ""
     attributes: Mapping[str, str] = field(default_factory=lambda: _NO_ATTRIBUTES, hash=False)
+    scope: str = ""
+
+
+def state_key(sl: SequenceSlice) -> Hashable:
+    """The key rule state is kept under: the id alone in the shared namespace."""
+    return (sl.scope, sl.conversation_id) if sl.scope else sl.conversation_id
 
 
 @dataclass(frozen=True)
@@ -106,13 +114,6 @@ class _History:
 
     def tables(self) -> list[_Table]:
         return [self.values] if self.seen is None else [self.values, self.seen]
-
-
-@dataclass
-class _Conversation:
-    slot: int
-    next_position: int
-    request_id: str = ""
 
 
 # --------------------------------------------------------------------------- wave layout
@@ -192,10 +193,11 @@ def _layout(slices: list[SequenceSlice], slots: list[int], batch_rows: int) -> _
 def _waves(sequences: Sequence[SequenceSlice]) -> list[list[SequenceSlice]]:
     """The k-th slice of each conversation goes to wave k, so state flows wave to wave."""
     waves: list[list[SequenceSlice]] = []
-    count: dict[str, int] = {}
+    count: dict[Hashable, int] = {}
     for sl in sequences:
-        k = count.get(sl.conversation_id, 0)
-        count[sl.conversation_id] = k + 1
+        key = state_key(sl)
+        k = count.get(key, 0)
+        count[key] = k + 1
         if k == len(waves):
             waves.append([])
         waves[k].append(sl)
@@ -328,7 +330,7 @@ class RuleEngine:
             raise ValueError("max_conversations must be at least 1")
         self._max = max_conversations
         self._capacity = min(_INITIAL_CAPACITY, max_conversations)
-        self._conversations: OrderedDict[str, _Conversation] = OrderedDict()  # LRU order
+        self._conversations = ConversationTable(max_conversations)  # fair LRU per owner
         self._free: list[int] = []
         self._next_slot = 0
         self._lock = threading.Lock()
@@ -380,19 +382,25 @@ class RuleEngine:
         sequences: Sequence[SequenceSlice],
         *,
         model: str = "",
+        client: str = "",
     ) -> EvaluationResult:
         """Evaluate all enabled rules on one batch.
 
         ``features`` maps qualified feature names to float tensors ``[rows]`` covering the
-        batch; ``model`` names the model that produced it (an attribute exceptions can match).
-        Raises ValueError for a malformed batch before touching any state.
+        batch; ``model`` names the model that produced it (an attribute exceptions can match);
+        ``client`` is who sent it, the owner its new conversations are charged to for fair
+        eviction. Raises ValueError for a malformed batch before touching any state.
         """
         with self._lock:
-            waves = _waves(sequences)
-            batch_rows = self._check(features, sequences, waves)
+            batch_rows = self._check(features, sequences)
+            # A slice without rows of a conversation not tracked has nothing to evaluate and
+            # nothing to end: it must not take a slot (millions of them cost nothing else).
+            tracked = self._conversations
+            waves = _waves([s for s in sequences if s.rows or state_key(s) in tracked])
+            self._check_waves(waves)
             result = EvaluationResult()
             for wave in waves:
-                self._run_wave(features, wave, batch_rows, result, model)
+                self._run_wave(features, wave, batch_rows, result, model, client)
             result.firings.sort(key=lambda f: (f.row, self._rule_order[f.rule]))
             return result
 
@@ -402,7 +410,6 @@ class RuleEngine:
         self,
         features: Mapping[str, torch.Tensor],
         sequences: Sequence[SequenceSlice],
-        waves: list[list[SequenceSlice]],
     ) -> int:
         spans = sorted((s.start_row, s.start_row + s.rows) for s in sequences)
         for s in sequences:
@@ -420,23 +427,30 @@ class RuleEngine:
                 raise ValueError(f"missing feature {name!r}")
             if tensor.dim() != 1 or tensor.shape[0] < batch_rows:
                 raise ValueError(f"feature {name!r} must be a vector of at least {batch_rows} rows")
+        return batch_rows
+
+    def _check_waves(self, waves: list[list[SequenceSlice]]) -> None:
         for wave in waves:
             if len(wave) > self._max:
                 raise ValueError(f"batch has more than {self._max} conversations")
-        return batch_rows
 
     # ----------------------------------------------------------------- conversations
 
-    def _bind(self, slices: list[SequenceSlice], result: EvaluationResult) -> list[int]:
+    def _bind(
+        self, slices: list[SequenceSlice], result: EvaluationResult, client: str
+    ) -> list[int]:
         """Slots for a wave's conversations, resetting state on gaps and new conversations."""
-        for s in slices:  # touch first so that eviction never picks one of this wave's
-            if s.conversation_id in self._conversations:
-                self._conversations.move_to_end(s.conversation_id)
+        keys = [state_key(s) for s in slices]
+        table = self._conversations
+        for key in keys:  # touch first: fair eviction then never picks one of this wave's
+            if key in table:
+                table.touch(key, client)
+        wave_keys = set(keys)
         slots, fresh, new_request = [], [], []
-        for s in slices:
-            conv = self._conversations.get(s.conversation_id)
+        for s, key in zip(slices, keys, strict=True):
+            conv = table.get(key)
             if conv is None:
-                conv = self._allocate(s.conversation_id, result)
+                conv = self._allocate(key, client, wave_keys, result)
                 fresh.append(conv.slot)
             elif conv.next_position != s.position:
                 result.gaps += 1
@@ -464,9 +478,13 @@ class RuleEngine:
                 for table in history.tables():
                     table.reset(slots)
 
-    def _allocate(self, conversation_id: str, result: EvaluationResult) -> _Conversation:
-        if len(self._conversations) >= self._max:
-            _, evicted = self._conversations.popitem(last=False)
+    def _allocate(
+        self, key: Hashable, client: str, keep: set[Hashable], result: EvaluationResult
+    ) -> Conversation:
+        victim = self._conversations.victim(client, keep)
+        if victim is not None:
+            evicted = self._conversations.pop(victim)
+            assert evicted is not None
             self._free.append(evicted.slot)
             result.evicted += 1
         if self._free:
@@ -476,8 +494,8 @@ class RuleEngine:
             self._next_slot += 1
             if slot >= self._capacity:
                 self._grow()
-        conv = _Conversation(slot, 0, "")
-        self._conversations[conversation_id] = conv
+        conv = Conversation(slot, 0, "", client)
+        self._conversations.add(key, conv)
         return conv
 
     def _grow(self) -> None:
@@ -498,8 +516,9 @@ class RuleEngine:
         batch_rows: int,
         result: EvaluationResult,
         model: str,
+        client: str = "",
     ) -> None:
-        wave = _layout(slices, self._bind(slices, result), batch_rows)
+        wave = _layout(slices, self._bind(slices, result, client), batch_rows)
         if wave.total and self._rules:
             inputs = wave.gather(features, self._required)
             conditions, values = [], []
@@ -514,8 +533,10 @@ class RuleEngine:
             fires = self._advance_runs(wave, torch.stack(conditions), active)
             self._collect(wave, fires, torch.stack(values), result)
         for s in slices:
-            if s.end and s.conversation_id in self._conversations:
-                self._free.append(self._conversations.pop(s.conversation_id).slot)
+            if s.end:
+                ended = self._conversations.pop(state_key(s))
+                if ended is not None:
+                    self._free.append(ended.slot)
 
     def _advance_runs(
         self, wave: _Wave, conditions: torch.Tensor, active: torch.Tensor | None

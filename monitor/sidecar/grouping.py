@@ -122,6 +122,7 @@ def merge_steps(members: list[ValidatedBatch]) -> StepGroup:
                 pieces[-1][1].end,
                 first.request_id,
                 first.attributes,
+                first.scope,
             )
         )
         tokens.append([t for _, _, text in pieces for t in text])

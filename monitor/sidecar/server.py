@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -25,10 +26,23 @@ from monitor.outputs.metrics import SidecarMetrics
 from monitor.rules.errors import RuleLoadError
 from monitor.rules.loader import RuleSet, load_rules
 from monitor.rules.reload import RuleReloader
+from monitor.sidecar import streams
 from monitor.sidecar.actions import Actions
 from monitor.sidecar.config import SidecarConfig
-from monitor.sidecar.pipeline import BatchOutcome, Pipeline, qualified_feature_names
-from monitor.sidecar.security import BearerTokenInterceptor, read_token, server_credentials
+from monitor.sidecar.pipeline import (
+    ANONYMOUS,
+    BatchOutcome,
+    Pipeline,
+    StreamClient,
+    qualified_feature_names,
+)
+from monitor.sidecar.security import (
+    BearerTokenInterceptor,
+    read_tokens,
+    server_credentials,
+    tls_subject,
+    token_client,
+)
 from monitor.wire import SERVICE_NAME, WIRE_DTYPES, pb, pb_grpc
 
 log = structlog.get_logger("safety_monitor.sidecar")
@@ -37,10 +51,9 @@ log = structlog.get_logger("safety_monitor.sidecar")
 # probe or an operator sees it, while the sidecar itself keeps monitoring.
 AUDIT_HEALTH_SERVICE = "safety_monitor.audit"
 HEALTH_POLL_SECONDS = 1.0
-# Batches of one stream held at once: those being processed and those read ahead. Bounded
-# (at most this many messages of `max_message_bytes` per stream), so a client faster than
-# the sidecar is held back by gRPC flow control rather than by our memory.
-READ_AHEAD = 16
+# Batches of one stream held at once, in count (and in bytes: `limits.max_stream_bytes`),
+# so a client faster than the sidecar is held back by gRPC flow control, not by our memory.
+READ_AHEAD = streams.READ_AHEAD
 # At most this many waiting batches are processed as one group: half the read-ahead, so the
 # next ones are still read while a full group is processed.
 MAX_GROUP = 8
@@ -71,23 +84,37 @@ def load_ruleset(paths: Sequence[Path], packs: Sequence[FeaturePack]) -> RuleSet
 
 
 async def _read_into(
-    requests: AsyncIterator[pb.StepBatch],
-    arrived: asyncio.Queue[pb.StepBatch | None],
-    room: asyncio.Semaphore,
+    requests: AsyncIterator[Any],
+    arrived: asyncio.Queue[tuple[pb.StepBatch, int] | None],
+    budget: streams.StreamBudget,
+    idle: streams.IdleWatch,
 ) -> None:
-    """Read a stream's batches into `arrived`, at most READ_AHEAD waiting; None at the end
-    (also when reading failed: the handler then awaits this task for the error)."""
+    """Read a stream's batches into `arrived` with their sizes, within the stream's budget;
+    None at the end (also when reading failed: the handler then awaits this task for the
+    error). An undecodable message ends reading: the handler answers INVALID_ARGUMENT."""
     batches = aiter(requests)
     try:
         while True:
-            await room.acquire()  # released once the batch has been processed
+            await budget.wait_for_room()  # given back once the batch has been processed
             try:
                 batch = await anext(batches)
             except StopAsyncIteration:
                 return
-            arrived.put_nowait(batch)
+            idle.progress()
+            if batch is streams.UNDECODABLE:
+                raise _Undecodable()
+            size = batch.ByteSize()
+            budget.hold(size)
+            arrived.put_nowait((batch, size))
     finally:
         arrived.put_nowait(None)
+
+
+class _Undecodable(Exception):
+    """A stream message that is not a valid StepBatch."""
+
+
+_UNDECODABLE_MESSAGE = "a message on the stream is not a valid StepBatch (protobuf decoding failed)"
 
 
 def _internal_error(seq_no: int, exc: Exception) -> BatchOutcome:
@@ -99,51 +126,111 @@ def _internal_error(seq_no: int, exc: Exception) -> BatchOutcome:
 
 class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
     def __init__(
-        self, pipeline: Pipeline, executor: ThreadPoolExecutor, metrics: SidecarMetrics
+        self,
+        pipeline: Pipeline,
+        executor: ThreadPoolExecutor,
+        metrics: SidecarMetrics,
+        tokens: dict[str, str] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.executor = executor
         self.metrics = metrics
+        self.tokens = tokens or {}
+        self.gate = streams.StreamGate(pipeline.limits.max_streams)
+
+    def client_of(self, context: grpc.aio.ServicerContext) -> StreamClient:
+        """Who is calling: the bearer token's client name, else the mTLS subject; fair
+        eviction charges anonymous callers to their connection."""
+        identity = ""
+        if self.tokens:
+            identity = token_client(context.invocation_metadata() or (), self.tokens) or ""
+        if not identity:
+            identity = tls_subject(context)
+        return StreamClient(identity, identity or f"peer:{context.peer()}")
 
     async def Monitor(
-        self, request_iterator: AsyncIterator[pb.StepBatch], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.MonitorEvent]:
+        limits = self.pipeline.limits
+        if not self.gate.admit():
+            self.metrics.batches_rejected.labels(reason="too_many_streams").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the sidecar has {limits.max_streams} streams open (limits.max_streams); "
+                "retry later",
+            )
         self.metrics.active_streams.inc()
         peer = context.peer()
-        log.info("stream opened", peer=peer)
+        client = self.client_of(context)
+        log.info("stream opened", peer=peer, client=client.identity)
         # Reading runs ahead of processing: the next batches arrive and are parsed on the
         # event loop while the worker thread processes this one, instead of the stream
         # standing still between an ack and the next read.
-        arrived: asyncio.Queue[pb.StepBatch | None] = asyncio.Queue()
-        room = asyncio.Semaphore(READ_AHEAD)
-        reader = asyncio.create_task(_read_into(request_iterator, arrived, room))
+        arrived: asyncio.Queue[tuple[pb.StepBatch, int] | None] = asyncio.Queue()
+        budget = streams.StreamBudget(READ_AHEAD, limits.max_stream_bytes)
+        idle = streams.IdleWatch(limits.stream_idle_timeout_seconds)
+        reader = asyncio.create_task(_read_into(request_iterator, arrived, budget, idle))
+        handler = asyncio.current_task()
+        watchdog = asyncio.create_task(self._close_when_idle(idle, handler, peer))
         try:
             ended = False
-            while not ended and (batch := await arrived.get()) is not None:
+            while not ended and (item := await arrived.get()) is not None:
                 # Whatever else has arrived meanwhile goes with it: under load the pipeline
                 # evaluates waiting decode steps together (see grouping.py).
-                batches = [batch]
-                while len(batches) < MAX_GROUP and not arrived.empty():
+                held = [item]
+                while len(held) < MAX_GROUP and not arrived.empty():
                     more = arrived.get_nowait()
                     if more is None:
                         ended = True
                         break
-                    batches.append(more)
-                outcomes = await self._run_many(batches)
-                for _ in batches:
-                    room.release()
+                    held.append(more)
+                idle.busy = True
+                try:
+                    outcomes = await self._run_many([batch for batch, _ in held], client)
+                finally:
+                    idle.busy = False
+                    idle.progress()
+                for _, size in held:
+                    await budget.release(size)
                 for outcome in outcomes:
                     for event in outcome.events:
                         yield event
-            await reader  # a broken stream raises here, as it would have from the loop
+                        idle.progress()
+            try:
+                await reader  # a broken stream raises here, as it would have from the loop
+            except _Undecodable:
+                self.metrics.batches_rejected.labels(reason="undecodable").inc()
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE_MESSAGE)
         finally:
             reader.cancel()
+            watchdog.cancel()
+            self.gate.leave()
             self.metrics.active_streams.dec()
-            log.info("stream closed", peer=peer)
+            log.info("stream closed", peer=peer, client=client.identity)
+            if budget.peak_bytes >= streams.TRIM_AFTER_BYTES:
+                asyncio.get_running_loop().run_in_executor(
+                    None, streams.give_memory_back, budget.peak_bytes
+                )
+
+    async def _close_when_idle(
+        self, idle: streams.IdleWatch, handler: asyncio.Task[Any] | None, peer: str
+    ) -> None:
+        """Cancel the stream's handler once the stream is idle: neither sending batches nor
+        taking its events (the client then sees CANCELLED)."""
+        await idle.expired()
+        self.metrics.batches_rejected.labels(reason="stream_idle").inc()
+        log.warning("closing idle stream", peer=peer, idle_seconds=round(idle.idle_for(), 1))
+        if handler is not None:
+            handler.cancel()
 
     async def Evaluate(
-        self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext
+        self, request: Any, context: grpc.aio.ServicerContext
     ) -> pb.EvaluateResponse:
+        if request is streams.UNDECODABLE:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the request is not a valid EvaluateRequest (protobuf decoding failed)",
+            )
         outcome = await self._run(self.pipeline.evaluate_once, request.batch)
         response = pb.EvaluateResponse()
         for event in outcome.events:
@@ -156,9 +243,12 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                 response.features.append(pb.FeatureValues(name=name, values=values.tolist()))
         return response
 
-    async def GetStatus(
-        self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
-    ) -> pb.StatusResponse:
+    async def GetStatus(self, request: Any, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        if request is streams.UNDECODABLE:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the request is not a valid StatusRequest (protobuf decoding failed)",
+            )
         pipeline = self.pipeline
         limits = pipeline.limits
         return pb.StatusResponse(
@@ -188,25 +278,51 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
     async def _run(
         self, func: Callable[[pb.StepBatch], BatchOutcome], batch: pb.StepBatch
     ) -> BatchOutcome:
-        return (await self._run_many([batch], lambda batches: [func(batches[0])]))[0]
+        return (await self._run_many([batch], ANONYMOUS, lambda b, _: [func(b[0])]))[0]
 
     async def _run_many(
         self,
         batches: list[pb.StepBatch],
-        func: Callable[[list[pb.StepBatch]], list[BatchOutcome]] | None = None,
+        client: StreamClient,
+        func: Callable[[list[pb.StepBatch], StreamClient], list[BatchOutcome]] | None = None,
     ) -> list[BatchOutcome]:
         """Run pipeline work on the single worker thread; a bug becomes a BatchError for each
         batch, never a dead stream."""
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
-                self.executor, func or self.pipeline.process_many, batches
+                self.executor, func or self.pipeline.process_many, batches, client
             )
         except Exception as exc:  # the stream must survive our own bugs too
             seq_nos = [batch.seq_no for batch in batches]
             log.exception("internal error processing batches", seq_nos=seq_nos)
             self.metrics.batches_rejected.labels(reason="internal").inc(len(batches))
             return [_internal_error(seq_no, exc) for seq_no in seq_nos]
+
+
+def add_servicer(servicer: SafetyMonitorService, server: grpc.aio.Server) -> None:
+    """Register the service like the generated `add_SafetyMonitorServicer_to_server`, but
+    with deserializers that hand an undecodable message to the servicer (which answers
+    INVALID_ARGUMENT) instead of failing the call as UNKNOWN with a Python class name."""
+    handlers = {
+        "Monitor": grpc.stream_stream_rpc_method_handler(
+            servicer.Monitor,
+            request_deserializer=streams.tolerant_deserializer(pb.StepBatch),
+            response_serializer=pb.MonitorEvent.SerializeToString,
+        ),
+        "Evaluate": grpc.unary_unary_rpc_method_handler(
+            servicer.Evaluate,
+            request_deserializer=streams.tolerant_deserializer(pb.EvaluateRequest),
+            response_serializer=pb.EvaluateResponse.SerializeToString,
+        ),
+        "GetStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.GetStatus,
+            request_deserializer=streams.tolerant_deserializer(pb.StatusRequest),
+            response_serializer=pb.StatusResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 @dataclass
@@ -236,7 +352,9 @@ class Sidecar:
         except Exception as exc:  # a bad store URL or the like: one line, exit 2
             raise StartupError(f"audit: {exc}") from exc
         try:
-            self.pipeline = Pipeline(packs, ruleset, self.metrics, config.limits, self.actions)
+            self.pipeline = Pipeline(
+                packs, ruleset, self.metrics, config.limits, self.actions, config.conversations
+            )
         except ValueError as exc:
             raise StartupError(str(exc)) from exc
         self._background: list[asyncio.Task[None]] = []
@@ -247,19 +365,19 @@ class Sidecar:
         max_bytes = self.config.limits.max_message_bytes
         security = self.config.security
         try:
-            token = read_token(security.token_file)
+            tokens = read_tokens(security)
             credentials = server_credentials(security)
         except (OSError, ValueError) as exc:
             raise StartupError(f"security: {exc}") from exc
         server = grpc.aio.server(
-            interceptors=[BearerTokenInterceptor(token)] if token else [],
+            interceptors=[BearerTokenInterceptor(tokens)] if tokens else [],
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
             ],
         )
-        pb_grpc.add_SafetyMonitorServicer_to_server(
-            SafetyMonitorService(self.pipeline, self.executor, self.metrics), server
+        add_servicer(
+            SafetyMonitorService(self.pipeline, self.executor, self.metrics, tokens), server
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -292,7 +410,7 @@ class Sidecar:
             "sidecar started",
             grpc_port=port,
             tls="mutual" if security.tls_client_ca else ("on" if credentials else "off"),
-            token_auth=bool(token),
+            token_auth=bool(tokens),
             metrics_port=httpd.server_port,
             packs=[p.name for p in self.pipeline.packs],
             rules=len(self.pipeline.ruleset.rules),
