@@ -101,16 +101,29 @@ class _Table:
     def reset(self, slots: torch.Tensor) -> None:
         self.data[slots] = self.fill
 
+    def widen(self, width: int) -> None:
+        """More history columns, added on the oldest (left) side as "nothing seen yet"."""
+        rows, old = self.data.shape[0], self.data.shape[1]
+        wider = torch.full((rows, width), self.fill, dtype=self.data.dtype)
+        wider[:, width - old :] = self.data
+        self.data = wider
+
 
 @dataclass
 class _History:
     """State of one temporal sub-expression: the last values it needs, and (for the functions
     that divide by how many tokens they have seen) a count since the conversation started.
 
-    Keyed by (scope, expression digest), so rules computing the same thing share it."""
+    Keyed by (scope, expression digest), so rules computing the same thing share it.
+
+    ``values`` holds at most ``kept`` columns but starts with none and widens as
+    conversations get longer (never wider than the longest conversation seen so far needs):
+    a ``rolling_max(x, 4096)`` costs 16 KiB per conversation only once conversations are
+    that long, not from the first token. Columns not stored are "nothing seen yet"."""
 
     values: _Table
     seen: _Table | None
+    kept: int = 0
 
     def tables(self) -> list[_Table]:
         return [self.values] if self.seen is None else [self.values, self.seen]
@@ -325,9 +338,19 @@ _Signature = tuple[str, str | None, tuple[str | None, ...]]
 class RuleEngine:
     """Evaluates a RuleSet batch after batch, keeping per-conversation state between batches."""
 
-    def __init__(self, ruleset: RuleSet, max_conversations: int = 10000) -> None:
+    def __init__(
+        self,
+        ruleset: RuleSet,
+        max_conversations: int = 10000,
+        max_state_bytes: int | None = None,
+    ) -> None:
+        """``max_state_bytes`` bounds the rule state of all conversations together: the
+        engine then tracks at most ``max_state_bytes // state_bytes_per_conversation(rules)``
+        conversations (and at most ``max_conversations``), re-computed on each reload."""
         if max_conversations < 1:
             raise ValueError("max_conversations must be at least 1")
+        self._limit = max_conversations
+        self._max_state_bytes = max_state_bytes
         self._max = max_conversations
         self._capacity = min(_INITIAL_CAPACITY, max_conversations)
         self._conversations = ConversationTable(max_conversations)  # fair LRU per owner
@@ -342,6 +365,11 @@ class RuleEngine:
         return len(self._conversations)
 
     @property
+    def max_conversations(self) -> int:
+        """Conversations tracked at most with the rules loaded now (see ``max_state_bytes``)."""
+        return self._max
+
+    @property
     def ruleset(self) -> RuleSet:
         return self._ruleset
 
@@ -353,6 +381,7 @@ class RuleEngine:
 
     def _install(self, ruleset: RuleSet, previous: list[Rule] | None) -> None:
         rules = ruleset.enabled_rules
+        self._set_max(rules)
         runs = _Table((len(rules),), 0, torch.int64, self._capacity)
         fired = _Table((len(rules),), _NEVER, torch.int64, self._capacity)
         old = {rule.state_key: i for i, rule in enumerate(previous or [])}
@@ -498,6 +527,21 @@ class RuleEngine:
         self._conversations.add(key, conv)
         return conv
 
+    def _set_max(self, rules: list[Rule]) -> None:
+        """The conversation cap for these rules under the state budget; conversations over a
+        lowered cap are evicted (fairly, least recently used first)."""
+        cap = self._limit
+        if self._max_state_bytes is not None:
+            per_conversation = state_bytes_per_conversation(rules)
+            cap = max(1, min(cap, self._max_state_bytes // per_conversation))
+        self._max = self._conversations.max = cap
+        while len(self._conversations) > cap:
+            victim = self._conversations.victim("", ())
+            evicted = self._conversations.pop(victim) if victim is not None else None
+            if evicted is None:
+                break
+            self._free.append(evicted.slot)
+
     def _grow(self) -> None:
         self._capacity = min(self._capacity * 2, self._max)
         for table in self._tables():
@@ -587,10 +631,19 @@ class RuleEngine:
         self, key: TemporalKey, wave: _Wave, ins: Instr, x: torch.Tensor
     ) -> torch.Tensor:
         history = self._history(key, ins)
-        kept = history.values.data.shape[1]
-        carried = history.values.data[wave.at]  # [S, kept]
-        padded = wave.pad(x.to(torch.float32).expand(wave.total), _FILL.get(ins.kind, 0.0))
-        ext = torch.cat([carried, padded], dim=1)
+        kept, stored = history.kept, history.values.data.shape[1]
+        fill = _FILL.get(ins.kind, 0.0)
+        carried = history.values.data[wave.at]  # [S, stored]: the newest `stored` of `kept`
+        padded = wave.pad(x.to(torch.float32).expand(wave.total), fill)
+        parts = [carried, padded]
+        if stored < kept:  # older than anything stored: not seen yet
+            parts.insert(0, carried.new_full((carried.shape[0], kept - stored), fill))
+        ext = torch.cat(parts, dim=1)  # [S, kept + L]
+        # No conversation can have more real history after this wave than `stored` plus
+        # the wave's longest slice: widen (by doubling, to amortise the copy) only then.
+        if stored < kept and wave.width:
+            history.values.widen(min(kept, max(stored + wave.width, 2 * stored)))
+        width = history.values.data.shape[1]
         seen = None if history.seen is None else history.seen.data[wave.at]
         if ins.kind == "cummax":
             ext = ext.cummax(dim=1).values
@@ -598,9 +651,9 @@ class RuleEngine:
         else:
             out = _apply_window(ins, ext, seen, wave.width)
         if wave.uniform:  # every slice ends at the last column
-            history.values.data[wave.at] = ext[:, ext.shape[1] - kept :]
-        else:
-            take = wave.lengths[:, None] + torch.arange(kept)  # the last `kept` values of ext
+            history.values.data[wave.at] = ext[:, ext.shape[1] - width :]
+        else:  # the last `width` values of each slice's ext
+            take = wave.lengths[:, None] + (kept - width) + torch.arange(width)
             history.values.data[wave.at] = ext.gather(1, take)
         if history.seen is not None and seen is not None:
             history.seen.data[wave.at] = seen + wave.lengths
@@ -612,9 +665,26 @@ class RuleEngine:
             kept = _window(ins) if ins.kind == "cummax" else _window(ins) - 1
             fill = _FILL.get(ins.kind, 0.0)
             seen = _Table((), 0, torch.int64, self._capacity) if ins.kind in _COUNTED else None
-            state = _History(_Table((kept,), fill, torch.float32, self._capacity), seen)
+            state = _History(_Table((0,), fill, torch.float32, self._capacity), seen, kept)
             self._temporal[key] = state
         return state
+
+
+def state_bytes_per_conversation(rules: Sequence[Rule]) -> int:
+    """Bytes of rule state one conversation can take at most: a run length and a last-fired
+    position per rule, and per distinct temporal expression its window and count."""
+    total = 16 * len(rules) + 8  # runs and fired per rule; one slot's bookkeeping
+    seen: set[TemporalKey] = set()
+    for rule in rules:
+        for ins in rule.condition.program:
+            if ins.kind in FUNCTIONS and FUNCTIONS[ins.kind].temporal:
+                key = (rule.scope, ins.key)
+                if key in seen:
+                    continue
+                seen.add(key)
+                kept = _window(ins) if ins.kind == "cummax" else _window(ins) - 1
+                total += 4 * kept + (8 if ins.kind in _COUNTED else 0)
+    return total
 
 
 class _WaveTemporal:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 import torch
@@ -77,7 +77,12 @@ class Pipeline:
         self.limits = limits
         self.scoping = scoping or ScopeSettings()
         self.actions = actions
-        self.engine = RuleEngine(ruleset, max_conversations=limits.max_conversations)
+        self.engine = RuleEngine(
+            ruleset,
+            max_conversations=limits.max_conversations,
+            max_state_bytes=limits.max_rule_state_bytes,
+        )
+        self._configured = limits
         self.catalog = EncoderCatalog(
             d_model_of=_d_model_by_hook_point(self.packs),
             columns_of={
@@ -94,6 +99,15 @@ class Pipeline:
         self._use_rules(ruleset)
 
     def _use_rules(self, ruleset: RuleSet) -> None:
+        # What the engine can hold with these rules under the state budget is the limit a
+        # batch is checked against and GetStatus reports.
+        self.limits = replace(self._configured, max_conversations=self.engine.max_conversations)
+        if self.engine.max_conversations < self._configured.max_conversations:
+            log.warning(
+                "rule state budget lowers the conversation cap",
+                max_conversations=self.engine.max_conversations,
+                max_rule_state_bytes=self._configured.max_rule_state_bytes,
+            )
         self.ruleset = ruleset
         self.rules_hash = ruleset_hash(ruleset)
         self.columns = _feature_columns(self.packs, ruleset.required_features)
