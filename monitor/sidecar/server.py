@@ -7,6 +7,7 @@ import asyncio
 import gc
 import signal
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -325,6 +326,20 @@ def add_servicer(servicer: SafetyMonitorService, server: grpc.aio.Server) -> Non
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
+def release_replaced(replaced: weakref.ref[Any]) -> bool:
+    """Make sure an object replaced on reload (the old rule set and what hangs off it) is
+    freed. Reference counting frees it at once unless it sits in a reference cycle; a cycle
+    among objects frozen at start-up (`gc.freeze()` in `serve`) is never collected, so then
+    the frozen objects are unfrozen, collected and frozen again: one full collection per
+    such reload. Returns whether that was needed."""
+    if replaced() is None or not gc.get_freeze_count():
+        return False
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    return True
+
+
 @dataclass
 class RunningSidecar:
     server: grpc.aio.Server
@@ -347,7 +362,11 @@ class Sidecar:
         )
         try:
             self.actions = Actions(
-                config.audit, config.alertmanager, self.metrics, config.limits.max_conversations
+                config.audit,
+                config.alertmanager,
+                self.metrics,
+                config.limits.max_conversations,
+                config.limits.max_model_labels,
             )
         except Exception as exc:  # a bad store URL or the like: one line, exit 2
             raise StartupError(f"audit: {exc}") from exc
@@ -443,7 +462,9 @@ class Sidecar:
         if result is None:
             return None
         if result.ok and result.ruleset is not None:
+            replaced = weakref.ref(self.pipeline.ruleset)
             self.pipeline.replace_rules(result.ruleset)
+            release_replaced(replaced)
             self.metrics.rule_reloads.labels(result="ok").inc()
             log.info("rules reloaded", rules=len(result.ruleset.rules))
             return True
