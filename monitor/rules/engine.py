@@ -145,6 +145,9 @@ class _Wave:
     offsets: list[int]  # first wave row of each slice
     rows: torch.Tensor | None  # batch row of each wave row; None when it is the identity
     flat: torch.Tensor | None  # padded position of each wave row; None when no padding
+    # The most tokens any of its conversations has seen by the end of the wave (since its
+    # state was last reset): how much history a temporal window can hold for them.
+    longest: int = 0
 
     @property
     def uniform(self) -> bool:
@@ -358,6 +361,9 @@ class RuleEngine:
         self._next_slot = 0
         self._lock = threading.Lock()
         self._temporal: dict[TemporalKey, _History] = {}
+        # Tokens each slot has seen since its state was reset (capped at the longest window):
+        # temporal windows are only as wide as the longest conversation needs.
+        self._age = _Table((), 0, torch.int64, self._capacity)
         self._install(ruleset, previous=None)
 
     @property
@@ -396,6 +402,7 @@ class RuleEngine:
             if ins.kind in FUNCTIONS and FUNCTIONS[ins.kind].temporal
         }
         self._temporal = {k: v for k, v in self._temporal.items() if k in used}
+        self._uses_temporal = bool(used)
         self._ruleset, self._rules, self._runs, self._fired = ruleset, rules, runs, fired
         self._for = torch.tensor([rule.for_tokens for rule in rules], dtype=torch.int64)
         self._required = ruleset.required_features
@@ -548,7 +555,7 @@ class RuleEngine:
             table.grow(self._capacity)
 
     def _tables(self) -> list[_Table]:
-        tables = [self._runs, self._fired]
+        tables = [self._runs, self._fired, self._age]
         return tables + [t for h in self._temporal.values() for t in h.tables()]
 
     # ----------------------------------------------------------------- evaluation
@@ -563,6 +570,10 @@ class RuleEngine:
         client: str = "",
     ) -> None:
         wave = _layout(slices, self._bind(slices, result, client), batch_rows)
+        if self._uses_temporal:
+            ages = self._age.data[wave.at] + wave.lengths
+            wave.longest = int(ages.max()) if len(ages) else 0
+            self._age.data[wave.at] = ages.clamp(max=MAX_WINDOW)
         if wave.total and self._rules:
             inputs = wave.gather(features, self._required)
             conditions, values = [], []
@@ -639,10 +650,10 @@ class RuleEngine:
         if stored < kept:  # older than anything stored: not seen yet
             parts.insert(0, carried.new_full((carried.shape[0], kept - stored), fill))
         ext = torch.cat(parts, dim=1)  # [S, kept + L]
-        # No conversation can have more real history after this wave than `stored` plus
-        # the wave's longest slice: widen (by doubling, to amortise the copy) only then.
-        if stored < kept and wave.width:
-            history.values.widen(min(kept, max(stored + wave.width, 2 * stored)))
+        # Widen only when a conversation of this wave has seen more tokens than are stored
+        # (by doubling, to amortise the copy).
+        if stored < kept and wave.longest > stored:
+            history.values.widen(min(kept, max(wave.longest, 2 * stored)))
         width = history.values.data.shape[1]
         seen = None if history.seen is None else history.seen.data[wave.at]
         if ins.kind == "cummax":
