@@ -237,7 +237,7 @@ class _Message:
     def __init__(self, size: int) -> None:
         self.size = size
 
-    def ByteSize(self) -> int:  # noqa: N802 - the protobuf method name
+    def ByteSize(self) -> int:  # the protobuf method name
         return self.size
 
 
