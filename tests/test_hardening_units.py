@@ -24,6 +24,7 @@ from monitor.rules.reload import RuleReloader
 from monitor.sidecar import streams
 from monitor.sidecar.actions import BoundedLabel
 from monitor.sidecar.server import _read_into, release_replaced
+from monitor.wire import pb
 
 
 def ruleset(text: str) -> RuleSet:
@@ -233,27 +234,20 @@ def test_rule_state_budget_bounds_conversations():
 # --------------------------------------------------------------------------- streams
 
 
-class _Message:
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def ByteSize(self) -> int:  # the protobuf method name
-        return self.size
-
-
 def test_read_ahead_is_bounded_in_bytes_not_only_in_messages():
     async def scenario() -> int:
+        message = pb.StepBatch(seq_no=1, model="x" * (1024 * 1024)).SerializeToString()
+
         async def requests():
             for _ in range(64):
-                yield _Message(1024 * 1024)
+                yield message
 
         arrived: asyncio.Queue = asyncio.Queue()
         budget = streams.StreamBudget(streams.READ_AHEAD, 4 * 1024 * 1024)
-        idle = streams.IdleWatch(60)
-        reader = asyncio.create_task(_read_into(requests(), arrived, budget, idle))
+        reader = asyncio.create_task(_read_into(requests(), arrived, budget))
         await asyncio.sleep(0.2)  # nothing is processed: the reader must stop on its own
         held = arrived.qsize()
-        assert budget.bytes == held * 1024 * 1024
+        assert budget.bytes == held * len(message)
         await budget.release(arrived.get_nowait()[1])  # one processed: room for one more
         await asyncio.sleep(0.1)
         assert arrived.qsize() == held
@@ -264,8 +258,7 @@ def test_read_ahead_is_bounded_in_bytes_not_only_in_messages():
 
 
 def test_undecodable_messages_are_marked_not_raised():
-    from monitor.wire import pb
-
+    assert streams.parse_batch(b"\x0a\xff\xff\xff\xff") is streams.UNDECODABLE
     decode = streams.tolerant_deserializer(pb.StepBatch)
     assert decode(b"\xff\xff\xff\xff") is streams.UNDECODABLE
     assert decode(pb.StepBatch(seq_no=3).SerializeToString()).seq_no == 3

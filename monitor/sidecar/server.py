@@ -85,27 +85,37 @@ def load_ruleset(paths: Sequence[Path], packs: Sequence[FeaturePack]) -> RuleSet
 
 
 async def _read_into(
-    requests: AsyncIterator[Any],
+    requests: AsyncIterator[bytes],
     arrived: asyncio.Queue[tuple[pb.StepBatch, int] | None],
     budget: streams.StreamBudget,
-    idle: streams.IdleWatch,
+    parser: ThreadPoolExecutor | None = None,
 ) -> None:
-    """Read a stream's batches into `arrived` with their sizes, within the stream's budget;
-    None at the end (also when reading failed: the handler then awaits this task for the
-    error). An undecodable message ends reading: the handler answers INVALID_ARGUMENT."""
-    batches = aiter(requests)
+    """Read a stream's messages, parse them and put the batches into `arrived` with their
+    sizes, within the stream's budget; None at the end (also when reading failed: the
+    handler then awaits this task for the error). An undecodable message ends reading: the
+    handler answers INVALID_ARGUMENT.
+
+    Messages arrive as bytes: their size is known before parsing, and a large one is parsed
+    on `parser`'s thread, so a message of a million tiny sequences does not hold the event
+    loop (and every other stream's acks) while it parses."""
+    messages = aiter(requests)
+    loop = asyncio.get_running_loop()
     try:
         while True:
             await budget.wait_for_room()  # given back once the batch has been processed
             try:
-                batch = await anext(batches)
+                data = await anext(messages)
             except StopAsyncIteration:
                 return
-            idle.progress()
-            if batch is streams.UNDECODABLE:
-                raise _Undecodable()
-            size = batch.ByteSize()
+            size = len(data)
             budget.hold(size)
+            if parser is not None and size > streams.PARSE_INLINE_BYTES:
+                batch = await loop.run_in_executor(parser, streams.parse_batch, data)
+            else:
+                batch = streams.parse_batch(data)
+            if batch is streams.UNDECODABLE:
+                await budget.release(size)
+                raise _Undecodable()
             arrived.put_nowait((batch, size))
     finally:
         arrived.put_nowait(None)
@@ -138,6 +148,7 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         self.metrics = metrics
         self.tokens = tokens or {}
         self.gate = streams.StreamGate(pipeline.limits.max_streams)
+        self.parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
 
     def client_of(self, context: grpc.aio.ServicerContext) -> StreamClient:
         """Who is calling: the bearer token's client name, else the mTLS subject; fair
@@ -151,7 +162,8 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
 
     async def Monitor(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.MonitorEvent]:
+    ) -> None:
+        """The long-lived stream: batches in, alerts and an ack or error per batch out."""
         limits = self.pipeline.limits
         if not self.gate.admit():
             self.metrics.batches_rejected.labels(reason="too_many_streams").inc()
@@ -169,13 +181,17 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         # standing still between an ack and the next read.
         arrived: asyncio.Queue[tuple[pb.StepBatch, int] | None] = asyncio.Queue()
         budget = streams.StreamBudget(READ_AHEAD, limits.max_stream_bytes)
-        idle = streams.IdleWatch(limits.stream_idle_timeout_seconds)
-        reader = asyncio.create_task(_read_into(request_iterator, arrived, budget, idle))
-        handler = asyncio.current_task()
-        watchdog = asyncio.create_task(self._close_when_idle(idle, handler, peer))
+        idle = float(limits.stream_idle_timeout_seconds)
+        reader = asyncio.create_task(_read_into(request_iterator, arrived, budget, self.parser))
         try:
             ended = False
-            while not ended and (item := await arrived.get()) is not None:
+            while not ended:
+                try:  # nothing arrives: the client has gone quiet
+                    item = await asyncio.wait_for(arrived.get(), idle)
+                except TimeoutError:
+                    await self._close_idle(context, peer, "sent no batch")
+                if item is None:
+                    break
                 # Whatever else has arrived meanwhile goes with it: under load the pipeline
                 # evaluates waiting decode steps together (see grouping.py).
                 held = [item]
@@ -185,18 +201,15 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                         ended = True
                         break
                     held.append(more)
-                idle.busy = True
-                try:
-                    outcomes = await self._run_many([batch for batch, _ in held], client)
-                finally:
-                    idle.busy = False
-                    idle.progress()
+                outcomes = await self._run_many([batch for batch, _ in held], client)
                 for _, size in held:
                     await budget.release(size)
                 for outcome in outcomes:
                     for event in outcome.events:
-                        yield event
-                        idle.progress()
+                        try:  # not taken: the client does not read its events
+                            await asyncio.wait_for(context.write(event), idle)
+                        except TimeoutError:
+                            await self._close_idle(context, peer, "read no event")
             try:
                 await reader  # a broken stream raises here, as it would have from the loop
             except _Undecodable:
@@ -204,7 +217,6 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE_MESSAGE)
         finally:
             reader.cancel()
-            watchdog.cancel()
             self.gate.leave()
             self.metrics.active_streams.dec()
             log.info("stream closed", peer=peer, client=client.identity)
@@ -213,16 +225,15 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                     None, streams.give_memory_back, budget.peak_bytes
                 )
 
-    async def _close_when_idle(
-        self, idle: streams.IdleWatch, handler: asyncio.Task[Any] | None, peer: str
-    ) -> None:
-        """Cancel the stream's handler once the stream is idle: neither sending batches nor
-        taking its events (the client then sees CANCELLED)."""
-        await idle.expired()
+    async def _close_idle(self, context: grpc.aio.ServicerContext, peer: str, what: str) -> None:
+        """End a stream that made no progress for `stream_idle_timeout_seconds`."""
+        timeout = self.pipeline.limits.stream_idle_timeout_seconds
         self.metrics.batches_rejected.labels(reason="stream_idle").inc()
-        log.warning("closing idle stream", peer=peer, idle_seconds=round(idle.idle_for(), 1))
-        if handler is not None:
-            handler.cancel()
+        log.warning("closing idle stream", peer=peer, idle=what, seconds=timeout)
+        await context.abort(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"stream idle: the client {what} for {timeout} s (limits.stream_idle_timeout_seconds)",
+        )
 
     async def Evaluate(
         self, request: Any, context: grpc.aio.ServicerContext
@@ -308,7 +319,7 @@ def add_servicer(servicer: SafetyMonitorService, server: grpc.aio.Server) -> Non
     handlers = {
         "Monitor": grpc.stream_stream_rpc_method_handler(
             servicer.Monitor,
-            request_deserializer=streams.tolerant_deserializer(pb.StepBatch),
+            request_deserializer=None,  # bytes: the servicer parses them (see _read_into)
             response_serializer=pb.MonitorEvent.SerializeToString,
         ),
         "Evaluate": grpc.unary_unary_rpc_method_handler(

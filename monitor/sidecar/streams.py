@@ -7,8 +7,8 @@ the gRPC server, kept apart from the servicer so they read (and test) on their o
   in count (`READ_AHEAD`) and in bytes (`max_stream_bytes`, one batch always admitted). A
   client faster than the sidecar, or one that never reads its acks, is then held back by
   gRPC flow control rather than by the sidecar's memory.
-- `IdleWatch`: a stream that neither sends a batch nor takes an event for
-  `stream_idle_timeout_seconds`, while the sidecar is not working on it, is closed.
+- Idle streams: a stream that sends no batch, or takes no event, for
+  `stream_idle_timeout_seconds` is closed by the servicer (DEADLINE_EXCEEDED).
 - `give_memory_back`: after a stream that held large messages ends, the C allocator is asked
   to return free memory to the system (glibc keeps freed arenas otherwise).
 - Decoding: a message that is not a valid protobuf becomes `UNDECODABLE`, which the
@@ -21,7 +21,6 @@ import asyncio
 import ctypes
 import ctypes.util
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -32,8 +31,6 @@ log = structlog.get_logger("safety_monitor.streams")
 
 # Batches of one stream held at once: those being processed and those read ahead.
 READ_AHEAD = 16
-# How often an idle stream is looked for: the timeout is honoured to within this.
-IDLE_CHECK_SECONDS = 1.0
 # Streams that held less than this never trigger a trim: nothing worth giving back.
 TRIM_AFTER_BYTES = 8 * 1024 * 1024
 
@@ -46,6 +43,19 @@ class _Undecodable:
 
 
 UNDECODABLE: Final = _Undecodable()
+
+# Stream messages larger than this are parsed off the event loop (see server._read_into).
+PARSE_INLINE_BYTES = 1024 * 1024
+
+
+def parse_batch(data: bytes) -> Any:
+    """A StepBatch from its bytes, or `UNDECODABLE`."""
+    from monitor.wire import pb
+
+    try:
+        return pb.StepBatch.FromString(data)
+    except (DecodeError, ValueError, RuntimeError):
+        return UNDECODABLE
 
 
 def tolerant_deserializer(message_type: type[Message]) -> Callable[[bytes], Any]:
@@ -109,31 +119,6 @@ class StreamBudget:
             self.batches -= 1
             self.bytes -= size
             self._changed.notify_all()
-
-
-class IdleWatch:
-    """Notices a stream that makes no progress for `timeout` seconds while the sidecar is
-    not working on it. `progress()` on every batch read and every event written; `busy`
-    while its batches are being processed."""
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self.last = time.monotonic()
-        self.busy = False
-
-    def progress(self) -> None:
-        self.last = time.monotonic()
-
-    def idle_for(self) -> float:
-        return 0.0 if self.busy else time.monotonic() - self.last
-
-    async def expired(self) -> None:
-        """Returns once the stream has been idle for the timeout."""
-        while True:
-            idle = self.idle_for()
-            if idle >= self.timeout:
-                return
-            await asyncio.sleep(min(IDLE_CHECK_SECONDS, self.timeout - idle))
 
 
 _trim_lock = threading.Lock()
