@@ -298,6 +298,10 @@ def test_bearer_scheme_is_case_insensitive(sidecar, scheme):
         metadata = [("authorization", f"{scheme} {TOKENS['mallory']}")]
         status = stub.GetStatus(pb.StatusRequest(), metadata=metadata, timeout=30)
         assert status.rules == 1
+        limits = status.limits  # what a client learns before sending
+        assert (limits.max_sequences_per_batch, limits.max_streams) == (64, 4)
+        assert (limits.max_request_id_length, limits.stream_idle_timeout_seconds) == (16, 3)
+        assert limits.max_stream_bytes == 64 * 1024 * 1024
         with pytest.raises(grpc.RpcError) as caught:
             stub.GetStatus(
                 pb.StatusRequest(), metadata=[("authorization", f"{scheme} nope")], timeout=30
