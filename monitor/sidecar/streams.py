@@ -21,6 +21,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -142,12 +143,18 @@ _TRIM = _malloc_trim()
 def give_memory_back(held_bytes: int) -> None:
     """Return the allocator's free memory to the system after a stream that held
     `held_bytes` at its peak (a no-op for small streams and where there is no malloc_trim).
-    Run it off the event loop: it takes a few milliseconds on a large heap."""
+    Run it off the event loop, after the stream's batches were processed."""
     if _TRIM is None or held_bytes < TRIM_AFTER_BYTES:
         return
     if not _trim_lock.acquire(blocking=False):  # one trim at a time is enough
         return
     try:
+        started = time.perf_counter()
         _TRIM(0)
+        log.info(
+            "memory returned to the system",
+            after_stream_bytes=held_bytes,
+            trim_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
     finally:
         _trim_lock.release()
