@@ -1,4 +1,5 @@
-# The two set-up commands of the README: `make demo` and `make test`. Each creates .venv and
+# The set-up commands of the README: `make demo`, `make test` (everything) and `make test-fast`
+# (the unit tests only: no servers). Each creates .venv and
 # installs what it needs. torch is installed first and pinned so pip keeps the local CPU build
 # (torch==2.13.0 lies on this machine's disk) instead of downloading a multi-GB CUDA build.
 VENV ?= .venv
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format proto services clean
+.PHONY: demo test test-fast lint format proto services clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +20,9 @@ demo: $(STAMP)
 
 test: $(STAMP) lint services
 	$(VENV)/bin/pytest
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m unit tests/unit
 
 services:
 	bash tests/install_services.sh

@@ -15,8 +15,9 @@ from pathlib import Path
 import grpc
 import torch
 
+from monitor.fixtures import start_sidecar
 from monitor.wire import encode_tensor, pb
-from tests.conftest import build_pack_with_cli, start_sidecar
+from tests.conftest import build_pack_with_cli
 
 D_MODEL = 32
 STREAMS = 4

@@ -24,6 +24,7 @@ from types import MappingProxyType
 
 import torch
 
+from monitor.limits import MAX_CONVERSATIONS
 from monitor.rules.conversations import Conversation, ConversationTable
 from monitor.rules.expressions import FUNCTIONS, MAX_WINDOW, Instr
 from monitor.rules.model import SCOPES, Rule, RuleSet
@@ -62,6 +63,12 @@ def state_key(sl: SequenceSlice) -> Hashable:
 
 @dataclass(frozen=True)
 class Firing:
+    """One rule firing at one token: which rule, for which conversation and request, at which
+    position (and batch row), with the value of its condition's feature expression, its rendered
+    `output` message, labels, annotations and actions (`alert`, `audit`). The sidecar's
+    `firings.py` turns it into the stream's Alert, the audit record and the Alertmanager alert.
+    """
+
     rule: str
     category: str
     severity: str
@@ -78,6 +85,11 @@ class Firing:
 
 @dataclass
 class EvaluationResult:
+    """What `RuleEngine.evaluate` found in one batch: the firings, in order, plus how many slices
+    did not continue their conversation's positions (`gaps`) and how many conversations were
+    evicted to stay under `max_conversations`.
+    """
+
     firings: list[Firing] = field(default_factory=list)
     gaps: int = 0  # slices whose position did not continue their conversation
     evicted: int = 0  # conversations dropped to stay under max_conversations
@@ -339,12 +351,27 @@ _Signature = tuple[str, str | None, tuple[str | None, ...]]
 
 
 class RuleEngine:
-    """Evaluates a RuleSet batch after batch, keeping per-conversation state between batches."""
+    """Evaluates a RuleSet batch after batch, keeping per-conversation state between batches
+    (rolling windows, sustained counts, cooldowns) for at most `max_conversations`
+    conversations; at the cap, eviction is fair between the clients that sent them
+    (`monitor.rules.conversations`).
+
+        from monitor.rules import RuleEngine, SequenceSlice, load_rules
+
+        engine = RuleEngine(load_rules(["rules/deception.yaml"]))
+        result = engine.evaluate(
+            {"deception/lying": torch.tensor([0.1, 2.5, 3.0])},   # one value per token row
+            [SequenceSlice("conv-42", start_row=0, rows=3, position=0)],
+            model="llama-3-8b",
+        )
+        for firing in result.firings:
+            print(firing.rule, firing.conversation_id, firing.position, firing.value)
+    """
 
     def __init__(
         self,
         ruleset: RuleSet,
-        max_conversations: int = 10000,
+        max_conversations: int = MAX_CONVERSATIONS,
         max_state_bytes: int | None = None,
     ) -> None:
         """``max_state_bytes`` bounds the rule state of all conversations together: the
@@ -368,6 +395,7 @@ class RuleEngine:
 
     @property
     def tracked_conversations(self) -> int:
+        """Conversations whose state is kept now (at most `max_conversations`)."""
         return len(self._conversations)
 
     @property
@@ -377,6 +405,7 @@ class RuleEngine:
 
     @property
     def ruleset(self) -> RuleSet:
+        """The rule set being evaluated (the last one given to `replace_rules`)."""
         return self._ruleset
 
     def replace_rules(self, ruleset: RuleSet) -> None:

@@ -13,6 +13,9 @@ from typing import Any
 
 import yaml
 
+from monitor.audit.store import SQLITE_SCHEME, is_store_url, sqlite_path
+from monitor.limits import MAX_CONVERSATIONS
+
 
 class ConfigError(ValueError):
     """Invalid sidecar configuration; str() is one line naming the file and the key."""
@@ -20,9 +23,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one message, one stream and all clients together may use. Every limit is a count
-    or a byte size checked before the work it bounds; the README lists what a client sees at
-    each."""
+    """What the sidecar accepts and what one message, one stream and all clients together may
+    use. Every limit is a count or a byte size checked before the work it bounds; all are
+    sent to clients in GetStatus, and the README lists what a client sees at each."""
 
     # gRPC's default is 4 MB; a 2,000-token prefill at d_model 4096 in BF16 is 16 MB.
     max_message_bytes: int = 64 * 1024 * 1024
@@ -30,7 +33,7 @@ class Limits:
     # A forward pass of a batched server holds a few hundred sequences; each costs Python
     # work, so a message cannot carry millions of them.
     max_sequences_per_batch: int = 1024
-    max_conversations: int = 100_000
+    max_conversations: int = MAX_CONVERSATIONS
     max_conversation_id_length: int = 256
     max_request_id_length: int = 256
     max_role_length: int = 64
@@ -101,6 +104,14 @@ class SecuritySettings:
 
 @dataclass(frozen=True)
 class SidecarConfig:
+    """The sidecar's configuration, as `load_config` reads it from YAML (paths resolved relative
+    to the file): where it listens, which packs and rules it loads, its limits, logging, the
+    optional audit trail, Alertmanager and transport security.
+
+        config = load_config("sidecar.yaml")
+        asyncio.run(serve(config))           # monitor.sidecar.process.serve
+    """
+
     listen: str = "127.0.0.1:50051"
     metrics_port: int = 9464
     metrics_host: str = ""  # empty: the host part of `listen`
@@ -119,10 +130,12 @@ class SidecarConfig:
 
     @property
     def listen_host(self) -> str:
+        """The host part of `listen` (brackets kept for IPv6)."""
         return self.listen.rsplit(":", 1)[0]
 
     @property
     def metrics_bind_host(self) -> str:
+        """Where /metrics binds: `metrics_host`, else the host of `listen`."""
         return self.metrics_host or self.listen_host.strip("[]")
 
 
@@ -271,10 +284,11 @@ def _security(value: Any, base_dir: Path, origin: str) -> SecuritySettings:
 
 
 def _store_url(url: str, base_dir: Path, origin: str) -> str:
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        return f"sqlite:///{path if path.is_absolute() else (base_dir / path).resolve()}"
-    if url.startswith(("postgresql://", "postgres://")):
+    sqlite = sqlite_path(url)
+    if sqlite is not None:
+        path = Path(sqlite)
+        return f"{SQLITE_SCHEME}{path if path.is_absolute() else (base_dir / path).resolve()}"
+    if is_store_url(url):
         return url
     raise ConfigError(
         f"{origin}: audit.url: expected sqlite:///PATH or postgresql://..., got {url!r}"

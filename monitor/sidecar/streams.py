@@ -4,7 +4,7 @@ the gRPC server, kept apart from the servicer so they read (and test) on their o
 - `StreamGate`: at most `max_streams` streams open at once; the next one is refused with
   RESOURCE_EXHAUSTED before anything of it is read.
 - `StreamBudget`: the batches one stream holds (read ahead and being processed) are bounded
-  in count (`READ_AHEAD`) and in bytes (`max_stream_bytes`, one batch always admitted). A
+  in count (`grouping.READ_AHEAD`) and in bytes (`max_stream_bytes`, one batch always admitted). A
   client faster than the sidecar, or one that never reads its acks, is then held back by
   gRPC flow control rather than by the sidecar's memory.
 - Idle streams: a stream that sends no batch, or takes no event, for
@@ -30,8 +30,6 @@ from google.protobuf.message import DecodeError, Message
 
 log = structlog.get_logger("safety_monitor.streams")
 
-# Batches of one stream held at once: those being processed and those read ahead.
-READ_AHEAD = 16
 # Streams that held less than this never trigger a trim: nothing worth giving back.
 TRIM_AFTER_BYTES = 8 * 1024 * 1024
 
