@@ -184,21 +184,20 @@ LONG = (
 )
 
 
-def _history_bytes(engine: RuleEngine) -> int:
-    return sum(h.values.data.numel() * 4 for h in engine._temporal.values())
-
-
-def test_long_windows_are_not_allocated_in_full_per_conversation():
-    engine = RuleEngine(ruleset(LONG), max_conversations=100_000)
+def test_long_windows_are_bounded_by_the_rule_state_budget():
+    budget = 16 * 1024 * 1024
+    engine = RuleEngine(ruleset(LONG), max_conversations=100_000, max_state_bytes=budget)
+    assert engine.max_conversations < 2048
     for start in range(0, 2048, 64):  # 2,048 short conversations of 3 tokens
         slices = [(f"c{start + j}", 0, [0.0, 0.0, 0.0], False, "") for j in range(64)]
         feed(engine, slices)
-    full = 2048 * 4095 * 4  # what one slot each at the full window took before
-    assert _history_bytes(engine) <= 2048 * 8 * 4 < full / 100
-    # one long conversation widens the window (and only up to the window)
-    for position in range(0, 5000, 500):
-        feed(engine, [("long", position, [0.0] * 500, False, "")])
-    assert max(h.values.data.shape[1] for h in engine._temporal.values()) == 4095
+    assert engine.tracked_conversations == engine.max_conversations
+    state = sum(t.data.nbytes for t in (engine._history, engine._seen, engine._runs, engine._fired))
+    assert state <= budget  # bounded, where before 2,048 slots of 16 KiB each were 32 MiB
+    # memory grows with use: a few conversations take a few slots, not the cap's worth
+    few = RuleEngine(ruleset(LONG), max_conversations=100_000, max_state_bytes=budget)
+    feed(few, [("a", 0, [1.0], False, "")])
+    assert few._history.data.nbytes <= 64 * 4096 * 4
 
 
 def test_widening_windows_give_the_same_firings_as_full_ones():
