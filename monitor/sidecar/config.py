@@ -327,8 +327,11 @@ def _limits(value: Any, origin: str) -> Limits:
     if not isinstance(value, dict):
         raise ConfigError(f"{origin}: limits: expected a mapping")
     _reject_unknown(value, {f.name for f in fields(Limits)}, origin, prefix="limits.")
+    # Byte budgets of the sidecar's own memory may pass 2 GiB; the rest are gRPC options
+    # (C ints) or counts.
+    wide = ("max_stream_bytes", "max_rule_state_bytes")
     checked = {
-        key: _int(item, origin, f"limits.{key}", low=1, high=2**31 - 1)
+        key: _int(item, origin, f"limits.{key}", low=1, high=2**48 if key in wide else 2**31 - 1)
         for key, item in value.items()
     }
     return Limits(**checked)

@@ -330,3 +330,34 @@ def test_per_sequence_ids_end_after_end_conversation_in_the_middle_of_a_block():
     assert ledger.forget("p") == {"p/0": 3, "p/1": 3}  # end_conversation("p") mid-block
     assembler.layer_output("layers.0", torch.zeros(2, 1, 4), context)  # the block goes on
     assert ledger.forget("p") == {"p/0": 1, "p/1": 1}  # ...and a later end ends them too
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_of_limits_scope_and_named_tokens(tmp_path):
+    from monitor.sidecar.config import ConfigError, parse_config
+
+    (tmp_path / "p.pack").write_text("x")
+    (tmp_path / "alice.token").write_text("a-token\n")
+    config = parse_config(
+        {
+            "packs": ["p.pack"],
+            "limits": {"max_rule_state_bytes": 8 << 30, "max_streams": 2},
+            "conversations": {"scope": "attribute", "attribute": "org"},
+            "security": {"token_files": {"alice": "alice.token"}},
+        },
+        tmp_path,
+        "cfg.yaml",
+    )
+    assert config.limits.max_rule_state_bytes == 8 << 30  # byte budgets may pass 2 GiB
+    assert (config.limits.max_streams, config.limits.max_sequences_per_batch) == (2, 1024)
+    assert (config.conversations.scope, config.conversations.attribute) == ("attribute", "org")
+    assert config.security.token_files == (("alice", tmp_path / "alice.token"),)
+    for bad, message in [
+        ({"conversations": {"scope": "tenant"}}, "conversations.scope: expected one of"),
+        ({"limits": {"max_streams": 0}}, "limits.max_streams: expected an integer"),
+        ({"security": {"token_files": {"bad name": "alice.token"}}}, "client name 'bad name'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_config({"packs": ["p.pack"], **bad}, tmp_path, "cfg.yaml")
