@@ -335,6 +335,25 @@ def test_label_writes_need_the_csrf_token(server: Server) -> None:
     store.close()
 
 
+def test_out_of_range_filters_and_alert_ids_are_client_errors(server: Server) -> None:
+    # Times before year 1 and ids past 64 bits are the request's fault: 400/404 with a
+    # message, not an unhandled 500 or a "store failed" 503.
+    for query in (
+        "since=99999999d",
+        "until=9999999999999h",
+        "since=0001-01-01T00:00:00%2B05:00",
+        # a page cursor of ["0001-01-01T00:00:00+05:00", "x"]
+        "after=WyIwMDAxLTAxLTAxVDAwOjAwOjAwKzA1OjAwIiwgIngiXQ",
+    ):
+        status, _, body = fetch(server, f"/conversations?{query}", bearer())
+        assert status == 400, (query, status)
+        assert b"Internal Server Error" not in body
+    headers = {"Content-Type": "application/json", **bearer()}
+    body = json.dumps({"verdict": "true_positive"}).encode()
+    status, _, answer = fetch(server, f"/api/alerts/{2**64}/labels", headers, body)
+    assert (status, json.loads(answer)) == (400, {"error": f"no alert {2**64}"})
+
+
 # --- the browser --------------------------------------------------------------------------------
 
 

@@ -387,13 +387,19 @@ def _same_origin(request: Request) -> bool:
 def _parse_time(text: str, name: str) -> datetime:
     match = _RELATIVE.fullmatch(text.strip())
     if match:
-        delta = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
-        return datetime.now(UTC) - delta
+        try:
+            delta = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+            return datetime.now(UTC) - delta
+        except OverflowError:  # "99999999d": before year 1 (was an unhandled 500)
+            raise ValueError(f"{name}: {text.strip()} reaches back too far") from None
     try:
         value = datetime.fromisoformat(text.strip())
+        # In UTC here: the stores compare UTC times, and year 1 with an offset has none.
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
     except ValueError:
         raise ValueError(f"{name}: expected an ISO date/time or 30m, 24h, 7d") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    except OverflowError:
+        raise ValueError(f"{name}: {text.strip()} is out of range") from None
 
 
 def page_cursor(at: datetime, conversation_id: str) -> str:
@@ -406,8 +412,9 @@ def _parse_cursor(text: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         at, cid = json.loads(raw)
-        return datetime.fromisoformat(at), str(cid)
-    except (ValueError, TypeError) as exc:
+        value = datetime.fromisoformat(at)
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC), str(cid)
+    except (ValueError, TypeError, OverflowError) as exc:
         raise ValueError("after: not a page cursor") from exc
 
 
