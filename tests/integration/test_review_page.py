@@ -354,6 +354,38 @@ def test_out_of_range_filters_and_alert_ids_are_client_errors(server: Server) ->
     assert (status, json.loads(answer)) == (400, {"error": f"no alert {2**64}"})
 
 
+def _raw_post(server: Server, path: str, head: str, body: bytes) -> bytes:
+    """Send a POST's head and `body` (maybe less than it declares) and read the answer."""
+    host, port = server.base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        request = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{head}\r\n"
+        conn.sendall(request.encode() + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = conn.recv(4096)  # socket.timeout here: the server waits for the body
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+def test_oversized_bodies_are_refused_before_they_are_read(server: Server) -> None:
+    # /login is open to anyone: a declared 10 GB body is answered at once, not buffered.
+    form = "Content-Type: application/x-www-form-urlencoded\r\n"
+    answer = _raw_post(server, "/login", form + "Content-Length: 10000000000\r\n", b"token=")
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    # Without a length (chunked), reading stops at the limit: the final chunk never comes.
+    chunk = b"a" * 4096
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(3))
+    answer = _raw_post(server, "/login", form + "Transfer-Encoding: chunked\r\n", body)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    headers = "Content-Type: application/json\r\n" + f"Authorization: Bearer {TOKEN}\r\n"
+    answer = _raw_post(
+        server, "/api/alerts/1/labels", headers + "Content-Length: 99999999\r\n", b"{"
+    )
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+
+
 # --- the browser --------------------------------------------------------------------------------
 
 
