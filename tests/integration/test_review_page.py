@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from html import escape as html_escape
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import pytest
 import torch
 
 from monitor.audit.labels import labels_for
+from monitor.audit.redaction import Redactor, redact_identifier
 from monitor.audit.store import AlertRecord, ConversationWrite, TokenRecord, open_store
 from monitor.features import FeatureInfo, FeaturePack, HookPointEncoder, RestrictedEncoder
 from monitor.features import save_pack as save_feature_pack
@@ -352,6 +354,26 @@ def test_out_of_range_filters_and_alert_ids_are_client_errors(server: Server) ->
     body = json.dumps({"verdict": "true_positive"}).encode()
     status, _, answer = fetch(server, f"/api/alerts/{2**64}/labels", headers, body)
     assert (status, json.loads(answer)) == (400, {"error": f"no alert {2**64}"})
+
+
+def test_the_alert_link_finds_a_conversation_stored_under_a_redacted_id(server: Server) -> None:
+    # The recorder stores an id with personal data redacted (plus a digest); the sidecar's
+    # Alertmanager link carries the id as the client sent it. The page finds it both ways.
+    sent = "conv:carol@example.com:7"
+    stored = redact_identifier(Redactor(), sent)
+    assert stored != sent and "carol" not in stored
+    store = open_store(server.store_url)
+    token = TokenRecord(0, "x", "assistant", "r", {"p/harm": 1.0})
+    alert = _alert(stored, "pii-link", "info", 0, 0, 1.0, fv={"p/harm": 1.0})
+    store.write([ConversationWrite(stored, "m", NOW, (), True, (token,), (alert,))])
+    store.close()
+    path = _alertmanager_link(server.base, sent).removeprefix(server.base)
+    status, _, page = fetch(server, path, bearer())
+    assert status == 200, (path, status)
+    assert html_escape(stored) in page.decode() and "carol" not in page.decode()
+    status, headers, body = fetch(server, path.replace("/conversations/", "/export/"), bearer())
+    assert status == 200 and json.loads(body)["summary"]["conversation_id"] == stored
+    assert "carol" not in headers["content-disposition"]
 
 
 def _raw_post(server: Server, path: str, head: str, body: bytes) -> bytes:

@@ -39,6 +39,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from monitor.audit import labels as label_store
+from monitor.audit.redaction import Redactor, redact_identifier
 from monitor.audit.review.auth import CSRF_HEADER, SESSION_COOKIE, Authenticator, Identity
 from monitor.audit.review.config import ReviewConfig
 from monitor.audit.review.packs import read_all
@@ -273,6 +274,11 @@ class ReviewApp:
     def _record(self, conversation_id: str) -> tuple[ConversationRecord | None, list[Any]]:
         record = self.store.get_conversation(conversation_id)
         if record is None:
+            stored = _stored_id(conversation_id)
+            if stored is not None:
+                record = self.store.get_conversation(stored)
+                conversation_id = stored
+        if record is None:
             return None, []
         return record, label_store.labels_for(self.store, conversation_id)
 
@@ -284,7 +290,9 @@ class ReviewApp:
         cid = request.path_params["conversation_id"]
         try:
             raw = label_store.raw_conversation(self.store, cid)
-            labels = label_store.labels_for(self.store, cid) if raw is not None else []
+            if raw is None and (stored := _stored_id(cid)) is not None:
+                raw = label_store.raw_conversation(self.store, stored)
+            labels = label_store.labels_for(self.store, raw.conversation_id) if raw else []
         except Exception as exc:
             return self._store_failed(identity, exc)
         if raw is None:
@@ -315,7 +323,9 @@ class ReviewApp:
         if record is None:
             return JSONResponse({"error": "no such conversation"}, 404)
         body = record_json(record, labels)
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", cid)[:100] or "conversation"
+        # The stored id: an id with personal data in it is kept redacted, so is the file name.
+        stored = record.summary.conversation_id
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", stored)[:100] or "conversation"
         return Response(
             json.dumps(body, ensure_ascii=False, indent=2, default=_default),
             media_type="application/json",
@@ -364,6 +374,14 @@ class ReviewApp:
 
 
 _FILTERS = ("since", "until", "rule", "category", "severity", "model", "status")
+
+
+def _stored_id(conversation_id: str) -> str | None:
+    """The id the audit store keeps for `conversation_id` when it holds personal data (stored
+    redacted, with a digest), else None. Alertmanager links carry the id as the client sent
+    it, so the page looks it up both ways, as `audit show` does."""
+    stored = redact_identifier(Redactor(), conversation_id)
+    return stored if stored != conversation_id else None
 
 
 def _nonempty(values: Mapping[str, str]) -> dict[str, str]:
