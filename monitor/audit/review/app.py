@@ -136,6 +136,7 @@ class ReviewApp:
         self.config = config
         self.store = store if store is not None else open_store(config.store)
         self.auth = Authenticator(config.auth)
+        self.redactor = Redactor(config.redact_patterns)
         self.features = read_all(config.packs)
         self.env = Environment(
             loader=FileSystemLoader(HERE / "templates"),
@@ -271,16 +272,20 @@ class ReviewApp:
         message = f"the audit store failed: {type(exc).__name__}"
         return self._html("error.html", {"message": message, "identity": identity}, 503)
 
+    def _stored_id(self, conversation_id: str) -> str | None:
+        """The id under which the store keeps a conversation the link names, if any: an id
+        with personal data in it is stored redacted (with a digest), but the Alertmanager link
+        carries it as the client sent it."""
+        stored = redact_identifier(self.redactor, conversation_id)
+        return stored if stored != conversation_id else None
+
     def _record(self, conversation_id: str) -> tuple[ConversationRecord | None, list[Any]]:
         record = self.store.get_conversation(conversation_id)
-        if record is None:
-            stored = _stored_id(conversation_id)
-            if stored is not None:
-                record = self.store.get_conversation(stored)
-                conversation_id = stored
+        if record is None and (stored := self._stored_id(conversation_id)) is not None:
+            record = self.store.get_conversation(stored)
         if record is None:
             return None, []
-        return record, label_store.labels_for(self.store, conversation_id)
+        return record, label_store.labels_for(self.store, record.summary.conversation_id)
 
     @cpu_timed
     def conversation_page(self, request: Request) -> Response:
@@ -290,7 +295,7 @@ class ReviewApp:
         cid = request.path_params["conversation_id"]
         try:
             raw = label_store.raw_conversation(self.store, cid)
-            if raw is None and (stored := _stored_id(cid)) is not None:
+            if raw is None and (stored := self._stored_id(cid)) is not None:
                 raw = label_store.raw_conversation(self.store, stored)
             labels = label_store.labels_for(self.store, raw.conversation_id) if raw else []
         except Exception as exc:
@@ -374,14 +379,6 @@ class ReviewApp:
 
 
 _FILTERS = ("since", "until", "rule", "category", "severity", "model", "status")
-
-
-def _stored_id(conversation_id: str) -> str | None:
-    """The id the audit store keeps for `conversation_id` when it holds personal data (stored
-    redacted, with a digest), else None. Alertmanager links carry the id as the client sent
-    it, so the page looks it up both ways, as `audit show` does."""
-    stored = redact_identifier(Redactor(), conversation_id)
-    return stored if stored != conversation_id else None
 
 
 def _nonempty(values: Mapping[str, str]) -> dict[str, str]:
