@@ -12,14 +12,16 @@ records follow once the store recovers when the recorder kept them pending).
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
 import torch
 
 from monitor.audit import AuditFiring, AuditRecorder, AuditSlice, AuditStep, RecorderConfig
+from monitor.audit.redaction import Redactor, redact_identifier
 from monitor.limits import MAX_CONVERSATIONS
 from monitor.outputs.alertmanager import AlertmanagerAlert, AlertmanagerClient
 from monitor.outputs.metrics import SidecarMetrics
@@ -70,6 +72,10 @@ class Actions:
         # conversation the engine still follows is never evicted from the audit trail first.
         self.recorder = _recorder(audit, metrics, max_conversations) if audit.url else None
         self.alertmanager = _alertmanager(alertmanager, metrics) if alertmanager.url else None
+        # Alertmanager gets what the audit store keeps: ids redacted the same way (text +
+        # '#' + digest, so the review link opens the stored conversation) and the rendered
+        # text redacted, since receivers (mail, chat) are outside the audit store's retention.
+        self._redact = AlertRedaction(audit.redact_patterns)
 
     @property
     def audit_healthy(self) -> bool:
@@ -97,7 +103,7 @@ class Actions:
             for firing in sendable:
                 if "alert" in firing.actions:
                     model = self.model_labels.value(batch.model)
-                    self.alertmanager.fire(_alertmanager_alert(model, firing))
+                    self.alertmanager.fire(_alertmanager_alert(model, firing, self._redact))
         return DispatchResult(sendable, len(firings) - len(sendable), status)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -107,6 +113,21 @@ class Actions:
             self.recorder.close(timeout)
         if self.alertmanager is not None:
             self.alertmanager.close(timeout)
+
+
+class AlertRedaction:
+    """Client text in an alert made safe the way the audit recorder stores it: ids with
+    `redact_identifier` (cached, as they repeat on every step), text with `Redactor.redact`."""
+
+    def __init__(self, patterns: Sequence[str] = ()) -> None:
+        self._redactor = Redactor(tuple(patterns))
+        self.identifier: Callable[[str], str] = functools.lru_cache(maxsize=4096)(
+            functools.partial(redact_identifier, self._redactor)
+        )
+
+    def text(self, text: str) -> str:
+        """`text` with personal data replaced by placeholders."""
+        return self._redactor.redact(text)
 
 
 class BoundedLabel:
@@ -199,18 +220,19 @@ def _audit_step(
     return AuditStep(batch.model, rules_hash, audit_slices, audit_firings, tuple(hook_points))
 
 
-def _alertmanager_alert(model: str, firing: Firing) -> AlertmanagerAlert:
+def _alertmanager_alert(model: str, firing: Firing, redact: AlertRedaction) -> AlertmanagerAlert:
+    # The output and annotation templates may render {conversation_id} and {request_id}.
     return AlertmanagerAlert(
         rule=firing.rule,
         category=firing.category,
         severity=firing.severity,
         model=model,
-        summary=firing.message,
-        conversation_id=firing.conversation_id,
-        request_id=firing.request_id,
+        summary=redact.text(firing.message),
+        conversation_id=redact.identifier(firing.conversation_id),
+        request_id=redact.identifier(firing.request_id),
         value=firing.value,
         labels=firing.labels,
-        annotations=firing.annotations,
+        annotations={name: redact.text(text) for name, text in firing.annotations.items()},
     )
 
 

@@ -6,8 +6,10 @@ them. Token text is redacted before it is written. Fired rules reach Alertmanage
 
 from __future__ import annotations
 
+import json
 import signal
 import time
+from urllib.parse import quote
 
 import grpc
 import torch
@@ -135,6 +137,49 @@ def test_fired_rules_reach_alertmanager(tmp_path, sidecar_factory):
         )
     finally:
         receiver.server.shutdown()
+
+
+def test_alertmanager_gets_the_stored_redacted_id_not_the_raw_one(tmp_path, sidecar_factory):
+    """An id with personal data goes to Alertmanager (annotation, review link, summary) as the
+    audit store keeps it, so the receiver never sees the address and the link opens the
+    stored conversation."""
+    receiver = Receiver()
+    db = tmp_path / "audit.db"
+    secret = "bob.jones@example.com"
+    raw_id = f"conv:{secret}:7"
+    try:
+        sidecar = sidecar_factory(
+            _config(
+                tmp_path,
+                audit={"url": f"sqlite:///{db}"},
+                alertmanager={"url": receiver.url, "audit_base_url": "https://review.local/c"},
+            )
+        )
+        with grpc.insecure_channel(sidecar.target) as channel:
+            events = list(
+                pb_grpc.SafetyMonitorStub(channel).Monitor(
+                    iter([_batch(1, raw_id, 0, ["a", "b"])]), timeout=30
+                )
+            )
+        assert [e.WhichOneof("event") for e in events] == ["alert", "ack"]
+        wait_for(lambda: receiver.alerts())
+        sent = receiver.alerts()[0]
+    finally:
+        receiver.server.shutdown()
+    store = open_store(f"sqlite:///{db}")
+    try:
+        stored_ids = {a.conversation_id for a in store.list_alerts(AuditQuery(limit=None))}
+    finally:
+        store.close()
+    assert len(stored_ids) == 1
+    stored_id = stored_ids.pop()
+    assert stored_id.startswith("conv:[EMAIL]:7#")
+    notes = sent["annotations"]
+    assert notes["conversation_id"] == stored_id
+    assert notes["audit_url"] == "https://review.local/c/" + quote(stored_id, safe="")
+    assert notes["summary"] == "audited at 0 of conv:[EMAIL]:7"
+    assert secret not in json.dumps(sent)
+    assert "bob.jones" not in json.dumps(sent)
 
 
 def _audit_health(target: str) -> int:
