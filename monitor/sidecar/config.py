@@ -31,6 +31,9 @@ class Limits:
     max_rows_per_batch: int = 16384
     max_conversations: int = MAX_CONVERSATIONS
     max_conversation_id_length: int = 256
+    # Slots of one stream's conversation table (the columnar sequence format): a batched
+    # server runs a few hundred sequences at once, and a client reuses slots beyond that.
+    max_conversation_slots: int = 4096
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import torch
 from monitor.features import FeaturePack
 from monitor.outputs.metrics import SidecarMetrics
 from monitor.rules import Firing, RuleEngine, RuleSet
+from monitor.sidecar.columns import ConversationTable
 from monitor.sidecar.config import Limits
 from monitor.sidecar.firings import (
     Actions,
@@ -101,21 +102,24 @@ class Pipeline:
         self.columns = _feature_columns(self.packs, ruleset.required_features)
         self.required = {(c.pack.name, c.hook_point) for c in self.columns}
 
-    def process(self, batch: pb.StepBatch) -> BatchOutcome:
+    def process(self, batch: pb.StepBatch, table: ConversationTable | None = None) -> BatchOutcome:
         """Run one batch through the stream's stateful rule engine; never raises on bad input."""
-        return self.process_many([batch])[0]
+        return self.process_many([batch], table)[0]
 
-    def process_many(self, batches: Sequence[pb.StepBatch]) -> list[BatchOutcome]:
+    def process_many(
+        self, batches: Sequence[pb.StepBatch], table: ConversationTable | None = None
+    ) -> list[BatchOutcome]:
         """Batches of one stream that arrived together, in order: one outcome each, exactly
         as if processed one at a time, but consecutive steps that continue the same
         conversations are evaluated as one (`grouping.py`): how the sidecar keeps up when
-        decode steps queue."""
+        decode steps queue. `table` is the stream's conversation table (the columnar
+        sequence format); without one, only `Sequence` messages are accepted."""
         outcomes: list[BatchOutcome | None] = [None] * len(batches)
         group: list[tuple[int, ValidatedBatch]] = []
         for index, batch in enumerate(batches):
             try:
-                validated = self.validate(batch)
-            except BatchRejected as rejected:  # touches no state: the group goes on
+                validated = self.validate(batch, table)
+            except BatchRejected as rejected:  # touches no rule state: the group goes on
                 outcomes[index] = self._reject(batch.seq_no, rejected)
                 continue
             members = [member for _, member in group]
@@ -176,7 +180,9 @@ class Pipeline:
     def evaluate_once(self, batch: pb.StepBatch) -> BatchOutcome:
         """Score a batch with fresh rule state (the Evaluate RPC); shares no stream state."""
         try:
-            validated = self.validate(batch)
+            # No stream, no table beyond this call: a columnar batch defines what it uses.
+            table = ConversationTable(self.limits.max_conversation_slots)
+            validated = self.validate(batch, table)
         except BatchRejected as rejected:
             return self._reject(batch.seq_no, rejected)
         features = self.encode(validated)
@@ -185,11 +191,14 @@ class Pipeline:
         events = [alert_event(batch.seq_no, f) for f in result.firings]
         return BatchOutcome(events, result.firings, features)
 
-    def validate(self, batch: pb.StepBatch) -> ValidatedBatch:
+    def validate(
+        self, batch: pb.StepBatch, table: ConversationTable | None = None
+    ) -> ValidatedBatch:
         """Check a StepBatch against the packs, the rules' hook points and the limits; raises
-        BatchRejected (reason, field, message) without touching any state.
+        BatchRejected (reason, field, message) without touching rule state (slot definitions
+        of a columnar batch do update `table`).
         """
-        return validate_batch(batch, self.catalog, self.required, self.limits)
+        return validate_batch(batch, self.catalog, self.required, self.limits, table)
 
     def encode(self, batch: ValidatedBatch) -> dict[str, torch.Tensor]:
         """Encode each hook point once per pack (unless the client already did) and pick out

@@ -5,6 +5,7 @@ batches), Evaluate and GetStatus. Start-up, health, signals and reload are in `p
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,9 +14,11 @@ import structlog
 
 import monitor
 from monitor.outputs.metrics import SidecarMetrics
+from monitor.sidecar.columns import ConversationTable
 from monitor.sidecar.grouping import MAX_GROUP, READ_AHEAD
 from monitor.sidecar.pipeline import BatchOutcome, Pipeline, internal_errors
 from monitor.wire import WIRE_DTYPES, pb, pb_grpc
+from monitor.wire.columns import SEQUENCE_FORMATS
 
 log = structlog.get_logger("safety_monitor.sidecar")
 
@@ -66,6 +69,9 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         arrived: asyncio.Queue[pb.StepBatch | None] = asyncio.Queue()
         room = asyncio.Semaphore(READ_AHEAD)
         reader = asyncio.create_task(_read_into(request_iterator, arrived, room))
+        # The stream's conversation slots (columnar format); touched only on the worker.
+        table = ConversationTable(self.pipeline.limits.max_conversation_slots)
+        process = functools.partial(self.pipeline.process_many, table=table)
         try:
             ended = False
             while not ended and (batch := await arrived.get()) is not None:
@@ -78,7 +84,7 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                         ended = True
                         break
                     batches.append(more)
-                outcomes = await self._run_many(batches)
+                outcomes = await self._run_many(batches, process)
                 for _ in batches:
                     room.release()
                 for outcome in outcomes:
@@ -134,6 +140,8 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                 max_conversation_id_length=limits.max_conversation_id_length,
             ),
             accepted_dtypes=list(WIRE_DTYPES),
+            sequence_formats=list(SEQUENCE_FORMATS),
+            conversation_slots=limits.max_conversation_slots,
         )
 
     async def _run(

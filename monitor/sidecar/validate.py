@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from monitor.rules import SequenceSlice
 from monitor.sidecar.config import Limits
 from monitor.wire import TensorDecodeError, decode_tensor, pb
+
+if TYPE_CHECKING:
+    from monitor.sidecar.columns import ConversationTable
 
 # Positions are stored as signed 64-bit integers downstream (audit store, rule state); a
 # conversation of 2**62 tokens does not exist, so anything past it is a client bug.
@@ -64,10 +68,16 @@ def validate_batch(
     catalog: EncoderCatalog,
     required: Set[tuple[str, str]],
     limits: Limits,
+    table: ConversationTable | None = None,
 ) -> ValidatedBatch:
     """Check a batch against the loaded packs and limits; raise BatchRejected on a problem.
-    `required` holds the (pack, hook point) pairs the rules read."""
-    slices, tokens = _validate_sequences(batch, limits)
+    `required` holds the (pack, hook point) pairs the rules read. A batch in the columnar
+    format (`columns`) is read against `table`, the stream's conversation table, which its
+    slot definitions update."""
+    if batch.HasField("columns"):
+        slices, tokens = _validate_columns(batch, limits, table)
+    else:
+        slices, tokens = _validate_sequences(batch, limits)
     rows = sum(s.rows for s in slices)
     if rows > limits.max_rows_per_batch:
         raise BatchRejected(
@@ -92,6 +102,25 @@ def validate_batch(
             "which the batch does not carry",
         )
     return ValidatedBatch(batch.seq_no, batch.model, rows, activations, slices, tokens, encoded)
+
+
+def _validate_columns(
+    batch: pb.StepBatch, limits: Limits, table: ConversationTable | None
+) -> tuple[list[SequenceSlice], list[list[str]]]:
+    if batch.sequences:
+        raise BatchRejected(
+            "mixed_sequence_formats",
+            "columns",
+            "columns: the batch carries both Sequence messages and columns; send one",
+        )
+    if table is None:
+        raise BatchRejected(
+            "unsupported_format", "columns", "columns: not accepted here (no conversation table)"
+        )
+    columns = batch.columns
+    if columns.define:
+        table.define(columns.define, limits)
+    return table.slices(columns, limits)
 
 
 def _validate_sequences(

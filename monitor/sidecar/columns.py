@@ -1,0 +1,171 @@
+"""The columnar sequence format (`StepBatch.columns`), the sidecar's half: a stream's
+conversation table, and a batch's packed arrays checked and turned into SequenceSlices.
+
+The client's half is `monitor.wire.columns`. The same limits apply as to `Sequence` messages
+(conversation id length, positions, token text counts, rows per batch), and every problem is
+a BatchRejected naming the field, e.g. `columns.slot[3]` or `columns.define[0].conversation_id`.
+Reading the arrays costs no protobuf object per sequence: that is the point of the format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from monitor.rules import SequenceSlice
+from monitor.sidecar.config import Limits
+from monitor.sidecar.validate import MAX_POSITION, BatchRejected, _check_conversation_id
+from monitor.wire import pb
+
+_NO_ATTRIBUTES: Mapping[str, str] = SequenceSlice._field_defaults["attributes"]
+
+
+class _Slot(NamedTuple):
+    conversation_id: str
+    role: str
+    request_id: str
+    attributes: Mapping[str, str]
+
+
+class ConversationTable:
+    """One stream's conversation slots (or one Evaluate call's). Definitions in a batch are
+    checked all together and applied before its arrays are read, and they stay applied even
+    when the rest of the batch is rejected (the client has sent them; it will not again). A
+    conversation id lives in one slot at a time: defining it elsewhere empties its old slot."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._slots: list[_Slot | None] = [None] * size
+        self._slot_of: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        """Slots currently defined."""
+        return len(self._slot_of)
+
+    def define(self, definitions: list[pb.ConversationSlot], limits: Limits) -> None:
+        """Check every definition (raises BatchRejected naming the first bad one; then none
+        is applied) and apply them in order."""
+        new: list[tuple[int, _Slot]] = []
+        slots_seen: set[int] = set()
+        ids_seen: set[str] = set()
+        for i, definition in enumerate(definitions):
+            field = f"columns.define[{i}]"
+            slot, conversation_id = definition.slot, definition.conversation_id
+            if slot >= self.size:
+                raise BatchRejected(
+                    "bad_slot",
+                    f"{field}.slot",
+                    f"{field}.slot: {slot} is past the table's {self.size} slots",
+                )
+            if slot in slots_seen:
+                raise BatchRejected(
+                    "bad_slot", f"{field}.slot", f"{field}.slot: {slot} is defined twice"
+                )
+            _check_conversation_id(conversation_id, field, limits)
+            if conversation_id in ids_seen:
+                raise BatchRejected(
+                    "duplicate_conversation",
+                    f"{field}.conversation_id",
+                    f"{field}.conversation_id: {conversation_id!r} is defined twice",
+                )
+            slots_seen.add(slot)
+            ids_seen.add(conversation_id)
+            attributes = dict(definition.attributes) if definition.attributes else _NO_ATTRIBUTES
+            new.append(
+                (slot, _Slot(conversation_id, definition.role, definition.request_id, attributes))
+            )
+        slots, slot_of = self._slots, self._slot_of
+        for slot, entry in new:
+            old = slots[slot]
+            if old is not None and slot_of.get(old.conversation_id) == slot:
+                del slot_of[old.conversation_id]
+            moved_from = slot_of.get(entry.conversation_id)
+            if moved_from is not None:
+                slots[moved_from] = None
+            slots[slot] = entry
+            slot_of[entry.conversation_id] = slot
+
+    def slices(
+        self, columns: pb.SequenceColumns, limits: Limits
+    ) -> tuple[list[SequenceSlice], list[list[str]]]:
+        """The batch's sequences from its arrays: what `Sequence` messages would have given.
+        Raises BatchRejected (located) on a problem."""
+        slot_ids = list(columns.slot)
+        count = len(slot_ids)
+        if not count:
+            raise BatchRejected("no_sequences", "columns.slot", "columns.slot: no sequences")
+        rows, positions, ends = list(columns.rows), list(columns.position), list(columns.end)
+        for name, values, allow_empty in (
+            ("rows", rows, False),
+            ("position", positions, False),
+            ("end", ends, True),
+        ):
+            if len(values) != count and not (allow_empty and not values):
+                raise BatchRejected(
+                    "bad_columns",
+                    f"columns.{name}",
+                    f"columns.{name}: {len(values)} entries for {count} sequences"
+                    + (" (or none)" if allow_empty else ""),
+                )
+        if max(slot_ids) >= self.size:
+            i = next(i for i, s in enumerate(slot_ids) if s >= self.size)
+            raise BatchRejected(
+                "bad_slot",
+                f"columns.slot[{i}]",
+                f"columns.slot[{i}]: {slot_ids[i]} is past the table's {self.size} slots",
+            )
+        table = self._slots
+        entries = [table[s] for s in slot_ids]
+        if None in entries:
+            i = entries.index(None)
+            raise BatchRejected(
+                "unknown_slot",
+                f"columns.slot[{i}]",
+                f"columns.slot[{i}]: slot {slot_ids[i]} holds no conversation on this stream",
+            )
+        if len(set(slot_ids)) != count:
+            first: dict[int, int] = {}
+            for i, slot in enumerate(slot_ids):
+                if first.setdefault(slot, i) != i:
+                    raise BatchRejected(
+                        "duplicate_conversation",
+                        f"columns.slot[{i}]",
+                        f"columns.slot[{i}]: {entries[i].conversation_id!r} appears more "  # type: ignore[union-attr]
+                        "than once in the batch",
+                    )
+        # max + max bounds every sum: the exact check runs only when that bound is exceeded.
+        if max(positions) + max(rows) > MAX_POSITION:
+            for i, (position, n) in enumerate(zip(positions, rows, strict=True)):
+                if position + n > MAX_POSITION:
+                    raise BatchRejected(
+                        "bad_position",
+                        f"columns.position[{i}]",
+                        f"columns.position[{i}]: {position} + {n} rows is past the largest "
+                        f"supported position {MAX_POSITION}",
+                    )
+        texts = list(columns.tokens)
+        total = sum(rows)
+        if texts and len(texts) != total:
+            raise BatchRejected(
+                "bad_tokens",
+                "columns.tokens",
+                f"columns.tokens: {len(texts)} token texts for {total} rows",
+            )
+        if not ends:
+            ends = [False] * count
+        slices: list[SequenceSlice] = []
+        append = slices.append
+        start = 0
+        for entry, n, position, end in zip(entries, rows, positions, ends, strict=True):
+            conversation_id, role, request_id, attributes = entry  # type: ignore[misc]
+            append(
+                SequenceSlice(
+                    conversation_id, start, n, position, role, end, request_id, attributes
+                )
+            )
+            start += n
+        if texts:
+            tokens = [texts[s.start_row : s.start_row + s.rows] for s in slices]
+        else:
+            tokens = [[] for _ in range(count)]
+        return slices, tokens
