@@ -10,6 +10,7 @@ Reading the arrays costs no protobuf object per sequence: that is the point of t
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import accumulate, repeat
 from typing import NamedTuple
 
 from monitor.rules import SequenceSlice
@@ -18,6 +19,18 @@ from monitor.sidecar.validate import MAX_POSITION, BatchRejected, _check_convers
 from monitor.wire import pb
 
 _NO_ATTRIBUTES: Mapping[str, str] = SequenceSlice._field_defaults["attributes"]
+_new_slice = tuple.__new__
+# The fields the fast construction below fills, in order.
+SLICE_FIELDS = (
+    "conversation_id",
+    "start_row",
+    "rows",
+    "position",
+    "role",
+    "end",
+    "request_id",
+    "attributes",
+)
 
 
 class _Slot(NamedTuple):
@@ -153,17 +166,15 @@ class ConversationTable:
             )
         if not ends:
             ends = [False] * count
-        slices: list[SequenceSlice] = []
-        append = slices.append
-        start = 0
-        for entry, n, position, end in zip(entries, rows, positions, ends, strict=True):
-            conversation_id, role, request_id, attributes = entry  # type: ignore[misc]
-            append(
-                SequenceSlice(
-                    conversation_id, start, n, position, role, end, request_id, attributes
-                )
-            )
-            start += n
+        # All in C: the slot entries transposed, and tuple.__new__ instead of the named
+        # tuple's Python-level __new__ (a third of the cost). Every field is given, in order
+        # (a test checks SLICE_FIELDS against SequenceSlice._fields).
+        ids, roles, request_ids, attributes = zip(*entries, strict=True)  # type: ignore[misc]
+        starts = accumulate(rows, initial=0)  # one more than there are sequences: not strict
+        fields = zip(
+            ids, starts, rows, positions, roles, ends, request_ids, attributes, strict=False
+        )
+        slices: list[SequenceSlice] = list(map(_new_slice, repeat(SequenceSlice, count), fields))
         if texts:
             tokens = [texts[s.start_row : s.start_row + s.rows] for s in slices]
         else:

@@ -265,3 +265,11 @@ def test_offers_columns_reads_the_status():
     assert offers_columns(
         pb.StatusResponse(sequence_formats=["sequences", "columns"], conversation_slots=8)
     )
+
+
+def test_slices_are_built_with_every_field_of_sequence_slice():
+    """columns.py builds SequenceSlices with tuple.__new__, field by field in order."""
+    from monitor.rules import SequenceSlice
+    from monitor.sidecar.columns import SLICE_FIELDS
+
+    assert SequenceSlice._fields == SLICE_FIELDS
