@@ -15,6 +15,7 @@ import torch
 from monitor.audit import labels as L
 from monitor.audit import migrations
 from monitor.audit.cli import main as audit_main
+from monitor.audit.redaction import Redactor, redact_identifier
 from monitor.audit.review.config import ReviewConfigError, parse_review_config
 from monitor.audit.review.packs import read_pack_features
 from monitor.audit.store import (
@@ -336,6 +337,7 @@ def test_review_page_serves_each_backend(store_url: str, tmp_path: Path) -> None
     import socket
     import threading
     import time
+    import urllib.parse
     import urllib.request
 
     import uvicorn
@@ -343,8 +345,17 @@ def test_review_page_serves_each_backend(store_url: str, tmp_path: Path) -> None
     from monitor.audit.review.app import create_app
     from monitor.audit.review.config import AuthSettings, ReviewConfig, TokenEntry
 
+    raw_id = "conv:alice@example.com:7"  # stored redacted, linked as the client sent it
+    stored_id = redact_identifier(Redactor(), raw_id)
+    assert stored_id != raw_id
     store = open_store(store_url)
-    store.write([_conversation("c/1", NOW), _conversation("c2", NOW - timedelta(hours=1))])
+    store.write(
+        [
+            _conversation("c/1", NOW),
+            _conversation("c2", NOW - timedelta(hours=1)),
+            _conversation(stored_id, NOW - timedelta(hours=2)),
+        ]
+    )
     (aid,) = _alert_ids(store, "c/1")
     store.close()
     with socket.socket() as s:
@@ -384,6 +395,11 @@ def test_review_page_serves_each_backend(store_url: str, tmp_path: Path) -> None
         assert 'data-conversation="c/1"' in body and 'data-conversation="c2"' not in body
         status, body = call("/export/c%2F1")
         assert json.loads(body)["labels"][0]["labeler"] == "alice"
+        link = "/conversations/" + urllib.parse.quote(raw_id, safe="")
+        status, body = call(link)
+        assert status == 200 and stored_id in body and "alice@example.com" not in body
+        status, body = call(link.replace("/conversations/", "/export/"))
+        assert json.loads(body)["summary"]["conversation_id"] == stored_id
     finally:
         server.should_exit = True
         thread.join(10)

@@ -39,6 +39,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from monitor.audit import labels as label_store
+from monitor.audit.redaction import Redactor, redact_identifier
 from monitor.audit.review.auth import CSRF_HEADER, SESSION_COOKIE, Authenticator, Identity
 from monitor.audit.review.config import ReviewConfig
 from monitor.audit.review.packs import read_all
@@ -135,6 +136,7 @@ class ReviewApp:
         self.config = config
         self.store = store if store is not None else open_store(config.store)
         self.auth = Authenticator(config.auth)
+        self.redactor = Redactor(config.redact_patterns)
         self.features = read_all(config.packs)
         self.env = Environment(
             loader=FileSystemLoader(HERE / "templates"),
@@ -270,11 +272,20 @@ class ReviewApp:
         message = f"the audit store failed: {type(exc).__name__}"
         return self._html("error.html", {"message": message, "identity": identity}, 503)
 
+    def _stored_id(self, conversation_id: str) -> str | None:
+        """The id under which the store keeps a conversation the link names, if any: an id
+        with personal data in it is stored redacted (with a digest), but the Alertmanager link
+        carries it as the client sent it."""
+        stored = redact_identifier(self.redactor, conversation_id)
+        return stored if stored != conversation_id else None
+
     def _record(self, conversation_id: str) -> tuple[ConversationRecord | None, list[Any]]:
         record = self.store.get_conversation(conversation_id)
+        if record is None and (stored := self._stored_id(conversation_id)) is not None:
+            record = self.store.get_conversation(stored)
         if record is None:
             return None, []
-        return record, label_store.labels_for(self.store, conversation_id)
+        return record, label_store.labels_for(self.store, record.summary.conversation_id)
 
     @cpu_timed
     def conversation_page(self, request: Request) -> Response:
@@ -284,7 +295,9 @@ class ReviewApp:
         cid = request.path_params["conversation_id"]
         try:
             raw = label_store.raw_conversation(self.store, cid)
-            labels = label_store.labels_for(self.store, cid) if raw is not None else []
+            if raw is None and (stored := self._stored_id(cid)) is not None:
+                raw = label_store.raw_conversation(self.store, stored)
+            labels = label_store.labels_for(self.store, raw.conversation_id) if raw else []
         except Exception as exc:
             return self._store_failed(identity, exc)
         if raw is None:

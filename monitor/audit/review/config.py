@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from monitor.audit.redaction import Redactor
 from monitor.audit.store import sqlite_path
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -92,6 +93,9 @@ class ReviewConfig:
     packs: tuple[Path, ...] = ()
     page_size: int = 50
     auth: AuthSettings = field(default_factory=AuthSettings)
+    # The sidecar's audit.redact_patterns: an id with personal data in it is stored redacted,
+    # and the page finds it from the id as the client sent it (the Alertmanager link's).
+    redact_patterns: tuple[str, ...] = ()
 
     @property
     def host(self) -> str:
@@ -102,7 +106,7 @@ class ReviewConfig:
         return int(self.listen.rsplit(":", 1)[1])
 
 
-_TOP = {"store", "listen", "packs", "page_size", "auth"}
+_TOP = {"store", "listen", "packs", "page_size", "auth", "redact_patterns"}
 _AUTH = {
     "tokens",
     "identity_header",
@@ -156,6 +160,15 @@ def parse_review_config(raw: dict[str, Any], base_dir: Path, origin: str) -> Rev
         if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 500:
             raise ReviewConfigError(f"{origin}: page_size: expected an integer 1..500")
         values["page_size"] = size
+    if "redact_patterns" in raw:
+        patterns = raw["redact_patterns"]
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise ReviewConfigError(f"{origin}: redact_patterns: expected a list of regexes")
+        try:
+            Redactor(patterns)
+        except ValueError as exc:
+            raise ReviewConfigError(f"{origin}: redact_patterns: {exc}") from None
+        values["redact_patterns"] = tuple(patterns)
     values["auth"] = _auth(raw.get("auth", {}), base_dir, origin)
     return ReviewConfig(**values)
 
