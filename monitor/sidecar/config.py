@@ -33,7 +33,8 @@ class Limits:
     max_conversation_id_length: int = 256
     # Slots of one stream's conversation table (the columnar sequence format): a batched
     # server runs a few hundred sequences at once, and a client reuses slots beyond that.
-    max_conversation_slots: int = 4096
+    # Each slot holds its strings: with max_streams streams, this bounds the tables together.
+    max_conversation_slots: int = 1024
 
 
 @dataclass(frozen=True)

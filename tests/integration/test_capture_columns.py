@@ -103,4 +103,4 @@ def test_get_status_lists_the_formats(recording_sidecar):
     with grpc.insecure_channel(target) as channel:
         status = pb_grpc.SafetyMonitorStub(channel).GetStatus(pb.StatusRequest(), timeout=10)
     assert list(status.sequence_formats) == ["sequences", "columns"]
-    assert status.conversation_slots == 4096
+    assert status.conversation_slots == 1024
