@@ -94,7 +94,7 @@ def _stage_costs(
         for data in messages:
             batch = parse(data)
             started = time.thread_time()
-            outcome = pipeline.process(batch, table)
+            outcome = pipeline.process(batch, table=table)
             total += time.thread_time() - started
             if not outcome.events or not outcome.events[-1].HasField("ack"):
                 raise RuntimeError(f"bench message {batch.seq_no} was not acked: {outcome}")

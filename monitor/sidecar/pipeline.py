@@ -104,7 +104,7 @@ class Pipeline:
 
     def process(self, batch: pb.StepBatch, table: ConversationTable | None = None) -> BatchOutcome:
         """Run one batch through the stream's stateful rule engine; never raises on bad input."""
-        return self.process_many([batch], table)[0]
+        return self.process_many([batch], table=table)[0]
 
     def process_many(
         self, batches: Sequence[pb.StepBatch], table: ConversationTable | None = None
@@ -118,7 +118,7 @@ class Pipeline:
         group: list[tuple[int, ValidatedBatch]] = []
         for index, batch in enumerate(batches):
             try:
-                validated = self.validate(batch, table)
+                validated = self.validate(batch, table=table)
             except BatchRejected as rejected:  # touches no rule state: the group goes on
                 outcomes[index] = self._reject(batch.seq_no, rejected)
                 continue
@@ -182,7 +182,7 @@ class Pipeline:
         try:
             # No stream, no table beyond this call: a columnar batch defines what it uses.
             table = ConversationTable(self.limits.max_conversation_slots)
-            validated = self.validate(batch, table)
+            validated = self.validate(batch, table=table)
         except BatchRejected as rejected:
             return self._reject(batch.seq_no, rejected)
         features = self.encode(validated)

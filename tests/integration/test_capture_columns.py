@@ -30,9 +30,9 @@ def recording_sidecar(tmp_path):
     formats: list[str] = []
     process_many = sidecar.sidecar.pipeline.process_many
 
-    def recorded(batches, table=None):
+    def recorded(batches, *args, **kwargs):
         formats.extend("columns" if b.HasField("columns") else "sequences" for b in batches)
-        return process_many(batches, table)
+        return process_many(batches, *args, **kwargs)
 
     sidecar.sidecar.pipeline.process_many = recorded  # type: ignore[method-assign]
     running = sidecar.start()

@@ -92,7 +92,7 @@ def test_columns_give_exactly_the_events_of_sequence_messages(make_pipeline, see
     while start < len(batches):  # the same random grouping on both sides
         size = rng.randint(1, 8)
         expected += plain.process_many(batches[start : start + size])
-        got += columnar.process_many(sent[start : start + size], table)
+        got += columnar.process_many(sent[start : start + size], table=table)
         start += size
     assert _events(got) == _events(expected)
     # The comparison means something: most batches went as columns, slots were reused
@@ -173,7 +173,7 @@ B = {"slot": 1, "conversation_id": "b"}
 def test_bad_columns_are_located_batch_errors(make_pipeline, batch, reason, field):  # noqa: F811
     pipeline = make_pipeline()
     table = ConversationTable(8)
-    (event,) = pipeline.process(batch, table).events
+    (event,) = pipeline.process(batch, table=table).events
     assert event.error.seq_no == 7
     assert (event.error.reason, event.error.field) == (reason, field), event.error.message
     assert field in event.error.message
@@ -181,7 +181,7 @@ def test_bad_columns_are_located_batch_errors(make_pipeline, batch, reason, fiel
 
 def test_rows_of_columns_count_against_the_batch_limit(make_pipeline):  # noqa: F811
     pipeline = make_pipeline()  # max_rows_per_batch=64
-    (event,) = pipeline.process(_columnar([A], rows=(65,)), ConversationTable(8)).events
+    (event,) = pipeline.process(_columnar([A], rows=(65,)), table=ConversationTable(8)).events
     assert event.error.reason == "too_many_rows"
 
 
@@ -189,7 +189,7 @@ def test_mixed_formats_and_columns_without_a_table_are_refused(make_pipeline):  
     pipeline = make_pipeline()
     mixed = _columnar([A])
     mixed.sequences.append(pb.Sequence(conversation_id="s", rows=0))
-    (event,) = pipeline.process(mixed, ConversationTable(8)).events
+    (event,) = pipeline.process(mixed, table=ConversationTable(8)).events
     assert (event.error.reason, event.error.field) == ("mixed_sequence_formats", "columns")
     (event,) = pipeline.process(_columnar([A])).events
     assert event.error.reason == "unsupported_format"
@@ -200,18 +200,22 @@ def test_definitions_hold_on_the_stream_and_survive_a_rejected_batch(make_pipeli
     table = ConversationTable(8)
     bad = _columnar([A, B], slot=(0, 1), rows=(1, 1), position=(0, 0))
     bad.layers[0].activations.CopyFrom(encode_tensor(torch.full((2, D_MODEL), float("nan"))))
-    (event,) = pipeline.process(bad, table).events
+    (event,) = pipeline.process(bad, table=table).events
     assert event.error.reason == "non_finite"
     assert len(table) == 2  # the client sent the definitions once; they hold
-    (ack,) = [e for e in pipeline.process(_columnar(slot=(1,)), table).events if e.HasField("ack")]
+    (ack,) = [
+        e for e in pipeline.process(_columnar(slot=(1,)), table=table).events if e.HasField("ack")
+    ]
     assert ack.ack.rows == 1
     # Defining "b" in slot 0 moves it there: slot 1 is empty, slot 0 no longer "a".
-    pipeline.process(_columnar([{**B, "slot": 0}], position=(1,)), table)
-    (event,) = pipeline.process(_columnar(slot=(1,)), table).events
+    pipeline.process(_columnar([{**B, "slot": 0}], position=(1,)), table=table)
+    (event,) = pipeline.process(_columnar(slot=(1,)), table=table).events
     assert (event.error.reason, event.error.field) == ("unknown_slot", "columns.slot[0]")
     # A bad definition applies none of the batch's definitions.
-    pipeline.process(_columnar([{**A, "slot": 3}, {**B, "slot": 4, "conversation_id": ""}]), table)
-    (event,) = pipeline.process(_columnar(slot=(3,)), table).events
+    pipeline.process(
+        _columnar([{**A, "slot": 3}, {**B, "slot": 4, "conversation_id": ""}]), table=table
+    )
+    (event,) = pipeline.process(_columnar(slot=(3,)), table=table).events
     assert event.error.reason == "unknown_slot"
 
 
