@@ -349,6 +349,8 @@ class _MaskCache:
             if len(index) + len(missing) > self._LIMIT:
                 index.clear()
                 self.matrix = self.matrix[:, :0]
+                # Every signature of this batch is now missing, not only the new ones.
+                missing = set(signatures)
             for signature in missing:
                 self.add(signature)
             columns = [index[signature] for signature in signatures]

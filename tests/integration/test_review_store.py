@@ -282,6 +282,19 @@ def test_config_requires_some_authentication(tmp_path: Path) -> None:
         )
     with pytest.raises(ReviewConfigError, match="unknown key"):
         parse_review_config({"store": "sqlite:///a.db", "auth": {"anon": True}}, tmp_path, "r")
+    # "|" separates a session cookie's fields: "alice|<far future>" would sign a session that
+    # reads as alice's and never expires.
+    for name in ("alice|99999999999", "bo\x07b"):
+        token = _token_file(tmp_path)
+        with pytest.raises(ReviewConfigError, match=r"no '\|' or control characters"):
+            parse_review_config(
+                {
+                    "store": "sqlite:///a.db",
+                    "auth": {"tokens": [{"name": name, "token_file": token}]},
+                },
+                tmp_path,
+                "review.yaml",
+            )
 
 
 def test_config_resolves_paths_and_reads_tokens(tmp_path: Path) -> None:

@@ -204,6 +204,12 @@ def _auth(raw: Any, base_dir: Path, origin: str) -> AuthSettings:
         name = entry["name"]
         if not isinstance(name, str) or not name.strip():
             raise ReviewConfigError(f"{origin}: {where}.name: expected a non-empty string")
+        if not name.strip().isprintable() or "|" in name:
+            # "|" separates the session cookie's fields: a name "alice|<far future>" would
+            # sign a session that the cookie parser reads as alice's, never expiring.
+            raise ReviewConfigError(
+                f"{origin}: {where}.name: no '|' or control characters in a reviewer name"
+            )
         token = _read_secret(base_dir / str(entry["token_file"]), origin, f"{where}.token_file")
         tokens.append(TokenEntry(name.strip(), token))
     out["tokens"] = tuple(tokens)
