@@ -58,7 +58,8 @@ class PositionLedger:
     def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
         self._next: OrderedDict[str, int] = OrderedDict()
-        self._children: dict[str, tuple[str, ...]] = {}
+        # parent id -> its per-sequence ids; least recently linked forgotten past capacity
+        self._children: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self._lock = threading.Lock()
 
     def advance_many(self, conversation_ids: Sequence[str], rows: Sequence[int]) -> list[int]:
@@ -70,8 +71,7 @@ class PositionLedger:
                 self._next[conversation_id] = position + count
                 positions.append(position)
             while len(self._next) > self.capacity:
-                evicted, _ = self._next.popitem(last=False)
-                self._children.pop(evicted, None)
+                self._next.popitem(last=False)
         return positions
 
     def advance(self, conversation_id: str, rows: int) -> int:
@@ -87,11 +87,18 @@ class PositionLedger:
         """Remember that `parent` was expanded into per-sequence ids (`<id>/<j>`)."""
         with self._lock:
             self._children[parent] = children
+            self._children.move_to_end(parent)
+            while len(self._children) > self.capacity:
+                self._children.popitem(last=False)
 
     def forget(self, conversation_id: str) -> dict[str, int]:
-        """Drop a conversation and its per-sequence ids; returns their next positions."""
+        """Drop a conversation and its per-sequence ids; returns their next positions.
+
+        The link to the per-sequence ids is kept: a block's tagging is built once, so when
+        `end_conversation(parent)` runs in the middle of a block, the block's next forward
+        passes send `<id>/<j>` again, and a later end of the parent must end those too."""
         with self._lock:
-            ids = (conversation_id, *self._children.pop(conversation_id, ()))
+            ids = (conversation_id, *self._children.get(conversation_id, ()))
             return {cid: self._next.pop(cid) for cid in ids if cid in self._next}
 
     def __len__(self) -> int:
@@ -161,8 +168,11 @@ class StepAssembler:
             encoded = self.local_encoder(hook_point, hidden) if self.local_encoder else None
             if encoded:
                 pending.features.update(encoded)
-            elif deepest and hidden.is_cpu:
+            elif deepest and hidden.is_cpu and not pending.on_cuda:
                 # The step is copied onto the ring before this hook returns: no clone needed.
+                # Not so when an earlier layer is on a GPU (a model split across devices):
+                # the step then waits for that copy on a background thread, by which time
+                # the model may have reused this buffer, so it is cloned like the others.
                 pending.layers[hook_point] = hidden
             else:
                 pending.layers[hook_point] = _to_host(hidden)

@@ -9,13 +9,19 @@ Reading the arrays costs no protobuf object per sequence: that is the point of t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from itertools import accumulate, repeat
 from typing import NamedTuple
 
 from monitor.rules import SequenceSlice
 from monitor.sidecar.config import Limits
-from monitor.sidecar.validate import MAX_POSITION, BatchRejected, _check_conversation_id
+from monitor.sidecar.validate import (
+    MAX_POSITION,
+    BatchRejected,
+    _check_conversation_id,
+    check_attributes,
+    check_length,
+)
 from monitor.wire import pb
 
 _NO_ATTRIBUTES: Mapping[str, str] = SequenceSlice._field_defaults["attributes"]
@@ -30,6 +36,7 @@ SLICE_FIELDS = (
     "end",
     "request_id",
     "attributes",
+    "scope",
 )
 
 
@@ -58,6 +65,13 @@ class ConversationTable:
     def define(self, definitions: list[pb.ConversationSlot], limits: Limits) -> None:
         """Check every definition (raises BatchRejected naming the first bad one; then none
         is applied) and apply them in order."""
+        if len(definitions) > limits.max_sequences_per_batch:
+            raise BatchRejected(
+                "too_many_sequences",
+                "columns.define",
+                f"columns.define: {len(definitions)} definitions exceed the limit of "
+                f"{limits.max_sequences_per_batch} per batch",
+            )
         new: list[tuple[int, _Slot]] = []
         slots_seen: set[int] = set()
         ids_seen: set[str] = set()
@@ -75,6 +89,10 @@ class ConversationTable:
                     "bad_slot", f"{field}.slot", f"{field}.slot: {slot} is defined twice"
                 )
             _check_conversation_id(conversation_id, field, limits)
+            check_length(definition.request_id, f"{field}.request_id", limits.max_request_id_length)
+            check_length(definition.role, f"{field}.role", limits.max_role_length)
+            if definition.attributes:
+                check_attributes(definition.attributes, f"{field}.attributes", limits)
             if conversation_id in ids_seen:
                 raise BatchRejected(
                     "duplicate_conversation",
@@ -99,14 +117,33 @@ class ConversationTable:
             slot_of[entry.conversation_id] = slot
 
     def slices(
-        self, columns: pb.SequenceColumns, limits: Limits
+        self,
+        columns: pb.SequenceColumns,
+        limits: Limits,
+        scope: str = "",
+        scope_attribute: str = "",
     ) -> tuple[list[SequenceSlice], list[list[str]]]:
-        """The batch's sequences from its arrays: what `Sequence` messages would have given.
-        Raises BatchRejected (located) on a problem."""
+        """The batch's sequences from its arrays: what `Sequence` messages would have given,
+        scoped by `scope` or, when set, by each conversation's `scope_attribute`. Raises
+        BatchRejected (located) on a problem."""
         slot_ids = list(columns.slot)
         count = len(slot_ids)
         if not count:
             raise BatchRejected("no_sequences", "columns.slot", "columns.slot: no sequences")
+        if count > limits.max_sequences_per_batch:
+            raise BatchRejected(
+                "too_many_sequences",
+                "columns.slot",
+                f"columns.slot: {count} sequences exceed the limit of "
+                f"{limits.max_sequences_per_batch} per batch",
+            )
+        if count > limits.max_conversations:
+            raise BatchRejected(
+                "too_many_conversations",
+                "columns.slot",
+                f"columns.slot: {count} conversations in one batch exceed max_conversations "
+                f"({limits.max_conversations}), the most the sidecar tracks at once",
+            )
         rows, positions, ends = list(columns.rows), list(columns.position), list(columns.end)
         for name, values, allow_empty in (
             ("rows", rows, False),
@@ -171,8 +208,21 @@ class ConversationTable:
         # (a test checks SLICE_FIELDS against SequenceSlice._fields).
         ids, roles, request_ids, attributes = zip(*entries, strict=True)  # type: ignore[misc]
         starts = accumulate(rows, initial=0)  # one more than there are sequences: not strict
+        if scope_attribute:
+            scopes: Iterable[str] = [a.get(scope_attribute, "") for a in attributes]
+        else:
+            scopes = repeat(scope, count)
         fields = zip(
-            ids, starts, rows, positions, roles, ends, request_ids, attributes, strict=False
+            ids,
+            starts,
+            rows,
+            positions,
+            roles,
+            ends,
+            request_ids,
+            attributes,
+            scopes,
+            strict=False,
         )
         slices: list[SequenceSlice] = list(map(_new_slice, repeat(SequenceSlice, count), fields))
         if texts:

@@ -3,11 +3,13 @@ PostgreSQL; the review config and the pack-metadata reader."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -295,6 +297,58 @@ def test_config_requires_some_authentication(tmp_path: Path) -> None:
                 tmp_path,
                 "review.yaml",
             )
+
+
+def _login_cookie_over_http(config: Any) -> str:
+    """POST /login over plain http straight into the ASGI app; the Set-Cookie header."""
+    from monitor.audit.review.app import create_app
+
+    app = create_app(config)
+    body = f"token={'t' * 32}&next=/conversations".encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/login",
+        "raw_path": b"/login",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/x-www-form-urlencoded")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8088),
+    }
+    messages: list[dict[str, Any]] = []
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop() if pending else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    try:
+        asyncio.run(app.asgi(scope, receive, send))
+    finally:
+        app.close()
+    assert messages[0]["status"] == 303
+    return next(v.decode() for k, v in messages[0]["headers"] if k == b"set-cookie")
+
+
+def test_secure_cookie_marks_the_session_cookie_behind_a_tls_proxy(tmp_path: Path) -> None:
+    # Behind an Ingress that terminates TLS the page sees http; `secure_cookie: true` (as the
+    # deploy configs set it) still marks the session cookie Secure.
+    def config(**auth: Any) -> Any:
+        tokens = [{"name": "alice", "token_file": _token_file(tmp_path)}]
+        raw = {"store": "sqlite:///audit.db", "auth": {"tokens": tokens, **auth}}
+        return parse_review_config(raw, tmp_path, "review.yaml")
+
+    assert "secure" not in _login_cookie_over_http(config()).lower()
+    cookie = _login_cookie_over_http(config(secure_cookie=True))
+    assert "; secure" in cookie.lower() and "httponly" in cookie.lower()
+    with pytest.raises(ReviewConfigError, match="secure_cookie: expected true or false"):
+        config(secure_cookie="yes")
 
 
 def test_config_resolves_paths_and_reads_tokens(tmp_path: Path) -> None:

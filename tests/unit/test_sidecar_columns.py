@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from monitor.sidecar.columns import ConversationTable
+from monitor.sidecar.config import Limits
 from monitor.sidecar.validate import MAX_POSITION
 from monitor.wire import encode_tensor, pb
 from monitor.wire.columns import ColumnarEncoder, offers_columns
@@ -277,3 +278,71 @@ def test_slices_are_built_with_every_field_of_sequence_slice():
     from monitor.sidecar.columns import SLICE_FIELDS
 
     assert SequenceSlice._fields == SLICE_FIELDS
+
+
+@pytest.mark.parametrize(
+    ("batch", "reason", "field"),
+    [
+        (_columnar([{**A, "request_id": "r" * 300}]), "too_long", "columns.define[0].request_id"),
+        (_columnar([{**A, "role": "x" * 100}]), "too_long", "columns.define[0].role"),
+        (
+            _columnar([{**A, "attributes": {f"k{i}": "v" for i in range(20)}}]),
+            "too_many_attributes",
+            "columns.define[0].attributes",
+        ),
+        (
+            _columnar([{**A, "attributes": {"k": "v" * 300}}]),
+            "too_long",
+            "columns.define[0].attributes['k']",
+        ),
+    ],
+)
+def test_columns_definitions_obey_the_string_limits(make_pipeline, batch, reason, field):  # noqa: F811
+    (event,) = make_pipeline().process(batch, table=ConversationTable(8)).events
+    assert (event.error.reason, event.error.field) == (reason, field), event.error.message
+
+
+def test_columns_obey_the_sequence_and_conversation_counts(make_pipeline):  # noqa: F811
+    """max_conversations is 3 here: a batch of 4 conversations is a located BatchError in
+    either format, before any rule state is touched."""
+    pipeline = make_pipeline(max_conversations=3)
+    defs = [{"slot": i, "conversation_id": f"c{i}"} for i in range(4)]
+    batch = _columnar(defs, slot=range(4), rows=(1,) * 4, position=(0,) * 4)
+    (event,) = pipeline.process(batch, table=ConversationTable(8)).events
+    assert (event.error.reason, event.error.field) == ("too_many_conversations", "columns.slot")
+    limits = Limits(max_sequences_per_batch=2)
+    pipeline.limits = limits
+    (event,) = pipeline.process(batch, table=ConversationTable(8)).events
+    assert (event.error.reason, event.error.field) == ("too_many_sequences", "columns.define")
+
+
+def test_columns_are_scoped_like_sequences(make_pipeline):  # noqa: F811
+    """Scoped by an attribute, each slice carries its conversation's tenant; by client, the
+    client's identity; as with Sequence messages."""
+    from monitor.sidecar.pipeline import StreamClient
+
+    pipeline = make_pipeline()
+    defs = [
+        {"slot": 0, "conversation_id": "a", "attributes": {"tenant": "t1"}},
+        {"slot": 1, "conversation_id": "b"},
+    ]
+    batch = _columnar(defs, slot=(0, 1), rows=(1, 1), position=(0, 0))
+    table = ConversationTable(8)
+    validated = pipeline.validate(batch, StreamClient("alice", "alice"), table=table)
+    assert [s.scope for s in validated.slices] == ["alice", "alice"]
+    sequences = pb.StepBatch()
+    sequences.CopyFrom(batch)
+    sequences.ClearField("columns")
+    for d in defs:
+        sequences.sequences.append(
+            pb.Sequence(
+                conversation_id=d["conversation_id"], rows=1, attributes=d.get("attributes")
+            )
+        )
+    assert pipeline.validate(sequences, StreamClient("alice", "alice")).slices == validated.slices
+    from monitor.sidecar.config import ScopeSettings
+
+    pipeline.scoping = ScopeSettings(scope="attribute", attribute="tenant")
+    validated = pipeline.validate(batch, StreamClient("alice", "alice"), table=table)
+    assert [s.scope for s in validated.slices] == ["t1", ""]
+    assert pipeline.validate(sequences, StreamClient("alice", "alice")).slices == validated.slices

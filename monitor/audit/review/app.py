@@ -223,7 +223,7 @@ class ReviewApp:
             max_age=int(self.config.auth.session_hours * 3600),
             httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
+            secure=self.config.auth.secure_cookie or request.url.scheme == "https",
             path="/",
         )
         return response

@@ -13,6 +13,7 @@ auth:
   allow_anonymous: false
   session_secret_file: secrets/session.key   # shared by replicas; random per process if unset
   session_hours: 8
+  secure_cookie: true              # behind a TLS-terminating proxy (the page itself sees http)
 ```
 
 Relative paths resolve against the file's directory. Nothing in the file is evaluated.
@@ -56,6 +57,9 @@ class AuthSettings:
     allow_anonymous: bool = False
     session_secret: bytes | None = None
     session_hours: float = 8.0
+    # The session cookie gets `Secure` on https requests; this sets it always: behind a proxy
+    # that terminates TLS the page sees plain http and could not tell.
+    secure_cookie: bool = False
 
     def allows_identity(self, identity: str) -> bool:
         """Whether a proxy-asserted identity is on the allowlist (case-insensitive)."""
@@ -115,6 +119,7 @@ _AUTH = {
     "allow_anonymous",
     "session_secret_file",
     "session_hours",
+    "secure_cookie",
 }
 
 
@@ -234,6 +239,10 @@ def _auth(raw: Any, base_dir: Path, origin: str) -> AuthSettings:
         raise ReviewConfigError(
             f"{origin}: auth.allowed_identities: required with identity_header (an allowlist)"
         )
+    secure = raw.get("secure_cookie", False)
+    if not isinstance(secure, bool):
+        raise ReviewConfigError(f"{origin}: auth.secure_cookie: expected true or false")
+    out["secure_cookie"] = secure
     anonymous = raw.get("allow_anonymous", False)
     if not isinstance(anonymous, bool):
         raise ReviewConfigError(f"{origin}: auth.allow_anonymous: expected true or false")
