@@ -222,8 +222,8 @@ class StepAssembler:
                 self.ledger.link(parent, ids[i * copies : (i + 1) * copies])
         tagging = Tagging(
             conversation_ids=ids,
-            roles=_expand(context.roles, batch) or (context.roles[0],) * batch,
-            request_ids=_expand(context.request_ids, batch) or (context.request_ids[0],) * batch,
+            roles=_repeat(context.roles, batch),
+            request_ids=_repeat(context.request_ids, batch),
             attributes=context.attributes,
             key=(context.serial, batch),
         )
@@ -281,6 +281,19 @@ def _expand(values: tuple[str, ...], batch: int) -> tuple[str, ...] | None:
         return None
     copies = batch // len(values)
     return tuple(f"{v}/{j}" for v in values for j in range(copies))
+
+
+def _repeat(values: tuple[str, ...], batch: int) -> tuple[str, ...]:
+    """One value per row for roles and request ids: one value for every row, one per row, or
+    one per conversation id repeated over its sequences. Never suffixed: only conversation ids
+    get '/<j>' (a role 'assistant/0' would match no rule, and a request id that changes with
+    the row index would restart every `scope: request` rule at each step)."""
+    if len(values) == batch:
+        return values
+    if len(values) == 0 or batch % len(values):
+        return (values[0] if values else "",) * batch
+    copies = batch // len(values)
+    return tuple(v for v in values for _ in range(copies))
 
 
 def _select_features(

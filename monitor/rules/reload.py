@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,13 +45,20 @@ class RuleReloader:
     def __init__(
         self,
         paths: Sequence[str | Path],
-        known_features: Collection[str] | None = None,
+        known_features: Collection[str] | Mapping[str, float | None] | None = None,
         ruleset: RuleSet | None = None,
     ) -> None:
         """``ruleset``: the set already running (its file hashes are the baseline); without
         one, the first ``check()`` loads."""
         self.paths = list(paths)
-        self.known_features = None if known_features is None else frozenset(known_features)
+        # A mapping also carries the packs' calibrated thresholds: keep it one.
+        self.known_features: Collection[str] | Mapping[str, float | None] | None = (
+            None
+            if known_features is None
+            else dict(known_features)
+            if isinstance(known_features, Mapping)
+            else frozenset(known_features)
+        )
         self._ruleset = ruleset
         self._seen: Fingerprint | None = tuple(ruleset.files) if ruleset is not None else None
         self._lock = threading.Lock()

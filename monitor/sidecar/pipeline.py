@@ -225,19 +225,46 @@ class Pipeline:
         for _ in group:  # each step waited for the whole group
             self.metrics.batch_seconds.observe(elapsed)
 
-    def evaluate_once(self, batch: pb.StepBatch) -> BatchOutcome:
-        """Score a batch with fresh rule state (the Evaluate RPC); shares no stream state."""
+    def evaluate_once(self, batch: pb.StepBatch, include_features: bool = False) -> BatchOutcome:
+        """Score a batch with fresh rule state (the Evaluate RPC); shares no stream state.
+
+        ``include_features`` returns every loaded pack feature the batch's hook points carry,
+        not only those the rules read (with no rules loaded, the rules read none); a batch
+        that no pack can encode is rejected (``no_features``) rather than answered empty."""
         try:
             # No stream, no table beyond this call: a columnar batch defines what it uses.
             table = ConversationTable(self.limits.max_conversation_slots)
             validated = self.validate(batch, table=table)
+            features = self.encode(validated)
+            if include_features:
+                features = {**self._encode_all(validated), **features}
+                if not features:
+                    raise BatchRejected(
+                        "no_features",
+                        "layers",
+                        "layers: no loaded pack encodes the batch's hook point(s) "
+                        f"{', '.join(sorted(validated.activations)) or '(none)'}",
+                    )
         except BatchRejected as rejected:
             return self._reject(batch.seq_no, rejected)
-        features = self.encode(validated)
         engine = RuleEngine(self.ruleset, max_conversations=self.limits.max_conversations)
         result = engine.evaluate(features, validated.slices, model=batch.model)
         events = [alert_event(batch.seq_no, f) for f in result.firings]
         return BatchOutcome(events, result.firings, features)
+
+    def _encode_all(self, batch: ValidatedBatch) -> dict[str, torch.Tensor]:
+        """Every feature of every pack at the hook points this batch carries."""
+        features: dict[str, torch.Tensor] = {}
+        for pack in self.packs:
+            for hook_point in pack.hook_points:
+                values = batch.encoded.get((pack.name, hook_point))
+                if values is None and hook_point in batch.activations:
+                    values = pack.encode(hook_point, batch.activations[hook_point]).to("cpu")
+                if values is None:
+                    continue
+                for column, name in enumerate(pack.qualified_names(hook_point)):
+                    features[name] = values[:, column]
+        return features
 
     def validate(
         self,
@@ -323,9 +350,14 @@ def _feature_columns(packs: Sequence[FeaturePack], required: set[str]) -> list[F
     return columns
 
 
-def qualified_feature_names(packs: Sequence[FeaturePack]) -> set[str]:
-    """Every '<pack>/<feature>' the loaded packs provide (for rule validation)."""
-    return {name for pack in packs for hp in pack.hook_points for name in pack.qualified_names(hp)}
+def qualified_feature_names(packs: Sequence[FeaturePack]) -> dict[str, float | None]:
+    """Every '<pack>/<feature>' the loaded packs provide (for rule validation), with its
+    calibrated alert threshold (what a rule's ``thresholds:`` entry naming it takes)."""
+    return {
+        f"{pack.name}/{info.name}": info.alert_threshold
+        for pack in packs
+        for info in pack.features()
+    }
 
 
 def internal_errors(

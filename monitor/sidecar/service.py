@@ -182,12 +182,16 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
     async def Evaluate(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> pb.EvaluateResponse:
+        """Score one batch with fresh rule state; optionally return the feature values."""
         if request is streams.UNDECODABLE:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "the request is not a valid EvaluateRequest (protobuf decoding failed)",
             )
-        outcome = await self._run(self.pipeline.evaluate_once, request.batch)
+        include = request.include_features
+        outcome = await self._run(
+            lambda batch: self.pipeline.evaluate_once(batch, include), request.batch
+        )
         response = pb.EvaluateResponse()
         for event in outcome.events:
             if event.HasField("alert"):
