@@ -64,6 +64,7 @@ class ReceivedAlert:
     message: str
     labels: dict[str, str]
     seq_no: int
+    actions: tuple[str, ...] = ()  # the rule's actions; "block" asks the engine to stop it
 
 
 class CaptureClient:
@@ -216,6 +217,19 @@ class CaptureClient:
             features=dict(self._empty_features),
         )
         self._enqueue(step)
+
+    def submit(self, step: CapturedStep) -> None:
+        """Send a step assembled outside this client's hooks (engine integrations such as
+        vLLM, which split one flattened forward pass into per-request rows themselves).
+        Counted, dropped and sent exactly like a hooked step; never raises into the caller."""
+        try:
+            self._enqueue(step)
+        except Exception as exc:
+            self._on_hook_error("submit", exc)
+
+    def count_drop(self, reason: str) -> None:
+        """Count a step an integration dropped before it reached the client."""
+        self._count_drop(reason)
 
     # ---- results --------------------------------------------------------------------------
 
@@ -418,6 +432,7 @@ class CaptureClient:
             message=alert.message,
             labels=dict(alert.labels),
             seq_no=alert.seq_no,
+            actions=tuple(alert.actions),
         )
         with self._lock:
             self._alerts.append(received)
