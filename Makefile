@@ -42,7 +42,7 @@ test: $(STAMP) lint services
 
 # The vLLM integration tests: a separate pytest run in the vLLM venv (CI runs them via `make test`).
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/pytest -m vllm tests
+	$(VLLM_VENV)/bin/pytest -m vllm tests/vllm
 
 services:
 	bash tests/install_services.sh

@@ -114,7 +114,7 @@ def sidecar_config(workdir: Path, extra_rules: str = "") -> dict:
 
 
 class Engine:
-    """The driver subprocess (tests/vllm/engine_driver.py) and its JSON-lines protocol."""
+    """The driver subprocess (monitor/bench/vllm_engine.py) and its JSON-lines protocol."""
 
     def __init__(self, kwargs: dict[str, Any], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
@@ -129,7 +129,7 @@ class Engine:
             **env,
         }
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("engine_driver.py")), json.dumps(kwargs)],
+            [sys.executable, "-m", "monitor.bench.vllm_engine", json.dumps(kwargs)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -144,10 +144,15 @@ class Engine:
 
     def _read(self) -> None:
         assert self.process.stdout is not None
-        for line in self.process.stdout:
-            text = line.decode().strip()
-            if text.startswith("{"):
-                self._lines.put(text)
+        # vLLM logs to stdout too: keep it next to the log, the replies are JSON lines.
+        with self.log_path.with_suffix(".out").open("wb") as out:
+            for line in self.process.stdout:
+                text = line.decode(errors="replace").strip()
+                if text.startswith("{"):
+                    self._lines.put(text)
+                else:
+                    out.write(line)
+                    out.flush()
         self._lines.put(None)
 
     def _reply(self, timeout: float) -> Any:
@@ -162,7 +167,10 @@ class Engine:
 
     def log_tail(self, chars: int = 4000) -> str:
         self._log.flush()
-        return self.log_path.read_text(errors="replace")[-chars:]
+        err = self.log_path.read_text(errors="replace")[-chars:]
+        out_path = self.log_path.with_suffix(".out")
+        out = out_path.read_text(errors="replace")[-chars:] if out_path.exists() else ""
+        return f"{out}\n--- stderr ---\n{err}"
 
     def call(self, command: dict[str, Any], timeout: float = 300.0) -> Any:
         assert self.process.stdin is not None

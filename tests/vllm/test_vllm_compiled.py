@@ -21,7 +21,8 @@ from tests.vllm.harness import (
     write_model,
 )
 
-pytestmark = pytest.mark.vllm
+# Engine start-up (compilation included) takes minutes on two busy cores.
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,6 @@
-"""A vLLM engine in its own process, driven by JSON lines on stdin (one reply line each).
+"""A vLLM engine in its own process, driven by JSON lines on stdin (one reply line each):
+`python -m monitor.bench.vllm_engine '<LLM keyword arguments as JSON>'`. Used by
+`safety-monitor bench overhead --engine vllm` and by the vLLM integration tests.
 
 vLLM starts its engine core and workers with multiprocessing, which needs the engine to be
 created under `if __name__ == "__main__":`; running it as a script also lets one engine serve
@@ -10,7 +12,8 @@ Commands:
       engine step), abort_after (abort once it has that many output tokens);
       -> {"results": {id: {"outputs": [{token_ids, finish_reason, stop_reason}], ...}}}
   {"op": "report"} -> the workers' capture reports;  {"op": "flush"} -> bool per worker
-  {"op": "probe_hooks"} -> installs a forward hook counter on every decoder layer
+  {"op": "probe_hooks"} -> installs a forward hook counter on every decoder layer (tests:
+      it shows whether forward hooks run at all; needs VLLM_ALLOW_INSECURE_SERIALIZATION=1)
   {"op": "hook_calls"} -> how often those hooks ran
   {"op": "quit"}
 """
@@ -49,6 +52,7 @@ def run(engine: Any, requests: list[dict[str, Any]], max_steps: int) -> dict[str
     results: dict[str, Any] = {}
     live: dict[str, dict[str, Any]] = {}
     step = 0
+    step_seconds: list[float] = []
     started = time.monotonic()
     while (pending or live) and step < max_steps:
         while pending and pending[0].get("start_step", 0) <= step:
@@ -58,7 +62,10 @@ def run(engine: Any, requests: list[dict[str, Any]], max_steps: int) -> dict[str
             )
             engine.add_request(request["id"], {"prompt_token_ids": request["prompt"]}, params)
             live[request["id"]] = request
-        for output in engine.step():
+        step_started = time.perf_counter()
+        outputs = engine.step()
+        step_seconds.append(time.perf_counter() - step_started)
+        for output in outputs:
             request = live.get(output.request_id)
             if request is None:
                 continue
@@ -83,7 +90,12 @@ def run(engine: Any, requests: list[dict[str, Any]], max_steps: int) -> dict[str
                 results[output.request_id]["aborted_by_client"] = True
                 del live[output.request_id]
         step += 1
-    return {"results": results, "steps": step, "seconds": time.monotonic() - started}
+    return {
+        "results": results,
+        "steps": step,
+        "seconds": time.monotonic() - started,
+        "step_seconds": step_seconds,
+    }
 
 
 def main() -> None:
