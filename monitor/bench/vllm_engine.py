@@ -1,4 +1,5 @@
-"""A vLLM engine in its own process, driven by JSON lines on stdin (one reply line each):
+"""A vLLM engine in its own process, driven by JSON lines on stdin (one JSON reply line each,
+`{"reply": ...}`):
 `python -m monitor.bench.vllm_engine '<LLM keyword arguments as JSON>'`. Used by
 `safety-monitor bench overhead --engine vllm` and by the vLLM integration tests.
 
@@ -119,11 +120,11 @@ def main() -> None:
         elif op == "hook_calls":
             reply = llm.collective_rpc(_hook_calls)
         elif op == "quit":
-            print(json.dumps({"bye": True}), flush=True)
+            print(json.dumps({"reply": "bye"}), flush=True)
             break
         else:
             reply = {"error": f"unknown op {op!r}"}
-        print(json.dumps(reply), flush=True)
+        print(json.dumps({"reply": reply}), flush=True)
     del llm
 
 

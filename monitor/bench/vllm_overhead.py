@@ -64,7 +64,7 @@ class _Engine:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             text = line.decode(errors="replace").strip()
-            if text.startswith("{") or text.startswith("["):
+            if text.startswith("{"):
                 self._lines.put(text)
         self._lines.put(None)
 
@@ -78,7 +78,7 @@ class _Engine:
         assert self.process.stdin is not None
         self.process.stdin.write((json.dumps(command) + "\n").encode())
         self.process.stdin.flush()
-        return self.reply(timeout)
+        return self.reply(timeout)["reply"]
 
     def stop(self) -> None:
         try:

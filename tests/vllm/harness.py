@@ -139,8 +139,18 @@ class Engine:
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        ready = self._reply(ENGINE_START_TIMEOUT_S)
+        try:
+            ready = self._reply(ENGINE_START_TIMEOUT_S)
+        except BaseException:
+            self.stop()
+            raise
         assert ready == {"ready": True}, ready
+
+    def _call_raw(self, command: dict[str, Any], timeout: float) -> Any:
+        assert self.process.stdin is not None
+        self.process.stdin.write((json.dumps(command) + "\n").encode())
+        self.process.stdin.flush()
+        return self._reply(timeout)
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -165,6 +175,11 @@ class Engine:
             raise RuntimeError(f"engine exited {self.process.poll()}; log: {self.log_tail()}")
         return json.loads(line)
 
+    def full_log(self) -> str:
+        out_path = self.log_path.with_suffix(".out")
+        out = out_path.read_text(errors="replace") if out_path.exists() else ""
+        return out + self.log_path.read_text(errors="replace")
+
     def log_tail(self, chars: int = 4000) -> str:
         self._log.flush()
         err = self.log_path.read_text(errors="replace")[-chars:]
@@ -173,10 +188,7 @@ class Engine:
         return f"{out}\n--- stderr ---\n{err}"
 
     def call(self, command: dict[str, Any], timeout: float = 300.0) -> Any:
-        assert self.process.stdin is not None
-        self.process.stdin.write((json.dumps(command) + "\n").encode())
-        self.process.stdin.flush()
-        return self._reply(timeout)
+        return self._call_raw(command, timeout)["reply"]
 
     def run(self, requests: list[dict[str, Any]], timeout: float = 300.0) -> dict[str, Any]:
         return self.call({"op": "run", "requests": requests}, timeout)["results"]
@@ -199,7 +211,8 @@ class Engine:
             if self.process.poll() is None:
                 os.killpg(self.process.pid, 9)  # its own session: the engine's children too
                 self.process.wait(30)
-            self._log.close()
+            if not self._log.closed:
+                self._log.close()
 
 
 def monitor_env(target: str, layers: str = "1", **extra: str) -> dict[str, str]:
