@@ -70,15 +70,16 @@ def run(engine: Any, requests: list[dict[str, Any]], max_steps: int) -> dict[str
             request = live.get(output.request_id)
             if request is None:
                 continue
+            # With n > 1 a step reports only the sequences that moved: keep each by index.
+            completions = request.setdefault("_completions", {})
+            for o in output.outputs:
+                completions[o.index] = {
+                    "token_ids": list(o.token_ids),
+                    "finish_reason": o.finish_reason,
+                    "stop_reason": o.stop_reason,
+                }
             results[output.request_id] = {
-                "outputs": [
-                    {
-                        "token_ids": list(o.token_ids),
-                        "finish_reason": o.finish_reason,
-                        "stop_reason": o.stop_reason,
-                    }
-                    for o in output.outputs
-                ],
+                "outputs": [completions[i] for i in sorted(completions)],
                 "prompt_len": len(output.prompt_token_ids or []),
                 "num_cached_tokens": output.num_cached_tokens,
                 "finished": output.finished,
