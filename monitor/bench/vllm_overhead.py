@@ -161,7 +161,7 @@ def run_vllm_overhead_bench(
     requests: int = 4,
     prompt_tokens: int = 32,
     new_tokens: int = 48,
-    layers: str = "1,2",
+    layers: str = "1",
     eager_modes: tuple[bool, ...] = (False, True),
 ) -> dict[str, Any]:
     """Measure the three engine modes for each execution mode; returns the results."""

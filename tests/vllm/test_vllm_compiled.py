@@ -130,7 +130,10 @@ def test_client_abort_stops_the_stream_of_tokens(engine):
     assert results["abort-me"]["aborted_by_client"]
     produced = len(results["abort-me"]["outputs"][0]["token_ids"])
     alerts = alerts_after_flush(engine)
-    assert seen(alerts, "abort-me") == 3 + produced - 1
+    # The engine core runs ahead of the client that aborts: the steps it computed before the
+    # abort reached it were sent (once, in order, checked by `seen`), and then nothing more.
+    computed = seen(alerts, "abort-me")
+    assert 3 + produced - 1 <= computed <= 3 + produced - 1 + 10, (produced, computed)
     assert seen(alerts, "abort-neighbour") == 3 + 12 - 1
     # Finished and aborted requests are forgotten: the worker learns that a request ended
     # from the next step's scheduler output, so at most this run's last two are still held.

@@ -10,6 +10,9 @@ imports, and workers forked from the engine core inherit the patches):
   refuses speculative decoding at start;
 - engine core (`Scheduler`): guard mode, see guard.py;
 - workers (`GPUModelRunner`, which the CPU runner extends): capture, see worker.py and op.py.
+
+Whether configured or not, workers get two methods for `LLM.collective_rpc`:
+`safety_monitor_report` and `safety_monitor_flush`.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def register() -> None:
             return
         _registered = True
         _settings = load_settings()  # a configuration error stops vLLM here, by design
+        # The report works with the monitor off too (it says so), for operators and tests.
+        when_imported("vllm.v1.worker.worker_base", _patch_worker_base)
         if _settings is None:
             return
         when_imported("vllm.engine.arg_utils", _patch_engine_args)
@@ -50,7 +55,6 @@ def register() -> None:
         when_imported("vllm.v1.core.sched.scheduler", _patch_scheduler)
         when_imported("vllm.v1.worker.gpu_model_runner", _patch_runner)
         when_imported("vllm.v1.worker.cpu_model_runner", _patch_cpu_runner)
-        when_imported("vllm.v1.worker.worker_base", _patch_worker_base)
 
 
 def settings() -> PluginSettings | None:
@@ -209,10 +213,19 @@ def _patch_runner(module: ModuleType) -> None:
 def _patch_worker_base(module: ModuleType) -> None:
     """Operator calls by name: `llm.collective_rpc("safety_monitor_report")` and
     `llm.collective_rpc("safety_monitor_flush", args=(timeout,))`."""
-    from monitor.capture.vllm.worker import capture_flush, capture_report
 
-    module.WorkerBase.safety_monitor_report = capture_report
-    module.WorkerBase.safety_monitor_flush = capture_flush
+    def safety_monitor_report(worker: Any) -> dict[str, Any]:
+        from monitor.capture.vllm.worker import capture_report
+
+        return capture_report(worker)
+
+    def safety_monitor_flush(worker: Any, timeout: float = 30.0) -> bool:
+        from monitor.capture.vllm.worker import capture_flush
+
+        return capture_flush(worker, timeout)
+
+    module.WorkerBase.safety_monitor_report = safety_monitor_report
+    module.WorkerBase.safety_monitor_flush = safety_monitor_flush
 
 
 def _patch_cpu_runner(module: ModuleType) -> None:
