@@ -4,6 +4,9 @@ accounting."""
 
 from __future__ import annotations
 
+import socket
+import urllib.request
+
 import pytest
 
 from tests.conftest import start_sidecar
@@ -12,7 +15,6 @@ from tests.vllm.harness import (
     Engine,
     engine_kwargs,
     greedy,
-    monitor_env,
     seen,
     sidecar_config,
     write_model,
@@ -34,12 +36,26 @@ def sidecar(tmp_path_factory):
 def engine(sidecar, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vllm-eager")
     model = write_model(workdir / "tiny-llama")
-    engine = Engine(
-        engine_kwargs(model, eager=True), monitor_env(sidecar.target), workdir / "engine.log"
+    # Configured by a YAML file this time, with the worker's metrics served on a port.
+    config = workdir / "monitor.yaml"
+    config.write_text(
+        f"target: {sidecar.target}\nlayers: [1]\nmodel_name: tiny\nmetrics_port: {free_port()}\n"
     )
+    engine = Engine(
+        engine_kwargs(model, eager=True),
+        {"SAFETY_MONITOR_CONFIG": str(config)},
+        workdir / "engine.log",
+    )
+    engine.metrics_port = int(config.read_text().split("metrics_port: ")[1])
     engine.call({"op": "probe_hooks"})
     yield engine
     engine.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_eager_mode_accounting_in_mixed_batches_with_preemption(engine):
@@ -73,3 +89,11 @@ def test_eager_mode_block(engine):
     )
     assert results["eager-bad"]["outputs"][0]["finish_reason"] == "abort"
     assert results["eager-ok"]["outputs"][0]["finish_reason"] == "length"
+
+
+def test_worker_metrics_are_served(engine):
+    url = f"http://127.0.0.1:{engine.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    steps = [line for line in text.splitlines() if line.startswith("safety_monitor_capture_steps")]
+    assert steps and float(steps[0].split()[-1]) > 0, steps
