@@ -1,4 +1,5 @@
-# The two set-up commands of the README: `make demo` and `make test`. Each creates .venv and
+# The set-up commands of the README: `make demo`, `make test` (everything) and `make test-fast`
+# (the unit tests only: no servers). Each creates .venv and
 # installs what it needs. torch is installed first and pinned so pip keeps the local CPU build
 # (torch==2.13.0 lies on this machine's disk) instead of downloading a multi-GB CUDA build.
 VENV ?= .venv
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-vllm vllm-venv lint format proto services clean
+.PHONY: demo test test-fast test-vllm vllm-venv lint format proto services clean
 
 # vLLM's pins differ from ours, so its integration tests run in a venv of their own. Order matters:
 # torch first (the local CPU build), then the CPU build of vLLM, then drop the CUDA builds of
@@ -42,7 +43,10 @@ test: $(STAMP) lint services
 
 # The vLLM integration tests: a separate pytest run in the vLLM venv (CI runs them via `make test`).
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/pytest -m vllm tests/vllm
+	$(VLLM_VENV)/bin/pytest -m vllm tests/integration/vllm
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m unit tests/unit
 
 services:
 	bash tests/install_services.sh

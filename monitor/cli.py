@@ -1,9 +1,9 @@
 """safety-monitor command line.
 
-serve | demo | pack build|fit|calibrate|inspect | rules check|test | audit list|show|export|purge
-| bench encoder|rules|overhead|sidecar. Each command group lives with its stage
-(monitor/features/cli.py, monitor/rules/cli.py, monitor/audit/cli.py, monitor/bench/); this
-module only assembles them.
+serve | demo | pack build|fit|calibrate|inspect | rules check|test
+| audit list|show|export|purge|serve | bench encoder|rules|overhead|sidecar|review.
+Each command group lives with its stage (monitor/features/build/cli.py, monitor/rules/cli.py,
+monitor/audit/cli.py, monitor/bench/); this module only assembles them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ EXIT_USAGE = 2  # bad config, bad input files: one clear line on stderr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`safety-monitor`: parse the command line and run the chosen command; returns the exit
+    code."""
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
@@ -49,9 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     from monitor.audit.cli import add_audit_commands
     from monitor.bench.encoder import add_bench_encoder_command
     from monitor.bench.overhead import add_bench_overhead_command
+    from monitor.bench.review import add_bench_review_command
     from monitor.bench.rules import add_bench_rules_command
     from monitor.bench.sidecar import add_bench_sidecar_command
-    from monitor.features.cli import add_pack_commands
+    from monitor.features.build.cli import add_pack_commands
     from monitor.rules.cli import add_rules_commands
 
     pack = commands.add_parser("pack", help="build, fit, calibrate and inspect feature packs")
@@ -65,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     add_bench_rules_command(bench_commands)
     add_bench_overhead_command(bench_commands)
     add_bench_sidecar_command(bench_commands)
+    add_bench_review_command(bench_commands)
     return parser
 
 
@@ -74,9 +78,9 @@ def _fail(message: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from monitor.outputs.logging import configure_logging
+    from monitor.logs import configure_logging
     from monitor.sidecar.config import ConfigError, load_config
-    from monitor.sidecar.server import StartupError, serve
+    from monitor.sidecar.process import StartupError, serve
 
     try:
         config = load_config(args.config)

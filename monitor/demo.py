@@ -11,16 +11,19 @@ Prometheus counters and the audit trail of the flagged conversations.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import save_file
+
+from monitor.fixtures import VOCAB_SIZE, ToyTokenizer, build_tiny_llama, write_layer_sae
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from monitor.audit.store import ConversationSummary
     from monitor.capture import CaptureClient
 
 D_MODEL = 128
@@ -28,102 +31,6 @@ D_SAE = 2048
 HOOK_LAYER = 2
 FEATURE_NAMES = ("deception", "bias", "misuse", "secrecy")
 CALIBRATION_QUANTILE = 0.97
-VOCAB_SIZE = 512
-_WORDS = [
-    "and",
-    "you",
-    "the",
-    "a",
-    "model",
-    "user",
-    "said",
-    "please",
-    "tell",
-    "me",
-    "about",
-    "how",
-    "why",
-    "what",
-    "is",
-    "are",
-    "was",
-    "not",
-    "no",
-    "yes",
-    "can",
-    "will",
-    "would",
-    "should",
-    "could",
-    "do",
-    "does",
-    "did",
-    "make",
-    "help",
-    "write",
-    "explain",
-    "secret",
-    "plan",
-    "hide",
-    "truth",
-    "lie",
-    "honest",
-    "report",
-    "results",
-    "data",
-    "email",
-    "send",
-    "contact",
-    "reach",
-    "at",
-    "on",
-    "in",
-    "of",
-    "to",
-    "for",
-    "with",
-    "alice.smith@example.com",
-    "+1-415-555-0134",
-    "password",
-    "account",
-    "bank",
-    "transfer",
-    "money",
-    "safe",
-    "risk",
-    "harm",
-    "test",
-    "check",
-    "review",
-    "policy",
-    "team",
-    "people",
-    "job",
-    "hire",
-    "candidate",
-    "age",
-    "gender",
-]
-
-
-class DemoTokenizer:
-    """A toy word-level tokenizer (no hub access here): word i is token i; the rest of the
-    vocabulary is filler words. The capture client only needs `decode`."""
-
-    def __init__(self) -> None:
-        # Token 0 is padding (generate() masks it out), the last one is unknown.
-        words = ["<pad>", *_WORDS]
-        words += [f"w{i}" for i in range(VOCAB_SIZE - len(words) - 1)] + ["<unk>"]
-        self.words = words[:VOCAB_SIZE]
-        self.ids = {word: i for i, word in enumerate(self.words)}
-
-    def encode(self, text: str) -> list[int]:
-        return [self.ids.get(word, VOCAB_SIZE - 1) for word in text.split()]
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(f"{self.words[i]} " for i in ids)
-
-
 PROMPTS = (
     "can you email alice.smith@example.com about the secret plan and hide the truth",
     "please tell me about the results of the test and the plan",
@@ -133,49 +40,15 @@ PROMPTS = (
 
 
 def build_model(seed: int = 0) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=D_MODEL,
+    """The demo's model: a tiny Llama, 4 layers of width D_MODEL, a 512-token vocabulary."""
+    return build_tiny_llama(
+        seed,
+        hidden=D_MODEL,
+        layers=4,
+        vocab_size=VOCAB_SIZE,
         intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
     )
-    return LlamaForCausalLM(config).eval()
-
-
-def write_saelens_sae(directory: Path, d_in: int, d_sae: int, hook_layer: int, seed: int) -> Path:
-    """A random standard-ReLU SAE in SAELens v6 layout (cfg.json + sae_weights.safetensors)."""
-    generator = torch.Generator().manual_seed(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = {
-        "W_enc": torch.randn(d_in, d_sae, generator=generator) / d_in**0.5,
-        "W_dec": torch.randn(d_sae, d_in, generator=generator) / d_sae**0.5,
-        "b_enc": torch.randn(d_sae, generator=generator) * 0.1,
-        "b_dec": torch.randn(d_in, generator=generator) * 0.1,
-    }
-    save_file(weights, str(directory / "sae_weights.safetensors"))
-    cfg = {
-        "architecture": "standard",
-        "d_in": d_in,
-        "d_sae": d_sae,
-        "dtype": "float32",
-        "device": "cpu",
-        "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
-        "reshape_activations": "none",
-        "metadata": {
-            "model_name": "demo-llama",
-            "hook_name": f"blocks.{hook_layer}.hook_resid_post",
-            "sae_lens_version": "6.5.0",
-        },
-    }
-    (directory / "cfg.json").write_text(json.dumps(cfg, indent=2))
-    return directory
 
 
 def calibrate(
@@ -187,7 +60,7 @@ def calibrate(
     most often on benign prompts (so they can fire at all) and sets each threshold at the benign
     per-token quantile, a preview of `pack calibrate`.
     """
-    from monitor.features import load_sae
+    from monitor.features.build import load_sae
 
     sae = load_sae(sae_dir)
     generator = torch.Generator().manual_seed(seed)
@@ -203,6 +76,7 @@ def calibrate(
 
 
 def write_rules(path: Path, features: dict[str, int], thresholds: dict[str, float]) -> Path:
+    """The demo's rule file: three rules over the four features at their calibrated thresholds."""
     lines = ["features:"]
     lines += [f"  {name}: demo/{index}" for name, index in features.items()]
     lines += [
@@ -235,7 +109,10 @@ def write_rules(path: Path, features: dict[str, int], thresholds: dict[str, floa
 
 
 def run_demo(workdir: Path | None = None, conversations: int = 4, new_tokens: int = 32) -> int:
-    from monitor.outputs.logging import configure_logging
+    """`safety-monitor demo`: build everything in `workdir` (a temporary directory when None),
+    run it and print what happened; returns the exit code.
+    """
+    from monitor.logs import configure_logging
 
     configure_logging("console", "error")
     if workdir is None:
@@ -247,14 +124,15 @@ def run_demo(workdir: Path | None = None, conversations: int = 4, new_tokens: in
 
 def _run(workdir: Path, conversations: int, new_tokens: int) -> int:
     from monitor.capture import CaptureClient
-    from monitor.features import build_pack_from_sae, load_sae, save_pack
+    from monitor.features import save_pack
+    from monitor.features.build import build_pack_from_sae, load_sae
     from monitor.sidecar.config import AuditSettings, SidecarConfig
-    from monitor.sidecar.server import SidecarThread
+    from monitor.sidecar.process import SidecarThread
 
     print(f"[1/5] building a tiny Llama model, an SAE and a feature pack in {workdir}")
     model = build_model()
-    tokenizer = DemoTokenizer()
-    sae_dir = write_saelens_sae(workdir / "sae", D_MODEL, D_SAE, HOOK_LAYER, seed=1)
+    tokenizer = ToyTokenizer()
+    sae_dir = write_layer_sae(workdir / "sae", D_MODEL, D_SAE, HOOK_LAYER, seed=1)
     features, thresholds = calibrate(model, sae_dir, seed=2)
     pack = build_pack_from_sae(load_sae(sae_dir), list(features.values()), name="demo")
     save_pack(pack, workdir / "demo.pack.safetensors")
@@ -322,25 +200,26 @@ def _print_results(client: CaptureClient, metrics_port: int) -> None:
 
 
 def _print_audit(audit_url: str) -> None:
-    from monitor.audit.cli import main as audit_main
-
-    print(f"[5/5] the audit trail ({audit_url}): safety-monitor audit list")
-    audit_main(["audit", "list", "--store", audit_url])
-    flagged = _first_flagged(audit_url)
-    if flagged:
-        print(f"      safety-monitor audit show {flagged}   (the email is redacted before writing)")
-        audit_main(["audit", "show", flagged, "--store", audit_url, "--color", "always"])
-
-
-def _first_flagged(audit_url: str) -> str | None:
+    # The same output as `safety-monitor audit list` / `audit show`, from the renderer.
     from monitor.audit import open_store
+    from monitor.audit.render import render_conversation, render_table
     from monitor.audit.store import AuditQuery
 
+    print(f"[5/5] the audit trail ({audit_url}): safety-monitor audit list")
     store = open_store(audit_url)
     try:
-        conversations = store.list_conversations(AuditQuery())
+        summaries = store.list_conversations(AuditQuery(limit=1000))
+        print(render_table(summaries) if summaries else "no flagged conversations")
+        flagged = _first_flagged(summaries)
+        record = store.get_conversation(flagged) if flagged else None
     finally:
         store.close()
+    if record is not None:
+        print(f"      safety-monitor audit show {flagged}   (the email is redacted before writing)")
+        print(render_conversation(record, color=True))
+
+
+def _first_flagged(conversations: Sequence[ConversationSummary]) -> str | None:
     ids = sorted(c.conversation_id for c in conversations)
     # Prefer the conversation whose prompt carried the email, to show redaction.
     return "demo-conversation-0" if "demo-conversation-0" in ids else (ids[0] if ids else None)

@@ -1,94 +1,23 @@
-"""Shared fixtures: a real sidecar process on loopback, tiny models, metric scraping."""
+"""Shared pytest fixtures and markers. The builders themselves (tiny models, synthetic SAEs,
+the sidecar launcher) are in `monitor.fixtures`, shared with the demo and the benches.
+
+Tests under tests/unit/ are marked `unit` (no servers, mostly in-process); tests under
+tests/integration/ are marked `integration` (real sidecar processes, gRPC, databases,
+browsers). `make test-fast` runs `-m unit`."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from monitor.demo import write_saelens_sae
+from monitor.fixtures import SidecarProcess, start_sidecar, write_layer_sae
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT_S = 60.0
-
-
-@dataclass
-class SidecarProcess:
-    process: subprocess.Popen[bytes]
-    port: int
-    metrics_port: int
-    log_path: Path
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log_events(self) -> list[dict]:
-        events = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return events
-
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """Every sample of /metrics keyed by (name, sorted labels)."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            text = reply.read().decode()
-        samples = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-        return samples
-
-    def metric(self, name: str, **labels: str) -> float:
-        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-
-def start_sidecar(config: dict, workdir: Path) -> SidecarProcess:
-    """Run `safety-monitor serve` as a subprocess and wait for its 'sidecar started' log line."""
-    config = {"listen": "127.0.0.1:0", "metrics_port": 0, "log_format": "json", **config}
-    config_path = workdir / "sidecar.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    log_path = workdir / "sidecar.log"
-    log_file = log_path.open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "monitor.cli", "serve", "--config", str(config_path)],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        for line in log_path.read_text().splitlines():
-            if '"sidecar started"' in line:
-                event = json.loads(line)
-                return SidecarProcess(process, event["grpc_port"], event["metrics_port"], log_path)
-        if process.poll() is not None:
-            raise RuntimeError(f"sidecar exited {process.returncode}: {log_path.read_text()}")
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"sidecar did not start in {STARTUP_TIMEOUT_S}s: {log_path.read_text()}")
+TESTS_DIR = Path(__file__).resolve().parent
 
 
 @pytest.fixture
@@ -96,7 +25,7 @@ def sidecar_factory(tmp_path: Path) -> Iterator[Callable[[dict], SidecarProcess]
     started: list[SidecarProcess] = []
 
     def factory(config: dict) -> SidecarProcess:
-        sidecar = start_sidecar(config, tmp_path)
+        sidecar = start_sidecar(config, tmp_path, cwd=REPO_ROOT)
         started.append(sidecar)
         return sidecar
 
@@ -105,22 +34,6 @@ def sidecar_factory(tmp_path: Path) -> Iterator[Callable[[dict], SidecarProcess]
         if sidecar.process.poll() is None:
             sidecar.process.kill()
             sidecar.process.wait(10)
-
-
-def build_tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 3) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=hidden,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def build_pack_with_cli(
@@ -134,7 +47,7 @@ def build_pack_with_cli(
     seed: int = 5,
 ) -> Path:
     """Write a SAELens SAE and compile a pack from it with the real CLI."""
-    sae_dir = write_saelens_sae(tmp_path / f"{name}-sae", d_in, d_sae, hook_layer, seed=seed)
+    sae_dir = write_layer_sae(tmp_path / f"{name}-sae", d_in, d_sae, hook_layer, seed=seed)
     out = tmp_path / f"{name}.pack.safetensors"
     result = subprocess.run(
         [
@@ -159,3 +72,32 @@ def build_pack_with_cli(
     )
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    """A real PostgreSQL server for the module (tests/pg_server.py), as a URL."""
+    from tests.pg_server import start_pg_server
+
+    server = start_pg_server()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Plain JSON logs for code that runs inside the test process. structlog's default console
+    renderer draws exceptions with rich, locals of every frame included: the grouping tests
+    log an internal error per oversized step, and drawing those took minutes per test."""
+    from monitor.logs import configure_logging
+
+    configure_logging("json", "debug")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test by its folder, so `-m unit` / `-m integration` select them."""
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(TESTS_DIR).parts
+        if parts[0] in ("unit", "integration"):
+            item.add_marker(getattr(pytest.mark, parts[0]))

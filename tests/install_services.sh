@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real services some tests run against, from Debian's packages, when missing:
-# PostgreSQL (audit store backend), Alertmanager, and promtool (Debian package prometheus).
+# PostgreSQL (audit store backend), Alertmanager, promtool (Debian package prometheus), and
+# chromium (the review page's browser tests drive it through Playwright; no browser download).
 # Called by `make test`.
 set -euo pipefail
 need=()
@@ -9,6 +10,7 @@ if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev
 fi
 command -v prometheus-alertmanager >/dev/null || need+=(prometheus-alertmanager)
 command -v promtool >/dev/null || need+=(prometheus)  # promtool checks deploy/prometheus
+[ -x /usr/bin/chromium ] || need+=(chromium)  # tests/integration/test_review_page.py
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "install_services: need ${need[*]}; run as root or install them (apt-get install ${need[*]})" >&2

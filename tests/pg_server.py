@@ -12,13 +12,14 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from monitor.fixtures import free_port
 
 SKIP_ENV = "SAFETY_MONITOR_SKIP_PG"
 START_TIMEOUT_S = 30
@@ -31,12 +32,6 @@ def _bin_dir() -> Path | None:
             return Path(directory)
     found = shutil.which("initdb")
     return Path(found).resolve().parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -78,7 +73,7 @@ def start_pg_server(port: int | None = None) -> PgServer:
         user = pwd.getpwnam("postgres")
         os.chown(root, user.pw_uid, user.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"]
-    server = PgServer(root / "data", bin_dir, port or _free_port(), prefix)
+    server = PgServer(root / "data", bin_dir, port or free_port(), prefix)
     server._run(
         str(bin_dir / "initdb"), "-D", str(server.data_dir), "-A", "trust", "-U", "postgres",
         "--no-sync", "-E", "UTF8",

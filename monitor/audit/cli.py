@@ -39,6 +39,8 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
 class UsageError(ValueError):
+    """A bad argument or a missing store: exit code 2 with a one-line message."""
+
     pass
 
 
@@ -62,7 +64,22 @@ def add_audit_commands(subparsers: Any) -> None:
     _add_common(export)
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     export.add_argument("--out", type=Path, help="file to write (default stdout)")
+    export.add_argument(
+        "--labeled",
+        action="store_true",
+        help="reviewer-labeled conversations as labeled-dataset JSONL (pack fit / rules calibrate)",
+    )
+    export.add_argument(
+        "--include-escalate",
+        action="store_true",
+        help="with --labeled: count 'needs escalation' verdicts as label 1 (left out by default)",
+    )
     export.set_defaults(handler=cmd_export)
+
+    serve = actions.add_parser("serve", help="the review page (a web server on the store)")
+    serve.add_argument("--config", required=True, type=Path, help="review page YAML config")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    serve.set_defaults(handler=cmd_serve)
 
     purge = actions.add_parser("purge", help="delete conversations with no recent activity")
     purge.add_argument("--store", default=None, help=f"store URL (default ${ENV_URL})")
@@ -86,6 +103,8 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """`--since`: an ISO date/time (UTC when it names no zone) or a span back from now (30m, 24h,
+    7d)."""
     match = _RELATIVE.fullmatch(text.strip())
     if match:
         delta = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
@@ -133,6 +152,8 @@ def _run(args: argparse.Namespace, body: Any) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """`audit list`: flagged conversations as a table or JSON."""
+
     def body(store: AuditStore) -> int:
         summaries = store.list_conversations(_query(args, default_limit=1000))
         if args.json:
@@ -147,6 +168,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    """`audit show ID`: one conversation with its token text, alerts and feature sparklines."""
+
     def body(store: AuditStore) -> int:
         record = store.get_conversation(args.conversation_id)
         if record is None:
@@ -161,6 +184,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """`audit export`: full records as JSON lines or CSV."""
+    if args.labeled:
+        return _export_labeled(args)
+
     def body(store: AuditStore) -> int:
         query = _query(args, default_limit=None)
         with ExitStack() as stack:
@@ -177,7 +204,51 @@ def cmd_export(args: argparse.Namespace) -> int:
     return _run(args, body)
 
 
+def _export_labeled(args: argparse.Namespace) -> int:
+    """`export --labeled`: one dataset record per labeled conversation and task."""
+    from monitor.audit.labels import dataset_records, dumps_record, iter_labeled
+
+    if args.format != "jsonl":
+        return _fail("--labeled writes JSONL only")
+    filters = ("since", "rule", "category", "severity", "model", "limit")
+    if any(getattr(args, name) is not None for name in filters):
+        return _fail("--labeled exports every labeled conversation; filters do not apply")
+
+    def body(store: AuditStore) -> int:
+        count = 0
+        with ExitStack() as stack:
+            out: TextIO = sys.stdout
+            if args.out is not None:
+                out = stack.enter_context(args.out.open("w", encoding="utf-8", newline=""))
+            for record, labels in iter_labeled(store):
+                for item in dataset_records(record, labels, args.include_escalate):
+                    out.write(dumps_record(item) + "\n")
+                    count += 1
+        print(f"exported {count} labeled record(s)", file=sys.stderr)
+        return 0
+
+    return _run(args, body)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`audit serve --config FILE`: the review page, until SIGTERM."""
+    try:
+        from monitor.audit.review import ReviewConfigError, load_review_config, serve
+    except ImportError as exc:  # the `review` extra is not installed
+        return _fail(f"{exc}; install safety-monitor[review]", EXIT_STORE)
+    try:
+        config = load_review_config(args.config)
+    except ReviewConfigError as exc:
+        return _fail(str(exc))
+    try:
+        serve(config, log_level=args.log_level)
+    except (StoreError, OSError) as exc:
+        return _fail(str(exc), EXIT_STORE)
+    return 0
+
+
 def cmd_purge(args: argparse.Namespace) -> int:
+    """`audit purge`: delete conversations older than `--older-than-days`."""
     if args.older_than_days < 0:
         return _fail("--older-than-days must be >= 0")
 
@@ -197,6 +268,7 @@ def _json_default(value: Any) -> Any:
 
 
 def record_to_json(record: ConversationRecord) -> dict[str, Any]:
+    """A conversation record as plain JSON-able data (with its request ids)."""
     data = asdict(record)
     data["request_ids"] = list(record.request_ids)
     return data
@@ -249,6 +321,7 @@ def _write_csv(records: Any, out: TextIO) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `audit` commands on their own (`safety-monitor audit ...` without the other groups)."""
     parser = argparse.ArgumentParser(prog="safety-monitor")
     add_audit_commands(parser.add_subparsers(metavar="COMMAND"))
     args = parser.parse_args(argv)

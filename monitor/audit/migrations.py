@@ -27,6 +27,10 @@ TYPES = {
 
 @dataclass(frozen=True)
 class Migration:
+    """One schema version: its number, what it changes, and its statements (`{ts}`/`{id}` filled
+    in per dialect by `render`).
+    """
+
     version: int
     description: str
     statements: tuple[str, ...]
@@ -83,6 +87,34 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX conversations_updated_at ON conversations (updated_at)",
         ),
     ),
+    Migration(
+        3,
+        "reviewer labels of alerts (the review page)",
+        (
+            # One row per verdict given; the newest row of an alert is its current label, the
+            # older ones are its history (who changed their mind, and when).
+            """CREATE TABLE labels (
+                id {id},
+                alert_id BIGINT NOT NULL REFERENCES alerts (id),
+                conversation_id TEXT NOT NULL REFERENCES conversations (conversation_id),
+                verdict TEXT NOT NULL,
+                note TEXT NOT NULL DEFAULT '',
+                labeler TEXT NOT NULL,
+                created_at {ts} NOT NULL
+            )""",
+            "CREATE INDEX labels_conversation ON labels (conversation_id, id)",
+            "CREATE INDEX labels_alert ON labels (alert_id)",
+            # The list view walks conversations newest first and pages by this key; without
+            # it every page sorts the whole table.
+            "CREATE INDEX conversations_recent ON conversations (updated_at, conversation_id)",
+            # Its rule filter checks each walked conversation's alerts: by conversation first
+            # (SQLite would otherwise scan every alert of the rule for each conversation).
+            "CREATE INDEX alerts_conversation_rule ON alerts (conversation_id, rule)",
+            # Its model filter, newest first, without walking the other models' rows.
+            "CREATE INDEX conversations_model_recent ON conversations "
+            "(model, updated_at, conversation_id)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
@@ -99,10 +131,12 @@ class SchemaError(RuntimeError):
 
 
 def render(statement: str, dialect: str) -> str:
+    """A migration statement with the dialect's column types filled in."""
     return statement.format(**TYPES[dialect])
 
 
 def current_version(cursor: Any) -> int:
+    """The schema version the database is at (0: none applied)."""
     cursor.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version")
     return int(cursor.fetchone()[0])
 

@@ -21,6 +21,10 @@ STATEMENT_TIMEOUT_MS = 10_000
 
 
 class PostgresAuditStore(SqlAuditStore):
+    """The PostgreSQL backend (`postgresql://...`), via psycopg 3; migrations run under an
+    advisory lock so several sidecars can start at once.
+    """
+
     dialect = "postgresql"
     placeholder = "%s"
 
@@ -45,5 +49,6 @@ class PostgresAuditStore(SqlAuditStore):
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", (PG_MIGRATION_LOCK,))
 
     def close(self) -> None:
+        """Close the connection."""
         with self._lock:
             self._conn.close()

@@ -44,6 +44,7 @@ from monitor.audit.store import (
     TokenRecord,
     open_store,
 )
+from monitor.limits import MAX_CONVERSATIONS
 
 ResultKind = Literal["ok", "error", "dropped"]
 MAX_HELD_TOKENS = 512  # redaction holdback never keeps more tokens than this in memory
@@ -66,6 +67,10 @@ class AuditSlice:
 
 @dataclass(frozen=True)
 class AuditFiring:
+    """A rule firing as the audit trail records it (the sidecar's `firings.py` makes it from a
+    `Firing`). Only firings with the `audit` action flag their conversation.
+    """
+
     rule: str
     category: str
     severity: str
@@ -83,6 +88,10 @@ class AuditFiring:
 
 @dataclass(frozen=True)
 class AuditStep:
+    """One processed batch as the recorder sees it: the model, the hash of the rules in force, the
+    conversation slices with token text and feature values, and the firings.
+    """
+
     model: str
     rule_set_hash: str
     slices: Sequence[AuditSlice]
@@ -101,8 +110,12 @@ class AuditWriteResult:
 
 @dataclass(frozen=True)
 class RecorderConfig:
+    """How much the recorder keeps (the token window before a firing, conversations, tokens per
+    conversation), what it redacts, and what it does when the store falls behind.
+    """
+
     window_tokens: int = 64
-    max_conversations: int = 10_000
+    max_conversations: int = MAX_CONVERSATIONS
     max_tokens_per_conversation: int = 8192
     redact_patterns: tuple[str, ...] = ()
     redaction_holdback_chars: int = 64
@@ -117,6 +130,8 @@ class RecorderConfig:
 
 @dataclass(frozen=True)
 class AuditCounts:
+    """Store writes so far: committed, failed, dropped, waiting, and conversations purged."""
+
     ok: int
     error: int
     dropped: int
@@ -170,15 +185,21 @@ class AuditRecorder:
     # --- public API ------------------------------------------------------------------------
     @property
     def healthy(self) -> bool:
+        """The store commits and the write queue has room."""
         return self._writer.healthy
 
     def counts(self) -> AuditCounts:
+        """The writer's counters (see AuditCounts)."""
         return self._writer.counts()
 
     def tracked_conversations(self) -> int:
+        """Conversations whose recent tokens are kept in memory now."""
         return len(self._conversations)
 
     def record_batch(self, step: AuditStep) -> AuditWriteResult:
+        """Collect what the step adds to flagged conversations and hand it to the writer; the result
+        says whether it is durable, i.e. whether the step's `audit` alerts may be sent.
+        """
         writes = self._collect(step, datetime.now(UTC))
         if not writes:
             return AuditWriteResult(True, "nothing")

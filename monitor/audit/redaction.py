@@ -69,6 +69,8 @@ def _always(_text: str) -> bool:
 
 @dataclass(frozen=True)
 class Span:
+    """A matched stretch ``[start, end)`` of text and the placeholder that replaces it."""
+
     start: int
     end: int
     placeholder: str
@@ -118,6 +120,7 @@ class Redactor:
         return sorted(chosen, key=lambda s: s.start)
 
     def redact(self, text: str) -> str:
+        """One text, redacted."""
         return self.redact_tokens([text])[0]
 
     def redact_tokens(self, texts: Sequence[str], context: str = "") -> list[str]:

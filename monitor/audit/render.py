@@ -29,6 +29,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def clean(text: str) -> str:
+    """`text` with control characters escaped, so stored text cannot drive the terminal."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
@@ -41,6 +42,7 @@ def _fmt_value(value: float | None) -> str:
 
 
 def render_table(summaries: Sequence[ConversationSummary]) -> str:
+    """The `audit list` table of flagged conversations."""
     header = ("CONVERSATION", "MODEL", "ALERTS", "SEVERITY", "RULES", "TOKENS", "ENDED", "UPDATED")
     rows = [
         (
@@ -160,6 +162,9 @@ def _sparklines(record: ConversationRecord, features: list[str]) -> list[str]:
 
 
 def render_conversation(record: ConversationRecord, *, color: bool) -> str:
+    """The `audit show` view of one conversation: header, alerts, token text (shaded by feature
+    strength with `color`) and a sparkline per feature the rules used.
+    """
     features = rule_features(record)
     lines = _header(record) + _body(record, color, features) + _sparklines(record, features)
     if color and features:

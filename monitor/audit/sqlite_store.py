@@ -29,6 +29,8 @@ def encode_ts(value: datetime) -> str:
 
 
 class SqliteAuditStore(SqlAuditStore):
+    """The SQLite backend (`sqlite:///path.db`): the embedded default, one file, no server."""
+
     dialect = "sqlite"
     placeholder = "?"
 
@@ -72,5 +74,6 @@ class SqliteAuditStore(SqlAuditStore):
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
     def close(self) -> None:
+        """Close the connection."""
         with self._lock:
             self._conn.close()

@@ -29,6 +29,10 @@ class StoreError(RuntimeError):
 
 @dataclass(frozen=True)
 class TokenRecord:
+    """One stored token of a flagged conversation: position, redacted text, role, request and the
+    feature values the rules used.
+    """
+
     position: int
     text: str | None  # redacted; None when the client sent no token text
     role: str
@@ -38,6 +42,8 @@ class TokenRecord:
 
 @dataclass(frozen=True)
 class AlertRecord:
+    """One stored alert: which rule fired where, with its value, message and labels."""
+
     conversation_id: str
     request_id: str
     rule: str
@@ -82,6 +88,8 @@ class AuditQuery:
 
 @dataclass(frozen=True)
 class ConversationSummary:
+    """One flagged conversation as `audit list` shows it."""
+
     conversation_id: str
     model: str
     first_flagged_at: datetime | None
@@ -95,6 +103,8 @@ class ConversationSummary:
 
 @dataclass
 class ConversationRecord:
+    """Everything stored about one conversation (`audit show`), with a warning per damaged row."""
+
     summary: ConversationSummary
     hook_points: tuple[str, ...]
     tokens: list[TokenRecord]
@@ -103,6 +113,7 @@ class ConversationRecord:
 
     @property
     def request_ids(self) -> tuple[str, ...]:
+        """The conversation's request ids, in order of first appearance."""
         seen = dict.fromkeys(t.request_id for t in self.tokens)
         seen.update(dict.fromkeys(a.request_id for a in self.alerts))
         return tuple(seen)
@@ -114,40 +125,59 @@ class AuditStore:
     dialect = "abstract"
 
     def write(self, writes: Sequence[ConversationWrite]) -> None:
+        """Write one step's conversation updates in one transaction."""
         raise NotImplementedError
 
     def list_conversations(self, query: AuditQuery = AuditQuery()) -> list[ConversationSummary]:
+        """Flagged conversations matching `query`, most recently updated first."""
         raise NotImplementedError
 
     def list_alerts(self, query: AuditQuery = AuditQuery()) -> list[AlertRecord]:
+        """Alerts matching `query`."""
         raise NotImplementedError
 
     def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        """One conversation with its tokens and alerts; None when it is not stored."""
         raise NotImplementedError
 
     def purge(self, older_than: datetime) -> int:
+        """Delete conversations with no activity since `older_than`; returns how many."""
         raise NotImplementedError
 
     def schema_version(self) -> int:
+        """The schema version the store is at."""
         raise NotImplementedError
 
     def close(self) -> None:
+        """Release the connection."""
         raise NotImplementedError
 
     def iter_conversations(self, query: AuditQuery = AuditQuery()) -> Iterator[ConversationRecord]:
+        """The full records of the conversations matching `query` (`audit export`)."""
         for summary in self.list_conversations(query):
             record = self.get_conversation(summary.conversation_id)
             if record is not None:
                 yield record
 
 
+# The audit backends, chosen here and nowhere else: by the URL's scheme.
+SQLITE_SCHEME = "sqlite:///"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
 def open_store(url: str) -> AuditStore:
-    """`sqlite:///relative.db`, `sqlite:////absolute.db` or `postgresql://user@host:port/db`."""
-    if url.startswith("sqlite:///"):
+    """`sqlite:///relative.db`, `sqlite:////absolute.db` or `postgresql://user@host:port/db`.
+
+    >>> store = open_store("sqlite:///audit.db")
+    >>> store.list_conversations(AuditQuery(limit=10))
+    []
+    """
+    path = sqlite_path(url)
+    if path is not None:
         from monitor.audit.sqlite_store import SqliteAuditStore
 
-        return SqliteAuditStore(url.removeprefix("sqlite:///"))
-    if url.startswith(("postgresql://", "postgres://")):
+        return SqliteAuditStore(path)
+    if url.startswith(POSTGRES_SCHEMES):
         from monitor.audit.postgres_store import PostgresAuditStore
 
         return PostgresAuditStore(url)
@@ -156,7 +186,12 @@ def open_store(url: str) -> AuditStore:
 
 def sqlite_path(url: str) -> str | None:
     """The file behind a sqlite URL (None for other URLs)."""
-    return url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
+    return url.removeprefix(SQLITE_SCHEME) if url.startswith(SQLITE_SCHEME) else None
+
+
+def is_store_url(url: str) -> bool:
+    """Whether `open_store` knows the URL's scheme."""
+    return url.startswith((SQLITE_SCHEME, *POSTGRES_SCHEMES))
 
 
 def _dumps(value: Mapping[str, Any]) -> str:
@@ -282,10 +317,12 @@ class SqlAuditStore(AuditStore):
             return migrations.migrate(cur, self.dialect, self.placeholder)
 
     def schema_version(self) -> int:
+        """The schema version the store is at (migrations applied)."""
         with self._lock, self._transaction(write=False) as cur:
             return migrations.current_version(cur)
 
     def write(self, writes: Sequence[ConversationWrite]) -> None:
+        """Write one step's conversation updates in one transaction (see AuditStore.write)."""
         if not writes:
             return
         with self._lock, self._transaction(write=True) as cur:
@@ -355,6 +392,7 @@ class SqlAuditStore(AuditStore):
         return clauses, params
 
     def list_conversations(self, query: AuditQuery = AuditQuery()) -> list[ConversationSummary]:
+        """Flagged conversations matching `query`, most recently updated first."""
         clauses, params = self._alert_filter(query, "a")
         where = []
         if clauses:
@@ -418,6 +456,7 @@ class SqlAuditStore(AuditStore):
         )
 
     def list_alerts(self, query: AuditQuery = AuditQuery()) -> list[AlertRecord]:
+        """Alerts matching `query`, newest first."""
         clauses, params = self._alert_filter(query, "a")
         if query.model is not None:
             clauses.append("c.model = ?")
@@ -459,6 +498,8 @@ class SqlAuditStore(AuditStore):
         )
 
     def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        """One conversation with its tokens and alerts (damaged rows become warnings); None if
+        absent."""
         with self._lock, self._transaction(write=False) as cur:
             cur.execute(
                 self._sql(
@@ -516,6 +557,10 @@ class SqlAuditStore(AuditStore):
         cutoff = self._write_ts(older_than)
         old = "SELECT conversation_id FROM conversations WHERE updated_at < ?"
         with self._lock, self._transaction(write=True) as cur:
+            # Labels first: they reference the alerts (a foreign key PostgreSQL enforces).
+            cur.execute(
+                self._sql(f"DELETE FROM labels WHERE conversation_id IN ({old})"), (cutoff,)
+            )
             cur.execute(
                 self._sql(f"DELETE FROM tokens WHERE conversation_id IN ({old})"), (cutoff,)
             )

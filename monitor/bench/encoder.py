@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from monitor.features.sae import SAE
+from monitor.features.build.sae import SAE
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -125,6 +125,7 @@ def _time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def format_table(result: dict[str, Any]) -> str:
+    """The report as a table."""
     shape = result["shape"]
     lines = [
         f"encoder bench: {shape['rows']} rows x d_model {shape['d_model']}, "

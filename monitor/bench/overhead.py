@@ -21,23 +21,21 @@ import gc
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 MODES = ("baseline", "sidecar-up", "sidecar-down", "local-encode")
 HOOK_LAYERS = (2, 4)
 
 
 def add_bench_overhead_command(bench_subparsers: Any) -> None:
+    """Register ``overhead`` under ``safety-monitor bench``."""
     parser = bench_subparsers.add_parser(
         "overhead", help="generation throughput with and without capture, side by side"
     )
@@ -64,7 +62,7 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    from monitor.outputs.logging import configure_logging
+    from monitor.logs import configure_logging
 
     configure_logging("auto", "warning")
     if args.engine == "vllm":
@@ -89,19 +87,19 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 def build_bench_model(hidden: int, layers: int, seed: int = 0) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The bench's model: a Llama of `hidden` x `layers` with an 8192-token vocabulary."""
+    from monitor.fixtures import build_tiny_llama
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return build_tiny_llama(
+        seed,
+        hidden=hidden,
+        layers=layers,
         vocab_size=8192,
-        hidden_size=hidden,
         intermediate_size=hidden * 11 // 4,
-        num_hidden_layers=layers,
         num_attention_heads=8,
         num_key_value_heads=4,
         max_position_embeddings=1024,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def run_overhead_bench(
@@ -113,7 +111,11 @@ def run_overhead_bench(
     prompt_tokens: int = 32,
     soak_steps: int = 0,
 ) -> dict[str, Any]:
+    """Generation throughput of one model without capture and with it (sidecar up, sidecar down,
+    local encoding), in interleaved rounds; per mode the median of per-round ratios.
+    """
     from monitor.capture import CaptureClient
+    from monitor.fixtures import free_port
 
     threads, cores = torch.get_num_threads(), os.sched_getaffinity(0)
     model = build_bench_model(hidden, layers)
@@ -130,7 +132,7 @@ def run_overhead_bench(
         _pin_to_last_core()
         clients = {
             "sidecar-up": CaptureClient(f"127.0.0.1:{port}", metrics_registry=None),
-            "sidecar-down": CaptureClient(f"127.0.0.1:{_closed_port()}", metrics_registry=None),
+            "sidecar-down": CaptureClient(f"127.0.0.1:{free_port()}", metrics_registry=None),
             "local-encode": CaptureClient(
                 f"127.0.0.1:{port}", encode_locally=pack, metrics_registry=None
             ),
@@ -243,6 +245,7 @@ def _paired_overhead(mode: list[float], baseline: list[float]) -> float:
 
 
 def format_table(result: dict[str, Any]) -> str:
+    """The report as a table."""
     lines = [
         f"capture overhead: {result['model']}; {result['new_tokens_per_round']} new tokens per "
         f"round, {result['rounds']} interleaved rounds (overhead: median of per-round ratios)",
@@ -268,12 +271,13 @@ def _accounting(client: Any) -> dict[str, int]:
 
 
 def _write_pack(workdir: Path, hidden: int) -> Path:
-    from monitor.demo import write_saelens_sae
-    from monitor.features import build_pack_from_sae, load_sae, save_pack
+    from monitor.features import save_pack
+    from monitor.features.build import build_pack_from_sae, load_sae
+    from monitor.fixtures import write_layer_sae
 
     packs = []
     for layer in HOOK_LAYERS:
-        sae = load_sae(write_saelens_sae(workdir / f"sae-{layer}", hidden, 4096, layer, seed=layer))
+        sae = load_sae(write_layer_sae(workdir / f"sae-{layer}", hidden, 4096, layer, seed=layer))
         packs.append(build_pack_from_sae(sae, list(range(0, 4096, 16)), name=f"l{layer}"))
     # One pack per hook point; the bench's local-encode mode uses the first layer's pack and
     # the sidecar encodes the other from activations.
@@ -283,9 +287,11 @@ def _write_pack(workdir: Path, hidden: int) -> Path:
 
 
 def _start_sidecar(workdir: Path, pack: Path) -> tuple[subprocess.Popen[bytes], int]:
+    from monitor.fixtures import free_port, start_sidecar
+
     rules = workdir / "rules.yaml"
     rules.write_text(_bench_rules())
-    port = _closed_port()
+    port = free_port()
     config = {
         "listen": f"127.0.0.1:{port}",
         "metrics_port": 0,
@@ -294,16 +300,8 @@ def _start_sidecar(workdir: Path, pack: Path) -> tuple[subprocess.Popen[bytes], 
         "log_format": "json",
         "log_level": "warning",
     }
-    (workdir / "sidecar.yaml").write_text(yaml.safe_dump(config))
-    log = (workdir / "sidecar.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "monitor.cli", "serve", "--config", str(workdir / "sidecar.yaml")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        preexec_fn=_pin_to_last_core,
-    )
-    _wait_port(port, process)
-    return process, port
+    sidecar = start_sidecar(config, workdir, preexec_fn=_pin_to_last_core)
+    return sidecar.process, sidecar.port
 
 
 def _bench_rules() -> str:
@@ -325,28 +323,10 @@ def _bench_rules() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"bench sidecar exited with {process.returncode}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError("bench sidecar did not start")
-
-
 def _wait_connected(client: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not client.connected and time.monotonic() < deadline:
         time.sleep(0.02)
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 _CORES = sorted(os.sched_getaffinity(0))  # read once: pinning changes what it returns

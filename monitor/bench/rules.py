@@ -93,6 +93,7 @@ rules:
 
 
 def bench_ruleset() -> RuleSet:
+    """The bench's rule set: a realistic mix of instant and temporal rules."""
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "bench.yaml"
         path.write_text(BENCH_RULES)
@@ -125,6 +126,7 @@ def _summary(times: list[float]) -> dict[str, float]:
 
 
 def bench_decode(ruleset: RuleSet, conversations: int, warmup: int, repeats: int) -> dict:
+    """Engine latency per decode step of `conversations` conversations (one token each)."""
     engine = RuleEngine(ruleset, max_conversations=max(conversations, 1))
     generator = torch.Generator().manual_seed(0)
     batches = [_features(ruleset, conversations, generator) for _ in range(16)]
@@ -143,6 +145,7 @@ def bench_decode(ruleset: RuleSet, conversations: int, warmup: int, repeats: int
 
 
 def bench_prefill(ruleset: RuleSet, tokens: int, warmup: int, repeats: int) -> dict:
+    """Engine latency of one `tokens`-token prefill."""
     engine = RuleEngine(ruleset)
     features = _features(ruleset, tokens, torch.Generator().manual_seed(1))
 
@@ -179,6 +182,7 @@ def run_rules_bench(
 
 
 def format_table(report: dict) -> str:
+    """The report as a table."""
     lines = [
         f"{report['rules']} rules ({report['temporal_rules']} temporal), "
         f"torch threads {report['torch_threads']}",

@@ -36,6 +36,7 @@ HOOK_LAYER = 12
 
 
 def add_bench_sidecar_command(bench_subparsers: Any) -> None:
+    """Register ``sidecar`` under ``safety-monitor bench``."""
     parser = bench_subparsers.add_parser(
         "sidecar", help="end-to-end tokens/s and send-to-ack latency over loopback gRPC"
     )
@@ -53,7 +54,7 @@ def add_bench_sidecar_command(bench_subparsers: Any) -> None:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    from monitor.outputs.logging import configure_logging
+    from monitor.logs import configure_logging
 
     configure_logging("auto", "warning")
     result = run_sidecar_bench(
@@ -82,14 +83,10 @@ def run_sidecar_bench(
     latency_tokens_per_s: float | None = 25_000.0,
 ) -> dict[str, Any]:
     """`latency_tokens_per_s=None`: pace the decode steps at half the measured throughput."""
-    from monitor.bench.overhead import _closed_port, _wait_port  # same sidecar plumbing
-
     with tempfile.TemporaryDirectory(prefix="safety-monitor-bench-sidecar-") as tmp:
         workdir = Path(tmp)
-        port = _closed_port()
-        process = _start(workdir, port)
+        process, port = _start(workdir)
         try:
-            _wait_port(port, process)
             target = f"127.0.0.1:{port}"
             throughput = _throughput(target, seconds, prefill_rows)
             load = latency_tokens_per_s or throughput["tokens_per_s"] / 2
@@ -105,19 +102,16 @@ def run_sidecar_bench(
     }
 
 
-def _start(workdir: Path, port: int):  # type: ignore[no-untyped-def]
-    import subprocess
-    import sys
+def _start(workdir: Path):  # type: ignore[no-untyped-def]
+    from monitor.features import save_pack
+    from monitor.features.build import build_pack_from_sae, load_sae
+    from monitor.fixtures import free_port, start_sidecar, write_layer_sae
 
-    import yaml
-
-    from monitor.demo import write_saelens_sae
-    from monitor.features import build_pack_from_sae, load_sae, save_pack
-
-    sae = load_sae(write_saelens_sae(workdir / "sae", D_MODEL, D_SAE, HOOK_LAYER, seed=0))
+    sae = load_sae(write_layer_sae(workdir / "sae", D_MODEL, D_SAE, HOOK_LAYER, seed=0))
     pack = build_pack_from_sae(sae, list(range(0, D_SAE, D_SAE // FEATURES)), name="ref")
     save_pack(pack, workdir / "ref.pack.safetensors")
     (workdir / "rules.yaml").write_text(_rules("ref", D_SAE // FEATURES))
+    port = free_port()
     config = {
         "listen": f"127.0.0.1:{port}",
         "metrics_port": 0,
@@ -126,12 +120,8 @@ def _start(workdir: Path, port: int):  # type: ignore[no-untyped-def]
         "log_format": "json",
         "log_level": "warning",
     }
-    (workdir / "sidecar.yaml").write_text(yaml.safe_dump(config))
-    return subprocess.Popen(
-        [sys.executable, "-m", "monitor.cli", "serve", "--config", str(workdir / "sidecar.yaml")],
-        stdout=(workdir / "sidecar.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    sidecar = start_sidecar(config, workdir)
+    return sidecar.process, port
 
 
 def _rules(pack: str, stride: int) -> str:
@@ -252,6 +242,7 @@ def _latency(target: str, seconds: float, conversations: int, rate: float) -> di
 
 
 def format_table(result: dict[str, Any]) -> str:
+    """The report as a table."""
     t, lat = result["throughput"], result["latency"]
     return "\n".join(
         [

@@ -15,13 +15,11 @@ from __future__ import annotations
 import json
 import os
 import queue
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -93,35 +91,14 @@ class _Engine:
         self._log.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _start_sidecar(workdir: Path) -> tuple[Any, str]:
+    from monitor.fixtures import start_sidecar, write_layer_sae
 
-
-def _start_sidecar(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    import yaml
-
-    from monitor.demo import write_saelens_sae
-
-    sae = write_saelens_sae(workdir / "sae", HIDDEN, 64, 1, seed=5)
+    sae = write_layer_sae(workdir / "sae", HIDDEN, 64, 1, seed=5)
     pack = workdir / "bench.pack.safetensors"
+    build = ["pack", "build", "--sae", str(sae), "--features", "0,1,2,3", "--name", "bench"]
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monitor.cli",
-            "pack",
-            "build",
-            "--sae",
-            str(sae),
-            "--features",
-            "0,1,2,3",
-            "--name",
-            "bench",
-            "--out",
-            str(pack),
-        ],
+        [sys.executable, "-m", "monitor.cli", *build, "--out", str(pack)],
         check=True,
         capture_output=True,
         timeout=300,
@@ -131,29 +108,8 @@ def _start_sidecar(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
         "features: {f: bench/0}\nrules:\n"
         "  - rule: sustained\n    severity: info\n    condition: f > 1000\n    for: 8\n"
     )
-    port = _free_port()
-    config = workdir / "sidecar.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {"listen": f"127.0.0.1:{port}", "metrics_port": 0, "log_format": "json"}
-            | {"packs": [str(pack)], "rules": [str(rules)]}
-        )
-    )
-    log = (workdir / "sidecar.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "monitor.cli", "serve", "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if '"sidecar started"' in (workdir / "sidecar.log").read_text():
-            return process, f"127.0.0.1:{port}"
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"the sidecar did not start: {(workdir / 'sidecar.log').read_text()}")
+    sidecar = start_sidecar({"packs": [str(pack)], "rules": [str(rules)]}, workdir)
+    return sidecar, sidecar.target
 
 
 def run_vllm_overhead_bench(
@@ -194,8 +150,7 @@ def run_vllm_overhead_bench(
                 workdir / name, model, eager, target, layers, batch, rounds
             )
     finally:
-        sidecar.terminate()
-        sidecar.wait(30)
+        sidecar.stop()
     return results
 
 
@@ -220,7 +175,9 @@ def _measure(
         "enforce_eager": eager,
         "enable_prefix_caching": False,  # every round computes every token
     }
-    down = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    from monitor.fixtures import free_port
+
+    down = f"127.0.0.1:{free_port()}"  # nothing listens there
     envs = {
         "off": {},
         "sidecar-up": {"SAFETY_MONITOR_TARGET": target, "SAFETY_MONITOR_LAYERS": layers},

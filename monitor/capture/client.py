@@ -2,7 +2,7 @@
 
 Forward hooks copy the chosen layers' residual stream off the model's device and close one
 CapturedStep per forward pass, which is copied onto a shared-memory ring; a relay process the
-client starts (`relay.py`) owns the gRPC stream, so no gRPC thread competes with the model for
+client starts (`relay/`) owns the gRPC stream, so no gRPC thread competes with the model for
 the GIL. The forward pass never waits on the network: when the ring is full the step is
 dropped whole (`on_full="drop"`, fail-open, the default) or the forward waits up to
 `block_timeout` (`on_full="block"`, for deployments that must not serve unmonitored tokens).
@@ -28,7 +28,9 @@ import torch
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 from torch import nn
 
-from monitor.capture.frames import FrameTooLarge
+from monitor.capture.channel.frames import FrameTooLarge
+from monitor.capture.channel.protocol import SenderSettings, TransportSecurity
+from monitor.capture.channel.ring import LOST_REASONS
 from monitor.capture.hooks import (
     ConversationContext,
     PositionLedger,
@@ -38,8 +40,6 @@ from monitor.capture.hooks import (
 from monitor.capture.layers import select_layers
 from monitor.capture.link import RelayLink
 from monitor.capture.metrics import register_client
-from monitor.capture.ring import LOST_REASONS
-from monitor.capture.sender import SenderSettings, TransportSecurity
 from monitor.capture.steps import CapturedStep, CaptureStats, Tagging
 from monitor.wire import pb
 
@@ -68,7 +68,24 @@ class ReceivedAlert:
 
 
 class CaptureClient:
-    """Stream a transformers model's residual-stream activations to a safety-monitor sidecar."""
+    """Stream a transformers model's residual-stream activations to a safety-monitor sidecar.
+
+    The model's thread only copies each step into a shared-memory ring; a relay process
+    started by the client does the gRPC. Alerts come back on the stream (`alerts`,
+    `iter_alerts`, or the `on_alert` callback); what was sent, acked or dropped is in `stats`.
+
+        from monitor.capture import CaptureClient
+
+        client = CaptureClient("127.0.0.1:50051", model_name="llama-3-8b", tokenizer=tokenizer)
+        client.attach(model, layers=[12, 20])        # hook points layers.12, layers.20
+        with client.conversation("conv-42"):         # tag what the model computes next
+            model.generate(input_ids, max_new_tokens=64)
+        client.end_conversation("conv-42")           # the sidecar frees its state
+        client.flush(timeout=10)
+        for alert in client.alerts:
+            print(alert.rule, alert.severity, alert.position)
+        client.close()
+    """
 
     def __init__(
         self,
@@ -273,6 +290,7 @@ class CaptureClient:
 
     @property
     def connected(self) -> bool:
+        """The relay has a live stream to the sidecar."""
         return self._link.connected
 
     def flush(self, timeout: float = 10.0) -> bool:

@@ -75,9 +75,11 @@ class PositionLedger:
         return positions
 
     def advance(self, conversation_id: str, rows: int) -> int:
+        """The conversation's position for its next `rows` tokens; moves its counter on."""
         return self.advance_many((conversation_id,), (rows,))[0]
 
     def peek(self, conversation_id: str) -> int:
+        """The conversation's next position, without moving it."""
         with self._lock:
             return self._next.get(conversation_id, 0)
 

@@ -8,36 +8,19 @@ from __future__ import annotations
 
 from torch import nn
 
-# Module paths of the layer list, most common first. Wrappers such as *ForCausalLM put the
-# base model under an attribute; we try each path from the top-level model.
-LAYER_LIST_PATHS = (
-    "model.layers",  # Llama, Mistral, Qwen2/3, Gemma2/3, Phi-3
-    "model.language_model.layers",  # Gemma3 / multimodal wrappers
-    "layers",  # a bare base model (LlamaModel)
-    "transformer.h",  # GPT-2, GPT-J
-    "h",
-    "gpt_neox.layers",  # GPT-NeoX, Pythia
-    "model.decoder.layers",  # OPT
-    "encoder.layer",  # BERT-style encoders
-    "bert.encoder.layer",
-)
+from monitor import layerlist
+from monitor.hookpoints import hook_point_name
 
 
 class LayerNotFoundError(ValueError):
     """The model's layer list or a requested layer index could not be found."""
 
 
-def hook_point_name(index: int) -> str:
-    return f"layers.{index}"
-
-
 def find_layer_list(model: nn.Module, module_path: str | None = None) -> nn.ModuleList:
     """The model's decoder layers, at `module_path` if given, else by the known paths."""
-    paths = (module_path,) if module_path else LAYER_LIST_PATHS
-    for path in paths:
-        module = _get_path(model, path)
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            return module
+    found = layerlist.layer_list(model, module_path)
+    if found is not None:
+        return found
     candidates = [
         name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0
     ]
@@ -65,12 +48,3 @@ def select_layers(
         canonical = index % len(layer_list)
         selected[hook_point_name(canonical)] = layer_list[canonical]
     return selected
-
-
-def _get_path(root: nn.Module, path: str) -> nn.Module | None:
-    module: object = root
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module if isinstance(module, nn.Module) else None

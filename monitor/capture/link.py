@@ -21,17 +21,16 @@ from pathlib import Path
 
 import structlog
 
-from monitor.capture.frames import FrameWriter
-from monitor.capture.relay import RelayConfig, read_event
-from monitor.capture.ring import LOST_REASONS, SharedRing, Slot
-from monitor.capture.sender import SenderSettings
+from monitor.capture.channel.frames import FrameWriter
+from monitor.capture.channel.protocol import RelayConfig, SenderSettings, read_event
+from monitor.capture.channel.ring import LOST_REASONS, SharedRing, Slot
 from monitor.capture.steps import CapturedStep
 from monitor.wire import pb
 
 log = structlog.get_logger("safety_monitor.capture")
 
 # Stores reach other cores in program order only on x86-64; elsewhere each frame also gets a
-# doorbell byte (see ring.py).
+# doorbell byte (see channel/ring.py).
 ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64")
 _SETTLED = (Slot.ACKED, Slot.REJECTED, *LOST_REASONS)
 _REPORTED = (Slot.SENT, Slot.ACKED, Slot.REJECTED, Slot.ROWS_ACKED, Slot.RECONNECTS)
@@ -68,6 +67,11 @@ class _Channel:
 
 
 class RelayLink:
+    """The serving process's end of the relay: owns the ring and the relay process, restarts a
+    relay that dies (on a fresh ring, counting what it held as dropped), publishes steps and
+    reads alerts and counters back. The CaptureClient holds one.
+    """
+
     def __init__(
         self,
         settings: SenderSettings,
@@ -91,6 +95,7 @@ class RelayLink:
         )
 
     def start(self) -> None:
+        """Start the supervising thread, which starts the relay process."""
         self._thread.start()
 
     # ---- the hot path ----------------------------------------------------------------------
@@ -132,11 +137,13 @@ class RelayLink:
 
     @property
     def connected(self) -> bool:
+        """The relay has a live stream to the sidecar."""
         channel = self._channel
         return channel is not None and channel.ring.slots[Slot.CONNECTED] == 1
 
     @property
     def queue_depth(self) -> int:
+        """Steps on the ring that the relay has not taken yet."""
         channel = self._channel
         return 0 if channel is None else channel.ring.frames_waiting()
 

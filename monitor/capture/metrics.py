@@ -58,6 +58,9 @@ class _CaptureCollector(Collector):
 
 
 def register_client(client: CaptureClient, registry: CollectorRegistry | None = REGISTRY) -> None:
+    """Report `client`'s counters in `registry` (none when it is None); one collector per registry
+    serves every client registered there.
+    """
     if registry is None:
         return
     with _lock:

@@ -48,6 +48,7 @@ class CapturedStep:
 
     @property
     def total_rows(self) -> int:
+        """Token rows in the step, all sequences together."""
         return sum(self.rows)
 
 

@@ -1,40 +1,26 @@
-"""SAE loading, restricted encoders and feature packs (no gRPC here: this is pure compute)."""
+"""The runtime half of features: feature packs (file format, validation, loading) and the
+restricted encoders a sidecar runs. No gRPC here: this is pure compute.
+
+Building packs from SAEs (SAE formats, selection, TopK calibration, probes, the `pack` CLI)
+lives in `monitor.features.build`, which the runtime never imports.
+"""
 
 from monitor.features.encoder import ConcatEncoder, RestrictedEncoder, TopKExactEncoder
 from monitor.features.errors import FeatureError, PackError, SAEFormatError
-from monitor.features.hookpoints import canonical_hook_point
-from monitor.features.pack import (
-    FeatureInfo,
-    FeaturePack,
-    FeatureSpec,
-    HookPointEncoder,
-    assemble_pack,
-    build_pack_from_sae,
-    load_pack,
-    sae_segment,
-    save_pack,
-)
-from monitor.features.sae import FORMATS, SAE, detect_format, load_sae
+from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder, load_pack, save_pack
+from monitor.hookpoints import canonical_hook_point
 
 __all__ = [
-    "FORMATS",
-    "SAE",
     "ConcatEncoder",
     "FeatureError",
     "FeatureInfo",
     "FeaturePack",
-    "FeatureSpec",
     "HookPointEncoder",
     "PackError",
     "RestrictedEncoder",
     "SAEFormatError",
     "TopKExactEncoder",
-    "assemble_pack",
-    "build_pack_from_sae",
     "canonical_hook_point",
-    "detect_format",
     "load_pack",
-    "load_sae",
-    "sae_segment",
     "save_pack",
 ]

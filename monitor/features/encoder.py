@@ -51,17 +51,26 @@ class Encoder(Protocol):
     normalization: str
 
     @property
-    def d_in(self) -> int: ...
+    def d_in(self) -> int:
+        """Width of the activations it reads (the model's d_model)."""
+        ...
 
     @property
-    def k(self) -> int: ...
+    def k(self) -> int:
+        """Number of features (output columns)."""
+        ...
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``[rows, d_in]`` activations to ``[rows, k]`` float32 feature values."""
+        ...
 
-    def to(self, device: str | torch.device) -> Encoder: ...
+    def to(self, device: str | torch.device) -> Encoder:
+        """The same encoder on `device`."""
+        ...
 
 
 def check_activations(x: torch.Tensor, d_in: int) -> None:
+    """FeatureError unless `x` is a float ``[rows, d_in]`` tensor."""
     if x.ndim != 2 or x.shape[1] != d_in or not x.is_floating_point():
         raise FeatureError(
             f"expected float [rows, {d_in}], got {x.dtype} {list(x.shape)}",
@@ -109,14 +118,17 @@ class RestrictedEncoder:
 
     @property
     def d_in(self) -> int:
+        """Width of the activations it reads."""
         return int(self.weight.shape[0])
 
     @property
     def k(self) -> int:
+        """Number of features (output columns)."""
         return int(self.weight.shape[1])
 
     @property
     def device(self) -> torch.device:
+        """Where the weights live (and where `encode` computes)."""
         return self.weight.device
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +152,7 @@ class RestrictedEncoder:
         return h.masked_fill_(h <= self.floor, 0.0)
 
     def to(self, device: str | torch.device) -> RestrictedEncoder:
+        """The same encoder with its tensors on `device`."""
         return RestrictedEncoder(
             weight=self.weight.to(device),
             bias=self.bias.to(device),
@@ -148,6 +161,7 @@ class RestrictedEncoder:
         )
 
     def column_floors(self) -> list[float]:
+        """Per column, the value an output must exceed to count as active (else it is 0)."""
         return self.floor.tolist()
 
 
@@ -185,17 +199,23 @@ class TopKExactEncoder:
 
     @property
     def d_in(self) -> int:
+        """Width of the activations it reads."""
         return int(self.weight.shape[0])
 
     @property
     def d_sae(self) -> int:
+        """Number of SAE latents the TopK runs over."""
         return int(self.weight.shape[1])
 
     @property
     def k(self) -> int:
+        """Number of selected features (output columns)."""
         return int(self.indices.shape[0])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``[rows, d_in]`` activations to ``[rows, k]`` float32: a selected latent keeps its value
+        when it is positive and among the row's top latents, else 0.
+        """
         check_activations(x, self.d_in)
         x = normalize_input(x.to(self.weight.device).float(), self.normalization)
         h = torch.addmm(self.bias, x, self.weight)
@@ -208,6 +228,7 @@ class TopKExactEncoder:
         return selected.masked_fill_((selected < kth) | (selected <= 0), 0.0)
 
     def to(self, device: str | torch.device) -> TopKExactEncoder:
+        """The same encoder with its tensors on `device`."""
         return TopKExactEncoder(
             weight=self.weight.to(device),
             bias=self.bias.to(device),
@@ -218,6 +239,7 @@ class TopKExactEncoder:
         )
 
     def column_floors(self) -> list[float]:
+        """All 0: a TopK latent's activity is decided by rank, not by a floor."""
         return [0.0] * self.k
 
 
@@ -240,20 +262,25 @@ class ConcatEncoder:
 
     @property
     def d_in(self) -> int:
+        """Width of the activations it reads (the same for every part)."""
         return self.parts[0].d_in
 
     @property
     def k(self) -> int:
+        """Number of features, all parts together."""
         return sum(p.k for p in self.parts)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Each part's columns, side by side in order."""
         check_activations(x, self.d_in)
         return torch.cat([p.encode(x) for p in self.parts], dim=1)
 
     def to(self, device: str | torch.device) -> ConcatEncoder:
+        """The same encoder with every part on `device`."""
         return ConcatEncoder([p.to(device) for p in self.parts])
 
     def column_floors(self) -> list[float]:
+        """The parts' column floors, in order."""
         return [f for p in self.parts for f in p.column_floors()]
 
 

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,7 @@ from monitor.features.encoder import (
     segments,
 )
 from monitor.features.errors import FeatureError, PackError
-from monitor.features.hookpoints import canonical_hook_point
-from monitor.features.sae import SAE
+from monitor.hookpoints import canonical_hook_point
 
 METADATA_KEY = "safety_monitor.pack"
 FORMAT_VERSION = 1  # written when every hook point is one sliced matrix
@@ -81,7 +79,17 @@ class HookPointEncoder:
 
 @dataclass
 class FeaturePack:
-    """A named set of restricted encoders, one per hook point."""
+    """A named set of restricted encoders, one per hook point: what a sidecar (or a capture
+    client with `encode_locally`) runs on captured activations.
+
+        from monitor.features import load_pack
+
+        pack = load_pack("deception.pack.safetensors")
+        pack.qualified_names("layers.12")            # ['deception/lying', ...] for rule files
+        values = pack.encode("layers.12", acts)      # acts [rows, d_model] -> [rows, features]
+
+    Packs are built offline with `safety-monitor pack build` (`monitor.features.build`).
+    """
 
     name: str  # used in rule files as '<pack name>/<feature name>'
     hook_points: dict[str, HookPointEncoder]
@@ -105,9 +113,11 @@ class FeaturePack:
 
     @property
     def feature_count(self) -> int:
+        """Number of features, all hook points together."""
         return sum(hp.encoder.k for hp in self.hook_points.values())
 
     def features(self) -> list[FeatureInfo]:
+        """Every feature's metadata, hook point by hook point."""
         return [f for entry in self.hook_points.values() for f in entry.features]
 
     def to(self, device: str | torch.device) -> FeaturePack:
@@ -230,124 +240,6 @@ def _check_floor(activation: str, floor: float, where: str, at: str) -> None:
         )
     if not expected[activation]:
         raise PackError(f"floor {floor} is invalid for {activation}", where=where, field=at)
-
-
-# --- building -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """One SAE feature to put in a pack, with the metadata a selection file gives it."""
-
-    index: int
-    name: str | None = None  # default: the index
-    label: str = ""
-    category: str = ""
-    description: str = ""
-    neuronpedia_id: str = ""
-
-
-def build_pack_from_sae(
-    sae: SAE,
-    indices: Sequence[int],
-    name: str,
-    hook_point: str | None = None,
-    topk_mode: str | None = None,
-    thresholds: torch.Tensor | None = None,
-) -> FeaturePack:
-    """A one-hook-point pack of ``indices`` of ``sae``; ``hook_point`` overrides the SAE's.
-
-    TopK SAEs need ``topk_mode`` ('exact' or 'approx', see :meth:`SAE.restrict`).
-    """
-    entry = sae_segment(
-        sae,
-        [FeatureSpec(int(i)) for i in _indices(sae, indices)],
-        hook_point,
-        topk_mode,
-        thresholds,
-    )
-    return FeaturePack(name=name, hook_points={entry.hook_point: entry})
-
-
-def _indices(sae: SAE, indices: Sequence[int]) -> list[int]:
-    from monitor.features.sae import check_indices
-
-    return check_indices(indices, sae.d_sae, sae.source)
-
-
-def sae_segment(
-    sae: SAE,
-    specs: Sequence[FeatureSpec],
-    hook_point: str | None = None,
-    topk_mode: str | None = None,
-    thresholds: torch.Tensor | None = None,
-) -> HookPointEncoder:
-    """The encoder and feature metadata for ``specs`` of ``sae`` at one hook point."""
-    hp = resolve_hook_point(sae, hook_point)
-    encoder = sae.restrict([s.index for s in specs], topk_mode, thresholds)  # checks indices
-    floors = encoder.column_floors()
-    features = [
-        _sae_feature(sae, spec, hp, floor) for spec, floor in zip(specs, floors, strict=True)
-    ]
-    return HookPointEncoder(hp, encoder, features)
-
-
-def resolve_hook_point(sae: SAE, hook_point: str | None) -> str:
-    if hook_point is None and sae.hook_point is None:
-        raise FeatureError(
-            "the SAE config names no hook point; pass --hook-point (e.g. layers.12)",
-            where=sae.source,
-            field="hook_point",
-        )
-    hp = canonical_hook_point(hook_point) if hook_point is not None else sae.hook_point
-    assert hp is not None
-    return hp
-
-
-def _sae_feature(sae: SAE, spec: FeatureSpec, hook_point: str, floor: float) -> FeatureInfo:
-    index = spec.index
-    activation = {"standard": "relu", "gated": "jumprelu"}.get(sae.architecture, sae.architecture)
-    threshold: float | None = None
-    if sae.architecture == "jumprelu":
-        assert sae.threshold is not None
-        threshold = float(sae.threshold[index])
-    elif activation in ("jumprelu", "topk") and floor > 0:
-        threshold = floor  # gated gate, or a TopK approximate-mode threshold
-    neuronpedia = spec.neuronpedia_id or (
-        f"{sae.neuronpedia_id}/{index}" if sae.neuronpedia_id else ""
-    )
-    # A Neuronpedia feature id ('<model>/<layer>-<set>/<index>') is more useful than a path.
-    source = f"saelens:{sae.neuronpedia_id}/{index}" if sae.neuronpedia_id else sae.source
-    return FeatureInfo(
-        name=spec.name or str(index),
-        hook_point=hook_point,
-        activation=activation,
-        sae_index=index,
-        category=spec.category,
-        description=spec.description,
-        source=source,
-        threshold=threshold,
-        label=spec.label,
-        neuronpedia_id=neuronpedia,
-    )
-
-
-def assemble_pack(name: str, entries: Sequence[HookPointEncoder]) -> FeaturePack:
-    """One pack from several sources: entries at the same hook point are concatenated (and
-    sliced ones with the same normalisation merged into one matrix)."""
-    grouped: dict[str, list[HookPointEncoder]] = {}
-    for entry in entries:
-        grouped.setdefault(entry.hook_point, []).append(entry)
-    hook_points = {}
-    for hp, group in grouped.items():
-        parts = [part for entry in group for part in segments(entry.encoder)]
-        features = [f for entry in group for f in entry.features]
-        try:
-            encoder = combine(parts)
-        except FeatureError as exc:
-            raise PackError(exc.detail, where=f"pack {name!r}", field=f"hook_points.{hp}") from None
-        hook_points[hp] = HookPointEncoder(hp, encoder, features)
-    return FeaturePack(name=name, hook_points=hook_points)
 
 
 # --- saving -------------------------------------------------------------------------------

@@ -1,1 +1,2 @@
-"""Outputs of the sidecar: metrics, logs (and later Alertmanager)."""
+"""Outputs of the sidecar: Prometheus metrics and Alertmanager (logging set-up is process-wide:
+`monitor/logs.py`)."""

@@ -38,6 +38,10 @@ _LABEL_NAME = re.compile(r"[^a-zA-Z0-9_]")
 
 @dataclass(frozen=True)
 class AlertmanagerAlert:
+    """One firing as Alertmanager sees it: labels (rule, category, severity, model) identify it,
+    the summary and conversation go into annotations.
+    """
+
     rule: str
     category: str
     severity: str
@@ -71,6 +75,15 @@ def _label_name(name: str) -> str:
 
 
 class AlertmanagerClient:
+    """Pushes alerts to one Alertmanager from a background thread (see the module docstring:
+    deduplication, re-sending, resolving, retries).
+
+        client = AlertmanagerClient("http://alertmanager:9093", resend_interval=60)
+        client.fire(AlertmanagerAlert(rule="r", category="c", severity="critical", model="m",
+                                      summary="..."))
+        client.close()
+    """
+
     def __init__(
         self,
         url: str,
@@ -108,6 +121,7 @@ class AlertmanagerClient:
 
     # --- any thread ---------------------------------------------------------------------------
     def fire(self, alert: AlertmanagerAlert) -> None:
+        """Enqueue an alert; never blocks (counted as dropped when the queue is full)."""
         try:
             self._queue.put_nowait(alert)
         except queue.Full:
@@ -121,6 +135,7 @@ class AlertmanagerClient:
         self._thread.join(timeout + self._timeout + 1.0)
 
     def active_count(self) -> int:
+        """Alerts currently active (fired and not yet resolved)."""
         return len(self._active)
 
     # --- background thread ---------------------------------------------------------------------

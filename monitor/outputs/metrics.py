@@ -32,6 +32,10 @@ _LATENCY_BUCKETS = (
 
 @dataclass
 class SidecarMetrics:
+    """The sidecar's Prometheus metrics, in their own registry (several sidecars can share a
+    process, as in tests and the demo).
+    """
+
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:

@@ -103,6 +103,10 @@ class Field:
 
 @dataclass
 class RuleSpec:
+    """A rule as collected from the YAML before validation: its name, where it starts, and every
+    value given for each key (`append` mode and overrides can give several).
+    """
+
     name: str
     source: SourceLocation
     fields: dict[str, list[Field]] = field(default_factory=dict)
@@ -296,18 +300,22 @@ class RuleBuilder:
         self.failed = spec.failed
 
     def error(self, where: Field | None, message: str, node: Node | None = None) -> None:
+        """Record an issue at `where` (or `node` inside it); the rule will not be built."""
         self.failed = True
         if where is not None:
             self.issues.at(where.doc.path, node or where.node, message)
 
     def last(self, key: str) -> Field | None:
+        """The value that counts for `key`: the last one given."""
         values = self.spec.fields.get(key)
         return values[-1] if values else None
 
     def all(self, key: str) -> list[Field]:
+        """Every value given for `key`, in order."""
         return self.spec.fields.get(key, [])
 
     def build(self) -> Rule | None:
+        """The validated Rule, or None when any key had an issue (all of them are reported)."""
         condition = self.condition()
         rule = Rule(
             name=self.spec.name,
@@ -338,6 +346,7 @@ class RuleBuilder:
     # ----------------------------------------------------------------- scalars
 
     def text(self, where: Field | None, what: str, default: str) -> str:
+        """A string value (`default` when absent); an issue for a non-string."""
         if where is None:
             return default
         node = where.node
@@ -347,6 +356,7 @@ class RuleBuilder:
         return default
 
     def choice(self, where: Field | None, what: str, allowed: tuple[str, ...], default: str) -> str:
+        """A string value that must be one of `allowed`, with a did-you-mean hint otherwise."""
         value = self.text(where, what, default)
         if where is not None and isinstance(where.node, ScalarNode) and value not in allowed:
             hint = did_you_mean(value, allowed) or f" (one of: {', '.join(allowed)})"
@@ -375,6 +385,7 @@ class RuleBuilder:
         return count
 
     def enabled(self, where: Field | None) -> bool:
+        """The `enabled` flag (true when absent); an issue for a non-boolean."""
         if where is None:
             return True
         if isinstance(where.node, ScalarNode) and where.node.tag == BOOL_TAG:
@@ -398,9 +409,11 @@ class RuleBuilder:
         return values
 
     def roles(self) -> tuple[str, ...]:
+        """The roles the rule applies to, all `roles` values merged (empty: every role)."""
         return tuple(dict.fromkeys(v for f in self.all("roles") for v in self.strings(f, "roles")))
 
     def actions(self) -> tuple[str, ...]:
+        """The rule's actions (`alert` when absent), each checked."""
         fields = self.all("actions")
         if not fields:
             return ("alert",)
@@ -434,6 +447,7 @@ class RuleBuilder:
         return merged
 
     def output(self) -> str:
+        """The `output` template (the default when absent), checked by `check_template`."""
         where = self.last("output")
         template = self.text(where, "output", DEFAULT_OUTPUT)
         problem = check_template(template)
@@ -442,6 +456,7 @@ class RuleBuilder:
         return template
 
     def exceptions(self) -> tuple[RuleException, ...]:
+        """The rule's exceptions, in order; a name used twice is an issue."""
         found: dict[str, RuleException] = {}
         for where in self.all("exceptions"):
             if not isinstance(where.node, SequenceNode):
@@ -457,6 +472,7 @@ class RuleBuilder:
         return tuple(found.values())
 
     def exception(self, where: Field) -> RuleException | None:
+        """One exception mapping (name, attributes, desc), or None after reporting what is wrong."""
         if not isinstance(where.node, MappingNode):
             self.error(where, "an exception must be a mapping with name and attributes")
             return None
@@ -478,6 +494,7 @@ class RuleBuilder:
         return RuleException(name, attributes, desc) if attributes else None
 
     def attributes(self, where: Field) -> tuple[tuple[str, frozenset[str]], ...]:
+        """An exception's attributes: each key with the set of values that match."""
         if not isinstance(where.node, MappingNode) or not where.node.value:
             self.error(where, "exception 'attributes' must be a non-empty mapping")
             return ()
@@ -498,6 +515,8 @@ class RuleBuilder:
     # ----------------------------------------------------------------- condition
 
     def condition(self) -> Condition | None:
+        """The compiled condition (several `condition` values are and-ed), or None after an
+        issue."""
         parsed: list[tuple[ExprNode, SourceText]] = []
         for where in self.all("condition"):
             ast, source = parse_expression(where.doc, where.node, "condition", self.issues)

@@ -49,6 +49,7 @@ def add_rules_commands(rules_subparsers: argparse._SubParsersAction) -> None:
 
 
 def rules_check_command(args: argparse.Namespace) -> int:
+    """`safety-monitor rules check`."""
     known = _feature_names(args.features) if args.features else None
     return check_rules(args.paths, known, out=sys.stdout, err=sys.stderr)
 
@@ -63,6 +64,8 @@ def check_rules(
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
+    """Load the rule files and print every issue to `err` (exit 1) or a summary to `out` (exit
+    0)."""
     try:
         ruleset = load_rules(paths, known_features=known_features)
     except RuleLoadError as exc:
@@ -83,6 +86,7 @@ def check_rules(
 
 
 def rules_test_command(args: argparse.Namespace) -> int:
+    """`safety-monitor rules test`."""
     return run_tests(args.files, verbose=args.verbose, out=sys.stdout)
 
 

@@ -25,6 +25,7 @@ from types import MappingProxyType
 
 import torch
 
+from monitor.limits import MAX_CONVERSATIONS
 from monitor.rules.expressions import FUNCTIONS, MAX_WINDOW, Instr
 from monitor.rules.model import SCOPES, Rule, RuleSet
 
@@ -54,6 +55,12 @@ class SequenceSlice:
 
 @dataclass(frozen=True)
 class Firing:
+    """One rule firing at one token: which rule, for which conversation and request, at which
+    position (and batch row), with the value of its condition's feature expression, its rendered
+    `output` message, labels, annotations and actions (`alert`, `audit`). The sidecar's
+    `firings.py` turns it into the stream's Alert, the audit record and the Alertmanager alert.
+    """
+
     rule: str
     category: str
     severity: str
@@ -70,6 +77,11 @@ class Firing:
 
 @dataclass
 class EvaluationResult:
+    """What `RuleEngine.evaluate` found in one batch: the firings, in order, plus how many slices
+    did not continue their conversation's positions (`gaps`) and how many conversations were
+    evicted to stay under `max_conversations`.
+    """
+
     firings: list[Firing] = field(default_factory=list)
     gaps: int = 0  # slices whose position did not continue their conversation
     evicted: int = 0  # conversations dropped to stay under max_conversations
@@ -321,9 +333,23 @@ _Signature = tuple[str, str | None, tuple[str | None, ...]]
 
 
 class RuleEngine:
-    """Evaluates a RuleSet batch after batch, keeping per-conversation state between batches."""
+    """Evaluates a RuleSet batch after batch, keeping per-conversation state between batches
+    (rolling windows, sustained counts, cooldowns) for at most `max_conversations`
+    conversations, the least recently seen evicted first.
 
-    def __init__(self, ruleset: RuleSet, max_conversations: int = 10000) -> None:
+        from monitor.rules import RuleEngine, SequenceSlice, load_rules
+
+        engine = RuleEngine(load_rules(["rules/deception.yaml"]))
+        result = engine.evaluate(
+            {"deception/lying": torch.tensor([0.1, 2.5, 3.0])},   # one value per token row
+            [SequenceSlice("conv-42", start_row=0, rows=3, position=0)],
+            model="llama-3-8b",
+        )
+        for firing in result.firings:
+            print(firing.rule, firing.conversation_id, firing.position, firing.value)
+    """
+
+    def __init__(self, ruleset: RuleSet, max_conversations: int = MAX_CONVERSATIONS) -> None:
         if max_conversations < 1:
             raise ValueError("max_conversations must be at least 1")
         self._max = max_conversations
@@ -337,10 +363,12 @@ class RuleEngine:
 
     @property
     def tracked_conversations(self) -> int:
+        """Conversations whose state is kept now (at most `max_conversations`)."""
         return len(self._conversations)
 
     @property
     def ruleset(self) -> RuleSet:
+        """The rule set being evaluated (the last one given to `replace_rules`)."""
         return self._ruleset
 
     def replace_rules(self, ruleset: RuleSet) -> None:

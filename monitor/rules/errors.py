@@ -18,6 +18,7 @@ class SourceLocation:
         return f"{self.path}:{self.line}:{self.col}"
 
     def issue(self, message: str) -> RuleIssue:
+        """A RuleIssue at this location."""
         return RuleIssue(self.path, self.line, self.col, message)
 
 

@@ -59,6 +59,7 @@ class SourceText:
     line_origins: tuple[tuple[int, int], ...] | None = None
 
     def locate(self, offset: int) -> SourceLocation:
+        """The file location of character `offset` of the text."""
         if self.line_origins is None:
             return SourceLocation(self.path, self.line, self.col + offset)
         index = self.text.count("\n", 0, offset)
@@ -71,6 +72,7 @@ class SourceText:
 
     @property
     def start(self) -> SourceLocation:
+        """The file location of the text's first character."""
         return self.locate(0)
 
 
@@ -79,6 +81,8 @@ class SourceText:
 
 @dataclass(frozen=True)
 class Token:
+    """One lexical token of an expression: its kind, text and offset in the source text."""
+
     kind: str  # 'num' | 'name' | 'kw' | 'op' | 'eof'
     text: str
     offset: int
@@ -132,18 +136,24 @@ def _fail(source: SourceText, offset: int, message: str) -> None:
 
 @dataclass(frozen=True, eq=False)
 class Number:
+    """A numeric literal."""
+
     value: float
     loc: SourceLocation
 
 
 @dataclass(frozen=True, eq=False)
 class Name:
+    """A feature alias, qualified feature name, macro or list name, resolved later."""
+
     ident: str
     loc: SourceLocation
 
 
 @dataclass(frozen=True, eq=False)
 class Unary:
+    """A unary minus or `not`."""
+
     op: str  # '-' | 'not'
     operand: Node
     loc: SourceLocation
@@ -162,6 +172,8 @@ class Arith:
 
 @dataclass(frozen=True, eq=False)
 class Compare:
+    """A comparison of two operands."""
+
     op: str
     left: Node
     right: Node
@@ -170,12 +182,16 @@ class Compare:
 
 @dataclass(frozen=True, eq=False)
 class BoolOp:
+    """`and` / `or` over two or more operands."""
+
     op: str  # 'and' | 'or'
     operands: tuple[Node, ...]
 
 
 @dataclass(frozen=True, eq=False)
 class Call:
+    """A function call such as `rolling_mean(x, 16)`."""
+
     func: str
     args: tuple[Node, ...]
     loc: SourceLocation  # of the function name
@@ -416,6 +432,8 @@ COMPARE_OPS = frozenset(_COMPARE_KINDS.values())
 
 @dataclass(frozen=True)
 class MacroDef:
+    """A macro as declared: its name, parsed expression and location."""
+
     name: str
     ast: Node | None  # None when the macro's own text failed to parse (already reported)
     loc: SourceLocation
@@ -437,6 +455,7 @@ class Resolver:
         self._depth = 0
 
     def report(self, loc: SourceLocation, message: str) -> None:
+        """Record an issue at `loc` (each distinct issue once)."""
         self.issues.setdefault(loc.issue(message), None)
 
     def condition(self, ast: Node, source: SourceText) -> Condition | None:
@@ -457,6 +476,8 @@ class Resolver:
         return self._expanded[name]
 
     def resolve(self, node: Node) -> tuple[Op | None, str]:
+        """Resolve names and macros under `node` and type-check it: the compiled operation
+        and its kind (None and an error kind after reporting an issue)."""
         self._depth += 1
         try:
             if self._depth > MAX_EXPANSION_DEPTH:
@@ -578,6 +599,7 @@ def _build(kind: str, *args: Op | None, param: Any = None) -> Op | None:
 
 
 def did_you_mean(word: str, candidates: Sequence[str] | Mapping[str, Any]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of `candidates`, or an empty string."""
     matches = difflib.get_close_matches(word, list(candidates), n=1)
     return f" (did you mean {matches[0]!r}?)" if matches else ""
 
@@ -587,6 +609,10 @@ def did_you_mean(word: str, candidates: Sequence[str] | Mapping[str, Any]) -> st
 
 @dataclass(frozen=True)
 class Instr:
+    """One instruction of a compiled condition: its function, the registers of its operands, a
+    constant parameter, and a structural key shared by identical sub-expressions.
+    """
+
     kind: str
     args: tuple[int, ...]  # registers of earlier instructions
     param: Any
@@ -615,6 +641,7 @@ class Condition:
 
     @property
     def temporal(self) -> bool:
+        """Whether the condition keeps state across tokens (rolling windows, ewma, delta, ...)."""
         return any(FUNCTIONS.get(ins.kind, _STATELESS).temporal for ins in self.program)
 
     def evaluate(

@@ -30,11 +30,17 @@ class RuleException:
     desc: str = ""
 
     def matches(self, attributes: Mapping[str, str]) -> bool:
+        """Whether a sequence with `attributes` is exempt from the rule."""
         return all(attributes.get(key) in values for key, values in self.attributes)
 
 
 @dataclass
 class Rule:
+    """One compiled rule: its condition, how long it must hold (`for_tokens`), which roles and
+    scope it applies to, cooldown, exceptions, and what a firing carries (severity, category,
+    labels, annotations, the rendered `output`, actions). `source` points at its YAML.
+    """
+
     name: str
     desc: str
     category: str
@@ -66,6 +72,10 @@ class Rule:
 
 @dataclass
 class RuleSet:
+    """Every rule of the loaded files, with the feature aliases, macros and lists they declared and
+    each file's content hash (GetStatus and the audit trail report them).
+    """
+
     rules: list[Rule] = field(default_factory=list)
     feature_aliases: dict[str, str] = field(default_factory=dict)
     files: list[tuple[str, str]] = field(default_factory=list)  # (path, sha256 of content)
@@ -74,8 +84,10 @@ class RuleSet:
 
     @property
     def required_features(self) -> set[str]:
+        """The qualified feature names the enabled rules read."""
         return {name for rule in self.rules if rule.enabled for name in rule.condition.features}
 
     @property
     def enabled_rules(self) -> list[Rule]:
+        """The rules with `enabled: true`, in file order."""
         return [rule for rule in self.rules if rule.enabled]

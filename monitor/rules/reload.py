@@ -24,6 +24,8 @@ Fingerprint = tuple[tuple[str, str], ...]  # (path, sha256 or a read error), in 
 
 @dataclass(frozen=True)
 class ReloadResult:
+    """The outcome of a reload: the new rule set, or every problem found (the old set stays)."""
+
     ok: bool
     ruleset: RuleSet | None  # the new set when ok
     error: str = ""  # every located issue, one per line, when not ok

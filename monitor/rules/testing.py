@@ -69,6 +69,8 @@ class Occurrence:
 
 @dataclass
 class Turn:
+    """One turn of a test conversation: its role, token count and request id."""
+
     role: str
     tokens: int
     request_id: str
@@ -76,6 +78,8 @@ class Turn:
 
 @dataclass
 class Conversation:
+    """A test conversation: feature series per token, turns, and attributes exceptions match on."""
+
     name: str
     series: dict[str, list[float]]  # qualified feature name -> values
     turns: list[Turn]
@@ -83,11 +87,14 @@ class Conversation:
 
     @property
     def length(self) -> int:
+        """Its token count."""
         return sum(turn.tokens for turn in self.turns)
 
 
 @dataclass
 class TestCase:
+    """One test of a rule test file: conversations to replay and the firings expected."""
+
     __test__ = False
 
     name: str
@@ -98,31 +105,39 @@ class TestCase:
 
 @dataclass
 class CaseResult:
+    """A test's firings against its expectations."""
+
     name: str
     fired: list[Occurrence]
     expected: list[Occurrence]
 
     @property
     def missing(self) -> list[Occurrence]:
+        """Expected firings that did not happen."""
         return _minus(self.expected, self.fired)
 
     @property
     def unexpected(self) -> list[Occurrence]:
+        """Firings that were not expected."""
         return _minus(self.fired, self.expected)
 
     @property
     def passed(self) -> bool:
+        """The firings are exactly the expected ones."""
         return sorted(self.fired) == sorted(self.expected)
 
 
 @dataclass
 class FileResult:
+    """The results of one test file, or why its rules did not load."""
+
     path: str
     cases: list[CaseResult] = field(default_factory=list)
     load_error: RuleLoadError | None = None
 
     @property
     def passed(self) -> bool:
+        """The rules loaded and every test passed."""
         return self.load_error is None and all(case.passed for case in self.cases)
 
 
@@ -201,6 +216,7 @@ def load_test_file(path: Path) -> tuple[list[Path], str, list[dict[str, Any]]]:
 
 
 def build_case(raw: object, index: int, path: Path, rules: RuleSet) -> TestCase:
+    """Parse test `index` of a test file into a TestCase, checking it against `rules`."""
     where = f"{path}: tests[{index}]"
     raw = _expect_type(raw, dict, where, "a mapping with name, conversations and expect")
     _unknown_keys(raw, ("name", "rules", "conversations", "expect"), where)

@@ -40,6 +40,8 @@ STR_TAG = "tag:yaml.org,2002:str"
 
 @dataclass
 class Document:
+    """One rules file: its path, its text, and its top-level sections as YAML nodes."""
+
     path: str
     text: str
     sections: dict[str, Node]
@@ -52,14 +54,17 @@ class Issues:
         self.items: dict[RuleIssue, None] = {}
 
     def at(self, path: str, node: Node | None, message: str, offset: int = 0) -> None:
+        """Record `message` at `node`'s position in `path` (plus `offset` columns)."""
         line, col = (node.start_mark.line + 1, node.start_mark.column + 1) if node else (1, 1)
         self.add(RuleIssue(path, line, col + offset, message))
 
     def add(self, issue: RuleIssue) -> None:
+        """Record an issue (each distinct issue once, in order)."""
         self.items.setdefault(issue, None)
 
 
 def location(path: str, node: Node) -> SourceLocation:
+    """Where `node` starts in `path`."""
     return SourceLocation(path, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
@@ -92,6 +97,9 @@ def rule_files(paths: Sequence[str | Path], issues: Issues | None = None) -> lis
 def read_document(
     path: Path, issues: Issues, files: list[tuple[str, str]], top_keys: Sequence[str]
 ) -> Document | None:
+    """Read and compose one rules file, recording its content hash in `files`; None after recording
+    an issue (unreadable, too large, not UTF-8, not YAML, unknown top-level keys...).
+    """
     name = str(path)
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
@@ -172,6 +180,7 @@ def _bad_tag(event: NodeEvent) -> bool:
 
 
 def line_col(text: str, offset: int) -> tuple[int, int]:
+    """The 1-based line and column of `offset` in `text`."""
     before = text[:offset]
     return before.count("\n") + 1, offset - (before.rfind("\n") + 1) + 1
 
@@ -209,6 +218,7 @@ def pairs(path: str, node: MappingNode, issues: Issues) -> Iterator[tuple[str, N
 
 
 def section_mapping(doc: Document, key: str, issues: Issues) -> MappingNode | None:
+    """The top-level section `key` as a mapping node; None when absent, or after an issue."""
     node = doc.sections.get(key)
     if node is None or is_null(node):
         return None
@@ -219,10 +229,12 @@ def section_mapping(doc: Document, key: str, issues: Issues) -> MappingNode | No
 
 
 def is_null(node: Node) -> bool:
+    """Whether the node is YAML null (`~`, `null` or empty)."""
     return isinstance(node, ScalarNode) and node.tag == NULL_TAG
 
 
 def string_value(doc: Document, node: Node, what: str, issues: Issues) -> str | None:
+    """A scalar's text; None after recording an issue for anything else."""
     if isinstance(node, ScalarNode) and not is_null(node):
         return node.value
     issues.at(doc.path, node, f"{what} must be a string")
@@ -268,6 +280,9 @@ def _literal_origins(text: str, node: ScalarNode) -> tuple[tuple[int, int], ...]
 def parse_expression(
     doc: Document, node: Node, what: str, issues: Issues
 ) -> tuple[ExprNode | None, SourceText | None]:
+    """Parse an expression scalar, with a SourceText that maps its offsets to file positions;
+    (None, None) after recording an issue.
+    """
     text = string_value(doc, node, what, issues)
     if text is None:
         return None, None

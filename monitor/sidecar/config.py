@@ -12,6 +12,9 @@ from typing import Any
 
 import yaml
 
+from monitor.audit.store import SQLITE_SCHEME, is_store_url, sqlite_path
+from monitor.limits import MAX_CONVERSATIONS
+
 
 class ConfigError(ValueError):
     """Invalid sidecar configuration; str() is one line naming the file and the key."""
@@ -20,9 +23,13 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Limits:
     # gRPC's default is 4 MB; a 2,000-token prefill at d_model 4096 in BF16 is 16 MB.
+    """What the sidecar accepts: message and batch sizes, the conversations it tracks, the length of
+    a conversation id. Sent to clients in GetStatus.
+    """
+
     max_message_bytes: int = 64 * 1024 * 1024
     max_rows_per_batch: int = 16384
-    max_conversations: int = 100_000
+    max_conversations: int = MAX_CONVERSATIONS
     max_conversation_id_length: int = 256
 
 
@@ -61,6 +68,14 @@ class SecuritySettings:
 
 @dataclass(frozen=True)
 class SidecarConfig:
+    """The sidecar's configuration, as `load_config` reads it from YAML (paths resolved relative
+    to the file): where it listens, which packs and rules it loads, its limits, logging, the
+    optional audit trail, Alertmanager and transport security.
+
+        config = load_config("sidecar.yaml")
+        asyncio.run(serve(config))           # monitor.sidecar.process.serve
+    """
+
     listen: str = "127.0.0.1:50051"
     metrics_port: int = 9464
     metrics_host: str = ""  # empty: the host part of `listen`
@@ -78,10 +93,12 @@ class SidecarConfig:
 
     @property
     def listen_host(self) -> str:
+        """The host part of `listen` (brackets kept for IPv6)."""
         return self.listen.rsplit(":", 1)[0]
 
     @property
     def metrics_bind_host(self) -> str:
+        """Where /metrics binds: `metrics_host`, else the host of `listen`."""
         return self.metrics_host or self.listen_host.strip("[]")
 
 
@@ -212,10 +229,11 @@ def _security(value: Any, base_dir: Path, origin: str) -> SecuritySettings:
 
 
 def _store_url(url: str, base_dir: Path, origin: str) -> str:
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        return f"sqlite:///{path if path.is_absolute() else (base_dir / path).resolve()}"
-    if url.startswith(("postgresql://", "postgres://")):
+    sqlite = sqlite_path(url)
+    if sqlite is not None:
+        path = Path(sqlite)
+        return f"{SQLITE_SCHEME}{path if path.is_absolute() else (base_dir / path).resolve()}"
+    if is_store_url(url):
         return url
     raise ConfigError(
         f"{origin}: audit.url: expected sqlite:///PATH or postgresql://..., got {url!r}"

@@ -16,8 +16,16 @@ from dataclasses import dataclass
 
 import torch
 
-from monitor.rules.engine import Firing, SequenceSlice
+from monitor.rules import Firing, SequenceSlice
 from monitor.sidecar.validate import ValidatedBatch
+
+# Batches of one stream held at once: those being processed and those read ahead. Bounded
+# (at most this many messages of `max_message_bytes` per stream), so a client faster than
+# the sidecar is held back by gRPC flow control rather than by our memory.
+READ_AHEAD = 16
+# At most this many waiting batches are processed as one group: half the read-ahead, so the
+# next ones are still read while a full group is processed.
+MAX_GROUP = 8
 
 
 @dataclass(frozen=True)

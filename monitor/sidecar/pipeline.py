@@ -15,10 +15,16 @@ import torch
 
 from monitor.features import FeaturePack
 from monitor.outputs.metrics import SidecarMetrics
-from monitor.rules.engine import Firing, RuleEngine
-from monitor.rules.loader import RuleSet
-from monitor.sidecar.actions import Actions, DispatchResult, ruleset_hash
+from monitor.rules import Firing, RuleEngine, RuleSet
 from monitor.sidecar.config import Limits
+from monitor.sidecar.firings import (
+    Actions,
+    DispatchResult,
+    alert_event,
+    closing_event,
+    log_firing,
+    ruleset_hash,
+)
 from monitor.sidecar.grouping import can_join, merge_steps
 from monitor.sidecar.validate import (
     BatchRejected,
@@ -43,12 +49,24 @@ class FeatureColumn:
 
 @dataclass
 class BatchOutcome:
+    """What processing one batch produced: the events for the stream (alerts, then its Ack or
+    BatchError), the firings, and the feature values (Evaluate only)."""
+
     events: list[pb.MonitorEvent]
     firings: list[Firing]
     features: dict[str, torch.Tensor]  # the Evaluate RPC's; empty on a stream
 
 
 class Pipeline:
+    """The per-batch work of a sidecar: validate a StepBatch, encode its activations with the
+    packs, evaluate the rules, hand the firings to `Actions`, and return the events for the
+    stream. One Pipeline serves every stream; it runs on a single worker thread.
+
+        pipeline = Pipeline(packs, ruleset, SidecarMetrics(), Limits())
+        outcome = pipeline.process(batch)    # pb.StepBatch -> BatchOutcome
+        outcome.events                       # Alerts, then the Ack or a BatchError
+    """
+
     def __init__(
         self,
         packs: Sequence[FeaturePack],
@@ -119,17 +137,9 @@ class Pipeline:
         try:
             self._evaluate_group(group, outcomes)
         except Exception as exc:
-            seq_nos = [member.seq_no for _, member in group]
-            log.exception("internal error processing batches", seq_nos=seq_nos)
-            self.metrics.batches_rejected.labels(reason="internal").inc(len(group))
-            for index, member in group:
-                error = pb.BatchError(
-                    seq_no=member.seq_no,
-                    reason="internal",
-                    field="",
-                    message=f"internal error: {type(exc).__name__}",
-                )
-                outcomes[index] = BatchOutcome([pb.MonitorEvent(error=error)], [], {})
+            errors = internal_errors([member.seq_no for _, member in group], exc, self.metrics)
+            for (index, _), outcome in zip(group, errors, strict=True):
+                outcomes[index] = outcome
 
     def _evaluate_group(
         self, group: list[tuple[int, ValidatedBatch]], outcomes: list[BatchOutcome | None]
@@ -148,10 +158,12 @@ class Pipeline:
         sendable = {id(firing) for firing in dispatched.sendable}
         for (index, member), firings in zip(group, steps.split(result.firings), strict=True):
             for firing in firings:
-                self._record_firing(member, firing)
+                log_firing(self.metrics, member, firing)
             sent = [firing for firing in firings if id(firing) in sendable]
-            events = [_alert_event(member.seq_no, firing) for firing in sent]
-            events.append(self._closing(member, sent, len(firings), dispatched.audit_status))
+            events = [alert_event(member.seq_no, firing) for firing in sent]
+            events.append(
+                closing_event(self.metrics, member, sent, len(firings), dispatched.audit_status)
+            )
             outcomes[index] = BatchOutcome(events, firings, {})
         self.metrics.tokens.inc(batch.rows)
         self.metrics.batches.inc(len(group))
@@ -170,10 +182,13 @@ class Pipeline:
         features = self.encode(validated)
         engine = RuleEngine(self.ruleset, max_conversations=self.limits.max_conversations)
         result = engine.evaluate(features, validated.slices, model=batch.model)
-        events = [_alert_event(batch.seq_no, f) for f in result.firings]
+        events = [alert_event(batch.seq_no, f) for f in result.firings]
         return BatchOutcome(events, result.firings, features)
 
     def validate(self, batch: pb.StepBatch) -> ValidatedBatch:
+        """Check a StepBatch against the packs, the rules' hook points and the limits; raises
+        BatchRejected (reason, field, message) without touching any state.
+        """
         return validate_batch(batch, self.catalog, self.required, self.limits)
 
     def encode(self, batch: ValidatedBatch) -> dict[str, torch.Tensor]:
@@ -200,28 +215,6 @@ class Pipeline:
             return DispatchResult(list(firings), 0, "off")
         return self.actions.dispatch(batch, self.rules_hash, features, firings)
 
-    def _closing(
-        self, step: ValidatedBatch, sent: list[Firing], fired: int, audit_status: str
-    ) -> pb.MonitorEvent:
-        """The step's Ack, or a BatchError when some of its alerts were withheld for want of
-        a durable audit record (its rules were still evaluated)."""
-        withheld = fired - len(sent)
-        if not withheld:
-            return pb.MonitorEvent(ack=pb.Ack(seq_no=step.seq_no, rows=step.rows, alerts=len(sent)))
-        self.metrics.alerts_withheld.inc(withheld)
-        self.metrics.batches_rejected.labels(reason="audit_not_durable").inc()
-        log.error(
-            "alerts withheld", seq_no=step.seq_no, withheld=withheld, audit_status=audit_status
-        )
-        error = pb.BatchError(
-            seq_no=step.seq_no,
-            reason="audit_not_durable",
-            field="",
-            message=f"{withheld} alert(s) withheld: the audit store did not commit their "
-            f"records (status {audit_status}); rules were evaluated",
-        )
-        return pb.MonitorEvent(error=error)
-
     def _reject(self, seq_no: int, rejected: BatchRejected) -> BatchOutcome:
         self.metrics.batches_rejected.labels(reason=rejected.reason).inc()
         log.warning(
@@ -235,24 +228,6 @@ class Pipeline:
             seq_no=seq_no, reason=rejected.reason, field=rejected.field, message=rejected.message
         )
         return BatchOutcome([pb.MonitorEvent(error=error)], [], {})
-
-    def _record_firing(self, batch: ValidatedBatch, firing: Firing) -> None:
-        self.metrics.alerts.labels(
-            rule=firing.rule, category=firing.category, severity=firing.severity
-        ).inc()
-        log.warning(
-            "rule fired",
-            rule=firing.rule,
-            category=firing.category,
-            severity=firing.severity,
-            conversation_id=firing.conversation_id,
-            request_id=firing.request_id,
-            position=firing.position,
-            value=firing.value,
-            model=batch.model,
-            seq_no=batch.seq_no,
-            output=firing.message,
-        )
 
 
 def _d_model_by_hook_point(packs: Sequence[FeaturePack]) -> dict[str, int]:
@@ -278,23 +253,26 @@ def _feature_columns(packs: Sequence[FeaturePack], required: set[str]) -> list[F
     return columns
 
 
-def _alert_event(seq_no: int, firing: Firing) -> pb.MonitorEvent:
-    alert = pb.Alert(
-        seq_no=seq_no,
-        rule=firing.rule,
-        category=firing.category,
-        severity=firing.severity,
-        conversation_id=firing.conversation_id,
-        request_id=firing.request_id,
-        position=firing.position,
-        value=firing.value,
-        message=firing.message,
-        labels=firing.labels,
-        actions=firing.actions,
-    )
-    return pb.MonitorEvent(alert=alert)
-
-
 def qualified_feature_names(packs: Sequence[FeaturePack]) -> set[str]:
     """Every '<pack>/<feature>' the loaded packs provide (for rule validation)."""
     return {name for pack in packs for hp in pack.hook_points for name in pack.qualified_names(hp)}
+
+
+def internal_errors(
+    seq_nos: Sequence[int], exc: Exception, metrics: SidecarMetrics
+) -> list[BatchOutcome]:
+    """The one guard against our own bugs: logs `exc` (call it from the `except` block), counts
+    the batches as rejected for `internal`, and gives each an internal BatchError, so a bug
+    never kills a stream."""
+    log.exception("internal error processing batches", seq_nos=list(seq_nos))
+    metrics.batches_rejected.labels(reason="internal").inc(len(seq_nos))
+    outcomes = []
+    for seq_no in seq_nos:
+        error = pb.BatchError(
+            seq_no=seq_no,
+            reason="internal",
+            field="",
+            message=f"internal error: {type(exc).__name__}",
+        )
+        outcomes.append(BatchOutcome([pb.MonitorEvent(error=error)], [], {}))
+    return outcomes

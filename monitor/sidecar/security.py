@@ -29,6 +29,7 @@ def server_credentials(settings: SecuritySettings) -> grpc.ServerCredentials | N
 
 
 def read_token(path: Path | None) -> str | None:
+    """The bearer token in `path` (stripped), None without a path; ValueError for an empty file."""
     if path is None:
         return None
     token = path.read_text().strip()
@@ -48,6 +49,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        """Let health checks and calls with the right `authorization` header through; deny the
+        rest."""
         handler = await continuation(details)
         if handler is None or details.method.startswith(_HEALTH_PREFIX):
             return handler

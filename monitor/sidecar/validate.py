@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from monitor.rules.engine import SequenceSlice
+from monitor.rules import SequenceSlice
 from monitor.sidecar.config import Limits
 from monitor.wire import TensorDecodeError, decode_tensor, pb
 
@@ -23,6 +23,10 @@ MAX_POSITION = 2**62
 
 @dataclass(frozen=True)
 class BatchRejected(Exception):
+    """A batch the sidecar refuses: `reason` (the metric label), the offending `field` and a
+    one-line `message`, sent back as a BatchError.
+    """
+
     reason: str
     field: str
     message: str
@@ -42,6 +46,10 @@ class EncoderCatalog:
 
 @dataclass(frozen=True)
 class ValidatedBatch:
+    """A StepBatch after validation: decoded activations per hook point, conversation slices, token
+    text, and feature values a client encoded itself, keyed by (pack, hook point).
+    """
+
     seq_no: int
     model: str
     rows: int

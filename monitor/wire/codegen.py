@@ -52,6 +52,7 @@ def generate(out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Regenerate the committed gRPC stubs from the proto (`make proto`)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=PACKAGE_DIR)
     args = parser.parse_args(argv)

@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 import torch
 
-from monitor.capture.layers import find_layer_list, hook_point_name
+from monitor.capture.layers import find_layer_list
 from monitor.capture.steps import CapturedStep, Tagging
 from monitor.capture.vllm import op
 from monitor.capture.vllm.batch import (
@@ -38,6 +38,7 @@ from monitor.capture.vllm.batch import (
     tag_request,
 )
 from monitor.capture.vllm.config import PluginSettings
+from monitor.hookpoints import hook_point_name
 
 log = structlog.get_logger("safety_monitor.capture.vllm")
 

@@ -1,0 +1,261 @@
+"""One captured step as a ring frame, and back into a StepBatch on the relay's side.
+
+    [FRAME_HEADER][metadata][tensor bytes, each 64-byte aligned: the layers in order, then
+    the feature blocks]
+
+The metadata is the wire message itself, minus the tensor bytes, so the relay adds the data
+and needs no schema of its own. It comes in two forms:
+
+- STEP: a serialised StepBatch (tensors with dtype and shape, no data);
+- TEMPLATED_STEP: `[u32 n][n bytes: a StepBatch][pad to 8][u64 rows × sequences]
+  [u64 positions × sequences]`. Steps of one tagging differ only in rows, positions and the
+  tensors' row counts, so the serving process serialises the StepBatch once per tagging and
+  each step adds two short arrays; the relay fills them in. Every frame is whole in itself:
+  the relay keeps no state between frames, so frames it skips or a relay restart lose nothing.
+
+Tensors are copied straight from the model's output into shared memory (after a dtype
+conversion, if the wire lacks the model's dtype). This module's relay half imports no torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from monitor.capture.channel.ring import FRAME_HEADER, Frame, FrameKind, SharedRing, aligned
+from monitor.wire.safety_monitor.v1 import monitor_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
+
+    from monitor.capture.steps import CapturedStep
+
+ITEMSIZE = {"BF16": 2, "FP16": 2, "FP32": 4}
+_U32 = struct.Struct("<I")
+_TEMPLATES = 256
+
+
+class FrameTooLarge(Exception):
+    """A step larger than the whole ring; it can never be sent."""
+
+
+@dataclass(slots=True)
+class _Tensor:
+    """One tensor of a step, ready to be copied: C-contiguous, in host memory, in a wire
+    dtype. `tensor` keeps the memory at `address` alive until the copy."""
+
+    dtype: str  # wire name
+    columns: int
+    nbytes: int
+    address: int
+    tensor: torch.Tensor
+
+
+class _Template:
+    """A tagging's serialised StepBatch, and how to add one step's rows and positions."""
+
+    def __init__(self, message: bytes, sequences: int, signature: list[tuple[Any, ...]]) -> None:
+        head = _U32.pack(len(message)) + message
+        self.prefix = head + bytes(-len(head) % 8)
+        self.counts = struct.Struct(f"<{2 * sequences}Q")
+        self.size = len(self.prefix) + self.counts.size
+        self.signature = signature
+
+    def write(self, data: memoryview, start: int, rows: list[int], positions: list[int]) -> None:
+        end = start + len(self.prefix)
+        data[start:end] = self.prefix
+        self.counts.pack_into(data, end, *rows, *positions)
+
+
+class FrameWriter:
+    """The serving process's side: CapturedStep -> frame. One writer at a time (RelayLink
+    holds a lock around it)."""
+
+    def __init__(self, ring: SharedRing, doorbell: Callable[[], None] | None = None) -> None:
+        import torch
+
+        self.ring = ring
+        self.doorbell = doorbell
+        self._wire = {torch.float32: "FP32", torch.float16: "FP16", torch.bfloat16: "BF16"}
+        self._fp32 = torch.float32
+        self._templates: OrderedDict[Hashable, _Template] = OrderedDict()
+
+    def write(self, step: CapturedStep, texts: list[list[str]] | None) -> bool:
+        """Publish the step; False when the ring has no room for it now."""
+        tensors, signature = self._tensors(step)
+        template = None if texts else self._template(step, tensors, signature)
+        if template is None:
+            kind = FrameKind.STEP
+            meta = _describe(step, texts, tensors).SerializeToString()
+            meta_size = len(meta)
+        else:
+            kind, meta_size = FrameKind.TEMPLATED_STEP, template.size
+        tensors_at = aligned(FRAME_HEADER.size + meta_size)
+        total = tensors_at + sum(aligned(t.nbytes) for t in tensors)
+        if total > self.ring.capacity:
+            raise FrameTooLarge(
+                f"a {total}-byte step does not fit a {self.ring.capacity}-byte ring"
+            )
+        room = self.ring.reserve(total)
+        if room is None:
+            return False
+        offset, new_head = room
+        data = self.ring.data
+        rows = step.total_rows
+        FRAME_HEADER.pack_into(data, offset, total, kind, meta_size, rows)
+        start = offset + FRAME_HEADER.size
+        if template is None:
+            data[start : start + meta_size] = meta
+        else:
+            template.write(data, start, step.rows, step.positions)
+        # Bounds: `reserve` gave `total` bytes from `offset`, and the tensors' aligned sizes
+        # add up to what is left of it after the metadata.
+        address = self.ring.data_address + offset + tensors_at
+        for tensor in tensors:
+            if tensor.nbytes:  # an empty tensor's data pointer may be null
+                ctypes.memmove(address, tensor.address, tensor.nbytes)
+            address += aligned(tensor.nbytes)
+        self.ring.publish(new_head)
+        if self.doorbell is not None:
+            self.doorbell()
+        return True
+
+    def _tensors(self, step: CapturedStep) -> tuple[list[_Tensor], list[tuple[Any, ...]]]:
+        """The step's tensors as host arrays (rows selected), and what a template must match:
+        names, wire dtypes and columns."""
+        tensors = []
+        signature: list[tuple[Any, ...]] = []
+        valid = step.valid
+        for name, tensor in step.layers.items():
+            if valid is not None and tensor.dim() == 3:
+                tensor = tensor[valid]
+            tensors.append(self._host_array(tensor))
+            signature.append((name, tensors[-1].dtype, tensors[-1].columns))
+        for key, values in step.features.items():
+            if values.is_cuda or values.dtype != self._fp32:  # feature values travel as FP32
+                values = values.to("cpu", self._fp32)
+            tensors.append(self._host_array(values))
+            signature.append((key, "FP32", tensors[-1].columns))
+        return tensors, signature
+
+    def _host_array(self, tensor: torch.Tensor) -> _Tensor:
+        if not tensor.is_cpu:  # a raw copy must never read a device pointer
+            tensor = tensor.cpu()
+        wire = self._wire.get(tensor.dtype)
+        if wire is None:  # any other dtype travels as FP32
+            tensor = tensor.to(self._fp32)
+            wire = "FP32"
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()
+        return _Tensor(wire, tensor.shape[-1], tensor.nbytes, tensor.data_ptr(), tensor)
+
+    def _template(
+        self, step: CapturedStep, tensors: list[_Tensor], signature: list[tuple[Any, ...]]
+    ) -> _Template | None:
+        key = step.tagging.key
+        if key is None:
+            return None
+        template = self._templates.get(key)
+        if template is None or template.signature != signature:
+            message = _describe(step, None, tensors).SerializeToString()
+            template = _Template(message, len(step.rows), signature)
+            self._templates[key] = template
+            if len(self._templates) > _TEMPLATES:
+                self._templates.popitem(last=False)
+        return template
+
+
+def _describe(
+    step: CapturedStep, texts: list[list[str]] | None, tensors: list[_Tensor]
+) -> pb.StepBatch:
+    batch = pb.StepBatch()
+    rows = step.total_rows
+    for hook_point, tensor in zip(step.layers, tensors, strict=False):
+        shape = (rows, tensor.columns)
+        batch.layers.append(
+            pb.Layer(hook_point=hook_point, activations=pb.Tensor(dtype=tensor.dtype, shape=shape))
+        )
+    for (pack, sha, hook_point), tensor in zip(
+        step.features, tensors[len(step.layers) :], strict=True
+    ):
+        batch.features.append(
+            pb.FeatureBlock(
+                pack=pack,
+                pack_sha256=sha,
+                hook_point=hook_point,
+                values=pb.Tensor(dtype=tensor.dtype, shape=(rows, tensor.columns)),
+            )
+        )
+    tagging = step.tagging
+    for index, cid in enumerate(tagging.conversation_ids):
+        batch.sequences.append(
+            pb.Sequence(
+                conversation_id=cid,
+                request_id=tagging.request_ids[index],
+                rows=step.rows[index],
+                position=step.positions[index],
+                role=tagging.roles[index],
+                end=tagging.end,
+                tokens=texts[index] if texts else (),
+                attributes=tagging.attributes,
+            )
+        )
+    return batch
+
+
+def read_step(ring: SharedRing, frame: Frame) -> pb.StepBatch:
+    """The relay's side: a step frame -> StepBatch with its tensor bytes (copied out of the
+    ring, so the frame can be released). Raises ValueError on a malformed frame."""
+    start = frame.offset + FRAME_HEADER.size
+    meta = ring.data[start : start + frame.meta]
+    if frame.kind == FrameKind.TEMPLATED_STEP:
+        batch = _from_template(meta, frame.rows)
+    else:
+        batch = pb.StepBatch.FromString(meta)
+    position = frame.offset + aligned(FRAME_HEADER.size + frame.meta)
+    messages = [layer.activations for layer in batch.layers]
+    messages += [block.values for block in batch.features]
+    for message in messages:
+        count = 1
+        for dim in message.shape:
+            count *= dim
+        itemsize = ITEMSIZE.get(message.dtype)
+        if itemsize is None:
+            raise ValueError(f"frame tensor has unknown dtype {message.dtype!r}")
+        size = count * itemsize
+        if position + size > frame.offset + frame.size:
+            raise ValueError("frame tensors run past the end of the frame")
+        message.data = ring.data[position : position + size].tobytes()
+        position += aligned(size)
+    return batch
+
+
+def _from_template(meta: memoryview, total_rows: int) -> pb.StepBatch:
+    """TEMPLATED_STEP metadata -> the StepBatch, this step's rows and positions filled in."""
+    (length,) = _U32.unpack_from(meta, 0)
+    batch = pb.StepBatch.FromString(meta[_U32.size : _U32.size + length])
+    sequences = len(batch.sequences)
+    counts_at = _U32.size + length
+    counts_at += -counts_at % 8
+    counts = struct.Struct(f"<{2 * sequences}Q")
+    if counts_at + counts.size != len(meta):
+        raise ValueError("templated frame: the rows and positions do not fit the metadata")
+    values = counts.unpack_from(meta, counts_at)
+    if sum(values[:sequences]) != total_rows:
+        raise ValueError("templated frame: the sequences' rows do not add up to the frame's")
+    for sequence, rows, position in zip(
+        batch.sequences, values[:sequences], values[sequences:], strict=True
+    ):
+        sequence.rows = rows
+        sequence.position = position
+    for message in [layer.activations for layer in batch.layers] + [
+        block.values for block in batch.features
+    ]:
+        if len(message.shape) != 2:
+            raise ValueError("templated frame: tensors must be [rows, columns]")
+        message.shape[0] = total_rows
+    return batch

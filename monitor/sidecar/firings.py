@@ -1,0 +1,248 @@
+"""What happens when rules fire: the log line and alerts metric, the Alert on the stream, the
+step's closing Ack or BatchError, the audit trail and Alertmanager. Every translation of a
+`Firing` lives here: to the proto `Alert` (`alert_event`), to `AuditFiring` (`_audit_step`)
+and to `AlertmanagerAlert` (`_alertmanager_alert`). The audit trail and Alertmanager are
+optional and configured in the sidecar config.
+
+The audit write for a batch happens before its alerts are sent: an Alert on the stream means
+its audit record is committed. When the audit store cannot make a batch durable, the alerts of
+rules with the `audit` action are withheld and the batch gets a BatchError instead (the
+records follow once the store recovers when the recorder kept them pending).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import structlog
+import torch
+
+from monitor.audit import AuditFiring, AuditRecorder, AuditSlice, AuditStep, RecorderConfig
+from monitor.limits import MAX_CONVERSATIONS
+from monitor.outputs.alertmanager import AlertmanagerAlert, AlertmanagerClient
+from monitor.outputs.metrics import SidecarMetrics
+from monitor.rules import Firing, RuleSet
+from monitor.sidecar.config import AlertmanagerSettings, AuditSettings
+from monitor.sidecar.validate import ValidatedBatch
+from monitor.wire import pb
+
+# The pipeline's logger: these lines kept their logger name when they moved here.
+log = structlog.get_logger("safety_monitor.pipeline")
+
+
+@dataclass(frozen=True)
+class DispatchResult:
+    """Which firings of a batch may go on the stream now, how many were withheld for want of a
+    durable audit record, and the audit status of the batch.
+    """
+
+    sendable: list[Firing]  # alerts that may go on the stream now
+    withheld: int  # alerts held back because their audit record is not durable
+    audit_status: str  # "nothing" | "written" | "pending" | "dropped" | "off"
+
+
+def ruleset_hash(ruleset: RuleSet) -> str:
+    """One hash for the loaded rule files (recorded with each audited alert)."""
+    digest = hashlib.sha256()
+    for path, sha in sorted(ruleset.files):
+        digest.update(f"{path}\0{sha}\n".encode())
+    return digest.hexdigest()
+
+
+class Actions:
+    """Where firings go besides the stream: the audit recorder and the Alertmanager client, each
+    made only when configured. `Pipeline` calls `dispatch` once per batch on its worker thread.
+    """
+
+    def __init__(
+        self,
+        audit: AuditSettings,
+        alertmanager: AlertmanagerSettings,
+        metrics: SidecarMetrics,
+        max_conversations: int = MAX_CONVERSATIONS,
+    ) -> None:
+        self.metrics = metrics
+        # The recorder tracks as many conversations as the rule engine, so a flagged
+        # conversation the engine still follows is never evicted from the audit trail first.
+        self.recorder = _recorder(audit, metrics, max_conversations) if audit.url else None
+        self.alertmanager = _alertmanager(alertmanager, metrics) if alertmanager.url else None
+
+    @property
+    def audit_healthy(self) -> bool:
+        """False while the audit store cannot commit (the named health service turns
+        NOT_SERVING)."""
+        return self.recorder is None or self.recorder.healthy
+
+    def dispatch(
+        self,
+        batch: ValidatedBatch,
+        rules_hash: str,
+        features: Mapping[str, torch.Tensor],
+        firings: Sequence[Firing],
+    ) -> DispatchResult:
+        """Audit the batch (durably, before its alerts may be sent), then push the sendable
+        alerts with the `alert` action to Alertmanager."""
+        status = "off"
+        sendable = list(firings)
+        if self.recorder is not None:
+            result = self.recorder.record_batch(_audit_step(batch, rules_hash, features, firings))
+            status = result.status
+            if not result.durable:
+                sendable = [f for f in firings if "audit" not in f.actions]
+        if self.alertmanager is not None:
+            for firing in sendable:
+                if "alert" in firing.actions:
+                    self.alertmanager.fire(_alertmanager_alert(batch.model, firing))
+        return DispatchResult(sendable, len(firings) - len(sendable), status)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush and stop the recorder and the Alertmanager client, each within `timeout`
+        seconds."""
+        if self.recorder is not None:
+            self.recorder.close(timeout)
+        if self.alertmanager is not None:
+            self.alertmanager.close(timeout)
+
+
+def _recorder(
+    settings: AuditSettings, metrics: SidecarMetrics, max_conversations: int
+) -> AuditRecorder:
+    config = RecorderConfig(
+        window_tokens=settings.window_tokens,
+        max_conversations=max_conversations,
+        max_tokens_per_conversation=settings.max_tokens_per_conversation,
+        redact_patterns=settings.redact_patterns,
+        retention_days=settings.retention_days,
+        on_backpressure=settings.on_backpressure,  # type: ignore[arg-type]
+        write_timeout=settings.write_timeout_seconds,
+    )
+    return AuditRecorder(
+        settings.url,
+        config,
+        on_result=lambda result: metrics.audit_writes.labels(result=result).inc(),
+    )
+
+
+def _alertmanager(settings: AlertmanagerSettings, metrics: SidecarMetrics) -> AlertmanagerClient:
+    return AlertmanagerClient(
+        settings.url,
+        resend_interval=settings.resend_interval_seconds,
+        resolve_after=settings.resolve_after_seconds,
+        audit_base_url=settings.audit_base_url or None,
+        on_result=lambda result: metrics.alertmanager_sends.labels(result=result).inc(),
+    )
+
+
+def _audit_step(
+    batch: ValidatedBatch,
+    rules_hash: str,
+    features: Mapping[str, torch.Tensor],
+    firings: Sequence[Firing],
+) -> AuditStep:
+    audit_slices = [
+        AuditSlice(
+            conversation_id=s.conversation_id,
+            request_id=s.request_id,
+            position=s.position,
+            tokens=tuple(text),
+            role=s.role,
+            end=s.end,
+            features={n: v[s.start_row : s.start_row + s.rows] for n, v in features.items()},
+            rows=s.rows,
+        )
+        for s, text in zip(batch.slices, batch.tokens, strict=True)
+    ]
+    audit_firings = [
+        AuditFiring(
+            rule=f.rule,
+            category=f.category,
+            severity=f.severity,
+            conversation_id=f.conversation_id,
+            request_id=f.request_id,
+            position=f.position,
+            value=f.value,
+            message=f.message,
+            labels=f.labels,
+            actions=f.actions,
+            feature_values={n: float(v[f.row]) for n, v in features.items()},
+        )
+        for f in firings
+    ]
+    hook_points = sorted({*batch.activations, *(hp for _, hp in batch.encoded)})
+    return AuditStep(batch.model, rules_hash, audit_slices, audit_firings, tuple(hook_points))
+
+
+def _alertmanager_alert(model: str, firing: Firing) -> AlertmanagerAlert:
+    return AlertmanagerAlert(
+        rule=firing.rule,
+        category=firing.category,
+        severity=firing.severity,
+        model=model,
+        summary=firing.message,
+        conversation_id=firing.conversation_id,
+        request_id=firing.request_id,
+        value=firing.value,
+        labels=firing.labels,
+        annotations=firing.annotations,
+    )
+
+
+def alert_event(seq_no: int, firing: Firing) -> pb.MonitorEvent:
+    """A firing as the stream's Alert event for step `seq_no`."""
+    alert = pb.Alert(
+        seq_no=seq_no,
+        rule=firing.rule,
+        category=firing.category,
+        severity=firing.severity,
+        conversation_id=firing.conversation_id,
+        request_id=firing.request_id,
+        position=firing.position,
+        value=firing.value,
+        message=firing.message,
+        labels=firing.labels,
+        actions=firing.actions,
+    )
+    return pb.MonitorEvent(alert=alert)
+
+
+def closing_event(
+    metrics: SidecarMetrics, step: ValidatedBatch, sent: list[Firing], fired: int, audit_status: str
+) -> pb.MonitorEvent:
+    """The step's Ack, or a BatchError when some of its alerts were withheld for want of
+    a durable audit record (its rules were still evaluated)."""
+    withheld = fired - len(sent)
+    if not withheld:
+        return pb.MonitorEvent(ack=pb.Ack(seq_no=step.seq_no, rows=step.rows, alerts=len(sent)))
+    metrics.alerts_withheld.inc(withheld)
+    metrics.batches_rejected.labels(reason="audit_not_durable").inc()
+    log.error("alerts withheld", seq_no=step.seq_no, withheld=withheld, audit_status=audit_status)
+    error = pb.BatchError(
+        seq_no=step.seq_no,
+        reason="audit_not_durable",
+        field="",
+        message=f"{withheld} alert(s) withheld: the audit store did not commit their "
+        f"records (status {audit_status}); rules were evaluated",
+    )
+    return pb.MonitorEvent(error=error)
+
+
+def log_firing(metrics: SidecarMetrics, batch: ValidatedBatch, firing: Firing) -> None:
+    """Count a firing in the alerts metric and log it (every firing, sent or withheld)."""
+    metrics.alerts.labels(
+        rule=firing.rule, category=firing.category, severity=firing.severity
+    ).inc()
+    log.warning(
+        "rule fired",
+        rule=firing.rule,
+        category=firing.category,
+        severity=firing.severity,
+        conversation_id=firing.conversation_id,
+        request_id=firing.request_id,
+        position=firing.position,
+        value=firing.value,
+        model=batch.model,
+        seq_no=batch.seq_no,
+        output=firing.message,
+    )

@@ -1,0 +1,193 @@
+"""The audit trail and Alertmanager through a real sidecar process.
+
+Alerts are acknowledged only once their audit record is durable: a kill -9 loses none of
+them. Token text is redacted before it is written. Fired rules reach Alertmanager.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from monitor.audit import open_store
+from monitor.audit.store import AuditQuery
+from monitor.fixtures import wait_for
+from monitor.wire import encode_tensor, pb, pb_grpc
+from tests.conftest import build_pack_with_cli
+from tests.integration.test_alertmanager import Receiver
+
+D_MODEL = 16
+RULES = """
+features: {one: bars/1}
+rules:
+  - rule: always-audited
+    category: misuse
+    severity: critical
+    condition: one > -1000
+    actions: [alert, audit]
+    labels: {team: trust-and-safety}
+    output: "audited at {position} of {conversation_id}"
+"""
+
+
+def _config(tmp_path, **extra) -> dict:
+    pack = build_pack_with_cli(tmp_path, d_in=D_MODEL, d_sae=32, hook_layer=0, features=[1])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    return {"packs": [str(pack)], "rules": [str(rules)], **extra}
+
+
+def _batch(seq_no: int, conversation: str, position: int, texts: list[str], end=False):
+    batch = pb.StepBatch(seq_no=seq_no, model="tiny")
+    rows = len(texts)
+    batch.layers.append(
+        pb.Layer(hook_point="layers.0", activations=encode_tensor(torch.randn(rows, D_MODEL)))
+    )
+    batch.sequences.append(
+        pb.Sequence(
+            conversation_id=conversation, rows=rows, position=position, tokens=texts, end=end
+        )
+    )
+    return batch
+
+
+def test_acknowledged_alerts_survive_kill_9_and_text_is_redacted(tmp_path, sidecar_factory):
+    db = tmp_path / "audit.db"
+    sidecar = sidecar_factory(_config(tmp_path, audit={"url": f"sqlite:///{db}"}))
+    secret = "alice.smith@example.com"
+    acked_alerts = []
+    batches = [
+        _batch(i + 1, f"conv-{i}", 0, ["mail ", "me ", "at ", secret, " now"], end=True)
+        for i in range(200)
+    ]
+    with grpc.insecure_channel(sidecar.target) as channel:
+        stream = pb_grpc.SafetyMonitorStub(channel).Monitor(iter(batches), timeout=60)
+        pending = []
+        try:
+            for event in stream:
+                if event.HasField("alert"):
+                    pending.append(event.alert)
+                elif event.HasField("ack"):
+                    acked_alerts += [a for a in pending if a.seq_no == event.ack.seq_no]
+                    pending = []
+                    if event.ack.seq_no == 60:
+                        sidecar.process.send_signal(signal.SIGKILL)
+        except grpc.RpcError:
+            pass  # the stream dies with the process
+    sidecar.process.wait(10)
+    assert len(acked_alerts) >= 60
+
+    store = open_store(f"sqlite:///{db}")
+    try:
+        stored = {
+            (a.conversation_id, a.rule, a.position)
+            for a in store.list_alerts(AuditQuery(limit=None))
+        }
+        for alert in acked_alerts:
+            assert (alert.conversation_id, alert.rule, alert.position) in stored
+        record = store.get_conversation("conv-0")
+        assert record is not None
+        text = "".join(t.text or "" for t in record.tokens)
+        assert secret not in text and "mail" in text
+        assert record.alerts[0].rule == "always-audited"
+        assert record.alerts[0].rule_set_hash
+        assert "bars/1" in record.tokens[0].features
+    finally:
+        store.close()
+    for path in tmp_path.glob("audit.db*"):
+        assert secret.encode() not in path.read_bytes(), path
+
+
+def test_fired_rules_reach_alertmanager(tmp_path, sidecar_factory):
+    receiver = Receiver()
+    try:
+        sidecar = sidecar_factory(
+            _config(
+                tmp_path,
+                alertmanager={"url": receiver.url, "audit_base_url": "https://review.local/c"},
+            )
+        )
+        with grpc.insecure_channel(sidecar.target) as channel:
+            events = list(
+                pb_grpc.SafetyMonitorStub(channel).Monitor(
+                    iter([_batch(1, "am-conv", 0, ["a", "b"])]), timeout=30
+                )
+            )
+        assert [e.WhichOneof("event") for e in events] == ["alert", "ack"]
+        wait_for(lambda: receiver.alerts())
+        sent = receiver.alerts()[0]
+        assert sent["labels"]["alertname"] == "always-audited"
+        assert sent["labels"]["severity"] == "critical"
+        assert sent["labels"]["category"] == "misuse"
+        assert sent["labels"]["team"] == "trust-and-safety"
+        assert sent["labels"]["model"] == "tiny"
+        assert "am-conv" not in sent["labels"].values()  # ids are annotations, not labels
+        assert sent["annotations"]["conversation_id"] == "am-conv"
+        assert sent["annotations"]["summary"] == "audited at 0 of am-conv"
+        # The receiver records the request before it answers; the sidecar counts the send
+        # once the answer is back, a moment later.
+        wait_for(
+            lambda: sidecar.metric("safety_monitor_alertmanager_sends_total", result="ok") >= 1
+        )
+    finally:
+        receiver.server.shutdown()
+
+
+def _audit_health(target: str) -> int:
+    """The audit health status; SERVICE_UNKNOWN before the sidecar's first check of the store."""
+    with grpc.insecure_channel(target) as channel:
+        request = health_pb2.HealthCheckRequest(service="safety_monitor.audit")
+        try:
+            return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+
+def test_store_down_at_start_withholds_alerts_then_recovers(tmp_path, sidecar_factory):
+    from monitor.fixtures import free_port
+    from tests.pg_server import start_pg_server
+
+    port = free_port()
+    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    sidecar = sidecar_factory(
+        _config(
+            tmp_path,
+            audit={"url": url, "write_timeout_seconds": 0.5, "on_backpressure": "drop"},
+        )
+    )
+    deadline = time.monotonic() + 20
+    while _audit_health(sidecar.target) != health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert time.monotonic() < deadline, "audit health never went NOT_SERVING"
+        time.sleep(0.2)
+    with grpc.insecure_channel(sidecar.target) as channel:
+        events = list(
+            pb_grpc.SafetyMonitorStub(channel).Monitor(
+                iter([_batch(1, "down", 0, ["x"])]), timeout=30
+            )
+        )
+    # No durable record: the alert is withheld and the batch says so.
+    assert [e.WhichOneof("event") for e in events] == ["error"]
+    assert events[0].error.reason == "audit_not_durable"
+
+    server = start_pg_server(port)
+    try:
+        deadline = time.monotonic() + 60
+        while _audit_health(sidecar.target) != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "audit health never recovered"
+            time.sleep(0.2)
+        with grpc.insecure_channel(sidecar.target) as channel:
+            events = list(
+                pb_grpc.SafetyMonitorStub(channel).Monitor(
+                    iter([_batch(2, "up", 0, ["y"])]), timeout=30
+                )
+            )
+        assert [e.WhichOneof("event") for e in events] == ["alert", "ack"]
+        assert sidecar.stop() == 0
+    finally:
+        server.stop()
