@@ -47,6 +47,7 @@ TINY_LLAMA = {
 class _Engine:
     def __init__(self, kwargs: dict[str, Any], env: dict[str, str], log: Path) -> None:
         self._log = log.open("wb")
+        self._out = log.with_suffix(".out")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "monitor.bench.vllm_engine", json.dumps(kwargs)],
             stdin=subprocess.PIPE,
@@ -60,16 +61,19 @@ class _Engine:
 
     def _read(self) -> None:
         assert self.process.stdout is not None
-        for line in self.process.stdout:
-            text = line.decode(errors="replace").strip()
-            if text.startswith("{"):
-                self._lines.put(text)
+        with self._out.open("wb") as out:  # vLLM logs to stdout; replies are JSON lines
+            for line in self.process.stdout:
+                text = line.decode(errors="replace").strip()
+                if text.startswith("{"):
+                    self._lines.put(text)
+                else:
+                    out.write(line)
         self._lines.put(None)
 
     def reply(self, timeout: float) -> Any:
         line = self._lines.get(timeout=timeout)
         if line is None:
-            raise RuntimeError(f"a vLLM engine exited ({self.process.poll()})")
+            raise RuntimeError(f"a vLLM engine exited ({self.process.poll()}); see {self._out}")
         return json.loads(line)
 
     def call(self, command: dict[str, Any], timeout: float = 600.0) -> Any:
@@ -174,6 +178,9 @@ def _measure(
         "max_num_seqs": 8,
         "enforce_eager": eager,
         "enable_prefix_caching": False,  # every round computes every token
+        # A fixed KV cache: vLLM's CPU default is a fraction of the machine's memory, and three
+        # engines run side by side.
+        "kv_cache_memory_bytes": 256 * 1024 * 1024,
     }
     from monitor.fixtures import free_port
 

@@ -302,6 +302,21 @@ class CaptureClient:
             time.sleep(0.002)
         return True
 
+    def wait_settled(self, max_unsettled: int, timeout: float) -> bool:
+        """Wait until at most `max_unsettled` captured steps await the sidecar's verdict and
+        every alert received so far was handled (guard mode: an engine holds a step's tokens
+        back until then). False at `timeout`, or at once while the sidecar is unreachable:
+        the caller carries on (fail-open)."""
+        deadline = time.monotonic() + timeout
+        while (
+            self._copies_pending + self._link.unsettled() > max_unsettled
+            or self._link.alerts_pending()
+        ):
+            if self._link.unreachable or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.0002)
+        return True
+
     def close(self, timeout: float = 10.0) -> None:
         """Detach, flush what is queued (up to `timeout`), and stop the relay process."""
         self.detach()

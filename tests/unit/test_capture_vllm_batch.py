@@ -68,7 +68,6 @@ def test_split_mixed_prefill_and_decode_step():
     for rid in ("a", "b", "c"):
         splitter.track(rid, tag_request(rid, None))
     # a: prefill of 5 tokens; b: one decode token at position 9; c: a chunk at 32..39
-    splitter.track("b", tag_request("b", None))
     splitter.split(["b"], [9], [0])  # b's prompt earlier
     splitter.split(["c"], [32], [0])
     slices = splitter.split(["a", "b", "c"], [5, 1, 8], [0, 9, 32])
@@ -134,13 +133,26 @@ def test_settings_from_env_and_yaml(tmp_path):
     )
     assert settings.target == "127.0.0.1:1" and settings.layers == (8, 16)
     config = tmp_path / "monitor.yaml"
-    config.write_text("target: 127.0.0.1:2\nlayers: [3]\non_full: block\nguard: false\n")
+    config.write_text(
+        "target: 127.0.0.1:2\nlayers: [3]\non_full: block\nguard: false\nblock_within: 2\n"
+    )
     settings = load_settings({"SAFETY_MONITOR_CONFIG": str(config), "SAFETY_MONITOR_LAYERS": "4"})
     assert (settings.target, settings.layers, settings.on_full, settings.guard) == (
         "127.0.0.1:2",
         (4,),
         "block",
         False,
+    )
+    assert settings.block_within == 2
+    assert (
+        load_settings(
+            {
+                "SAFETY_MONITOR_TARGET": "t",
+                "SAFETY_MONITOR_LAYERS": "1",
+                "SAFETY_MONITOR_BLOCK_WITHIN": "0",
+            }
+        ).block_within
+        == 0
     )
 
 
@@ -152,6 +164,7 @@ def test_settings_from_env_and_yaml(tmp_path):
         ("target: t\nlayers: [1]\non_full: maybe\n", "on_full"),
         ("target: t\nlayers: [1]\nbogus: 1\n", "unknown keys"),
         ("layers: [1]\n", "no sidecar target"),
+        ("target: t\nlayers: [1]\nblock_within: -1\n", "block_within"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path, yaml_text, message):

@@ -7,7 +7,12 @@
 
 YAML keys: target, layers, model_name, on_full (drop | block), block_timeout, queue_size,
 buffer_bytes, tls_ca, tls_cert, tls_key, token_file, metrics_port, guard (true: rules with the
-`block` action stop requests; false: they only alert).
+`block` action stop requests; false: they only alert), block_within (tokens: an enforced bound
+for `block`; each step's sampled tokens wait until the sidecar has judged all but the last
+`block_within` steps; unset: nothing waits, the bound is the sidecar's latency), guard_timeout
+(seconds such a wait may take before it gives up, fail-open; default 1).
+
+    SAFETY_MONITOR_BLOCK_WITHIN   overrides block_within
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import yaml
 ENV_TARGET = "SAFETY_MONITOR_TARGET"
 ENV_LAYERS = "SAFETY_MONITOR_LAYERS"
 ENV_CONFIG = "SAFETY_MONITOR_CONFIG"
+ENV_BLOCK_WITHIN = "SAFETY_MONITOR_BLOCK_WITHIN"
 
 _KEYS = {
     "target",
@@ -38,6 +44,8 @@ _KEYS = {
     "token_file",
     "metrics_port",
     "guard",
+    "block_within",
+    "guard_timeout",
 }
 
 
@@ -61,6 +69,8 @@ class PluginSettings:
     token_file: str | None = None
     metrics_port: int | None = None
     guard: bool = True
+    block_within: int | None = None
+    guard_timeout: float = 1.0
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for CaptureClient."""
@@ -102,6 +112,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> PluginSettings | 
         raw["target"] = env[ENV_TARGET]
     if env.get(ENV_LAYERS):
         raw["layers"] = env[ENV_LAYERS]
+    if env.get(ENV_BLOCK_WITHIN):
+        raw["block_within"] = env[ENV_BLOCK_WITHIN]
     if not raw.get("target"):
         if raw:
             raise PluginConfigError(f"no sidecar target: set {ENV_TARGET} or `target`")
@@ -120,6 +132,16 @@ def _validate(raw: dict[str, Any]) -> PluginSettings:
     guard = raw.get("guard", True)
     if not isinstance(guard, bool):
         raise PluginConfigError(f"guard: expected true or false, got {guard!r}")
+    block_within = raw.get("block_within")
+    if block_within is not None:
+        try:
+            block_within = int(block_within)
+        except (TypeError, ValueError):
+            block_within = -1
+        if block_within < 0:
+            raise PluginConfigError(
+                f"block_within: expected a number of tokens >= 0, got {raw['block_within']!r}"
+            )
     return PluginSettings(
         target=str(raw["target"]),
         layers=layers,
@@ -134,6 +156,8 @@ def _validate(raw: dict[str, Any]) -> PluginSettings:
         token_file=raw.get("token_file"),
         metrics_port=port,
         guard=guard,
+        block_within=block_within,
+        guard_timeout=float(raw.get("guard_timeout", 1.0)),
     )
 
 

@@ -79,6 +79,7 @@ class WorkerCapture:
         self._blocks: dict[str, str] = {}
         self._blocks_lock = threading.Lock()
         self.block_requests = 0  # block alerts that named a request in flight
+        self.guard_timeouts = 0  # steps released without the sidecar's verdict (fail-open)
         self.steps = 0
         self.naming_errors = 0
         if not self.plan.sends:
@@ -247,6 +248,13 @@ class WorkerCapture:
         )
 
     def take_blocks(self) -> dict[str, str]:
+        """The requests to stop with this step's output. With `block_within` set, first wait
+        (up to `guard_timeout`, then fail-open) until the sidecar has judged every step but
+        the last `block_within`, so a block lands within that many tokens of its firing."""
+        within = self.settings.block_within
+        waits = within is not None and self.settings.guard and self.client is not None
+        if waits and not self.client.wait_settled(within, self.settings.guard_timeout):  # type: ignore[union-attr, arg-type]
+            self.guard_timeouts += 1
         if not self._blocks:
             return {}
         with self._blocks_lock:
@@ -307,6 +315,7 @@ def capture_report(worker: Any) -> dict[str, Any]:
         gaps=capture.splitter.gaps,
         tracked_requests=len(capture.splitter),
         block_requests=capture.block_requests,
+        guard_timeouts=capture.guard_timeouts,
         naming_errors=capture.naming_errors,
     )
     client = capture.client

@@ -86,9 +86,10 @@ GUARD_RULE = f"""  - rule: guard-stop
     roles: [guarded]
     actions: [alert, block]
 """
-# The most tokens a blocked request may still produce after the forward pass that computed the
-# firing token (the measured bound is in the README; this is the test's ceiling).
-BLOCK_BOUND_TOKENS = 8
+# Guard mode with an enforced bound: each step's sampled tokens wait for the sidecar's verdict
+# on all but the last BLOCK_WITHIN steps (a generous timeout: this machine is busy).
+BLOCK_WITHIN = 0
+GUARD_TIMEOUT_S = 30
 
 
 def counting_rules(extra: str = "") -> str:

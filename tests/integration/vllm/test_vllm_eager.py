@@ -40,6 +40,7 @@ def engine(sidecar, tmp_path_factory):
     config = workdir / "monitor.yaml"
     config.write_text(
         f"target: {sidecar.target}\nlayers: [1]\nmodel_name: tiny\nmetrics_port: {free_port()}\n"
+        "block_within: 1\nguard_timeout: 30\n"
     )
     engine = Engine(
         engine_kwargs(model, eager=True),
@@ -81,8 +82,12 @@ def test_eager_mode_block(engine):
             {"id": "eager-ok", "prompt": [6] * 4, "params": greedy(40)},
         ]
     )
-    assert results["eager-bad"]["outputs"][0]["finish_reason"] == "abort"
+    bad = results["eager-bad"]["outputs"][0]
+    assert bad["finish_reason"] == "abort"
     assert results["eager-ok"]["outputs"][0]["finish_reason"] == "length"
+    # block_within: 1 -> at most one token past the step that sampled after position 11.
+    assert len(bad["token_ids"]) - (11 - 4 + 2) <= 1
+    assert engine.report()["guard_timeouts"] == 0
 
 
 def test_worker_metrics_are_served(engine):
