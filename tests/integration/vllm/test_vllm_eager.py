@@ -37,17 +37,18 @@ def engine(sidecar, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vllm-eager")
     model = write_model(workdir / "tiny-llama")
     # Configured by a YAML file this time, with the worker's metrics served on a port.
+    metrics_port = free_port()
     config = workdir / "monitor.yaml"
     config.write_text(
-        f"target: {sidecar.target}\nlayers: [1]\nmodel_name: tiny\nmetrics_port: {free_port()}\n"
-        "block_within: 1\nguard_timeout: 30\n"
+        f"target: {sidecar.target}\nlayers: [1]\nmodel_name: tiny\n"
+        f"metrics_port: {metrics_port}\nblock_within: 1\nguard_timeout: 30\n"
     )
     engine = Engine(
         engine_kwargs(model, eager=True),
         {"SAFETY_MONITOR_CONFIG": str(config)},
         workdir / "engine.log",
     )
-    engine.metrics_port = int(config.read_text().split("metrics_port: ")[1])
+    engine.metrics_port = metrics_port
     engine.call({"op": "probe_hooks"})
     yield engine
     engine.stop()
