@@ -9,21 +9,28 @@ from typing import Literal
 
 import structlog
 
+from monitor.escape import escape_text
+
 LogFormat = Literal["auto", "json", "console"]
 
 
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if chr(c) not in "\t"}
+def _escaped(value: object) -> object:
+    if isinstance(value, str):
+        return escape_text(value)
+    if isinstance(value, list | tuple):
+        return [_escaped(item) for item in value]
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    return value
 
 
 def escape_control_characters(
     logger: object, method: str, event: structlog.typing.EventDict
 ) -> structlog.typing.EventDict:
     """Conversation ids, models and rule output come from clients: never let them carry
-    terminal escape sequences to an operator's console."""
-    for key, value in event.items():
-        if isinstance(value, str) and not value.isprintable():
-            event[key] = value.translate(_CONTROL)
-    return event
+    terminal escape sequences (C0 and C1), forged lines (newlines), bidi overrides or
+    invisible characters to an operator's console. Nested lists and mappings too."""
+    return {str(_escaped(key)): _escaped(value) for key, value in event.items()}
 
 
 def configure_logging(log_format: LogFormat = "auto", level: str = "info") -> None:
@@ -33,16 +40,31 @@ def configure_logging(log_format: LogFormat = "auto", level: str = "info") -> No
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     )
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+    ]
+    # Libraries log through the standard library (psycopg: "error ignored in rollback ..."):
+    # their lines go through the same processors, so the JSON log stays JSON, escaped.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                escape_control_characters,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.getLevelNamesMapping()[level.upper()])
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            escape_control_characters,
-            renderer,
-        ],
+        processors=[*shared, escape_control_characters, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),

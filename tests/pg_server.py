@@ -50,11 +50,31 @@ class PgServer:
             [*self.user_prefix, *args], check=True, capture_output=True, timeout=START_TIMEOUT_S
         )
 
+    def kill(self) -> None:
+        """Stop the server at once (as a crash would), keeping its data for `restart`."""
+        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "immediate", "stop")
+
+    def restart(self) -> None:
+        """Start the server again on the same port and data after `kill`."""
+        root = self.data_dir.parent
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {root} -c fsync=off"
+        try:
+            self._run(
+                str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-o", options, "-w",
+                "-t", str(START_TIMEOUT_S), "-l", str(root / "server.log"), "start",
+            )  # fmt: skip
+        except subprocess.CalledProcessError as exc:
+            log = (root / "server.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"restart failed: {exc.stderr!r} {exc.stdout!r}\n{log}") from exc
+
     def stop(self) -> None:
+        """Stop the server (if running) and delete its data."""
         try:
             self._run(
                 str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "immediate", "stop"
             )
+        except subprocess.CalledProcessError:
+            pass  # already stopped by kill()
         finally:
             shutil.rmtree(self.data_dir.parent, ignore_errors=True)
 

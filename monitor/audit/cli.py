@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+from monitor.audit.redaction import Redactor, redact_identifier
 from monitor.audit.render import render_conversation, render_table
 from monitor.audit.store import (
     AuditQuery,
@@ -29,6 +30,7 @@ from monitor.audit.store import (
     open_store,
     sqlite_path,
 )
+from monitor.escape import csv_cell
 
 ENV_URL = "SAFETY_MONITOR_AUDIT_URL"
 DEFAULT_URL = "sqlite:///safety-monitor-audit.db"
@@ -129,20 +131,20 @@ def _query(args: argparse.Namespace, default_limit: int | None) -> AuditQuery:
     )
 
 
-def _open(args: argparse.Namespace) -> AuditStore:
+def _open(args: argparse.Namespace, readonly: bool) -> AuditStore:
     url = args.store or os.environ.get(ENV_URL) or DEFAULT_URL
     path = sqlite_path(url)
     if path is not None and not Path(path).exists():
         # Opening would create an empty store; a typo in the path deserves an error instead.
         raise UsageError(f"no audit store at {path}")
-    return open_store(url)
+    return open_store(url, readonly=readonly)
 
 
-def _run(args: argparse.Namespace, body: Any) -> int:
+def _run(args: argparse.Namespace, body: Any, readonly: bool = True) -> int:
     """Open the store, run `body(store)`, map errors to exit codes; always closes the store."""
     try:
         with ExitStack() as stack:
-            store = _open(args)
+            store = _open(args, readonly)
             stack.callback(store.close)
             return int(body(store))
     except UsageError as exc:
@@ -172,6 +174,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     def body(store: AuditStore) -> int:
         record = store.get_conversation(args.conversation_id)
+        if record is None:
+            # An id with personal data in it is stored redacted: accept the id as the client
+            # sent it (from an alert) too.
+            stored_id = redact_identifier(Redactor(), args.conversation_id)
+            if stored_id != args.conversation_id:
+                record = store.get_conversation(stored_id)
         if record is None:
             raise UsageError(f"no conversation {args.conversation_id!r} in the audit store")
         for warning in record.warnings:
@@ -258,7 +266,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
         print(f"purged {purged} conversation(s) with no activity since {cutoff:%Y-%m-%d %H:%M}Z")
         return 0
 
-    return _run(args, body)
+    return _run(args, body, readonly=False)
 
 
 def _json_default(value: Any) -> Any:
@@ -295,7 +303,10 @@ CSV_COLUMNS = (
 
 
 def _write_csv(records: Any, out: TextIO) -> int:
-    """One row per token; `alert_rules` names the rules that fired at that token."""
+    """One row per token; `alert_rules` names the rules that fired at that token.
+
+    Every cell goes through `csv_cell`: control and invisible characters escaped, and a cell a
+    spreadsheet would evaluate as a formula (`= + - @` first) prefixed with `'`."""
     writer = csv.writer(out)
     writer.writerow(CSV_COLUMNS)
     count = 0
@@ -305,7 +316,8 @@ def _write_csv(records: Any, out: TextIO) -> int:
             fired.setdefault(a.position, []).append(a.rule)
         for t in record.tokens:
             writer.writerow(
-                (
+                csv_cell(cell)
+                for cell in (
                     record.summary.conversation_id,
                     record.summary.model,
                     t.position,

@@ -115,6 +115,16 @@ MIGRATIONS: tuple[Migration, ...] = (
             "(model, updated_at, conversation_id)",
         ),
     ),
+    Migration(
+        4,
+        "idempotent alert writes: a key per firing, unique",
+        (
+            # A retried transaction whose COMMIT reply was lost must not store its alerts twice.
+            # Rows written before this version keep a NULL key (NULLs never conflict).
+            "ALTER TABLE alerts ADD COLUMN alert_key TEXT",
+            "CREATE UNIQUE INDEX alerts_key ON alerts (alert_key)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -21,11 +21,25 @@ pending tokens plus the tail of what was already written, and is mapped back ont
 characters of a flagged conversation are held in memory until more text follows (or the
 conversation ends, the recorder closes or the conversation is evicted): a value split across
 steps is then seen whole before any of it is written. Alerts are never held back.
+
+Redaction cost is linear in the text and bounded per step: the held-back text is scanned only
+when it can be released (it is short, at most a few times the holdback) or has grown by half
+since the last scan that released nothing (a long run without spaces: geometric, so each
+character is scanned a bounded number of times), and a run longer than `MAX_HELD_CHARS` is
+released in parts. One scan per release serves both the release decision and the redaction.
+
+When an alert commits, the held-back tokens of its conversation are written with it, without
+their text (positions, roles, features): a sidecar killed before the text could be released
+leaves those last characters without text, never unredacted. The text follows, in place,
+with the next release.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import functools
+import itertools
 import queue
 import sqlite3
 import threading
@@ -34,20 +48,46 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
-from monitor.audit.redaction import Redactor
+import structlog
+
+from monitor.audit import spool
+from monitor.audit.redaction import Redactor, Span, cut_tokens, redact_identifier
 from monitor.audit.store import (
     AlertRecord,
     AuditStore,
     ConversationWrite,
     TokenRecord,
     open_store,
+    sqlite_path,
 )
 from monitor.limits import MAX_CONVERSATIONS
 
+
+class _SafeLog:
+    """The writer thread logs through this: a failing log stream (closed, full disk) must
+    never end the thread that holds the audit records. The logger is looked up per call (only
+    errors and state changes are logged), so it follows the process's current log set-up."""
+
+    def __getattr__(self, level: str) -> Callable[..., None]:
+        method = getattr(structlog.get_logger(__name__), level)
+
+        def emit(*args: Any, **kwargs: Any) -> None:
+            with contextlib.suppress(Exception):
+                method(*args, **kwargs)
+
+        return emit
+
+
+log = _SafeLog()
+
 ResultKind = Literal["ok", "error", "dropped"]
 MAX_HELD_TOKENS = 512  # redaction holdback never keeps more tokens than this in memory
+# ... nor more characters than this: a longer run without spaces is released in parts, the
+# oldest first, down to half of it (a value longer than the rest is then redacted in parts).
+MAX_HELD_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -126,6 +166,11 @@ class RecorderConfig:
     purge_interval: float = 3600.0
     retry_initial: float = 0.1
     retry_max: float = 5.0
+    health_probe_seconds: float = 1.0  # idle probe of the store, so health is honest
+    # Where records go that the store could not take before shutdown. None: beside a SQLite
+    # store (`<file>.spool.jsonl`), `safety-monitor-audit.spool.jsonl` in the working directory
+    # for PostgreSQL, and no spool for a store given as a function (tests).
+    spool_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +182,7 @@ class AuditCounts:
     dropped: int
     pending: int
     purged: int
+    spooled: int = 0  # write jobs put in the spool at shutdown
 
 
 @dataclass
@@ -154,6 +200,8 @@ class _Conversation:
     window: deque[_Token] = field(default_factory=deque)
     flagged: bool = False
     held: list[_Token] = field(default_factory=list)  # flagged, not yet written
+    held_chars: int = 0  # characters of text in `held`
+    next_scan_at: int = 0  # scan `held` for release once it holds this many characters
     context: str = ""  # raw tail of written text, only for matching across the boundary
     accepted: int = 0  # tokens accepted for writing, against max_tokens_per_conversation
 
@@ -177,9 +225,15 @@ class AuditRecorder:
     ) -> None:
         self.config = config or RecorderConfig()
         self._redactor = Redactor(self.config.redact_patterns)
+        # Ids and the model name are client text too: stored and shown only redacted. Cached,
+        # as they repeat on every step.
+        self._safe_id = functools.lru_cache(maxsize=4096)(
+            functools.partial(redact_identifier, self._redactor)
+        )
+        self._safe_text = functools.lru_cache(maxsize=256)(self._redactor.redact)
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
         open_fn = (lambda: open_store(store)) if isinstance(store, str) else store
-        self._writer = _Writer(open_fn, self.config, on_result)
+        self._writer = _Writer(open_fn, self.config, on_result, _spool_path(store, self.config))
         self._writer.start()
 
     # --- public API ------------------------------------------------------------------------
@@ -212,7 +266,11 @@ class AuditRecorder:
         for cid, conv in self._conversations.items():
             tokens = self._release(conv, final=True)
             if tokens:
-                writes.append(ConversationWrite(cid, conv.model, now, tokens=tuple(tokens)))
+                writes.append(
+                    ConversationWrite(
+                        self._safe_id(cid), self._safe_text(conv.model), now, tokens=tuple(tokens)
+                    )
+                )
         self._conversations.clear()
         if writes:
             self._writer.submit(writes)
@@ -229,7 +287,8 @@ class AuditRecorder:
         for sl in step.slices:
             conv = self._track(sl.conversation_id, out, step.model)
             firings = fired.get(sl.conversation_id)
-            self._accept(conv, _tokens_of(sl, self._first_kept_row(conv, sl, firings)))
+            first_row = self._first_kept_row(conv, sl, firings)
+            self._accept(conv, _tokens_of(sl, first_row, self._safe_id(sl.request_id)))
             if firings and not conv.flagged:
                 self._flag(conv, min(f.position for f in firings))
             if conv.flagged:
@@ -243,7 +302,10 @@ class AuditRecorder:
             if conv is not None and not conv.flagged:  # fired on a slice not in this step
                 self._flag(conv, min(f.position for f in firings))
             builder(cid).alerts.extend(self._alert(f, step.rule_set_hash, now) for f in firings)
-        return [b.build(cid, step, now) for cid, b in out.items()]
+            if conv is not None and conv.held:
+                builder(cid).tokens.extend(self._provisional(conv))
+        model = self._safe_text(step.model)
+        return [b.build(self._safe_id(cid), model, step, now) for cid, b in out.items()]
 
     def _track(self, cid: str, out: dict[str, _WriteBuilder], model: str) -> _Conversation:
         conv = self._conversations.get(cid)
@@ -277,7 +339,7 @@ class AuditRecorder:
             conv.window.extend(tokens)
             return
         room = max(0, self.config.max_tokens_per_conversation - conv.accepted)
-        conv.held.extend(tokens[:room])
+        _hold(conv, tokens[:room])
         conv.accepted += min(room, len(tokens))
 
     def _flag(self, conv: _Conversation, first_position: int) -> None:
@@ -287,21 +349,32 @@ class AuditRecorder:
         kept = [t for t in conv.window if t.position >= earliest]
         kept = kept[: self.config.max_tokens_per_conversation]
         conv.window.clear()
-        conv.held.extend(kept)
+        _hold(conv, kept)
         conv.accepted = len(kept)
 
     def _release(self, conv: _Conversation, final: bool) -> list[TokenRecord]:
         """Redact and hand over the held tokens that can no longer be part of a longer match."""
-        if not conv.held:
+        if not conv.held or (not final and conv.held_chars < conv.next_scan_at):
             return []
         texts = [t.text or "" for t in conv.held]
-        count = len(texts) if final else self._releasable(conv, texts)
+        joined = conv.context + "".join(texts)
+        spans = self._redactor.spans(joined)
+        count = len(texts) if final else self._releasable(conv, texts, joined, spans)
         if count == 0:
+            # Nothing could go (a run without spaces): look again once it has grown by half.
+            conv.next_scan_at = conv.held_chars + max(1, conv.held_chars // 2)
             return []
-        redacted = self._redactor.redact_tokens(texts, context=conv.context)
+        lengths = [len(t) for t in texts[:count]]
+        redacted = cut_tokens(joined, spans, len(conv.context), lengths)
         released, conv.held = conv.held[:count], conv.held[count:]
+        released_chars = sum(lengths)
+        conv.held_chars -= released_chars
         keep = 2 * self.config.redaction_holdback_chars
-        conv.context = (conv.context + "".join(texts[:count]))[-keep:] if keep else ""
+        end = len(conv.context) + released_chars
+        conv.context = joined[max(0, end - keep) : end] if keep else ""
+        # Short held text is looked at every step (bounded work); a long one geometrically.
+        small = 4 * self.config.redaction_holdback_chars
+        conv.next_scan_at = 0 if conv.held_chars <= small else conv.held_chars * 3 // 2
         return [
             TokenRecord(
                 t.position, None if t.text is None else text, t.role, t.request_id, t.features
@@ -309,34 +382,39 @@ class AuditRecorder:
             for t, text in zip(released, redacted, strict=False)
         ]
 
-    def _releasable(self, conv: _Conversation, texts: list[str]) -> int:
+    def _releasable(
+        self, conv: _Conversation, texts: list[str], joined: str, spans: list[Span]
+    ) -> int:
         holdback = self.config.redaction_holdback_chars
-        total = sum(map(len, texts))
+        total = conv.held_chars
         if holdback <= 0 or total == 0:
             return len(texts)
-        ends, offset = [], 0
-        for text in texts:
-            offset += len(text)
-            ends.append(offset)
-        count = sum(1 for end in ends if end <= total - holdback)
+        ends = list(itertools.accumulate(map(len, texts)))
+        base = len(conv.context)
+        count = bisect.bisect_right(ends, total - holdback)
         # Never cut through a run of non-space characters: an e-mail address only matches once
         # its domain has arrived, so its first fragments must wait for the rest of the run.
-        joined = "".join(texts)
-        while 0 < count < len(texts) and _inside_word(joined, ends[count - 1]):
+        while 0 < count < len(texts) and _inside_word(joined, base + ends[count - 1]):
             count -= 1
         # Never cut through a match: release only up to the token where it starts.
-        base = len(conv.context)
         boundary = base + (ends[count - 1] if count else 0)
-        for span in self._redactor.spans(conv.context + "".join(texts)):
+        for span in spans:
             if span.start >= base and span.start < boundary < span.end:
                 count = min(count, _token_index(ends, span.start - base))
-        # Memory bound (a very long run without spaces): release the oldest beyond the cap.
-        return max(count, len(texts) - MAX_HELD_TOKENS)
+        # Memory bounds (a very long run without spaces): release the oldest beyond the caps.
+        forced = len(texts) - MAX_HELD_TOKENS
+        if total > MAX_HELD_CHARS:
+            forced = max(forced, bisect.bisect_left(ends, total - MAX_HELD_CHARS // 2) + 1)
+        return min(len(texts), max(count, forced))
+
+    def _provisional(self, conv: _Conversation) -> list[TokenRecord]:
+        """The held tokens without their text, written with an alert (see the module doc)."""
+        return [TokenRecord(t.position, None, t.role, t.request_id, t.features) for t in conv.held]
 
     def _alert(self, f: AuditFiring, rule_set_hash: str, now: datetime) -> AlertRecord:
         return AlertRecord(
-            conversation_id=f.conversation_id,
-            request_id=f.request_id,
+            conversation_id=self._safe_id(f.conversation_id),
+            request_id=self._safe_id(f.request_id),
             rule=f.rule,
             rule_set_hash=rule_set_hash,
             category=f.category,
@@ -362,10 +440,10 @@ class _WriteBuilder:
         self.tokens.extend(tokens)
         self.ended = self.ended or ended
 
-    def build(self, cid: str, step: AuditStep, now: datetime) -> ConversationWrite:
+    def build(self, cid: str, model: str, step: AuditStep, now: datetime) -> ConversationWrite:
         return ConversationWrite(
             conversation_id=cid,
-            model=step.model,
+            model=model,
             at=now,
             hook_points=tuple(step.hook_points),
             ended=self.ended,
@@ -375,6 +453,17 @@ class _WriteBuilder:
 
 
 PERMANENT_ERROR_ATTEMPTS = 3
+ERROR_LOG_INTERVAL_S = 30.0  # while the store stays down, one error line per interval
+DEFAULT_PG_SPOOL = "safety-monitor-audit.spool.jsonl"
+
+
+def _spool_path(store: object, config: RecorderConfig) -> Path | None:
+    if config.spool_path:
+        return Path(config.spool_path)
+    if not isinstance(store, str):
+        return None
+    path = sqlite_path(store)
+    return Path(path + ".spool.jsonl") if path is not None else Path(DEFAULT_PG_SPOOL)
 
 
 def _is_data_error(exc: BaseException) -> bool:
@@ -402,7 +491,7 @@ def _as_floats(values: Any) -> list[float | None]:
     return [None if v is None else float(v) for v in items]
 
 
-def _tokens_of(sl: AuditSlice, first_row: int = 0) -> list[_Token]:
+def _tokens_of(sl: AuditSlice, first_row: int, request_id: str) -> list[_Token]:
     """The slice's tokens from `first_row` on (rows before it are not kept, so not built)."""
     features = {name: _as_floats(values[first_row:]) for name, values in sl.features.items()}
     rows = sl.rows
@@ -415,13 +504,18 @@ def _tokens_of(sl: AuditSlice, first_row: int = 0) -> list[_Token]:
             # NUL cannot be stored in PostgreSQL text; a byte-level tokenizer can produce it.
             text=texts[i].replace("\x00", "\ufffd") if i < len(texts) else None,
             role=sl.role,
-            request_id=sl.request_id,
+            request_id=request_id,
             features={
                 n: v[i - first_row] if i - first_row < len(v) else None for n, v in features.items()
             },
         )
         for i in range(first_row, rows)
     ]
+
+
+def _hold(conv: _Conversation, tokens: list[_Token]) -> None:
+    conv.held.extend(tokens)
+    conv.held_chars += sum(len(t.text or "") for t in tokens)
 
 
 def _trim(window: deque[_Token], size: int) -> None:
@@ -441,26 +535,39 @@ def _token_index(ends: list[int], char_offset: int) -> int:
 
 
 class _Writer(threading.Thread):
-    """Owns the store; commits jobs in order, retrying each until it commits or we stop."""
+    """Owns the store; commits jobs in order, retrying each until it commits or we stop.
+
+    While idle it probes the store every `health_probe_seconds`, so `healthy` also turns false
+    (and back) when no write happens. At stop, what could not be committed within the timeout
+    goes to the spool file (see spool.py), with an error in the log, never silently away.
+    """
 
     def __init__(
         self,
         open_fn: Callable[[], AuditStore],
         config: RecorderConfig,
         on_result: Callable[[ResultKind], None] | None,
+        spool_path: Path | None,
     ) -> None:
         super().__init__(name="audit-writer", daemon=True)
         self._open_fn = open_fn
         self._config = config
         self._on_result = on_result
+        self._spool_path = spool_path
         self._queue: queue.Queue[_Job] = queue.Queue(maxsize=max(1, config.buffer_batches))
         self._stop_event = threading.Event()
         self._stop_deadline = float("inf")
         self._lock = threading.Lock()
-        self._counts = {"ok": 0, "error": 0, "dropped": 0, "purged": 0}
+        self._counts = {"ok": 0, "error": 0, "dropped": 0, "purged": 0, "spooled": 0}
         self._store: AuditStore | None = None
         self._failing = False
+        self._failing_since: float | None = None
+        self._last_error_log = 0.0
         self._next_purge = 0.0
+        self._next_probe = 0.0
+        self._current: _Job | None = None  # the job being written (for the spool at stop)
+        self._spool_lock = threading.Lock()
+        self._spooled = False
         self._abandoned = 0  # jobs given up at close(): close() then reports failure
 
     # --- called from the pipeline thread ---------------------------------------------------
@@ -471,7 +578,9 @@ class _Writer(threading.Thread):
     def counts(self) -> AuditCounts:
         with self._lock:
             c = dict(self._counts)
-        return AuditCounts(c["ok"], c["error"], c["dropped"], self._queue.qsize(), c["purged"])
+        return AuditCounts(
+            c["ok"], c["error"], c["dropped"], self._queue.qsize(), c["purged"], c["spooled"]
+        )
 
     def submit(self, writes: list[ConversationWrite]) -> AuditWriteResult:
         job = _Job(writes)
@@ -485,8 +594,12 @@ class _Writer(threading.Thread):
                 self._queue.put_nowait(job)
         except queue.Full:
             self._count("dropped")
+            log.error("audit buffer full: step's audit records dropped", conversations=n)
             return AuditWriteResult(False, "dropped", n)
-        if cfg.on_backpressure == "drop" and self._failing:
+        if self._failing:
+            # The store is known to be down: waiting for this commit would stall the pipeline
+            # (and every other stream with it) for write_timeout per step. The job stays
+            # queued and commits when the store is back; its alerts are withheld now.
             return AuditWriteResult(False, "pending", n)
         if job.done.wait(max(0.0, deadline - time.monotonic())):
             if job.failed:
@@ -495,16 +608,22 @@ class _Writer(threading.Thread):
         return AuditWriteResult(False, "pending", n)
 
     def stop(self, timeout: float) -> bool:
+        """Commit what is queued within `timeout`, spool the rest. True if all committed."""
         self._stop_deadline = time.monotonic() + timeout
         self._stop_event.set()
         self.join(timeout + 1.0)
+        if self.is_alive():
+            # Stuck in a database call (a connect or statement timeout longer than the grace
+            # period): spool from here. Writes are idempotent, so should that call still
+            # commit, the replay stores nothing twice.
+            self._spool_remaining()
         return self._abandoned == 0 and not self.is_alive()
 
     # --- writer thread -----------------------------------------------------------------------
     def _count(self, kind: str, amount: int = 1) -> None:
         with self._lock:
             self._counts[kind] += amount
-        if self._on_result is not None and kind != "purged":
+        if self._on_result is not None and kind not in ("purged", "spooled"):
             self._on_result(kind)  # type: ignore[arg-type]
 
     def run(self) -> None:
@@ -514,42 +633,51 @@ class _Writer(threading.Thread):
                 break
             self._maybe_purge()
             try:
-                job = self._queue.get(timeout=0.2)
+                job = self._queue.get(timeout=min(0.2, self._config.health_probe_seconds))
             except queue.Empty:
+                self._maybe_probe()
                 continue
             self._commit(job)
-        self._drop_remaining()
+        self._spool_remaining()
         if self._store is not None:
-            self._store.close()
+            with contextlib.suppress(Exception):
+                self._store.close()
 
     def _commit(self, job: _Job) -> None:
+        self._current = job
         delay = self._config.retry_initial
         while time.monotonic() <= self._stop_deadline:  # retries end at close() at the latest
             if self._ensure_store() and self._try_write(job):
+                self._current = None
                 return
             if job.failed:
+                self._current = None
                 return
             time.sleep(min(delay, max(0.0, self._stop_deadline - time.monotonic())))
             delay = min(delay * 2, self._config.retry_max)
-        self._abandoned += 1
-        self._count("dropped")
+        # Stopping, and the store is still down: the job stays `_current` for the spool.
 
     def _try_write(self, job: _Job) -> bool:
         assert self._store is not None
         try:
             self._store.write(job.writes)
         except Exception as exc:
-            self._failed()
             job.attempts += 1
-            if _is_data_error(exc) and job.attempts >= PERMANENT_ERROR_ATTEMPTS:
+            if not _is_data_error(exc):
+                self._failed(exc, "write")
+                return False
+            # The store answered (and rolled back): it is up, this job's data is the problem.
+            log.warning("audit write refused", error=str(exc)[:1000], attempt=job.attempts)
+            if job.attempts >= PERMANENT_ERROR_ATTEMPTS:
                 # The data itself cannot be stored (not the store being down): set the job
                 # aside instead of blocking every later write behind it.
                 job.failed = True
                 self._abandoned += 1
                 self._count("dropped")
+                log.error("audit records dropped: the store refuses their data", error=str(exc))
                 job.done.set()
             return False
-        self._failing = False
+        self._recovered()
         job.done.set()
         self._count("ok")
         return True
@@ -559,20 +687,80 @@ class _Writer(threading.Thread):
             return True
         try:
             self._store = self._open_fn()
-        except Exception:
-            self._failing = True
-            self._count("error")
+        except Exception as exc:
+            self._failed(exc, "open")
             return False
+        return self._spool_path is None or self._replay_spool()
+
+    def _replay_spool(self) -> bool:
+        """Write the jobs a previous run spooled, before any new one; False if the store
+        failed meanwhile (the spool is kept)."""
+        assert self._spool_path is not None and self._store is not None
+        try:
+            jobs = spool.load(self._spool_path)
+        except (OSError, ValueError) as exc:
+            log.error("audit spool unreadable; kept", path=str(self._spool_path), error=str(exc))
+            self._spool_path = None  # do not append to a damaged spool either
+            return True
+        if not jobs:
+            return True
+        try:
+            for writes in jobs:
+                self._store.write(writes)
+        except Exception as exc:
+            self._failed(exc, "spool replay")
+            return False
+        self._spool_path.unlink(missing_ok=True)
+        log.info("audit spool replayed", jobs=len(jobs), path=str(self._spool_path))
         return True
 
-    def _failed(self) -> None:
+    def _failed(self, exc: BaseException | None, during: str) -> None:
         # Reconnect on the next attempt: after a PostgreSQL restart the old connection is dead.
+        now = time.monotonic()
+        if not self._failing or now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
+            # The first failure, then one line per interval: the cause is in the log, not only
+            # healthy=false, and a long outage does not flood it.
+            self._last_error_log = now
+            log.error(
+                "audit store failed",
+                during=during,
+                error_type=type(exc).__name__ if exc else None,
+                error=str(exc).strip()[:1000] if exc else None,
+                failing_for_s=round(now - self._failing_since, 1) if self._failing_since else 0.0,
+                queued=self._queue.qsize(),
+            )
+        if not self._failing:
+            self._failing_since = now
         self._failing = True
         self._count("error")
         store, self._store = self._store, None
         if store is not None:
             with contextlib.suppress(Exception):
                 store.close()
+
+    def _recovered(self) -> None:
+        self._next_probe = time.monotonic() + self._config.health_probe_seconds
+        if self._failing:
+            since = self._failing_since or time.monotonic()
+            log.info("audit store recovered", failed_for_s=round(time.monotonic() - since, 1))
+        self._failing = False
+        self._failing_since = None
+
+    def _maybe_probe(self) -> None:
+        """Idle: check the store is still there (or back), so health is honest without writes."""
+        now = time.monotonic()
+        if now < self._next_probe or self._stop_event.is_set():
+            return
+        self._next_probe = now + self._config.health_probe_seconds
+        if not self._ensure_store():
+            return
+        assert self._store is not None
+        try:
+            self._store.ping()
+        except Exception as exc:
+            self._failed(exc, "probe")
+            return
+        self._recovered()
 
     def _maybe_purge(self) -> None:
         days = self._config.retention_days
@@ -583,16 +771,46 @@ class _Writer(threading.Thread):
         assert self._store is not None
         try:
             purged = self._store.purge(datetime.now(UTC) - timedelta(days=days))
-        except Exception:
-            self._failed()
+        except Exception as exc:
+            self._failed(exc, "purge")
             return
         self._count("purged", purged)
 
-    def _drop_remaining(self) -> None:
-        for _ in range(self._queue.qsize()):
+    def _spool_remaining(self) -> None:
+        """At stop: the job in flight and every queued job go to the spool (or, without one,
+        or when it cannot be written, are counted dropped), with an error in the log."""
+        with self._spool_lock:
+            if self._spooled:
+                return
+            self._spooled = True
+            jobs = [] if self._current is None else [self._current]
+            while True:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if not jobs:
+                return
+            self._abandoned += len(jobs)
+            path = self._spool_path
             try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-            self._abandoned += 1
-            self._count("dropped")
+                if path is None:
+                    raise OSError("no spool path configured")
+                spool.append(path, [job.writes for job in jobs])
+            except (OSError, ValueError, TypeError) as exc:
+                self._count("dropped", len(jobs))
+                log.critical(
+                    "audit records LOST at shutdown: the store was down and the spool failed",
+                    jobs=len(jobs),
+                    alerts=sum(len(w.alerts) for job in jobs for w in job.writes),
+                    spool=str(path),
+                    error=str(exc),
+                )
+                return
+            self._count("spooled", len(jobs))
+            log.error(
+                "audit store down at shutdown: records spooled, written at the next start",
+                jobs=len(jobs),
+                alerts=sum(len(w.alerts) for job in jobs for w in job.writes),
+                spool=str(path),
+            )

@@ -7,7 +7,6 @@ inline after the token where it fired, and draws one sparkline per feature.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
@@ -18,19 +17,20 @@ from monitor.audit.store import (
     ConversationSummary,
     TokenRecord,
 )
+from monitor.escape import escape_text
 
 # Background colours of the xterm 256-colour cube, weakest to strongest; index 0 is "no colour".
 PALETTE = (None, 230, 229, 228, 221, 214, 208, 202, 196)
 SPARKS = "▁▂▃▄▅▆▇█"
 RESET = "\x1b[0m"
 SPARK_WIDTH = 64
-# Token text is model output: an escape sequence in it must not drive the reviewer's terminal.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def clean(text: str) -> str:
-    """`text` with control characters escaped, so stored text cannot drive the terminal."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """Token text, ids and rule output come from clients and models: an escape sequence must
+    not drive the reviewer's terminal, a newline must not forge an alert line or a table row,
+    and a bidi override or zero-width character must not hide or reorder what is shown."""
+    return escape_text(text)
 
 
 def _fmt_ts(value: datetime | None) -> str:

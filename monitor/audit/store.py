@@ -8,6 +8,7 @@ placeholder and a line in `ConversationRecord.warnings`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
@@ -148,6 +149,10 @@ class AuditStore:
         """The schema version the store is at."""
         raise NotImplementedError
 
+    def ping(self) -> None:
+        """Raise if the store cannot be reached now."""
+        self.schema_version()
+
     def close(self) -> None:
         """Release the connection."""
         raise NotImplementedError
@@ -165,8 +170,12 @@ SQLITE_SCHEME = "sqlite:///"
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
-def open_store(url: str) -> AuditStore:
+def open_store(url: str, *, readonly: bool = False) -> AuditStore:
     """`sqlite:///relative.db`, `sqlite:////absolute.db` or `postgresql://user@host:port/db`.
+
+    `readonly`: for readers (the review CLI and page) of a store a sidecar may be writing. A
+    SQLite file is then opened read-only and neither migrated nor switched to WAL, so opening
+    it never competes for the writer's lock.
 
     >>> store = open_store("sqlite:///audit.db")
     >>> store.list_conversations(AuditQuery(limit=10))
@@ -176,7 +185,7 @@ def open_store(url: str) -> AuditStore:
     if path is not None:
         from monitor.audit.sqlite_store import SqliteAuditStore
 
-        return SqliteAuditStore(path)
+        return SqliteAuditStore(path, readonly=readonly)
     if url.startswith(POSTGRES_SCHEMES):
         from monitor.audit.postgres_store import PostgresAuditStore
 
@@ -202,6 +211,22 @@ def _dumps(value: Mapping[str, Any]) -> str:
     return json.dumps(clean, sort_keys=True, separators=(",", ":"))
 
 
+def alert_key(alert: AlertRecord) -> str:
+    """The identity of a firing: this rule, over this span, in this conversation and request,
+    under this rule set. The same firing written twice is one alert."""
+    parts = (
+        alert.conversation_id,
+        alert.request_id,
+        alert.rule,
+        alert.rule_set_hash,
+        str(alert.position),
+        str(alert.start),
+        str(alert.end),
+    )
+    digest = hashlib.sha256("\0".join(parts).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
 def _finite(value: float | None) -> float | None:
     return value if value is None or math.isfinite(value) else None
 
@@ -220,9 +245,12 @@ ON CONFLICT (conversation_id) DO UPDATE SET updated_at = excluded.updated_at,
                      ELSE excluded.hook_points END,
   ended = CASE WHEN excluded.ended = 1 THEN 1 ELSE conversations.ended END"""
 
+# Idempotent: the key names the firing (see `alert_key`), so writing it again (a transaction
+# retried after its COMMIT reply was lost, a spool replayed) leaves the one row there is.
 _ALERT_INSERT = """INSERT INTO alerts (conversation_id, request_id, rule, rule_set_hash, category,
   severity, value, position, start_position, end_position, feature_values, message, labels,
-  created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+  created_at, alert_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (alert_key) DO NOTHING"""
 
 _ALERT_COLUMNS = """id, conversation_id, request_id, rule, rule_set_hash, category, severity, value,
   position, start_position, end_position, feature_values, message, labels, created_at"""
@@ -321,6 +349,12 @@ class SqlAuditStore(AuditStore):
         with self._lock, self._transaction(write=False) as cur:
             return migrations.current_version(cur)
 
+    def ping(self) -> None:
+        """Raise if the store cannot be reached now (the writer's idle health probe)."""
+        with self._lock, self._transaction(write=False) as cur:
+            cur.execute("SELECT 1")
+            cur.fetchall()
+
     def write(self, writes: Sequence[ConversationWrite]) -> None:
         """Write one step's conversation updates in one transaction (see AuditStore.write)."""
         if not writes:
@@ -377,6 +411,7 @@ class SqlAuditStore(AuditStore):
             a.message,
             json.dumps(dict(a.labels), sort_keys=True),
             self._write_ts(a.created_at or at),
+            alert_key(a),
         )
 
     def _alert_filter(self, query: AuditQuery, alias: str) -> tuple[list[str], list[Any]]:

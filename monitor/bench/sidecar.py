@@ -10,12 +10,22 @@ run, from a raw gRPC client streaming BF16 StepBatches:
               load, by default 25,000 tokens/s (half the 50,000 tokens/s budget; the budget
               asks for p99 <= 10 ms there): send-to-ack p50/p99 in ms. `--latency-load half`
               paces at half the throughput just measured instead.
+  decode saturation
+              the same decode steps back to back, 64 in flight: tokens/s.
+
+Beside each: the sidecar process's own CPU time per message (from /proc), and the bound it is
+compared with, measured in the same run: the pack's encode-only rate for 512-row and for
+64-row inputs. With two or more cores (the default `--pin`), the sidecar runs alone on the
+last core with one torch thread and this load client on the others, so the numbers are the
+sidecar's and not the client's. `stages.py` then splits a message's sidecar CPU into parse,
+validation, encode, rules and events, with the encode's GFLOP/s beside the machine's GEMM.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -29,6 +39,7 @@ import torch
 
 from monitor.wire import encode_tensor, pb, pb_grpc
 
+PIN_MODES = ("client", "both", "none")
 D_MODEL = 2304
 D_SAE = 16384
 FEATURES = 256
@@ -49,6 +60,19 @@ def add_bench_sidecar_command(bench_subparsers: Any) -> None:
         default=25_000.0,
         help="tokens/s of the decode-step phase, or 'half' (of the measured throughput)",
     )
+    parser.add_argument(
+        "--pin",
+        choices=PIN_MODES,
+        default="client",
+        help="client: this load client alone on the first core (the sidecar may use them all); "
+        "both: also the sidecar alone on the last core, with one torch thread; none",
+    )
+    parser.add_argument(
+        "--saturation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure back-to-back decode steps, the encode-only bounds and stage costs",
+    )
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=_run_command)
 
@@ -58,7 +82,12 @@ def _run_command(args: argparse.Namespace) -> int:
 
     configure_logging("auto", "warning")
     result = run_sidecar_bench(
-        args.seconds, args.prefill_rows, args.conversations, args.latency_load
+        args.seconds,
+        args.prefill_rows,
+        args.conversations,
+        args.latency_load,
+        pin=args.pin,
+        saturation=args.saturation,
     )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
@@ -81,31 +110,108 @@ def run_sidecar_bench(
     prefill_rows: int = 512,
     conversations: int = 64,
     latency_tokens_per_s: float | None = 25_000.0,
+    pin: str = "client",
+    saturation: bool = True,
 ) -> dict[str, Any]:
-    """`latency_tokens_per_s=None`: pace the decode steps at half the measured throughput."""
+    """`latency_tokens_per_s=None`: pace the decode steps at half the measured throughput.
+    `pin` (needs two cores or more, else nothing is pinned): "client" puts this load client
+    alone on the first core; "both" also puts the sidecar alone on the last core."""
+    if pin not in PIN_MODES:
+        raise ValueError(f"pin must be one of {PIN_MODES}, got {pin!r}")
+    cores = sorted(os.sched_getaffinity(0))
+    pinned = pin != "none" and len(cores) >= 2
+    client_cores = {cores[0]} if pinned else set(cores)
+    sidecar_core = cores[-1] if pinned and pin == "both" else None
     with tempfile.TemporaryDirectory(prefix="safety-monitor-bench-sidecar-") as tmp:
         workdir = Path(tmp)
-        process, port = _start(workdir)
+        process, port, pack, ruleset = _start(workdir, sidecar_core)
+        result: dict[str, Any] = {
+            "shape": f"d_model {D_MODEL}, {FEATURES} of {D_SAE} latents, BF16, 20 rules",
+            "pin": pin if pinned else "none",
+            "sidecar_core": sidecar_core,
+            "client_cores": sorted(client_cores),
+        }
         try:
             target = f"127.0.0.1:{port}"
-            throughput = _throughput(target, seconds, prefill_rows)
-            load = latency_tokens_per_s or throughput["tokens_per_s"] / 2
+            os.sched_setaffinity(0, client_cores)
+            result["throughput"] = _measured(process, _throughput, target, seconds, prefill_rows)
+            load = latency_tokens_per_s or result["throughput"]["tokens_per_s"] / 2
             rate = load / conversations  # decode steps per second
-            latency = _latency(target, seconds, conversations, rate)
+            result["latency"] = _measured(process, _latency, target, seconds, conversations, rate)
+            if saturation:
+                result["decode_saturation"] = _measured(
+                    process, _decode_saturation, target, seconds, conversations
+                )
         finally:
+            os.sched_setaffinity(0, set(cores))
             process.terminate()
             process.wait(30)
-    return {
-        "shape": f"d_model {D_MODEL}, {FEATURES} of {D_SAE} latents, BF16, 20 rules",
-        "throughput": throughput,
-        "latency": latency,
-    }
+        if saturation:
+            result.update(_bounds(pack, ruleset, prefill_rows, conversations, sidecar_core))
+    return result
 
 
-def _start(workdir: Path):  # type: ignore[no-untyped-def]
+def _bounds(
+    pack: Any, ruleset: Any, prefill_rows: int, conversations: int, core: int | None
+) -> dict[str, Any]:
+    """Encode-only rates and stage costs, measured here on the sidecar's core (now idle) with
+    the sidecar's thread count, so they are comparable with what it reached."""
+    from monitor.bench.stages import encode_only_rows_per_s, stage_costs
+
+    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    hook_point = f"layers.{HOOK_LAYER}"
+    try:
+        if core is not None:
+            os.sched_setaffinity(0, {core})
+            torch.set_num_threads(1)
+        decode_messages = [
+            _batch(step + 1, 1, conversations, step).SerializeToString() for step in range(64)
+        ]
+        prefill_messages = [
+            _prefill(i + 1, prefill_rows, i * prefill_rows).SerializeToString() for i in range(8)
+        ]
+        return {
+            "encode_only_rows_per_s": {
+                str(prefill_rows): round(encode_only_rows_per_s(pack, hook_point, prefill_rows, 2)),
+                str(conversations): round(
+                    encode_only_rows_per_s(pack, hook_point, conversations, 2)
+                ),
+            },
+            "stages": {
+                "decode": stage_costs(pack, ruleset, decode_messages, hook_point),
+                "prefill": stage_costs(pack, ruleset, prefill_messages, hook_point),
+            },
+        }
+    finally:
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(threads)
+
+
+def _measured(process: Any, phase: Any, *args: Any) -> dict[str, Any]:
+    """Run a phase; add the sidecar process's CPU ms per message it acked meanwhile."""
+    before = _cpu_seconds(process.pid)
+    result = phase(*args)
+    spent = _cpu_seconds(process.pid) - before
+    messages = result.get("messages") or result.get("decode_steps") or 0
+    result["sidecar_cpu_ms_per_message"] = round(1000 * spent / messages, 3) if messages else None
+    result["sidecar_cpu_cores"] = round(spent / result["seconds"], 2) if result["seconds"] else None
+    return result
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _start(workdir: Path, core: int | None):  # type: ignore[no-untyped-def]
+    """The sidecar process and its port (on `core` alone, one torch thread, when given), and
+    the pack and rules it serves."""
     from monitor.features import save_pack
     from monitor.features.build import build_pack_from_sae, load_sae
     from monitor.fixtures import free_port, start_sidecar, write_layer_sae
+    from monitor.sidecar.process import load_ruleset
 
     sae = load_sae(write_layer_sae(workdir / "sae", D_MODEL, D_SAE, HOOK_LAYER, seed=0))
     pack = build_pack_from_sae(sae, list(range(0, D_SAE, D_SAE // FEATURES)), name="ref")
@@ -120,8 +226,19 @@ def _start(workdir: Path):  # type: ignore[no-untyped-def]
         "log_format": "json",
         "log_level": "warning",
     }
-    sidecar = start_sidecar(config, workdir)
-    return sidecar.process, port
+    threads = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    try:
+        if core is not None:  # one core: more torch threads would only fight over it
+            os.environ.update(dict.fromkeys(threads, "1"))  # start_sidecar passes os.environ
+        pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None
+        sidecar = start_sidecar(config, workdir, preexec_fn=pin)
+    finally:
+        for name, value in threads.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return sidecar.process, port, pack, load_ruleset([workdir / "rules.yaml"], [pack])
 
 
 def _rules(pack: str, stride: int) -> str:
@@ -148,6 +265,12 @@ def _batch(seq_no: int, rows_per_conversation: int, conversations: int, position
         batch.sequences.append(
             pb.Sequence(conversation_id=f"c{c}", rows=rows_per_conversation, position=position)
         )
+    return batch
+
+
+def _prefill(seq_no: int, rows: int, position: int):  # type: ignore[no-untyped-def]
+    batch = _batch(0, rows, 1, position)
+    batch.seq_no = seq_no
     return batch
 
 
@@ -206,6 +329,7 @@ def _throughput(target: str, seconds: float, rows: int) -> dict[str, Any]:
         "messages": len(stream.latencies),
         "tokens_per_s": round(stream.rows / elapsed),
         "errors": stream.errors,
+        "seconds": round(elapsed, 3),
     }
 
 
@@ -229,9 +353,12 @@ def _latency(target: str, seconds: float, conversations: int, rate: float) -> di
             yield batch
 
     stream = _Stream(target, window=1024)
+    started = time.perf_counter()
     stream.run(batches())
+    elapsed = time.perf_counter() - started
     ms = sorted(1000 * x for x in stream.latencies)
     return {
+        "seconds": round(elapsed, 3),
         "decode_steps": len(ms),
         "steps_per_s": round(rate, 1),
         "tokens_per_s": round(rate * conversations),
@@ -241,16 +368,85 @@ def _latency(target: str, seconds: float, conversations: int, rate: float) -> di
     }
 
 
+def _decode_saturation(target: str, seconds: float, conversations: int) -> dict[str, Any]:
+    """Decode steps back to back, at most 64 in flight: the sidecar's decode-step ceiling."""
+    template = _batch(0, 1, conversations, 0)
+    deadline = time.perf_counter() + seconds
+
+    def batches() -> Iterator[pb.StepBatch]:
+        step = 0
+        while time.perf_counter() < deadline:
+            batch = pb.StepBatch()
+            batch.CopyFrom(template)
+            batch.seq_no = step + 1
+            for sequence in batch.sequences:
+                sequence.position = step
+            step += 1
+            yield batch
+
+    stream = _Stream(target, window=64)
+    started = time.perf_counter()
+    stream.run(batches())
+    elapsed = time.perf_counter() - started
+    return {
+        "seconds": round(elapsed, 3),
+        "decode_steps": len(stream.latencies),
+        "tokens_per_s": round(stream.rows / elapsed),
+        "errors": stream.errors,
+    }
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The report as a table."""
     t, lat = result["throughput"], result["latency"]
-    return "\n".join(
-        [
-            f"sidecar end to end over loopback gRPC: {result['shape']}",
-            f"throughput: {t['tokens_per_s']:,} tokens/s sustained "
-            f"({t['messages']} messages of {t['rows_per_message']} rows, {t['errors']} errors)",
-            f"latency at {lat['tokens_per_s']:,} tokens/s ({lat['steps_per_s']} decode steps/s of "
-            f"64 rows): send-to-ack p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms "
-            f"({lat['decode_steps']} steps, {lat['errors']} errors)",
+    if result.get("sidecar_core") is not None:
+        pinning = (
+            f"sidecar alone on core {result['sidecar_core']} (1 torch thread), client on "
+            f"core(s) {','.join(map(str, result['client_cores']))}"
+        )
+    elif result.get("pin") == "client":
+        pinning = f"client alone on core(s) {','.join(map(str, result['client_cores']))}"
+    else:
+        pinning = "sidecar and client share the cores"
+    lines = [
+        f"sidecar end to end over loopback gRPC: {result['shape']}; {pinning}",
+        f"throughput: {t['tokens_per_s']:,} tokens/s sustained "
+        f"({t['messages']} messages of {t['rows_per_message']} rows, {t['errors']} errors); "
+        f"sidecar CPU {t['sidecar_cpu_ms_per_message']} ms per message",
+        f"latency at {lat['tokens_per_s']:,} tokens/s ({lat['steps_per_s']} decode steps/s of "
+        f"64 rows): send-to-ack p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms "
+        f"({lat['decode_steps']} steps, {lat['errors']} errors); "
+        f"sidecar CPU {lat['sidecar_cpu_ms_per_message']} ms per step",
+    ]
+    if "decode_saturation" in result:
+        sat, bound = result["decode_saturation"], result["encode_only_rows_per_s"]
+        prefill_bound = bound[str(t["rows_per_message"])]
+        decode_bound = next(v for k, v in bound.items() if k != str(t["rows_per_message"]))
+        lines += [
+            f"decode steps back to back: {sat['tokens_per_s']:,} tokens/s "
+            f"({sat['decode_steps']} steps, {sat['errors']} errors); "
+            f"sidecar CPU {sat['sidecar_cpu_ms_per_message']} ms per step",
+            f"encode-only bound (the sidecar's cores and threads): {prefill_bound:,} rows/s "
+            f"({t['rows_per_message']}-row inputs), {decode_bound:,} rows/s (decode-step inputs)",
+            f"prefill throughput {t['tokens_per_s'] / prefill_bound:.0%} of its bound; "
+            f"decode saturation {sat['tokens_per_s'] / decode_bound:.0%} of its bound",
+            "sidecar CPU per message by stage (ms), the pipeline run in this process:",
+            f"{'':<10}" + "".join(f"{stage:>11}" for stage in STAGE_COLUMNS),
         ]
-    )
+        for name, row in result["stages"].items():
+            cpu = row["cpu_ms"]
+            lines.append(
+                f"{name:<10}"
+                + "".join(f"{cpu[stage]:>11.3f}" for stage in STAGE_COLUMNS[:-2])
+                + f"{row['total_cpu_ms']:>11.3f}{row['all_but_encode_cpu_ms']:>11.3f}"
+            )
+        for name, row in result["stages"].items():
+            lines.append(
+                f"{name} encode: {row['encode_gflops']:.1f} GFLOP/s, "
+                f"{row['encode_fraction_of_gemm']:.0%} of the machine's fp32 GEMM "
+                f"({row['machine_gemm_gflops']:.1f} GFLOP/s, same run)"
+            )
+    return "\n".join(lines)
+
+
+STAGE_COLUMNS = ("parse", "validate", "encode", "rules", "events", "total", "not encode")

@@ -2,46 +2,54 @@
 
 A batch is split into *waves* so that each conversation appears at most once per wave (the
 usual case is one wave). Within a wave every slice is laid out as one row of a padded
-``[slices, longest slice]`` matrix; per-conversation state lives in tables indexed by a slot
-number. Run lengths for ``for: N`` and all temporal functions are then a handful of torch ops
-over that matrix for all rules at once: Python loops only run per slice, per rule and per
-firing, never per token.
+``[slices, longest slice]`` matrix; per-conversation state lives in arrays indexed by a slot
+number: run lengths and last firings ``[slots, rules]``, and the state of every temporal
+function in one history array ``[slots, columns]`` (``program.TemporalSlot`` says whose
+columns are whose). The rule set is compiled into one program (``program.py``) over all rules;
+run lengths for ``for: N`` are a handful of numpy ops over ``[rules, slices, tokens]``. Python
+loops only run per slice, per merged instruction and per firing, never per token or per rule.
+numpy rather than torch: a decode step's vectors are ~64 values, where the cost is per call.
 
 Chunking invariance: every quantity is a function of the conversation's own token stream
 (carried state + this slice), computed with order-independent arithmetic (max, exact small
 integer counts, float64 window sums rounded once), so any split of a conversation into
-batches gives the same firings at the same positions.
+batches gives the same firings at the same positions. The one limit: a float64 sum of float32
+values is exact, hence order-independent, while the window's values lie within about 2**29 of
+each other in magnitude (and ewma's weighted products are rounded); past that, a decode step
+(summed by ``_StepKernel``) and a prefill (``_apply_window``) can differ in the last bit.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from monitor.limits import MAX_CONVERSATIONS
-from monitor.rules.expressions import FUNCTIONS, MAX_WINDOW, Instr
-from monitor.rules.model import SCOPES, Rule, RuleSet
+from monitor.rules.model import Rule, RuleSet
+from monitor.rules.program import SUMS, TemporalSlot, compile_rules
 
 _INITIAL_CAPACITY = 64
 _NEVER = -(1 << 62)  # "last fired at" before any firing: far enough back for any cooldown
-TemporalKey = tuple[str, str]  # (scope, expression digest)
 
 
 _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
-class SequenceSlice:
+class SequenceSlice(NamedTuple):
     """Rows ``[start_row, start_row + rows)`` of a batch are tokens ``position, position+1, ...``
     of one conversation. ``attributes`` (tenant, ...) are what rule exceptions match on,
-    together with ``role`` and the batch's ``model``."""
+    together with ``role`` and the batch's ``model``.
+
+    A named tuple: a sidecar builds one per sequence per message, and a tuple is built
+    several times faster than a frozen dataclass (the decode path builds 64 per step)."""
 
     conversation_id: str
     start_row: int
@@ -50,7 +58,7 @@ class SequenceSlice:
     role: str = ""
     end: bool = False
     request_id: str = ""
-    attributes: Mapping[str, str] = field(default_factory=lambda: _NO_ATTRIBUTES, hash=False)
+    attributes: Mapping[str, str] = _NO_ATTRIBUTES
 
 
 @dataclass(frozen=True)
@@ -87,37 +95,27 @@ class EvaluationResult:
     evicted: int = 0  # conversations dropped to stay under max_conversations
 
 
-# --------------------------------------------------------------------------- state tables
+# --------------------------------------------------------------------------- state arrays
 
 
 class _Table:
-    """One row of state per conversation slot; grows by doubling up to the conversation cap."""
+    """One row of state per conversation slot, ``width`` columns each with its own initial
+    value; grows by doubling up to the conversation cap."""
 
-    def __init__(self, shape: tuple[int, ...], fill: float, dtype: torch.dtype, capacity: int):
-        self.fill = fill
-        self.data = torch.full((capacity, *shape), fill, dtype=dtype)
+    def __init__(self, width: int, fill: object, dtype: type, capacity: int) -> None:
+        self.fill = np.broadcast_to(np.asarray(fill, dtype=dtype), (width,)).copy()
+        self.data = np.tile(self.fill, (capacity, 1))
 
     def grow(self, capacity: int) -> None:
-        bigger = torch.full((capacity, *self.data.shape[1:]), self.fill, dtype=self.data.dtype)
+        bigger = np.tile(self.fill, (capacity, 1))
         bigger[: len(self.data)] = self.data
         self.data = bigger
 
-    def reset(self, slots: torch.Tensor) -> None:
+    def reset(self, slots: np.ndarray) -> None:
         self.data[slots] = self.fill
 
-
-@dataclass
-class _History:
-    """State of one temporal sub-expression: the last values it needs, and (for the functions
-    that divide by how many tokens they have seen) a count since the conversation started.
-
-    Keyed by (scope, expression digest), so rules computing the same thing share it."""
-
-    values: _Table
-    seen: _Table | None
-
-    def tables(self) -> list[_Table]:
-        return [self.values] if self.seen is None else [self.values, self.seen]
+    def reset_columns(self, slots: np.ndarray, columns: np.ndarray) -> None:
+        self.data[np.ix_(slots, columns)] = self.fill[columns]
 
 
 @dataclass
@@ -135,74 +133,100 @@ class _Wave:
     """Slices evaluated together, at most one per conversation, in a padded [S, L] layout."""
 
     slices: list[SequenceSlice]
-    slots: torch.Tensor  # [S] int64
-    at: torch.Tensor | slice  # indexes the slots' state rows: a slice (a view) when consecutive
-    lengths: torch.Tensor  # [S] int64
+    slots: np.ndarray  # [S] int64
+    at: np.ndarray | slice  # indexes the slots' state rows: a slice (a view) when consecutive
+    lengths: np.ndarray  # [S] int64
     width: int  # L, the longest slice
     total: int  # R, rows in this wave
-    offsets: list[int]  # first wave row of each slice
-    rows: torch.Tensor | None  # batch row of each wave row; None when it is the identity
-    flat: torch.Tensor | None  # padded position of each wave row; None when no padding
+    offsets: np.ndarray  # [S] first wave row of each slice
+    rows: np.ndarray | None  # batch row of each wave row; None when it is the identity
+    flat: np.ndarray | None  # padded position of each wave row; None when no padding
 
     @property
     def uniform(self) -> bool:
         """Every slice has the same length (decode steps, single prefills): no padding."""
         return self.flat is None
 
-    def pad(self, x: torch.Tensor, fill: float | bool) -> torch.Tensor:
+    def pad(self, x: np.ndarray, fill: float | bool) -> np.ndarray:
         """[..., R] -> [..., S, L]."""
         lead = x.shape[:-1]
         if self.flat is None:
             return x.reshape(*lead, len(self.slices), self.width)
-        out = x.new_full((*lead, len(self.slices) * self.width), fill)
+        out = np.full((*lead, len(self.slices) * self.width), fill, dtype=x.dtype)
         out[..., self.flat] = x
         return out.reshape(*lead, len(self.slices), self.width)
 
-    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+    def unpad(self, x: np.ndarray) -> np.ndarray:
         """[..., S, L] -> [..., R]."""
         flat = x.reshape(*x.shape[:-2], -1)
         return flat if self.flat is None else flat[..., self.flat]
 
     def gather(
-        self, features: Mapping[str, torch.Tensor], names: set[str]
-    ) -> dict[str, torch.Tensor]:
+        self, features: Mapping[str, torch.Tensor | np.ndarray], names: set[str]
+    ) -> dict[str, np.ndarray]:
         out = {}
         for name in names:
-            values = features[name].to(torch.float32)
+            values = _as_array(features[name])
             out[name] = values[: self.total] if self.rows is None else values[self.rows]
         return out
 
 
+def _as_array(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A float32 numpy view of a feature column (a copy only when it is not one already)."""
+    if isinstance(values, np.ndarray):
+        return values.astype(np.float32, copy=False)
+    if values.dtype is torch.float32:
+        try:
+            return values.numpy()  # a view: the usual case, a CPU tensor
+        except (RuntimeError, TypeError):  # on a GPU, or needs grad
+            pass
+    return values.detach().to("cpu", torch.float32).numpy()
+
+
 def _layout(slices: list[SequenceSlice], slots: list[int], batch_rows: int) -> _Wave:
-    lengths = [s.rows for s in slices]
-    offsets = [0]
-    for n in lengths[:-1]:
-        offsets.append(offsets[-1] + n)
-    total = sum(lengths)
-    width = max(lengths, default=0)
-    identity = total == batch_rows and all(
-        s.start_row == o for s, o in zip(slices, offsets, strict=True)
-    )
-    lengths_t = torch.tensor(lengths, dtype=torch.int64)
-    flat = rows = None
-    uniform = all(n == width for n in lengths)
-    if not uniform or not identity:
-        local = torch.arange(total) - torch.repeat_interleave(torch.tensor(offsets), lengths_t)
-        segment = torch.repeat_interleave(torch.arange(len(slices)), lengths_t)
-        flat = None if uniform else segment * width + local
-        if not identity:
-            starts = torch.tensor([s.start_row for s in slices], dtype=torch.int64)
-            rows = torch.repeat_interleave(starts, lengths_t) + local
-    slots_t = torch.tensor(slots, dtype=torch.int64)
+    count = len(slices)
+    first = slots[0] if slots else 0
     # Conversations allocated together and batched in the same order (the steady decode
     # state) have consecutive slots: slicing state is cheaper than gathering and scattering.
-    consecutive = bool(slots) and slots == list(range(slots[0], slots[0] + len(slots)))
-    at = slice(slots[0], slots[0] + len(slots)) if consecutive else slots_t
-    return _Wave(slices, slots_t, at, lengths_t, width, total, offsets, rows, flat)
+    consecutive = bool(slots) and slots == list(range(first, first + count))
+    slots_a = np.array(slots, dtype=np.int64)
+    at = slice(first, first + count) if consecutive else slots_a
+    lengths_l = [s.rows for s in slices]
+    starts_l = [s.start_row for s in slices]
+    if batch_rows == count and lengths_l.count(1) == count and starts_l == list(range(count)):
+        # A decode step: one row per slice, in batch order.
+        ones, offsets = _decode_layout(count)
+        return _Wave(slices, slots_a, at, ones, 1, count, offsets, None, None)
+    lengths = np.array(lengths_l, dtype=np.int64)
+    starts = np.array(starts_l, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    offsets = ends - lengths
+    total = int(ends[-1]) if count else 0
+    width = int(lengths.max()) if count else 0
+    identity = total == batch_rows and starts_l == offsets.tolist()
+    uniform = lengths_l.count(width) == count
+    flat = rows = None
+    if not uniform or not identity:
+        segment = np.repeat(np.arange(count), lengths)
+        local = np.arange(total) - offsets[segment]
+        flat = None if uniform else segment * width + local
+        if not identity:
+            rows = starts[segment] + local
+    return _Wave(slices, slots_a, at, lengths, width, total, offsets, rows, flat)
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_layout(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lengths (all 1) and offsets (0, 1, ...) of a decode step's slices; read-only."""
+    ones, offsets = np.ones(count, dtype=np.int64), np.arange(count, dtype=np.int64)
+    ones.flags.writeable = offsets.flags.writeable = False
+    return ones, offsets
 
 
 def _waves(sequences: Sequence[SequenceSlice]) -> list[list[SequenceSlice]]:
     """The k-th slice of each conversation goes to wave k, so state flows wave to wave."""
+    if len({sl.conversation_id for sl in sequences}) == len(sequences):
+        return [list(sequences)] if sequences else []  # the usual case: one wave
     waves: list[list[SequenceSlice]] = []
     count: dict[str, int] = {}
     for sl in sequences:
@@ -217,53 +241,68 @@ def _waves(sequences: Sequence[SequenceSlice]) -> list[list[SequenceSlice]]:
 # --------------------------------------------------------------------------- temporal kernels
 
 
-def _window(ins: Instr) -> int:
-    """Tokens of history a temporal function looks at (including the current one)."""
-    if ins.kind == "cummax":
-        return 1
-    if ins.kind == "ewma":
-        # Weights below 1e-4 of the newest are dropped: a finite window keeps ewma exactly
-        # chunk-invariant, which a recursive update carried in float32 would not be.
-        return min(MAX_WINDOW, int(ins.param[0] * 13.3) + 1)
-    return int(ins.param[0]) + (1 if ins.kind == "delta" else 0)
+def _windows(ext: np.ndarray, n: int, width: int) -> np.ndarray:
+    """[S, n - 1 + L] -> [S, L, n] overlapping windows, oldest first (a view)."""
+    if ext.shape[1] == n:  # one window per row (a decode step): no strided view needed
+        return ext[:, None, :]
+    return np.lib.stride_tricks.sliding_window_view(ext, n, axis=1)
 
 
-_FILL = {"rolling_max": float("-inf"), "rolling_min": float("inf"), "cummax": float("-inf")}
-_COUNTED = frozenset({"rolling_mean", "ewma", "delta"})  # need tokens-seen counts
-
-
-def _apply_window(
-    ins: Instr, ext: torch.Tensor, seen: torch.Tensor | None, width: int
-) -> torch.Tensor:
-    """ext: [S, H + L] = carried history then this slice; returns [S, L]."""
-    kind, n = ins.kind, _window(ins)
+def _apply_window(slot: TemporalSlot, ext: np.ndarray, seen: np.ndarray | None, width: int):
+    """ext: [S, H + L] float32 = carried history then this slice; returns [S, L] float32."""
+    kind, n = slot.kind, slot.window
     if kind == "rolling_max":
-        return ext.unfold(1, n, 1).amax(-1)
+        return _windows(ext, n, width).max(-1)
     if kind == "rolling_min":
-        return ext.unfold(1, n, 1).amin(-1)
+        return _windows(ext, n, width).min(-1)
     if kind == "delta":
         assert seen is not None
         change = ext[:, n - 1 :] - ext[:, :width]
-        return torch.where(seen[:, None] + torch.arange(width) >= n, change, 0.0)
-    # Sums in float64 are exact for float32 inputs of similar magnitude, so the result does
-    # not depend on where the window starts in the batch. The unfolded windows are a view of
-    # one float64 copy: each window is still summed on its own, in the same order.
-    windows = ext.double().unfold(1, n, 1)  # [S, L, n], oldest first
-    if kind in ("rolling_sum", "count_over"):
-        return windows.sum(-1).float()
-    assert seen is not None
-    count = (seen[:, None] + torch.arange(width) + 1).clamp(max=n)  # tokens in each window
+        return np.where(seen[:, None] + np.arange(width) >= n, change, np.float32(0.0))
+    # Sums in float64 of float32 inputs are exact (so independent of the order of addition,
+    # hence of how the tokens were batched) while a window's values are within about 2**29 of
+    # each other in magnitude; ewma's weighted products are rounded, so its sums can differ
+    # in the last bit between batchings (``_StepKernel`` sums a decode step differently).
+    weights = divisors = None
     if kind == "ewma":
-        weights, totals = _ewma_weights(n, float(ins.param[0]))
-        return ((windows * weights).sum(-1) / totals[count - 1]).float()
-    return (windows.sum(-1) / count).float()
+        weights, divisors = _ewma_weights(n, float(slot.param[0]))
+    sums = _window_sums(ext.astype(np.float64), n, width, weights)  # [S, L]
+    if kind in ("rolling_sum", "count_over"):
+        return sums.astype(np.float32)
+    assert seen is not None
+    count = np.minimum(seen[:, None] + np.arange(width) + 1, n)  # tokens in each window
+    if divisors is not None:
+        return (sums / divisors[count - 1]).astype(np.float32)
+    return (sums / count).astype(np.float32)
+
+
+# Window sums are computed in blocks of at most this many values (32 MiB of float64).
+_SUM_BLOCK = 1 << 22
+
+
+def _window_sums(
+    ext: np.ndarray, n: int, width: int, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """[S, n - 1 + L] float64 -> [S, L]: each window's (weighted) sum. Weighted products are
+    made in blocks of windows, so a long prefill with a long ewma stays within ~32 MiB."""
+    views = _windows(ext, n, width)
+    if weights is None:
+        return views.sum(-1)
+    rows = views.shape[0]
+    out = np.empty((rows, width), dtype=np.float64)
+    block = max(1, _SUM_BLOCK // max(1, rows * n))
+    for lo in range(0, width, block):
+        out[:, lo : lo + block] = (views[:, lo : lo + block] * weights).sum(-1)
+    return out
 
 
 @functools.lru_cache(maxsize=256)
-def _ewma_weights(n: int, halflife: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _ewma_weights(n: int, halflife: float) -> tuple[np.ndarray, np.ndarray]:
     """Weights oldest-first for a window of n, and their sums over the newest k tokens."""
-    weights = 0.5 ** (torch.arange(n, dtype=torch.float64) / halflife)
-    return weights.flip(0), weights.cumsum(0)
+    weights = 0.5 ** (np.arange(n, dtype=np.float64) / halflife)
+    flipped, totals = weights[::-1].copy(), weights.cumsum()
+    flipped.flags.writeable = totals.flags.writeable = False  # shared by the cache
+    return flipped, totals
 
 
 # --------------------------------------------------------------------------- who is evaluated
@@ -286,23 +325,34 @@ class _MaskCache:
         self.enabled = bool(keys)
         self.uses_model = "model" in keys
         self.plain = tuple(sorted(keys - {"role", "model"}))
-        self.cache: dict[_Signature, torch.Tensor] = {}
+        self.index: dict[_Signature, int] = {}  # signature -> its column of matrix
+        self.matrix = np.zeros((len(rules), 0), dtype=bool)  # [rules, signatures]
 
-    def active(self, slices: list[SequenceSlice], model: str) -> torch.Tensor | None:
+    def active(self, slices: list[SequenceSlice], model: str) -> np.ndarray | None:
         if not self.enabled:
             return None
-        # Slices often share one attributes object (or the empty default): look those up once.
-        seen: dict[tuple[str, int], torch.Tensor] = {}
-        columns = []
-        for sl in slices:
-            ident = (sl.role, id(sl.attributes))
-            column = seen.get(ident)
-            if column is None:
-                column = seen[ident] = self.column(self.signature(sl, model))
-            columns.append(column)
-        if all(c is columns[0] for c in columns):
-            return columns[0][:, None].expand(len(self.rules), len(slices))
-        return torch.stack(columns, dim=1)
+        if not self.uses_model and len(self.plain) <= 1:
+            # The usual case (roles, at most one attribute such as a tenant): a signature is
+            # two dictionary reads, and the masks are columns of one matrix.
+            key = self.plain[0] if self.plain else ""
+            signatures = [(s.role, None, (s.attributes.get(key),)) for s in slices]
+            if not self.plain:
+                signatures = [(role, None, ()) for role, _, _ in signatures]
+        else:
+            signatures = [self.signature(s, model) for s in slices]
+        index = self.index
+        columns = [index.get(signature) for signature in signatures]
+        if None in columns:
+            missing = {
+                sig for sig, column in zip(signatures, columns, strict=True) if column is None
+            }
+            if len(index) + len(missing) > self._LIMIT:
+                index.clear()
+                self.matrix = self.matrix[:, :0]
+            for signature in missing:
+                self.add(signature)
+            columns = [index[signature] for signature in signatures]
+        return self.matrix[:, columns]
 
     def signature(self, sl: SequenceSlice, model: str) -> _Signature:
         attributes = sl.attributes
@@ -311,19 +361,16 @@ class _MaskCache:
         own_model = (attributes.get("model") or model or None) if self.uses_model else None
         return (sl.role, own_model, plain)
 
-    def column(self, signature: _Signature) -> torch.Tensor:
-        column = self.cache.get(signature)
-        if column is None:
-            if len(self.cache) >= self._LIMIT:
-                self.cache.clear()
-            role, model, plain = signature
-            attributes = {k: v for k, v in zip(self.plain, plain, strict=True) if v is not None}
-            attributes["role"] = role
-            if model is not None:
-                attributes["model"] = model
-            column = torch.tensor([rule.applies_to(attributes) for rule in self.rules])
-            self.cache[signature] = column
-        return column
+    def add(self, signature: _Signature) -> None:
+        """Compute a signature's mask as a new column of ``matrix``."""
+        role, model, plain = signature
+        attributes = {k: v for k, v in zip(self.plain, plain, strict=True) if v is not None}
+        attributes["role"] = role
+        if model is not None:
+            attributes["model"] = model
+        column = np.array([rule.applies_to(attributes) for rule in self.rules], dtype=bool)
+        self.matrix = np.concatenate((self.matrix, column[:, None]), axis=1)
+        self.index[signature] = self.matrix.shape[1] - 1
 
 
 _Signature = tuple[str, str | None, tuple[str | None, ...]]
@@ -358,7 +405,6 @@ class RuleEngine:
         self._free: list[int] = []
         self._next_slot = 0
         self._lock = threading.Lock()
-        self._temporal: dict[TemporalKey, _History] = {}
         self._install(ruleset, previous=None)
 
     @property
@@ -379,28 +425,53 @@ class RuleEngine:
 
     def _install(self, ruleset: RuleSet, previous: list[Rule] | None) -> None:
         rules = ruleset.enabled_rules
-        runs = _Table((len(rules),), 0, torch.int64, self._capacity)
-        fired = _Table((len(rules),), _NEVER, torch.int64, self._capacity)
+        runs = _Table(len(rules), 0, np.int64, self._capacity)
+        fired = _Table(len(rules), _NEVER, np.int64, self._capacity)
         old = {rule.state_key: i for i, rule in enumerate(previous or [])}
         for j, rule in enumerate(rules):
             if rule.state_key in old:
                 runs.data[:, j] = self._runs.data[:, old[rule.state_key]]
                 fired.data[:, j] = self._fired.data[:, old[rule.state_key]]
-        used = {
-            (rule.scope, ins.key)
-            for rule in rules
-            for ins in rule.condition.program
-            if ins.kind in FUNCTIONS and FUNCTIONS[ins.kind].temporal
-        }
-        self._temporal = {k: v for k, v in self._temporal.items() if k in used}
+        program = compile_rules(rules)
+        fills = np.zeros(program.history_width, dtype=np.float32)
+        for slot in program.temporal:
+            fills[_columns(slot)] = slot.fill
+        history = _Table(program.history_width, fills, np.float32, self._capacity)
+        seen = _Table(program.counted_width, 0, np.int64, self._capacity)
+        if previous is not None:  # temporal state of expressions still in use carries over
+            kept = {slot.key: slot for slot in self._program.temporal}
+            for slot in program.temporal:
+                was = kept.get(slot.key)
+                if was is not None:
+                    history.data[:, _columns(slot)] = self._history.data[:, _columns(was)]
+                    if slot.counted >= 0:
+                        seen.data[:, slot.counted] = self._seen.data[:, was.counted]
+        request = [slot for slot in program.temporal if slot.key[0] == "request"]
+        self._request_history = np.array(
+            [c for slot in request for c in range(slot.offset, slot.offset + slot.kept)],
+            dtype=np.int64,
+        )
+        self._request_seen = np.array(
+            [slot.counted for slot in request if slot.counted >= 0], dtype=np.int64
+        )
         self._ruleset, self._rules, self._runs, self._fired = ruleset, rules, runs, fired
-        self._for = torch.tensor([rule.for_tokens for rule in rules], dtype=torch.int64)
+        self._program, self._history, self._seen = program, history, seen
+        self._for = np.array([rule.for_tokens for rule in rules], dtype=np.int64)
         self._required = ruleset.required_features
         self._rule_order = {rule.name: i for i, rule in enumerate(rules)}
-        self._request_rules = torch.tensor(
-            [j for j, rule in enumerate(rules) if rule.scope == "request"], dtype=torch.int64
+        self._request_rules = np.array(
+            [j for j, rule in enumerate(rules) if rule.scope == "request"], dtype=np.int64
         )
         self._masks = _MaskCache(rules)
+        self._step_kernels: dict[tuple[str, ...], _StepKernel] = {}
+
+    def _step_kernel(self, slots: list[TemporalSlot]) -> _StepKernel:
+        key = tuple(slot.key[0] + slot.key[1] for slot in slots)
+        kernel = self._step_kernels.get(key)
+        if kernel is None:
+            kernel = _StepKernel(slots, self._program.history_width, self._program.sum_width)
+            self._step_kernels[key] = kernel
+        return kernel
 
     def evaluate(
         self,
@@ -411,9 +482,10 @@ class RuleEngine:
     ) -> EvaluationResult:
         """Evaluate all enabled rules on one batch.
 
-        ``features`` maps qualified feature names to float tensors ``[rows]`` covering the
-        batch; ``model`` names the model that produced it (an attribute exceptions can match).
-        Raises ValueError for a malformed batch before touching any state.
+        ``features`` maps qualified feature names to float vectors ``[rows]`` (tensors, or
+        numpy arrays) covering the batch; ``model`` names the model that produced it (an
+        attribute exceptions can match). Raises ValueError for a malformed batch before
+        touching any state.
         """
         with self._lock:
             waves = _waves(sequences)
@@ -421,7 +493,8 @@ class RuleEngine:
             result = EvaluationResult()
             for wave in waves:
                 self._run_wave(features, wave, batch_rows, result, model)
-            result.firings.sort(key=lambda f: (f.row, self._rule_order[f.rule]))
+            if len(result.firings) > 1:
+                result.firings.sort(key=lambda f: (f.row, self._rule_order[f.rule]))
             return result
 
     # ----------------------------------------------------------------- validation
@@ -432,21 +505,21 @@ class RuleEngine:
         sequences: Sequence[SequenceSlice],
         waves: list[list[SequenceSlice]],
     ) -> int:
-        spans = sorted((s.start_row, s.start_row + s.rows) for s in sequences)
         for s in sequences:
             if s.rows < 0 or s.start_row < 0 or s.position < 0:
                 raise ValueError(
                     f"slice {s.conversation_id!r}: negative start_row, rows or position"
                 )
-        for (_, end), (start, _) in itertools.pairwise(spans):
-            if start < end:
+        spans = sorted([(s.start_row, s.start_row + s.rows) for s in sequences])
+        for i in range(1, len(spans)):
+            if spans[i][0] < spans[i - 1][1]:
                 raise ValueError("sequence slices overlap")
         batch_rows = spans[-1][1] if spans else 0
         for name in self._required:
             tensor = features.get(name)
             if tensor is None:
                 raise ValueError(f"missing feature {name!r}")
-            if tensor.dim() != 1 or tensor.shape[0] < batch_rows:
+            if tensor.ndim != 1 or tensor.shape[0] < batch_rows:
                 raise ValueError(f"feature {name!r} must be a vector of at least {batch_rows} rows")
         for wave in waves:
             if len(wave) > self._max:
@@ -456,17 +529,23 @@ class RuleEngine:
     # ----------------------------------------------------------------- conversations
 
     def _bind(self, slices: list[SequenceSlice], result: EvaluationResult) -> list[int]:
-        """Slots for a wave's conversations, resetting state on gaps and new conversations."""
-        for s in slices:  # touch first so that eviction never picks one of this wave's
-            if s.conversation_id in self._conversations:
-                self._conversations.move_to_end(s.conversation_id)
-        slots, fresh, new_request = [], [], []
-        for s in slices:
-            conv = self._conversations.get(s.conversation_id)
+        """Slots for a wave's conversations, resetting state on gaps and new conversations.
+
+        Known conversations are touched before any new one is allocated, so that eviction
+        never picks one of this wave's."""
+        conversations = self._conversations
+        slots: list[int] = []
+        fresh: list[int] = []
+        new_request: list[int] = []
+        new: list[int] = []
+        for i, s in enumerate(slices):
+            conv = conversations.get(s.conversation_id)
             if conv is None:
-                conv = self._allocate(s.conversation_id, result)
-                fresh.append(conv.slot)
-            elif conv.next_position != s.position:
+                new.append(i)
+                slots.append(-1)
+                continue
+            conversations.move_to_end(s.conversation_id)
+            if conv.next_position != s.position:
                 result.gaps += 1
                 fresh.append(conv.slot)
             elif conv.request_id != s.request_id:
@@ -474,23 +553,30 @@ class RuleEngine:
             conv.next_position = s.position + s.rows
             conv.request_id = s.request_id
             slots.append(conv.slot)
+        for i in new:
+            s = slices[i]
+            conv = self._allocate(s.conversation_id, result)
+            conv.next_position = s.position + s.rows
+            conv.request_id = s.request_id
+            fresh.append(conv.slot)
+            slots[i] = conv.slot
         if fresh:
-            index = torch.tensor(fresh, dtype=torch.int64)
-            for table in self._tables():
+            index = np.array(fresh, dtype=np.int64)
+            for table in (self._runs, self._fired, self._history, self._seen):
                 table.reset(index)
-        if new_request and len(self._request_rules):
-            self._reset_request_state(torch.tensor(new_request, dtype=torch.int64))
+        if new_request:
+            self._reset_request_state(np.array(new_request, dtype=np.int64))
         return slots
 
-    def _reset_request_state(self, slots: torch.Tensor) -> None:
+    def _reset_request_state(self, slots: np.ndarray) -> None:
         """A new request in a conversation: rules with ``scope: request`` start afresh."""
-        columns = self._request_rules
-        for table in (self._runs, self._fired):
-            table.data[slots[:, None], columns] = table.fill
-        for (scope, _), history in self._temporal.items():
-            if scope == "request":
-                for table in history.tables():
-                    table.reset(slots)
+        if len(self._request_rules):
+            self._runs.reset_columns(slots, self._request_rules)
+            self._fired.reset_columns(slots, self._request_rules)
+        if len(self._request_history):
+            self._history.reset_columns(slots, self._request_history)
+        if len(self._request_seen):
+            self._seen.reset_columns(slots, self._request_seen)
 
     def _allocate(self, conversation_id: str, result: EvaluationResult) -> _Conversation:
         if len(self._conversations) >= self._max:
@@ -510,12 +596,8 @@ class RuleEngine:
 
     def _grow(self) -> None:
         self._capacity = min(self._capacity * 2, self._max)
-        for table in self._tables():
+        for table in (self._runs, self._fired, self._history, self._seen):
             table.grow(self._capacity)
-
-    def _tables(self) -> list[_Table]:
-        tables = [self._runs, self._fired]
-        return tables + [t for h in self._temporal.values() for t in h.tables()]
 
     # ----------------------------------------------------------------- evaluation
 
@@ -530,24 +612,19 @@ class RuleEngine:
         wave = _layout(slices, self._bind(slices, result), batch_rows)
         if wave.total and self._rules:
             inputs = wave.gather(features, self._required)
-            conditions, values = [], []
             temporal = _WaveTemporal(self, wave)
-            for rule in self._rules:
-                condition, value = rule.condition.evaluate(
-                    inputs, wave.total, temporal.for_scope(rule.scope)
-                )
-                conditions.append(condition)
-                values.append(value)
+            conditions, values = self._program.run(inputs, wave.total, temporal.compute)
+            temporal.store()
             active = self._masks.active(wave.slices, model)
-            fires = self._advance_runs(wave, torch.stack(conditions), active)
-            self._collect(wave, fires, torch.stack(values), result)
+            fires = self._advance_runs(wave, conditions, active)
+            self._collect(wave, fires, values, result)
         for s in slices:
             if s.end and s.conversation_id in self._conversations:
                 self._free.append(self._conversations.pop(s.conversation_id).slot)
 
     def _advance_runs(
-        self, wave: _Wave, conditions: torch.Tensor, active: torch.Tensor | None
-    ) -> torch.Tensor:
+        self, wave: _Wave, conditions: np.ndarray, active: np.ndarray | None
+    ) -> np.ndarray:
         """Run lengths with carry for all rules at once; returns where runs reach ``for``.
 
         The run length at token t is t minus the index of the last false token; that index
@@ -557,27 +634,34 @@ class RuleEngine:
         held = wave.pad(conditions, False)  # [K, S, L]
         if active is not None:  # a rule skipped for a slice (role, exception) breaks its run
             held = held & active[:, :, None]
-        need = self._for[:, None, None]
         carry = self._runs.data[wave.at].T  # [K, S]
-        local = torch.arange(wave.width)
-        last_false = torch.where(held, -(need + 2), local)
-        seeded = torch.cat([(-1 - carry)[:, :, None], last_false], dim=2)
-        runs = local - seeded.cummax(dim=2).values[:, :, 1:]
-        last = (wave.lengths - 1).clamp(min=0).expand_as(carry)[:, :, None]
+        need = self._for[:, None]  # [K, 1]
+        if wave.uniform and wave.width == 1:
+            # One token per slice (a decode step): the general formula below reduces to this.
+            runs = np.where(held[:, :, 0], carry + 1, 0)
+            self._runs.data[wave.at] = np.minimum(runs, need).T
+            return (runs == need)[:, :, None]
+        local = np.arange(wave.width)
+        last_false = np.where(held, -(need[:, :, None] + 2), local)
+        seeded = np.concatenate([(-1 - carry)[:, :, None], last_false], axis=2)
+        runs = local - _running_max(seeded)[:, :, 1:]
+        last = np.maximum(wave.lengths - 1, 0)
+        at_end = np.take_along_axis(
+            runs, np.broadcast_to(last[None, :, None], (*carry.shape, 1)), 2
+        )
         # Clamped at N: a run already past N must not reach N again, and must not overflow.
-        ended = torch.minimum(runs.gather(2, last)[:, :, 0], need[:, :, 0])
-        self._runs.data[wave.at] = torch.where(wave.lengths > 0, ended, carry).T
-        return runs == need
+        ended = np.minimum(at_end[:, :, 0], need)
+        self._runs.data[wave.at] = np.where(wave.lengths > 0, ended, carry).T
+        return runs == need[:, :, None]
 
     def _collect(
-        self, wave: _Wave, fires: torch.Tensor, values: torch.Tensor, result: EvaluationResult
+        self, wave: _Wave, fires: np.ndarray, values: np.ndarray, result: EvaluationResult
     ) -> None:
-        hits = fires.nonzero()
-        if not len(hits):
+        if not fires.any():
             return
-        k, s, t = hits.unbind(1)
-        offsets = torch.tensor(wave.offsets, dtype=torch.int64)
-        fired_values = values[k, offsets[s] + t].tolist()
+        hits = np.argwhere(fires)
+        k, s, t = hits.T
+        fired_values = values[k, wave.offsets[s] + t].tolist()
         slots = wave.slots.tolist()
         # Hits come sorted by (rule, slice, token), so a cooldown sees its own firings in order.
         for (ki, si, ti), value in zip(hits.tolist(), fired_values, strict=True):
@@ -590,59 +674,193 @@ class RuleEngine:
             self._fired.data[slots[si], ki] = position
             result.firings.append(_firing(rule, sl, ti, value))
 
-    def _temporal_fn(
-        self, key: TemporalKey, wave: _Wave, ins: Instr, x: torch.Tensor
-    ) -> torch.Tensor:
-        history = self._history(key, ins)
-        kept = history.values.data.shape[1]
-        carried = history.values.data[wave.at]  # [S, kept]
-        padded = wave.pad(x.to(torch.float32).expand(wave.total), _FILL.get(ins.kind, 0.0))
-        ext = torch.cat([carried, padded], dim=1)
-        seen = None if history.seen is None else history.seen.data[wave.at]
-        if ins.kind == "cummax":
-            ext = ext.cummax(dim=1).values
-            out = ext[:, 1:]
-        else:
-            out = _apply_window(ins, ext, seen, wave.width)
-        if wave.uniform:  # every slice ends at the last column
-            history.values.data[wave.at] = ext[:, ext.shape[1] - kept :]
-        else:
-            take = wave.lengths[:, None] + torch.arange(kept)  # the last `kept` values of ext
-            history.values.data[wave.at] = ext.gather(1, take)
-        if history.seen is not None and seen is not None:
-            history.seen.data[wave.at] = seen + wave.lengths
-        return wave.unpad(out)
 
-    def _history(self, key: TemporalKey, ins: Instr) -> _History:
-        state = self._temporal.get(key)
-        if state is None:
-            kept = _window(ins) if ins.kind == "cummax" else _window(ins) - 1
-            fill = _FILL.get(ins.kind, 0.0)
-            seen = _Table((), 0, torch.int64, self._capacity) if ins.kind in _COUNTED else None
-            state = _History(_Table((kept,), fill, torch.float32, self._capacity), seen)
-            self._temporal[key] = state
-        return state
+def _running_max(x: np.ndarray) -> np.ndarray:
+    """Running maximum along the last axis. torch's cummax on a view of the same memory:
+    numpy's ``maximum.accumulate`` along a last axis steps through it one element at a time
+    over all the others (milliseconds for a 4,096-token prefill). Both propagate NaN."""
+    return torch.from_numpy(np.ascontiguousarray(x)).cummax(dim=-1).values.numpy()
+
+
+def _columns(slot: TemporalSlot) -> slice:
+    return slice(slot.offset, slot.offset + slot.kept)
 
 
 class _WaveTemporal:
-    """Temporal functions for one wave: each (scope, expression) is computed, and its state
-    advanced, once per wave however many rules use it."""
+    """Temporal functions for one wave. The program computes each (scope, expression) once
+    however many rules use it; its new state goes to one block for the wave's slots, stored
+    back into the history array in one assignment (``store``)."""
 
     def __init__(self, engine: RuleEngine, wave: _Wave) -> None:
         self.engine = engine
         self.wave = wave
-        self.results: dict[TemporalKey, torch.Tensor] = {}
-        self.fns = {scope: functools.partial(self.compute, scope) for scope in SCOPES}
+        self.history = engine._history.data[wave.at]  # [S, columns]
+        self.seen = engine._seen.data[wave.at]  # [S, counted]
+        self.updated = np.empty_like(self.history)
+        self.step = wave.uniform and wave.width == 1  # one token per slice: a decode step
+        if self.step and self.history.shape[1]:
+            # Every window moves on by one token: one shift for all functions' columns; the
+            # step kernels then write each function's newest value into its last column.
+            self.updated[:, :-1] = self.history[:, 1:]
 
-    def for_scope(self, scope: str) -> Callable[[Instr, torch.Tensor], torch.Tensor]:
-        return self.fns[scope]
+    def compute(self, slots: list[TemporalSlot], xs: list[object]) -> list[np.ndarray]:
+        """One stage of the program's temporal functions (``Program.run``'s callback)."""
+        if self.step:
+            kernel = self.engine._step_kernel(slots)
+            outs = kernel(self.history, self.seen, self.updated, xs, self.wave.total)
+            if outs is not None:
+                return outs
+        return [self.compute_one(slot, x) for slot, x in zip(slots, xs, strict=True)]
 
-    def compute(self, scope: str, ins: Instr, x: torch.Tensor) -> torch.Tensor:
-        key = (scope, ins.key)
-        out = self.results.get(key)
-        if out is None:
-            out = self.results[key] = self.engine._temporal_fn(key, self.wave, ins, x)
-        return out
+    def compute_one(self, slot: TemporalSlot, x: object) -> np.ndarray:
+        wave = self.wave
+        kept = slot.kept
+        carried = self.history[:, slot.offset : slot.offset + kept]  # [S, kept]
+        if isinstance(x, np.ndarray) and x.shape == (wave.total,):
+            values = x.astype(np.float32, copy=False)
+        else:  # a constant sub-expression
+            values = np.full(wave.total, x, dtype=np.float32)
+        ext = np.concatenate([carried, wave.pad(values, slot.fill)], axis=1)
+        seen = self.seen[:, slot.counted] if slot.counted >= 0 else None
+        if slot.kind == "cummax":
+            ext = _running_max(ext)
+            out = ext[:, 1:]
+        else:
+            out = _apply_window(slot, ext, seen, wave.width)
+        if kept:
+            if wave.uniform:  # every slice ends at the last column
+                new = ext[:, ext.shape[1] - kept :]
+            else:  # the last `kept` values of each slice's ext
+                take = wave.lengths[:, None] + np.arange(kept)
+                new = np.take_along_axis(ext, take, 1)
+            self.updated[:, slot.offset : slot.offset + kept] = new
+        return wave.unpad(out)
+
+    def store(self) -> None:
+        engine, at = self.engine, self.wave.at
+        engine._history.data[at] = self.updated
+        if self.seen.shape[1]:
+            engine._seen.data[at] = self.seen + self.wave.lengths[:, None]
+
+
+class _StepKernel:
+    """Several temporal functions on a wave of one token per slice, as one array program.
+
+    A function's window on a decode step is its carried history (its columns of the history
+    array) then the new value. Every sum-type function (rolling sum/mean, count_over, ewma)
+    is then one column of a single matrix product of ``[history | new values]`` with a fixed
+    weight matrix (1 on a function's columns; ewma's weights for ewma), in float64 like
+    ``_apply_window``, whose results it equals whenever the float64 sums are exact (see the
+    module docstring); maxima, minima and deltas are a slice each. The new history is the
+    old one shifted by one column, with each function's newest value put in its last column.
+    A step with a non-finite value is left to ``_apply_window`` (0 * inf in the product would
+    spill NaN into other functions' sums).
+    """
+
+    def __init__(self, slots: list[TemporalSlot], history_width: int, sum_width: int) -> None:
+        width = len(slots)
+        self.width = width
+        self.history_width = history_width
+        self.sum_width = sum_width
+        sums = [t for t, slot in enumerate(slots) if slot.kind in SUMS]
+        # Rows: the sum-type history columns, then this stage's new values of sum functions.
+        weights = np.zeros((sum_width + len(sums), len(sums)), dtype=np.float64)
+        divisors: list[np.ndarray] = []
+        bases: list[int] = []
+        base = 0
+        self.extrema: list[tuple[int, int, int, bool]] = []  # (t, first, last col, maximum)
+        self.deltas: list[tuple[int, int, int, int]] = []  # (t, oldest col, counted, window)
+        newest_to: list[int] = []
+        newest_from: list[int] = []
+        cummax_to: list[int] = []
+        cummax_from: list[int] = []
+        for t, slot in enumerate(slots):
+            n = slot.kept + 1  # carried values, then the new one
+            if slot.kind in SUMS:
+                j = sums.index(t)
+                rows = [*range(slot.offset, slot.offset + slot.kept), sum_width + j]
+                if slot.kind == "ewma":
+                    ewma, totals = _ewma_weights(n, float(slot.param[0]))
+                    weights[rows, j] = ewma
+                    divisors.append(totals)
+                else:
+                    weights[rows, j] = 1.0
+                    mean = slot.kind == "rolling_mean"
+                    divisors.append(np.arange(1, n + 1, dtype=np.float64) if mean else np.ones(n))
+                bases.append(base - 1)  # divisor of a window holding c tokens: [base + c - 1]
+                base += n
+            elif slot.kind == "delta":
+                self.deltas.append((t, slot.offset, slot.counted, n))
+            else:
+                maximum = slot.kind != "rolling_min"
+                self.extrema.append((t, slot.offset, slot.offset + slot.kept, maximum))
+            if slot.kind == "cummax":
+                cummax_to.append(slot.offset)
+                cummax_from.append(t)
+            elif slot.kept:
+                newest_to.append(slot.offset + slot.kept - 1)
+                newest_from.append(t)
+        self.sums = sums
+        self.weights = weights
+        self.divided = any(slots[t].kind in ("rolling_mean", "ewma") for t in sums)
+        self.divisors = np.concatenate(divisors) if divisors else np.ones(1)
+        self.bases = np.array(bases, dtype=np.int64)
+        self.windows = np.array([slots[t].kept + 1 for t in sums], dtype=np.int64)
+        self.counted = np.array([max(slots[t].counted, 0) for t in sums], dtype=np.int64)
+        self.sum_index = np.array(sums, dtype=np.int64)
+        self.newest_to = np.array(newest_to, dtype=np.int64)
+        self.newest_from = np.array(newest_from, dtype=np.int64)
+        self.cummax_to = np.array(cummax_to, dtype=np.int64)
+        self.cummax_from = np.array(cummax_from, dtype=np.int64)
+
+    def __call__(
+        self,
+        history: np.ndarray,
+        seen: np.ndarray,
+        updated: np.ndarray,
+        xs: list[object],
+        rows: int,
+    ) -> list[np.ndarray] | None:
+        """The stage's outputs (writing new history into ``updated``), or None, having
+        written nothing, when the step has non-finite values (then the caller computes
+        them one function at a time)."""
+        x = np.empty((rows, self.width), dtype=np.float32)
+        for t, value in enumerate(xs):
+            x[:, t] = value  # a constant broadcasts; a condition becomes 0/1
+        out = np.empty((self.width, rows), dtype=np.float32)
+        if self.sums:
+            block = np.concatenate((history[:, : self.sum_width], x[:, self.sum_index]), axis=1)
+            if not np.isfinite(block).all():
+                # 0 * inf is NaN: an infinite value would spill into other functions' sums
+                # in the product. Such a step is computed one function at a time.
+                return None
+            sums = block.astype(np.float64) @ self.weights  # [S, sum functions]
+            if self.divided:
+                counts = self._counts(seen, rows)
+                sums /= self.divisors[self.bases + counts]
+            out[self.sum_index] = sums.T
+        for t, first, last, maximum in self.extrema:
+            carried = history[:, first:last]
+            if maximum:
+                out[t] = np.maximum(carried.max(1), x[:, t]) if last > first else x[:, t]
+            else:
+                out[t] = np.minimum(carried.min(1), x[:, t]) if last > first else x[:, t]
+        for t, oldest, counted, n in self.deltas:
+            change = x[:, t] - history[:, oldest]
+            out[t] = np.where(seen[:, counted] >= n, change, np.float32(0.0))
+        # ``updated`` holds the history shifted by one column (``_WaveTemporal``): put each
+        # function's newest value last (cummax keeps its running maximum instead).
+        if len(self.newest_to):
+            updated[:, self.newest_to] = x[:, self.newest_from]
+        if len(self.cummax_to):
+            updated[:, self.cummax_to] = out[self.cummax_from].T
+        return list(out)
+
+    def _counts(self, seen: np.ndarray, rows: int) -> np.ndarray:
+        """Tokens in each window, this one included: [S, sum functions]."""
+        if not seen.shape[1]:
+            return np.ones((rows, len(self.sums)), dtype=np.int64)
+        return np.minimum(seen[:, self.counted] + 1, self.windows)
 
 
 def _firing(rule: Rule, sl: SequenceSlice, offset: int, value: float) -> Firing:

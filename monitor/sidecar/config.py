@@ -44,6 +44,8 @@ class AuditSettings:
     retention_days: float | None = None
     on_backpressure: str = "block"
     write_timeout_seconds: float = 5.0
+    health_probe_seconds: float = 1.0  # idle probe of the store, for honest health
+    spool_path: str = ""  # records left at shutdown with the store down; "" = the default
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,12 @@ def _audit(value: Any, base_dir: Path, origin: str) -> AuditSettings:
     if "write_timeout_seconds" in raw:
         key = "audit.write_timeout_seconds"
         out["write_timeout_seconds"] = _number(raw["write_timeout_seconds"], origin, key)
+    if "health_probe_seconds" in raw:
+        key = "audit.health_probe_seconds"
+        out["health_probe_seconds"] = _number(raw["health_probe_seconds"], origin, key, low=0.05)
+    if "spool_path" in raw:
+        spool = _str(raw["spool_path"], origin, "audit.spool_path")
+        out["spool_path"] = str(base_dir / spool) if spool else ""
     return AuditSettings(**out)
 
 

@@ -117,6 +117,8 @@ def _recorder(
         retention_days=settings.retention_days,
         on_backpressure=settings.on_backpressure,  # type: ignore[arg-type]
         write_timeout=settings.write_timeout_seconds,
+        health_probe_seconds=settings.health_probe_seconds,
+        spool_path=settings.spool_path or None,
     )
     return AuditRecorder(
         settings.url,

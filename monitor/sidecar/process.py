@@ -144,6 +144,11 @@ class Sidecar:
         for service in ("", SERVICE_NAME):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         if self.actions.recorder is not None:
+            # Registered from the start (NOT_SERVING until the store is open), never NOT_FOUND.
+            audit_status = health_pb2.HealthCheckResponse.SERVING
+            if not self.actions.audit_healthy:
+                audit_status = health_pb2.HealthCheckResponse.NOT_SERVING
+            await health_servicer.set(AUDIT_HEALTH_SERVICE, audit_status)
             self._background.append(asyncio.create_task(self._watch_audit(health_servicer)))
         if self.config.rules and self.config.rules_reload_seconds > 0:
             self._background.append(asyncio.create_task(self._poll_rules()))

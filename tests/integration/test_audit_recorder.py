@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -229,11 +230,30 @@ def test_full_buffer_drops_with_drop_policy(tmp_path: Path, make_recorder) -> No
 
 
 def test_block_policy_waits_for_the_commit_then_gives_up(tmp_path: Path, make_recorder) -> None:
+    """A store that is not known to be down (here: locked, the write waits for the lock): the
+    step waits up to write_timeout for its commit."""
+    path = tmp_path / "audit.db"
+    rec = make_recorder(f"sqlite:///{path}", on_backpressure="block", write_timeout=0.3)
+    wait_for(lambda: rec.healthy)
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        result = rec.record_batch(step("c1", 0, ["x"], fire_at=0))
+        assert not result.durable and time.monotonic() - started >= 0.25
+    finally:
+        locker.execute("COMMIT")
+        locker.close()
+
+
+def test_a_store_known_to_be_down_is_not_waited_for(tmp_path: Path, make_recorder) -> None:
     db = f"sqlite:///{tmp_path / 'missing' / 'audit.db'}"
-    rec = make_recorder(db, on_backpressure="block", write_timeout=0.3)
+    rec = make_recorder(db, on_backpressure="block", write_timeout=2.0)
+    wait_for(lambda: rec.counts().error > 0)
     started = time.monotonic()
     result = rec.record_batch(step("c1", 0, ["x"], fire_at=0))
-    assert not result.durable and time.monotonic() - started >= 0.25
+    assert (result.durable, result.status) == (False, "pending")
+    assert time.monotonic() - started < 1.0  # the pipeline is not held for write_timeout
 
 
 def test_retention_purge(db: str, make_recorder) -> None:

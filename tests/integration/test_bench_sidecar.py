@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
+
 from monitor.bench.sidecar import format_table, run_sidecar_bench
 
 
 def test_sidecar_bench_measures_throughput_and_latency():
+    import os
+
+    cores = os.sched_getaffinity(0)
     result = run_sidecar_bench(
-        seconds=1.0, prefill_rows=128, conversations=8, latency_tokens_per_s=2000
+        seconds=1.0, prefill_rows=128, conversations=8, latency_tokens_per_s=2000, pin="both"
     )
     throughput, latency = result["throughput"], result["latency"]
     assert throughput["errors"] == 0 and latency["errors"] == 0
@@ -15,15 +20,36 @@ def test_sidecar_bench_measures_throughput_and_latency():
     assert latency["decode_steps"] > 0
     assert latency["tokens_per_s"] == 2000 and latency["steps_per_s"] == 250
     assert 0 < latency["p50_ms"] <= latency["p99_ms"]
-    assert "tokens/s sustained" in format_table(result)
+    # The sidecar's own CPU per message, from its process, beside the wall-clock numbers.
+    assert throughput["sidecar_cpu_ms_per_message"] > 0
+    assert latency["sidecar_cpu_ms_per_message"] > 0
+    # Back-to-back decode steps and the encode-only bounds of the same run.
+    saturation = result["decode_saturation"]
+    assert saturation["errors"] == 0 and saturation["tokens_per_s"] > 0
+    assert set(result["encode_only_rows_per_s"]) == {"128", "8"}
+    assert all(rate > 0 for rate in result["encode_only_rows_per_s"].values())
+    for name, rows in (("decode", 8), ("prefill", 128)):
+        stages = result["stages"][name]
+        assert stages["rows_per_message"] == rows
+        assert all(ms >= 0 for ms in stages["cpu_ms"].values())
+        assert stages["cpu_ms"]["encode"] > 0 and stages["cpu_ms"]["rules"] > 0
+        assert stages["total_cpu_ms"] == pytest.approx(sum(stages["cpu_ms"].values()), abs=1e-3)
+        assert stages["machine_gemm_gflops"] > 0 and stages["encode_gflops"] > 0
+    if len(os.sched_getaffinity(0)) >= 2:
+        # The client alone on the first core, the sidecar alone on the last.
+        assert result["pin"] == "both" and result["client_cores"] == [min(cores)]
+        assert result["sidecar_core"] == max(cores)
+    table = format_table(result)
+    assert "tokens/s sustained" in table and "of the machine's fp32 GEMM" in table
+    assert os.sched_getaffinity(0) == cores  # the client's pinning is given back
 
 
 def test_sidecar_bench_refuses_a_load_it_cannot_pace():
-    import pytest
-
     from monitor.bench.sidecar import _load
 
     assert _load("half") is None and _load("25000") == 25_000
     for text in ("0", "-5", "fast"):
         with pytest.raises(Exception, match="expected tokens/s > 0 or 'half'"):
             _load(text)
+    with pytest.raises(ValueError, match="pin must be one of"):
+        run_sidecar_bench(seconds=0.1, pin="sidecar")

@@ -23,9 +23,12 @@ def test_run_rules_bench_reports_keys():
         "decode",
         "prefill",
         "within_budget",
+        "machine_gemm_gflops",
     } <= set(report)
+    assert report["machine_gemm_gflops"] > 0
     for case in ("decode", "prefill"):
-        assert {"median_ms", "p99_ms", "min_ms", "budget_ms"} <= set(report[case])
+        assert {"median_ms", "p99_ms", "min_ms", "budget_ms", "cpu_median_ms"} <= set(report[case])
+        assert report[case]["cpu_median_ms"] > 0
         assert 0 < report[case]["min_ms"] <= report[case]["median_ms"] <= report[case]["p99_ms"]
     assert report["decode"]["conversations"] == 8 and report["prefill"]["tokens"] == 256
 

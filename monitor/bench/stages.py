@@ -1,0 +1,149 @@
+"""Where a sidecar's CPU goes per message: the pipeline run in this process, stage by stage.
+
+``bench sidecar`` measures wall-clock numbers over gRPC; this measures what each message costs
+the sidecar's own thread, in CPU time (``time.thread_time``, so other processes on a busy
+machine do not count), for the same pack, rules and messages:
+
+  parse      the protobuf message from its wire bytes (what gRPC does before the server runs)
+  validate   ``validate_batch``: sequences, shapes, the finite check
+  encode     the pack's restricted encode (the matrix multiply), and picking the rule columns
+  rules      ``RuleEngine.evaluate``
+  events     everything else of ``Pipeline.process``: events, acks, metrics, logs
+
+The encode's rate is reported beside the machine's own fp32 GEMM on the same shapes, measured
+in the same run, so the numbers can be compared across machines.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from monitor.features import FeaturePack
+from monitor.outputs.metrics import SidecarMetrics
+from monitor.rules import RuleSet
+from monitor.sidecar.config import Limits
+from monitor.sidecar.pipeline import Pipeline
+from monitor.wire import pb
+
+STAGES = ("parse", "validate", "encode", "rules", "events")
+
+
+class _Clock:
+    """Accumulates thread CPU time per stage around wrapped calls."""
+
+    def __init__(self) -> None:
+        self.spent = dict.fromkeys(STAGES, 0.0)
+
+    def wrap(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.spent[stage] += time.thread_time() - started
+
+        return timed
+
+
+def stage_costs(
+    pack: FeaturePack,
+    ruleset: RuleSet,
+    messages: Sequence[bytes],
+    hook_point: str,
+    rounds: int = 3,
+) -> dict[str, Any]:
+    """CPU ms per message of each stage on one core (one torch thread; median over ``rounds``
+    passes over ``messages``), for serialised StepBatch messages that continue each other (as
+    a stream would send them), with the encode's GFLOP/s beside the machine's one-core GEMM."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core: CPU time of this thread is all the work
+    try:
+        return _stage_costs(pack, ruleset, messages, hook_point, rounds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _stage_costs(
+    pack: FeaturePack,
+    ruleset: RuleSet,
+    messages: Sequence[bytes],
+    hook_point: str,
+    rounds: int,
+) -> dict[str, Any]:
+    per_round: list[dict[str, float]] = []
+    rows = 0
+    for _ in range(rounds):
+        clock = _Clock()
+        pipeline = Pipeline([pack], ruleset, SidecarMetrics(), Limits())
+        pipeline.validate = clock.wrap("validate", pipeline.validate)  # type: ignore[method-assign]
+        pipeline.encode = clock.wrap("encode", pipeline.encode)  # type: ignore[method-assign]
+        engine = pipeline.engine
+        engine.evaluate = clock.wrap("rules", engine.evaluate)  # type: ignore[method-assign]
+        parse = clock.wrap("parse", pb.StepBatch.FromString)
+        total = 0.0
+        rows = 0
+        for data in messages:
+            batch = parse(data)
+            started = time.thread_time()
+            outcome = pipeline.process(batch)
+            total += time.thread_time() - started
+            if not outcome.events or not outcome.events[-1].HasField("ack"):
+                raise RuntimeError(f"bench message {batch.seq_no} was not acked: {outcome}")
+            rows += outcome.events[-1].ack.rows
+        inside = clock.spent["validate"] + clock.spent["encode"] + clock.spent["rules"]
+        clock.spent["events"] = total - inside
+        per_round.append({k: 1000 * v / len(messages) for k, v in clock.spent.items()})
+    ms = {stage: statistics.median(r[stage] for r in per_round) for stage in STAGES}
+    total_ms = sum(ms.values())
+    rows_per_message = rows / len(messages)
+    flop = 2.0 * rows_per_message * pack.d_model(hook_point) * len(pack.qualified_names(hook_point))
+    gemm = machine_gemm_gflops(int(rows_per_message), pack.d_model(hook_point))
+    encode_gflops = flop / (ms["encode"] / 1000) / 1e9 if ms["encode"] else float("inf")
+    return {
+        "rows_per_message": rows_per_message,
+        "cpu_ms": {stage: round(value, 4) for stage, value in ms.items()},
+        "total_cpu_ms": round(total_ms, 4),
+        "all_but_encode_cpu_ms": round(total_ms - ms["encode"], 4),
+        "encode_gflops": round(encode_gflops, 2),
+        "machine_gemm_gflops": round(gemm, 2),
+        "encode_fraction_of_gemm": round(encode_gflops / gemm, 3),
+        "torch_threads": 1,
+    }
+
+
+def machine_gemm_gflops(rows: int, d_model: int, columns: int = 2048, repeats: int = 7) -> float:
+    """The machine's fp32 GEMM rate on ``[rows, d_model] @ [d_model, columns]`` (median of
+    ``repeats``): the reference an encode is compared with."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, d_model, generator=generator)
+    b = torch.randn(d_model, columns, generator=generator)
+    out = torch.empty(rows, columns)
+    torch.mm(a, b, out=out)  # warm-up
+    # One torch thread: CPU time of this thread, which other processes do not inflate on a
+    # busy machine (and which the stage costs use too); several: wall time.
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    times = []
+    for _ in range(repeats):
+        started = clock()
+        torch.mm(a, b, out=out)
+        times.append(clock() - started)
+    return 2.0 * rows * d_model * columns / statistics.median(times) / 1e9
+
+
+def encode_only_rows_per_s(pack: FeaturePack, hook_point: str, rows: int, seconds: float) -> float:
+    """How many rows per second the pack alone encodes, in messages of ``rows`` BF16 rows
+    (the bound a sidecar's throughput is compared with)."""
+    x = torch.randn(rows, pack.d_model(hook_point), generator=torch.Generator().manual_seed(1))
+    x = x.bfloat16()
+    pack.encode(hook_point, x)  # warm-up
+    done = 0
+    started = time.perf_counter()
+    while done == 0 or time.perf_counter() - started < seconds:
+        pack.encode(hook_point, x)
+        done += 1
+    return done * rows / (time.perf_counter() - started)

@@ -1,0 +1,135 @@
+"""The compiled rule program: decode steps (one token per conversation, computed by the step
+kernel) give exactly what prefills and mixed batches give, for every temporal function and
+for windows past the short ones of the chunking property test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from monitor.rules import RuleEngine, SequenceSlice
+from monitor.rules.program import compile_rules
+from tests.unit.test_rules_engine import feed, rule_file, ruleset
+
+# Every temporal function, two scopes, nesting, and windows up to 64; thresholds in the
+# middle of the values so the rules fire on and off. Values of firings are the functions'.
+WIDE_RULES = ruleset(
+    rule_file(
+        "rule: mean16, severity: info, condition: 'rolling_mean(a, 16) > 0.1'",
+        "rule: sum64, severity: info, condition: 'rolling_sum(b, 64) > 2', scope: request",
+        "rule: max17, severity: info, condition: 'rolling_max(a, 17) > 1.5 and b > 0'",
+        "rule: min9, severity: info, condition: 'rolling_min(b, 9) > -1.2', for: 2",
+        "rule: count, severity: info, condition: 'count_over(a > 0.5, 12) >= 5'",
+        "rule: ewma, severity: info, condition: 'ewma(a, 3) > 0.2'",
+        "rule: delta, severity: info, condition: 'delta(b, 7) > 1'",
+        "rule: nested, severity: info, condition: 'rolling_max(rolling_mean(a, 5), 20) > 0.8'",
+        "rule: running, severity: info, condition: 'cummax(rolling_mean(b, 3)) > 1.4 and a < 0'",
+        "rule: const, severity: info, condition: 'rolling_sum(1 + 1, 4) > 7 and a > 1'",
+    )
+)
+
+
+def _stream(seed: int, conversations: int, tokens: int) -> dict[str, list[tuple[float, float]]]:
+    generator = np.random.default_rng(seed)
+    values = generator.standard_normal((conversations, tokens, 2)).astype(np.float32)
+    return {f"c{i}": [(float(a), float(b)) for a, b in values[i]] for i in range(conversations)}
+
+
+def _decode(conversations: dict[str, list], rotate: bool = False) -> list:
+    """Every step carries one token of every conversation (a decode step)."""
+    engine = RuleEngine(WIDE_RULES)
+    names = list(conversations)
+    fired = []
+    for t in range(max(len(v) for v in conversations.values())):
+        if rotate:  # a different order each step: state rows are gathered, not sliced
+            names = names[1:] + names[:1]
+        batch = [(c, t, conversations[c][t : t + 1], "", False) for c in names]
+        fired += feed(engine, batch)
+    return sorted(fired)
+
+
+def _prefill(conversations: dict[str, list], chunk: int) -> list:
+    engine = RuleEngine(WIDE_RULES)
+    fired = []
+    length = max(len(v) for v in conversations.values())
+    for start in range(0, length, chunk):
+        batch = [(c, start, v[start : start + chunk], "", False) for c, v in conversations.items()]
+        fired += feed(engine, batch)
+    return sorted(fired)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_decode_steps_match_prefills_bit_for_bit(seed):
+    conversations = _stream(seed, conversations=5, tokens=150)
+    expected = _prefill(conversations, chunk=150)
+    assert len({rule for rule, *_ in expected}) >= 8  # most rules fire somewhere
+    assert _decode(conversations) == expected  # values compared exactly, not approximately
+    assert _prefill(conversations, chunk=7) == expected
+    assert _decode(conversations, rotate=True) == expected
+
+
+def test_a_step_with_an_infinite_value_matches_the_prefill():
+    # The step kernel sums with a matrix product, where 0 * inf would be NaN in every other
+    # function's sum: such a step must be computed one function at a time, with the same
+    # results as a prefill.
+    conversations = _stream(3, conversations=3, tokens=40)
+    a, b = conversations["c1"][20]
+    conversations["c1"][20] = (float("inf"), b)
+    conversations["c2"][25] = (a, float("-inf"))
+    assert _decode(conversations) == _prefill(conversations, chunk=40)
+
+
+@pytest.mark.parametrize(
+    "condition, values",
+    [
+        ("rolling_max(a, 4) > -3", [-5.0, -5.0, -5.0]),  # an empty window is not 0
+        ("rolling_min(a, 4) < 3", [5.0, 5.0, 5.0]),
+        ("cummax(a) > -3", [-5.0, -4.0, -6.0]),
+        ("rolling_sum(a, 3) < -14", [-5.0, -5.0, -5.0, 5.0]),
+    ],
+)
+@pytest.mark.parametrize("one_at_a_time", [True, False])
+def test_history_before_the_first_token_is_empty(condition, values, one_at_a_time):
+    engine = RuleEngine(ruleset(rule_file(f"rule: r, severity: info, condition: '{condition}'")))
+    fired = []
+    if one_at_a_time:
+        for t, value in enumerate(values):
+            fired += feed(engine, [("c", t, [(value, 0.0)], "", False)])
+    else:
+        fired = feed(engine, [("c", 0, [(v, 0.0) for v in values], "", False)])
+    expected = [2] if condition.startswith("rolling_sum") else []
+    assert [position for _, _, position, _ in fired] == expected
+
+
+def test_shared_sub_expressions_are_computed_once_per_scope():
+    rules = ruleset(
+        rule_file(
+            "rule: x, severity: info, condition: 'rolling_mean(a, 8) > 1'",
+            "rule: y, severity: info, condition: 'rolling_mean(a, 8) > 1', for: 3",
+            "rule: z, severity: info, condition: 'rolling_mean(a, 8) > 1', scope: request",
+        )
+    ).enabled_rules
+    program = compile_rules(rules)
+    # One window per scope; the comparison itself is shared by x and y only.
+    assert sorted(slot.key[0] for slot in program.temporal) == ["conversation", "request"]
+    assert program.conditions[0] == program.conditions[1] != program.conditions[2]
+
+
+def test_features_may_be_numpy_arrays_or_other_dtypes():
+    rules = ruleset(rule_file("rule: r, severity: info, condition: 'a > 0.5 and b < 0'"))
+    slices = [SequenceSlice("c", 0, 3, 0)]
+    expected = RuleEngine(rules).evaluate(
+        {"p/a": torch.tensor([1.0, 0.0, 1.0]), "p/b": torch.tensor([-1.0, -1.0, 1.0])}, slices
+    )
+    for a, b in (
+        (np.array([1.0, 0.0, 1.0]), np.array([-1.0, -1.0, 1.0], dtype=np.float32)),
+        (torch.tensor([1.0, 0.0, 1.0], dtype=torch.bfloat16), torch.tensor([-1.0, -1.0, 1.0])),
+        (torch.tensor([1.0, 0.0, 1.0], requires_grad=True), torch.tensor([-1.0, -1.0, 1.0])),
+    ):
+        got = RuleEngine(rules).evaluate({"p/a": a, "p/b": b}, slices)
+        assert (
+            [(f.rule, f.position) for f in got.firings]
+            == [(f.rule, f.position) for f in expected.firings]
+            == [("r", 0)]
+        )
