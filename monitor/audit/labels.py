@@ -111,6 +111,10 @@ def add_label(
         raise LabelError(f"note longer than {MAX_NOTE_CHARS} characters")
     if not labeler or len(labeler) > MAX_LABELER_CHARS:
         raise LabelError("labeler identity missing or too long")
+    if not 0 <= alert_id < 2**63:
+        # Ids are 64-bit in both stores; a bigger number from the URL is no alert, not a
+        # driver overflow (which the page reported as a store failure).
+        raise LabelError(f"no alert {alert_id}")
     note = note.replace("\x00", "\ufffd")  # PostgreSQL text cannot hold NUL
     with sql._lock, sql._transaction(write=True) as cur:
         cur.execute(sql._sql("SELECT conversation_id FROM alerts WHERE id = ?"), (alert_id,))

@@ -58,7 +58,8 @@ class PositionLedger:
     def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
         self._next: OrderedDict[str, int] = OrderedDict()
-        self._children: dict[str, tuple[str, ...]] = {}
+        # parent id -> its per-sequence ids; least recently linked forgotten past capacity
+        self._children: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self._lock = threading.Lock()
 
     def advance_many(self, conversation_ids: Sequence[str], rows: Sequence[int]) -> list[int]:
@@ -70,8 +71,7 @@ class PositionLedger:
                 self._next[conversation_id] = position + count
                 positions.append(position)
             while len(self._next) > self.capacity:
-                evicted, _ = self._next.popitem(last=False)
-                self._children.pop(evicted, None)
+                self._next.popitem(last=False)
         return positions
 
     def advance(self, conversation_id: str, rows: int) -> int:
@@ -87,11 +87,18 @@ class PositionLedger:
         """Remember that `parent` was expanded into per-sequence ids (`<id>/<j>`)."""
         with self._lock:
             self._children[parent] = children
+            self._children.move_to_end(parent)
+            while len(self._children) > self.capacity:
+                self._children.popitem(last=False)
 
     def forget(self, conversation_id: str) -> dict[str, int]:
-        """Drop a conversation and its per-sequence ids; returns their next positions."""
+        """Drop a conversation and its per-sequence ids; returns their next positions.
+
+        The link to the per-sequence ids is kept: a block's tagging is built once, so when
+        `end_conversation(parent)` runs in the middle of a block, the block's next forward
+        passes send `<id>/<j>` again, and a later end of the parent must end those too."""
         with self._lock:
-            ids = (conversation_id, *self._children.pop(conversation_id, ()))
+            ids = (conversation_id, *self._children.get(conversation_id, ()))
             return {cid: self._next.pop(cid) for cid in ids if cid in self._next}
 
     def __len__(self) -> int:
@@ -161,8 +168,11 @@ class StepAssembler:
             encoded = self.local_encoder(hook_point, hidden) if self.local_encoder else None
             if encoded:
                 pending.features.update(encoded)
-            elif deepest and hidden.is_cpu:
+            elif deepest and hidden.is_cpu and not pending.on_cuda:
                 # The step is copied onto the ring before this hook returns: no clone needed.
+                # Not so when an earlier layer is on a GPU (a model split across devices):
+                # the step then waits for that copy on a background thread, by which time
+                # the model may have reused this buffer, so it is cloned like the others.
                 pending.layers[hook_point] = hidden
             else:
                 pending.layers[hook_point] = _to_host(hidden)
@@ -212,8 +222,8 @@ class StepAssembler:
                 self.ledger.link(parent, ids[i * copies : (i + 1) * copies])
         tagging = Tagging(
             conversation_ids=ids,
-            roles=_expand(context.roles, batch) or (context.roles[0],) * batch,
-            request_ids=_expand(context.request_ids, batch) or (context.request_ids[0],) * batch,
+            roles=_repeat(context.roles, batch),
+            request_ids=_repeat(context.request_ids, batch),
             attributes=context.attributes,
             key=(context.serial, batch),
         )
@@ -271,6 +281,19 @@ def _expand(values: tuple[str, ...], batch: int) -> tuple[str, ...] | None:
         return None
     copies = batch // len(values)
     return tuple(f"{v}/{j}" for v in values for j in range(copies))
+
+
+def _repeat(values: tuple[str, ...], batch: int) -> tuple[str, ...]:
+    """One value per row for roles and request ids: one value for every row, one per row, or
+    one per conversation id repeated over its sequences. Never suffixed: only conversation ids
+    get '/<j>' (a role 'assistant/0' would match no rule, and a request id that changes with
+    the row index would restart every `scope: request` rule at each step)."""
+    if len(values) == batch:
+        return values
+    if len(values) == 0 or batch % len(values):
+        return (values[0] if values else "",) * batch
+    copies = batch // len(values)
+    return tuple(v for v in values for _ in range(copies))
 
 
 def _select_features(

@@ -309,7 +309,8 @@ def tasks() -> list[str]:
 def dataset_path(task: str) -> Path:
     """Path of a shipped data set's JSONL file."""
     path = _DATA_DIR / f"{task}.jsonl"
-    if not path.is_file():
+    # Only a name the package ships: "../x" or an absolute path must not read other files.
+    if task not in tasks() or not path.is_file():
         available = ", ".join(tasks()) or "none"
         raise DatasetError(f"no shipped data set {task!r} (available: {available})")
     return path

@@ -66,6 +66,10 @@ class FeatureInfo:
     neuronpedia_id: str = ""  # '<model>/<layer>-<set>/<index>'
     alert_threshold: float | None = None  # calibrated by `pack calibrate`
     target_fpr: float | None = None  # the false-positive rate alert_threshold was set for
+    # How per-token values pool into a conversation score ('max_rolling_mean:8', 'max', 'mean':
+    # see features/scoring.py): what a probe was fitted with and a rule should apply.
+    aggregation: str = ""
+    threshold_pooling: str = ""  # the pooling alert_threshold was calibrated with
 
 
 @dataclass
@@ -94,6 +98,8 @@ class FeaturePack:
     name: str  # used in rule files as '<pack name>/<feature name>'
     hook_points: dict[str, HookPointEncoder]
     sha256: str = ""  # content hash of the file it was loaded from / written to
+    # How the pack was built (fit data digests, held-out metrics): JSON-able, informational.
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         validate_pack(self)
@@ -126,7 +132,9 @@ class FeaturePack:
             hp: HookPointEncoder(hp, entry.encoder.to(device), list(entry.features))
             for hp, entry in self.hook_points.items()
         }
-        return FeaturePack(name=self.name, hook_points=moved, sha256=self.sha256)
+        return FeaturePack(
+            name=self.name, hook_points=moved, sha256=self.sha256, provenance=self.provenance
+        )
 
     def with_features(self, features: dict[str, FeatureInfo]) -> FeaturePack:
         """A copy with some features' metadata replaced (keyed by feature name)."""
@@ -136,7 +144,7 @@ class FeaturePack:
             )
             for hp, entry in self.hook_points.items()
         }
-        return FeaturePack(name=self.name, hook_points=hook_points)
+        return FeaturePack(name=self.name, hook_points=hook_points, provenance=self.provenance)
 
     def _get(self, hook_point: str) -> HookPointEncoder:
         entry = self.hook_points.get(hook_point)
@@ -337,7 +345,16 @@ def _metadata_json(pack: FeaturePack) -> str:
         "name": pack.name,
         "hook_points": {hp: _hook_point_document(e) for hp, e in pack.hook_points.items()},
     }
+    if pack.provenance:  # written only when set: older packs keep their bytes and hash
+        document["provenance"] = pack.provenance
     return json.dumps(document, allow_nan=False, separators=(",", ":"))
+
+
+def _provenance(document: dict[str, Any], path: Path) -> dict[str, Any]:
+    value = document.get("provenance", {})
+    if not isinstance(value, dict):
+        raise PackError(f"unexpected value {value!r}", where=path, field="provenance")
+    return value
 
 
 # --- loading ------------------------------------------------------------------------------
@@ -357,6 +374,7 @@ def load_pack(path: str | Path) -> FeaturePack:
             name=_typed(document, "name", (str,), path),
             hook_points=_hook_points(document, tensors, path),
             sha256=hashlib.sha256(data).hexdigest(),
+            provenance=_provenance(document, path),
         )
     except FeatureError as exc:
         raise PackError(exc.detail, where=path, field=exc.field) from None
@@ -532,9 +550,18 @@ _FEATURE_FIELDS: dict[str, tuple[type, ...]] = {
     "neuronpedia_id": (str,),
     "alert_threshold": (float, int, type(None)),
     "target_fpr": (float, int, type(None)),
+    "aggregation": (str,),
+    "threshold_pooling": (str,),
 }
 _REQUIRED_FEATURE_FIELDS = ("name", "hook_point", "activation", "sae_index")
-_OPTIONAL_FEATURE_FIELDS = ("label", "neuronpedia_id", "alert_threshold", "target_fpr")
+_OPTIONAL_FEATURE_FIELDS = (
+    "label",
+    "neuronpedia_id",
+    "alert_threshold",
+    "target_fpr",
+    "aggregation",
+    "threshold_pooling",
+)
 _FLOAT_FIELDS = ("threshold", "alert_threshold", "target_fpr")
 
 

@@ -76,6 +76,15 @@ OUTPUT_FIELDS = (
     "end",
 )
 MAX_TOKENS = 1_000_000
+# Output templates: a rendered alert stays small whatever the template says.
+MAX_FORMAT_WIDTH = 64
+MAX_FORMAT_PRECISION = 17  # a float64 has 17 significant digits
+# Python's format-spec mini-language (width and precision checked against the maxima above):
+# [[fill]align][sign][z][#][0][width][grouping][.precision][type]
+_FORMAT_SPEC = re.compile(
+    r"(?:[^{}]?[<>=^])?[+\- ]?z?#?0?(?P<width>\d+)?[,_]?(?:\.(?P<precision>\d+))?"
+    r"[bcdeEfFgGnosxX%]?\Z"
+)
 
 _RULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
 _LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -545,7 +554,10 @@ def _and_all(parsed: list[tuple[ExprNode, SourceText]]) -> tuple[ExprNode, Sourc
 
 
 def check_template(template: str, what: str = "output") -> str | None:
-    """Why an output template is unusable, or None. Only the documented fields are allowed."""
+    """Why an output template is unusable, or None. Only plain references to the documented
+    fields with a fixed format spec are allowed: a spec is never taken from data (no nested
+    ``{}``), and width and precision are bounded, so rendering an alert costs the same
+    whatever the values are."""
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as exc:
@@ -556,11 +568,26 @@ def check_template(template: str, what: str = "output") -> str | None:
         if name not in OUTPUT_FIELDS:
             hint = did_you_mean(name, OUTPUT_FIELDS) or f" (allowed: {', '.join(OUTPUT_FIELDS)})"
             return f"unknown placeholder {{{name}}} in {what}{hint}"
-        nested = check_template(spec or "", what)
-        if nested:
-            return nested
-        if re.search(r"\d{4,}", spec or ""):
-            return f"format width in {{{name}:{spec}}} is too large"
+        spec = spec or ""
+        if "{" in spec or "}" in spec:
+            return (
+                f"format spec of {{{name}}} in {what} must be fixed text: a spec taken from "
+                f"another field ({spec!r}) is not allowed"
+            )
+        match = _FORMAT_SPEC.match(spec)
+        if match is None:
+            return f"bad format spec {spec!r} of {{{name}}} in {what}"
+        width, precision = match.group("width"), match.group("precision")
+        if width and int(width) > MAX_FORMAT_WIDTH:
+            return (
+                f"format width {int(width)} of {{{name}}} in {what} is too large "
+                f"(at most {MAX_FORMAT_WIDTH})"
+            )
+        if precision and int(precision) > MAX_FORMAT_PRECISION:
+            return (
+                f"format precision {int(precision)} of {{{name}}} in {what} is too large "
+                f"(at most {MAX_FORMAT_PRECISION})"
+            )
     try:
         template.format_map(_SAMPLE_FIELDS)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:

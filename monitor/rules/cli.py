@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from monitor.rules.errors import RuleLoadError
 from monitor.rules.loader import load_rules
@@ -35,6 +35,14 @@ def add_rules_commands(rules_subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated <pack>/<feature> names the aliases must exist in "
         "(default: any well-formed name)",
     )
+    check.add_argument(
+        "--packs",
+        nargs="+",
+        type=Path,
+        metavar="PACK",
+        help="feature packs: aliases must exist in them, and thresholds naming a pack feature "
+        "take its calibrated value",
+    )
     check.set_defaults(handler=rules_check_command)
 
     test = rules_subparsers.add_parser("test", help="run rule unit tests (promtool-like)")
@@ -50,7 +58,21 @@ def add_rules_commands(rules_subparsers: argparse._SubParsersAction) -> None:
 
 def rules_check_command(args: argparse.Namespace) -> int:
     """`safety-monitor rules check`."""
-    known = _feature_names(args.features) if args.features else None
+    known: Any = _feature_names(args.features) if args.features else None
+    if args.packs:
+        from monitor.features.errors import FeatureError
+        from monitor.features.pack import load_pack
+
+        try:
+            packs = [load_pack(path) for path in args.packs]
+        except FeatureError as exc:
+            print(f"safety-monitor: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        known = {
+            f"{pack.name}/{info.name}": info.alert_threshold
+            for pack in packs
+            for info in pack.features()
+        }
     return check_rules(args.paths, known, out=sys.stdout, err=sys.stderr)
 
 
@@ -60,7 +82,7 @@ def _feature_names(text: str) -> list[str]:
 
 def check_rules(
     paths: Sequence[str | Path],
-    known_features: Sequence[str] | None = None,
+    known_features: Sequence[str] | Mapping[str, float | None] | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:

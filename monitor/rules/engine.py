@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from monitor.limits import MAX_CONVERSATIONS
+from monitor.rules.conversations import Conversation, ConversationTable
 from monitor.rules.model import Rule, RuleSet
 from monitor.rules.program import SUMS, TemporalSlot, compile_rules
 
@@ -46,7 +46,9 @@ _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
 class SequenceSlice(NamedTuple):
     """Rows ``[start_row, start_row + rows)`` of a batch are tokens ``position, position+1, ...``
     of one conversation. ``attributes`` (tenant, ...) are what rule exceptions match on,
-    together with ``role`` and the batch's ``model``.
+    together with ``role`` and the batch's ``model``. ``scope`` (a client identity or a
+    tenant; empty: one namespace) keeps conversations of the same id apart: state belongs to
+    ``(scope, conversation_id)``.
 
     A named tuple: a sidecar builds one per sequence per message, and a tuple is built
     several times faster than a frozen dataclass (the decode path builds 64 per step)."""
@@ -59,6 +61,12 @@ class SequenceSlice(NamedTuple):
     end: bool = False
     request_id: str = ""
     attributes: Mapping[str, str] = _NO_ATTRIBUTES
+    scope: str = ""
+
+
+def state_key(sl: SequenceSlice) -> Hashable:
+    """The key rule state is kept under: the id alone in the shared namespace."""
+    return (sl.scope, sl.conversation_id) if sl.scope else sl.conversation_id
 
 
 @dataclass(frozen=True)
@@ -116,13 +124,6 @@ class _Table:
 
     def reset_columns(self, slots: np.ndarray, columns: np.ndarray) -> None:
         self.data[np.ix_(slots, columns)] = self.fill[columns]
-
-
-@dataclass
-class _Conversation:
-    slot: int
-    next_position: int
-    request_id: str = ""
 
 
 # --------------------------------------------------------------------------- wave layout
@@ -225,13 +226,14 @@ def _decode_layout(count: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _waves(sequences: Sequence[SequenceSlice]) -> list[list[SequenceSlice]]:
     """The k-th slice of each conversation goes to wave k, so state flows wave to wave."""
-    if len({sl.conversation_id for sl in sequences}) == len(sequences):
+    if len({state_key(sl) for sl in sequences}) == len(sequences):
         return [list(sequences)] if sequences else []  # the usual case: one wave
     waves: list[list[SequenceSlice]] = []
-    count: dict[str, int] = {}
+    count: dict[Hashable, int] = {}
     for sl in sequences:
-        k = count.get(sl.conversation_id, 0)
-        count[sl.conversation_id] = k + 1
+        key = state_key(sl)
+        k = count.get(key, 0)
+        count[key] = k + 1
         if k == len(waves):
             waves.append([])
         waves[k].append(sl)
@@ -349,6 +351,8 @@ class _MaskCache:
             if len(index) + len(missing) > self._LIMIT:
                 index.clear()
                 self.matrix = self.matrix[:, :0]
+                # Every signature of this batch is now missing, not only the new ones.
+                missing = set(signatures)
             for signature in missing:
                 self.add(signature)
             columns = [index[signature] for signature in signatures]
@@ -382,7 +386,8 @@ _Signature = tuple[str, str | None, tuple[str | None, ...]]
 class RuleEngine:
     """Evaluates a RuleSet batch after batch, keeping per-conversation state between batches
     (rolling windows, sustained counts, cooldowns) for at most `max_conversations`
-    conversations, the least recently seen evicted first.
+    conversations; at the cap, eviction is fair between the clients that sent them
+    (`monitor.rules.conversations`).
 
         from monitor.rules import RuleEngine, SequenceSlice, load_rules
 
@@ -396,12 +401,22 @@ class RuleEngine:
             print(firing.rule, firing.conversation_id, firing.position, firing.value)
     """
 
-    def __init__(self, ruleset: RuleSet, max_conversations: int = MAX_CONVERSATIONS) -> None:
+    def __init__(
+        self,
+        ruleset: RuleSet,
+        max_conversations: int = MAX_CONVERSATIONS,
+        max_state_bytes: int | None = None,
+    ) -> None:
+        """``max_state_bytes`` bounds the rule state of all conversations together: the
+        engine then tracks at most ``max_state_bytes // state_bytes_per_conversation(rules)``
+        conversations (and at most ``max_conversations``), re-computed on each reload."""
         if max_conversations < 1:
             raise ValueError("max_conversations must be at least 1")
+        self._limit = max_conversations
+        self._max_state_bytes = max_state_bytes
         self._max = max_conversations
         self._capacity = min(_INITIAL_CAPACITY, max_conversations)
-        self._conversations: OrderedDict[str, _Conversation] = OrderedDict()  # LRU order
+        self._conversations = ConversationTable(max_conversations)  # fair LRU per owner
         self._free: list[int] = []
         self._next_slot = 0
         self._lock = threading.Lock()
@@ -411,6 +426,11 @@ class RuleEngine:
     def tracked_conversations(self) -> int:
         """Conversations whose state is kept now (at most `max_conversations`)."""
         return len(self._conversations)
+
+    @property
+    def max_conversations(self) -> int:
+        """Conversations tracked at most with the rules loaded now (see ``max_state_bytes``)."""
+        return self._max
 
     @property
     def ruleset(self) -> RuleSet:
@@ -425,6 +445,7 @@ class RuleEngine:
 
     def _install(self, ruleset: RuleSet, previous: list[Rule] | None) -> None:
         rules = ruleset.enabled_rules
+        self._set_max(rules)
         runs = _Table(len(rules), 0, np.int64, self._capacity)
         fired = _Table(len(rules), _NEVER, np.int64, self._capacity)
         old = {rule.state_key: i for i, rule in enumerate(previous or [])}
@@ -479,20 +500,30 @@ class RuleEngine:
         sequences: Sequence[SequenceSlice],
         *,
         model: str = "",
+        client: str = "",
     ) -> EvaluationResult:
         """Evaluate all enabled rules on one batch.
 
         ``features`` maps qualified feature names to float vectors ``[rows]`` (tensors, or
         numpy arrays) covering the batch; ``model`` names the model that produced it (an
-        attribute exceptions can match). Raises ValueError for a malformed batch before
-        touching any state.
+        attribute exceptions can match); ``client`` is who sent it, the owner its new
+        conversations are charged to for fair eviction. Raises ValueError for a malformed
+        batch before touching any state.
         """
         with self._lock:
+            batch_rows = self._check(features, sequences)
+            # A slice without rows of a conversation not tracked has nothing to evaluate and
+            # nothing to end: it must not take a slot (millions of them cost nothing else).
+            tracked = self._conversations
+            if any(not s.rows for s in sequences):
+                sequences = [s for s in sequences if s.rows or state_key(s) in tracked]
             waves = _waves(sequences)
-            batch_rows = self._check(features, sequences, waves)
+            for wave in waves:
+                if len(wave) > self._max:
+                    raise ValueError(f"batch has more than {self._max} conversations")
             result = EvaluationResult()
             for wave in waves:
-                self._run_wave(features, wave, batch_rows, result, model)
+                self._run_wave(features, wave, batch_rows, result, model, client)
             if len(result.firings) > 1:
                 result.firings.sort(key=lambda f: (f.row, self._rule_order[f.rule]))
             return result
@@ -503,7 +534,6 @@ class RuleEngine:
         self,
         features: Mapping[str, torch.Tensor],
         sequences: Sequence[SequenceSlice],
-        waves: list[list[SequenceSlice]],
     ) -> int:
         for s in sequences:
             if s.rows < 0 or s.start_row < 0 or s.position < 0:
@@ -521,14 +551,13 @@ class RuleEngine:
                 raise ValueError(f"missing feature {name!r}")
             if tensor.ndim != 1 or tensor.shape[0] < batch_rows:
                 raise ValueError(f"feature {name!r} must be a vector of at least {batch_rows} rows")
-        for wave in waves:
-            if len(wave) > self._max:
-                raise ValueError(f"batch has more than {self._max} conversations")
         return batch_rows
 
     # ----------------------------------------------------------------- conversations
 
-    def _bind(self, slices: list[SequenceSlice], result: EvaluationResult) -> list[int]:
+    def _bind(
+        self, slices: list[SequenceSlice], result: EvaluationResult, client: str
+    ) -> list[int]:
         """Slots for a wave's conversations, resetting state on gaps and new conversations.
 
         Known conversations are touched before any new one is allocated, so that eviction
@@ -538,13 +567,14 @@ class RuleEngine:
         fresh: list[int] = []
         new_request: list[int] = []
         new: list[int] = []
+        keys = [state_key(s) for s in slices]
         for i, s in enumerate(slices):
-            conv = conversations.get(s.conversation_id)
+            conv = conversations.get(keys[i])
             if conv is None:
                 new.append(i)
                 slots.append(-1)
                 continue
-            conversations.move_to_end(s.conversation_id)
+            conversations.touch(keys[i], client)
             if conv.next_position != s.position:
                 result.gaps += 1
                 fresh.append(conv.slot)
@@ -553,9 +583,10 @@ class RuleEngine:
             conv.next_position = s.position + s.rows
             conv.request_id = s.request_id
             slots.append(conv.slot)
+        keep = set(keys) if new else set()
         for i in new:
             s = slices[i]
-            conv = self._allocate(s.conversation_id, result)
+            conv = self._allocate(keys[i], client, keep, result)
             conv.next_position = s.position + s.rows
             conv.request_id = s.request_id
             fresh.append(conv.slot)
@@ -578,9 +609,13 @@ class RuleEngine:
         if len(self._request_seen):
             self._seen.reset_columns(slots, self._request_seen)
 
-    def _allocate(self, conversation_id: str, result: EvaluationResult) -> _Conversation:
-        if len(self._conversations) >= self._max:
-            _, evicted = self._conversations.popitem(last=False)
+    def _allocate(
+        self, key: Hashable, client: str, keep: set[Hashable], result: EvaluationResult
+    ) -> Conversation:
+        victim = self._conversations.victim(client, keep)
+        if victim is not None:
+            evicted = self._conversations.pop(victim)
+            assert evicted is not None
             self._free.append(evicted.slot)
             result.evicted += 1
         if self._free:
@@ -590,9 +625,24 @@ class RuleEngine:
             self._next_slot += 1
             if slot >= self._capacity:
                 self._grow()
-        conv = _Conversation(slot, 0, "")
-        self._conversations[conversation_id] = conv
+        conv = Conversation(slot, 0, "", client)
+        self._conversations.add(key, conv)
         return conv
+
+    def _set_max(self, rules: list[Rule]) -> None:
+        """The conversation cap for these rules under the state budget; conversations over a
+        lowered cap are evicted (fairly, least recently used first)."""
+        cap = self._limit
+        if self._max_state_bytes is not None:
+            per_conversation = state_bytes_per_conversation(rules)
+            cap = max(1, min(cap, self._max_state_bytes // per_conversation))
+        self._max = self._conversations.max = cap
+        while len(self._conversations) > cap:
+            victim = self._conversations.victim("", ())
+            evicted = self._conversations.pop(victim) if victim is not None else None
+            if evicted is None:
+                break
+            self._free.append(evicted.slot)
 
     def _grow(self) -> None:
         self._capacity = min(self._capacity * 2, self._max)
@@ -608,8 +658,9 @@ class RuleEngine:
         batch_rows: int,
         result: EvaluationResult,
         model: str,
+        client: str = "",
     ) -> None:
-        wave = _layout(slices, self._bind(slices, result), batch_rows)
+        wave = _layout(slices, self._bind(slices, result, client), batch_rows)
         if wave.total and self._rules:
             inputs = wave.gather(features, self._required)
             temporal = _WaveTemporal(self, wave)
@@ -619,8 +670,10 @@ class RuleEngine:
             fires = self._advance_runs(wave, conditions, active)
             self._collect(wave, fires, values, result)
         for s in slices:
-            if s.end and s.conversation_id in self._conversations:
-                self._free.append(self._conversations.pop(s.conversation_id).slot)
+            if s.end:
+                ended = self._conversations.pop(state_key(s))
+                if ended is not None:
+                    self._free.append(ended.slot)
 
     def _advance_runs(
         self, wave: _Wave, conditions: np.ndarray, active: np.ndarray | None
@@ -680,6 +733,13 @@ def _running_max(x: np.ndarray) -> np.ndarray:
     numpy's ``maximum.accumulate`` along a last axis steps through it one element at a time
     over all the others (milliseconds for a 4,096-token prefill). Both propagate NaN."""
     return torch.from_numpy(np.ascontiguousarray(x)).cummax(dim=-1).values.numpy()
+
+
+def state_bytes_per_conversation(rules: Sequence[Rule]) -> int:
+    """Bytes of rule state one conversation takes: a run length and a last-fired position per
+    rule, and the history columns and counts of the rules' temporal functions."""
+    program = compile_rules(list(rules))
+    return 16 * len(rules) + 4 * program.history_width + 8 * program.counted_width + 8
 
 
 def _columns(slot: TemporalSlot) -> slice:

@@ -7,8 +7,9 @@ a later file may override a rule of an earlier one by name (see ``builder``).
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,12 +17,20 @@ from yaml.nodes import Node, ScalarNode, SequenceNode
 
 from monitor.rules.builder import RULE_KEYS, RuleBuilder, check_template, gather_specs
 from monitor.rules.errors import RuleIssue, RuleLoadError, SourceLocation
-from monitor.rules.expressions import FUNCTIONS, IDENTIFIER, KEYWORDS, MacroDef, Resolver
+from monitor.rules.expressions import (
+    FUNCTIONS,
+    IDENTIFIER,
+    KEYWORDS,
+    MacroDef,
+    Number,
+    Resolver,
+)
 from monitor.rules.expressions import did_you_mean as did_you_mean
-from monitor.rules.model import Rule, RuleException, RuleSet
+from monitor.rules.model import Rule, RuleException, RuleSet, Threshold
 from monitor.rules.yamlsource import (
     Document,
     Issues,
+    construct,
     is_null,
     location,
     pairs,
@@ -43,7 +52,7 @@ __all__ = [
     "rule_files",
 ]
 
-TOP_KEYS = ("features", "macros", "lists", "rules")
+TOP_KEYS = ("features", "thresholds", "macros", "lists", "rules")
 _LIST_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
 
 
@@ -58,6 +67,7 @@ class _Names:
     defined: dict[str, SourceLocation] = field(default_factory=dict)
     lists: dict[str, tuple[str, ...]] = field(default_factory=dict)
     list_defined: dict[str, SourceLocation] = field(default_factory=dict)
+    thresholds: dict[str, Threshold] = field(default_factory=dict)
 
 
 def _define(doc: Document, names: _Names, key: str, key_node: Node, issues: Issues) -> bool:
@@ -90,6 +100,81 @@ def _collect_aliases(
             hint = did_you_mean(target, sorted(known))
             issues.at(doc.path, value, f"unknown feature {target!r}{hint}")
         names.aliases[key] = target
+
+
+def _collect_thresholds(
+    doc: Document,
+    names: _Names,
+    known: Collection[str] | None,
+    overrides: Mapping[str, float],
+    issues: Issues,
+) -> None:
+    """``thresholds: {name: number | '<pack>/<feature>'}``: named constants for conditions.
+
+    A number is written by ``safety-monitor rules calibrate`` (or by hand); a feature name
+    takes that pack feature's calibrated ``alert_threshold``, known only when the rules are
+    loaded with their packs (``known`` is then a mapping of feature name to threshold). Each
+    becomes a macro whose expression is the number, so conditions use it like any name.
+    """
+    node = section_mapping(doc, "thresholds", issues)
+    if node is None:
+        return
+    for key, key_node, value in pairs(doc.path, node, issues):
+        if not _define(doc, names, key, key_node, issues):
+            continue
+        loc = location(doc.path, value)
+        number, feature = _threshold_value(doc, key, value, known, issues)
+        if number is None:
+            # Reported already; a placeholder keeps conditions using the name from failing
+            # a second time as an unknown name.
+            names.macros[key] = MacroDef(key, Number(0.0, loc), loc)
+            continue
+        if key in overrides:
+            number = float(overrides[key])
+        names.thresholds[key] = Threshold(key, number, feature, location(doc.path, key_node))
+        names.macros[key] = MacroDef(key, Number(number, loc), loc)
+        names.macro_text[key] = repr(number)
+
+
+def _threshold_value(
+    doc: Document, key: str, value: Node, known: Collection[str] | None, issues: Issues
+) -> tuple[float | None, str]:
+    if not isinstance(value, ScalarNode) or is_null(value):
+        issues.at(doc.path, value, f"threshold {key!r} must be a number or '<pack>/<feature>'")
+        return None, ""
+    parsed = construct(value) if value.style is None else value.value
+    if isinstance(parsed, int | float) and not isinstance(parsed, bool):
+        if not math.isfinite(parsed):
+            issues.at(doc.path, value, f"threshold {key!r} must be finite")
+            return None, ""
+        return float(parsed), ""
+    target = value.value
+    pack, _, feature = target.partition("/")
+    if not pack.strip() or not feature.strip() or target != target.strip():
+        issues.at(doc.path, value, f"threshold {key!r} must be a number or '<pack>/<feature>'")
+        return None, ""
+    if not isinstance(known, Mapping):
+        issues.at(
+            doc.path,
+            value,
+            f"threshold {key!r} is {target}'s calibrated alert threshold, which only its pack "
+            "knows: load these rules with the packs (serve does; rules check --packs)",
+        )
+        return None, target
+    if target not in known:
+        hint = did_you_mean(target, sorted(known))
+        issues.at(doc.path, value, f"threshold {key!r}: unknown feature {target!r}{hint}")
+        return None, target
+    calibrated = known[target]
+    if calibrated is None:
+        issues.at(
+            doc.path,
+            value,
+            f"threshold {key!r}: feature {target!r} has no calibrated alert threshold "
+            "(pack fit / pack calibrate --fpr sets one)",
+        )
+        return None, target
+    return float(calibrated), target
 
 
 def _collect_macros(doc: Document, names: _Names, issues: Issues) -> None:
@@ -143,11 +228,17 @@ def _list_items(
 
 
 def load_rules(
-    paths: Sequence[str | Path], known_features: Collection[str] | None = None
+    paths: Sequence[str | Path],
+    known_features: Collection[str] | Mapping[str, float | None] | None = None,
+    threshold_overrides: Mapping[str, float] | None = None,
 ) -> RuleSet:
     """Load, validate and compile rule files (or directories of them) into one RuleSet.
 
-    Every problem in every file is collected and raised together as a RuleLoadError.
+    ``known_features`` (optional) are the ``<pack>/<feature>`` names aliases must exist in; a
+    mapping also gives each feature's calibrated alert threshold, which ``thresholds:``
+    entries naming a feature take. ``threshold_overrides`` replaces the values of named
+    thresholds (how ``rules calibrate`` tries values). Every problem in every file is
+    collected and raised together as a RuleLoadError.
     """
     issues = Issues()
     files: list[tuple[str, str]] = []
@@ -158,9 +249,12 @@ def load_rules(
     ]
     names = _Names()
     known = frozenset(known_features) if known_features is not None else None
+    unknown_overrides = set(threshold_overrides or {})
     for doc in docs:
         _collect_aliases(doc, names, known, issues)
         _collect_lists(doc, names, issues)
+    for doc in docs:
+        _collect_thresholds(doc, names, known_features, threshold_overrides or {}, issues)
     for doc in docs:
         _collect_macros(doc, names, issues)
     resolver = Resolver(names.aliases, names.macros)
@@ -169,9 +263,16 @@ def load_rules(
         resolver.macro(name)
     for issue in resolver.issues:
         issues.add(issue)
+    unknown_overrides -= set(names.thresholds)
+    if unknown_overrides and docs:
+        issues.add(
+            SourceLocation(docs[0].path, 1, 1).issue(
+                f"no threshold named {sorted(unknown_overrides)[0]!r} to override"
+            )
+        )
     if issues.items:
         raise RuleLoadError(sorted(issues.items, key=_issue_order(files)))
-    return RuleSet(rules, names.aliases, files, names.macro_text, names.lists)
+    return RuleSet(rules, names.aliases, files, names.macro_text, names.lists, names.thresholds)
 
 
 def _build_rules(

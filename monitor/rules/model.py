@@ -70,6 +70,17 @@ class Rule:
         return not any(exception.matches(attributes) for exception in self.exceptions)
 
 
+@dataclass(frozen=True)
+class Threshold:
+    """A named constant of the ``thresholds:`` section: a number in the file (which
+    ``rules calibrate`` rewrites), or a pack feature's calibrated alert threshold."""
+
+    name: str
+    value: float
+    feature: str = ""  # '<pack>/<feature>' when the value comes from a pack
+    source: SourceLocation = field(default_factory=lambda: SourceLocation("<memory>", 1, 1))
+
+
 @dataclass
 class RuleSet:
     """Every rule of the loaded files, with the feature aliases, macros and lists they declared and
@@ -81,6 +92,7 @@ class RuleSet:
     files: list[tuple[str, str]] = field(default_factory=list)  # (path, sha256 of content)
     macros: dict[str, str] = field(default_factory=dict)  # name -> expression text
     lists: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    thresholds: dict[str, Threshold] = field(default_factory=dict)
 
     @property
     def required_features(self) -> set[str]:

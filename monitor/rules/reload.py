@@ -4,20 +4,28 @@ The sidecar polls ``RuleReloader.check()`` (and calls ``check(force=True)`` on S
 swaps a good result in with ``RuleEngine.replace_rules`` between batches. A broken edit yields
 one error result and the previous rule set keeps running; the same broken content is not
 re-reported on every poll, only when it changes again.
+
+A file that had rules and now loads with none (empty, comment-only, ``rules:`` with nothing
+under it: what an editor or a copy leaves mid-write) is refused too, unless it says so with an
+explicit empty list, ``rules: []``. Alerting must never stop silently because a poll caught a
+file half written; deploy rule files atomically (write a temporary file, then rename it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Collection, Sequence
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from monitor.rules.errors import RuleLoadError
 from monitor.rules.loader import load_rules
 from monitor.rules.model import RuleSet
-from monitor.rules.yamlsource import Issues, rule_files
+from monitor.rules.yamlsource import Issues, compose, rule_files
 
 Fingerprint = tuple[tuple[str, str], ...]  # (path, sha256 or a read error), in load order
 
@@ -37,13 +45,20 @@ class RuleReloader:
     def __init__(
         self,
         paths: Sequence[str | Path],
-        known_features: Collection[str] | None = None,
+        known_features: Collection[str] | Mapping[str, float | None] | None = None,
         ruleset: RuleSet | None = None,
     ) -> None:
         """``ruleset``: the set already running (its file hashes are the baseline); without
         one, the first ``check()`` loads."""
         self.paths = list(paths)
-        self.known_features = None if known_features is None else frozenset(known_features)
+        # A mapping also carries the packs' calibrated thresholds: keep it one.
+        self.known_features: Collection[str] | Mapping[str, float | None] | None = (
+            None
+            if known_features is None
+            else dict(known_features)
+            if isinstance(known_features, Mapping)
+            else frozenset(known_features)
+        )
         self._ruleset = ruleset
         self._seen: Fingerprint | None = tuple(ruleset.files) if ruleset is not None else None
         self._lock = threading.Lock()
@@ -66,6 +81,9 @@ class RuleReloader:
                 return ReloadResult(False, None, str(exc))
             except Exception as exc:  # a reload must never take the sidecar down
                 return ReloadResult(False, None, f"unexpected error loading rules: {exc!r}")
+            emptied = _emptied_files(self._ruleset, ruleset)
+            if emptied:
+                return ReloadResult(False, None, "\n".join(emptied))
             self._ruleset = ruleset
             # What was loaded may differ from what was hashed (a write in between): keep the
             # loader's own hashes so the next poll sees the difference.
@@ -82,3 +100,38 @@ class RuleReloader:
                 digest = f"unreadable: {exc.strerror or exc}"
             entries.append((str(path), digest))
         return tuple(entries)
+
+
+def _emptied_files(before: RuleSet | None, after: RuleSet) -> list[str]:
+    """One located message per file that defined rules before and defines none now without
+    saying so (``rules: []``)."""
+    if before is None:
+        return []
+    had = Counter(rule.source.path for rule in before.rules)
+    has = Counter(rule.source.path for rule in after.rules)
+    problems = []
+    for path, digest in after.files:
+        if had[path] and not has[path] and not _declares_no_rules(path, digest):
+            problems.append(
+                f"{path}:1:1: the file defined {had[path]} rule(s) and now defines none "
+                "(empty, comment-only or half-written?); reload refused, the running rules "
+                "stay. Write 'rules: []' to remove every rule of a file on purpose."
+            )
+    return problems
+
+
+def _declares_no_rules(path: str, digest: str) -> bool:
+    """Whether the file, with the content that was loaded, has a top-level ``rules: []``."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return False
+    if hashlib.sha256(data).hexdigest() != digest:  # changed again since it was loaded
+        return False
+    root = compose(path, data.decode("utf-8", "replace"), Issues())
+    if not isinstance(root, MappingNode):
+        return False
+    for key, value in root.value:
+        if isinstance(key, ScalarNode) and key.value == "rules":
+            return isinstance(value, SequenceNode) and value.flow_style and not value.value
+    return False

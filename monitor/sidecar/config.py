@@ -6,6 +6,7 @@ and rules next to it can be moved together.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,15 +23,47 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    # gRPC's default is 4 MB; a 2,000-token prefill at d_model 4096 in BF16 is 16 MB.
-    """What the sidecar accepts: message and batch sizes, the conversations it tracks, the length of
-    a conversation id. Sent to clients in GetStatus.
-    """
+    """What the sidecar accepts and what one message, one stream and all clients together may
+    use. Every limit is a count or a byte size checked before the work it bounds; all are
+    sent to clients in GetStatus, and the README lists what a client sees at each."""
 
+    # gRPC's default is 4 MB; a 2,000-token prefill at d_model 4096 in BF16 is 16 MB.
     max_message_bytes: int = 64 * 1024 * 1024
     max_rows_per_batch: int = 16384
+    # A forward pass of a batched server holds a few hundred sequences; each costs Python
+    # work, so a message cannot carry millions of them.
+    max_sequences_per_batch: int = 1024
     max_conversations: int = MAX_CONVERSATIONS
     max_conversation_id_length: int = 256
+    max_request_id_length: int = 256
+    max_role_length: int = 64
+    max_model_length: int = 128
+    max_attributes: int = 16  # per sequence
+    max_attribute_key_length: int = 64
+    max_attribute_value_length: int = 256
+    # Distinct `model` values used as the Alertmanager label; later ones are labelled "other".
+    max_model_labels: int = 16
+    max_streams: int = 64  # Monitor streams open at once, all clients together
+    # A stream that neither sends a batch nor takes an event for this long is closed.
+    stream_idle_timeout_seconds: int = 300
+    # Bytes of batches one stream holds at once (read ahead and being processed); one batch
+    # is always admitted, whatever its size, so the bound is max(this, max_message_bytes).
+    max_stream_bytes: int = 64 * 1024 * 1024
+    # Rule state (run lengths, temporal windows) of all conversations together.
+    max_rule_state_bytes: int = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ScopeSettings:
+    """Whose conversations share rule state. `client` (default): each authenticated client
+    (bearer token name, mTLS subject) has its own namespace of conversation ids, so one
+    client cannot end or reset another's conversation; without authentication every client
+    is the same client. `attribute`: the namespace is the value of a sequence attribute
+    (`attribute`, default `tenant`), for a gateway that tags tenants. `shared`: one
+    namespace for everybody."""
+
+    scope: str = "client"
+    attribute: str = "tenant"
 
 
 @dataclass(frozen=True)
@@ -65,7 +98,10 @@ class SecuritySettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
-    token_file: Path | None = None
+    token_file: Path | None = None  # one token; its client is named "default"
+    # Named clients: name -> file holding that client's token. The name is the client's
+    # identity (the scope of its conversations, its share of the conversation table).
+    token_files: tuple[tuple[str, Path], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,6 +120,7 @@ class SidecarConfig:
     packs: tuple[Path, ...] = ()
     rules: tuple[Path, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    conversations: ScopeSettings = field(default_factory=ScopeSettings)
     log_format: str = "auto"
     log_level: str = "info"
     shutdown_grace_seconds: float = 10.0
@@ -140,6 +177,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path, origin: str) -> SidecarCon
             values[key] = _paths(raw[key], base_dir, origin, key)
     if "limits" in raw:
         values["limits"] = _limits(raw["limits"], origin)
+    if "conversations" in raw:
+        values["conversations"] = _scoping(raw["conversations"], origin)
     if "log_format" in raw:
         values["log_format"] = _choice(raw["log_format"], _LOG_FORMATS, origin, "log_format")
     if "log_level" in raw:
@@ -207,6 +246,19 @@ def _audit(value: Any, base_dir: Path, origin: str) -> AuditSettings:
     return AuditSettings(**out)
 
 
+def _scoping(value: Any, origin: str) -> ScopeSettings:
+    raw = _section(value, ScopeSettings, origin, "conversations")
+    out: dict[str, Any] = {}
+    if "scope" in raw:
+        scopes = ("client", "attribute", "shared")
+        out["scope"] = _choice(raw["scope"], scopes, origin, "conversations.scope")
+    if "attribute" in raw:
+        out["attribute"] = _str(raw["attribute"], origin, "conversations.attribute")
+        if not out["attribute"]:
+            raise ConfigError(f"{origin}: conversations.attribute: must not be empty")
+    return ScopeSettings(**out)
+
+
 def _alertmanager(value: Any, origin: str) -> AlertmanagerSettings:
     raw = _section(value, AlertmanagerSettings, origin, "alertmanager")
     out: dict[str, Any] = {}
@@ -226,6 +278,9 @@ def _security(value: Any, base_dir: Path, origin: str) -> SecuritySettings:
     raw = _section(value, SecuritySettings, origin, "security")
     out: dict[str, Any] = {}
     for key in raw:
+        if key == "token_files":
+            out[key] = _named_paths(raw[key], base_dir, origin, f"security.{key}")
+            continue
         (path,) = _paths(raw[key], base_dir, origin, f"security.{key}")
         out[key] = path
     settings = SecuritySettings(**out)
@@ -280,8 +335,11 @@ def _limits(value: Any, origin: str) -> Limits:
     if not isinstance(value, dict):
         raise ConfigError(f"{origin}: limits: expected a mapping")
     _reject_unknown(value, {f.name for f in fields(Limits)}, origin, prefix="limits.")
+    # Byte budgets of the sidecar's own memory may pass 2 GiB; the rest are gRPC options
+    # (C ints) or counts.
+    wide = ("max_stream_bytes", "max_rule_state_bytes")
     checked = {
-        key: _int(item, origin, f"limits.{key}", low=1, high=2**31 - 1)
+        key: _int(item, origin, f"limits.{key}", low=1, high=2**48 if key in wide else 2**31 - 1)
         for key, item in value.items()
     }
     return Limits(**checked)
@@ -296,6 +354,23 @@ def _paths(value: Any, base_dir: Path, origin: str, key: str) -> tuple[Path, ...
         if not path.exists():
             raise ConfigError(f"{origin}: {key}: {item}: no such file or directory ({path})")
     return resolved
+
+
+def _named_paths(value: Any, base_dir: Path, origin: str, key: str) -> tuple[tuple[str, Path], ...]:
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"{origin}: {key}: expected a mapping of client name -> token file")
+    out = []
+    for name, item in value.items():
+        if not isinstance(name, str) or not re.fullmatch(
+            r"[A-Za-z0-9][A-Za-z0-9_.@:-]{0,63}", name
+        ):
+            raise ConfigError(
+                f"{origin}: {key}: client name {name!r}: letters, digits and _.@:- "
+                "(at most 64 characters)"
+            )
+        (path,) = _paths(item, base_dir, origin, f"{key}.{name}")
+        out.append((name, path))
+    return tuple(out)
 
 
 def _int(value: Any, origin: str, key: str, low: int, high: int) -> int:

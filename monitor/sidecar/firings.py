@@ -62,8 +62,10 @@ class Actions:
         alertmanager: AlertmanagerSettings,
         metrics: SidecarMetrics,
         max_conversations: int = MAX_CONVERSATIONS,
+        max_model_labels: int = 16,
     ) -> None:
         self.metrics = metrics
+        self.model_labels = BoundedLabel(max_model_labels)
         # The recorder tracks as many conversations as the rule engine, so a flagged
         # conversation the engine still follows is never evicted from the audit trail first.
         self.recorder = _recorder(audit, metrics, max_conversations) if audit.url else None
@@ -94,7 +96,8 @@ class Actions:
         if self.alertmanager is not None:
             for firing in sendable:
                 if "alert" in firing.actions:
-                    self.alertmanager.fire(_alertmanager_alert(batch.model, firing))
+                    model = self.model_labels.value(batch.model)
+                    self.alertmanager.fire(_alertmanager_alert(model, firing))
         return DispatchResult(sendable, len(firings) - len(sendable), status)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -104,6 +107,26 @@ class Actions:
             self.recorder.close(timeout)
         if self.alertmanager is not None:
             self.alertmanager.close(timeout)
+
+
+class BoundedLabel:
+    """A label value chosen by clients, bounded in cardinality: the first `limit` distinct
+    values are kept, any later one becomes "other" (an alert's `model` label must not become
+    a label series per client-invented name)."""
+
+    OTHER = "other"
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def value(self, raw: str) -> str:
+        if raw in self._seen:
+            return raw
+        if len(self._seen) < self.limit:
+            self._seen.add(raw)
+            return raw
+        return self.OTHER
 
 
 def _recorder(

@@ -20,8 +20,8 @@ from monitor.rules import Firing, SequenceSlice
 from monitor.sidecar.validate import ValidatedBatch
 
 # Batches of one stream held at once: those being processed and those read ahead. Bounded
-# (at most this many messages of `max_message_bytes` per stream), so a client faster than
-# the sidecar is held back by gRPC flow control rather than by our memory.
+# in count here and in bytes by `limits.max_stream_bytes` (see streams.py), so a client
+# faster than the sidecar is held back by gRPC flow control rather than by our memory.
 READ_AHEAD = 16
 # At most this many waiting batches are processed as one group: half the read-ahead, so the
 # next ones are still read while a full group is processed.
@@ -130,6 +130,7 @@ def merge_steps(members: list[ValidatedBatch]) -> StepGroup:
                 pieces[-1][1].end,
                 first.request_id,
                 first.attributes,
+                first.scope,
             )
         )
         tokens.append([t for _, _, text in pieces for t in text])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 import torch
@@ -16,7 +16,7 @@ import torch
 from monitor.features import FeaturePack
 from monitor.outputs.metrics import SidecarMetrics
 from monitor.rules import Firing, RuleEngine, RuleSet
-from monitor.sidecar.config import Limits
+from monitor.sidecar.config import Limits, ScopeSettings
 from monitor.sidecar.firings import (
     Actions,
     DispatchResult,
@@ -35,6 +35,20 @@ from monitor.sidecar.validate import (
 from monitor.wire import pb
 
 log = structlog.get_logger("safety_monitor.pipeline")
+
+
+@dataclass(frozen=True)
+class StreamClient:
+    """Who sent a stream's batches: `identity` is the authenticated name (bearer token name
+    or mTLS subject; empty without authentication), the scope of their conversations when
+    state is scoped by client; `owner` is what their new conversations are charged to for
+    fair eviction (the identity, or the connection when there is none)."""
+
+    identity: str = ""
+    owner: str = ""
+
+
+ANONYMOUS = StreamClient()
 
 
 @dataclass(frozen=True)
@@ -74,12 +88,19 @@ class Pipeline:
         metrics: SidecarMetrics,
         limits: Limits,
         actions: Actions | None = None,
+        scoping: ScopeSettings | None = None,
     ) -> None:
         self.packs = list(packs)
         self.metrics = metrics
         self.limits = limits
+        self.scoping = scoping or ScopeSettings()
         self.actions = actions
-        self.engine = RuleEngine(ruleset, max_conversations=limits.max_conversations)
+        self.engine = RuleEngine(
+            ruleset,
+            max_conversations=limits.max_conversations,
+            max_state_bytes=limits.max_rule_state_bytes,
+        )
+        self._configured = limits
         self.catalog = EncoderCatalog(
             d_model_of=_d_model_by_hook_point(self.packs),
             columns_of={
@@ -96,25 +117,37 @@ class Pipeline:
         self._use_rules(ruleset)
 
     def _use_rules(self, ruleset: RuleSet) -> None:
+        # What the engine can hold with these rules under the state budget is the limit a
+        # batch is checked against and GetStatus reports.
+        self.limits = replace(self._configured, max_conversations=self.engine.max_conversations)
+        if self.engine.max_conversations < self._configured.max_conversations:
+            log.warning(
+                "rule state budget lowers the conversation cap",
+                max_conversations=self.engine.max_conversations,
+                max_rule_state_bytes=self._configured.max_rule_state_bytes,
+            )
         self.ruleset = ruleset
         self.rules_hash = ruleset_hash(ruleset)
         self.columns = _feature_columns(self.packs, ruleset.required_features)
         self.required = {(c.pack.name, c.hook_point) for c in self.columns}
 
-    def process(self, batch: pb.StepBatch) -> BatchOutcome:
+    def process(self, batch: pb.StepBatch, client: StreamClient = ANONYMOUS) -> BatchOutcome:
         """Run one batch through the stream's stateful rule engine; never raises on bad input."""
-        return self.process_many([batch])[0]
+        return self.process_many([batch], client)[0]
 
-    def process_many(self, batches: Sequence[pb.StepBatch]) -> list[BatchOutcome]:
+    def process_many(
+        self, batches: Sequence[pb.StepBatch], client: StreamClient = ANONYMOUS
+    ) -> list[BatchOutcome]:
         """Batches of one stream that arrived together, in order: one outcome each, exactly
         as if processed one at a time, but consecutive steps that continue the same
         conversations are evaluated as one (`grouping.py`): how the sidecar keeps up when
-        decode steps queue."""
+        decode steps queue. `client` is who sent them: the scope of their conversations'
+        state and the owner new conversations are charged to."""
         outcomes: list[BatchOutcome | None] = [None] * len(batches)
         group: list[tuple[int, ValidatedBatch]] = []
         for index, batch in enumerate(batches):
             try:
-                validated = self.validate(batch)
+                validated = self.validate(batch, client)
             except BatchRejected as rejected:  # touches no state: the group goes on
                 outcomes[index] = self._reject(batch.seq_no, rejected)
                 continue
@@ -122,34 +155,42 @@ class Pipeline:
             # Conversations already tracked may be counted twice: the room is a lower bound.
             room = self.limits.max_conversations - self.engine.tracked_conversations
             if group and not can_join(members, validated, self.limits.max_rows_per_batch, room):
-                self._process_group(group, outcomes)
+                self._process_group(group, outcomes, client)
                 group = []
             group.append((index, validated))
         if group:
-            self._process_group(group, outcomes)
+            self._process_group(group, outcomes, client)
         return [outcome for outcome in outcomes if outcome is not None]
 
     def _process_group(
-        self, group: list[tuple[int, ValidatedBatch]], outcomes: list[BatchOutcome | None]
+        self,
+        group: list[tuple[int, ValidatedBatch]],
+        outcomes: list[BatchOutcome | None],
+        client: StreamClient,
     ) -> None:
         """A failure here is confined to this group's steps (each gets an internal BatchError);
         the outcomes of groups already processed stand."""
         try:
-            self._evaluate_group(group, outcomes)
+            self._evaluate_group(group, outcomes, client)
         except Exception as exc:
             errors = internal_errors([member.seq_no for _, member in group], exc, self.metrics)
             for (index, _), outcome in zip(group, errors, strict=True):
                 outcomes[index] = outcome
 
     def _evaluate_group(
-        self, group: list[tuple[int, ValidatedBatch]], outcomes: list[BatchOutcome | None]
+        self,
+        group: list[tuple[int, ValidatedBatch]],
+        outcomes: list[BatchOutcome | None],
+        client: StreamClient,
     ) -> None:
         started = time.perf_counter()
         steps = merge_steps([member for _, member in group])
         batch = steps.merged
         features = self.encode(batch)
         rules_started = time.perf_counter()
-        result = self.engine.evaluate(features, batch.slices, model=batch.model)
+        result = self.engine.evaluate(
+            features, batch.slices, model=batch.model, client=client.owner
+        )
         self.metrics.rules_seconds.observe(time.perf_counter() - rules_started)
         self.metrics.position_gaps.inc(result.gaps)
         self.metrics.conversations_evicted.inc(result.evicted)
@@ -173,23 +214,59 @@ class Pipeline:
         for _ in group:  # each step waited for the whole group
             self.metrics.batch_seconds.observe(elapsed)
 
-    def evaluate_once(self, batch: pb.StepBatch) -> BatchOutcome:
-        """Score a batch with fresh rule state (the Evaluate RPC); shares no stream state."""
+    def evaluate_once(self, batch: pb.StepBatch, include_features: bool = False) -> BatchOutcome:
+        """Score a batch with fresh rule state (the Evaluate RPC); shares no stream state.
+
+        ``include_features`` returns every loaded pack feature the batch's hook points carry,
+        not only those the rules read (with no rules loaded, the rules read none); a batch
+        that no pack can encode is rejected (``no_features``) rather than answered empty."""
         try:
             validated = self.validate(batch)
+            features = self.encode(validated)
+            if include_features:
+                features = {**self._encode_all(validated), **features}
+                if not features:
+                    raise BatchRejected(
+                        "no_features",
+                        "layers",
+                        "layers: no loaded pack encodes the batch's hook point(s) "
+                        f"{', '.join(sorted(validated.activations)) or '(none)'}",
+                    )
         except BatchRejected as rejected:
             return self._reject(batch.seq_no, rejected)
-        features = self.encode(validated)
         engine = RuleEngine(self.ruleset, max_conversations=self.limits.max_conversations)
         result = engine.evaluate(features, validated.slices, model=batch.model)
         events = [alert_event(batch.seq_no, f) for f in result.firings]
         return BatchOutcome(events, result.firings, features)
 
-    def validate(self, batch: pb.StepBatch) -> ValidatedBatch:
+    def _encode_all(self, batch: ValidatedBatch) -> dict[str, torch.Tensor]:
+        """Every feature of every pack at the hook points this batch carries."""
+        features: dict[str, torch.Tensor] = {}
+        for pack in self.packs:
+            for hook_point in pack.hook_points:
+                values = batch.encoded.get((pack.name, hook_point))
+                if values is None and hook_point in batch.activations:
+                    values = pack.encode(hook_point, batch.activations[hook_point]).to("cpu")
+                if values is None:
+                    continue
+                for column, name in enumerate(pack.qualified_names(hook_point)):
+                    features[name] = values[:, column]
+        return features
+
+    def validate(self, batch: pb.StepBatch, client: StreamClient = ANONYMOUS) -> ValidatedBatch:
         """Check a StepBatch against the packs, the rules' hook points and the limits; raises
-        BatchRejected (reason, field, message) without touching any state.
+        BatchRejected (reason, field, message) without touching any state. The batch's
+        conversations are scoped as configured (`ScopeSettings`) for `client`.
         """
-        return validate_batch(batch, self.catalog, self.required, self.limits)
+        scoping = self.scoping
+        return validate_batch(
+            batch,
+            self.catalog,
+            self.required,
+            self.limits,
+            scope=client.identity if scoping.scope == "client" else "",
+            scope_attribute=scoping.attribute if scoping.scope == "attribute" else "",
+        )
 
     def encode(self, batch: ValidatedBatch) -> dict[str, torch.Tensor]:
         """Encode each hook point once per pack (unless the client already did) and pick out
@@ -253,9 +330,14 @@ def _feature_columns(packs: Sequence[FeaturePack], required: set[str]) -> list[F
     return columns
 
 
-def qualified_feature_names(packs: Sequence[FeaturePack]) -> set[str]:
-    """Every '<pack>/<feature>' the loaded packs provide (for rule validation)."""
-    return {name for pack in packs for hp in pack.hook_points for name in pack.qualified_names(hp)}
+def qualified_feature_names(packs: Sequence[FeaturePack]) -> dict[str, float | None]:
+    """Every '<pack>/<feature>' the loaded packs provide (for rule validation), with its
+    calibrated alert threshold (what a rule's ``thresholds:`` entry naming it takes)."""
+    return {
+        f"{pack.name}/{info.name}": info.alert_threshold
+        for pack in packs
+        for info in pack.features()
+    }
 
 
 def internal_errors(

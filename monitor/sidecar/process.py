@@ -8,10 +8,12 @@ import asyncio
 import gc
 import signal
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -26,9 +28,9 @@ from monitor.rules import RuleLoadError, RuleReloader, RuleSet, load_rules
 from monitor.sidecar.config import SidecarConfig
 from monitor.sidecar.firings import Actions
 from monitor.sidecar.pipeline import Pipeline, qualified_feature_names
-from monitor.sidecar.security import BearerTokenInterceptor, read_token, server_credentials
-from monitor.sidecar.service import SafetyMonitorService
-from monitor.wire import SERVICE_NAME, pb_grpc
+from monitor.sidecar.security import BearerTokenInterceptor, read_tokens, server_credentials
+from monitor.sidecar.service import SafetyMonitorService, add_servicer
+from monitor.wire import SERVICE_NAME
 
 log = structlog.get_logger("safety_monitor.sidecar")
 
@@ -66,6 +68,20 @@ def load_ruleset(paths: Sequence[Path], packs: Sequence[FeaturePack]) -> RuleSet
         raise StartupError(str(exc).replace("\n", "; ")) from exc
 
 
+def release_replaced(replaced: weakref.ref[Any]) -> bool:
+    """Make sure an object replaced on reload (the old rule set and what hangs off it) is
+    freed. Reference counting frees it at once unless it sits in a reference cycle; a cycle
+    among objects frozen at start-up (`gc.freeze()` in `serve`) is never collected, so then
+    the frozen objects are unfrozen, collected and frozen again: one full collection per
+    such reload. Returns whether that was needed."""
+    if replaced() is None or not gc.get_freeze_count():
+        return False
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    return True
+
+
 @dataclass
 class RunningSidecar:
     """A started sidecar: its gRPC server and health servicer, the ports it bound (useful when
@@ -92,12 +108,18 @@ class Sidecar:
         )
         try:
             self.actions = Actions(
-                config.audit, config.alertmanager, self.metrics, config.limits.max_conversations
+                config.audit,
+                config.alertmanager,
+                self.metrics,
+                config.limits.max_conversations,
+                config.limits.max_model_labels,
             )
         except Exception as exc:  # a bad store URL or the like: one line, exit 2
             raise StartupError(f"audit: {exc}") from exc
         try:
-            self.pipeline = Pipeline(packs, ruleset, self.metrics, config.limits, self.actions)
+            self.pipeline = Pipeline(
+                packs, ruleset, self.metrics, config.limits, self.actions, config.conversations
+            )
         except ValueError as exc:
             raise StartupError(str(exc)) from exc
         self._background: list[asyncio.Task[None]] = []
@@ -109,19 +131,24 @@ class Sidecar:
         max_bytes = self.config.limits.max_message_bytes
         security = self.config.security
         try:
-            token = read_token(security.token_file)
+            tokens = read_tokens(security)
             credentials = server_credentials(security)
         except (OSError, ValueError) as exc:
             raise StartupError(f"security: {exc}") from exc
         server = grpc.aio.server(
-            interceptors=[BearerTokenInterceptor(token)] if token else [],
+            interceptors=[BearerTokenInterceptor(tokens)] if tokens else [],
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
+                # gRPC's own receive window per stream stays at 4 MiB instead of growing
+                # with its bandwidth probe: with never-read streams of 16 MiB messages it
+                # was most of the sidecar's memory beyond `max_stream_bytes`.
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
             ],
         )
-        pb_grpc.add_SafetyMonitorServicer_to_server(
-            SafetyMonitorService(self.pipeline, self.executor, self.metrics), server
+        add_servicer(
+            SafetyMonitorService(self.pipeline, self.executor, self.metrics, tokens), server
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -159,7 +186,7 @@ class Sidecar:
             "sidecar started",
             grpc_port=port,
             tls="mutual" if security.tls_client_ca else ("on" if credentials else "off"),
-            token_auth=bool(token),
+            token_auth=bool(tokens),
             metrics_port=httpd.server_port,
             packs=[p.name for p in self.pipeline.packs],
             rules=len(self.pipeline.ruleset.rules),
@@ -192,7 +219,9 @@ class Sidecar:
         if result is None:
             return None
         if result.ok and result.ruleset is not None:
+            replaced = weakref.ref(self.pipeline.ruleset)
             self.pipeline.replace_rules(result.ruleset)
+            release_replaced(replaced)
             self.metrics.rule_reloads.labels(result="ok").inc()
             log.info("rules reloaded", rules=len(result.ruleset.rules))
             return True

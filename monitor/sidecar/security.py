@@ -1,5 +1,8 @@
-"""Transport security of the sidecar's gRPC port: TLS or mutual TLS, and an optional bearer
-token checked on every call except health checks (Kubernetes gRPC probes send no metadata)."""
+"""Transport security of the sidecar's gRPC port: TLS or mutual TLS, and optional bearer
+tokens checked on every call except health checks (Kubernetes gRPC probes send no metadata).
+
+Each token has a name, and a call's client identity is that name (or, with mutual TLS, the
+certificate's subject): conversation state is scoped by it (see `ScopeSettings`)."""
 
 from __future__ import annotations
 
@@ -38,11 +41,68 @@ def read_token(path: Path | None) -> str | None:
     return token
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects calls without `authorization: Bearer <token>` (UNAUTHENTICATED)."""
+DEFAULT_TOKEN_NAME = "default"  # the client name of `security.token_file`'s token
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+
+def read_tokens(settings: SecuritySettings) -> dict[str, str]:
+    """Client name -> token, from `token_file` (named "default") and `token_files`."""
+    tokens: dict[str, str] = {}
+    single = read_token(settings.token_file)
+    if single is not None:
+        tokens[DEFAULT_TOKEN_NAME] = single
+    for name, path in settings.token_files:
+        token = read_token(path)
+        assert token is not None
+        if token in tokens.values():
+            raise ValueError(f"{path}: the token of client {name!r} is also another client's")
+        tokens[name] = token
+    return tokens
+
+
+def bearer_token(metadata: Any) -> str | None:
+    """The token of an `authorization: Bearer <token>` header; the scheme name is
+    case-insensitive (RFC 9110 section 11.1, RFC 6750)."""
+    for key, value in metadata:
+        if key == "authorization":
+            text = value if isinstance(value, str) else bytes(value).decode("latin-1")
+            scheme, _, token = text.partition(" ")
+            if scheme.lower() != "bearer":
+                return None
+            return token.strip(" ")
+    return None
+
+
+def token_client(metadata: Any, tokens: dict[str, str]) -> str | None:
+    """The name of the client whose token the call carries; None when none matches.
+    Every configured token is compared in constant time."""
+    given = bearer_token(metadata)
+    if given is None:
+        return None
+    found = None
+    for name, token in tokens.items():
+        if hmac.compare_digest(given.encode(), token.encode()):
+            found = name
+    return found
+
+
+def tls_subject(context: grpc.aio.ServicerContext) -> str:
+    """The subject of the client's certificate under mutual TLS; empty otherwise."""
+    auth = context.auth_context() or {}
+    for key in ("x509_subject_name", "x509_common_name"):
+        values = auth.get(key)
+        if values:
+            raw = values[0]
+            return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    return ""
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects calls without `authorization: Bearer <token>` naming a configured token
+    (UNAUTHENTICATED)."""
+
+    def __init__(self, tokens: str | dict[str, str]) -> None:
+        """`tokens`: client name -> token (a single token is the client "default")."""
+        self._tokens = {DEFAULT_TOKEN_NAME: tokens} if isinstance(tokens, str) else dict(tokens)
 
     async def intercept_service(
         self,
@@ -59,11 +119,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return _denying(handler)
 
     def _authorized(self, metadata: Any) -> bool:
-        for key, value in metadata:
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else bytes(value)
-                return hmac.compare_digest(given, self._expected)  # constant time
-        return False
+        return token_client(metadata, self._tokens) is not None
 
 
 def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

@@ -1,5 +1,6 @@
 """The sidecar's gRPC service: the Monitor stream (read-ahead and grouping of waiting
-batches), Evaluate and GetStatus. Start-up, health, signals and reload are in `process.py`.
+batches, within the stream limits of `streams.py`), Evaluate and GetStatus. Start-up, health,
+signals and reload are in `process.py`.
 """
 
 from __future__ import annotations
@@ -7,94 +8,184 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import structlog
 
 import monitor
 from monitor.outputs.metrics import SidecarMetrics
+from monitor.sidecar import streams
 from monitor.sidecar.grouping import MAX_GROUP, READ_AHEAD
-from monitor.sidecar.pipeline import BatchOutcome, Pipeline, internal_errors
-from monitor.wire import WIRE_DTYPES, pb, pb_grpc
+from monitor.sidecar.pipeline import (
+    ANONYMOUS,
+    BatchOutcome,
+    Pipeline,
+    StreamClient,
+    internal_errors,
+)
+from monitor.sidecar.security import tls_subject, token_client
+from monitor.wire import SERVICE_NAME, WIRE_DTYPES, pb, pb_grpc
 
 log = structlog.get_logger("safety_monitor.sidecar")
 
 
 async def _read_into(
-    requests: AsyncIterator[pb.StepBatch],
-    arrived: asyncio.Queue[pb.StepBatch | None],
-    room: asyncio.Semaphore,
+    requests: AsyncIterator[bytes],
+    arrived: asyncio.Queue[tuple[pb.StepBatch, int] | None],
+    budget: streams.StreamBudget,
+    parser: ThreadPoolExecutor | None = None,
 ) -> None:
-    """Read a stream's batches into `arrived`, at most READ_AHEAD waiting; None at the end
-    (also when reading failed: the handler then awaits this task for the error)."""
-    batches = aiter(requests)
+    """Read a stream's messages, parse them and put the batches into `arrived` with their
+    sizes, within the stream's budget; None at the end (also when reading failed: the
+    handler then awaits this task for the error). An undecodable message ends reading: the
+    handler answers INVALID_ARGUMENT.
+
+    Messages arrive as bytes: their size is known before parsing, and a large one is parsed
+    on `parser`'s thread, so a message of a million tiny sequences does not hold the event
+    loop (and every other stream's acks) while it parses."""
+    messages = aiter(requests)
+    loop = asyncio.get_running_loop()
     try:
         while True:
-            await room.acquire()  # released once the batch has been processed
+            await budget.wait_for_room()  # given back once the batch has been processed
             try:
-                batch = await anext(batches)
+                data = await anext(messages)
             except StopAsyncIteration:
                 return
-            arrived.put_nowait(batch)
+            size = len(data)
+            budget.hold(size)
+            if parser is not None and size > streams.PARSE_INLINE_BYTES:
+                batch = await loop.run_in_executor(parser, streams.parse_batch, data)
+            else:
+                batch = streams.parse_batch(data)
+            if batch is streams.UNDECODABLE:
+                await budget.release(size)
+                raise _Undecodable()
+            arrived.put_nowait((batch, size))
     finally:
         arrived.put_nowait(None)
 
 
-class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
-    """The gRPC servicer: `Monitor` (the capture stream), `Evaluate` (one batch, e.g. from
-    `rules test` or a notebook) and `GetStatus`. Pipeline work runs on `executor`, a single
-    worker thread, so rule state is never touched concurrently."""
+class _Undecodable(Exception):
+    """A stream message that is not a valid StepBatch."""
 
+
+_UNDECODABLE_MESSAGE = "a message on the stream is not a valid StepBatch (protobuf decoding failed)"
+
+
+class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
     def __init__(
-        self, pipeline: Pipeline, executor: ThreadPoolExecutor, metrics: SidecarMetrics
+        self,
+        pipeline: Pipeline,
+        executor: ThreadPoolExecutor,
+        metrics: SidecarMetrics,
+        tokens: dict[str, str] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.executor = executor
         self.metrics = metrics
+        self.tokens = tokens or {}
+        self.gate = streams.StreamGate(pipeline.limits.max_streams)
+        self.parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
+
+    def client_of(self, context: grpc.aio.ServicerContext) -> StreamClient:
+        """Who is calling: the bearer token's client name, else the mTLS subject; fair
+        eviction charges anonymous callers to their connection."""
+        identity = ""
+        if self.tokens:
+            identity = token_client(context.invocation_metadata() or (), self.tokens) or ""
+        if not identity:
+            identity = tls_subject(context)
+        return StreamClient(identity, identity or f"peer:{context.peer()}")
 
     async def Monitor(
-        self, request_iterator: AsyncIterator[pb.StepBatch], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.MonitorEvent]:
-        """The capture stream: StepBatches in, their Alerts and an Ack or BatchError each out, in
-        order."""
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> None:
+        """The long-lived stream: batches in, alerts and an ack or error per batch out."""
+        limits = self.pipeline.limits
+        if not self.gate.admit():
+            self.metrics.batches_rejected.labels(reason="too_many_streams").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the sidecar has {limits.max_streams} streams open (limits.max_streams); "
+                "retry later",
+            )
         self.metrics.active_streams.inc()
         peer = context.peer()
-        log.info("stream opened", peer=peer)
+        client = self.client_of(context)
+        log.info("stream opened", peer=peer, client=client.identity)
         # Reading runs ahead of processing: the next batches arrive and are parsed on the
         # event loop while the worker thread processes this one, instead of the stream
         # standing still between an ack and the next read.
-        arrived: asyncio.Queue[pb.StepBatch | None] = asyncio.Queue()
-        room = asyncio.Semaphore(READ_AHEAD)
-        reader = asyncio.create_task(_read_into(request_iterator, arrived, room))
+        arrived: asyncio.Queue[tuple[pb.StepBatch, int] | None] = asyncio.Queue()
+        budget = streams.StreamBudget(READ_AHEAD, limits.max_stream_bytes)
+        idle = float(limits.stream_idle_timeout_seconds)
+        reader = asyncio.create_task(_read_into(request_iterator, arrived, budget, self.parser))
         try:
             ended = False
-            while not ended and (batch := await arrived.get()) is not None:
+            while not ended:
+                try:  # nothing arrives: the client has gone quiet
+                    item = await asyncio.wait_for(arrived.get(), idle)
+                except TimeoutError:
+                    await self._close_idle(context, peer, "sent no batch")
+                if item is None:
+                    break
                 # Whatever else has arrived meanwhile goes with it: under load the pipeline
                 # evaluates waiting decode steps together (see grouping.py).
-                batches = [batch]
-                while len(batches) < MAX_GROUP and not arrived.empty():
+                held = [item]
+                while len(held) < MAX_GROUP and not arrived.empty():
                     more = arrived.get_nowait()
                     if more is None:
                         ended = True
                         break
-                    batches.append(more)
-                outcomes = await self._run_many(batches)
-                for _ in batches:
-                    room.release()
+                    held.append(more)
+                outcomes = await self._run_many([batch for batch, _ in held], client)
+                for _, size in held:
+                    await budget.release(size)
                 for outcome in outcomes:
                     for event in outcome.events:
-                        yield event
-            await reader  # a broken stream raises here, as it would have from the loop
+                        try:  # not taken: the client does not read its events
+                            await asyncio.wait_for(context.write(event), idle)
+                        except TimeoutError:
+                            await self._close_idle(context, peer, "read no event")
+            try:
+                await reader  # a broken stream raises here, as it would have from the loop
+            except _Undecodable:
+                self.metrics.batches_rejected.labels(reason="undecodable").inc()
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE_MESSAGE)
         finally:
             reader.cancel()
+            self.gate.leave()
             self.metrics.active_streams.dec()
-            log.info("stream closed", peer=peer)
+            log.info("stream closed", peer=peer, client=client.identity)
+            if budget.peak_bytes >= streams.TRIM_AFTER_BYTES:
+                # On the worker, after this stream's last batches: then they are freed.
+                self.executor.submit(streams.give_memory_back, budget.peak_bytes)
+
+    async def _close_idle(self, context: grpc.aio.ServicerContext, peer: str, what: str) -> None:
+        """End a stream that made no progress for `stream_idle_timeout_seconds`."""
+        timeout = self.pipeline.limits.stream_idle_timeout_seconds
+        self.metrics.batches_rejected.labels(reason="stream_idle").inc()
+        log.warning("closing idle stream", peer=peer, idle=what, seconds=timeout)
+        await context.abort(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"stream idle: the client {what} for {timeout} s (limits.stream_idle_timeout_seconds)",
+        )
 
     async def Evaluate(
-        self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext
+        self, request: Any, context: grpc.aio.ServicerContext
     ) -> pb.EvaluateResponse:
         """Score one batch with fresh rule state; optionally return the feature values."""
-        outcome = await self._run(self.pipeline.evaluate_once, request.batch)
+        if request is streams.UNDECODABLE:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the request is not a valid EvaluateRequest (protobuf decoding failed)",
+            )
+        include = request.include_features
+        outcome = await self._run(
+            lambda batch: self.pipeline.evaluate_once(batch, include), request.batch
+        )
         response = pb.EvaluateResponse()
         for event in outcome.events:
             if event.HasField("alert"):
@@ -106,10 +197,12 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                 response.features.append(pb.FeatureValues(name=name, values=values.tolist()))
         return response
 
-    async def GetStatus(
-        self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
-    ) -> pb.StatusResponse:
-        """The version, loaded packs and rule files, limits and accepted dtypes."""
+    async def GetStatus(self, request: Any, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        if request is streams.UNDECODABLE:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the request is not a valid StatusRequest (protobuf decoding failed)",
+            )
         pipeline = self.pipeline
         limits = pipeline.limits
         return pb.StatusResponse(
@@ -132,6 +225,16 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                 max_rows_per_batch=limits.max_rows_per_batch,
                 max_conversations=limits.max_conversations,
                 max_conversation_id_length=limits.max_conversation_id_length,
+                max_sequences_per_batch=limits.max_sequences_per_batch,
+                max_request_id_length=limits.max_request_id_length,
+                max_role_length=limits.max_role_length,
+                max_model_length=limits.max_model_length,
+                max_attributes=limits.max_attributes,
+                max_attribute_key_length=limits.max_attribute_key_length,
+                max_attribute_value_length=limits.max_attribute_value_length,
+                max_streams=limits.max_streams,
+                stream_idle_timeout_seconds=limits.stream_idle_timeout_seconds,
+                max_stream_bytes=limits.max_stream_bytes,
             ),
             accepted_dtypes=list(WIRE_DTYPES),
         )
@@ -139,19 +242,45 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
     async def _run(
         self, func: Callable[[pb.StepBatch], BatchOutcome], batch: pb.StepBatch
     ) -> BatchOutcome:
-        return (await self._run_many([batch], lambda batches: [func(batches[0])]))[0]
+        return (await self._run_many([batch], ANONYMOUS, lambda b, _: [func(b[0])]))[0]
 
     async def _run_many(
         self,
         batches: list[pb.StepBatch],
-        func: Callable[[list[pb.StepBatch]], list[BatchOutcome]] | None = None,
+        client: StreamClient,
+        func: Callable[[list[pb.StepBatch], StreamClient], list[BatchOutcome]] | None = None,
     ) -> list[BatchOutcome]:
         """Run pipeline work on the single worker thread; a bug becomes a BatchError for each
         batch, never a dead stream."""
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
-                self.executor, func or self.pipeline.process_many, batches
+                self.executor, func or self.pipeline.process_many, batches, client
             )
         except Exception as exc:  # the stream must survive our own bugs too
             return internal_errors([batch.seq_no for batch in batches], exc, self.metrics)
+
+
+def add_servicer(servicer: SafetyMonitorService, server: grpc.aio.Server) -> None:
+    """Register the service like the generated `add_SafetyMonitorServicer_to_server`, but
+    with deserializers that hand an undecodable message to the servicer (which answers
+    INVALID_ARGUMENT) instead of failing the call as UNKNOWN with a Python class name."""
+    handlers = {
+        "Monitor": grpc.stream_stream_rpc_method_handler(
+            servicer.Monitor,
+            request_deserializer=None,  # bytes: the servicer parses them (see _read_into)
+            response_serializer=pb.MonitorEvent.SerializeToString,
+        ),
+        "Evaluate": grpc.unary_unary_rpc_method_handler(
+            servicer.Evaluate,
+            request_deserializer=streams.tolerant_deserializer(pb.EvaluateRequest),
+            response_serializer=pb.EvaluateResponse.SerializeToString,
+        ),
+        "GetStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.GetStatus,
+            request_deserializer=streams.tolerant_deserializer(pb.StatusRequest),
+            response_serializer=pb.StatusResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

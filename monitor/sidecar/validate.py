@@ -64,10 +64,16 @@ def validate_batch(
     catalog: EncoderCatalog,
     required: Set[tuple[str, str]],
     limits: Limits,
+    scope: str = "",
+    scope_attribute: str = "",
 ) -> ValidatedBatch:
     """Check a batch against the loaded packs and limits; raise BatchRejected on a problem.
-    `required` holds the (pack, hook point) pairs the rules read."""
-    slices, tokens = _validate_sequences(batch, limits)
+    `required` holds the (pack, hook point) pairs the rules read. Conversation state of the
+    batch's sequences is scoped by `scope` (the client's identity), or, when
+    `scope_attribute` is set, by that attribute of each sequence."""
+    check_counts(len(batch.sequences), limits)
+    check_model(batch.model, limits)
+    slices, tokens = _validate_sequences(batch, limits, scope, scope_attribute)
     rows = sum(s.rows for s in slices)
     if rows > limits.max_rows_per_batch:
         raise BatchRejected(
@@ -95,7 +101,7 @@ def validate_batch(
 
 
 def _validate_sequences(
-    batch: pb.StepBatch, limits: Limits
+    batch: pb.StepBatch, limits: Limits, scope: str, scope_attribute: str
 ) -> tuple[list[SequenceSlice], list[list[str]]]:
     if not batch.sequences:
         raise BatchRejected("no_sequences", "sequences", "sequences: the batch has no sequences")
@@ -103,25 +109,36 @@ def _validate_sequences(
     tokens: list[list[str]] = []
     seen: set[str] = set()
     max_id_length = limits.max_conversation_id_length
+    max_request_id, max_role = limits.max_request_id_length, limits.max_role_length
     start = 0
     # A 64-sequence decode step passes through here on every step: each field is read once.
     for i, seq in enumerate(batch.sequences):
         conversation_id, rows, position = seq.conversation_id, seq.rows, seq.position
-        texts = seq.tokens
+        texts, request_id, role = seq.tokens, seq.request_id, seq.role
         if (
             not conversation_id
             or len(conversation_id) > max_id_length
             or conversation_id in seen
             or position + rows > MAX_POSITION
             or (texts and len(texts) != rows)
+            or len(request_id) > max_request_id
+            or len(role) > max_role
         ):
             _reject_sequence(seq, f"sequences[{i}]", seen, limits)  # the slow, precise path
         seen.add(conversation_id)
         # Without attributes: the engine's shared empty default, which it caches on.
-        extra = {"attributes": dict(seq.attributes)} if seq.attributes else {}
+        extra: dict[str, object] = {}
+        if seq.attributes:
+            attributes = dict(seq.attributes)
+            check_attributes(attributes, f"sequences[{i}].attributes", limits)
+            extra["attributes"] = attributes
+        if scope_attribute:
+            extra["scope"] = seq.attributes.get(scope_attribute, "")
+        elif scope:
+            extra["scope"] = scope
         slices.append(
             SequenceSlice(
-                conversation_id, start, rows, position, seq.role, seq.end, seq.request_id, **extra
+                conversation_id, start, rows, position, role, seq.end, request_id, **extra
             )
         )
         tokens.append(list(texts) if texts else [])
@@ -138,6 +155,8 @@ def _reject_sequence(seq: pb.Sequence, field: str, seen: set[str], limits: Limit
             f"{field}.conversation_id",
             f"{field}.conversation_id: {seq.conversation_id!r} appears more than once in the batch",
         )
+    for name, value in (("request_id", seq.request_id), ("role", seq.role)):
+        check_length(value, f"{field}.{name}", getattr(limits, f"max_{name}_length"))
     if seq.position + seq.rows > MAX_POSITION:
         raise BatchRejected(
             "bad_position",
@@ -150,6 +169,58 @@ def _reject_sequence(seq: pb.Sequence, field: str, seen: set[str], limits: Limit
         f"{field}.tokens",
         f"{field}.tokens: {len(seq.tokens)} token texts for {seq.rows} rows",
     )
+
+
+def check_counts(sequences: int, limits: Limits) -> None:
+    """A batch's sequence count against its limits, before any sequence is looked at.
+    Sequences of one batch are distinct conversations, so the count also bounds how many
+    conversations one batch can ask the rules engine to hold at once."""
+    if sequences > limits.max_sequences_per_batch:
+        raise BatchRejected(
+            "too_many_sequences",
+            "sequences",
+            f"sequences: {sequences} sequences exceed the limit of "
+            f"{limits.max_sequences_per_batch} per batch",
+        )
+    if sequences > limits.max_conversations:
+        raise BatchRejected(
+            "too_many_conversations",
+            "sequences",
+            f"sequences: {sequences} conversations in one batch exceed max_conversations "
+            f"({limits.max_conversations}), the most the sidecar tracks at once",
+        )
+
+
+def check_model(model: str, limits: Limits) -> None:
+    """The batch's model name is logged, stored and (bounded in number) a label."""
+    check_length(model, "model", limits.max_model_length)
+
+
+def check_length(value: str, field: str, limit: int) -> None:
+    """A client-chosen string that is logged or stored: bounded in characters."""
+    if len(value) > limit:
+        raise BatchRejected(
+            "too_long", field, f"{field}: {len(value)} characters exceed the limit of {limit}"
+        )
+
+
+def check_attributes(attributes: Mapping[str, str], field: str, limits: Limits) -> None:
+    """A sequence's attributes: how many, and how long each key and value is."""
+    if len(attributes) > limits.max_attributes:
+        raise BatchRejected(
+            "too_many_attributes",
+            field,
+            f"{field}: {len(attributes)} attributes exceed the limit of {limits.max_attributes}",
+        )
+    for key, value in attributes.items():
+        if len(key) > limits.max_attribute_key_length:
+            raise BatchRejected(
+                "too_long",
+                field,
+                f"{field}: a key of {len(key)} characters exceeds the limit of "
+                f"{limits.max_attribute_key_length}",
+            )
+        check_length(value, f"{field}[{key!r}]", limits.max_attribute_value_length)
 
 
 def _check_conversation_id(conversation_id: str, field: str, limits: Limits) -> None:

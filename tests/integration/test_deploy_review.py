@@ -90,6 +90,7 @@ def test_review_config_passes_validation_and_paths_lie_on_mounts(variant, tmp_pa
         # The same packs the sidecar loads (feature names and descriptions must match).
     sidecar_config = yaml.safe_load((K8S / "sidecar.yaml").read_text())
     assert raw["packs"] == sidecar_config["packs"]
+    assert raw["redact_patterns"] == sidecar_config["audit"]["redact_patterns"]
     rewritten["packs"] = []
     for i, entry in enumerate(raw["auth"]["tokens"]):
         mount = _mount(entry["token_file"], mounts)

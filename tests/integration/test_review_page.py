@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from html import escape as html_escape
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import pytest
 import torch
 
 from monitor.audit.labels import labels_for
+from monitor.audit.redaction import Redactor, redact_identifier
 from monitor.audit.store import AlertRecord, ConversationWrite, TokenRecord, open_store
 from monitor.features import FeatureInfo, FeaturePack, HookPointEncoder, RestrictedEncoder
 from monitor.features import save_pack as save_feature_pack
@@ -333,6 +335,79 @@ def test_label_writes_need_the_csrf_token(server: Server) -> None:
     assert fetch(server, path, bob, body)[0] == 403
     assert [lab.labeler for lab in labels_for(store, "conv-csrf")] == ["alice", "alice"]
     store.close()
+
+
+def test_out_of_range_filters_and_alert_ids_are_client_errors(server: Server) -> None:
+    # Times before year 1 and ids past 64 bits are the request's fault: 400/404 with a
+    # message, not an unhandled 500 or a "store failed" 503.
+    for query in (
+        "since=99999999d",
+        "until=9999999999999h",
+        "since=0001-01-01T00:00:00%2B05:00",
+        # a page cursor of ["0001-01-01T00:00:00+05:00", "x"]
+        "after=WyIwMDAxLTAxLTAxVDAwOjAwOjAwKzA1OjAwIiwgIngiXQ",
+    ):
+        status, _, body = fetch(server, f"/conversations?{query}", bearer())
+        assert status == 400, (query, status)
+        assert b"Internal Server Error" not in body
+    headers = {"Content-Type": "application/json", **bearer()}
+    body = json.dumps({"verdict": "true_positive"}).encode()
+    status, _, answer = fetch(server, f"/api/alerts/{2**64}/labels", headers, body)
+    assert (status, json.loads(answer)) == (400, {"error": f"no alert {2**64}"})
+
+
+def test_the_alert_link_finds_a_conversation_stored_under_a_redacted_id(server: Server) -> None:
+    # The recorder stores an id with personal data redacted (plus a digest); the sidecar's
+    # Alertmanager link carries the id as the client sent it. The page finds it both ways.
+    sent = "conv:carol@example.com:7"
+    stored = redact_identifier(Redactor(), sent)
+    assert stored != sent and "carol" not in stored
+    store = open_store(server.store_url)
+    token = TokenRecord(0, "x", "assistant", "r", {"p/harm": 1.0})
+    alert = _alert(stored, "pii-link", "info", 0, 0, 1.0, fv={"p/harm": 1.0})
+    # Old, like conv-csrf: the list-view tests see the same first page with it or without.
+    old = NOW - timedelta(days=10)
+    store.write([ConversationWrite(stored, "m", old, (), True, (token,), (alert,))])
+    store.close()
+    path = _alertmanager_link(server.base, sent).removeprefix(server.base)
+    status, _, page = fetch(server, path, bearer())
+    assert status == 200, (path, status)
+    assert html_escape(stored) in page.decode() and "carol" not in page.decode()
+    status, headers, body = fetch(server, path.replace("/conversations/", "/export/"), bearer())
+    assert status == 200 and json.loads(body)["summary"]["conversation_id"] == stored
+    assert "carol" not in headers["content-disposition"]
+
+
+def _raw_post(server: Server, path: str, head: str, body: bytes) -> bytes:
+    """Send a POST's head and `body` (maybe less than it declares) and read the answer."""
+    host, port = server.base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        request = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{head}\r\n"
+        conn.sendall(request.encode() + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = conn.recv(4096)  # socket.timeout here: the server waits for the body
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+def test_oversized_bodies_are_refused_before_they_are_read(server: Server) -> None:
+    # /login is open to anyone: a declared 10 GB body is answered at once, not buffered.
+    form = "Content-Type: application/x-www-form-urlencoded\r\n"
+    answer = _raw_post(server, "/login", form + "Content-Length: 10000000000\r\n", b"token=")
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    # Without a length (chunked), reading stops at the limit: the final chunk never comes.
+    chunk = b"a" * 4096
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(3))
+    answer = _raw_post(server, "/login", form + "Transfer-Encoding: chunked\r\n", body)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    headers = "Content-Type: application/json\r\n" + f"Authorization: Bearer {TOKEN}\r\n"
+    answer = _raw_post(
+        server, "/api/alerts/1/labels", headers + "Content-Length: 99999999\r\n", b"{"
+    )
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
 
 
 # --- the browser --------------------------------------------------------------------------------

@@ -3,11 +3,13 @@ PostgreSQL; the review config and the pack-metadata reader."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ import torch
 from monitor.audit import labels as L
 from monitor.audit import migrations
 from monitor.audit.cli import main as audit_main
+from monitor.audit.redaction import Redactor, redact_identifier
 from monitor.audit.review.config import ReviewConfigError, parse_review_config
 from monitor.audit.review.packs import read_pack_features
 from monitor.audit.store import (
@@ -281,6 +284,71 @@ def test_config_requires_some_authentication(tmp_path: Path) -> None:
         )
     with pytest.raises(ReviewConfigError, match="unknown key"):
         parse_review_config({"store": "sqlite:///a.db", "auth": {"anon": True}}, tmp_path, "r")
+    # "|" separates a session cookie's fields: "alice|<far future>" would sign a session that
+    # reads as alice's and never expires.
+    for name in ("alice|99999999999", "bo\x07b"):
+        token = _token_file(tmp_path)
+        with pytest.raises(ReviewConfigError, match=r"no '\|' or control characters"):
+            parse_review_config(
+                {
+                    "store": "sqlite:///a.db",
+                    "auth": {"tokens": [{"name": name, "token_file": token}]},
+                },
+                tmp_path,
+                "review.yaml",
+            )
+
+
+def _login_cookie_over_http(config: Any) -> str:
+    """POST /login over plain http straight into the ASGI app; the Set-Cookie header."""
+    from monitor.audit.review.app import create_app
+
+    app = create_app(config)
+    body = f"token={'t' * 32}&next=/conversations".encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/login",
+        "raw_path": b"/login",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/x-www-form-urlencoded")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8088),
+    }
+    messages: list[dict[str, Any]] = []
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop() if pending else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    try:
+        asyncio.run(app.asgi(scope, receive, send))
+    finally:
+        app.close()
+    assert messages[0]["status"] == 303
+    return next(v.decode() for k, v in messages[0]["headers"] if k == b"set-cookie")
+
+
+def test_secure_cookie_marks_the_session_cookie_behind_a_tls_proxy(tmp_path: Path) -> None:
+    # Behind an Ingress that terminates TLS the page sees http; `secure_cookie: true` (as the
+    # deploy configs set it) still marks the session cookie Secure.
+    def config(**auth: Any) -> Any:
+        tokens = [{"name": "alice", "token_file": _token_file(tmp_path)}]
+        raw = {"store": "sqlite:///audit.db", "auth": {"tokens": tokens, **auth}}
+        return parse_review_config(raw, tmp_path, "review.yaml")
+
+    assert "secure" not in _login_cookie_over_http(config()).lower()
+    cookie = _login_cookie_over_http(config(secure_cookie=True))
+    assert "; secure" in cookie.lower() and "httponly" in cookie.lower()
+    with pytest.raises(ReviewConfigError, match="secure_cookie: expected true or false"):
+        config(secure_cookie="yes")
 
 
 def test_config_resolves_paths_and_reads_tokens(tmp_path: Path) -> None:
@@ -336,6 +404,7 @@ def test_review_page_serves_each_backend(store_url: str, tmp_path: Path) -> None
     import socket
     import threading
     import time
+    import urllib.parse
     import urllib.request
 
     import uvicorn
@@ -343,8 +412,17 @@ def test_review_page_serves_each_backend(store_url: str, tmp_path: Path) -> None
     from monitor.audit.review.app import create_app
     from monitor.audit.review.config import AuthSettings, ReviewConfig, TokenEntry
 
+    raw_id = "conv:alice@example.com:7"  # stored redacted, linked as the client sent it
+    stored_id = redact_identifier(Redactor(), raw_id)
+    assert stored_id != raw_id
     store = open_store(store_url)
-    store.write([_conversation("c/1", NOW), _conversation("c2", NOW - timedelta(hours=1))])
+    store.write(
+        [
+            _conversation("c/1", NOW),
+            _conversation("c2", NOW - timedelta(hours=1)),
+            _conversation(stored_id, NOW - timedelta(hours=2)),
+        ]
+    )
     (aid,) = _alert_ids(store, "c/1")
     store.close()
     with socket.socket() as s:
@@ -384,6 +462,11 @@ def test_review_page_serves_each_backend(store_url: str, tmp_path: Path) -> None
         assert 'data-conversation="c/1"' in body and 'data-conversation="c2"' not in body
         status, body = call("/export/c%2F1")
         assert json.loads(body)["labels"][0]["labeler"] == "alice"
+        link = "/conversations/" + urllib.parse.quote(raw_id, safe="")
+        status, body = call(link)
+        assert status == 200 and stored_id in body and "alice@example.com" not in body
+        status, body = call(link.replace("/conversations/", "/export/"))
+        assert json.loads(body)["summary"]["conversation_id"] == stored_id
     finally:
         server.should_exit = True
         thread.join(10)

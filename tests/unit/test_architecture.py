@@ -46,6 +46,16 @@ def _under(module: str, prefixes: tuple[str, ...]) -> bool:
     return any(module == p or module.startswith(p + ".") for p in prefixes)
 
 
+RUNTIME = (
+    "monitor.capture",
+    "monitor.sidecar",
+    "monitor.rules",
+    "monitor.features",
+    "monitor.outputs",
+    "monitor.audit",
+    "monitor.wire",
+)
+
 # (modules the rule is about, modules they must not import, exceptions to the first set)
 RULES = [
     (("monitor.features", "monitor.rules"), ("grpc", "monitor.sidecar", "monitor.capture"), ()),
@@ -63,6 +73,13 @@ RULES = [
     # The runtime half of features never reaches for the build half.
     (("monitor.features",), ("monitor.features.build",), ("monitor.features.build",)),
     (("monitor",), ("monitor.cli",), ("monitor.cli",)),
+    # The runtime never reaches for build-time code, scaffolding or the review page (the
+    # review page is its own process; `audit serve` in the audit CLI starts it).
+    (
+        RUNTIME,
+        ("monitor.features.build", "monitor.fixtures", "monitor.audit.review", "monitor.bench"),
+        ("monitor.features.build", "monitor.audit.review", "monitor.audit.cli"),
+    ),
 ]
 
 
@@ -78,6 +95,19 @@ def test_forbidden_imports(
         if _under(name, forbidden)
     ]
     assert not offenders, "\n".join(offenders)
+
+
+def test_datasets_import_nothing_else_of_monitor() -> None:
+    # The README's layout: the data sets and their reader stand alone.
+    offenders = [
+        f"{module} imports {name}"
+        for module, names in SOURCES.items()
+        if _under(module, ("monitor.datasets",))
+        for name in sorted(names)
+        if _under(name, ("monitor",)) and not _under(name, ("monitor.datasets",))
+    ]
+    assert not offenders, "\n".join(offenders)
+    assert "monitor.datasets.build" in SOURCES  # not vacuous
 
 
 def test_the_check_sees_the_modules_it_is_about() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import tomllib
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -307,6 +308,16 @@ def test_empty_missing_and_binary_files(tmp_path: Path) -> None:
 def test_load_unknown_task_lists_the_known_ones() -> None:
     with pytest.raises(DatasetError, match=r"no shipped data set 'toxicity' \(available: .*misuse"):
         datasets.load("toxicity")
+
+
+def test_load_reads_only_shipped_files(tmp_path: Path) -> None:
+    # A task name is not a path: a file next to the package or anywhere else is refused.
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text(Path(datasets.dataset_path("misuse")).read_text())
+    relative = os.path.relpath(outside.with_suffix(""), datasets.dataset_path("misuse").parent)
+    for name in (relative, str(outside.with_suffix("")), "seeds/../misuse"):
+        with pytest.raises(DatasetError, match="no shipped data set"):
+            datasets.load(name)
 
 
 # ---------------------------------------------------------------------------------- builder

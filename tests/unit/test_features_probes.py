@@ -154,7 +154,10 @@ def test_fit_probes_on_a_model(tmp_path: Path) -> None:
     )
     assert sorted(pack.hook_points) == ["layers.0", "layers.2"]
     feature = pack.hook_points["layers.0"].features[0]
-    assert feature.name == "secrecy.layers.0" and feature.activation == "identity"
+    # The first layer keeps the plain name the rules refer to ('probes/secrecy').
+    assert feature.name == "secrecy" and feature.activation == "identity"
+    assert pack.hook_points["layers.2"].features[0].name == "secrecy.layers.2"
+    assert feature.aggregation == "max"
     assert feature.source == "probe:logistic:max" and feature.category == "deception"
     # The probe's logit per token, max-pooled, separates the classes it was fit on.
     texts = [e.text or e.messages[0]["content"] for e in examples]  # type: ignore[index]

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from monitor.rules import RuleEngine, RuleLoadError, RuleSet, SequenceSlice, load_rules
+from monitor.rules.engine import _MaskCache
 
 
 @pytest.fixture
@@ -154,6 +155,26 @@ def test_mixed_signatures_in_one_batch(here):
     ]
     result = engine.evaluate({"p/a": torch.ones(3)}, slices)
     assert [f.conversation_id for f in result.firings] == ["y"]
+
+
+def test_signature_cache_overflow_mid_batch(here, monkeypatch):
+    """When the mask cache fills up, a batch mixing known and new signatures still gets a mask
+    for each slice (a cleared cache used to lose the known ones: KeyError mid-evaluation)."""
+    monkeypatch.setattr(_MaskCache, "_LIMIT", 2)
+    engine = RuleEngine(load(EXCEPTIONS))
+
+    def step(tenants: list[str], position: int) -> list[str]:
+        slices = [
+            SequenceSlice(f"c-{t}", i, 1, position, "assistant", attributes={"tenant": t})
+            for i, t in enumerate(tenants)
+        ]
+        result = engine.evaluate({"p/a": torch.ones(len(tenants))}, slices)
+        return [f.conversation_id for f in result.firings]
+
+    assert step(["acme", "eval"], 0) == ["c-acme"]
+    # "acme" is cached, "other" is new, and 2 + 1 signatures exceed the limit.
+    assert step(["acme", "other", "eval"], 1) == ["c-other"]
+    assert step(["pentest", "acme"], 2) == []  # acme's run continued: `for: 1` fired at 0
 
 
 @pytest.mark.parametrize(

@@ -266,7 +266,8 @@ def test_shipped_rules_check_and_test(capsys):
     assert main(["test", *map(str, tests)]) == 0, capsys.readouterr().out
     ruleset = load_rules([SHIPPED])
     assert {"probes/deception", "probes/bias", "probes/misuse"} <= ruleset.required_features
-    assert any(name.startswith("gemma2-2b-l12/") for name in ruleset.required_features)
+    # No SAE feature ids whose meaning the project has not checked (issue 13).
+    assert not any(name.startswith("gemma2-2b") for name in ruleset.required_features)
 
 
 def test_python_dash_m_entry_point():
@@ -278,4 +279,4 @@ def test_python_dash_m_entry_point():
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().endswith("19 passed, 0 failed")
+    assert result.stdout.strip().endswith("11 passed, 0 failed")

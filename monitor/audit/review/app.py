@@ -39,6 +39,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from monitor.audit import labels as label_store
+from monitor.audit.redaction import Redactor, redact_identifier
 from monitor.audit.review.auth import CSRF_HEADER, SESSION_COOKIE, Authenticator, Identity
 from monitor.audit.review.config import ReviewConfig
 from monitor.audit.review.packs import read_all
@@ -135,6 +136,7 @@ class ReviewApp:
         self.config = config
         self.store = store if store is not None else open_store(config.store)
         self.auth = Authenticator(config.auth)
+        self.redactor = Redactor(config.redact_patterns)
         self.features = read_all(config.packs)
         self.env = Environment(
             loader=FileSystemLoader(HERE / "templates"),
@@ -204,8 +206,8 @@ class ReviewApp:
             )
         if not _same_origin(request):
             return Response("cross-origin request refused", 403)
-        body = await request.body()
-        if len(body) > MAX_FORM_BYTES:
+        body = await _bounded_body(request, MAX_FORM_BYTES)
+        if body is None:
             return Response("form too large", 413)
         form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
         token = (form.get("token") or [""])[0]
@@ -221,7 +223,7 @@ class ReviewApp:
             max_age=int(self.config.auth.session_hours * 3600),
             httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
+            secure=self.config.auth.secure_cookie or request.url.scheme == "https",
             path="/",
         )
         return response
@@ -270,11 +272,20 @@ class ReviewApp:
         message = f"the audit store failed: {type(exc).__name__}"
         return self._html("error.html", {"message": message, "identity": identity}, 503)
 
+    def _stored_id(self, conversation_id: str) -> str | None:
+        """The id under which the store keeps a conversation the link names, if any: an id
+        with personal data in it is stored redacted (with a digest), but the Alertmanager link
+        carries it as the client sent it."""
+        stored = redact_identifier(self.redactor, conversation_id)
+        return stored if stored != conversation_id else None
+
     def _record(self, conversation_id: str) -> tuple[ConversationRecord | None, list[Any]]:
         record = self.store.get_conversation(conversation_id)
+        if record is None and (stored := self._stored_id(conversation_id)) is not None:
+            record = self.store.get_conversation(stored)
         if record is None:
             return None, []
-        return record, label_store.labels_for(self.store, conversation_id)
+        return record, label_store.labels_for(self.store, record.summary.conversation_id)
 
     @cpu_timed
     def conversation_page(self, request: Request) -> Response:
@@ -284,7 +295,9 @@ class ReviewApp:
         cid = request.path_params["conversation_id"]
         try:
             raw = label_store.raw_conversation(self.store, cid)
-            labels = label_store.labels_for(self.store, cid) if raw is not None else []
+            if raw is None and (stored := self._stored_id(cid)) is not None:
+                raw = label_store.raw_conversation(self.store, stored)
+            labels = label_store.labels_for(self.store, raw.conversation_id) if raw else []
         except Exception as exc:
             return self._store_failed(identity, exc)
         if raw is None:
@@ -315,7 +328,9 @@ class ReviewApp:
         if record is None:
             return JSONResponse({"error": "no such conversation"}, 404)
         body = record_json(record, labels)
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", cid)[:100] or "conversation"
+        # The stored id: an id with personal data in it is kept redacted, so is the file name.
+        stored = record.summary.conversation_id
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", stored)[:100] or "conversation"
         return Response(
             json.dumps(body, ensure_ascii=False, indent=2, default=_default),
             media_type="application/json",
@@ -335,8 +350,8 @@ class ReviewApp:
             return JSONResponse({"error": "missing or wrong CSRF token"}, 403)
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             return JSONResponse({"error": "expected application/json"}, 415)
-        body = await request.body()
-        if len(body) > MAX_LABEL_BODY_BYTES:
+        body = await _bounded_body(request, MAX_LABEL_BODY_BYTES)
+        if body is None:
             return JSONResponse({"error": "body too large"}, 413)
         try:
             payload = json.loads(body)
@@ -370,6 +385,23 @@ def _nonempty(values: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in values.items() if v}
 
 
+async def _bounded_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None when it is over `limit` bytes. Read in chunks and given up
+    on at the limit: `request.body()` would first buffer whatever an unauthenticated client
+    sends to /login, gigabytes included."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _local_path(value: str) -> str:
     """Only a path on this site: no scheme, no host, no `//` (open-redirect guard)."""
     if not value.startswith("/") or value.startswith("//") or "\\" in value:
@@ -387,13 +419,19 @@ def _same_origin(request: Request) -> bool:
 def _parse_time(text: str, name: str) -> datetime:
     match = _RELATIVE.fullmatch(text.strip())
     if match:
-        delta = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
-        return datetime.now(UTC) - delta
+        try:
+            delta = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+            return datetime.now(UTC) - delta
+        except OverflowError:  # "99999999d": before year 1 (was an unhandled 500)
+            raise ValueError(f"{name}: {text.strip()} reaches back too far") from None
     try:
         value = datetime.fromisoformat(text.strip())
+        # In UTC here: the stores compare UTC times, and year 1 with an offset has none.
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
     except ValueError:
         raise ValueError(f"{name}: expected an ISO date/time or 30m, 24h, 7d") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    except OverflowError:
+        raise ValueError(f"{name}: {text.strip()} is out of range") from None
 
 
 def page_cursor(at: datetime, conversation_id: str) -> str:
@@ -406,8 +444,9 @@ def _parse_cursor(text: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         at, cid = json.loads(raw)
-        return datetime.fromisoformat(at), str(cid)
-    except (ValueError, TypeError) as exc:
+        value = datetime.fromisoformat(at)
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC), str(cid)
+    except (ValueError, TypeError, OverflowError) as exc:
         raise ValueError("after: not a page cursor") from exc
 
 

@@ -13,6 +13,7 @@ auth:
   allow_anonymous: false
   session_secret_file: secrets/session.key   # shared by replicas; random per process if unset
   session_hours: 8
+  secure_cookie: true              # behind a TLS-terminating proxy (the page itself sees http)
 ```
 
 Relative paths resolve against the file's directory. Nothing in the file is evaluated.
@@ -27,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from monitor.audit.redaction import Redactor
 from monitor.audit.store import sqlite_path
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -55,6 +57,9 @@ class AuthSettings:
     allow_anonymous: bool = False
     session_secret: bytes | None = None
     session_hours: float = 8.0
+    # The session cookie gets `Secure` on https requests; this sets it always: behind a proxy
+    # that terminates TLS the page sees plain http and could not tell.
+    secure_cookie: bool = False
 
     def allows_identity(self, identity: str) -> bool:
         """Whether a proxy-asserted identity is on the allowlist (case-insensitive)."""
@@ -92,6 +97,9 @@ class ReviewConfig:
     packs: tuple[Path, ...] = ()
     page_size: int = 50
     auth: AuthSettings = field(default_factory=AuthSettings)
+    # The sidecar's audit.redact_patterns: an id with personal data in it is stored redacted,
+    # and the page finds it from the id as the client sent it (the Alertmanager link's).
+    redact_patterns: tuple[str, ...] = ()
 
     @property
     def host(self) -> str:
@@ -102,7 +110,7 @@ class ReviewConfig:
         return int(self.listen.rsplit(":", 1)[1])
 
 
-_TOP = {"store", "listen", "packs", "page_size", "auth"}
+_TOP = {"store", "listen", "packs", "page_size", "auth", "redact_patterns"}
 _AUTH = {
     "tokens",
     "identity_header",
@@ -111,6 +119,7 @@ _AUTH = {
     "allow_anonymous",
     "session_secret_file",
     "session_hours",
+    "secure_cookie",
 }
 
 
@@ -156,6 +165,15 @@ def parse_review_config(raw: dict[str, Any], base_dir: Path, origin: str) -> Rev
         if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 500:
             raise ReviewConfigError(f"{origin}: page_size: expected an integer 1..500")
         values["page_size"] = size
+    if "redact_patterns" in raw:
+        patterns = raw["redact_patterns"]
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise ReviewConfigError(f"{origin}: redact_patterns: expected a list of regexes")
+        try:
+            Redactor(patterns)
+        except ValueError as exc:
+            raise ReviewConfigError(f"{origin}: redact_patterns: {exc}") from None
+        values["redact_patterns"] = tuple(patterns)
     values["auth"] = _auth(raw.get("auth", {}), base_dir, origin)
     return ReviewConfig(**values)
 
@@ -191,6 +209,12 @@ def _auth(raw: Any, base_dir: Path, origin: str) -> AuthSettings:
         name = entry["name"]
         if not isinstance(name, str) or not name.strip():
             raise ReviewConfigError(f"{origin}: {where}.name: expected a non-empty string")
+        if not name.strip().isprintable() or "|" in name:
+            # "|" separates the session cookie's fields: a name "alice|<far future>" would
+            # sign a session that the cookie parser reads as alice's, never expiring.
+            raise ReviewConfigError(
+                f"{origin}: {where}.name: no '|' or control characters in a reviewer name"
+            )
         token = _read_secret(base_dir / str(entry["token_file"]), origin, f"{where}.token_file")
         tokens.append(TokenEntry(name.strip(), token))
     out["tokens"] = tuple(tokens)
@@ -215,6 +239,10 @@ def _auth(raw: Any, base_dir: Path, origin: str) -> AuthSettings:
         raise ReviewConfigError(
             f"{origin}: auth.allowed_identities: required with identity_header (an allowlist)"
         )
+    secure = raw.get("secure_cookie", False)
+    if not isinstance(secure, bool):
+        raise ReviewConfigError(f"{origin}: auth.secure_cookie: expected true or false")
+    out["secure_cookie"] = secure
     anonymous = raw.get("allow_anonymous", False)
     if not isinstance(anonymous, bool):
         raise ReviewConfigError(f"{origin}: auth.allow_anonymous: expected true or false")

@@ -21,11 +21,12 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def add_pack_commands(pack_subparsers: Any) -> None:
-    """Register build, fit, calibrate and inspect under ``safety-monitor pack``."""
+    """Register build, fit, calibrate, inspect and search under ``safety-monitor pack``."""
     _add_build(pack_subparsers)
     _add_fit(pack_subparsers)
     _add_calibrate(pack_subparsers)
     _add_inspect(pack_subparsers)
+    _add_search(pack_subparsers)
 
 
 def _guarded(handler: Handler) -> Handler:
@@ -77,6 +78,19 @@ def _add_build(sub: Any) -> None:
         type=Path,
         help="approx TopK: sample activations (.safetensors/.npy) to fit per-feature thresholds",
     )
+    p.add_argument(
+        "--explanations",
+        nargs="+",
+        type=Path,
+        metavar="EXPORT",
+        help="Neuronpedia explanation exports (batch-N.jsonl.gz files or their directory): "
+        "record each feature's descriptions and Neuronpedia id in the pack",
+    )
+    p.add_argument(
+        "--neuronpedia-source",
+        metavar="MODEL/SOURCE",
+        help="which of the export's sources the SAE is, e.g. gemma-2-2b/12-gemmascope-res-16k",
+    )
     p.add_argument("--out", required=True, type=Path, help="pack file to write")
     p.set_defaults(handler=_guarded(_build))
 
@@ -94,11 +108,40 @@ def _build(args: argparse.Namespace) -> int:
         return fail("give --sae DIR --features 1,2,3, or --selection FILE")
     else:
         pack = _build_from_sae(args)
+    if args.explanations:
+        pack = _with_explanations(pack, args)
     digest = save_pack(pack, args.out)
     hook_points = ", ".join(pack.hook_points)
     print(f"wrote {args.out}: pack {pack.name!r}, {pack.feature_count} features at {hook_points}")
     print(f"sha256 {digest}")
     return 0
+
+
+def _with_explanations(pack: Any, args: argparse.Namespace) -> Any:
+    """The pack with each SAE feature's export descriptions and Neuronpedia id recorded."""
+    import dataclasses
+
+    from monitor.features.build.neuronpedia import describe, read_explanations
+
+    sae_features = [f for f in pack.features() if f.sae_index is not None]
+    found = describe(
+        read_explanations(args.explanations),
+        [f.sae_index for f in sae_features],
+        args.neuronpedia_source,
+    )
+    updated = {}
+    for info in sae_features:
+        entry = found.get(info.sae_index)
+        if entry is None:
+            note(f"feature {info.name} (index {info.sae_index}) has no explanation in the export")
+            continue
+        updated[info.name] = dataclasses.replace(
+            info,
+            description=" | ".join(dict.fromkeys(entry.descriptions)),
+            neuronpedia_id=info.neuronpedia_id or entry.neuronpedia_id,
+            label=info.label or entry.descriptions[0][:80],
+        )
+    return pack.with_features(updated)
 
 
 def _build_from_sae(args: argparse.Namespace) -> Any:
@@ -147,35 +190,235 @@ def _topk_thresholds(args: argparse.Namespace, sae: Any, indices: list[int]) -> 
 def _add_fit(sub: Any) -> None:
     from monitor.features.build.probes import METHODS, POOLINGS
 
-    p = sub.add_parser("fit", help="fit supervised linear probes from labeled JSONL")
-    p.add_argument("--model", required=True, type=Path, help="local transformers model dir")
-    p.add_argument("--data", required=True, type=Path, help="JSONL of {text|messages, label}")
-    p.add_argument("--layers", required=True, help="decoder layer indices, e.g. 6,12")
-    p.add_argument("--method", choices=METHODS, default="logistic")
-    p.add_argument("--pooling", choices=POOLINGS, default="mean")
+    p = sub.add_parser(
+        "fit",
+        help="fit per-token probes on labeled conversations, with held-out metrics",
+        description="Fits a logistic probe on the per-token activations of the labeled roles' "
+        "tokens (what the sidecar serves), chooses the rolling-mean window on the held-out "
+        "split, sets the alert threshold there for --fpr and records both in the pack.",
+    )
+    p.add_argument("--model", type=Path, help="local transformers model dir (default: MiniLM)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="labeled conversations (JSONL)")
+    source.add_argument(
+        "--dataset",
+        help="shipped sets: misuse, deception or bias; several (misuse,deception,bias) fit "
+        "one feature each into one pack",
+    )
+    p.add_argument("--layers", required=True, help="layer indices, e.g. 3 or 2,3,4")
+    p.add_argument(
+        "--window",
+        default="auto",
+        help="rolling-mean window of the aggregation (max of rolling means), or auto: "
+        "the best held-out recall among 1,4,8,16,32",
+    )
+    p.add_argument("--fpr", type=float, default=0.01, help="alert threshold's held-out FPR")
+    p.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        help="legacy: fit on one pooled vector per text instead of per token (not what the "
+        "sidecar serves)",
+    )
+    p.add_argument("--method", choices=METHODS, default="logistic", help="with --pooling")
     p.add_argument("--l2", type=float, default=1e-2, help="L2 penalty (logistic)")
-    p.add_argument("--name", required=True, help="pack name")
-    p.add_argument("--feature-name", default="probe", help="feature name in rule files")
+    p.add_argument("--name", default="probes", help="pack name (rules say <name>/<feature>)")
+    p.add_argument(
+        "--feature-name",
+        help="feature name in rule files (default: the --dataset name, else probe); with "
+        "several layers the best held-out layer gets this name, the others <name>.layers.<i>",
+    )
     p.add_argument("--category", default="")
     p.add_argument("--description", default="")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: 5x faster than 2 on this 2-core machine; 0: torch's "
+        "default)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(handler=_guarded(_fit))
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from monitor.features.build.probes import fit_probes, load_labeled_jsonl
+    import torch
+
+    from monitor.features.build.labeled import fit_and_heldout, load_dataset, read_conversations
     from monitor.features.pack import save_pack
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     layers = _int_list(args.layers, "--layers")
-    examples = load_labeled_jsonl(args.data)
+    if not layers:
+        return fail("--layers: give at least one layer index")
+    if args.dataset is not None and "," in args.dataset:
+        return _fit_datasets(args, layers)
+    if args.dataset is not None:
+        conversations = load_dataset(args.dataset)
+        data_name = f"dataset:{args.dataset}"
+    else:
+        conversations = read_conversations(args.data)
+        data_name = f"file:{args.data.name}"
+    feature_name = args.feature_name or args.dataset or "probe"
     model, tokenizer = _load_model(args.model)
+    if args.pooling is not None:
+        return _fit_pooled(args, conversations, model, tokenizer, layers, feature_name)
+    fit, heldout = fit_and_heldout(conversations)
+    windows = _windows(args.window)
+    from monitor.features.build.token_probes import fit_token_probe_pack
+
+    pack, report = fit_token_probe_pack(
+        model,
+        tokenizer,
+        fit,
+        heldout,
+        layers,
+        name=args.name,
+        feature_name=feature_name,
+        fpr=args.fpr,
+        windows=windows,
+        l2=args.l2,
+        category=args.category,
+        description=args.description,
+        data_name=data_name,
+    )
+    digest = save_pack(pack, args.out)
+    _print_fit(_fit_rows(pack, report), report, args, digest)
+    return 0
+
+
+def _fit_datasets(args: argparse.Namespace, layers: list[int]) -> int:
+    """One pack, one feature per shipped set (named after it): the default packs."""
+    from monitor.features.build.labeled import fit_and_heldout, load_dataset
+    from monitor.features.build.token_probes import FitReport, fit_token_probe_pack
+    from monitor.features.pack import FeaturePack, save_pack
+
+    if args.feature_name or args.pooling:
+        raise ValueError("several --dataset names: each feature is named after its set")
+    model, tokenizer = _load_model(args.model)
+    entries, provenance, rows = [], {}, []
+    seconds, fitted, held = 0.0, 0, 0
+    for name in [n.strip() for n in args.dataset.split(",") if n.strip()]:
+        fit, heldout = fit_and_heldout(load_dataset(name))
+        pack, report = fit_token_probe_pack(
+            model, tokenizer, fit, heldout, layers, name=args.name, feature_name=name,
+            fpr=args.fpr, windows=_windows(args.window), l2=args.l2, category=name,
+            data_name=f"dataset:{name}",
+        )  # fmt: skip
+        entries.extend(pack.hook_points.values())
+        provenance[name] = pack.provenance
+        rows.extend(_fit_rows(pack, report))
+        seconds += report.fit_seconds
+        fitted += report.fit_conversations
+        held += report.heldout_conversations
+    from monitor.features.build.builder import assemble_pack
+
+    merged: FeaturePack = assemble_pack(args.name, entries)
+    # Overlap checks read every set's fit digests.
+    digests = sorted({d for p in provenance.values() for d in p["fit"]["digests"]})
+    merged.provenance = {"fit": {"digests": digests}, "datasets": {
+        name: {k: v for k, v in p.items() if k != "fit"} | {
+            "fit": {k: v for k, v in p["fit"].items() if k != "digests"}
+        }
+        for name, p in provenance.items()
+    }}  # fmt: skip
+    digest = save_pack(merged, args.out)
+    _print_fit(rows, FitReport([], "", fitted, held, seconds), args, digest)
+    return 0
+
+
+def _windows(text: str) -> tuple[int, ...]:
+    from monitor.features.build.token_probes import WINDOWS
+
+    if text == "auto":
+        return WINDOWS
+    windows = tuple(_int_list(text, "--window"))
+    if not windows or any(not 1 <= w <= 4096 for w in windows):
+        raise ValueError(f"--window: expected auto or integers in 1..4096, got {text!r}")
+    return windows
+
+
+def _fit_rows(pack: Any, report: Any) -> list[dict[str, Any]]:
+    """One row per feature of a pack fitted from one data set (one feature per layer)."""
+    return [
+        {
+            "feature": f"{pack.name}/{info.name}",
+            "hook_point": info.hook_point,
+            "aggregation": info.aggregation,
+            "alert_threshold": info.alert_threshold,
+            **result.heldout,
+        }
+        for result in report.layers
+        for info in pack.hook_points[result.hook_point].features
+    ]
+
+
+def _print_fit(
+    rows: list[dict[str, Any]], report: Any, args: argparse.Namespace, digest: str
+) -> None:
+    if args.json:
+        document = {
+            "pack": str(args.out),
+            "sha256": digest,
+            "fit_conversations": report.fit_conversations,
+            "heldout_conversations": report.heldout_conversations,
+            "fit_seconds": round(report.fit_seconds, 2),
+            "features": rows,
+        }
+        print(json.dumps(document, indent=2))
+        return
+    print(
+        f"fitted on {report.fit_conversations} conversations in {report.fit_seconds:.1f} s; "
+        f"held-out ({report.heldout_conversations} conversations, the calibrate split; "
+        f"it also chose the window and threshold):"
+    )
+    print(f"  {'feature':<28} {'aggregation':<20} {'AUROC':>6} {'recall':>7} {'FPR':>6} threshold")
+    for row in rows:
+        print(
+            f"  {row['feature']:<28} {row['aggregation']:<20} {row['auroc']:>6.3f} "
+            f"{row['recall']:>7.3f} {row['fpr']:>6.3f} {row['alert_threshold']:.4g}"
+        )
+    for row in rows:
+        if row.get("threshold_at_max_negative"):
+            note(
+                f"{row['feature']}: {row['negatives']:.0f} held-out negatives cannot resolve "
+                f"FPR {args.fpr:g}; its threshold is their highest score (0 of them above it)"
+            )
+    print(f"wrote {args.out}: sha256 {digest}")
+
+
+def _fit_pooled(
+    args: argparse.Namespace,
+    conversations: list[Any],
+    model: Any,
+    tokenizer: Any,
+    layers: list[int],
+    feature_name: str,
+) -> int:
+    """The older text-level fit: one pooled vector per conversation's labeled text."""
+    from monitor.features.build.labeled import fit_and_heldout
+    from monitor.features.build.probes import LabeledExample, fit_probes
+    from monitor.features.pack import save_pack
+
+    note(
+        f"--pooling {args.pooling}: fitted on one pooled vector per text; the sidecar serves a "
+        "value per token, so served recall can be far lower (omit --pooling to fit per token)"
+    )
+    fit, _ = fit_and_heldout(conversations)
+    examples = [
+        LabeledExample(
+            "\n\n".join(t.text for t in c.turns if t.role in c.labeled_roles), None, c.label
+        )
+        for c in fit
+    ]
     pack = fit_probes(
         model,
         tokenizer,
         examples,
         layers,
         name=args.name,
-        feature_name=args.feature_name,
+        feature_name=feature_name,
         method=args.method,
         pooling=args.pooling,
         l2=args.l2,
@@ -189,19 +432,10 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(path: Path) -> tuple[Any, Any]:
-    if not path.is_dir():
-        raise FeatureError("not a directory (expected a local transformers model)", where=path)
-    from transformers import AutoModel, AutoTokenizer
+def _load_model(path: Path | None) -> tuple[Any, Any]:
+    from monitor.features.build.conversations import load_model
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path).eval()
-    except (OSError, ValueError, KeyError) as exc:
-        raise FeatureError(f"cannot load model ({exc})", where=path) from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return load_model(path)
 
 
 # --- calibrate ----------------------------------------------------------------------------
@@ -217,62 +451,110 @@ def _add_calibrate(sub: Any) -> None:
     p.add_argument("--fpr", type=float, help="target false-positive rate on benign samples")
     p.add_argument("--activations", type=Path, help="benign activations, one row per sample")
     p.add_argument("--model", type=Path, help="model dir, with --data: benign texts")
-    p.add_argument("--data", type=Path, help="benign JSONL ({text|messages, label: 0})")
-    p.add_argument("--pooling", choices=POOLINGS, default="max", help="over a text's tokens")
+    p.add_argument("--data", type=Path, help="benign conversations (JSONL; label 0 used)")
+    p.add_argument("--dataset", help="a shipped set's calibrate split (its label-0 items)")
+    p.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        help="over a conversation's tokens (default: each feature's recorded aggregation, "
+        "else max: what a per-token rule sees)",
+    )
     p.add_argument("--topk-sae", type=Path, help="report approx-vs-exact TopK disagreement")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, help="write here (default: update the pack in place)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=_guarded(_calibrate))
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    import torch
+
     from monitor.features.build.probes import calibrate_pack
     from monitor.features.pack import load_pack, save_pack
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     pack = load_pack(args.pack)
     report: dict[str, Any] = {"pack": pack.name}
     if args.topk_sae is not None:
         report["topk"] = _topk_report(pack, args)
     if args.fpr is not None:
-        scores = _benign_scores(pack, args)
-        pack = calibrate_pack(pack, scores, args.fpr)
+        scores, pooling = _benign_scores(pack, args)
+        pack = calibrate_pack(pack, scores, args.fpr, pooling)
         out = args.out or args.pack
         report["wrote"] = str(out)
         report["sha256"] = save_pack(pack, out)
         report["thresholds"] = {
             f.name: f.alert_threshold for f in pack.features() if f.alert_threshold is not None
         }
+        report["pooling"] = pooling
     elif args.topk_sae is None:
         return fail("nothing to do: give --fpr (with benign samples) and/or --topk-sae")
     _print_report(report, args.json)
     return 0
 
 
-def _benign_scores(pack: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from monitor.features.build.probes import (
-        load_labeled_jsonl,
-        render,
-        sample_scores,
-        token_activations,
-    )
+def _benign_scores(pack: Any, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """Benign scores ``[n, k]`` per hook point, and the pooling used for each feature."""
+    import torch
+
+    from monitor.features.build.conversations import replay, text_digest
+    from monitor.features.build.labeled import load_dataset, read_conversations
+    from monitor.features.build.scoring import conversation_score
+    from monitor.features.build.token_probes import fit_digests
     from monitor.features.build.topk import load_activations
 
     if args.activations is not None:
-        return {
+        # Rows are samples already: no pooling applies.
+        scores = {
             hp: pack.encode(hp, load_activations(args.activations, hp)) for hp in pack.hook_points
         }
-    if args.model is None or args.data is None:
+        return scores, {f.name: "row" for f in pack.features()}
+    if args.dataset is not None:
+        conversations = load_dataset(args.dataset, split="calibrate")
+        where = f"dataset {args.dataset} (calibrate split)"
+    elif args.model is not None or args.data is not None:
+        if args.data is None:
+            raise ValueError("--model needs --data FILE (or use --dataset NAME)")
+        conversations = read_conversations(args.data)
+        where = str(args.data)
+    else:
         raise ValueError(
-            "--fpr needs benign samples: --activations FILE or --model DIR --data FILE"
+            "--fpr needs benign samples: --activations FILE, --data FILE or --dataset NAME"
         )
-    examples = [e for e in load_labeled_jsonl(args.data) if e.label == 0]
-    if not examples:
-        raise FeatureError("no benign (label 0) examples", where=args.data)
+    benign = [c for c in conversations if c.label == 0]
+    if not benign:
+        raise FeatureError("no benign (label 0) conversations", where=where)
+    overlap = fit_digests(pack) & {text_digest(c) for c in benign}
+    if overlap:
+        note(
+            f"{len(overlap)} of {len(benign)} calibration conversations were in the data the "
+            "probes were fitted on: the threshold will be too low and the real false-positive "
+            "rate higher than --fpr (calibrate on data disjoint from the fit data)"
+        )
     model, tokenizer = _load_model(args.model)
-    texts = [render(e, tokenizer) for e in examples]
     layers = [int(hp.split(".")[1]) for hp in pack.hook_points]
-    acts = token_activations(model, tokenizer, texts, layers)
-    return {hp: sample_scores(pack, hp, acts[hp], args.pooling) for hp in pack.hook_points}
+    tokens = replay(model, tokenizer, benign, layers)
+    pooling = {f.name: args.pooling or f.aggregation or "max" for f in pack.features()}
+    scores = {}
+    for hp, entry in pack.hook_points.items():
+        columns = []
+        for column, info in enumerate(entry.features):
+            values = [pack.encode(hp, t.activations[hp])[:, column] for t in tokens]
+            columns.append(
+                [
+                    conversation_score(v, t.labeled, _as_aggregation(pooling[info.name]))
+                    for v, t in zip(values, tokens, strict=True)
+                ]
+            )
+        scores[hp] = torch.tensor(columns, dtype=torch.float64).T.float()
+    return scores, pooling
+
+
+def _as_aggregation(pooling: str) -> str:
+    if pooling == "last":
+        raise ValueError("--pooling last cannot be served by a rule; use max or mean")
+    return pooling
 
 
 def _topk_report(pack: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -316,9 +598,65 @@ def _print_report(report: dict[str, Any], as_json: bool) -> None:
             f"exact-only {topk['false_negative_rate']:.2%})"
         )
     for name, threshold in report.get("thresholds", {}).items():
-        print(f"{report['pack']}/{name}: alert threshold {threshold:.6g}")
+        pooling = report.get("pooling", {}).get(name, "")
+        print(
+            f"{report['pack']}/{name}: alert threshold {threshold:.6g}"
+            + (f" ({pooling} pooling)" if pooling else "")
+        )
     if "wrote" in report:
         print(f"wrote {report['wrote']}: sha256 {report['sha256']}")
+
+
+# --- search -------------------------------------------------------------------------------
+
+
+def _add_search(sub: Any) -> None:
+    p = sub.add_parser(
+        "search",
+        help="find SAE features by meaning in Neuronpedia explanation exports",
+        description="Lists the features whose export descriptions contain every word of QUERY "
+        "(prefix match, case-insensitive). Exports: Neuronpedia's public "
+        "<model>/<source>/explanations/batch-N.jsonl.gz files, downloaded beforehand.",
+    )
+    p.add_argument("query", help="words the description must contain, e.g. 'deception lie'")
+    p.add_argument("--explanations", nargs="+", required=True, type=Path, metavar="EXPORT")
+    p.add_argument("--model", help="only this modelId, e.g. gemma-2-2b")
+    p.add_argument("--source", help="only this source (layer), e.g. 12-gemmascope-res-16k")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_guarded(_search))
+
+
+def _search(args: argparse.Namespace) -> int:
+    from monitor.features.build.neuronpedia import read_explanations, search
+
+    features = read_explanations(args.explanations)
+    hits = search(
+        features.values(), args.query, model=args.model, source=args.source, limit=args.limit
+    )
+    if args.json:
+        rows = [
+            {
+                "neuronpedia_id": h.neuronpedia_id,
+                "model": h.model,
+                "source": h.source,
+                "index": h.index,
+                "descriptions": h.descriptions,
+            }
+            for h in hits
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not hits:
+        print(f"no feature description contains every word of {args.query!r}")
+        return 0
+    for h in hits:
+        print(f"{h.neuronpedia_id:<40} {' | '.join(dict.fromkeys(h.descriptions))}")
+    print(
+        f"{len(hits)} feature(s); build a pack with them: pack build --sae DIR --features "
+        f"{','.join(str(h.index) for h in hits[:5])} --explanations ... --out ..."
+    )
+    return 0
 
 
 # --- inspect ------------------------------------------------------------------------------

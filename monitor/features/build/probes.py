@@ -274,7 +274,9 @@ def fit_probes(
     for hp, per_text in activations.items():
         x = torch.stack([pool(t, pooling) for t in per_text])
         fit = fit_probe(x, labels, method=method, l2=l2, hook_point=hp)
-        fname = feature_name if len(layers) == 1 else f"{feature_name}.{hp}"
+        # The first layer keeps the plain name rules refer to ('probes/misuse'); others are
+        # '<name>.layers.<i>'.
+        fname = feature_name if hp == f"layers.{layers[0]}" else f"{feature_name}.{hp}"
         info = FeatureInfo(
             name=fname,
             hook_point=hp,
@@ -284,6 +286,8 @@ def fit_probes(
             description=description
             or f"{method} probe, {pooling} pooling, train accuracy {fit.train_accuracy:.3f}",
             source=f"probe:{method}:{pooling}",
+            # What the fit pooled; `pack calibrate` uses it unless told otherwise.
+            aggregation=pooling if pooling in ("mean", "max") else "",
         )
         entries.append(HookPointEncoder(hp, probe_encoder(fit), [info]))
     return assemble_pack(name, entries)
@@ -329,9 +333,11 @@ def calibrate_pack(
     pack: FeaturePack,
     scores: dict[str, torch.Tensor],
     fpr: float,
+    pooling: dict[str, str] | None = None,
 ) -> FeaturePack:
     """A copy of ``pack`` whose features at each hook point of ``scores`` carry the alert
-    threshold for ``fpr`` on those benign scores (``[n, k]`` per hook point)."""
+    threshold for ``fpr`` on those benign scores (``[n, k]`` per hook point), and the pooling
+    (per feature name) that produced the scores."""
     updated: dict[str, FeatureInfo] = {}
     for hp, values in scores.items():
         features = pack.hook_points[hp].features
@@ -341,5 +347,10 @@ def calibrate_pack(
             )
         thresholds = calibrate_thresholds(values, fpr).tolist()
         for info, threshold in zip(features, thresholds, strict=True):
-            updated[info.name] = replace(info, alert_threshold=threshold, target_fpr=fpr)
+            updated[info.name] = replace(
+                info,
+                alert_threshold=threshold,
+                target_fpr=fpr,
+                threshold_pooling=(pooling or {}).get(info.name, ""),
+            )
     return pack.with_features(updated)

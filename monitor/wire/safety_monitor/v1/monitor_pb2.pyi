@@ -205,16 +205,36 @@ class RuleFileStatus(_message.Message):
     def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_rows_per_batch", "max_conversations", "max_conversation_id_length")
+    __slots__ = ("max_message_bytes", "max_rows_per_batch", "max_conversations", "max_conversation_id_length", "max_sequences_per_batch", "max_request_id_length", "max_role_length", "max_model_length", "max_attributes", "max_attribute_key_length", "max_attribute_value_length", "max_streams", "stream_idle_timeout_seconds", "max_stream_bytes")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_ROWS_PER_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_CONVERSATIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONVERSATION_ID_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCES_PER_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_ID_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROLE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTRIBUTE_KEY_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTRIBUTE_VALUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_rows_per_batch: int
     max_conversations: int
     max_conversation_id_length: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_rows_per_batch: _Optional[int] = ..., max_conversations: _Optional[int] = ..., max_conversation_id_length: _Optional[int] = ...) -> None: ...
+    max_sequences_per_batch: int
+    max_request_id_length: int
+    max_role_length: int
+    max_model_length: int
+    max_attributes: int
+    max_attribute_key_length: int
+    max_attribute_value_length: int
+    max_streams: int
+    stream_idle_timeout_seconds: int
+    max_stream_bytes: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_rows_per_batch: _Optional[int] = ..., max_conversations: _Optional[int] = ..., max_conversation_id_length: _Optional[int] = ..., max_sequences_per_batch: _Optional[int] = ..., max_request_id_length: _Optional[int] = ..., max_role_length: _Optional[int] = ..., max_model_length: _Optional[int] = ..., max_attributes: _Optional[int] = ..., max_attribute_key_length: _Optional[int] = ..., max_attribute_value_length: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_idle_timeout_seconds: _Optional[int] = ..., max_stream_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("version", "packs", "rule_files", "rules", "limits", "accepted_dtypes")

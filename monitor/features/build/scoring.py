@@ -1,0 +1,153 @@
+"""Conversation scores from per-token feature values, and the metrics that judge them.
+
+A pack feature yields one value per token; a rule pools those values over time. The pooling a
+probe is fitted and calibrated with is recorded in the pack as its *aggregation*, one of:
+
+- ``max_rolling_mean:W``: the maximum, over the tokens of the labeled roles, of the mean of the
+  last W tokens of the conversation's stream (fewer at its start). This is exactly what the
+  rule ``rolling_mean(f, W) > t`` with ``roles: [<labeled roles>]`` fires on: it fires in a
+  conversation if and only if the conversation's score is above t (a test checks it).
+- ``max``: ``max_rolling_mean:1``.
+- ``mean``: the mean over the labeled tokens (what a probe fitted on mean-pooled texts sees;
+  no rule reproduces it exactly).
+
+Window sums are taken in float64 like the rules engine's, so the two agree to float32
+rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from monitor.features.errors import FeatureError
+
+DEFAULT_WINDOW = 8
+
+
+def parse_aggregation(text: str) -> tuple[str, int]:
+    """``'max_rolling_mean:8'`` -> ``('max_rolling_mean', 8)``; ``'mean'`` -> ``('mean', 0)``."""
+    kind, _, window = text.partition(":")
+    if kind == "max" and not window:
+        return "max_rolling_mean", 1
+    if kind == "mean" and not window:
+        return "mean", 0
+    if kind == "max_rolling_mean" and window.isdigit() and 1 <= int(window) <= 4096:
+        return kind, int(window)
+    raise FeatureError(
+        f"{text!r}, expected max_rolling_mean:W (W in 1..4096), max or mean", field="aggregation"
+    )
+
+
+def rolling_mean(values: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal mean of the last ``window`` values at every position (fewer at the start), as the
+    rules engine's ``rolling_mean`` computes it: float64 sums, one rounding to float32."""
+    x = values.double()
+    sums = torch.cumsum(torch.cat([x.new_zeros(1), x]), dim=0)
+    n = x.shape[0]
+    ends = torch.arange(1, n + 1)
+    starts = (ends - window).clamp(min=0)
+    return ((sums[ends] - sums[starts]) / (ends - starts)).float()
+
+
+def conversation_score(values: torch.Tensor, labeled: torch.Tensor, aggregation: str) -> float:
+    """One conversation's score: per-token ``values`` [tokens] pooled by ``aggregation`` over
+    the ``labeled`` tokens (bool [tokens]); -inf when no token is labeled."""
+    kind, window = parse_aggregation(aggregation)
+    if not bool(labeled.any()):
+        return -math.inf
+    if kind == "mean":
+        return float(values[labeled].double().mean())
+    return float(rolling_mean(values, window)[labeled].max())
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """Area under the ROC curve (ties count one half); NaN without both classes."""
+    s = torch.tensor(list(scores), dtype=torch.float64)
+    y = torch.tensor(list(labels), dtype=torch.bool)
+    positives, negatives = s[y], s[~y]
+    if len(positives) == 0 or len(negatives) == 0:
+        return math.nan
+    # Mann-Whitney U with average ranks: O(n log n), exact with ties.
+    order = torch.cat([positives, negatives])
+    ranks = _average_ranks(order)
+    u = ranks[: len(positives)].sum() - len(positives) * (len(positives) + 1) / 2
+    return float(u / (len(positives) * len(negatives)))
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    sorted_x, order = torch.sort(x)
+    ranks = torch.empty_like(x)
+    n = len(x)
+    i = 0
+    values = sorted_x.tolist()
+    positions = order.tolist()
+    while i < n:
+        j = i
+        while j + 1 < n and values[j + 1] == values[i]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[positions[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def threshold_at_fpr(negative_scores: Sequence[float], fpr: float) -> float:
+    """The smallest threshold t (alert when score > t) with at most ``fpr`` of the negatives
+    above it."""
+    if not 0.0 < fpr < 1.0:
+        raise FeatureError(f"{fpr} is not in (0, 1)", field="fpr")
+    ordered = sorted(negative_scores)
+    n = len(ordered)
+    if n == 0:
+        raise FeatureError("no negative (label 0) conversations", field="fpr")
+    allowed = math.floor(fpr * n)
+    return ordered[n - allowed - 1]
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Recall and false-positive rate of ``score > threshold``."""
+
+    threshold: float
+    recall: float
+    fpr: float
+
+
+def operating_point(
+    scores: Sequence[float], labels: Sequence[int], threshold: float
+) -> OperatingPoint:
+    """Recall and FPR of alerting when a score is above ``threshold``."""
+    pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+    neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+    recall = sum(s > threshold for s in pos) / len(pos) if pos else math.nan
+    fpr = sum(s > threshold for s in neg) / len(neg) if neg else math.nan
+    return OperatingPoint(threshold, recall, fpr)
+
+
+def recall_at_fpr(scores: Sequence[float], labels: Sequence[int], fpr: float) -> OperatingPoint:
+    """The operating point whose threshold allows at most ``fpr`` of these negatives."""
+    negatives = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+    return operating_point(scores, labels, threshold_at_fpr(negatives, fpr))
+
+
+def roc_curve(scores: Sequence[float], labels: Sequence[int]) -> tuple[list[float], list[float]]:
+    """(false-positive rates, true-positive rates) at every distinct threshold, from (0, 0)."""
+    pairs = sorted(zip(scores, labels, strict=True), key=lambda p: -p[0])
+    p = sum(1 for _, y in pairs if y == 1) or 1
+    n = sum(1 for _, y in pairs if y == 0) or 1
+    fprs, tprs = [0.0], [0.0]
+    tp = fp = 0
+    for i, (score, label) in enumerate(pairs):
+        tp += label == 1
+        fp += label == 0
+        if i + 1 == len(pairs) or pairs[i + 1][0] != score:
+            fprs.append(fp / n)
+            tprs.append(tp / p)
+    return fprs, tprs

@@ -1,0 +1,158 @@
+"""What one Monitor stream may hold, and for how long: the admission, byte and idle limits of
+the gRPC server, kept apart from the servicer so they read (and test) on their own.
+
+- `StreamGate`: at most `max_streams` streams open at once; the next one is refused with
+  RESOURCE_EXHAUSTED before anything of it is read.
+- `StreamBudget`: the batches one stream holds (read ahead and being processed) are bounded
+  in count (`grouping.READ_AHEAD`) and in bytes (`max_stream_bytes`, one batch always admitted). A
+  client faster than the sidecar, or one that never reads its acks, is then held back by
+  gRPC flow control rather than by the sidecar's memory.
+- Idle streams: a stream that sends no batch, or takes no event, for
+  `stream_idle_timeout_seconds` is closed by the servicer (DEADLINE_EXCEEDED).
+- `give_memory_back`: after a stream that held large messages ends, the C allocator is asked
+  to return free memory to the system (glibc keeps freed arenas otherwise).
+- Decoding: a message that is not a valid protobuf becomes `UNDECODABLE`, which the
+  servicer answers with INVALID_ARGUMENT (not gRPC's UNKNOWN with a Python class name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import structlog
+from google.protobuf.message import DecodeError, Message
+
+log = structlog.get_logger("safety_monitor.streams")
+
+# Streams that held less than this never trigger a trim: nothing worth giving back.
+TRIM_AFTER_BYTES = 8 * 1024 * 1024
+
+
+class _Undecodable:
+    """Stands in for a message that did not parse; never a protobuf."""
+
+    def __repr__(self) -> str:
+        return "UNDECODABLE"
+
+
+UNDECODABLE: Final = _Undecodable()
+
+# Stream messages larger than this are parsed off the event loop (see server._read_into).
+PARSE_INLINE_BYTES = 1024 * 1024
+
+
+def parse_batch(data: bytes) -> Any:
+    """A StepBatch from its bytes, or `UNDECODABLE`."""
+    from monitor.wire import pb
+
+    try:
+        return pb.StepBatch.FromString(data)
+    except (DecodeError, ValueError, RuntimeError):
+        return UNDECODABLE
+
+
+def tolerant_deserializer(message_type: type[Message]) -> Callable[[bytes], Any]:
+    """A request deserializer that returns `UNDECODABLE` instead of raising, so the servicer
+    can answer INVALID_ARGUMENT with a message of its own."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except (DecodeError, ValueError, RuntimeError):
+            return UNDECODABLE
+
+    return deserialize
+
+
+class StreamGate:
+    """Counts open Monitor streams against `max_streams`."""
+
+    def __init__(self, max_streams: int) -> None:
+        self.max_streams = max_streams
+        self.open = 0
+
+    def admit(self) -> bool:
+        """Take a place for a new stream; False when all are taken."""
+        if self.open >= self.max_streams:
+            return False
+        self.open += 1
+        return True
+
+    def leave(self) -> None:
+        self.open -= 1
+
+
+class StreamBudget:
+    """Batches one stream holds, bounded in count and in bytes. The reader waits for room
+    before reading the next message; a batch is given back once its events are out."""
+
+    def __init__(self, max_batches: int, max_bytes: int) -> None:
+        self.max_batches = max_batches
+        self.max_bytes = max_bytes
+        self.batches = 0
+        self.bytes = 0
+        self.peak_bytes = 0
+        self._changed = asyncio.Condition()
+
+    async def wait_for_room(self) -> None:
+        """Until one more batch may be read: fewer than `max_batches` held and fewer than
+        `max_bytes` (so a stream holds at most `max_bytes` plus one message)."""
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self.batches < self.max_batches and self.bytes < self.max_bytes
+            )
+
+    def hold(self, size: int) -> None:
+        self.batches += 1
+        self.bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+
+    async def release(self, size: int) -> None:
+        async with self._changed:
+            self.batches -= 1
+            self.bytes -= size
+            self._changed.notify_all()
+
+
+_trim_lock = threading.Lock()
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to call
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_TRIM = _malloc_trim()
+
+
+def give_memory_back(held_bytes: int) -> None:
+    """Return the allocator's free memory to the system after a stream that held
+    `held_bytes` at its peak (a no-op for small streams and where there is no malloc_trim).
+    Run it off the event loop, after the stream's batches were processed."""
+    if _TRIM is None or held_bytes < TRIM_AFTER_BYTES:
+        return
+    if not _trim_lock.acquire(blocking=False):  # one trim at a time is enough
+        return
+    try:
+        started = time.perf_counter()
+        _TRIM(0)
+        log.info(
+            "memory returned to the system",
+            after_stream_bytes=held_bytes,
+            trim_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+    finally:
+        _trim_lock.release()

@@ -1,0 +1,278 @@
+"""Fit what you serve, through the real path: `pack fit`, `rules calibrate` and `eval` on a tiny
+transformers model saved to disk, with a real sidecar on a loopback port, the capture client
+and its relay process, and the Evaluate RPC."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from monitor import datasets
+from monitor.cli import main
+from monitor.evaluation.engine_replay import EngineReplay, pack_features
+from monitor.evaluation.evaluate import evaluate
+from monitor.features import load_pack
+from monitor.features.build.conversations import load_model, replay
+from monitor.features.build.scoring import auroc, conversation_score
+from monitor.rules import load_rules
+from monitor.wire import encode_tensor, pb, pb_grpc
+
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "hid", "plan", "told", "we", "it"]
+
+
+def save_tiny_model(directory: Path) -> Path:
+    """A tiny random Llama and a word-level tokenizer, saved as a local model directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *WORDS, "secret"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    LlamaModel(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_conversations(path: Path, n: int = 160, seed: int = 0) -> Path:
+    """System + user + assistant; the assistant's answer carries the label (it mentions the
+    'secret' in positives), the user turn is random words in both."""
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        label = i % 2
+
+        def words(k: int) -> list[str]:
+            return [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (k,), generator=g)]
+
+        answer = words(int(torch.randint(4, 12, (1,), generator=g)))
+        if label:
+            answer.insert(int(torch.randint(0, len(answer), (1,), generator=g)), "secret")
+        split = ("fit", "fit", "fit", "calibrate", "test")[(i // 2) % 5]
+        items.append(
+            datasets.LabeledConversation(
+                id=f"c{i}",
+                task="toy",
+                label=label,
+                turns=(
+                    datasets.Turn("system", " ".join(words(3))),
+                    datasets.Turn("user", " ".join(words(6))),
+                    datasets.Turn("assistant", " ".join(answer)),
+                ),
+                split=split,
+                group=f"g{i}",
+                label_roles=("assistant",),
+            )
+        )
+    datasets.write_jsonl(path, items)
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("detect")
+    save_tiny_model(root / "model")
+    write_conversations(root / "data.jsonl")
+    return root
+
+
+def fit_pack(workdir: Path, capsys) -> Path:
+    out = workdir / "probes.safetensors"
+    if not out.exists():
+        argv = ["pack", "fit", "--model", str(workdir / "model"), "--data"]
+        argv += [str(workdir / "data.jsonl"), "--layers", "1,2", "--feature-name", "secrecy"]
+        argv += ["--window", "3", "--fpr", "0.1", "--json", "--out", str(out)]
+        assert main(argv) == 0
+        capsys.readouterr()
+    return out
+
+
+def test_pack_fit_reports_held_out_metrics_and_names_the_best_layer(workdir, capsys) -> None:
+    out = workdir / "fit-report.safetensors"
+    argv = ["pack", "fit", "--model", str(workdir / "model"), "--data"]
+    argv += [str(workdir / "data.jsonl"), "--layers", "1,2", "--feature-name", "secrecy"]
+    argv += ["--fpr", "0.1", "--json", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fit_conversations"] == 96 and report["heldout_conversations"] == 32
+    names = sorted(row["feature"] for row in report["features"])
+    # One of the layers gets the plain name the rules use; never training accuracy alone.
+    assert names in (
+        ["probes/secrecy", "probes/secrecy.layers.2"],
+        ["probes/secrecy", "probes/secrecy.layers.1"],
+    )
+    plain = next(r for r in report["features"] if r["feature"] == "probes/secrecy")
+    assert 0.0 <= plain["auroc"] <= 1.0 and plain["fpr"] <= 0.1
+    pack = load_pack(out)
+    info = next(f for f in pack.features() if f.name == "secrecy")
+    assert info.aggregation.startswith("max_rolling_mean:")
+    assert info.threshold_pooling == info.aggregation and info.target_fpr == 0.1
+    assert len(pack.provenance["fit"]["digests"]) == 96
+
+
+def test_pack_calibrate_warns_when_calibration_data_overlaps_the_fit(workdir, capsys) -> None:
+    pack = fit_pack(workdir, capsys)
+    copy = workdir / "calibrated.safetensors"
+    argv = ["pack", "calibrate", str(pack), "--model", str(workdir / "model")]
+    argv += ["--data", str(workdir / "data.jsonl"), "--fpr", "0.05", "--out", str(copy)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "48 of 80 calibration conversations were in the data the probes were fitted on" in err
+    info = next(f for f in load_pack(copy).features() if f.name == "secrecy")
+    # Calibrated with the pooling the pack records, and says so.
+    assert info.threshold_pooling == info.aggregation and info.target_fpr == 0.05
+
+
+def test_the_served_rule_reproduces_the_offline_score(workdir, capsys, tmp_path) -> None:
+    """Per-token probe values, streamed by the capture client to a real sidecar and pooled by
+    `rolling_mean(f, W) > t` on the labeled role, fire in exactly the conversations whose
+    offline score (the pack's aggregation) is above t; the sidecar's per-token values are the
+    offline ones."""
+    pack_path = fit_pack(workdir, capsys)
+    pack = load_pack(pack_path)
+    info = next(f for f in pack.features() if f.name == "secrecy")
+    assert info.aggregation == "max_rolling_mean:3"
+    model, tokenizer = load_model(workdir / "model")
+    conversations = datasets.read_jsonl(workdir / "data.jsonl")
+    layer = int(info.hook_point.split(".")[1])
+    tokens = replay(model, tokenizer, conversations, [layer])
+    column = [f.name for f in pack.hook_points[info.hook_point].features].index("secrecy")
+    values = [
+        pack.encode(info.hook_point, t.activations[info.hook_point])[:, column] for t in tokens
+    ]
+    scores = [
+        conversation_score(v, t.labeled, info.aggregation)
+        for v, t in zip(values, tokens, strict=True)
+    ]
+    threshold = sorted(scores)[len(scores) // 2]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "features:\n  secrecy: probes/secrecy\nthresholds:\n"
+        f"  t: {threshold!r}\n"
+        "rules:\n  - rule: secret-answer\n    desc: d\n    severity: warning\n"
+        "    condition: rolling_mean(secrecy, 3) > t\n    roles: [assistant]\n"
+    )
+    report = evaluate(model, tokenizer, [pack_path], [rules], conversations)
+    labels = [c.label for c in conversations]
+    above = [s > threshold for s in scores]
+    (rule,) = report.rules
+    assert rule.true_positives == sum(a and y == 1 for a, y in zip(above, labels, strict=True))
+    assert rule.false_positives == sum(a and y == 0 for a, y in zip(above, labels, strict=True))
+    assert 0 < rule.true_positives + rule.false_positives < len(conversations)
+    assert report.capture["rows"] == sum(t.tokens for t in tokens)
+    served = next(f for f in report.features if f.feature == "probes/secrecy")
+    assert served.auroc == pytest.approx(auroc(scores, labels), abs=1e-9)
+
+
+def test_rules_calibrate_writes_the_threshold_the_real_path_confirms(
+    workdir, capsys, tmp_path
+) -> None:
+    pack_path = fit_pack(workdir, capsys)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "features:\n  secrecy: probes/secrecy\n"
+        "thresholds:\n  secret_answer: 0.0   # rules calibrate sets this\n"
+        "rules:\n  - rule: secret-answer\n    desc: d\n    severity: warning\n"
+        "    condition: rolling_mean(secrecy, 3) > secret_answer\n    roles: [assistant]\n"
+    )
+    benign = tmp_path / "benign.jsonl"
+    everything = datasets.read_jsonl(workdir / "data.jsonl")
+    datasets.write_jsonl(benign, [c for c in everything if c.split == "test"])
+    argv = ["rules", "calibrate", "--model", str(workdir / "model"), "--packs", str(pack_path)]
+    argv += ["--rules", str(rules), "--data", str(benign), "--fpr", "0.2", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    (result,) = out["thresholds"]
+    assert result["name"] == "secret_answer" and result["rules"] == ["secret-answer"]
+    assert result["fpr"] <= 0.2 and out["written"] == [str(rules)]
+    text = rules.read_text()
+    assert f"secret_answer: {result['new']:.6g}   # rules calibrate sets this" in text
+    # The written number, through the real path: the same FPR on the same benign set.
+    pack = load_pack(pack_path)
+    ruleset = load_rules([rules], pack_features([pack]))
+    assert ruleset.thresholds["secret_answer"].value == pytest.approx(result["new"])
+    model, tokenizer = load_model(workdir / "model")
+    negatives = [c for c in everything if c.split == "test" and c.label == 0]
+    report = evaluate(model, tokenizer, [pack_path], [rules], negatives)
+    assert report.rules[0].fpr == pytest.approx(result["fpr"])
+    # One step below the written value fires in more conversations: it is the boundary.
+    tokens = replay(model, tokenizer, negatives, [1, 2])
+    engine = EngineReplay(tokens, [pack], {"probes/secrecy"})
+    lower = load_rules([rules], pack_features([pack]), {"secret_answer": result["new"] - 0.05})
+    assert len(engine.run(lower)["secret-answer"]) > result["fired"]
+
+
+def test_eval_cli_prints_json_and_draws_roc_curves(workdir, capsys, tmp_path) -> None:
+    pack_path = fit_pack(workdir, capsys)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "features:\n  secrecy: probes/secrecy\nthresholds:\n  t: probes/secrecy\n"
+        "rules:\n  - rule: at-pack-threshold\n    desc: d\n    severity: info\n"
+        "    condition: rolling_mean(secrecy, 3) > t\n    roles: [assistant]\n"
+    )
+    png = tmp_path / "roc.png"
+    argv = ["eval", "--model", str(workdir / "model"), "--packs", str(pack_path), "--rules"]
+    argv += [str(rules), "--data", str(workdir / "data.jsonl"), "--json", "--plot", str(png)]
+    assert main([*argv, "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["conversations"] == 160 and report["positives"] == 80
+    (rule,) = report["rules"]
+    assert rule["rule"] == "at-pack-threshold" and 0.0 <= rule["recall"] <= 1.0
+    assert {f["feature"] for f in report["features"]} == {
+        f"probes/{f.name}" for f in load_pack(pack_path).features()
+    }
+    plain = next(f for f in report["features"] if f["feature"] == "probes/secrecy")
+    # 80 negatives cannot resolve 1%: that column is left out, not made up.
+    assert set(plain["at_fpr"]) == {"0.05"} and plain["pack_threshold"] is not None
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The terminal table names every rule and feature.
+    assert main([*argv[:-3], "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "at-pack-threshold" in table and "probes/secrecy" in table
+
+
+def test_evaluate_returns_every_feature_with_no_rules_loaded(workdir, capsys) -> None:
+    """Evaluate with include_features used to answer nothing when no rules were loaded."""
+    from monitor.sidecar.config import SidecarConfig
+    from monitor.sidecar.process import SidecarThread
+
+    pack_path = fit_pack(workdir, capsys)
+    pack = load_pack(pack_path)
+    sidecar = SidecarThread(
+        SidecarConfig(
+            listen="127.0.0.1:0", metrics_port=0, packs=(pack_path,), rules_reload_seconds=0
+        )
+    )
+    running = sidecar.start()
+    try:
+        x = torch.randn(5, 32)
+        batch = pb.StepBatch(seq_no=1, model="tiny")
+        for hp in pack.hook_points:
+            batch.layers.append(pb.Layer(hook_point=hp, activations=encode_tensor(x)))
+        batch.sequences.append(pb.Sequence(conversation_id="c", rows=5, position=0))
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.SafetyMonitorStub(channel)
+            reply = stub.Evaluate(pb.EvaluateRequest(batch=batch, include_features=True))
+    finally:
+        sidecar.stop()
+    assert not reply.HasField("error")
+    served = {f.name: torch.tensor(list(f.values)) for f in reply.features}
+    assert set(served) == {f"probes/{f.name}" for f in pack.features()}
+    for hp, entry in pack.hook_points.items():
+        encoded = pack.encode(hp, x)
+        for column, info in enumerate(entry.features):
+            torch.testing.assert_close(served[f"probes/{info.name}"], encoded[:, column])

@@ -1,0 +1,345 @@
+"""Detection you can measure, the parts without a model: conversation scores against the real
+rules engine, metrics, per-token probe fitting, named thresholds in rule files, and the
+threshold search of `rules calibrate`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from monitor.evaluation.calibrate import _search, replace_thresholds, thresholds_used
+from monitor.features import load_pack, save_pack
+from monitor.features.build.conversations import ConversationTokens
+from monitor.features.build.probes import ProbeFit, probe_encoder
+from monitor.features.build.scoring import (
+    auroc,
+    conversation_score,
+    parse_aggregation,
+    recall_at_fpr,
+    rolling_mean,
+    threshold_at_fpr,
+)
+from monitor.features.build.token_probes import fit_layers, fit_token_probe, token_values
+from monitor.features.errors import FeatureError
+from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder
+from monitor.rules import RuleEngine, RuleLoadError, SequenceSlice, load_rules
+
+RULE = """
+features:
+  f: probes/f
+thresholds:
+  t: {threshold}
+rules:
+  - rule: r
+    desc: the rule calibrate sets
+    severity: info
+    condition: rolling_mean(f, {window}) > t
+    roles: [assistant]
+"""
+
+
+def _conversation(g: torch.Generator, turns: list[tuple[str, int]]) -> tuple[torch.Tensor, list]:
+    values = torch.randn(sum(n for _, n in turns), generator=g) * 2
+    return values, turns
+
+
+def _engine_fires(
+    rules_path: Path, conversations: list[tuple[torch.Tensor, list[tuple[str, int]]]]
+) -> dict[str, list[tuple[int, float]]]:
+    """Feed each conversation turn by turn (one message per turn, as capture does)."""
+    engine = RuleEngine(load_rules([rules_path]))
+    fired: dict[str, list[tuple[int, float]]] = {}
+    for index, (values, turns) in enumerate(conversations):
+        start = 0
+        for role, n in turns:
+            result = engine.evaluate(
+                {"probes/f": values[start : start + n]},
+                [SequenceSlice(f"c{index}", 0, n, start, role=role)],
+            )
+            for firing in result.firings:
+                fired.setdefault(firing.conversation_id, []).append((firing.position, firing.value))
+            start += n
+    return fired
+
+
+@pytest.mark.parametrize("window", [1, 4, 16])
+def test_rule_fires_exactly_when_the_offline_score_is_above_its_threshold(tmp_path, window):
+    """The value a rule sees per token, pooled by the rule, is the offline conversation score:
+    `rolling_mean(f, W) > t` on the labeled role fires in a conversation iff
+    max_rolling_mean:W over its labeled tokens is above t (windows cross turns)."""
+    g = torch.Generator().manual_seed(window)
+    conversations = [
+        _conversation(g, [("system", 5), ("user", 7), ("assistant", int(n))])
+        for n in torch.randint(1, 30, (60,), generator=g)
+    ]
+    scores = []
+    for values, turns in conversations:
+        labeled = torch.tensor([r == "assistant" for r, n in turns for _ in range(n)])
+        scores.append(conversation_score(values, labeled, f"max_rolling_mean:{window}"))
+    threshold = sorted(scores)[len(scores) // 2]
+    path = tmp_path / "r.yaml"
+    path.write_text(RULE.format(threshold=repr(threshold), window=window))
+    fired = _engine_fires(path, conversations)
+    expected = {f"c{i}" for i, s in enumerate(scores) if s > threshold}
+    assert set(fired) == expected and 20 < len(expected) < 40
+    # Every value the rule reported is a rolling mean of the stream, as scoring computes it.
+    for index, (values, _) in enumerate(conversations):
+        reference = rolling_mean(values, window)
+        for position, value in fired.get(f"c{index}", []):
+            assert value == pytest.approx(float(reference[position]), rel=1e-6, abs=1e-6)
+
+
+def test_rolling_mean_counts_only_the_tokens_seen() -> None:
+    values = torch.tensor([2.0, 4.0, 6.0, 8.0])
+    assert rolling_mean(values, 2).tolist() == [2.0, 3.0, 5.0, 7.0]
+    assert rolling_mean(values, 10).tolist() == [2.0, 3.0, 4.0, 5.0]
+
+
+def test_aggregations_parse_and_reject() -> None:
+    assert parse_aggregation("max_rolling_mean:8") == ("max_rolling_mean", 8)
+    assert parse_aggregation("max") == ("max_rolling_mean", 1)
+    assert parse_aggregation("mean") == ("mean", 0)
+    for bad in ("max_rolling_mean", "max_rolling_mean:0", "median", "mean:3"):
+        with pytest.raises(FeatureError):
+            parse_aggregation(bad)
+    assert conversation_score(torch.ones(3), torch.zeros(3, dtype=torch.bool), "max") == -math.inf
+
+
+def test_auroc_matches_counting_pairs() -> None:
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 6, (80,), generator=g).float().tolist()  # many ties
+    labels = torch.randint(0, 2, (80,), generator=g).tolist()
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+    pairs = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    assert auroc(scores, labels) == pytest.approx(pairs)
+    assert math.isnan(auroc([1.0, 2.0], [1, 1]))
+
+
+def test_threshold_at_fpr_allows_at_most_that_many_negatives() -> None:
+    negatives = [float(i) for i in range(200)]
+    t = threshold_at_fpr(negatives, 0.01)
+    assert sum(n > t for n in negatives) == 2
+    point = recall_at_fpr([*negatives, 198.5, 500.0, 1.0], [0] * 200 + [1, 1, 1], 0.01)
+    assert point.fpr == 0.01 and point.recall == pytest.approx(2 / 3)
+
+
+def _planted_tokens(n: int, d: int, seed: int) -> tuple[list[ConversationTokens], torch.Tensor]:
+    """Conversations whose labeled (assistant) tokens carry a direction when label is 1; the
+    user turn carries it in every conversation (an unlabeled role must not teach the probe)."""
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(d, generator=g)
+    direction /= direction.norm()
+    result = []
+    for i in range(n):
+        label = i % 2
+        user, assistant = 6, int(torch.randint(4, 20, (1,), generator=g))
+        x = torch.randn(user + assistant, d, generator=g)
+        x[:user] += 3 * direction
+        if label:
+            x[user + 2 : user + 5] += 3 * direction  # a short span, not the whole answer
+        roles = ["user"] * user + ["assistant"] * assistant
+        result.append(
+            ConversationTokens(
+                f"c{i}",
+                label,
+                {"layers.0": x},
+                roles,
+                torch.tensor([r == "assistant" for r in roles]),
+                [user, assistant],
+            )
+        )
+    return result, direction
+
+
+def test_token_probe_learns_the_planted_direction_from_labeled_tokens_only() -> None:
+    tokens, direction = _planted_tokens(400, 24, seed=0)
+    fit = fit_token_probe(tokens, "layers.0")
+    cosine = float(torch.nn.functional.cosine_similarity(fit.weight, direction, dim=0))
+    assert cosine > 0.8
+    # The served value is the pack's encoder output.
+    values = token_values(tokens[0], "layers.0", fit)
+    encoded = probe_encoder(fit).encode(tokens[0].activations["layers.0"])[:, 0]
+    torch.testing.assert_close(values, encoded)
+
+
+def test_fit_layers_reports_held_out_metrics_and_chooses_a_window() -> None:
+    fit_tokens, _ = _planted_tokens(300, 24, seed=1)
+    heldout, _ = _planted_tokens(300, 24, seed=1)  # same direction, fresh noise below
+    heldout = [
+        ConversationTokens(
+            t.id, t.label, {"layers.0": t.activations["layers.0"] + 0.1}, t.roles, t.labeled,
+            t.turn_rows,
+        )
+        for t in heldout
+    ]  # fmt: skip
+    (result,) = fit_layers(fit_tokens, heldout, ["layers.0"], fpr=0.01, windows=(1, 3, 32))
+    assert result.heldout["auroc"] > 0.95 and result.heldout["fpr"] <= 0.01
+    assert set(result.by_window) == {1, 3, 32}
+    # A 3-token span: a 32-token mean dilutes it, so 32 is not the chosen window.
+    assert result.aggregation in ("max_rolling_mean:1", "max_rolling_mean:3")
+    # 20 negatives cannot resolve 1%: the threshold is their highest score, and it says so.
+    (small,) = fit_layers(fit_tokens, heldout[:40], ["layers.0"], fpr=0.01)
+    assert small.heldout["threshold_at_max_negative"] == 1.0 and small.heldout["fpr"] == 0.0
+
+
+def test_pack_records_aggregation_threshold_pooling_and_provenance(tmp_path: Path) -> None:
+    fit = ProbeFit("layers.1", torch.randn(8), 0.5, "logistic-token", 1.0)
+    info = FeatureInfo(
+        name="misuse",
+        hook_point="layers.1",
+        activation="identity",
+        sae_index=None,
+        alert_threshold=1.25,
+        target_fpr=0.01,
+        aggregation="max_rolling_mean:8",
+        threshold_pooling="max_rolling_mean:8",
+    )
+    pack = FeaturePack(
+        "probes",
+        {"layers.1": HookPointEncoder("layers.1", probe_encoder(fit), [info])},
+        provenance={"fit": {"digests": ["abc"], "conversations": 1}},
+    )
+    save_pack(pack, tmp_path / "p.safetensors")
+    loaded = load_pack(tmp_path / "p.safetensors")
+    assert loaded.features()[0] == info
+    assert loaded.provenance == {"fit": {"digests": ["abc"], "conversations": 1}}
+
+
+# --- named thresholds in rule files ---------------------------------------------------------
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "rules.yaml"
+    path.write_text(text)
+    return path
+
+
+PACK_RULES = """
+features:
+  f: probes/f
+thresholds:
+  calibrated: 2.5
+  from_pack: probes/f
+rules:
+  - rule: by-number
+    desc: d
+    severity: info
+    condition: f > calibrated
+  - rule: by-pack
+    desc: d
+    severity: info
+    condition: f > from_pack
+"""
+
+
+def test_thresholds_are_numbers_or_a_pack_features_calibrated_value(tmp_path: Path) -> None:
+    path = _write(tmp_path, PACK_RULES)
+    ruleset = load_rules([path], {"probes/f": 1.75})
+    assert ruleset.thresholds["calibrated"].value == 2.5
+    assert ruleset.thresholds["from_pack"].value == 1.75
+    assert ruleset.thresholds["from_pack"].feature == "probes/f"
+    engine = RuleEngine(ruleset)
+    result = engine.evaluate(
+        {"probes/f": torch.tensor([2.0, 3.0])}, [SequenceSlice("c", 0, 2, 0, role="user")]
+    )
+    assert [(f.rule, f.position) for f in result.firings] == [
+        ("by-pack", 0),
+        ("by-number", 1),
+    ]
+    assert thresholds_used(ruleset) == {"calibrated": ["by-number"], "from_pack": ["by-pack"]}
+    overridden = load_rules([path], {"probes/f": 1.75}, {"calibrated": 0.0})
+    assert overridden.thresholds["calibrated"].value == 0.0
+
+
+@pytest.mark.parametrize(
+    ("known", "message"),
+    [
+        (None, "rules.yaml:6:14: threshold 'from_pack' is probes/f's calibrated alert threshold"),
+        ({"probes/f": None}, "6:14: threshold 'from_pack': feature 'probes/f' has no calibrated"),
+        ({"probes/g": 1.0}, "6:14: threshold 'from_pack': unknown feature 'probes/f'"),
+    ],
+)
+def test_a_threshold_naming_a_pack_feature_needs_its_calibrated_value(
+    tmp_path: Path, known, message
+) -> None:
+    path = _write(tmp_path, PACK_RULES)
+    with pytest.raises(RuleLoadError) as caught:
+        load_rules([path], known)
+    text = str(caught.value)
+    assert message in text
+    assert "unknown feature 'from_pack'" not in text  # no second error for the same name
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(".nan", "must be finite"), ("[1]", "must be a number or"), ("'a b'", "must be a number")],
+)
+def test_bad_thresholds_are_located_errors(tmp_path: Path, value: str, message: str) -> None:
+    path = _write(tmp_path, PACK_RULES.replace("calibrated: 2.5", f"calibrated: {value}"))
+    with pytest.raises(RuleLoadError, match=message):
+        load_rules([path], {"probes/f": 1.0})
+
+
+def test_a_threshold_name_is_one_name_among_aliases_and_macros(tmp_path: Path) -> None:
+    path = _write(tmp_path, PACK_RULES.replace("calibrated: 2.5", "f: 2.5"))
+    with pytest.raises(RuleLoadError, match="'f' is already defined"):
+        load_rules([path], {"probes/f": 1.0})
+    with pytest.raises(RuleLoadError, match="no threshold named 'nope'"):
+        load_rules([_write(tmp_path, PACK_RULES)], {"probes/f": 1.0}, {"nope": 1.0})
+
+
+def test_replace_thresholds_changes_only_the_numbers(tmp_path: Path) -> None:
+    text = (
+        "# header comment\nthresholds:\n  a: 1.5   # set by calibrate\n  b: -2\n"
+        "  c: probes/f\nrules: []\n"
+    )
+    updated = replace_thresholds(text, {"a": 0.123456, "b": 3.0})
+    assert updated == (
+        "# header comment\nthresholds:\n  a: 0.123456   # set by calibrate\n  b: 3\n"
+        "  c: probes/f\nrules: []\n"
+    )
+    with pytest.raises(ValueError, match="no threshold 'z'"):
+        replace_thresholds(text, {"z": 1.0})
+
+
+@pytest.mark.parametrize("direction", [1, -1])
+def test_search_finds_the_boundary_either_way(direction: int) -> None:
+    """`x > t` fires less as t grows, `x < t` more: the search measures which."""
+    critical = sorted(torch.randn(500, generator=torch.Generator().manual_seed(5)).tolist())
+
+    def rate(value: float) -> int:
+        return sum((c > value) if direction == 1 else (c < value) for c in critical)
+
+    value, fired, note = _search(rate, 10.0, 5)
+    assert fired <= 5 and not note
+    # One step further towards more firings exceeds the allowance.
+    assert rate(value - direction * 1e-3) > 5 or rate(value - direction * 1e-2) > 5
+
+
+# --- capture tagging: what `eval` streams must be what the rules engine is fed offline ------
+
+
+def test_one_role_and_request_id_apply_to_every_row_unsuffixed() -> None:
+    """Per-row conversation ids with the default role and request id: every row is 'assistant'
+    with request '' (they used to become 'assistant/0', '/1', ...: no `roles:` rule matched,
+    and `scope: request` rules restarted whenever a conversation's row index changed)."""
+    from monitor.capture.hooks import ConversationContext, PositionLedger, StepAssembler
+
+    assembler = StepAssembler(
+        ["layers.0"], PositionLedger(), emit=lambda step: None, drop=print, want_token_ids=False
+    )
+    per_row = ConversationContext(("a", "b", "c"), ("assistant",), ("",))
+    tagging = assembler._tagging(per_row, 3)
+    assert tagging is not None
+    assert tagging.conversation_ids == ("a", "b", "c")
+    assert tagging.roles == ("assistant",) * 3 and tagging.request_ids == ("",) * 3
+    # One id over two rows (num_return_sequences): only the ids get '/<j>'.
+    shared = ConversationContext(("a",), ("user",), ("r1",))
+    tagging = assembler._tagging(shared, 2)
+    assert tagging is not None
+    assert tagging.conversation_ids == ("a/0", "a/1")
+    assert tagging.roles == ("user", "user") and tagging.request_ids == ("r1", "r1")
