@@ -241,17 +241,19 @@ ADVERSARIAL = {
 
 @pytest.mark.parametrize("unit", ADVERSARIAL.values(), ids=ADVERSARIAL.keys())
 def test_a_scan_is_linear_in_the_text_length(redactor: Redactor, unit: str) -> None:
-    """Bench, side by side in one run: 10x the text must cost about 10x, not 100x (a pattern
-    with unbounded repetition backtracks quadratically on such runs). Best of three."""
+    """Side by side in one run: 100x the text must cost about 100x, not 10,000x (a pattern with
+    unbounded repetition backtracks quadratically on such runs). The thread's own CPU time, best
+    of five, so other processes on a loaded machine do not count; the 10x margin on either side
+    (linear 100x, bound 1,000x, quadratic 10,000x) keeps it stable under load."""
 
     def cost(n: int) -> float:
         text = unit * (n // len(unit))
         best = float("inf")
-        for _ in range(3):
-            started = time.perf_counter()
+        for _ in range(5):
+            started = time.thread_time()
             redactor.spans(text)
-            best = min(best, time.perf_counter() - started)
+            best = min(best, time.thread_time() - started)
         return best
 
-    small, large = cost(10_000), cost(100_000)
-    assert large < 40 * small + 0.005, (unit, small, large)
+    small, large = cost(1_000), cost(100_000)
+    assert large < 1_000 * small + 0.05, (unit, small, large)
