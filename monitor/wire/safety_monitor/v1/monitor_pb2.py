@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsafety_monitor/v1/monitor.proto\x12\x11safety_monitor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"K\n\x05Layer\x12\x12\n\nhook_point\x18\x01 \x01(\t\x12.\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x19.safety_monitor.v1.Tensor\"\xf6\x01\n\x08Sequence\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x10\n\x08position\x18\x04 \x01(\x04\x12\x0e\n\x06tokens\x18\x05 \x03(\t\x12\x0c\n\x04role\x18\x06 \x01(\t\x12\x0b\n\x03\x65nd\x18\x07 \x01(\x08\x12?\n\nattributes\x18\x08 \x03(\x0b\x32+.safety_monitor.v1.Sequence.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"p\n\x0c\x46\x65\x61tureBlock\x12\x0c\n\x04pack\x18\x01 \x01(\t\x12\x13\n\x0bpack_sha256\x18\x02 \x01(\t\x12\x12\n\nhook_point\x18\x03 \x01(\t\x12)\n\x06values\x18\x04 \x01(\x0b\x32\x19.safety_monitor.v1.Tensor\"\xe4\x01\n\tStepBatch\x12\x0e\n\x06seq_no\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x06layers\x18\x03 \x03(\x0b\x32\x18.safety_monitor.v1.Layer\x12.\n\tsequences\x18\x04 \x03(\x0b\x32\x1b.safety_monitor.v1.Sequence\x12+\n\x07sent_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x08\x66\x65\x61tures\x18\x06 \x03(\x0b\x32\x1f.safety_monitor.v1.FeatureBlock\"3\n\x03\x41\x63k\x12\x0e\n\x06seq_no\x18\x01 \x01(\x04\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0e\n\x06\x61lerts\x18\x03 \x01(\r\"\x8d\x02\n\x05\x41lert\x12\x0e\n\x06seq_no\x18\x01 \x01(\x04\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x10\n\x08severity\x18\x04 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x10\n\x08position\x18\x07 \x01(\x04\x12\r\n\x05value\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\t\x12\x34\n\x06labels\x18\n \x03(\x0b\x32$.safety_monitor.v1.Alert.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\nBatchError\x12\x0e\n\x06seq_no\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x99\x01\n\x0cMonitorEvent\x12%\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x16.safety_monitor.v1.AckH\x00\x12)\n\x05\x61lert\x18\x02 \x01(\x0b\x32\x18.safety_monitor.v1.AlertH\x00\x12.\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1d.safety_monitor.v1.BatchErrorH\x00\x42\x07\n\x05\x65vent\"X\n\x0f\x45valuateRequest\x12+\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1c.safety_monitor.v1.StepBatch\x12\x18\n\x10include_features\x18\x02 \x01(\x08\"-\n\rFeatureValues\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\"\x9e\x01\n\x10\x45valuateResponse\x12(\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x18.safety_monitor.v1.Alert\x12,\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1d.safety_monitor.v1.BatchError\x12\x32\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32 .safety_monitor.v1.FeatureValues\"\x0f\n\rStatusRequest\"\xb3\x01\n\nPackStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x42\n\x0bhook_points\x18\x03 \x03(\x0b\x32-.safety_monitor.v1.PackStatus.HookPointsEntry\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x01(\r\x1a\x31\n\x0fHookPointsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\".\n\x0eRuleFileStatus\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\xa3\x03\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x1a\n\x12max_rows_per_batch\x18\x02 \x01(\r\x12\x19\n\x11max_conversations\x18\x03 \x01(\r\x12\"\n\x1amax_conversation_id_length\x18\x04 \x01(\r\x12\x1f\n\x17max_sequences_per_batch\x18\x05 \x01(\r\x12\x1d\n\x15max_request_id_length\x18\x06 \x01(\r\x12\x17\n\x0fmax_role_length\x18\x07 \x01(\r\x12\x18\n\x10max_model_length\x18\x08 \x01(\r\x12\x16\n\x0emax_attributes\x18\t \x01(\r\x12 \n\x18max_attribute_key_length\x18\n \x01(\r\x12\"\n\x1amax_attribute_value_length\x18\x0b \x01(\r\x12\x13\n\x0bmax_streams\x18\x0c \x01(\r\x12#\n\x1bstream_idle_timeout_seconds\x18\r \x01(\r\x12\x18\n\x10max_stream_bytes\x18\x0e \x01(\x04\"\xd9\x01\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12,\n\x05packs\x18\x02 \x03(\x0b\x32\x1d.safety_monitor.v1.PackStatus\x12\x35\n\nrule_files\x18\x03 \x03(\x0b\x32!.safety_monitor.v1.RuleFileStatus\x12\r\n\x05rules\x18\x04 \x01(\r\x12)\n\x06limits\x18\x05 \x01(\x0b\x32\x19.safety_monitor.v1.Limits\x12\x17\n\x0f\x61\x63\x63\x65pted_dtypes\x18\x06 \x03(\t2\x84\x02\n\rSafetyMonitor\x12L\n\x07Monitor\x12\x1c.safety_monitor.v1.StepBatch\x1a\x1f.safety_monitor.v1.MonitorEvent(\x01\x30\x01\x12S\n\x08\x45valuate\x12\".safety_monitor.v1.EvaluateRequest\x1a#.safety_monitor.v1.EvaluateResponse\x12P\n\tGetStatus\x12 .safety_monitor.v1.StatusRequest\x1a!.safety_monitor.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsafety_monitor/v1/monitor.proto\x12\x11safety_monitor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"K\n\x05Layer\x12\x12\n\nhook_point\x18\x01 \x01(\t\x12.\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x19.safety_monitor.v1.Tensor\"\xf6\x01\n\x08Sequence\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x10\n\x08position\x18\x04 \x01(\x04\x12\x0e\n\x06tokens\x18\x05 \x03(\t\x12\x0c\n\x04role\x18\x06 \x01(\t\x12\x0b\n\x03\x65nd\x18\x07 \x01(\x08\x12?\n\nattributes\x18\x08 \x03(\x0b\x32+.safety_monitor.v1.Sequence.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"p\n\x0c\x46\x65\x61tureBlock\x12\x0c\n\x04pack\x18\x01 \x01(\t\x12\x13\n\x0bpack_sha256\x18\x02 \x01(\t\x12\x12\n\nhook_point\x18\x03 \x01(\t\x12)\n\x06values\x18\x04 \x01(\x0b\x32\x19.safety_monitor.v1.Tensor\"\xe4\x01\n\tStepBatch\x12\x0e\n\x06seq_no\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x06layers\x18\x03 \x03(\x0b\x32\x18.safety_monitor.v1.Layer\x12.\n\tsequences\x18\x04 \x03(\x0b\x32\x1b.safety_monitor.v1.Sequence\x12+\n\x07sent_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x08\x66\x65\x61tures\x18\x06 \x03(\x0b\x32\x1f.safety_monitor.v1.FeatureBlock\"3\n\x03\x41\x63k\x12\x0e\n\x06seq_no\x18\x01 \x01(\x04\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0e\n\x06\x61lerts\x18\x03 \x01(\r\"\x9e\x02\n\x05\x41lert\x12\x0e\n\x06seq_no\x18\x01 \x01(\x04\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x10\n\x08severity\x18\x04 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x10\n\x08position\x18\x07 \x01(\x04\x12\r\n\x05value\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\t\x12\x34\n\x06labels\x18\n \x03(\x0b\x32$.safety_monitor.v1.Alert.LabelsEntry\x12\x0f\n\x07\x61\x63tions\x18\x0b \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\nBatchError\x12\x0e\n\x06seq_no\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x99\x01\n\x0cMonitorEvent\x12%\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x16.safety_monitor.v1.AckH\x00\x12)\n\x05\x61lert\x18\x02 \x01(\x0b\x32\x18.safety_monitor.v1.AlertH\x00\x12.\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1d.safety_monitor.v1.BatchErrorH\x00\x42\x07\n\x05\x65vent\"X\n\x0f\x45valuateRequest\x12+\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1c.safety_monitor.v1.StepBatch\x12\x18\n\x10include_features\x18\x02 \x01(\x08\"-\n\rFeatureValues\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\"\x9e\x01\n\x10\x45valuateResponse\x12(\n\x06\x61lerts\x18\x01 \x03(\x0b\x32\x18.safety_monitor.v1.Alert\x12,\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1d.safety_monitor.v1.BatchError\x12\x32\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32 .safety_monitor.v1.FeatureValues\"\x0f\n\rStatusRequest\"\xb3\x01\n\nPackStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x42\n\x0bhook_points\x18\x03 \x03(\x0b\x32-.safety_monitor.v1.PackStatus.HookPointsEntry\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x01(\r\x1a\x31\n\x0fHookPointsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\".\n\x0eRuleFileStatus\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\xa3\x03\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x1a\n\x12max_rows_per_batch\x18\x02 \x01(\r\x12\x19\n\x11max_conversations\x18\x03 \x01(\r\x12\"\n\x1amax_conversation_id_length\x18\x04 \x01(\r\x12\x1f\n\x17max_sequences_per_batch\x18\x05 \x01(\r\x12\x1d\n\x15max_request_id_length\x18\x06 \x01(\r\x12\x17\n\x0fmax_role_length\x18\x07 \x01(\r\x12\x18\n\x10max_model_length\x18\x08 \x01(\r\x12\x16\n\x0emax_attributes\x18\t \x01(\r\x12 \n\x18max_attribute_key_length\x18\n \x01(\r\x12\"\n\x1amax_attribute_value_length\x18\x0b \x01(\r\x12\x13\n\x0bmax_streams\x18\x0c \x01(\r\x12#\n\x1bstream_idle_timeout_seconds\x18\r \x01(\r\x12\x18\n\x10max_stream_bytes\x18\x0e \x01(\x04\"\xd9\x01\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12,\n\x05packs\x18\x02 \x03(\x0b\x32\x1d.safety_monitor.v1.PackStatus\x12\x35\n\nrule_files\x18\x03 \x03(\x0b\x32!.safety_monitor.v1.RuleFileStatus\x12\r\n\x05rules\x18\x04 \x01(\r\x12)\n\x06limits\x18\x05 \x01(\x0b\x32\x19.safety_monitor.v1.Limits\x12\x17\n\x0f\x61\x63\x63\x65pted_dtypes\x18\x06 \x03(\t2\x84\x02\n\rSafetyMonitor\x12L\n\x07Monitor\x12\x1c.safety_monitor.v1.StepBatch\x1a\x1f.safety_monitor.v1.MonitorEvent(\x01\x30\x01\x12S\n\x08\x45valuate\x12\".safety_monitor.v1.EvaluateRequest\x1a#.safety_monitor.v1.EvaluateResponse\x12P\n\tGetStatus\x12 .safety_monitor.v1.StatusRequest\x1a!.safety_monitor.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,31 +53,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACK']._serialized_start=812
   _globals['_ACK']._serialized_end=863
   _globals['_ALERT']._serialized_start=866
-  _globals['_ALERT']._serialized_end=1135
-  _globals['_ALERT_LABELSENTRY']._serialized_start=1090
-  _globals['_ALERT_LABELSENTRY']._serialized_end=1135
-  _globals['_BATCHERROR']._serialized_start=1137
-  _globals['_BATCHERROR']._serialized_end=1213
-  _globals['_MONITOREVENT']._serialized_start=1216
-  _globals['_MONITOREVENT']._serialized_end=1369
-  _globals['_EVALUATEREQUEST']._serialized_start=1371
-  _globals['_EVALUATEREQUEST']._serialized_end=1459
-  _globals['_FEATUREVALUES']._serialized_start=1461
-  _globals['_FEATUREVALUES']._serialized_end=1506
-  _globals['_EVALUATERESPONSE']._serialized_start=1509
-  _globals['_EVALUATERESPONSE']._serialized_end=1667
-  _globals['_STATUSREQUEST']._serialized_start=1669
-  _globals['_STATUSREQUEST']._serialized_end=1684
-  _globals['_PACKSTATUS']._serialized_start=1687
-  _globals['_PACKSTATUS']._serialized_end=1866
-  _globals['_PACKSTATUS_HOOKPOINTSENTRY']._serialized_start=1817
-  _globals['_PACKSTATUS_HOOKPOINTSENTRY']._serialized_end=1866
-  _globals['_RULEFILESTATUS']._serialized_start=1868
-  _globals['_RULEFILESTATUS']._serialized_end=1914
-  _globals['_LIMITS']._serialized_start=1917
-  _globals['_LIMITS']._serialized_end=2336
-  _globals['_STATUSRESPONSE']._serialized_start=2339
-  _globals['_STATUSRESPONSE']._serialized_end=2556
-  _globals['_SAFETYMONITOR']._serialized_start=2559
-  _globals['_SAFETYMONITOR']._serialized_end=2819
+  _globals['_ALERT']._serialized_end=1152
+  _globals['_ALERT_LABELSENTRY']._serialized_start=1107
+  _globals['_ALERT_LABELSENTRY']._serialized_end=1152
+  _globals['_BATCHERROR']._serialized_start=1154
+  _globals['_BATCHERROR']._serialized_end=1230
+  _globals['_MONITOREVENT']._serialized_start=1233
+  _globals['_MONITOREVENT']._serialized_end=1386
+  _globals['_EVALUATEREQUEST']._serialized_start=1388
+  _globals['_EVALUATEREQUEST']._serialized_end=1476
+  _globals['_FEATUREVALUES']._serialized_start=1478
+  _globals['_FEATUREVALUES']._serialized_end=1523
+  _globals['_EVALUATERESPONSE']._serialized_start=1526
+  _globals['_EVALUATERESPONSE']._serialized_end=1684
+  _globals['_STATUSREQUEST']._serialized_start=1686
+  _globals['_STATUSREQUEST']._serialized_end=1701
+  _globals['_PACKSTATUS']._serialized_start=1704
+  _globals['_PACKSTATUS']._serialized_end=1883
+  _globals['_PACKSTATUS_HOOKPOINTSENTRY']._serialized_start=1834
+  _globals['_PACKSTATUS_HOOKPOINTSENTRY']._serialized_end=1883
+  _globals['_RULEFILESTATUS']._serialized_start=1885
+  _globals['_RULEFILESTATUS']._serialized_end=1931
+  _globals['_LIMITS']._serialized_start=1934
+  _globals['_LIMITS']._serialized_end=2353
+  _globals['_STATUSRESPONSE']._serialized_start=2356
+  _globals['_STATUSRESPONSE']._serialized_end=2573
+  _globals['_SAFETYMONITOR']._serialized_start=2576
+  _globals['_SAFETYMONITOR']._serialized_end=2836
 # @@protoc_insertion_point(module_scope)
