@@ -132,7 +132,7 @@ class Ack(_message.Message):
     def __init__(self, seq_no: _Optional[int] = ..., rows: _Optional[int] = ..., alerts: _Optional[int] = ...) -> None: ...
 
 class Alert(_message.Message):
-    __slots__ = ("seq_no", "rule", "category", "severity", "conversation_id", "request_id", "position", "value", "message", "labels")
+    __slots__ = ("seq_no", "rule", "category", "severity", "conversation_id", "request_id", "position", "value", "message", "labels", "actions")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class Alert(_message.Message):
     VALUE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
     seq_no: int
     rule: str
     category: str
@@ -160,7 +161,8 @@ class Alert(_message.Message):
     value: float
     message: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, seq_no: _Optional[int] = ..., rule: _Optional[str] = ..., category: _Optional[str] = ..., severity: _Optional[str] = ..., conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., position: _Optional[int] = ..., value: _Optional[float] = ..., message: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    actions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, seq_no: _Optional[int] = ..., rule: _Optional[str] = ..., category: _Optional[str] = ..., severity: _Optional[str] = ..., conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., position: _Optional[int] = ..., value: _Optional[float] = ..., message: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., actions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchError(_message.Message):
     __slots__ = ("seq_no", "reason", "field", "message")
