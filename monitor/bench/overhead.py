@@ -49,6 +49,15 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
         "--soak-steps", type=int, default=0, help="also measure memory over N steps"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--engine",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="vllm: the vLLM plugin, monitor off/up/down, compiled and eager (needs vLLM)",
+    )
+    parser.add_argument(
+        "--execution", choices=("both", "compiled", "eager"), default="both", help="vllm only"
+    )
     parser.set_defaults(handler=_run_command)
 
 
@@ -56,6 +65,15 @@ def _run_command(args: argparse.Namespace) -> int:
     from monitor.logs import configure_logging
 
     configure_logging("auto", "warning")
+    if args.engine == "vllm":
+        from monitor.bench.vllm_overhead import format_vllm_table, run_vllm_overhead_bench
+
+        eager = {"both": (False, True), "compiled": (False,), "eager": (True,)}[args.execution]
+        result = run_vllm_overhead_bench(
+            rounds=args.rounds, requests=args.batch, new_tokens=args.new_tokens, eager_modes=eager
+        )
+        print(json.dumps(result, indent=2) if args.json else format_vllm_table(result))
+        return 0
     result = run_overhead_bench(
         rounds=args.rounds,
         new_tokens=args.new_tokens,

@@ -24,6 +24,7 @@ validation, encode, rules and events, with the encode's GFLOP/s beside the machi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -38,6 +39,7 @@ import grpc
 import torch
 
 from monitor.wire import encode_tensor, pb, pb_grpc
+from monitor.wire.columns import COLUMNS, SEQUENCE_FORMATS, ColumnarEncoder
 
 PIN_MODES = ("client", "both", "none")
 D_MODEL = 2304
@@ -73,6 +75,13 @@ def add_bench_sidecar_command(bench_subparsers: Any) -> None:
         default=True,
         help="also measure back-to-back decode steps, the encode-only bounds and stage costs",
     )
+    parser.add_argument(
+        "--sequence-format",
+        choices=SEQUENCE_FORMATS,
+        default=COLUMNS,
+        help="how decode steps carry their sequences: columns (what the capture relay sends to "
+        "a sidecar that offers it) or sequences (one Sequence message each)",
+    )
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=_run_command)
 
@@ -88,6 +97,7 @@ def _run_command(args: argparse.Namespace) -> int:
         args.latency_load,
         pin=args.pin,
         saturation=args.saturation,
+        sequence_format=args.sequence_format,
     )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
@@ -112,10 +122,15 @@ def run_sidecar_bench(
     latency_tokens_per_s: float | None = 25_000.0,
     pin: str = "client",
     saturation: bool = True,
+    sequence_format: str = COLUMNS,
 ) -> dict[str, Any]:
     """`latency_tokens_per_s=None`: pace the decode steps at half the measured throughput.
     `pin` (needs two cores or more, else nothing is pinned): "client" puts this load client
-    alone on the first core; "both" also puts the sidecar alone on the last core."""
+    alone on the first core; "both" also puts the sidecar alone on the last core.
+    `sequence_format`: how the decode steps carry their sequences ("columns" or
+    "sequences"); the stage costs measure both."""
+    if sequence_format not in SEQUENCE_FORMATS:
+        raise ValueError(f"sequence_format must be one of {SEQUENCE_FORMATS}")
     if pin not in PIN_MODES:
         raise ValueError(f"pin must be one of {PIN_MODES}, got {pin!r}")
     cores = sorted(os.sched_getaffinity(0))
@@ -130,6 +145,7 @@ def run_sidecar_bench(
             "pin": pin if pinned else "none",
             "sidecar_core": sidecar_core,
             "client_cores": sorted(client_cores),
+            "sequence_format": sequence_format,
         }
         try:
             target = f"127.0.0.1:{port}"
@@ -137,10 +153,12 @@ def run_sidecar_bench(
             result["throughput"] = _measured(process, _throughput, target, seconds, prefill_rows)
             load = latency_tokens_per_s or result["throughput"]["tokens_per_s"] / 2
             rate = load / conversations  # decode steps per second
-            result["latency"] = _measured(process, _latency, target, seconds, conversations, rate)
+            result["latency"] = _measured(
+                process, _latency, target, seconds, conversations, rate, sequence_format
+            )
             if saturation:
                 result["decode_saturation"] = _measured(
-                    process, _decode_saturation, target, seconds, conversations
+                    process, _decode_saturation, target, seconds, conversations, sequence_format
                 )
         finally:
             os.sched_setaffinity(0, set(cores))
@@ -164,9 +182,10 @@ def _bounds(
         if core is not None:
             os.sched_setaffinity(0, {core})
             torch.set_num_threads(1)
-        decode_messages = [
-            _batch(step + 1, 1, conversations, step).SerializeToString() for step in range(64)
-        ]
+        decode_steps = [_batch(step + 1, 1, conversations, step) for step in range(64)]
+        decode_messages = [step.SerializeToString() for step in decode_steps]
+        encoder = ColumnarEncoder(conversations)  # one stream: slots defined by the first step
+        columns_messages = [encoder.encode(step).SerializeToString() for step in decode_steps]
         prefill_messages = [
             _prefill(i + 1, prefill_rows, i * prefill_rows).SerializeToString() for i in range(8)
         ]
@@ -179,6 +198,7 @@ def _bounds(
             },
             "stages": {
                 "decode": stage_costs(pack, ruleset, decode_messages, hook_point),
+                "decode-col": stage_costs(pack, ruleset, columns_messages, hook_point),
                 "prefill": stage_costs(pack, ruleset, prefill_messages, hook_point),
             },
         }
@@ -268,6 +288,32 @@ def _batch(seq_no: int, rows_per_conversation: int, conversations: int, position
     return batch
 
 
+def _decode_steps(conversations: int, sequence_format: str) -> Iterator[pb.StepBatch]:
+    """Decode steps of one stream, one row per conversation, positions 0, 1, ...: in the
+    columnar format the first step defines the conversation slots and the others only move
+    the positions, as the capture relay sends them."""
+    template = _batch(0, 1, conversations, 0)
+    if sequence_format == COLUMNS:
+        first = ColumnarEncoder(conversations).encode(template)
+        rest = pb.StepBatch()
+        rest.CopyFrom(first)
+        rest.columns.ClearField("define")
+    step = 0
+    while True:
+        batch = pb.StepBatch()
+        if sequence_format == COLUMNS:
+            batch.CopyFrom(first if step == 0 else rest)
+            batch.columns.ClearField("position")
+            batch.columns.position.extend([step] * conversations)
+        else:
+            batch.CopyFrom(template)
+            for sequence in batch.sequences:
+                sequence.position = step
+        batch.seq_no = step + 1
+        yield batch
+        step += 1
+
+
 def _prefill(seq_no: int, rows: int, position: int):  # type: ignore[no-untyped-def]
     batch = _batch(0, rows, 1, position)
     batch.seq_no = seq_no
@@ -333,23 +379,19 @@ def _throughput(target: str, seconds: float, rows: int) -> dict[str, Any]:
     }
 
 
-def _latency(target: str, seconds: float, conversations: int, rate: float) -> dict[str, Any]:
-    template = _batch(0, 1, conversations, 0)
+def _latency(
+    target: str, seconds: float, conversations: int, rate: float, sequence_format: str
+) -> dict[str, Any]:
     interval = 1.0 / max(rate, 1.0)
     count = max(1, int(seconds / interval))
 
     def batches() -> Iterator[pb.StepBatch]:
         next_at = time.perf_counter()
-        for step in range(count):
+        for batch in itertools.islice(_decode_steps(conversations, sequence_format), count):
             next_at += interval
             pause = next_at - time.perf_counter()
             if pause > 0:
                 time.sleep(pause)
-            batch = pb.StepBatch()
-            batch.CopyFrom(template)
-            batch.seq_no = step + 1
-            for sequence in batch.sequences:
-                sequence.position = step
             yield batch
 
     stream = _Stream(target, window=1024)
@@ -368,20 +410,16 @@ def _latency(target: str, seconds: float, conversations: int, rate: float) -> di
     }
 
 
-def _decode_saturation(target: str, seconds: float, conversations: int) -> dict[str, Any]:
+def _decode_saturation(
+    target: str, seconds: float, conversations: int, sequence_format: str
+) -> dict[str, Any]:
     """Decode steps back to back, at most 64 in flight: the sidecar's decode-step ceiling."""
-    template = _batch(0, 1, conversations, 0)
     deadline = time.perf_counter() + seconds
 
     def batches() -> Iterator[pb.StepBatch]:
-        step = 0
-        while time.perf_counter() < deadline:
-            batch = pb.StepBatch()
-            batch.CopyFrom(template)
-            batch.seq_no = step + 1
-            for sequence in batch.sequences:
-                sequence.position = step
-            step += 1
+        for batch in _decode_steps(conversations, sequence_format):
+            if time.perf_counter() >= deadline:
+                return
             yield batch
 
     stream = _Stream(target, window=64)

@@ -26,6 +26,7 @@ import torch
 from monitor.features import FeaturePack
 from monitor.outputs.metrics import SidecarMetrics
 from monitor.rules import RuleSet
+from monitor.sidecar.columns import ConversationTable
 from monitor.sidecar.config import Limits
 from monitor.sidecar.pipeline import Pipeline
 from monitor.wire import pb
@@ -59,7 +60,8 @@ def stage_costs(
 ) -> dict[str, Any]:
     """CPU ms per message of each stage on one core (one torch thread; median over ``rounds``
     passes over ``messages``), for serialised StepBatch messages that continue each other (as
-    a stream would send them), with the encode's GFLOP/s beside the machine's one-core GEMM."""
+    a stream would send them, in either sequence format), with the encode's GFLOP/s beside
+    the machine's one-core GEMM."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per core: CPU time of this thread is all the work
     try:
@@ -79,7 +81,9 @@ def _stage_costs(
     rows = 0
     for _ in range(rounds):
         clock = _Clock()
-        pipeline = Pipeline([pack], ruleset, SidecarMetrics(), Limits())
+        limits = Limits()
+        pipeline = Pipeline([pack], ruleset, SidecarMetrics(), limits)
+        table = ConversationTable(limits.max_conversation_slots)  # one stream's
         pipeline.validate = clock.wrap("validate", pipeline.validate)  # type: ignore[method-assign]
         pipeline.encode = clock.wrap("encode", pipeline.encode)  # type: ignore[method-assign]
         engine = pipeline.engine
@@ -90,7 +94,7 @@ def _stage_costs(
         for data in messages:
             batch = parse(data)
             started = time.thread_time()
-            outcome = pipeline.process(batch)
+            outcome = pipeline.process(batch, table=table)
             total += time.thread_time() - started
             if not outcome.events or not outcome.events[-1].HasField("ack"):
                 raise RuntimeError(f"bench message {batch.seq_no} was not acked: {outcome}")

@@ -64,6 +64,7 @@ class ReceivedAlert:
     message: str
     labels: dict[str, str]
     seq_no: int
+    actions: tuple[str, ...] = ()  # the rule's actions; "block" asks the engine to stop it
 
 
 class CaptureClient:
@@ -234,6 +235,19 @@ class CaptureClient:
         )
         self._enqueue(step)
 
+    def submit(self, step: CapturedStep) -> None:
+        """Send a step assembled outside this client's hooks (engine integrations such as
+        vLLM, which split one flattened forward pass into per-request rows themselves).
+        Counted, dropped and sent exactly like a hooked step; never raises into the caller."""
+        try:
+            self._enqueue(step)
+        except Exception as exc:
+            self._on_hook_error("submit", exc)
+
+    def count_drop(self, reason: str) -> None:
+        """Count a step an integration dropped before it reached the client."""
+        self._count_drop(reason)
+
     # ---- results --------------------------------------------------------------------------
 
     @property
@@ -286,6 +300,21 @@ class CaptureClient:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.002)
+        return True
+
+    def wait_settled(self, max_unsettled: int, timeout: float) -> bool:
+        """Wait until at most `max_unsettled` captured steps await the sidecar's verdict and
+        every alert received so far was handled (guard mode: an engine holds a step's tokens
+        back until then). False at `timeout`, or at once while the sidecar is unreachable:
+        the caller carries on (fail-open)."""
+        deadline = time.monotonic() + timeout
+        while (
+            self._copies_pending + self._link.unsettled() > max_unsettled
+            or self._link.alerts_pending()
+        ):
+            if self._link.unreachable or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.0002)
         return True
 
     def close(self, timeout: float = 10.0) -> None:
@@ -436,6 +465,7 @@ class CaptureClient:
             message=alert.message,
             labels=dict(alert.labels),
             seq_no=alert.seq_no,
+            actions=tuple(alert.actions),
         )
         with self._lock:
             self._alerts.append(received)

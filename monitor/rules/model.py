@@ -9,7 +9,9 @@ from monitor.rules.errors import SourceLocation
 from monitor.rules.expressions import Condition
 
 SEVERITIES = ("info", "warning", "critical")
-ACTIONS = ("alert", "audit", "log")
+# `block` (guard mode): an engine integration that supports it stops the conversation's request
+# (see monitor/capture/vllm); clients that cannot block just see the alert.
+ACTIONS = ("alert", "audit", "log", "block")
 SCOPES = ("conversation", "request")
 DEFAULT_OUTPUT = "{rule} fired at token {position} of {conversation_id} (value {value:.3g})"
 DEFAULT_CATEGORY = "uncategorized"

@@ -51,6 +51,10 @@ class Limits:
     max_stream_bytes: int = 64 * 1024 * 1024
     # Rule state (run lengths, temporal windows) of all conversations together.
     max_rule_state_bytes: int = 1024 * 1024 * 1024
+    # Slots of one stream's conversation table (the columnar sequence format): a batched
+    # server runs a few hundred sequences at once, and a client reuses slots beyond that.
+    # Each slot holds its strings: with max_streams streams, this bounds the tables together.
+    max_conversation_slots: int = 1024
 
 
 @dataclass(frozen=True)

@@ -284,6 +284,7 @@ def alert_event(seq_no: int, firing: Firing) -> pb.MonitorEvent:
         value=firing.value,
         message=firing.message,
         labels=firing.labels,
+        actions=firing.actions,
     )
     return pb.MonitorEvent(alert=alert)
 

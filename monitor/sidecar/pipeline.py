@@ -16,6 +16,7 @@ import torch
 from monitor.features import FeaturePack
 from monitor.outputs.metrics import SidecarMetrics
 from monitor.rules import Firing, RuleEngine, RuleSet
+from monitor.sidecar.columns import ConversationTable
 from monitor.sidecar.config import Limits, ScopeSettings
 from monitor.sidecar.firings import (
     Actions,
@@ -131,24 +132,34 @@ class Pipeline:
         self.columns = _feature_columns(self.packs, ruleset.required_features)
         self.required = {(c.pack.name, c.hook_point) for c in self.columns}
 
-    def process(self, batch: pb.StepBatch, client: StreamClient = ANONYMOUS) -> BatchOutcome:
+    def process(
+        self,
+        batch: pb.StepBatch,
+        client: StreamClient = ANONYMOUS,
+        table: ConversationTable | None = None,
+    ) -> BatchOutcome:
         """Run one batch through the stream's stateful rule engine; never raises on bad input."""
-        return self.process_many([batch], client)[0]
+        return self.process_many([batch], client, table)[0]
 
     def process_many(
-        self, batches: Sequence[pb.StepBatch], client: StreamClient = ANONYMOUS
+        self,
+        batches: Sequence[pb.StepBatch],
+        client: StreamClient = ANONYMOUS,
+        table: ConversationTable | None = None,
     ) -> list[BatchOutcome]:
         """Batches of one stream that arrived together, in order: one outcome each, exactly
         as if processed one at a time, but consecutive steps that continue the same
         conversations are evaluated as one (`grouping.py`): how the sidecar keeps up when
         decode steps queue. `client` is who sent them: the scope of their conversations'
-        state and the owner new conversations are charged to."""
+        state and the owner new conversations are charged to. `table` is the stream's
+        conversation table (the columnar sequence format); without one, only `Sequence`
+        messages are accepted."""
         outcomes: list[BatchOutcome | None] = [None] * len(batches)
         group: list[tuple[int, ValidatedBatch]] = []
         for index, batch in enumerate(batches):
             try:
-                validated = self.validate(batch, client)
-            except BatchRejected as rejected:  # touches no state: the group goes on
+                validated = self.validate(batch, client, table)
+            except BatchRejected as rejected:  # touches no rule state: the group goes on
                 outcomes[index] = self._reject(batch.seq_no, rejected)
                 continue
             members = [member for _, member in group]
@@ -221,7 +232,9 @@ class Pipeline:
         not only those the rules read (with no rules loaded, the rules read none); a batch
         that no pack can encode is rejected (``no_features``) rather than answered empty."""
         try:
-            validated = self.validate(batch)
+            # No stream, no table beyond this call: a columnar batch defines what it uses.
+            table = ConversationTable(self.limits.max_conversation_slots)
+            validated = self.validate(batch, table=table)
             features = self.encode(validated)
             if include_features:
                 features = {**self._encode_all(validated), **features}
@@ -253,10 +266,16 @@ class Pipeline:
                     features[name] = values[:, column]
         return features
 
-    def validate(self, batch: pb.StepBatch, client: StreamClient = ANONYMOUS) -> ValidatedBatch:
+    def validate(
+        self,
+        batch: pb.StepBatch,
+        client: StreamClient = ANONYMOUS,
+        table: ConversationTable | None = None,
+    ) -> ValidatedBatch:
         """Check a StepBatch against the packs, the rules' hook points and the limits; raises
-        BatchRejected (reason, field, message) without touching any state. The batch's
-        conversations are scoped as configured (`ScopeSettings`) for `client`.
+        BatchRejected (reason, field, message) without touching rule state (slot definitions
+        of a columnar batch do update `table`). The batch's conversations are scoped as
+        configured (`ScopeSettings`) for `client`.
         """
         scoping = self.scoping
         return validate_batch(
@@ -266,6 +285,7 @@ class Pipeline:
             self.limits,
             scope=client.identity if scoping.scope == "client" else "",
             scope_attribute=scoping.attribute if scoping.scope == "attribute" else "",
+            table=table,
         )
 
     def encode(self, batch: ValidatedBatch) -> dict[str, torch.Tensor]:

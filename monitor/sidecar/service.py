@@ -6,6 +6,7 @@ signals and reload are in `process.py`.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,6 +17,7 @@ import structlog
 import monitor
 from monitor.outputs.metrics import SidecarMetrics
 from monitor.sidecar import streams
+from monitor.sidecar.columns import ConversationTable
 from monitor.sidecar.grouping import MAX_GROUP, READ_AHEAD
 from monitor.sidecar.pipeline import (
     ANONYMOUS,
@@ -26,6 +28,7 @@ from monitor.sidecar.pipeline import (
 )
 from monitor.sidecar.security import tls_subject, token_client
 from monitor.wire import SERVICE_NAME, WIRE_DTYPES, pb, pb_grpc
+from monitor.wire.columns import SEQUENCE_FORMATS
 
 log = structlog.get_logger("safety_monitor.sidecar")
 
@@ -126,6 +129,9 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         budget = streams.StreamBudget(READ_AHEAD, limits.max_stream_bytes)
         idle = float(limits.stream_idle_timeout_seconds)
         reader = asyncio.create_task(_read_into(request_iterator, arrived, budget, self.parser))
+        # The stream's conversation slots (columnar format); touched only on the worker.
+        table = ConversationTable(limits.max_conversation_slots)
+        process = functools.partial(self.pipeline.process_many, table=table)
         try:
             ended = False
             while not ended:
@@ -144,7 +150,7 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                         ended = True
                         break
                     held.append(more)
-                outcomes = await self._run_many([batch for batch, _ in held], client)
+                outcomes = await self._run_many([batch for batch, _ in held], client, process)
                 for _, size in held:
                     await budget.release(size)
                 for outcome in outcomes:
@@ -251,6 +257,8 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                 max_stream_bytes=limits.max_stream_bytes,
             ),
             accepted_dtypes=list(WIRE_DTYPES),
+            sequence_formats=list(SEQUENCE_FORMATS),
+            conversation_slots=limits.max_conversation_slots,
         )
 
     async def _run(

@@ -28,7 +28,8 @@ def test_sidecar_bench_measures_throughput_and_latency():
     assert saturation["errors"] == 0 and saturation["tokens_per_s"] > 0
     assert set(result["encode_only_rows_per_s"]) == {"128", "8"}
     assert all(rate > 0 for rate in result["encode_only_rows_per_s"].values())
-    for name, rows in (("decode", 8), ("prefill", 128)):
+    assert result["sequence_format"] == "columns"
+    for name, rows in (("decode", 8), ("decode-col", 8), ("prefill", 128)):
         stages = result["stages"][name]
         assert stages["rows_per_message"] == rows
         assert all(ms >= 0 for ms in stages["cpu_ms"].values())

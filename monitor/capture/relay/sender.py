@@ -21,6 +21,7 @@ from monitor.capture.channel.frames import read_step
 from monitor.capture.channel.protocol import SenderSettings
 from monitor.capture.channel.ring import Frame, SharedRing, Slot
 from monitor.wire import pb, pb_grpc
+from monitor.wire.columns import ColumnarEncoder, offers_columns
 
 log = structlog.get_logger("safety_monitor.capture")
 
@@ -146,13 +147,14 @@ class Sender:
             self.ring.slots[Slot.UNREACHABLE] = 0
             self.ring.slots[Slot.CONNECTED] = 1
             stub = pb_grpc.SafetyMonitorStub(channel)
+            encoder = self._negotiate(stub)
             # gRPC pulls requests on its own thread and may still be inside the generator
             # when the call dies; `alive` (checked under the lock) keeps such a step from
             # being counted in flight on a stream that is already gone.
             alive = threading.Event()
             alive.set()
             try:
-                requests = self._requests(alive, stopping)
+                requests = self._requests(alive, stopping, encoder)
                 for event in stub.Monitor(requests, metadata=self.settings.metadata):
                     self._handle(event)
             except grpc.RpcError as exc:
@@ -166,8 +168,29 @@ class Sender:
                 self._lose_inflight()
             return True
 
+    def _negotiate(self, stub: pb_grpc.SafetyMonitorStub) -> ColumnarEncoder | None:
+        """The sequence format of the stream about to open: columnar (with a fresh
+        conversation table, as the sidecar's is per stream) when the sidecar's GetStatus
+        offers it, else `Sequence` messages, which every sidecar reads. A failed GetStatus
+        also means `Sequence` messages: the stream itself then decides whether we are up."""
+        try:
+            status = stub.GetStatus(
+                pb.StatusRequest(),
+                metadata=self.settings.metadata,
+                timeout=self.settings.connect_timeout,
+            )
+        except grpc.RpcError as exc:
+            log.warning("GetStatus failed; sending Sequence messages", code=str(exc.code()))
+            return None
+        if not offers_columns(status):
+            return None
+        return ColumnarEncoder(status.conversation_slots)
+
     def _requests(
-        self, alive: threading.Event, stopping: threading.Event
+        self,
+        alive: threading.Event,
+        stopping: threading.Event,
+        encoder: ColumnarEncoder | None = None,
     ) -> Iterator[pb.StepBatch]:
         bad_frame = lambda: self.count(Slot.LOST_BAD_FRAME)  # noqa: E731
         while alive.is_set() and not (stopping.is_set() and self.ring.frames_waiting() == 0):
@@ -179,6 +202,8 @@ class Sender:
             batch.model = self.settings.model_name
             batch.sent_at.GetCurrentTime()
             rows = sum(sequence.rows for sequence in batch.sequences)
+            if encoder is not None:
+                encoder.encode(batch)
             with self._lock:
                 if not alive.is_set():
                     self.ring.slots[Slot.LOST_DISCONNECTED] += 1

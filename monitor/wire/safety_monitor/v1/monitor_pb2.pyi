@@ -67,20 +67,59 @@ class FeatureBlock(_message.Message):
     def __init__(self, pack: _Optional[str] = ..., pack_sha256: _Optional[str] = ..., hook_point: _Optional[str] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class StepBatch(_message.Message):
-    __slots__ = ("seq_no", "model", "layers", "sequences", "sent_at", "features")
+    __slots__ = ("seq_no", "model", "layers", "sequences", "sent_at", "features", "columns")
     SEQ_NO_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     seq_no: int
     model: str
     layers: _containers.RepeatedCompositeFieldContainer[Layer]
     sequences: _containers.RepeatedCompositeFieldContainer[Sequence]
     sent_at: _timestamp_pb2.Timestamp
     features: _containers.RepeatedCompositeFieldContainer[FeatureBlock]
-    def __init__(self, seq_no: _Optional[int] = ..., model: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., features: _Optional[_Iterable[_Union[FeatureBlock, _Mapping]]] = ...) -> None: ...
+    columns: SequenceColumns
+    def __init__(self, seq_no: _Optional[int] = ..., model: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., features: _Optional[_Iterable[_Union[FeatureBlock, _Mapping]]] = ..., columns: _Optional[_Union[SequenceColumns, _Mapping]] = ...) -> None: ...
+
+class ConversationSlot(_message.Message):
+    __slots__ = ("slot", "conversation_id", "request_id", "role", "attributes")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    slot: int
+    conversation_id: str
+    request_id: str
+    role: str
+    attributes: _containers.ScalarMap[str, str]
+    def __init__(self, slot: _Optional[int] = ..., conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., role: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SequenceColumns(_message.Message):
+    __slots__ = ("define", "slot", "rows", "position", "end", "tokens")
+    DEFINE_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    define: _containers.RepeatedCompositeFieldContainer[ConversationSlot]
+    slot: _containers.RepeatedScalarFieldContainer[int]
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    position: _containers.RepeatedScalarFieldContainer[int]
+    end: _containers.RepeatedScalarFieldContainer[bool]
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, define: _Optional[_Iterable[_Union[ConversationSlot, _Mapping]]] = ..., slot: _Optional[_Iterable[int]] = ..., rows: _Optional[_Iterable[int]] = ..., position: _Optional[_Iterable[int]] = ..., end: _Optional[_Iterable[bool]] = ..., tokens: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq_no", "rows", "alerts")
@@ -93,7 +132,7 @@ class Ack(_message.Message):
     def __init__(self, seq_no: _Optional[int] = ..., rows: _Optional[int] = ..., alerts: _Optional[int] = ...) -> None: ...
 
 class Alert(_message.Message):
-    __slots__ = ("seq_no", "rule", "category", "severity", "conversation_id", "request_id", "position", "value", "message", "labels")
+    __slots__ = ("seq_no", "rule", "category", "severity", "conversation_id", "request_id", "position", "value", "message", "labels", "actions")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +150,7 @@ class Alert(_message.Message):
     VALUE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
     seq_no: int
     rule: str
     category: str
@@ -121,7 +161,8 @@ class Alert(_message.Message):
     value: float
     message: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, seq_no: _Optional[int] = ..., rule: _Optional[str] = ..., category: _Optional[str] = ..., severity: _Optional[str] = ..., conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., position: _Optional[int] = ..., value: _Optional[float] = ..., message: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    actions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, seq_no: _Optional[int] = ..., rule: _Optional[str] = ..., category: _Optional[str] = ..., severity: _Optional[str] = ..., conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., position: _Optional[int] = ..., value: _Optional[float] = ..., message: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., actions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchError(_message.Message):
     __slots__ = ("seq_no", "reason", "field", "message")
@@ -235,17 +276,21 @@ class Limits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_rows_per_batch: _Optional[int] = ..., max_conversations: _Optional[int] = ..., max_conversation_id_length: _Optional[int] = ..., max_sequences_per_batch: _Optional[int] = ..., max_request_id_length: _Optional[int] = ..., max_role_length: _Optional[int] = ..., max_model_length: _Optional[int] = ..., max_attributes: _Optional[int] = ..., max_attribute_key_length: _Optional[int] = ..., max_attribute_value_length: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_idle_timeout_seconds: _Optional[int] = ..., max_stream_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "packs", "rule_files", "rules", "limits", "accepted_dtypes")
+    __slots__ = ("version", "packs", "rule_files", "rules", "limits", "accepted_dtypes", "sequence_formats", "conversation_slots")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PACKS_FIELD_NUMBER: _ClassVar[int]
     RULE_FILES_FIELD_NUMBER: _ClassVar[int]
     RULES_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_SLOTS_FIELD_NUMBER: _ClassVar[int]
     version: str
     packs: _containers.RepeatedCompositeFieldContainer[PackStatus]
     rule_files: _containers.RepeatedCompositeFieldContainer[RuleFileStatus]
     rules: int
     limits: Limits
     accepted_dtypes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[str] = ..., packs: _Optional[_Iterable[_Union[PackStatus, _Mapping]]] = ..., rule_files: _Optional[_Iterable[_Union[RuleFileStatus, _Mapping]]] = ..., rules: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., accepted_dtypes: _Optional[_Iterable[str]] = ...) -> None: ...
+    sequence_formats: _containers.RepeatedScalarFieldContainer[str]
+    conversation_slots: int
+    def __init__(self, version: _Optional[str] = ..., packs: _Optional[_Iterable[_Union[PackStatus, _Mapping]]] = ..., rule_files: _Optional[_Iterable[_Union[RuleFileStatus, _Mapping]]] = ..., rules: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., accepted_dtypes: _Optional[_Iterable[str]] = ..., sequence_formats: _Optional[_Iterable[str]] = ..., conversation_slots: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,133 @@
+"""A vLLM engine in its own process, driven by JSON lines on stdin (one JSON reply line each,
+`{"reply": ...}`):
+`python -m monitor.bench.vllm_engine '<LLM keyword arguments as JSON>'`. Used by
+`safety-monitor bench overhead --engine vllm` and by the vLLM integration tests.
+
+vLLM starts its engine core and workers with multiprocessing, which needs the engine to be
+created under `if __name__ == "__main__":`; running it as a script also lets one engine serve
+a whole test module. The monitor plugin is configured by the environment the test gives it.
+
+Commands:
+  {"op": "run", "requests": [...], "max_steps": N}   each request: id, prompt (token ids),
+      params (SamplingParams keyword arguments), optional start_step (add it before that
+      engine step), abort_after (abort once it has that many output tokens);
+      -> {"results": {id: {"outputs": [{token_ids, finish_reason, stop_reason}], ...}}}
+  {"op": "report"} -> the workers' capture reports;  {"op": "flush"} -> bool per worker
+  {"op": "probe_hooks"} -> installs a forward hook counter on every decoder layer (tests:
+      it shows whether forward hooks run at all; needs VLLM_ALLOW_INSECURE_SERIALIZATION=1)
+  {"op": "hook_calls"} -> how often those hooks ran
+  {"op": "quit"}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+
+def _hook_layers(worker: Any) -> int:
+    from monitor.capture.layers import find_layer_list
+
+    layers = find_layer_list(worker.model_runner.get_model())
+    worker._probe_calls = 0
+
+    def hook(*_: Any) -> None:
+        worker._probe_calls += 1
+
+    for layer in layers:
+        layer.register_forward_hook(hook)
+    return len(layers)
+
+
+def _hook_calls(worker: Any) -> int:
+    return getattr(worker, "_probe_calls", -1)
+
+
+def run(engine: Any, requests: list[dict[str, Any]], max_steps: int) -> dict[str, Any]:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    pending = sorted(requests, key=lambda r: r.get("start_step", 0))
+    results: dict[str, Any] = {}
+    live: dict[str, dict[str, Any]] = {}
+    step = 0
+    step_seconds: list[float] = []
+    started = time.monotonic()
+    while (pending or live) and step < max_steps:
+        while pending and pending[0].get("start_step", 0) <= step:
+            request = pending.pop(0)
+            params = SamplingParams(
+                **request.get("params", {}), output_kind=RequestOutputKind.CUMULATIVE
+            )
+            engine.add_request(request["id"], {"prompt_token_ids": request["prompt"]}, params)
+            live[request["id"]] = request
+        step_started = time.perf_counter()
+        outputs = engine.step()
+        step_seconds.append(time.perf_counter() - step_started)
+        for output in outputs:
+            request = live.get(output.request_id)
+            if request is None:
+                continue
+            # With n > 1 a step reports only the sequences that moved: keep each by index.
+            completions = request.setdefault("_completions", {})
+            for o in output.outputs:
+                completions[o.index] = {
+                    "token_ids": list(o.token_ids),
+                    "finish_reason": o.finish_reason,
+                    "stop_reason": o.stop_reason,
+                }
+            results[output.request_id] = {
+                "outputs": [completions[i] for i in sorted(completions)],
+                "prompt_len": len(output.prompt_token_ids or []),
+                "num_cached_tokens": output.num_cached_tokens,
+                "finished": output.finished,
+            }
+            limit = request.get("abort_after")
+            if output.finished:
+                del live[output.request_id]
+            elif limit is not None and max(len(o.token_ids) for o in output.outputs) >= limit:
+                engine.abort_request([output.request_id])
+                results[output.request_id]["aborted_by_client"] = True
+                del live[output.request_id]
+        step += 1
+    return {
+        "results": results,
+        "steps": step,
+        "seconds": time.monotonic() - started,
+        "step_seconds": step_seconds,
+    }
+
+
+def main() -> None:
+    engine_kwargs = json.loads(sys.argv[1])
+    from vllm import LLM
+
+    llm = LLM(**engine_kwargs)
+    engine = llm.llm_engine
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        op = command["op"]
+        if op == "run":
+            reply: Any = run(engine, command["requests"], command.get("max_steps", 5000))
+        elif op == "report":
+            reply = llm.collective_rpc("safety_monitor_report")
+        elif op == "flush":
+            reply = llm.collective_rpc("safety_monitor_flush", args=(command.get("timeout", 30.0),))
+        elif op == "probe_hooks":
+            reply = llm.collective_rpc(_hook_layers)
+        elif op == "hook_calls":
+            reply = llm.collective_rpc(_hook_calls)
+        elif op == "quit":
+            print(json.dumps({"reply": "bye"}), flush=True)
+            break
+        else:
+            reply = {"error": f"unknown op {op!r}"}
+        print(json.dumps({"reply": reply}), flush=True)
+    del llm
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""From one vLLM forward pass to per-conversation slices, without importing vLLM.
+
+vLLM's V1 model runner flattens every scheduled token of a step into one `[num_tokens, hidden]`
+tensor: the requests of the persistent batch in order, each with its scheduled tokens
+contiguous (a prefill chunk, a single decode token, or a whole prompt). The scheduler output
+says how many tokens each request runs and how many it had computed before (the position of
+its first scheduled token). This module turns that layout into `CapturedStep` slices:
+
+- each request's rows go to its conversation at their true positions;
+- rows a request computes again (after preemption, vLLM recomputes from its last cached
+  block) are skipped, so no token is sent twice;
+- a request whose first computed token is past what was sent (prefix caching: cached tokens
+  are not recomputed) is sent from its true position; the sidecar sees the gap.
+
+Kept free of vLLM imports so it is unit-tested in the main environment.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# Keys read from `SamplingParams.extra_args` (Python) or `vllm_xargs` (the OpenAI server).
+CONVERSATION_KEY = "sm_conversation_id"
+ROLE_KEY = "sm_role"
+ATTRIBUTES_KEY = "sm_attributes"  # a mapping, or a JSON object string (vllm_xargs is flat)
+# Set by the plugin in the frontend process: the request id the user gave (vLLM appends a
+# random suffix to it internally) and, for `n > 1`, which of the n sequences this is.
+REQUEST_KEY = "_sm_request_id"
+SEQUENCE_KEY = "_sm_sequence"
+
+DEFAULT_ROLE = "assistant"
+_MAX_ATTRIBUTES = 64
+_MAX_VALUE_CHARS = 1024
+# vLLM makes request ids unique as f"{user_id}-{8 random hex chars}"; children of an n > 1
+# request are f"{index}_{that}". Used only when the frontend did not tag the request.
+_INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+
+
+class NamingError(ValueError):
+    """A request's extra_args name a conversation in a way the monitor cannot accept."""
+
+
+@dataclass(frozen=True)
+class RequestTag:
+    """Who a vLLM request's tokens belong to."""
+
+    conversation_id: str
+    request_id: str
+    role: str = DEFAULT_ROLE
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    # Named through extra_args: the conversation may go on in later requests, so it is not
+    # ended when this request finishes.
+    explicit: bool = False
+
+
+def tag_request(internal_id: str, extra_args: Mapping[str, Any] | None) -> RequestTag:
+    """The conversation a request belongs to, from its `extra_args`.
+
+    Without `sm_conversation_id` the request id the user gave is the conversation id. With
+    `n > 1` the sequences become `<id>/<j>`, as with the transformers client."""
+    extra = extra_args or {}
+    request_id = extra.get(REQUEST_KEY)
+    if not isinstance(request_id, str) or not request_id:
+        request_id = _INTERNAL_SUFFIX.sub("", internal_id)
+    conversation = extra.get(CONVERSATION_KEY, request_id)
+    if not isinstance(conversation, str) or not conversation:
+        raise NamingError(f"{CONVERSATION_KEY} must be a non-empty string, got {conversation!r}")
+    sequence = extra.get(SEQUENCE_KEY)
+    if isinstance(sequence, int) and not isinstance(sequence, bool):
+        conversation = f"{conversation}/{sequence}"
+    role = extra.get(ROLE_KEY, DEFAULT_ROLE)
+    if not isinstance(role, str) or not role:
+        raise NamingError(f"{ROLE_KEY} must be a non-empty string, got {role!r}")
+    attributes = _attributes(extra.get(ATTRIBUTES_KEY))
+    return RequestTag(conversation, request_id, role, attributes, CONVERSATION_KEY in extra)
+
+
+def _attributes(raw: object) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise NamingError(f"{ATTRIBUTES_KEY}: not a JSON object ({exc.msg})") from None
+    if not isinstance(raw, Mapping):
+        raise NamingError(f"{ATTRIBUTES_KEY} must be a mapping of strings")
+    if len(raw) > _MAX_ATTRIBUTES:
+        raise NamingError(f"{ATTRIBUTES_KEY}: more than {_MAX_ATTRIBUTES} attributes")
+    attributes = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or not isinstance(value, str | int | float | bool):
+            raise NamingError(f"{ATTRIBUTES_KEY}: {key!r} must map to a string")
+        text = str(value)
+        if len(text) > _MAX_VALUE_CHARS:
+            raise NamingError(f"{ATTRIBUTES_KEY}: {key!r} is longer than {_MAX_VALUE_CHARS}")
+        attributes[key] = text
+    return attributes
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows of one request in a flattened step: `rows[start:stop]` hold the tokens at
+    positions `position .. position + stop - start - 1`."""
+
+    request: str  # vLLM's internal request id
+    tag: RequestTag
+    start: int
+    stop: int
+    position: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class _Tracked:
+    tag: RequestTag
+    sent_until: int = 0  # next position not yet sent
+
+
+class BatchSplitter:
+    """Per-request state across steps: tags, what was sent, which requests a conversation has
+    in flight (for the block action). Thread-safe: alerts arrive on another thread."""
+
+    def __init__(self, max_requests: int = 100_000) -> None:
+        self.max_requests = max_requests
+        self._requests: OrderedDict[str, _Tracked] = OrderedDict()
+        self._by_conversation: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+        self.skipped_rows = 0  # recomputed rows not sent again
+        self.gaps = 0  # requests whose first computed token was past what was sent
+
+    def track(self, internal_id: str, tag: RequestTag) -> None:
+        """Remember a request the first time it is scheduled."""
+        with self._lock:
+            if internal_id in self._requests:
+                return
+            self._requests[internal_id] = _Tracked(tag)
+            self._by_conversation.setdefault(tag.conversation_id, set()).add(internal_id)
+            while len(self._requests) > self.max_requests:
+                old, tracked = self._requests.popitem(last=False)
+                self._unlink(old, tracked.tag.conversation_id)
+
+    def known(self, internal_id: str) -> bool:
+        return internal_id in self._requests
+
+    def state(self, internal_id: str) -> tuple[RequestTag, int] | None:
+        """A tracked request's tag and the next position not yet sent."""
+        with self._lock:
+            tracked = self._requests.get(internal_id)
+            return None if tracked is None else (tracked.tag, tracked.sent_until)
+
+    def finish(self, internal_ids: Sequence[str] | set[str]) -> None:
+        """Forget finished or aborted requests."""
+        with self._lock:
+            for internal_id in internal_ids:
+                tracked = self._requests.pop(internal_id, None)
+                if tracked is not None:
+                    self._unlink(internal_id, tracked.tag.conversation_id)
+
+    def requests_of(self, conversation_id: str) -> list[str]:
+        """vLLM request ids currently computing tokens for a conversation."""
+        with self._lock:
+            return sorted(self._by_conversation.get(conversation_id, ()))
+
+    def split(
+        self, req_ids: Sequence[str], num_tokens: Sequence[int], computed: Sequence[int]
+    ) -> list[Slice]:
+        """The step's slices: `req_ids[i]` ran `num_tokens[i]` tokens starting at position
+        `computed[i]`, in this order in the flattened batch. Advances what was sent."""
+        slices = []
+        offset = 0
+        with self._lock:
+            for internal_id, count, first in zip(req_ids, num_tokens, computed, strict=True):
+                count, first = int(count), int(first)
+                start, stop = offset, offset + count
+                offset = stop
+                tracked = self._requests.get(internal_id)
+                if tracked is None or count <= 0:
+                    continue
+                skip = min(count, max(0, tracked.sent_until - first))
+                self.skipped_rows += skip
+                if first > tracked.sent_until:
+                    self.gaps += 1
+                if skip == count:
+                    continue
+                slices.append(Slice(internal_id, tracked.tag, start + skip, stop, first + skip))
+                tracked.sent_until = first + count
+        return slices
+
+    def _unlink(self, internal_id: str, conversation_id: str) -> None:
+        members = self._by_conversation.get(conversation_id)
+        if members is not None:
+            members.discard(internal_id)
+            if not members:
+                del self._by_conversation[conversation_id]
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+
+def group_by_attributes(slices: Sequence[Slice]) -> list[list[Slice]]:
+    """Slices grouped so each group shares one attribute set (a wire message carries one
+    attribute map for all its sequences); the common case is a single group."""
+    groups: dict[tuple[tuple[str, str], ...], list[Slice]] = {}
+    for piece in slices:
+        groups.setdefault(tuple(sorted(piece.tag.attributes.items())), []).append(piece)
+    return list(groups.values())
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Which worker sends: the residual stream is identical on every tensor-parallel rank
+    after the all-reduce, so only TP rank 0 sends; with pipeline parallelism the stage that
+    owns the chosen layers sends."""
+
+    sends: bool
+    reason: str
+
+
+def plan_rank(
+    layers: Sequence[int],
+    tp_rank: int,
+    pp_rank: int,
+    pp_size: int,
+    stage_layers: tuple[int, int],
+) -> RankPlan:
+    """Decide whether this worker sends. Raises ValueError when the chosen layers span
+    pipeline stages (each step must carry all of a token's hook points in one message)."""
+    start, end = stage_layers
+    owned = [layer for layer in layers if start <= layer < end]
+    if owned and len(owned) != len(layers):
+        raise ValueError(
+            f"safety-monitor: layers {sorted(layers)} span pipeline stages (stage {pp_rank} "
+            f"owns layers {start}..{end - 1}); choose layers that one stage owns"
+        )
+    if not owned:
+        return RankPlan(False, f"pipeline stage {pp_rank}/{pp_size} owns none of the layers")
+    if tp_rank != 0:
+        return RankPlan(False, f"tensor-parallel rank {tp_rank}: rank 0 sends")
+    return RankPlan(True, f"pipeline stage {pp_rank}/{pp_size}, tensor-parallel rank 0")

@@ -1,0 +1,350 @@
+"""The worker side: capture buffers on the model, one CapturedStep per forward pass, and
+the alerts that ask to block a request.
+
+Patched into vLLM's V1 model runner (`GPUModelRunner`, which the CPU runner extends):
+
+- `load_model`: after the model is built (before it is first compiled), choose this rank's
+  role, give each chosen decoder layer a capture buffer and start the CaptureClient (the
+  same ring, relay process, fail-open/closed semantics and metrics as the transformers
+  client);
+- `_prepare_inputs`: note the flattened batch's layout (request order, tokens per request,
+  position of each request's first token), exactly as the runner computes it;
+- `execute_model`: after the forward, read the first `num_tokens` rows of each buffer and
+  send them split per request (batch.py);
+- `sample_tokens`: hand the engine core the requests a `block` alert asked to stop, on the
+  ModelRunnerOutput (it travels to the scheduler process with the output; guard.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+import torch
+
+from monitor.capture.layers import find_layer_list
+from monitor.capture.steps import CapturedStep, Tagging
+from monitor.capture.vllm import op
+from monitor.capture.vllm.batch import (
+    BatchSplitter,
+    NamingError,
+    RequestTag,
+    Slice,
+    group_by_attributes,
+    plan_rank,
+    tag_request,
+)
+from monitor.capture.vllm.config import PluginSettings
+from monitor.hookpoints import hook_point_name
+
+log = structlog.get_logger("safety_monitor.capture.vllm")
+
+_MAX_PENDING_BLOCKS = 10_000
+
+
+class WorkerCapture:
+    """One per model runner: buffers, the request bookkeeping and the capture client."""
+
+    def __init__(self, settings: PluginSettings, runner: Any) -> None:
+        from vllm.distributed import get_pp_group, get_tp_group
+
+        self.settings = settings
+        config = runner.vllm_config
+        if config.speculative_config is not None:
+            raise RuntimeError(speculative_refusal(config.speculative_config))
+        model = runner.get_model()
+        layer_list = find_layer_list(model)
+        count = len(layer_list)
+        layers = []
+        for index in settings.layers:
+            if not -count <= index < count:
+                raise ValueError(
+                    f"safety-monitor: layer {index} out of range; the model has {count} "
+                    f"decoder layers (0..{count - 1})"
+                )
+            layers.append(index % count)
+        base = _base_model(model)
+        stage = (getattr(base, "start_layer", 0), getattr(base, "end_layer", count))
+        pp, tp = get_pp_group(), get_tp_group()
+        self.plan = plan_rank(layers, tp.rank_in_group, pp.rank_in_group, pp.world_size, stage)
+        self.is_output_rank = pp.is_last_rank and tp.rank_in_group == 0
+        self.hook_points = [hook_point_name(index) for index in layers]
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.splitter = BatchSplitter()
+        self.client = None
+        self._layout: tuple[list[str], Any, Any] | None = None
+        self._blocks: dict[str, str] = {}
+        self._blocks_lock = threading.Lock()
+        self.block_requests = 0  # block alerts that named a request in flight
+        self.guard_timeouts = 0  # steps released without the sidecar's verdict (fail-open)
+        self.steps = 0
+        self.naming_errors = 0
+        if not self.plan.sends:
+            log.info("safety-monitor: this rank does not send", reason=self.plan.reason)
+            return
+        if settings.guard and not self.is_output_rank:
+            log.warning(
+                "safety-monitor: the `block` action cannot stop requests from this rank "
+                "(its outputs do not reach the scheduler); block alerts are only logged",
+                reason=self.plan.reason,
+            )
+        rows = max(runner.max_num_tokens, _cudagraph_max(config))
+        hidden = config.model_config.get_hidden_size()
+        dtype = config.model_config.dtype
+        for index, hook_point in zip(layers, self.hook_points, strict=True):
+            self.buffers[hook_point] = op.attach_buffer(
+                layer_list[index], index, rows, hidden, dtype, runner.device
+            )
+        self._empty = {hp: torch.empty(0, hidden, dtype=dtype) for hp in self.hook_points}
+        # The compile cache must not hand back a graph compiled without the op (or with other
+        # layers): put the capture settings into the config hash that keys it.
+        extra = config.additional_config if isinstance(config.additional_config, dict) else None
+        if extra is not None:
+            extra["safety_monitor_capture"] = {"layers": layers, "op": op.OP_NAME}
+        from monitor.capture.client import CaptureClient
+
+        self.client = CaptureClient(
+            settings.target, on_alert=self._on_alert, **settings.client_kwargs()
+        )
+        if settings.metrics_port is not None:
+            _start_metrics(settings.metrics_port + config.parallel_config.rank)
+        log.info(
+            "safety-monitor capture attached",
+            hook_points=self.hook_points,
+            target=settings.target,
+            rank=self.plan.reason,
+            compiled=config.compilation_config.mode != 0,
+        )
+
+    # ---- per step -------------------------------------------------------------------------
+
+    def note_layout(self, runner: Any, num_scheduled_tokens: Any) -> None:
+        """Called right after `_prepare_inputs`: the order and positions the forward uses."""
+        batch = runner.input_batch
+        count = batch.num_reqs
+        self._layout = (
+            list(batch.req_ids[:count]),
+            [int(n) for n in num_scheduled_tokens[:count]],
+            batch.num_computed_tokens_cpu[:count].tolist(),
+        )
+
+    def after_forward(self, runner: Any, scheduler_output: Any) -> None:
+        """Called after `execute_model`: send this step's rows, split per request."""
+        layout, self._layout = self._layout, None
+        finished = scheduler_output.finished_req_ids
+        if finished:
+            self._finish(finished)
+        if layout is None or self.client is None:
+            return
+        req_ids, num_tokens, computed = layout
+        for internal_id in req_ids:
+            if not self.splitter.known(internal_id):
+                self.splitter.track(internal_id, self._tag(runner, internal_id))
+        slices = self.splitter.split(req_ids, num_tokens, computed)
+        if not slices:
+            return
+        self.steps += 1
+        for group in group_by_attributes(slices):
+            self.client.submit(self._step(group))
+
+    def _step(self, group: Sequence[Slice]) -> CapturedStep:
+        contiguous = len(group) == 1 or all(a.stop == b.start for a, b in itertools.pairwise(group))
+        if contiguous:
+            start, stop = group[0].start, group[-1].stop
+            layers = {hp: buffer[start:stop] for hp, buffer in self.buffers.items()}
+        else:
+            index = torch.cat([torch.arange(s.start, s.stop) for s in group])
+            layers = {}
+            for hp, buffer in self.buffers.items():
+                layers[hp] = buffer.index_select(0, index.to(buffer.device))
+        ready = None
+        if any(t.is_cuda for t in layers.values()):
+            # Off the device without waiting: the client publishes once the copy is done.
+            host = {}
+            for hp, tensor in layers.items():
+                host[hp] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                host[hp].copy_(tensor, non_blocking=True)
+            layers = host
+            ready = torch.cuda.Event()
+            ready.record()
+        ids = tuple(s.tag.conversation_id for s in group)
+        roles = tuple(s.tag.role for s in group)
+        requests = tuple(s.tag.request_id for s in group)
+        attributes = group[0].tag.attributes
+        tagging = Tagging(
+            ids,
+            roles,
+            requests,
+            attributes,
+            key=(ids, roles, requests, tuple(sorted(attributes.items()))),
+        )
+        return CapturedStep(
+            layers=layers,
+            tagging=tagging,
+            rows=[s.rows for s in group],
+            positions=[s.position for s in group],
+            ready=ready,
+        )
+
+    def _tag(self, runner: Any, internal_id: str) -> RequestTag:
+        state = runner.requests.get(internal_id)
+        params = getattr(state, "sampling_params", None)
+        extra = getattr(params, "extra_args", None)
+        try:
+            return tag_request(internal_id, extra)
+        except NamingError as exc:
+            # Serve the request anyway, under its own id: a naming mistake must not fail it.
+            self.naming_errors += 1
+            log.error(
+                "safety-monitor: bad conversation naming", request=internal_id, error=str(exc)
+            )
+            return tag_request(internal_id, None)
+
+    def _finish(self, finished: set[str]) -> None:
+        """Requests that ended: conversations named after their request end with them."""
+        ended = []
+        for internal_id in finished:
+            state = self.splitter.state(internal_id)
+            if state is not None and self.client is not None:
+                ended.append(state)
+        self.splitter.finish(finished)
+        with self._blocks_lock:
+            for internal_id in finished:
+                self._blocks.pop(internal_id, None)
+        for tag, position in ended:
+            if tag.explicit:
+                continue
+            step = CapturedStep(
+                layers=dict(self._empty),
+                tagging=Tagging((tag.conversation_id,), ("",), ("",), end=True),
+                rows=[0],
+                positions=[position],
+            )
+            self.client.submit(step)  # type: ignore[union-attr]
+
+    # ---- guard mode -----------------------------------------------------------------------
+
+    def _on_alert(self, alert: Any) -> None:
+        """Relay thread: a rule with the `block` action fired for a conversation."""
+        if "block" not in alert.actions or not self.settings.guard:
+            return
+        requests = self.splitter.requests_of(alert.conversation_id)
+        if not requests:
+            return
+        with self._blocks_lock:
+            for internal_id in requests:
+                if len(self._blocks) < _MAX_PENDING_BLOCKS:
+                    self._blocks.setdefault(internal_id, alert.rule)
+            self.block_requests += len(requests)
+        log.warning(
+            "safety-monitor: blocking request",
+            rule=alert.rule,
+            conversation_id=alert.conversation_id,
+            position=alert.position,
+            requests=requests,
+        )
+
+    def take_blocks(self) -> dict[str, str]:
+        """The requests to stop with this step's output. With `block_within` set, first wait
+        (up to `guard_timeout`, then fail-open) until the sidecar has judged every step but
+        the last `block_within`, so a block lands within that many tokens of its firing."""
+        within = self.settings.block_within
+        waits = within is not None and self.settings.guard and self.client is not None
+        if waits and not self.client.wait_settled(within, self.settings.guard_timeout):  # type: ignore[union-attr, arg-type]
+            self.guard_timeouts += 1
+        if not self._blocks:
+            return {}
+        with self._blocks_lock:
+            blocks, self._blocks = self._blocks, {}
+        return blocks
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close(timeout=5)
+
+
+def speculative_refusal(speculative_config: Any) -> str:
+    method = getattr(speculative_config, "method", None) or "speculative decoding"
+    return (
+        "safety-monitor: speculative decoding is not supported (speculative_config: "
+        f"method={method!r}): the monitor would see draft tokens the engine may reject. "
+        "Start vLLM without --speculative-config, or unset SAFETY_MONITOR_TARGET."
+    )
+
+
+def _base_model(model: Any) -> Any:
+    return getattr(model, "model", model)
+
+
+def _cudagraph_max(config: Any) -> int:
+    sizes = getattr(config.compilation_config, "cudagraph_capture_sizes", None) or [0]
+    return max(sizes)
+
+
+_metrics_started: set[int] = set()
+
+
+def _start_metrics(port: int) -> None:
+    """Serve this worker's client metrics (vLLM's own /metrics lives in another process)."""
+    if port in _metrics_started:
+        return
+    from prometheus_client import start_http_server
+
+    start_http_server(port, addr="127.0.0.1")
+    _metrics_started.add(port)
+
+
+# ---- operator helpers, for `LLM.collective_rpc(...)` ------------------------------------------
+
+
+def capture_report(worker: Any) -> dict[str, Any]:
+    """This worker's capture state: `llm.collective_rpc(capture_report)` returns one per rank."""
+    capture: WorkerCapture | None = getattr(worker.model_runner, "_safety_monitor", None)
+    report: dict[str, Any] = {"attached": capture is not None, "op_calls": op.op_calls()}
+    if capture is None:
+        return report
+    report.update(
+        sends=capture.plan.sends,
+        rank=capture.plan.reason,
+        hook_points=capture.hook_points,
+        steps=capture.steps,
+        skipped_rows=capture.splitter.skipped_rows,
+        gaps=capture.splitter.gaps,
+        tracked_requests=len(capture.splitter),
+        block_requests=capture.block_requests,
+        guard_timeouts=capture.guard_timeouts,
+        naming_errors=capture.naming_errors,
+    )
+    client = capture.client
+    if client is not None:
+        stats = client.stats
+        report.update(
+            steps_captured=stats.steps_captured,
+            batches_acked=stats.batches_acked,
+            batches_rejected=stats.batches_rejected,
+            rows_acked=stats.rows_acked,
+            dropped=dict(stats.dropped),
+            connected=client.connected,
+            alerts=[
+                {
+                    "rule": a.rule,
+                    "conversation_id": a.conversation_id,
+                    "request_id": a.request_id,
+                    "position": a.position,
+                    "actions": list(a.actions),
+                }
+                for a in client.alerts
+            ],
+        )
+    return report
+
+
+def capture_flush(worker: Any, timeout: float = 30.0) -> bool:
+    """Wait until every captured step is acknowledged, rejected or counted as dropped."""
+    capture: WorkerCapture | None = getattr(worker.model_runner, "_safety_monitor", None)
+    if capture is None or capture.client is None:
+        return True
+    return capture.client.flush(timeout)

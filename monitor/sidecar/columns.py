@@ -1,0 +1,232 @@
+"""The columnar sequence format (`StepBatch.columns`), the sidecar's half: a stream's
+conversation table, and a batch's packed arrays checked and turned into SequenceSlices.
+
+The client's half is `monitor.wire.columns`. The same limits apply as to `Sequence` messages
+(conversation id length, positions, token text counts, rows per batch), and every problem is
+a BatchRejected naming the field, e.g. `columns.slot[3]` or `columns.define[0].conversation_id`.
+Reading the arrays costs no protobuf object per sequence: that is the point of the format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from itertools import accumulate, repeat
+from typing import NamedTuple
+
+from monitor.rules import SequenceSlice
+from monitor.sidecar.config import Limits
+from monitor.sidecar.validate import (
+    MAX_POSITION,
+    BatchRejected,
+    _check_conversation_id,
+    check_attributes,
+    check_length,
+)
+from monitor.wire import pb
+
+_NO_ATTRIBUTES: Mapping[str, str] = SequenceSlice._field_defaults["attributes"]
+_new_slice = tuple.__new__
+# The fields the fast construction below fills, in order.
+SLICE_FIELDS = (
+    "conversation_id",
+    "start_row",
+    "rows",
+    "position",
+    "role",
+    "end",
+    "request_id",
+    "attributes",
+    "scope",
+)
+
+
+class _Slot(NamedTuple):
+    conversation_id: str
+    role: str
+    request_id: str
+    attributes: Mapping[str, str]
+
+
+class ConversationTable:
+    """One stream's conversation slots (or one Evaluate call's). Definitions in a batch are
+    checked all together and applied before its arrays are read, and they stay applied even
+    when the rest of the batch is rejected (the client has sent them; it will not again). A
+    conversation id lives in one slot at a time: defining it elsewhere empties its old slot."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._slots: list[_Slot | None] = [None] * size
+        self._slot_of: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        """Slots currently defined."""
+        return len(self._slot_of)
+
+    def define(self, definitions: list[pb.ConversationSlot], limits: Limits) -> None:
+        """Check every definition (raises BatchRejected naming the first bad one; then none
+        is applied) and apply them in order."""
+        if len(definitions) > limits.max_sequences_per_batch:
+            raise BatchRejected(
+                "too_many_sequences",
+                "columns.define",
+                f"columns.define: {len(definitions)} definitions exceed the limit of "
+                f"{limits.max_sequences_per_batch} per batch",
+            )
+        new: list[tuple[int, _Slot]] = []
+        slots_seen: set[int] = set()
+        ids_seen: set[str] = set()
+        for i, definition in enumerate(definitions):
+            field = f"columns.define[{i}]"
+            slot, conversation_id = definition.slot, definition.conversation_id
+            if slot >= self.size:
+                raise BatchRejected(
+                    "bad_slot",
+                    f"{field}.slot",
+                    f"{field}.slot: {slot} is past the table's {self.size} slots",
+                )
+            if slot in slots_seen:
+                raise BatchRejected(
+                    "bad_slot", f"{field}.slot", f"{field}.slot: {slot} is defined twice"
+                )
+            _check_conversation_id(conversation_id, field, limits)
+            check_length(definition.request_id, f"{field}.request_id", limits.max_request_id_length)
+            check_length(definition.role, f"{field}.role", limits.max_role_length)
+            if definition.attributes:
+                check_attributes(definition.attributes, f"{field}.attributes", limits)
+            if conversation_id in ids_seen:
+                raise BatchRejected(
+                    "duplicate_conversation",
+                    f"{field}.conversation_id",
+                    f"{field}.conversation_id: {conversation_id!r} is defined twice",
+                )
+            slots_seen.add(slot)
+            ids_seen.add(conversation_id)
+            attributes = dict(definition.attributes) if definition.attributes else _NO_ATTRIBUTES
+            new.append(
+                (slot, _Slot(conversation_id, definition.role, definition.request_id, attributes))
+            )
+        slots, slot_of = self._slots, self._slot_of
+        for slot, entry in new:
+            old = slots[slot]
+            if old is not None and slot_of.get(old.conversation_id) == slot:
+                del slot_of[old.conversation_id]
+            moved_from = slot_of.get(entry.conversation_id)
+            if moved_from is not None:
+                slots[moved_from] = None
+            slots[slot] = entry
+            slot_of[entry.conversation_id] = slot
+
+    def slices(
+        self,
+        columns: pb.SequenceColumns,
+        limits: Limits,
+        scope: str = "",
+        scope_attribute: str = "",
+    ) -> tuple[list[SequenceSlice], list[list[str]]]:
+        """The batch's sequences from its arrays: what `Sequence` messages would have given,
+        scoped by `scope` or, when set, by each conversation's `scope_attribute`. Raises
+        BatchRejected (located) on a problem."""
+        slot_ids = list(columns.slot)
+        count = len(slot_ids)
+        if not count:
+            raise BatchRejected("no_sequences", "columns.slot", "columns.slot: no sequences")
+        if count > limits.max_sequences_per_batch:
+            raise BatchRejected(
+                "too_many_sequences",
+                "columns.slot",
+                f"columns.slot: {count} sequences exceed the limit of "
+                f"{limits.max_sequences_per_batch} per batch",
+            )
+        if count > limits.max_conversations:
+            raise BatchRejected(
+                "too_many_conversations",
+                "columns.slot",
+                f"columns.slot: {count} conversations in one batch exceed max_conversations "
+                f"({limits.max_conversations}), the most the sidecar tracks at once",
+            )
+        rows, positions, ends = list(columns.rows), list(columns.position), list(columns.end)
+        for name, values, allow_empty in (
+            ("rows", rows, False),
+            ("position", positions, False),
+            ("end", ends, True),
+        ):
+            if len(values) != count and not (allow_empty and not values):
+                raise BatchRejected(
+                    "bad_columns",
+                    f"columns.{name}",
+                    f"columns.{name}: {len(values)} entries for {count} sequences"
+                    + (" (or none)" if allow_empty else ""),
+                )
+        if max(slot_ids) >= self.size:
+            i = next(i for i, s in enumerate(slot_ids) if s >= self.size)
+            raise BatchRejected(
+                "bad_slot",
+                f"columns.slot[{i}]",
+                f"columns.slot[{i}]: {slot_ids[i]} is past the table's {self.size} slots",
+            )
+        table = self._slots
+        entries = [table[s] for s in slot_ids]
+        if None in entries:
+            i = entries.index(None)
+            raise BatchRejected(
+                "unknown_slot",
+                f"columns.slot[{i}]",
+                f"columns.slot[{i}]: slot {slot_ids[i]} holds no conversation on this stream",
+            )
+        if len(set(slot_ids)) != count:
+            first: dict[int, int] = {}
+            for i, slot in enumerate(slot_ids):
+                if first.setdefault(slot, i) != i:
+                    raise BatchRejected(
+                        "duplicate_conversation",
+                        f"columns.slot[{i}]",
+                        f"columns.slot[{i}]: {entries[i].conversation_id!r} appears more "  # type: ignore[union-attr]
+                        "than once in the batch",
+                    )
+        # max + max bounds every sum: the exact check runs only when that bound is exceeded.
+        if max(positions) + max(rows) > MAX_POSITION:
+            for i, (position, n) in enumerate(zip(positions, rows, strict=True)):
+                if position + n > MAX_POSITION:
+                    raise BatchRejected(
+                        "bad_position",
+                        f"columns.position[{i}]",
+                        f"columns.position[{i}]: {position} + {n} rows is past the largest "
+                        f"supported position {MAX_POSITION}",
+                    )
+        texts = list(columns.tokens)
+        total = sum(rows)
+        if texts and len(texts) != total:
+            raise BatchRejected(
+                "bad_tokens",
+                "columns.tokens",
+                f"columns.tokens: {len(texts)} token texts for {total} rows",
+            )
+        if not ends:
+            ends = [False] * count
+        # All in C: the slot entries transposed, and tuple.__new__ instead of the named
+        # tuple's Python-level __new__ (a third of the cost). Every field is given, in order
+        # (a test checks SLICE_FIELDS against SequenceSlice._fields).
+        ids, roles, request_ids, attributes = zip(*entries, strict=True)  # type: ignore[misc]
+        starts = accumulate(rows, initial=0)  # one more than there are sequences: not strict
+        if scope_attribute:
+            scopes: Iterable[str] = [a.get(scope_attribute, "") for a in attributes]
+        else:
+            scopes = repeat(scope, count)
+        fields = zip(
+            ids,
+            starts,
+            rows,
+            positions,
+            roles,
+            ends,
+            request_ids,
+            attributes,
+            scopes,
+            strict=False,
+        )
+        slices: list[SequenceSlice] = list(map(_new_slice, repeat(SequenceSlice, count), fields))
+        if texts:
+            tokens = [texts[s.start_row : s.start_row + s.rows] for s in slices]
+        else:
+            tokens = [[] for _ in range(count)]
+        return slices, tokens

@@ -1,0 +1,99 @@
+"""vLLM with `enforce_eager=True` and the monitor plugin: the same capture op runs (there
+forward hooks fire too, which the compiled-mode test shows they do not), with the same exact
+accounting."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+
+from monitor.fixtures import free_port, start_sidecar
+from tests.conftest import REPO_ROOT
+from tests.integration.vllm.harness import (
+    GUARD_RULE,
+    Engine,
+    engine_kwargs,
+    greedy,
+    seen,
+    sidecar_config,
+    write_model,
+)
+
+# Engine start-up (compilation included) takes minutes on two busy cores.
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("vllm-eager-sidecar")
+    process = start_sidecar(sidecar_config(workdir, GUARD_RULE), workdir, cwd=REPO_ROOT)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(sidecar, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("vllm-eager")
+    model = write_model(workdir / "tiny-llama")
+    # Configured by a YAML file this time, with the worker's metrics served on a port.
+    metrics_port = free_port()
+    config = workdir / "monitor.yaml"
+    config.write_text(
+        f"target: {sidecar.target}\nlayers: [1]\nmodel_name: tiny\n"
+        f"metrics_port: {metrics_port}\nblock_within: 1\nguard_timeout: 30\n"
+    )
+    engine = Engine(
+        engine_kwargs(model, eager=True),
+        {"SAFETY_MONITOR_CONFIG": str(config)},
+        workdir / "engine.log",
+    )
+    engine.metrics_port = metrics_port
+    engine.call({"op": "probe_hooks"})
+    yield engine
+    engine.stop()
+
+
+def test_eager_mode_accounting_in_mixed_batches_with_preemption(engine):
+    before = engine.report()
+    requests = [
+        {"id": f"eager-{i}", "prompt": [70 + i] * (30 + 5 * i), "params": greedy(50)}
+        for i in range(4)
+    ]
+    requests[3]["start_step"] = 5  # arrives while the others decode; prefilled in chunks
+    results = engine.run(requests, timeout=600)
+    assert all(len(r["outputs"][0]["token_ids"]) == 50 for r in results.values())
+    engine.flush()
+    after = engine.report()
+    # Hooks fire in eager mode (both layers, every forward), and so does the capture op.
+    hook_calls = engine.call({"op": "hook_calls"})[0]
+    op_calls = after["op_calls"] - before["op_calls"]
+    assert op_calls > 0 and hook_calls == 2 * op_calls
+    assert after["skipped_rows"] > before["skipped_rows"]  # preempted and recomputed
+    for i in range(4):
+        assert seen(after["alerts"], f"eager-{i}") == 30 + 5 * i + 50 - 1
+    assert after["batches_rejected"] == 0
+
+
+def test_eager_mode_block(engine):
+    guarded = {"sm_role": "guarded"}
+    results = engine.run(
+        [
+            {"id": "eager-bad", "prompt": [5] * 4, "params": greedy(40, extra_args=guarded)},
+            {"id": "eager-ok", "prompt": [6] * 4, "params": greedy(40)},
+        ]
+    )
+    bad = results["eager-bad"]["outputs"][0]
+    assert bad["finish_reason"] == "abort"
+    assert results["eager-ok"]["outputs"][0]["finish_reason"] == "length"
+    # block_within: 1 -> at most one token past the step that sampled after position 11.
+    assert len(bad["token_ids"]) - (11 - 4 + 2) <= 1
+    assert engine.report()["guard_timeouts"] == 0
+
+
+def test_worker_metrics_are_served(engine):
+    url = f"http://127.0.0.1:{engine.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    steps = [line for line in text.splitlines() if line.startswith("safety_monitor_capture_steps")]
+    assert steps and float(steps[0].split()[-1]) > 0, steps

@@ -1,0 +1,174 @@
+"""The vLLM integration's bookkeeping, without vLLM: naming, splitting a flattened step per
+request, recomputation and prefix-cache gaps, rank plans and the plugin settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from monitor.capture.vllm.batch import (
+    BatchSplitter,
+    NamingError,
+    group_by_attributes,
+    plan_rank,
+    tag_request,
+)
+from monitor.capture.vllm.config import PluginConfigError, load_settings
+
+
+def test_request_id_is_the_conversation_without_naming():
+    tag = tag_request("chat-7-0a1b2c3d", {"_sm_request_id": "chat-7"})
+    assert (tag.conversation_id, tag.request_id, tag.role, tag.explicit) == (
+        "chat-7",
+        "chat-7",
+        "assistant",
+        False,
+    )
+    # Not tagged by the frontend: vLLM's random suffix is removed from the internal id.
+    assert tag_request("chat-7-0a1b2c3d", None).conversation_id == "chat-7"
+    assert tag_request("plain", None).conversation_id == "plain"
+
+
+def test_naming_through_extra_args_and_vllm_xargs():
+    tag = tag_request(
+        "1_req-0a1b2c3d",
+        {
+            "_sm_request_id": "req",
+            "_sm_sequence": 1,
+            "sm_conversation_id": "conv-9",
+            "sm_role": "user",
+            "sm_attributes": '{"tenant": "acme", "tier": 2}',  # vllm_xargs is flat: JSON
+        },
+    )
+    assert tag.conversation_id == "conv-9/1"
+    assert tag.request_id == "req"
+    assert tag.role == "user"
+    assert dict(tag.attributes) == {"tenant": "acme", "tier": "2"}
+    assert tag.explicit
+    assert dict(tag_request("x", {"sm_attributes": {"a": "b"}}).attributes) == {"a": "b"}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"sm_conversation_id": ""},
+        {"sm_conversation_id": 5},
+        {"sm_role": ""},
+        {"sm_attributes": "not json"},
+        {"sm_attributes": "[1, 2]"},
+        {"sm_attributes": {"a": ["list"]}},
+    ],
+)
+def test_bad_naming_is_refused(extra):
+    with pytest.raises(NamingError):
+        tag_request("r", extra)
+
+
+def test_split_mixed_prefill_and_decode_step():
+    splitter = BatchSplitter()
+    for rid in ("a", "b", "c"):
+        splitter.track(rid, tag_request(rid, None))
+    # a: prefill of 5 tokens; b: one decode token at position 9; c: a chunk at 32..39
+    splitter.split(["b"], [9], [0])  # b's prompt earlier
+    splitter.split(["c"], [32], [0])
+    slices = splitter.split(["a", "b", "c"], [5, 1, 8], [0, 9, 32])
+    assert [(s.request, s.start, s.stop, s.position) for s in slices] == [
+        ("a", 0, 5, 0),
+        ("b", 5, 6, 9),
+        ("c", 6, 14, 32),
+    ]
+
+
+def test_recomputed_tokens_are_not_sent_again():
+    splitter = BatchSplitter()
+    splitter.track("r", tag_request("r", None))
+    splitter.split(["r"], [20], [0])
+    splitter.split(["r"], [1], [20])
+    # Preempted, then recomputed from position 0 (prompt + output so far) plus one new token.
+    (piece,) = splitter.split(["r"], [22], [0])
+    assert (piece.start, piece.stop, piece.position) == (21, 22, 21)
+    assert splitter.skipped_rows == 21
+
+
+def test_prefix_cache_hit_starts_at_the_true_position():
+    splitter = BatchSplitter()
+    splitter.track("r", tag_request("r", None))
+    (piece,) = splitter.split(["r"], [8], [32])
+    assert (piece.position, piece.rows) == (32, 8)
+    assert splitter.gaps == 1
+
+
+def test_untracked_and_finished_requests():
+    splitter = BatchSplitter()
+    splitter.track("a", tag_request("a", {"sm_conversation_id": "conv"}))
+    splitter.track("b", tag_request("b", {"sm_conversation_id": "conv"}))
+    assert splitter.requests_of("conv") == ["a", "b"]
+    splitter.finish({"a"})
+    assert splitter.requests_of("conv") == ["b"]
+    assert [s.request for s in splitter.split(["a", "b"], [2, 3], [0, 0])] == ["b"]
+
+
+def test_group_by_attributes():
+    splitter = BatchSplitter()
+    splitter.track("a", tag_request("a", {"sm_attributes": {"t": "1"}}))
+    splitter.track("b", tag_request("b", None))
+    splitter.track("c", tag_request("c", {"sm_attributes": {"t": "1"}}))
+    groups = group_by_attributes(splitter.split(["a", "b", "c"], [1, 1, 1], [0, 0, 0]))
+    assert [[s.request for s in g] for g in groups] == [["a", "c"], ["b"]]
+
+
+def test_rank_plan():
+    assert plan_rank([3], tp_rank=0, pp_rank=0, pp_size=1, stage_layers=(0, 8)).sends
+    assert not plan_rank([3], tp_rank=1, pp_rank=0, pp_size=1, stage_layers=(0, 8)).sends
+    # Pipeline parallel: the stage owning the layers sends, the others do not.
+    assert plan_rank([6], tp_rank=0, pp_rank=1, pp_size=2, stage_layers=(4, 8)).sends
+    assert not plan_rank([6], tp_rank=0, pp_rank=0, pp_size=2, stage_layers=(0, 4)).sends
+    with pytest.raises(ValueError, match="span pipeline stages"):
+        plan_rank([2, 6], tp_rank=0, pp_rank=0, pp_size=2, stage_layers=(0, 4))
+
+
+def test_settings_from_env_and_yaml(tmp_path):
+    assert load_settings({}) is None
+    settings = load_settings(
+        {"SAFETY_MONITOR_TARGET": "127.0.0.1:1", "SAFETY_MONITOR_LAYERS": "8, 16"}
+    )
+    assert settings.target == "127.0.0.1:1" and settings.layers == (8, 16)
+    config = tmp_path / "monitor.yaml"
+    config.write_text(
+        "target: 127.0.0.1:2\nlayers: [3]\non_full: block\nguard: false\nblock_within: 2\n"
+    )
+    settings = load_settings({"SAFETY_MONITOR_CONFIG": str(config), "SAFETY_MONITOR_LAYERS": "4"})
+    assert (settings.target, settings.layers, settings.on_full, settings.guard) == (
+        "127.0.0.1:2",
+        (4,),
+        "block",
+        False,
+    )
+    assert settings.block_within == 2
+    assert (
+        load_settings(
+            {
+                "SAFETY_MONITOR_TARGET": "t",
+                "SAFETY_MONITOR_LAYERS": "1",
+                "SAFETY_MONITOR_BLOCK_WITHIN": "0",
+            }
+        ).block_within
+        == 0
+    )
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("target: t\n", "layers"),
+        ("target: t\nlayers: [x]\n", "not a layer index"),
+        ("target: t\nlayers: [1]\non_full: maybe\n", "on_full"),
+        ("target: t\nlayers: [1]\nbogus: 1\n", "unknown keys"),
+        ("layers: [1]\n", "no sidecar target"),
+        ("target: t\nlayers: [1]\nblock_within: -1\n", "block_within"),
+    ],
+)
+def test_bad_settings_are_refused(tmp_path, yaml_text, message):
+    config = tmp_path / "monitor.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(PluginConfigError, match=message):
+        load_settings({"SAFETY_MONITOR_CONFIG": str(config)})
