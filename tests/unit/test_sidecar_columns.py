@@ -346,3 +346,68 @@ def test_columns_are_scoped_like_sequences(make_pipeline):  # noqa: F811
     validated = pipeline.validate(batch, StreamClient("alice", "alice"), table=table)
     assert [s.scope for s in validated.slices] == ["t1", ""]
     assert pipeline.validate(sequences, StreamClient("alice", "alice")).slices == validated.slices
+
+
+_definition = st.fixed_dictionaries(
+    {
+        "slot": st.sampled_from([0, 1, 2, 3] * 4 + [9]),
+        "conversation_id": st.sampled_from(["a", "b", "c", "d"] * 4 + ["", "x" * 300]),
+        "request_id": st.sampled_from(["", "r"] * 8 + ["r" * 300]),
+        "role": st.sampled_from(["", "user"]),
+    }
+)
+_step = st.fixed_dictionaries(
+    {
+        "define": st.lists(
+            _definition, max_size=3, unique_by=(lambda d: d["slot"], lambda d: d["conversation_id"])
+        ),
+        # slot, rows, position, end per sequence; then perhaps one array cut short
+        "sequences": st.lists(
+            st.tuples(
+                st.sampled_from([0, 1, 2, 3] * 4 + [5, 9]),
+                st.integers(0, 3),
+                st.sampled_from([0, 1, 2, 3, 4, 5] * 3 + [MAX_POSITION - 1, 2**64 - 1]),
+                st.booleans(),
+            ),
+            min_size=1,
+            max_size=4,
+            unique_by=lambda sequence: sequence[0],
+        ),
+        "cut": st.sampled_from([None] * 12 + ["rows", "position", "end"]),
+        "tokens": st.sampled_from(["none"] * 6 + ["all"] * 3 + ["one"]),
+    }
+)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=st.lists(_step, min_size=1, max_size=10))
+def test_any_columns_are_acked_or_a_located_batch_error(make_pipeline, steps):  # noqa: F811
+    """Whatever arrays and definitions a client sends, each batch gets an Ack or a BatchError
+    naming a field of `columns` (never an internal error), and the stream goes on."""
+    pipeline = make_pipeline()
+    table = ConversationTable(8)
+    for seq_no, step in enumerate(steps, 1):
+        batch = pb.StepBatch(seq_no=seq_no, model="m")
+        columns = batch.columns
+        columns.define.extend(pb.ConversationSlot(**d) for d in step["define"])
+        for slot, rows, position, end in step["sequences"]:
+            columns.slot.append(slot)
+            columns.rows.append(rows)
+            columns.position.append(position)
+            columns.end.append(end)
+        if step["cut"] and step["sequences"]:
+            del getattr(columns, step["cut"])[-1]
+        rows = sum(columns.rows)
+        columns.tokens.extend({"none": [], "all": ["t"] * rows, "one": ["t"]}[step["tokens"]])
+        batch.layers.append(
+            pb.Layer(hook_point=HOOK, activations=encode_tensor(torch.zeros(rows, D_MODEL)))
+        )
+        closing = pipeline.process(batch, table=table).events[-1]
+        if closing.HasField("error"):
+            error = closing.error
+            assert error.reason != "internal", error.message
+            assert error.field.startswith(("columns", "layers")), (error.field, error.message)
+        else:
+            assert closing.ack.seq_no == seq_no
