@@ -12,7 +12,9 @@ fair between owners:
 - otherwise the owner holding the most loses its least recently used one.
 
 So a client holding less than its fair share is never evicted by others, however fast they
-send new ids. Within one owner the order is least recently used, as before.
+send new ids, unless one wave of theirs alone holds more conversations than their share: the
+wave's conversations cannot be evicted, so the rest comes from the largest other owners.
+Within one owner the order is least recently used, as before.
 
 A conversation is keyed by its id, or by ``(scope, id)`` when the sidecar scopes
 conversation state (by client identity or a tenant attribute): the same id sent by two

@@ -12,14 +12,17 @@ records follow once the store recovers when the recorder kept them pending).
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
 import torch
 
 from monitor.audit import AuditFiring, AuditRecorder, AuditSlice, AuditStep, RecorderConfig
+from monitor.audit.redaction import Redactor, redact_identifier
 from monitor.limits import MAX_CONVERSATIONS
 from monitor.outputs.alertmanager import AlertmanagerAlert, AlertmanagerClient
 from monitor.outputs.metrics import SidecarMetrics
@@ -70,6 +73,10 @@ class Actions:
         # conversation the engine still follows is never evicted from the audit trail first.
         self.recorder = _recorder(audit, metrics, max_conversations) if audit.url else None
         self.alertmanager = _alertmanager(alertmanager, metrics) if alertmanager.url else None
+        # Alertmanager gets what the audit store keeps: ids redacted the same way (text +
+        # '#' + digest, so the review link opens the stored conversation) and the rendered
+        # text redacted, since receivers (mail, chat) are outside the audit store's retention.
+        self._redact = AlertRedaction(audit.redact_patterns)
 
     @property
     def audit_healthy(self) -> bool:
@@ -88,16 +95,20 @@ class Actions:
         alerts with the `alert` action to Alertmanager."""
         status = "off"
         sendable = list(firings)
+        ids = _audited_ids(batch, firings)
         if self.recorder is not None:
-            result = self.recorder.record_batch(_audit_step(batch, rules_hash, features, firings))
+            step = _audit_step(batch, rules_hash, features, firings, ids)
+            result = self.recorder.record_batch(step)
             status = result.status
             if not result.durable:
                 sendable = [f for f in firings if "audit" not in f.actions]
         if self.alertmanager is not None:
+            audited = {id(f): cid for f, cid in zip(firings, ids, strict=True)}
             for firing in sendable:
                 if "alert" in firing.actions:
                     model = self.model_labels.value(batch.model)
-                    self.alertmanager.fire(_alertmanager_alert(model, firing))
+                    cid = audited[id(firing)]
+                    self.alertmanager.fire(_alertmanager_alert(model, firing, cid, self._redact))
         return DispatchResult(sendable, len(firings) - len(sendable), status)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -107,6 +118,21 @@ class Actions:
             self.recorder.close(timeout)
         if self.alertmanager is not None:
             self.alertmanager.close(timeout)
+
+
+class AlertRedaction:
+    """Client text in an alert made safe the way the audit recorder stores it: ids with
+    `redact_identifier` (cached, as they repeat on every step), text with `Redactor.redact`."""
+
+    def __init__(self, patterns: Sequence[str] = ()) -> None:
+        self._redactor = Redactor(tuple(patterns))
+        self.identifier: Callable[[str], str] = functools.lru_cache(maxsize=4096)(
+            functools.partial(redact_identifier, self._redactor)
+        )
+
+    def text(self, text: str) -> str:
+        """`text` with personal data replaced by placeholders."""
+        return self._redactor.redact(text)
 
 
 class BoundedLabel:
@@ -160,15 +186,41 @@ def _alertmanager(settings: AlertmanagerSettings, metrics: SidecarMetrics) -> Al
     )
 
 
+def audited_conversation_id(scope: str, conversation_id: str) -> str:
+    """The id a conversation is audited (and alerted) under. Rule state is scoped by client
+    (or tenant attribute): the same id sent by two clients is two conversations, so in the
+    audit store it must be two records too, or one client could end the other's audited
+    conversation and overwrite its stored token text. A scoped conversation is stored as
+    `<scope>/<id>`, the scope with `%` and `/` percent-encoded so that no two scopes give the
+    same prefix; an unscoped one under its id as sent."""
+    if not scope:
+        return conversation_id
+    return scope.replace("%", "%25").replace("/", "%2F") + "/" + conversation_id
+
+
+def _audited_ids(batch: ValidatedBatch, firings: Sequence[Firing]) -> list[str]:
+    """Each firing's audited conversation id, from the slice its row belongs to."""
+    if not any(s.scope for s in batch.slices):
+        return [f.conversation_id for f in firings]
+    ordered = sorted(batch.slices, key=lambda s: s.start_row)
+    starts = [s.start_row for s in ordered]
+    out = []
+    for f in firings:
+        sl = ordered[bisect.bisect_right(starts, f.row) - 1]
+        out.append(audited_conversation_id(sl.scope, f.conversation_id))
+    return out
+
+
 def _audit_step(
     batch: ValidatedBatch,
     rules_hash: str,
     features: Mapping[str, torch.Tensor],
     firings: Sequence[Firing],
+    audited_ids: Sequence[str],
 ) -> AuditStep:
     audit_slices = [
         AuditSlice(
-            conversation_id=s.conversation_id,
+            conversation_id=audited_conversation_id(s.scope, s.conversation_id),
             request_id=s.request_id,
             position=s.position,
             tokens=tuple(text),
@@ -184,7 +236,7 @@ def _audit_step(
             rule=f.rule,
             category=f.category,
             severity=f.severity,
-            conversation_id=f.conversation_id,
+            conversation_id=cid,
             request_id=f.request_id,
             position=f.position,
             value=f.value,
@@ -193,24 +245,29 @@ def _audit_step(
             actions=f.actions,
             feature_values={n: float(v[f.row]) for n, v in features.items()},
         )
-        for f in firings
+        for f, cid in zip(firings, audited_ids, strict=True)
     ]
     hook_points = sorted({*batch.activations, *(hp for _, hp in batch.encoded)})
     return AuditStep(batch.model, rules_hash, audit_slices, audit_firings, tuple(hook_points))
 
 
-def _alertmanager_alert(model: str, firing: Firing) -> AlertmanagerAlert:
+def _alertmanager_alert(
+    model: str, firing: Firing, audited_id: str, redact: AlertRedaction
+) -> AlertmanagerAlert:
+    """The Alertmanager alert of a firing, under its audited conversation id (redacted as the
+    audit store keeps it, so the review link opens the stored conversation)."""
+    # The output and annotation templates may render {conversation_id} and {request_id}.
     return AlertmanagerAlert(
         rule=firing.rule,
         category=firing.category,
         severity=firing.severity,
         model=model,
-        summary=firing.message,
-        conversation_id=firing.conversation_id,
-        request_id=firing.request_id,
+        summary=redact.text(firing.message),
+        conversation_id=redact.identifier(audited_id),
+        request_id=redact.identifier(firing.request_id),
         value=firing.value,
         labels=firing.labels,
-        annotations=firing.annotations,
+        annotations={name: redact.text(text) for name, text in firing.annotations.items()},
     )
 
 

@@ -90,6 +90,10 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         self.metrics = metrics
         self.tokens = tokens or {}
         self.gate = streams.StreamGate(pipeline.limits.max_streams)
+        # Evaluate calls waiting for the worker each hold a message of up to
+        # max_message_bytes: bounded like streams, or they would evade max_streams and
+        # max_stream_bytes and delay every stream's acks without limit.
+        self.evaluate_gate = streams.StreamGate(pipeline.limits.max_streams)
         self.parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
 
     def client_of(self, context: grpc.aio.ServicerContext) -> StreamClient:
@@ -188,10 +192,20 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "the request is not a valid EvaluateRequest (protobuf decoding failed)",
             )
+        if not self.evaluate_gate.admit():
+            self.metrics.batches_rejected.labels(reason="too_many_evaluate_calls").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the sidecar has {self.evaluate_gate.max_streams} Evaluate calls in flight "
+                "(limits.max_streams); retry later",
+            )
         include = request.include_features
-        outcome = await self._run(
-            lambda batch: self.pipeline.evaluate_once(batch, include), request.batch
-        )
+        try:
+            outcome = await self._run(
+                lambda batch: self.pipeline.evaluate_once(batch, include), request.batch
+            )
+        finally:
+            self.evaluate_gate.leave()
         response = pb.EvaluateResponse()
         for event in outcome.events:
             if event.HasField("alert"):

@@ -288,8 +288,9 @@ def test_during_an_outage_steps_do_not_wait_on_the_store(pg: PgServer) -> None:
             assert rec.record_batch(step(f"q{i}", 0, [" calm"], fire=False)).status == "nothing"
             flagged = rec.record_batch(step(f"f{i}", 0, [" bad"]))
             assert (flagged.durable, flagged.status) == (False, "pending")
-        # 20 flagged steps: not 20 write timeouts (100 s), not one (5 s).
-        assert time.monotonic() - started < 2.0
+        # 20 flagged steps: not 20 write timeouts (100 s), not one (5 s); slack for a loaded
+        # machine below the one timeout.
+        assert time.monotonic() - started < 4.0
         pg.restart()
         wait_for(lambda: rec.counts().pending == 0 and rec.healthy, timeout=30, what="drained")
     finally:

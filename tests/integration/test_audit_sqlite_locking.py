@@ -15,19 +15,22 @@ from pathlib import Path
 import pytest
 
 from monitor.audit.migrations import LATEST_VERSION
-from monitor.audit.sqlite_store import SqliteAuditStore
+from monitor.audit.sqlite_store import BUSY_TIMEOUT_S, SqliteAuditStore
 from monitor.audit.store import StoreError, open_store
 
 
-def _locked_rollback_file(path: Path, hold_s: float) -> threading.Thread:
-    """A file in rollback-journal mode whose write lock another connection holds `hold_s`."""
+def _locked_rollback_file(
+    path: Path, hold_s: float, release_early: threading.Event | None = None
+) -> threading.Thread:
+    """A file in rollback-journal mode whose write lock another connection holds `hold_s`
+    (or until `release_early` is set)."""
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     other.execute("CREATE TABLE unrelated (x)")
     other.execute("BEGIN IMMEDIATE")
     other.execute("INSERT INTO unrelated VALUES (1)")
 
     def release() -> None:
-        time.sleep(hold_s)
+        (release_early or threading.Event()).wait(hold_s)
         other.execute("COMMIT")
         other.close()
 
@@ -56,12 +59,18 @@ def test_open_gives_up_after_the_busy_timeout_with_a_store_error(
 ) -> None:
     monkeypatch.setattr("monitor.audit.sqlite_store.BUSY_TIMEOUT_S", 0.2)
     path = tmp_path / "audit.db"
-    releaser = _locked_rollback_file(path, hold_s=1.0)
+    # The lock is held far longer than the busy timeout (released once the open gave up), so
+    # the bound below holds on a loaded machine too: giving up at all proves the timeout.
+    done = threading.Event()
+    releaser = _locked_rollback_file(path, hold_s=30.0, release_early=done)
     started = time.monotonic()
-    with pytest.raises(StoreError, match="locked"):
-        SqliteAuditStore(path)
-    assert 0.15 <= time.monotonic() - started < 0.9
-    releaser.join()
+    try:
+        with pytest.raises(StoreError, match="locked"):
+            SqliteAuditStore(path)
+        assert 0.15 <= time.monotonic() - started < 10.0
+    finally:
+        done.set()
+        releaser.join()
 
 
 def test_concurrent_first_opens_of_a_fresh_file_all_succeed(tmp_path: Path) -> None:
@@ -94,7 +103,8 @@ def test_readers_open_read_only_and_never_switch_the_journal_mode(tmp_path: Path
         reader = open_store(f"sqlite:///{path}", readonly=True)
         assert reader.list_conversations() == []
         assert reader.schema_version() == LATEST_VERSION  # the uncommitted row is not visible
-        assert time.monotonic() - started < 1.0
+        # Waiting for the writer would take the busy timeout (then fail): well under it.
+        assert time.monotonic() - started < BUSY_TIMEOUT_S / 2
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
             reader._conn.execute("CREATE TABLE t (x)")  # type: ignore[attr-defined]
         reader.close()

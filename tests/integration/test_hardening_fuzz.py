@@ -98,7 +98,7 @@ class ClientState:
     next_position: dict[str, int] = field(default_factory=dict)
 
     def conversation(self, index: int) -> str:
-        return f"{self.name}-conv-{index}"  # ids differ per client: the store is not scoped
+        return f"{self.name}-conv-{index}"
 
 
 sequences = st.lists(
@@ -229,8 +229,9 @@ def run_client(target: str, state: ClientState, script: list[Step], bound: float
                 if closing.seq_no != seq_no:
                     outcome.failures.append(f"answer for {closing.seq_no}, expected {seq_no}")
                 if event.HasField("ack"):
+                    # Audited under the client's scope: `<client>/<id>`.
                     outcome.acked_alerts += [
-                        (a.conversation_id, a.rule, a.position) for a in alerts
+                        (f"{state.name}/{a.conversation_id}", a.rule, a.position) for a in alerts
                     ]
                     for index, rows, end, jump in step.sequences:
                         conversation = state.conversation(index)

@@ -6,8 +6,10 @@ them. Token text is redacted before it is written. Fired rules reach Alertmanage
 
 from __future__ import annotations
 
+import json
 import signal
 import time
+from urllib.parse import quote
 
 import grpc
 import torch
@@ -135,6 +137,107 @@ def test_fired_rules_reach_alertmanager(tmp_path, sidecar_factory):
         )
     finally:
         receiver.server.shutdown()
+
+
+def test_alertmanager_gets_the_stored_redacted_id_not_the_raw_one(tmp_path, sidecar_factory):
+    """An id with personal data goes to Alertmanager (annotation, review link, summary) as the
+    audit store keeps it, so the receiver never sees the address and the link opens the
+    stored conversation."""
+    receiver = Receiver()
+    db = tmp_path / "audit.db"
+    secret = "bob.jones@example.com"
+    raw_id = f"conv:{secret}:7"
+    try:
+        sidecar = sidecar_factory(
+            _config(
+                tmp_path,
+                audit={"url": f"sqlite:///{db}"},
+                alertmanager={"url": receiver.url, "audit_base_url": "https://review.local/c"},
+            )
+        )
+        with grpc.insecure_channel(sidecar.target) as channel:
+            events = list(
+                pb_grpc.SafetyMonitorStub(channel).Monitor(
+                    iter([_batch(1, raw_id, 0, ["a", "b"])]), timeout=30
+                )
+            )
+        assert [e.WhichOneof("event") for e in events] == ["alert", "ack"]
+        wait_for(lambda: receiver.alerts())
+        sent = receiver.alerts()[0]
+    finally:
+        receiver.server.shutdown()
+    store = open_store(f"sqlite:///{db}")
+    try:
+        stored_ids = {a.conversation_id for a in store.list_alerts(AuditQuery(limit=None))}
+    finally:
+        store.close()
+    assert len(stored_ids) == 1
+    stored_id = stored_ids.pop()
+    assert stored_id.startswith("conv:[EMAIL]:7#")
+    notes = sent["annotations"]
+    assert notes["conversation_id"] == stored_id
+    assert notes["audit_url"] == "https://review.local/c/" + quote(stored_id, safe="")
+    assert notes["summary"] == "audited at 0 of conv:[EMAIL]:7"
+    assert secret not in json.dumps(sent)
+    assert "bob.jones" not in json.dumps(sent)
+
+
+def test_one_client_cannot_end_or_overwrite_another_clients_audited_conversation(
+    tmp_path, sidecar_factory
+):
+    """Rule state is scoped by client, and so is the audit trail: mallory sending the same
+    conversation id as alice gets a record of her own; alice's stored text stays hers."""
+    tokens = {"alice": "alice-token-0123456789", "mallory": "mallory-token-0123456789"}
+    for name, token in tokens.items():
+        (tmp_path / f"{name}.token").write_text(token)
+    db = tmp_path / "audit.db"
+    receiver = Receiver()
+    try:
+        sidecar = sidecar_factory(
+            _config(
+                tmp_path,
+                audit={"url": f"sqlite:///{db}"},
+                alertmanager={"url": receiver.url},
+                security={"token_files": {n: str(tmp_path / f"{n}.token") for n in tokens}},
+            )
+        )
+        sent = {"alice": ["alice ", "wrote ", "this"], "mallory": ["mallory ", "was ", "here"]}
+        with grpc.insecure_channel(sidecar.target) as channel:
+            stub = pb_grpc.SafetyMonitorStub(channel)
+            for name in ("alice", "mallory"):  # alice's conversation ends first
+                metadata = [("authorization", f"Bearer {tokens[name]}")]
+                batches = [_batch(1, "shared-id", 0, sent[name], end=True)]
+                events = list(stub.Monitor(iter(batches), metadata=metadata, timeout=30))
+                alerts = [e.alert.conversation_id for e in events if e.HasField("alert")]
+                assert alerts == ["shared-id"]  # the stream carries the id as sent
+        # Both firings have one label set: one Alertmanager alert, its annotations the
+        # latest firing's (re-sent only after resend_interval), so at least one is seen.
+        wait_for(lambda: receiver.alerts())
+        alerted = {a["annotations"]["conversation_id"] for a in receiver.alerts()}
+    finally:
+        receiver.server.shutdown()
+    store = open_store(f"sqlite:///{db}")
+    try:
+        assert store.get_conversation("shared-id") is None
+        for name in ("alice", "mallory"):
+            record = store.get_conversation(f"{name}/shared-id")
+            assert record is not None, name
+            assert "".join(t.text or "" for t in record.tokens) == "".join(sent[name])
+            assert {a.conversation_id for a in record.alerts} == {f"{name}/shared-id"}
+    finally:
+        store.close()
+    assert alerted and alerted <= {"alice/shared-id", "mallory/shared-id"}
+
+
+def test_audited_ids_of_different_scopes_never_coincide():
+    from monitor.sidecar.firings import audited_conversation_id
+
+    assert audited_conversation_id("", "c") == "c"
+    assert audited_conversation_id("alice", "c") == "alice/c"
+    # "a/b" + "c" and "a" + "b/c" would both be "a/b/c" without the encoding.
+    assert audited_conversation_id("a/b", "c") == "a%2Fb/c"
+    assert audited_conversation_id("a", "b/c") == "a/b/c"
+    assert audited_conversation_id("a%2Fb", "c") == "a%252Fb/c"
 
 
 def _audit_health(target: str) -> int:

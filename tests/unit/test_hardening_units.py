@@ -361,3 +361,19 @@ def test_config_of_limits_scope_and_named_tokens(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_config({"packs": ["p.pack"], **bad}, tmp_path, "cfg.yaml")
+
+
+def test_a_wave_larger_than_its_senders_share_takes_from_the_largest_other_owner():
+    """The documented exception to fair eviction: the wave's own conversations are kept."""
+    table = ConversationTable(8)
+    for i in range(3):
+        table.add(("quiet", i), Conversation(i, 0, "", "quiet"))
+    for i in range(5):
+        table.add(("flood", i), Conversation(3 + i, 0, "", "flood"))
+    wave = {("new", i) for i in range(7)}
+    for key in sorted(wave):
+        victim = table.victim("flood", wave)
+        assert victim is not None
+        table.pop(victim)
+        table.add(key, Conversation(0, 0, "", "flood"))
+    assert table.owners() == {"quiet": 1, "flood": 7}

@@ -94,7 +94,8 @@ def load_model(path: Path | None = None) -> tuple[nn.Module, Any]:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path).eval()
+        # Safetensors only: a pytorch_model.bin is a pickle, which may run code when loaded.
+        model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
     except (OSError, ValueError, KeyError) as exc:
         raise FeatureError(f"cannot load model ({exc})", where=path) from exc
     if tokenizer.pad_token is None:
