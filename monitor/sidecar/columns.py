@@ -48,10 +48,13 @@ class _Slot(NamedTuple):
 
 
 class ConversationTable:
-    """One stream's conversation slots (or one Evaluate call's). Definitions in a batch are
-    checked all together and applied before its arrays are read, and they stay applied even
-    when the rest of the batch is rejected (the client has sent them; it will not again). A
-    conversation id lives in one slot at a time: defining it elsewhere empties its old slot."""
+    """One stream's conversation slots (or one Evaluate call's). A batch's definitions are
+    applied before its arrays are read, and they stay applied even when the rest of the batch
+    is rejected (the client has sent them; it will not again). A definition that is refused
+    empties its slot instead: the client now holds that slot for another conversation, so the
+    slot must not go on naming the one it held before (its steps would be charged to that
+    conversation, past the limits the definition failed). A conversation id lives in one slot
+    at a time: defining it elsewhere empties its old slot."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -63,58 +66,75 @@ class ConversationTable:
         return len(self._slot_of)
 
     def define(self, definitions: list[pb.ConversationSlot], limits: Limits) -> None:
-        """Check every definition (raises BatchRejected naming the first bad one; then none
-        is applied) and apply them in order."""
+        """Apply the definitions in order; each refused one empties its slot. Raises
+        BatchRejected naming the first refused definition, after the others are applied."""
         if len(definitions) > limits.max_sequences_per_batch:
+            for definition in definitions:  # bounded by the message's size, as parsing was
+                self._empty(definition.slot)
             raise BatchRejected(
                 "too_many_sequences",
                 "columns.define",
                 f"columns.define: {len(definitions)} definitions exceed the limit of "
                 f"{limits.max_sequences_per_batch} per batch",
             )
-        new: list[tuple[int, _Slot]] = []
+        first: BatchRejected | None = None
         slots_seen: set[int] = set()
         ids_seen: set[str] = set()
         for i, definition in enumerate(definitions):
-            field = f"columns.define[{i}]"
-            slot, conversation_id = definition.slot, definition.conversation_id
-            if slot >= self.size:
-                raise BatchRejected(
-                    "bad_slot",
-                    f"{field}.slot",
-                    f"{field}.slot: {slot} is past the table's {self.size} slots",
-                )
-            if slot in slots_seen:
-                raise BatchRejected(
-                    "bad_slot", f"{field}.slot", f"{field}.slot: {slot} is defined twice"
-                )
-            _check_conversation_id(conversation_id, field, limits)
-            check_length(definition.request_id, f"{field}.request_id", limits.max_request_id_length)
-            check_length(definition.role, f"{field}.role", limits.max_role_length)
-            if definition.attributes:
-                check_attributes(definition.attributes, f"{field}.attributes", limits)
-            if conversation_id in ids_seen:
-                raise BatchRejected(
-                    "duplicate_conversation",
-                    f"{field}.conversation_id",
-                    f"{field}.conversation_id: {conversation_id!r} is defined twice",
-                )
-            slots_seen.add(slot)
-            ids_seen.add(conversation_id)
-            attributes = dict(definition.attributes) if definition.attributes else _NO_ATTRIBUTES
-            new.append(
-                (slot, _Slot(conversation_id, definition.role, definition.request_id, attributes))
-            )
-        slots, slot_of = self._slots, self._slot_of
-        for slot, entry in new:
-            old = slots[slot]
-            if old is not None and slot_of.get(old.conversation_id) == slot:
-                del slot_of[old.conversation_id]
-            moved_from = slot_of.get(entry.conversation_id)
+            try:
+                entry = self._checked(definition, f"columns.define[{i}]", limits, slots_seen)
+                if entry.conversation_id in ids_seen:
+                    raise BatchRejected(
+                        "duplicate_conversation",
+                        f"columns.define[{i}].conversation_id",
+                        f"columns.define[{i}].conversation_id: {entry.conversation_id!r} is "
+                        "defined twice",
+                    )
+            except BatchRejected as rejected:
+                first = first or rejected
+                self._empty(definition.slot)
+                slots_seen.add(definition.slot)
+                continue
+            slots_seen.add(definition.slot)
+            ids_seen.add(entry.conversation_id)
+            self._empty(definition.slot)
+            moved_from = self._slot_of.get(entry.conversation_id)
             if moved_from is not None:
-                slots[moved_from] = None
-            slots[slot] = entry
-            slot_of[entry.conversation_id] = slot
+                self._slots[moved_from] = None
+            self._slots[definition.slot] = entry
+            self._slot_of[entry.conversation_id] = definition.slot
+        if first is not None:
+            raise first
+
+    def _checked(
+        self, definition: pb.ConversationSlot, field: str, limits: Limits, slots_seen: set[int]
+    ) -> _Slot:
+        slot, conversation_id = definition.slot, definition.conversation_id
+        if slot >= self.size:
+            raise BatchRejected(
+                "bad_slot",
+                f"{field}.slot",
+                f"{field}.slot: {slot} is past the table's {self.size} slots",
+            )
+        if slot in slots_seen:
+            raise BatchRejected(
+                "bad_slot", f"{field}.slot", f"{field}.slot: {slot} is defined twice"
+            )
+        _check_conversation_id(conversation_id, field, limits)
+        check_length(definition.request_id, f"{field}.request_id", limits.max_request_id_length)
+        check_length(definition.role, f"{field}.role", limits.max_role_length)
+        if definition.attributes:
+            check_attributes(definition.attributes, f"{field}.attributes", limits)
+        attributes = dict(definition.attributes) if definition.attributes else _NO_ATTRIBUTES
+        return _Slot(conversation_id, definition.role, definition.request_id, attributes)
+
+    def _empty(self, slot: int) -> None:
+        if slot >= self.size:
+            return
+        old = self._slots[slot]
+        if old is not None and self._slot_of.get(old.conversation_id) == slot:
+            del self._slot_of[old.conversation_id]
+        self._slots[slot] = None
 
     def slices(
         self,

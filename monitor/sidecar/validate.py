@@ -79,10 +79,13 @@ def validate_batch(
     `scope_attribute` is set, by that attribute of each sequence. A batch in the columnar
     format (`columns`) is read against `table`, the stream's conversation table, which its
     slot definitions update."""
-    check_model(batch.model, limits)
     if batch.HasField("columns"):
+        # The slot definitions first: whatever else is wrong with the batch, the client has
+        # sent them and will not again, so they must reach the table (see ConversationTable).
         slices, tokens = _validate_columns(batch, limits, table, scope, scope_attribute)
+        check_model(batch.model, limits)
     else:
+        check_model(batch.model, limits)
         check_counts(len(batch.sequences), limits)
         slices, tokens = _validate_sequences(batch, limits, scope, scope_attribute)
     rows = sum(s.rows for s in slices)

@@ -116,6 +116,20 @@ def test_group_by_attributes():
     assert [[s.request for s in g] for g in groups] == [["a", "c"], ["b"]]
 
 
+def test_a_conversation_twice_in_a_step_goes_to_separate_groups():
+    # Two requests of one conversation in the same step: as one batch the sidecar would
+    # refuse it (duplicate_conversation) and the step of "other" would be lost with it.
+    splitter = BatchSplitter()
+    splitter.track("r1", tag_request("r1", {"sm_conversation_id": "chat"}))
+    splitter.track("other", tag_request("other", None))
+    splitter.track("r2", tag_request("r2", {"sm_conversation_id": "chat"}))
+    groups = group_by_attributes(splitter.split(["r1", "other", "r2"], [1, 1, 1], [0, 0, 0]))
+    assert [[s.request for s in g] for g in groups] == [["r1", "other"], ["r2"]]
+    for group in groups:
+        ids = [s.tag.conversation_id for s in group]
+        assert len(set(ids)) == len(ids)
+
+
 def test_rank_plan():
     assert plan_rank([3], tp_rank=0, pp_rank=0, pp_size=1, stage_layers=(0, 8)).sends
     assert not plan_rank([3], tp_rank=1, pp_rank=0, pp_size=1, stage_layers=(0, 8)).sends

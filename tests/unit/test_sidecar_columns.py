@@ -212,12 +212,19 @@ def test_definitions_hold_on_the_stream_and_survive_a_rejected_batch(make_pipeli
     pipeline.process(_columnar([{**B, "slot": 0}], position=(1,)), table=table)
     (event,) = pipeline.process(_columnar(slot=(1,)), table=table).events
     assert (event.error.reason, event.error.field) == ("unknown_slot", "columns.slot[0]")
-    # A bad definition applies none of the batch's definitions.
-    pipeline.process(
-        _columnar([{**A, "slot": 3}, {**B, "slot": 4, "conversation_id": ""}]), table=table
-    )
-    (event,) = pipeline.process(_columnar(slot=(3,)), table=table).events
-    assert event.error.reason == "unknown_slot"
+    # A refused definition empties its slot (the client holds it for another conversation
+    # now); the batch's good definitions hold, as the client will not send them again.
+    (event,) = pipeline.process(
+        _columnar([{**A, "slot": 3}, {**B, "slot": 0, "conversation_id": ""}], slot=(3,)),
+        table=table,
+    ).events
+    assert event.error.field == "columns.define[1].conversation_id"
+    (event,) = pipeline.process(_columnar(slot=(0,)), table=table).events
+    assert (event.error.reason, event.error.field) == ("unknown_slot", "columns.slot[0]")
+    assert [
+        e.WhichOneof("event")
+        for e in pipeline.process(_columnar(slot=(3,), position=(1,)), table=table).events
+    ][-1] == "ack"
 
 
 def test_evaluate_reads_columns_that_define_their_slots(make_pipeline):  # noqa: F811

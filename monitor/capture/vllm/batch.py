@@ -209,11 +209,24 @@ class BatchSplitter:
 
 def group_by_attributes(slices: Sequence[Slice]) -> list[list[Slice]]:
     """Slices grouped so each group shares one attribute set (a wire message carries one
-    attribute map for all its sequences); the common case is a single group."""
-    groups: dict[tuple[tuple[str, str], ...], list[Slice]] = {}
+    attribute map for all its sequences); the common case is a single group. A group holds a
+    conversation once: two requests running for one conversation in the same step (a retry
+    while the first still runs, a reused request id or `sm_conversation_id`) go to separate
+    groups, as the sidecar refuses a batch that names a conversation twice, which would lose
+    the step of every other conversation in it."""
+    groups: dict[tuple[tuple[str, str], ...], list[tuple[set[str], list[Slice]]]] = {}
+    ordered: list[list[Slice]] = []
     for piece in slices:
-        groups.setdefault(tuple(sorted(piece.tag.attributes.items())), []).append(piece)
-    return list(groups.values())
+        candidates = groups.setdefault(tuple(sorted(piece.tag.attributes.items())), [])
+        conversation_id = piece.tag.conversation_id
+        found = next((c for c in candidates if conversation_id not in c[0]), None)
+        if found is None:
+            found = (set(), [])
+            candidates.append(found)
+            ordered.append(found[1])
+        found[0].add(conversation_id)
+        found[1].append(piece)
+    return ordered
 
 
 @dataclass(frozen=True)
