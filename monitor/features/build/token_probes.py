@@ -209,7 +209,8 @@ def fit_through_aggregation(
     of a harmful request ("How do I ...") to. Full-batch Adam from ``init`` (the per-token
     fit); every ``every`` steps the *served* score (hard max) is measured on ``heldout_tokens``
     and the step with the best AUROC is kept (early stopping; step 0 is ``init``, so the result
-    is never worse than it held out). Deterministic: no sampling.
+    is never worse than it held out; when step 0 is best, ``init`` itself is returned).
+    Deterministic: no sampling.
     """
     hook_point = init.hook_point
     train = _Padded(fit_tokens, hook_point)
@@ -250,6 +251,8 @@ def fit_through_aggregation(
         (loss + 0.5 * l2 * (w @ w)).backward()
         optimizer.step()
     score, step, w_best, b_best = best
+    if step == 0:  # training never beat the per-token fit held out: serve that fit unchanged
+        return AggregationFit(init, 0, initial, score)
     folded = w_best / sigma
     bias = float(b_best - mu @ folded)
     fit = ProbeFit(
