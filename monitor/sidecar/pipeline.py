@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
 import structlog
 import torch
 
@@ -288,20 +289,31 @@ class Pipeline:
             table=table,
         )
 
-    def encode(self, batch: ValidatedBatch) -> dict[str, torch.Tensor]:
+    def encode(self, batch: ValidatedBatch) -> dict[str, np.ndarray]:
         """Encode each hook point once per pack (unless the client already did) and pick out
-        the columns the rules use."""
+        the columns the rules use: float32 numpy views of the encoded block (a numpy column
+        view costs a fraction of a torch one, and the rules engine runs on numpy)."""
         started = time.perf_counter()
-        encoded: dict[tuple[str, str], torch.Tensor] = dict(batch.encoded)
-        features: dict[str, torch.Tensor] = {}
+        encoded: dict[tuple[str, str], np.ndarray] = {}
+        features: dict[str, np.ndarray] = {}
         for column in self.columns:
             key = (column.pack.name, column.hook_point)
-            if key not in encoded:
-                values = column.pack.encode(column.hook_point, batch.activations[key[1]])
-                encoded[key] = values.to("cpu")  # the rules engine runs on CPU
-            features[column.name] = encoded[key][:, column.column]
+            block = encoded.get(key)
+            if block is None:
+                values = batch.encoded.get(key)
+                if values is None:
+                    values = self.encode_block(column.pack, column.hook_point, batch)
+                # The rules engine runs on CPU.
+                block = encoded[key] = values.detach().to("cpu", torch.float32).numpy()
+            features[column.name] = block[:, column.column]
         self.metrics.encode_seconds.observe(time.perf_counter() - started)
         return features
+
+    def encode_block(
+        self, pack: FeaturePack, hook_point: str, batch: ValidatedBatch
+    ) -> torch.Tensor:
+        """One pack's encode of one hook point's activations (the matrix multiply)."""
+        return pack.encode(hook_point, batch.activations[hook_point])
 
     def _dispatch(
         self, batch: ValidatedBatch, features: dict[str, torch.Tensor], firings: list[Firing]
