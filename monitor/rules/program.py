@@ -18,7 +18,7 @@ does not, so the same text has different values.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,7 +249,9 @@ class Program:
                     register[n] = next_register
                     next_register += 1
                 arity = len(nodes[members[0]].args)
-                args = tuple(_rows([register[nodes[n].args[i]] for n in members]) for i in range(arity))
+                args = tuple(
+                    _rows([register[nodes[n].args[i]] for n in members]) for i in range(arity)
+                )
                 plain.append(_Group(key[2], out, args))
             stateful = None
             if temporal.get(s + 1):

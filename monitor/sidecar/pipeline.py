@@ -204,8 +204,10 @@ class Pipeline:
             features, batch.slices, model=batch.model, client=client.owner
         )
         self.metrics.rules_seconds.observe(time.perf_counter() - rules_started)
-        self.metrics.position_gaps.inc(result.gaps)
-        self.metrics.conversations_evicted.inc(result.evicted)
+        if result.gaps:  # a metric call costs microseconds: none for nothing to count
+            self.metrics.position_gaps.inc(result.gaps)
+        if result.evicted:
+            self.metrics.conversations_evicted.inc(result.evicted)
         self.metrics.conversations.set(self.engine.tracked_conversations)
         dispatched = self._dispatch(batch, features, result.firings)
         sendable = {id(firing) for firing in dispatched.sendable}
