@@ -280,19 +280,23 @@ _CONVERSATION_ID = operator.attrgetter("conversation_id")
 _REQUEST_ID = operator.attrgetter("request_id")
 
 
-def _waves(sequences: Sequence[SequenceSlice]) -> list[list[SequenceSlice]]:
-    """The k-th slice of each conversation goes to wave k, so state flows wave to wave."""
-    if len(set(_keys(sequences))) == len(sequences):
-        return [list(sequences)] if sequences else []  # the usual case: one wave
-    waves: list[list[SequenceSlice]] = []
+def _waves(
+    sequences: Sequence[SequenceSlice],
+) -> list[tuple[list[SequenceSlice], list[Hashable]]]:
+    """The k-th slice of each conversation goes to wave k, so state flows wave to wave; each
+    wave with the ``state_key`` of its slices."""
+    keys = _keys(sequences)
+    if len(set(keys)) == len(sequences):
+        return [(list(sequences), keys)] if sequences else []  # the usual case: one wave
+    waves: list[tuple[list[SequenceSlice], list[Hashable]]] = []
     count: dict[Hashable, int] = {}
-    for sl in sequences:
-        key = state_key(sl)
+    for sl, key in zip(sequences, keys, strict=True):
         k = count.get(key, 0)
         count[key] = k + 1
         if k == len(waves):
-            waves.append([])
-        waves[k].append(sl)
+            waves.append(([], []))
+        waves[k][0].append(sl)
+        waves[k][1].append(key)
     return waves
 
 
@@ -589,12 +593,12 @@ class RuleEngine:
             if not all(map(_ROWS, sequences)):
                 sequences = [s for s in sequences if s.rows or state_key(s) in tracked]
             waves = _waves(sequences)
-            for wave in waves:
+            for wave, _ in waves:
                 if len(wave) > self._max:
                     raise ValueError(f"batch has more than {self._max} conversations")
             result = EvaluationResult()
-            for wave in waves:
-                self._run_wave(features, wave, batch_rows, result, model, client)
+            for wave, keys in waves:
+                self._run_wave(features, wave, keys, batch_rows, result, model, client)
             if len(result.firings) > 1:
                 result.firings.sort(key=lambda f: (f.row, self._rule_order[f.rule]))
             return result
@@ -625,6 +629,12 @@ class RuleEngine:
                 if spans[i][0] < spans[i - 1][1]:
                     raise ValueError("sequence slices overlap")
             batch_rows = spans[-1][1]
+        if (
+            isinstance(features, FeatureBlock)
+            and len(features.block) >= batch_rows
+            and all(map(features.index.__contains__, self._required))
+        ):
+            return batch_rows  # every column of a block is a vector of its rows
         for name in self._required:
             tensor = features.get(name)
             if tensor is None:
@@ -636,14 +646,17 @@ class RuleEngine:
     # ----------------------------------------------------------------- conversations
 
     def _bind(
-        self, slices: list[SequenceSlice], result: EvaluationResult, client: str
+        self,
+        slices: list[SequenceSlice],
+        keys: list[Hashable],
+        result: EvaluationResult,
+        client: str,
     ) -> list[int]:
         """Slots for a wave's conversations, resetting state on gaps and new conversations.
 
         Known conversations are touched before any new one is allocated, so that eviction
         never picks one of this wave's."""
         conversations = self._conversations
-        keys = _keys(slices)
         positions = list(map(_POSITION, slices))
         request_ids = list(map(_REQUEST_ID, slices))
         last = self._last_bind
@@ -764,12 +777,13 @@ class RuleEngine:
         self,
         features: Mapping[str, torch.Tensor],
         slices: list[SequenceSlice],
+        keys: list[Hashable],
         batch_rows: int,
         result: EvaluationResult,
         model: str,
         client: str = "",
     ) -> None:
-        wave = _layout(slices, self._bind(slices, result, client), batch_rows)
+        wave = _layout(slices, self._bind(slices, keys, result, client), batch_rows)
         if wave.total and self._rules:
             program = self._program
             registers = program.allocate(wave.total)
