@@ -260,7 +260,11 @@ class Program:
                 for n in members:
                     register[n] = next_register
                     next_register += 1
-                inputs = _rows([register[nodes[n].args[0]] for n in members])
+                reads = [register[nodes[n].args[0]] for n in members]
+                inputs = _rows(reads)
+                if isinstance(inputs, slice) and inputs.stop - inputs.start < len(reads):
+                    # Functions of the same value: one input row each, not a broadcast.
+                    inputs = np.array(reads, dtype=np.intp)
                 stateful = (out, inputs, [self.temporal[nodes[n].slot] for n in members])
             self.stages.append((plain, stateful))
         self.registers = next_register

@@ -17,6 +17,7 @@ from monitor.sidecar.config import ConfigError, Limits, parse_config
 from monitor.sidecar.validate import BatchRejected
 from monitor.wire import pb
 from monitor.wire.columns import ColumnarEncoder
+from tests.unit.test_rules_engine import feed, rule_file, ruleset
 from tests.unit.test_rules_program import WIDE_RULES
 
 
@@ -178,3 +179,17 @@ def test_a_sidecar_table_holds_at_most_the_slot_cap(tmp_path):
         match=f"max_conversation_slots: expected an integer in 1..{MAX_CONVERSATION_SLOTS}",
     ):
         config(MAX_CONVERSATION_SLOTS + 1)
+
+
+def test_temporal_functions_of_one_value_in_a_decode_step_match_a_prefill():
+    # Every temporal function of the stage reads the same register: each still gets its row.
+    rules = ruleset(
+        rule_file(
+            "rule: r, severity: info, condition: 'rolling_max(a, 3) > 1 and rolling_mean(a, 4) > 0'"
+        )
+    )
+    values = [(v, 0.0) for v in np.random.default_rng(5).normal(0.5, 1.0, 40).tolist()]
+    decode, prefill = RuleEngine(rules), RuleEngine(rules)
+    stepped = [f for t in range(40) for f in feed(decode, [("c", t, values[t : t + 1], "", False)])]
+    assert stepped == feed(prefill, [("c", 0, values, "", False)])
+    assert len(stepped) > 3
