@@ -278,6 +278,7 @@ _POSITION = operator.attrgetter("position")
 _SCOPE = operator.attrgetter("scope")
 _CONVERSATION_ID = operator.attrgetter("conversation_id")
 _REQUEST_ID = operator.attrgetter("request_id")
+_ROLE = operator.attrgetter("role")
 
 
 def _waves(
@@ -389,10 +390,29 @@ class _MaskCache:
         self.plain = tuple(sorted(keys - {"role", "model"}))
         self.index: dict[_Signature, int] = {}  # signature -> its column of matrix
         self.matrix = np.zeros((len(rules), 0), dtype=bool)  # [rules, signatures]
+        # The usual case's last roles, attribute values and masks: decode steps of the same
+        # conversations repeat them.
+        self._last: tuple[list[str], list[str | None] | None, np.ndarray] | None = None
 
     def active(self, slices: list[SequenceSlice], model: str) -> np.ndarray | None:
         if not self.enabled:
             return None
+        if self.uses_model or len(self.plain) > 1:
+            return self._masks(slices, model)
+        # Roles and at most one attribute (strings, so a copy of what was read): equal ones
+        # give equal signatures, hence equal masks.
+        roles = list(map(_ROLE, slices))
+        key = self.plain[0] if self.plain else None
+        values = [s.attributes.get(key) for s in slices] if key is not None else None
+        last = self._last
+        if last is not None and last[0] == roles and last[1] == values:
+            return last[2]
+        masks = self._masks(slices, model)
+        masks.flags.writeable = False  # handed out again
+        self._last = (roles, values, masks)
+        return masks
+
+    def _masks(self, slices: list[SequenceSlice], model: str) -> np.ndarray:
         if not self.uses_model and len(self.plain) <= 1:
             # The usual case (roles, at most one attribute such as a tenant): a signature is
             # two dictionary reads, and the masks are columns of one matrix.

@@ -193,3 +193,36 @@ def test_temporal_functions_of_one_value_in_a_decode_step_match_a_prefill():
     stepped = [f for t in range(40) for f in feed(decode, [("c", t, values[t : t + 1], "", False)])]
     assert stepped == feed(prefill, [("c", 0, values, "", False)])
     assert len(stepped) > 3
+
+
+def test_repeated_masks_follow_a_change_of_role_or_tenant():
+    rules = ruleset(
+        rule_file(
+            "rule: r, severity: info, condition: 'a > 0', roles: [assistant], "
+            "exceptions: [{name: evals, attributes: {tenant: evals}}]"
+        )
+    )
+    engine = RuleEngine(rules)
+    tenant = {"tenant": "t"}
+
+    def step(position, roles, tenants):  # type: ignore[no-untyped-def]
+        # A run ends at odd positions (a = 0), so every even one may fire again.
+        a = np.full((2, 2), float(position % 2 == 0), dtype=np.float32)
+        slices = [
+            SequenceSlice(f"c{i}", i, 1, position, role, attributes=attrs)
+            for i, (role, attrs) in enumerate(zip(roles, tenants, strict=True))
+        ]
+        fired = engine.evaluate(FeatureBlock(a, {"p/a": 0, "p/b": 1}), slices).firings
+        return [f.conversation_id for f in fired]
+
+    both = ["assistant", "assistant"]
+    assert step(0, both, [tenant, tenant]) == ["c0", "c1"]
+    assert step(1, both, [tenant, tenant]) == []
+    assert step(2, both, [tenant, tenant]) == ["c0", "c1"]  # the same masks again
+    assert step(3, both, [tenant, tenant]) == []
+    assert step(4, ["assistant", "user"], [tenant, tenant]) == ["c0"]
+    assert step(5, both, [tenant, tenant]) == []
+    assert step(6, both, [tenant, {"tenant": "evals"}]) == ["c0"]
+    assert step(7, both, [tenant, tenant]) == []
+    tenant["tenant"] = "evals"  # the same mapping, changed in place
+    assert step(8, both, [tenant, tenant]) == []
