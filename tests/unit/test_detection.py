@@ -395,3 +395,17 @@ def test_training_through_the_aggregation_improves_the_served_score() -> None:
     # What is served is the folded probe: the pack's encoder gives the same per-token values.
     encoded = probe_encoder(trained.fit).encode(test[0].activations["layers.0"])[:, 0]
     torch.testing.assert_close(token_values(test[0], "layers.0", trained.fit), encoded)
+
+
+def test_fit_layers_trains_through_the_aggregation_unless_told_not_to() -> None:
+    fit_tokens, heldout = _span_tokens(200, 4), _span_tokens(120, 5)
+    (trained,) = fit_layers(fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 4))
+    (plain,) = fit_layers(
+        fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 4), train_aggregation=False
+    )
+    assert (
+        trained.fit.method == "logistic-token-aggregated" and plain.fit.method == "logistic-token"
+    )
+    assert "auroc_per_token_fit" not in plain.heldout
+    assert trained.heldout["auroc_per_token_fit"] == pytest.approx(plain.heldout["auroc"])
+    assert trained.heldout["auroc"] > plain.heldout["auroc"] + 0.05
