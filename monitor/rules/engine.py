@@ -304,20 +304,53 @@ def _waves(
 # --------------------------------------------------------------------------- temporal kernels
 
 
-def _windows(ext: np.ndarray, n: int, width: int) -> np.ndarray:
-    """[S, n - 1 + L] -> [S, L, n] overlapping windows, oldest first (a view)."""
-    if ext.shape[1] == n:  # one window per row (a decode step): no strided view needed
-        return ext[:, None, :]
-    return np.lib.stride_tricks.sliding_window_view(ext, n, axis=1)
+def _window_reduce(ext: np.ndarray, n: int, width: int, op: np.ufunc) -> np.ndarray:
+    """[S, n - 1 + L] -> [S, L]: ``op`` (np.maximum or np.minimum) over each window of n.
+
+    By doubling: blocks of 1, 2, 4, ... values, each one elementwise call over the whole
+    array from the previous size, then a window is two overlapping blocks. log2(n) contiguous
+    calls instead of a reduction over a strided [S, L, n] view (several times slower on a
+    long prefill). Both propagate NaN, and max/min are exact, so the result is identical."""
+    block, size = ext, 1
+    while size * 2 <= n:
+        block = op(block[:, :-size], block[:, size:])
+        size *= 2
+    if size == n:
+        return block[:, :width]
+    return op(block[:, :width], block[:, n - size : n - size + width])
+
+
+def _window_sum(ext: np.ndarray, n: int, width: int) -> np.ndarray:
+    """[S, n - 1 + L] float64 -> [S, L]: the sum of each window of n, by doubling.
+
+    Blocks of 2**j values are sums of two blocks of 2**(j-1); a window of n is the sum of
+    the blocks of n's binary digits, laid end to end (smallest first). Each block is a sum of
+    the window's float32 values in float64, exact while they lie within about 2**29 of each
+    other in magnitude, so the result equals any other order of summation (the decode step's
+    matrix product, the previous reduction); beyond that it is still the same for every
+    batching, since every window is summed the same way whatever its position."""
+    out: np.ndarray | None = None
+    block, size, position = ext, 1, 0
+    while True:
+        if n & size:
+            part = block[:, position : position + width]
+            out = part.copy() if out is None else np.add(out, part, out=out)
+            position += size
+        if size * 2 > n:
+            break
+        block = block[:, :-size] + block[:, size:]
+        size *= 2
+    assert out is not None
+    return out
 
 
 def _apply_window(slot: TemporalSlot, ext: np.ndarray, seen: np.ndarray | None, width: int):
     """ext: [S, H + L] float32 = carried history then this slice; returns [S, L] float32."""
     kind, n = slot.kind, slot.window
     if kind == "rolling_max":
-        return _windows(ext, n, width).max(-1)
+        return _window_reduce(ext, n, width, np.maximum)
     if kind == "rolling_min":
-        return _windows(ext, n, width).min(-1)
+        return _window_reduce(ext, n, width, np.minimum)
     if kind == "delta":
         assert seen is not None
         change = ext[:, n - 1 :] - ext[:, :width]
@@ -326,10 +359,12 @@ def _apply_window(slot: TemporalSlot, ext: np.ndarray, seen: np.ndarray | None, 
     # hence of how the tokens were batched) while a window's values are within about 2**29 of
     # each other in magnitude; ewma's weighted products are rounded, so its sums can differ
     # in the last bit between batchings (``_StepKernel`` sums a decode step differently).
-    weights = divisors = None
+    divisors = None
     if kind == "ewma":
         weights, divisors = _ewma_weights(n, float(slot.param[0]))
-    sums = _window_sums(ext.astype(np.float64), n, width, weights)  # [S, L]
+        sums = _weighted_sums(ext.astype(np.float64), n, width, weights)
+    else:
+        sums = _window_sum(ext.astype(np.float64), n, width)  # [S, L]
     if kind in ("rolling_sum", "count_over"):
         return sums.astype(np.float32)
     assert seen is not None
@@ -339,20 +374,26 @@ def _apply_window(slot: TemporalSlot, ext: np.ndarray, seen: np.ndarray | None, 
     return (sums / count).astype(np.float32)
 
 
-# Window sums are computed in blocks of at most this many values (32 MiB of float64).
+# Window sums of few, long rows are one BLAS correlation per row; of many short rows, the
+# weighted products are made in blocks of at most this many values (32 MiB of float64).
 _SUM_BLOCK = 1 << 22
+_CORRELATE_ROWS = 4
 
 
-def _window_sums(
-    ext: np.ndarray, n: int, width: int, weights: np.ndarray | None = None
-) -> np.ndarray:
-    """[S, n - 1 + L] float64 -> [S, L]: each window's (weighted) sum. Weighted products are
-    made in blocks of windows, so a long prefill with a long ewma stays within ~32 MiB."""
-    views = _windows(ext, n, width)
-    if weights is None:
-        return views.sum(-1)
-    rows = views.shape[0]
+def _weighted_sums(ext: np.ndarray, n: int, width: int, weights: np.ndarray) -> np.ndarray:
+    """[S, n - 1 + L] float64 -> [S, L]: each window's weighted sum (weights oldest first).
+
+    A prefill's few long rows: ``np.correlate`` per row (a dot product per window, several
+    times faster than weighting a strided [S, L, n] view). Many short rows (a batch of small
+    slices): the weighted view, in blocks so a long ewma stays within ~32 MiB. The products
+    are the same; their sums may round differently (ewma is not exact, module docstring)."""
+    rows = ext.shape[0]
     out = np.empty((rows, width), dtype=np.float64)
+    if rows <= _CORRELATE_ROWS or width >= 64:
+        for s in range(rows):
+            out[s] = np.correlate(ext[s], weights, "valid")
+        return out
+    views = np.lib.stride_tricks.sliding_window_view(ext, n, axis=1)  # [S, L, n]
     block = max(1, _SUM_BLOCK // max(1, rows * n))
     for lo in range(0, width, block):
         out[:, lo : lo + block] = (views[:, lo : lo + block] * weights).sum(-1)
