@@ -975,12 +975,13 @@ class RuleEngine:
     ) -> None:
         if not fires.any():
             return
-        hits = np.argwhere(fires)
-        k, s, t = hits.T
+        # Flat indices, then unravelled: ``np.argwhere`` of a [rules, 1, 4096] prefill is
+        # ~15x slower. Both give C order, i.e. sorted by (rule, slice, token), so a cooldown
+        # sees its own firings in order.
+        k, s, t = np.unravel_index(np.flatnonzero(fires), fires.shape)
         fired_values = values[k, wave.offsets[s] + t].tolist()
         slots = wave.slots.tolist()
-        # Hits come sorted by (rule, slice, token), so a cooldown sees its own firings in order.
-        for (ki, si, ti), value in zip(hits.tolist(), fired_values, strict=True):
+        for ki, si, ti, value in zip(k.tolist(), s.tolist(), t.tolist(), fired_values, strict=True):
             rule, sl = self._rules[ki], wave.slices[si]
             position = sl.position + ti
             if rule.cooldown_tokens:
