@@ -47,6 +47,14 @@ def test_naming_through_extra_args_and_vllm_xargs():
     assert dict(tag_request("x", {"sm_attributes": {"a": "b"}}).attributes) == {"a": "b"}
 
 
+def test_the_operator_can_ignore_conversation_ids_from_requests():
+    extra = {"_sm_request_id": "req", "_sm_sequence": 2, "sm_conversation_id": "victim"}
+    tag = tag_request("2_req-0a1b2c3d", extra, ignore_conversation_ids=True)
+    # Named after its own request, and so ended with it (not `explicit`).
+    assert (tag.conversation_id, tag.explicit) == ("req/2", False)
+    assert tag_request("2_req-0a1b2c3d", extra).conversation_id == "victim/2"
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -158,6 +166,13 @@ def test_settings_from_env_and_yaml(tmp_path):
         False,
     )
     assert settings.block_within == 2
+    assert not settings.ignore_request_conversation_ids
+    config.write_text("target: t\nlayers: [1]\nignore_request_conversation_ids: true\n")
+    assert load_settings({"SAFETY_MONITOR_CONFIG": str(config)}).ignore_request_conversation_ids
+    env = {"SAFETY_MONITOR_CONFIG": str(config)}
+    for text, expected in (("0", False), ("no", False), ("1", True), ("TRUE", True)):
+        env["SAFETY_MONITOR_IGNORE_REQUEST_CONVERSATION_IDS"] = text
+        assert load_settings(env).ignore_request_conversation_ids is expected
     assert (
         load_settings(
             {
@@ -179,6 +194,7 @@ def test_settings_from_env_and_yaml(tmp_path):
         ("target: t\nlayers: [1]\nbogus: 1\n", "unknown keys"),
         ("layers: [1]\n", "no sidecar target"),
         ("target: t\nlayers: [1]\nblock_within: -1\n", "block_within"),
+        ("target: t\nlayers: [1]\nignore_request_conversation_ids: 1\n", "expected true"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path, yaml_text, message):

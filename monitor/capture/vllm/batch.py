@@ -59,16 +59,23 @@ class RequestTag:
     explicit: bool = False
 
 
-def tag_request(internal_id: str, extra_args: Mapping[str, Any] | None) -> RequestTag:
+def tag_request(
+    internal_id: str,
+    extra_args: Mapping[str, Any] | None,
+    ignore_conversation_ids: bool = False,
+) -> RequestTag:
     """The conversation a request belongs to, from its `extra_args`.
 
-    Without `sm_conversation_id` the request id the user gave is the conversation id. With
-    `n > 1` the sequences become `<id>/<j>`, as with the transformers client."""
+    Without `sm_conversation_id` (or with `ignore_conversation_ids`, the operator's switch
+    for deployments whose API users are not trusted to name conversations) the request id
+    the user gave is the conversation id. With `n > 1` the sequences become `<id>/<j>`, as
+    with the transformers client."""
     extra = extra_args or {}
     request_id = extra.get(REQUEST_KEY)
     if not isinstance(request_id, str) or not request_id:
         request_id = _INTERNAL_SUFFIX.sub("", internal_id)
-    conversation = extra.get(CONVERSATION_KEY, request_id)
+    named = CONVERSATION_KEY in extra and not ignore_conversation_ids
+    conversation = extra.get(CONVERSATION_KEY, request_id) if named else request_id
     if not isinstance(conversation, str) or not conversation:
         raise NamingError(f"{CONVERSATION_KEY} must be a non-empty string, got {conversation!r}")
     sequence = extra.get(SEQUENCE_KEY)
@@ -78,7 +85,7 @@ def tag_request(internal_id: str, extra_args: Mapping[str, Any] | None) -> Reque
     if not isinstance(role, str) or not role:
         raise NamingError(f"{ROLE_KEY} must be a non-empty string, got {role!r}")
     attributes = _attributes(extra.get(ATTRIBUTES_KEY))
-    return RequestTag(conversation, request_id, role, attributes, CONVERSATION_KEY in extra)
+    return RequestTag(conversation, request_id, role, attributes, named)
 
 
 def _attributes(raw: object) -> dict[str, str]:
@@ -128,7 +135,8 @@ class _Tracked:
 
 class BatchSplitter:
     """Per-request state across steps: tags, what was sent, which requests a conversation has
-    in flight (for the block action). Thread-safe: alerts arrive on another thread."""
+    in flight (a conversation ends with the last of them). Thread-safe: alerts arrive on
+    another thread."""
 
     def __init__(self, max_requests: int = 100_000) -> None:
         self.max_requests = max_requests
