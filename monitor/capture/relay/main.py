@@ -54,7 +54,8 @@ def parse_cpu_list(text: str) -> set[int]:
 def _pin_to_cpus() -> None:
     """`SAFETY_MONITOR_RELAY_CPUS=2,3` keeps this process (and the threads it starts) off the
     serving process's cores; done before any thread starts, so all of them inherit it. A bad
-    value is logged and ignored: pinning must never stop capture."""
+    value is logged and ignored: pinning must never stop capture. Call it once logging is
+    configured: this process's stdout carries events to the serving process."""
     import os
 
     text = os.environ.get(RELAY_CPUS_ENV)
@@ -70,12 +71,12 @@ def main() -> int:
     """The relay process: read the settings from stdin, attach the ring, send until stdin closes."""
     from monitor.logs import configure_logging
 
-    _pin_to_cpus()
     line = sys.stdin.buffer.readline()
     if not line:
         return 0
     config = RelayConfig.from_json(line)
     configure_logging("auto", config.log_level)
+    _pin_to_cpus()  # after logging goes to stderr (stdout carries events), before any thread
     ring = SharedRing.attach(config.ring_fd, config.ring_capacity)
     stopping = threading.Event()
     watcher = threading.Thread(
