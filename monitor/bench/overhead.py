@@ -58,6 +58,11 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
     parser.add_argument(
         "--execution", choices=("both", "compiled", "eager"), default="both", help="vllm only"
     )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="vllm only: a second monitor-off engine, to show the bench's own noise",
+    )
     parser.set_defaults(handler=_run_command)
 
 
@@ -74,6 +79,7 @@ def _run_command(args: argparse.Namespace) -> int:
             requests=args.batch,
             new_tokens=args.new_tokens or 32,
             eager_modes=eager,
+            control=args.control,
         )
         print(json.dumps(result, indent=2) if args.json else format_vllm_table(result))
         return 0

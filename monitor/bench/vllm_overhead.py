@@ -5,17 +5,22 @@ The measurement isolates the monitor's cost on the serving process:
 - three engines of the same tiny random-weight Llama (each its own process tree, started by
   `monitor.bench.vllm_engine`): monitor off, on with a real sidecar, on with nothing
   listening (fail-open);
-- the engines are pinned to one CPU (process affinity, `VLLM_CPU_OMP_THREADS_BIND` for vLLM's
-  own thread binding, `OMP_NUM_THREADS=1` so no idle OpenMP thread spins), the sidecar and
-  each engine's capture relay (`SAFETY_MONITOR_RELAY_CPUS`) to the other CPUs: in production
-  the sidecar has CPUs of its own, and what the engine pays is the capture op, the copy onto
-  the ring and the plugin's Python, which this keeps on the engine's CPU;
+- the engines start together on every CPU (start-up, compilation included, is most of the
+  bench's time), then every thread of each is pinned to one CPU (`OMP_NUM_THREADS=1` so no
+  idle OpenMP thread spins, vLLM's own thread binding off), the sidecar and each engine's
+  capture relay (`SAFETY_MONITOR_RELAY_CPUS`) to the other CPUs: in production the sidecar
+  has CPUs of its own, and what the engine pays is the capture op, the copy onto the ring and
+  the plugin's Python, which this keeps on the engine's CPU;
 - only one engine generates at a time: a round runs the same batch of greedy requests on each
   engine in turn (the order rotating each round, so drift hits every mode alike), many short
   rounds; between runs the sidecar catches up (a flush, not timed), so its backlog never
   overlaps the next engine's run;
-- an idle engine's CPU use is measured (it should be about zero: vLLM's engine core blocks on
-  its input queue) and reported, since an idle engine spinning would slow the active one.
+- the engines not generating are paused (SIGSTOP to their process group, after their
+  sidecar has caught up): vLLM's worker busy-polls its message queue (`sched_yield`) for a
+  second after each message, so an engine that has just run would take the CPU from the next
+  one (an early version of this bench saw the monitor-off engine run 2x slower than the
+  others from that alone). Their CPU use once that second is over is measured and reported
+  (about zero: they block on their queues).
 
 Reported per execution mode (compiled, vLLM's default, and eager) and engine mode: median
 generation throughput over rounds (output tokens/s), median inter-token latency (engine step
@@ -30,6 +35,7 @@ import contextlib
 import json
 import os
 import queue
+import signal
 import statistics
 import subprocess
 import sys
@@ -41,8 +47,10 @@ from pathlib import Path
 from typing import Any
 
 ENGINE_MODES = ("off", "sidecar-up", "sidecar-down")
+CONTROL_MODE = "off-control"  # a second monitor-off engine: the bench's own noise and bias
 HIDDEN = 256
 IDLE_WINDOW_S = 2.0
+IDLE_AFTER_S = 1.5  # vLLM's worker busy-polls its message queue for 1 s after a message
 
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"],
@@ -62,6 +70,25 @@ TINY_LLAMA = {
 }
 
 
+def _pin_engine(session: int, engine_cpus: set[int], side_cpus: set[int]) -> dict[str, int]:
+    """Move a started engine's processes (every thread of each) to the engine CPUs and its
+    capture relay to the monitor's CPUs; returns how many threads went where. Threads started
+    later inherit their creator's mask."""
+    moved = {"engine": 0, "relay": 0}
+    for pid in _session_pids(session):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        relay = b"monitor.capture.relay" in cmdline
+        for tid in tids:
+            with contextlib.suppress(OSError):  # a thread that just exited
+                os.sched_setaffinity(tid, side_cpus if relay else engine_cpus)
+                moved["relay" if relay else "engine"] += 1
+    return moved
+
+
 @contextlib.contextmanager
 def _this_thread_on(cpus: set[int] | None) -> Iterator[None]:
     """Run the block with this thread pinned to `cpus`: a process started meanwhile inherits
@@ -78,20 +105,18 @@ def _this_thread_on(cpus: set[int] | None) -> Iterator[None]:
 
 
 class _Engine:
-    def __init__(
-        self, kwargs: dict[str, Any], env: dict[str, str], log: Path, cpus: set[int] | None
-    ) -> None:
+    def __init__(self, kwargs: dict[str, Any], env: dict[str, str], log: Path) -> None:
         self._log = log.open("wb")
         self._out = log.with_suffix(".out")
-        with _this_thread_on(cpus):
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "monitor.bench.vllm_engine", json.dumps(kwargs)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=self._log,
-                env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-                start_new_session=True,
-            )
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "monitor.bench.vllm_engine", json.dumps(kwargs)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+            start_new_session=True,
+        )
+        self.paused = False
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -118,6 +143,16 @@ class _Engine:
         self.process.stdin.flush()
         return self.reply(timeout)["reply"]
 
+    def pause(self) -> None:
+        """Stop every process of this engine (SIGSTOP to its process group): an idle vLLM
+        worker busy-polls for a second after its last message, on the active engine's CPU."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+        self.paused = False
+
     def cpu_seconds(self) -> float:
         """CPU time used so far by every process of this engine's session (its tree)."""
         return sum(_cpu_seconds(pid) for pid in _session_pids(self.process.pid))
@@ -125,6 +160,8 @@ class _Engine:
     def stop(self) -> None:
         try:
             if self.process.poll() is None:
+                if self.paused:
+                    self.resume()
                 self.call({"op": "quit"}, timeout=60)
                 self.process.wait(60)
         except Exception:
@@ -201,8 +238,12 @@ def run_vllm_overhead_bench(
     new_tokens: int = 32,
     layers: str = "1",
     eager_modes: tuple[bool, ...] = (False, True),
+    control: bool = False,
 ) -> dict[str, Any]:
-    """Measure the three engine modes for each execution mode; returns the results."""
+    """Measure the three engine modes for each execution mode; returns the results. With
+    `control`, a second monitor-off engine runs in every round too: its loss against the
+    first is what the bench measures when the monitor costs nothing."""
+    modes = ENGINE_MODES + ((CONTROL_MODE,) if control else ())
     workdir = Path(tempfile.mkdtemp(prefix="sm-bench-vllm-"))
     # A fixed model path: vLLM's compile cache is then reused by the next run (start-up is
     # most of this bench's time).
@@ -235,7 +276,16 @@ def run_vllm_overhead_bench(
         for eager in eager_modes:
             name = "eager" if eager else "compiled"
             results["execution"][name] = _measure(
-                workdir / name, model, eager, target, layers, batch, rounds, engine_cpus, side_cpus
+                workdir / name,
+                model,
+                eager,
+                target,
+                layers,
+                batch,
+                rounds,
+                engine_cpus,
+                side_cpus,
+                modes,
             )
     finally:
         sidecar.stop()
@@ -253,6 +303,7 @@ def _measure(
     rounds: int,
     engine_cpus: set[int] | None,
     side_cpus: set[int] | None,
+    modes: tuple[str, ...] = ENGINE_MODES,
 ) -> dict[str, Any]:
     workdir.mkdir(parents=True)
     kwargs = {
@@ -274,45 +325,58 @@ def _measure(
     pinning: dict[str, str] = {}
     if engine_cpus is not None and side_cpus is not None:
         pinning = {
-            # vLLM's CPU worker binds its OpenMP threads itself ("auto" would pick its own).
-            "VLLM_CPU_OMP_THREADS_BIND": _cpu_text(engine_cpus),
+            # vLLM's CPU worker would bind its OpenMP threads to CPUs of its choosing; the
+            # bench pins the engines itself once they are up (they start on every CPU).
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
             "SAFETY_MONITOR_RELAY_CPUS": _cpu_text(side_cpus),
         }
     down = f"127.0.0.1:{free_port()}"  # nothing listens there
     envs = {
         "off": {},
+        CONTROL_MODE: {},
         "sidecar-up": {"SAFETY_MONITOR_TARGET": target, "SAFETY_MONITOR_LAYERS": layers},
         "sidecar-down": {"SAFETY_MONITOR_TARGET": down, "SAFETY_MONITOR_LAYERS": layers},
     }
     engines: dict[str, _Engine] = {}
     try:
-        # One at a time: three compilations at once on a small machine only slow each other.
-        for mode in ENGINE_MODES:
-            engines[mode] = _Engine(
-                kwargs, {**pinning, **envs[mode]}, workdir / f"{mode}.log", engine_cpus
-            )
-            engines[mode].reply(timeout=1800)
+        # All three start at once, on every CPU (start-up is most of this bench's time)...
+        for mode in modes:
+            engines[mode] = _Engine(kwargs, {**pinning, **envs[mode]}, workdir / f"{mode}.log")
+        for engine in engines.values():
+            engine.reply(timeout=1800)
+        # ...and are pinned before anything is measured.
+        if engine_cpus is not None and side_cpus is not None:
+            for engine in engines.values():
+                _pin_engine(engine.process.pid, engine_cpus, side_cpus)
         for engine in engines.values():
             engine.call({"op": "run", "requests": _renamed(batch, "warmup")})
             engine.call({"op": "flush", "timeout": 30.0})
         idle = _idle_cpu(engines)
-        tps: dict[str, list[float]] = {mode: [] for mode in ENGINE_MODES}
-        steps: dict[str, list[float]] = {mode: [] for mode in ENGINE_MODES}
+        for engine in engines.values():
+            engine.pause()
+        tps: dict[str, list[float]] = {mode: [] for mode in modes}
+        steps: dict[str, list[float]] = {mode: [] for mode in modes}
         for index in range(rounds):
-            order = ENGINE_MODES[index % 3 :] + ENGINE_MODES[: index % 3]
+            shift = index % len(modes)
+            order = modes[shift:] + modes[:shift]
             for mode in order:
-                reply = engines[mode].call({"op": "run", "requests": _renamed(batch, str(index))})
+                engine = engines[mode]
+                engine.resume()
+                reply = engine.call({"op": "run", "requests": _renamed(batch, str(index))})
                 tokens = sum(len(r["outputs"][0]["token_ids"]) for r in reply["results"].values())
                 tps[mode].append(tokens / reply["seconds"])
                 steps[mode].extend(reply["step_seconds"][2:])  # after the prefill step(s)
                 # Let the sidecar and relay catch up before the next engine runs (not timed).
-                engines[mode].call({"op": "flush", "timeout": 30.0})
-        reports = {mode: engines[mode].call({"op": "report"})[0] for mode in ENGINE_MODES}
+                engine.call({"op": "flush", "timeout": 30.0})
+                engine.pause()
+        for engine in engines.values():
+            engine.resume()
+        reports = {mode: engines[mode].call({"op": "report"})[0] for mode in modes}
     finally:
         for engine in engines.values():
             engine.stop()
     rows = {}
-    for mode in ENGINE_MODES:
+    for mode in modes:
         losses = sorted(100 * (1 - m / b) for m, b in zip(tps[mode], tps["off"], strict=True))
         report = reports[mode]
         rows[mode] = {
@@ -333,7 +397,10 @@ def _measure(
 
 
 def _idle_cpu(engines: dict[str, _Engine]) -> dict[str, float]:
-    """Each engine's CPU use (percent of one CPU) while no engine generates."""
+    """Each engine's CPU use (percent of one CPU) while no engine generates, once vLLM's
+    post-activity busy-poll (1 s) is over: what an idle engine would cost the active one
+    if it were not paused."""
+    time.sleep(IDLE_AFTER_S)
     before = {mode: engine.cpu_seconds() for mode, engine in engines.items()}
     time.sleep(IDLE_WINDOW_S)
     return {
