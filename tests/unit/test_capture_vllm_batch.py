@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 
 from monitor.capture.vllm.batch import (
+    MAX_ID_CHARS,
     BatchSplitter,
     NamingError,
+    bounded_id,
     group_by_attributes,
     plan_rank,
     tag_request,
@@ -55,9 +57,29 @@ def test_the_operator_can_ignore_conversation_ids_from_requests():
     assert tag_request("2_req-0a1b2c3d", extra).conversation_id == "victim/2"
 
 
+def test_ids_past_the_sidecars_limits_never_reach_it():
+    # The sidecar refuses a whole message over a limit (and with it every request's step in
+    # that message): what users name is refused here, ids they give vLLM are bounded.
+    long_id = "u" * 300
+    tag = tag_request(f"{long_id}-0a1b2c3d", {"_sm_request_id": long_id})
+    assert len(tag.conversation_id) == MAX_ID_CHARS == len(tag.request_id)
+    assert tag.conversation_id.startswith("u" * 200)
+    assert bounded_id(long_id) != bounded_id(long_id + "v")  # distinct ids stay distinct
+    assert bounded_id("short") == "short"
+    splitter = BatchSplitter()
+    internal = f"{long_id}-0a1b2c3d"
+    splitter.track(internal, tag)
+    assert splitter.request_named(bounded_id(internal)) == internal  # an alert finds it
+
+
 @pytest.mark.parametrize(
     "extra",
     [
+        {"sm_conversation_id": "c" * 257},
+        {"sm_role": "r" * 65},
+        {"sm_attributes": {f"k{i}": "v" for i in range(17)}},
+        {"sm_attributes": {"k" * 65: "v"}},
+        {"sm_attributes": {"k": "v" * 257}},
         {"sm_conversation_id": ""},
         {"sm_conversation_id": 5},
         {"sm_role": ""},

@@ -39,6 +39,7 @@ from monitor.capture.vllm.batch import (
     NamingError,
     RequestTag,
     Slice,
+    bounded_id,
     group_by_attributes,
     plan_rank,
     tag_request,
@@ -183,7 +184,7 @@ class WorkerCapture:
         ids = tuple(s.tag.conversation_id for s in group)
         roles = tuple(s.tag.role for s in group)
         # vLLM's internal id: what an alert names is then exactly one request (see `_on_alert`)
-        requests = tuple(s.request for s in group)
+        requests = tuple(bounded_id(s.request) for s in group)
         attributes = group[0].tag.attributes
         tagging = Tagging(
             ids,
@@ -260,7 +261,7 @@ class WorkerCapture:
         requests of the conversation go on; they stop if a rule fires on their own tokens."""
         if "block" not in alert.actions or not self.settings.guard:
             return
-        internal_id = alert.request_id
+        internal_id = self.splitter.request_named(alert.request_id)
         state = self.splitter.state(internal_id)
         if state is None or state[0].conversation_id != alert.conversation_id:
             # Finished before the alert came back (or not a request of this worker).
