@@ -18,6 +18,7 @@ import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import structlog
 import torch
 
@@ -88,7 +89,7 @@ class Actions:
         self,
         batch: ValidatedBatch,
         rules_hash: str,
-        features: Mapping[str, torch.Tensor],
+        features: Mapping[str, torch.Tensor | np.ndarray],
         firings: Sequence[Firing],
     ) -> DispatchResult:
         """Audit the batch (durably, before its alerts may be sent), then push the sendable
@@ -214,7 +215,7 @@ def _audited_ids(batch: ValidatedBatch, firings: Sequence[Firing]) -> list[str]:
 def _audit_step(
     batch: ValidatedBatch,
     rules_hash: str,
-    features: Mapping[str, torch.Tensor],
+    features: Mapping[str, torch.Tensor | np.ndarray],
     firings: Sequence[Firing],
     audited_ids: Sequence[str],
 ) -> AuditStep:
