@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     from monitor.bench.review import add_bench_review_command
     from monitor.bench.rules import add_bench_rules_command
     from monitor.bench.sidecar import add_bench_sidecar_command
+    from monitor.bench.stages import add_bench_stages_command
     from monitor.evaluation.cli import add_eval_command, add_rules_calibrate_command
     from monitor.features.build.cli import add_pack_commands
     from monitor.rules.cli import add_rules_commands
@@ -84,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     add_bench_rules_command(bench_commands)
     add_bench_overhead_command(bench_commands)
     add_bench_sidecar_command(bench_commands)
+    add_bench_stages_command(bench_commands)
     add_bench_review_command(bench_commands)
     return parser
 

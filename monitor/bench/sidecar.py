@@ -174,7 +174,7 @@ def _bounds(
 ) -> dict[str, Any]:
     """Encode-only rates and stage costs, measured here on the sidecar's core (now idle) with
     the sidecar's thread count, so they are comparable with what it reached."""
-    from monitor.bench.stages import encode_only_rows_per_s, stage_costs
+    from monitor.bench.stages import encode_only_rows_per_s
 
     cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
     hook_point = f"layers.{HOOK_LAYER}"
@@ -182,13 +182,6 @@ def _bounds(
         if core is not None:
             os.sched_setaffinity(0, {core})
             torch.set_num_threads(1)
-        decode_steps = [_batch(step + 1, 1, conversations, step) for step in range(64)]
-        decode_messages = [step.SerializeToString() for step in decode_steps]
-        encoder = ColumnarEncoder(conversations)  # one stream: slots defined by the first step
-        columns_messages = [encoder.encode(step).SerializeToString() for step in decode_steps]
-        prefill_messages = [
-            _prefill(i + 1, prefill_rows, i * prefill_rows).SerializeToString() for i in range(8)
-        ]
         return {
             "encode_only_rows_per_s": {
                 str(prefill_rows): round(encode_only_rows_per_s(pack, hook_point, prefill_rows, 2)),
@@ -196,15 +189,58 @@ def _bounds(
                     encode_only_rows_per_s(pack, hook_point, conversations, 2)
                 ),
             },
-            "stages": {
-                "decode": stage_costs(pack, ruleset, decode_messages, hook_point),
-                "decode-col": stage_costs(pack, ruleset, columns_messages, hook_point),
-                "prefill": stage_costs(pack, ruleset, prefill_messages, hook_point),
-            },
+            "stages": all_stage_costs(pack, ruleset, prefill_rows, conversations),
         }
     finally:
         os.sched_setaffinity(0, cores)
         torch.set_num_threads(threads)
+
+
+def stage_messages(prefill_rows: int, conversations: int) -> dict[str, list[bytes]]:
+    """Serialised messages of one stream per case: 64 decode steps with `Sequence` messages
+    (``decode``), the same steps in the columnar format (``decode-col``, the first defining
+    the slots) and 8 prefill messages (``prefill``)."""
+    decode_steps = [_batch(step + 1, 1, conversations, step) for step in range(64)]
+    encoder = ColumnarEncoder(conversations)  # one stream: slots defined by the first step
+    return {
+        "decode": [step.SerializeToString() for step in decode_steps],
+        "decode-col": [encoder.encode(step).SerializeToString() for step in decode_steps],
+        "prefill": [
+            _prefill(i + 1, prefill_rows, i * prefill_rows).SerializeToString() for i in range(8)
+        ],
+    }
+
+
+def all_stage_costs(
+    pack: Any, ruleset: Any, prefill_rows: int, conversations: int, rounds: int = 3
+) -> dict[str, Any]:
+    """``stages.stage_costs`` of each case of ``stage_messages``."""
+    from monitor.bench.stages import stage_costs
+
+    hook_point = f"layers.{HOOK_LAYER}"
+    return {
+        name: stage_costs(pack, ruleset, messages, hook_point, rounds)
+        for name, messages in stage_messages(prefill_rows, conversations).items()
+    }
+
+
+def stage_lines(stages: dict[str, Any]) -> list[str]:
+    """The stage costs as table lines."""
+    lines = [f"{'':<10}" + "".join(f"{stage:>11}" for stage in STAGE_COLUMNS)]
+    for name, row in stages.items():
+        cpu = row["cpu_ms"]
+        lines.append(
+            f"{name:<10}"
+            + "".join(f"{cpu[stage]:>11.3f}" for stage in STAGE_COLUMNS[:-2])
+            + f"{row['total_cpu_ms']:>11.3f}{row['all_but_encode_cpu_ms']:>11.3f}"
+        )
+    for name, row in stages.items():
+        lines.append(
+            f"{name} encode: {row['encode_gflops']:.1f} GFLOP/s, "
+            f"{row['encode_fraction_of_gemm']:.0%} of the machine's fp32 GEMM "
+            f"({row['machine_gemm_gflops']:.1f} GFLOP/s, same run)"
+        )
+    return lines
 
 
 def _measured(process: Any, phase: Any, *args: Any) -> dict[str, Any]:
@@ -228,15 +264,9 @@ def _cpu_seconds(pid: int) -> float:
 def _start(workdir: Path, core: int | None):  # type: ignore[no-untyped-def]
     """The sidecar process and its port (on `core` alone, one torch thread, when given), and
     the pack and rules it serves."""
-    from monitor.features import save_pack
-    from monitor.features.build import build_pack_from_sae, load_sae
-    from monitor.fixtures import free_port, start_sidecar, write_layer_sae
-    from monitor.sidecar.process import load_ruleset
+    from monitor.fixtures import free_port, start_sidecar
 
-    sae = load_sae(write_layer_sae(workdir / "sae", D_MODEL, D_SAE, HOOK_LAYER, seed=0))
-    pack = build_pack_from_sae(sae, list(range(0, D_SAE, D_SAE // FEATURES)), name="ref")
-    save_pack(pack, workdir / "ref.pack.safetensors")
-    (workdir / "rules.yaml").write_text(_rules("ref", D_SAE // FEATURES))
+    pack, ruleset = reference_setup(workdir)
     port = free_port()
     config = {
         "listen": f"127.0.0.1:{port}",
@@ -258,7 +288,22 @@ def _start(workdir: Path, core: int | None):  # type: ignore[no-untyped-def]
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    return sidecar.process, port, pack, load_ruleset([workdir / "rules.yaml"], [pack])
+    return sidecar.process, port, pack, ruleset
+
+
+def reference_setup(workdir: Path):  # type: ignore[no-untyped-def]
+    """The reference-shape pack and the bench's 20 rules (10 temporal), written to
+    ``workdir`` as ``ref.pack.safetensors`` and ``rules.yaml`` and loaded."""
+    from monitor.features import save_pack
+    from monitor.features.build import build_pack_from_sae, load_sae
+    from monitor.fixtures import write_layer_sae
+    from monitor.sidecar.process import load_ruleset
+
+    sae = load_sae(write_layer_sae(workdir / "sae", D_MODEL, D_SAE, HOOK_LAYER, seed=0))
+    pack = build_pack_from_sae(sae, list(range(0, D_SAE, D_SAE // FEATURES)), name="ref")
+    save_pack(pack, workdir / "ref.pack.safetensors")
+    (workdir / "rules.yaml").write_text(_rules("ref", D_SAE // FEATURES))
+    return pack, load_ruleset([workdir / "rules.yaml"], [pack])
 
 
 def _rules(pack: str, stride: int) -> str:
@@ -469,21 +514,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"prefill throughput {t['tokens_per_s'] / prefill_bound:.0%} of its bound; "
             f"decode saturation {sat['tokens_per_s'] / decode_bound:.0%} of its bound",
             "sidecar CPU per message by stage (ms), the pipeline run in this process:",
-            f"{'':<10}" + "".join(f"{stage:>11}" for stage in STAGE_COLUMNS),
+            *stage_lines(result["stages"]),
         ]
-        for name, row in result["stages"].items():
-            cpu = row["cpu_ms"]
-            lines.append(
-                f"{name:<10}"
-                + "".join(f"{cpu[stage]:>11.3f}" for stage in STAGE_COLUMNS[:-2])
-                + f"{row['total_cpu_ms']:>11.3f}{row['all_but_encode_cpu_ms']:>11.3f}"
-            )
-        for name, row in result["stages"].items():
-            lines.append(
-                f"{name} encode: {row['encode_gflops']:.1f} GFLOP/s, "
-                f"{row['encode_fraction_of_gemm']:.0%} of the machine's fp32 GEMM "
-                f"({row['machine_gemm_gflops']:.1f} GFLOP/s, same run)"
-            )
     return "\n".join(lines)
 
 

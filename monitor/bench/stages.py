@@ -6,9 +6,14 @@ machine do not count), for the same pack, rules and messages:
 
   parse      the protobuf message from its wire bytes (what gRPC does before the server runs)
   validate   ``validate_batch``: sequences, shapes, the finite check
-  encode     the pack's restricted encode (the matrix multiply), and picking the rule columns
+  encode     the pack's restricted encode (the matrix multiply and its epilogue)
   rules      ``RuleEngine.evaluate``
-  events     everything else of ``Pipeline.process``: events, acks, metrics, logs
+  events     everything else of ``Pipeline.process``: picking the rules' feature columns,
+             grouping, events, acks, metrics, logs
+
+Everything but ``encode`` is what issue 15's target bounds (at most 0.5 ms of CPU per
+64-conversation decode step); ``safety-monitor bench stages`` prints these numbers alone,
+without a sidecar process.
 
 The encode's rate is reported beside the machine's own fp32 GEMM on the same shapes, measured
 in the same run, so the numbers can be compared across machines.
@@ -16,9 +21,13 @@ in the same run, so the numbers can be compared across machines.
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,7 +94,7 @@ def _stage_costs(
         pipeline = Pipeline([pack], ruleset, SidecarMetrics(), limits)
         table = ConversationTable(limits.max_conversation_slots)  # one stream's
         pipeline.validate = clock.wrap("validate", pipeline.validate)  # type: ignore[method-assign]
-        pipeline.encode = clock.wrap("encode", pipeline.encode)  # type: ignore[method-assign]
+        pipeline.encode_block = clock.wrap("encode", pipeline.encode_block)  # type: ignore[method-assign]
         engine = pipeline.engine
         engine.evaluate = clock.wrap("rules", engine.evaluate)  # type: ignore[method-assign]
         parse = clock.wrap("parse", pb.StepBatch.FromString)
@@ -151,3 +160,62 @@ def encode_only_rows_per_s(pack: FeaturePack, hook_point: str, rows: int, second
         pack.encode(hook_point, x)
         done += 1
     return done * rows / (time.perf_counter() - started)
+
+
+DECODE_TARGET_MS = 0.5  # issue 15: all but the encode, per 64-conversation decode step
+
+
+def run_stages_bench(rounds: int = 5, conversations: int = 64, prefill_rows: int = 512) -> dict:
+    """Stage costs of the ``bench sidecar`` pack and rules, in this process (no sidecar)."""
+    from monitor.bench.sidecar import D_MODEL, FEATURES, all_stage_costs, reference_setup
+
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="safety-monitor-bench-stages-") as tmp:
+        pack, ruleset = reference_setup(Path(tmp))
+        stages = all_stage_costs(pack, ruleset, prefill_rows, conversations, rounds)
+    torch.set_num_threads(threads)
+    decode = stages["decode-col"]["all_but_encode_cpu_ms"]
+    return {
+        "shape": f"d_model {D_MODEL}, {FEATURES} features, BF16, 20 rules (10 temporal)",
+        "conversations": conversations,
+        "rounds": rounds,
+        "stages": stages,
+        "decode_target_ms": DECODE_TARGET_MS,
+        "decode_within_target": decode <= DECODE_TARGET_MS,
+    }
+
+
+def format_stages(report: dict) -> str:
+    """The report as a table."""
+    from monitor.bench.sidecar import stage_lines
+
+    decode = report["stages"]["decode-col"]["all_but_encode_cpu_ms"]
+    return "\n".join(
+        [
+            f"sidecar CPU per message by stage (ms, one core, median of {report['rounds']} "
+            f"passes): {report['shape']}",
+            *stage_lines(report["stages"]),
+            f"all but the encode per {report['conversations']}-conversation decode step "
+            f"(columnar): {decode:.3f} ms, target {report['decode_target_ms']} ms: "
+            + ("within target" if report["decode_within_target"] else "OVER TARGET"),
+        ]
+    )
+
+
+def add_bench_stages_command(bench_subparsers: argparse._SubParsersAction) -> None:
+    """Register ``stages`` on the ``bench`` command's subparsers (sets ``handler``)."""
+    parser = bench_subparsers.add_parser(
+        "stages", help="sidecar CPU per message by stage (decode, prefill), no sidecar process"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="passes; the median is shown")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(handler=_bench_stages)
+
+
+def _bench_stages(args: argparse.Namespace) -> int:
+    from monitor.logs import configure_logging
+
+    configure_logging("auto", "warning")
+    report = run_stages_bench(max(1, args.rounds))
+    print(json.dumps(report, indent=2) if args.json else format_stages(report))
+    return 0

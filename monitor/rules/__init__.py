@@ -5,7 +5,13 @@ issue); ``RuleEngine`` evaluates the resulting ``RuleSet`` on batches of feature
 ``RuleReloader`` notices edited rule files and reloads them without raising.
 """
 
-from monitor.rules.engine import EvaluationResult, Firing, RuleEngine, SequenceSlice
+from monitor.rules.engine import (
+    EvaluationResult,
+    FeatureBlock,
+    Firing,
+    RuleEngine,
+    SequenceSlice,
+)
 from monitor.rules.errors import RuleIssue, RuleLoadError, SourceLocation
 from monitor.rules.loader import Rule, RuleSet, load_rules
 from monitor.rules.model import RuleException
@@ -13,6 +19,7 @@ from monitor.rules.reload import ReloadResult, RuleReloader
 
 __all__ = [
     "EvaluationResult",
+    "FeatureBlock",
     "Firing",
     "ReloadResult",
     "Rule",

@@ -48,6 +48,9 @@ class ConversationTable:
         self.max = max_conversations
         self._all: dict[Hashable, Conversation] = {}
         self._owners: dict[str, OrderedDict[Hashable, None]] = {}
+        # Changes with every touch, add and pop: the engine recognises a decode step that
+        # binds the same conversations as the previous one with nothing changed in between.
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self._all)
@@ -65,6 +68,7 @@ class ConversationTable:
     def touch(self, key: Hashable, owner: str) -> None:
         """Mark a tracked conversation as just used by `owner` (it is charged to them now)."""
         conv = self._all[key]
+        self.version += 1
         if conv.owner == owner:
             self._owners[owner].move_to_end(key)
             return
@@ -75,12 +79,14 @@ class ConversationTable:
     def add(self, key: Hashable, conv: Conversation) -> None:
         """Track a new conversation (the caller made room first with `victim`)."""
         self._all[key] = conv
+        self.version += 1
         self._owners.setdefault(conv.owner, OrderedDict())[key] = None
 
     def pop(self, key: Hashable) -> Conversation | None:
         """Stop tracking a conversation; its Conversation (and slot) is returned."""
         conv = self._all.pop(key, None)
         if conv is not None:
+            self.version += 1
             self._forget_owner(key, conv.owner)
         return conv
 

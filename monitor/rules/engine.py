@@ -22,8 +22,9 @@ each other in magnitude (and ewma's weighted products are rounded); past that, a
 from __future__ import annotations
 
 import functools
+import operator
 import threading
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
@@ -163,13 +164,53 @@ class _Wave:
         return flat if self.flat is None else flat[..., self.flat]
 
     def gather(
-        self, features: Mapping[str, torch.Tensor | np.ndarray], names: set[str]
-    ) -> dict[str, np.ndarray]:
-        out = {}
-        for name in names:
+        self, features: Mapping[str, torch.Tensor | np.ndarray], names: list[str], out: np.ndarray
+    ) -> None:
+        """Row ``i`` of ``out`` = this wave's rows of feature ``names[i]``."""
+        total, rows = self.total, self.rows
+        if isinstance(features, FeatureBlock) and names:
+            # One gather for all features instead of one call per feature.
+            block = features.block[:total] if rows is None else features.block[rows]
+            out[: len(names)] = np.take(block, features.columns(names), axis=1).T
+            return
+        for i, name in enumerate(names):
             values = _as_array(features[name])
-            out[name] = values[: self.total] if self.rows is None else values[self.rows]
-        return out
+            if rows is None:
+                out[i] = values[:total]
+            else:
+                np.take(values, rows, out=out[i])
+
+
+class FeatureBlock(Mapping[str, np.ndarray]):
+    """Feature values that are columns of one ``[rows, k]`` float32 array (one pack's encode
+    of one hook point): a mapping of name to column view, as ``RuleEngine.evaluate`` takes,
+    from which the engine gathers all the features it reads with one call."""
+
+    def __init__(self, block: np.ndarray, index: Mapping[str, int]) -> None:
+        if block.ndim != 2:
+            raise ValueError("a feature block is a [rows, features] array")
+        self.block = block.astype(np.float32, copy=False)
+        self.index = index  # name -> column
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.block[:, self.index[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.index
+
+    def get(self, name: str, default: object = None) -> np.ndarray | None:  # type: ignore[override]
+        column = self.index.get(name)
+        return default if column is None else self.block[:, column]  # type: ignore[return-value]
+
+    def columns(self, names: Sequence[str]) -> np.ndarray:
+        """The columns of ``names``, in order."""
+        return np.fromiter(map(self.index.__getitem__, names), np.intp, len(names))
 
 
 def _as_array(values: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -224,19 +265,39 @@ def _decode_layout(count: int) -> tuple[np.ndarray, np.ndarray]:
     return ones, offsets
 
 
-def _waves(sequences: Sequence[SequenceSlice]) -> list[list[SequenceSlice]]:
-    """The k-th slice of each conversation goes to wave k, so state flows wave to wave."""
-    if len({state_key(sl) for sl in sequences}) == len(sequences):
-        return [list(sequences)] if sequences else []  # the usual case: one wave
-    waves: list[list[SequenceSlice]] = []
+def _keys(slices: Sequence[SequenceSlice]) -> list[Hashable]:
+    """``state_key`` of each slice (without a call per slice when nothing is scoped)."""
+    if any(map(_SCOPE, slices)):
+        return list(map(state_key, slices))
+    return list(map(_CONVERSATION_ID, slices))
+
+
+_START_ROW = operator.attrgetter("start_row")
+_ROWS = operator.attrgetter("rows")
+_POSITION = operator.attrgetter("position")
+_SCOPE = operator.attrgetter("scope")
+_CONVERSATION_ID = operator.attrgetter("conversation_id")
+_REQUEST_ID = operator.attrgetter("request_id")
+_ROLE = operator.attrgetter("role")
+
+
+def _waves(
+    sequences: Sequence[SequenceSlice],
+) -> list[tuple[list[SequenceSlice], list[Hashable]]]:
+    """The k-th slice of each conversation goes to wave k, so state flows wave to wave; each
+    wave with the ``state_key`` of its slices."""
+    keys = _keys(sequences)
+    if len(set(keys)) == len(sequences):
+        return [(list(sequences), keys)] if sequences else []  # the usual case: one wave
+    waves: list[tuple[list[SequenceSlice], list[Hashable]]] = []
     count: dict[Hashable, int] = {}
-    for sl in sequences:
-        key = state_key(sl)
+    for sl, key in zip(sequences, keys, strict=True):
         k = count.get(key, 0)
         count[key] = k + 1
         if k == len(waves):
-            waves.append([])
-        waves[k].append(sl)
+            waves.append(([], []))
+        waves[k][0].append(sl)
+        waves[k][1].append(key)
     return waves
 
 
@@ -329,10 +390,29 @@ class _MaskCache:
         self.plain = tuple(sorted(keys - {"role", "model"}))
         self.index: dict[_Signature, int] = {}  # signature -> its column of matrix
         self.matrix = np.zeros((len(rules), 0), dtype=bool)  # [rules, signatures]
+        # The usual case's last roles, attribute values and masks: decode steps of the same
+        # conversations repeat them.
+        self._last: tuple[list[str], list[str | None] | None, np.ndarray] | None = None
 
     def active(self, slices: list[SequenceSlice], model: str) -> np.ndarray | None:
         if not self.enabled:
             return None
+        if self.uses_model or len(self.plain) > 1:
+            return self._masks(slices, model)
+        # Roles and at most one attribute (strings, so a copy of what was read): equal ones
+        # give equal signatures, hence equal masks.
+        roles = list(map(_ROLE, slices))
+        key = self.plain[0] if self.plain else None
+        values = [s.attributes.get(key) for s in slices] if key is not None else None
+        last = self._last
+        if last is not None and last[0] == roles and last[1] == values:
+            return last[2]
+        masks = self._masks(slices, model)
+        masks.flags.writeable = False  # handed out again
+        self._last = (roles, values, masks)
+        return masks
+
+    def _masks(self, slices: list[SequenceSlice], model: str) -> np.ndarray:
         if not self.uses_model and len(self.plain) <= 1:
             # The usual case (roles, at most one attribute such as a tenant): a signature is
             # two dictionary reads, and the masks are columns of one matrix.
@@ -381,6 +461,19 @@ _Signature = tuple[str, str | None, tuple[str | None, ...]]
 
 
 # --------------------------------------------------------------------------- engine
+
+
+@dataclass
+class _Bind:
+    """What the last wave bound (``RuleEngine._bind``), to recognise the next decode step."""
+
+    keys: list[Hashable]
+    client: str
+    version: int  # of the conversation table, after binding
+    slots: list[int]
+    conversations: list[Conversation]
+    next_positions: list[int]
+    request_ids: list[str]
 
 
 class RuleEngine:
@@ -484,14 +577,16 @@ class RuleEngine:
             [j for j, rule in enumerate(rules) if rule.scope == "request"], dtype=np.int64
         )
         self._masks = _MaskCache(rules)
-        self._step_kernels: dict[tuple[str, ...], _StepKernel] = {}
+        self._last_bind: _Bind | None = None
+        # Per stage of the program: its slot list lives as long as the program (and this
+        # dict), so its id is a key that cannot be reused meanwhile.
+        self._step_kernels: dict[int, _StepKernel] = {}
 
     def _step_kernel(self, slots: list[TemporalSlot]) -> _StepKernel:
-        key = tuple(slot.key[0] + slot.key[1] for slot in slots)
-        kernel = self._step_kernels.get(key)
+        kernel = self._step_kernels.get(id(slots))
         if kernel is None:
             kernel = _StepKernel(slots, self._program.history_width, self._program.sum_width)
-            self._step_kernels[key] = kernel
+            self._step_kernels[id(slots)] = kernel
         return kernel
 
     def evaluate(
@@ -515,15 +610,15 @@ class RuleEngine:
             # A slice without rows of a conversation not tracked has nothing to evaluate and
             # nothing to end: it must not take a slot (millions of them cost nothing else).
             tracked = self._conversations
-            if any(not s.rows for s in sequences):
+            if not all(map(_ROWS, sequences)):
                 sequences = [s for s in sequences if s.rows or state_key(s) in tracked]
             waves = _waves(sequences)
-            for wave in waves:
+            for wave, _ in waves:
                 if len(wave) > self._max:
                     raise ValueError(f"batch has more than {self._max} conversations")
             result = EvaluationResult()
-            for wave in waves:
-                self._run_wave(features, wave, batch_rows, result, model, client)
+            for wave, keys in waves:
+                self._run_wave(features, wave, keys, batch_rows, result, model, client)
             if len(result.firings) > 1:
                 result.firings.sort(key=lambda f: (f.row, self._rule_order[f.rule]))
             return result
@@ -535,16 +630,31 @@ class RuleEngine:
         features: Mapping[str, torch.Tensor],
         sequences: Sequence[SequenceSlice],
     ) -> int:
-        for s in sequences:
-            if s.rows < 0 or s.start_row < 0 or s.position < 0:
-                raise ValueError(
-                    f"slice {s.conversation_id!r}: negative start_row, rows or position"
-                )
-        spans = sorted([(s.start_row, s.start_row + s.rows) for s in sequences])
-        for i in range(1, len(spans)):
-            if spans[i][0] < spans[i - 1][1]:
-                raise ValueError("sequence slices overlap")
-        batch_rows = spans[-1][1] if spans else 0
+        # Column lists and C-level maps: a decode step has 64 slices, and a Python loop over
+        # them is a good part of the step's cost.
+        starts = list(map(_START_ROW, sequences))
+        rows = list(map(_ROWS, sequences))
+        if sequences and min(min(starts), min(rows), min(map(_POSITION, sequences))) < 0:
+            for s in sequences:
+                if s.rows < 0 or s.start_row < 0 or s.position < 0:
+                    raise ValueError(
+                        f"slice {s.conversation_id!r}: negative start_row, rows or position"
+                    )
+        ends = list(map(operator.add, starts, rows))
+        if all(map(operator.le, ends[:-1], starts[1:])):  # in row order, none overlapping
+            batch_rows = ends[-1] if ends else 0
+        else:
+            spans = sorted(zip(starts, ends, strict=True))
+            for i in range(1, len(spans)):
+                if spans[i][0] < spans[i - 1][1]:
+                    raise ValueError("sequence slices overlap")
+            batch_rows = spans[-1][1]
+        if (
+            isinstance(features, FeatureBlock)
+            and len(features.block) >= batch_rows
+            and all(map(features.index.__contains__, self._required))
+        ):
+            return batch_rows  # every column of a block is a vector of its rows
         for name in self._required:
             tensor = features.get(name)
             if tensor is None:
@@ -556,18 +666,40 @@ class RuleEngine:
     # ----------------------------------------------------------------- conversations
 
     def _bind(
-        self, slices: list[SequenceSlice], result: EvaluationResult, client: str
+        self,
+        slices: list[SequenceSlice],
+        keys: list[Hashable],
+        result: EvaluationResult,
+        client: str,
     ) -> list[int]:
         """Slots for a wave's conversations, resetting state on gaps and new conversations.
 
         Known conversations are touched before any new one is allocated, so that eviction
         never picks one of this wave's."""
         conversations = self._conversations
+        positions = list(map(_POSITION, slices))
+        request_ids = list(map(_REQUEST_ID, slices))
+        last = self._last_bind
+        if (
+            last is not None
+            and last.version == conversations.version
+            and last.client == client
+            and last.keys == keys
+            and last.next_positions == positions
+            and last.request_ids == request_ids
+        ):
+            # The steady decode state: the same conversations as the previous wave, in the
+            # same order, each continuing where it left off, and nothing else has touched
+            # the table since. Touching them again would leave the LRU order as it is, no
+            # state is reset: only the positions move on.
+            last.next_positions = list(map(operator.add, positions, map(_ROWS, slices)))
+            for conv, position in zip(last.conversations, last.next_positions, strict=True):
+                conv.next_position = position
+            return last.slots
         slots: list[int] = []
         fresh: list[int] = []
         new_request: list[int] = []
         new: list[int] = []
-        keys = [state_key(s) for s in slices]
         for i, s in enumerate(slices):
             conv = conversations.get(keys[i])
             if conv is None:
@@ -597,6 +729,16 @@ class RuleEngine:
                 table.reset(index)
         if new_request:
             self._reset_request_state(np.array(new_request, dtype=np.int64))
+        bound = [conversations.get(key) for key in keys]
+        self._last_bind = _Bind(
+            keys,
+            client,
+            conversations.version,
+            slots,
+            bound,  # type: ignore[arg-type]  # all tracked: just touched or added
+            [conv.next_position for conv in bound],  # type: ignore[union-attr]
+            request_ids,
+        )
         return slots
 
     def _reset_request_state(self, slots: np.ndarray) -> None:
@@ -655,16 +797,19 @@ class RuleEngine:
         self,
         features: Mapping[str, torch.Tensor],
         slices: list[SequenceSlice],
+        keys: list[Hashable],
         batch_rows: int,
         result: EvaluationResult,
         model: str,
         client: str = "",
     ) -> None:
-        wave = _layout(slices, self._bind(slices, result, client), batch_rows)
+        wave = _layout(slices, self._bind(slices, keys, result, client), batch_rows)
         if wave.total and self._rules:
-            inputs = wave.gather(features, self._required)
+            program = self._program
+            registers = program.allocate(wave.total)
+            wave.gather(features, program.feature_names, registers)
             temporal = _WaveTemporal(self, wave)
-            conditions, values = self._program.run(inputs, wave.total, temporal.compute)
+            conditions, values = program.run(registers, temporal.compute)
             temporal.store()
             active = self._masks.active(wave.slices, model)
             fires = self._advance_runs(wave, conditions, active)
@@ -763,23 +908,20 @@ class _WaveTemporal:
             # step kernels then write each function's newest value into its last column.
             self.updated[:, :-1] = self.history[:, 1:]
 
-    def compute(self, slots: list[TemporalSlot], xs: list[object]) -> list[np.ndarray]:
-        """One stage of the program's temporal functions (``Program.run``'s callback)."""
+    def compute(self, slots: list[TemporalSlot], xs: np.ndarray) -> np.ndarray:
+        """One stage of the program's temporal functions (``Program.run``'s callback):
+        ``xs`` [slots, rows] in, the functions' values [slots, rows] out."""
         if self.step:
             kernel = self.engine._step_kernel(slots)
-            outs = kernel(self.history, self.seen, self.updated, xs, self.wave.total)
-            if outs is not None:
-                return outs
-        return [self.compute_one(slot, x) for slot, x in zip(slots, xs, strict=True)]
+            out = kernel(self.history, self.seen, self.updated, xs)
+            if out is not None:
+                return out
+        return np.stack([self.compute_one(slot, x) for slot, x in zip(slots, xs, strict=True)])
 
-    def compute_one(self, slot: TemporalSlot, x: object) -> np.ndarray:
+    def compute_one(self, slot: TemporalSlot, values: np.ndarray) -> np.ndarray:
         wave = self.wave
         kept = slot.kept
         carried = self.history[:, slot.offset : slot.offset + kept]  # [S, kept]
-        if isinstance(x, np.ndarray) and x.shape == (wave.total,):
-            values = x.astype(np.float32, copy=False)
-        else:  # a constant sub-expression
-            values = np.full(wave.total, x, dtype=np.float32)
         ext = np.concatenate([carried, wave.pad(values, slot.fill)], axis=1)
         seen = self.seen[:, slot.counted] if slot.counted >= 0 else None
         if slot.kind == "cummax":
@@ -866,8 +1008,8 @@ class _StepKernel:
         self.divisors = np.concatenate(divisors) if divisors else np.ones(1)
         self.bases = np.array(bases, dtype=np.int64)
         self.windows = np.array([slots[t].kept + 1 for t in sums], dtype=np.int64)
-        self.counted = np.array([max(slots[t].counted, 0) for t in sums], dtype=np.int64)
-        self.sum_index = np.array(sums, dtype=np.int64)
+        self.counted = _index([max(slots[t].counted, 0) for t in sums])
+        self.sum_rows = _index(sums)
         self.newest_to = np.array(newest_to, dtype=np.int64)
         self.newest_from = np.array(newest_from, dtype=np.int64)
         self.cummax_to = np.array(cummax_to, dtype=np.int64)
@@ -878,49 +1020,59 @@ class _StepKernel:
         history: np.ndarray,
         seen: np.ndarray,
         updated: np.ndarray,
-        xs: list[object],
-        rows: int,
-    ) -> list[np.ndarray] | None:
-        """The stage's outputs (writing new history into ``updated``), or None, having
-        written nothing, when the step has non-finite values (then the caller computes
-        them one function at a time)."""
-        x = np.empty((rows, self.width), dtype=np.float32)
-        for t, value in enumerate(xs):
-            x[:, t] = value  # a constant broadcasts; a condition becomes 0/1
+        x: np.ndarray,
+    ) -> np.ndarray | None:
+        """The stage's outputs [functions, rows] from its inputs ``x`` [functions, rows]
+        (writing new history into ``updated``), or None, having written nothing, when the
+        step has non-finite values (then the caller computes them one function at a time)."""
+        rows = x.shape[1]
         out = np.empty((self.width, rows), dtype=np.float32)
         if self.sums:
-            block = np.concatenate((history[:, : self.sum_width], x[:, self.sum_index]), axis=1)
-            if not np.isfinite(block).all():
-                # 0 * inf is NaN: an infinite value would spill into other functions' sums
-                # in the product. Such a step is computed one function at a time.
+            block = np.empty((rows, self.sum_width + len(self.sums)), dtype=np.float64)
+            block[:, : self.sum_width] = history[:, : self.sum_width]
+            block[:, self.sum_width :] = x[self.sum_rows].T
+            sums = block @ self.weights  # [S, sum functions]
+            # 0 * inf is NaN: an infinite value would spill into other functions' sums in
+            # the product. Such a step is computed one function at a time. Every product is
+            # made, so a non-finite input makes its row's sums non-finite (NaN where its
+            # weight is 0), and float64 sums of float32 values cannot overflow: the sums are
+            # finite exactly when the inputs are, and checking them is the cheaper check.
+            if not np.isfinite(sums).all():
                 return None
-            sums = block.astype(np.float64) @ self.weights  # [S, sum functions]
             if self.divided:
                 counts = self._counts(seen, rows)
                 sums /= self.divisors[self.bases + counts]
-            out[self.sum_index] = sums.T
+            out[self.sum_rows] = sums.T
         for t, first, last, maximum in self.extrema:
             carried = history[:, first:last]
             if maximum:
-                out[t] = np.maximum(carried.max(1), x[:, t]) if last > first else x[:, t]
+                out[t] = np.maximum(carried.max(1), x[t]) if last > first else x[t]
             else:
-                out[t] = np.minimum(carried.min(1), x[:, t]) if last > first else x[:, t]
+                out[t] = np.minimum(carried.min(1), x[t]) if last > first else x[t]
         for t, oldest, counted, n in self.deltas:
-            change = x[:, t] - history[:, oldest]
+            change = x[t] - history[:, oldest]
             out[t] = np.where(seen[:, counted] >= n, change, np.float32(0.0))
         # ``updated`` holds the history shifted by one column (``_WaveTemporal``): put each
         # function's newest value last (cummax keeps its running maximum instead).
         if len(self.newest_to):
-            updated[:, self.newest_to] = x[:, self.newest_from]
+            updated[:, self.newest_to] = x[self.newest_from].T
         if len(self.cummax_to):
             updated[:, self.cummax_to] = out[self.cummax_from].T
-        return list(out)
+        return out
 
     def _counts(self, seen: np.ndarray, rows: int) -> np.ndarray:
         """Tokens in each window, this one included: [S, sum functions]."""
         if not seen.shape[1]:
             return np.ones((rows, len(self.sums)), dtype=np.int64)
         return np.minimum(seen[:, self.counted] + 1, self.windows)
+
+
+def _index(positions: list[int]) -> slice | np.ndarray:
+    """Rows to pick: a slice (a view) when they are consecutive, else an index array."""
+    first = positions[0] if positions else 0
+    if positions == list(range(first, first + len(positions))):
+        return slice(first, first + len(positions))
+    return np.array(positions, dtype=np.int64)
 
 
 def _firing(rule: Rule, sl: SequenceSlice, offset: int, value: float) -> Firing:

@@ -18,7 +18,7 @@ does not, so the same text has different values.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,25 +67,13 @@ class TemporalSlot:
     counted: int
 
 
-TemporalFn = Callable[[list[TemporalSlot], list[Value]], list[np.ndarray]]
+TemporalFn = Callable[[list[TemporalSlot], np.ndarray], np.ndarray]
 
 
-def _binary(fn: Callable[[Value, Value], Value], a: int, b: int) -> Callable[[list], Value]:
-    return lambda r: fn(r[a], r[b])
-
-
-def _unary(fn: Callable[[Value], Value], a: int) -> Callable[[list], Value]:
-    return lambda r: fn(r[a])
-
-
-def _sigmoid(x: Value) -> Value:
+def _sigmoid(x: np.ndarray) -> np.ndarray:
     # In float64 then rounded, as the torch kernel does: a condition must not depend on how
     # many tokens shared the batch, and a float64 result rounded to float32 is stable.
     return (1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))).astype(np.float32)
-
-
-def _clip(a: int, lo: int, hi: int) -> Callable[[list], Value]:
-    return lambda r: np.minimum(np.maximum(r[a], r[lo]), r[hi])
 
 
 _BINARY = {
@@ -104,30 +92,65 @@ _BINARY = {
     "eq": np.equal,
     "ne": np.not_equal,
 }
-_UNARY = {"neg": np.negative, "not": np.logical_not, "abs": np.abs, "sigmoid": _sigmoid}
+_UNARY = {"neg": np.negative, "not": np.logical_not, "abs": np.abs}
+
+
+@dataclass
+class _Node:
+    """One merged instruction before registers are laid out."""
+
+    kind: str
+    args: list[int]  # nodes it reads
+    param: Any = None
+    slot: int = -1  # index into ``Program.temporal`` for a temporal function
+
+
+Rows = slice | np.ndarray  # which rows of the register file an operand is
+
+
+def _rows(registers: Sequence[int]) -> Rows:
+    """A slice (a view, no copy) when the registers are consecutive or all the same one
+    (a broadcast row, e.g. one constant compared with many values); else an index array."""
+    first = registers[0]
+    if list(registers) == list(range(first, first + len(registers))):
+        return slice(first, first + len(registers))
+    if registers.count(first) == len(registers):
+        return slice(first, first + 1)
+    return np.array(registers, dtype=np.intp)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Instructions of one kind whose operands are all ready: one numpy call for all of
+    them, over the rows ``out`` of the register file."""
+
+    kind: str
+    out: slice
+    args: tuple[Rows, ...]
 
 
 class Program:
-    """All enabled rules of a rule set as one straight-line program.
+    """All enabled rules of a rule set as one program over a register file.
 
-    ``run`` fills one register per merged instruction and returns every rule's condition and
-    value over the wave's rows: ``[rules, rows]`` arrays.
+    Every merged instruction has one row of a ``[registers, rows]`` float32 array (booleans
+    are 0 and 1: the expression language never does arithmetic on them, and numpy's logical
+    functions read any non-zero as true). Instructions of the same kind whose operands are
+    ready are laid out in consecutive rows and run as one numpy call (``_Group``): twenty
+    rules comparing twenty features with thresholds are one ``np.greater``, not twenty. A
+    decode step is ~64 values per row, so the number of calls is what costs, not the
+    arithmetic.
+
+    ``run`` returns every rule's condition and value over the wave's rows: ``[rules, rows]``.
     """
 
     def __init__(self, rules: Sequence[Rule]) -> None:
-        self.kinds: list[str] = []
         self.temporal: list[TemporalSlot] = []
-        self.features: dict[str, int] = {}  # feature name -> register
-        self.constants: dict[int, np.float32] = {}
-        self.conditions: list[int] = []
-        self.values: list[int] = []
-        # (register, kernel) in dependency order; kernel None for a temporal function.
-        self._code: list[tuple[int, Callable[[list], Value] | None]] = []
-        self._temporal_at: dict[int, tuple[int, int]] = {}  # register -> (slot, argument)
-        self._reads: dict[int, list[int]] = {}  # register -> registers it reads
+        nodes: list[_Node] = []
         index: dict[tuple[str, str], int] = {}
         width = counted = 0
         self.sum_width = 0  # history columns of the sum-type functions (placed first)
+        cond_nodes: list[int] = []
+        value_nodes: list[int] = []
         for rule in rules:
             local: list[int] = []
             stateful: list[bool] = []
@@ -136,27 +159,33 @@ class Program:
                 is_temporal = spec is not None and spec.temporal
                 depends = is_temporal or any(stateful[a] for a in ins.args)
                 key = (rule.scope if depends else "", ins.key)
-                reg = index.get(key)
-                if reg is None:
-                    reg = index[key] = len(self.kinds)
-                    self.kinds.append(ins.kind)
+                node = index.get(key)
+                if node is None:
                     args = [local[a] for a in ins.args]
                     if is_temporal:
                         slot = self._slot((rule.scope, ins.key), ins, width, counted)
                         width += slot.kept
                         counted += slot.counted >= 0
-                        self._code.append((reg, None))
-                        self._temporal_at[reg] = (len(self.temporal), args[0])
+                        nodes.append(_Node(ins.kind, args, slot=len(self.temporal)))
                         self.temporal.append(slot)
+                    elif ins.kind in ("max", "min") and len(args) > 2:
+                        # Variadic max/min fold left to right, as the torch kernels do;
+                        # intermediate folds are nodes of their own.
+                        first = args[0]
+                        for arg in args[1:-1]:
+                            nodes.append(_Node(ins.kind, [first, arg]))
+                            first = len(nodes) - 1
+                        nodes.append(_Node(ins.kind, [first, args[-1]]))
                     else:
-                        self._compile(reg, ins, args)
-                local.append(reg)
+                        nodes.append(_Node(ins.kind, args, ins.param))
+                    node = index[key] = len(nodes) - 1
+                local.append(node)
                 stateful.append(depends)
-            self.conditions.append(local[rule.condition.result])
-            self.values.append(local[rule.condition.value])
+            cond_nodes.append(local[rule.condition.result])
+            value_nodes.append(local[rule.condition.value])
         self._place()
         self.counted_width = counted
-        self._plan()
+        self._layout(nodes, cond_nodes, value_nodes)
 
     def _place(self) -> None:
         """History columns: those of the sum-type functions (whose empty value is 0) first,
@@ -171,32 +200,78 @@ class Program:
                 self.sum_width = offset
         self.history_width = offset
 
-    def _plan(self) -> None:
-        """Order the program in stages so that the temporal functions of a stage are computed
-        together (one call for all of them: a decode step does them as one array operation).
+    def _layout(self, nodes: list[_Node], cond_nodes: list[int], value_nodes: list[int]) -> None:
+        """Registers: features, then constants, then stage by stage each group of plain
+        instructions and the stage's temporal functions, each in consecutive rows.
 
-        A register's stage is the number of temporal functions on its longest path of
-        inputs; stage s runs its plain instructions, then the temporal functions of s + 1,
-        whose inputs all have stage s or less."""
-        stage: dict[int, int] = {}
-        for reg in self.constants:
-            stage[reg] = 0
-        for reg in self.features.values():
-            stage[reg] = 0
-        plain: dict[int, list[tuple[int, Callable[[list], Value]]]] = {}
+        A node's stage is the number of temporal functions on its longest path of inputs;
+        stage s runs its plain instructions, then the temporal functions of s + 1, whose
+        inputs all have stage s or less. Within a stage a plain node's level is one more
+        than its deepest plain input of the same stage; a group is (stage, level, kind)."""
+        stage = [0] * len(nodes)
+        level = [0] * len(nodes)
+        for n, node in enumerate(nodes):  # nodes come in dependency order
+            if node.kind in ("feature", "const"):
+                continue
+            if node.slot >= 0:
+                stage[n] = stage[node.args[0]] + 1
+                continue
+            stage[n] = max(stage[a] for a in node.args)
+            level[n] = 1 + max((level[a] for a in node.args if stage[a] == stage[n]), default=0)
+        features = [n for n, node in enumerate(nodes) if node.kind == "feature"]
+        constants = [n for n, node in enumerate(nodes) if node.kind == "const"]
+        register = [-1] * len(nodes)
+        for n in (*features, *constants):
+            register[n] = features.index(n) if n in features else len(features) + constants.index(n)
+        self.feature_names: list[str] = [nodes[n].param for n in features]
+        self.features = {name: i for i, name in enumerate(self.feature_names)}
+        self._constants = np.array(
+            [[np.float32(nodes[n].param)] for n in constants], dtype=np.float32
+        ).reshape(len(constants), 1)
+        groups: dict[tuple[int, int, str], list[int]] = {}
         temporal: dict[int, list[int]] = {}
-        for reg, fn in self._code:
-            if fn is None:
-                _, arg = self._temporal_at[reg]
-                stage[reg] = stage[arg] + 1
-                temporal.setdefault(stage[reg], []).append(reg)
+        for n, node in enumerate(nodes):
+            if node.kind in ("feature", "const"):
+                continue
+            if node.slot >= 0:
+                temporal.setdefault(stage[n], []).append(n)
             else:
-                stage[reg] = max((stage[a] for a in self._reads[reg]), default=0)
-                plain.setdefault(stage[reg], []).append((reg, fn))
-        last = max(stage.values(), default=0)
-        self.stages: list[tuple[list[tuple[int, Callable[[list], Value]]], list[int]]] = [
-            (plain.get(s, []), temporal.get(s + 1, [])) for s in range(last + 1)
-        ]
+                groups.setdefault((stage[n], level[n], node.kind), []).append(n)
+        last = max(stage, default=0)
+        next_register = len(features) + len(constants)
+        self.stages: list[tuple[list[_Group], tuple[slice, Rows, list[TemporalSlot]] | None]] = []
+        for s in range(last + 1):
+            plain: list[_Group] = []
+            for key in sorted(k for k in groups if k[0] == s):
+                members = groups[key]
+                out = slice(next_register, next_register + len(members))
+                for n in members:
+                    register[n] = next_register
+                    next_register += 1
+                arity = len(nodes[members[0]].args)
+                args = tuple(
+                    _rows([register[nodes[n].args[i]] for n in members]) for i in range(arity)
+                )
+                plain.append(_Group(key[2], out, args))
+            stateful = None
+            if temporal.get(s + 1):
+                members = temporal[s + 1]
+                out = slice(next_register, next_register + len(members))
+                for n in members:
+                    register[n] = next_register
+                    next_register += 1
+                reads = [register[nodes[n].args[0]] for n in members]
+                inputs = _rows(reads)
+                if isinstance(inputs, slice) and inputs.stop - inputs.start < len(reads):
+                    # Functions of the same value: one input row each, not a broadcast.
+                    inputs = np.array(reads, dtype=np.intp)
+                stateful = (out, inputs, [self.temporal[nodes[n].slot] for n in members])
+            self.stages.append((plain, stateful))
+        self.registers = next_register
+        self.conditions = [register[n] for n in cond_nodes]
+        self.values = [register[n] for n in value_nodes]
+        self._conditions = _rows(self.conditions) if cond_nodes else slice(0, 0)
+        self._values = _rows(self.values) if value_nodes else slice(0, 0)
 
     @staticmethod
     def _slot(key: TemporalKey, ins: Instr, offset: int, counted: int) -> TemporalSlot:
@@ -213,64 +288,54 @@ class Program:
             counted=counted if ins.kind in COUNTED else -1,
         )
 
-    def _compile(self, reg: int, ins: Instr, args: list[int]) -> None:
-        kind = ins.kind
-        self._reads[reg] = list(args)
-        if kind == "const":
-            self.constants[reg] = np.float32(ins.param)
-        elif kind == "feature":
-            self.features[ins.param] = reg
-        elif kind in _UNARY:
-            self._code.append((reg, _unary(_UNARY[kind], args[0])))
-        elif kind == "clip":
-            self._code.append((reg, _clip(*args)))
-        elif kind in _BINARY:
-            fn = _BINARY[kind]
-            first, *rest = args
-            # Variadic max/min fold left to right, as the torch kernels do.
-            for i, arg in enumerate(rest):
-                step = _binary(fn, first, arg)
-                if i < len(rest) - 1:
-                    # Intermediate folds of a variadic call get private registers.
-                    tmp = len(self.kinds)
-                    self.kinds.append(kind)
-                    self._reads[tmp] = [first, arg]
-                    self._code.append((tmp, step))
-                    first = tmp
-                else:
-                    self._code.append((reg, step))
-        else:  # pragma: no cover - the resolver only produces the kinds above
-            raise ValueError(f"no kernel for {kind!r}")
+    def allocate(self, rows: int) -> np.ndarray:
+        """A register file for ``rows`` tokens with the constants filled in; the caller puts
+        feature ``feature_names[i]`` in row ``i`` and then calls ``run``."""
+        registers = np.empty((self.registers, rows), dtype=np.float32)
+        if len(self._constants):
+            first = len(self.feature_names)
+            registers[first : first + len(self._constants)] = self._constants
+        return registers
 
-    def run(
-        self, inputs: Mapping[str, np.ndarray], rows: int, temporal: TemporalFn
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(conditions [rules, rows] bool, values [rules, rows] float32).
+    def run(self, registers: np.ndarray, temporal: TemporalFn) -> tuple[np.ndarray, np.ndarray]:
+        """(conditions [rules, rows] bool, values [rules, rows] float32) from a register
+        file made by ``allocate`` with the features filled in.
 
         ``temporal(slots, inputs)`` computes a stage's temporal functions (and advances their
-        state) from their input values: one array per slot.
+        state) from their input values ``[slots, rows]``: one row of output per slot.
         """
-        regs: list[Value] = [None] * len(self.kinds)
-        for reg, constant in self.constants.items():
-            regs[reg] = constant
-        for name, reg in self.features.items():
-            regs[reg] = inputs[name]
-        temporal_at, slots = self._temporal_at, self.temporal
+        r = registers
         with np.errstate(all="ignore"):  # x / 0 is inf and inf - inf is NaN, as in torch
             for plain, stateful in self.stages:
-                for reg, fn in plain:
-                    regs[reg] = fn(regs)
-                if stateful:
-                    at = [temporal_at[reg] for reg in stateful]
-                    outs = temporal([slots[i] for i, _ in at], [regs[a] for _, a in at])
-                    for reg, out in zip(stateful, outs, strict=True):
-                        regs[reg] = out
-        conditions = np.empty((len(self.conditions), rows), dtype=bool)
-        values = np.empty((len(self.values), rows), dtype=np.float32)
-        for k, (c, v) in enumerate(zip(self.conditions, self.values, strict=True)):
-            conditions[k] = regs[c]  # a constant broadcasts over the rows
-            values[k] = regs[v]
+                for group in plain:
+                    _run_group(r, group)
+                if stateful is not None:
+                    out, inputs, slots = stateful
+                    r[out] = temporal(slots, r[inputs])
+        rules = len(self.conditions)
+        conditions = r[self._conditions] != 0
+        values = r[self._values]
+        # One register shared by every rule is a one-row slice: broadcast it to each rule.
+        if conditions.shape[0] != rules:
+            conditions = np.broadcast_to(conditions, (rules, r.shape[1])).copy()
+        if values.shape[0] != rules:
+            values = np.broadcast_to(values, (rules, r.shape[1])).copy()
         return conditions, values
+
+
+def _run_group(r: np.ndarray, group: _Group) -> None:
+    kind, out, args = group.kind, r[group.out], group.args
+    fn = _BINARY.get(kind)
+    if fn is not None:
+        fn(r[args[0]], r[args[1]], out=out)
+    elif kind == "sigmoid":
+        out[...] = _sigmoid(r[args[0]])
+    elif kind == "clip":
+        np.minimum(np.maximum(r[args[0]], r[args[1]]), r[args[2]], out=out)
+    elif kind in _UNARY:
+        _UNARY[kind](r[args[0]], out=out)
+    else:  # pragma: no cover - the resolver only produces the kinds above
+        raise ValueError(f"no kernel for {kind!r}")
 
 
 def compile_rules(rules: Sequence[Rule]) -> Program:

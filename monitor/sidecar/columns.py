@@ -9,7 +9,7 @@ Reading the arrays costs no protobuf object per sequence: that is the point of t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from itertools import accumulate, repeat
 from typing import NamedTuple
 
@@ -60,6 +60,9 @@ class ConversationTable:
         self.size = size
         self._slots: list[_Slot | None] = [None] * size
         self._slot_of: dict[str, int] = {}
+        # The last batch's slots, read: decode steps of a stream name the same slots step
+        # after step, and while no definition changes them they read the same.
+        self._last: tuple[list[int], str, str, tuple] | None = None
 
     def __len__(self) -> int:
         """Slots currently defined."""
@@ -77,6 +80,7 @@ class ConversationTable:
                 f"columns.define: {len(definitions)} definitions exceed the limit of "
                 f"{limits.max_sequences_per_batch} per batch",
             )
+        self._last = None
         first: BatchRejected | None = None
         slots_seen: set[int] = set()
         ids_seen: set[str] = set()
@@ -129,6 +133,7 @@ class ConversationTable:
         return _Slot(conversation_id, definition.role, definition.request_id, attributes)
 
     def _empty(self, slot: int) -> None:
+        self._last = None
         if slot >= self.size:
             return
         old = self._slots[slot]
@@ -177,6 +182,60 @@ class ConversationTable:
                     f"columns.{name}: {len(values)} entries for {count} sequences"
                     + (" (or none)" if allow_empty else ""),
                 )
+        last = self._last
+        if last is not None and last[0] == slot_ids and last[1:3] == (scope, scope_attribute):
+            read = last[3]  # the same slots as the previous batch, nothing redefined since
+        else:
+            read = self._read(slot_ids, scope, scope_attribute)
+            self._last = (slot_ids, scope, scope_attribute, read)
+        ids, roles, request_ids, attributes, scopes = read
+        # max + max bounds every sum: the exact check runs only when that bound is exceeded.
+        if max(positions) + max(rows) > MAX_POSITION:
+            for i, (position, n) in enumerate(zip(positions, rows, strict=True)):
+                if position + n > MAX_POSITION:
+                    raise BatchRejected(
+                        "bad_position",
+                        f"columns.position[{i}]",
+                        f"columns.position[{i}]: {position} + {n} rows is past the largest "
+                        f"supported position {MAX_POSITION}",
+                    )
+        texts = list(columns.tokens)
+        total = sum(rows)
+        if texts and len(texts) != total:
+            raise BatchRejected(
+                "bad_tokens",
+                "columns.tokens",
+                f"columns.tokens: {len(texts)} token texts for {total} rows",
+            )
+        if not ends:
+            ends = [False] * count
+        # All in C: tuple.__new__ instead of the named tuple's Python-level __new__ (a third
+        # of the cost). Every field is given, in order (a test checks SLICE_FIELDS against
+        # SequenceSlice._fields).
+        starts = accumulate(rows, initial=0)  # one more than there are sequences: not strict
+        fields = zip(
+            ids,
+            starts,
+            rows,
+            positions,
+            roles,
+            ends,
+            request_ids,
+            attributes,
+            scopes,
+            strict=False,
+        )
+        slices: list[SequenceSlice] = list(map(_new_slice, repeat(SequenceSlice, count), fields))
+        if texts:
+            tokens = [texts[s.start_row : s.start_row + s.rows] for s in slices]
+        else:
+            tokens = [[] for _ in range(count)]
+        return slices, tokens
+
+    def _read(self, slot_ids: list[int], scope: str, scope_attribute: str) -> tuple:
+        """The batch's slots, checked, as columns: ids, roles, request ids, attributes and
+        scopes. Raises BatchRejected (located) on a problem."""
+        count = len(slot_ids)
         if max(slot_ids) >= self.size:
             i = next(i for i, s in enumerate(slot_ids) if s >= self.size)
             raise BatchRejected(
@@ -203,50 +262,10 @@ class ConversationTable:
                         f"columns.slot[{i}]: {entries[i].conversation_id!r} appears more "  # type: ignore[union-attr]
                         "than once in the batch",
                     )
-        # max + max bounds every sum: the exact check runs only when that bound is exceeded.
-        if max(positions) + max(rows) > MAX_POSITION:
-            for i, (position, n) in enumerate(zip(positions, rows, strict=True)):
-                if position + n > MAX_POSITION:
-                    raise BatchRejected(
-                        "bad_position",
-                        f"columns.position[{i}]",
-                        f"columns.position[{i}]: {position} + {n} rows is past the largest "
-                        f"supported position {MAX_POSITION}",
-                    )
-        texts = list(columns.tokens)
-        total = sum(rows)
-        if texts and len(texts) != total:
-            raise BatchRejected(
-                "bad_tokens",
-                "columns.tokens",
-                f"columns.tokens: {len(texts)} token texts for {total} rows",
-            )
-        if not ends:
-            ends = [False] * count
-        # All in C: the slot entries transposed, and tuple.__new__ instead of the named
-        # tuple's Python-level __new__ (a third of the cost). Every field is given, in order
-        # (a test checks SLICE_FIELDS against SequenceSlice._fields).
+        # All in C: the slot entries transposed.
         ids, roles, request_ids, attributes = zip(*entries, strict=True)  # type: ignore[misc]
-        starts = accumulate(rows, initial=0)  # one more than there are sequences: not strict
         if scope_attribute:
-            scopes: Iterable[str] = [a.get(scope_attribute, "") for a in attributes]
+            scopes: Sequence[str] = [a.get(scope_attribute, "") for a in attributes]
         else:
-            scopes = repeat(scope, count)
-        fields = zip(
-            ids,
-            starts,
-            rows,
-            positions,
-            roles,
-            ends,
-            request_ids,
-            attributes,
-            scopes,
-            strict=False,
-        )
-        slices: list[SequenceSlice] = list(map(_new_slice, repeat(SequenceSlice, count), fields))
-        if texts:
-            tokens = [texts[s.start_row : s.start_row + s.rows] for s in slices]
-        else:
-            tokens = [[] for _ in range(count)]
-        return slices, tokens
+            scopes = (scope,) * count
+        return ids, roles, request_ids, attributes, scopes

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from monitor.audit.store import SQLITE_SCHEME, is_store_url, sqlite_path
-from monitor.limits import MAX_CONVERSATIONS
+from monitor.limits import MAX_CONVERSATION_SLOTS, MAX_CONVERSATIONS
 
 
 class ConfigError(ValueError):
@@ -54,6 +54,7 @@ class Limits:
     # Slots of one stream's conversation table (the columnar sequence format): a batched
     # server runs a few hundred sequences at once, and a client reuses slots beyond that.
     # Each slot holds its strings: with max_streams streams, this bounds the tables together.
+    # At most MAX_CONVERSATION_SLOTS (65,536): each stream's table is a list of this size.
     max_conversation_slots: int = 1024
 
 
@@ -342,8 +343,9 @@ def _limits(value: Any, origin: str) -> Limits:
     # Byte budgets of the sidecar's own memory may pass 2 GiB; the rest are gRPC options
     # (C ints) or counts.
     wide = ("max_stream_bytes", "max_rule_state_bytes")
+    highs = {key: 2**48 for key in wide} | {"max_conversation_slots": MAX_CONVERSATION_SLOTS}
     checked = {
-        key: _int(item, origin, f"limits.{key}", low=1, high=2**48 if key in wide else 2**31 - 1)
+        key: _int(item, origin, f"limits.{key}", low=1, high=highs.get(key, 2**31 - 1))
         for key, item in value.items()
     }
     return Limits(**checked)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from monitor.limits import MAX_CONVERSATION_SLOTS
 from monitor.wire.safety_monitor.v1 import monitor_pb2 as pb
 
 SEQUENCES, COLUMNS = "sequences", "columns"
@@ -34,16 +35,19 @@ class ColumnarEncoder:
     """One stream's conversation table on the client's side. Each conversation id holds one
     slot while it is in use; a slot is defined again when the conversation's request id, role
     or attributes change, freed when the conversation ends, and the least recently used one
-    is reused when all are taken."""
+    is reused when all are taken.
+
+    ``slots`` is what the sidecar reported; at most ``MAX_CONVERSATION_SLOTS`` are used (the
+    table is a list of that size, and the count comes from the other side of the wire)."""
 
     def __init__(self, slots: int) -> None:
         if slots < 1:
             raise ValueError("a conversation table needs at least one slot")
-        self.slots = slots
+        self.slots = min(slots, MAX_CONVERSATION_SLOTS)
         # conversation id -> (slot, (request id, role, attributes)); least recently used first
         self._held: OrderedDict[str, tuple[int, tuple[str, str, tuple[tuple[str, str], ...]]]]
         self._held = OrderedDict()
-        self._free = list(range(slots - 1, -1, -1))  # popped from the end: slot 0 first
+        self._free = list(range(self.slots - 1, -1, -1))  # popped from the end: slot 0 first
 
     def encode(self, batch: pb.StepBatch) -> pb.StepBatch:
         """`batch` with its `sequences` moved into `columns` (in place; returned for

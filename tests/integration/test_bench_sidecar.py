@@ -54,3 +54,27 @@ def test_sidecar_bench_refuses_a_load_it_cannot_pace():
             _load(text)
     with pytest.raises(ValueError, match="pin must be one of"):
         run_sidecar_bench(seconds=0.1, pin="sidecar")
+
+
+def test_stages_bench_reports_each_stage_without_a_sidecar(capsys):
+    from monitor.bench.stages import DECODE_TARGET_MS, format_stages, run_stages_bench
+    from monitor.cli import main
+
+    report = run_stages_bench(rounds=1, conversations=8, prefill_rows=64)
+    assert set(report["stages"]) == {"decode", "decode-col", "prefill"}
+    for name, rows in (("decode", 8), ("decode-col", 8), ("prefill", 64)):
+        stages = report["stages"][name]
+        assert stages["rows_per_message"] == rows
+        cpu = stages["cpu_ms"]
+        assert set(cpu) == {"parse", "validate", "encode", "rules", "events"}
+        assert cpu["encode"] > 0 and cpu["rules"] > 0 and cpu["validate"] > 0
+        # Everything but the pack's encode is what the decode target bounds.
+        assert stages["all_but_encode_cpu_ms"] == pytest.approx(
+            stages["total_cpu_ms"] - cpu["encode"], abs=1e-3
+        )
+        assert stages["encode_gflops"] > 0 and stages["machine_gemm_gflops"] > 0
+    decode = report["stages"]["decode-col"]["all_but_encode_cpu_ms"]
+    assert report["decode_within_target"] == (decode <= DECODE_TARGET_MS)
+    assert "all but the encode per 8-conversation decode step" in format_stages(report)
+    assert main(["bench", "stages", "--rounds", "1", "--json"]) == 0
+    assert '"decode-col"' in capsys.readouterr().out

@@ -122,6 +122,11 @@ def test_pack_fit_reports_held_out_metrics_and_names_the_best_layer(workdir, cap
     assert info.aggregation.startswith("max_rolling_mean:")
     assert info.threshold_pooling == info.aggregation and info.target_fpr == 0.1
     assert len(pack.provenance["fit"]["digests"]) == 96
+    # Trained through the aggregation, early-stopped held out: never worse than the per-token
+    # fit it started from, and the pack says which it serves.
+    assert plain["auroc"] >= plain["auroc_per_token_fit"]
+    assert info.source in ("probe:logistic-token-aggregated", "probe:logistic-token")
+    assert (info.source == "probe:logistic-token") == (plain["aggregation_steps"] == 0)
 
 
 def test_pack_calibrate_warns_when_calibration_data_overlaps_the_fit(workdir, capsys) -> None:

@@ -22,7 +22,13 @@ from monitor.features.build.scoring import (
     rolling_mean,
     threshold_at_fpr,
 )
-from monitor.features.build.token_probes import fit_layers, fit_token_probe, token_values
+from monitor.features.build.token_probes import (
+    fit_layers,
+    fit_through_aggregation,
+    fit_token_probe,
+    score_conversations,
+    token_values,
+)
 from monitor.features.errors import FeatureError
 from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder
 from monitor.rules import RuleEngine, RuleLoadError, SequenceSlice, load_rules
@@ -343,3 +349,63 @@ def test_one_role_and_request_id_apply_to_every_row_unsuffixed() -> None:
     assert tagging is not None
     assert tagging.conversation_ids == ("a/0", "a/1")
     assert tagging.roles == ("user", "user") and tagging.request_ids == ("r1", "r1")
+
+
+def _span_tokens(n: int, seed: int) -> list[ConversationTokens]:
+    """Only a 2-token span carries the harm (direction s) in label-1 conversations; a weak
+    direction c runs through every token of them (a template: "How do I ...") and spikes on a
+    few tokens of label-0 ones (hard negatives). Per token, c predicts the label; pooled by a
+    max, its spikes make false alarms."""
+    g = torch.Generator().manual_seed(seed)
+    d = 16
+    s, c = torch.eye(d)[0], torch.eye(d)[1]
+    result = []
+    for i in range(n):
+        label = i % 2
+        length = int(torch.randint(12, 30, (1,), generator=g))
+        x = torch.randn(length, d, generator=g)
+        at = int(torch.randint(0, length - 2, (1,), generator=g))
+        if label:
+            x += 1.5 * c
+            x[at : at + 2] += 3 * s
+        else:
+            x[at : at + 2] += 5 * c
+        roles = ["user"] * length
+        result.append(
+            ConversationTokens(
+                f"c{i}", label, {"layers.0": x}, roles, torch.ones(length, dtype=torch.bool),
+                [length],
+            )
+        )  # fmt: skip
+    return result
+
+
+def test_training_through_the_aggregation_improves_the_served_score() -> None:
+    """Fitted per token, the probe leans on the template direction and its max fires on hard
+    negatives; trained through max-of-rolling-means it finds the span, and the served (hard
+    max) score, measured on fresh data, is much better."""
+    fit_tokens, heldout, test = _span_tokens(300, 1), _span_tokens(200, 2), _span_tokens(200, 3)
+    labels = [t.label for t in test]
+    per_token = fit_token_probe(fit_tokens, "layers.0")
+    trained = fit_through_aggregation(fit_tokens, heldout, per_token, 1)
+    assert trained.steps > 0 and trained.auroc > trained.initial_auroc
+    before = auroc(score_conversations(test, "layers.0", per_token, "max"), labels)
+    after = auroc(score_conversations(test, "layers.0", trained.fit, "max"), labels)
+    assert after > 0.95 and after > before + 0.05
+    # What is served is the folded probe: the pack's encoder gives the same per-token values.
+    encoded = probe_encoder(trained.fit).encode(test[0].activations["layers.0"])[:, 0]
+    torch.testing.assert_close(token_values(test[0], "layers.0", trained.fit), encoded)
+
+
+def test_fit_layers_trains_through_the_aggregation_unless_told_not_to() -> None:
+    fit_tokens, heldout = _span_tokens(200, 4), _span_tokens(120, 5)
+    (trained,) = fit_layers(fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 4))
+    (plain,) = fit_layers(
+        fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 4), train_aggregation=False
+    )
+    assert (
+        trained.fit.method == "logistic-token-aggregated" and plain.fit.method == "logistic-token"
+    )
+    assert "auroc_per_token_fit" not in plain.heldout
+    assert trained.heldout["auroc_per_token_fit"] == pytest.approx(plain.heldout["auroc"])
+    assert trained.heldout["auroc"] > plain.heldout["auroc"] + 0.05

@@ -221,6 +221,13 @@ def _add_fit(sub: Any) -> None:
     )
     p.add_argument("--method", choices=METHODS, default="logistic", help="with --pooling")
     p.add_argument("--l2", type=float, default=1e-2, help="L2 penalty (logistic)")
+    p.add_argument(
+        "--no-train-aggregation",
+        dest="train_aggregation",
+        action="store_false",
+        help="keep the per-token fit instead of training the probe through the rule's "
+        "max-of-rolling-means pooling (the default)",
+    )
     p.add_argument("--name", default="probes", help="pack name (rules say <name>/<feature>)")
     p.add_argument(
         "--feature-name",
@@ -279,6 +286,7 @@ def _fit(args: argparse.Namespace) -> int:
         fpr=args.fpr,
         windows=windows,
         l2=args.l2,
+        train_aggregation=args.train_aggregation,
         category=args.category,
         description=args.description,
         data_name=data_name,
@@ -304,6 +312,7 @@ def _fit_datasets(args: argparse.Namespace, layers: list[int]) -> int:
         pack, report = fit_token_probe_pack(
             model, tokenizer, fit, heldout, layers, name=args.name, feature_name=name,
             fpr=args.fpr, windows=_windows(args.window), l2=args.l2, category=name,
+            train_aggregation=args.train_aggregation,
             data_name=f"dataset:{name}",
         )  # fmt: skip
         entries.extend(pack.hook_points.values())

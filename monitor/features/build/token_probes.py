@@ -13,7 +13,11 @@ mean-pooled probe lost 29 points of recall at 1% FPR when served per token). So:
    probes use max-of-rolling-means aggregation so a short harmful span in a long context is
    not diluted). W is chosen on the held-out calibration split among ``WINDOWS`` (or given),
    by AUROC.
-3. The alert threshold is set on the calibration split's negatives for the target FPR, with
+3. Then the probe is trained *through* that aggregation (``fit_through_aggregation``): the
+   conversation score max-of-rolling-means(w.h_t + b) goes into the loss (a smooth max for
+   training), so only the tokens that carry the signal must score high, not every token of a
+   harmful request. Early-stopped on the held-out split's served (hard max) score.
+4. The alert threshold is set on the calibration split's negatives for the target FPR, with
    the same pooling, and both are recorded in the pack (``aggregation``,
    ``threshold_pooling``) so rules and `rules calibrate` use what was fitted.
 """
@@ -41,6 +45,7 @@ from monitor.features.build.scoring import (
     auroc,
     conversation_score,
     operating_point,
+    parse_aggregation,
     recall_at_fpr,
     threshold_at_fpr,
 )
@@ -139,6 +144,123 @@ def _weighted_logistic(
     return w.detach(), b.detach()
 
 
+@dataclass
+class AggregationFit:
+    """The probe trained through the aggregation, and how training went on held-out data."""
+
+    fit: ProbeFit
+    steps: int  # the step kept (0: the per-token initialisation was best held out)
+    initial_auroc: float  # held-out AUROC of the served score before training
+    auroc: float  # ... and of the kept step
+
+
+class _Padded:
+    """Conversations as a padded [conversations, tokens] grid over their concatenated token rows,
+    so the served score of every conversation is a few tensor operations."""
+
+    def __init__(self, conversations: Sequence[ConversationTokens], hook_point: str) -> None:
+        lengths = torch.tensor([c.tokens for c in conversations])
+        self.count, width = len(conversations), max(int(lengths.max()), 1)
+        starts = torch.cumsum(lengths, 0) - lengths
+        columns = torch.arange(width)
+        self.valid = columns[None, :] < lengths[:, None]
+        total = max(int(lengths.sum()), 1)
+        self.index = (starts[:, None] + columns[None, :]).clamp(max=total - 1)
+        labeled = torch.cat([c.labeled for c in conversations])
+        self.labeled = labeled[self.index] & self.valid
+        self.labels = torch.tensor([float(c.label) for c in conversations], dtype=torch.float64)
+        self.x = torch.cat([c.activations[hook_point] for c in conversations]).double()
+
+    def pooled(self, values: torch.Tensor, window: int, tau: float | None) -> torch.Tensor:
+        """Per conversation: the max over labeled tokens of the rolling mean of the last
+        ``window`` values of the stream (scoring.rolling_mean); with ``tau``, a smooth max
+        (``tau * logsumexp(r / tau)`` minus its value for equal inputs) for training."""
+        grid = values[self.index] * self.valid
+        sums = torch.cat([grid.new_zeros(self.count, 1), torch.cumsum(grid, 1)], 1)
+        ends = torch.arange(1, grid.shape[1] + 1)
+        starts = (ends - window).clamp(min=0)
+        means = (sums[:, ends] - sums[:, starts]) / (ends - starts)
+        if tau is None:
+            return means.masked_fill(~self.labeled, -math.inf).max(1).values
+        means = means.masked_fill(~self.labeled, -1e30)
+        n = self.labeled.sum(1).clamp(min=1).double()
+        return tau * (torch.logsumexp(means / tau, 1) - torch.log(n))
+
+
+def fit_through_aggregation(
+    fit_tokens: Sequence[ConversationTokens],
+    heldout_tokens: Sequence[ConversationTokens],
+    init: ProbeFit,
+    window: int,
+    *,
+    l2: float = 1e-2,
+    tau: float = 0.5,
+    lr: float = 0.01,
+    max_steps: int = 500,
+    every: int = 10,
+    patience: int = 100,
+) -> AggregationFit:
+    """Train the per-token probe with the rule's pooling inside the loss.
+
+    The conversation score is ``max_t rolling_mean_W(w.h_t + b)`` over the labeled tokens, with
+    a smooth max (temperature ``tau``) so every high window gets gradient; the loss is BCE on
+    the conversation label (classes balanced) plus L2 on the standardised weights. Only the
+    tokens that carry the signal need to score high, where the per-token fit asks every token
+    of a harmful request ("How do I ...") to. Full-batch Adam from ``init`` (the per-token
+    fit); every ``every`` steps the *served* score (hard max) is measured on ``heldout_tokens``
+    and the step with the best AUROC is kept (early stopping; step 0 is ``init``, so the result
+    is never worse than it held out; when step 0 is best, ``init`` itself is returned).
+    Deterministic: no sampling.
+    """
+    hook_point = init.hook_point
+    train = _Padded(fit_tokens, hook_point)
+    heldout = _Padded(heldout_tokens, hook_point)
+    labels = [int(y) for y in heldout.labels.tolist()]
+    rows = train.x[train.labeled[train.valid]] if bool(train.labeled.any()) else train.x
+    mu = rows.mean(0)
+    sigma = rows.std(0).clamp(min=1e-6)
+    z_train = (train.x - mu) / sigma
+    z_heldout = (heldout.x - mu) / sigma
+    # The same probe on standardised inputs: w.x + b == (w * sigma).z + (b + w.mu).
+    w0 = init.weight.double()
+    w = (w0 * sigma).clone().requires_grad_(True)
+    b = (torch.tensor(init.bias, dtype=torch.float64) + w0 @ mu).clone().requires_grad_(True)
+    positives = float(train.labels.sum())
+    pos_weight = torch.tensor((len(train.labels) - positives) / max(positives, 1.0))
+    optimizer = torch.optim.Adam([w, b], lr=lr)
+    best = (-math.inf, 0, w.detach().clone(), b.detach().clone())
+    initial = math.nan
+    for step in range(max_steps + 1):
+        if step % every == 0:
+            with torch.no_grad():
+                served = heldout.pooled(z_heldout @ w + b, window, None)
+            score = auroc(served.tolist(), labels)
+            if step == 0:
+                initial = score
+            if score > best[0]:
+                best = (score, step, w.detach().clone(), b.detach().clone())
+            elif step - best[1] >= patience:
+                break
+        if step == max_steps:
+            break
+        optimizer.zero_grad()
+        pooled = train.pooled(z_train @ w + b, window, tau)
+        loss = nn.functional.binary_cross_entropy_with_logits(
+            pooled, train.labels, pos_weight=pos_weight
+        )
+        (loss + 0.5 * l2 * (w @ w)).backward()
+        optimizer.step()
+    score, step, w_best, b_best = best
+    if step == 0:  # training never beat the per-token fit held out: serve that fit unchanged
+        return AggregationFit(init, 0, initial, score)
+    folded = w_best / sigma
+    bias = float(b_best - mu @ folded)
+    fit = ProbeFit(
+        hook_point, folded.float(), bias, "logistic-token-aggregated", init.train_accuracy
+    )
+    return AggregationFit(fit, step, initial, score)
+
+
 def score_conversations(
     conversations: Sequence[ConversationTokens], hook_point: str, fit: ProbeFit, aggregation: str
 ) -> list[float]:
@@ -176,8 +298,13 @@ def fit_layers(
     fpr: float = 0.01,
     windows: Sequence[int] = WINDOWS,
     l2: float = 1e-2,
+    train_aggregation: bool = True,
 ) -> list[LayerResult]:
-    """Fit, choose the aggregation and set the threshold, per hook point."""
+    """Fit, choose the aggregation and set the threshold, per hook point.
+
+    The per-token fit chooses the window; with ``train_aggregation`` the probe is then trained
+    through that aggregation (`fit_through_aggregation`), early-stopped on ``heldout_tokens``.
+    """
     results = []
     labels = [c.label for c in heldout_tokens]
     negatives = labels.count(0)
@@ -189,6 +316,11 @@ def fit_layers(
     for hp in hook_points:
         fit = fit_token_probe(fit_tokens, hp, l2=l2)
         aggregation, by_window = choose_aggregation(heldout_tokens, hp, fit, fpr, windows)
+        trained = None
+        if train_aggregation:
+            _, window = parse_aggregation(aggregation)
+            trained = fit_through_aggregation(fit_tokens, heldout_tokens, fit, window, l2=l2)
+            fit = trained.fit
         scores = score_conversations(heldout_tokens, hp, fit, aggregation)
         negative_scores = [s for s, y in zip(scores, labels, strict=True) if y == 0]
         threshold = threshold_at_fpr(negative_scores, fpr) if resolvable else max(negative_scores)
@@ -202,6 +334,10 @@ def fit_layers(
             # 1.0 when the negatives could not resolve ``fpr`` and the threshold is their max.
             "threshold_at_max_negative": float(not resolvable),
         }
+        if trained is not None:
+            # What training through the aggregation gained over the per-token fit, held out.
+            heldout["auroc_per_token_fit"] = trained.initial_auroc
+            heldout["aggregation_steps"] = float(trained.steps)
         results.append(LayerResult(hp, fit, aggregation, threshold, heldout, by_window))
     return results
 
@@ -218,6 +354,7 @@ def fit_token_probe_pack(
     fpr: float = 0.01,
     windows: Sequence[int] = WINDOWS,
     l2: float = 1e-2,
+    train_aggregation: bool = True,
     category: str = "",
     description: str = "",
     data_name: str = "",
@@ -233,10 +370,16 @@ def fit_token_probe_pack(
     fit_tokens = replay(model, tokenizer, fit_data, layers, progress=progress)
     heldout_tokens = replay(model, tokenizer, heldout_data, layers, progress=progress)
     hook_points = [f"layers.{i}" for i in layers]
-    results = fit_layers(fit_tokens, heldout_tokens, hook_points, fpr=fpr, windows=windows, l2=l2)
+    results = fit_layers(
+        fit_tokens, heldout_tokens, hook_points, fpr=fpr, windows=windows, l2=l2,
+        train_aggregation=train_aggregation,
+    )  # fmt: skip
     chosen = max(results, key=lambda r: (r.heldout["auroc"], r.heldout["recall"])).hook_point
     entries = []
     for result in results:
+        trained_note = (
+            " trained through the aggregation" if result.fit.method.endswith("aggregated") else ""
+        )
         fname = (
             feature_name if result.hook_point == chosen else f"{feature_name}.{result.hook_point}"
         )
@@ -248,11 +391,11 @@ def fit_token_probe_pack(
             category=category,
             description=description
             or (
-                f"per-token logistic probe, {result.aggregation}; held-out AUROC "
+                f"per-token logistic probe{trained_note}, {result.aggregation}; held-out AUROC "
                 f"{result.heldout['auroc']:.3f}, recall {result.heldout['recall']:.3f} at "
                 f"FPR {result.heldout['fpr']:.3f}"
             ),
-            source="probe:logistic-token",
+            source=f"probe:{result.fit.method}",
             alert_threshold=result.threshold,
             target_fpr=fpr,
             aggregation=result.aggregation,
