@@ -23,6 +23,7 @@ from monitor.audit.store import (
     SEVERITY_ORDER,
     AuditStore,
     ConversationRecord,
+    ConversationSummary,
     SqlAuditStore,
     StoreError,
 )
@@ -78,18 +79,10 @@ class ReviewQuery:
 
 
 @dataclass(frozen=True)
-class ReviewRow:
-    """One line of the list view."""
+class ReviewRow(ConversationSummary):
+    """One line of the list view: the conversation as `audit list` shows it, plus how its
+    alerts were reviewed."""
 
-    conversation_id: str
-    model: str
-    first_flagged_at: datetime | None
-    updated_at: datetime | None
-    ended: bool
-    alert_count: int
-    token_count: int
-    rules: tuple[str, ...]
-    max_severity: str
     verdicts: Mapping[str, int]  # current verdict -> number of alerts with it
     unreviewed: int  # alerts without a label
 

@@ -40,8 +40,8 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
         "overhead", help="generation throughput with and without capture, side by side"
     )
     # Per-round noise is about ±1.5 points here; the median of 21 rounds is stable to ±0.5.
-    parser.add_argument("--rounds", type=int, default=21)
-    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=None, help="default 21 (vllm: 30)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 48 (vllm: 32)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
@@ -58,6 +58,11 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
     parser.add_argument(
         "--execution", choices=("both", "compiled", "eager"), default="both", help="vllm only"
     )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="vllm only: a second monitor-off engine, to show the bench's own noise",
+    )
     parser.set_defaults(handler=_run_command)
 
 
@@ -70,13 +75,17 @@ def _run_command(args: argparse.Namespace) -> int:
 
         eager = {"both": (False, True), "compiled": (False,), "eager": (True,)}[args.execution]
         result = run_vllm_overhead_bench(
-            rounds=args.rounds, requests=args.batch, new_tokens=args.new_tokens, eager_modes=eager
+            rounds=args.rounds or 30,
+            requests=args.batch,
+            new_tokens=args.new_tokens or 32,
+            eager_modes=eager,
+            control=args.control,
         )
         print(json.dumps(result, indent=2) if args.json else format_vllm_table(result))
         return 0
     result = run_overhead_bench(
-        rounds=args.rounds,
-        new_tokens=args.new_tokens,
+        rounds=args.rounds or 21,
+        new_tokens=args.new_tokens or 48,
         batch=args.batch,
         hidden=args.hidden,
         layers=args.layers,

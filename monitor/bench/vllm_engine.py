@@ -9,8 +9,9 @@ a whole test module. The monitor plugin is configured by the environment the tes
 
 Commands:
   {"op": "run", "requests": [...], "max_steps": N}   each request: id, prompt (token ids),
-      params (SamplingParams keyword arguments), optional start_step (add it before that
-      engine step), abort_after (abort once it has that many output tokens);
+      params (SamplingParams keyword arguments), optional request_id (the id given to vLLM,
+      default id; two requests may share one if their prompts differ), start_step (add it
+      before that engine step), abort_after (abort once it has that many output tokens);
       -> {"results": {id: {"outputs": [{token_ids, finish_reason, stop_reason}], ...}}}
   {"op": "report"} -> the workers' capture reports;  {"op": "flush"} -> bool per worker
   {"op": "probe_hooks"} -> installs a forward hook counter on every decoder layer (tests:
@@ -61,13 +62,16 @@ def run(engine: Any, requests: list[dict[str, Any]], max_steps: int) -> dict[str
             params = SamplingParams(
                 **request.get("params", {}), output_kind=RequestOutputKind.CUMULATIVE
             )
-            engine.add_request(request["id"], {"prompt_token_ids": request["prompt"]}, params)
-            live[request["id"]] = request
+            vllm_id = request.get("request_id", request["id"])
+            engine.add_request(vllm_id, {"prompt_token_ids": request["prompt"]}, params)
+            live[(vllm_id, tuple(request["prompt"]))] = request
         step_started = time.perf_counter()
         outputs = engine.step()
         step_seconds.append(time.perf_counter() - step_started)
         for output in outputs:
-            request = live.get(output.request_id)
+            # Outputs carry the id given to vLLM; requests sharing one differ by prompt.
+            key = (output.request_id, tuple(output.prompt_token_ids or ()))
+            request = live.get(key)
             if request is None:
                 continue
             # With n > 1 a step reports only the sequences that moved: keep each by index.
@@ -78,7 +82,7 @@ def run(engine: Any, requests: list[dict[str, Any]], max_steps: int) -> dict[str
                     "finish_reason": o.finish_reason,
                     "stop_reason": o.stop_reason,
                 }
-            results[output.request_id] = {
+            results[request["id"]] = {
                 "outputs": [completions[i] for i in sorted(completions)],
                 "prompt_len": len(output.prompt_token_ids or []),
                 "num_cached_tokens": output.num_cached_tokens,
@@ -86,11 +90,11 @@ def run(engine: Any, requests: list[dict[str, Any]], max_steps: int) -> dict[str
             }
             limit = request.get("abort_after")
             if output.finished:
-                del live[output.request_id]
+                del live[key]
             elif limit is not None and max(len(o.token_ids) for o in output.outputs) >= limit:
-                engine.abort_request([output.request_id])
-                results[output.request_id]["aborted_by_client"] = True
-                del live[output.request_id]
+                engine.abort_request([output.request_id])  # every request given that id
+                results[request["id"]]["aborted_by_client"] = True
+                del live[key]
         step += 1
     return {
         "results": results,

@@ -77,7 +77,7 @@ class Actions:
         # Alertmanager gets what the audit store keeps: ids redacted the same way (text +
         # '#' + digest, so the review link opens the stored conversation) and the rendered
         # text redacted, since receivers (mail, chat) are outside the audit store's retention.
-        self._redact = AlertRedaction(audit.redact_patterns)
+        self.redaction = AlertRedaction(audit.redact_patterns)
 
     @property
     def audit_healthy(self) -> bool:
@@ -109,7 +109,7 @@ class Actions:
                 if "alert" in firing.actions:
                     model = self.model_labels.value(batch.model)
                     cid = audited[id(firing)]
-                    self.alertmanager.fire(_alertmanager_alert(model, firing, cid, self._redact))
+                    self.alertmanager.fire(_alertmanager_alert(model, firing, cid, self.redaction))
         return DispatchResult(sendable, len(firings) - len(sendable), status)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -311,8 +311,15 @@ def closing_event(
     return pb.MonitorEvent(error=error)
 
 
-def log_firing(metrics: SidecarMetrics, batch: ValidatedBatch, firing: Firing) -> None:
-    """Count a firing in the alerts metric and log it (every firing, sent or withheld)."""
+def log_firing(
+    metrics: SidecarMetrics, batch: ValidatedBatch, firing: Firing, redaction: AlertRedaction
+) -> None:
+    """Count a firing in the alerts metric and log it (every firing, sent or withheld).
+
+    Logs leave the process (collectors, terminals), so the client-chosen ids, the model name
+    and the rendered output are redacted the way the audit store redacts them (an id keeps its
+    `#` digest, so two ids stay two ids in the log).
+    """
     metrics.alerts.labels(
         rule=firing.rule, category=firing.category, severity=firing.severity
     ).inc()
@@ -321,11 +328,11 @@ def log_firing(metrics: SidecarMetrics, batch: ValidatedBatch, firing: Firing) -
         rule=firing.rule,
         category=firing.category,
         severity=firing.severity,
-        conversation_id=firing.conversation_id,
-        request_id=firing.request_id,
+        conversation_id=redaction.identifier(firing.conversation_id),
+        request_id=redaction.identifier(firing.request_id) if firing.request_id else "",
         position=firing.position,
         value=firing.value,
-        model=batch.model,
+        model=redaction.identifier(batch.model),
         seq_no=batch.seq_no,
-        output=firing.message,
+        output=redaction.text(firing.message),
     )

@@ -21,6 +21,7 @@ from monitor.sidecar.columns import ConversationTable
 from monitor.sidecar.config import Limits, ScopeSettings
 from monitor.sidecar.firings import (
     Actions,
+    AlertRedaction,
     DispatchResult,
     alert_event,
     closing_event,
@@ -97,6 +98,9 @@ class Pipeline:
         self.limits = limits
         self.scoping = scoping or ScopeSettings()
         self.actions = actions
+        # Redacts what the "rule fired" log lines carry; the audit settings' patterns when
+        # there are actions, the built-in ones otherwise.
+        self.redaction = actions.redaction if actions is not None else AlertRedaction()
         self.engine = RuleEngine(
             ruleset,
             max_conversations=limits.max_conversations,
@@ -216,7 +220,7 @@ class Pipeline:
         sendable = {id(firing) for firing in dispatched.sendable}
         for (index, member), firings in zip(group, steps.split(result.firings), strict=True):
             for firing in firings:
-                log_firing(self.metrics, member, firing)
+                log_firing(self.metrics, member, firing, self.redaction)
             sent = [firing for firing in firings if id(firing) in sendable]
             events = [alert_event(member.seq_no, firing) for firing in sent]
             events.append(

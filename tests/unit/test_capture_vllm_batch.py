@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 
 from monitor.capture.vllm.batch import (
+    MAX_ID_CHARS,
     BatchSplitter,
     NamingError,
+    bounded_id,
     group_by_attributes,
     plan_rank,
     tag_request,
@@ -47,9 +49,37 @@ def test_naming_through_extra_args_and_vllm_xargs():
     assert dict(tag_request("x", {"sm_attributes": {"a": "b"}}).attributes) == {"a": "b"}
 
 
+def test_the_operator_can_ignore_conversation_ids_from_requests():
+    extra = {"_sm_request_id": "req", "_sm_sequence": 2, "sm_conversation_id": "victim"}
+    tag = tag_request("2_req-0a1b2c3d", extra, ignore_conversation_ids=True)
+    # Named after its own request, and so ended with it (not `explicit`).
+    assert (tag.conversation_id, tag.explicit) == ("req/2", False)
+    assert tag_request("2_req-0a1b2c3d", extra).conversation_id == "victim/2"
+
+
+def test_ids_past_the_sidecars_limits_never_reach_it():
+    # The sidecar refuses a whole message over a limit (and with it every request's step in
+    # that message): what users name is refused here, ids they give vLLM are bounded.
+    long_id = "u" * 300
+    tag = tag_request(f"{long_id}-0a1b2c3d", {"_sm_request_id": long_id})
+    assert len(tag.conversation_id) == MAX_ID_CHARS == len(tag.request_id)
+    assert tag.conversation_id.startswith("u" * 200)
+    assert bounded_id(long_id) != bounded_id(long_id + "v")  # distinct ids stay distinct
+    assert bounded_id("short") == "short"
+    splitter = BatchSplitter()
+    internal = f"{long_id}-0a1b2c3d"
+    splitter.track(internal, tag)
+    assert splitter.request_named(bounded_id(internal)) == internal  # an alert finds it
+
+
 @pytest.mark.parametrize(
     "extra",
     [
+        {"sm_conversation_id": "c" * 257},
+        {"sm_role": "r" * 65},
+        {"sm_attributes": {f"k{i}": "v" for i in range(17)}},
+        {"sm_attributes": {"k" * 65: "v"}},
+        {"sm_attributes": {"k": "v" * 257}},
         {"sm_conversation_id": ""},
         {"sm_conversation_id": 5},
         {"sm_role": ""},
@@ -158,6 +188,13 @@ def test_settings_from_env_and_yaml(tmp_path):
         False,
     )
     assert settings.block_within == 2
+    assert not settings.ignore_request_conversation_ids
+    config.write_text("target: t\nlayers: [1]\nignore_request_conversation_ids: true\n")
+    assert load_settings({"SAFETY_MONITOR_CONFIG": str(config)}).ignore_request_conversation_ids
+    env = {"SAFETY_MONITOR_CONFIG": str(config)}
+    for text, expected in (("0", False), ("no", False), ("1", True), ("TRUE", True)):
+        env["SAFETY_MONITOR_IGNORE_REQUEST_CONVERSATION_IDS"] = text
+        assert load_settings(env).ignore_request_conversation_ids is expected
     assert (
         load_settings(
             {
@@ -179,6 +216,7 @@ def test_settings_from_env_and_yaml(tmp_path):
         ("target: t\nlayers: [1]\nbogus: 1\n", "unknown keys"),
         ("layers: [1]\n", "no sidecar target"),
         ("target: t\nlayers: [1]\nblock_within: -1\n", "block_within"),
+        ("target: t\nlayers: [1]\nignore_request_conversation_ids: 1\n", "expected true"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path, yaml_text, message):

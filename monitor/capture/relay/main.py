@@ -34,6 +34,39 @@ def _stop_when_parent_goes(stdin: BinaryIO, stopping: threading.Event) -> None:
     stopping.set()
 
 
+RELAY_CPUS_ENV = "SAFETY_MONITOR_RELAY_CPUS"
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """CPU ids from a list such as "3", "2,3" or "2-5,8" (ValueError if malformed)."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, _, last = part.partition("-")
+        low, high = int(first), int(last or first)
+        if not 0 <= low <= high:
+            raise ValueError(f"bad CPU range {part!r}")
+        cpus.update(range(low, high + 1))
+    if not cpus:
+        raise ValueError("no CPU ids")
+    return cpus
+
+
+def _pin_to_cpus() -> None:
+    """`SAFETY_MONITOR_RELAY_CPUS=2,3` keeps this process (and the threads it starts) off the
+    serving process's cores; done before any thread starts, so all of them inherit it. A bad
+    value is logged and ignored: pinning must never stop capture. Call it once logging is
+    configured: this process's stdout carries events to the serving process."""
+    import os
+
+    text = os.environ.get(RELAY_CPUS_ENV)
+    if not text or not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        os.sched_setaffinity(0, parse_cpu_list(text))
+    except (ValueError, OSError) as exc:
+        log.warning("capture relay: not pinned", variable=RELAY_CPUS_ENV, error=str(exc))
+
+
 def main() -> int:
     """The relay process: read the settings from stdin, attach the ring, send until stdin closes."""
     from monitor.logs import configure_logging
@@ -43,6 +76,7 @@ def main() -> int:
         return 0
     config = RelayConfig.from_json(line)
     configure_logging("auto", config.log_level)
+    _pin_to_cpus()  # after logging goes to stderr (stdout carries events), before any thread
     ring = SharedRing.attach(config.ring_fd, config.ring_capacity)
     stopping = threading.Event()
     watcher = threading.Thread(

@@ -17,6 +17,7 @@ Kept free of vLLM imports so it is unit-tested in the main environment.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -35,8 +36,14 @@ REQUEST_KEY = "_sm_request_id"
 SEQUENCE_KEY = "_sm_sequence"
 
 DEFAULT_ROLE = "assistant"
-_MAX_ATTRIBUTES = 64
-_MAX_VALUE_CHARS = 1024
+# The sidecar's default limits (`limits:` in its config): a sequence over one of them gets its
+# whole message refused, and with it the step of every request sharing that message, so a
+# request naming itself past them is served under its own id instead (see NamingError).
+MAX_ID_CHARS = 256  # conversation and request ids
+_MAX_ROLE_CHARS = 64
+_MAX_ATTRIBUTES = 16
+_MAX_KEY_CHARS = 64
+_MAX_VALUE_CHARS = 256
 # vLLM makes request ids unique as f"{user_id}-{8 random hex chars}"; children of an n > 1
 # request are f"{index}_{that}". Used only when the frontend did not tag the request.
 _INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
@@ -59,26 +66,39 @@ class RequestTag:
     explicit: bool = False
 
 
-def tag_request(internal_id: str, extra_args: Mapping[str, Any] | None) -> RequestTag:
+def tag_request(
+    internal_id: str,
+    extra_args: Mapping[str, Any] | None,
+    ignore_conversation_ids: bool = False,
+) -> RequestTag:
     """The conversation a request belongs to, from its `extra_args`.
 
-    Without `sm_conversation_id` the request id the user gave is the conversation id. With
-    `n > 1` the sequences become `<id>/<j>`, as with the transformers client."""
+    Without `sm_conversation_id` (or with `ignore_conversation_ids`, the operator's switch
+    for deployments whose API users are not trusted to name conversations) the request id
+    the user gave is the conversation id. With `n > 1` the sequences become `<id>/<j>`, as
+    with the transformers client."""
     extra = extra_args or {}
     request_id = extra.get(REQUEST_KEY)
     if not isinstance(request_id, str) or not request_id:
         request_id = _INTERNAL_SUFFIX.sub("", internal_id)
-    conversation = extra.get(CONVERSATION_KEY, request_id)
+    request_id = bounded_id(request_id)
+    named = CONVERSATION_KEY in extra and not ignore_conversation_ids
+    conversation = extra.get(CONVERSATION_KEY, request_id) if named else request_id
     if not isinstance(conversation, str) or not conversation:
         raise NamingError(f"{CONVERSATION_KEY} must be a non-empty string, got {conversation!r}")
     sequence = extra.get(SEQUENCE_KEY)
     if isinstance(sequence, int) and not isinstance(sequence, bool):
         conversation = f"{conversation}/{sequence}"
+    if named and len(conversation) > MAX_ID_CHARS:
+        raise NamingError(f"{CONVERSATION_KEY} is longer than {MAX_ID_CHARS} characters")
+    conversation = bounded_id(conversation)  # a long request id of vLLM's (n > 1 suffix)
     role = extra.get(ROLE_KEY, DEFAULT_ROLE)
-    if not isinstance(role, str) or not role:
-        raise NamingError(f"{ROLE_KEY} must be a non-empty string, got {role!r}")
+    if not isinstance(role, str) or not role or len(role) > _MAX_ROLE_CHARS:
+        raise NamingError(
+            f"{ROLE_KEY} must be a non-empty string of at most {_MAX_ROLE_CHARS} characters"
+        )
     attributes = _attributes(extra.get(ATTRIBUTES_KEY))
-    return RequestTag(conversation, request_id, role, attributes, CONVERSATION_KEY in extra)
+    return RequestTag(conversation, request_id, role, attributes, named)
 
 
 def _attributes(raw: object) -> dict[str, str]:
@@ -97,11 +117,23 @@ def _attributes(raw: object) -> dict[str, str]:
     for key, value in raw.items():
         if not isinstance(key, str) or not isinstance(value, str | int | float | bool):
             raise NamingError(f"{ATTRIBUTES_KEY}: {key!r} must map to a string")
+        if not key or len(key) > _MAX_KEY_CHARS:
+            raise NamingError(f"{ATTRIBUTES_KEY}: keys are 1 to {_MAX_KEY_CHARS} characters")
         text = str(value)
         if len(text) > _MAX_VALUE_CHARS:
             raise NamingError(f"{ATTRIBUTES_KEY}: {key!r} is longer than {_MAX_VALUE_CHARS}")
         attributes[key] = text
     return attributes
+
+
+def bounded_id(text: str) -> str:
+    """`text` if it fits the sidecar's id limit, else a prefix of it and a hash of the whole
+    (distinct ids stay distinct): ids the plugin does not choose (the request ids users give
+    vLLM) must not get a message refused."""
+    if len(text) <= MAX_ID_CHARS:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return f"{text[: MAX_ID_CHARS - 17]}~{digest}"
 
 
 @dataclass(frozen=True)
@@ -128,7 +160,8 @@ class _Tracked:
 
 class BatchSplitter:
     """Per-request state across steps: tags, what was sent, which requests a conversation has
-    in flight (for the block action). Thread-safe: alerts arrive on another thread."""
+    in flight (a conversation ends with the last of them). Thread-safe: alerts arrive on
+    another thread."""
 
     def __init__(self, max_requests: int = 100_000) -> None:
         self.max_requests = max_requests
@@ -165,6 +198,13 @@ class BatchSplitter:
                 tracked = self._requests.pop(internal_id, None)
                 if tracked is not None:
                     self._unlink(internal_id, tracked.tag.conversation_id)
+
+    def request_named(self, wire_id: str) -> str:
+        """The tracked request sent under `wire_id` (`bounded_id` of its internal id)."""
+        if wire_id in self._requests or len(wire_id) < MAX_ID_CHARS:
+            return wire_id
+        with self._lock:
+            return next((r for r in self._requests if bounded_id(r) == wire_id), wire_id)
 
     def requests_of(self, conversation_id: str) -> list[str]:
         """vLLM request ids currently computing tokens for a conversation."""

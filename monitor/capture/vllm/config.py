@@ -10,9 +10,14 @@ buffer_bytes, tls_ca, tls_cert, tls_key, token_file, metrics_port, guard (true: 
 `block` action stop requests; false: they only alert), block_within (tokens: an enforced bound
 for `block`; each step's sampled tokens wait until the sidecar has judged all but the last
 `block_within` steps; unset: nothing waits, the bound is the sidecar's latency), guard_timeout
-(seconds such a wait may take before it gives up, fail-open; default 1).
+(seconds such a wait may take before it gives up, fail-open; default 1),
+ignore_request_conversation_ids (true: `sm_conversation_id` in a request's extra_args /
+vllm_xargs is ignored and every conversation is named after its request id; for deployments
+whose API users must not name, and so write into, each other's conversations).
 
     SAFETY_MONITOR_BLOCK_WITHIN   overrides block_within
+    SAFETY_MONITOR_IGNORE_REQUEST_CONVERSATION_IDS   overrides ignore_request_conversation_ids
+                                                     (1/true/yes or 0/false/no)
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ ENV_TARGET = "SAFETY_MONITOR_TARGET"
 ENV_LAYERS = "SAFETY_MONITOR_LAYERS"
 ENV_CONFIG = "SAFETY_MONITOR_CONFIG"
 ENV_BLOCK_WITHIN = "SAFETY_MONITOR_BLOCK_WITHIN"
+ENV_IGNORE_IDS = "SAFETY_MONITOR_IGNORE_REQUEST_CONVERSATION_IDS"
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
 _KEYS = {
     "target",
@@ -46,6 +53,7 @@ _KEYS = {
     "guard",
     "block_within",
     "guard_timeout",
+    "ignore_request_conversation_ids",
 }
 
 
@@ -71,6 +79,7 @@ class PluginSettings:
     guard: bool = True
     block_within: int | None = None
     guard_timeout: float = 1.0
+    ignore_request_conversation_ids: bool = False
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for CaptureClient."""
@@ -114,6 +123,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> PluginSettings | 
         raw["layers"] = env[ENV_LAYERS]
     if env.get(ENV_BLOCK_WITHIN):
         raw["block_within"] = env[ENV_BLOCK_WITHIN]
+    if env.get(ENV_IGNORE_IDS):
+        text = env[ENV_IGNORE_IDS].strip().lower()
+        if text not in _TRUE + _FALSE:
+            raise PluginConfigError(f"{ENV_IGNORE_IDS}: expected 1/true/yes or 0/false/no")
+        raw["ignore_request_conversation_ids"] = text in _TRUE
     if not raw.get("target"):
         if raw:
             raise PluginConfigError(f"no sidecar target: set {ENV_TARGET} or `target`")
@@ -132,6 +146,11 @@ def _validate(raw: dict[str, Any]) -> PluginSettings:
     guard = raw.get("guard", True)
     if not isinstance(guard, bool):
         raise PluginConfigError(f"guard: expected true or false, got {guard!r}")
+    ignore_ids = raw.get("ignore_request_conversation_ids", False)
+    if not isinstance(ignore_ids, bool):
+        raise PluginConfigError(
+            f"ignore_request_conversation_ids: expected true or false, got {ignore_ids!r}"
+        )
     block_within = raw.get("block_within")
     if block_within is not None:
         try:
@@ -158,6 +177,7 @@ def _validate(raw: dict[str, Any]) -> PluginSettings:
         guard=guard,
         block_within=block_within,
         guard_timeout=float(raw.get("guard_timeout", 1.0)),
+        ignore_request_conversation_ids=ignore_ids,
     )
 
 

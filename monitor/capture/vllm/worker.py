@@ -13,12 +13,18 @@ Patched into vLLM's V1 model runner (`GPUModelRunner`, which the CPU runner exte
   send them split per request (batch.py);
 - `sample_tokens`: hand the engine core the requests a `block` alert asked to stop, on the
   ModelRunnerOutput (it travels to the scheduler process with the output; guard.py).
+
+Each slice goes out with vLLM's internal request id (the id the user gave plus vLLM's random
+suffix, unique in the engine and never shown to API clients) as its request id, so the alert a
+rule raises names the one request whose token fired it, and a `block` stops that request only:
+conversation ids and user request ids come from the request and may be shared or guessed.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +39,7 @@ from monitor.capture.vllm.batch import (
     NamingError,
     RequestTag,
     Slice,
+    bounded_id,
     group_by_attributes,
     plan_rank,
     tag_request,
@@ -43,6 +50,7 @@ from monitor.hookpoints import hook_point_name
 log = structlog.get_logger("safety_monitor.capture.vllm")
 
 _MAX_PENDING_BLOCKS = 10_000
+_KEEP_RECENT_ENDS = 100
 
 
 class WorkerCapture:
@@ -79,6 +87,9 @@ class WorkerCapture:
         self._blocks: dict[str, str] = {}
         self._blocks_lock = threading.Lock()
         self.block_requests = 0  # block alerts that named a request in flight
+        self.blocks_unmatched = 0  # block alerts for a request no longer (or never) in flight
+        self.conversations_ended = 0  # end messages sent for conversations named by requests
+        self.recent_ends: deque[str] = deque(maxlen=_KEEP_RECENT_ENDS)  # their ids, for reports
         self.guard_timeouts = 0  # steps released without the sidecar's verdict (fail-open)
         self.steps = 0
         self.naming_errors = 0
@@ -172,7 +183,8 @@ class WorkerCapture:
             ready.record()
         ids = tuple(s.tag.conversation_id for s in group)
         roles = tuple(s.tag.role for s in group)
-        requests = tuple(s.tag.request_id for s in group)
+        # vLLM's internal id: what an alert names is then exactly one request (see `_on_alert`)
+        requests = tuple(bounded_id(s.request) for s in group)
         attributes = group[0].tag.attributes
         tagging = Tagging(
             ids,
@@ -194,7 +206,7 @@ class WorkerCapture:
         params = getattr(state, "sampling_params", None)
         extra = getattr(params, "extra_args", None)
         try:
-            return tag_request(internal_id, extra)
+            return tag_request(internal_id, extra, self.settings.ignore_request_conversation_ids)
         except NamingError as exc:
             # Serve the request anyway, under its own id: a naming mistake must not fail it.
             self.naming_errors += 1
@@ -204,47 +216,72 @@ class WorkerCapture:
             return tag_request(internal_id, None)
 
     def _finish(self, finished: set[str]) -> None:
-        """Requests that ended: conversations named after their request end with them."""
-        ended = []
-        for internal_id in finished:
-            state = self.splitter.state(internal_id)
-            if state is not None and self.client is not None:
-                ended.append(state)
+        """Requests that ended: a conversation named after its request ends with the last
+        request still running under that name (a user may give two requests one id, or the
+        operator's `ignore_request_conversation_ids` names conversations by request id)."""
+        states = [self.splitter.state(internal_id) for internal_id in finished]
         self.splitter.finish(finished)
         with self._blocks_lock:
             for internal_id in finished:
                 self._blocks.pop(internal_id, None)
-        for tag, position in ended:
-            if tag.explicit:
-                continue
+        if self.client is None:
+            return
+        ends: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[RequestTag, int]] = {}
+        for state in states:
+            if state is None or state[0].explicit:
+                continue  # a named conversation may go on in a later request
+            tag, position = state
+            if self.splitter.requests_of(tag.conversation_id):
+                continue  # another request still runs this conversation: it ends with that one
+            key = (tag.conversation_id, tuple(sorted(tag.attributes.items())))
+            if key not in ends or position > ends[key][1]:
+                ends[key] = (tag, position)
+        for tag, position in ends.values():
             step = CapturedStep(
                 layers=dict(self._empty),
-                tagging=Tagging((tag.conversation_id,), ("",), ("",), end=True),
+                # The attributes too: with `conversations.scope: attribute` they pick the
+                # conversation's namespace in the sidecar.
+                tagging=Tagging(
+                    (tag.conversation_id,), ("",), ("",), dict(tag.attributes), end=True
+                ),
                 rows=[0],
                 positions=[position],
             )
-            self.client.submit(step)  # type: ignore[union-attr]
+            self.conversations_ended += 1
+            self.recent_ends.append(tag.conversation_id)
+            self.client.submit(step)
 
     # ---- guard mode -----------------------------------------------------------------------
 
     def _on_alert(self, alert: Any) -> None:
-        """Relay thread: a rule with the `block` action fired for a conversation."""
+        """Relay thread: a rule with the `block` action fired. Stop the one request whose
+        token fired it (the alert's request id is vLLM's internal id, see `_step`), never
+        every request that shares its conversation id: that id comes from the request, so
+        any user could name another's conversation. For a conversation-scoped rule other
+        requests of the conversation go on; they stop if a rule fires on their own tokens."""
         if "block" not in alert.actions or not self.settings.guard:
             return
-        requests = self.splitter.requests_of(alert.conversation_id)
-        if not requests:
+        internal_id = self.splitter.request_named(alert.request_id)
+        state = self.splitter.state(internal_id)
+        if state is None or state[0].conversation_id != alert.conversation_id:
+            # Finished before the alert came back (or not a request of this worker).
+            self.blocks_unmatched += 1
+            log.info(
+                "safety-monitor: block for a request not in flight",
+                rule=alert.rule,
+                request=internal_id,
+            )
             return
         with self._blocks_lock:
-            for internal_id in requests:
-                if len(self._blocks) < _MAX_PENDING_BLOCKS:
-                    self._blocks.setdefault(internal_id, alert.rule)
-            self.block_requests += len(requests)
+            if len(self._blocks) < _MAX_PENDING_BLOCKS:
+                self._blocks.setdefault(internal_id, alert.rule)
+            self.block_requests += 1
         log.warning(
             "safety-monitor: blocking request",
             rule=alert.rule,
             conversation_id=alert.conversation_id,
             position=alert.position,
-            requests=requests,
+            request=internal_id,
         )
 
     def take_blocks(self) -> dict[str, str]:
@@ -315,6 +352,9 @@ def capture_report(worker: Any) -> dict[str, Any]:
         gaps=capture.splitter.gaps,
         tracked_requests=len(capture.splitter),
         block_requests=capture.block_requests,
+        blocks_unmatched=capture.blocks_unmatched,
+        conversations_ended=capture.conversations_ended,
+        recent_ends=list(capture.recent_ends),
         guard_timeouts=capture.guard_timeouts,
         naming_errors=capture.naming_errors,
     )

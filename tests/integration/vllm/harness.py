@@ -76,7 +76,8 @@ def engine_kwargs(model: Path, *, eager: bool, **overrides: Any) -> dict[str, An
     return kwargs
 
 
-# Guard mode: stop a request of role "guarded" once it has shown 12 tokens.
+# Guard mode: stop a request of role "guarded" once it has shown 12 tokens, and one of role
+# "intruder" at its first token.
 GUARD_FIRES_AT = 11
 GUARD_RULE = f"""  - rule: guard-stop
     category: misuse
@@ -84,6 +85,13 @@ GUARD_RULE = f"""  - rule: guard-stop
     condition: abs(f) >= 0
     for: {GUARD_FIRES_AT + 1}
     roles: [guarded]
+    actions: [alert, block]
+  - rule: intruder-stop
+    category: misuse
+    severity: critical
+    condition: abs(f) >= 0
+    for: 1
+    roles: [intruder]
     actions: [alert, block]
 """
 # Guard mode with an enforced bound: each step's sampled tokens wait for the sidecar's verdict

@@ -161,7 +161,9 @@ def test_conversation_naming_through_extra_args(engine):
     engine.run([{"id": "named", "prompt": [21, 22, 23], "params": greedy(5, extra_args=extra)}])
     alerts = alerts_after_flush(engine)
     assert seen(alerts, "support-42") == 3 + 5 - 1
-    assert {a["request_id"] for a in alerts if a["conversation_id"] == "support-42"} == {"named"}
+    # The request id on the wire is vLLM's internal one: the id given plus its random suffix.
+    (request_id,) = {a["request_id"] for a in alerts if a["conversation_id"] == "support-42"}
+    assert request_id.startswith("named-") and len(request_id) == len("named-") + 8
     assert seen(alerts, "named") == 0
 
 
@@ -198,6 +200,57 @@ def test_block_action_stops_one_request_and_its_neighbour_finishes(engine):
     firing = [a for a in alerts if a["rule"] == "guard-stop"]
     assert {a["conversation_id"] for a in firing} == {f"guard-bad-{j}" for j in range(3)}
     assert all(a["position"] == GUARD_FIRES_AT and "block" in a["actions"] for a in firing)
+
+
+def test_block_stops_only_the_request_whose_token_fired(engine):
+    # Conversation ids come from the request: an intruder who names another user's
+    # conversation and trips a block rule gets its own request stopped, not the victim's.
+    shared = {"sm_conversation_id": "victim-conversation"}
+    intruder = {**shared, "sm_role": "intruder"}  # intruder-stop fires at its first token
+    results = engine.run(
+        [
+            {"id": "victim", "prompt": [80] * 4, "params": greedy(30, extra_args=shared)},
+            {
+                "id": "intruder",
+                "prompt": [81] * 4,
+                "params": greedy(30, extra_args=intruder),
+                "start_step": 3,  # the victim is decoding by then
+            },
+        ]
+    )
+    victim, stopped = results["victim"]["outputs"][0], results["intruder"]["outputs"][0]
+    assert (victim["finish_reason"], len(victim["token_ids"])) == ("length", 30)
+    assert (stopped["finish_reason"], stopped["stop_reason"]) == (
+        "abort",
+        "safety-monitor: intruder-stop",
+    )
+    # The prefill that computed the firing token sampled the one output token it has.
+    assert len(stopped["token_ids"]) == 1 + BLOCK_WITHIN
+    alerts = alerts_after_flush(engine)
+    firing = [a for a in alerts if a["rule"] == "intruder-stop"]
+    assert firing and {a["conversation_id"] for a in firing} == {"victim-conversation"}
+    assert all(a["request_id"].startswith("intruder-") for a in firing), firing
+    assert engine.report()["guard_timeouts"] == 0
+
+
+def test_a_conversation_ends_with_the_last_request_running_it(engine):
+    # Two requests given one id (so one conversation, named after it, ended when its
+    # request finishes): the first to finish must not end it under the other.
+    engine.run(
+        [
+            {"id": "twin-short", "request_id": "twin", "prompt": [90] * 4, "params": greedy(3)},
+            {"id": "twin-marker", "prompt": [93] * 4, "params": greedy(10)},
+            {"id": "twin-long", "request_id": "twin", "prompt": [91] * 4, "params": greedy(20)},
+        ]
+    )
+    # The worker learns that a request finished from the next step it runs.
+    engine.run([{"id": "after-twins", "prompt": [92] * 3, "params": greedy(2)}])
+    engine.flush()
+    report = engine.report()
+    ends = report["recent_ends"]
+    # One end for "twin", after twin-marker's: when twin-long finished, not twin-short.
+    assert ends.count("twin") == 1 and ends.index("twin-marker") < ends.index("twin"), ends
+    assert report["batches_rejected"] == 0
 
 
 def test_outputs_identical_with_and_without_the_monitor(engine, tmp_path):

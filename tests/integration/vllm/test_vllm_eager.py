@@ -36,12 +36,14 @@ def sidecar(tmp_path_factory):
 def engine(sidecar, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vllm-eager")
     model = write_model(workdir / "tiny-llama")
-    # Configured by a YAML file this time, with the worker's metrics served on a port.
+    # Configured by a YAML file this time, with the worker's metrics served on a port, and
+    # conversation ids from requests ignored (the operator's switch).
     metrics_port = free_port()
     config = workdir / "monitor.yaml"
     config.write_text(
         f"target: {sidecar.target}\nlayers: [1]\nmodel_name: tiny\n"
         f"metrics_port: {metrics_port}\nblock_within: 1\nguard_timeout: 30\n"
+        "ignore_request_conversation_ids: true\n"
     )
     engine = Engine(
         engine_kwargs(model, eager=True),
@@ -97,3 +99,23 @@ def test_worker_metrics_are_served(engine):
         text = reply.read().decode()
     steps = [line for line in text.splitlines() if line.startswith("safety_monitor_capture_steps")]
     assert steps and float(steps[0].split()[-1]) > 0, steps
+
+
+def test_request_conversation_ids_ignored_when_the_operator_says_so(engine):
+    # Two requests name one conversation; with the switch each is its own conversation,
+    # named after its request id, and each is ended when its request finishes.
+    shared = {"sm_conversation_id": "someone-elses"}
+    results = engine.run(
+        [
+            {"id": "own-1", "prompt": [7] * 3, "params": greedy(4, extra_args=shared)},
+            {"id": "own-2", "prompt": [8] * 3, "params": greedy(6, extra_args=shared)},
+        ]
+    )
+    assert all(r["outputs"][0]["finish_reason"] == "length" for r in results.values())
+    engine.run([{"id": "own-after", "prompt": [9] * 3, "params": greedy(1)}])  # see the ends
+    engine.flush()
+    report = engine.report()
+    assert seen(report["alerts"], "own-1") == 3 + 4 - 1
+    assert seen(report["alerts"], "own-2") == 3 + 6 - 1
+    assert seen(report["alerts"], "someone-elses") == 0
+    assert {"own-1", "own-2"} <= set(report["recent_ends"])
