@@ -164,14 +164,22 @@ class _Wave:
         return flat if self.flat is None else flat[..., self.flat]
 
     def gather(
-        self, features: Mapping[str, torch.Tensor | np.ndarray], names: list[str], out: np.ndarray
+        self,
+        features: Mapping[str, torch.Tensor | np.ndarray],
+        names: list[str],
+        out: np.ndarray,
+        columns: np.ndarray | None = None,
     ) -> None:
-        """Row ``i`` of ``out`` = this wave's rows of feature ``names[i]``."""
+        """Row ``i`` of ``out`` = this wave's rows of feature ``names[i]``; ``columns`` are
+        the block's columns of ``names`` when ``features`` is a ``FeatureBlock`` (computed
+        here when not given)."""
         total, rows = self.total, self.rows
         if isinstance(features, FeatureBlock) and names:
             # One gather for all features instead of one call per feature.
+            if columns is None:
+                columns = features.columns(names)
             block = features.block[:total] if rows is None else features.block[rows]
-            out[: len(names)] = np.take(block, features.columns(names), axis=1).T
+            out[: len(names)] = np.take(block, columns, axis=1).T
             return
         for i, name in enumerate(names):
             values = _as_array(features[name])
@@ -184,7 +192,11 @@ class _Wave:
 class FeatureBlock(Mapping[str, np.ndarray]):
     """Feature values that are columns of one ``[rows, k]`` float32 array (one pack's encode
     of one hook point): a mapping of name to column view, as ``RuleEngine.evaluate`` takes,
-    from which the engine gathers all the features it reads with one call."""
+    from which the engine gathers all the features it reads with one call.
+
+    ``index`` (name -> column) must not change once given: blocks of successive batches
+    usually share one, and the engine keeps the columns it looked up in the last one it saw
+    (compared by identity)."""
 
     def __init__(self, block: np.ndarray, index: Mapping[str, int]) -> None:
         if block.ndim != 2:
@@ -225,17 +237,33 @@ def _as_array(values: torch.Tensor | np.ndarray) -> np.ndarray:
     return values.detach().to("cpu", torch.float32).numpy()
 
 
-def _layout(slices: list[SequenceSlice], slots: list[int], batch_rows: int) -> _Wave:
-    count = len(slices)
+def _slot_arrays(slots: list[int]) -> tuple[np.ndarray, np.ndarray | slice]:
+    """A wave's slots as an array (read-only), and what indexes their state rows."""
+    count = len(slots)
     first = slots[0] if slots else 0
     # Conversations allocated together and batched in the same order (the steady decode
     # state) have consecutive slots: slicing state is cheaper than gathering and scattering.
     consecutive = bool(slots) and slots == list(range(first, first + count))
     slots_a = np.array(slots, dtype=np.int64)
-    at = slice(first, first + count) if consecutive else slots_a
-    lengths_l = [s.rows for s in slices]
-    starts_l = [s.start_row for s in slices]
-    if batch_rows == count and lengths_l.count(1) == count and starts_l == list(range(count)):
+    slots_a.flags.writeable = False  # kept for the next wave of the same slots
+    return slots_a, slice(first, first + count) if consecutive else slots_a
+
+
+def _layout(
+    slices: list[SequenceSlice],
+    slots: tuple[np.ndarray, np.ndarray | slice],
+    batch_rows: int,
+    lengths_l: list[int] | None = None,
+    starts_l: list[int] | None = None,
+) -> _Wave:
+    """The wave's layout; ``slots`` from ``_slot_arrays``; ``lengths_l``/``starts_l`` the
+    slices' ``rows`` and ``start_row`` when the caller has them already."""
+    count = len(slices)
+    slots_a, at = slots
+    if lengths_l is None or starts_l is None:
+        lengths_l = list(map(_ROWS, slices))
+        starts_l = list(map(_START_ROW, slices))
+    if batch_rows == count and lengths_l.count(1) == count and starts_l == _range_list(count):
         # A decode step: one row per slice, in batch order.
         ones, offsets = _decode_layout(count)
         return _Wave(slices, slots_a, at, ones, 1, count, offsets, None, None)
@@ -255,6 +283,12 @@ def _layout(slices: list[SequenceSlice], slots: list[int], batch_rows: int) -> _
         if not identity:
             rows = starts[segment] + local
     return _Wave(slices, slots_a, at, lengths, width, total, offsets, rows, flat)
+
+
+@functools.lru_cache(maxsize=64)
+def _range_list(count: int) -> list[int]:
+    """``list(range(count))``, shared: only compared with, never changed."""
+    return list(range(count))
 
 
 @functools.lru_cache(maxsize=64)
@@ -304,20 +338,53 @@ def _waves(
 # --------------------------------------------------------------------------- temporal kernels
 
 
-def _windows(ext: np.ndarray, n: int, width: int) -> np.ndarray:
-    """[S, n - 1 + L] -> [S, L, n] overlapping windows, oldest first (a view)."""
-    if ext.shape[1] == n:  # one window per row (a decode step): no strided view needed
-        return ext[:, None, :]
-    return np.lib.stride_tricks.sliding_window_view(ext, n, axis=1)
+def _window_reduce(ext: np.ndarray, n: int, width: int, op: np.ufunc) -> np.ndarray:
+    """[S, n - 1 + L] -> [S, L]: ``op`` (np.maximum or np.minimum) over each window of n.
+
+    By doubling: blocks of 1, 2, 4, ... values, each one elementwise call over the whole
+    array from the previous size, then a window is two overlapping blocks. log2(n) contiguous
+    calls instead of a reduction over a strided [S, L, n] view (several times slower on a
+    long prefill). Both propagate NaN, and max/min are exact, so the result is identical."""
+    block, size = ext, 1
+    while size * 2 <= n:
+        block = op(block[:, :-size], block[:, size:])
+        size *= 2
+    if size == n:
+        return block[:, :width]
+    return op(block[:, :width], block[:, n - size : n - size + width])
+
+
+def _window_sum(ext: np.ndarray, n: int, width: int) -> np.ndarray:
+    """[S, n - 1 + L] float64 -> [S, L]: the sum of each window of n, by doubling.
+
+    Blocks of 2**j values are sums of two blocks of 2**(j-1); a window of n is the sum of
+    the blocks of n's binary digits, laid end to end (smallest first). Each block is a sum of
+    the window's float32 values in float64, exact while they lie within about 2**29 of each
+    other in magnitude, so the result equals any other order of summation (the decode step's
+    matrix product, the previous reduction); beyond that it is still the same for every
+    batching, since every window is summed the same way whatever its position."""
+    out: np.ndarray | None = None
+    block, size, position = ext, 1, 0
+    while True:
+        if n & size:
+            part = block[:, position : position + width]
+            out = part.copy() if out is None else np.add(out, part, out=out)
+            position += size
+        if size * 2 > n:
+            break
+        block = block[:, :-size] + block[:, size:]
+        size *= 2
+    assert out is not None
+    return out
 
 
 def _apply_window(slot: TemporalSlot, ext: np.ndarray, seen: np.ndarray | None, width: int):
     """ext: [S, H + L] float32 = carried history then this slice; returns [S, L] float32."""
     kind, n = slot.kind, slot.window
     if kind == "rolling_max":
-        return _windows(ext, n, width).max(-1)
+        return _window_reduce(ext, n, width, np.maximum)
     if kind == "rolling_min":
-        return _windows(ext, n, width).min(-1)
+        return _window_reduce(ext, n, width, np.minimum)
     if kind == "delta":
         assert seen is not None
         change = ext[:, n - 1 :] - ext[:, :width]
@@ -326,10 +393,12 @@ def _apply_window(slot: TemporalSlot, ext: np.ndarray, seen: np.ndarray | None, 
     # hence of how the tokens were batched) while a window's values are within about 2**29 of
     # each other in magnitude; ewma's weighted products are rounded, so its sums can differ
     # in the last bit between batchings (``_StepKernel`` sums a decode step differently).
-    weights = divisors = None
+    divisors = None
     if kind == "ewma":
         weights, divisors = _ewma_weights(n, float(slot.param[0]))
-    sums = _window_sums(ext.astype(np.float64), n, width, weights)  # [S, L]
+        sums = _weighted_sums(ext.astype(np.float64), n, width, weights)
+    else:
+        sums = _window_sum(ext.astype(np.float64), n, width)  # [S, L]
     if kind in ("rolling_sum", "count_over"):
         return sums.astype(np.float32)
     assert seen is not None
@@ -339,20 +408,26 @@ def _apply_window(slot: TemporalSlot, ext: np.ndarray, seen: np.ndarray | None, 
     return (sums / count).astype(np.float32)
 
 
-# Window sums are computed in blocks of at most this many values (32 MiB of float64).
+# Window sums of few, long rows are one BLAS correlation per row; of many short rows, the
+# weighted products are made in blocks of at most this many values (32 MiB of float64).
 _SUM_BLOCK = 1 << 22
+_CORRELATE_ROWS = 4
 
 
-def _window_sums(
-    ext: np.ndarray, n: int, width: int, weights: np.ndarray | None = None
-) -> np.ndarray:
-    """[S, n - 1 + L] float64 -> [S, L]: each window's (weighted) sum. Weighted products are
-    made in blocks of windows, so a long prefill with a long ewma stays within ~32 MiB."""
-    views = _windows(ext, n, width)
-    if weights is None:
-        return views.sum(-1)
-    rows = views.shape[0]
+def _weighted_sums(ext: np.ndarray, n: int, width: int, weights: np.ndarray) -> np.ndarray:
+    """[S, n - 1 + L] float64 -> [S, L]: each window's weighted sum (weights oldest first).
+
+    A prefill's few long rows: ``np.correlate`` per row (a dot product per window, several
+    times faster than weighting a strided [S, L, n] view). Many short rows (a batch of small
+    slices): the weighted view, in blocks so a long ewma stays within ~32 MiB. The products
+    are the same; their sums may round differently (ewma is not exact, module docstring)."""
+    rows = ext.shape[0]
     out = np.empty((rows, width), dtype=np.float64)
+    if rows <= _CORRELATE_ROWS or width >= 64:
+        for s in range(rows):
+            out[s] = np.correlate(ext[s], weights, "valid")
+        return out
+    views = np.lib.stride_tricks.sliding_window_view(ext, n, axis=1)  # [S, L, n]
     block = max(1, _SUM_BLOCK // max(1, rows * n))
     for lo in range(0, width, block):
         out[:, lo : lo + block] = (views[:, lo : lo + block] * weights).sum(-1)
@@ -458,6 +533,14 @@ class _MaskCache:
 
 
 _Signature = tuple[str, str | None, tuple[str | None, ...]]
+
+
+class _Columns(NamedTuple):
+    """A batch's slices as column lists, read once (``RuleEngine._check``)."""
+
+    starts: list[int]
+    rows: list[int]
+    positions: list[int]
 
 
 # --------------------------------------------------------------------------- engine
@@ -578,9 +661,26 @@ class RuleEngine:
         )
         self._masks = _MaskCache(rules)
         self._last_bind: _Bind | None = None
+        # What the last wave's slots and the last feature block's columns were.
+        self._slot_cache: tuple[list[int], tuple[np.ndarray, np.ndarray | slice]] | None = None
+        self._columns_cache: tuple[Mapping[str, int], np.ndarray] | None = None
         # Per stage of the program: its slot list lives as long as the program (and this
         # dict), so its id is a key that cannot be reused meanwhile.
         self._step_kernels: dict[int, _StepKernel] = {}
+
+    def _block_columns(self, features: Mapping[str, object]) -> np.ndarray | None:
+        """The columns of the program's features in a ``FeatureBlock``, kept while blocks
+        come with the same index (the sidecar's do)."""
+        if not isinstance(features, FeatureBlock):
+            return None
+        cached = self._columns_cache
+        if cached is None or cached[0] is not features.index:
+            if not all(map(features.index.__contains__, self._program.feature_names)):
+                return None  # gather reports what is missing
+            columns = features.columns(self._program.feature_names)
+            columns.flags.writeable = False
+            cached = self._columns_cache = (features.index, columns)
+        return cached[1]
 
     def _step_kernel(self, slots: list[TemporalSlot]) -> _StepKernel:
         kernel = self._step_kernels.get(id(slots))
@@ -606,19 +706,23 @@ class RuleEngine:
         batch before touching any state.
         """
         with self._lock:
-            batch_rows = self._check(features, sequences)
+            batch_rows, columns = self._check(features, sequences)
             # A slice without rows of a conversation not tracked has nothing to evaluate and
             # nothing to end: it must not take a slot (millions of them cost nothing else).
             tracked = self._conversations
-            if not all(map(_ROWS, sequences)):
+            if not all(columns.rows):
                 sequences = [s for s in sequences if s.rows or state_key(s) in tracked]
+                columns = None
             waves = _waves(sequences)
             for wave, _ in waves:
                 if len(wave) > self._max:
                     raise ValueError(f"batch has more than {self._max} conversations")
             result = EvaluationResult()
+            # One wave of all the batch's slices (the usual case): the column lists read in
+            # ``_check`` are the wave's, and are not read again.
+            single = columns if len(waves) == 1 else None
             for wave, keys in waves:
-                self._run_wave(features, wave, keys, batch_rows, result, model, client)
+                self._run_wave(features, wave, keys, batch_rows, result, model, client, single)
             if len(result.firings) > 1:
                 result.firings.sort(key=lambda f: (f.row, self._rule_order[f.rule]))
             return result
@@ -629,12 +733,14 @@ class RuleEngine:
         self,
         features: Mapping[str, torch.Tensor],
         sequences: Sequence[SequenceSlice],
-    ) -> int:
+    ) -> tuple[int, _Columns]:
         # Column lists and C-level maps: a decode step has 64 slices, and a Python loop over
         # them is a good part of the step's cost.
         starts = list(map(_START_ROW, sequences))
         rows = list(map(_ROWS, sequences))
-        if sequences and min(min(starts), min(rows), min(map(_POSITION, sequences))) < 0:
+        positions = list(map(_POSITION, sequences))
+        columns = _Columns(starts, rows, positions)
+        if sequences and min(min(starts), min(rows), min(positions)) < 0:
             for s in sequences:
                 if s.rows < 0 or s.start_row < 0 or s.position < 0:
                     raise ValueError(
@@ -654,14 +760,14 @@ class RuleEngine:
             and len(features.block) >= batch_rows
             and all(map(features.index.__contains__, self._required))
         ):
-            return batch_rows  # every column of a block is a vector of its rows
+            return batch_rows, columns  # every column of a block is a vector of its rows
         for name in self._required:
             tensor = features.get(name)
             if tensor is None:
                 raise ValueError(f"missing feature {name!r}")
             if tensor.ndim != 1 or tensor.shape[0] < batch_rows:
                 raise ValueError(f"feature {name!r} must be a vector of at least {batch_rows} rows")
-        return batch_rows
+        return batch_rows, columns
 
     # ----------------------------------------------------------------- conversations
 
@@ -671,13 +777,15 @@ class RuleEngine:
         keys: list[Hashable],
         result: EvaluationResult,
         client: str,
+        columns: _Columns | None = None,
     ) -> list[int]:
-        """Slots for a wave's conversations, resetting state on gaps and new conversations.
+        """Slots for a wave's conversations, resetting state on gaps and new conversations;
+        ``columns`` the slices' column lists when the caller has them.
 
         Known conversations are touched before any new one is allocated, so that eviction
         never picks one of this wave's."""
         conversations = self._conversations
-        positions = list(map(_POSITION, slices))
+        positions = list(map(_POSITION, slices)) if columns is None else columns.positions
         request_ids = list(map(_REQUEST_ID, slices))
         last = self._last_bind
         if (
@@ -692,7 +800,8 @@ class RuleEngine:
             # same order, each continuing where it left off, and nothing else has touched
             # the table since. Touching them again would leave the LRU order as it is, no
             # state is reset: only the positions move on.
-            last.next_positions = list(map(operator.add, positions, map(_ROWS, slices)))
+            rows = map(_ROWS, slices) if columns is None else columns.rows
+            last.next_positions = list(map(operator.add, positions, rows))
             for conv, position in zip(last.conversations, last.next_positions, strict=True):
                 conv.next_position = position
             return last.slots
@@ -802,12 +911,21 @@ class RuleEngine:
         result: EvaluationResult,
         model: str,
         client: str = "",
+        columns: _Columns | None = None,
     ) -> None:
-        wave = _layout(slices, self._bind(slices, keys, result, client), batch_rows)
+        slots = self._bind(slices, keys, result, client, columns)
+        # The steady decode state binds the same slot list again: its arrays are kept.
+        cached = self._slot_cache
+        if cached is None or cached[0] is not slots:
+            cached = self._slot_cache = (slots, _slot_arrays(slots))
+        if columns is None:
+            wave = _layout(slices, cached[1], batch_rows)
+        else:
+            wave = _layout(slices, cached[1], batch_rows, columns.rows, columns.starts)
         if wave.total and self._rules:
             program = self._program
             registers = program.allocate(wave.total)
-            wave.gather(features, program.feature_names, registers)
+            wave.gather(features, program.feature_names, registers, self._block_columns(features))
             temporal = _WaveTemporal(self, wave)
             conditions, values = program.run(registers, temporal.compute)
             temporal.store()
@@ -857,12 +975,13 @@ class RuleEngine:
     ) -> None:
         if not fires.any():
             return
-        hits = np.argwhere(fires)
-        k, s, t = hits.T
+        # Flat indices, then unravelled: ``np.argwhere`` of a [rules, 1, 4096] prefill is
+        # ~15x slower. Both give C order, i.e. sorted by (rule, slice, token), so a cooldown
+        # sees its own firings in order.
+        k, s, t = np.unravel_index(np.flatnonzero(fires), fires.shape)
         fired_values = values[k, wave.offsets[s] + t].tolist()
         slots = wave.slots.tolist()
-        # Hits come sorted by (rule, slice, token), so a cooldown sees its own firings in order.
-        for (ki, si, ti), value in zip(hits.tolist(), fired_values, strict=True):
+        for ki, si, ti, value in zip(k.tolist(), s.tolist(), t.tolist(), fired_values, strict=True):
             rule, sl = self._rules[ki], wave.slices[si]
             position = sl.position + ti
             if rule.cooldown_tokens:
@@ -1009,6 +1128,10 @@ class _StepKernel:
         self.bases = np.array(bases, dtype=np.int64)
         self.windows = np.array([slots[t].kept + 1 for t in sums], dtype=np.int64)
         self.counted = _index([max(slots[t].counted, 0) for t in sums])
+        # Tokens seen (in every counted column) after which every window here is full: then
+        # ``_counts`` is ``windows`` for every row.
+        self.full_after = int(self.windows.max()) - 1 if len(sums) else 0
+        self.full_divisors = self.divisors[self.bases + self.windows] if len(sums) else None
         self.sum_rows = _index(sums)
         self.newest_to = np.array(newest_to, dtype=np.int64)
         self.newest_from = np.array(newest_from, dtype=np.int64)
@@ -1040,8 +1163,13 @@ class _StepKernel:
             if not np.isfinite(sums).all():
                 return None
             if self.divided:
-                counts = self._counts(seen, rows)
-                sums /= self.divisors[self.bases + counts]
+                if seen.shape[1] and int(seen.min()) >= self.full_after:
+                    # Every conversation has filled every window (the steady decode state):
+                    # the divisors are those of full windows, one vector for all rows.
+                    sums /= self.full_divisors
+                else:
+                    counts = self._counts(seen, rows)
+                    sums /= self.divisors[self.bases + counts]
             out[self.sum_rows] = sums.T
         for t, first, last, maximum in self.extrema:
             carried = history[:, first:last]

@@ -101,6 +101,26 @@ def test_the_binding_shortcut_and_feature_blocks_change_no_firing(seed, max_conv
     assert len({rule for rule, *_ in fired_fast}) >= 5
 
 
+def test_feature_blocks_with_another_index_are_read_by_their_own_columns():
+    # The engine keeps the columns it looked up in the last block's index: a block with
+    # another index (a reload, another pack layout) must be looked up afresh, one with the
+    # same index object must not need to be.
+    fast = RuleEngine(WIDE_RULES)
+    slow = _NoShortcut(WIDE_RULES)
+    indexes = [{"p/a": 0, "p/b": 1}, {"p/a": 1, "p/b": 0}, {"p/b": 2, "p/x": 0, "p/a": 1}]
+    fired_fast, fired_slow = [], []
+    for step, (slices, values, client) in enumerate(_random_stream(4, steps=120)):
+        index = indexes[(step // 7) % len(indexes)]
+        block = np.zeros((values.shape[1], 3), dtype=np.float32)
+        block[:, index["p/a"]], block[:, index["p/b"]] = values[0], values[1]
+        a = fast.evaluate(FeatureBlock(block, index), slices, client=client)
+        b = slow.evaluate({"p/a": values[0], "p/b": values[1]}, slices, client=client)
+        fired_fast += [(f.rule, f.conversation_id, f.position, f.value) for f in a.firings]
+        fired_slow += [(f.rule, f.conversation_id, f.position, f.value) for f in b.firings]
+    assert fired_fast == fired_slow
+    assert len({rule for rule, *_ in fired_fast}) >= 3
+
+
 def test_a_new_client_takes_over_its_conversations_on_a_repeated_step():
     engine = RuleEngine(WIDE_RULES)
     step = [SequenceSlice(f"c{i}", i, 1, 0) for i in range(4)]
