@@ -58,6 +58,18 @@ def test_the_operator_can_ignore_conversation_ids_from_requests():
     assert tag_request("2_req-0a1b2c3d", extra).conversation_id == "victim/2"
 
 
+def test_the_operator_can_ignore_roles_and_attributes_from_requests():
+    # A made-up role would escape every role-scoped rule, an attribute a rule's exceptions
+    # name would exempt the request: with the second switch neither comes from the request.
+    extra = {"sm_conversation_id": "c", "sm_role": "x", "sm_attributes": {"tenant": "evals"}}
+    tag = tag_request("r-0a1b2c3d", extra, ignore_roles_and_attributes=True)
+    assert (tag.conversation_id, tag.role, dict(tag.attributes)) == ("c", "assistant", {})
+    # Names it would otherwise refuse are not even looked at.
+    tag = tag_request("r-0a1b2c3d", {"sm_role": ""}, ignore_roles_and_attributes=True)
+    assert tag.role == "assistant"
+    assert tag_request("r-0a1b2c3d", extra).role == "x"
+
+
 def test_ids_past_the_sidecars_limits_never_reach_it():
     # The sidecar refuses a whole message over a limit (and with it every request's step in
     # that message): what users name is refused here, ids they give vLLM are bounded.
@@ -245,6 +257,12 @@ def test_settings_from_env_and_yaml(tmp_path):
     for text, expected in (("0", False), ("no", False), ("1", True), ("TRUE", True)):
         env["SAFETY_MONITOR_IGNORE_REQUEST_CONVERSATION_IDS"] = text
         assert load_settings(env).ignore_request_conversation_ids is expected
+    assert not load_settings(env).ignore_request_roles_and_attributes
+    env["SAFETY_MONITOR_IGNORE_REQUEST_ROLES_AND_ATTRIBUTES"] = "yes"
+    assert load_settings(env).ignore_request_roles_and_attributes
+    env["SAFETY_MONITOR_IGNORE_REQUEST_ROLES_AND_ATTRIBUTES"] = "maybe"
+    with pytest.raises(PluginConfigError, match="ROLES_AND_ATTRIBUTES"):
+        load_settings(env)
     assert (
         load_settings(
             {
@@ -267,6 +285,7 @@ def test_settings_from_env_and_yaml(tmp_path):
         ("layers: [1]\n", "no sidecar target"),
         ("target: t\nlayers: [1]\nblock_within: -1\n", "block_within"),
         ("target: t\nlayers: [1]\nignore_request_conversation_ids: 1\n", "expected true"),
+        ("target: t\nlayers: [1]\nignore_request_roles_and_attributes: x\n", "expected true"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path, yaml_text, message):

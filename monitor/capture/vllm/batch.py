@@ -70,13 +70,21 @@ def tag_request(
     internal_id: str,
     extra_args: Mapping[str, Any] | None,
     ignore_conversation_ids: bool = False,
+    ignore_roles_and_attributes: bool = False,
 ) -> RequestTag:
     """The conversation a request belongs to, from its `extra_args`.
 
     Without `sm_conversation_id` (or with `ignore_conversation_ids`, the operator's switch
     for deployments whose API users are not trusted to name conversations) the request id
     the user gave is the conversation id. With `n > 1` the sequences become `<id>/<j>`, as
-    with the transformers client."""
+    with the transformers client. With `ignore_roles_and_attributes` (the operator's second
+    switch) `sm_role` and `sm_attributes` are ignored: the default role, no attributes.
+
+    >>> tag_request("r-0a1b2c3d", {"sm_conversation_id": "c", "sm_role": "user"}).role
+    'user'
+    >>> tag_request("r-0a1b2c3d", {"sm_role": "x"}, ignore_roles_and_attributes=True).role
+    'assistant'
+    """
     extra = extra_args or {}
     request_id = extra.get(REQUEST_KEY)
     if not isinstance(request_id, str) or not request_id:
@@ -94,6 +102,8 @@ def tag_request(
     if named and len(conversation) > MAX_ID_CHARS:
         raise NamingError(f"{CONVERSATION_KEY} is longer than {MAX_ID_CHARS} characters")
     conversation = bounded_id(conversation)  # a long request id of vLLM's (n > 1 suffix)
+    if ignore_roles_and_attributes:
+        return RequestTag(conversation, request_id, DEFAULT_ROLE, {}, named)
     role = extra.get(ROLE_KEY, DEFAULT_ROLE)
     if not isinstance(role, str) or not role or len(role) > _MAX_ROLE_CHARS:
         raise NamingError(
