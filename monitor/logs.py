@@ -33,9 +33,26 @@ def escape_control_characters(
     return {str(_escaped(key)): _escaped(value) for key, value in event.items()}
 
 
+class _CurrentStderr:
+    """Writes to whatever `sys.stderr` is when a line is written, not the object it was when
+    logging was configured. Loggers are cached on first use, so a stream bound at configure
+    time outlives any replacement of `sys.stderr`: when the CLI runs inside another program
+    (a test's captured stderr, an embedding application) and that stream is later closed,
+    every cached logger would raise "I/O operation on closed file" from then on."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(log_format: LogFormat = "auto", level: str = "info") -> None:
-    """Configure structlog once for the process. Logs go to stderr."""
-    stream = sys.stderr
+    """Configure structlog once for the process. Logs go to stderr (the current one)."""
+    stream = _CurrentStderr()
     use_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
@@ -49,7 +66,7 @@ def configure_logging(log_format: LogFormat = "auto", level: str = "info") -> No
     ]
     # Libraries log through the standard library (psycopg: "error ignored in rollback ..."):
     # their lines go through the same processors, so the JSON log stays JSON, escaped.
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
@@ -68,6 +85,6 @@ def configure_logging(log_format: LogFormat = "auto", level: str = "info") -> No
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
