@@ -188,6 +188,7 @@ def _patch_runner(module: ModuleType) -> None:
         capture = getattr(self, "_safety_monitor", None)
         if capture is not None:
             cpu, wall = thread_time_ns(), perf_counter_ns()
+            forward = capture.has_layout  # a call that only reports finished requests has none
             try:
                 capture.after_forward(self, scheduler_output)
             except Exception:
@@ -195,7 +196,7 @@ def _patch_runner(module: ModuleType) -> None:
                 log.exception("safety-monitor: capture failed for a step")
                 if capture.client is not None:
                     capture.client.count_drop("hook_error")
-            capture.timing.add(cpu, wall, step=True)
+            capture.timing.add(cpu, wall, step=forward)
         return output
 
     def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:

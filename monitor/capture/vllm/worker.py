@@ -57,7 +57,8 @@ _MAX_PLANS = 256
 class PluginTiming:
     """Time the plugin spends on the model runner's thread (noting the layout, splitting and
     submitting each step, handing blocks back): thread CPU time, which a busy machine does
-    not inflate, and wall time. `steps` counts the forward passes it handled."""
+    not inflate, and wall time. `steps` counts the forward passes it handled (the calls
+    that only report finished requests add their time, not a step)."""
 
     __slots__ = ("cpu_ns", "steps", "wall_ns")
 
@@ -166,6 +167,11 @@ class WorkerCapture:
             _ints(num_scheduled_tokens[:count]),
             _ints(batch.num_computed_tokens_cpu[:count]),
         )
+
+    @property
+    def has_layout(self) -> bool:
+        """A forward pass ran since the last `after_forward` (its layout was noted)."""
+        return self._layout is not None
 
     def after_forward(self, runner: Any, scheduler_output: Any) -> None:
         """Called after `execute_model`: send this step's rows, split per request."""
