@@ -178,8 +178,12 @@ class _Wave:
             # One gather for all features instead of one call per feature.
             if columns is None:
                 columns = features.columns(names)
-            block = features.block[:total] if rows is None else features.block[rows]
-            out[: len(names)] = np.take(block, columns, axis=1).T
+            if rows is None:
+                out[: len(names)] = np.take(features.block[:total], columns, axis=1).T
+            else:
+                # Pick rows and the rules' columns in one step: `block[rows]` first would copy
+                # every column of a wide pack (65,536 SAE features x 4,096 rows is 1 GiB).
+                out[: len(names)] = features.block[np.asarray(rows)[:, None], columns].T
             return
         for i, name in enumerate(names):
             values = _as_array(features[name])

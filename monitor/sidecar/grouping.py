@@ -11,8 +11,10 @@ load a group is a single step and nothing changes.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -28,8 +30,7 @@ READ_AHEAD = 16
 MAX_GROUP = 8
 
 
-@dataclass(frozen=True)
-class _Part:
+class _Part(NamedTuple):
     """Where one member's slice of a conversation lies: its positions and its first row."""
 
     first_position: int
@@ -38,13 +39,16 @@ class _Part:
     start_row: int  # in the member
 
 
+_CONVERSATION_ID = operator.attrgetter("conversation_id")
+_ROWS = operator.attrgetter("rows")
+
+
 @dataclass
 class StepGroup:
     """Member steps, in stream order, and the one batch they are evaluated as."""
 
     members: list[ValidatedBatch]
     merged: ValidatedBatch
-    parts: dict[str, list[_Part]]  # conversation id -> its parts, in order
 
     def split(self, firings: Sequence[Firing]) -> list[list[Firing]]:
         """Firings per member, in the order the member alone would have produced them (by
@@ -52,8 +56,11 @@ class StepGroup:
         if len(self.members) == 1:
             return [list(firings)]
         keyed: list[list[tuple[int, Firing]]] = [[] for _ in self.members]
+        if not firings:  # the usual case: no rule fired, nothing to place
+            return [[] for _ in keyed]
+        parts = _parts(self.members)
         for firing in firings:
-            for part in self.parts[firing.conversation_id]:
+            for part in parts[firing.conversation_id]:
                 if part.first_position <= firing.position < part.end_position:
                     row = part.start_row + firing.position - part.first_position
                     keyed[part.member].append((row, firing))
@@ -61,53 +68,151 @@ class StepGroup:
         return [[f for _, f in sorted(pairs, key=lambda pair: pair[0])] for pairs in keyed]
 
 
+def _parts(members: Sequence[ValidatedBatch]) -> dict[str, list[_Part]]:
+    """Conversation id -> where each member's slice of it lies, in member order (only needed
+    to hand firings back, so only built when a rule fired)."""
+    parts: dict[str, list[_Part]] = {}
+    for index, member in enumerate(members):
+        for sl in member.slices:
+            part = _Part(sl.position, sl.position + sl.rows, index, sl.start_row)
+            parts.setdefault(sl.conversation_id, []).append(part)
+    return parts
+
+
+class GroupState:
+    """What deciding whether the next step can join a group needs, kept up to date as steps
+    join: the group's rows, each conversation's last slice (and whether it carried token
+    text), and whether any conversation ended. Checking a step then costs its own slices,
+    not those of every member again (quadratic in the group's size)."""
+
+    def __init__(self, first: ValidatedBatch) -> None:
+        self.first = first
+        self.rows = 0
+        self.ended = False
+        self.last: dict[str, tuple[SequenceSlice, bool]] = {}
+        self.add(first)
+
+    def add(self, step: ValidatedBatch) -> None:
+        """`step` joins the group (after `fits` said it can, or as its first member)."""
+        self.rows += step.rows
+        last = self.last
+        for sl, text in zip(step.slices, step.tokens, strict=True):
+            last[sl.conversation_id] = (sl, bool(text))
+            if sl.end:
+                self.ended = True
+
+    def fits(self, step: ValidatedBatch, max_rows: int, room: int) -> bool:
+        """Whether `step` can be evaluated together with the group's steps: every
+        conversation it shares with them continues at the next position with the same
+        request, role, attributes and token-text presence (anything else, a gap or a new
+        request, resets rule state at a boundary the merged batch would not have), none of
+        them has ended, and the group's conversations fit in `room` (what the engine can
+        track without evicting: one wave would evict in another order than the steps one at
+        a time)."""
+        first = self.first
+        if step.encoded or first.encoded or step.model != first.model or self.ended:
+            return False
+        if step.activations.keys() != first.activations.keys() or any(
+            step.activations[hp].dtype != tensor.dtype for hp, tensor in first.activations.items()
+        ):
+            return False
+        if self.rows + step.rows > max_rows:
+            return False
+        last = self.last
+        new = 0
+        for sl, text in zip(step.slices, step.tokens, strict=True):
+            before = last.get(sl.conversation_id)
+            if before is None:
+                new += 1
+                continue
+            previous, had_text = before
+            if (
+                sl.position != previous.position + previous.rows
+                or sl.request_id != previous.request_id
+                or sl.role != previous.role
+                or sl.attributes != previous.attributes
+                or bool(text) != had_text
+            ):
+                return False
+        return len(last) + new <= room
+
+
 def can_join(
     members: Sequence[ValidatedBatch], step: ValidatedBatch, max_rows: int, room: int
 ) -> bool:
-    """Whether `step` can be evaluated together with the steps before it: every conversation
-    it shares with them continues at the next position with the same request, role,
-    attributes and token-text presence (anything else, a gap or a new request, resets rule
-    state at a boundary the merged batch would not have), none of them has ended, and the
-    group's conversations fit in `room` (what the engine can track without evicting: one
-    wave would evict in another order than the steps one at a time)."""
-    first = members[0]
-    if step.encoded or first.encoded or step.model != first.model:
-        return False
-    if step.activations.keys() != first.activations.keys() or any(
-        step.activations[hp].dtype != tensor.dtype for hp, tensor in first.activations.items()
-    ):
-        return False
-    if sum(m.rows for m in members) + step.rows > max_rows:
-        return False
-    conversations = {sl.conversation_id for m in (*members, step) for sl in m.slices}
-    if len(conversations) > room:
-        return False
-    last: dict[str, tuple[SequenceSlice, bool]] = {}
-    for member in members:
-        for sl, text in zip(member.slices, member.tokens, strict=True):
-            if sl.end:
-                return False
-            last[sl.conversation_id] = (sl, bool(text))
-    for sl, text in zip(step.slices, step.tokens, strict=True):
-        before = last.get(sl.conversation_id)
-        if before is None:
-            continue
-        previous, had_text = before
-        if (
-            sl.position != previous.position + previous.rows
-            or sl.request_id != previous.request_id
-            or sl.role != previous.role
-            or sl.attributes != previous.attributes
-            or bool(text) != had_text
-        ):
-            return False
-    return True
+    """Whether `step` can be evaluated together with the steps before it (`GroupState.fits`
+    for a group of `members`)."""
+    state = GroupState(members[0])
+    for member in members[1:]:
+        state.add(member)
+    return state.fits(step, max_rows, room)
 
 
 def merge_steps(members: list[ValidatedBatch]) -> StepGroup:
     """One batch of the members' rows, each conversation's rows contiguous and in order."""
     if len(members) == 1:  # the light-load case: the step itself
-        return StepGroup(members, members[0], {})
+        return StepGroup(members, members[0])
+    if _decode_steps(members):
+        return StepGroup(members, _merge_decode_steps(members))
+    return StepGroup(members, _merge_any(members))
+
+
+def _decode_steps(members: list[ValidatedBatch]) -> bool:
+    """Whether every member is a decode step of the same conversations in the same order, one
+    row each: then the merged rows are the members' rows interleaved."""
+    ids = list(map(_CONVERSATION_ID, members[0].slices))
+    return all(
+        set(map(_ROWS, member.slices)) == {1} and list(map(_CONVERSATION_ID, member.slices)) == ids
+        for member in members
+    )
+
+
+def _merge_decode_steps(members: list[ValidatedBatch]) -> ValidatedBatch:
+    """`_merge_any` of decode steps (`_decode_steps`), without a Python step per row: the
+    merged rows are the members' rows interleaved (conversation by conversation, member by
+    member), which stacking along a new second dimension lays out in one copy."""
+    count = len(members)
+    first, last = members[0], members[-1]
+    slices = [
+        SequenceSlice(
+            sl.conversation_id,
+            index * count,
+            count,
+            sl.position,
+            sl.role,
+            end.end,
+            sl.request_id,
+            sl.attributes,
+            sl.scope,
+        )
+        for index, (sl, end) in enumerate(zip(first.slices, last.slices, strict=True))
+    ]
+    if any(any(member.tokens) for member in members):
+        tokens = [
+            [text for member in members for text in member.tokens[index]]
+            for index in range(len(slices))
+        ]
+    else:
+        tokens = [[] for _ in slices]
+    activations = {
+        hook_point: torch.stack([m.activations[hook_point] for m in members], dim=1).reshape(
+            first.rows * count, -1
+        )
+        for hook_point in first.activations
+    }
+    return ValidatedBatch(
+        seq_no=last.seq_no,
+        model=first.model,
+        rows=first.rows * count,
+        activations=activations,
+        slices=slices,
+        tokens=tokens,
+        encoded={},  # can_join never groups steps the client encoded itself
+    )
+
+
+def _merge_any(members: list[ValidatedBatch]) -> ValidatedBatch:
+    """The members' rows, each conversation's contiguous and in order, whatever the steps."""
     by_conversation: dict[str, list[tuple[int, SequenceSlice, list[str]]]] = {}
     for index, member in enumerate(members):
         for sl, text in zip(member.slices, member.tokens, strict=True):
@@ -116,7 +221,6 @@ def merge_steps(members: list[ValidatedBatch]) -> StepGroup:
     for member in members[:-1]:
         offsets.append(offsets[-1] + member.rows)
     slices, tokens, order = [], [], []
-    parts: dict[str, list[_Part]] = {}
     start = 0
     for conversation_id, pieces in by_conversation.items():
         first, rows = pieces[0][1], sum(sl.rows for _, sl, _ in pieces)
@@ -134,15 +238,11 @@ def merge_steps(members: list[ValidatedBatch]) -> StepGroup:
             )
         )
         tokens.append([t for _, _, text in pieces for t in text])
-        parts[conversation_id] = []
         for index, sl, _ in pieces:
             begin = offsets[index] + sl.start_row
             order.extend(range(begin, begin + sl.rows))
-            parts[conversation_id].append(
-                _Part(sl.position, sl.position + sl.rows, index, sl.start_row)
-            )
         start += rows
-    merged = ValidatedBatch(
+    return ValidatedBatch(
         seq_no=members[-1].seq_no,
         model=members[0].model,
         rows=start,
@@ -151,7 +251,6 @@ def merge_steps(members: list[ValidatedBatch]) -> StepGroup:
         tokens=tokens,
         encoded={},  # can_join never groups steps the client encoded itself
     )
-    return StepGroup(members, merged, parts)
 
 
 def _gather_rows(members: list[ValidatedBatch], order: list[int]) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from monitor.sidecar.firings import (
     log_firing,
     ruleset_hash,
 )
-from monitor.sidecar.grouping import can_join, merge_steps
+from monitor.sidecar.grouping import GroupState, merge_steps
 from monitor.sidecar.validate import (
     BatchRejected,
     EncoderCatalog,
@@ -164,18 +164,22 @@ class Pipeline:
         messages are accepted."""
         outcomes: list[BatchOutcome | None] = [None] * len(batches)
         group: list[tuple[int, ValidatedBatch]] = []
+        state: GroupState | None = None
         for index, batch in enumerate(batches):
             try:
                 validated = self.validate(batch, client, table)
             except BatchRejected as rejected:  # touches no rule state: the group goes on
                 outcomes[index] = self._reject(batch.seq_no, rejected)
                 continue
-            members = [member for _, member in group]
             # Conversations already tracked may be counted twice: the room is a lower bound.
             room = self.limits.max_conversations - self.engine.tracked_conversations
-            if group and not can_join(members, validated, self.limits.max_rows_per_batch, room):
+            if state is None:
+                state = GroupState(validated)
+            elif state.fits(validated, self.limits.max_rows_per_batch, room):
+                state.add(validated)
+            else:
                 self._process_group(group, outcomes, client)
-                group = []
+                group, state = [], GroupState(validated)
             group.append((index, validated))
         if group:
             self._process_group(group, outcomes, client)

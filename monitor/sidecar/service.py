@@ -132,13 +132,18 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         # The stream's conversation slots (columnar format); touched only on the worker.
         table = ConversationTable(limits.max_conversation_slots)
         process = functools.partial(self.pipeline.process_many, table=table)
+        loop = asyncio.get_running_loop()
         try:
             ended = False
             while not ended:
-                try:  # nothing arrives: the client has gone quiet
-                    item = await asyncio.wait_for(arrived.get(), idle)
-                except TimeoutError:
-                    await self._close_idle(context, peer, "sent no batch")
+                if arrived.empty():
+                    try:  # nothing arrives: the client has gone quiet
+                        async with asyncio.timeout(idle):
+                            item = await arrived.get()
+                    except TimeoutError:
+                        await self._close_idle(context, peer, "sent no batch")
+                else:  # under load the next batch is already here: no timer to arm
+                    item = arrived.get_nowait()
                 if item is None:
                     break
                 # Whatever else has arrived meanwhile goes with it: under load the pipeline
@@ -151,14 +156,17 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                         break
                     held.append(more)
                 outcomes = await self._run_many([batch for batch, _ in held], client, process)
-                for _, size in held:
-                    await budget.release(size)
-                for outcome in outcomes:
-                    for event in outcome.events:
-                        try:  # not taken: the client does not read its events
-                            await asyncio.wait_for(context.write(event), idle)
-                        except TimeoutError:
-                            await self._close_idle(context, peer, "read no event")
+                await budget.release(sum(size for _, size in held), len(held))
+                try:  # not taken: the client does not read its events
+                    # One timer for the group's events, moved on before each write (each
+                    # write may take `idle`): `asyncio.wait_for` would make a task per event.
+                    async with asyncio.timeout(None) as deadline:
+                        for outcome in outcomes:
+                            for event in outcome.events:
+                                deadline.reschedule(loop.time() + idle)
+                                await context.write(event)
+                except TimeoutError:
+                    await self._close_idle(context, peer, "read no event")
             try:
                 await reader  # a broken stream raises here, as it would have from the loop
             except _Undecodable:

@@ -113,9 +113,10 @@ class StreamBudget:
         self.bytes += size
         self.peak_bytes = max(self.peak_bytes, self.bytes)
 
-    async def release(self, size: int) -> None:
+    async def release(self, size: int, batches: int = 1) -> None:
+        """Give back `batches` processed batches of `size` bytes in all."""
         async with self._changed:
-            self.batches -= 1
+            self.batches -= batches
             self.bytes -= size
             self._changed.notify_all()
 

@@ -15,6 +15,7 @@ from monitor.capture.vllm.batch import (
     tag_request,
 )
 from monitor.capture.vllm.config import PluginConfigError, load_settings
+from monitor.wire import pb
 
 
 def test_request_id_is_the_conversation_without_naming():
@@ -57,6 +58,18 @@ def test_the_operator_can_ignore_conversation_ids_from_requests():
     assert tag_request("2_req-0a1b2c3d", extra).conversation_id == "victim/2"
 
 
+def test_the_operator_can_ignore_roles_and_attributes_from_requests():
+    # A made-up role would escape every role-scoped rule, an attribute a rule's exceptions
+    # name would exempt the request: with the second switch neither comes from the request.
+    extra = {"sm_conversation_id": "c", "sm_role": "x", "sm_attributes": {"tenant": "evals"}}
+    tag = tag_request("r-0a1b2c3d", extra, ignore_roles_and_attributes=True)
+    assert (tag.conversation_id, tag.role, dict(tag.attributes)) == ("c", "assistant", {})
+    # Names it would otherwise refuse are not even looked at.
+    tag = tag_request("r-0a1b2c3d", {"sm_role": ""}, ignore_roles_and_attributes=True)
+    assert tag.role == "assistant"
+    assert tag_request("r-0a1b2c3d", extra).role == "x"
+
+
 def test_ids_past_the_sidecars_limits_never_reach_it():
     # The sidecar refuses a whole message over a limit (and with it every request's step in
     # that message): what users name is refused here, ids they give vLLM are bounded.
@@ -70,6 +83,55 @@ def test_ids_past_the_sidecars_limits_never_reach_it():
     internal = f"{long_id}-0a1b2c3d"
     splitter.track(internal, tag)
     assert splitter.request_named(bounded_id(internal)) == internal  # an alert finds it
+
+
+def test_names_a_protobuf_string_cannot_carry_are_refused_or_hashed():
+    # JSON's "\ud800" escape decodes to a lone surrogate (vLLM's server reads bodies with
+    # json.loads), and a protobuf string refuses one: the step message, with every request in
+    # it, would fail to build and be dropped, so the request would evade every rule.
+    bad = "x\ud800y"
+    for extra in (
+        {"sm_conversation_id": bad},
+        {"sm_role": bad},
+        {"sm_attributes": {bad: "v"}},
+        {"sm_attributes": {"k": bad}},
+        {"sm_attributes": '{"k": "\\ud800"}'},
+    ):
+        with pytest.raises(NamingError, match="valid Unicode"):
+            tag_request("r-0a1b2c3d", extra)
+    # Ids users give vLLM (request ids, so the default conversation ids and the internal ids
+    # sent with each token) are hashed instead, long ones included.
+    for user_id in (bad, bad * 100):
+        internal = f"{user_id}-0a1b2c3d"
+        tag = tag_request(internal, {"_sm_request_id": user_id})
+        wire = bounded_id(internal)
+        sequence = pb.Sequence(conversation_id=tag.conversation_id, request_id=wire, rows=1)
+        assert pb.Sequence.FromString(sequence.SerializeToString()).request_id == wire
+        assert len(wire) <= MAX_ID_CHARS and len(tag.conversation_id) <= MAX_ID_CHARS
+        splitter = BatchSplitter()
+        splitter.track(internal, tag)
+        assert splitter.request_named(wire) == internal  # a block alert finds its request
+    assert bounded_id(bad) != bounded_id("x\udfffy")  # distinct ids stay distinct
+
+
+def test_an_alert_for_a_request_no_longer_tracked_hashes_no_tracked_id(monkeypatch):
+    # Block alerts often come back after their request finished: looking its id up must not
+    # hash every tracked request id under the lock the model thread takes each step.
+    from monitor.capture.vllm import batch
+
+    splitter = BatchSplitter(max_requests=50)
+    internals = [f"{'u' * 300}-{i:08x}" for i in range(60)]
+    for internal in internals:
+        splitter.track(internal, tag_request(internal, None))
+    wires = [bounded_id(internal) for internal in internals]
+    calls: list[str] = []
+    real = batch.bounded_id
+    monkeypatch.setattr(batch, "bounded_id", lambda text: calls.append(text) or real(text))
+    assert splitter.request_named(wires[-1]) == internals[-1]
+    assert splitter.request_named(wires[0]) == wires[0]  # evicted: not in flight
+    splitter.finish([internals[-1]])
+    assert splitter.request_named(wires[-1]) == wires[-1]  # finished: not in flight
+    assert calls == []
 
 
 @pytest.mark.parametrize(
@@ -195,6 +257,12 @@ def test_settings_from_env_and_yaml(tmp_path):
     for text, expected in (("0", False), ("no", False), ("1", True), ("TRUE", True)):
         env["SAFETY_MONITOR_IGNORE_REQUEST_CONVERSATION_IDS"] = text
         assert load_settings(env).ignore_request_conversation_ids is expected
+    assert not load_settings(env).ignore_request_roles_and_attributes
+    env["SAFETY_MONITOR_IGNORE_REQUEST_ROLES_AND_ATTRIBUTES"] = "yes"
+    assert load_settings(env).ignore_request_roles_and_attributes
+    env["SAFETY_MONITOR_IGNORE_REQUEST_ROLES_AND_ATTRIBUTES"] = "maybe"
+    with pytest.raises(PluginConfigError, match="ROLES_AND_ATTRIBUTES"):
+        load_settings(env)
     assert (
         load_settings(
             {
@@ -217,6 +285,7 @@ def test_settings_from_env_and_yaml(tmp_path):
         ("layers: [1]\n", "no sidecar target"),
         ("target: t\nlayers: [1]\nblock_within: -1\n", "block_within"),
         ("target: t\nlayers: [1]\nignore_request_conversation_ids: 1\n", "expected true"),
+        ("target: t\nlayers: [1]\nignore_request_roles_and_attributes: x\n", "expected true"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path, yaml_text, message):

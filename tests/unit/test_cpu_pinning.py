@@ -19,7 +19,7 @@ def test_cpu_lists():
     assert parse_cpu_list("0-2, 5") == {0, 1, 2, 5}
 
 
-@pytest.mark.parametrize("text", ["", ",", "x", "3-1", "-1"])
+@pytest.mark.parametrize("text", ["", ",", "x", "3-1", "-1", "0-4000000000", "8192"])
 def test_bad_cpu_lists_are_refused(text):
     with pytest.raises(ValueError):
         parse_cpu_list(text)

@@ -246,3 +246,25 @@ def test_repeated_masks_follow_a_change_of_role_or_tenant():
     assert step(7, both, [tenant, tenant]) == []
     tenant["tenant"] = "evals"  # the same mapping, changed in place
     assert step(8, both, [tenant, tenant]) == []
+
+
+def test_feature_blocks_are_read_right_when_slices_come_out_of_row_order():
+    # Slices listed out of row order give a wave layout that is not the identity: the
+    # block's rows and the rules' columns are then picked together (never a copy of every
+    # column first), and must give what the per-feature path gives.
+    fast = RuleEngine(WIDE_RULES)
+    slow = _NoShortcut(WIDE_RULES)
+    rng = random.Random(5)
+    fired_fast, fired_slow, reordered = [], [], 0
+    for slices, values, client in _random_stream(6, steps=150):
+        listed = list(slices)
+        rng.shuffle(listed)
+        reordered += [s.start_row for s in listed] != sorted(s.start_row for s in listed)
+        block = np.zeros((values.shape[1], 3), dtype=np.float32)
+        block[:, 2], block[:, 0] = values[0], values[1]
+        a = fast.evaluate(FeatureBlock(block, {"p/a": 2, "p/b": 0}), listed, client=client)
+        b = slow.evaluate({"p/a": values[0], "p/b": values[1]}, listed, client=client)
+        fired_fast += sorted((f.rule, f.conversation_id, f.position, f.value) for f in a.firings)
+        fired_slow += sorted((f.rule, f.conversation_id, f.position, f.value) for f in b.firings)
+    assert fired_fast == fired_slow
+    assert reordered > 100 and len({rule for rule, *_ in fired_fast}) >= 3

@@ -37,14 +37,18 @@ def _stop_when_parent_goes(stdin: BinaryIO, stopping: threading.Event) -> None:
 RELAY_CPUS_ENV = "SAFETY_MONITOR_RELAY_CPUS"
 
 
+MAX_CPU_ID = 8192
+
+
 def parse_cpu_list(text: str) -> set[int]:
     """CPU ids from a list such as "3", "2,3" or "2-5,8" (ValueError if malformed)."""
     cpus: set[int] = set()
     for part in filter(None, (p.strip() for p in text.split(","))):
         first, _, last = part.partition("-")
         low, high = int(first), int(last or first)
-        if not 0 <= low <= high:
-            raise ValueError(f"bad CPU range {part!r}")
+        # The kernel's CPU sets stop at a few thousand ids; a huge range would spin here.
+        if not 0 <= low <= high < MAX_CPU_ID:
+            raise ValueError(f"bad CPU range {part!r} (ids 0..{MAX_CPU_ID - 1})")
         cpus.update(range(low, high + 1))
     if not cpus:
         raise ValueError("no CPU ids")

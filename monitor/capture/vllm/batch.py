@@ -70,13 +70,21 @@ def tag_request(
     internal_id: str,
     extra_args: Mapping[str, Any] | None,
     ignore_conversation_ids: bool = False,
+    ignore_roles_and_attributes: bool = False,
 ) -> RequestTag:
     """The conversation a request belongs to, from its `extra_args`.
 
     Without `sm_conversation_id` (or with `ignore_conversation_ids`, the operator's switch
     for deployments whose API users are not trusted to name conversations) the request id
     the user gave is the conversation id. With `n > 1` the sequences become `<id>/<j>`, as
-    with the transformers client."""
+    with the transformers client. With `ignore_roles_and_attributes` (the operator's second
+    switch) `sm_role` and `sm_attributes` are ignored: the default role, no attributes.
+
+    >>> tag_request("r-0a1b2c3d", {"sm_conversation_id": "c", "sm_role": "user"}).role
+    'user'
+    >>> tag_request("r-0a1b2c3d", {"sm_role": "x"}, ignore_roles_and_attributes=True).role
+    'assistant'
+    """
     extra = extra_args or {}
     request_id = extra.get(REQUEST_KEY)
     if not isinstance(request_id, str) or not request_id:
@@ -86,17 +94,23 @@ def tag_request(
     conversation = extra.get(CONVERSATION_KEY, request_id) if named else request_id
     if not isinstance(conversation, str) or not conversation:
         raise NamingError(f"{CONVERSATION_KEY} must be a non-empty string, got {conversation!r}")
+    if named and not _encodable(conversation):
+        raise NamingError(f"{CONVERSATION_KEY} is not valid Unicode text")
     sequence = extra.get(SEQUENCE_KEY)
     if isinstance(sequence, int) and not isinstance(sequence, bool):
         conversation = f"{conversation}/{sequence}"
     if named and len(conversation) > MAX_ID_CHARS:
         raise NamingError(f"{CONVERSATION_KEY} is longer than {MAX_ID_CHARS} characters")
     conversation = bounded_id(conversation)  # a long request id of vLLM's (n > 1 suffix)
+    if ignore_roles_and_attributes:
+        return RequestTag(conversation, request_id, DEFAULT_ROLE, {}, named)
     role = extra.get(ROLE_KEY, DEFAULT_ROLE)
     if not isinstance(role, str) or not role or len(role) > _MAX_ROLE_CHARS:
         raise NamingError(
             f"{ROLE_KEY} must be a non-empty string of at most {_MAX_ROLE_CHARS} characters"
         )
+    if not _encodable(role):
+        raise NamingError(f"{ROLE_KEY} is not valid Unicode text")
     attributes = _attributes(extra.get(ATTRIBUTES_KEY))
     return RequestTag(conversation, request_id, role, attributes, named)
 
@@ -122,18 +136,36 @@ def _attributes(raw: object) -> dict[str, str]:
         text = str(value)
         if len(text) > _MAX_VALUE_CHARS:
             raise NamingError(f"{ATTRIBUTES_KEY}: {key!r} is longer than {_MAX_VALUE_CHARS}")
+        if not _encodable(key) or not _encodable(text):
+            raise NamingError(f"{ATTRIBUTES_KEY}: {key!r} is not valid Unicode text")
         attributes[key] = text
     return attributes
 
 
+def _encodable(text: str) -> bool:
+    """Whether a protobuf string can carry `text` (UTF-8). A Python string may hold lone
+    surrogates (JSON's "\\ud800" escape decodes to one, and vLLM's server parses request
+    bodies with `json.loads`); building the message would then fail and the whole step,
+    every request in it, would be dropped."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def bounded_id(text: str) -> str:
-    """`text` if it fits the sidecar's id limit, else a prefix of it and a hash of the whole
-    (distinct ids stay distinct): ids the plugin does not choose (the request ids users give
-    vLLM) must not get a message refused."""
-    if len(text) <= MAX_ID_CHARS:
+    """`text` if it fits the sidecar's id limit and a protobuf string can carry it, else a
+    prefix of it (lone surrogates replaced) and a hash of the whole (distinct ids stay
+    distinct): ids the plugin does not choose (the request ids users give vLLM) must not get
+    a message refused or make it fail to build."""
+    if len(text) <= MAX_ID_CHARS and _encodable(text):
         return text
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    return f"{text[: MAX_ID_CHARS - 17]}~{digest}"
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    prefix = text[: MAX_ID_CHARS - 17].encode("utf-8", "replace").decode("utf-8")
+    return f"{prefix}~{digest}"
 
 
 class Slice(NamedTuple):
@@ -156,6 +188,7 @@ class Slice(NamedTuple):
 class _Tracked:
     tag: RequestTag
     sent_until: int = 0  # next position not yet sent
+    wire_id: str = ""  # `bounded_id` of the internal id, when it differs from it
 
 
 class BatchSplitter:
@@ -167,6 +200,9 @@ class BatchSplitter:
         self.max_requests = max_requests
         self._requests: OrderedDict[str, _Tracked] = OrderedDict()
         self._by_conversation: dict[str, set[str]] = {}
+        # Wire id -> internal id, for the requests sent under another id (`bounded_id`): an
+        # alert names the wire id, and finding it must not hash every tracked id.
+        self._by_wire_id: dict[str, str] = {}
         self._lock = threading.Lock()
         self.skipped_rows = 0  # recomputed rows not sent again
         self.gaps = 0  # requests whose first computed token was past what was sent
@@ -176,11 +212,16 @@ class BatchSplitter:
         with self._lock:
             if internal_id in self._requests:
                 return
-            self._requests[internal_id] = _Tracked(tag)
+            wire_id = bounded_id(internal_id)
+            if wire_id != internal_id:
+                self._by_wire_id[wire_id] = internal_id
+            else:
+                wire_id = ""
+            self._requests[internal_id] = _Tracked(tag, wire_id=wire_id)
             self._by_conversation.setdefault(tag.conversation_id, set()).add(internal_id)
             while len(self._requests) > self.max_requests:
                 old, tracked = self._requests.popitem(last=False)
-                self._unlink(old, tracked.tag.conversation_id)
+                self._unlink(old, tracked)
 
     def known(self, internal_id: str) -> bool:
         return internal_id in self._requests
@@ -197,14 +238,13 @@ class BatchSplitter:
             for internal_id in internal_ids:
                 tracked = self._requests.pop(internal_id, None)
                 if tracked is not None:
-                    self._unlink(internal_id, tracked.tag.conversation_id)
+                    self._unlink(internal_id, tracked)
 
     def request_named(self, wire_id: str) -> str:
-        """The tracked request sent under `wire_id` (`bounded_id` of its internal id)."""
-        if wire_id in self._requests or len(wire_id) < MAX_ID_CHARS:
-            return wire_id
+        """The tracked request sent under `wire_id` (`bounded_id` of its internal id); else
+        `wire_id` itself."""
         with self._lock:
-            return next((r for r in self._requests if bounded_id(r) == wire_id), wire_id)
+            return self._by_wire_id.get(wire_id, wire_id)
 
     def requests_of(self, conversation_id: str) -> list[str]:
         """vLLM request ids currently computing tokens for a conversation."""
@@ -241,7 +281,10 @@ class BatchSplitter:
                 tracked.sent_until = first + offset - start
         return slices
 
-    def _unlink(self, internal_id: str, conversation_id: str) -> None:
+    def _unlink(self, internal_id: str, tracked: _Tracked) -> None:
+        if tracked.wire_id:
+            self._by_wire_id.pop(tracked.wire_id, None)
+        conversation_id = tracked.tag.conversation_id
         members = self._by_conversation.get(conversation_id)
         if members is not None:
             members.discard(internal_id)

@@ -13,11 +13,17 @@ for `block`; each step's sampled tokens wait until the sidecar has judged all bu
 (seconds such a wait may take before it gives up, fail-open; default 1),
 ignore_request_conversation_ids (true: `sm_conversation_id` in a request's extra_args /
 vllm_xargs is ignored and every conversation is named after its request id; for deployments
-whose API users must not name, and so write into, each other's conversations).
+whose API users must not name, and so write into, each other's conversations),
+ignore_request_roles_and_attributes (true: `sm_role` and `sm_attributes` in a request are
+ignored too: every token gets the default role and no attributes; for deployments whose API
+users must not choose which rules see their tokens: a made-up role escapes every rule scoped to
+roles, and an attribute a rule's `exceptions` name exempts the request).
 
     SAFETY_MONITOR_BLOCK_WITHIN   overrides block_within
     SAFETY_MONITOR_IGNORE_REQUEST_CONVERSATION_IDS   overrides ignore_request_conversation_ids
                                                      (1/true/yes or 0/false/no)
+    SAFETY_MONITOR_IGNORE_REQUEST_ROLES_AND_ATTRIBUTES  overrides
+                                                     ignore_request_roles_and_attributes
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ ENV_LAYERS = "SAFETY_MONITOR_LAYERS"
 ENV_CONFIG = "SAFETY_MONITOR_CONFIG"
 ENV_BLOCK_WITHIN = "SAFETY_MONITOR_BLOCK_WITHIN"
 ENV_IGNORE_IDS = "SAFETY_MONITOR_IGNORE_REQUEST_CONVERSATION_IDS"
+ENV_IGNORE_ROLES = "SAFETY_MONITOR_IGNORE_REQUEST_ROLES_AND_ATTRIBUTES"
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
 _KEYS = {
@@ -54,6 +61,7 @@ _KEYS = {
     "block_within",
     "guard_timeout",
     "ignore_request_conversation_ids",
+    "ignore_request_roles_and_attributes",
 }
 
 
@@ -80,6 +88,7 @@ class PluginSettings:
     block_within: int | None = None
     guard_timeout: float = 1.0
     ignore_request_conversation_ids: bool = False
+    ignore_request_roles_and_attributes: bool = False
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for CaptureClient."""
@@ -123,11 +132,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> PluginSettings | 
         raw["layers"] = env[ENV_LAYERS]
     if env.get(ENV_BLOCK_WITHIN):
         raw["block_within"] = env[ENV_BLOCK_WITHIN]
-    if env.get(ENV_IGNORE_IDS):
-        text = env[ENV_IGNORE_IDS].strip().lower()
-        if text not in _TRUE + _FALSE:
-            raise PluginConfigError(f"{ENV_IGNORE_IDS}: expected 1/true/yes or 0/false/no")
-        raw["ignore_request_conversation_ids"] = text in _TRUE
+    for variable, key in (
+        (ENV_IGNORE_IDS, "ignore_request_conversation_ids"),
+        (ENV_IGNORE_ROLES, "ignore_request_roles_and_attributes"),
+    ):
+        if env.get(variable):
+            text = env[variable].strip().lower()
+            if text not in _TRUE + _FALSE:
+                raise PluginConfigError(f"{variable}: expected 1/true/yes or 0/false/no")
+            raw[key] = text in _TRUE
     if not raw.get("target"):
         if raw:
             raise PluginConfigError(f"no sidecar target: set {ENV_TARGET} or `target`")
@@ -146,11 +159,11 @@ def _validate(raw: dict[str, Any]) -> PluginSettings:
     guard = raw.get("guard", True)
     if not isinstance(guard, bool):
         raise PluginConfigError(f"guard: expected true or false, got {guard!r}")
-    ignore_ids = raw.get("ignore_request_conversation_ids", False)
-    if not isinstance(ignore_ids, bool):
-        raise PluginConfigError(
-            f"ignore_request_conversation_ids: expected true or false, got {ignore_ids!r}"
-        )
+    switches = {}
+    for key in ("ignore_request_conversation_ids", "ignore_request_roles_and_attributes"):
+        switches[key] = raw.get(key, False)
+        if not isinstance(switches[key], bool):
+            raise PluginConfigError(f"{key}: expected true or false, got {switches[key]!r}")
     block_within = raw.get("block_within")
     if block_within is not None:
         try:
@@ -177,7 +190,7 @@ def _validate(raw: dict[str, Any]) -> PluginSettings:
         guard=guard,
         block_within=block_within,
         guard_timeout=float(raw.get("guard_timeout", 1.0)),
-        ignore_request_conversation_ids=ignore_ids,
+        **switches,
     )
 
 

@@ -249,7 +249,12 @@ class WorkerCapture:
         params = getattr(state, "sampling_params", None)
         extra = getattr(params, "extra_args", None)
         try:
-            return tag_request(internal_id, extra, self.settings.ignore_request_conversation_ids)
+            return tag_request(
+                internal_id,
+                extra,
+                self.settings.ignore_request_conversation_ids,
+                self.settings.ignore_request_roles_and_attributes,
+            )
         except NamingError as exc:
             # Serve the request anyway, under its own id: a naming mistake must not fail it.
             self.naming_errors += 1
