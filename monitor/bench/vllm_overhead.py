@@ -352,6 +352,8 @@ def _measure(
             engine.call({"op": "run", "requests": _renamed(batch, "warmup")})
             engine.call({"op": "flush", "timeout": 30.0})
         idle = _idle_cpu(engines)
+        # The plugin's own time is counted from here: the measured rounds only.
+        before = {mode: engines[mode].call({"op": "report"})[0] for mode in modes}
         for engine in engines.values():
             engine.pause()
         tps: dict[str, list[float]] = {mode: [] for mode in modes}
@@ -376,9 +378,11 @@ def _measure(
         for engine in engines.values():
             engine.stop()
     rows = {}
+    off_itl_ms = 1000 * statistics.median(steps["off"])
     for mode in modes:
         losses = sorted(100 * (1 - m / b) for m, b in zip(tps[mode], tps["off"], strict=True))
         report = reports[mode]
+        plugin = _plugin_ms_per_step(before[mode], report)
         rows[mode] = {
             "tokens_per_s": statistics.median(tps[mode]),
             "itl_ms_p50": 1000 * statistics.median(steps[mode]),
@@ -392,8 +396,22 @@ def _measure(
             "acked": report.get("batches_acked", 0),
             "dropped": sum(report.get("dropped", {}).values()),
             "op_calls": report["op_calls"],
+            # The plugin's Python on the runner's thread, per forward pass (thread CPU time:
+            # a busy machine barely inflates it, unlike the throughput loss), and as a share of
+            # the monitor-off engine's inter-token latency.
+            "plugin_ms_per_step": plugin,
+            "plugin_pct_of_off_itl": None if plugin is None else 100 * plugin / off_itl_ms,
         }
     return rows
+
+
+def _plugin_ms_per_step(before: dict[str, Any], after: dict[str, Any]) -> float | None:
+    """Thread CPU ms the plugin spent per forward pass between two capture reports; None
+    for an engine without the monitor."""
+    steps = after.get("plugin_steps", 0) - before.get("plugin_steps", 0)
+    if not steps:
+        return None
+    return (after["plugin_cpu_ns"] - before["plugin_cpu_ns"]) / steps / 1e6
 
 
 def _idle_cpu(engines: dict[str, _Engine]) -> dict[str, float]:
@@ -428,10 +446,11 @@ def format_vllm_table(result: dict[str, Any]) -> str:
         f"engine generating at a time; engines on CPU {result['engine_cpus']}, sidecar and "
         f"relays on CPU {result['monitor_cpus']}; {result.get('seconds', 0):.0f} s",
         "loss: 1 - tokens/s against the monitor-off engine in the same round, median over "
-        "rounds [quartiles] (min..max)",
+        "rounds [quartiles] (min..max); plugin ms/step: the plugin's thread CPU time per "
+        "forward pass on the model runner's thread (its % of the monitor-off ITL)",
         f"{'execution':<10}{'mode':<14}{'tokens/s':>10}{'ITL ms':>8}{'loss':>8}"
         f"{'  [q1, q3] (min..max)':<30}{'idle CPU':>9}{'captured':>10}{'acked':>8}"
-        f"{'dropped':>9}",
+        f"{'dropped':>9}{'plugin ms/step':>16}",
     ]
     for execution, rows in result["execution"].items():
         for mode, row in rows.items():
@@ -442,9 +461,13 @@ def format_vllm_table(result: dict[str, Any]) -> str:
                     f"({row['loss_pct_min']:.1f}..{row['loss_pct_max']:.1f})"
                 )
             loss = f"{row['loss_pct_median']:.2f}%" if mode != "off" else ""
+            plugin = row.get("plugin_ms_per_step")
+            plugin_text = (
+                "" if plugin is None else f"{plugin:.3f} ({row['plugin_pct_of_off_itl']:.1f}%)"
+            )
             lines.append(
                 f"{execution:<10}{mode:<14}{row['tokens_per_s']:>10.1f}{row['itl_ms_p50']:>8.2f}"
                 f"{loss:>8}{spread:<30}{row['idle_cpu_pct']:>8.1f}%{row['steps_captured']:>10}"
-                f"{row['acked']:>8}{row['dropped']:>9}"
+                f"{row['acked']:>8}{row['dropped']:>9}{plugin_text:>16}"
             )
     return "\n".join(lines)

@@ -24,7 +24,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 # Keys read from `SamplingParams.extra_args` (Python) or `vllm_xargs` (the OpenAI server).
 CONVERSATION_KEY = "sm_conversation_id"
@@ -168,10 +168,10 @@ def bounded_id(text: str) -> str:
     return f"{prefix}~{digest}"
 
 
-@dataclass(frozen=True)
-class Slice:
+class Slice(NamedTuple):
     """Rows of one request in a flattened step: `rows[start:stop]` hold the tokens at
-    positions `position .. position + stop - start - 1`."""
+    positions `position .. position + stop - start - 1`. (A named tuple: one is made per
+    request per step, and a tuple is the cheapest immutable record to make.)"""
 
     request: str  # vLLM's internal request id
     tag: RequestTag
@@ -255,25 +255,30 @@ class BatchSplitter:
         self, req_ids: Sequence[str], num_tokens: Sequence[int], computed: Sequence[int]
     ) -> list[Slice]:
         """The step's slices: `req_ids[i]` ran `num_tokens[i]` tokens starting at position
-        `computed[i]`, in this order in the flattened batch. Advances what was sent."""
+        `computed[i]`, in this order in the flattened batch. Advances what was sent. The
+        counts and positions are Python ints (the caller converts them once, with tolist)."""
         slices = []
         offset = 0
+        requests = self._requests
         with self._lock:
             for internal_id, count, first in zip(req_ids, num_tokens, computed, strict=True):
-                count, first = int(count), int(first)
-                start, stop = offset, offset + count
-                offset = stop
-                tracked = self._requests.get(internal_id)
+                start = offset
+                offset += count
+                tracked = requests.get(internal_id)
                 if tracked is None or count <= 0:
                     continue
-                skip = min(count, max(0, tracked.sent_until - first))
-                self.skipped_rows += skip
-                if first > tracked.sent_until:
+                sent = tracked.sent_until
+                if first < sent:  # recomputed after preemption: those rows were sent
+                    skip = min(count, sent - first)
+                    self.skipped_rows += skip
+                    if skip == count:
+                        continue
+                    start += skip
+                    first += skip
+                elif first > sent:
                     self.gaps += 1
-                if skip == count:
-                    continue
-                slices.append(Slice(internal_id, tracked.tag, start + skip, stop, first + skip))
-                tracked.sent_until = first + count
+                slices.append(Slice(internal_id, tracked.tag, start, offset, first))
+                tracked.sent_until = first + offset - start
         return slices
 
     def _unlink(self, internal_id: str, tracked: _Tracked) -> None:

@@ -9,12 +9,12 @@ model is first compiled) so that chosen layers call `safety_monitor::capture_res
                                                                   layers return)
 
 The op writes that sum into a persistent `[max_num_tokens, hidden]` buffer registered on the
-layer. Because it declares the buffer as mutated (`mutates_args`), torch.compile keeps it in
-the graph in program order (it cannot be dead-code eliminated or reordered past the next
-write), and a CUDA graph records it as one more kernel writing to a fixed address: replaying
-the graph refreshes the buffer with no Python involved. After the step, the worker reads the
-first `num_tokens` rows (see worker.py). The fake (meta) implementation lets Dynamo trace it
-without running it.
+layer. Because it declares the buffer as mutated (`Tensor(a!)` in its schema), torch.compile
+keeps it in the graph in program order (it cannot be dead-code eliminated or reordered past
+the next write), and a CUDA graph records it as one more kernel writing to a fixed address:
+replaying the graph refreshes the buffer with no Python involved. After the step, the worker
+reads the first `num_tokens` rows (see worker.py). The fake (meta) implementation lets
+Dynamo trace it without running it.
 
 Eager mode runs the same op, so both modes capture identically.
 """
@@ -36,7 +36,6 @@ _calls = 0  # how often the op's real implementation ran (tests: proof it ran wh
 _calls_lock = threading.Lock()
 
 
-@torch.library.custom_op(OP_NAME, mutates_args=("out",))
 def capture_residual(hidden: torch.Tensor, residual: torch.Tensor, out: torch.Tensor) -> None:
     """out[:n] = hidden + residual, for the n tokens of this forward (at most out's rows)."""
     global _calls
@@ -46,7 +45,17 @@ def capture_residual(hidden: torch.Tensor, residual: torch.Tensor, out: torch.Te
         _calls += 1
 
 
-@capture_residual.register_fake
+# Registered with the low-level `torch.library.Library`, not `torch.library.custom_op`: the
+# latter wraps the kernel in three Python layers (autograd, in-place/view bookkeeping, argument
+# defaults) that cost several times the add itself on every forward; here the dispatcher's C++
+# fallbacks do that bookkeeping (the version counter of `out`, declared mutated by `(a!)`) and
+# only the kernel is Python. The op never needs a gradient (inference).
+_library = torch.library.Library("safety_monitor", "DEF")
+_library.define("capture_residual(Tensor hidden, Tensor residual, Tensor(a!) out) -> ()")
+_library.impl("capture_residual", capture_residual, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake(OP_NAME)
 def _capture_residual_fake(hidden: torch.Tensor, residual: torch.Tensor, out: torch.Tensor) -> None:
     return None
 

@@ -22,6 +22,7 @@ import sys
 import threading
 from collections.abc import Callable
 from copy import copy
+from time import perf_counter_ns, thread_time_ns
 from types import ModuleType
 from typing import Any
 
@@ -177,13 +178,17 @@ def _patch_runner(module: ModuleType) -> None:
         result = original_prepare(self, scheduler_output, num_scheduled_tokens)
         capture = getattr(self, "_safety_monitor", None)
         if capture is not None:
+            cpu, wall = thread_time_ns(), perf_counter_ns()
             capture.note_layout(self, num_scheduled_tokens)
+            capture.timing.add(cpu, wall)
         return result
 
     def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
         output = original_execute(self, scheduler_output, *args, **kwargs)
         capture = getattr(self, "_safety_monitor", None)
         if capture is not None:
+            cpu, wall = thread_time_ns(), perf_counter_ns()
+            forward = capture.has_layout  # a call that only reports finished requests has none
             try:
                 capture.after_forward(self, scheduler_output)
             except Exception:
@@ -191,6 +196,7 @@ def _patch_runner(module: ModuleType) -> None:
                 log.exception("safety-monitor: capture failed for a step")
                 if capture.client is not None:
                     capture.client.count_drop("hook_error")
+            capture.timing.add(cpu, wall, step=forward)
         return output
 
     def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -198,7 +204,9 @@ def _patch_runner(module: ModuleType) -> None:
         capture = getattr(self, "_safety_monitor", None)
         if capture is None or not capture.is_output_rank:
             return output
+        cpu, wall = thread_time_ns(), perf_counter_ns()
         blocks = capture.take_blocks()
+        capture.timing.add(cpu, wall)
         if blocks:
             from monitor.capture.vllm.guard import BLOCKS_ATTR
 

@@ -22,8 +22,8 @@ conversation ids and user request ids come from the request and may be shared or
 
 from __future__ import annotations
 
-import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -51,6 +51,28 @@ log = structlog.get_logger("safety_monitor.capture.vllm")
 
 _MAX_PENDING_BLOCKS = 10_000
 _KEEP_RECENT_ENDS = 100
+_MAX_PLANS = 256
+
+
+class PluginTiming:
+    """Time the plugin spends on the model runner's thread (noting the layout, splitting and
+    submitting each step, handing blocks back): thread CPU time, which a busy machine does
+    not inflate, and wall time. `steps` counts the forward passes it handled (the calls
+    that only report finished requests add their time, not a step)."""
+
+    __slots__ = ("cpu_ns", "steps", "wall_ns")
+
+    def __init__(self) -> None:
+        self.cpu_ns = 0
+        self.wall_ns = 0
+        self.steps = 0
+
+    def add(self, cpu_started: int, wall_started: int, step: bool = False) -> None:
+        """Add the time since `cpu_started` (thread_time_ns) and `wall_started`
+        (perf_counter_ns); `step` at the end of a forward pass's work."""
+        self.cpu_ns += time.thread_time_ns() - cpu_started
+        self.wall_ns += time.perf_counter_ns() - wall_started
+        self.steps += step
 
 
 class WorkerCapture:
@@ -93,6 +115,9 @@ class WorkerCapture:
         self.guard_timeouts = 0  # steps released without the sidecar's verdict (fail-open)
         self.steps = 0
         self.naming_errors = 0
+        self.timing = PluginTiming()
+        self._plans: dict[tuple[str, ...], list[tuple[tuple[int, ...], Tagging]]] = {}
+        self._on_cuda = False
         if not self.plan.sends:
             log.info("safety-monitor: this rank does not send", reason=self.plan.reason)
             return
@@ -110,6 +135,7 @@ class WorkerCapture:
                 layer_list[index], index, rows, hidden, dtype, runner.device
             )
         self._empty = {hp: torch.empty(0, hidden, dtype=dtype) for hp in self.hook_points}
+        self._on_cuda = any(buffer.is_cuda for buffer in self.buffers.values())
         # The compile cache must not hand back a graph compiled without the op (or with other
         # layers): put the capture settings into the config hash that keys it.
         extra = config.additional_config if isinstance(config.additional_config, dict) else None
@@ -137,10 +163,15 @@ class WorkerCapture:
         batch = runner.input_batch
         count = batch.num_reqs
         self._layout = (
-            list(batch.req_ids[:count]),
-            [int(n) for n in num_scheduled_tokens[:count]],
-            batch.num_computed_tokens_cpu[:count].tolist(),
+            batch.req_ids[:count],
+            _ints(num_scheduled_tokens[:count]),
+            _ints(batch.num_computed_tokens_cpu[:count]),
         )
+
+    @property
+    def has_layout(self) -> bool:
+        """A forward pass ran since the last `after_forward` (its layout was noted)."""
+        return self._layout is not None
 
     def after_forward(self, runner: Any, scheduler_output: Any) -> None:
         """Called after `execute_model`: send this step's rows, split per request."""
@@ -151,20 +182,44 @@ class WorkerCapture:
         if layout is None or self.client is None:
             return
         req_ids, num_tokens, computed = layout
+        splitter = self.splitter
         for internal_id in req_ids:
-            if not self.splitter.known(internal_id):
-                self.splitter.track(internal_id, self._tag(runner, internal_id))
-        slices = self.splitter.split(req_ids, num_tokens, computed)
+            if not splitter.known(internal_id):
+                splitter.track(internal_id, self._tag(runner, internal_id))
+        slices = splitter.split(req_ids, num_tokens, computed)
         if not slices:
             return
         self.steps += 1
-        for group in group_by_attributes(slices):
-            self.client.submit(self._step(group))
+        submit = self.client.submit
+        for indices, tagging in self._plan(slices):
+            submit(self._step([slices[i] for i in indices] if indices else slices, tagging))
 
-    def _step(self, group: Sequence[Slice]) -> CapturedStep:
-        contiguous = len(group) == 1 or all(a.stop == b.start for a, b in itertools.pairwise(group))
-        if contiguous:
-            start, stop = group[0].start, group[-1].stop
+    def _plan(self, slices: Sequence[Slice]) -> list[tuple[tuple[int, ...], Tagging]]:
+        """How this step's slices go out: groups (indices into `slices`; () for all of them)
+        and each group's Tagging. A decode step runs the same requests as the step before, so
+        the plan is kept by the requests' ids and reused: the Taggings (and with them the
+        client's serialised metadata) are then built once per batch composition, not per
+        step. Forgotten when a request finishes (its id could come back with another tag)."""
+        key = tuple([s.request for s in slices])
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        groups = group_by_attributes(slices)
+        position = {s.request: i for i, s in enumerate(slices)}
+        plan = []
+        for group in groups:
+            indices = tuple(position[s.request] for s in group)
+            if len(groups) == 1 and indices == tuple(range(len(slices))):
+                indices = ()
+            plan.append((indices, _tagging(group)))
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
+
+    def _step(self, group: Sequence[Slice], tagging: Tagging) -> CapturedStep:
+        start, stop = group[0].start, group[-1].stop
+        if stop - start == sum(s.stop - s.start for s in group):  # contiguous rows
             layers = {hp: buffer[start:stop] for hp, buffer in self.buffers.items()}
         else:
             index = torch.cat([torch.arange(s.start, s.stop) for s in group])
@@ -172,7 +227,7 @@ class WorkerCapture:
             for hp, buffer in self.buffers.items():
                 layers[hp] = buffer.index_select(0, index.to(buffer.device))
         ready = None
-        if any(t.is_cuda for t in layers.values()):
+        if self._on_cuda:
             # Off the device without waiting: the client publishes once the copy is done.
             host = {}
             for hp, tensor in layers.items():
@@ -181,22 +236,10 @@ class WorkerCapture:
             layers = host
             ready = torch.cuda.Event()
             ready.record()
-        ids = tuple(s.tag.conversation_id for s in group)
-        roles = tuple(s.tag.role for s in group)
-        # vLLM's internal id: what an alert names is then exactly one request (see `_on_alert`)
-        requests = tuple(bounded_id(s.request) for s in group)
-        attributes = group[0].tag.attributes
-        tagging = Tagging(
-            ids,
-            roles,
-            requests,
-            attributes,
-            key=(ids, roles, requests, tuple(sorted(attributes.items()))),
-        )
         return CapturedStep(
             layers=layers,
             tagging=tagging,
-            rows=[s.rows for s in group],
+            rows=[s.stop - s.start for s in group],
             positions=[s.position for s in group],
             ready=ready,
         )
@@ -226,6 +269,7 @@ class WorkerCapture:
         operator's `ignore_request_conversation_ids` names conversations by request id)."""
         states = [self.splitter.state(internal_id) for internal_id in finished]
         self.splitter.finish(finished)
+        self._plans.clear()  # they name finished requests
         with self._blocks_lock:
             for internal_id in finished:
                 self._blocks.pop(internal_id, None)
@@ -308,6 +352,27 @@ class WorkerCapture:
             self.client.close(timeout=5)
 
 
+def _tagging(group: Sequence[Slice]) -> Tagging:
+    ids = tuple(s.tag.conversation_id for s in group)
+    roles = tuple(s.tag.role for s in group)
+    # vLLM's internal id: what an alert names is then exactly one request (see `_on_alert`)
+    requests = tuple(bounded_id(s.request) for s in group)
+    attributes = group[0].tag.attributes
+    return Tagging(
+        ids,
+        roles,
+        requests,
+        attributes,
+        key=(ids, roles, requests, tuple(sorted(attributes.items()))),
+    )
+
+
+def _ints(values: Any) -> list[int]:
+    """A numpy array (what vLLM hands over) or a sequence, as a list of Python ints."""
+    tolist = getattr(values, "tolist", None)
+    return tolist() if tolist is not None else [int(v) for v in values]
+
+
 def speculative_refusal(speculative_config: Any) -> str:
     method = getattr(speculative_config, "method", None) or "speculative decoding"
     return (
@@ -362,6 +427,9 @@ def capture_report(worker: Any) -> dict[str, Any]:
         recent_ends=list(capture.recent_ends),
         guard_timeouts=capture.guard_timeouts,
         naming_errors=capture.naming_errors,
+        plugin_steps=capture.timing.steps,
+        plugin_cpu_ns=capture.timing.cpu_ns,
+        plugin_wall_ns=capture.timing.wall_ns,
     )
     client = capture.client
     if client is not None:

@@ -71,6 +71,10 @@ def test_compiled_mode_runs_the_capture_op_where_hooks_do_not_fire(engine):
     assert engine.call({"op": "hook_calls"}) == [0]
     # ...and the capture op inside that graph did, once per forward pass (6 passes).
     assert after["op_calls"] - before["op_calls"] == 6
+    # The plugin's own time on the runner's thread is counted for each of those passes.
+    assert after["plugin_steps"] - before["plugin_steps"] == 6
+    assert after["plugin_cpu_ns"] > before["plugin_cpu_ns"]
+    assert after["plugin_wall_ns"] > before["plugin_wall_ns"]
     assert seen(alerts_after_flush(engine), "compiled-1") == 4 + 6 - 1
 
 
