@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Literal, TextIO
 
 import structlog
 
@@ -50,9 +50,12 @@ class _CurrentStderr:
         return sys.stderr.isatty()
 
 
-def configure_logging(log_format: LogFormat = "auto", level: str = "info") -> None:
-    """Configure structlog once for the process. Logs go to stderr (the current one)."""
-    stream = _CurrentStderr()
+def configure_logging(
+    log_format: LogFormat = "auto", level: str = "info", stream: TextIO | None = None
+) -> None:
+    """Configure structlog once for the process. Logs go to `stream`, by default to whatever
+    `sys.stderr` is when each line is written."""
+    stream = stream if stream is not None else _CurrentStderr()  # type: ignore[assignment]
     use_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()

@@ -21,7 +21,6 @@ import logging
 import shutil
 import socket
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -84,8 +83,8 @@ def pg() -> Iterator[PgServer]:
 def json_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], list[dict]]]:
     """The process's log set-up, writing JSON into a buffer read by `lines()`."""
     buffer = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", buffer)
-    configure_logging("json")
+    # Given explicitly: pytest puts its own capture on sys.stderr again for the test's call.
+    configure_logging("json", stream=buffer)
     # Not cached: loggers first used here must not keep this test's buffer afterwards.
     structlog.configure(cache_logger_on_first_use=False)
 
@@ -93,8 +92,7 @@ def json_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], list[dict
         return [json.loads(line) for line in buffer.getvalue().splitlines() if line]
 
     yield lines
-    structlog.reset_defaults()
-    logging.getLogger().handlers.clear()
+    configure_logging("json", "debug")  # back to the test session's set-up (tests/conftest.py)
 
 
 # --- a COMMIT whose reply is lost ------------------------------------------------------------

@@ -52,20 +52,24 @@ def test_configured_patterns_apply_as_in_the_audit_store() -> None:
     assert "EMP-1234" not in alert.summary
 
 
-def test_rule_fired_log_lines_are_redacted_like_the_audit_store() -> None:
+def test_rule_fired_log_lines_are_redacted_like_the_audit_store(monkeypatch) -> None:
     from types import SimpleNamespace
 
     import structlog
 
     from monitor.outputs.metrics import SidecarMetrics
+    from monitor.sidecar import firings
     from monitor.sidecar.firings import log_firing
 
     raw = "conv:alice@example.com:7"
     request = "req-+1 415 555 2671"
     batch = SimpleNamespace(model="model-of-bob@example.org", seq_no=9)
-    with structlog.testing.capture_logs() as logs:
-        log_firing(SidecarMetrics(), batch, _firing(raw, request), AlertRedaction())  # type: ignore[arg-type]
-    (line,) = [entry for entry in logs if entry["event"] == "rule fired"]
+    # The module's own logger may be cached with an older configuration (other tests
+    # reconfigure structlog): capture through a logger of the test's own.
+    capture = structlog.testing.LogCapture()
+    monkeypatch.setattr(firings, "log", structlog.wrap_logger(None, processors=[capture]))
+    log_firing(SidecarMetrics(), batch, _firing(raw, request), AlertRedaction())  # type: ignore[arg-type]
+    (line,) = [entry for entry in capture.entries if entry["event"] == "rule fired"]
     assert line["conversation_id"] == "conv:[EMAIL]:7#da996837ffb3"
     assert "2671" not in line["request_id"] and line["request_id"].startswith("req-")
     assert "bob@example.org" not in line["model"]

@@ -147,7 +147,7 @@ def test_logs_escape_c1_bidi_newlines_and_invisible_characters(
         )
         err = capsys.readouterr().err
     finally:
-        structlog.reset_defaults()
+        configure_logging("json", "debug")  # back to the test session's set-up
     assert len(err.strip().splitlines()) == 1  # no forged second line
     assert _raw_controls(err.replace("\x1b[", "")) == []
     if log_format == "json":
