@@ -64,10 +64,12 @@ def test_rule_fired_log_lines_are_redacted_like_the_audit_store(monkeypatch) -> 
     raw = "conv:alice@example.com:7"
     request = "req-+1 415 555 2671"
     batch = SimpleNamespace(model="model-of-bob@example.org", seq_no=9)
-    # The module's own logger may be cached with an older configuration (other tests
-    # reconfigure structlog): capture through a logger of the test's own.
+    # The module's own logger may be cached with an older configuration, and other tests
+    # reconfigure structlog (a CLI run with `log_level: error` filters warnings): capture
+    # through an unfiltered logger of the test's own.
     capture = structlog.testing.LogCapture()
-    monkeypatch.setattr(firings, "log", structlog.wrap_logger(None, processors=[capture]))
+    logger = structlog.wrap_logger(None, processors=[capture], wrapper_class=structlog.BoundLogger)
+    monkeypatch.setattr(firings, "log", logger)
     log_firing(SidecarMetrics(), batch, _firing(raw, request), AlertRedaction())  # type: ignore[arg-type]
     (line,) = [entry for entry in capture.entries if entry["event"] == "rule fired"]
     assert line["conversation_id"] == "conv:[EMAIL]:7#da996837ffb3"
