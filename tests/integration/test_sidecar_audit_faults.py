@@ -75,6 +75,14 @@ def stored_alerts(url: str) -> collections.Counter[tuple[str, str, int]]:
     return collections.Counter((a.conversation_id, a.rule, a.position) for a in alerts)
 
 
+def wait_stored(url: str, count: int, timeout: float = 30.0) -> None:
+    """Wait until the store holds `count` alerts (records queued during an outage follow)."""
+    deadline = time.monotonic() + timeout
+    while sum(stored_alerts(url).values()) < count:
+        assert time.monotonic() < deadline, "queued records never reached the store"
+        time.sleep(0.2)
+
+
 def check_no_loss_no_duplicate(url: str, acked: list[pb.Alert]) -> None:
     counts = stored_alerts(url)
     assert max(counts.values()) == 1, [k for k, n in counts.items() if n > 1]  # no duplicate
@@ -124,16 +132,18 @@ def test_postgres_killed_mid_stream(tmp_path: Path, sidecars) -> None:
         assert len(acked) >= 20 and errors  # withheld during the outage
         assert all(e.reason == "audit_not_durable" for e in errors)
         assert len(acked) + len(errors) == 60
+        # Health is polled (HEALTH_POLL_SECONDS): see the outage in it before restarting, or a
+        # SERVING left over from before the kill would let the next stream start while the
+        # writer still fails, and its alerts would rightly be withheld.
+        wait_health(sidecar.target, NOT_SERVING, 30)
         server.restart()
         wait_health(sidecar.target, SERVING, 60)
+        wait_stored(server.url, 60)  # the withheld records follow; the writer's queue is empty
         more = [_batch(i, f"pg-{i}", 0, [f" t{i}"], end=True) for i in range(61, 81)]
         acked_after, errors_after = stream(sidecar.target, more)
         assert len(acked_after) == 20 and not errors_after
         acked += acked_after
-        deadline = time.monotonic() + 30
-        while sum(stored_alerts(server.url).values()) < 80:  # the withheld records follow
-            assert time.monotonic() < deadline, "queued records never reached the store"
-            time.sleep(0.2)
+        wait_stored(server.url, 80)
         check_no_loss_no_duplicate(server.url, acked)
 
         # Idle, no writes: the outage shows in health; and it recovers, still idle.
@@ -188,16 +198,15 @@ def test_sqlite_file_locked_mid_stream(tmp_path: Path, sidecars) -> None:
     acked, errors = stream(sidecar.target, batches, on_step)
     assert len(acked) >= 10 and errors
     assert len(acked) + len(errors) == 30
+    wait_health(sidecar.target, NOT_SERVING, 30)  # see the outage first (health is polled)
     locker.execute("COMMIT")
     wait_health(sidecar.target, SERVING, 30)
+    wait_stored(url, 30)  # the withheld records follow; the writer's queue is empty
     more = [_batch(i, f"sq-{i}", 0, [f" t{i}"], end=True) for i in range(31, 41)]
     acked_after, errors_after = stream(sidecar.target, more)
     assert len(acked_after) == 10 and not errors_after
     acked += acked_after
-    deadline = time.monotonic() + 30
-    while sum(stored_alerts(url).values()) < 40:
-        assert time.monotonic() < deadline, "queued records never reached the store"
-        time.sleep(0.2)
+    wait_stored(url, 40)
     check_no_loss_no_duplicate(url, acked)
 
     # Idle: a lock shows in health (the probe takes the write lock), and its release too.
