@@ -48,6 +48,8 @@ from typing import Any
 
 ENGINE_MODES = ("off", "sidecar-up", "sidecar-down")
 CONTROL_MODE = "off-control"  # a second monitor-off engine: the bench's own noise and bias
+# A sidecar-up engine running another checkout's monitor code: two plugin versions side by side.
+BASELINE_MODE = "up-baseline"
 HIDDEN = 256
 IDLE_WINDOW_S = 2.0
 IDLE_AFTER_S = 1.5  # vLLM's worker busy-polls its message queue for 1 s after a message
@@ -239,11 +241,19 @@ def run_vllm_overhead_bench(
     layers: str = "1",
     eager_modes: tuple[bool, ...] = (False, True),
     control: bool = False,
+    baseline_tree: str | None = None,
 ) -> dict[str, Any]:
     """Measure the three engine modes for each execution mode; returns the results. With
     `control`, a second monitor-off engine runs in every round too: its loss against the
-    first is what the bench measures when the monitor costs nothing."""
+    first is what the bench measures when the monitor costs nothing. With `baseline_tree`
+    (another checkout of this project), a sidecar-up engine imports the monitor from there:
+    its plugin ms/step and loss next to sidecar-up's compare two versions in one run."""
     modes = ENGINE_MODES + ((CONTROL_MODE,) if control else ())
+    if baseline_tree is not None:
+        baseline_tree = str(Path(baseline_tree).resolve())
+        if not (Path(baseline_tree) / "monitor" / "capture" / "vllm").is_dir():
+            raise ValueError(f"--baseline-tree {baseline_tree}: not a checkout of this project")
+        modes += (BASELINE_MODE,)
     workdir = Path(tempfile.mkdtemp(prefix="sm-bench-vllm-"))
     # A fixed model path: vLLM's compile cache is then reused by the next run (start-up is
     # most of this bench's time).
@@ -267,6 +277,7 @@ def run_vllm_overhead_bench(
         "new_tokens": new_tokens,
         "layers": layers,
         "rounds": rounds,
+        "baseline_tree": baseline_tree,
         "engine_cpus": _cpu_text(engine_cpus),
         "monitor_cpus": _cpu_text(side_cpus),
         "execution": {},
@@ -286,6 +297,7 @@ def run_vllm_overhead_bench(
                 engine_cpus,
                 side_cpus,
                 modes,
+                baseline_tree,
             )
     finally:
         sidecar.stop()
@@ -304,6 +316,7 @@ def _measure(
     engine_cpus: set[int] | None,
     side_cpus: set[int] | None,
     modes: tuple[str, ...] = ENGINE_MODES,
+    baseline_tree: str | None = None,
 ) -> dict[str, Any]:
     workdir.mkdir(parents=True)
     kwargs = {
@@ -337,6 +350,8 @@ def _measure(
         "sidecar-up": {"SAFETY_MONITOR_TARGET": target, "SAFETY_MONITOR_LAYERS": layers},
         "sidecar-down": {"SAFETY_MONITOR_TARGET": down, "SAFETY_MONITOR_LAYERS": layers},
     }
+    if baseline_tree is not None:
+        envs[BASELINE_MODE] = {**envs["sidecar-up"], "PYTHONPATH": baseline_tree}
     engines: dict[str, _Engine] = {}
     try:
         # All three start at once, on every CPU (start-up is most of this bench's time)...

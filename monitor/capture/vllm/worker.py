@@ -347,6 +347,14 @@ class WorkerCapture:
             request=internal_id,
         )
 
+    @property
+    def nothing_to_hand_back(self) -> bool:
+        """No block is pending and no step waits for the sidecar's verdict (guard mode off,
+        or without `block_within`): `take_blocks` would return {} at once."""
+        if self._blocks:
+            return False
+        return self.settings.block_within is None or not self.settings.guard or self.client is None
+
     def take_blocks(self) -> dict[str, str]:
         """The requests to stop with this step's output. With `block_within` set, first wait
         (up to `guard_timeout`, then fail-open) until the sidecar has judged every step but
