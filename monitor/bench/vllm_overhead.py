@@ -107,7 +107,9 @@ def _this_thread_on(cpus: set[int] | None) -> Iterator[None]:
 
 
 class _Engine:
-    def __init__(self, kwargs: dict[str, Any], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, kwargs: dict[str, Any], env: dict[str, str], log: Path, cwd: str | None = None
+    ) -> None:
         self._log = log.open("wb")
         self._out = log.with_suffix(".out")
         self.process = subprocess.Popen(
@@ -116,6 +118,8 @@ class _Engine:
             stdout=subprocess.PIPE,
             stderr=self._log,
             env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+            # `python -m` puts the working directory ahead of PYTHONPATH on sys.path.
+            cwd=cwd,
             start_new_session=True,
         )
         self.paused = False
@@ -356,7 +360,10 @@ def _measure(
     try:
         # All three start at once, on every CPU (start-up is most of this bench's time)...
         for mode in modes:
-            engines[mode] = _Engine(kwargs, {**pinning, **envs[mode]}, workdir / f"{mode}.log")
+            cwd = baseline_tree if mode == BASELINE_MODE else None
+            engines[mode] = _Engine(
+                kwargs, {**pinning, **envs[mode]}, workdir / f"{mode}.log", cwd=cwd
+            )
         for engine in engines.values():
             engine.reply(timeout=1800)
         # ...and are pinned before anything is measured.
