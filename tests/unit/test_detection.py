@@ -517,3 +517,28 @@ def test_fit_layers_chooses_the_whole_turn_mean_where_mean_pooling_works() -> No
     )
     assert fixed.aggregation.startswith("max_rolling_mean:") and "for" not in fixed.aggregation
     assert "auroc_whole_turn" not in fixed.heldout
+
+
+def test_a_rule_that_pools_unlike_its_pack_is_named(tmp_path: Path) -> None:
+    """`eval` and `rules calibrate` say when a rule's `rolling_mean(f, W)` and `for:` differ
+    from the aggregation the pack fitted and calibrated the probe with."""
+    from monitor.evaluation.engine_replay import pack_features, pooling_notes
+
+    fit = ProbeFit("layers.1", torch.randn(8), 0.5, "logistic-token", 1.0)
+    info = FeatureInfo(
+        name="f", hook_point="layers.1", activation="identity", sae_index=None,
+        alert_threshold=1.0, aggregation="max_rolling_mean:512,for:8",
+        threshold_pooling="max_rolling_mean:512,for:8",
+    )  # fmt: skip
+    pack = FeaturePack(
+        "probes", {"layers.1": HookPointEncoder("layers.1", probe_encoder(fit), [info])}
+    )
+    matching = tmp_path / "matching.yaml"
+    matching.write_text(RULE.format(threshold=1.0, window=512, guard=8))
+    assert pooling_notes(load_rules([matching], pack_features([pack])), [pack]) == []
+    for window, guard in ((8, 8), (512, 1)):
+        other = tmp_path / f"other-{window}-{guard}.yaml"
+        other.write_text(RULE.format(threshold=1.0, window=window, guard=guard))
+        (line,) = pooling_notes(load_rules([other], pack_features([pack])), [pack])
+        assert f"rolling_mean(., {window}) with for: {guard}" in line
+        assert "max_rolling_mean:512,for:8" in line
