@@ -1141,8 +1141,9 @@ class _StepKernel:
         self.full_after = int(self.windows.max()) - 1 if len(sums) else 0
         self.full_divisors = self.divisors[self.bases + self.windows] if len(sums) else None
         self.sum_rows = _index(sums)
-        self.newest_to = np.array(newest_to, dtype=np.int64)
-        self.newest_from = np.array(newest_from, dtype=np.int64)
+        self.newest_to = _index(newest_to, strided=True)
+        self.newest_from = _index(newest_from, strided=True)
+        self.has_newest = bool(newest_to)
         self.cummax_to = np.array(cummax_to, dtype=np.int64)
         self.cummax_from = np.array(cummax_from, dtype=np.int64)
 
@@ -1190,7 +1191,7 @@ class _StepKernel:
             out[t] = np.where(seen[:, counted] >= n, change, np.float32(0.0))
         # ``updated`` holds the history shifted by one column (``_WaveTemporal``): put each
         # function's newest value last (cummax keeps its running maximum instead).
-        if len(self.newest_to):
+        if self.has_newest:
             updated[:, self.newest_to] = x[self.newest_from].T
         if len(self.cummax_to):
             updated[:, self.cummax_to] = out[self.cummax_from].T
@@ -1203,11 +1204,16 @@ class _StepKernel:
         return np.minimum(seen[:, self.counted] + 1, self.windows)
 
 
-def _index(positions: list[int]) -> slice | np.ndarray:
-    """Rows to pick: a slice (a view) when they are consecutive, else an index array."""
+def _index(positions: list[int], strided: bool = False) -> slice | np.ndarray:
+    """Rows to pick: a slice (a view) when they are consecutive (or, with ``strided``,
+    evenly spaced, such as the last column of each of several windows of one length), else
+    an index array."""
     first = positions[0] if positions else 0
     if positions == list(range(first, first + len(positions))):
         return slice(first, first + len(positions))
+    step = positions[1] - first if len(positions) > 1 else 0
+    if strided and step > 0 and positions == list(range(first, positions[-1] + 1, step)):
+        return slice(first, positions[-1] + 1, step)
     return np.array(positions, dtype=np.int64)
 
 
