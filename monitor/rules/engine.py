@@ -179,7 +179,8 @@ class _Wave:
             if columns is None:
                 columns = features.columns(names)
             if rows is None:
-                out[: len(names)] = np.take(features.block[:total], columns, axis=1).T
+                # Straight into the register file: no [rows, features] array in between.
+                features.block[:total].T.take(columns, axis=0, out=out[: len(names)])
             else:
                 # Pick rows and the rules' columns in one step: `block[rows]` first would copy
                 # every column of a wide pack (65,536 SAE features x 4,096 rows is 1 GiB).
@@ -668,6 +669,10 @@ class RuleEngine:
             [j for j, rule in enumerate(rules) if rule.scope == "request"], dtype=np.int64
         )
         self._masks = _MaskCache(rules)
+        # The last FeatureBlock index found to hold every required feature (by identity).
+        self._checked_index: Mapping[str, int] | None = None
+        # No rule holds ``for: N`` tokens: a decode step's run lengths are its conditions.
+        self._for_one = bool(rules) and all(rule.for_tokens == 1 for rule in rules)
         self._last_bind: _Bind | None = None
         # What the last wave's slots and the last feature block's columns were.
         self._slot_cache: tuple[list[int], tuple[np.ndarray, np.ndarray | slice]] | None = None
@@ -748,12 +753,49 @@ class RuleEngine:
         rows = list(map(_ROWS, sequences))
         positions = list(map(_POSITION, sequences))
         columns = _Columns(starts, rows, positions)
+        count = len(starts)
+        if count and rows.count(1) == count and starts == _range_list(count):
+            # A decode step (one row per slice, in batch order): nothing negative but maybe
+            # a position, nothing overlaps, and the rows are the slices'.
+            if min(positions) < 0:
+                self._check_slices(sequences)
+            batch_rows = count
+        else:
+            batch_rows = self._check_layout(sequences, starts, rows, positions)
+        if isinstance(features, FeatureBlock) and len(features.block) >= batch_rows:
+            if features.index is self._checked_index:
+                return batch_rows, columns
+            if all(map(features.index.__contains__, self._required)):
+                # Blocks of successive batches share their index (see FeatureBlock).
+                self._checked_index = features.index
+                return batch_rows, columns  # every column of a block is a vector of its rows
+        for name in self._required:
+            tensor = features.get(name)
+            if tensor is None:
+                raise ValueError(f"missing feature {name!r}")
+            if tensor.ndim != 1 or tensor.shape[0] < batch_rows:
+                raise ValueError(f"feature {name!r} must be a vector of at least {batch_rows} rows")
+        return batch_rows, columns
+
+    @staticmethod
+    def _check_slices(sequences: Sequence[SequenceSlice]) -> None:
+        for s in sequences:
+            if s.rows < 0 or s.start_row < 0 or s.position < 0:
+                raise ValueError(
+                    f"slice {s.conversation_id!r}: negative start_row, rows or position"
+                )
+
+    @staticmethod
+    def _check_layout(
+        sequences: Sequence[SequenceSlice],
+        starts: list[int],
+        rows: list[int],
+        positions: list[int],
+    ) -> int:
+        """The batch's rows the slices cover; raises ValueError for negative or overlapping
+        slices."""
         if sequences and min(min(starts), min(rows), min(positions)) < 0:
-            for s in sequences:
-                if s.rows < 0 or s.start_row < 0 or s.position < 0:
-                    raise ValueError(
-                        f"slice {s.conversation_id!r}: negative start_row, rows or position"
-                    )
+            RuleEngine._check_slices(sequences)
         ends = list(map(operator.add, starts, rows))
         if all(map(operator.le, ends[:-1], starts[1:])):  # in row order, none overlapping
             batch_rows = ends[-1] if ends else 0
@@ -763,19 +805,7 @@ class RuleEngine:
                 if spans[i][0] < spans[i - 1][1]:
                     raise ValueError("sequence slices overlap")
             batch_rows = spans[-1][1]
-        if (
-            isinstance(features, FeatureBlock)
-            and len(features.block) >= batch_rows
-            and all(map(features.index.__contains__, self._required))
-        ):
-            return batch_rows, columns  # every column of a block is a vector of its rows
-        for name in self._required:
-            tensor = features.get(name)
-            if tensor is None:
-                raise ValueError(f"missing feature {name!r}")
-            if tensor.ndim != 1 or tensor.shape[0] < batch_rows:
-                raise ValueError(f"feature {name!r} must be a vector of at least {batch_rows} rows")
-        return batch_rows, columns
+        return batch_rows
 
     # ----------------------------------------------------------------- conversations
 
@@ -962,6 +992,13 @@ class RuleEngine:
         need = self._for[:, None]  # [K, 1]
         if wave.uniform and wave.width == 1:
             # One token per slice (a decode step): the general formula below reduces to this.
+            if self._for_one:
+                # Runs clamped at 1 are the condition itself, and a run fires where it
+                # starts (``carry`` is a view of the state: read before it is written).
+                now = held[:, :, 0]
+                fires = now & (carry == 0)
+                self._runs.data[wave.at] = now.T
+                return fires[:, :, None]
             runs = np.where(held[:, :, 0], carry + 1, 0)
             self._runs.data[wave.at] = np.minimum(runs, need).T
             return (runs == need)[:, :, None]
@@ -1069,7 +1106,10 @@ class _WaveTemporal:
         engine, at = self.engine, self.wave.at
         engine._history.data[at] = self.updated
         if self.seen.shape[1]:
-            engine._seen.data[at] = self.seen + self.wave.lengths[:, None]
+            if isinstance(at, slice):  # ``seen`` is a view of the state: counted in place
+                self.seen += 1 if self.step else self.wave.lengths[:, None]
+            else:
+                engine._seen.data[at] = self.seen + self.wave.lengths[:, None]
 
 
 class _StepKernel:
