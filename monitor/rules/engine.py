@@ -318,6 +318,12 @@ _POSITION = operator.attrgetter("position")
 _SCOPE = operator.attrgetter("scope")
 _CONVERSATION_ID = operator.attrgetter("conversation_id")
 _REQUEST_ID = operator.attrgetter("request_id")
+_END = operator.attrgetter("end")
+# The reductions themselves: ``ndarray.any()`` and its kind go through a Python wrapper,
+# which costs as much as the reduction on a decode step's small arrays.
+_ANY = np.logical_or.reduce
+_ALL = np.logical_and.reduce
+_MIN = np.minimum.reduce
 _ROLE = operator.attrgetter("role")
 _ATTRIBUTES = operator.attrgetter("attributes")
 
@@ -971,11 +977,12 @@ class RuleEngine:
             active = self._masks.active(wave.slices, model)
             fires = self._advance_runs(wave, conditions, active)
             self._collect(wave, fires, values, result)
-        for s in slices:
-            if s.end:
-                ended = self._conversations.pop(state_key(s))
-                if ended is not None:
-                    self._free.append(ended.slot)
+        if any(map(_END, slices)):  # in C: most steps end no conversation
+            for s in slices:
+                if s.end:
+                    ended = self._conversations.pop(state_key(s))
+                    if ended is not None:
+                        self._free.append(ended.slot)
 
     def _advance_runs(
         self, wave: _Wave, conditions: np.ndarray, active: np.ndarray | None
@@ -1019,7 +1026,7 @@ class RuleEngine:
     def _collect(
         self, wave: _Wave, fires: np.ndarray, values: np.ndarray, result: EvaluationResult
     ) -> None:
-        if not fires.any():
+        if not _ANY(fires, axis=None):
             return
         # Flat indices, then unravelled: ``np.argwhere`` of a [rules, 1, 4096] prefill is
         # ~15x slower. Both give C order, i.e. sorted by (rule, slice, token), so a cooldown
@@ -1210,10 +1217,10 @@ class _StepKernel:
             # made, so a non-finite input makes its row's sums non-finite (NaN where its
             # weight is 0), and float64 sums of float32 values cannot overflow: the sums are
             # finite exactly when the inputs are, and checking them is the cheaper check.
-            if not np.isfinite(sums).all():
+            if not _ALL(np.isfinite(sums), axis=None):
                 return None
             if self.divided:
-                if seen.shape[1] and int(seen.min()) >= self.full_after:
+                if seen.shape[1] and _MIN(seen, axis=None) >= self.full_after:
                     # Every conversation has filled every window (the steady decode state):
                     # the divisors are those of full windows, one vector for all rows.
                     sums /= self.full_divisors

@@ -303,8 +303,8 @@ def test_the_fast_finite_check_agrees_with_isfinite(dtype, rows, width, bad, whe
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_finite_check_agrees_with_isfinite_on_every_16_bit_value(dtype):
-    """The integer check of 16-bit floats, on each of the 65,536 bit patterns alone (as
-    the one bad value among finite ones) and on all the finite ones together."""
+    """The finite check of 16-bit floats, on each of the 65,536 bit patterns (as the one
+    value that may be bad among finite ones) and on all the finite ones together."""
     from monitor.sidecar.validate import _all_finite
 
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
