@@ -20,7 +20,7 @@ The measurement isolates the monitor's cost on the serving process:
   second after each message, so an engine that has just run would take the CPU from the next
   one (an early version of this bench saw the monitor-off engine run 2x slower than the
   others from that alone). Their CPU use once that second is over is measured and reported
-  (about zero: they block on their queues).
+  (small but not zero: 1.5-4.5% of a CPU in the README's runs).
 
 Reported per execution mode (compiled, vLLM's default, and eager) and engine mode: median
 generation throughput over rounds (output tokens/s), median inter-token latency (engine step
