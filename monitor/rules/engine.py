@@ -573,6 +573,9 @@ class _Bind:
     conversations: list[Conversation]
     next_positions: list[int]
     request_ids: list[str]
+    # The steady path moved ``next_positions`` on without writing them to the conversations
+    # (a Python step per conversation); ``RuleEngine._flush_bind`` does, before they are read.
+    pending: bool = False
 
 
 class RuleEngine:
@@ -636,6 +639,8 @@ class RuleEngine:
             self._install(ruleset, previous=self._rules)
 
     def _install(self, ruleset: RuleSet, previous: list[Rule] | None) -> None:
+        if previous is not None:
+            self._flush_bind()  # the conversations outlive the rules
         rules = ruleset.enabled_rules
         self._set_max(rules)
         runs = _Table(len(rules), 0, np.int64, self._capacity)
@@ -847,9 +852,9 @@ class RuleEngine:
             # state is reset: only the positions move on.
             rows = map(_ROWS, slices) if columns is None else columns.rows
             last.next_positions = list(map(operator.add, positions, rows))
-            for conv, position in zip(last.conversations, last.next_positions, strict=True):
-                conv.next_position = position
+            last.pending = True
             return last.slots
+        self._flush_bind()
         slots: list[int] = []
         fresh: list[int] = []
         new_request: list[int] = []
@@ -894,6 +899,15 @@ class RuleEngine:
             request_ids,
         )
         return slots
+
+    def _flush_bind(self) -> None:
+        """Write the positions the steady decode path kept in ``_last_bind`` to their
+        conversations (some may have ended or been evicted since: no harm done)."""
+        last = self._last_bind
+        if last is not None and last.pending:
+            for conv, position in zip(last.conversations, last.next_positions, strict=True):
+                conv.next_position = position
+            last.pending = False
 
     def _reset_request_state(self, slots: np.ndarray) -> None:
         """A new request in a conversation: rules with ``scope: request`` start afresh."""
