@@ -30,6 +30,7 @@ from monitor.features.build.token_probes import (
     fit_token_probe,
     score_conversations,
     token_values,
+    window_reads_other_roles,
 )
 from monitor.features.errors import FeatureError
 from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder
@@ -542,3 +543,45 @@ def test_a_rule_that_pools_unlike_its_pack_is_named(tmp_path: Path) -> None:
         (line,) = pooling_notes(load_rules([other], pack_features([pack])), [pack])
         assert f"rolling_mean(., {window}) with for: {guard}" in line
         assert "max_rolling_mean:512,for:8" in line
+
+
+def _prompted(conversations: list[ConversationTokens], prompt: int) -> list[ConversationTokens]:
+    """Each conversation behind a system prompt of `prompt` tokens that states its label
+    outright (the shipped deception set's "Always lie to the user"): a shortcut no detector
+    of the labeled text should learn."""
+    result = []
+    for c in conversations:
+        x = c.activations["layers.0"]
+        shortcut = torch.zeros(prompt, x.shape[1])
+        shortcut[:, 0] = 3.0 * c.label
+        roles = ["system"] * prompt + c.roles
+        labeled = torch.cat([torch.zeros(prompt, dtype=torch.bool), c.labeled])
+        result.append(
+            ConversationTokens(
+                c.id, c.label, {"layers.0": torch.cat([shortcut, x])}, roles, labeled,
+                [prompt, *c.turn_rows],
+            )
+        )  # fmt: skip
+    return result
+
+
+def test_the_whole_turn_mean_is_not_offered_where_it_would_read_the_prompt() -> None:
+    fit_tokens, heldout = (_diffuse_tokens(120, s) for s in (6, 7))
+    assert not window_reads_other_roles(fit_tokens, 512)
+    prompted = _prompted(fit_tokens, 12)
+    assert window_reads_other_roles(prompted, 512)
+    assert window_reads_other_roles(prompted, 2)  # the first labeled token's window
+    # Labeled tokens first, other roles after: the means at labeled tokens read none of them.
+    answered = [
+        ConversationTokens(c.id, c.label, c.activations, c.roles[:-5] + ["assistant"] * 5,
+                           torch.cat([c.labeled[:-5], torch.zeros(5, dtype=torch.bool)]),
+                           [c.tokens - 5, 5])
+        for c in fit_tokens
+    ]  # fmt: skip
+    assert not window_reads_other_roles(answered, 512)
+    (result,) = fit_layers(
+        prompted, _prompted(heldout, 12), ["layers.0"], fpr=0.05, windows=(1, 8, 32)
+    )
+    assert "for:" not in result.aggregation
+    assert result.heldout["whole_turn_offered"] == 0.0
+    assert "auroc_whole_turn" not in result.heldout

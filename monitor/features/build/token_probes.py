@@ -334,6 +334,25 @@ def choose_guard(
     return f"max_rolling_mean:{window},for:{best[1]}", best[0]
 
 
+def window_reads_other_roles(conversations: Sequence[ConversationTokens], window: int) -> bool:
+    """True if, in some conversation, the rolling mean at a labeled token would take in a token
+    of a role that does not carry the label (a system prompt or user turn before the answer).
+
+    A pooling that reads those tokens can learn the *prompt* instead of the labeled text: on
+    the shipped deception set the whole-turn mean of the answer reads the system prompt's
+    instruction to lie (the instructed pairs' AUROC rose to 0.975 while the dialogues', where
+    only the answer differs, fell to chance). Such a candidate is not offered.
+    """
+    for c in conversations:
+        other = (~c.labeled).long()
+        before = torch.cat([other.new_zeros(1), torch.cumsum(other, 0)])  # others before i
+        ends = torch.arange(1, len(other) + 1)
+        starts = (ends - window).clamp(min=0)
+        if bool(((before[ends] - before[starts]) > 0)[c.labeled].any()):
+            return True
+    return False
+
+
 def fit_layers(
     fit_tokens: Sequence[ConversationTokens],
     heldout_tokens: Sequence[ConversationTokens],
@@ -351,10 +370,16 @@ def fit_layers(
     through that aggregation (`fit_through_aggregation`), early-stopped on ``heldout_tokens``.
     With ``guards`` (and training), a second candidate is trained through the whole-turn mean
     (``max_rolling_mean:WHOLE_TURN,for:K``, the guard K chosen by the per-token fit's
-    held-out AUROC) and whichever of the two serves the better held-out AUROC is kept.
+    held-out AUROC) and whichever of the two serves the better held-out AUROC is kept; only
+    where that mean reads the labeled roles alone (`window_reads_other_roles`).
     """
     results = []
     labels = [c.label for c in heldout_tokens]
+    # The whole-turn mean only where it reads nothing but the labeled roles (see
+    # window_reads_other_roles); the short windows take in a few prompt tokens at most.
+    whole_turn_eligible = bool(guards) and not window_reads_other_roles(fit_tokens, WHOLE_TURN)
+    if not whole_turn_eligible:
+        guards = ()
     negatives = labels.count(0)
     if negatives == 0 or labels.count(1) == 0:
         raise FeatureError("the held-out split needs both labels", field="label")
@@ -365,7 +390,7 @@ def fit_layers(
         fit = fit_token_probe(fit_tokens, hp, l2=l2)
         aggregation, by_window = choose_aggregation(heldout_tokens, hp, fit, fpr, windows)
         trained = None
-        extra: dict[str, float] = {}
+        extra: dict[str, float] = {"whole_turn_offered": float(whole_turn_eligible)}
         if train_aggregation:
             per_token = fit
             _, window = parse_aggregation(aggregation)
