@@ -42,6 +42,7 @@ rules:
     category: misuse
     severity: warning
     condition: rolling_mean(misuse, {misuse_window}) > misuse_alert
+    for: {misuse_for} tokens
     roles: [user]
     cooldown: 1024 tokens
     output: "misuse request (span mean {{value:.2f}}) at token {{position}} of {{conversation_id}}"
@@ -52,6 +53,7 @@ rules:
     category: deception
     severity: warning
     condition: rolling_mean(deception, {deception_window}) > deception_alert
+    for: {deception_for} tokens
     roles: [assistant]
     cooldown: 1024 tokens
     actions: [alert, audit]
@@ -61,6 +63,7 @@ rules:
     category: bias
     severity: info
     condition: rolling_mean(bias, {bias_window}) > bias_alert
+    for: {bias_for} tokens
     roles: [assistant]
     cooldown: 1024 tokens
     actions: [alert, audit]
@@ -77,13 +80,15 @@ def available() -> bool:
 
 
 def write_rules(path: Path, pack: Any) -> Path:
-    """The demo's rule file, each rule pooling with the window its probe was fitted with."""
-    from monitor.features.build.scoring import parse_aggregation
+    """The demo's rule file, each rule pooling with the window (and the minimum-token guard,
+    ``for:``) its probe was fitted with."""
+    from monitor.features.build.scoring import aggregation_guard, parse_aggregation
 
     windows = {}
     for info in pack.features():
         if info.name in ("misuse", "deception", "bias"):
             _, windows[f"{info.name}_window"] = parse_aggregation(info.aggregation)
+            windows[f"{info.name}_for"] = aggregation_guard(info.aggregation)
     path.write_text(RULES.format(**windows))
     return path
 

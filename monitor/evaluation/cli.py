@@ -125,6 +125,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     fprs = _fprs(args.fprs)
+    _note_pooling(args.packs, args.rules)
     conversations = _conversations(args, args.split)
     if not conversations:
         return _fail("no conversations")
@@ -156,6 +157,19 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _note_pooling(pack_paths: list[Path], rule_paths: list[Path]) -> None:
+    """Say when a rule pools a probe differently from its pack's recorded aggregation."""
+    from monitor.evaluation.engine_replay import pack_features, pooling_notes
+    from monitor.features.pack import load_pack
+    from monitor.rules import load_rules
+
+    if not rule_paths:
+        return
+    packs = [load_pack(path) for path in pack_paths]
+    for line in pooling_notes(load_rules(rule_paths, pack_features(packs)), packs):
+        _note(line)
+
+
 def _fprs(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(part) for part in text.split(",") if part.strip())
@@ -170,7 +184,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     import torch
 
     from monitor.evaluation.calibrate import calibrate, write_thresholds
-    from monitor.evaluation.engine_replay import EngineReplay, layers_of, pack_features
+    from monitor.evaluation.engine_replay import (
+        EngineReplay,
+        layers_of,
+        pack_features,
+        pooling_notes,
+    )
     from monitor.features.build.conversations import load_model, replay, text_digest
     from monitor.features.build.token_probes import fit_digests
     from monitor.features.pack import load_pack
@@ -181,6 +200,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     packs = [load_pack(path) for path in args.packs]
     known = pack_features(packs)
     ruleset = load_rules(args.rules, known)  # fail early, before the model runs
+    for line in pooling_notes(ruleset, packs):
+        _note(line)
     benign = [c for c in _conversations(args, "calibrate") if int(c.label) == 0]
     if not benign:
         return _fail("no benign (label 0) conversations to calibrate on")

@@ -105,6 +105,42 @@ def pack_features(packs: Sequence[FeaturePack]) -> dict[str, float | None]:
     return {f"{p.name}/{info.name}": info.alert_threshold for p in packs for info in p.features()}
 
 
+def pooling_notes(ruleset: RuleSet, packs: Sequence[FeaturePack]) -> list[str]:
+    """One line per rule that pools a probe differently from how the pack says it was fitted
+    and calibrated: ``rolling_mean(<feature>, W)`` with ``for: K`` against the pack's
+    ``max_rolling_mean:W',for:K'``. Such a rule still works, but it does not serve the score
+    the probe was trained through and `eval` measured per feature (after a `pack fit` that
+    chose another pooling, the shipped rules need the pack's window and guard)."""
+    from monitor.features.build.scoring import aggregation_guard, parse_aggregation
+
+    fitted: dict[str, str] = {}
+    for pack in packs:
+        for info in pack.features():
+            if info.aggregation and info.aggregation.startswith("max_rolling_mean"):
+                fitted[f"{pack.name}/{info.name}"] = info.aggregation
+    notes = []
+    for rule in ruleset.enabled_rules:
+        program = rule.condition.program
+        for ins in program:
+            if ins.kind != "rolling_mean" or program[ins.args[0]].kind != "feature":
+                continue
+            feature = program[ins.args[0]].param
+            aggregation = fitted.get(feature)
+            if aggregation is None:
+                continue
+            window = int(ins.param[0])
+            expected = (parse_aggregation(aggregation)[1], aggregation_guard(aggregation))
+            if (window, rule.for_tokens) != expected:
+                notes.append(
+                    f"rule {rule.name!r} pools {feature} as rolling_mean(., {window}) with "
+                    f"for: {rule.for_tokens}, but the pack fitted and calibrated it as "
+                    f"{aggregation} (rolling_mean(., {expected[0]}) with for: {expected[1]} "
+                    "tokens): it does not serve the score the probe was trained for (fine if "
+                    "it is meant to pool differently, e.g. on another role)"
+                )
+    return notes
+
+
 def layers_of(packs: Sequence[FeaturePack], features: set[str] | None = None) -> list[int]:
     """Layer indices of the hook points (``layers.<i>``) holding ``features`` (all if None)."""
     layers = set()

@@ -179,7 +179,9 @@ class _Wave:
             if columns is None:
                 columns = features.columns(names)
             if rows is None:
-                out[: len(names)] = np.take(features.block[:total], columns, axis=1).T
+                # The method, not np.take (a Python wrapper); along the block's rows, then
+                # transposed (taking along the first axis of the transpose is 5x slower).
+                out[: len(names)] = features.block[:total].take(columns, axis=1).T
             else:
                 # Pick rows and the rules' columns in one step: `block[rows]` first would copy
                 # every column of a wide pack (65,536 SAE features x 4,096 rows is 1 GiB).
@@ -316,6 +318,12 @@ _POSITION = operator.attrgetter("position")
 _SCOPE = operator.attrgetter("scope")
 _CONVERSATION_ID = operator.attrgetter("conversation_id")
 _REQUEST_ID = operator.attrgetter("request_id")
+_END = operator.attrgetter("end")
+# The reductions themselves: ``ndarray.any()`` and its kind go through a Python wrapper,
+# which costs as much as the reduction on a decode step's small arrays.
+_ANY = np.logical_or.reduce
+_ALL = np.logical_and.reduce
+_MIN = np.minimum.reduce
 _ROLE = operator.attrgetter("role")
 _ATTRIBUTES = operator.attrgetter("attributes")
 
@@ -565,6 +573,9 @@ class _Bind:
     conversations: list[Conversation]
     next_positions: list[int]
     request_ids: list[str]
+    # The steady path moved ``next_positions`` on without writing them to the conversations
+    # (a Python step per conversation); ``RuleEngine._flush_bind`` does, before they are read.
+    pending: bool = False
 
 
 class RuleEngine:
@@ -628,6 +639,8 @@ class RuleEngine:
             self._install(ruleset, previous=self._rules)
 
     def _install(self, ruleset: RuleSet, previous: list[Rule] | None) -> None:
+        if previous is not None:
+            self._flush_bind()  # the conversations outlive the rules
         rules = ruleset.enabled_rules
         self._set_max(rules)
         runs = _Table(len(rules), 0, np.int64, self._capacity)
@@ -668,6 +681,10 @@ class RuleEngine:
             [j for j, rule in enumerate(rules) if rule.scope == "request"], dtype=np.int64
         )
         self._masks = _MaskCache(rules)
+        # The last FeatureBlock index found to hold every required feature (by identity).
+        self._checked_index: Mapping[str, int] | None = None
+        # No rule holds ``for: N`` tokens: a decode step's run lengths are its conditions.
+        self._for_one = bool(rules) and all(rule.for_tokens == 1 for rule in rules)
         self._last_bind: _Bind | None = None
         # What the last wave's slots and the last feature block's columns were.
         self._slot_cache: tuple[list[int], tuple[np.ndarray, np.ndarray | slice]] | None = None
@@ -748,12 +765,49 @@ class RuleEngine:
         rows = list(map(_ROWS, sequences))
         positions = list(map(_POSITION, sequences))
         columns = _Columns(starts, rows, positions)
+        count = len(starts)
+        if count and rows.count(1) == count and starts == _range_list(count):
+            # A decode step (one row per slice, in batch order): nothing negative but maybe
+            # a position, nothing overlaps, and the rows are the slices'.
+            if min(positions) < 0:
+                self._check_slices(sequences)
+            batch_rows = count
+        else:
+            batch_rows = self._check_layout(sequences, starts, rows, positions)
+        if isinstance(features, FeatureBlock) and len(features.block) >= batch_rows:
+            if features.index is self._checked_index:
+                return batch_rows, columns
+            if all(map(features.index.__contains__, self._required)):
+                # Blocks of successive batches share their index (see FeatureBlock).
+                self._checked_index = features.index
+                return batch_rows, columns  # every column of a block is a vector of its rows
+        for name in self._required:
+            tensor = features.get(name)
+            if tensor is None:
+                raise ValueError(f"missing feature {name!r}")
+            if tensor.ndim != 1 or tensor.shape[0] < batch_rows:
+                raise ValueError(f"feature {name!r} must be a vector of at least {batch_rows} rows")
+        return batch_rows, columns
+
+    @staticmethod
+    def _check_slices(sequences: Sequence[SequenceSlice]) -> None:
+        for s in sequences:
+            if s.rows < 0 or s.start_row < 0 or s.position < 0:
+                raise ValueError(
+                    f"slice {s.conversation_id!r}: negative start_row, rows or position"
+                )
+
+    @staticmethod
+    def _check_layout(
+        sequences: Sequence[SequenceSlice],
+        starts: list[int],
+        rows: list[int],
+        positions: list[int],
+    ) -> int:
+        """The batch's rows the slices cover; raises ValueError for negative or overlapping
+        slices."""
         if sequences and min(min(starts), min(rows), min(positions)) < 0:
-            for s in sequences:
-                if s.rows < 0 or s.start_row < 0 or s.position < 0:
-                    raise ValueError(
-                        f"slice {s.conversation_id!r}: negative start_row, rows or position"
-                    )
+            RuleEngine._check_slices(sequences)
         ends = list(map(operator.add, starts, rows))
         if all(map(operator.le, ends[:-1], starts[1:])):  # in row order, none overlapping
             batch_rows = ends[-1] if ends else 0
@@ -763,19 +817,7 @@ class RuleEngine:
                 if spans[i][0] < spans[i - 1][1]:
                     raise ValueError("sequence slices overlap")
             batch_rows = spans[-1][1]
-        if (
-            isinstance(features, FeatureBlock)
-            and len(features.block) >= batch_rows
-            and all(map(features.index.__contains__, self._required))
-        ):
-            return batch_rows, columns  # every column of a block is a vector of its rows
-        for name in self._required:
-            tensor = features.get(name)
-            if tensor is None:
-                raise ValueError(f"missing feature {name!r}")
-            if tensor.ndim != 1 or tensor.shape[0] < batch_rows:
-                raise ValueError(f"feature {name!r} must be a vector of at least {batch_rows} rows")
-        return batch_rows, columns
+        return batch_rows
 
     # ----------------------------------------------------------------- conversations
 
@@ -810,9 +852,9 @@ class RuleEngine:
             # state is reset: only the positions move on.
             rows = map(_ROWS, slices) if columns is None else columns.rows
             last.next_positions = list(map(operator.add, positions, rows))
-            for conv, position in zip(last.conversations, last.next_positions, strict=True):
-                conv.next_position = position
+            last.pending = True
             return last.slots
+        self._flush_bind()
         slots: list[int] = []
         fresh: list[int] = []
         new_request: list[int] = []
@@ -857,6 +899,15 @@ class RuleEngine:
             request_ids,
         )
         return slots
+
+    def _flush_bind(self) -> None:
+        """Write the positions the steady decode path kept in ``_last_bind`` to their
+        conversations (some may have ended or been evicted since: no harm done)."""
+        last = self._last_bind
+        if last is not None and last.pending:
+            for conv, position in zip(last.conversations, last.next_positions, strict=True):
+                conv.next_position = position
+            last.pending = False
 
     def _reset_request_state(self, slots: np.ndarray) -> None:
         """A new request in a conversation: rules with ``scope: request`` start afresh."""
@@ -940,11 +991,12 @@ class RuleEngine:
             active = self._masks.active(wave.slices, model)
             fires = self._advance_runs(wave, conditions, active)
             self._collect(wave, fires, values, result)
-        for s in slices:
-            if s.end:
-                ended = self._conversations.pop(state_key(s))
-                if ended is not None:
-                    self._free.append(ended.slot)
+        if any(map(_END, slices)):  # in C: most steps end no conversation
+            for s in slices:
+                if s.end:
+                    ended = self._conversations.pop(state_key(s))
+                    if ended is not None:
+                        self._free.append(ended.slot)
 
     def _advance_runs(
         self, wave: _Wave, conditions: np.ndarray, active: np.ndarray | None
@@ -962,6 +1014,13 @@ class RuleEngine:
         need = self._for[:, None]  # [K, 1]
         if wave.uniform and wave.width == 1:
             # One token per slice (a decode step): the general formula below reduces to this.
+            if self._for_one:
+                # Runs clamped at 1 are the condition itself, and a run fires where it
+                # starts (``carry`` is a view of the state: read before it is written).
+                now = held[:, :, 0]
+                fires = now & (carry == 0)
+                self._runs.data[wave.at] = now.T
+                return fires[:, :, None]
             runs = np.where(held[:, :, 0], carry + 1, 0)
             self._runs.data[wave.at] = np.minimum(runs, need).T
             return (runs == need)[:, :, None]
@@ -981,7 +1040,7 @@ class RuleEngine:
     def _collect(
         self, wave: _Wave, fires: np.ndarray, values: np.ndarray, result: EvaluationResult
     ) -> None:
-        if not fires.any():
+        if not _ANY(fires, axis=None):
             return
         # Flat indices, then unravelled: ``np.argwhere`` of a [rules, 1, 4096] prefill is
         # ~15x slower. Both give C order, i.e. sorted by (rule, slice, token), so a cooldown
@@ -1069,7 +1128,10 @@ class _WaveTemporal:
         engine, at = self.engine, self.wave.at
         engine._history.data[at] = self.updated
         if self.seen.shape[1]:
-            engine._seen.data[at] = self.seen + self.wave.lengths[:, None]
+            if isinstance(at, slice):  # ``seen`` is a view of the state: counted in place
+                self.seen += 1 if self.step else self.wave.lengths[:, None]
+            else:
+                engine._seen.data[at] = self.seen + self.wave.lengths[:, None]
 
 
 class _StepKernel:
@@ -1141,8 +1203,9 @@ class _StepKernel:
         self.full_after = int(self.windows.max()) - 1 if len(sums) else 0
         self.full_divisors = self.divisors[self.bases + self.windows] if len(sums) else None
         self.sum_rows = _index(sums)
-        self.newest_to = np.array(newest_to, dtype=np.int64)
-        self.newest_from = np.array(newest_from, dtype=np.int64)
+        self.newest_to = _index(newest_to, strided=True)
+        self.newest_from = _index(newest_from, strided=True)
+        self.has_newest = bool(newest_to)
         self.cummax_to = np.array(cummax_to, dtype=np.int64)
         self.cummax_from = np.array(cummax_from, dtype=np.int64)
 
@@ -1168,10 +1231,10 @@ class _StepKernel:
             # made, so a non-finite input makes its row's sums non-finite (NaN where its
             # weight is 0), and float64 sums of float32 values cannot overflow: the sums are
             # finite exactly when the inputs are, and checking them is the cheaper check.
-            if not np.isfinite(sums).all():
+            if not _ALL(np.isfinite(sums), axis=None):
                 return None
             if self.divided:
-                if seen.shape[1] and int(seen.min()) >= self.full_after:
+                if seen.shape[1] and _MIN(seen, axis=None) >= self.full_after:
                     # Every conversation has filled every window (the steady decode state):
                     # the divisors are those of full windows, one vector for all rows.
                     sums /= self.full_divisors
@@ -1190,7 +1253,7 @@ class _StepKernel:
             out[t] = np.where(seen[:, counted] >= n, change, np.float32(0.0))
         # ``updated`` holds the history shifted by one column (``_WaveTemporal``): put each
         # function's newest value last (cummax keeps its running maximum instead).
-        if len(self.newest_to):
+        if self.has_newest:
             updated[:, self.newest_to] = x[self.newest_from].T
         if len(self.cummax_to):
             updated[:, self.cummax_to] = out[self.cummax_from].T
@@ -1203,11 +1266,16 @@ class _StepKernel:
         return np.minimum(seen[:, self.counted] + 1, self.windows)
 
 
-def _index(positions: list[int]) -> slice | np.ndarray:
-    """Rows to pick: a slice (a view) when they are consecutive, else an index array."""
+def _index(positions: list[int], strided: bool = False) -> slice | np.ndarray:
+    """Rows to pick: a slice (a view) when they are consecutive (or, with ``strided``,
+    evenly spaced, such as the last column of each of several windows of one length), else
+    an index array."""
     first = positions[0] if positions else 0
     if positions == list(range(first, first + len(positions))):
         return slice(first, first + len(positions))
+    step = positions[1] - first if len(positions) > 1 else 0
+    if strided and step > 0 and positions == list(range(first, positions[-1] + 1, step)):
+        return slice(first, positions[-1] + 1, step)
     return np.array(positions, dtype=np.int64)
 
 

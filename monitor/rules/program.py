@@ -109,14 +109,25 @@ Rows = slice | np.ndarray  # which rows of the register file an operand is
 
 
 def _rows(registers: Sequence[int]) -> Rows:
-    """A slice (a view, no copy) when the registers are consecutive or all the same one
-    (a broadcast row, e.g. one constant compared with many values); else an index array."""
+    """A slice (a view, no copy) when the registers are consecutive, evenly spaced (every
+    other feature of a rule set that alternates plain and temporal conditions) or all the
+    same one (a broadcast row, e.g. one constant compared with many values); else an index
+    array (read with ``_read``)."""
     first = registers[0]
     if list(registers) == list(range(first, first + len(registers))):
         return slice(first, first + len(registers))
     if registers.count(first) == len(registers):
         return slice(first, first + 1)
+    step = registers[1] - first
+    if step > 0 and list(registers) == list(range(first, registers[-1] + 1, step)):
+        return slice(first, registers[-1] + 1, step)
     return np.array(registers, dtype=np.intp)
+
+
+def _read(r: np.ndarray, rows: Rows) -> np.ndarray:
+    """Rows of the register file: a view for a slice; for an index array ``take``, which
+    costs about half of the equivalent fancy index on a decode step's small arrays."""
+    return r[rows] if rows.__class__ is slice else r.take(rows, axis=0)
 
 
 @dataclass(frozen=True)
@@ -262,7 +273,7 @@ class Program:
                     next_register += 1
                 reads = [register[nodes[n].args[0]] for n in members]
                 inputs = _rows(reads)
-                if isinstance(inputs, slice) and inputs.stop - inputs.start < len(reads):
+                if isinstance(inputs, slice) and len(range(inputs.stop)[inputs]) < len(reads):
                     # Functions of the same value: one input row each, not a broadcast.
                     inputs = np.array(reads, dtype=np.intp)
                 stateful = (out, inputs, [self.temporal[nodes[n].slot] for n in members])
@@ -311,10 +322,10 @@ class Program:
                     _run_group(r, group)
                 if stateful is not None:
                     out, inputs, slots = stateful
-                    r[out] = temporal(slots, r[inputs])
+                    r[out] = temporal(slots, _read(r, inputs))
         rules = len(self.conditions)
-        conditions = r[self._conditions] != 0
-        values = r[self._values]
+        conditions = _read(r, self._conditions) != 0
+        values = _read(r, self._values)
         # One register shared by every rule is a one-row slice: broadcast it to each rule.
         if conditions.shape[0] != rules:
             conditions = np.broadcast_to(conditions, (rules, r.shape[1])).copy()
@@ -327,13 +338,13 @@ def _run_group(r: np.ndarray, group: _Group) -> None:
     kind, out, args = group.kind, r[group.out], group.args
     fn = _BINARY.get(kind)
     if fn is not None:
-        fn(r[args[0]], r[args[1]], out=out)
+        fn(_read(r, args[0]), _read(r, args[1]), out=out)
     elif kind == "sigmoid":
-        out[...] = _sigmoid(r[args[0]])
+        out[...] = _sigmoid(_read(r, args[0]))
     elif kind == "clip":
-        np.minimum(np.maximum(r[args[0]], r[args[1]]), r[args[2]], out=out)
+        np.minimum(np.maximum(_read(r, args[0]), _read(r, args[1])), _read(r, args[2]), out=out)
     elif kind in _UNARY:
-        _UNARY[kind](r[args[0]], out=out)
+        _UNARY[kind](_read(r, args[0]), out=out)
     else:  # pragma: no cover - the resolver only produces the kinds above
         raise ValueError(f"no kernel for {kind!r}")
 

@@ -164,6 +164,9 @@ class Pipeline:
         messages are accepted."""
         outcomes: list[BatchOutcome | None] = [None] * len(batches)
         group: list[tuple[int, ValidatedBatch]] = []
+        # Built when a second step asks to join the group: a step alone (the light-load
+        # case, one decode step after another) never needs it, and building it reads every
+        # one of the step's slices.
         state: GroupState | None = None
         for index, batch in enumerate(batches):
             try:
@@ -171,15 +174,17 @@ class Pipeline:
             except BatchRejected as rejected:  # touches no rule state: the group goes on
                 outcomes[index] = self._reject(batch.seq_no, rejected)
                 continue
-            # Conversations already tracked may be counted twice: the room is a lower bound.
-            room = self.limits.max_conversations - self.engine.tracked_conversations
-            if state is None:
-                state = GroupState(validated)
-            elif state.fits(validated, self.limits.max_rows_per_batch, room):
-                state.add(validated)
-            else:
-                self._process_group(group, outcomes, client)
-                group, state = [], GroupState(validated)
+            if group:
+                if state is None:
+                    state = GroupState(group[0][1])
+                # Conversations already tracked may be counted twice: the room is a lower
+                # bound.
+                room = self.limits.max_conversations - self.engine.tracked_conversations
+                if state.fits(validated, self.limits.max_rows_per_batch, room):
+                    state.add(validated)
+                else:
+                    self._process_group(group, outcomes, client)
+                    group, state = [], None
             group.append((index, validated))
         if group:
             self._process_group(group, outcomes, client)

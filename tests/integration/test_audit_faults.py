@@ -211,7 +211,7 @@ def test_shutdown_with_postgres_down_spools_and_the_next_start_writes_once(
 ) -> None:
     spool = tmp_path / "audit.spool.jsonl"
     config = RecorderConfig(
-        spool_path=str(spool), write_timeout=0.5, retry_initial=0.05, retry_max=0.2
+        spool_path=str(spool), write_timeout=2.0, retry_initial=0.05, retry_max=0.2
     )
     rec = AuditRecorder(pg.url, config)
     wait_for(lambda: rec.healthy, what="healthy at start")

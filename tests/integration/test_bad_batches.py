@@ -299,3 +299,20 @@ def test_the_fast_finite_check_agrees_with_isfinite(dtype, rows, width, bad, whe
         tensor.view(-1)[int(where * tensor.numel())] = bad
     assert _all_finite(tensor) == bool(torch.isfinite(tensor).all())
     assert _all_finite(tensor[:0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_finite_check_agrees_with_isfinite_on_every_16_bit_value(dtype):
+    """The finite check of 16-bit floats, on each of the 65,536 bit patterns (as the one
+    value that may be bad among finite ones) and on all the finite ones together."""
+    from monitor.sidecar.validate import _all_finite
+
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    every = bits.view(dtype)
+    finite = torch.isfinite(every.float())
+    assert _all_finite(every[finite].reshape(1, -1))
+    assert not _all_finite(every)
+    base = every[finite][:7].view(torch.int16)
+    for i, expected in enumerate(finite.tolist()):
+        row = torch.cat([base, bits[i : i + 1]]).view(dtype).reshape(2, 4)
+        assert _all_finite(row) == expected, hex(int(bits[i]) & 0xFFFF)

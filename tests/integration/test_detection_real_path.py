@@ -142,11 +142,15 @@ def test_pack_calibrate_warns_when_calibration_data_overlaps_the_fit(workdir, ca
     assert info.threshold_pooling == info.aggregation and info.target_fpr == 0.05
 
 
-def test_the_served_rule_reproduces_the_offline_score(workdir, capsys, tmp_path) -> None:
+@pytest.mark.parametrize("whole_turn", [False, True])
+def test_the_served_rule_reproduces_the_offline_score(
+    workdir, capsys, tmp_path, whole_turn
+) -> None:
     """Per-token probe values, streamed by the capture client to a real sidecar and pooled by
     `rolling_mean(f, W) > t` on the labeled role, fire in exactly the conversations whose
     offline score (the pack's aggregation) is above t; the sidecar's per-token values are the
-    offline ones."""
+    offline ones. The same for the guarded whole-turn mean (`rolling_mean(f, 512) > t` with
+    `for: 4 tokens`, aggregation ``max_rolling_mean:512,for:4``)."""
     pack_path = fit_pack(workdir, capsys)
     pack = load_pack(pack_path)
     info = next(f for f in pack.features() if f.name == "secrecy")
@@ -159,17 +163,22 @@ def test_the_served_rule_reproduces_the_offline_score(workdir, capsys, tmp_path)
     values = [
         pack.encode(info.hook_point, t.activations[info.hook_point])[:, column] for t in tokens
     ]
+    aggregation = "max_rolling_mean:512,for:4" if whole_turn else info.aggregation
     scores = [
-        conversation_score(v, t.labeled, info.aggregation)
-        for v, t in zip(values, tokens, strict=True)
+        conversation_score(v, t.labeled, aggregation) for v, t in zip(values, tokens, strict=True)
     ]
     threshold = sorted(scores)[len(scores) // 2]
     rules = tmp_path / "rules.yaml"
+    pooling = (
+        "rolling_mean(secrecy, 512) > t\n    for: 4 tokens"
+        if whole_turn
+        else ("rolling_mean(secrecy, 3) > t")
+    )
     rules.write_text(
         "features:\n  secrecy: probes/secrecy\nthresholds:\n"
         f"  t: {threshold!r}\n"
         "rules:\n  - rule: secret-answer\n    desc: d\n    severity: warning\n"
-        "    condition: rolling_mean(secrecy, 3) > t\n    roles: [assistant]\n"
+        f"    condition: {pooling}\n    roles: [assistant]\n"
     )
     report = evaluate(model, tokenizer, [pack_path], [rules], conversations)
     labels = [c.label for c in conversations]
@@ -179,8 +188,9 @@ def test_the_served_rule_reproduces_the_offline_score(workdir, capsys, tmp_path)
     assert rule.false_positives == sum(a and y == 0 for a, y in zip(above, labels, strict=True))
     assert 0 < rule.true_positives + rule.false_positives < len(conversations)
     assert report.capture["rows"] == sum(t.tokens for t in tokens)
-    served = next(f for f in report.features if f.feature == "probes/secrecy")
-    assert served.auroc == pytest.approx(auroc(scores, labels), abs=1e-9)
+    if not whole_turn:  # the feature's own score is its pack aggregation's
+        served = next(f for f in report.features if f.feature == "probes/secrecy")
+        assert served.auroc == pytest.approx(auroc(scores, labels), abs=1e-9)
 
 
 def test_rules_calibrate_writes_the_threshold_the_real_path_confirms(

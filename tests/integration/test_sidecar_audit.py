@@ -261,7 +261,9 @@ def test_store_down_at_start_withholds_alerts_then_recovers(tmp_path, sidecar_fa
     sidecar = sidecar_factory(
         _config(
             tmp_path,
-            audit={"url": url, "write_timeout_seconds": 0.5, "on_backpressure": "drop"},
+            # A generous write timeout: once the store is back, a commit on a loaded CI
+            # machine may take a while; while it is known down, nothing waits for it.
+            audit={"url": url, "write_timeout_seconds": 5.0, "on_backpressure": "drop"},
         )
     )
     deadline = time.monotonic() + 20

@@ -15,6 +15,7 @@ from monitor.features import load_pack, save_pack
 from monitor.features.build.conversations import ConversationTokens
 from monitor.features.build.probes import ProbeFit, probe_encoder
 from monitor.features.build.scoring import (
+    aggregation_guard,
     auroc,
     conversation_score,
     parse_aggregation,
@@ -23,11 +24,13 @@ from monitor.features.build.scoring import (
     threshold_at_fpr,
 )
 from monitor.features.build.token_probes import (
+    _Padded,
     fit_layers,
     fit_through_aggregation,
     fit_token_probe,
     score_conversations,
     token_values,
+    window_reads_other_roles,
 )
 from monitor.features.errors import FeatureError
 from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder
@@ -44,6 +47,7 @@ rules:
     severity: info
     condition: rolling_mean(f, {window}) > t
     roles: [assistant]
+    for: {guard} tokens
 """
 
 
@@ -87,7 +91,7 @@ def test_rule_fires_exactly_when_the_offline_score_is_above_its_threshold(tmp_pa
         scores.append(conversation_score(values, labeled, f"max_rolling_mean:{window}"))
     threshold = sorted(scores)[len(scores) // 2]
     path = tmp_path / "r.yaml"
-    path.write_text(RULE.format(threshold=repr(threshold), window=window))
+    path.write_text(RULE.format(threshold=repr(threshold), window=window, guard=1))
     fired = _engine_fires(path, conversations)
     expected = {f"c{i}" for i, s in enumerate(scores) if s > threshold}
     assert set(fired) == expected and 20 < len(expected) < 40
@@ -96,6 +100,62 @@ def test_rule_fires_exactly_when_the_offline_score_is_above_its_threshold(tmp_pa
         reference = rolling_mean(values, window)
         for position, value in fired.get(f"c{index}", []):
             assert value == pytest.approx(float(reference[position]), rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize(("window", "guard"), [(512, 4), (512, 8), (4, 3)])
+def test_a_guarded_whole_turn_mean_rule_reproduces_its_score(tmp_path, window, guard):
+    """`rolling_mean(f, 512) > t` with `for: K tokens` on the labeled role: the whole-turn mean
+    (everything seen so far), which the first K - 1 tokens of a turn cannot fire on alone.
+    It fires in a conversation iff max_rolling_mean:512,for:K is above t, also when the
+    labeled role comes in several turns (another role breaks a `for` run) or is shorter
+    than K (never fires: the score is -inf)."""
+    g = torch.Generator().manual_seed(guard)
+    conversations = []
+    for n in torch.randint(1, 24, (80,), generator=g).tolist():
+        turns = [("system", 5), ("assistant", n)]
+        if n % 3 == 0:  # a second labeled turn after a user turn
+            turns += [("user", 4), ("assistant", n // 3 + 1)]
+        values = torch.randn(sum(k for _, k in turns), generator=g) + 0.3 * torch.randn(
+            (), generator=g
+        )  # a per-conversation offset, so whole-turn means differ between conversations
+        conversations.append((values, turns))
+    aggregation = f"max_rolling_mean:{window},for:{guard}"
+    scores = []
+    for values, turns in conversations:
+        labeled = torch.tensor([r == "assistant" for r, n in turns for _ in range(n)])
+        scores.append(conversation_score(values, labeled, aggregation))
+    finite = sorted(s for s in scores if s > -math.inf)
+    assert len(finite) < len(scores)  # some conversations have no run of K labeled tokens
+    threshold = finite[len(finite) // 2]
+    path = tmp_path / "r.yaml"
+    path.write_text(RULE.format(threshold=repr(threshold), window=window, guard=guard))
+    fired = _engine_fires(path, conversations)
+    expected = {f"c{i}" for i, s in enumerate(scores) if s > threshold}
+    assert set(fired) == expected and 10 < len(expected) < 60
+    # Served training score (hard max of the padded grid) is the same score.
+    tokens = [
+        ConversationTokens(
+            f"c{i}", i % 2, {"layers.0": values[:, None]}, [r for r, n in turns for _ in range(n)],
+            torch.tensor([r == "assistant" for r, n in turns for _ in range(n)]),
+            [n for _, n in turns],
+        )
+        for i, (values, turns) in enumerate(conversations)
+    ]  # fmt: skip
+    grid = _Padded(tokens, "layers.0")
+    served = grid.pooled(grid.x[:, 0], window, None, guard)
+    torch.testing.assert_close(
+        served, torch.tensor(scores, dtype=torch.float64), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_a_guard_scores_the_smallest_mean_of_each_run() -> None:
+    values = torch.tensor([5.0, -1.0, 1.0, 1.0, 0.0, 9.0])
+    labeled = torch.tensor([True, True, True, True, False, True])
+    # cumulative means 5, 2, 5/3, 1.5, 1.2, 2.5; runs of 2 labeled tokens end at 1, 2, 3.
+    assert conversation_score(values, labeled, "max_rolling_mean:512,for:2") == pytest.approx(2.0)
+    assert conversation_score(values, labeled, "max_rolling_mean:512,for:4") == pytest.approx(1.5)
+    assert conversation_score(values, labeled, "max_rolling_mean:512,for:5") == -math.inf
+    assert conversation_score(values, labeled, "max_rolling_mean:512") == pytest.approx(5.0)
 
 
 def test_rolling_mean_counts_only_the_tokens_seen() -> None:
@@ -108,7 +168,13 @@ def test_aggregations_parse_and_reject() -> None:
     assert parse_aggregation("max_rolling_mean:8") == ("max_rolling_mean", 8)
     assert parse_aggregation("max") == ("max_rolling_mean", 1)
     assert parse_aggregation("mean") == ("mean", 0)
-    for bad in ("max_rolling_mean", "max_rolling_mean:0", "median", "mean:3"):
+    assert parse_aggregation("max_rolling_mean:512,for:8") == ("max_rolling_mean", 512)
+    assert aggregation_guard("max_rolling_mean:512,for:8") == 8
+    assert aggregation_guard("max_rolling_mean:8") == 1
+    for bad in (
+        "max_rolling_mean", "max_rolling_mean:0", "median", "mean:3", "mean,for:2",
+        "max_rolling_mean:8,for:0", "max_rolling_mean:8,for:65", "max_rolling_mean:8,after:2",
+    ):  # fmt: skip
         with pytest.raises(FeatureError):
             parse_aggregation(bad)
     assert conversation_score(torch.ones(3), torch.zeros(3, dtype=torch.bool), "max") == -math.inf
@@ -399,7 +465,7 @@ def test_training_through_the_aggregation_improves_the_served_score() -> None:
 
 def test_fit_layers_trains_through_the_aggregation_unless_told_not_to() -> None:
     fit_tokens, heldout = _span_tokens(200, 4), _span_tokens(120, 5)
-    (trained,) = fit_layers(fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 4))
+    (trained,) = fit_layers(fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 4), guards=())
     (plain,) = fit_layers(
         fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 4), train_aggregation=False
     )
@@ -409,3 +475,113 @@ def test_fit_layers_trains_through_the_aggregation_unless_told_not_to() -> None:
     assert "auroc_per_token_fit" not in plain.heldout
     assert trained.heldout["auroc_per_token_fit"] == pytest.approx(plain.heldout["auroc"])
     assert trained.heldout["auroc"] > plain.heldout["auroc"] + 0.05
+
+
+def _diffuse_tokens(count: int, seed: int) -> list[ConversationTokens]:
+    """Where mean pooling works: every token of a long user turn carries a weak signal
+    (a small shift along one direction for label 1) under strong noise, so only the mean
+    over the whole turn separates the classes; a short window's max does not."""
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.nn.functional.normalize(torch.ones(8), dim=0)
+    result = []
+    for i in range(count):
+        label = i % 2
+        n = int(torch.randint(80, 140, (1,), generator=g))
+        x = torch.randn(n, 8, generator=g) + 0.35 * label * direction
+        result.append(
+            ConversationTokens(
+                f"c{i}", label, {"layers.0": x}, ["user"] * n, torch.ones(n, dtype=torch.bool), [n]
+            )
+        )
+    return result
+
+
+def test_fit_layers_chooses_the_whole_turn_mean_where_mean_pooling_works() -> None:
+    """The windowed candidates' best (32 tokens) sees part of the turn; the whole-turn mean
+    (512 tokens, guarded), trained through, sees all of it and is chosen held out. It is
+    still not mean pooling: a causal rule cannot know where the turn ends, so it fires on
+    the best prefix of at least K tokens, and short noisy prefixes cost some AUROC against
+    the same probe's mean over the finished turn (which no rule serves)."""
+    fit_tokens, heldout, test = (_diffuse_tokens(240, s) for s in (6, 7, 8))
+    (result,) = fit_layers(fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 8, 32))
+    assert result.aggregation.startswith("max_rolling_mean:512,for:")
+    assert result.heldout["auroc_whole_turn"] > result.heldout["auroc_windowed"] + 0.02
+    labels = [t.label for t in test]
+    served = auroc(score_conversations(test, "layers.0", result.fit, result.aggregation), labels)
+    pooled = auroc(score_conversations(test, "layers.0", result.fit, "mean"), labels)
+    windowed = auroc(
+        score_conversations(test, "layers.0", result.fit, "max_rolling_mean:32"), labels
+    )
+    assert served > 0.9 and served > windowed + 0.1 and pooled >= served
+    (fixed,) = fit_layers(
+        fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 8, 32), guards=()
+    )
+    assert fixed.aggregation.startswith("max_rolling_mean:") and "for" not in fixed.aggregation
+    assert "auroc_whole_turn" not in fixed.heldout
+
+
+def test_a_rule_that_pools_unlike_its_pack_is_named(tmp_path: Path) -> None:
+    """`eval` and `rules calibrate` say when a rule's `rolling_mean(f, W)` and `for:` differ
+    from the aggregation the pack fitted and calibrated the probe with."""
+    from monitor.evaluation.engine_replay import pack_features, pooling_notes
+
+    fit = ProbeFit("layers.1", torch.randn(8), 0.5, "logistic-token", 1.0)
+    info = FeatureInfo(
+        name="f", hook_point="layers.1", activation="identity", sae_index=None,
+        alert_threshold=1.0, aggregation="max_rolling_mean:512,for:8",
+        threshold_pooling="max_rolling_mean:512,for:8",
+    )  # fmt: skip
+    pack = FeaturePack(
+        "probes", {"layers.1": HookPointEncoder("layers.1", probe_encoder(fit), [info])}
+    )
+    matching = tmp_path / "matching.yaml"
+    matching.write_text(RULE.format(threshold=1.0, window=512, guard=8))
+    assert pooling_notes(load_rules([matching], pack_features([pack])), [pack]) == []
+    for window, guard in ((8, 8), (512, 1)):
+        other = tmp_path / f"other-{window}-{guard}.yaml"
+        other.write_text(RULE.format(threshold=1.0, window=window, guard=guard))
+        (line,) = pooling_notes(load_rules([other], pack_features([pack])), [pack])
+        assert f"rolling_mean(., {window}) with for: {guard}" in line
+        assert "max_rolling_mean:512,for:8" in line
+
+
+def _prompted(conversations: list[ConversationTokens], prompt: int) -> list[ConversationTokens]:
+    """Each conversation behind a system prompt of `prompt` tokens that states its label
+    outright (the shipped deception set's "Always lie to the user"): a shortcut no detector
+    of the labeled text should learn."""
+    result = []
+    for c in conversations:
+        x = c.activations["layers.0"]
+        shortcut = torch.zeros(prompt, x.shape[1])
+        shortcut[:, 0] = 3.0 * c.label
+        roles = ["system"] * prompt + c.roles
+        labeled = torch.cat([torch.zeros(prompt, dtype=torch.bool), c.labeled])
+        result.append(
+            ConversationTokens(
+                c.id, c.label, {"layers.0": torch.cat([shortcut, x])}, roles, labeled,
+                [prompt, *c.turn_rows],
+            )
+        )  # fmt: skip
+    return result
+
+
+def test_the_whole_turn_mean_is_not_offered_where_it_would_read_the_prompt() -> None:
+    fit_tokens, heldout = (_diffuse_tokens(120, s) for s in (6, 7))
+    assert not window_reads_other_roles(fit_tokens, 512)
+    prompted = _prompted(fit_tokens, 12)
+    assert window_reads_other_roles(prompted, 512)
+    assert window_reads_other_roles(prompted, 2)  # the first labeled token's window
+    # Labeled tokens first, other roles after: the means at labeled tokens read none of them.
+    answered = [
+        ConversationTokens(c.id, c.label, c.activations, c.roles[:-5] + ["assistant"] * 5,
+                           torch.cat([c.labeled[:-5], torch.zeros(5, dtype=torch.bool)]),
+                           [c.tokens - 5, 5])
+        for c in fit_tokens
+    ]  # fmt: skip
+    assert not window_reads_other_roles(answered, 512)
+    (result,) = fit_layers(
+        prompted, _prompted(heldout, 12), ["layers.0"], fpr=0.05, windows=(1, 8, 32)
+    )
+    assert "for:" not in result.aggregation
+    assert result.heldout["whole_turn_offered"] == 0.0
+    assert "auroc_whole_turn" not in result.heldout

@@ -36,9 +36,20 @@ def _stream(seed: int, conversations: int, tokens: int) -> dict[str, list[tuple[
     return {f"c{i}": [(float(a), float(b)) for a, b in values[i]] for i in range(conversations)}
 
 
-def _decode(conversations: dict[str, list], rotate: bool = False) -> list:
+# No rule holds ``for: N`` tokens: decode steps take the engine's shortcut for run lengths.
+FOR_ONE_RULES = ruleset(
+    rule_file(
+        "rule: mean16, severity: info, condition: 'rolling_mean(a, 16) > 0.1'",
+        "rule: plain, severity: info, condition: 'a > 0.3'",
+        "rule: cool, severity: info, condition: 'b > -0.5', cooldown: 3",
+        "rule: min9, severity: info, condition: 'rolling_min(b, 9) > -1.2'",
+    )
+)
+
+
+def _decode(conversations: dict[str, list], rotate: bool = False, rules=None) -> list:
     """Every step carries one token of every conversation (a decode step)."""
-    engine = RuleEngine(WIDE_RULES)
+    engine = RuleEngine(rules or WIDE_RULES)
     names = list(conversations)
     fired = []
     for t in range(max(len(v) for v in conversations.values())):
@@ -49,8 +60,8 @@ def _decode(conversations: dict[str, list], rotate: bool = False) -> list:
     return sorted(fired)
 
 
-def _prefill(conversations: dict[str, list], chunk: int) -> list:
-    engine = RuleEngine(WIDE_RULES)
+def _prefill(conversations: dict[str, list], chunk: int, rules=None) -> list:
+    engine = RuleEngine(rules or WIDE_RULES)
     fired = []
     length = max(len(v) for v in conversations.values())
     for start in range(0, length, chunk):
@@ -67,6 +78,19 @@ def test_decode_steps_match_prefills_bit_for_bit(seed):
     assert _decode(conversations) == expected  # values compared exactly, not approximately
     assert _prefill(conversations, chunk=7) == expected
     assert _decode(conversations, rotate=True) == expected
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_decode_steps_of_rules_without_for_match_prefills(seed):
+    # Runs of true tokens fire where they start (and, with a cooldown, not again within it),
+    # whether the run lengths come from the decode shortcut or the general formula.
+    assert RuleEngine(FOR_ONE_RULES)._for_one
+    conversations = _stream(seed, conversations=4, tokens=80)
+    expected = _prefill(conversations, chunk=80, rules=FOR_ONE_RULES)
+    assert {"mean16", "plain", "cool", "min9"} <= {rule for rule, *_ in expected}
+    assert _decode(conversations, rules=FOR_ONE_RULES) == expected
+    assert _decode(conversations, rotate=True, rules=FOR_ONE_RULES) == expected
+    assert _prefill(conversations, chunk=9, rules=FOR_ONE_RULES) == expected
 
 
 def test_a_step_with_an_infinite_value_matches_the_prefill():

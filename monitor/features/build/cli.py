@@ -210,7 +210,8 @@ def _add_fit(sub: Any) -> None:
         "--window",
         default="auto",
         help="rolling-mean window of the aggregation (max of rolling means), or auto: "
-        "the best held-out recall among 1,4,8,16,32",
+        "the best held-out AUROC among 1,4,8,16,32 and, trained through, a whole-turn mean "
+        "(a 512-token rolling mean with a for: 4|8|16|32 tokens guard)",
     )
     p.add_argument("--fpr", type=float, default=0.01, help="alert threshold's held-out FPR")
     p.add_argument(
@@ -285,6 +286,7 @@ def _fit(args: argparse.Namespace) -> int:
         feature_name=feature_name,
         fpr=args.fpr,
         windows=windows,
+        guards=_guards(args.window),
         l2=args.l2,
         train_aggregation=args.train_aggregation,
         category=args.category,
@@ -312,6 +314,7 @@ def _fit_datasets(args: argparse.Namespace, layers: list[int]) -> int:
         pack, report = fit_token_probe_pack(
             model, tokenizer, fit, heldout, layers, name=args.name, feature_name=name,
             fpr=args.fpr, windows=_windows(args.window), l2=args.l2, category=name,
+            guards=_guards(args.window),
             train_aggregation=args.train_aggregation,
             data_name=f"dataset:{name}",
         )  # fmt: skip
@@ -335,6 +338,13 @@ def _fit_datasets(args: argparse.Namespace, layers: list[int]) -> int:
     digest = save_pack(merged, args.out)
     _print_fit(rows, FitReport([], "", fitted, held, seconds), args, digest)
     return 0
+
+
+def _guards(text: str) -> tuple[int, ...]:
+    """The whole-turn candidates' guards: only when the window is chosen (``auto``)."""
+    from monitor.features.build.token_probes import GUARDS
+
+    return GUARDS if text == "auto" else ()
 
 
 def _windows(text: str) -> tuple[int, ...]:

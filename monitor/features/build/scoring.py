@@ -7,6 +7,12 @@ probe is fitted and calibrated with is recorded in the pack as its *aggregation*
   last W tokens of the conversation's stream (fewer at its start). This is exactly what the
   rule ``rolling_mean(f, W) > t`` with ``roles: [<labeled roles>]`` fires on: it fires in a
   conversation if and only if the conversation's score is above t (a test checks it).
+- ``max_rolling_mean:W,for:K``: the same with a minimum-token guard: the maximum, over runs
+  of K consecutive labeled tokens, of the smallest rolling mean in the run. This is exactly
+  what the rule ``rolling_mean(f, W) > t`` with ``for: K tokens`` and ``roles: [<labeled
+  roles>]`` fires on (tokens of other roles break a ``for`` run). With W at least the
+  conversation's length the rolling mean is the mean of everything seen so far, so this is a
+  whole-turn mean that the first K - 1 tokens cannot fire on alone.
 - ``max``: ``max_rolling_mean:1``.
 - ``mean``: the mean over the labeled tokens (what a probe fitted on mean-pooled texts sees;
   no rule reproduces it exactly).
@@ -28,8 +34,13 @@ from monitor.features.errors import FeatureError
 DEFAULT_WINDOW = 8
 
 
+MAX_FOR = 64  # the longest minimum-token guard an aggregation may name
+
+
 def parse_aggregation(text: str) -> tuple[str, int]:
-    """``'max_rolling_mean:8'`` -> ``('max_rolling_mean', 8)``; ``'mean'`` -> ``('mean', 0)``."""
+    """``'max_rolling_mean:8'`` -> ``('max_rolling_mean', 8)``; ``'mean'`` -> ``('mean', 0)``;
+    the guard of ``'max_rolling_mean:W,for:K'`` is `aggregation_guard`'s."""
+    text, _ = _split_guard(text)
     kind, _, window = text.partition(":")
     if kind == "max" and not window:
         return "max_rolling_mean", 1
@@ -38,8 +49,45 @@ def parse_aggregation(text: str) -> tuple[str, int]:
     if kind == "max_rolling_mean" and window.isdigit() and 1 <= int(window) <= 4096:
         return kind, int(window)
     raise FeatureError(
-        f"{text!r}, expected max_rolling_mean:W (W in 1..4096), max or mean", field="aggregation"
+        f"{text!r}, expected max_rolling_mean:W[,for:K] (W in 1..4096, K in 1..{MAX_FOR}), "
+        "max or mean",
+        field="aggregation",
     )
+
+
+def aggregation_guard(text: str) -> int:
+    """The minimum-token guard K of ``'max_rolling_mean:W,for:K'`` (1 without one)."""
+    return _split_guard(text)[1]
+
+
+def _split_guard(text: str) -> tuple[str, int]:
+    base, comma, guard = text.partition(",")
+    if not comma:
+        return text, 1
+    name, _, k = guard.partition(":")
+    if name == "for" and k.isdigit() and 1 <= int(k) <= MAX_FOR and base.startswith("max_rolling"):
+        return base, int(k)
+    raise FeatureError(
+        f"{text!r}, expected max_rolling_mean:W[,for:K] (K in 1..{MAX_FOR})", field="aggregation"
+    )
+
+
+def guarded_runs(labeled: torch.Tensor, guard: int) -> torch.Tensor:
+    """bool [tokens]: where ``guard`` consecutive labeled tokens end (a ``for`` run's length)."""
+    if guard <= 1:
+        return labeled.clone()
+    counts = torch.cumsum(torch.cat([labeled.new_zeros(1, dtype=torch.int64), labeled.long()]), 0)
+    ends = torch.arange(1, len(labeled) + 1)
+    starts = (ends - guard).clamp(min=0)
+    return (ends >= guard) & (counts[ends] - counts[starts] == guard)
+
+
+def rolling_min(values: torch.Tensor, window: int) -> torch.Tensor:
+    """Minimum of the last ``window`` values at every position (fewer at the start)."""
+    if window <= 1 or values.numel() == 0:
+        return values
+    padded = torch.cat([values.new_full((window - 1,), math.inf), values])
+    return padded.unfold(0, window, 1).min(1).values
 
 
 def rolling_mean(values: torch.Tensor, window: int) -> torch.Tensor:
@@ -61,7 +109,16 @@ def conversation_score(values: torch.Tensor, labeled: torch.Tensor, aggregation:
         return -math.inf
     if kind == "mean":
         return float(values[labeled].double().mean())
-    return float(rolling_mean(values, window)[labeled].max())
+    guard = aggregation_guard(aggregation)
+    means = rolling_mean(values, window)
+    if guard == 1:
+        return float(means[labeled].max())
+    # A rule with `for: K` fires at the K-th consecutive evaluated token on which its
+    # condition holds: the run's smallest rolling mean is what must be above the threshold.
+    ends = guarded_runs(labeled, guard)
+    if not bool(ends.any()):
+        return -math.inf  # no run of K labeled tokens: the rule can never fire
+    return float(rolling_min(means, guard)[ends].max())
 
 
 # --- metrics ------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from monitor.features.build.conversations import (
 )
 from monitor.features.build.probes import ProbeFit, probe_encoder
 from monitor.features.build.scoring import (
+    aggregation_guard,
     auroc,
     conversation_score,
     operating_point,
@@ -53,6 +54,12 @@ from monitor.features.errors import FeatureError
 from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder
 
 WINDOWS = (1, 4, 8, 16, 32)
+# Whole-turn means: a rolling mean over this many tokens is the mean of everything seen so far
+# in conversations this long (MiniLM reads at most 512 tokens a turn), guarded so that the
+# first tokens of a turn alone cannot fire. Trained through, this is the served counterpart of
+# a mean-pooled probe (mean pooling is what a probe fitted on one vector per text sees).
+WHOLE_TURN = 512
+GUARDS = (4, 8, 16, 32)
 
 
 @dataclass
@@ -171,19 +178,35 @@ class _Padded:
         self.labels = torch.tensor([float(c.label) for c in conversations], dtype=torch.float64)
         self.x = torch.cat([c.activations[hook_point] for c in conversations]).double()
 
-    def pooled(self, values: torch.Tensor, window: int, tau: float | None) -> torch.Tensor:
+    def pooled(
+        self, values: torch.Tensor, window: int, tau: float | None, guard: int = 1
+    ) -> torch.Tensor:
         """Per conversation: the max over labeled tokens of the rolling mean of the last
-        ``window`` values of the stream (scoring.rolling_mean); with ``tau``, a smooth max
-        (``tau * logsumexp(r / tau)`` minus its value for equal inputs) for training."""
+        ``window`` values of the stream (scoring.rolling_mean), with ``guard`` > 1 over runs of
+        that many labeled tokens of the run's smallest mean (scoring.conversation_score); with
+        ``tau``, a smooth max (``tau * logsumexp(r / tau)`` minus its value for equal inputs)
+        for training. A conversation with no such run scores -inf (hard max) or a very
+        negative number (smooth max)."""
         grid = values[self.index] * self.valid
         sums = torch.cat([grid.new_zeros(self.count, 1), torch.cumsum(grid, 1)], 1)
         ends = torch.arange(1, grid.shape[1] + 1)
         starts = (ends - window).clamp(min=0)
         means = (sums[:, ends] - sums[:, starts]) / (ends - starts)
+        where = self.labeled
+        if guard > 1:
+            padded = torch.cat([means.new_full((self.count, guard - 1), math.inf), means], 1)
+            means = padded.unfold(1, guard, 1).min(2).values
+            counts = torch.cat(
+                [self.labeled.new_zeros(self.count, 1, dtype=torch.int64),
+                 torch.cumsum(self.labeled.long(), 1)], 1
+            )  # fmt: skip
+            first = (ends - guard).clamp(min=0)
+            where = (ends >= guard) & (counts[:, ends] - counts[:, first] == guard)
+            where = where & self.labeled
         if tau is None:
-            return means.masked_fill(~self.labeled, -math.inf).max(1).values
-        means = means.masked_fill(~self.labeled, -1e30)
-        n = self.labeled.sum(1).clamp(min=1).double()
+            return means.masked_fill(~where, -math.inf).max(1).values
+        means = means.masked_fill(~where, -1e30)
+        n = where.sum(1).clamp(min=1).double()
         return tau * (torch.logsumexp(means / tau, 1) - torch.log(n))
 
 
@@ -193,6 +216,7 @@ def fit_through_aggregation(
     init: ProbeFit,
     window: int,
     *,
+    guard: int = 1,
     l2: float = 1e-2,
     tau: float = 0.5,
     lr: float = 0.01,
@@ -203,7 +227,9 @@ def fit_through_aggregation(
     """Train the per-token probe with the rule's pooling inside the loss.
 
     The conversation score is ``max_t rolling_mean_W(w.h_t + b)`` over the labeled tokens, with
-    a smooth max (temperature ``tau``) so every high window gets gradient; the loss is BCE on
+    a smooth max (temperature ``tau``) so every high window gets gradient (with ``guard`` > 1,
+    over runs of that many labeled tokens of the run's smallest mean, what a rule with
+    ``for: <guard> tokens`` fires on); the loss is BCE on
     the conversation label (classes balanced) plus L2 on the standardised weights. Only the
     tokens that carry the signal need to score high, where the per-token fit asks every token
     of a harmful request ("How do I ...") to. Full-batch Adam from ``init`` (the per-token
@@ -233,7 +259,7 @@ def fit_through_aggregation(
     for step in range(max_steps + 1):
         if step % every == 0:
             with torch.no_grad():
-                served = heldout.pooled(z_heldout @ w + b, window, None)
+                served = heldout.pooled(z_heldout @ w + b, window, None, guard)
             score = auroc(served.tolist(), labels)
             if step == 0:
                 initial = score
@@ -244,7 +270,7 @@ def fit_through_aggregation(
         if step == max_steps:
             break
         optimizer.zero_grad()
-        pooled = train.pooled(z_train @ w + b, window, tau)
+        pooled = train.pooled(z_train @ w + b, window, tau, guard)
         loss = nn.functional.binary_cross_entropy_with_logits(
             pooled, train.labels, pos_weight=pos_weight
         )
@@ -290,6 +316,43 @@ def choose_aggregation(
     return f"max_rolling_mean:{best}", by_window
 
 
+def choose_guard(
+    heldout: Sequence[ConversationTokens],
+    hook_point: str,
+    fit: ProbeFit,
+    guards: Sequence[int],
+    window: int = WHOLE_TURN,
+) -> tuple[str, float]:
+    """The whole-turn mean's guard with the best held-out AUROC (then the shorter), and it."""
+    labels = [c.label for c in heldout]
+    best: tuple[float, int] = (-math.inf, 0)
+    for guard in guards:
+        aggregation = f"max_rolling_mean:{window},for:{guard}"
+        score = auroc(score_conversations(heldout, hook_point, fit, aggregation), labels)
+        if (score, -guard) > (best[0], -best[1]):
+            best = (score, guard)
+    return f"max_rolling_mean:{window},for:{best[1]}", best[0]
+
+
+def window_reads_other_roles(conversations: Sequence[ConversationTokens], window: int) -> bool:
+    """True if, in some conversation, the rolling mean at a labeled token would take in a token
+    of a role that does not carry the label (a system prompt or user turn before the answer).
+
+    A pooling that reads those tokens can learn the *prompt* instead of the labeled text: on
+    the shipped deception set the whole-turn mean of the answer reads the system prompt's
+    instruction to lie (the instructed pairs' AUROC rose to 0.975 while the dialogues', where
+    only the answer differs, fell to chance). Such a candidate is not offered.
+    """
+    for c in conversations:
+        other = (~c.labeled).long()
+        before = torch.cat([other.new_zeros(1), torch.cumsum(other, 0)])  # others before i
+        ends = torch.arange(1, len(other) + 1)
+        starts = (ends - window).clamp(min=0)
+        if bool(((before[ends] - before[starts]) > 0)[c.labeled].any()):
+            return True
+    return False
+
+
 def fit_layers(
     fit_tokens: Sequence[ConversationTokens],
     heldout_tokens: Sequence[ConversationTokens],
@@ -299,14 +362,24 @@ def fit_layers(
     windows: Sequence[int] = WINDOWS,
     l2: float = 1e-2,
     train_aggregation: bool = True,
+    guards: Sequence[int] = GUARDS,
 ) -> list[LayerResult]:
     """Fit, choose the aggregation and set the threshold, per hook point.
 
     The per-token fit chooses the window; with ``train_aggregation`` the probe is then trained
     through that aggregation (`fit_through_aggregation`), early-stopped on ``heldout_tokens``.
+    With ``guards`` (and training), a second candidate is trained through the whole-turn mean
+    (``max_rolling_mean:WHOLE_TURN,for:K``, the guard K chosen by the per-token fit's
+    held-out AUROC) and whichever of the two serves the better held-out AUROC is kept; only
+    where that mean reads the labeled roles alone (`window_reads_other_roles`).
     """
     results = []
     labels = [c.label for c in heldout_tokens]
+    # The whole-turn mean only where it reads nothing but the labeled roles (see
+    # window_reads_other_roles); the short windows take in a few prompt tokens at most.
+    whole_turn_eligible = bool(guards) and not window_reads_other_roles(fit_tokens, WHOLE_TURN)
+    if not whole_turn_eligible:
+        guards = ()
     negatives = labels.count(0)
     if negatives == 0 or labels.count(1) == 0:
         raise FeatureError("the held-out split needs both labels", field="label")
@@ -317,10 +390,27 @@ def fit_layers(
         fit = fit_token_probe(fit_tokens, hp, l2=l2)
         aggregation, by_window = choose_aggregation(heldout_tokens, hp, fit, fpr, windows)
         trained = None
+        extra: dict[str, float] = {"whole_turn_offered": float(whole_turn_eligible)}
         if train_aggregation:
+            per_token = fit
             _, window = parse_aggregation(aggregation)
             trained = fit_through_aggregation(fit_tokens, heldout_tokens, fit, window, l2=l2)
             fit = trained.fit
+            if guards:
+                whole, _ = choose_guard(heldout_tokens, hp, per_token, guards)
+                _, whole_window = parse_aggregation(whole)
+                candidate = fit_through_aggregation(
+                    fit_tokens, heldout_tokens, per_token, whole_window,
+                    guard=aggregation_guard(whole), l2=l2,
+                )  # fmt: skip
+                extra = {
+                    "auroc_windowed": trained.auroc,
+                    "auroc_whole_turn": candidate.auroc,
+                    "whole_turn_guard": float(aggregation_guard(whole)),
+                }
+                # Ties keep the windowed pooling: it alerts without waiting for a guard.
+                if candidate.auroc > trained.auroc:
+                    trained, fit, aggregation = candidate, candidate.fit, whole
         scores = score_conversations(heldout_tokens, hp, fit, aggregation)
         negative_scores = [s for s, y in zip(scores, labels, strict=True) if y == 0]
         threshold = threshold_at_fpr(negative_scores, fpr) if resolvable else max(negative_scores)
@@ -338,6 +428,7 @@ def fit_layers(
             # What training through the aggregation gained over the per-token fit, held out.
             heldout["auroc_per_token_fit"] = trained.initial_auroc
             heldout["aggregation_steps"] = float(trained.steps)
+            heldout.update(extra)
         results.append(LayerResult(hp, fit, aggregation, threshold, heldout, by_window))
     return results
 
@@ -355,6 +446,7 @@ def fit_token_probe_pack(
     windows: Sequence[int] = WINDOWS,
     l2: float = 1e-2,
     train_aggregation: bool = True,
+    guards: Sequence[int] = GUARDS,
     category: str = "",
     description: str = "",
     data_name: str = "",
@@ -372,7 +464,7 @@ def fit_token_probe_pack(
     hook_points = [f"layers.{i}" for i in layers]
     results = fit_layers(
         fit_tokens, heldout_tokens, hook_points, fpr=fpr, windows=windows, l2=l2,
-        train_aggregation=train_aggregation,
+        train_aggregation=train_aggregation, guards=guards,
     )  # fmt: skip
     chosen = max(results, key=lambda r: (r.heldout["auroc"], r.heldout["recall"])).hook_point
     entries = []
