@@ -63,6 +63,14 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
         action="store_true",
         help="vllm only: a second monitor-off engine, to show the bench's own noise",
     )
+    parser.add_argument(
+        "--baseline-tree",
+        default=None,
+        metavar="DIR",
+        help="vllm only: also run a sidecar-up engine with the monitor code of another "
+        "checkout (e.g. `git worktree add DIR main`), to compare two versions of the plugin "
+        "side by side in one run (mode up-baseline)",
+    )
     parser.set_defaults(handler=_run_command)
 
 
@@ -80,6 +88,7 @@ def _run_command(args: argparse.Namespace) -> int:
             new_tokens=args.new_tokens or 32,
             eager_modes=eager,
             control=args.control,
+            baseline_tree=args.baseline_tree,
         )
         print(json.dumps(result, indent=2) if args.json else format_vllm_table(result))
         return 0

@@ -48,6 +48,8 @@ from typing import Any
 
 ENGINE_MODES = ("off", "sidecar-up", "sidecar-down")
 CONTROL_MODE = "off-control"  # a second monitor-off engine: the bench's own noise and bias
+# A sidecar-up engine running another checkout's monitor code: two plugin versions side by side.
+BASELINE_MODE = "up-baseline"
 HIDDEN = 256
 IDLE_WINDOW_S = 2.0
 IDLE_AFTER_S = 1.5  # vLLM's worker busy-polls its message queue for 1 s after a message
@@ -105,7 +107,9 @@ def _this_thread_on(cpus: set[int] | None) -> Iterator[None]:
 
 
 class _Engine:
-    def __init__(self, kwargs: dict[str, Any], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, kwargs: dict[str, Any], env: dict[str, str], log: Path, cwd: str | None = None
+    ) -> None:
         self._log = log.open("wb")
         self._out = log.with_suffix(".out")
         self.process = subprocess.Popen(
@@ -114,6 +118,8 @@ class _Engine:
             stdout=subprocess.PIPE,
             stderr=self._log,
             env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+            # `python -m` puts the working directory ahead of PYTHONPATH on sys.path.
+            cwd=cwd,
             start_new_session=True,
         )
         self.paused = False
@@ -239,11 +245,19 @@ def run_vllm_overhead_bench(
     layers: str = "1",
     eager_modes: tuple[bool, ...] = (False, True),
     control: bool = False,
+    baseline_tree: str | None = None,
 ) -> dict[str, Any]:
     """Measure the three engine modes for each execution mode; returns the results. With
     `control`, a second monitor-off engine runs in every round too: its loss against the
-    first is what the bench measures when the monitor costs nothing."""
+    first is what the bench measures when the monitor costs nothing. With `baseline_tree`
+    (another checkout of this project), a sidecar-up engine imports the monitor from there:
+    its plugin ms/step and loss next to sidecar-up's compare two versions in one run."""
     modes = ENGINE_MODES + ((CONTROL_MODE,) if control else ())
+    if baseline_tree is not None:
+        baseline_tree = str(Path(baseline_tree).resolve())
+        if not (Path(baseline_tree) / "monitor" / "capture" / "vllm").is_dir():
+            raise ValueError(f"--baseline-tree {baseline_tree}: not a checkout of this project")
+        modes += (BASELINE_MODE,)
     workdir = Path(tempfile.mkdtemp(prefix="sm-bench-vllm-"))
     # A fixed model path: vLLM's compile cache is then reused by the next run (start-up is
     # most of this bench's time). In the user's own cache directory, not a shared /tmp name
@@ -269,6 +283,7 @@ def run_vllm_overhead_bench(
         "new_tokens": new_tokens,
         "layers": layers,
         "rounds": rounds,
+        "baseline_tree": baseline_tree,
         "engine_cpus": _cpu_text(engine_cpus),
         "monitor_cpus": _cpu_text(side_cpus),
         "execution": {},
@@ -288,6 +303,7 @@ def run_vllm_overhead_bench(
                 engine_cpus,
                 side_cpus,
                 modes,
+                baseline_tree,
             )
     finally:
         sidecar.stop()
@@ -306,6 +322,7 @@ def _measure(
     engine_cpus: set[int] | None,
     side_cpus: set[int] | None,
     modes: tuple[str, ...] = ENGINE_MODES,
+    baseline_tree: str | None = None,
 ) -> dict[str, Any]:
     workdir.mkdir(parents=True)
     kwargs = {
@@ -339,11 +356,16 @@ def _measure(
         "sidecar-up": {"SAFETY_MONITOR_TARGET": target, "SAFETY_MONITOR_LAYERS": layers},
         "sidecar-down": {"SAFETY_MONITOR_TARGET": down, "SAFETY_MONITOR_LAYERS": layers},
     }
+    if baseline_tree is not None:
+        envs[BASELINE_MODE] = {**envs["sidecar-up"], "PYTHONPATH": baseline_tree}
     engines: dict[str, _Engine] = {}
     try:
         # All three start at once, on every CPU (start-up is most of this bench's time)...
         for mode in modes:
-            engines[mode] = _Engine(kwargs, {**pinning, **envs[mode]}, workdir / f"{mode}.log")
+            cwd = baseline_tree if mode == BASELINE_MODE else None
+            engines[mode] = _Engine(
+                kwargs, {**pinning, **envs[mode]}, workdir / f"{mode}.log", cwd=cwd
+            )
         for engine in engines.values():
             engine.reply(timeout=1800)
         # ...and are pinned before anything is measured.

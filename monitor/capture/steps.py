@@ -45,6 +45,10 @@ class CapturedStep:
     token_ids: torch.Tensor | None = None  # [batch, seq] on CPU, for token text
     features: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
     ready: torch.cuda.Event | None = None  # set when a device->host copy is asynchronous
+    # The layers are views of buffers that outlive the step (vLLM's capture buffers): a later
+    # step naming the same view objects reads the same memory, so the frame writer may reuse
+    # this step's frame layout for it (decode steps repeat one layout).
+    persistent_layers: bool = False
 
     @property
     def total_rows(self) -> int:

@@ -170,6 +170,47 @@ def test_steps_of_one_tagging_share_a_template_and_arrive_exact():
         ring.close()
 
 
+def test_steps_of_persistent_views_reuse_the_layout_and_carry_each_steps_bytes():
+    """vLLM's decode steps hand the writer the same views of a persistent buffer every step
+    (`persistent_layers`): the writer reuses the last frame's layout, and each frame still
+    carries that step's rows, positions and the buffer's bytes at the time of the write. A
+    new tagging, new views, a wrapped ring or a converted tensor take the full path again."""
+    from monitor.capture.channel.frames import FrameWriter, read_step
+    from monitor.capture.channel.ring import FrameKind, SharedRing
+    from monitor.capture.steps import CapturedStep, Tagging
+    from monitor.wire import decode_tensor
+
+    buffer = torch.zeros(16, 8)
+    half = torch.zeros(16, 8, dtype=torch.float64)  # no wire dtype: converted every step
+    views = {"layers.1": buffer[0:3], "layers.2": buffer[3:6]}
+    first = Tagging(("a", "b"), ("assistant",) * 2, ("ra", "rb"), key=("first",))
+    second = Tagging(("a", "b"), ("assistant",) * 2, ("ra", "rb"), key=("second",))
+    ring = SharedRing.create(4096)  # small: the frames wrap around it many times
+    writer = FrameWriter(ring)
+    plan = [(first, views)] * 4 + [(second, views)] * 3
+    plan += [(second, {"layers.1": buffer[0:3], "layers.2": buffer[3:6]})] * 3
+    plan += [(second, {"layers.1": half[0:3], "layers.2": half[3:6]})] * 3
+    try:
+        for index, (tagging, layers) in enumerate(plan):
+            buffer.copy_(torch.randn(16, 8))  # what the capture op wrote this step
+            half.copy_(torch.randn(16, 8, dtype=torch.float64))
+            rows, positions = ([1, 2] if index % 2 else [2, 1]), [index, 50 + index]
+            step = CapturedStep(dict(layers), tagging, rows, positions, persistent_layers=True)
+            assert writer.write(step, None)
+            frame = ring.peek()
+            assert frame.kind == FrameKind.TEMPLATED_STEP
+            message = read_step(ring, frame)
+            ring.release(frame.size)
+            for layer, (hook_point, view) in zip(message.layers, layers.items(), strict=True):
+                assert layer.hook_point == hook_point
+                expected = view.to(torch.float32)
+                assert torch.equal(decode_tensor(layer.activations, "t"), expected)
+            got = [(s.conversation_id, s.request_id, s.rows, s.position) for s in message.sequences]
+            assert got == [("a", "ra", rows[0], index), ("b", "rb", rows[1], 50 + index)]
+    finally:
+        ring.close()
+
+
 def test_a_corrupt_templated_frame_is_refused_not_misread():
     from monitor.capture.channel.frames import FrameWriter, read_step
     from monitor.capture.channel.ring import FRAME_HEADER, SharedRing

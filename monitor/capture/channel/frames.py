@@ -71,6 +71,20 @@ class _Template:
         self.counts.pack_into(data, end, *rows, *positions)
 
 
+@dataclass(slots=True)
+class _Layout:
+    """A templated frame's layout, kept for the next step of the same tagging and the same
+    persistent layer views (see `CapturedStep.persistent_layers`): only the rows, positions
+    and tensor bytes change from one such step to the next."""
+
+    tagging: Any
+    sources: tuple[Any, ...]  # the step's layer views (identity is what is compared)
+    template: _Template
+    total: int
+    tensors_at: int
+    copies: tuple[tuple[int, int, int], ...]  # (address, nbytes, aligned nbytes) per tensor
+
+
 class FrameWriter:
     """The serving process's side: CapturedStep -> frame. One writer at a time (RelayLink
     holds a lock around it)."""
@@ -83,9 +97,21 @@ class FrameWriter:
         self._wire = {torch.float32: "FP32", torch.float16: "FP16", torch.bfloat16: "BF16"}
         self._fp32 = torch.float32
         self._templates: OrderedDict[Hashable, _Template] = OrderedDict()
+        self._layout: _Layout | None = None
 
     def write(self, step: CapturedStep, texts: list[list[str]] | None) -> bool:
         """Publish the step; False when the ring has no room for it now."""
+        layout = self._layout
+        if (
+            layout is not None
+            and step.tagging is layout.tagging
+            and step.persistent_layers
+            and not texts
+            and not step.features
+            and step.valid is None
+            and _same_objects(step.layers.values(), layout.sources)
+        ):
+            return self._write_again(layout, step)
         tensors, signature = self._tensors(step)
         template = None if texts else self._template(step, tensors, signature)
         if template is None:
@@ -120,6 +146,57 @@ class FrameWriter:
                 ctypes.memmove(address, tensor.address, tensor.nbytes)
             address += aligned(tensor.nbytes)
         self.ring.publish(new_head)
+        if self.doorbell is not None:
+            self.doorbell()
+        if template is not None and step.persistent_layers and not step.features:
+            self._keep_layout(step, template, total, tensors_at, tensors)
+        return True
+
+    def _keep_layout(
+        self,
+        step: CapturedStep,
+        template: _Template,
+        total: int,
+        tensors_at: int,
+        tensors: list[_Tensor],
+    ) -> None:
+        """Remember this frame's layout for the next step with the same tagging and views,
+        unless a tensor had to be converted or selected first (its copy would not outlive
+        this step)."""
+        sources = tuple(step.layers.values())
+        if step.valid is not None or any(
+            t.tensor is not s for t, s in zip(tensors, sources, strict=True)
+        ):
+            self._layout = None
+            return
+        copies = tuple((t.address, t.nbytes, aligned(t.nbytes)) for t in tensors)
+        self._layout = _Layout(step.tagging, sources, template, total, tensors_at, copies)
+
+    def _write_again(self, layout: _Layout, step: CapturedStep) -> bool:
+        """`write` for a step whose frame is laid out as the last one's: the header, this
+        step's rows and positions, and the tensor bytes from the same buffers."""
+        ring = self.ring
+        room = ring.reserve(layout.total)
+        if room is None:
+            return False
+        offset, new_head = room
+        data = ring.data
+        template = layout.template
+        FRAME_HEADER.pack_into(
+            data,
+            offset,
+            layout.total,
+            FrameKind.TEMPLATED_STEP,
+            template.size,
+            sum(step.rows),
+        )
+        template.write(data, offset + FRAME_HEADER.size, step.rows, step.positions)
+        address = ring.data_address + offset + layout.tensors_at
+        for source, nbytes, size in layout.copies:
+            if nbytes:
+                ctypes.memmove(address, source, nbytes)
+            address += size
+        ring.publish(new_head)
         if self.doorbell is not None:
             self.doorbell()
         return True
@@ -167,6 +244,16 @@ class FrameWriter:
             if len(self._templates) > _TEMPLATES:
                 self._templates.popitem(last=False)
         return template
+
+
+def _same_objects(values: Any, kept: tuple[Any, ...]) -> bool:
+    """Whether `values` are exactly the objects in `kept`, in order."""
+    count = 0
+    for value in values:
+        if count >= len(kept) or value is not kept[count]:
+            return False
+        count += 1
+    return count == len(kept)
 
 
 def _describe(

@@ -226,6 +226,11 @@ class BatchSplitter:
     def known(self, internal_id: str) -> bool:
         return internal_id in self._requests
 
+    def untracked(self, internal_ids: Sequence[str]) -> list[str]:
+        """Those of `internal_ids` not tracked yet (one call per step, not one per request)."""
+        requests = self._requests
+        return [r for r in internal_ids if r not in requests]
+
     def state(self, internal_id: str) -> tuple[RequestTag, int] | None:
         """A tracked request's tag and the next position not yet sent."""
         with self._lock:

