@@ -230,9 +230,6 @@ class BatchSplitter:
                 old, tracked = self._requests.popitem(last=False)
                 self._unlink(old, tracked)
 
-    def known(self, internal_id: str) -> bool:
-        return internal_id in self._requests
-
     def untracked(self, internal_ids: Sequence[str]) -> list[str]:
         """Those of `internal_ids` not tracked yet (one call per step, not one per request)."""
         requests = self._requests

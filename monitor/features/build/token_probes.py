@@ -377,7 +377,9 @@ def fit_layers(
     labels = [c.label for c in heldout_tokens]
     # The whole-turn mean only where it reads nothing but the labeled roles (see
     # window_reads_other_roles); the short windows take in a few prompt tokens at most.
-    whole_turn_eligible = bool(guards) and not window_reads_other_roles(fit_tokens, WHOLE_TURN)
+    whole_turn_eligible = bool(guards) and not any(
+        window_reads_other_roles(tokens, WHOLE_TURN) for tokens in (fit_tokens, heldout_tokens)
+    )
     if not whole_turn_eligible:
         guards = ()
     negatives = labels.count(0)
@@ -403,7 +405,7 @@ def fit_layers(
                     fit_tokens, heldout_tokens, per_token, whole_window,
                     guard=aggregation_guard(whole), l2=l2,
                 )  # fmt: skip
-                extra = {
+                extra |= {
                     "auroc_windowed": trained.auroc,
                     "auroc_whole_turn": candidate.auroc,
                     "whole_turn_guard": float(aggregation_guard(whole)),
