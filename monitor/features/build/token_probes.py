@@ -54,10 +54,11 @@ from monitor.features.errors import FeatureError
 from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder
 
 WINDOWS = (1, 4, 8, 16, 32)
-# Whole-turn means: a rolling mean over this many tokens is the mean of everything seen so far
-# in conversations this long (MiniLM reads at most 512 tokens a turn), guarded so that the
-# first tokens of a turn alone cannot fire. Trained through, this is the served counterpart of
-# a mean-pooled probe (mean pooling is what a probe fitted on one vector per text sees).
+# Whole-turn means: a rolling mean over this many tokens is the mean of the conversation's last
+# 512 tokens, every role included (all of it while shorter; MiniLM reads at most 512 tokens a
+# turn), guarded so that the first tokens of a turn alone cannot fire. Trained through, this is
+# the served counterpart of a mean-pooled probe (what a probe fitted on one vector per text
+# sees).
 WHOLE_TURN = 512
 GUARDS = (4, 8, 16, 32)
 
@@ -339,9 +340,9 @@ def window_reads_other_roles(conversations: Sequence[ConversationTokens], window
     of a role that does not carry the label (a system prompt or user turn before the answer).
 
     A pooling that reads those tokens can learn the *prompt* instead of the labeled text: on
-    the shipped deception set the whole-turn mean of the answer reads the system prompt's
-    instruction to lie (the instructed pairs' AUROC rose to 0.975 while the dialogues', where
-    only the answer differs, fell to chance). Such a candidate is not offered.
+    the shipped deception set the whole-turn mean of the answer learned the system prompt's
+    instruction to lie (README, "Measured on the shipped data"). Such a candidate is not
+    offered.
     """
     for c in conversations:
         other = (~c.labeled).long()
