@@ -42,7 +42,7 @@ rules:
     category: misuse
     severity: warning
     condition: rolling_mean(misuse, {misuse_window}) > misuse_alert
-    for: {misuse_for} tokens
+    {misuse_for}
     roles: [user]
     cooldown: 1024 tokens
     output: "misuse request (span mean {{value:.2f}}) at token {{position}} of {{conversation_id}}"
@@ -53,7 +53,7 @@ rules:
     category: deception
     severity: warning
     condition: rolling_mean(deception, {deception_window}) > deception_alert
-    for: {deception_for} tokens
+    {deception_for}
     roles: [assistant]
     cooldown: 1024 tokens
     actions: [alert, audit]
@@ -63,7 +63,7 @@ rules:
     category: bias
     severity: info
     condition: rolling_mean(bias, {bias_window}) > bias_alert
-    for: {bias_for} tokens
+    {bias_for}
     roles: [assistant]
     cooldown: 1024 tokens
     actions: [alert, audit]
@@ -88,7 +88,8 @@ def write_rules(path: Path, pack: Any) -> Path:
     for info in pack.features():
         if info.name in ("misuse", "deception", "bias"):
             _, windows[f"{info.name}_window"] = parse_aggregation(info.aggregation)
-            windows[f"{info.name}_for"] = aggregation_guard(info.aggregation)
+            guard = aggregation_guard(info.aggregation)
+            windows[f"{info.name}_for"] = f"for: {guard} tokens" if guard > 1 else "# no guard"
     path.write_text(RULES.format(**windows))
     return path
 

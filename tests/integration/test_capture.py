@@ -187,6 +187,9 @@ def test_steps_of_persistent_views_reuse_the_layout_and_carry_each_steps_bytes()
     second = Tagging(("a", "b"), ("assistant",) * 2, ("ra", "rb"), key=("second",))
     ring = SharedRing.create(4096)  # small: the frames wrap around it many times
     writer = FrameWriter(ring)
+    reused = []
+    write_again = writer._write_again
+    writer._write_again = lambda *a: reused.append(1) or write_again(*a)  # count the reuses
     plan = [(first, views)] * 4 + [(second, views)] * 3
     plan += [(second, {"layers.1": buffer[0:3], "layers.2": buffer[3:6]})] * 3
     plan += [(second, {"layers.1": half[0:3], "layers.2": half[3:6]})] * 3
@@ -207,6 +210,9 @@ def test_steps_of_persistent_views_reuse_the_layout_and_carry_each_steps_bytes()
                 assert torch.equal(decode_tensor(layer.activations, "t"), expected)
             got = [(s.conversation_id, s.request_id, s.rows, s.position) for s in message.sequences]
             assert got == [("a", "ra", rows[0], index), ("b", "rb", rows[1], 50 + index)]
+        # Reused: 3 of the first tagging's 4 steps, 2 of each next 3 (a new tagging, then new
+        # views); never the converted tensors'.
+        assert len(reused) == 7
     finally:
         ring.close()
 

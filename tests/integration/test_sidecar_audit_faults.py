@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import signal
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,23 +47,41 @@ def wait_health(target: str, status: int, timeout: float) -> None:
 
 
 def stream(
-    target: str, batches: list[pb.StepBatch], on_step: Callable[[int], None] = lambda _: None
+    target: str,
+    batches: list[pb.StepBatch],
+    on_step: Callable[[int], None] = lambda _: None,
+    hold_after: int | None = None,
 ) -> tuple[list[pb.Alert], list[pb.BatchError]]:
     """Send `batches` on one stream; returns the acknowledged alerts and the batch errors.
-    `on_step(seq_no)` runs as each batch's ack or error arrives."""
+    `on_step(seq_no)` runs as each batch's ack or error arrives. With `hold_after`, the
+    batches after that seq_no are sent only once `on_step(hold_after)` has returned (the
+    fault it injects is then in place before they arrive, however fast the machine)."""
     acked, errors = [], []
     pending: dict[int, list[pb.Alert]] = collections.defaultdict(list)
+    released = threading.Event()
+
+    def requests() -> Iterator[pb.StepBatch]:
+        for batch in batches:
+            yield batch
+            if batch.seq_no == hold_after:
+                assert released.wait(60), "the held batches were never released"
+
+    def answered(seq_no: int) -> None:
+        on_step(seq_no)
+        if seq_no == hold_after:
+            released.set()
+
     with grpc.insecure_channel(target) as channel:
-        for event in pb_grpc.SafetyMonitorStub(channel).Monitor(iter(batches), timeout=120):
+        for event in pb_grpc.SafetyMonitorStub(channel).Monitor(requests(), timeout=120):
             if event.HasField("alert"):
                 pending[event.alert.seq_no].append(event.alert)
             elif event.HasField("ack"):
                 acked += pending.pop(event.ack.seq_no, [])
-                on_step(event.ack.seq_no)
+                answered(event.ack.seq_no)
             else:
                 pending.pop(event.error.seq_no, None)
                 errors.append(event.error)
-                on_step(event.error.seq_no)
+                answered(event.error.seq_no)
     return acked, errors
 
 
@@ -112,7 +131,9 @@ def test_postgres_killed_mid_stream(tmp_path: Path, sidecars) -> None:
     try:
         audit = {
             "url": server.url,
-            "write_timeout_seconds": 2.0,
+            # Generous: a commit on a loaded machine may be slow; while the store is known
+            # to be down, nothing waits for it.
+            "write_timeout_seconds": 5.0,
             "health_probe_seconds": 0.2,
             "spool_path": str(tmp_path / "spool.jsonl"),
         }
@@ -128,7 +149,7 @@ def test_postgres_killed_mid_stream(tmp_path: Path, sidecars) -> None:
 
         # One conversation per batch: the rule fires once per conversation.
         batches = [_batch(i, f"pg-{i}", 0, [f" t{i}"], end=True) for i in range(1, 61)]
-        acked, errors = stream(sidecar.target, batches, on_step)
+        acked, errors = stream(sidecar.target, batches, on_step, hold_after=20)
         assert len(acked) >= 20 and errors  # withheld during the outage
         assert all(e.reason == "audit_not_durable" for e in errors)
         assert len(acked) + len(errors) == 60
@@ -184,7 +205,7 @@ def test_postgres_killed_mid_stream(tmp_path: Path, sidecars) -> None:
 def test_sqlite_file_locked_mid_stream(tmp_path: Path, sidecars) -> None:
     db = tmp_path / "audit.db"
     url = f"sqlite:///{db}"
-    audit = {"url": url, "write_timeout_seconds": 1.0, "health_probe_seconds": 0.2}
+    audit = {"url": url, "write_timeout_seconds": 5.0, "health_probe_seconds": 0.2}
     sidecar = sidecars(_config(tmp_path, audit=audit), tmp_path / "first")
     assert audit_health(sidecar.target) in (SERVING, NOT_SERVING)  # never NOT_FOUND
     wait_health(sidecar.target, SERVING, 20)
@@ -195,7 +216,7 @@ def test_sqlite_file_locked_mid_stream(tmp_path: Path, sidecars) -> None:
             locker.execute("BEGIN EXCLUSIVE")  # another process takes the file
 
     batches = [_batch(i, f"sq-{i}", 0, [f" t{i}"], end=True) for i in range(1, 31)]
-    acked, errors = stream(sidecar.target, batches, on_step)
+    acked, errors = stream(sidecar.target, batches, on_step, hold_after=10)
     assert len(acked) >= 10 and errors
     assert len(acked) + len(errors) == 30
     wait_health(sidecar.target, NOT_SERVING, 30)  # see the outage first (health is polled)

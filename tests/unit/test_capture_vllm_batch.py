@@ -53,9 +53,17 @@ def test_naming_through_extra_args_and_vllm_xargs():
 def test_the_operator_can_ignore_conversation_ids_from_requests():
     extra = {"_sm_request_id": "req", "_sm_sequence": 2, "sm_conversation_id": "victim"}
     tag = tag_request("2_req-0a1b2c3d", extra, ignore_conversation_ids=True)
-    # Named after its own request, and so ended with it (not `explicit`).
-    assert (tag.conversation_id, tag.explicit) == ("req/2", False)
+    # Named after its own request's internal id, and so ended with it (not `explicit`).
+    assert (tag.conversation_id, tag.explicit) == ("req-0a1b2c3d/2", False)
+    assert tag.request_id == "req"
     assert tag_request("2_req-0a1b2c3d", extra).conversation_id == "victim/2"
+    # The request id is the client's (through `vllm serve`: X-Request-Id), so a client that
+    # gives a victim's conversation id as its request id must not land in that conversation:
+    # vLLM's random suffix is part of the name.
+    forged = {"_sm_request_id": "victim"}
+    assert tag_request("victim-9f8e7d6c", forged).conversation_id == "victim"
+    tag = tag_request("victim-9f8e7d6c", forged, ignore_conversation_ids=True)
+    assert tag.conversation_id == "victim-9f8e7d6c"
 
 
 def test_the_operator_can_ignore_roles_and_attributes_from_requests():

@@ -505,6 +505,7 @@ def test_fit_layers_chooses_the_whole_turn_mean_where_mean_pooling_works() -> No
     fit_tokens, heldout, test = (_diffuse_tokens(240, s) for s in (6, 7, 8))
     (result,) = fit_layers(fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 8, 32))
     assert result.aggregation.startswith("max_rolling_mean:512,for:")
+    assert result.heldout["whole_turn_offered"] == 1.0
     assert result.heldout["auroc_whole_turn"] > result.heldout["auroc_windowed"] + 0.02
     labels = [t.label for t in test]
     served = auroc(score_conversations(test, "layers.0", result.fit, result.aggregation), labels)

@@ -47,6 +47,7 @@ _MAX_VALUE_CHARS = 256
 # vLLM makes request ids unique as f"{user_id}-{8 random hex chars}"; children of an n > 1
 # request are f"{index}_{that}". Used only when the frontend did not tag the request.
 _INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+_CHILD_PREFIX = re.compile(r"^[0-9]+_")
 
 
 class NamingError(ValueError):
@@ -74,10 +75,13 @@ def tag_request(
 ) -> RequestTag:
     """The conversation a request belongs to, from its `extra_args`.
 
-    Without `sm_conversation_id` (or with `ignore_conversation_ids`, the operator's switch
-    for deployments whose API users are not trusted to name conversations) the request id
-    the user gave is the conversation id. With `n > 1` the sequences become `<id>/<j>`, as
-    with the transformers client. With `ignore_roles_and_attributes` (the operator's second
+    Without `sm_conversation_id` the request id the user gave is the conversation id. With
+    `ignore_conversation_ids` (the operator's switch for deployments whose API users are not
+    trusted to name conversations) it is vLLM's internal id: the user's request id plus the
+    random suffix vLLM adds, so no client can name, and so join, another request's
+    conversation (through `vllm serve`, `X-Request-Id` or the body's `request_id` choose the
+    user's request id). With `n > 1` the sequences become `<id>/<j>`, as with the
+    transformers client. With `ignore_roles_and_attributes` (the operator's second
     switch) `sm_role` and `sm_attributes` are ignored: the default role, no attributes.
 
     >>> tag_request("r-0a1b2c3d", {"sm_conversation_id": "c", "sm_role": "user"}).role
@@ -92,11 +96,14 @@ def tag_request(
     request_id = bounded_id(request_id)
     named = CONVERSATION_KEY in extra and not ignore_conversation_ids
     conversation = extra.get(CONVERSATION_KEY, request_id) if named else request_id
+    sequence = extra.get(SEQUENCE_KEY)
+    if ignore_conversation_ids:
+        # n > 1 children are "<j>_<parent's internal id>": the sequences share the parent's.
+        conversation = internal_id if sequence is None else _CHILD_PREFIX.sub("", internal_id)
     if not isinstance(conversation, str) or not conversation:
         raise NamingError(f"{CONVERSATION_KEY} must be a non-empty string, got {conversation!r}")
     if named and not _encodable(conversation):
         raise NamingError(f"{CONVERSATION_KEY} is not valid Unicode text")
-    sequence = extra.get(SEQUENCE_KEY)
     if isinstance(sequence, int) and not isinstance(sequence, bool):
         conversation = f"{conversation}/{sequence}"
     if named and len(conversation) > MAX_ID_CHARS:
@@ -222,9 +229,6 @@ class BatchSplitter:
             while len(self._requests) > self.max_requests:
                 old, tracked = self._requests.popitem(last=False)
                 self._unlink(old, tracked)
-
-    def known(self, internal_id: str) -> bool:
-        return internal_id in self._requests
 
     def untracked(self, internal_ids: Sequence[str]) -> list[str]:
         """Those of `internal_ids` not tracked yet (one call per step, not one per request)."""

@@ -12,8 +12,9 @@ for `block`; each step's sampled tokens wait until the sidecar has judged all bu
 `block_within` steps; unset: nothing waits, the bound is the sidecar's latency), guard_timeout
 (seconds such a wait may take before it gives up, fail-open; default 1),
 ignore_request_conversation_ids (true: `sm_conversation_id` in a request's extra_args /
-vllm_xargs is ignored and every conversation is named after its request id; for deployments
-whose API users must not name, and so write into, each other's conversations),
+vllm_xargs is ignored and every conversation is named after vLLM's internal request id, which
+no client chooses; for deployments whose API users must not name, and so write into, each
+other's conversations),
 ignore_request_roles_and_attributes (true: `sm_role` and `sm_attributes` in a request are
 ignored too: every token gets the default role and no attributes; for deployments whose API
 users must not choose which rules see their tokens: a made-up role escapes every rule scoped to

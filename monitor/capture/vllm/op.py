@@ -108,6 +108,9 @@ def attach_buffer(
     layer: nn.Module, index: int, rows: int, hidden: int, dtype: torch.dtype, device: Any
 ) -> torch.Tensor:
     """Give one decoder layer its persistent capture buffer (not part of the state dict)."""
+    # An engine built again in this process attaches new buffers: drop the cached views,
+    # which would otherwise keep the old engine's buffers alive for the life of the process.
+    _out_views.clear()
     buffer = torch.zeros(rows, hidden, dtype=dtype, device=device)
     layer.register_buffer(BUFFER_ATTR, buffer, persistent=False)
     setattr(layer, INDEX_ATTR, index)

@@ -280,7 +280,7 @@ class WorkerCapture:
     def _finish(self, finished: set[str]) -> None:
         """Requests that ended: a conversation named after its request ends with the last
         request still running under that name (a user may give two requests one id, or the
-        operator's `ignore_request_conversation_ids` names conversations by request id)."""
+        operator's `ignore_request_conversation_ids` names each by its request's internal id)."""
         states = [self.splitter.state(internal_id) for internal_id in finished]
         self.splitter.finish(finished)
         self._plans.clear()  # they name finished requests

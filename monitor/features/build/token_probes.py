@@ -54,10 +54,11 @@ from monitor.features.errors import FeatureError
 from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder
 
 WINDOWS = (1, 4, 8, 16, 32)
-# Whole-turn means: a rolling mean over this many tokens is the mean of everything seen so far
-# in conversations this long (MiniLM reads at most 512 tokens a turn), guarded so that the
-# first tokens of a turn alone cannot fire. Trained through, this is the served counterpart of
-# a mean-pooled probe (mean pooling is what a probe fitted on one vector per text sees).
+# Whole-turn means: a rolling mean over this many tokens is the mean of the conversation's last
+# 512 tokens, every role included (all of it while shorter; MiniLM reads at most 512 tokens a
+# turn), guarded so that the first tokens of a turn alone cannot fire. Trained through, this is
+# the served counterpart of a mean-pooled probe (what a probe fitted on one vector per text
+# sees).
 WHOLE_TURN = 512
 GUARDS = (4, 8, 16, 32)
 
@@ -339,9 +340,9 @@ def window_reads_other_roles(conversations: Sequence[ConversationTokens], window
     of a role that does not carry the label (a system prompt or user turn before the answer).
 
     A pooling that reads those tokens can learn the *prompt* instead of the labeled text: on
-    the shipped deception set the whole-turn mean of the answer reads the system prompt's
-    instruction to lie (the instructed pairs' AUROC rose to 0.975 while the dialogues', where
-    only the answer differs, fell to chance). Such a candidate is not offered.
+    the shipped deception set the whole-turn mean of the answer learned the system prompt's
+    instruction to lie (README, "Measured on the shipped data"). Such a candidate is not
+    offered.
     """
     for c in conversations:
         other = (~c.labeled).long()
@@ -377,7 +378,9 @@ def fit_layers(
     labels = [c.label for c in heldout_tokens]
     # The whole-turn mean only where it reads nothing but the labeled roles (see
     # window_reads_other_roles); the short windows take in a few prompt tokens at most.
-    whole_turn_eligible = bool(guards) and not window_reads_other_roles(fit_tokens, WHOLE_TURN)
+    whole_turn_eligible = bool(guards) and not any(
+        window_reads_other_roles(tokens, WHOLE_TURN) for tokens in (fit_tokens, heldout_tokens)
+    )
     if not whole_turn_eligible:
         guards = ()
     negatives = labels.count(0)
@@ -403,7 +406,7 @@ def fit_layers(
                     fit_tokens, heldout_tokens, per_token, whole_window,
                     guard=aggregation_guard(whole), l2=l2,
                 )  # fmt: skip
-                extra = {
+                extra |= {
                     "auroc_windowed": trained.auroc,
                     "auroc_whole_turn": candidate.auroc,
                     "whole_turn_guard": float(aggregation_guard(whole)),
