@@ -16,14 +16,16 @@ def test_no_known_pace_polls_every_half_millisecond():
 
 
 def test_a_steady_pace_sleeps_through_most_of_the_gap():
-    # Frames 10 ms apart, one just taken: first look 5 ms later (the 5 ms cap), then at
-    # 7.5 ms (three quarters of the gap), then every 0.5 ms until the frame is there.
-    assert poll_delay(0.0, 0.010) == pytest.approx(0.005)
+    # Frames 10 ms apart, one just taken: first look 7.5 ms later (three quarters of the
+    # gap), then every 0.5 ms until the frame is there.
+    assert poll_delay(0.0, 0.010) == pytest.approx(0.0075)
     assert poll_delay(0.005, 0.010) == pytest.approx(0.0025)
     assert poll_delay(0.0075, 0.010) == pytest.approx(0.0005)
     assert poll_delay(0.012, 0.010) == pytest.approx(0.0005)
     # Frames 2 ms apart: a first look after 1.5 ms, not four looks.
     assert poll_delay(0.0, 0.002) == pytest.approx(0.0015)
+    # Frames 100 ms apart: never more than 50 ms without a look.
+    assert poll_delay(0.0, 0.100) == pytest.approx(0.05)
 
 
 def test_a_quiet_ring_polls_slowly():

@@ -29,11 +29,11 @@ log = structlog.get_logger("safety_monitor.capture")
 # (a decode step every few ms), longer once the model has gone quiet.
 _POLL_ACTIVE, _POLL_IDLE, _ACTIVE_FOR = 0.0005, 0.005, 0.25
 # While steps flow at a steady pace, the first look after a frame waits until this share of
-# the usual gap between frames has passed: polling every 0.5 ms through a 10 ms decode step
-# cost the relay ~0.8 ms of CPU per step (20 wake-ups of ~50 us each), CPU that on a shared
+# the usual gap between frames has passed: polling every 0.5 ms through a 12 ms decode step
+# cost the relay ~0.7 ms of CPU per frame (wake-ups of ~50 us each), CPU that on a shared
 # machine is taken from the engine. A frame is then picked up within 0.5 ms of being due, as
-# before; one that comes early waits at most this share of the gap (and never over 5 ms).
-_EARLY_SHARE, _GAP_WEIGHT = 0.75, 0.2
+# before; one that comes early waits at most this share of the gap (and never over 50 ms).
+_EARLY_SHARE, _GAP_WEIGHT, _PACED_SLEEP_MAX = 0.75, 0.2, 0.05
 
 
 def poll_delay(since_frame: float, gap: float | None) -> float:
@@ -45,7 +45,7 @@ def poll_delay(since_frame: float, gap: float | None) -> float:
     if gap is not None:
         due = _EARLY_SHARE * gap - since_frame
         if due > _POLL_ACTIVE:
-            return min(due, _POLL_IDLE)
+            return min(due, _PACED_SLEEP_MAX)
     return _POLL_ACTIVE
 
 
