@@ -26,7 +26,12 @@ Reported per execution mode (compiled, vLLM's default, and eager) and engine mod
 generation throughput over rounds (output tokens/s), median inter-token latency (engine step
 time in the decode phase), and the throughput loss against monitor-off paired per round
 (1 - tokens/s of the mode / tokens/s of the off engine in the same round): its median and
-spread (quartiles, min, max). Needs vLLM installed (the project's `make vllm-venv`).
+spread (quartiles, min, max); the plugin's thread CPU time per step; and where the CPU time
+per step goes: the engine's own processes, its capture relay, the sidecar (schedstat).
+`--pinning unpinned` (or `both`) measures with every process free to run on every CPU;
+`--same-engine` adds the sidecar-up engine with its plugin switched off (mode up-paused) as a
+baseline in the same process, which two separately started engines are not (`--control`
+shows how far apart those are). Needs vLLM installed (the project's `make vllm-venv`).
 """
 
 from __future__ import annotations
