@@ -98,7 +98,7 @@ def validate_batch(
             f"sequences: {rows} rows exceed the limit of {limits.max_rows_per_batch} per batch",
         )
     activations = _validate_layers(batch, rows, catalog.d_model_of) if batch.layers else {}
-    encoded = _validate_feature_blocks(batch, rows, catalog)
+    encoded = _validate_feature_blocks(batch, rows, catalog) if batch.features else {}
     if not activations and not encoded:
         raise BatchRejected(
             "no_layers", "layers", "layers: the batch has no layers and no feature blocks"
@@ -304,7 +304,7 @@ def _validate_feature_blocks(
             raise BatchRejected(
                 "duplicate_hook_point", field, f"{field}: {key} appears more than once"
             )
-        values = _checked_tensor(block.values, f"{field}.values", rows, k, f"pack {k}")
+        values = _checked_tensor(block.values, f"{field}.values", rows, k)
         encoded[key] = values.to(torch.float32)
     return encoded
 
@@ -337,14 +337,14 @@ def _layer_tensor(
     layer: pb.Layer, field: str, rows: int, d_model_of: Mapping[str, int]
 ) -> torch.Tensor:
     d_model = d_model_of[layer.hook_point]
-    what = f"the pack's {d_model} for {layer.hook_point!r}"
-    return _checked_tensor(layer.activations, field, rows, d_model, what)
+    return _checked_tensor(layer.activations, field, rows, d_model, layer.hook_point)
 
 
 def _checked_tensor(
-    message: pb.Tensor, field: str, rows: int, width: int, expected_width: str
+    message: pb.Tensor, field: str, rows: int, width: int, hook_point: str = ""
 ) -> torch.Tensor:
-    """Shape [rows, width], decodable, finite -> a tensor viewing the message bytes."""
+    """Shape [rows, width], decodable, finite -> a tensor viewing the message bytes. The width
+    is the pack's d_model for `hook_point` when given, else the pack's column count."""
     shape = list(message.shape)
     if len(shape) != 2:
         raise BatchRejected(
@@ -354,7 +354,8 @@ def _checked_tensor(
         raise BatchRejected(
             "d_model_mismatch",
             f"{field}.shape",
-            f"{field}.shape: width {shape[1]} does not match {expected_width}",
+            f"{field}.shape: width {shape[1]} does not match "
+            + (f"the pack's {width} for {hook_point!r}" if hook_point else f"pack {width}"),
         )
     if shape[0] != rows:
         raise BatchRejected(
