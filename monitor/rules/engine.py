@@ -1080,6 +1080,10 @@ def state_bytes_per_conversation(rules: Sequence[Rule]) -> int:
     return 16 * len(rules) + 4 * program.history_width + 8 * program.counted_width + 8
 
 
+# Unweighted window sums: a restricted one's decode step is a sum of its carried window.
+_PLAIN_SUMS = frozenset({"rolling_sum", "rolling_mean", "count_over"})
+
+
 def _columns(slot: TemporalSlot) -> slice:
     return slice(slot.offset, slot.offset + slot.kept)
 
@@ -1133,6 +1137,10 @@ class _WaveTemporal:
         wave, kept = self.wave, slot.kept
         inside = self.in_roles(slot.roles)
         carried = self.history[:, slot.offset : slot.offset + kept]  # [S, kept]
+        if self.step and slot.kind in _PLAIN_SUMS:
+            out = self._step_masked_sum(slot, values, inside, carried)
+            if out is not None:
+                return out
         ext = np.concatenate([carried, wave.pad(values, slot.fill)], axis=1)
         seen = self.seen[:, slot.counted] if slot.counted >= 0 else None
         if slot.kind == "cummax":
@@ -1148,6 +1156,30 @@ class _WaveTemporal:
         take = lengths[:, None] + np.arange(kept)
         self.updated[:, slot.offset : slot.offset + kept] = np.take_along_axis(ext, take, 1)
         return wave.unpad(out)
+
+    def _step_masked_sum(
+        self, slot: TemporalSlot, x: np.ndarray, inside: np.ndarray, carried: np.ndarray
+    ) -> np.ndarray | None:
+        """A decode step of a restricted rolling sum, mean or count: one float64 sum of the
+        carried window (its whole window, ``kept`` = n) gives both the value held at another
+        role's token and, less the oldest value plus the new one, the moved window's. The
+        float64 sums are exact (module docstring), so this equals ``_apply_window``'s. None
+        (nothing written) when a value is not finite: the general path handles it."""
+        n = slot.kept
+        total = carried.sum(axis=1, dtype=np.float64)
+        if not (_ALL(np.isfinite(total), axis=None) and _ALL(np.isfinite(x), axis=None)):
+            return None
+        moved = total - carried[:, 0] + x
+        if slot.kind == "rolling_mean":
+            seen = self.seen[:, slot.counted]
+            moved /= np.minimum(seen + 1, n)
+            total /= np.maximum(np.minimum(seen, n), 1)  # 0 / 1 before any of the roles
+        columns = self.updated[:, slot.offset : slot.offset + n]
+        columns[...] = carried  # another role's token: the window stays
+        if _ANY(inside, axis=None):
+            columns[inside, :-1] = carried[inside, 1:]
+            columns[inside, -1] = x[inside]
+        return np.where(inside, moved, total).astype(np.float32)
 
     def compute_one(self, slot: TemporalSlot, values: np.ndarray) -> np.ndarray:
         if slot.roles:

@@ -437,6 +437,18 @@ def test_a_role_window_equals_the_window_over_that_roles_tokens_alone(tokens, te
     """`window_roles: [u]`: at a token of role u, the value over the whole stream equals
     the unrestricted value over u's tokens alone; at a token of another role it keeps the value
     of u's last token (the function's empty value before any)."""
+    _check_role_window(tokens, text)
+
+
+def test_a_role_window_with_non_finite_values_equals_the_window_alone():
+    """An infinite value takes the decode step off its fast path (the general one handles it)."""
+    inf = float("inf")
+    tokens = [(1.0, "u"), (inf, "u"), (2.0, "s"), (3.0, "u"), (4.0, "u"), (5.0, "a"), (6.0, "u")]
+    for text in ("rolling_mean(a, 3)", "rolling_sum(a, 2)", "count_over(a > 2, 3)"):
+        _check_role_window(tokens, text)
+
+
+def _check_role_window(tokens: list[tuple[float, str]], text: str) -> None:
     roles = {"u": "user", "a": "assistant", "s": "system"}
     stream = [(value, roles[r]) for value, r in tokens]
     masked = _values_at_every_token(text, stream, "user")
