@@ -22,6 +22,7 @@ each other in magnitude (and ewma's weighted products are rounded); past that, a
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import threading
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -324,6 +325,7 @@ _END = operator.attrgetter("end")
 _ANY = np.logical_or.reduce
 _ALL = np.logical_and.reduce
 _MIN = np.minimum.reduce
+_SUM = np.add.reduce
 _ROLE = operator.attrgetter("role")
 _ATTRIBUTES = operator.attrgetter("attributes")
 
@@ -1293,6 +1295,8 @@ class _StepKernel:
         # ``_counts`` is ``windows`` for every row.
         self.full_after = int(self.windows.max()) - 1 if len(sums) else 0
         self.full_divisors = self.divisors[self.bases + self.windows] if len(sums) else None
+        # A column: the sums transposed (functions by rows) are divided in one call.
+        self.full_divisors_t = None if self.full_divisors is None else self.full_divisors[:, None]
         self.sum_rows = _index(sums)
         self.newest_to = _index(newest_to, strided=True)
         self.newest_from = _index(newest_from, strided=True)
@@ -1322,17 +1326,24 @@ class _StepKernel:
             # made, so a non-finite input makes its row's sums non-finite (NaN where its
             # weight is 0), and float64 sums of float32 values cannot overflow: the sums are
             # finite exactly when the inputs are, and checking them is the cheaper check.
-            if not _ALL(np.isfinite(sums), axis=None):
+            # Their total is finite exactly when they all are (a few thousand sums of at
+            # most ~1e42 each cannot overflow float64 either): one reduction, no temporary.
+            if not math.isfinite(_SUM(sums, axis=None)):
                 return None
-            if self.divided:
-                if seen.shape[1] and _MIN(seen, axis=None) >= self.full_after:
-                    # Every conversation has filled every window (the steady decode state):
-                    # the divisors are those of full windows, one vector for all rows.
-                    sums /= self.full_divisors
+            if not self.divided:
+                out[self.sum_rows] = sums.T
+            elif seen.shape[1] and _MIN(seen, axis=None) >= self.full_after:
+                # Every conversation has filled every window (the steady decode state): the
+                # divisors are those of full windows, one vector for all rows; divided in
+                # float64 and rounded to float32 once, as the assignment below does.
+                if self.sum_rows.__class__ is slice:
+                    np.divide(sums.T, self.full_divisors_t, out=out[self.sum_rows])
                 else:
-                    counts = self._counts(seen, rows)
-                    sums /= self.divisors[self.bases + counts]
-            out[self.sum_rows] = sums.T
+                    out[self.sum_rows] = (sums / self.full_divisors).T
+            else:
+                counts = self._counts(seen, rows)
+                sums /= self.divisors[self.bases + counts]
+                out[self.sum_rows] = sums.T
         for t, first, last, maximum in self.extrema:
             carried = history[:, first:last]
             if maximum:
