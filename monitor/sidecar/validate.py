@@ -345,7 +345,7 @@ def _checked_tensor(
 ) -> torch.Tensor:
     """Shape [rows, width], decodable, finite -> a tensor viewing the message bytes. The width
     is the pack's d_model for `hook_point` when given, else the pack's column count."""
-    shape = list(message.shape)
+    shape = message.shape[:]  # a list
     if len(shape) != 2:
         raise BatchRejected(
             "bad_shape", f"{field}.shape", f"{field}.shape: expected [rows, width], got {shape}"

@@ -65,7 +65,7 @@ def decode_tensor_with_bytes(message: pb.Tensor, field: str) -> tuple[torch.Tens
             f"{field}.dtype: unknown dtype {message.dtype!r} (expected one of "
             f"{', '.join(WIRE_DTYPES)})",
         )
-    shape = list(message.shape)
+    shape = message.shape[:]  # a list
     if min(shape, default=0) < 0:
         raise TensorDecodeError(
             "bad_shape", f"{field}.shape", f"{field}.shape: negative dimension in {shape}"
