@@ -81,15 +81,23 @@ def available() -> bool:
 
 def write_rules(path: Path, pack: Any) -> Path:
     """The demo's rule file, each rule pooling with the window (and the minimum-token guard,
-    ``for:``) its probe was fitted with."""
-    from monitor.features.build.scoring import aggregation_guard, parse_aggregation
+    ``for:``, and ``window_roles:``) its probe was fitted with."""
+    from monitor.features.build.scoring import (
+        aggregation_guard,
+        aggregation_masked,
+        parse_aggregation,
+    )
 
     windows = {}
+    labeled = {"misuse": "user", "deception": "assistant", "bias": "assistant"}
     for info in pack.features():
-        if info.name in ("misuse", "deception", "bias"):
+        if info.name in labeled:
             _, windows[f"{info.name}_window"] = parse_aggregation(info.aggregation)
             guard = aggregation_guard(info.aggregation)
-            windows[f"{info.name}_for"] = f"for: {guard} tokens" if guard > 1 else "# no guard"
+            lines = f"for: {guard} tokens" if guard > 1 else "# no guard"
+            if aggregation_masked(info.aggregation):  # the mean of the labeled role alone
+                lines += f"\n    window_roles: [{labeled[info.name]}]"
+            windows[f"{info.name}_for"] = lines
     path.write_text(RULES.format(**windows))
     return path
 

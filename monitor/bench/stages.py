@@ -185,6 +185,88 @@ def run_stages_bench(rounds: int = 5, conversations: int = 64, prefill_rows: int
     }
 
 
+def run_side_by_side(
+    baseline_tree: str, pairs: int = 5, rounds: int = 3, conversations: int = 64
+) -> dict:
+    """``run_stages_bench`` of this checkout and of ``baseline_tree`` (another checkout, e.g.
+    ``git worktree add --detach DIR <commit>``), alternately in fresh processes, ``pairs``
+    times each: on a busy machine both see the same minute. Reports each run's columnar
+    decode step (all but the encode), the medians, and the median of the per-pair ratios
+    baseline / this."""
+    tree = Path(baseline_tree).resolve()
+    if not (tree / "monitor" / "bench" / "stages.py").is_file():
+        raise ValueError(f"--baseline-tree {baseline_tree}: not a checkout of this project")
+    here = Path(__file__).resolve().parents[2]
+    runs: dict[str, list[dict]] = {"this": [], "baseline": []}
+    for pair in range(pairs):
+        # Alternating which goes first: neither always runs on the warmer machine.
+        order = (("this", here), ("baseline", tree))
+        for name, root in order if pair % 2 == 0 else order[::-1]:
+            runs[name].append(_stages_in(root, rounds, conversations))
+    decode = {
+        name: [r["stages"]["decode-col"]["all_but_encode_cpu_ms"] for r in reports]
+        for name, reports in runs.items()
+    }
+    ratios = [b / t for b, t in zip(decode["baseline"], decode["this"], strict=True) if t]
+    return {
+        "baseline_tree": str(tree),
+        "pairs": pairs,
+        "rounds": rounds,
+        "decode_col_all_but_encode_ms": decode,
+        "median_ms": {name: round(statistics.median(v), 4) for name, v in decode.items()},
+        "median_ratio_baseline_over_this": round(statistics.median(ratios), 3),
+        "stages": {name: reports[-1]["stages"] for name, reports in runs.items()},
+        "decode_target_ms": DECODE_TARGET_MS,
+    }
+
+
+def _stages_in(root: Path, rounds: int, conversations: int) -> dict:
+    """``bench stages --json`` of the checkout at ``root``, in a process of its own with one
+    OpenMP thread."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from monitor.bench.stages import run_stages_bench; "
+        "from monitor.logs import configure_logging; configure_logging('auto', 'warning'); "
+        "print(json.dumps(run_stages_bench(int(sys.argv[1]), int(sys.argv[2]))))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(rounds), str(conversations)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    if done.returncode:
+        raise RuntimeError(f"bench stages in {root} failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def format_side_by_side(report: dict) -> str:
+    """The side-by-side report as lines."""
+    decode = report["decode_col_all_but_encode_ms"]
+    lines = [
+        f"all but the encode per columnar decode step (ms, one core), {report['pairs']} "
+        f"alternating runs each of {report['rounds']} passes; baseline {report['baseline_tree']}",
+        "this:     " + " ".join(f"{v:.3f}" for v in decode["this"]),
+        "baseline: " + " ".join(f"{v:.3f}" for v in decode["baseline"]),
+        f"median: this {report['median_ms']['this']:.3f}, baseline "
+        f"{report['median_ms']['baseline']:.3f}; median ratio baseline/this "
+        f"{report['median_ratio_baseline_over_this']:.2f} (target {report['decode_target_ms']} ms)",
+    ]
+    from monitor.bench.sidecar import stage_lines
+
+    for name in ("this", "baseline"):
+        lines.append(f"last {name} run:")
+        lines.extend(stage_lines(report["stages"][name]))
+    return "\n".join(lines)
+
+
 def format_stages(report: dict) -> str:
     """The report as a table."""
     from monitor.bench.sidecar import stage_lines
@@ -209,6 +291,17 @@ def add_bench_stages_command(bench_subparsers: argparse._SubParsersAction) -> No
     )
     parser.add_argument("--rounds", type=int, default=5, help="passes; the median is shown")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--baseline-tree",
+        default=None,
+        metavar="DIR",
+        help="also run the bench of another checkout (e.g. `git worktree add --detach DIR "
+        "<commit>`), alternately with this one in fresh processes, and report the median "
+        "ratio of their decode steps",
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=5, help="with --baseline-tree: runs of each checkout"
+    )
     parser.set_defaults(handler=_bench_stages)
 
 
@@ -216,6 +309,11 @@ def _bench_stages(args: argparse.Namespace) -> int:
     from monitor.logs import configure_logging
 
     configure_logging("auto", "warning")
+    if args.baseline_tree:
+        pairs, rounds = max(1, args.pairs), max(1, args.rounds)
+        both = run_side_by_side(args.baseline_tree, pairs, rounds)
+        print(json.dumps(both, indent=2) if args.json else format_side_by_side(both))
+        return 0
     report = run_stages_bench(max(1, args.rounds))
     print(json.dumps(report, indent=2) if args.json else format_stages(report))
     return 0

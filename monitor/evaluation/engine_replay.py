@@ -107,11 +107,16 @@ def pack_features(packs: Sequence[FeaturePack]) -> dict[str, float | None]:
 
 def pooling_notes(ruleset: RuleSet, packs: Sequence[FeaturePack]) -> list[str]:
     """One line per rule that pools a probe differently from how the pack says it was fitted
-    and calibrated: ``rolling_mean(<feature>, W)`` with ``for: K`` against the pack's
-    ``max_rolling_mean:W',for:K'``. Such a rule still works, but it does not serve the score
-    the probe was trained through and `eval` measured per feature (after a `pack fit` that
-    chose another pooling, the shipped rules need the pack's window and guard)."""
-    from monitor.features.build.scoring import aggregation_guard, parse_aggregation
+    and calibrated: ``rolling_mean(<feature>, W)`` with ``for: K`` (and ``window_roles:`` for a
+    ``,roles`` aggregation, none otherwise) against the pack's ``max_rolling_mean:W',for:K'``.
+    Such a rule still works, but it does not serve the score the probe was trained through and
+    `eval` measured per feature (after a `pack fit` that chose another pooling, the shipped
+    rules need the pack's window, guard and window roles)."""
+    from monitor.features.build.scoring import (
+        aggregation_guard,
+        aggregation_masked,
+        parse_aggregation,
+    )
 
     fitted: dict[str, str] = {}
     for pack in packs:
@@ -129,14 +134,18 @@ def pooling_notes(ruleset: RuleSet, packs: Sequence[FeaturePack]) -> list[str]:
             if aggregation is None:
                 continue
             window = int(ins.param[0])
-            expected = (parse_aggregation(aggregation)[1], aggregation_guard(aggregation))
-            if (window, rule.for_tokens) != expected:
+            masked = aggregation_masked(aggregation)
+            expected = (parse_aggregation(aggregation)[1], aggregation_guard(aggregation), masked)
+            if (window, rule.for_tokens, bool(rule.window_roles)) != expected:
+                served = "window_roles: [...]" if rule.window_roles else "no window_roles"
+                wanted = "window_roles: the labeled roles" if masked else "no window_roles"
                 notes.append(
                     f"rule {rule.name!r} pools {feature} as rolling_mean(., {window}) with "
-                    f"for: {rule.for_tokens}, but the pack fitted and calibrated it as "
-                    f"{aggregation} (rolling_mean(., {expected[0]}) with for: {expected[1]} "
-                    "tokens): it does not serve the score the probe was trained for (fine if "
-                    "it is meant to pool differently, e.g. on another role)"
+                    f"for: {rule.for_tokens} and {served}, but the pack fitted and calibrated "
+                    f"it as {aggregation} (rolling_mean(., {expected[0]}) with for: "
+                    f"{expected[1]} tokens and {wanted}): it does not serve the score the "
+                    "probe was trained for (fine if it is meant to pool differently, e.g. on "
+                    "another role)"
                 )
     return notes
 

@@ -50,6 +50,7 @@ RULE_KEYS = (
     "for",
     "scope",
     "roles",
+    "window_roles",
     "cooldown",
     "exceptions",
     "labels",
@@ -60,7 +61,15 @@ RULE_KEYS = (
 )
 REQUIRED_RULE_KEYS = ("rule", "condition", "severity")
 # Keys whose values combine: conditions are and-ed, lists concatenated, mappings merged.
-APPENDABLE_KEYS = ("condition", "exceptions", "roles", "labels", "annotations", "actions")
+APPENDABLE_KEYS = (
+    "condition",
+    "exceptions",
+    "roles",
+    "window_roles",
+    "labels",
+    "annotations",
+    "actions",
+)
 OVERRIDABLE_KEYS = tuple(key for key in RULE_KEYS if key != "rule")
 OVERRIDE_MODES = ("append", "replace")
 EXCEPTION_KEYS = ("name", "desc", "attributes")
@@ -334,6 +343,7 @@ class RuleBuilder:
             condition=condition,  # type: ignore[arg-type]  # None only when failed
             for_tokens=self.tokens(self.last("for"), "for", 1),
             roles=self.roles(),
+            window_roles=self.roles("window_roles"),
             labels=self.mapping("labels", template=False),
             output=self.output(),
             actions=self.actions(),
@@ -417,9 +427,10 @@ class RuleBuilder:
                 self.error(where, f"'{what}' entries must be non-empty strings", item)
         return values
 
-    def roles(self) -> tuple[str, ...]:
-        """The roles the rule applies to, all `roles` values merged (empty: every role)."""
-        return tuple(dict.fromkeys(v for f in self.all("roles") for v in self.strings(f, "roles")))
+    def roles(self, key: str = "roles") -> tuple[str, ...]:
+        """The roles the rule applies to (`roles`) or whose tokens its temporal functions take
+        in (`window_roles`), all values of the key merged (empty: every role)."""
+        return tuple(dict.fromkeys(v for f in self.all(key) for v in self.strings(f, key)))
 
     def actions(self) -> tuple[str, ...]:
         """The rule's actions (`alert` when absent), each checked."""

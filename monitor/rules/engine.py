@@ -22,6 +22,7 @@ each other in magnitude (and ewma's weighted products are rounded); past that, a
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import threading
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -324,6 +325,7 @@ _END = operator.attrgetter("end")
 _ANY = np.logical_or.reduce
 _ALL = np.logical_and.reduce
 _MIN = np.minimum.reduce
+_SUM = np.add.reduce
 _ROLE = operator.attrgetter("role")
 _ATTRIBUTES = operator.attrgetter("attributes")
 
@@ -672,6 +674,13 @@ class RuleEngine:
         self._request_seen = np.array(
             [slot.counted for slot in request if slot.counted >= 0], dtype=np.int64
         )
+        # Tokens-seen columns of functions restricted to some roles (``window_roles``): they
+        # count only those roles' tokens. Empty for rule sets that restrict none.
+        self._masked_counted = [
+            (slot.counted, slot.roles)
+            for slot in program.temporal
+            if slot.roles and slot.counted >= 0
+        ]
         self._ruleset, self._rules, self._runs, self._fired = ruleset, rules, runs, fired
         self._program, self._history, self._seen = program, history, seen
         self._for = np.array([rule.for_tokens for rule in rules], dtype=np.int64)
@@ -1073,6 +1082,10 @@ def state_bytes_per_conversation(rules: Sequence[Rule]) -> int:
     return 16 * len(rules) + 4 * program.history_width + 8 * program.counted_width + 8
 
 
+# Unweighted window sums: a restricted one's decode step is a sum of its carried window.
+_PLAIN_SUMS = frozenset({"rolling_sum", "rolling_mean", "count_over"})
+
+
 def _columns(slot: TemporalSlot) -> slice:
     return slice(slot.offset, slot.offset + slot.kept)
 
@@ -1089,6 +1102,7 @@ class _WaveTemporal:
         self.seen = engine._seen.data[wave.at]  # [S, counted]
         self.updated = np.empty_like(self.history)
         self.step = wave.uniform and wave.width == 1  # one token per slice: a decode step
+        self._in_roles: dict[frozenset[str], np.ndarray] = {}  # window roles -> [S] bool
         if self.step and self.history.shape[1]:
             # Every window moves on by one token: one shift for all functions' columns; the
             # step kernels then write each function's newest value into its last column.
@@ -1101,10 +1115,77 @@ class _WaveTemporal:
             kernel = self.engine._step_kernel(slots)
             out = kernel(self.history, self.seen, self.updated, xs)
             if out is not None:
+                for t in kernel.masked:  # restricted to some roles: not in the kernel
+                    out[t] = self._compute_masked(slots[t], xs[t])
                 return out
         return np.stack([self.compute_one(slot, x) for slot, x in zip(slots, xs, strict=True)])
 
+    def in_roles(self, roles: frozenset[str]) -> np.ndarray:
+        """[S] bool: which of the wave's slices are of one of ``roles`` (a slice's rows share
+        its role, so the mask is per slice)."""
+        mask = self._in_roles.get(roles)
+        if mask is None:
+            slices = self.wave.slices
+            mask = np.fromiter(map(roles.__contains__, map(_ROLE, slices)), bool, len(slices))
+            self._in_roles[roles] = mask
+        return mask
+
+    def _compute_masked(self, slot: TemporalSlot, values: np.ndarray) -> np.ndarray:
+        """A function restricted to ``slot.roles``: a slice of those roles extends its window
+        as usual; a slice of another role takes nothing in, and every one of its tokens gets
+        the function's value at the roles' last token, recomputed from the carried window
+        (``kept`` is the whole window here). Before any token of the roles that value is the
+        function's empty one: 0 for sums, means, ewma and delta, -inf/+inf for max/min."""
+        wave, kept = self.wave, slot.kept
+        inside = self.in_roles(slot.roles)
+        carried = self.history[:, slot.offset : slot.offset + kept]  # [S, kept]
+        if self.step and slot.kind in _PLAIN_SUMS:
+            out = self._step_masked_sum(slot, values, inside, carried)
+            if out is not None:
+                return out
+        ext = np.concatenate([carried, wave.pad(values, slot.fill)], axis=1)
+        seen = self.seen[:, slot.counted] if slot.counted >= 0 else None
+        if slot.kind == "cummax":
+            ext = _running_max(ext)
+            out, held = ext[:, 1:], carried
+        else:
+            out = _apply_window(slot, ext[:, 1:], seen, wave.width)
+            # The window that ended at the roles' last token: its seen count was one less.
+            before = None if seen is None else np.maximum(seen - 1, 0)
+            held = _apply_window(slot, carried, before, 1)
+        out = np.where(inside[:, None], out, held)
+        lengths = np.where(inside, wave.lengths, 0)
+        take = lengths[:, None] + np.arange(kept)
+        self.updated[:, slot.offset : slot.offset + kept] = np.take_along_axis(ext, take, 1)
+        return wave.unpad(out)
+
+    def _step_masked_sum(
+        self, slot: TemporalSlot, x: np.ndarray, inside: np.ndarray, carried: np.ndarray
+    ) -> np.ndarray | None:
+        """A decode step of a restricted rolling sum, mean or count: one float64 sum of the
+        carried window (its whole window, ``kept`` = n) gives both the value held at another
+        role's token and, less the oldest value plus the new one, the moved window's. The
+        float64 sums are exact (module docstring), so this equals ``_apply_window``'s. None
+        (nothing written) when a value is not finite: the general path handles it."""
+        n = slot.kept
+        total = carried.sum(axis=1, dtype=np.float64)
+        if not (_ALL(np.isfinite(total), axis=None) and _ALL(np.isfinite(x), axis=None)):
+            return None
+        moved = total - carried[:, 0] + x
+        if slot.kind == "rolling_mean":
+            seen = self.seen[:, slot.counted]
+            moved /= np.minimum(seen + 1, n)
+            total /= np.maximum(np.minimum(seen, n), 1)  # 0 / 1 before any of the roles
+        columns = self.updated[:, slot.offset : slot.offset + n]
+        columns[...] = carried  # another role's token: the window stays
+        if _ANY(inside, axis=None):
+            columns[inside, :-1] = carried[inside, 1:]
+            columns[inside, -1] = x[inside]
+        return np.where(inside, moved, total).astype(np.float32)
+
     def compute_one(self, slot: TemporalSlot, values: np.ndarray) -> np.ndarray:
+        if slot.roles:
+            return self._compute_masked(slot, values)
         wave = self.wave
         kept = slot.kept
         carried = self.history[:, slot.offset : slot.offset + kept]  # [S, kept]
@@ -1128,10 +1209,17 @@ class _WaveTemporal:
         engine, at = self.engine, self.wave.at
         engine._history.data[at] = self.updated
         if self.seen.shape[1]:
+            lengths = self.wave.lengths
+            added: int | np.ndarray = 1 if self.step else lengths[:, None]
+            if engine._masked_counted:
+                # Functions restricted to some roles count only those roles' tokens.
+                added = np.broadcast_to(added, self.seen.shape).copy()
+                for column, roles in engine._masked_counted:
+                    added[:, column] = np.where(self.in_roles(roles), lengths, 0)
             if isinstance(at, slice):  # ``seen`` is a view of the state: counted in place
-                self.seen += 1 if self.step else self.wave.lengths[:, None]
+                self.seen += added
             else:
-                engine._seen.data[at] = self.seen + self.wave.lengths[:, None]
+                engine._seen.data[at] = self.seen + added
 
 
 class _StepKernel:
@@ -1153,7 +1241,10 @@ class _StepKernel:
         self.width = width
         self.history_width = history_width
         self.sum_width = sum_width
-        sums = [t for t, slot in enumerate(slots) if slot.kind in SUMS]
+        sums = [t for t, slot in enumerate(slots) if slot.kind in SUMS and not slot.roles]
+        # Functions restricted to some roles are left to ``_WaveTemporal._compute_masked``
+        # (the caller fills their rows of the output); their columns get weight 0 here.
+        self.masked = [t for t, slot in enumerate(slots) if slot.roles]
         # Rows: the sum-type history columns, then this stage's new values of sum functions.
         weights = np.zeros((sum_width + len(sums), len(sums)), dtype=np.float64)
         divisors: list[np.ndarray] = []
@@ -1166,6 +1257,8 @@ class _StepKernel:
         cummax_to: list[int] = []
         cummax_from: list[int] = []
         for t, slot in enumerate(slots):
+            if slot.roles:
+                continue
             n = slot.kept + 1  # carried values, then the new one
             if slot.kind in SUMS:
                 j = sums.index(t)
@@ -1202,6 +1295,8 @@ class _StepKernel:
         # ``_counts`` is ``windows`` for every row.
         self.full_after = int(self.windows.max()) - 1 if len(sums) else 0
         self.full_divisors = self.divisors[self.bases + self.windows] if len(sums) else None
+        # A column: the sums transposed (functions by rows) are divided in one call.
+        self.full_divisors_t = None if self.full_divisors is None else self.full_divisors[:, None]
         self.sum_rows = _index(sums)
         self.newest_to = _index(newest_to, strided=True)
         self.newest_from = _index(newest_from, strided=True)
@@ -1231,17 +1326,24 @@ class _StepKernel:
             # made, so a non-finite input makes its row's sums non-finite (NaN where its
             # weight is 0), and float64 sums of float32 values cannot overflow: the sums are
             # finite exactly when the inputs are, and checking them is the cheaper check.
-            if not _ALL(np.isfinite(sums), axis=None):
+            # Their total is finite exactly when they all are (a few thousand sums of at
+            # most ~1e42 each cannot overflow float64 either): one reduction, no temporary.
+            if not math.isfinite(_SUM(sums, axis=None)):
                 return None
-            if self.divided:
-                if seen.shape[1] and _MIN(seen, axis=None) >= self.full_after:
-                    # Every conversation has filled every window (the steady decode state):
-                    # the divisors are those of full windows, one vector for all rows.
-                    sums /= self.full_divisors
+            if not self.divided:
+                out[self.sum_rows] = sums.T
+            elif seen.shape[1] and _MIN(seen, axis=None) >= self.full_after:
+                # Every conversation has filled every window (the steady decode state): the
+                # divisors are those of full windows, one vector for all rows; divided in
+                # float64 and rounded to float32 once, as the assignment below does.
+                if self.sum_rows.__class__ is slice:
+                    np.divide(sums.T, self.full_divisors_t, out=out[self.sum_rows])
                 else:
-                    counts = self._counts(seen, rows)
-                    sums /= self.divisors[self.bases + counts]
-            out[self.sum_rows] = sums.T
+                    out[self.sum_rows] = (sums / self.full_divisors).T
+            else:
+                counts = self._counts(seen, rows)
+                sums /= self.divisors[self.bases + counts]
+                out[self.sum_rows] = sums.T
         for t, first, last, maximum in self.extrema:
             carried = history[:, first:last]
             if maximum:

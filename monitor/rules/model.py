@@ -37,7 +37,8 @@ class RuleException:
 @dataclass
 class Rule:
     """One compiled rule: its condition, how long it must hold (`for_tokens`), which roles and
-    scope it applies to, cooldown, exceptions, and what a firing carries (severity, category,
+    scope it applies to, which roles' tokens its temporal functions take in (`window_roles`,
+    empty: every role), cooldown, exceptions, and what a firing carries (severity, category,
     labels, annotations, the rendered `output`, actions). `source` points at its YAML.
     """
 
@@ -57,11 +58,17 @@ class Rule:
     cooldown_tokens: int = 0
     exceptions: tuple[RuleException, ...] = ()
     annotations: dict[str, str] = field(default_factory=dict)
+    window_roles: tuple[str, ...] = ()
 
     @property
-    def state_key(self) -> tuple[str, str, int, str]:
+    def window_key(self) -> tuple[str, ...]:
+        """``window_roles`` as a set (sorted): what temporal state is kept per (empty: all)."""
+        return tuple(sorted(set(self.window_roles)))
+
+    @property
+    def state_key(self) -> tuple[str, str, int, str, tuple[str, ...]]:
         """What must stay equal across a reload for the engine to keep this rule's state."""
-        return (self.name, self.condition.digest, self.for_tokens, self.scope)
+        return (self.name, self.condition.digest, self.for_tokens, self.scope, self.window_key)
 
     def applies_to(self, attributes: Mapping[str, str]) -> bool:
         """Whether this rule evaluates a sequence: its role is listed and no exception matches."""

@@ -11,8 +11,9 @@ Temporal functions need per-conversation state; ``TemporalSlot`` says where a fu
 lives in the engine's single history array, and the engine computes them (``temporal`` callback).
 
 A sub-expression that depends on a temporal function is only shared between rules of the same
-scope: a ``request``-scoped rolling mean restarts with each request, a conversation-scoped one
-does not, so the same text has different values.
+scope and the same ``window_roles``: a ``request``-scoped rolling mean restarts with each
+request, a conversation-scoped one does not, and a window over the user's tokens alone is not
+one over every token, so the same text has different values.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 from monitor.rules.expressions import FUNCTIONS, MAX_WINDOW, Instr
 from monitor.rules.model import Rule
 
-TemporalKey = tuple[str, str]  # (scope, expression digest)
+TemporalKey = tuple[str, tuple[str, ...], str]  # (scope, window roles, expression digest)
 Value = Any  # a numpy array of one value per row, or a numpy scalar (constants)
 
 # "Empty" values a window starts from: neutral for the function, so history before the first
@@ -50,11 +51,14 @@ def window(kind: str, param: tuple[float, ...]) -> int:
 
 @dataclass(frozen=True)
 class TemporalSlot:
-    """One temporal (scope, expression): its function and where its state lives.
+    """One temporal (scope, window roles, expression): its function and where its state lives.
 
     ``offset``/``kept`` are its columns in the engine's history array (the last ``kept``
     inputs; for ``cummax`` the running maximum); ``counted`` is its column in the tokens-seen
-    array, or -1 when the function does not need one.
+    array, or -1 when the function does not need one. ``roles`` (empty: every role) are the
+    roles whose tokens it takes in; such a function keeps one more input (``kept`` is its whole
+    window) so that at a token of another role its value at the roles' last token can be
+    recomputed from its state alone.
     """
 
     key: TemporalKey
@@ -65,6 +69,7 @@ class TemporalSlot:
     kept: int
     fill: float
     counted: int
+    roles: frozenset[str] = frozenset()
 
 
 TemporalFn = Callable[[list[TemporalSlot], np.ndarray], np.ndarray]
@@ -157,7 +162,7 @@ class Program:
     def __init__(self, rules: Sequence[Rule]) -> None:
         self.temporal: list[TemporalSlot] = []
         nodes: list[_Node] = []
-        index: dict[tuple[str, str], int] = {}
+        index: dict[tuple[str, tuple[str, ...], str], int] = {}
         width = counted = 0
         self.sum_width = 0  # history columns of the sum-type functions (placed first)
         cond_nodes: list[int] = []
@@ -169,12 +174,12 @@ class Program:
                 spec = FUNCTIONS.get(ins.kind)
                 is_temporal = spec is not None and spec.temporal
                 depends = is_temporal or any(stateful[a] for a in ins.args)
-                key = (rule.scope if depends else "", ins.key)
+                key = (rule.scope if depends else "", rule.window_key if depends else (), ins.key)
                 node = index.get(key)
                 if node is None:
                     args = [local[a] for a in ins.args]
                     if is_temporal:
-                        slot = self._slot((rule.scope, ins.key), ins, width, counted)
+                        slot = self._slot(key, ins, width, counted)  # type: ignore[arg-type]
                         width += slot.kept
                         counted += slot.counted >= 0
                         nodes.append(_Node(ins.kind, args, slot=len(self.temporal)))
@@ -287,7 +292,8 @@ class Program:
     @staticmethod
     def _slot(key: TemporalKey, ins: Instr, offset: int, counted: int) -> TemporalSlot:
         n = window(ins.kind, ins.param)
-        kept = n if ins.kind == "cummax" else n - 1
+        roles = frozenset(key[1])
+        kept = n if ins.kind == "cummax" or roles else n - 1
         return TemporalSlot(
             key=key,
             kind=ins.kind,
@@ -297,6 +303,7 @@ class Program:
             kept=kept,
             fill=_FILL.get(ins.kind, 0.0),
             counted=counted if ins.kind in COUNTED else -1,
+            roles=roles,
         )
 
     def allocate(self, rows: int) -> np.ndarray:

@@ -151,7 +151,8 @@ class ConversationTable:
         """The batch's sequences from its arrays: what `Sequence` messages would have given,
         scoped by `scope` or, when set, by each conversation's `scope_attribute`. Raises
         BatchRejected (located) on a problem."""
-        slot_ids = list(columns.slot)
+        # A slice of a repeated field is a list, made in about half the time list() takes.
+        slot_ids = columns.slot[:]
         count = len(slot_ids)
         if not count:
             raise BatchRejected("no_sequences", "columns.slot", "columns.slot: no sequences")
@@ -169,7 +170,7 @@ class ConversationTable:
                 f"columns.slot: {count} conversations in one batch exceed max_conversations "
                 f"({limits.max_conversations}), the most the sidecar tracks at once",
             )
-        rows, positions, ends = list(columns.rows), list(columns.position), list(columns.end)
+        rows, positions, ends = columns.rows[:], columns.position[:], columns.end[:]
         for name, values, allow_empty in (
             ("rows", rows, False),
             ("position", positions, False),
@@ -199,7 +200,7 @@ class ConversationTable:
                         f"columns.position[{i}]: {position} + {n} rows is past the largest "
                         f"supported position {MAX_POSITION}",
                     )
-        texts = list(columns.tokens)
+        texts = columns.tokens[:]
         total = sum(rows)
         if texts and len(texts) != total:
             raise BatchRejected(

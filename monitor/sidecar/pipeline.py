@@ -28,7 +28,7 @@ from monitor.sidecar.firings import (
     log_firing,
     ruleset_hash,
 )
-from monitor.sidecar.grouping import GroupState, merge_steps
+from monitor.sidecar.grouping import GroupState, StepGroup, merge_steps
 from monitor.sidecar.validate import (
     BatchRejected,
     EncoderCatalog,
@@ -224,10 +224,35 @@ class Pipeline:
             self.metrics.position_gaps.inc(result.gaps)
         if result.evicted:
             self.metrics.conversations_evicted.inc(result.evicted)
-        self.metrics.conversations.set(self.engine.tracked_conversations)
+        self.metrics.show_conversations(self.engine.tracked_conversations)
         dispatched = self._dispatch(batch, features, result.firings)
+        if not result.firings:
+            # The usual step: nothing fired, nothing withheld, each step's Ack alone (what
+            # the loop below gives, without its per-step lists).
+            for index, member in group:
+                ack = pb.Ack(seq_no=member.seq_no, rows=member.rows, alerts=0)
+                outcomes[index] = BatchOutcome([pb.MonitorEvent(ack=ack)], [], {})
+        else:
+            self._firing_outcomes(group, steps, result.firings, dispatched, outcomes)
+        self.metrics.tokens.inc(batch.rows)
+        self.metrics.batches.inc(len(group))
+        if len(group) > 1:
+            self.metrics.batches_grouped.inc(len(group))
+        elapsed = time.perf_counter() - started
+        for _ in group:  # each step waited for the whole group
+            self.metrics.batch_seconds.observe(elapsed)
+
+    def _firing_outcomes(
+        self,
+        group: list[tuple[int, ValidatedBatch]],
+        steps: StepGroup,
+        fired: list[Firing],
+        dispatched: DispatchResult,
+        outcomes: list[BatchOutcome | None],
+    ) -> None:
+        """Each step's firings logged, its sendable alerts, then its Ack (or BatchError)."""
         sendable = {id(firing) for firing in dispatched.sendable}
-        for (index, member), firings in zip(group, steps.split(result.firings), strict=True):
+        for (index, member), firings in zip(group, steps.split(fired), strict=True):
             for firing in firings:
                 log_firing(self.metrics, member, firing, self.redaction)
             sent = [firing for firing in firings if id(firing) in sendable]
@@ -236,13 +261,6 @@ class Pipeline:
                 closing_event(self.metrics, member, sent, len(firings), dispatched.audit_status)
             )
             outcomes[index] = BatchOutcome(events, firings, {})
-        self.metrics.tokens.inc(batch.rows)
-        self.metrics.batches.inc(len(group))
-        if len(group) > 1:
-            self.metrics.batches_grouped.inc(len(group))
-        elapsed = time.perf_counter() - started
-        for _ in group:  # each step waited for the whole group
-            self.metrics.batch_seconds.observe(elapsed)
 
     def evaluate_once(self, batch: pb.StepBatch, include_features: bool = False) -> BatchOutcome:
         """Score a batch with fresh rule state (the Evaluate RPC); shares no stream state.
@@ -320,8 +338,7 @@ class Pipeline:
             if values is None:
                 pack, hook_point = self._packs[key[0]], key[1]
                 values = self.encode_block(pack, hook_point, batch)
-            # The rules engine runs on CPU.
-            encoded[key] = values.detach().to("cpu", torch.float32).numpy()
+            encoded[key] = _cpu_float32(values)
         features: Mapping[str, np.ndarray]
         if len(encoded) == 1:
             (block,) = encoded.values()
@@ -361,6 +378,17 @@ class Pipeline:
             seq_no=seq_no, reason=rejected.reason, field=rejected.field, message=rejected.message
         )
         return BatchOutcome([pb.MonitorEvent(error=error)], [], {})
+
+
+def _cpu_float32(values: torch.Tensor) -> np.ndarray:
+    """A float32 numpy view of an encoded block (the rules engine runs on CPU, on numpy): the
+    tensor itself when it is one already (the usual case: one torch call, not three)."""
+    if values.dtype is torch.float32:
+        try:
+            return values.numpy()
+        except (RuntimeError, TypeError):  # on a GPU, or needs grad
+            pass
+    return values.detach().to("cpu", torch.float32).numpy()
 
 
 def _d_model_by_hook_point(packs: Sequence[FeaturePack]) -> dict[str, int]:

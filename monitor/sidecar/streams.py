@@ -103,6 +103,8 @@ class StreamBudget:
     async def wait_for_room(self) -> None:
         """Until one more batch may be read: fewer than `max_batches` held and fewer than
         `max_bytes` (so a stream holds at most `max_bytes` plus one message)."""
+        if self.batches < self.max_batches and self.bytes < self.max_bytes:
+            return  # the usual case: room now, no lock to take (one event loop: no race)
         async with self._changed:
             await self._changed.wait_for(
                 lambda: self.batches < self.max_batches and self.bytes < self.max_bytes

@@ -7,17 +7,17 @@ bytes are viewed, and every row is checked for NaN/Inf.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from monitor.rules import SequenceSlice
 from monitor.sidecar.config import Limits
-from monitor.wire import TensorDecodeError, decode_tensor, pb
+from monitor.wire import TensorDecodeError, decode_tensor_with_bytes, pb
 
 if TYPE_CHECKING:
     from monitor.sidecar.columns import ConversationTable
@@ -98,7 +98,7 @@ def validate_batch(
             f"sequences: {rows} rows exceed the limit of {limits.max_rows_per_batch} per batch",
         )
     activations = _validate_layers(batch, rows, catalog.d_model_of) if batch.layers else {}
-    encoded = _validate_feature_blocks(batch, rows, catalog)
+    encoded = _validate_feature_blocks(batch, rows, catalog) if batch.features else {}
     if not activations and not encoded:
         raise BatchRejected(
             "no_layers", "layers", "layers: the batch has no layers and no feature blocks"
@@ -304,7 +304,7 @@ def _validate_feature_blocks(
             raise BatchRejected(
                 "duplicate_hook_point", field, f"{field}: {key} appears more than once"
             )
-        values = _checked_tensor(block.values, f"{field}.values", rows, k, f"pack {k}")
+        values = _checked_tensor(block.values, f"{field}.values", rows, k)
         encoded[key] = values.to(torch.float32)
     return encoded
 
@@ -337,15 +337,15 @@ def _layer_tensor(
     layer: pb.Layer, field: str, rows: int, d_model_of: Mapping[str, int]
 ) -> torch.Tensor:
     d_model = d_model_of[layer.hook_point]
-    what = f"the pack's {d_model} for {layer.hook_point!r}"
-    return _checked_tensor(layer.activations, field, rows, d_model, what)
+    return _checked_tensor(layer.activations, field, rows, d_model, layer.hook_point)
 
 
 def _checked_tensor(
-    message: pb.Tensor, field: str, rows: int, width: int, expected_width: str
+    message: pb.Tensor, field: str, rows: int, width: int, hook_point: str = ""
 ) -> torch.Tensor:
-    """Shape [rows, width], decodable, finite -> a tensor viewing the message bytes."""
-    shape = list(message.shape)
+    """Shape [rows, width], decodable, finite -> a tensor viewing the message bytes. The width
+    is the pack's d_model for `hook_point` when given, else the pack's column count."""
+    shape = message.shape[:]  # a list
     if len(shape) != 2:
         raise BatchRejected(
             "bad_shape", f"{field}.shape", f"{field}.shape: expected [rows, width], got {shape}"
@@ -354,7 +354,8 @@ def _checked_tensor(
         raise BatchRejected(
             "d_model_mismatch",
             f"{field}.shape",
-            f"{field}.shape: width {shape[1]} does not match {expected_width}",
+            f"{field}.shape: width {shape[1]} does not match "
+            + (f"the pack's {width} for {hook_point!r}" if hook_point else f"pack {width}"),
         )
     if shape[0] != rows:
         raise BatchRejected(
@@ -364,10 +365,11 @@ def _checked_tensor(
         )
     try:
         # Kept in its wire dtype: the encoder reads BF16/FP16 directly (on GPU, in-kernel).
-        tensor = decode_tensor(message, field)
+        tensor, data = decode_tensor_with_bytes(message, field)
     except TensorDecodeError as exc:
         raise BatchRejected(exc.reason, exc.field, exc.message) from exc
-    if not _all_finite(tensor):
+    dtype = tensor.dtype
+    if data and not _finite_bits(np.frombuffer(data, _BITS[dtype][0]), dtype):
         bad_row = int((~torch.isfinite(tensor)).any(dim=1).nonzero()[0, 0])
         raise BatchRejected(
             "non_finite",
@@ -377,12 +379,32 @@ def _checked_tensor(
     return tensor
 
 
+# Per wire dtype: the signed and unsigned integers of its width, and the smallest bit pattern
+# of a non-finite value (all exponent bits set) as a positive and as a negative number.
+_BITS: dict[torch.dtype, tuple[type[np.signedinteger], type[np.unsignedinteger], int, int]] = {
+    torch.bfloat16: (np.int16, np.uint16, 0x7F80, 0xFF80),
+    torch.float16: (np.int16, np.uint16, 0x7C00, 0xFC00),
+    torch.float32: (np.int32, np.uint32, 0x7F800000, 0xFF800000),
+}
+
+
 def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN and no ±Inf. Both reach the minimum or the maximum (NaN propagates through
-    both), so one min/max pass decides it: 10-20x faster on a CPU than
-    `isfinite(tensor).all()`, which was the largest part of validating a BF16 batch. The two
-    values are checked as Python floats: two more tensor ops cost as much as the pass."""
+    """No NaN and no ±Inf in a tensor of a wire dtype (see ``_finite_bits``)."""
     if tensor.numel() == 0:
         return True
-    low, high = torch.aminmax(tensor)
-    return math.isfinite(low.item()) and math.isfinite(high.item())
+    signed = _BITS[tensor.dtype][0]
+    bits = tensor.contiguous().view(torch.int16 if signed is np.int16 else torch.int32)
+    return _finite_bits(bits.numpy().reshape(-1), tensor.dtype)
+
+
+def _finite_bits(bits: np.ndarray, dtype: torch.dtype) -> bool:
+    """No NaN and no ±Inf among the floats of ``dtype`` whose bit patterns are ``bits`` (signed
+    integers of the same width, at least one). A value is NaN or ±Inf when all its exponent
+    bits are set: as a signed integer a positive one is then at least ``0x7F80`` (BF16), and
+    as an unsigned integer a negative one is at least ``0xFF80``, while every finite value is
+    below both. So two integer maxima decide it, with no temporary array and no float
+    compare: several times faster on a CPU than ``isfinite(tensor).all()`` or a float
+    min/max, and numpy calls, which cost less than torch ones when the caches are cold (as
+    they are right after an encode)."""
+    _, unsigned, positive, negative = _BITS[dtype]
+    return bool(bits.max() < positive and bits.view(unsigned).max() < negative)

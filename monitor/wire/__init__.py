@@ -10,7 +10,13 @@ from monitor.wire.safety_monitor.v1 import monitor_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SafetyMonitor"].full_name
 
-_CODEC = ("WIRE_DTYPES", "TensorDecodeError", "decode_tensor", "encode_tensor")
+_CODEC = (
+    "WIRE_DTYPES",
+    "TensorDecodeError",
+    "decode_tensor",
+    "decode_tensor_with_bytes",
+    "encode_tensor",
+)
 
 __all__ = ["SERVICE_NAME", "pb", "pb_grpc", *_CODEC]
 

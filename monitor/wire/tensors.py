@@ -4,6 +4,7 @@ anyway, so the view is only ever read."""
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -49,6 +50,13 @@ def encode_tensor(tensor: torch.Tensor) -> pb.Tensor:
 
 def decode_tensor(message: pb.Tensor, field: str) -> torch.Tensor:
     """View a Tensor message as a torch tensor, or raise TensorDecodeError naming `field`."""
+    return decode_tensor_with_bytes(message, field)[0]
+
+
+def decode_tensor_with_bytes(message: pb.Tensor, field: str) -> tuple[torch.Tensor, bytes]:
+    """``decode_tensor``, and the bytes the tensor views: a check that reads them with numpy
+    (the sidecar's finite check) needs no torch call, and a torch call costs several numpy
+    ones when the caches are cold, as they are right after an encode."""
     dtype = WIRE_DTYPES.get(message.dtype)
     if dtype is None:
         raise TensorDecodeError(
@@ -57,14 +65,12 @@ def decode_tensor(message: pb.Tensor, field: str) -> torch.Tensor:
             f"{field}.dtype: unknown dtype {message.dtype!r} (expected one of "
             f"{', '.join(WIRE_DTYPES)})",
         )
-    shape = list(message.shape)
-    if any(dim < 0 for dim in shape):
+    shape = message.shape[:]  # a list
+    if min(shape, default=0) < 0:
         raise TensorDecodeError(
             "bad_shape", f"{field}.shape", f"{field}.shape: negative dimension in {shape}"
         )
-    count = 1
-    for dim in shape:
-        count *= dim
+    count = math.prod(shape)
     itemsize = dtype.itemsize
     # Read once: each read of a bytes field hands out a new copy (10 us for a decode step).
     data = message.data
@@ -76,5 +82,5 @@ def decode_tensor(message: pb.Tensor, field: str) -> torch.Tensor:
             f"{count * itemsize}",
         )
     if count == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype).view(shape)
+        return torch.empty(shape, dtype=dtype), data
+    return torch.frombuffer(data, dtype=dtype).view(shape), data

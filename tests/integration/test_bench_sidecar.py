@@ -78,3 +78,21 @@ def test_stages_bench_reports_each_stage_without_a_sidecar(capsys):
     assert "all but the encode per 8-conversation decode step" in format_stages(report)
     assert main(["bench", "stages", "--rounds", "1", "--json"]) == 0
     assert '"decode-col"' in capsys.readouterr().out
+
+
+def test_stages_bench_side_by_side_runs_both_checkouts_alternately(tmp_path):
+    from pathlib import Path
+
+    from monitor.bench.stages import format_side_by_side, run_side_by_side
+
+    with pytest.raises(ValueError, match="not a checkout"):
+        run_side_by_side(str(tmp_path))
+    # This checkout as its own baseline: both sides run, in processes of their own.
+    here = Path(__file__).resolve().parents[2]
+    report = run_side_by_side(str(here), pairs=2, rounds=1, conversations=8)
+    decode = report["decode_col_all_but_encode_ms"]
+    assert len(decode["this"]) == len(decode["baseline"]) == 2
+    assert all(ms > 0 for runs in decode.values() for ms in runs)
+    assert report["median_ratio_baseline_over_this"] > 0
+    assert set(report["stages"]["baseline"]) == {"decode", "decode-col", "prefill"}
+    assert "median ratio baseline/this" in format_side_by_side(report)

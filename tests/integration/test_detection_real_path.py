@@ -142,15 +142,17 @@ def test_pack_calibrate_warns_when_calibration_data_overlaps_the_fit(workdir, ca
     assert info.threshold_pooling == info.aggregation and info.target_fpr == 0.05
 
 
-@pytest.mark.parametrize("whole_turn", [False, True])
+@pytest.mark.parametrize("pooling_kind", ["window", "whole_turn", "role_masked"])
 def test_the_served_rule_reproduces_the_offline_score(
-    workdir, capsys, tmp_path, whole_turn
+    workdir, capsys, tmp_path, pooling_kind
 ) -> None:
     """Per-token probe values, streamed by the capture client to a real sidecar and pooled by
     `rolling_mean(f, W) > t` on the labeled role, fire in exactly the conversations whose
     offline score (the pack's aggregation) is above t; the sidecar's per-token values are the
     offline ones. The same for the guarded whole-turn mean (`rolling_mean(f, 512) > t` with
-    `for: 4 tokens`, aggregation ``max_rolling_mean:512,for:4``)."""
+    `for: 4 tokens`, aggregation ``max_rolling_mean:512,for:4``) and its role-masked form
+    (``window_roles: [assistant]``, aggregation ``max_rolling_mean:512,for:4,roles``)."""
+    whole_turn = pooling_kind != "window"
     pack_path = fit_pack(workdir, capsys)
     pack = load_pack(pack_path)
     info = next(f for f in pack.features() if f.name == "secrecy")
@@ -163,7 +165,11 @@ def test_the_served_rule_reproduces_the_offline_score(
     values = [
         pack.encode(info.hook_point, t.activations[info.hook_point])[:, column] for t in tokens
     ]
-    aggregation = "max_rolling_mean:512,for:4" if whole_turn else info.aggregation
+    aggregation = {
+        "window": info.aggregation,
+        "whole_turn": "max_rolling_mean:512,for:4",
+        "role_masked": "max_rolling_mean:512,for:4,roles",
+    }[pooling_kind]
     scores = [
         conversation_score(v, t.labeled, aggregation) for v, t in zip(values, tokens, strict=True)
     ]
@@ -174,6 +180,13 @@ def test_the_served_rule_reproduces_the_offline_score(
         if whole_turn
         else ("rolling_mean(secrecy, 3) > t")
     )
+    if pooling_kind == "role_masked":
+        pooling += "\n    window_roles: [assistant]"
+        unmasked = [
+            conversation_score(v, t.labeled, "max_rolling_mean:512,for:4")
+            for v, t in zip(values, tokens, strict=True)
+        ]
+        assert unmasked != scores  # the user turns before the answer move the unmasked mean
     rules.write_text(
         "features:\n  secrecy: probes/secrecy\nthresholds:\n"
         f"  t: {threshold!r}\n"

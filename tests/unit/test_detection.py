@@ -4,6 +4,7 @@ threshold search of `rules calibrate`."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from monitor.features.build.conversations import ConversationTokens
 from monitor.features.build.probes import ProbeFit, probe_encoder
 from monitor.features.build.scoring import (
     aggregation_guard,
+    aggregation_masked,
     auroc,
     conversation_score,
     parse_aggregation,
@@ -47,8 +49,9 @@ rules:
     severity: info
     condition: rolling_mean(f, {window}) > t
     roles: [assistant]
-    for: {guard} tokens
+    for: {guard} tokens{window_roles}
 """
+MASKED = "\n    window_roles: [assistant]"
 
 
 def _conversation(g: torch.Generator, turns: list[tuple[str, int]]) -> tuple[torch.Tensor, list]:
@@ -91,7 +94,7 @@ def test_rule_fires_exactly_when_the_offline_score_is_above_its_threshold(tmp_pa
         scores.append(conversation_score(values, labeled, f"max_rolling_mean:{window}"))
     threshold = sorted(scores)[len(scores) // 2]
     path = tmp_path / "r.yaml"
-    path.write_text(RULE.format(threshold=repr(threshold), window=window, guard=1))
+    path.write_text(RULE.format(threshold=repr(threshold), window=window, guard=1, window_roles=""))
     fired = _engine_fires(path, conversations)
     expected = {f"c{i}" for i, s in enumerate(scores) if s > threshold}
     assert set(fired) == expected and 20 < len(expected) < 40
@@ -102,13 +105,18 @@ def test_rule_fires_exactly_when_the_offline_score_is_above_its_threshold(tmp_pa
             assert value == pytest.approx(float(reference[position]), rel=1e-6, abs=1e-6)
 
 
-@pytest.mark.parametrize(("window", "guard"), [(512, 4), (512, 8), (4, 3)])
-def test_a_guarded_whole_turn_mean_rule_reproduces_its_score(tmp_path, window, guard):
+@pytest.mark.parametrize(
+    ("window", "guard", "masked"),
+    [(512, 4, False), (512, 8, False), (4, 3, False), (512, 4, True), (512, 8, True),
+     (512, 1, True), (4, 3, True)],
+)  # fmt: skip
+def test_a_guarded_whole_turn_mean_rule_reproduces_its_score(tmp_path, window, guard, masked):
     """`rolling_mean(f, 512) > t` with `for: K tokens` on the labeled role: the whole-turn mean
     (everything seen so far), which the first K - 1 tokens of a turn cannot fire on alone.
     It fires in a conversation iff max_rolling_mean:512,for:K is above t, also when the
     labeled role comes in several turns (another role breaks a `for` run) or is shorter
-    than K (never fires: the score is -inf)."""
+    than K (never fires: the score is -inf). With `window_roles: [assistant]` the mean takes
+    in the labeled role's tokens alone: it fires iff max_rolling_mean:512,for:K,roles is."""
     g = torch.Generator().manual_seed(guard)
     conversations = []
     for n in torch.randint(1, 24, (80,), generator=g).tolist():
@@ -119,16 +127,20 @@ def test_a_guarded_whole_turn_mean_rule_reproduces_its_score(tmp_path, window, g
             (), generator=g
         )  # a per-conversation offset, so whole-turn means differ between conversations
         conversations.append((values, turns))
-    aggregation = f"max_rolling_mean:{window},for:{guard}"
+    aggregation = f"max_rolling_mean:{window},for:{guard}" + (",roles" if masked else "")
     scores = []
     for values, turns in conversations:
         labeled = torch.tensor([r == "assistant" for r, n in turns for _ in range(n)])
         scores.append(conversation_score(values, labeled, aggregation))
     finite = sorted(s for s in scores if s > -math.inf)
-    assert len(finite) < len(scores)  # some conversations have no run of K labeled tokens
+    # some conversations have no run of K labeled tokens
+    assert len(finite) < len(scores) or guard == 1
     threshold = finite[len(finite) // 2]
     path = tmp_path / "r.yaml"
-    path.write_text(RULE.format(threshold=repr(threshold), window=window, guard=guard))
+    extra = MASKED if masked else ""
+    path.write_text(
+        RULE.format(threshold=repr(threshold), window=window, guard=guard, window_roles=extra)
+    )
     fired = _engine_fires(path, conversations)
     expected = {f"c{i}" for i, s in enumerate(scores) if s > threshold}
     assert set(fired) == expected and 10 < len(expected) < 60
@@ -142,7 +154,7 @@ def test_a_guarded_whole_turn_mean_rule_reproduces_its_score(tmp_path, window, g
         for i, (values, turns) in enumerate(conversations)
     ]  # fmt: skip
     grid = _Padded(tokens, "layers.0")
-    served = grid.pooled(grid.x[:, 0], window, None, guard)
+    served = grid.pooled(grid.x[:, 0], window, None, guard, masked)
     torch.testing.assert_close(
         served, torch.tensor(scores, dtype=torch.float64), rtol=1e-5, atol=1e-5
     )
@@ -171,9 +183,16 @@ def test_aggregations_parse_and_reject() -> None:
     assert parse_aggregation("max_rolling_mean:512,for:8") == ("max_rolling_mean", 512)
     assert aggregation_guard("max_rolling_mean:512,for:8") == 8
     assert aggregation_guard("max_rolling_mean:8") == 1
+    assert parse_aggregation("max_rolling_mean:512,for:8,roles") == ("max_rolling_mean", 512)
+    assert aggregation_guard("max_rolling_mean:512,for:8,roles") == 8
+    assert aggregation_masked("max_rolling_mean:512,for:8,roles")
+    assert aggregation_masked("max_rolling_mean:4,roles")
+    assert not aggregation_masked("max_rolling_mean:512,for:8")
     for bad in (
         "max_rolling_mean", "max_rolling_mean:0", "median", "mean:3", "mean,for:2",
         "max_rolling_mean:8,for:0", "max_rolling_mean:8,for:65", "max_rolling_mean:8,after:2",
+        "mean,roles", "max_rolling_mean:8,roles,roles", "max_rolling_mean:8,for:2,for:3",
+        "max_rolling_mean:8,role",
     ):  # fmt: skip
         with pytest.raises(FeatureError):
             parse_aggregation(bad)
@@ -498,14 +517,15 @@ def _diffuse_tokens(count: int, seed: int) -> list[ConversationTokens]:
 
 def test_fit_layers_chooses_the_whole_turn_mean_where_mean_pooling_works() -> None:
     """The windowed candidates' best (32 tokens) sees part of the turn; the whole-turn mean
-    (512 tokens, guarded), trained through, sees all of it and is chosen held out. It is
+    (the labeled role's last 512 tokens, guarded), trained through, sees all of it and is
+    chosen held out. It is
     still not mean pooling: a causal rule cannot know where the turn ends, so it fires on
     the best prefix of at least K tokens, and short noisy prefixes cost some AUROC against
     the same probe's mean over the finished turn (which no rule serves)."""
     fit_tokens, heldout, test = (_diffuse_tokens(240, s) for s in (6, 7, 8))
     (result,) = fit_layers(fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 8, 32))
     assert result.aggregation.startswith("max_rolling_mean:512,for:")
-    assert result.heldout["whole_turn_offered"] == 1.0
+    assert result.aggregation.endswith(",roles")
     assert result.heldout["auroc_whole_turn"] > result.heldout["auroc_windowed"] + 0.02
     labels = [t.label for t in test]
     served = auroc(score_conversations(test, "layers.0", result.fit, result.aggregation), labels)
@@ -536,14 +556,24 @@ def test_a_rule_that_pools_unlike_its_pack_is_named(tmp_path: Path) -> None:
         "probes", {"layers.1": HookPointEncoder("layers.1", probe_encoder(fit), [info])}
     )
     matching = tmp_path / "matching.yaml"
-    matching.write_text(RULE.format(threshold=1.0, window=512, guard=8))
+    matching.write_text(RULE.format(threshold=1.0, window=512, guard=8, window_roles=""))
     assert pooling_notes(load_rules([matching], pack_features([pack])), [pack]) == []
-    for window, guard in ((8, 8), (512, 1)):
-        other = tmp_path / f"other-{window}-{guard}.yaml"
-        other.write_text(RULE.format(threshold=1.0, window=window, guard=guard))
+    for window, guard, roles in ((8, 8, ""), (512, 1, ""), (512, 8, MASKED)):
+        other = tmp_path / f"other-{window}-{guard}-{bool(roles)}.yaml"
+        other.write_text(RULE.format(threshold=1.0, window=window, guard=guard, window_roles=roles))
         (line,) = pooling_notes(load_rules([other], pack_features([pack])), [pack])
         assert f"rolling_mean(., {window}) with for: {guard}" in line
         assert "max_rolling_mean:512,for:8" in line
+    # A role-masked aggregation wants `window_roles:` on the rule.
+    info = dataclasses.replace(info, aggregation="max_rolling_mean:512,for:8,roles")
+    pack = FeaturePack(
+        "probes", {"layers.1": HookPointEncoder("layers.1", probe_encoder(fit), [info])}
+    )
+    (line,) = pooling_notes(load_rules([matching], pack_features([pack])), [pack])
+    assert "no window_roles" in line and "window_roles: the labeled roles" in line
+    masked = tmp_path / "masked.yaml"
+    masked.write_text(RULE.format(threshold=1.0, window=512, guard=8, window_roles=MASKED))
+    assert pooling_notes(load_rules([masked], pack_features([pack])), [pack]) == []
 
 
 def _prompted(conversations: list[ConversationTokens], prompt: int) -> list[ConversationTokens]:
@@ -566,23 +596,69 @@ def _prompted(conversations: list[ConversationTokens], prompt: int) -> list[Conv
     return result
 
 
-def test_the_whole_turn_mean_is_not_offered_where_it_would_read_the_prompt() -> None:
-    fit_tokens, heldout = (_diffuse_tokens(120, s) for s in (6, 7))
-    assert not window_reads_other_roles(fit_tokens, 512)
-    prompted = _prompted(fit_tokens, 12)
-    assert window_reads_other_roles(prompted, 512)
-    assert window_reads_other_roles(prompted, 2)  # the first labeled token's window
-    # Labeled tokens first, other roles after: the means at labeled tokens read none of them.
-    answered = [
-        ConversationTokens(c.id, c.label, c.activations, c.roles[:-5] + ["assistant"] * 5,
-                           torch.cat([c.labeled[:-5], torch.zeros(5, dtype=torch.bool)]),
-                           [c.tokens - 5, 5])
-        for c in fit_tokens
-    ]  # fmt: skip
-    assert not window_reads_other_roles(answered, 512)
-    (result,) = fit_layers(
-        prompted, _prompted(heldout, 12), ["layers.0"], fpr=0.05, windows=(1, 8, 32)
-    )
-    assert "for:" not in result.aggregation
-    assert result.heldout["whole_turn_offered"] == 0.0
-    assert "auroc_whole_turn" not in result.heldout
+def test_the_role_masked_whole_turn_mean_cannot_read_the_prompt() -> None:
+    """Each conversation behind a system prompt that states its label outright: the
+    role-masked whole-turn mean, which reads the labeled role's tokens alone, is trained to the
+    same held-out AUROC as without the prompt, and its score does not move when the test set's
+    prompts say the opposite label. A short window still reads the prompt's last tokens at
+    the start of the turn (here it learns the shortcut and wins held out): `fit_layers`
+    reports that, and the window's score does move."""
+    fit_tokens, heldout, test = (_diffuse_tokens(120, s) for s in (6, 7, 8))
+    windows = (1, 8, 32)
+    (plain,) = fit_layers(fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=windows)
+    (prompted,) = fit_layers(
+        _prompted(fit_tokens, 12), _prompted(heldout, 12), ["layers.0"], fpr=0.05,
+        windows=windows,
+    )  # fmt: skip
+    assert plain.aggregation.endswith(",roles")
+    assert prompted.heldout["auroc_whole_turn"] == pytest.approx(plain.heldout["auroc_whole_turn"])
+    assert plain.heldout["windowed_reads_other_roles"] == 0.0
+    assert prompted.heldout["windowed_reads_other_roles"] == 1.0
+    assert window_reads_other_roles(_prompted(fit_tokens, 12), 2)  # the first labeled token
+    swapped = [
+        ConversationTokens(c.id, 1 - c.label, c.activations, c.roles, c.labeled, c.turn_rows)
+        for c in test
+    ]  # the prompt says the opposite label; then the true labels are put back
+    swapped = [
+        ConversationTokens(s.id, c.label, s.activations, s.roles, s.labeled, s.turn_rows)
+        for s, c in zip(_prompted(swapped, 12), test, strict=True)
+    ]
+    labels = [c.label for c in test]
+    for fit in (plain.fit, prompted.fit):
+        honest = score_conversations(_prompted(test, 12), "layers.0", fit, plain.aggregation)
+        lying = score_conversations(swapped, "layers.0", fit, plain.aggregation)
+        assert honest == lying
+    assert auroc(lying, labels) > 0.8
+    windowed = "max_rolling_mean:32"
+    honest = score_conversations(_prompted(test, 12), "layers.0", prompted.fit, windowed)
+    lying = score_conversations(swapped, "layers.0", prompted.fit, windowed)
+    assert auroc(lying, labels) < auroc(honest, labels) - 0.1
+
+
+def test_the_demo_rules_pool_as_each_probe_was_fitted(tmp_path: Path) -> None:
+    """`make demo` writes rules from the pack: a role-masked aggregation gets `window_roles:`
+    on the labeled role, and the rules load and pool as the pack says (no pooling note)."""
+    from monitor.demo_minilm import write_rules
+    from monitor.evaluation.engine_replay import pack_features, pooling_notes
+
+    aggregations = {
+        "misuse": "max_rolling_mean:512,for:8,roles",
+        "deception": "max_rolling_mean:1",
+        "bias": "max_rolling_mean:4,for:2",
+    }
+    entries = []
+    for i, (name, aggregation) in enumerate(aggregations.items()):
+        fit = ProbeFit(f"layers.{i}", torch.randn(8), 0.5, "logistic-token", 1.0)
+        info = FeatureInfo(
+            name=name, hook_point=f"layers.{i}", activation="identity", sae_index=None,
+            alert_threshold=1.0, aggregation=aggregation, threshold_pooling=aggregation,
+        )  # fmt: skip
+        entries.append((f"layers.{i}", HookPointEncoder(f"layers.{i}", probe_encoder(fit), [info])))
+    pack = FeaturePack("probes", dict(entries))
+    path = write_rules(tmp_path / "demo-rules.yaml", pack)
+    ruleset = load_rules([path], pack_features([pack]))
+    rules = {rule.name: rule for rule in ruleset.rules}
+    assert rules["misuse-request"].window_roles == ("user",)
+    assert rules["misuse-request"].for_tokens == 8
+    assert rules["deceptive-answer"].window_roles == () == rules["biased-answer"].window_roles
+    assert pooling_notes(ruleset, [pack]) == []

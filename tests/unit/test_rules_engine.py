@@ -285,6 +285,13 @@ CHUNK_RULES = ruleset(
         "rule: r5, severity: info, condition: 'cummax(a) > 0.9 and delta(b, 2) > 0.3'",
         "rule: r6, severity: info, condition: sigmoid(a) * 2 > 1.2, for: 2, roles: [assistant]",
         "rule: r7, severity: info, condition: 'rolling_sum(a, 3) / 3 - rolling_mean(a, 3) == 0'",
+        # Windows over one role's tokens (the same `span` as r3's, which must not share its
+        # state), with and without `roles:`, and every kind of temporal function.
+        "rule: r8, severity: info, condition: 'span > 0.25 and rolling_max(b, 4) > 0.5', "
+        "for: 2, window_roles: [user]",
+        "rule: r9, severity: info, condition: 'ewma(b, 2) > 0.3 or delta(a, 2) > 0.5 or "
+        "cummax(b) > 1.5 or count_over(a > 0.5, 3) >= 2 or rolling_min(a, 2) > 0.6 or "
+        "rolling_sum(b, 3) > 1', window_roles: [assistant], roles: [assistant]",
         extra="macros: {span: 'rolling_mean(a, 3)'}\n",
     )
 )
@@ -381,3 +388,144 @@ def test_for_matches_a_naive_reference(values, need):
         if run == need:
             expected.append(t)
     assert positions(engine, values) == expected
+
+
+# --------------------------------------------------------------------------- window_roles
+
+_WINDOWED = (
+    "rolling_mean(a, 3)",
+    "rolling_sum(a, 4)",
+    "rolling_max(a, 3)",
+    "rolling_min(a, 2)",
+    "ewma(a, 2)",
+    "delta(a, 2)",
+    "cummax(a)",
+    "count_over(a > 0.5, 3)",
+)
+
+
+def _values_at_every_token(text: str, tokens: list[tuple[float, str]], window_roles: str):
+    """The value of ``text`` at every token, read off firings: two rules gated by ``b``,
+    which alternates sign, fire on alternate tokens (a rule fires on a rising edge)."""
+    extra = f", window_roles: [{window_roles}]" if window_roles else ""
+    engine = RuleEngine(
+        ruleset(
+            rule_file(
+                f"rule: even, severity: info, condition: '{text} > -1e30 and b > 0'{extra}",
+                f"rule: odd, severity: info, condition: '{text} > -1e30 and b < 0'{extra}",
+            )
+        )
+    )
+    values: dict[int, float] = {}
+    for position, (a, role) in enumerate(tokens):  # token by token: a decode step each
+        sign = 1.0 if position % 2 == 0 else -1.0
+        for _, _, at, value in feed(engine, [("c", position, [(a, sign)], role, False)]):
+            values[at] = value
+    return [values.get(i) for i in range(len(tokens))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(-2, 2, width=32, allow_subnormal=False), st.sampled_from("uas")),
+        min_size=1,
+        max_size=20,
+    ),
+    st.sampled_from(_WINDOWED),
+)
+def test_a_role_window_equals_the_window_over_that_roles_tokens_alone(tokens, text):
+    """`window_roles: [u]`: at a token of role u, the value over the whole stream equals
+    the unrestricted value over u's tokens alone; at a token of another role it keeps the value
+    of u's last token (the function's empty value before any)."""
+    _check_role_window(tokens, text)
+
+
+def test_a_role_window_with_non_finite_values_equals_the_window_alone():
+    """An infinite value takes the decode step off its fast path (the general one handles it)."""
+    inf = float("inf")
+    tokens = [(1.0, "u"), (inf, "u"), (2.0, "s"), (3.0, "u"), (4.0, "u"), (5.0, "a"), (6.0, "u")]
+    for text in ("rolling_mean(a, 3)", "rolling_sum(a, 2)", "count_over(a > 2, 3)"):
+        _check_role_window(tokens, text)
+
+
+def _check_role_window(tokens: list[tuple[float, str]], text: str) -> None:
+    roles = {"u": "user", "a": "assistant", "s": "system"}
+    stream = [(value, roles[r]) for value, r in tokens]
+    masked = _values_at_every_token(text, stream, "user")
+    alone = _values_at_every_token(text, [t for t in stream if t[1] == "user"], "")
+    empty = {"rolling_max": float("-inf"), "cummax": float("-inf"), "rolling_min": float("inf")}
+    last = empty.get(text.partition("(")[0], 0.0)
+    users = iter(alone)
+    for value, (_, role) in zip(masked, stream, strict=True):
+        if role == "user":
+            last = next(users)
+        if value is None:  # -inf > -1e30 is false: no firing shows it
+            assert last == float("-inf")
+        else:
+            assert value == last
+
+
+def test_role_windows_over_turns_in_one_batch_equal_token_by_token():
+    """Turns of several roles in one batch (several waves) give the decode steps' values."""
+    text = "rolling_mean(a, 3)"
+    stream = [(1.0, "user"), (2.0, "user"), (5.0, "system"), (4.0, "user"), (8.0, "assistant")]
+    stream += [(0.5, "user")]
+    stepwise = _values_at_every_token(text, stream, "user")
+    assert stepwise == [
+        1.0,
+        1.5,
+        1.5,
+        pytest.approx(7 / 3),
+        pytest.approx(7 / 3),
+        pytest.approx(6.5 / 3),
+    ]
+    rule = f"rule: r, severity: info, condition: '{text} > 2', window_roles: [user]"
+    engine = RuleEngine(ruleset(rule_file(rule)))
+    turns = [("c", 0, [(1.0, 0.0), (2.0, 0.0)], "user", False)]
+    turns += [("c", 2, [(5.0, 0.0)], "system", False), ("c", 3, [(4.0, 0.0)], "user", False)]
+    turns += [("c", 4, [(8.0, 0.0)], "assistant", False), ("c", 5, [(0.5, 0.0)], "user", False)]
+    fired = feed(engine, turns)
+    # The system token does not enter the window (1.5 <= 2); the user's 4 lifts it to 7/3,
+    # and it stays above 2 (no new rising edge) through the assistant token and the last 0.5.
+    assert [(p, round(v, 4)) for _, _, p, v in fired] == [(3, round(7 / 3, 4))]
+
+
+def test_same_expression_with_other_window_roles_keeps_its_own_state():
+    engine = RuleEngine(
+        ruleset(
+            rule_file(
+                "rule: all, severity: info, condition: 'rolling_mean(a, 4) > 0.5'",
+                "rule: mine, severity: info, condition: 'rolling_mean(a, 4) > 0.5', "
+                "window_roles: [user]",
+            )
+        )
+    )
+    fired = feed(engine, [("c", 0, [(1.0, 0.0)] * 4, "system", False)])
+    assert [(rule, p) for rule, _, p, _ in fired] == [("all", 0)]
+    fired = feed(engine, [("c", 4, [(0.0, 0.0)] * 4, "user", False)])
+    assert fired == []  # all: the window now holds the user's zeros; mine: never above
+    assert len(engine._program.temporal) == 2
+
+
+def test_window_roles_errors_are_located():
+    from monitor.rules.errors import RuleLoadError
+
+    for bad, message in (
+        ("window_roles: user", "'window_roles' must be a list of strings"),
+        ("window_roles: ['']", "'window_roles' entries must be non-empty strings"),
+        ("window_role: [user]", "unknown rule key 'window_role'"),
+    ):
+        with pytest.raises(RuleLoadError) as error:
+            ruleset(rule_file(f"rule: r, severity: info, condition: a > 0, {bad}"))
+        assert message in str(error.value)
+        assert "rules.yaml:3:" in str(error.value)  # file:line:col
+
+
+def test_window_roles_expand_named_lists():
+    rules = ruleset(
+        rule_file(
+            "rule: r, severity: info, condition: 'rolling_mean(a, 2) > 0', window_roles: [people]",
+            extra="lists: {people: [user, tool]}\n",
+        )
+    )
+    assert rules.rules[0].window_roles == ("user", "tool")

@@ -279,4 +279,4 @@ def test_python_dash_m_entry_point():
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().endswith("11 passed, 0 failed")
+    assert result.stdout.strip().endswith("12 passed, 0 failed")

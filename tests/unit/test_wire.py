@@ -56,3 +56,16 @@ def test_decode_errors_name_the_field(message, reason, text):
     assert raised.value.reason == reason
     assert str(raised.value).startswith("layers[3].activations.")
     assert text in str(raised.value)
+
+
+def test_decode_tensor_with_bytes_gives_the_bytes_the_tensor_views():
+    from monitor.wire import decode_tensor_with_bytes, encode_tensor
+
+    tensor = torch.arange(12, dtype=torch.float32).reshape(3, 4).to(torch.bfloat16)
+    message = encode_tensor(tensor)
+    decoded, data = decode_tensor_with_bytes(message, "t")
+    assert torch.equal(decoded, tensor)
+    assert data == message.data
+    assert decoded.data_ptr() == torch.frombuffer(data, dtype=torch.uint8).data_ptr()
+    empty, nothing = decode_tensor_with_bytes(encode_tensor(tensor[:0]), "t")
+    assert empty.shape == (0, 4) and nothing == b""

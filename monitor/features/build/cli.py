@@ -210,8 +210,9 @@ def _add_fit(sub: Any) -> None:
         "--window",
         default="auto",
         help="rolling-mean window of the aggregation (max of rolling means), or auto: "
-        "the best held-out AUROC among 1,4,8,16,32 and, trained through, a whole-turn mean "
-        "(a 512-token rolling mean with a for: 4|8|16|32 tokens guard)",
+        "the best held-out AUROC among 1,4,8,16,32 and, trained through, a role-masked "
+        "whole-turn mean (the labeled role's last 512 tokens, for: 4|8|16|32 tokens guard; "
+        "served with window_roles)",
     )
     p.add_argument("--fpr", type=float, default=0.01, help="alert threshold's held-out FPR")
     p.add_argument(

@@ -13,6 +13,12 @@ probe is fitted and calibrated with is recorded in the pack as its *aggregation*
   roles>]`` fires on (tokens of other roles break a ``for`` run). With W at least the
   conversation's length the rolling mean is the mean of everything seen so far, so this is a
   whole-turn mean that the first K - 1 tokens cannot fire on alone.
+- ``max_rolling_mean:W,for:K,roles`` (or ``max_rolling_mean:W,roles``): the rolling mean takes
+  in the labeled tokens alone (the last W of them, across turns), never a system prompt or
+  another role's turn: what ``rolling_mean(f, W) > t`` with ``roles:`` *and* ``window_roles:``
+  set to the labeled roles (and ``for: K tokens``) fires on. With W = 512 this is the
+  role-masked whole-turn mean, the closest causal counterpart of mean pooling that cannot read
+  the prompt.
 - ``max``: ``max_rolling_mean:1``.
 - ``mean``: the mean over the labeled tokens (what a probe fitted on mean-pooled texts sees;
   no rule reproduces it exactly).
@@ -39,8 +45,9 @@ MAX_FOR = 64  # the longest minimum-token guard an aggregation may name
 
 def parse_aggregation(text: str) -> tuple[str, int]:
     """``'max_rolling_mean:8'`` -> ``('max_rolling_mean', 8)``; ``'mean'`` -> ``('mean', 0)``;
-    the guard of ``'max_rolling_mean:W,for:K'`` is `aggregation_guard`'s."""
-    text, _ = _split_guard(text)
+    the guard of ``'max_rolling_mean:W,for:K'`` is `aggregation_guard`'s, the ``,roles``
+    option `aggregation_masked`'s."""
+    text, _, _ = _split_options(text)
     kind, _, window = text.partition(":")
     if kind == "max" and not window:
         return "max_rolling_mean", 1
@@ -57,18 +64,33 @@ def parse_aggregation(text: str) -> tuple[str, int]:
 
 def aggregation_guard(text: str) -> int:
     """The minimum-token guard K of ``'max_rolling_mean:W,for:K'`` (1 without one)."""
-    return _split_guard(text)[1]
+    return _split_options(text)[1]
 
 
-def _split_guard(text: str) -> tuple[str, int]:
-    base, comma, guard = text.partition(",")
-    if not comma:
-        return text, 1
-    name, _, k = guard.partition(":")
-    if name == "for" and k.isdigit() and 1 <= int(k) <= MAX_FOR and base.startswith("max_rolling"):
-        return base, int(k)
+def aggregation_masked(text: str) -> bool:
+    """Whether the rolling mean takes in the labeled roles' tokens alone (``,roles``): served
+    with ``window_roles:`` set to the labeled roles."""
+    return _split_options(text)[2]
+
+
+def _split_options(text: str) -> tuple[str, int, bool]:
+    base, *options = text.split(",")
+    guard, masked = 1, False
+    for option in options:
+        name, _, k = option.partition(":")
+        if not base.startswith("max_rolling"):
+            break
+        if name == "for" and k.isdigit() and 1 <= int(k) <= MAX_FOR and guard == 1:
+            guard = int(k)
+        elif option == "roles" and not masked:
+            masked = True
+        else:
+            break
+    else:
+        return base, guard, masked
     raise FeatureError(
-        f"{text!r}, expected max_rolling_mean:W[,for:K] (K in 1..{MAX_FOR})", field="aggregation"
+        f"{text!r}, expected max_rolling_mean:W[,for:K][,roles] (K in 1..{MAX_FOR})",
+        field="aggregation",
     )
 
 
@@ -80,6 +102,19 @@ def guarded_runs(labeled: torch.Tensor, guard: int) -> torch.Tensor:
     ends = torch.arange(1, len(labeled) + 1)
     starts = (ends - guard).clamp(min=0)
     return (ends >= guard) & (counts[ends] - counts[starts] == guard)
+
+
+def labeled_runs(labeled: torch.Tensor) -> torch.Tensor:
+    """int64 [labeled tokens]: at each labeled token, how many consecutive labeled tokens end
+    there (a ``for`` run's length; another role's token in between breaks it)."""
+    positions = torch.nonzero(labeled)[:, 0]
+    if positions.numel() == 0:
+        return positions
+    index = torch.arange(len(positions))
+    starts = torch.ones(len(positions), dtype=torch.bool)
+    starts[1:] = positions[1:] != positions[:-1] + 1
+    first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), 0).values
+    return index - first + 1
 
 
 def rolling_min(values: torch.Tensor, window: int) -> torch.Tensor:
@@ -109,7 +144,17 @@ def conversation_score(values: torch.Tensor, labeled: torch.Tensor, aggregation:
         return -math.inf
     if kind == "mean":
         return float(values[labeled].double().mean())
-    guard = aggregation_guard(aggregation)
+    _, guard, masked = _split_options(aggregation)
+    if masked:
+        # The window holds the labeled tokens alone (``window_roles``); a ``for`` run is still
+        # broken by another role's tokens.
+        means = rolling_mean(values[labeled], window)
+        if guard == 1:
+            return float(means.max())
+        ends = labeled_runs(labeled) >= guard
+        if not bool(ends.any()):
+            return -math.inf
+        return float(rolling_min(means, guard)[ends].max())
     means = rolling_mean(values, window)
     if guard == 1:
         return float(means[labeled].max())

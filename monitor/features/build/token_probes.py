@@ -12,7 +12,9 @@ mean-pooled probe lost 29 points of recall at 1% FPR when served per token). So:
    labeled tokens of a rolling mean over the last W tokens (Google DeepMind's production misuse
    probes use max-of-rolling-means aggregation so a short harmful span in a long context is
    not diluted). W is chosen on the held-out calibration split among ``WINDOWS`` (or given),
-   by AUROC.
+   by AUROC. A second candidate is the role-masked whole-turn mean: the mean of the last
+   ``WHOLE_TURN`` tokens *of the labeled roles* (``max_rolling_mean:512,for:K,roles``, served
+   with ``window_roles:``), which never reads a system prompt or another role's turn.
 3. Then the probe is trained *through* that aggregation (``fit_through_aggregation``): the
    conversation score max-of-rolling-means(w.h_t + b) goes into the loss (a smooth max for
    training), so only the tokens that carry the signal must score high, not every token of a
@@ -43,8 +45,10 @@ from monitor.features.build.conversations import (
 from monitor.features.build.probes import ProbeFit, probe_encoder
 from monitor.features.build.scoring import (
     aggregation_guard,
+    aggregation_masked,
     auroc,
     conversation_score,
+    labeled_runs,
     operating_point,
     parse_aggregation,
     recall_at_fpr,
@@ -54,11 +58,12 @@ from monitor.features.errors import FeatureError
 from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder
 
 WINDOWS = (1, 4, 8, 16, 32)
-# Whole-turn means: a rolling mean over this many tokens is the mean of the conversation's last
-# 512 tokens, every role included (all of it while shorter; MiniLM reads at most 512 tokens a
-# turn), guarded so that the first tokens of a turn alone cannot fire. Trained through, this is
-# the served counterpart of a mean-pooled probe (what a probe fitted on one vector per text
-# sees).
+# Whole-turn means: a rolling mean over this many tokens of the labeled roles alone (the rule's
+# ``window_roles``) is the mean of their last 512 tokens across turns (all of them while
+# fewer; MiniLM reads at most 512 tokens a turn), guarded so that the first tokens of a turn
+# alone cannot fire. Trained through, this is the served counterpart of a mean-pooled probe
+# (what a probe fitted on one vector per text sees), and it cannot read the prompt: an
+# unmasked mean learned the system prompt's instruction to lie on the shipped deception set.
 WHOLE_TURN = 512
 GUARDS = (4, 8, 16, 32)
 
@@ -178,16 +183,39 @@ class _Padded:
         self.labeled = labeled[self.index] & self.valid
         self.labels = torch.tensor([float(c.label) for c in conversations], dtype=torch.float64)
         self.x = torch.cat([c.activations[hook_point] for c in conversations]).double()
+        # The labeled tokens alone, as their own grid (``masked`` pooling: ``window_roles``),
+        # with the length of the run of consecutive labeled tokens ending at each.
+        rows = [
+            torch.nonzero(c.labeled)[:, 0] + int(start)
+            for c, start in zip(conversations, starts.tolist(), strict=True)
+        ]
+        runs = [labeled_runs(c.labeled) for c in conversations]
+        counts = torch.tensor([len(r) for r in rows])
+        columns = torch.arange(max(int(counts.max()), 1))
+        self.masked_valid = columns[None, :] < counts[:, None]
+        self.masked_index = torch.zeros(self.masked_valid.shape, dtype=torch.int64)
+        self.masked_runs = torch.zeros(self.masked_valid.shape, dtype=torch.int64)
+        for i, (r, run) in enumerate(zip(rows, runs, strict=True)):
+            self.masked_index[i, : len(r)] = r
+            self.masked_runs[i, : len(r)] = run
 
     def pooled(
-        self, values: torch.Tensor, window: int, tau: float | None, guard: int = 1
+        self,
+        values: torch.Tensor,
+        window: int,
+        tau: float | None,
+        guard: int = 1,
+        masked: bool = False,
     ) -> torch.Tensor:
         """Per conversation: the max over labeled tokens of the rolling mean of the last
         ``window`` values of the stream (scoring.rolling_mean), with ``guard`` > 1 over runs of
         that many labeled tokens of the run's smallest mean (scoring.conversation_score); with
         ``tau``, a smooth max (``tau * logsumexp(r / tau)`` minus its value for equal inputs)
         for training. A conversation with no such run scores -inf (hard max) or a very
-        negative number (smooth max)."""
+        negative number (smooth max). With ``masked`` the stream is the labeled tokens alone
+        (scoring's ``,roles``), and a guard's run must not cross another role's tokens."""
+        if masked:
+            return self._pooled_masked(values, window, tau, guard)
         grid = values[self.index] * self.valid
         sums = torch.cat([grid.new_zeros(self.count, 1), torch.cumsum(grid, 1)], 1)
         ends = torch.arange(1, grid.shape[1] + 1)
@@ -204,11 +232,33 @@ class _Padded:
             first = (ends - guard).clamp(min=0)
             where = (ends >= guard) & (counts[:, ends] - counts[:, first] == guard)
             where = where & self.labeled
-        if tau is None:
-            return means.masked_fill(~where, -math.inf).max(1).values
-        means = means.masked_fill(~where, -1e30)
-        n = where.sum(1).clamp(min=1).double()
-        return tau * (torch.logsumexp(means / tau, 1) - torch.log(n))
+        return _max(means, where, tau)
+
+    def _pooled_masked(
+        self, values: torch.Tensor, window: int, tau: float | None, guard: int
+    ) -> torch.Tensor:
+        valid = self.masked_valid
+        grid = values[self.masked_index] * valid
+        sums = torch.cat([grid.new_zeros(self.count, 1), torch.cumsum(grid, 1)], 1)
+        ends = torch.arange(1, grid.shape[1] + 1)
+        starts = (ends - window).clamp(min=0)
+        means = (sums[:, ends] - sums[:, starts]) / (ends - starts)
+        where = valid
+        if guard > 1:
+            padded = torch.cat([means.new_full((self.count, guard - 1), math.inf), means], 1)
+            means = padded.unfold(1, guard, 1).min(2).values
+            where = valid & (self.masked_runs >= guard)
+        return _max(means, where, tau)
+
+
+def _max(means: torch.Tensor, where: torch.Tensor, tau: float | None) -> torch.Tensor:
+    """Per row, the max of ``means`` where ``where``: hard (``tau`` None; -inf for none) or
+    smooth (``tau * logsumexp(m / tau)`` minus its value for equal inputs)."""
+    if tau is None:
+        return means.masked_fill(~where, -math.inf).max(1).values
+    means = means.masked_fill(~where, -1e30)
+    n = where.sum(1).clamp(min=1).double()
+    return tau * (torch.logsumexp(means / tau, 1) - torch.log(n))
 
 
 def fit_through_aggregation(
@@ -218,6 +268,7 @@ def fit_through_aggregation(
     window: int,
     *,
     guard: int = 1,
+    masked: bool = False,
     l2: float = 1e-2,
     tau: float = 0.5,
     lr: float = 0.01,
@@ -230,7 +281,8 @@ def fit_through_aggregation(
     The conversation score is ``max_t rolling_mean_W(w.h_t + b)`` over the labeled tokens, with
     a smooth max (temperature ``tau``) so every high window gets gradient (with ``guard`` > 1,
     over runs of that many labeled tokens of the run's smallest mean, what a rule with
-    ``for: <guard> tokens`` fires on); the loss is BCE on
+    ``for: <guard> tokens`` fires on; with ``masked``, over the labeled tokens alone, what a
+    rule with ``window_roles:`` the labeled roles serves); the loss is BCE on
     the conversation label (classes balanced) plus L2 on the standardised weights. Only the
     tokens that carry the signal need to score high, where the per-token fit asks every token
     of a harmful request ("How do I ...") to. Full-batch Adam from ``init`` (the per-token
@@ -260,7 +312,7 @@ def fit_through_aggregation(
     for step in range(max_steps + 1):
         if step % every == 0:
             with torch.no_grad():
-                served = heldout.pooled(z_heldout @ w + b, window, None, guard)
+                served = heldout.pooled(z_heldout @ w + b, window, None, guard, masked)
             score = auroc(served.tolist(), labels)
             if step == 0:
                 initial = score
@@ -271,7 +323,7 @@ def fit_through_aggregation(
         if step == max_steps:
             break
         optimizer.zero_grad()
-        pooled = train.pooled(z_train @ w + b, window, tau, guard)
+        pooled = train.pooled(z_train @ w + b, window, tau, guard, masked)
         loss = nn.functional.binary_cross_entropy_with_logits(
             pooled, train.labels, pos_weight=pos_weight
         )
@@ -324,25 +376,28 @@ def choose_guard(
     guards: Sequence[int],
     window: int = WHOLE_TURN,
 ) -> tuple[str, float]:
-    """The whole-turn mean's guard with the best held-out AUROC (then the shorter), and it."""
+    """The role-masked whole-turn mean's guard with the best held-out AUROC (then the
+    shorter), and it."""
     labels = [c.label for c in heldout]
     best: tuple[float, int] = (-math.inf, 0)
     for guard in guards:
-        aggregation = f"max_rolling_mean:{window},for:{guard}"
+        aggregation = f"max_rolling_mean:{window},for:{guard},roles"
         score = auroc(score_conversations(heldout, hook_point, fit, aggregation), labels)
         if (score, -guard) > (best[0], -best[1]):
             best = (score, guard)
-    return f"max_rolling_mean:{window},for:{best[1]}", best[0]
+    return f"max_rolling_mean:{window},for:{best[1]},roles", best[0]
 
 
 def window_reads_other_roles(conversations: Sequence[ConversationTokens], window: int) -> bool:
-    """True if, in some conversation, the rolling mean at a labeled token would take in a token
-    of a role that does not carry the label (a system prompt or user turn before the answer).
+    """True if, in some conversation, the rolling mean over the last ``window`` tokens of the
+    stream at a labeled token takes in a token of a role that does not carry the label (a
+    system prompt or user turn just before the answer).
 
-    A pooling that reads those tokens can learn the *prompt* instead of the labeled text: on
-    the shipped deception set the whole-turn mean of the answer learned the system prompt's
-    instruction to lie (README, "Measured on the shipped data"). Such a candidate is not
-    offered.
+    Such a pooling can learn the *prompt* instead of the labeled text: the unmasked whole-turn
+    mean learned the shipped deception set's instruction to lie (README, "Detection you can
+    measure"). The role-masked whole-turn mean cannot; a short window still reads the last
+    few prompt tokens at the start of a turn, which `fit_layers` reports
+    (``windowed_reads_other_roles``).
     """
     for c in conversations:
         other = (~c.labeled).long()
@@ -369,20 +424,14 @@ def fit_layers(
 
     The per-token fit chooses the window; with ``train_aggregation`` the probe is then trained
     through that aggregation (`fit_through_aggregation`), early-stopped on ``heldout_tokens``.
-    With ``guards`` (and training), a second candidate is trained through the whole-turn mean
-    (``max_rolling_mean:WHOLE_TURN,for:K``, the guard K chosen by the per-token fit's
-    held-out AUROC) and whichever of the two serves the better held-out AUROC is kept; only
-    where that mean reads the labeled roles alone (`window_reads_other_roles`).
+    With ``guards`` (and training), a second candidate is trained through the role-masked
+    whole-turn mean (``max_rolling_mean:WHOLE_TURN,for:K,roles``: the labeled roles' tokens
+    alone, the guard K chosen by the per-token fit's held-out AUROC) and whichever of the two
+    serves the better held-out AUROC is kept. It reads no other role, so it is offered for
+    every data set (the unmasked whole-turn mean it replaces learned a system prompt).
     """
     results = []
     labels = [c.label for c in heldout_tokens]
-    # The whole-turn mean only where it reads nothing but the labeled roles (see
-    # window_reads_other_roles); the short windows take in a few prompt tokens at most.
-    whole_turn_eligible = bool(guards) and not any(
-        window_reads_other_roles(tokens, WHOLE_TURN) for tokens in (fit_tokens, heldout_tokens)
-    )
-    if not whole_turn_eligible:
-        guards = ()
     negatives = labels.count(0)
     if negatives == 0 or labels.count(1) == 0:
         raise FeatureError("the held-out split needs both labels", field="label")
@@ -393,10 +442,13 @@ def fit_layers(
         fit = fit_token_probe(fit_tokens, hp, l2=l2)
         aggregation, by_window = choose_aggregation(heldout_tokens, hp, fit, fpr, windows)
         trained = None
-        extra: dict[str, float] = {"whole_turn_offered": float(whole_turn_eligible)}
+        _, window = parse_aggregation(aggregation)
+        # Whether the windowed candidate reads another role's tokens (a prompt's last tokens
+        # at a turn's start): then it could partly learn the prompt (reported, not gated).
+        reads = any(window_reads_other_roles(t, window) for t in (fit_tokens, heldout_tokens))
+        extra: dict[str, float] = {"windowed_reads_other_roles": float(reads)}
         if train_aggregation:
             per_token = fit
-            _, window = parse_aggregation(aggregation)
             trained = fit_through_aggregation(fit_tokens, heldout_tokens, fit, window, l2=l2)
             fit = trained.fit
             if guards:
@@ -404,7 +456,7 @@ def fit_layers(
                 _, whole_window = parse_aggregation(whole)
                 candidate = fit_through_aggregation(
                     fit_tokens, heldout_tokens, per_token, whole_window,
-                    guard=aggregation_guard(whole), l2=l2,
+                    guard=aggregation_guard(whole), masked=aggregation_masked(whole), l2=l2,
                 )  # fmt: skip
                 extra |= {
                     "auroc_windowed": trained.auroc,
