@@ -64,6 +64,22 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
         help="vllm only: a second monitor-off engine, to show the bench's own noise",
     )
     parser.add_argument(
+        "--pinning",
+        choices=("pinned", "unpinned", "both"),
+        default="pinned",
+        help="vllm only: pinned (default) puts the engines on one CPU and the sidecar and "
+        "capture relays on the others, as when the sidecar has CPUs of its own; unpinned lets "
+        "every process run anywhere (the monitor competes with the engine); both measures "
+        "the two on the same engines, one after the other",
+    )
+    parser.add_argument(
+        "--same-engine",
+        action="store_true",
+        help="vllm only: also run the sidecar-up engine with its plugin turned off (mode "
+        "up-paused) in every round, and report sidecar-up's loss against it: one process "
+        "with and without the monitor, free of the bias between two engines",
+    )
+    parser.add_argument(
         "--baseline-tree",
         default=None,
         metavar="DIR",
@@ -89,6 +105,8 @@ def _run_command(args: argparse.Namespace) -> int:
             eager_modes=eager,
             control=args.control,
             baseline_tree=args.baseline_tree,
+            pinnings=("pinned", "unpinned") if args.pinning == "both" else (args.pinning,),
+            same_engine=args.same_engine,
         )
         print(json.dumps(result, indent=2) if args.json else format_vllm_table(result))
         return 0

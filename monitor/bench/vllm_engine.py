@@ -17,6 +17,9 @@ Commands:
   {"op": "probe_hooks"} -> installs a forward hook counter on every decoder layer (tests:
       it shows whether forward hooks run at all; needs VLLM_ALLOW_INSECURE_SERIALIZATION=1)
   {"op": "hook_calls"} -> how often those hooks ran
+  {"op": "monitor", "on": bool, "keep_op": bool} -> turns the plugin's work off or back on
+      in this engine (bench: the same engine with and without the monitor, see
+      `bench overhead --engine vllm --same-engine`; needs VLLM_ALLOW_INSECURE_SERIALIZATION=1)
   {"op": "quit"}
 """
 
@@ -44,6 +47,34 @@ def _hook_layers(worker: Any) -> int:
 
 def _hook_calls(worker: Any) -> int:
     return getattr(worker, "_probe_calls", -1)
+
+
+def _set_monitor(worker: Any, on: bool, keep_op: bool) -> bool:
+    """Off: the runner forgets its capture (no layout, no split, nothing sent) and, unless
+    `keep_op`, the chosen layers lose their buffers, so the capture op is not called either
+    (eager mode only: a compiled graph keeps the op it was compiled with). On: both back.
+    Returns whether the monitor is now on. Between runs only: requests that start or end
+    while it is off are not tracked."""
+    from monitor.capture.layers import find_layer_list
+    from monitor.capture.vllm import op
+
+    runner = worker.model_runner
+    layers = find_layer_list(runner.get_model())
+    saved = getattr(runner, "_bench_saved_monitor", None)
+    if not on and saved is None and getattr(runner, "_safety_monitor", None) is not None:
+        buffers = {}
+        if not keep_op:
+            for index, layer in enumerate(layers):
+                if op.BUFFER_ATTR in layer._buffers:
+                    buffers[index] = layer._buffers.pop(op.BUFFER_ATTR)
+        runner._bench_saved_monitor = (runner._safety_monitor, buffers)
+        runner._safety_monitor = None
+    elif on and saved is not None:
+        runner._safety_monitor, buffers = saved
+        for index, buffer in buffers.items():
+            layers[index].register_buffer(op.BUFFER_ATTR, buffer, persistent=False)
+        runner._bench_saved_monitor = None
+    return getattr(runner, "_safety_monitor", None) is not None
 
 
 def run(engine: Any, requests: list[dict[str, Any]], max_steps: int) -> dict[str, Any]:
@@ -124,6 +155,10 @@ def main() -> None:
             reply = llm.collective_rpc(_hook_layers)
         elif op == "hook_calls":
             reply = llm.collective_rpc(_hook_calls)
+        elif op == "monitor":
+            reply = llm.collective_rpc(
+                _set_monitor, args=(command["on"], command.get("keep_op", False))
+            )
         elif op == "quit":
             print(json.dumps({"reply": "bye"}), flush=True)
             break

@@ -26,7 +26,12 @@ Reported per execution mode (compiled, vLLM's default, and eager) and engine mod
 generation throughput over rounds (output tokens/s), median inter-token latency (engine step
 time in the decode phase), and the throughput loss against monitor-off paired per round
 (1 - tokens/s of the mode / tokens/s of the off engine in the same round): its median and
-spread (quartiles, min, max). Needs vLLM installed (the project's `make vllm-venv`).
+spread (quartiles, min, max); the plugin's thread CPU time per step; and where the CPU time
+per step goes: the engine's own processes, its capture relay, the sidecar (schedstat).
+`--pinning unpinned` (or `both`) measures with every process free to run on every CPU;
+`--same-engine` adds the sidecar-up engine with its plugin switched off (mode up-paused) as a
+baseline in the same process, which two separately started engines are not (`--control`
+shows how far apart those are). Needs vLLM installed (the project's `make vllm-venv`).
 """
 
 from __future__ import annotations
@@ -50,6 +55,11 @@ ENGINE_MODES = ("off", "sidecar-up", "sidecar-down")
 CONTROL_MODE = "off-control"  # a second monitor-off engine: the bench's own noise and bias
 # A sidecar-up engine running another checkout's monitor code: two plugin versions side by side.
 BASELINE_MODE = "up-baseline"
+# The sidecar-up engine with the plugin's work turned off between runs: the same process with
+# and without the monitor, free of the bias between two separately started engines (eager:
+# the capture op is off too; compiled: the op stays in the graph, only the plugin's Python and
+# everything after it is off).
+PAUSED_MODE = "up-paused"
 HIDDEN = 256
 IDLE_WINDOW_S = 2.0
 IDLE_AFTER_S = 1.5  # vLLM's worker busy-polls its message queue for 1 s after a message
@@ -75,7 +85,7 @@ TINY_LLAMA = {
 def _pin_engine(session: int, engine_cpus: set[int], side_cpus: set[int]) -> dict[str, int]:
     """Move a started engine's processes (every thread of each) to the engine CPUs and its
     capture relay to the monitor's CPUs; returns how many threads went where. Threads started
-    later inherit their creator's mask."""
+    later inherit their creator's mask. Passing every CPU twice unpins them."""
     moved = {"engine": 0, "relay": 0}
     for pid in _session_pids(session):
         try:
@@ -89,6 +99,41 @@ def _pin_engine(session: int, engine_cpus: set[int], side_cpus: set[int]) -> dic
                 os.sched_setaffinity(tid, side_cpus if relay else engine_cpus)
                 moved["relay" if relay else "engine"] += 1
     return moved
+
+
+def _pin_process(pid: int, cpus: set[int]) -> None:
+    """Every thread of one process (the sidecar) onto `cpus`."""
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), cpus)
+
+
+def _on_cpu_ns(pids: list[int]) -> int:
+    """Nanoseconds the threads of these processes have run on a CPU (schedstat: exact, unlike
+    the 10 ms ticks of /proc/PID/stat)."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+    return total
+
+
+def _split_pids(session: int) -> tuple[list[int], list[int]]:
+    """An engine's processes: (the engine's own, its capture relays)."""
+    engine, relay = [], []
+    for pid in _session_pids(session):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        (relay if b"monitor.capture.relay" in cmdline else engine).append(pid)
+    return engine, relay
 
 
 @contextlib.contextmanager
@@ -237,6 +282,9 @@ def _start_sidecar(workdir: Path, cpus: set[int] | None) -> tuple[Any, str]:
     return sidecar, sidecar.target
 
 
+PINNINGS = ("pinned", "unpinned")
+
+
 def run_vllm_overhead_bench(
     rounds: int = 30,
     requests: int = 4,
@@ -246,18 +294,33 @@ def run_vllm_overhead_bench(
     eager_modes: tuple[bool, ...] = (False, True),
     control: bool = False,
     baseline_tree: str | None = None,
+    pinnings: tuple[str, ...] = ("pinned",),
+    same_engine: bool = False,
 ) -> dict[str, Any]:
     """Measure the three engine modes for each execution mode; returns the results. With
     `control`, a second monitor-off engine runs in every round too: its loss against the
     first is what the bench measures when the monitor costs nothing. With `baseline_tree`
     (another checkout of this project), a sidecar-up engine imports the monitor from there:
-    its plugin ms/step and loss next to sidecar-up's compare two versions in one run."""
+    its plugin ms/step and loss next to sidecar-up's compare two versions in one run.
+
+    `pinnings`: "pinned" (the engines on the lowest CPU, the sidecar and relays on the others:
+    the monitor's processes have CPUs of their own, as in production) and/or "unpinned"
+    (every process may run on every CPU: the monitor competes with the engine). Both are
+    measured on the same engines, one after the other, each with its own rounds.
+
+    With `same_engine`, the sidecar-up engine also runs every round with the plugin turned
+    off (mode up-paused): the loss of sidecar-up against up-paused is then measured in one
+    process, without the bias between two engines (the control engine shows that bias)."""
+    if not pinnings or any(p not in PINNINGS for p in pinnings):
+        raise ValueError(f"pinnings: a non-empty subset of {PINNINGS}, got {pinnings!r}")
     modes = ENGINE_MODES + ((CONTROL_MODE,) if control else ())
     if baseline_tree is not None:
         baseline_tree = str(Path(baseline_tree).resolve())
         if not (Path(baseline_tree) / "monitor" / "capture" / "vllm").is_dir():
             raise ValueError(f"--baseline-tree {baseline_tree}: not a checkout of this project")
         modes += (BASELINE_MODE,)
+    if same_engine:
+        modes += (PAUSED_MODE,)
     workdir = Path(tempfile.mkdtemp(prefix="sm-bench-vllm-"))
     # A fixed model path: vLLM's compile cache is then reused by the next run (start-up is
     # most of this bench's time). In the user's own cache directory, not a shared /tmp name
@@ -266,8 +329,11 @@ def run_vllm_overhead_bench(
     model = cache / "safety-monitor" / "bench-vllm-model"
     model.mkdir(mode=0o700, parents=True, exist_ok=True)
     (model / "config.json").write_text(json.dumps(TINY_LLAMA))
-    engine_cpus, side_cpus = plan_cpus(os.sched_getaffinity(0))
-    sidecar, target = _start_sidecar(workdir, side_cpus)
+    available = os.sched_getaffinity(0)
+    engine_cpus, side_cpus = plan_cpus(available)
+    if engine_cpus is None:
+        pinnings = ("unpinned",)  # one CPU: nothing to split
+    sidecar, target = _start_sidecar(workdir, side_cpus if "pinned" in pinnings else None)
     batch = [
         {
             "id": f"r{i}",
@@ -284,6 +350,7 @@ def run_vllm_overhead_bench(
         "layers": layers,
         "rounds": rounds,
         "baseline_tree": baseline_tree,
+        "pinnings": list(pinnings),
         "engine_cpus": _cpu_text(engine_cpus),
         "monitor_cpus": _cpu_text(side_cpus),
         "execution": {},
@@ -292,7 +359,7 @@ def run_vllm_overhead_bench(
     try:
         for eager in eager_modes:
             name = "eager" if eager else "compiled"
-            results["execution"][name] = _measure(
+            measured = _measure(
                 workdir / name,
                 model,
                 eager,
@@ -300,15 +367,46 @@ def run_vllm_overhead_bench(
                 layers,
                 batch,
                 rounds,
-                engine_cpus,
-                side_cpus,
+                _Placement(engine_cpus, side_cpus, available, sidecar.process.pid),
+                pinnings,
                 modes,
                 baseline_tree,
             )
+            for pinning, rows in measured.items():
+                # The key stays the bare execution mode for the default (pinned) run.
+                key = name if pinnings == ("pinned",) else f"{name}/{pinning}"
+                results["execution"][key] = rows
     finally:
         sidecar.stop()
     results["seconds"] = round(time.monotonic() - started, 1)
     return results
+
+
+class _Placement:
+    """Where the engines and the monitor's processes run, pinned or not."""
+
+    def __init__(
+        self,
+        engine_cpus: set[int] | None,
+        side_cpus: set[int] | None,
+        available: set[int],
+        sidecar_pid: int,
+    ) -> None:
+        self.engine_cpus = engine_cpus
+        self.side_cpus = side_cpus
+        self.available = available
+        self.sidecar_pid = sidecar_pid
+
+    def apply(self, pinning: str, engines: dict[str, _Engine]) -> None:
+        """Pin (engines on their CPU, sidecar and relays on the others) or unpin everything."""
+        if self.engine_cpus is None or self.side_cpus is None:
+            return
+        pinned = pinning == "pinned"
+        engine = self.engine_cpus if pinned else self.available
+        side = self.side_cpus if pinned else self.available
+        for started in engines.values():
+            _pin_engine(started.process.pid, engine, side)
+        _pin_process(self.sidecar_pid, side)
 
 
 def _measure(
@@ -319,11 +417,11 @@ def _measure(
     layers: str,
     batch: list[dict[str, Any]],
     rounds: int,
-    engine_cpus: set[int] | None,
-    side_cpus: set[int] | None,
+    placement: _Placement,
+    pinnings: tuple[str, ...],
     modes: tuple[str, ...] = ENGINE_MODES,
     baseline_tree: str | None = None,
-) -> dict[str, Any]:
+) -> dict[str, dict[str, Any]]:
     workdir.mkdir(parents=True)
     kwargs = {
         "model": str(model),
@@ -341,14 +439,13 @@ def _measure(
     }
     from monitor.fixtures import free_port
 
-    pinning: dict[str, str] = {}
-    if engine_cpus is not None and side_cpus is not None:
-        pinning = {
-            # vLLM's CPU worker would bind its OpenMP threads to CPUs of its choosing; the
-            # bench pins the engines itself once they are up (they start on every CPU).
-            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-            "SAFETY_MONITOR_RELAY_CPUS": _cpu_text(side_cpus),
-        }
+    pinning_env: dict[str, str] = {}
+    if placement.engine_cpus is not None and placement.side_cpus is not None:
+        # vLLM's CPU worker would bind its OpenMP threads to CPUs of its choosing; the bench
+        # places the engines itself once they are up (they start on every CPU).
+        pinning_env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+        if "pinned" in pinnings:
+            pinning_env["SAFETY_MONITOR_RELAY_CPUS"] = _cpu_text(placement.side_cpus)
     down = f"127.0.0.1:{free_port()}"  # nothing listens there
     envs = {
         "off": {},
@@ -358,53 +455,109 @@ def _measure(
     }
     if baseline_tree is not None:
         envs[BASELINE_MODE] = {**envs["sidecar-up"], "PYTHONPATH": baseline_tree}
+    if PAUSED_MODE in modes:
+        # The bench's own function turns the plugin off in the worker: vLLM sends it pickled
+        # between this engine's own processes (local pipes only).
+        envs["sidecar-up"] = {**envs["sidecar-up"], "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
     engines: dict[str, _Engine] = {}
+    measured = {}
     try:
-        # All three start at once, on every CPU (start-up is most of this bench's time)...
+        # All start at once, on every CPU (start-up is most of this bench's time)...
         for mode in modes:
+            if mode == PAUSED_MODE:
+                continue  # the sidecar-up engine, its plugin off
             cwd = baseline_tree if mode == BASELINE_MODE else None
             engines[mode] = _Engine(
-                kwargs, {**pinning, **envs[mode]}, workdir / f"{mode}.log", cwd=cwd
+                kwargs, {**pinning_env, **envs[mode]}, workdir / f"{mode}.log", cwd=cwd
             )
         for engine in engines.values():
             engine.reply(timeout=1800)
-        # ...and are pinned before anything is measured.
-        if engine_cpus is not None and side_cpus is not None:
-            for engine in engines.values():
-                _pin_engine(engine.process.pid, engine_cpus, side_cpus)
-        for engine in engines.values():
-            engine.call({"op": "run", "requests": _renamed(batch, "warmup")})
-            engine.call({"op": "flush", "timeout": 30.0})
-        idle = _idle_cpu(engines)
-        # The plugin's own time is counted from here: the measured rounds only.
-        before = {mode: engines[mode].call({"op": "report"})[0] for mode in modes}
-        for engine in engines.values():
-            engine.pause()
-        tps: dict[str, list[float]] = {mode: [] for mode in modes}
-        steps: dict[str, list[float]] = {mode: [] for mode in modes}
-        for index in range(rounds):
-            shift = index % len(modes)
-            order = modes[shift:] + modes[:shift]
-            for mode in order:
-                engine = engines[mode]
-                engine.resume()
-                reply = engine.call({"op": "run", "requests": _renamed(batch, str(index))})
-                tokens = sum(len(r["outputs"][0]["token_ids"]) for r in reply["results"].values())
-                tps[mode].append(tokens / reply["seconds"])
-                steps[mode].extend(reply["step_seconds"][2:])  # after the prefill step(s)
-                # Let the sidecar and relay catch up before the next engine runs (not timed).
-                engine.call({"op": "flush", "timeout": 30.0})
-                engine.pause()
-        for engine in engines.values():
-            engine.resume()
-        reports = {mode: engines[mode].call({"op": "report"})[0] for mode in modes}
+        # ...and are placed before anything is measured.
+        for pinning in pinnings:
+            placement.apply(pinning, engines)
+            measured[pinning] = _rounds(
+                engines, modes, batch, rounds, placement.sidecar_pid, pinning, eager
+            )
     finally:
         for engine in engines.values():
             engine.stop()
+    return measured
+
+
+def _rounds(
+    engines: dict[str, _Engine],
+    modes: tuple[str, ...],
+    batch: list[dict[str, Any]],
+    rounds: int,
+    sidecar_pid: int,
+    tag: str,
+    eager: bool,
+) -> dict[str, Any]:
+    """Warm up, then `rounds` interleaved rounds; the rows of one placement."""
+    paused = PAUSED_MODE in modes
+    for engine in engines.values():
+        engine.call({"op": "run", "requests": _renamed(batch, f"{tag}-warmup")})
+        engine.call({"op": "flush", "timeout": 30.0})
+    idle = _idle_cpu(engines)
+    if paused:
+        idle[PAUSED_MODE] = idle["sidecar-up"]
+    # The plugin's own time is counted from here: the measured rounds only.
+    before = {mode: engines[mode].call({"op": "report"})[0] for mode in engines}
+    for engine in engines.values():
+        engine.pause()
+    tps: dict[str, list[float]] = {mode: [] for mode in modes}
+    steps: dict[str, list[float]] = {mode: [] for mode in modes}
+    # CPU time per engine step in each round: the engine's processes (during the run), its
+    # relay and the sidecar (during the run and the flush that follows it).
+    cpu: dict[str, dict[str, list[float]]] = {
+        mode: {"engine": [], "relay": [], "sidecar": []} for mode in modes
+    }
+    for index in range(rounds):
+        shift = index % len(modes)
+        order = modes[shift:] + modes[:shift]
+        for mode in order:
+            engine = engines["sidecar-up" if mode == PAUSED_MODE else mode]
+            engine.resume()
+            if mode == PAUSED_MODE:
+                # A compiled graph calls the op on the buffer it was compiled with: keep it.
+                engine.call({"op": "monitor", "on": False, "keep_op": not eager})
+            own, relays = _split_pids(engine.process.pid)
+            engine_ns, relay_ns, side_ns = (
+                _on_cpu_ns(own),
+                _on_cpu_ns(relays),
+                _on_cpu_ns([sidecar_pid]),
+            )
+            reply = engine.call({"op": "run", "requests": _renamed(batch, f"{tag}-{index}")})
+            engine_ns = _on_cpu_ns(own) - engine_ns
+            tokens = sum(len(r["outputs"][0]["token_ids"]) for r in reply["results"].values())
+            tps[mode].append(tokens / reply["seconds"])
+            steps[mode].extend(reply["step_seconds"][2:])  # after the prefill step(s)
+            # Let the sidecar and relay catch up before the next engine runs (not timed).
+            engine.call({"op": "flush", "timeout": 30.0})
+            relay_ns = _on_cpu_ns(relays) - relay_ns
+            if mode == PAUSED_MODE:
+                engine.call({"op": "monitor", "on": True})
+            side_ns = _on_cpu_ns([sidecar_pid]) - side_ns
+            engine.pause()
+            per_step = 1e6 * max(reply["steps"], 1)
+            cpu[mode]["engine"].append(engine_ns / per_step)
+            cpu[mode]["relay"].append(relay_ns / per_step)
+            cpu[mode]["sidecar"].append(side_ns / per_step)
+    for engine in engines.values():
+        engine.resume()
+    reports = {mode: engines[mode].call({"op": "report"})[0] for mode in engines}
+    if paused:  # its counters are the sidecar-up engine's
+        before[PAUSED_MODE] = reports[PAUSED_MODE] = {"op_calls": None}
     rows = {}
     off_itl_ms = 1000 * statistics.median(steps["off"])
     for mode in modes:
         losses = sorted(100 * (1 - m / b) for m, b in zip(tps[mode], tps["off"], strict=True))
+        # The engine's own CPU per step against the off engine's in the same round: what the
+        # monitor adds to the serving process, barely touched by the machine's other load.
+        extra = sorted(
+            100 * (m / b - 1)
+            for m, b in zip(cpu[mode]["engine"], cpu["off"]["engine"], strict=True)
+        )
         report = reports[mode]
         plugin = _plugin_ms_per_step(before[mode], report)
         rows[mode] = {
@@ -425,6 +578,26 @@ def _measure(
             # the monitor-off engine's inter-token latency.
             "plugin_ms_per_step": plugin,
             "plugin_pct_of_off_itl": None if plugin is None else 100 * plugin / off_itl_ms,
+            "engine_cpu_ms_per_step": statistics.median(cpu[mode]["engine"]),
+            "engine_cpu_extra_pct_median": statistics.median(extra),
+            "engine_cpu_extra_pct_q1": _quantile(extra, 0.25),
+            "engine_cpu_extra_pct_q3": _quantile(extra, 0.75),
+            "relay_cpu_ms_per_step": statistics.median(cpu[mode]["relay"]),
+            "sidecar_cpu_ms_per_step": statistics.median(cpu[mode]["sidecar"]),
+        }
+    if paused:
+        # Same engine: sidecar-up against itself with the plugin off, paired per round.
+        same = sorted(
+            100 * (1 - m / b) for m, b in zip(tps["sidecar-up"], tps[PAUSED_MODE], strict=True)
+        )
+        rows["sidecar-up"]["same_engine"] = {
+            "loss_pct_median": statistics.median(same),
+            "loss_pct_q1": _quantile(same, 0.25),
+            "loss_pct_q3": _quantile(same, 0.75),
+            "loss_pct_min": same[0],
+            "loss_pct_max": same[-1],
+            "itl_ms_paused": 1000 * statistics.median(steps[PAUSED_MODE]),
+            "itl_ms_up": 1000 * statistics.median(steps["sidecar-up"]),
         }
     return rows
 
@@ -462,17 +635,24 @@ def _renamed(batch: list[dict[str, Any]], tag: str) -> list[dict[str, Any]]:
 
 
 def format_vllm_table(result: dict[str, Any]) -> str:
-    """The result as a text table (one row per execution mode and engine mode)."""
+    """The result as text: one row per execution mode and engine mode, then where the CPU
+    time per step went (engine, relay, sidecar)."""
+    placement = (
+        f"engines on CPU {result['engine_cpus']}, sidecar and relays on CPU "
+        f"{result['monitor_cpus']}"
+        if result.get("pinnings", ["pinned"]) == ["pinned"]
+        else f"pinned: engines on CPU {result['engine_cpus']}, sidecar and relays on CPU "
+        f"{result['monitor_cpus']}; unpinned: every process on every CPU"
+    )
     lines = [
         f"vLLM plugin overhead: {result['model']}; {result['requests']} requests x "
         f"{result['prompt_tokens']} prompt + {result['new_tokens']} new tokens per run, "
         f"capture on layer(s) {result['layers']}, {result['rounds']} interleaved rounds, one "
-        f"engine generating at a time; engines on CPU {result['engine_cpus']}, sidecar and "
-        f"relays on CPU {result['monitor_cpus']}; {result.get('seconds', 0):.0f} s",
+        f"engine generating at a time; {placement}; {result.get('seconds', 0):.0f} s",
         "loss: 1 - tokens/s against the monitor-off engine in the same round, median over "
         "rounds [quartiles] (min..max); plugin ms/step: the plugin's thread CPU time per "
         "forward pass on the model runner's thread (its % of the monitor-off ITL)",
-        f"{'execution':<10}{'mode':<14}{'tokens/s':>10}{'ITL ms':>8}{'loss':>8}"
+        f"{'execution':<19}{'mode':<14}{'tokens/s':>10}{'ITL ms':>8}{'loss':>8}"
         f"{'  [q1, q3] (min..max)':<30}{'idle CPU':>9}{'captured':>10}{'acked':>8}"
         f"{'dropped':>9}{'plugin ms/step':>16}",
     ]
@@ -490,8 +670,48 @@ def format_vllm_table(result: dict[str, Any]) -> str:
                 "" if plugin is None else f"{plugin:.3f} ({row['plugin_pct_of_off_itl']:.1f}%)"
             )
             lines.append(
-                f"{execution:<10}{mode:<14}{row['tokens_per_s']:>10.1f}{row['itl_ms_p50']:>8.2f}"
+                f"{execution:<19}{mode:<14}{row['tokens_per_s']:>10.1f}{row['itl_ms_p50']:>8.2f}"
                 f"{loss:>8}{spread:<30}{row['idle_cpu_pct']:>8.1f}%{row['steps_captured']:>10}"
                 f"{row['acked']:>8}{row['dropped']:>9}{plugin_text:>16}"
             )
+    for execution, rows in result["execution"].items():
+        same = rows.get("sidecar-up", {}).get("same_engine")
+        if same is not None:
+            lines.append(
+                f"{execution}: same engine, sidecar-up against {PAUSED_MODE}: loss "
+                f"{same['loss_pct_median']:.2f}% [{same['loss_pct_q1']:.1f}, "
+                f"{same['loss_pct_q3']:.1f}] ({same['loss_pct_min']:.1f}.."
+                f"{same['loss_pct_max']:.1f}); ITL {same['itl_ms_paused']:.2f} -> "
+                f"{same['itl_ms_up']:.2f} ms"
+            )
+    if any(
+        "engine_cpu_ms_per_step" in row
+        for rows in result["execution"].values()
+        for row in rows.values()
+    ):
+        lines += [
+            "",
+            "CPU ms per engine step (on-CPU time, schedstat; median over rounds): the engine's "
+            "own processes during the run; its capture relay and the sidecar during the run and "
+            "the flush after it; engine +%: the engine's CPU per step against the off engine's "
+            "in the same round, median [quartiles]",
+            f"{'execution':<19}{'mode':<14}{'engine':>9}{'engine +%':>11}{'  [q1, q3]':<18}"
+            f"{'relay':>8}{'sidecar':>9}",
+        ]
+        for execution, rows in result["execution"].items():
+            for mode, row in rows.items():
+                if "engine_cpu_ms_per_step" not in row:
+                    continue
+                extra = spread = ""
+                if mode != "off":
+                    extra = f"{row['engine_cpu_extra_pct_median']:.2f}%"
+                    spread = (
+                        f"  [{row['engine_cpu_extra_pct_q1']:.1f}, "
+                        f"{row['engine_cpu_extra_pct_q3']:.1f}]"
+                    )
+                lines.append(
+                    f"{execution:<19}{mode:<14}{row['engine_cpu_ms_per_step']:>9.3f}{extra:>11}"
+                    f"{spread:<18}{row['relay_cpu_ms_per_step']:>8.3f}"
+                    f"{row['sidecar_cpu_ms_per_step']:>9.3f}"
+                )
     return "\n".join(lines)

@@ -50,3 +50,87 @@ def test_table_shows_plugin_time_and_its_share_of_the_off_latency():
     assert "plugin ms/step" in lines[2]
     assert lines[3].rstrip().endswith(" 0")  # the off row: no plugin time after "dropped"
     assert lines[4].endswith("0.200 (2.5%)")
+
+
+def _row(**extra):
+    return {
+        "tokens_per_s": 400.0,
+        "itl_ms_p50": 8.0,
+        "loss_pct_median": 2.0,
+        "loss_pct_q1": 1.0,
+        "loss_pct_q3": 3.0,
+        "loss_pct_min": 0.0,
+        "loss_pct_max": 4.0,
+        "idle_cpu_pct": 0.0,
+        "steps_captured": 10,
+        "acked": 10,
+        "dropped": 0,
+        "plugin_ms_per_step": None,
+        "plugin_pct_of_off_itl": None,
+        "engine_cpu_ms_per_step": 8.0,
+        "engine_cpu_extra_pct_median": 1.5,
+        "engine_cpu_extra_pct_q1": -0.5,
+        "engine_cpu_extra_pct_q3": 2.5,
+        "relay_cpu_ms_per_step": 0.7,
+        "sidecar_cpu_ms_per_step": 1.9,
+        **extra,
+    }
+
+
+def test_table_shows_both_placements_the_cpu_per_step_and_the_same_engine_loss():
+    same = {
+        "loss_pct_median": 2.25,
+        "loss_pct_q1": 1.0,
+        "loss_pct_q3": 3.5,
+        "loss_pct_min": -1.0,
+        "loss_pct_max": 6.0,
+        "itl_ms_paused": 8.0,
+        "itl_ms_up": 8.2,
+    }
+    result = {
+        "model": "m",
+        "requests": 4,
+        "prompt_tokens": 32,
+        "new_tokens": 32,
+        "layers": "1",
+        "rounds": 3,
+        "pinnings": ["pinned", "unpinned"],
+        "engine_cpus": "0",
+        "monitor_cpus": "1",
+        "execution": {
+            f"eager/{pinning}": {
+                "off": _row(),
+                "sidecar-up": _row(same_engine=same),
+                "up-paused": _row(),
+            }
+            for pinning in ("pinned", "unpinned")
+        },
+    }
+    text = format_vllm_table(result)
+    assert "unpinned: every process on every CPU" in text.splitlines()[0]
+    assert (
+        "eager/unpinned: same engine, sidecar-up against up-paused: loss 2.25% [1.0, 3.5] "
+        "(-1.0..6.0); ITL 8.00 -> 8.20 ms"
+    ) in text
+    cpu_rows = [line.split() for line in text.splitlines() if line.startswith("eager/pinned ")]
+    # the throughput row, then the CPU row: engine, engine +% (none for off), relay, sidecar
+    assert cpu_rows[3] == ["eager/pinned", "off", "8.000", "0.700", "1.900"]
+    spread = ["[-0.5,", "2.5]"]
+    assert cpu_rows[4] == [
+        "eager/pinned",
+        "sidecar-up",
+        "8.000",
+        "1.50%",
+        *spread,
+        "0.700",
+        "1.900",
+    ]
+
+
+def test_unknown_placements_are_refused():
+    from monitor.bench.vllm_overhead import run_vllm_overhead_bench
+
+    with pytest.raises(ValueError, match="pinnings"):
+        run_vllm_overhead_bench(pinnings=("pinned", "sideways"))
+    with pytest.raises(ValueError, match="pinnings"):
+        run_vllm_overhead_bench(pinnings=())

@@ -132,3 +132,26 @@ def test_request_conversation_ids_ignored_when_the_operator_says_so(engine):
     assert {own_1, own_2} <= set(report["recent_ends"])
     # Not the client's own request id either: a client could give a victim's one.
     assert seen(report["alerts"], "own-1") == 0
+
+
+def test_bench_switch_turns_the_monitor_off_and_back_on_in_one_engine(engine):
+    """`bench overhead --engine vllm --same-engine` compares one engine with and without the
+    monitor: while switched off, the capture op does not run and nothing is captured; switched
+    back on, both resume. (Last in this module: a request finishing while the monitor is off
+    is never ended in the sidecar.)"""
+    engine.flush()
+    before = engine.report()
+    assert engine.call({"op": "monitor", "on": False}) == [False]
+    off = engine.run([{"id": "switched-off", "prompt": [91] * 12, "params": greedy(6)}])
+    assert len(off["switched-off"]["outputs"][0]["token_ids"]) == 6
+    paused = engine.report()  # the runner has no capture while off
+    assert paused["attached"] is False
+    assert paused["op_calls"] == before["op_calls"]
+    assert engine.call({"op": "monitor", "on": True}) == [True]
+    assert engine.report()["steps_captured"] == before["steps_captured"]
+    engine.run([{"id": "switched-on", "prompt": [92] * 12, "params": greedy(6)}])
+    engine.flush()
+    after = engine.report()
+    assert after["op_calls"] >= before["op_calls"] + 6  # one captured layer, every forward
+    assert after["steps_captured"] >= before["steps_captured"] + 6
+    assert after["dropped"] == before["dropped"]
