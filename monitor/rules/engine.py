@@ -325,6 +325,7 @@ _END = operator.attrgetter("end")
 _ANY = np.logical_or.reduce
 _ALL = np.logical_and.reduce
 _MIN = np.minimum.reduce
+_MAX = np.maximum.reduce
 _SUM = np.add.reduce
 _ROLE = operator.attrgetter("role")
 _ATTRIBUTES = operator.attrgetter("attributes")
@@ -1347,9 +1348,9 @@ class _StepKernel:
         for t, first, last, maximum in self.extrema:
             carried = history[:, first:last]
             if maximum:
-                out[t] = np.maximum(carried.max(1), x[t]) if last > first else x[t]
+                out[t] = np.maximum(_MAX(carried, axis=1), x[t]) if last > first else x[t]
             else:
-                out[t] = np.minimum(carried.min(1), x[t]) if last > first else x[t]
+                out[t] = np.minimum(_MIN(carried, axis=1), x[t]) if last > first else x[t]
         for t, oldest, counted, n in self.deltas:
             change = x[t] - history[:, oldest]
             out[t] = np.where(seen[:, counted] >= n, change, np.float32(0.0))

@@ -407,4 +407,10 @@ def _finite_bits(bits: np.ndarray, dtype: torch.dtype) -> bool:
     min/max, and numpy calls, which cost less than torch ones when the caches are cold (as
     they are right after an encode)."""
     _, unsigned, positive, negative = _BITS[dtype]
-    return bool(bits.max() < positive and bits.view(unsigned).max() < negative)
+    return bool(
+        _MAX(bits, axis=None) < positive and _MAX(bits.view(unsigned), axis=None) < negative
+    )
+
+
+# The reduction itself: ``ndarray.max`` goes through a Python wrapper.
+_MAX = np.maximum.reduce
