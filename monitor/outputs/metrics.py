@@ -35,14 +35,18 @@ _LATENCY_BUCKETS = (
 class _StepCounter(Counter):
     """A Counter whose unlabelled ``inc`` skips the checks it cannot fail (the sidecar counts
     every step: prometheus-client's checks are two Python calls, microseconds when the caches
-    are cold, as they are right after an encode). Anything else takes the checked path."""
+    are cold, as they are right after an encode). Anything else takes the checked path, and so
+    does everything on a prometheus-client whose private layout differs (``AttributeError``)."""
 
     def inc(self, amount: float = 1, exemplar: Any = None) -> None:
         """Increment by ``amount`` (not negative)."""
         if exemplar or self._labelnames or not amount >= 0:
             super().inc(amount, exemplar)
-        else:
+            return
+        try:
             self._value.inc(amount)
+        except AttributeError:  # a prometheus-client without this private layout
+            super().inc(amount, exemplar)
 
 
 class _StepHistogram(Histogram):
@@ -55,9 +59,14 @@ class _StepHistogram(Histogram):
         """Observe ``amount``."""
         if exemplar or self._labelnames or amount != amount:
             super().observe(amount, exemplar)
-        else:
-            self._sum.inc(amount)
-            self._buckets[bisect_left(self._upper_bounds, amount)].inc(1)
+            return
+        try:
+            bucket = self._buckets[bisect_left(self._upper_bounds, amount)]
+        except AttributeError:  # a prometheus-client without this private layout
+            super().observe(amount, exemplar)
+            return
+        self._sum.inc(amount)
+        bucket.inc(1)
 
 
 @dataclass

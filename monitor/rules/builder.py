@@ -354,6 +354,13 @@ class RuleBuilder:
             exceptions=self.exceptions(),
             annotations=self.mapping("annotations", template=True),
         )
+        if rule.window_roles and condition is not None and not condition.temporal:
+            # Nothing to restrict: the user expects a restriction the rule would not apply.
+            self.error(
+                self.last("window_roles"),
+                "'window_roles' restricts temporal functions (rolling_mean, ewma, ...), and "
+                "this rule's condition has none; remove it or use 'roles'",
+            )
         if self.failed or condition is None:
             return None
         if self.spec.duplicate is not None:

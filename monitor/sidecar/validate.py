@@ -369,7 +369,7 @@ def _checked_tensor(
     except TensorDecodeError as exc:
         raise BatchRejected(exc.reason, exc.field, exc.message) from exc
     dtype = tensor.dtype
-    if data and not _finite_bits(np.frombuffer(data, _BITS[dtype][0]), dtype):
+    if not _bytes_finite(data, dtype):
         bad_row = int((~torch.isfinite(tensor)).any(dim=1).nonzero()[0, 0])
         raise BatchRejected(
             "non_finite",
@@ -388,13 +388,17 @@ _BITS: dict[torch.dtype, tuple[type[np.signedinteger], type[np.unsignedinteger],
 }
 
 
+def _bytes_finite(data: bytes | memoryview, dtype: torch.dtype) -> bool:
+    """No NaN and no ±Inf among the floats of ``dtype`` stored in ``data`` (the wire's bytes;
+    the check the sidecar runs on every tensor it receives)."""
+    return not data or _finite_bits(np.frombuffer(data, _BITS[dtype][0]), dtype)
+
+
 def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN and no ±Inf in a tensor of a wire dtype (see ``_finite_bits``)."""
-    if tensor.numel() == 0:
-        return True
+    """``_bytes_finite`` of a tensor of a wire dtype (its bytes, as the wire would carry them)."""
     signed = _BITS[tensor.dtype][0]
     bits = tensor.contiguous().view(torch.int16 if signed is np.int16 else torch.int32)
-    return _finite_bits(bits.numpy().reshape(-1), tensor.dtype)
+    return _bytes_finite(bits.numpy().tobytes(), tensor.dtype)
 
 
 def _finite_bits(bits: np.ndarray, dtype: torch.dtype) -> bool:

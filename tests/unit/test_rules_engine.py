@@ -514,6 +514,7 @@ def test_window_roles_errors_are_located():
         ("window_roles: user", "'window_roles' must be a list of strings"),
         ("window_roles: ['']", "'window_roles' entries must be non-empty strings"),
         ("window_role: [user]", "unknown rule key 'window_role'"),
+        ("window_roles: [user]", "this rule's condition has none"),  # nothing to restrict
     ):
         with pytest.raises(RuleLoadError) as error:
             ruleset(rule_file(f"rule: r, severity: info, condition: a > 0, {bad}"))

@@ -28,25 +28,6 @@ log = structlog.get_logger("safety_monitor.capture")
 # How long the relay sleeps between looks at an empty ring: short while steps are flowing
 # (a decode step every few ms), longer once the model has gone quiet.
 _POLL_ACTIVE, _POLL_IDLE, _ACTIVE_FOR = 0.0005, 0.005, 0.25
-# While steps flow at a steady pace, the first look after a frame waits until this share of
-# the usual gap between frames has passed: polling every 0.5 ms through a 12 ms decode step
-# cost the relay ~0.7 ms of CPU per frame (wake-ups of ~50 us each), CPU that on a shared
-# machine is taken from the engine. A frame is then picked up within 0.5 ms of being due, as
-# before; one that comes early waits at most this share of the gap (and never over 50 ms).
-_EARLY_SHARE, _GAP_WEIGHT, _PACED_SLEEP_MAX = 0.75, 0.2, 0.05
-
-
-def poll_delay(since_frame: float, gap: float | None) -> float:
-    """Seconds to sleep before the next look at an empty ring, `since_frame` seconds after
-    the last frame was taken, when frames have been arriving `gap` seconds apart (None: not
-    known yet)."""
-    if since_frame > _ACTIVE_FOR:
-        return _POLL_IDLE
-    if gap is not None:
-        due = _EARLY_SHARE * gap - since_frame
-        if due > _POLL_ACTIVE:
-            return min(due, _PACED_SLEEP_MAX)
-    return _POLL_ACTIVE
 
 
 class FrameSource:
@@ -58,7 +39,6 @@ class FrameSource:
         self.doorbell_fd = doorbell_fd
         self._announced = 0
         self._last_frame = 0.0
-        self.gap: float | None = None  # moving average of the time between frames (active)
 
     def next(self, timeout: float, on_bad_frame: Callable[[], None]) -> pb.StepBatch | None:
         """The next step on the ring as a StepBatch, None after `timeout` seconds without one;
@@ -74,7 +54,7 @@ class FrameSource:
                     log.exception("unreadable frame on the capture ring")
                     batch = None
                 self.ring.release(frame.size)
-                self._note_frame(time.monotonic())
+                self._last_frame = time.monotonic()
                 if batch is None:
                     on_bad_frame()
                     continue
@@ -82,13 +62,8 @@ class FrameSource:
             now = time.monotonic()
             if now >= deadline:
                 return None
-            time.sleep(min(poll_delay(now - self._last_frame, self.gap), deadline - now))
-
-    def _note_frame(self, now: float) -> None:
-        gap = now - self._last_frame
-        if gap <= _ACTIVE_FOR:  # a gap of an active stream, not a pause between requests
-            self.gap = gap if self.gap is None else self.gap + _GAP_WEIGHT * (gap - self.gap)
-        self._last_frame = now
+            idle = now - self._last_frame > _ACTIVE_FOR
+            time.sleep(min(_POLL_IDLE if idle else _POLL_ACTIVE, deadline - now))
 
     def discard_waiting(self) -> int:
         """Take every waiting frame off the ring unread; returns how many."""

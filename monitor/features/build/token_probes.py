@@ -483,7 +483,7 @@ def fit_layers(
             # What training through the aggregation gained over the per-token fit, held out.
             heldout["auroc_per_token_fit"] = trained.initial_auroc
             heldout["aggregation_steps"] = float(trained.steps)
-            heldout.update(extra)
+        heldout.update(extra)
         results.append(LayerResult(hp, fit, aggregation, threshold, heldout, by_window))
     return results
 
