@@ -18,19 +18,26 @@ def test_plugin_time_per_step_counts_only_between_the_two_reports():
 
 def test_table_shows_plugin_time_and_its_share_of_the_off_latency():
     row = {
-        "tokens_per_s": 400.0,
-        "itl_ms_p50": 8.0,
-        "loss_pct_median": 2.0,
-        "loss_pct_q1": 1.0,
-        "loss_pct_q3": 3.0,
-        "loss_pct_min": 0.0,
-        "loss_pct_max": 4.0,
-        "idle_cpu_pct": 0.0,
-        "steps_captured": 10,
-        "acked": 10,
-        "dropped": 0,
+        k: v
+        for k, v in _row().items()
+        if not k.startswith(("plugin_", "engine_", "relay_", "sidecar_"))
     }
-    result = {
+    result = _result(
+        {
+            "compiled": {
+                "off": {**row, "plugin_ms_per_step": None, "plugin_pct_of_off_itl": None},
+                "sidecar-up": {**row, "plugin_ms_per_step": 0.2, "plugin_pct_of_off_itl": 2.5},
+            }
+        }
+    )
+    lines = format_vllm_table(result).splitlines()
+    assert "plugin ms/step" in lines[2]
+    assert lines[3].rstrip().endswith(" 0")  # the off row: no plugin time after "dropped"
+    assert lines[4].endswith("0.200 (2.5%)")
+
+
+def _result(execution, **extra):
+    return {
         "model": "m",
         "requests": 4,
         "prompt_tokens": 32,
@@ -39,17 +46,9 @@ def test_table_shows_plugin_time_and_its_share_of_the_off_latency():
         "rounds": 3,
         "engine_cpus": "0",
         "monitor_cpus": "1",
-        "execution": {
-            "compiled": {
-                "off": {**row, "plugin_ms_per_step": None, "plugin_pct_of_off_itl": None},
-                "sidecar-up": {**row, "plugin_ms_per_step": 0.2, "plugin_pct_of_off_itl": 2.5},
-            }
-        },
+        "execution": execution,
+        **extra,
     }
-    lines = format_vllm_table(result).splitlines()
-    assert "plugin ms/step" in lines[2]
-    assert lines[3].rstrip().endswith(" 0")  # the off row: no plugin time after "dropped"
-    assert lines[4].endswith("0.200 (2.5%)")
 
 
 def _row(**extra):
@@ -87,17 +86,8 @@ def test_table_shows_both_placements_the_cpu_per_step_and_the_same_engine_loss()
         "itl_ms_paused": 8.0,
         "itl_ms_up": 8.2,
     }
-    result = {
-        "model": "m",
-        "requests": 4,
-        "prompt_tokens": 32,
-        "new_tokens": 32,
-        "layers": "1",
-        "rounds": 3,
-        "pinnings": ["pinned", "unpinned"],
-        "engine_cpus": "0",
-        "monitor_cpus": "1",
-        "execution": {
+    result = _result(
+        {
             f"eager/{pinning}": {
                 "off": _row(),
                 "sidecar-up": _row(same_engine=same),
@@ -105,7 +95,8 @@ def test_table_shows_both_placements_the_cpu_per_step_and_the_same_engine_loss()
             }
             for pinning in ("pinned", "unpinned")
         },
-    }
+        pinnings=["pinned", "unpinned"],
+    )
     text = format_vllm_table(result)
     assert "unpinned: every process on every CPU" in text.splitlines()[0]
     assert (
