@@ -534,3 +534,15 @@ def test_worker_serves_a_bad_prompt_role_under_the_defaults():
         (("a",), ("assistant",), [1], [2]),
     ]
     assert capture.naming_errors == 1
+
+
+def test_worker_reads_a_grown_prompt_when_vllm_schedules_a_request_as_new_again():
+    # vLLM's streaming-input sessions: more input for a running request arrives as a new
+    # request with the same id, its prompt now what it had so far plus the new input.
+    capture = _worker()
+    runner = _runner(a=(2, None))
+    _run_step(capture, runner, ["a"], [2], [0], new=["a"])
+    assert _run_step(capture, runner, ["a"], [1], [2]) == [(("a",), ("assistant",), [1], [2])]
+    runner.requests["a"].num_prompt_tokens = 6
+    assert _run_step(capture, runner, ["a"], [3], [3], new=["a"]) == [(("a",), ("user",), [3], [3])]
+    assert _run_step(capture, runner, ["a"], [1], [6]) == [(("a",), ("assistant",), [1], [6])]
