@@ -202,7 +202,13 @@ def run_side_by_side(
         # Alternating which goes first: neither always runs on the warmer machine.
         order = (("this", here), ("baseline", tree))
         for name, root in order if pair % 2 == 0 else order[::-1]:
-            runs[name].append(_stages_in(root, rounds, conversations))
+            report = _stages_in(root, rounds, conversations)
+            if "all_but_encode_cpu_ms" not in report.get("stages", {}).get("decode-col", {}):
+                raise ValueError(
+                    f"--baseline-tree {root}: its `bench stages` does not report the columnar "
+                    "decode step's all-but-encode time (a checkout from before it did)"
+                )
+            runs[name].append(report)
     decode = {
         name: [r["stages"]["decode-col"]["all_but_encode_cpu_ms"] for r in reports]
         for name, reports in runs.items()
