@@ -1,9 +1,14 @@
 """The vLLM integration's bookkeeping, without vLLM: naming, splitting a flattened step per
-request, recomputation and prefix-cache gaps, rank plans and the plugin settings."""
+request, recomputation and prefix-cache gaps, prompt and output roles, rank plans and the
+plugin settings."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
+import torch
 
 from monitor.capture.vllm.batch import (
     MAX_ID_CHARS,
@@ -14,7 +19,9 @@ from monitor.capture.vllm.batch import (
     plan_rank,
     tag_request,
 )
-from monitor.capture.vllm.config import PluginConfigError, load_settings
+from monitor.capture.vllm.config import PluginConfigError, PluginSettings, load_settings
+from monitor.capture.vllm.worker import WorkerCapture
+from monitor.hookpoints import hook_point_name
 from monitor.wire import pb
 
 
@@ -69,13 +76,38 @@ def test_the_operator_can_ignore_conversation_ids_from_requests():
 def test_the_operator_can_ignore_roles_and_attributes_from_requests():
     # A made-up role would escape every role-scoped rule, an attribute a rule's exceptions
     # name would exempt the request: with the second switch neither comes from the request.
-    extra = {"sm_conversation_id": "c", "sm_role": "x", "sm_attributes": {"tenant": "evals"}}
+    extra = {
+        "sm_conversation_id": "c",
+        "sm_role": "x",
+        "sm_prompt_role": "y",
+        "sm_attributes": {"tenant": "evals"},
+    }
     tag = tag_request("r-0a1b2c3d", extra, ignore_roles_and_attributes=True)
-    assert (tag.conversation_id, tag.role, dict(tag.attributes)) == ("c", "assistant", {})
+    assert (tag.conversation_id, tag.prompt_role, tag.role, dict(tag.attributes)) == (
+        "c",
+        "user",
+        "assistant",
+        {},
+    )
     # Names it would otherwise refuse are not even looked at.
-    tag = tag_request("r-0a1b2c3d", {"sm_role": ""}, ignore_roles_and_attributes=True)
-    assert tag.role == "assistant"
-    assert tag_request("r-0a1b2c3d", extra).role == "x"
+    bad = {"sm_role": "", "sm_prompt_role": ""}
+    tag = tag_request("r-0a1b2c3d", bad, ignore_roles_and_attributes=True)
+    assert (tag.prompt_role, tag.role) == ("user", "assistant")
+    tag = tag_request("r-0a1b2c3d", extra)
+    assert (tag.prompt_role, tag.role) == ("y", "x")
+
+
+def test_prompt_and_output_roles_default_to_user_and_assistant():
+    tag = tag_request("r-0a1b2c3d", None)
+    assert (tag.prompt_role, tag.role) == ("user", "assistant")
+    # sm_role keeps naming the output's role; sm_prompt_role names the prompt's.
+    tag = tag_request("r-0a1b2c3d", {"sm_role": "agent"})
+    assert (tag.prompt_role, tag.role) == ("user", "agent")
+    tag = tag_request("r-0a1b2c3d", {"sm_prompt_role": "tool"})
+    assert (tag.prompt_role, tag.role) == ("tool", "assistant")
+    assert tag.for_prompt().role == "tool" and tag.for_prompt().conversation_id == "r"
+    same = tag_request("r", {"sm_prompt_role": "guarded", "sm_role": "guarded"})
+    assert same.for_prompt() is same
 
 
 def test_ids_past_the_sidecars_limits_never_reach_it():
@@ -101,6 +133,7 @@ def test_names_a_protobuf_string_cannot_carry_are_refused_or_hashed():
     for extra in (
         {"sm_conversation_id": bad},
         {"sm_role": bad},
+        {"sm_prompt_role": bad},
         {"sm_attributes": {bad: "v"}},
         {"sm_attributes": {"k": bad}},
         {"sm_attributes": '{"k": "\\ud800"}'},
@@ -153,6 +186,9 @@ def test_an_alert_for_a_request_no_longer_tracked_hashes_no_tracked_id(monkeypat
         {"sm_conversation_id": ""},
         {"sm_conversation_id": 5},
         {"sm_role": ""},
+        {"sm_prompt_role": "r" * 65},
+        {"sm_prompt_role": ""},
+        {"sm_prompt_role": 3},
         {"sm_attributes": "not json"},
         {"sm_attributes": "[1, 2]"},
         {"sm_attributes": {"a": ["list"]}},
@@ -301,3 +337,212 @@ def test_bad_settings_are_refused(tmp_path, yaml_text, message):
     config.write_text(yaml_text)
     with pytest.raises(PluginConfigError, match=message):
         load_settings({"SAFETY_MONITOR_CONFIG": str(config)})
+
+
+def roles_of(slices):
+    return [(s.request, s.tag.role, s.start, s.stop, s.position) for s in slices]
+
+
+def test_prompt_rows_carry_the_prompt_role_and_output_rows_the_output_role():
+    splitter = BatchSplitter()
+    splitter.track("r", tag_request("r", {"sm_prompt_role": "asker"}), prompt_tokens=10)
+    splitter.track("s", tag_request("s", None), prompt_tokens=3)
+    # Chunked prefill of r's 10-token prompt next to s's whole prompt, then r's last chunk
+    # (s samples its first output, computed in the next step at position 3), then decodes.
+    assert roles_of(splitter.split(["r", "s"], [6, 3], [0, 0])) == [
+        ("r", "asker", 0, 6, 0),
+        ("s", "user", 6, 9, 0),
+    ]
+    assert splitter.prompt_slices == 2
+    assert roles_of(splitter.split(["r", "s"], [4, 1], [6, 3])) == [
+        ("r", "asker", 0, 4, 6),
+        ("s", "assistant", 4, 5, 3),
+    ]
+    assert splitter.prompt_slices == 1
+    assert roles_of(splitter.split(["r", "s"], [1, 1], [10, 4])) == [
+        ("r", "assistant", 0, 1, 10),
+        ("s", "assistant", 1, 2, 4),
+    ]
+    assert splitter.prompt_slices == 0
+    assert splitter.straddles == 0
+
+
+def test_a_slice_spanning_the_prompt_end_becomes_two_sequences():
+    splitter = BatchSplitter()
+    for rid in ("a", "r", "b"):
+        splitter.track(rid, tag_request(rid, None), prompt_tokens=10)
+    splitter.split(["r"], [7], [0])  # r's prompt up to position 6 was sent
+    # r then computes positions 7..12 in one slice: 7..9 are prompt, 10..12 output.
+    slices = splitter.split(["a", "r", "b"], [2, 6, 1], [0, 7, 0])
+    assert roles_of(slices) == [
+        ("a", "user", 0, 2, 0),
+        ("r", "user", 2, 5, 7),
+        ("r", "assistant", 5, 8, 10),
+        ("b", "user", 8, 9, 0),
+    ]
+    assert splitter.straddles == 1
+    # One conversation twice in a step: the output part goes out in a second message, after
+    # the first (which holds its prompt part), so positions stay in order.
+    groups = group_by_attributes(slices)
+    assert [[(s.request, s.tag.role) for s in g] for g in groups] == [
+        [("a", "user"), ("r", "user"), ("b", "user")],
+        [("r", "assistant")],
+    ]
+    assert splitter.state("r")[1] == 13
+
+
+def test_a_straddle_is_one_slice_when_both_roles_are_the_same():
+    splitter = BatchSplitter()
+    same = {"sm_prompt_role": "guarded", "sm_role": "guarded"}
+    splitter.track("r", tag_request("r", same), prompt_tokens=4)
+    assert roles_of(splitter.split(["r"], [6], [0])) == [("r", "guarded", 0, 6, 0)]
+    assert splitter.straddles == 0
+
+
+def test_recomputed_rows_across_the_prompt_end_are_skipped_not_split():
+    # Preempted after 11 outputs of a 10-token prompt: vLLM recomputes prompt and outputs
+    # (positions 0..20, sent already) plus the newest token at 21, all in one slice.
+    splitter = BatchSplitter()
+    splitter.track("r", tag_request("r", None), prompt_tokens=10)
+    splitter.split(["r"], [10], [0])
+    for position in range(10, 21):
+        splitter.split(["r"], [1], [position])
+    assert roles_of(splitter.split(["r"], [22], [0])) == [("r", "assistant", 21, 22, 21)]
+    assert (splitter.skipped_rows, splitter.straddles) == (21, 0)
+    # Preempted mid-prefill: the recomputed chunk skips what was sent, the rest is prompt.
+    splitter.track("p", tag_request("p", None), prompt_tokens=40)
+    splitter.split(["p"], [16], [0])
+    assert roles_of(splitter.split(["p"], [32], [0])) == [("p", "user", 16, 32, 16)]
+
+
+def test_a_prefix_cache_hit_keeps_roles_by_position():
+    # n > 1: the prompt is cached by the first sequence, the others start at the output.
+    splitter = BatchSplitter()
+    splitter.track("0_r", tag_request("0_r", None), prompt_tokens=8)
+    splitter.track("1_r", tag_request("1_r", None), prompt_tokens=8)
+    slices = splitter.split(["0_r", "1_r"], [8, 1], [0, 8])
+    assert roles_of(slices) == [("0_r", "user", 0, 8, 0), ("1_r", "assistant", 8, 9, 8)]
+    # A cached prompt prefix: the uncached part of the prompt is still the prompt's.
+    splitter.track("c", tag_request("c", None), prompt_tokens=40)
+    assert roles_of(splitter.split(["c"], [8], [32])) == [("c", "user", 0, 8, 32)]
+
+
+def test_a_streaming_session_grows_the_prompt():
+    splitter = BatchSplitter()
+    splitter.track("r", tag_request("r", None), prompt_tokens=4)
+    splitter.split(["r"], [4], [0])
+    splitter.split(["r"], [1], [4])
+    # More input arrives: vLLM's prompt is now 9 tokens (the 5 so far and 4 new ones).
+    splitter.set_prompt_tokens("r", 9)
+    assert roles_of(splitter.split(["r"], [4], [5])) == [("r", "user", 0, 4, 5)]
+    assert roles_of(splitter.split(["r"], [1], [9])) == [("r", "assistant", 0, 1, 9)]
+    splitter.set_prompt_tokens("gone", 3)  # not tracked: nothing to change
+
+
+class _Client:
+    def __init__(self):
+        self.steps = []
+
+    def submit(self, step):
+        self.steps.append(step)
+
+
+def _worker(**settings):
+    """The worker's per-step path without a vLLM runner: `WorkerCapture.__init__` needs a
+    loaded model (the real path runs in tests/integration/vllm); everything `after_forward`
+    touches is set here as `__init__` sets it."""
+    capture = WorkerCapture.__new__(WorkerCapture)
+    capture.settings = PluginSettings(target="t", layers=(1,), **settings)
+    capture.splitter = BatchSplitter()
+    capture.client = _Client()
+    capture._layout = None
+    capture._plans = {}
+    capture._views = {}
+    capture._on_cuda = False
+    capture.steps = 0
+    capture.naming_errors = 0
+    capture.buffers = {hook_point_name(1): torch.arange(64.0).reshape(16, 4)}
+    return capture
+
+
+def _run_step(capture, runner, req_ids, num_tokens, computed, new=()):
+    runner.input_batch = SimpleNamespace(
+        num_reqs=len(req_ids), req_ids=list(req_ids), num_computed_tokens_cpu=np.array(computed)
+    )
+    capture.note_layout(runner, np.array(num_tokens))
+    scheduled = [SimpleNamespace(req_id=r) for r in new]
+    before = len(capture.client.steps)
+    capture.after_forward(
+        runner, SimpleNamespace(finished_req_ids=set(), scheduled_new_reqs=scheduled)
+    )
+    return [
+        (step.tagging.conversation_ids, step.tagging.roles, step.rows, step.positions)
+        for step in capture.client.steps[before:]
+    ]
+
+
+def _runner(**prompts):
+    requests = {}
+    for rid, (length, extra) in prompts.items():
+        params = SimpleNamespace(extra_args=extra)
+        requests[rid] = SimpleNamespace(sampling_params=params, num_prompt_tokens=length)
+    return SimpleNamespace(requests=requests)
+
+
+def test_worker_steps_tag_the_prompt_and_the_output_and_reuse_no_prefill_plan():
+    capture = _worker()
+    runner = _runner(a=(3, {"sm_role": "bot"}), b=(2, None))
+    # The prefill step and the first decode step run the same requests in the same order:
+    # the decode must not reuse the prefill's plan (its Tagging names the prompt role).
+    prefill = _run_step(capture, runner, ["a", "b"], [3, 2], [0, 0], new=["a", "b"])
+    assert prefill == [(("a", "b"), ("user", "user"), [3, 2], [0, 0])]
+    for step in range(3):
+        decode = _run_step(capture, runner, ["a", "b"], [1, 1], [3 + step, 2 + step])
+        assert decode == [(("a", "b"), ("bot", "assistant"), [1, 1], [3 + step, 2 + step])]
+    # Two plans: one per role layout, the decode one reused.
+    assert len(capture._plans) == 2
+
+
+def test_worker_sends_a_straddling_request_in_two_messages_in_order():
+    capture = _worker()
+    runner = _runner(a=(2, None), r=(5, None))
+    _run_step(capture, runner, ["r"], [3], [0], new=["r"])
+    steps = _run_step(capture, runner, ["a", "r"], [2, 4], [0, 3], new=["a"])
+    assert steps == [
+        (("a", "r"), ("user", "user"), [2, 2], [0, 3]),
+        (("r",), ("assistant",), [2], [5]),
+    ]
+    first, second = capture.client.steps[-2:]
+    rows = capture.buffers[hook_point_name(1)]
+    # The rows that went out are the ones at those places in the flattened batch.
+    assert torch.equal(first.layers[hook_point_name(1)], rows[0:4])
+    assert torch.equal(second.layers[hook_point_name(1)], rows[4:6])
+
+
+def test_worker_tags_with_both_defaults_when_told_to_ignore_request_roles():
+    capture = _worker(ignore_request_roles_and_attributes=True)
+    runner = _runner(a=(2, {"sm_prompt_role": "system", "sm_role": "unscoped"}))
+    assert _run_step(capture, runner, ["a"], [2], [0], new=["a"]) == [(("a",), ("user",), [2], [0])]
+    assert _run_step(capture, runner, ["a"], [1], [2]) == [(("a",), ("assistant",), [1], [2])]
+
+
+def test_worker_serves_a_bad_prompt_role_under_the_defaults():
+    capture = _worker()
+    runner = _runner(a=(2, {"sm_prompt_role": "", "sm_conversation_id": "named"}))
+    assert _run_step(capture, runner, ["a"], [3], [0], new=["a"]) == [
+        (("a",), ("user",), [2], [0]),
+        (("a",), ("assistant",), [1], [2]),
+    ]
+    assert capture.naming_errors == 1
+
+
+def test_worker_reads_a_grown_prompt_when_vllm_schedules_a_request_as_new_again():
+    # vLLM's streaming-input sessions: more input for a running request arrives as a new
+    # request with the same id, its prompt now what it had so far plus the new input.
+    capture = _worker()
+    runner = _runner(a=(2, None))
+    _run_step(capture, runner, ["a"], [2], [0], new=["a"])
+    assert _run_step(capture, runner, ["a"], [1], [2]) == [(("a",), ("assistant",), [1], [2])]
+    runner.requests["a"].num_prompt_tokens = 6
+    assert _run_step(capture, runner, ["a"], [3], [3], new=["a"]) == [(("a",), ("user",), [3], [3])]
+    assert _run_step(capture, runner, ["a"], [1], [6]) == [(("a",), ("assistant",), [1], [6])]

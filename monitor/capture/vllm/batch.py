@@ -10,7 +10,13 @@ its first scheduled token). This module turns that layout into `CapturedStep` sl
 - rows a request computes again (after preemption, vLLM recomputes from its last cached
   block) are skipped, so no token is sent twice;
 - a request whose first computed token is past what was sent (prefix caching: cached tokens
-  are not recomputed) is sent from its true position; the sidecar sees the gap.
+  are not recomputed) is sent from its true position; the sidecar sees the gap;
+- rows at positions before the request's prompt length carry the prompt's role
+  (`sm_prompt_role`, default `user`), the others the output's (`sm_role`, default
+  `assistant`). A step computes a request's prompt (in chunks) and then one output token at a
+  time, so a slice is normally all prompt or all output; one that spans the prompt's end is
+  split into two sequences (they go out in two messages, in order, as the sidecar refuses a
+  message naming a conversation twice).
 
 Kept free of vLLM imports so it is unit-tested in the main environment.
 """
@@ -23,12 +29,13 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 # Keys read from `SamplingParams.extra_args` (Python) or `vllm_xargs` (the OpenAI server).
 CONVERSATION_KEY = "sm_conversation_id"
-ROLE_KEY = "sm_role"
+ROLE_KEY = "sm_role"  # the role of the request's output (generated tokens)
+PROMPT_ROLE_KEY = "sm_prompt_role"  # the role of its prompt (the templated input tokens)
 ATTRIBUTES_KEY = "sm_attributes"  # a mapping, or a JSON object string (vllm_xargs is flat)
 # Set by the plugin in the frontend process: the request id the user gave (vLLM appends a
 # random suffix to it internally) and, for `n > 1`, which of the n sequences this is.
@@ -36,6 +43,7 @@ REQUEST_KEY = "_sm_request_id"
 SEQUENCE_KEY = "_sm_sequence"
 
 DEFAULT_ROLE = "assistant"
+DEFAULT_PROMPT_ROLE = "user"
 # The sidecar's default limits (`limits:` in its config): a sequence over one of them gets its
 # whole message refused, and with it the step of every request sharing that message, so a
 # request naming itself past them is served under its own id instead (see NamingError).
@@ -56,7 +64,8 @@ class NamingError(ValueError):
 
 @dataclass(frozen=True)
 class RequestTag:
-    """Who a vLLM request's tokens belong to."""
+    """Who a vLLM request's tokens belong to: `role` is the role of its output tokens,
+    `prompt_role` the role of its prompt tokens."""
 
     conversation_id: str
     request_id: str
@@ -65,6 +74,12 @@ class RequestTag:
     # Named through extra_args: the conversation may go on in later requests, so it is not
     # ended when this request finishes.
     explicit: bool = False
+    prompt_role: str = DEFAULT_PROMPT_ROLE
+
+    def for_prompt(self) -> RequestTag:
+        """The tag a slice of prompt rows carries: this one with `role` the prompt's role
+        (itself when both roles are the same)."""
+        return self if self.prompt_role == self.role else replace(self, role=self.prompt_role)
 
 
 def tag_request(
@@ -81,11 +96,14 @@ def tag_request(
     random suffix vLLM adds, so no client can name, and so join, another request's
     conversation (through `vllm serve`, `X-Request-Id` or the body's `request_id` choose the
     user's request id). With `n > 1` the sequences become `<id>/<j>`, as with the
-    transformers client. With `ignore_roles_and_attributes` (the operator's second
-    switch) `sm_role` and `sm_attributes` are ignored: the default role, no attributes.
+    transformers client. `sm_prompt_role` names the prompt's role (default `user`), `sm_role`
+    the output's (default `assistant`). With `ignore_roles_and_attributes` (the operator's
+    second switch) both role keys and `sm_attributes` are ignored: the default roles, no
+    attributes.
 
-    >>> tag_request("r-0a1b2c3d", {"sm_conversation_id": "c", "sm_role": "user"}).role
-    'user'
+    >>> tag = tag_request("r-0a1b2c3d", {"sm_conversation_id": "c", "sm_role": "bot"})
+    >>> (tag.prompt_role, tag.role)
+    ('user', 'bot')
     >>> tag_request("r-0a1b2c3d", {"sm_role": "x"}, ignore_roles_and_attributes=True).role
     'assistant'
     """
@@ -110,16 +128,22 @@ def tag_request(
         raise NamingError(f"{CONVERSATION_KEY} is longer than {MAX_ID_CHARS} characters")
     conversation = bounded_id(conversation)  # a long request id of vLLM's (n > 1 suffix)
     if ignore_roles_and_attributes:
-        return RequestTag(conversation, request_id, DEFAULT_ROLE, {}, named)
-    role = extra.get(ROLE_KEY, DEFAULT_ROLE)
+        return RequestTag(conversation, request_id, DEFAULT_ROLE, {}, named, DEFAULT_PROMPT_ROLE)
+    role = _role(extra, ROLE_KEY, DEFAULT_ROLE)
+    prompt_role = _role(extra, PROMPT_ROLE_KEY, DEFAULT_PROMPT_ROLE)
+    attributes = _attributes(extra.get(ATTRIBUTES_KEY))
+    return RequestTag(conversation, request_id, role, attributes, named, prompt_role)
+
+
+def _role(extra: Mapping[str, Any], key: str, default: str) -> str:
+    role = extra.get(key, default)
     if not isinstance(role, str) or not role or len(role) > _MAX_ROLE_CHARS:
         raise NamingError(
-            f"{ROLE_KEY} must be a non-empty string of at most {_MAX_ROLE_CHARS} characters"
+            f"{key} must be a non-empty string of at most {_MAX_ROLE_CHARS} characters"
         )
     if not _encodable(role):
-        raise NamingError(f"{ROLE_KEY} is not valid Unicode text")
-    attributes = _attributes(extra.get(ATTRIBUTES_KEY))
-    return RequestTag(conversation, request_id, role, attributes, named)
+        raise NamingError(f"{key} is not valid Unicode text")
+    return role
 
 
 def _attributes(raw: object) -> dict[str, str]:
@@ -181,7 +205,7 @@ class Slice(NamedTuple):
     request per step, and a tuple is the cheapest immutable record to make.)"""
 
     request: str  # vLLM's internal request id
-    tag: RequestTag
+    tag: RequestTag  # `tag.role` is these rows' role (the prompt's or the output's)
     start: int
     stop: int
     position: int
@@ -194,6 +218,8 @@ class Slice(NamedTuple):
 @dataclass
 class _Tracked:
     tag: RequestTag
+    prompt_tag: RequestTag  # `tag.for_prompt()`, made once
+    prompt_tokens: int = 0  # positions below this are the prompt's
     sent_until: int = 0  # next position not yet sent
     wire_id: str = ""  # `bounded_id` of the internal id, when it differs from it
 
@@ -213,9 +239,14 @@ class BatchSplitter:
         self._lock = threading.Lock()
         self.skipped_rows = 0  # recomputed rows not sent again
         self.gaps = 0  # requests whose first computed token was past what was sent
+        self.straddles = 0  # slices split in two at the prompt's end
+        # Slices of prompt rows in the last `split` (0 on a decode step): the worker keys its
+        # per-step plans by request ids alone only when every slice is output rows.
+        self.prompt_slices = 0
 
-    def track(self, internal_id: str, tag: RequestTag) -> None:
-        """Remember a request the first time it is scheduled."""
+    def track(self, internal_id: str, tag: RequestTag, prompt_tokens: int = 0) -> None:
+        """Remember a request the first time it is scheduled; its positions below
+        `prompt_tokens` are its prompt's (0: every row is the output's)."""
         with self._lock:
             if internal_id in self._requests:
                 return
@@ -224,11 +255,22 @@ class BatchSplitter:
                 self._by_wire_id[wire_id] = internal_id
             else:
                 wire_id = ""
-            self._requests[internal_id] = _Tracked(tag, wire_id=wire_id)
+            self._requests[internal_id] = _Tracked(
+                tag, tag.for_prompt(), prompt_tokens, wire_id=wire_id
+            )
             self._by_conversation.setdefault(tag.conversation_id, set()).add(internal_id)
             while len(self._requests) > self.max_requests:
                 old, tracked = self._requests.popitem(last=False)
                 self._unlink(old, tracked)
+
+    def set_prompt_tokens(self, internal_id: str, prompt_tokens: int) -> None:
+        """A tracked request's prompt length changed (vLLM's streaming-input sessions append
+        input to a running request: what it generated so far becomes prompt, and the new
+        input is prompt too). Rows already sent keep the role they were sent with."""
+        with self._lock:
+            tracked = self._requests.get(internal_id)
+            if tracked is not None:
+                tracked.prompt_tokens = prompt_tokens
 
     def untracked(self, internal_ids: Sequence[str]) -> list[str]:
         """Those of `internal_ids` not tracked yet (one call per step, not one per request)."""
@@ -265,9 +307,12 @@ class BatchSplitter:
     ) -> list[Slice]:
         """The step's slices: `req_ids[i]` ran `num_tokens[i]` tokens starting at position
         `computed[i]`, in this order in the flattened batch. Advances what was sent. The
-        counts and positions are Python ints (the caller converts them once, with tolist)."""
+        counts and positions are Python ints (the caller converts them once, with tolist).
+        Each slice is all prompt rows or all output rows (its tag's role says which); a
+        request's rows that span the prompt's end become two slices, prompt first."""
         slices = []
         offset = 0
+        prompt_slices = 0
         requests = self._requests
         with self._lock:
             for internal_id, count, first in zip(req_ids, num_tokens, computed, strict=True):
@@ -286,8 +331,26 @@ class BatchSplitter:
                     first += skip
                 elif first > sent:
                     self.gaps += 1
-                slices.append(Slice(internal_id, tracked.tag, start, offset, first))
-                tracked.sent_until = first + offset - start
+                end = first + offset - start
+                tracked.sent_until = end
+                prompt = tracked.prompt_tokens
+                if first >= prompt:  # output rows: every decode step takes only this branch
+                    slices.append(Slice(internal_id, tracked.tag, start, offset, first))
+                    continue
+                prompt_slices += 1
+                prompt_tag = tracked.prompt_tag
+                if end <= prompt or prompt_tag is tracked.tag:
+                    slices.append(Slice(internal_id, prompt_tag, start, offset, first))
+                    continue
+                # Spans the prompt's end. The scheduler computes the last prompt token in one
+                # step and samples the first output from it, so a fresh request does not get
+                # here; rows recomputed after preemption are skipped above. Split, never
+                # mis-tag, whatever path leads here.
+                self.straddles += 1
+                middle = start + prompt - first
+                slices.append(Slice(internal_id, prompt_tag, start, middle, first))
+                slices.append(Slice(internal_id, tracked.tag, middle, offset, prompt))
+        self.prompt_slices = prompt_slices
         return slices
 
     def _unlink(self, internal_id: str, tracked: _Tracked) -> None:

@@ -15,8 +15,9 @@ ignore_request_conversation_ids (true: `sm_conversation_id` in a request's extra
 vllm_xargs is ignored and every conversation is named after vLLM's internal request id, which
 no client chooses; for deployments whose API users must not name, and so write into, each
 other's conversations),
-ignore_request_roles_and_attributes (true: `sm_role` and `sm_attributes` in a request are
-ignored too: every token gets the default role and no attributes; for deployments whose API
+ignore_request_roles_and_attributes (true: `sm_prompt_role`, `sm_role` and `sm_attributes` in
+a request are ignored too: prompt tokens get the default prompt role `user`, generated tokens
+the default role `assistant`, and no attributes; for deployments whose API
 users must not choose which rules see their tokens: a made-up role escapes every rule scoped to
 roles, and an attribute a rule's `exceptions` name exempts the request).
 

@@ -117,7 +117,7 @@ class WorkerCapture:
         self.steps = 0
         self.naming_errors = 0
         self.timing = PluginTiming()
-        self._plans: dict[tuple[str, ...], list[tuple[tuple[int, ...], Tagging]]] = {}
+        self._plans: dict[tuple[Any, ...], list[tuple[tuple[int, ...], Tagging]]] = {}
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._on_cuda = False
         if not self.plan.sends:
@@ -185,8 +185,15 @@ class WorkerCapture:
             return
         req_ids, num_tokens, computed = layout
         splitter = self.splitter
+        new_requests = scheduler_output.scheduled_new_reqs
+        if new_requests:  # empty on a decode step
+            # A request id vLLM schedules as new while it runs is a streaming-input session
+            # given more input: its prompt grew.
+            for new in new_requests:
+                splitter.set_prompt_tokens(new.req_id, _prompt_tokens(runner, new.req_id))
         for internal_id in splitter.untracked(req_ids):
-            splitter.track(internal_id, self._tag(runner, internal_id))
+            tag = self._tag(runner, internal_id)
+            splitter.track(internal_id, tag, _prompt_tokens(runner, internal_id))
         slices = splitter.split(req_ids, num_tokens, computed)
         if not slices:
             return
@@ -200,16 +207,22 @@ class WorkerCapture:
         and each group's Tagging. A decode step runs the same requests as the step before, so
         the plan is kept by the requests' ids and reused: the Taggings (and with them the
         client's serialised metadata) are then built once per batch composition, not per
-        step. Forgotten when a request finishes (its id could come back with another tag)."""
-        key = tuple([s.request for s in slices])
+        step. Forgotten when a request finishes (its id could come back with another tag).
+        A step with prompt rows keys its plan by each slice's role too: a request's prompt
+        and its output are tagged with different roles (a decode step has no prompt rows,
+        and its key stays the ids alone)."""
+        key: tuple[Any, ...] = tuple([s.request for s in slices])
+        if self.splitter.prompt_slices:
+            key = (key, tuple([s.tag.role for s in slices]))
         plan = self._plans.get(key)
         if plan is not None:
             return plan
         groups = group_by_attributes(slices)
-        position = {s.request: i for i, s in enumerate(slices)}
+        # By the slice itself: a request split at its prompt's end has two slices.
+        position = {id(s): i for i, s in enumerate(slices)}
         plan = []
         for group in groups:
-            indices = tuple(position[s.request] for s in group)
+            indices = tuple(position[id(s)] for s in group)
             if len(groups) == 1 and indices == tuple(range(len(slices))):
                 indices = ()
             plan.append((indices, _tagging(group)))
@@ -389,6 +402,13 @@ def _tagging(group: Sequence[Slice]) -> Tagging:
     )
 
 
+def _prompt_tokens(runner: Any, internal_id: str) -> int:
+    """The request's prompt length as the runner holds it (prompt embeddings included); 0,
+    so every row is the output's, for a request the runner does not hold."""
+    state = runner.requests.get(internal_id)
+    return int(getattr(state, "num_prompt_tokens", 0) or 0)
+
+
 def _ints(values: Any) -> list[int]:
     """A numpy array (what vLLM hands over) or a sequence, as a list of Python ints."""
     tolist = getattr(values, "tolist", None)
@@ -442,6 +462,7 @@ def capture_report(worker: Any) -> dict[str, Any]:
         steps=capture.steps,
         skipped_rows=capture.splitter.skipped_rows,
         gaps=capture.splitter.gaps,
+        straddles=capture.splitter.straddles,
         tracked_requests=len(capture.splitter),
         block_requests=capture.block_requests,
         blocks_unmatched=capture.blocks_unmatched,

@@ -94,6 +94,21 @@ GUARD_RULE = f"""  - rule: guard-stop
     roles: [intruder]
     actions: [alert, block]
 """
+# Roles: `role-<role>` evaluates only that role's tokens and fires (`for: 1`) at the first token
+# of each run of them (a token of another role breaks the run). A request tagged right fires
+# `role-<prompt role>` once, at its first computed prompt position, and `role-<output role>`
+# once, at the prompt's length; a mis-tagged row anywhere adds a firing or moves one.
+ROLES_SEEN = ("user", "assistant", "system")
+ROLE_RULES = "".join(
+    f"""  - rule: role-{role}
+    category: accounting
+    severity: info
+    condition: abs(f) >= 0
+    for: 1
+    roles: [{role}]
+"""
+    for role in ROLES_SEEN
+)
 # Guard mode with an enforced bound: each step's sampled tokens wait for the sidecar's verdict
 # on all but the last BLOCK_WITHIN steps (a generous timeout: this machine is busy).
 BLOCK_WITHIN = 0
@@ -241,6 +256,15 @@ def seen(alerts: list[dict[str, Any]], conversation_id: str, start: int = 0) -> 
     assert sorted(lengths) == list(range(1, len(lengths) + 1)), (conversation_id, lengths)
     assert len(lengths) < MAX_COUNTED, "conversation too long for the counting rules"
     return len(lengths)
+
+
+def role_starts(alerts: list[dict[str, Any]], conversation_id: str) -> dict[str, list[int]]:
+    """Where each role's runs of tokens start in a conversation (see ROLE_RULES)."""
+    starts: dict[str, list[int]] = {}
+    for alert in alerts:
+        if alert["conversation_id"] == conversation_id and alert["rule"].startswith("role-"):
+            starts.setdefault(alert["rule"].removeprefix("role-"), []).append(alert["position"])
+    return {role: sorted(positions) for role, positions in starts.items()}
 
 
 def greedy(max_tokens: int, **params: Any) -> dict[str, Any]:

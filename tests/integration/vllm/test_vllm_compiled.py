@@ -14,10 +14,12 @@ from tests.integration.vllm.harness import (
     GUARD_FIRES_AT,
     GUARD_RULE,
     GUARD_TIMEOUT_S,
+    ROLE_RULES,
     Engine,
     engine_kwargs,
     greedy,
     monitor_env,
+    role_starts,
     seen,
     sidecar_config,
     write_model,
@@ -30,7 +32,9 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vllm-sidecar")
-    process = start_sidecar(sidecar_config(workdir, GUARD_RULE), workdir, cwd=REPO_ROOT)
+    process = start_sidecar(
+        sidecar_config(workdir, GUARD_RULE + ROLE_RULES), workdir, cwd=REPO_ROOT
+    )
     yield process
     process.stop()
 
@@ -97,6 +101,9 @@ def test_mixed_prefill_decode_and_chunked_prefill(engine):
     assert seen(alerts, "mix-a") == 10 + 20 - 1
     assert seen(alerts, "mix-b") == 12 + 15 - 1
     assert seen(alerts, "mix-c") == 40 + 10 - 1
+    # The prompt's rows (c's in chunks) came as `user`, the generated ones as `assistant`.
+    for conversation, prompt in (("mix-a", 10), ("mix-b", 12), ("mix-c", 40)):
+        assert role_starts(alerts, conversation) == {"user": [0], "assistant": [prompt]}
     assert engine.report()["batches_rejected"] == 0
 
 
@@ -106,6 +113,8 @@ def test_n_greater_than_one_sends_each_sequence(engine):
     assert len(results["fan"]["outputs"]) == 3
     alerts = alerts_after_flush(engine)
     assert [seen(alerts, f"fan/{j}") for j in range(3)] == [4 + 8 - 1] * 3
+    for j in range(3):
+        assert role_starts(alerts, f"fan/{j}") == {"user": [0], "assistant": [4]}
     assert seen(alerts, "fan") == 0
 
 
@@ -122,6 +131,7 @@ def test_preemption_does_not_send_recomputed_tokens_twice(engine):
     alerts = alerts_after_flush(engine)
     for i in range(4):
         assert seen(alerts, f"pre-{i}") == 30 + 60 - 1
+        assert role_starts(alerts, f"pre-{i}") == {"user": [0], "assistant": [30]}
 
 
 def test_prefix_cache_hits_keep_true_positions(engine):
@@ -134,6 +144,8 @@ def test_prefix_cache_hits_keep_true_positions(engine):
     alerts = alerts_after_flush(engine)
     assert seen(alerts, "pc-a") == 36 + 4 - 1
     assert seen(alerts, "pc-b", start=32) == 4 + 4 - 1
+    # The uncached rest of the prompt is still the prompt's.
+    assert role_starts(alerts, "pc-b") == {"user": [32], "assistant": [36]}
 
 
 def test_client_abort_stops_the_stream_of_tokens(engine):
@@ -159,12 +171,14 @@ def test_client_abort_stops_the_stream_of_tokens(engine):
 def test_conversation_naming_through_extra_args(engine):
     extra = {
         "sm_conversation_id": "support-42",
+        "sm_prompt_role": "system",
         "sm_role": "assistant",
         "sm_attributes": {"tenant": "acme"},
     }
     engine.run([{"id": "named", "prompt": [21, 22, 23], "params": greedy(5, extra_args=extra)}])
     alerts = alerts_after_flush(engine)
     assert seen(alerts, "support-42") == 3 + 5 - 1
+    assert role_starts(alerts, "support-42") == {"system": [0], "assistant": [3]}
     # The request id on the wire is vLLM's internal one: the id given plus its random suffix.
     (request_id,) = {a["request_id"] for a in alerts if a["conversation_id"] == "support-42"}
     assert request_id.startswith("named-") and len(request_id) == len("named-") + 8
@@ -172,7 +186,8 @@ def test_conversation_naming_through_extra_args(engine):
 
 
 def test_block_action_stops_one_request_and_its_neighbour_finishes(engine):
-    guarded = {"sm_role": "guarded"}  # the guard rule evaluates only this role
+    # The guard rule evaluates only this role: the prompt's and the output's.
+    guarded = {"sm_prompt_role": "guarded", "sm_role": "guarded"}
     requests = []
     for i in range(3):
         requests.append(
@@ -210,7 +225,8 @@ def test_block_stops_only_the_request_whose_token_fired(engine):
     # Conversation ids come from the request: an intruder who names another user's
     # conversation and trips a block rule gets its own request stopped, not the victim's.
     shared = {"sm_conversation_id": "victim-conversation"}
-    intruder = {**shared, "sm_role": "intruder"}  # intruder-stop fires at its first token
+    # intruder-stop fires at its first token (a prompt token: the prompt's role is its too)
+    intruder = {**shared, "sm_prompt_role": "intruder", "sm_role": "intruder"}
     results = engine.run(
         [
             {"id": "victim", "prompt": [80] * 4, "params": greedy(30, extra_args=shared)},

@@ -13,9 +13,11 @@ from monitor.fixtures import free_port, start_sidecar
 from tests.conftest import REPO_ROOT
 from tests.integration.vllm.harness import (
     GUARD_RULE,
+    ROLE_RULES,
     Engine,
     engine_kwargs,
     greedy,
+    role_starts,
     seen,
     sidecar_config,
     write_model,
@@ -28,7 +30,9 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vllm-eager-sidecar")
-    process = start_sidecar(sidecar_config(workdir, GUARD_RULE), workdir, cwd=REPO_ROOT)
+    process = start_sidecar(
+        sidecar_config(workdir, GUARD_RULE + ROLE_RULES), workdir, cwd=REPO_ROOT
+    )
     yield process
     process.stop()
 
@@ -83,12 +87,20 @@ def test_eager_mode_accounting_in_mixed_batches_with_preemption(engine):
     assert op_calls > 0 and hook_calls == 2 * op_calls
     assert after["skipped_rows"] > before["skipped_rows"]  # preempted and recomputed
     for i in range(4):
-        assert seen(after["alerts"], named(after["alerts"], f"eager-{i}")) == 30 + 5 * i + 50 - 1
+        conversation = named(after["alerts"], f"eager-{i}")
+        assert seen(after["alerts"], conversation) == 30 + 5 * i + 50 - 1
+        # Prompt rows (chunked, some recomputed after preemption) arrived as `user`, the
+        # generated ones as `assistant`, the role changing exactly at the prompt's length.
+        assert role_starts(after["alerts"], conversation) == {
+            "user": [0],
+            "assistant": [30 + 5 * i],
+        }
+    print(f"slices split at a prompt's end: {after['straddles']}")
     assert after["batches_rejected"] == 0
 
 
 def test_eager_mode_block(engine):
-    guarded = {"sm_role": "guarded"}
+    guarded = {"sm_prompt_role": "guarded", "sm_role": "guarded"}  # prompt and output
     results = engine.run(
         [
             {"id": "eager-bad", "prompt": [5] * 4, "params": greedy(40, extra_args=guarded)},

@@ -32,6 +32,8 @@ from tests.integration.vllm.harness import (
     ENGINE_START_TIMEOUT_S,
     GUARD_FIRES_AT,
     GUARD_RULE,
+    ROLE_RULES,
+    role_starts,
     seen,
     sidecar_config,
     wait_until,
@@ -44,18 +46,13 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
 # values are flat).
 README_XARGS = {
     "sm_conversation_id": "support-42",
-    "sm_role": "user",
+    "sm_prompt_role": "user",
+    "sm_role": "assistant",
     "sm_attributes": '{"tenant": "acme"}',
 }
-# Beyond counting: `user-role` shows the role arrived (it evaluates only role `user`),
+# Beyond counting: the role rules (ROLE_RULES) show where each role's tokens start,
 # `not-acme` the attributes (tenant acme is excepted from it).
-NAMING_RULES = """  - rule: user-role
-    category: accounting
-    severity: info
-    condition: abs(f) >= 0
-    for: 1
-    roles: [user]
-  - rule: not-acme
+NAMING_RULES = """  - rule: not-acme
     category: accounting
     severity: info
     condition: abs(f) >= 0
@@ -182,7 +179,7 @@ class Server:
 def sidecar(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vllm-serve-sidecar")
     process = start_sidecar(
-        sidecar_config(workdir, GUARD_RULE + NAMING_RULES), workdir, cwd=REPO_ROOT
+        sidecar_config(workdir, GUARD_RULE + ROLE_RULES + NAMING_RULES), workdir, cwd=REPO_ROOT
     )
     yield process
     process.stop()
@@ -258,15 +255,17 @@ def test_vllm_xargs_name_the_conversation_and_without_them_the_request_id_does(s
     # Named: every computed token (prompt and all outputs but the last, which no forward pass
     # ran) under the conversation the request named, at its true position...
     assert seen(alerts, "support-42") == 5 + 8 - 1
-    # ... with the role and the attributes it gave.
+    # ... with the roles and the attributes it gave: the prompt's 5 tokens `user`, the
+    # generated ones `assistant`.
+    assert role_starts(alerts, "support-42") == {"user": [0], "assistant": [5]}
     by_rule = {(a["rule"], a["conversation_id"]) for a in alerts}
-    assert ("user-role", "support-42") in by_rule
     assert ("not-acme", "support-42") not in by_rule
     # Without vllm_xargs the request id vLLM was given names the conversation: the server's
     # `cmpl-<id>` (the reply's id) and the prompt's index, `-0`.
     plain_conversation = logged(plain["id"] + "-0")
     assert seen(alerts, plain_conversation) == 6 + 10 - 1
-    assert ("user-role", plain_conversation) not in by_rule  # default role: assistant
+    # The default roles: the prompt `user`, the output `assistant`.
+    assert role_starts(alerts, plain_conversation) == {"user": [0], "assistant": [6]}
     assert ("not-acme", plain_conversation) in by_rule  # no attributes: not excepted
     # The request id on every token is vLLM's internal one (the id plus vLLM's random
     # suffix, never shown to API clients), one for the whole request.
@@ -283,7 +282,8 @@ def test_x_request_id_header_names_the_conversation(server, sidecar):
 def test_block_is_visible_to_the_http_client(server, sidecar):
     with ThreadPoolExecutor(2) as pool:  # in the same steps: the block stops only one
         bad_reply = pool.submit(
-            server.complete, greedy([5] * 4, 40, vllm_xargs={"sm_role": "guarded"})
+            server.complete,
+            greedy([5] * 4, 40, vllm_xargs={"sm_prompt_role": "guarded", "sm_role": "guarded"}),
         )
         ok_reply = pool.submit(server.complete, greedy([6] * 4, 40))
         bad_reply, ok_reply = bad_reply.result(), ok_reply.result()

@@ -19,14 +19,16 @@ def test_openai_vllm_xargs_name_the_conversation():
         prompt=[1, 2, 3],
         vllm_xargs={
             "sm_conversation_id": "support-42",
+            "sm_prompt_role": "system",
             "sm_role": "user",
             "sm_attributes": '{"tenant": "acme"}',
         },
     )
     extra = request.to_sampling_params(16).extra_args
     tag = tag_request("cmpl-1-0a1b2c3d", extra)
-    assert (tag.conversation_id, tag.role, dict(tag.attributes)) == (
+    assert (tag.conversation_id, tag.prompt_role, tag.role, dict(tag.attributes)) == (
         "support-42",
+        "system",
         "user",
         {"tenant": "acme"},
     )
