@@ -536,6 +536,24 @@ def test_worker_serves_a_bad_prompt_role_under_the_defaults():
     assert capture.naming_errors == 1
 
 
+def test_a_bad_role_keeps_the_operators_naming_switch_and_the_frontends_ids():
+    # With `ignore_request_conversation_ids` a request is named by vLLM's internal id (the
+    # random suffix included): a bad role must not turn it back into the id its client chose.
+    capture = _worker(ignore_request_conversation_ids=True)
+    bad = {"sm_prompt_role": "", "_sm_request_id": "victim-id"}
+    runner = _runner(**{"victim-id-0a1b2c3d": (2, bad)})
+    steps = _run_step(capture, runner, ["victim-id-0a1b2c3d"], [2], [0], new=["victim-id-0a1b2c3d"])
+    assert steps == [(("victim-id-0a1b2c3d",), ("user",), [2], [0])]
+    assert capture.naming_errors == 1
+    # Without the switch, n > 1 naming survives a bad role: the sequence is `<id>/<j>`.
+    capture = _worker()
+    bad = {"sm_role": "", "_sm_request_id": "cmpl-7", "_sm_sequence": 1}
+    runner = _runner(**{"1_cmpl-7-0a1b2c3d": (2, bad)})
+    steps = _run_step(capture, runner, ["1_cmpl-7-0a1b2c3d"], [2], [0], new=["1_cmpl-7-0a1b2c3d"])
+    assert steps[0][0] == ("cmpl-7/1",)
+    assert capture.naming_errors == 1
+
+
 def test_worker_reads_a_grown_prompt_when_vllm_schedules_a_request_as_new_again():
     # vLLM's streaming-input sessions: more input for a running request arrives as a new
     # request with the same id, its prompt now what it had so far plus the new input.

@@ -179,7 +179,13 @@ def _patch_runner(module: ModuleType) -> None:
         capture = getattr(self, "_safety_monitor", None)
         if capture is not None:
             cpu, wall = thread_time_ns(), perf_counter_ns()
-            capture.note_layout(self, num_scheduled_tokens)
+            try:
+                capture.note_layout(self, num_scheduled_tokens)
+            except Exception:
+                # Nothing may raise into the engine: this step is then not captured.
+                log.exception("safety-monitor: could not read a step's layout")
+                if capture.client is not None:
+                    capture.client.count_drop("hook_error")
             capture.timing.add(cpu, wall)
         return result
 
@@ -205,7 +211,12 @@ def _patch_runner(module: ModuleType) -> None:
         if capture is None or not capture.is_output_rank or capture.nothing_to_hand_back:
             return output  # the usual step: no block pending, none waited for (not timed)
         cpu, wall = thread_time_ns(), perf_counter_ns()
-        blocks = capture.take_blocks()
+        try:
+            blocks = capture.take_blocks()
+        except Exception:
+            # Fail open: a guard bug must not stop serving (the step's output goes unchanged).
+            log.exception("safety-monitor: could not hand back this step's blocks")
+            blocks = {}
         capture.timing.add(cpu, wall)
         if blocks:
             from monitor.capture.vllm.guard import BLOCKS_ATTR

@@ -35,6 +35,8 @@ from monitor.capture.layers import find_layer_list
 from monitor.capture.steps import CapturedStep, Tagging
 from monitor.capture.vllm import op
 from monitor.capture.vllm.batch import (
+    REQUEST_KEY,
+    SEQUENCE_KEY,
     BatchSplitter,
     NamingError,
     RequestTag,
@@ -288,7 +290,16 @@ class WorkerCapture:
             log.error(
                 "safety-monitor: bad conversation naming", request=internal_id, error=str(exc)
             )
-            return tag_request(internal_id, None)
+            # Only the user's naming is dropped: the frontend's request id and n > 1 sequence
+            # and the operator's switches still hold (with `ignore_request_conversation_ids`
+            # a bad role must not turn a request back into the id its client chose).
+            frontend = {k: extra[k] for k in (REQUEST_KEY, SEQUENCE_KEY) if k in (extra or {})}
+            try:
+                return tag_request(
+                    internal_id, frontend, self.settings.ignore_request_conversation_ids, True
+                )
+            except NamingError:
+                return tag_request(internal_id, None, True, True)
 
     def _finish(self, finished: set[str]) -> None:
         """Requests that ended: a conversation named after its request ends with the last
