@@ -167,6 +167,14 @@ def _patch_scheduler(module: ModuleType) -> None:
 # ---- workers --------------------------------------------------------------------------------
 
 
+def _hook_failed(capture: Any, message: str) -> None:
+    """Nothing may raise into the engine: a monitoring bug must not stop serving. Log it
+    and count the step as dropped."""
+    log.exception(message)
+    if capture.client is not None:
+        capture.client.count_drop("hook_error")
+
+
 def _patch_runner(module: ModuleType) -> None:
     runner_class = module.GPUModelRunner
     _wrap_load_model(runner_class)
@@ -181,11 +189,8 @@ def _patch_runner(module: ModuleType) -> None:
             cpu, wall = thread_time_ns(), perf_counter_ns()
             try:
                 capture.note_layout(self, num_scheduled_tokens)
-            except Exception:
-                # Nothing may raise into the engine: this step is then not captured.
-                log.exception("safety-monitor: could not read a step's layout")
-                if capture.client is not None:
-                    capture.client.count_drop("hook_error")
+            except Exception:  # this step is then not captured
+                _hook_failed(capture, "safety-monitor: could not read a step's layout")
             capture.timing.add(cpu, wall)
         return result
 
@@ -198,10 +203,7 @@ def _patch_runner(module: ModuleType) -> None:
             try:
                 capture.after_forward(self, scheduler_output)
             except Exception:
-                # Nothing may raise into the engine: a monitoring bug must not stop serving.
-                log.exception("safety-monitor: capture failed for a step")
-                if capture.client is not None:
-                    capture.client.count_drop("hook_error")
+                _hook_failed(capture, "safety-monitor: capture failed for a step")
             capture.timing.add(cpu, wall, step=forward)
         return output
 
