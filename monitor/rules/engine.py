@@ -1259,49 +1259,64 @@ class _WaveTemporal:
         sums = self.sums
         hi, lo, exact = sums[:, column], sums[:, column + 1], sums[:, column + 2]
         due = exact == 0.0
-        resummed = _ANY(due, axis=None)
+        # Only a re-sum can meet a non-finite value: a stored pair is finite, and a
+        # non-finite new value fails the exactness checks (NaN) and is summed afresh below.
+        resummed = np.count_nonzero(due)  # a C count: cheaper than a reduction
         if resummed:
             rows = np.flatnonzero(due)
             hi, lo, exact = hi.copy(), lo.copy(), exact.copy()
             hi[rows], lo[rows], exact[rows] = _exact_sum(carried[rows])
+            if not math.isfinite(_SUM(hi[rows] + lo[rows], axis=None)):
+                return None  # a non-finite value: the general path, nothing written
         count = np.count_nonzero(inside)
         columns = self.updated[:, slot.offset : slot.offset + n]  # already shifted by one
         mean = slot.kind == "rolling_mean"
         if count:
             new = x.astype(np.float64)
             old = carried[:, 0].astype(np.float64)
-            # hi + lo + new - old, exactly: TwoSum (exact barring overflow, which float64
-            # sums of float32 values cannot reach) gives d + e1 == new - old and
-            # s + e2 == hi + d; then t + e3 == e1 + e2 and moved_lo + e4 == lo + t, exact
-            # while e3 and e4 are 0.
+            # hi + lo + new - old, exactly: TwoSum (exact barring overflow, which float64 sums
+            # of float32 values cannot reach) gives d + e1 == new - old and s + e2 == hi + d;
+            # then t = e1 + e2 and moved_lo = lo + t, each checked exact: a float sum
+            # z = a + b is exact iff z - a == b and z - b == a (the one with the larger
+            # operand is computed exactly). All in float64 (mixed-type operations cost
+            # several times more).
             d = new - old
             back = d - new
             e1 = (new - (d - back)) - (old + back)
             s = hi + d
             back = s - hi
             e2 = (hi - (s - back)) + (d - back)
-            t = e1 + e2
-            back = t - e1
-            e3 = (e1 - (t - back)) + (e2 - back)
-            moved_lo = lo + t
-            back = moved_lo - lo
-            e4 = (lo - (moved_lo - back)) + (t - back)
-            still = exact * ((e3 == 0.0) & (e4 == 0.0))
+            rounded = np.count_nonzero(e1) or np.count_nonzero(e2)
+            if rounded:
+                t = e1 + e2
+                moved_lo = lo + t
+                still = ((t - e1) == e2) & ((t - e2) == e1)
+                still &= ((moved_lo - lo) == t) & ((moved_lo - t) == lo)
+            else:  # no rounding (float64 sums of the usual values are exact): lo stays
+                moved_lo = lo.copy()
+                still = np.ones(len(lo), dtype=bool)
+            if resummed:
+                still &= exact != 0.0
             # Where the pair is not exact (now, or since before), the dropped error can be
             # large next to a sum that cancelled: the moved window is summed afresh.
-            redo = still == 0.0
+            redo = ~still
             if count < len(inside):
                 redo &= inside
-            if _ANY(redo, axis=None):
+            if (rounded or resummed) and np.count_nonzero(redo):
                 rows = np.flatnonzero(redo)
                 window = np.concatenate([carried[rows, 1:], x[rows, None]], axis=1)
-                s[rows], moved_lo[rows], still[rows] = _exact_sum(window)
+                s[rows], moved_lo[rows], fresh = _exact_sum(window)
+                if not math.isfinite(_SUM(s[rows] + moved_lo[rows], axis=None)):
+                    return None
+                still[rows] = fresh != 0.0
             moved = s + moved_lo
             if mean:
-                moved /= np.minimum(self.seen[:, slot.counted] + 1, n)
+                counts = self.seen[:, slot.counted]
+                if _MIN(counts, axis=None) >= n:  # every window full: one divisor
+                    moved /= n
+                else:
+                    moved /= np.minimum(counts + 1, n)
             if count == len(inside):  # every slice is of the roles: every window moves on
-                if not math.isfinite(_SUM(moved, axis=None)):
-                    return None  # a non-finite value: the general path, nothing written
                 sums[:, column], sums[:, column + 1], sums[:, column + 2] = s, moved_lo, still
                 columns[:, -1] = x
                 return moved.astype(np.float32)
@@ -1309,15 +1324,11 @@ class _WaveTemporal:
         if mean:  # 0 / 1 before any of the roles
             held /= np.maximum(np.minimum(self.seen[:, slot.counted], n), 1)
         if not count:  # no slice of the roles: every window stays
-            if not math.isfinite(_SUM(held, axis=None)):
-                return None
             if resummed:
                 sums[:, column], sums[:, column + 1], sums[:, column + 2] = hi, lo, exact
             columns[...] = carried
             return held.astype(np.float32)
         out = np.where(inside, moved, held)
-        if not math.isfinite(_SUM(out, axis=None)):
-            return None
         sums[:, column] = np.where(inside, s, hi)
         sums[:, column + 1] = np.where(inside, moved_lo, lo)
         sums[:, column + 2] = np.where(inside, still, exact)
