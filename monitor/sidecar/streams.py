@@ -115,6 +115,11 @@ class StreamBudget:
         self.bytes += size
         self.peak_bytes = max(self.peak_bytes, self.bytes)
 
+    def add_bytes(self, size: int) -> None:
+        """A held batch takes `size` bytes more (its decoded activations)."""
+        self.bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+
     async def release(self, size: int, batches: int = 1) -> None:
         """Give back `batches` processed batches of `size` bytes in all."""
         async with self._changed:
