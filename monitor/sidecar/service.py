@@ -113,7 +113,12 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         # max_message_bytes: bounded like streams, or they would evade max_streams and
         # max_stream_bytes and delay every stream's acks without limit.
         self.evaluate_gate = streams.StreamGate(pipeline.limits.max_streams)
-        self.parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
+        self.parser = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="parse",
+            initializer=streams.name_os_thread,
+            initargs=(streams.PARSE_THREAD,),
+        )
 
     def client_of(self, context: grpc.aio.ServicerContext) -> StreamClient:
         """Who is calling: the bearer token's client name, else the mTLS subject; fair
