@@ -145,9 +145,11 @@ class Pipeline:
         batch: pb.StepBatch,
         client: StreamClient = ANONYMOUS,
         table: ConversationTable | None = None,
+        decoded: Sequence[torch.Tensor | None] = (),
     ) -> BatchOutcome:
-        """Run one batch through the stream's stateful rule engine; never raises on bad input."""
-        return self.process_many([batch], client, table)[0]
+        """Run one batch through the stream's stateful rule engine; never raises on bad input.
+        `decoded`: `validate.decode_layers` of the batch, if it ran already."""
+        return self.process_many([batch], client, table, [decoded])[0]
 
     def process_many(
         self,
