@@ -4,6 +4,8 @@ plugin settings."""
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from types import SimpleNamespace
 
 import numpy as np
@@ -466,6 +468,11 @@ def _worker(**settings):
     capture.steps = 0
     capture.naming_errors = 0
     capture.buffers = {hook_point_name(1): torch.arange(64.0).reshape(16, 4)}
+    capture._empty = {hook_point_name(1): torch.empty(0, 4)}
+    capture._blocks = {}
+    capture._blocks_lock = threading.Lock()
+    capture.conversations_ended = 0
+    capture.recent_ends = deque()
     return capture
 
 
@@ -572,3 +579,17 @@ def test_worker_reads_a_grown_prompt_when_vllm_schedules_a_request_as_new_again(
     runner.requests["a"].sampling_params.extra_args = update
     assert _run_step(capture, runner, ["a"], [3], [3], new=["a"]) == [(("a",), ("user",), [3], [3])]
     assert _run_step(capture, runner, ["a"], [1], [6]) == [(("a",), ("assistant",), [1], [6])]
+
+
+def test_requests_that_ended_unseen_are_finished_when_the_capture_comes_back():
+    # The bench's same-engine switch: vLLM reports a request's end once, in the next step; if
+    # the capture was off then, it finishes the request when it is switched back on.
+    capture = _worker()
+    runner = _runner(a=(2, None), b=(2, {"sm_conversation_id": "named"}), c=(2, None))
+    _run_step(capture, runner, ["a", "b", "c"], [2, 2, 2], [0, 0, 0], new=["a", "b", "c"])
+    assert capture.finish_missing({"c": object()}) == 2
+    assert capture.splitter.tracked() == ["c"]
+    # a's conversation (named after its request) ends; "named" may go on in a later request.
+    ends = [s for s in capture.client.steps if s.tagging.end]
+    assert [(s.tagging.conversation_ids, s.positions) for s in ends] == [(("a",), [2])]
+    assert capture.finish_missing({"c": object()}) == 0

@@ -286,6 +286,11 @@ class BatchSplitter:
         requests = self._requests
         return [r for r in internal_ids if r not in requests]
 
+    def tracked(self) -> list[str]:
+        """Every tracked request's internal id."""
+        with self._lock:
+            return list(self._requests)
+
     def state(self, internal_id: str) -> tuple[RequestTag, int] | None:
         """A tracked request's tag and the next position not yet sent."""
         with self._lock:

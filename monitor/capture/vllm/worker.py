@@ -303,6 +303,15 @@ class WorkerCapture:
             except NamingError:
                 return tag_request(internal_id, None, True, True)
 
+    def finish_missing(self, live: Any) -> int:
+        """Finish the tracked requests not in `live` (the runner's requests): they ended while
+        this capture was not called (the bench switches the monitor off and on in one engine,
+        and vLLM reports an end only once, in the next step). Returns how many."""
+        gone = {r for r in self.splitter.tracked() if r not in live}
+        if gone:
+            self._finish(gone)
+        return len(gone)
+
     def _finish(self, finished: set[str]) -> None:
         """Requests that ended: a conversation named after its request ends with the last
         request still running under that name (a user may give two requests one id, or the

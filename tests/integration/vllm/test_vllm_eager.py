@@ -149,18 +149,25 @@ def test_request_conversation_ids_ignored_when_the_operator_says_so(engine):
 def test_bench_switch_turns_the_monitor_off_and_back_on_in_one_engine(engine):
     """`bench overhead --engine vllm --same-engine` compares one engine with and without the
     monitor: while switched off, the capture op does not run and nothing is captured; switched
-    back on, both resume. (Last in this module: a request finishing while the monitor is off
-    is never ended in the sidecar.)"""
+    back on, both resume, and a request whose end vLLM reported while it was off is finished
+    then (no request stays tracked, its conversation ends), so tests after this one see the
+    usual state, whatever their order."""
+    engine.run([{"id": "before-off", "prompt": [90] * 12, "params": greedy(6)}])
     engine.flush()
     before = engine.report()
     assert engine.call({"op": "monitor", "on": False}) == [False]
+    # vLLM reports before-off's end in this run's first step, while the monitor is off.
     off = engine.run([{"id": "switched-off", "prompt": [91] * 12, "params": greedy(6)}])
     assert len(off["switched-off"]["outputs"][0]["token_ids"]) == 6
     paused = engine.report()  # the runner has no capture while off
     assert paused["attached"] is False
     assert paused["op_calls"] == before["op_calls"]
     assert engine.call({"op": "monitor", "on": True}) == [True]
-    assert engine.report()["steps_captured"] == before["steps_captured"]
+    resumed = engine.report()
+    assert resumed["steps_captured"] == before["steps_captured"]
+    assert resumed["tracked_requests"] == 0
+    assert resumed["conversations_ended"] == before["conversations_ended"] + 1
+    assert resumed["recent_ends"][-1].startswith("before-off-")
     engine.run([{"id": "switched-on", "prompt": [92] * 12, "params": greedy(6)}])
     engine.flush()
     after = engine.report()
