@@ -58,10 +58,10 @@ def write_model(directory: Path) -> Path:
 # exactly VOCAB entries (every id the random-weight model can sample decodes to a word), split
 # on whitespace, with role markers as special tokens and a chat template that uses them.
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>")
-TOKENIZER_WORDS = (
+TOKENIZER_TEXT = (
     "hello how are you today the monitor watches every token of this conversation "
     "please summarise my account history and tell me what to do next thanks"
-).split()
+)
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} "
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -71,7 +71,7 @@ CHAT_TEMPLATE = (
 def tokenizer_vocabulary() -> dict[str, int]:
     """Special tokens first (ids 0-2 are the config's unk/bos/eos), then the words, then
     filler words up to VOCAB."""
-    tokens = [*SPECIAL_TOKENS, *dict.fromkeys(TOKENIZER_WORDS)]
+    tokens = [*SPECIAL_TOKENS, *dict.fromkeys(TOKENIZER_TEXT.split())]
     tokens += [f"w{i}" for i in range(VOCAB - len(tokens))]
     return {token: index for index, token in enumerate(tokens)}
 
