@@ -47,6 +47,8 @@ DEFAULT_PROMPT_ROLE = "user"
 # The sidecar's default limits (`limits:` in its config): a sequence over one of them gets its
 # whole message refused, and with it the step of every request sharing that message, so a
 # request naming itself past them is served under its own id instead (see NamingError).
+# Fixed here, not read from the sidecar (its GetStatus is asked by the relay process, not the
+# worker): a sidecar configured with lower limits refuses such a message (README says so).
 MAX_ID_CHARS = 256  # conversation and request ids
 _MAX_ROLE_CHARS = 64
 _MAX_ATTRIBUTES = 16

@@ -149,14 +149,15 @@ def test_request_conversation_ids_ignored_when_the_operator_says_so(engine):
 def test_bench_switch_turns_the_monitor_off_and_back_on_in_one_engine(engine):
     """`bench overhead --engine vllm --same-engine` compares one engine with and without the
     monitor: while switched off, the capture op does not run and nothing is captured; switched
-    back on, both resume, and a request whose end vLLM reported while it was off is finished
-    then (no request stays tracked, its conversation ends), so tests after this one see the
-    usual state, whatever their order."""
+    back on, both resume, no request stays tracked and the request run just before the switch
+    has had its conversation ended once, so tests after this one see the usual state, whatever
+    their order. (vLLM reports an end in the step after the request's last one, usually an
+    empty step right away; when that step comes while the monitor is off, the request is
+    finished when it comes back on: unit-tested, as the timing is vLLM's.)"""
     engine.run([{"id": "before-off", "prompt": [90] * 12, "params": greedy(6)}])
     engine.flush()
     before = engine.report()
     assert engine.call({"op": "monitor", "on": False}) == [False]
-    # vLLM reports before-off's end in this run's first step, while the monitor is off.
     off = engine.run([{"id": "switched-off", "prompt": [91] * 12, "params": greedy(6)}])
     assert len(off["switched-off"]["outputs"][0]["token_ids"]) == 6
     paused = engine.report()  # the runner has no capture while off
@@ -164,10 +165,14 @@ def test_bench_switch_turns_the_monitor_off_and_back_on_in_one_engine(engine):
     assert paused["op_calls"] == before["op_calls"]
     assert engine.call({"op": "monitor", "on": True}) == [True]
     resumed = engine.report()
-    assert resumed["steps_captured"] == before["steps_captured"]
+    # Nothing captured while off; an end message is sent on switching back on only for a
+    # request whose end came while off.
+    ends_sent = resumed["conversations_ended"] - before["conversations_ended"]
+    assert resumed["steps_captured"] - before["steps_captured"] == ends_sent
     assert resumed["tracked_requests"] == 0
-    assert resumed["conversations_ended"] == before["conversations_ended"] + 1
-    assert resumed["recent_ends"][-1].startswith("before-off-")
+    assert [c for c in resumed["recent_ends"] if c.startswith("before-off-")] == [
+        named(resumed["alerts"], "before-off")
+    ]
     engine.run([{"id": "switched-on", "prompt": [92] * 12, "params": greedy(6)}])
     engine.flush()
     after = engine.report()

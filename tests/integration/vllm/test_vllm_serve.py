@@ -395,7 +395,8 @@ def test_chat_completions_named_by_vllm_xargs_with_and_without_streaming(
     server, sidecar, tokenizer
 ):
     """The README's chat examples: the openai client streaming (vllm_xargs in `extra_body`),
-    and plain HTTP without streaming, at the same time (in the same engine steps)."""
+    and plain HTTP without streaming, at the same time (in the same engine steps), next to an
+    unnamed chat completion."""
     from openai import OpenAI
 
     whole_xargs = {**README_XARGS, "sm_conversation_id": "chat-whole", "sm_prompt_role": "system"}
@@ -421,10 +422,15 @@ def test_chat_completions_named_by_vllm_xargs_with_and_without_streaming(
         "ignore_eos": True,
         "vllm_xargs": whole_xargs,
     }
-    with ThreadPoolExecutor(2) as pool:
+    # And one without naming: the request id names it (a chat completion's has no index).
+    plain_body = {key: value for key, value in whole_body.items() if key != "vllm_xargs"}
+    with ThreadPoolExecutor(3) as pool:
         stream_reply = pool.submit(chat_streaming)
         whole_reply = pool.submit(server.complete, whole_body, path="/v1/chat/completions")
-        chunks, whole = stream_reply.result(), whole_reply.result()
+        plain_reply = pool.submit(
+            server.complete, plain_body, {"X-Request-Id": "chat-7"}, "/v1/chat/completions"
+        )
+        chunks, whole, plain = stream_reply.result(), whole_reply.result(), plain_reply.result()
 
     prompt = chat_prompt_tokens(tokenizer, CHAT)
     assert prompt == 2 + 5 + 5 + 1  # two role markers, the words, the generation prompt
@@ -449,6 +455,9 @@ def test_chat_completions_named_by_vllm_xargs_with_and_without_streaming(
     by_rule = {(a["rule"], a["conversation_id"]) for a in alerts}
     assert ("not-acme", "chat-whole") not in by_rule  # sm_attributes reached the sidecar
     assert ("not-acme", "chat-stream") not in by_rule
+    assert plain["id"] == "chatcmpl-chat-7"
+    assert seen(alerts, logged("chatcmpl-chat-7")) == prompt + 7 - 1
+    assert role_starts(alerts, logged("chatcmpl-chat-7")) == {"user": [0], "assistant": [prompt]}
 
 
 def test_text_prompt_completion_streams_and_is_counted(server, sidecar, tokenizer):
