@@ -13,7 +13,8 @@ run, from a raw gRPC client streaming BF16 StepBatches:
   decode saturation
               the same decode steps back to back, 64 in flight: tokens/s.
 
-Beside each: the sidecar process's own CPU time per message (from /proc), and the bound it is
+Beside each: the sidecar process's own CPU time per message (from /proc), in all and by thread
+(the pipeline worker, the event loop, gRPC's C threads, the rest), and the bound it is
 compared with, measured in the same run: the pack's encode-only rate for 512-row and for
 64-row inputs. With two or more cores (the default `--pin`), the sidecar runs alone on the
 last core with one torch thread and this load client on the others, so the numbers are the
@@ -244,12 +245,22 @@ def stage_lines(stages: dict[str, Any]) -> list[str]:
 
 
 def _measured(process: Any, phase: Any, *args: Any) -> dict[str, Any]:
-    """Run a phase; add the sidecar process's CPU ms per message it acked meanwhile."""
-    before = _cpu_seconds(process.pid)
+    """Run a phase; add the sidecar process's CPU ms per message it acked meanwhile, in all
+    and by thread (`THREAD_GROUPS`)."""
+    before, threads_before = _cpu_seconds(process.pid), _thread_cpu_seconds(process.pid)
     result = phase(*args)
     spent = _cpu_seconds(process.pid) - before
+    threads_after = _thread_cpu_seconds(process.pid)
+    by_group = dict.fromkeys(THREAD_GROUPS, 0.0)
+    for tid, (group, seconds) in threads_after.items():
+        by_group[group] += seconds - threads_before.get(tid, (group, 0.0))[1]
     messages = result.get("messages") or result.get("decode_steps") or 0
     result["sidecar_cpu_ms_per_message"] = round(1000 * spent / messages, 3) if messages else None
+    result["sidecar_cpu_ms_per_message_by_thread"] = (
+        {group: round(1000 * seconds / messages, 3) for group, seconds in by_group.items()}
+        if messages
+        else None
+    )
     result["sidecar_cpu_cores"] = round(spent / result["seconds"], 2) if result["seconds"] else None
     return result
 
@@ -259,6 +270,53 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+THREAD_GROUPS = ("pipeline", "event loop", "grpc core", "other")
+"""The sidecar's threads, by what they do: ``pipeline`` the worker thread (validation,
+encode, rules, events: what ``bench stages`` measures), ``event loop`` the main thread (the
+asyncio loop: gRPC reads and writes, parsing, decoding the activations, hand-offs to the
+worker), ``grpc core`` gRPC's own C threads (sockets, HTTP/2 framing), ``other`` the rest
+(gRPC's completion-queue poller, the large-message parser, metrics, audit)."""
+
+
+def _thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds of each of a process's threads, with its `THREAD_GROUPS` group (from the
+    thread's OS name, which the sidecar sets for its worker)."""
+    from monitor.sidecar.streams import PIPELINE_THREAD
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    threads: dict[int, tuple[str, float]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return threads
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                text = stat.read()
+        except OSError:  # the thread has ended
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        if int(tid) == pid:
+            group = "event loop"
+        elif name == PIPELINE_THREAD:
+            group = "pipeline"
+        elif name.startswith(("event_engine", "grpc")):
+            group = "grpc core"
+        else:
+            group = "other"
+        threads[int(tid)] = (group, (int(fields[11]) + int(fields[12])) / ticks)
+    return threads
+
+
+def _by_thread(phase: dict[str, Any]) -> str:
+    """A phase's CPU per message by thread group, for the table."""
+    split = phase.get("sidecar_cpu_ms_per_message_by_thread")
+    if not split:
+        return ""
+    return " (" + ", ".join(f"{group} {ms}" for group, ms in split.items()) + ")"
 
 
 def _start(workdir: Path, core: int | None):  # type: ignore[no-untyped-def]
@@ -495,11 +553,11 @@ def format_table(result: dict[str, Any]) -> str:
         f"sidecar end to end over loopback gRPC: {result['shape']}; {pinning}",
         f"throughput: {t['tokens_per_s']:,} tokens/s sustained "
         f"({t['messages']} messages of {t['rows_per_message']} rows, {t['errors']} errors); "
-        f"sidecar CPU {t['sidecar_cpu_ms_per_message']} ms per message",
+        f"sidecar CPU {t['sidecar_cpu_ms_per_message']} ms per message{_by_thread(t)}",
         f"latency at {lat['tokens_per_s']:,} tokens/s ({lat['steps_per_s']} decode steps/s of "
         f"64 rows): send-to-ack p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms "
         f"({lat['decode_steps']} steps, {lat['errors']} errors); "
-        f"sidecar CPU {lat['sidecar_cpu_ms_per_message']} ms per step",
+        f"sidecar CPU {lat['sidecar_cpu_ms_per_message']} ms per step{_by_thread(lat)}",
     ]
     if "decode_saturation" in result:
         sat, bound = result["decode_saturation"], result["encode_only_rows_per_s"]
@@ -508,7 +566,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines += [
             f"decode steps back to back: {sat['tokens_per_s']:,} tokens/s "
             f"({sat['decode_steps']} steps, {sat['errors']} errors); "
-            f"sidecar CPU {sat['sidecar_cpu_ms_per_message']} ms per step",
+            f"sidecar CPU {sat['sidecar_cpu_ms_per_message']} ms per step{_by_thread(sat)}",
             f"encode-only bound (the sidecar's cores and threads): {prefill_bound:,} rows/s "
             f"({t['rows_per_message']}-row inputs), {decode_bound:,} rows/s (decode-step inputs)",
             f"prefill throughput {t['tokens_per_s'] / prefill_bound:.0%} of its bound; "

@@ -4,8 +4,10 @@
 the sidecar's own thread, in CPU time (``time.thread_time``, so other processes on a busy
 machine do not count), for the same pack, rules and messages:
 
-  parse      the protobuf message from its wire bytes (what gRPC does before the server runs)
-  validate   ``validate_batch``: sequences, shapes, the finite check
+  parse      the protobuf message from its wire bytes, and its activations decoded and checked
+             finite: what the server's event loop does as a message arrives, while the worker
+             thread encodes the one before
+  validate   ``validate_batch`` on the worker: sequences, shapes (the rest of the checks)
   encode     the pack's restricted encode (the matrix multiply and its epilogue)
   rules      ``RuleEngine.evaluate``
   events     everything else of ``Pipeline.process``: picking the rules' feature columns,
@@ -38,6 +40,7 @@ from monitor.rules import RuleSet
 from monitor.sidecar.columns import ConversationTable
 from monitor.sidecar.config import Limits
 from monitor.sidecar.pipeline import Pipeline
+from monitor.sidecar.validate import decode_layers
 from monitor.wire import pb
 
 STAGES = ("parse", "validate", "encode", "rules", "events")
@@ -58,6 +61,13 @@ class _Clock:
                 self.spent[stage] += time.thread_time() - started
 
         return timed
+
+
+def _parse(data: bytes) -> tuple[pb.StepBatch, tuple[torch.Tensor | None, ...]]:
+    """What the server's event loop does with a message as it arrives: parse it, decode its
+    activations and check them finite (``validate.decode_layers``)."""
+    batch = pb.StepBatch.FromString(data)
+    return batch, decode_layers(batch)
 
 
 def stage_costs(
@@ -97,13 +107,13 @@ def _stage_costs(
         pipeline.encode_block = clock.wrap("encode", pipeline.encode_block)  # type: ignore[method-assign]
         engine = pipeline.engine
         engine.evaluate = clock.wrap("rules", engine.evaluate)  # type: ignore[method-assign]
-        parse = clock.wrap("parse", pb.StepBatch.FromString)
+        parse = clock.wrap("parse", _parse)
         total = 0.0
         rows = 0
         for data in messages:
-            batch = parse(data)
+            batch, decoded = parse(data)
             started = time.thread_time()
-            outcome = pipeline.process(batch, table=table)
+            outcome = pipeline.process(batch, table=table, decoded=decoded)
             total += time.thread_time() - started
             if not outcome.events or not outcome.events[-1].HasField("ack"):
                 raise RuntimeError(f"bench message {batch.seq_no} was not acked: {outcome}")

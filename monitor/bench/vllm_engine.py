@@ -53,8 +53,10 @@ def _set_monitor(worker: Any, on: bool, keep_op: bool) -> bool:
     """Off: the runner forgets its capture (no layout, no split, nothing sent) and, unless
     `keep_op`, the chosen layers lose their buffers, so the capture op is not called either
     (eager mode only: a compiled graph keeps the op it was compiled with). On: both back.
-    Returns whether the monitor is now on. Between runs only: requests that start or end
-    while it is off are not tracked."""
+    Returns whether the monitor is now on. Between runs only: requests that start while it
+    is off are not tracked; tracked ones that ended while it was off (vLLM reports an end in
+    the next step only, so the last run's ends arrive while off) are finished when it comes
+    back on, so the sidecar still sees their conversations end."""
     from monitor.capture.layers import find_layer_list
     from monitor.capture.vllm import op
 
@@ -74,6 +76,7 @@ def _set_monitor(worker: Any, on: bool, keep_op: bool) -> bool:
         for index, buffer in buffers.items():
             layers[index].register_buffer(op.BUFFER_ATTR, buffer, persistent=False)
         runner._bench_saved_monitor = None
+        runner._safety_monitor.finish_missing(runner.requests)
     return getattr(runner, "_safety_monitor", None) is not None
 
 

@@ -145,15 +145,18 @@ class Pipeline:
         batch: pb.StepBatch,
         client: StreamClient = ANONYMOUS,
         table: ConversationTable | None = None,
+        decoded: Sequence[torch.Tensor | None] = (),
     ) -> BatchOutcome:
-        """Run one batch through the stream's stateful rule engine; never raises on bad input."""
-        return self.process_many([batch], client, table)[0]
+        """Run one batch through the stream's stateful rule engine; never raises on bad input.
+        `decoded`: `validate.decode_layers` of the batch, if it ran already."""
+        return self.process_many([batch], client, table, [decoded])[0]
 
     def process_many(
         self,
         batches: Sequence[pb.StepBatch],
         client: StreamClient = ANONYMOUS,
         table: ConversationTable | None = None,
+        decoded: Sequence[Sequence[torch.Tensor | None]] = (),
     ) -> list[BatchOutcome]:
         """Batches of one stream that arrived together, in order: one outcome each, exactly
         as if processed one at a time, but consecutive steps that continue the same
@@ -161,8 +164,11 @@ class Pipeline:
         decode steps queue. `client` is who sent them: the scope of their conversations'
         state and the owner new conversations are charged to. `table` is the stream's
         conversation table (the columnar sequence format); without one, only `Sequence`
-        messages are accepted."""
+        messages are accepted. `decoded`, when given, holds `validate.decode_layers` of each
+        batch, done already (on the server's event loop)."""
         outcomes: list[BatchOutcome | None] = [None] * len(batches)
+        if len(decoded) != len(batches):
+            decoded = ((),) * len(batches)
         group: list[tuple[int, ValidatedBatch]] = []
         # Built when a second step asks to join the group: a step alone (the light-load
         # case, one decode step after another) never needs it, and building it reads every
@@ -170,7 +176,7 @@ class Pipeline:
         state: GroupState | None = None
         for index, batch in enumerate(batches):
             try:
-                validated = self.validate(batch, client, table)
+                validated = self.validate(batch, client, table, decoded[index])
             except BatchRejected as rejected:  # touches no rule state: the group goes on
                 outcomes[index] = self._reject(batch.seq_no, rejected)
                 continue
@@ -308,11 +314,13 @@ class Pipeline:
         batch: pb.StepBatch,
         client: StreamClient = ANONYMOUS,
         table: ConversationTable | None = None,
+        decoded: Sequence[torch.Tensor | None] = (),
     ) -> ValidatedBatch:
         """Check a StepBatch against the packs, the rules' hook points and the limits; raises
         BatchRejected (reason, field, message) without touching rule state (slot definitions
         of a columnar batch do update `table`). The batch's conversations are scoped as
-        configured (`ScopeSettings`) for `client`.
+        configured (`ScopeSettings`) for `client`. `decoded`: `validate.decode_layers` of
+        the batch, if it ran already.
         """
         scoping = self.scoping
         return validate_batch(
@@ -323,6 +331,7 @@ class Pipeline:
             scope=client.identity if scoping.scope == "client" else "",
             scope_attribute=scoping.attribute if scoping.scope == "attribute" else "",
             table=table,
+            decoded=decoded,
         )
 
     def encode(self, batch: ValidatedBatch) -> Mapping[str, np.ndarray]:

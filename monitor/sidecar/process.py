@@ -25,6 +25,7 @@ from prometheus_client import start_http_server
 from monitor.features import FeatureError, FeaturePack, load_pack
 from monitor.outputs.metrics import SidecarMetrics
 from monitor.rules import RuleLoadError, RuleReloader, RuleSet, load_rules
+from monitor.sidecar import streams
 from monitor.sidecar.config import SidecarConfig
 from monitor.sidecar.firings import Actions
 from monitor.sidecar.pipeline import Pipeline, qualified_feature_names
@@ -123,7 +124,12 @@ class Sidecar:
         except ValueError as exc:
             raise StartupError(str(exc)) from exc
         self._background: list[asyncio.Task[None]] = []
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+        self.executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="pipeline",
+            initializer=streams.name_os_thread,
+            initargs=(streams.PIPELINE_THREAD,),
+        )
         self.running: RunningSidecar | None = None
 
     async def start(self) -> RunningSidecar:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import structlog
+import torch
 
 import monitor
 from monitor.outputs.metrics import SidecarMetrics
@@ -27,6 +28,7 @@ from monitor.sidecar.pipeline import (
     internal_errors,
 )
 from monitor.sidecar.security import tls_subject, token_client
+from monitor.sidecar.validate import decode_layers
 from monitor.wire import SERVICE_NAME, WIRE_DTYPES, pb, pb_grpc
 from monitor.wire.columns import SEQUENCE_FORMATS
 
@@ -35,39 +37,56 @@ log = structlog.get_logger("safety_monitor.sidecar")
 
 async def _read_into(
     requests: AsyncIterator[bytes],
-    arrived: asyncio.Queue[tuple[pb.StepBatch, int] | None],
+    arrived: asyncio.Queue[tuple[Any, int, tuple[torch.Tensor | None, ...]] | None],
     budget: streams.StreamBudget,
     parser: ThreadPoolExecutor | None = None,
+    read: Callable[[], Awaitable[Any]] | None = None,
 ) -> None:
     """Read a stream's messages, parse them and put the batches into `arrived` with their
-    sizes, within the stream's budget; None at the end (also when reading failed: the
-    handler then awaits this task for the error). An undecodable message ends reading: the
-    handler answers INVALID_ARGUMENT.
+    sizes and decoded layers (`validate.decode_layers`), within the stream's budget; None at
+    the end (also when reading failed: the handler then awaits this task for the error). An
+    undecodable message ends reading: the handler answers INVALID_ARGUMENT.
 
     Messages arrive as bytes: their size is known before parsing, and a large one is parsed
     on `parser`'s thread, so a message of a million tiny sequences does not hold the event
-    loop (and every other stream's acks) while it parses."""
-    messages = aiter(requests)
+    loop (and every other stream's acks) while it parses. A decode step is parsed and its
+    activations decoded and checked finite here, on the event loop, while the worker thread
+    encodes the batch before it: the worker is what bounds a stream's steps per second.
+
+    `read` is the servicer context's `read` (`grpc.aio.EOF` at the end), which the server
+    uses instead of iterating `requests`: one coroutine per message fewer."""
+    if read is None:
+        read = functools.partial(anext, aiter(requests), grpc.aio.EOF)
     loop = asyncio.get_running_loop()
     try:
         while True:
             await budget.wait_for_room()  # given back once the batch has been processed
-            try:
-                data = await anext(messages)
-            except StopAsyncIteration:
+            data = await read()
+            if data is grpc.aio.EOF:
                 return
             size = len(data)
             budget.hold(size)
             if parser is not None and size > streams.PARSE_INLINE_BYTES:
-                batch = await loop.run_in_executor(parser, streams.parse_batch, data)
+                batch, decoded = await loop.run_in_executor(parser, _parse, data)
             else:
-                batch = streams.parse_batch(data)
+                batch, decoded = _parse(data)
             if batch is streams.UNDECODABLE:
                 await budget.release(size)
                 raise _Undecodable()
-            arrived.put_nowait((batch, size))
+            # The decoded activations are a copy of the message's bytes: held as long as it.
+            extra = sum(tensor.nbytes for tensor in decoded if tensor is not None)
+            budget.add_bytes(extra)
+            arrived.put_nowait((batch, size + extra, decoded))
     finally:
         arrived.put_nowait(None)
+
+
+def _parse(data: bytes) -> tuple[Any, tuple[torch.Tensor | None, ...]]:
+    """The StepBatch of `data` (or `streams.UNDECODABLE`) and its decoded layers."""
+    batch = streams.parse_batch(data)
+    if batch is streams.UNDECODABLE:
+        return batch, ()
+    return batch, decode_layers(batch)
 
 
 class _Undecodable(Exception):
@@ -94,7 +113,12 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         # max_message_bytes: bounded like streams, or they would evade max_streams and
         # max_stream_bytes and delay every stream's acks without limit.
         self.evaluate_gate = streams.StreamGate(pipeline.limits.max_streams)
-        self.parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
+        self.parser = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="parse",
+            initializer=streams.name_os_thread,
+            initargs=(streams.PARSE_THREAD,),
+        )
 
     def client_of(self, context: grpc.aio.ServicerContext) -> StreamClient:
         """Who is calling: the bearer token's client name, else the mTLS subject; fair
@@ -125,13 +149,16 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         # Reading runs ahead of processing: the next batches arrive and are parsed on the
         # event loop while the worker thread processes this one, instead of the stream
         # standing still between an ack and the next read.
-        arrived: asyncio.Queue[tuple[pb.StepBatch, int] | None] = asyncio.Queue()
+        arrived: asyncio.Queue[tuple[Any, int, tuple[torch.Tensor | None, ...]] | None]
+        arrived = asyncio.Queue()
         budget = streams.StreamBudget(READ_AHEAD, limits.max_stream_bytes)
         idle = float(limits.stream_idle_timeout_seconds)
-        reader = asyncio.create_task(_read_into(request_iterator, arrived, budget, self.parser))
+        reader = asyncio.create_task(
+            _read_into(request_iterator, arrived, budget, self.parser, context.read)
+        )
         # The stream's conversation slots (columnar format); touched only on the worker.
         table = ConversationTable(limits.max_conversation_slots)
-        process = functools.partial(self.pipeline.process_many, table=table)
+        process_many = self.pipeline.process_many
         loop = asyncio.get_running_loop()
         try:
             ended = False
@@ -155,8 +182,11 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                         ended = True
                         break
                     held.append(more)
-                outcomes = await self._run_many([batch for batch, _ in held], client, process)
-                await budget.release(sum(size for _, size in held), len(held))
+                batches = [batch for batch, _, _ in held]
+                decoded = [layers for _, _, layers in held]
+                process = functools.partial(process_many, table=table, decoded=decoded)
+                outcomes = await self._run_many(batches, client, process)
+                await budget.release(sum(size for _, size, _ in held), len(held))
                 try:  # not taken: the client does not read its events
                     # One timer for the group's events, moved on before each write (each
                     # write may take `idle`): `asyncio.wait_for` would make a task per event.

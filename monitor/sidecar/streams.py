@@ -115,6 +115,11 @@ class StreamBudget:
         self.bytes += size
         self.peak_bytes = max(self.peak_bytes, self.bytes)
 
+    def add_bytes(self, size: int) -> None:
+        """A held batch takes `size` bytes more (its decoded activations)."""
+        self.bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+
     async def release(self, size: int, batches: int = 1) -> None:
         """Give back `batches` processed batches of `size` bytes in all."""
         async with self._changed:
@@ -123,6 +128,29 @@ class StreamBudget:
             self._changed.notify_all()
 
 
+# OS-level names of the sidecar's own threads (`top -H`, /proc/PID/task/TID/comm, at most
+# 15 characters): `bench sidecar` splits the process's CPU by them.
+PIPELINE_THREAD = "sm-pipeline"
+PARSE_THREAD = "sm-parse"
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread `name` at the OS level (Linux `prctl(PR_SET_NAME)`; a no-op
+    elsewhere). Python's thread names stay inside Python; this one shows in `top -H`."""
+    if _PRCTL is not None:
+        _PRCTL(15, name.encode()[:15], 0, 0, 0)  # 15: PR_SET_NAME
+
+
+def _prctl() -> Callable[..., int] | None:
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
+    except (OSError, AttributeError, TypeError):
+        return None
+    prctl.restype = ctypes.c_int
+    return prctl  # type: ignore[no-any-return]
+
+
+_PRCTL = _prctl()
 _trim_lock = threading.Lock()
 
 

@@ -8,7 +8,7 @@ bytes are viewed, and every row is checked for NaN/Inf.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping, Set
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -74,13 +74,15 @@ def validate_batch(
     scope: str = "",
     scope_attribute: str = "",
     table: ConversationTable | None = None,
+    decoded: Sequence[torch.Tensor | None] = (),
 ) -> ValidatedBatch:
     """Check a batch against the loaded packs and limits; raise BatchRejected on a problem.
     `required` holds the (pack, hook point) pairs the rules read. Conversation state of the
     batch's sequences is scoped by `scope` (the client's identity), or, when
     `scope_attribute` is set, by that attribute of each sequence. A batch in the columnar
     format (`columns`) is read against `table`, the stream's conversation table, which its
-    slot definitions update."""
+    slot definitions update. `decoded` is what `decode_layers` gave for this batch, if it ran
+    (the same checks, done before: the result is the same with or without it)."""
     if batch.HasField("columns"):
         # The slot definitions first: whatever else is wrong with the batch, the client has
         # sent them and will not again, so they must reach the table (see ConversationTable).
@@ -97,7 +99,7 @@ def validate_batch(
             "sequences",
             f"sequences: {rows} rows exceed the limit of {limits.max_rows_per_batch} per batch",
         )
-    activations = _validate_layers(batch, rows, catalog.d_model_of) if batch.layers else {}
+    activations = _validate_layers(batch, rows, catalog.d_model_of, decoded) if batch.layers else {}
     encoded = _validate_feature_blocks(batch, rows, catalog) if batch.features else {}
     if not activations and not encoded:
         raise BatchRejected(
@@ -309,10 +311,38 @@ def _validate_feature_blocks(
     return encoded
 
 
+def decode_layers(batch: pb.StepBatch) -> tuple[torch.Tensor | None, ...]:
+    """Each layer's activations decoded and checked finite, or None for a layer where either
+    fails (validation then finds the problem again and names it). This is the part of
+    validation that reads every byte of a batch and depends on the message alone, not on
+    packs, rules or stream state: the server runs it as a message arrives, on the event loop,
+    while the worker thread encodes the previous batch with the GIL released, instead of on
+    the worker, which is the sidecar's bottleneck (see `service._read_into`)."""
+    decoded: list[torch.Tensor | None] = []
+    for layer in batch.layers:
+        message = layer.activations
+        tensor = None
+        if len(message.shape) == 2:  # anything else is rejected before decoding
+            try:
+                values, data = decode_tensor_with_bytes(message, "")
+            except TensorDecodeError:
+                pass
+            else:
+                if _bytes_finite(data, values.dtype):
+                    tensor = values
+        decoded.append(tensor)
+    return tuple(decoded)
+
+
 def _validate_layers(
-    batch: pb.StepBatch, rows: int, d_model_of: Mapping[str, int]
+    batch: pb.StepBatch,
+    rows: int,
+    d_model_of: Mapping[str, int],
+    decoded: Sequence[torch.Tensor | None] = (),
 ) -> dict[str, torch.Tensor]:
     activations: dict[str, torch.Tensor] = {}
+    if len(decoded) != len(batch.layers):
+        decoded = (None,) * len(batch.layers)
     for i, layer in enumerate(batch.layers):
         field = f"layers[{i}]"
         hook_point = layer.hook_point
@@ -329,22 +359,34 @@ def _validate_layers(
                 f"{field}.hook_point",
                 f"{field}.hook_point: {hook_point!r} appears more than once in the batch",
             )
-        activations[hook_point] = _layer_tensor(layer, f"{field}.activations", rows, d_model_of)
+        activations[hook_point] = _layer_tensor(
+            layer, f"{field}.activations", rows, d_model_of, decoded[i]
+        )
     return activations
 
 
 def _layer_tensor(
-    layer: pb.Layer, field: str, rows: int, d_model_of: Mapping[str, int]
+    layer: pb.Layer,
+    field: str,
+    rows: int,
+    d_model_of: Mapping[str, int],
+    decoded: torch.Tensor | None = None,
 ) -> torch.Tensor:
     d_model = d_model_of[layer.hook_point]
-    return _checked_tensor(layer.activations, field, rows, d_model, layer.hook_point)
+    return _checked_tensor(layer.activations, field, rows, d_model, layer.hook_point, decoded)
 
 
 def _checked_tensor(
-    message: pb.Tensor, field: str, rows: int, width: int, hook_point: str = ""
+    message: pb.Tensor,
+    field: str,
+    rows: int,
+    width: int,
+    hook_point: str = "",
+    decoded: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Shape [rows, width], decodable, finite -> a tensor viewing the message bytes. The width
-    is the pack's d_model for `hook_point` when given, else the pack's column count."""
+    is the pack's d_model for `hook_point` when given, else the pack's column count.
+    `decoded`: this message's tensor from `decode_layers` (decoded and finite already)."""
     shape = message.shape[:]  # a list
     if len(shape) != 2:
         raise BatchRejected(
@@ -363,6 +405,8 @@ def _checked_tensor(
             f"{field}.shape",
             f"{field}.shape: {shape[0]} rows, but the sequences add up to {rows}",
         )
+    if decoded is not None:  # the shape checked here is the one it was decoded with
+        return decoded
     try:
         # Kept in its wire dtype: the encoder reads BF16/FP16 directly (on GPU, in-kernel).
         tensor, data = decode_tensor_with_bytes(message, field)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from monitor.bench.sidecar import format_table, run_sidecar_bench
+from monitor.bench.sidecar import THREAD_GROUPS, format_table, run_sidecar_bench
 
 
 def test_sidecar_bench_measures_throughput_and_latency():
@@ -23,6 +23,11 @@ def test_sidecar_bench_measures_throughput_and_latency():
     # The sidecar's own CPU per message, from its process, beside the wall-clock numbers.
     assert throughput["sidecar_cpu_ms_per_message"] > 0
     assert latency["sidecar_cpu_ms_per_message"] > 0
+    # ... and by thread: the worker (named by the sidecar at the OS level) and the event loop
+    # both spent CPU on the decode steps.
+    by_thread = latency["sidecar_cpu_ms_per_message_by_thread"]
+    assert tuple(by_thread) == THREAD_GROUPS
+    assert by_thread["pipeline"] > 0 and by_thread["event loop"] > 0
     # Back-to-back decode steps and the encode-only bounds of the same run.
     saturation = result["decode_saturation"]
     assert saturation["errors"] == 0 and saturation["tokens_per_s"] > 0
@@ -42,6 +47,7 @@ def test_sidecar_bench_measures_throughput_and_latency():
         assert result["sidecar_core"] == max(cores)
     table = format_table(result)
     assert "tokens/s sustained" in table and "of the machine's fp32 GEMM" in table
+    assert "(pipeline " in table
     assert os.sched_getaffinity(0) == cores  # the client's pinning is given back
 
 

@@ -4,6 +4,8 @@ plugin settings."""
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from types import SimpleNamespace
 
 import numpy as np
@@ -349,21 +351,25 @@ def test_prompt_rows_carry_the_prompt_role_and_output_rows_the_output_role():
     splitter.track("s", tag_request("s", None), prompt_tokens=3)
     # Chunked prefill of r's 10-token prompt next to s's whole prompt, then r's last chunk
     # (s samples its first output, computed in the next step at position 3), then decodes.
-    assert roles_of(splitter.split(["r", "s"], [6, 3], [0, 0])) == [
+    first = splitter.split(["r", "s"], [6, 3], [0, 0])
+    assert roles_of(first) == [
         ("r", "asker", 0, 6, 0),
         ("s", "user", 6, 9, 0),
     ]
-    assert splitter.prompt_slices == 2
-    assert roles_of(splitter.split(["r", "s"], [4, 1], [6, 3])) == [
+    assert first.prompt_slices == 2
+    second = splitter.split(["r", "s"], [4, 1], [6, 3])
+    assert roles_of(second) == [
         ("r", "asker", 0, 4, 6),
         ("s", "assistant", 4, 5, 3),
     ]
-    assert splitter.prompt_slices == 1
-    assert roles_of(splitter.split(["r", "s"], [1, 1], [10, 4])) == [
+    assert second.prompt_slices == 1
+    third = splitter.split(["r", "s"], [1, 1], [10, 4])
+    assert roles_of(third) == [
         ("r", "assistant", 0, 1, 10),
         ("s", "assistant", 1, 2, 4),
     ]
-    assert splitter.prompt_slices == 0
+    # Each result keeps its own count: a later split does not change an earlier one's.
+    assert (third.prompt_slices, first.prompt_slices) == (0, 2)
     assert splitter.straddles == 0
 
 
@@ -462,6 +468,11 @@ def _worker(**settings):
     capture.steps = 0
     capture.naming_errors = 0
     capture.buffers = {hook_point_name(1): torch.arange(64.0).reshape(16, 4)}
+    capture._empty = {hook_point_name(1): torch.empty(0, 4)}
+    capture._blocks = {}
+    capture._blocks_lock = threading.Lock()
+    capture.conversations_ended = 0
+    capture.recent_ends = deque()
     return capture
 
 
@@ -562,5 +573,23 @@ def test_worker_reads_a_grown_prompt_when_vllm_schedules_a_request_as_new_again(
     _run_step(capture, runner, ["a"], [2], [0], new=["a"])
     assert _run_step(capture, runner, ["a"], [1], [2]) == [(("a",), ("assistant",), [1], [2])]
     runner.requests["a"].num_prompt_tokens = 6
+    # The update names itself differently: ignored, the session keeps its first input's naming
+    # (its positions continue in that conversation; another id would start mid-conversation).
+    update = {"sm_conversation_id": "other", "sm_prompt_role": "system", "sm_role": "x"}
+    runner.requests["a"].sampling_params.extra_args = update
     assert _run_step(capture, runner, ["a"], [3], [3], new=["a"]) == [(("a",), ("user",), [3], [3])]
     assert _run_step(capture, runner, ["a"], [1], [6]) == [(("a",), ("assistant",), [1], [6])]
+
+
+def test_requests_that_ended_unseen_are_finished_when_the_capture_comes_back():
+    # The bench's same-engine switch: vLLM reports a request's end once, in the next step; if
+    # the capture was off then, it finishes the request when it is switched back on.
+    capture = _worker()
+    runner = _runner(a=(2, None), b=(2, {"sm_conversation_id": "named"}), c=(2, None))
+    _run_step(capture, runner, ["a", "b", "c"], [2, 2, 2], [0, 0, 0], new=["a", "b", "c"])
+    assert capture.finish_missing({"c": object()}) == 2
+    assert capture.splitter.tracked() == ["c"]
+    # a's conversation (named after its request) ends; "named" may go on in a later request.
+    ends = [s for s in capture.client.steps if s.tagging.end]
+    assert [(s.tagging.conversation_ids, s.positions) for s in ends] == [(("a",), [2])]
+    assert capture.finish_missing({"c": object()}) == 0

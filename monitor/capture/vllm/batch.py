@@ -47,6 +47,8 @@ DEFAULT_PROMPT_ROLE = "user"
 # The sidecar's default limits (`limits:` in its config): a sequence over one of them gets its
 # whole message refused, and with it the step of every request sharing that message, so a
 # request naming itself past them is served under its own id instead (see NamingError).
+# Fixed here, not read from the sidecar (its GetStatus is asked by the relay process, not the
+# worker): a sidecar configured with lower limits refuses such a message (README says so).
 MAX_ID_CHARS = 256  # conversation and request ids
 _MAX_ROLE_CHARS = 64
 _MAX_ATTRIBUTES = 16
@@ -215,6 +217,18 @@ class Slice(NamedTuple):
         return self.stop - self.start
 
 
+class StepSlices(list[Slice]):
+    """One step's slices, in batch order, and how many of them are prompt rows (0 on a decode
+    step): the worker keys its per-step plans by request ids alone only when that is 0. The
+    count travels with the slices it describes, not in the splitter's state."""
+
+    __slots__ = ("prompt_slices",)
+
+    def __init__(self, slices: list[Slice], prompt_slices: int) -> None:
+        super().__init__(slices)
+        self.prompt_slices = prompt_slices
+
+
 @dataclass
 class _Tracked:
     tag: RequestTag
@@ -240,9 +254,6 @@ class BatchSplitter:
         self.skipped_rows = 0  # recomputed rows not sent again
         self.gaps = 0  # requests whose first computed token was past what was sent
         self.straddles = 0  # slices split in two at the prompt's end
-        # Slices of prompt rows in the last `split` (0 on a decode step): the worker keys its
-        # per-step plans by request ids alone only when every slice is output rows.
-        self.prompt_slices = 0
 
     def track(self, internal_id: str, tag: RequestTag, prompt_tokens: int = 0) -> None:
         """Remember a request the first time it is scheduled; its positions below
@@ -277,6 +288,11 @@ class BatchSplitter:
         requests = self._requests
         return [r for r in internal_ids if r not in requests]
 
+    def tracked(self) -> list[str]:
+        """Every tracked request's internal id."""
+        with self._lock:
+            return list(self._requests)
+
     def state(self, internal_id: str) -> tuple[RequestTag, int] | None:
         """A tracked request's tag and the next position not yet sent."""
         with self._lock:
@@ -304,12 +320,13 @@ class BatchSplitter:
 
     def split(
         self, req_ids: Sequence[str], num_tokens: Sequence[int], computed: Sequence[int]
-    ) -> list[Slice]:
+    ) -> StepSlices:
         """The step's slices: `req_ids[i]` ran `num_tokens[i]` tokens starting at position
         `computed[i]`, in this order in the flattened batch. Advances what was sent. The
         counts and positions are Python ints (the caller converts them once, with tolist).
         Each slice is all prompt rows or all output rows (its tag's role says which); a
-        request's rows that span the prompt's end become two slices, prompt first."""
+        request's rows that span the prompt's end become two slices, prompt first; the result
+        says how many slices are prompt rows (`StepSlices.prompt_slices`)."""
         slices = []
         offset = 0
         prompt_slices = 0
@@ -350,8 +367,7 @@ class BatchSplitter:
                 middle = start + prompt - first
                 slices.append(Slice(internal_id, prompt_tag, start, middle, first))
                 slices.append(Slice(internal_id, tracked.tag, middle, offset, prompt))
-        self.prompt_slices = prompt_slices
-        return slices
+        return StepSlices(slices, prompt_slices)
 
     def _unlink(self, internal_id: str, tracked: _Tracked) -> None:
         if tracked.wire_id:

@@ -41,6 +41,7 @@ from monitor.capture.vllm.batch import (
     NamingError,
     RequestTag,
     Slice,
+    StepSlices,
     bounded_id,
     group_by_attributes,
     plan_rank,
@@ -190,7 +191,8 @@ class WorkerCapture:
         new_requests = scheduler_output.scheduled_new_reqs
         if new_requests:  # empty on a decode step
             # A request id vLLM schedules as new while it runs is a streaming-input session
-            # given more input: its prompt grew.
+            # given more input: its prompt grew. Its naming stays the first input's (the
+            # update's extra_args are not read): its positions continue one conversation.
             for new in new_requests:
                 splitter.set_prompt_tokens(new.req_id, _prompt_tokens(runner, new.req_id))
         for internal_id in splitter.untracked(req_ids):
@@ -204,7 +206,7 @@ class WorkerCapture:
         for indices, tagging in self._plan(slices):
             submit(self._step([slices[i] for i in indices] if indices else slices, tagging))
 
-    def _plan(self, slices: Sequence[Slice]) -> list[tuple[tuple[int, ...], Tagging]]:
+    def _plan(self, slices: StepSlices) -> list[tuple[tuple[int, ...], Tagging]]:
         """How this step's slices go out: groups (indices into `slices`; () for all of them)
         and each group's Tagging. A decode step runs the same requests as the step before, so
         the plan is kept by the requests' ids and reused: the Taggings (and with them the
@@ -214,7 +216,7 @@ class WorkerCapture:
         and its output are tagged with different roles (a decode step has no prompt rows,
         and its key stays the ids alone)."""
         key: tuple[Any, ...] = tuple([s.request for s in slices])
-        if self.splitter.prompt_slices:
+        if slices.prompt_slices:
             key = (key, tuple([s.tag.role for s in slices]))
         plan = self._plans.get(key)
         if plan is not None:
@@ -300,6 +302,15 @@ class WorkerCapture:
                 )
             except NamingError:
                 return tag_request(internal_id, None, True, True)
+
+    def finish_missing(self, live: Any) -> int:
+        """Finish the tracked requests not in `live` (the runner's requests): they ended while
+        this capture was not called (the bench switches the monitor off and on in one engine,
+        and vLLM reports an end only once, in the next step). Returns how many."""
+        gone = {r for r in self.splitter.tracked() if r not in live}
+        if gone:
+            self._finish(gone)
+        return len(gone)
 
     def _finish(self, finished: set[str]) -> None:
         """Requests that ended: a conversation named after its request ends with the last

@@ -54,6 +54,50 @@ def write_model(directory: Path) -> Path:
     return directory
 
 
+# A real tokenizer for the tiny model, built here offline (no hub): a word-level vocabulary of
+# exactly VOCAB entries (every id the random-weight model can sample decodes to a word), split
+# on whitespace, with role markers as special tokens and a chat template that uses them.
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>")
+TOKENIZER_TEXT = (
+    "hello how are you today the monitor watches every token of this conversation "
+    "please summarise my account history and tell me what to do next thanks"
+)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} "
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tokenizer_vocabulary() -> dict[str, int]:
+    """Special tokens first (ids 0-2 are the config's unk/bos/eos), then the words, then
+    filler words up to VOCAB."""
+    tokens = [*SPECIAL_TOKENS, *dict.fromkeys(TOKENIZER_TEXT.split())]
+    tokens += [f"w{i}" for i in range(VOCAB - len(tokens))]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def write_tokenizer(directory: Path) -> Path:
+    """tokenizer.json + tokenizer_config.json (with the chat template) in `directory`, as
+    `save_pretrained` writes them, so vLLM's frontend loads them as for any hub model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = tokenizer_vocabulary()
+    assert len(vocabulary) == VOCAB
+    backend = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=list(SPECIAL_TOKENS[3:]),
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
 def engine_kwargs(model: Path, *, eager: bool, **overrides: Any) -> dict[str, Any]:
     kwargs = {
         "model": str(model),

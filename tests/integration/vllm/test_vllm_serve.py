@@ -4,12 +4,15 @@ point), requests naming their conversation through `vllm_xargs` over plain HTTP,
 sidecar saw, read from its own "rule fired" log lines with the counting rules of the other
 vLLM tests.
 
-One server start for the module (about 100 s on two cores: it compiles the model); requests
-use token-id prompts, as the tiny test model has no tokenizer (`--skip-tokenizer-init`)."""
+One server start for the module (about 100 s on two cores: it compiles the model). The tiny
+test model has a real tokenizer, built offline here (a word-level vocabulary with role markers
+and a chat template, harness.write_tokenizer), so the server runs as for any hub model: chat
+completions, text prompts and streaming (SSE) are tested next to token-id prompts."""
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import importlib.metadata
 import json
 import os
@@ -38,6 +41,7 @@ from tests.integration.vllm.harness import (
     sidecar_config,
     wait_until,
     write_model,
+    write_tokenizer,
 )
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
@@ -93,7 +97,6 @@ class Server:
             str(self.port),
             "--load-format",
             "dummy",
-            "--skip-tokenizer-init",
             "--dtype",
             "float32",
             "--seed",
@@ -145,15 +148,55 @@ class Server:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def complete(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
-        """POST /v1/completions; the parsed reply."""
+    def complete(
+        self,
+        body: dict[str, Any],
+        headers: dict[str, str] | None = None,
+        path: str = "/v1/completions",
+    ) -> Any:
+        """POST /v1/completions (or `path`); the parsed reply."""
         request = urllib.request.Request(
-            self.url("/v1/completions"),
+            self.url(path),
             data=json.dumps({"model": self.model, **body}).encode(),
             headers={"Content-Type": "application/json", **(headers or {})},
         )
         with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as reply:
             return json.loads(reply.read())
+
+    def stream(
+        self, path: str, body: dict[str, Any], stop: Any = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """POST `body` with `stream: true` and read the server-sent events: the parsed chunks
+        and whether the stream ended with `data: [DONE]`. With `stop(chunks)` true the
+        client hangs up there, mid-stream (the connection closed, as a client that goes
+        away)."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=REQUEST_TIMEOUT_S)
+        chunks: list[dict[str, Any]] = []
+        try:
+            connection.request(
+                "POST",
+                path,
+                json.dumps({"model": self.model, "stream": True, **body}),
+                {"Content-Type": "application/json"},
+            )
+            response = connection.getresponse()
+            assert response.status == 200, response.read()[:2000]
+            for _ in range(10_000):  # bounded: a chunk per token and a few more
+                line = response.readline()
+                if not line:
+                    return chunks, False
+                text = line.decode().strip()
+                if not text.startswith("data: "):
+                    continue  # the blank line between events
+                if text == "data: [DONE]":
+                    return chunks, True
+                chunks.append(json.loads(text.removeprefix("data: ")))
+                if stop is not None and stop(chunks):
+                    response.close()
+                    return chunks, False
+            raise AssertionError("stream did not end in 10000 lines")
+        finally:
+            connection.close()
 
     def tail(self, chars: int = 4000) -> str:
         self._log.flush()
@@ -188,7 +231,7 @@ def sidecar(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(sidecar, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vllm-serve")
-    model = write_model(workdir / "tiny-llama")
+    model = write_tokenizer(write_model(workdir / "tiny-llama"))
     # Environment variables only, as in the README. BLOCK_WITHIN=0: a step's sampled tokens
     # wait for the sidecar's verdict on the step before, so a block lands at a known token.
     env = {
@@ -307,3 +350,216 @@ def test_block_is_visible_to_the_http_client(server, sidecar):
     ]
     # Every token the engine computed for the stopped request was sent, once.
     assert seen(alerts, bad_conversation) == 4 + produced - 1
+
+
+# ---- with the tokenizer: chat completions, text prompts, streaming -------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(server):
+    """The served model's tokenizer, loaded as vLLM's frontend loads it: what a prompt or a
+    templated chat should come to, counted here independently of the server."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(server.model)
+
+
+def chat_prompt_tokens(tokenizer, messages: list[dict[str, str]]) -> int:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def streamed(chunks: list[dict[str, Any]]) -> tuple[list[int], dict[str, Any], dict[str, Any]]:
+    """From a stream's chunks: the generated token ids (`return_token_ids`), the choice that
+    carried the finish reason, and the usage (`stream_options.include_usage`; {} if none
+    came)."""
+    token_ids: list[int] = []
+    finished: dict[str, Any] = {}
+    usage: dict[str, Any] = {}
+    for chunk in chunks:
+        usage = chunk.get("usage") or usage
+        for choice in chunk["choices"]:
+            token_ids += choice.get("token_ids") or []
+            if choice.get("finish_reason") is not None:
+                finished = choice
+    return token_ids, finished, usage
+
+
+CHAT = [
+    {"role": "system", "content": "the monitor watches every token"},
+    {"role": "user", "content": "hello how are you today"},
+]
+
+
+def test_chat_completions_named_by_vllm_xargs_with_and_without_streaming(
+    server, sidecar, tokenizer
+):
+    """The README's chat examples: the openai client streaming (vllm_xargs in `extra_body`),
+    and plain HTTP without streaming, at the same time (in the same engine steps), next to an
+    unnamed chat completion."""
+    from openai import OpenAI
+
+    whole_xargs = {**README_XARGS, "sm_conversation_id": "chat-whole", "sm_prompt_role": "system"}
+    stream_xargs = {**README_XARGS, "sm_conversation_id": "chat-stream"}
+    client = OpenAI(base_url=server.url("/v1"), api_key="unused", timeout=REQUEST_TIMEOUT_S)
+
+    def chat_streaming() -> list[Any]:
+        stream = client.chat.completions.create(
+            model=server.model,
+            messages=CHAT,
+            max_tokens=9,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True, "vllm_xargs": stream_xargs},
+        )
+        return list(stream)
+
+    whole_body = {
+        "messages": CHAT,
+        "max_tokens": 7,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "vllm_xargs": whole_xargs,
+    }
+    # And one without naming: the request id names it (a chat completion's has no index).
+    plain_body = {key: value for key, value in whole_body.items() if key != "vllm_xargs"}
+    with ThreadPoolExecutor(3) as pool:
+        stream_reply = pool.submit(chat_streaming)
+        whole_reply = pool.submit(server.complete, whole_body, path="/v1/chat/completions")
+        plain_reply = pool.submit(
+            server.complete, plain_body, {"X-Request-Id": "chat-7"}, "/v1/chat/completions"
+        )
+        chunks, whole, plain = stream_reply.result(), whole_reply.result(), plain_reply.result()
+
+    prompt = chat_prompt_tokens(tokenizer, CHAT)
+    assert prompt == 2 + 5 + 5 + 1  # two role markers, the words, the generation prompt
+    assert whole["usage"]["prompt_tokens"] == prompt
+    assert whole["choices"][0]["finish_reason"] == "length"
+    assert whole["usage"]["completion_tokens"] == 7
+    usage = chunks[-1].usage  # include_usage: the last chunk, no choices
+    assert (usage.prompt_tokens, usage.completion_tokens) == (prompt, 9)
+    deltas = [c.choices[0] for c in chunks if c.choices]
+    assert deltas[-1].finish_reason == "length"
+    assert "".join(d.delta.content or "" for d in deltas).strip()
+    alerts = settled(server, sidecar)
+
+    # Every prompt token (the templated chat) and every generated token a forward pass ran
+    # (all but the last sampled one), once, at its position, under the named conversation:
+    # so the generated ones number the server's completion_tokens (less the last, uncomputed).
+    assert seen(alerts, "chat-whole") == prompt + whole["usage"]["completion_tokens"] - 1
+    assert seen(alerts, "chat-stream") == prompt + usage.completion_tokens - 1
+    # The prompt tokens carry sm_prompt_role, the generated ones sm_role.
+    assert role_starts(alerts, "chat-whole") == {"system": [0], "assistant": [prompt]}
+    assert role_starts(alerts, "chat-stream") == {"user": [0], "assistant": [prompt]}
+    by_rule = {(a["rule"], a["conversation_id"]) for a in alerts}
+    assert ("not-acme", "chat-whole") not in by_rule  # sm_attributes reached the sidecar
+    assert ("not-acme", "chat-stream") not in by_rule
+    assert plain["id"] == "chatcmpl-chat-7"
+    assert seen(alerts, logged("chatcmpl-chat-7")) == prompt + 7 - 1
+    assert role_starts(alerts, logged("chatcmpl-chat-7")) == {"user": [0], "assistant": [prompt]}
+
+
+def test_text_prompt_completion_streams_and_is_counted(server, sidecar, tokenizer):
+    text = "please tell me what to do next"
+    chunks, done = server.stream(
+        "/v1/completions",
+        {
+            "prompt": text,
+            "max_tokens": 11,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+            "stream_options": {"include_usage": True},
+            "vllm_xargs": {"sm_conversation_id": "text-stream", "sm_role": "assistant"},
+        },
+    )
+    assert done
+    token_ids, finished, usage = streamed(chunks)
+    prompt = len(tokenizer(text).input_ids)
+    assert prompt == 7  # a word a token, no special tokens added
+    assert usage["prompt_tokens"] == prompt
+    assert finished["finish_reason"] == "length"
+    assert len(token_ids) == usage["completion_tokens"] == 11
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]).strip()
+    alerts = settled(server, sidecar)
+    assert seen(alerts, "text-stream") == prompt + 11 - 1
+    assert role_starts(alerts, "text-stream") == {"user": [0], "assistant": [prompt]}
+
+
+def test_a_client_that_hangs_up_mid_stream_aborts_its_request_only(server, sidecar):
+    """The client closes the connection after 5 streamed tokens: vLLM aborts the request.
+    What the engine computed for it before the abort arrives (once, in order), nothing after;
+    a neighbour in the same steps finishes, and the engine goes on serving."""
+    hang_up_after = 5
+    gone_body = {
+        "prompt": "hello how are you",
+        "max_tokens": 120,  # far more than it gets to: the abort must stop it
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        "vllm_xargs": {"sm_conversation_id": "hung-up"},
+    }
+
+    def hang_up(chunks: list[dict[str, Any]]) -> bool:
+        return len(streamed(chunks)[0]) >= hang_up_after
+
+    with ThreadPoolExecutor(2) as pool:
+        gone_reply = pool.submit(server.stream, "/v1/completions", gone_body, hang_up)
+        stays_reply = pool.submit(
+            server.complete,
+            greedy([7] * 4, 30, vllm_xargs={"sm_conversation_id": "stays"}),
+        )
+        (chunks, done), stays = gone_reply.result(), stays_reply.result()
+    assert not done
+    received = len(streamed(chunks)[0])
+    assert received >= hang_up_after
+    assert stays["choices"][0]["finish_reason"] == "length"
+    assert stays["usage"]["completion_tokens"] == 30
+
+    alerts = settled(server, sidecar)
+    computed = seen(alerts, "hung-up")
+    # At least what the client received (each token it got but the last was an input of a
+    # forward pass), far less than the 120 it asked for: the engine stopped computing it.
+    assert 4 + received - 1 <= computed < 4 + 120 - 1, (received, computed)
+    assert seen(alerts, "stays") == 4 + 30 - 1
+    # Nothing after: more requests through the same engine, and the count stays.
+    assert seen(settled(server, sidecar), "hung-up") == computed
+    print(f"hung up after {received} tokens; the engine computed {computed - 4 + 1}")
+
+
+def test_block_reaches_a_streaming_chat_client(server, sidecar, tokenizer):
+    messages = [{"role": "user", "content": "hello"}]
+    chunks, done = server.stream(
+        "/v1/chat/completions",
+        {
+            "messages": messages,
+            "max_tokens": 40,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+            "stream_options": {"include_usage": True},
+            "vllm_xargs": {
+                "sm_conversation_id": "blocked-chat",
+                "sm_prompt_role": "guarded",
+                "sm_role": "guarded",
+            },
+        },
+    )
+    assert done
+    token_ids, finished, usage = streamed(chunks)
+    prompt = chat_prompt_tokens(tokenizer, messages)
+    assert usage["prompt_tokens"] == prompt == 3
+    # The guard rule fires at position 11: the stream ends with the engine-side abort, the
+    # rule named in stop_reason.
+    assert finished["finish_reason"] == "abort"
+    assert finished["stop_reason"] == "safety-monitor: guard-stop"
+    assert len(token_ids) == usage["completion_tokens"] < 40
+    alerts = settled(server, sidecar)
+    firing = [a for a in alerts if a["rule"] == "guard-stop"]
+    assert [
+        (a["conversation_id"], a["position"])
+        for a in firing
+        if a["conversation_id"] == "blocked-chat"
+    ] == [("blocked-chat", GUARD_FIRES_AT)]
+    assert seen(alerts, "blocked-chat") == prompt + usage["completion_tokens"] - 1

@@ -1,0 +1,105 @@
+"""The server decodes and checks a batch's activations as it arrives (`decode_layers`, on the
+event loop) and hands them to validation on the worker: validation must then give exactly
+what it gives without them, for good batches and for every kind of bad layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monitor.sidecar.config import Limits
+from monitor.sidecar.validate import (
+    BatchRejected,
+    EncoderCatalog,
+    decode_layers,
+    validate_batch,
+)
+from monitor.wire import encode_tensor, pb
+
+D_MODEL = 8
+CATALOG = EncoderCatalog(d_model_of={"layers.1": D_MODEL, "layers.2": D_MODEL}, columns_of={})
+REQUIRED = {("p", "layers.1")}
+
+
+def _batch(*layers: pb.Tensor, rows: int = 2) -> pb.StepBatch:
+    batch = pb.StepBatch(seq_no=7, model="m")
+    batch.sequences.append(pb.Sequence(conversation_id="c", rows=rows, position=0))
+    for i, tensor in enumerate(layers):
+        batch.layers.append(pb.Layer(hook_point=f"layers.{i + 1}", activations=tensor))
+    return batch
+
+
+def _good(dtype: torch.dtype = torch.bfloat16, rows: int = 2) -> pb.Tensor:
+    return encode_tensor(torch.randn(rows, D_MODEL, generator=torch.Generator()).to(dtype))
+
+
+def _with(value: float, dtype: torch.dtype = torch.bfloat16) -> pb.Tensor:
+    tensor = torch.randn(2, D_MODEL).to(dtype)
+    tensor[1, 3] = value
+    return encode_tensor(tensor)
+
+
+def _changed(**fields: object) -> pb.Tensor:
+    tensor = _good()
+    for name, value in fields.items():
+        if name == "shape":
+            tensor.ClearField("shape")
+            tensor.shape.extend(value)  # type: ignore[arg-type]
+        else:
+            setattr(tensor, name, value)
+    return tensor
+
+
+def _validated(batch: pb.StepBatch, decoded=()):  # type: ignore[no-untyped-def]
+    try:
+        return validate_batch(batch, CATALOG, REQUIRED, Limits(), decoded=decoded)
+    except BatchRejected as rejected:
+        return rejected
+
+
+BAD_LAYERS = {
+    "nan": _with(float("nan")),
+    "inf": _with(float("inf")),
+    "minus_inf_fp16": _with(float("-inf"), torch.float16),
+    "nan_fp32": _with(float("nan"), torch.float32),
+    "short_data": _changed(data=b"\x00" * 10),
+    "unknown_dtype": _changed(dtype="int8"),
+    "three_dims": _changed(shape=[2, D_MODEL, 1]),
+    "wrong_width": _changed(shape=[4, D_MODEL // 2]),
+    "wrong_rows": _changed(shape=[1, 2 * D_MODEL]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_LAYERS))
+def test_a_bad_layer_is_not_decoded_ahead_and_is_refused_the_same(name: str) -> None:
+    batch = _batch(_good(), BAD_LAYERS[name])
+    decoded = decode_layers(batch)
+    assert len(decoded) == 2 and decoded[0] is not None
+    without = _validated(batch)
+    with_decoded = _validated(batch, decoded)
+    assert isinstance(without, BatchRejected), name
+    assert with_decoded == without  # reason, field and message
+
+
+@pytest.mark.parametrize("name", ["nan", "inf", "minus_inf_fp16", "nan_fp32", "short_data"])
+def test_layers_that_fail_decoding_or_the_finite_check_come_back_empty(name: str) -> None:
+    assert decode_layers(_batch(BAD_LAYERS[name])) == (None,)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_good_layers_validate_to_the_same_tensors(dtype: torch.dtype) -> None:
+    batch = _batch(_good(dtype), _good(dtype))
+    decoded = decode_layers(batch)
+    without, with_decoded = _validated(batch), _validated(batch, decoded)
+    assert not isinstance(without, BatchRejected) and not isinstance(with_decoded, BatchRejected)
+    assert with_decoded.activations.keys() == without.activations.keys() == {"layers.1", "layers.2"}
+    for hook_point, tensor in without.activations.items():
+        assert with_decoded.activations[hook_point].dtype == tensor.dtype == dtype
+        assert torch.equal(with_decoded.activations[hook_point], tensor)
+    # What validation hands on is the tensor decoded ahead, not a second decode.
+    assert with_decoded.activations["layers.1"] is decoded[0]
+
+
+def test_decoded_layers_of_another_batch_shape_are_ignored() -> None:
+    batch = _batch(_good(), _good())
+    assert _validated(batch, decoded=(None,)).activations.keys() == {"layers.1", "layers.2"}
