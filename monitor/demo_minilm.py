@@ -96,7 +96,9 @@ def write_rules(path: Path, pack: Any) -> Path:
             guard = aggregation_guard(info.aggregation)
             lines = f"for: {guard} tokens" if guard > 1 else "# no guard"
             if aggregation_masked(info.aggregation):  # the mean of the labeled role alone
-                lines += f"\n    window_roles: [{labeled[info.name]}]"
+                # The roles the pack says its fit data labeled (older packs: the set's own).
+                roles = ", ".join(info.labeled_roles) or labeled[info.name]
+                lines += f"\n    window_roles: [{roles}]"
             windows[f"{info.name}_for"] = lines
     path.write_text(RULES.format(**windows))
     return path

@@ -6,6 +6,10 @@ warm-up, on feature tensors already on the CPU: wall-clock median and p99, and t
 time of the calling thread (what other processes on a busy machine do not inflate). The
 machine's fp32 GEMM rate, measured in the same run, is printed beside them as the reference
 that makes numbers from different machines comparable.
+
+A third case sets one role-masked rule (``window_roles``) beside the same rule without the key,
+decode steps of the two alternating in one run, so that their ratio holds however busy the
+machine is (target: at most 1.2).
 """
 
 from __future__ import annotations
@@ -18,12 +22,27 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from monitor.rules import RuleEngine, RuleSet, SequenceSlice, load_rules
+from monitor.rules.engine import FeatureBlock
 
 DECODE_BUDGET_MS = 1.0
 PREFILL_BUDGET_MS = 5.0
+WINDOW_ROLES_TARGET_RATIO = 1.2  # a window_roles rule's decode step / the same rule's without
+
+# One role-masked whole-turn rule (``window_roles``); the plain case drops the last line.
+WINDOW_ROLES_RULE = """\
+features: {a: p/a}
+rules:
+  - rule: r
+    severity: info
+    condition: rolling_mean(a, 512) > 0.5
+    for: 8 tokens
+    roles: [user]
+    window_roles: [user]
+"""
 
 # A realistic mix: 20 rules, 10 of them temporal, with roles, for, cooldown, request scope and
 # exceptions, over 3 probes and 5 SAE features.
@@ -165,19 +184,96 @@ def bench_prefill(ruleset: RuleSet, tokens: int, warmup: int, repeats: int) -> d
     return {"tokens": tokens, **_summary(_timed(step, warmup, repeats))}
 
 
+def _window_roles_engines() -> tuple[RuleEngine, RuleEngine]:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "rules.yaml"
+        path.write_text(WINDOW_ROLES_RULE.replace("    window_roles: [user]\n", ""))
+        plain = RuleEngine(load_rules([path]))
+        path.write_text(WINDOW_ROLES_RULE)
+        return plain, RuleEngine(load_rules([path]))
+
+
+def bench_window_roles(
+    conversations: int = 64, prefill: int = 600, steps: int = 300, warmup: int = 20
+) -> dict:
+    """Decode-step cost of a ``window_roles`` rule against the same rule without the key.
+
+    ``rolling_mean(a, 512) > 0.5`` (``for: 8``, ``roles: [user]``), ``conversations``
+    conversations prefilled with ``prefill`` user tokens, then ``steps`` timed one-token
+    steps of the user's tokens (the masked window moves on) and of the assistant's (it stays),
+    the two engines alternating step by step. Two kinds of values: standard normal, and
+    probabilities (the sigmoid of N(0, 12**2) logits, from about 1e-20 to 1), whose float64
+    sums round, so the masked path's running sums carry their rounding errors."""
+    cases = []
+    for values in ("normal", "probabilities"):
+        for role in ("user", "assistant"):
+            rng = np.random.default_rng(0)
+
+            def draw(rows: int, values: str = values, rng: np.random.Generator = rng) -> np.ndarray:
+                z = rng.standard_normal((rows, 1), dtype=np.float32)
+                if values == "normal":
+                    return z
+                return (1.0 / (1.0 + np.exp(-12.0 * z))).astype(np.float32)
+
+            engines = _window_roles_engines()
+            index = {"p/a": 0}
+            block = FeatureBlock(draw(conversations * prefill), index)
+            for engine in engines:
+                engine.evaluate(
+                    block,
+                    [
+                        SequenceSlice(f"c{i}", i * prefill, prefill, 0, "user")
+                        for i in range(conversations)
+                    ],
+                )
+            times: tuple[list[float], list[float]] = ([], [])
+            for t in range(warmup + steps):
+                block = FeatureBlock(draw(conversations), index)
+                slices = [
+                    SequenceSlice(f"c{i}", i, 1, prefill + t, role) for i in range(conversations)
+                ]
+                for engine, timed in zip(engines, times, strict=True):
+                    start = time.perf_counter()
+                    engine.evaluate(block, slices)
+                    if t >= warmup:
+                        timed.append((time.perf_counter() - start) * 1000)
+            plain, masked = (statistics.median(timed) for timed in times)
+            cases.append(
+                {
+                    "values": values,
+                    "role": role,
+                    "plain_median_ms": plain,
+                    "window_roles_median_ms": masked,
+                    "ratio": masked / plain,
+                }
+            )
+    return {
+        "conversations": conversations,
+        "steps": steps,
+        "target_ratio": WINDOW_ROLES_TARGET_RATIO,
+        "cases": cases,
+    }
+
+
 def run_rules_bench(
     conversations: int = 64,
     prefill_tokens: int = 4096,
     repeats: int = 200,
     warmup: int = 20,
     prefill_repeats: int | None = None,
+    window_roles_steps: int | None = None,
 ) -> dict:
-    """Median/p99 of ``evaluate`` for a decode step and a prefill; a JSON-ready dict."""
+    """Median/p99 of ``evaluate`` for a decode step and a prefill, and the ``window_roles``
+    step-cost ratios (``bench_window_roles``, ``window_roles_steps`` steps per case, default
+    ``repeats`` but at least 100); a JSON-ready dict."""
     ruleset = bench_ruleset()
     temporal = sum(rule.condition.temporal for rule in ruleset.rules)
     decode = bench_decode(ruleset, conversations, warmup, repeats)
     prefill = bench_prefill(
         ruleset, prefill_tokens, max(1, warmup // 4), prefill_repeats or max(1, repeats // 4)
+    )
+    window_roles = bench_window_roles(
+        conversations, steps=window_roles_steps or max(repeats, 100), warmup=warmup
     )
     from monitor.bench.stages import machine_gemm_gflops
 
@@ -188,6 +284,7 @@ def run_rules_bench(
         "machine_gemm_gflops": round(machine_gemm_gflops(512, 2304), 1),
         "decode": {**decode, "budget_ms": DECODE_BUDGET_MS},
         "prefill": {**prefill, "budget_ms": PREFILL_BUDGET_MS},
+        "window_roles": window_roles,
         "within_budget": decode["median_ms"] <= DECODE_BUDGET_MS
         and prefill["median_ms"] <= PREFILL_BUDGET_MS,
     }
@@ -209,6 +306,17 @@ def format_table(report: dict) -> str:
             f"{row['cpu_median_ms']:>10.3f}{row['budget_ms']:>11.1f}"
         )
     lines.append("within budget" if report["within_budget"] else "OVER BUDGET")
+    masked = report["window_roles"]
+    lines.append(
+        f"window_roles: rolling_mean(a, 512), {masked['conversations']} conversations, "
+        f"decode step medians side by side (target ratio <= {masked['target_ratio']})"
+    )
+    lines.append(f"{'values':<15}{'tokens of':<11}{'plain ms':>10}{'masked ms':>11}{'ratio':>8}")
+    for case in masked["cases"]:
+        lines.append(
+            f"{case['values']:<15}{case['role']:<11}{case['plain_median_ms']:>10.3f}"
+            f"{case['window_roles_median_ms']:>11.3f}{case['ratio']:>8.2f}"
+        )
     return "\n".join(lines)
 
 

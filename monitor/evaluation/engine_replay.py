@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from monitor.features.build.conversations import ConversationTokens
-from monitor.features.pack import FeaturePack
-from monitor.rules import RuleEngine, RuleSet, SequenceSlice
+from monitor.features.pack import FeatureInfo, FeaturePack
+from monitor.rules import Rule, RuleEngine, RuleSet, SequenceSlice
 
 
 @dataclass
@@ -108,7 +108,9 @@ def pack_features(packs: Sequence[FeaturePack]) -> dict[str, float | None]:
 def pooling_notes(ruleset: RuleSet, packs: Sequence[FeaturePack]) -> list[str]:
     """One line per rule that pools a probe differently from how the pack says it was fitted
     and calibrated: ``rolling_mean(<feature>, W)`` with ``for: K`` (and ``window_roles:`` for a
-    ``,roles`` aggregation, none otherwise) against the pack's ``max_rolling_mean:W',for:K'``.
+    ``,roles`` aggregation, none otherwise) against the pack's ``max_rolling_mean:W',for:K'``;
+    where the pack records the roles its fit data labeled (``labeled_roles``, written by
+    `pack fit`), the rule's ``roles:`` and ``window_roles:`` lists must name those roles too.
     Such a rule still works, but it does not serve the score the probe was trained through and
     `eval` measured per feature (after a `pack fit` that chose another pooling, the shipped
     rules need the pack's window, guard and window roles)."""
@@ -118,11 +120,11 @@ def pooling_notes(ruleset: RuleSet, packs: Sequence[FeaturePack]) -> list[str]:
         parse_aggregation,
     )
 
-    fitted: dict[str, str] = {}
+    fitted: dict[str, FeatureInfo] = {}
     for pack in packs:
         for info in pack.features():
             if info.aggregation and info.aggregation.startswith("max_rolling_mean"):
-                fitted[f"{pack.name}/{info.name}"] = info.aggregation
+                fitted[f"{pack.name}/{info.name}"] = info
     notes = []
     for rule in ruleset.enabled_rules:
         program = rule.condition.program
@@ -130,24 +132,43 @@ def pooling_notes(ruleset: RuleSet, packs: Sequence[FeaturePack]) -> list[str]:
             if ins.kind != "rolling_mean" or program[ins.args[0]].kind != "feature":
                 continue
             feature = program[ins.args[0]].param
-            aggregation = fitted.get(feature)
-            if aggregation is None:
+            info = fitted.get(feature)
+            if info is None:
                 continue
+            aggregation = info.aggregation
             window = int(ins.param[0])
             masked = aggregation_masked(aggregation)
             expected = (parse_aggregation(aggregation)[1], aggregation_guard(aggregation), masked)
-            if (window, rule.for_tokens, bool(rule.window_roles)) != expected:
-                served = "window_roles: [...]" if rule.window_roles else "no window_roles"
-                wanted = "window_roles: the labeled roles" if masked else "no window_roles"
+            labeled = frozenset(info.labeled_roles)  # empty: not recorded (an older pack)
+            roles_differ = bool(labeled) and (
+                frozenset(rule.roles) != labeled
+                or frozenset(rule.window_roles) != (labeled if masked else frozenset())
+            )
+            if (window, rule.for_tokens, bool(rule.window_roles)) != expected or roles_differ:
                 notes.append(
                     f"rule {rule.name!r} pools {feature} as rolling_mean(., {window}) with "
-                    f"for: {rule.for_tokens} and {served}, but the pack fitted and calibrated "
-                    f"it as {aggregation} (rolling_mean(., {expected[0]}) with for: "
-                    f"{expected[1]} tokens and {wanted}): it does not serve the score the "
-                    "probe was trained for (fine if it is meant to pool differently, e.g. on "
-                    "another role)"
+                    f"for: {rule.for_tokens}, {_served_roles(rule)}, but the pack fitted and "
+                    f"calibrated it as {aggregation} (rolling_mean(., {expected[0]}) with for: "
+                    f"{expected[1]} tokens, {_wanted_roles(sorted(labeled), masked)}): it does "
+                    "not serve the score the probe was trained for (fine if it is meant to "
+                    "pool differently, e.g. on another role)"
                 )
     return notes
+
+
+def _served_roles(rule: Rule) -> str:
+    roles = f"roles: [{', '.join(rule.roles)}]" if rule.roles else "every role"
+    if not rule.window_roles:
+        return f"{roles} and no window_roles"
+    return f"{roles} and window_roles: [{', '.join(rule.window_roles)}]"
+
+
+def _wanted_roles(labeled: list[str], masked: bool) -> str:
+    if not labeled:  # a pack that does not record them
+        return "window_roles: the labeled roles" if masked else "no window_roles"
+    roles = f"roles: [{', '.join(labeled)}]"
+    windows = f"window_roles: [{', '.join(labeled)}]" if masked else "no window_roles"
+    return f"{roles} and {windows}, the roles its fit data labeled"
 
 
 def layers_of(packs: Sequence[FeaturePack], features: set[str] | None = None) -> list[int]:

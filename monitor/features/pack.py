@@ -70,6 +70,10 @@ class FeatureInfo:
     # see features/scoring.py): what a probe was fitted with and a rule should apply.
     aggregation: str = ""
     threshold_pooling: str = ""  # the pooling alert_threshold was calibrated with
+    # The roles whose tokens carried the label when `pack fit` trained the probe (sorted;
+    # empty: not recorded, as in packs written before it was): what a rule pooling it should
+    # name in ``roles:`` and, for a ``,roles`` aggregation, ``window_roles:``.
+    labeled_roles: tuple[str, ...] = ()
 
 
 @dataclass
@@ -330,10 +334,11 @@ def _hook_point_document(entry: HookPointEncoder) -> dict[str, Any]:
 
 def _feature_document(info: FeatureInfo) -> dict[str, Any]:
     document = dataclasses.asdict(info)
+    document["labeled_roles"] = list(info.labeled_roles)
     # Fields added after format 1 are written only when set, so packs that do not use them
     # keep the same bytes (and hash) as before.
     for name in _OPTIONAL_FEATURE_FIELDS:
-        if document[name] in ("", None):
+        if document[name] in ("", None, []):
             del document[name]
     return document
 
@@ -552,6 +557,7 @@ _FEATURE_FIELDS: dict[str, tuple[type, ...]] = {
     "target_fpr": (float, int, type(None)),
     "aggregation": (str,),
     "threshold_pooling": (str,),
+    "labeled_roles": (list,),
 }
 _REQUIRED_FEATURE_FIELDS = ("name", "hook_point", "activation", "sae_index")
 _OPTIONAL_FEATURE_FIELDS = (
@@ -561,6 +567,7 @@ _OPTIONAL_FEATURE_FIELDS = (
     "target_fpr",
     "aggregation",
     "threshold_pooling",
+    "labeled_roles",
 )
 _FLOAT_FIELDS = ("threshold", "alert_threshold", "target_fpr")
 
@@ -574,7 +581,14 @@ def _feature(item: Any, path: Path, at: str) -> FeatureInfo:
     for key in dict.fromkeys([*_REQUIRED_FEATURE_FIELDS, *item]):  # ordered: stable errors
         _typed(item, key, _FEATURE_FIELDS[key], path, at)
     floats = {k: float(item[k]) for k in _FLOAT_FIELDS if item.get(k) is not None}
-    return FeatureInfo(**{**item, **floats})
+    roles = item.get("labeled_roles", [])
+    if not all(isinstance(role, str) and role for role in roles):
+        raise PackError(
+            f"unexpected value {roles!r}, expected a list of role names",
+            where=path,
+            field=f"{at}.labeled_roles",
+        )
+    return FeatureInfo(**{**item, **floats, "labeled_roles": tuple(roles)})
 
 
 def _pack_tensor(

@@ -682,8 +682,28 @@ class RuleEngine:
             for slot in program.temporal
             if slot.roles and slot.counted >= 0
         ]
+        # Running sums of restricted rolling sums, means and counts (``_step_masked_sum``):
+        # three float64 columns each, ``hi``, ``lo`` and ``exact``, filled with a fresh
+        # window's (0, 0, exact). A reload keeps windows but not these: the first step after
+        # it re-sums every carried window.
+        compensated = [s for s in program.temporal if s.roles and s.kind in _PLAIN_SUMS]
+        self._sum_columns = {slot.offset: 3 * i for i, slot in enumerate(compensated)}
+        sums = _Table(
+            3 * len(compensated), [0.0, 0.0, 1.0] * len(compensated), np.float64, self._capacity
+        )
+        sums.data[:, 2::3] = 0.0
+        self._request_sums = np.array(
+            [
+                3 * i + c
+                for i, s in enumerate(compensated)
+                if s.key[0] == "request"
+                for c in range(3)
+            ],
+            dtype=np.int64,
+        )
         self._ruleset, self._rules, self._runs, self._fired = ruleset, rules, runs, fired
         self._program, self._history, self._seen = program, history, seen
+        self._sums = sums
         self._for = np.array([rule.for_tokens for rule in rules], dtype=np.int64)
         self._required = ruleset.required_features
         self._rule_order = {rule.name: i for i, rule in enumerate(rules)}
@@ -894,7 +914,7 @@ class RuleEngine:
             slots[i] = conv.slot
         if fresh:
             index = np.array(fresh, dtype=np.int64)
-            for table in (self._runs, self._fired, self._history, self._seen):
+            for table in (self._runs, self._fired, self._history, self._seen, self._sums):
                 table.reset(index)
         if new_request:
             self._reset_request_state(np.array(new_request, dtype=np.int64))
@@ -928,6 +948,8 @@ class RuleEngine:
             self._history.reset_columns(slots, self._request_history)
         if len(self._request_seen):
             self._seen.reset_columns(slots, self._request_seen)
+        if len(self._request_sums):
+            self._sums.reset_columns(slots, self._request_sums)
 
     def _allocate(
         self, key: Hashable, client: str, keep: set[Hashable], result: EvaluationResult
@@ -966,7 +988,7 @@ class RuleEngine:
 
     def _grow(self) -> None:
         self._capacity = min(self._capacity * 2, self._max)
-        for table in (self._runs, self._fired, self._history, self._seen):
+        for table in (self._runs, self._fired, self._history, self._seen, self._sums):
             table.grow(self._capacity)
 
     # ----------------------------------------------------------------- evaluation
@@ -1078,13 +1100,54 @@ def _running_max(x: np.ndarray) -> np.ndarray:
 
 def state_bytes_per_conversation(rules: Sequence[Rule]) -> int:
     """Bytes of rule state one conversation takes: a run length and a last-fired position per
-    rule, and the history columns and counts of the rules' temporal functions."""
+    rule, the history columns and counts of the rules' temporal functions, and the running
+    sums of their restricted (``window_roles``) rolling sums, means and counts."""
     program = compile_rules(list(rules))
-    return 16 * len(rules) + 4 * program.history_width + 8 * program.counted_width + 8
+    compensated = sum(1 for s in program.temporal if s.roles and s.kind in _PLAIN_SUMS)
+    return (
+        16 * len(rules)
+        + 4 * program.history_width
+        + 8 * program.counted_width
+        + 24 * compensated
+        + 8
+    )
 
 
 # Unweighted window sums: a restricted one's decode step is a sum of its carried window.
 _PLAIN_SUMS = frozenset({"rolling_sum", "rolling_mean", "count_over"})
+
+
+def _exact_sum(window: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's sum of ``window`` [R, n] float32 as an unevaluated float64 pair
+    ``(hi, lo)``, and 1.0 where ``hi + lo`` is the exact sum (0.0 where some rounding error
+    could not be kept: values more than about 2**100 apart). Pairwise, log2(n) levels of
+    TwoSum over all rows at once; non-finite values give non-finite sums."""
+    hi = window.astype(np.float64)
+    lo: np.ndarray | None = None
+    bad = np.zeros(len(hi), dtype=bool)
+    while hi.shape[1] > 1:
+        if hi.shape[1] % 2:  # an odd column out: pair it with 0
+            hi = np.concatenate([hi, np.zeros((len(hi), 1))], axis=1)
+            if lo is not None:
+                lo = np.concatenate([lo, np.zeros((len(lo), 1))], axis=1)
+        a, b = hi[:, 0::2], hi[:, 1::2]
+        hi = a + b
+        back = hi - a
+        error = (a - (hi - back)) + (b - back)  # a + b == hi + error exactly
+        if lo is None:
+            lo = error
+            continue
+        a, b = lo[:, 0::2], lo[:, 1::2]
+        t = a + b
+        back = t - a
+        e1 = (a - (t - back)) + (b - back)
+        lo = t + error
+        back = lo - t
+        e2 = (t - (lo - back)) + (error - back)
+        bad |= _ANY((e1 != 0.0) | (e2 != 0.0), axis=1)
+    if lo is None:
+        lo = np.zeros_like(hi)
+    return hi[:, 0], lo[:, 0], (~bad).astype(np.float64)
 
 
 def _columns(slot: TemporalSlot) -> slice:
@@ -1101,6 +1164,9 @@ class _WaveTemporal:
         self.wave = wave
         self.history = engine._history.data[wave.at]  # [S, columns]
         self.seen = engine._seen.data[wave.at]  # [S, counted]
+        # Running sums of restricted windows [S, 3 per function]: a view of the state when
+        # the wave's slots are consecutive (written in place), else a copy (``store``).
+        self.sums = engine._sums.data[wave.at]
         self.updated = np.empty_like(self.history)
         self.step = wave.uniform and wave.width == 1  # one token per slice: a decode step
         self._in_roles: dict[frozenset[str], np.ndarray] = {}  # window roles -> [S] bool
@@ -1140,10 +1206,14 @@ class _WaveTemporal:
         wave, kept = self.wave, slot.kept
         inside = self.in_roles(slot.roles)
         carried = self.history[:, slot.offset : slot.offset + kept]  # [S, kept]
-        if self.step and slot.kind in _PLAIN_SUMS:
-            out = self._step_masked_sum(slot, values, inside, carried)
-            if out is not None:
-                return out
+        if slot.kind in _PLAIN_SUMS:
+            column = self.engine._sum_columns[slot.offset]
+            if self.step:
+                out = self._step_masked_sum(slot, column, values, inside, carried)
+                if out is not None:
+                    return out
+            # The window changes here without its running sum: the next step re-sums it.
+            self.sums[:, column + 2] = 0.0
         ext = np.concatenate([carried, wave.pad(values, slot.fill)], axis=1)
         seen = self.seen[:, slot.counted] if slot.counted >= 0 else None
         if slot.kind == "cummax":
@@ -1161,28 +1231,111 @@ class _WaveTemporal:
         return wave.unpad(out)
 
     def _step_masked_sum(
-        self, slot: TemporalSlot, x: np.ndarray, inside: np.ndarray, carried: np.ndarray
+        self,
+        slot: TemporalSlot,
+        column: int,
+        x: np.ndarray,
+        inside: np.ndarray,
+        carried: np.ndarray,
     ) -> np.ndarray | None:
-        """A decode step of a restricted rolling sum, mean or count: one float64 sum of the
-        carried window (its whole window, ``kept`` = n) gives both the value held at another
-        role's token and, less the oldest value plus the new one, the moved window's. The
-        float64 sums are exact (module docstring), so this equals ``_apply_window``'s. None
-        (nothing written) when a value is not finite: the general path handles it."""
+        """A decode step of a restricted rolling sum, mean or count in O(1) per conversation.
+
+        Each conversation carries its window's sum exactly, as an unevaluated float64 pair
+        (``hi + lo``: ``self.sums``' columns ``column`` and ``column + 1``), while its flag
+        (``column + 2``) says the pair is exact. A token of the roles adds its value and takes
+        off the window's oldest with error-free transformations (TwoSum), whose rounding
+        errors go to ``lo``; where ``lo`` cannot hold them exactly either (values more than
+        about 2**100 apart), the moved window is summed afresh (``_exact_sum``) and its flag
+        says whether that sum is exact. A pair not known to be exact (after a reset of the
+        state, after the general path moved the window, after such a sum) is re-summed from
+        the carried window before the step, every step until it is exact again. A value is
+        thus the float64 rounding of its window's exact sum, which is what
+        ``_apply_window`` and the step kernel compute wherever their float64 sums are exact
+        (module docstring): the same to the bit there, and the more accurate one beyond; or,
+        for a window whose sum is not exact even as a pair, its own pairwise sum, never one
+        that carries an error from values that have left the window.
+        None (nothing written) when a value is not finite: the general path handles it."""
         n = slot.kept
-        total = carried.sum(axis=1, dtype=np.float64)
-        if not (_ALL(np.isfinite(total), axis=None) and _ALL(np.isfinite(x), axis=None)):
-            return None
-        moved = total - carried[:, 0] + x
-        if slot.kind == "rolling_mean":
-            seen = self.seen[:, slot.counted]
-            moved /= np.minimum(seen + 1, n)
-            total /= np.maximum(np.minimum(seen, n), 1)  # 0 / 1 before any of the roles
-        columns = self.updated[:, slot.offset : slot.offset + n]
-        columns[...] = carried  # another role's token: the window stays
-        if _ANY(inside, axis=None):
-            columns[inside, :-1] = carried[inside, 1:]
-            columns[inside, -1] = x[inside]
-        return np.where(inside, moved, total).astype(np.float32)
+        sums = self.sums
+        hi, lo, exact = sums[:, column], sums[:, column + 1], sums[:, column + 2]
+        due = exact == 0.0
+        # Only a re-sum can meet a non-finite value: a stored pair is finite, and a
+        # non-finite new value fails the exactness checks (NaN) and is summed afresh below.
+        resummed = np.count_nonzero(due)  # a C count: cheaper than a reduction
+        if resummed:
+            rows = np.flatnonzero(due)
+            hi, lo, exact = hi.copy(), lo.copy(), exact.copy()
+            hi[rows], lo[rows], exact[rows] = _exact_sum(carried[rows])
+            if not math.isfinite(_SUM(hi[rows] + lo[rows], axis=None)):
+                return None  # a non-finite value: the general path, nothing written
+        count = np.count_nonzero(inside)
+        columns = self.updated[:, slot.offset : slot.offset + n]  # already shifted by one
+        mean = slot.kind == "rolling_mean"
+        if count:
+            new = x.astype(np.float64)
+            old = carried[:, 0].astype(np.float64)
+            # hi + lo + new - old, exactly: TwoSum (exact barring overflow, which float64 sums
+            # of float32 values cannot reach) gives d + e1 == new - old and s + e2 == hi + d;
+            # then t = e1 + e2 and moved_lo = lo + t, each checked exact: a float sum
+            # z = a + b is exact iff z - a == b and z - b == a (the one with the larger
+            # operand is computed exactly). All in float64 (mixed-type operations cost
+            # several times more).
+            d = new - old
+            back = d - new
+            e1 = (new - (d - back)) - (old + back)
+            s = hi + d
+            back = s - hi
+            e2 = (hi - (s - back)) + (d - back)
+            rounded = np.count_nonzero(e1) or np.count_nonzero(e2)
+            if rounded:
+                t = e1 + e2
+                moved_lo = lo + t
+                still = ((t - e1) == e2) & ((t - e2) == e1)
+                still &= ((moved_lo - lo) == t) & ((moved_lo - t) == lo)
+            else:  # no rounding (float64 sums of the usual values are exact): lo stays
+                moved_lo = lo.copy()
+                still = np.ones(len(lo), dtype=bool)
+            if resummed:
+                still &= exact != 0.0
+            # Where the pair is not exact (now, or since before), the dropped error can be
+            # large next to a sum that cancelled: the moved window is summed afresh.
+            redo = ~still
+            if count < len(inside):
+                redo &= inside
+            if (rounded or resummed) and np.count_nonzero(redo):
+                rows = np.flatnonzero(redo)
+                window = np.concatenate([carried[rows, 1:], x[rows, None]], axis=1)
+                s[rows], moved_lo[rows], fresh = _exact_sum(window)
+                if not math.isfinite(_SUM(s[rows] + moved_lo[rows], axis=None)):
+                    return None
+                still[rows] = fresh != 0.0
+            moved = s + moved_lo
+            if mean:
+                counts = self.seen[:, slot.counted]
+                if _MIN(counts, axis=None) >= n:  # every window full: one divisor
+                    moved /= n
+                else:
+                    moved /= np.minimum(counts + 1, n)
+            if count == len(inside):  # every slice is of the roles: every window moves on
+                sums[:, column], sums[:, column + 1], sums[:, column + 2] = s, moved_lo, still
+                columns[:, -1] = x
+                return moved.astype(np.float32)
+        held = hi + lo  # the carried window's sum: the value at another role's token
+        if mean:  # 0 / 1 before any of the roles
+            held /= np.maximum(np.minimum(self.seen[:, slot.counted], n), 1)
+        if not count:  # no slice of the roles: every window stays
+            if resummed:
+                sums[:, column], sums[:, column + 1], sums[:, column + 2] = hi, lo, exact
+            columns[...] = carried
+            return held.astype(np.float32)
+        out = np.where(inside, moved, held)
+        sums[:, column] = np.where(inside, s, hi)
+        sums[:, column + 1] = np.where(inside, moved_lo, lo)
+        sums[:, column + 2] = np.where(inside, still, exact)
+        outside = ~inside
+        columns[outside] = carried[outside]
+        columns[inside, -1] = x[inside]
+        return out.astype(np.float32)
 
     def compute_one(self, slot: TemporalSlot, values: np.ndarray) -> np.ndarray:
         if slot.roles:
@@ -1209,14 +1362,19 @@ class _WaveTemporal:
     def store(self) -> None:
         engine, at = self.engine, self.wave.at
         engine._history.data[at] = self.updated
+        if self.sums.shape[1] and not isinstance(at, slice):  # a copy: written back
+            engine._sums.data[at] = self.sums
         if self.seen.shape[1]:
             lengths = self.wave.lengths
             added: int | np.ndarray = 1 if self.step else lengths[:, None]
             if engine._masked_counted:
                 # Functions restricted to some roles count only those roles' tokens.
-                added = np.broadcast_to(added, self.seen.shape).copy()
+                added = np.empty(self.seen.shape, dtype=np.int64)
+                added[...] = 1 if self.step else lengths[:, None]
                 for column, roles in engine._masked_counted:
-                    added[:, column] = np.where(self.in_roles(roles), lengths, 0)
+                    inside = self.in_roles(roles)
+                    # A decode step's slices have one token each: the mask is the count.
+                    added[:, column] = inside if self.step else np.where(inside, lengths, 0)
             if isinstance(at, slice):  # ``seen`` is a view of the state: counted in place
                 self.seen += added
             else:

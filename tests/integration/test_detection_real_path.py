@@ -122,6 +122,8 @@ def test_pack_fit_reports_held_out_metrics_and_names_the_best_layer(workdir, cap
     assert info.aggregation.startswith("max_rolling_mean:")
     assert info.threshold_pooling == info.aggregation and info.target_fpr == 0.1
     assert len(pack.provenance["fit"]["digests"]) == 96
+    # The roles whose tokens carried the label, for eval's pooling notes to check rules by.
+    assert all(f.labeled_roles == ("assistant",) for f in pack.features())
     # Trained through the aggregation, early-stopped held out: never worse than the per-token
     # fit it started from, and the pack says which it serves.
     assert plain["auroc"] >= plain["auroc_per_token_fit"]

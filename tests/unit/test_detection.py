@@ -576,6 +576,57 @@ def test_a_rule_that_pools_unlike_its_pack_is_named(tmp_path: Path) -> None:
     assert pooling_notes(load_rules([masked], pack_features([pack])), [pack]) == []
 
 
+def test_a_rule_on_roles_the_probe_was_not_labeled_on_is_named(tmp_path: Path) -> None:
+    """A pack that records the roles its fit data labeled (`pack fit` writes them): a rule
+    pooling the probe must name those roles in `roles:` and, for a role-masked aggregation,
+    in `window_roles:`; an older pack without them is checked as before."""
+    from monitor.evaluation.engine_replay import pack_features, pooling_notes
+
+    fit = ProbeFit("layers.1", torch.randn(8), 0.5, "logistic-token", 1.0)
+    info = FeatureInfo(
+        name="f", hook_point="layers.1", activation="identity", sae_index=None,
+        alert_threshold=1.0, aggregation="max_rolling_mean:512,for:8,roles",
+        threshold_pooling="max_rolling_mean:512,for:8,roles", labeled_roles=("assistant",),
+    )  # fmt: skip
+
+    def notes(info: FeatureInfo, window_roles: str, roles: str = "assistant") -> list[str]:
+        pack = FeaturePack(
+            "probes", {"layers.1": HookPointEncoder("layers.1", probe_encoder(fit), [info])}
+        )
+        path = tmp_path / "rules.yaml"
+        text = RULE.format(threshold=1.0, window=512, guard=8, window_roles=window_roles)
+        path.write_text(text.replace("roles: [assistant]", f"roles: [{roles}]", 1))
+        return pooling_notes(load_rules([path], pack_features([pack])), [pack])
+
+    assert notes(info, MASKED) == []
+    (line,) = notes(info, "\n    window_roles: [user]")
+    assert "window_roles: [user]" in line
+    assert "roles: [assistant] and window_roles: [assistant], the roles its fit data" in line
+    (line,) = notes(info, "\n    window_roles: [assistant, tool]")
+    assert "window_roles: [assistant, tool]" in line
+    (line,) = notes(info, MASKED, roles="user")  # fires on the user's tokens
+    assert "roles: [user] and window_roles: [assistant]" in line
+    # Not role-masked: the labeled roles for `roles:` and no window_roles.
+    plain = dataclasses.replace(info, aggregation="max_rolling_mean:512,for:8")
+    assert notes(plain, "") == []
+    (line,) = notes(plain, "", roles="user")
+    assert "roles: [assistant] and no window_roles, the roles its fit data labeled" in line
+    # A pack written before `labeled_roles` existed: any window_roles list passes.
+    assert notes(dataclasses.replace(info, labeled_roles=()), "\n    window_roles: [user]") == []
+
+
+def test_pack_fit_records_the_labeled_roles_of_its_fit_data() -> None:
+    from monitor.datasets import LabeledConversation, Turn
+    from monitor.features.build.labeled import SimpleConversation, SimpleTurn
+    from monitor.features.build.token_probes import labeled_roles
+
+    turns = (Turn("system", "s"), Turn("user", "u"), Turn("assistant", "a"))
+    named = LabeledConversation("a", "t", 1, turns, label_roles=("assistant",))
+    unnamed = SimpleConversation("b", 0, (SimpleTurn("user", "u"), SimpleTurn("tool", "t")))
+    assert labeled_roles([named]) == ("assistant",)
+    assert labeled_roles([named, unnamed]) == ("assistant", "tool", "user")  # all present
+
+
 def _prompted(conversations: list[ConversationTokens], prompt: int) -> list[ConversationTokens]:
     """Each conversation behind a system prompt of `prompt` tokens that states its label
     outright (the shipped deception set's "Always lie to the user"): a shortcut no detector

@@ -194,7 +194,9 @@ def test_fit_and_calibrate_on_model(tmp_path: Path, capsys: pytest.CaptureFixtur
         capsys,
     )
     assert code == 0, err
-    assert load_pack(out).hook_points["layers.1"].features[0].target_fpr == 0.1
+    info = load_pack(out).hook_points["layers.1"].features[0]
+    assert info.target_fpr == 0.1
+    assert info.labeled_roles == ("user",)  # text lines are one user turn each; kept by calibrate
     one_class = tmp_path / "one.jsonl"
     one_class.write_text('{"text": "the cat", "label": 1}\n')
     assert_error(

@@ -203,6 +203,33 @@ def test_round_trip(tmp_path: Path, pack: FeaturePack) -> None:
     assert save_pack(loaded, tmp_path / "again.safetensors") == digest
 
 
+def test_labeled_roles_round_trip_and_older_packs_keep_their_bytes(
+    tmp_path: Path, pack: FeaturePack
+) -> None:
+    """`labeled_roles` (what `pack fit` records of its fit data) is saved and loaded as a
+    tuple; a pack without it is written as before (no such key: same bytes, same hash)."""
+    before = save_pack(pack, tmp_path / "before.safetensors")
+    document = json.loads(load_file_metadata(tmp_path / "before.safetensors"))
+    assert all("labeled_roles" not in f for f in document["hook_points"]["layers.5"]["features"])
+    entry = pack.hook_points["layers.5"]
+    roles = [dataclasses.replace(entry.features[0], labeled_roles=("assistant", "tool"))]
+    entry.features = roles + entry.features[1:]
+    after = save_pack(pack, tmp_path / "after.safetensors")
+    assert after != before
+    loaded = load_pack(tmp_path / "after.safetensors")
+    assert loaded.hook_points["layers.5"].features[0].labeled_roles == ("assistant", "tool")
+    assert loaded.hook_points["layers.5"].features[1].labeled_roles == ()
+    assert save_pack(loaded, tmp_path / "again.safetensors") == after
+
+
+def load_file_metadata(path: Path) -> str:
+    """The pack's JSON metadata string, read with safetensors' own reader."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()[META_KEY]
+
+
 def test_round_trip_multi_hook_point_probes(tmp_path: Path) -> None:
     pack = probe_pack()
     save_pack(pack, tmp_path / "probes.safetensors")
@@ -324,6 +351,7 @@ def test_load_invalid_metadata_json(tmp_path: Path, raw: tuple[dict, dict]) -> N
 
 
 HP = "hook_points.layers.5"
+F0 = f"{HP}.features[0]"
 
 
 def _set(document: dict[str, Any], dotted: str, value: Any) -> None:
@@ -359,6 +387,9 @@ def _set(document: dict[str, Any], dotted: str, value: Any) -> None:
         ("hook_points/layers.5/features/1/name", "7", f"{HP}.features[1]", "duplicate"),
         ("hook_points/layers.5/features/2/hook_point", "layers.6", f"{HP}.features[2]", "differs"),
         ("hook_points/layers.5/features/2", ..., "layers.5.weight", "for 2 features"),
+        ("hook_points/layers.5/features/0/labeled_roles", "user", f"{F0}.labeled_roles", "'user'"),
+        ("hook_points/layers.5/features/0/labeled_roles", [""], f"{F0}.labeled_roles", "role"),
+        ("hook_points/layers.5/features/0/labeled_roles", [3], f"{F0}.labeled_roles", "role names"),
     ],
 )
 def test_load_bad_metadata(

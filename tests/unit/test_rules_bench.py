@@ -31,6 +31,17 @@ def test_run_rules_bench_reports_keys():
         assert report[case]["cpu_median_ms"] > 0
         assert 0 < report[case]["min_ms"] <= report[case]["median_ms"] <= report[case]["p99_ms"]
     assert report["decode"]["conversations"] == 8 and report["prefill"]["tokens"] == 256
+    masked = report["window_roles"]
+    assert masked["conversations"] == 8 and masked["target_ratio"] == 1.2
+    assert [(c["values"], c["role"]) for c in masked["cases"]] == [
+        ("normal", "user"),
+        ("normal", "assistant"),
+        ("probabilities", "user"),
+        ("probabilities", "assistant"),
+    ]
+    for case in masked["cases"]:
+        assert case["plain_median_ms"] > 0 and case["window_roles_median_ms"] > 0
+        assert case["ratio"] == case["window_roles_median_ms"] / case["plain_median_ms"]
 
 
 def test_bench_command_prints_json(capsys):

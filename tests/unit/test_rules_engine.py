@@ -6,8 +6,10 @@ import dataclasses
 import random
 import tempfile
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -488,6 +490,133 @@ def test_role_windows_over_turns_in_one_batch_equal_token_by_token():
     # The system token does not enter the window (1.5 <= 2); the user's 4 lifts it to 7/3,
     # and it stays above 2 (no new rising edge) through the assistant token and the last 0.5.
     assert [(p, round(v, 4)) for _, _, p, v in fired] == [(3, round(7 / 3, 4))]
+
+
+def _exact_window(text: str, inputs: list[float]) -> float:
+    """The value of a rolling sum or mean over the last inputs, from their exact sum (the
+    float64 rounding of it, divided in float64, rounded to float32: what the engine makes of
+    a float64 sum that is exact)."""
+    kind, n = text.partition("(")[0], int(text.rstrip(")").rpartition(",")[2])
+    window = inputs[-n:]
+    total = float(sum(Fraction(v) for v in window))
+    return float(np.float32(total / len(window) if kind == "rolling_mean" else total))
+
+
+def _lockstep_values(text: str, streams: dict[str, list[tuple[float, str]]], rules: str = ""):
+    """Values of ``text`` (restricted to the user's tokens) at every token of every stream,
+    all conversations decoded together, one token each per step (waves that mix tokens of
+    the roles with tokens of others); ``rules`` may reload the engine halfway."""
+    sets = [
+        ruleset(
+            rule_file(
+                f"rule: even, severity: info, condition: '{text} > -1e30 and b > 0', "
+                "window_roles: [user]",
+                f"rule: odd, severity: info, condition: '{text} > -1e30 and b < 0', "
+                "window_roles: [user]",
+                *([rules] if rules else []),
+            )
+        )
+        for rules in ("", rules)
+    ]
+    engine = RuleEngine(sets[0])
+    values: dict[tuple[str, int], float] = {}
+    length = max(len(s) for s in streams.values())
+    for t in range(length):
+        if rules and t == length // 2:
+            engine.replace_rules(sets[1])  # windows are kept; running sums are re-made
+        sign = 1.0 if t % 2 == 0 else -1.0
+        batch = [
+            (c, t, [(s[t][0], sign)], s[t][1], False) for c, s in streams.items() if t < len(s)
+        ]
+        for _, c, at, value in feed(engine, batch):
+            values[(c, at)] = value
+    return values
+
+
+# Float32 values from 2**-30 to 2**31 with either sign, and zeros: a float64 sum of such a
+# window is often not exact (a float64 holds 53 bits), its float64 pair always is.
+_SPREAD = st.one_of(
+    st.just(0.0),
+    st.builds(
+        lambda sign, mantissa, exponent: float(np.float32(sign * mantissa * 2.0**exponent)),
+        st.sampled_from([-1.0, 1.0]),
+        st.integers(1 << 23, (1 << 24) - 1),
+        st.integers(-53, 8),
+    ),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.tuples(_SPREAD, st.sampled_from(["user", "assistant"])), max_size=40),
+        min_size=1,
+        max_size=4,
+    ),
+    st.sampled_from(["rolling_mean(a, 2)", "rolling_sum(a, 3)", "rolling_mean(a, 5)"]),
+    st.booleans(),
+)
+def test_role_window_decode_steps_give_the_exact_window_sum(stream_list, text, reload):
+    """A restricted rolling sum or mean carried from step to step (a running sum, not a
+    re-sum of the window) is the exact sum of its window, rounded once: through waves that mix
+    the roles, past many window lengths (every value has left the window many times), and
+    across a reload (which re-makes the running sums from the kept windows)."""
+    streams = {f"c{i}": tokens for i, tokens in enumerate(stream_list) if tokens}
+    if not streams:
+        return
+    extra = "rule: other, severity: info, condition: 'rolling_sum(b, 2) > 9'" if reload else ""
+    values = _lockstep_values(text, streams, extra)
+    for c, tokens in streams.items():
+        inputs: list[float] = []
+        for t, (value, role) in enumerate(tokens):
+            if role == "user":
+                inputs.append(value)
+            if inputs:
+                assert values[(c, t)] == _exact_window(text, inputs), (c, t)
+            else:  # 0 before any user token: 0 > -1e30 holds, so a firing shows it
+                assert values[(c, t)] == 0.0
+
+
+def test_role_window_running_sum_survives_cancellation_and_far_apart_values():
+    """A huge value that leaves the window must take nothing of the small ones with it (a
+    plain running float64 sum would keep its rounding error for good), and values too far
+    apart for any float64 pair (2**-120 next to 2**90) fall back to summing the window."""
+    huge, tiny = 2.0**90, 2.0**-120
+    tokens = [(1.0, "user"), (huge, "user"), (3.0, "user"), (-huge, "user"), (tiny, "user")]
+    tokens += [(5.0, "assistant"), (tiny, "user"), (huge, "user"), (0.5, "user"), (0.25, "user")]
+    tokens += [(-huge, "user"), (2.0, "user"), (tiny, "user"), (tiny, "user"), (1.0, "user")]
+    text = "rolling_sum(a, 3)"
+    values = _lockstep_values(text, {"c": tokens})
+    inputs: list[float] = []
+    for t, (value, role) in enumerate(tokens):
+        if role == "user":
+            inputs.append(value)
+        assert values[("c", t)] == _exact_window(text, inputs), t
+
+
+def test_request_scoped_role_window_restarts_its_running_sum():
+    """A new request resets a request-scoped restricted window and its running sum."""
+    engine = RuleEngine(
+        ruleset(
+            rule_file(
+                "rule: r, severity: info, condition: 'rolling_sum(a, 3) > 2.5', "
+                "window_roles: [user], scope: request",
+            )
+        )
+    )
+
+    def step(position: int, value: float, role: str, request: str) -> list[int]:
+        block = {"p/a": torch.tensor([value]), "p/b": torch.tensor([0.0])}
+        sl = SequenceSlice("c", 0, 1, position, role, request_id=request)
+        return [f.position for f in engine.evaluate(block, [sl]).firings]
+
+    assert step(0, 1.0, "user", "q1") == []
+    assert step(1, 1.0, "user", "q1") == []
+    assert step(2, 9.0, "assistant", "q1") == []  # not the user's: the window stays at 2
+    assert step(3, 1.0, "user", "q1") == [3]  # 3 > 2.5
+    assert step(4, 1.0, "user", "q2") == []  # a new request: the window holds 1 alone
+    assert step(5, 1.0, "user", "q2") == []
+    assert step(6, 1.0, "user", "q2") == [6]
 
 
 def test_same_expression_with_other_window_roles_keeps_its_own_state():

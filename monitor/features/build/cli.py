@@ -419,6 +419,7 @@ def _fit_pooled(
     """The older text-level fit: one pooled vector per conversation's labeled text."""
     from monitor.features.build.labeled import fit_and_heldout
     from monitor.features.build.probes import LabeledExample, fit_probes
+    from monitor.features.build.token_probes import labeled_roles
     from monitor.features.pack import save_pack
 
     note(
@@ -444,6 +445,7 @@ def _fit_pooled(
         l2=args.l2,
         category=args.category,
         description=args.description,
+        labeled_roles=labeled_roles(fit),
     )
     digest = save_pack(pack, args.out)
     for info in pack.features():

@@ -262,8 +262,10 @@ def fit_probes(
     l2: float = 1e-2,
     category: str = "",
     description: str = "",
+    labeled_roles: Sequence[str] = (),
 ) -> FeaturePack:
-    """Fit one probe per layer on a transformers model's activations; a pack of them."""
+    """Fit one probe per layer on a transformers model's activations; a pack of them.
+    ``labeled_roles``: the roles whose text the examples hold, recorded in each feature."""
     labels = torch.tensor([e.label for e in examples])
     check_two_classes(labels)  # before the costly forward passes
     if pooling not in POOLINGS or method not in METHODS:
@@ -288,6 +290,7 @@ def fit_probes(
             source=f"probe:{method}:{pooling}",
             # What the fit pooled; `pack calibrate` uses it unless told otherwise.
             aggregation=pooling if pooling in ("mean", "max") else "",
+            labeled_roles=tuple(sorted(set(labeled_roles))),
         )
         entries.append(HookPointEncoder(hp, probe_encoder(fit), [info]))
     return assemble_pack(name, entries)

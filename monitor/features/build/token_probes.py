@@ -522,6 +522,7 @@ def fit_token_probe_pack(
         train_aggregation=train_aggregation, guards=guards,
     )  # fmt: skip
     chosen = max(results, key=lambda r: (r.heldout["auroc"], r.heldout["recall"])).hook_point
+    roles = labeled_roles(fit_data)
     entries = []
     for result in results:
         trained_note = (
@@ -547,6 +548,7 @@ def fit_token_probe_pack(
             target_fpr=fpr,
             aggregation=result.aggregation,
             threshold_pooling=result.aggregation,
+            labeled_roles=roles,
         )
         entries.append(HookPointEncoder(result.hook_point, probe_encoder(result.fit), [info]))
     pack = assemble_pack(name, entries)
@@ -566,6 +568,12 @@ def fit_token_probe_pack(
         results, chosen, len(fit_data), len(heldout_data), time.perf_counter() - started
     )
     return pack, report
+
+
+def labeled_roles(conversations: Sequence[ConversationLike]) -> tuple[str, ...]:
+    """The roles whose tokens carry the label in any of ``conversations`` (those named by
+    ``label_roles``, else every role present), sorted: what a pack records of its fit data."""
+    return tuple(sorted({role for c in conversations for role in c.labeled_roles}))
 
 
 def fit_digests(pack: FeaturePack) -> set[str]:
