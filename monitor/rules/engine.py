@@ -1113,8 +1113,11 @@ def state_bytes_per_conversation(rules: Sequence[Rule]) -> int:
     )
 
 
-# Unweighted window sums: a restricted one's decode step is a sum of its carried window.
+# Unweighted window sums: a restricted one's decode step moves a running sum of its window.
 _PLAIN_SUMS = frozenset({"rolling_sum", "rolling_mean", "count_over"})
+# Restricted functions whose decode step reads slices of the carried window (ewma, whose
+# weighted sums round, takes the general path).
+_STEP_KINDS = frozenset({"rolling_max", "rolling_min", "delta", "cummax"})
 
 
 def _exact_sum(window: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1214,6 +1217,8 @@ class _WaveTemporal:
                     return out
             # The window changes here without its running sum: the next step re-sums it.
             self.sums[:, column + 2] = 0.0
+        elif self.step and slot.kind in _STEP_KINDS and kept == slot.window:
+            return self._step_masked_exact(slot, values, inside, carried)
         ext = np.concatenate([carried, wave.pad(values, slot.fill)], axis=1)
         seen = self.seen[:, slot.counted] if slot.counted >= 0 else None
         if slot.kind == "cummax":
@@ -1336,6 +1341,44 @@ class _WaveTemporal:
         columns[outside] = carried[outside]
         columns[inside, -1] = x[inside]
         return out.astype(np.float32)
+
+    def _step_masked_exact(
+        self, slot: TemporalSlot, x: np.ndarray, inside: np.ndarray, carried: np.ndarray
+    ) -> np.ndarray:
+        """A decode step of a restricted ``rolling_max``, ``rolling_min``, ``delta`` or
+        ``cummax``: the general path's values (max, min and a float32 difference are exact,
+        so the same whatever the order; NaN propagates in both), from slices of the carried
+        window instead of a new ``[S, kept + 1]`` array and ``_apply_window`` twice."""
+        n, kind = slot.window, slot.kind
+        columns = self.updated[:, slot.offset : slot.offset + slot.kept]  # shifted by one
+        if kind == "cummax":  # the running maximum, kept = 1
+            last = carried[:, 0]
+            out = np.where(inside, np.maximum(last, x), last)
+            columns[:, 0] = out
+            return out
+        if kind == "delta":  # n = k + 1: the change over k tokens of the roles
+            seen = self.seen[:, slot.counted]
+            moved = np.where(seen >= n, x - carried[:, 1], np.float32(0.0))
+            # The window that ended at the roles' last token: its seen count was one less.
+            held = np.where(seen - 1 >= n, carried[:, -1] - carried[:, 0], np.float32(0.0))
+        else:
+            op, reduce = (np.maximum, _MAX) if kind == "rolling_max" else (np.minimum, _MIN)
+            if n == 1:
+                moved, held = x, carried[:, 0]
+            else:
+                rest = reduce(carried[:, 1:], axis=1)
+                moved, held = op(rest, x), op(carried[:, 0], rest)
+        count = np.count_nonzero(inside)
+        if count == len(inside):  # every window moves on
+            columns[:, -1] = x
+            return moved
+        if not count:  # every window stays
+            columns[...] = carried
+            return held
+        outside = ~inside
+        columns[outside] = carried[outside]
+        columns[inside, -1] = x[inside]
+        return np.where(inside, moved, held)
 
     def compute_one(self, slot: TemporalSlot, values: np.ndarray) -> np.ndarray:
         if slot.roles:

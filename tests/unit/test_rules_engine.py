@@ -577,6 +577,51 @@ def test_role_window_decode_steps_give_the_exact_window_sum(stream_list, text, r
                 assert values[(c, t)] == 0.0
 
 
+def _role_reference(text: str, inputs: list[float]) -> float | None:
+    """max, min, delta or cummax over the user's values so far (None: -inf, no firing)."""
+    kind = text.partition("(")[0]
+    if kind == "cummax":
+        return max(inputs) if inputs else None
+    n = int(text.rstrip(")").rpartition(",")[2])
+    if kind == "delta":  # the engine's warm-up: n + 1 earlier tokens (the unrestricted one's)
+        if len(inputs) <= n + 1:
+            return 0.0
+        return float(np.float32(inputs[-1]) - np.float32(inputs[-1 - n]))
+    if not inputs:
+        return None if kind == "rolling_max" else float("inf")
+    return max(inputs[-n:]) if kind == "rolling_max" else min(inputs[-n:])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(
+                st.floats(-2, 2, width=32, allow_subnormal=False),
+                st.sampled_from(["user", "assistant"]),
+            ),
+            max_size=30,
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.sampled_from(["rolling_max(a, 3)", "rolling_min(a, 2)", "delta(a, 2)", "cummax(a)"]),
+)
+def test_role_window_extrema_and_deltas_in_mixed_decode_steps(stream_list, text):
+    """Restricted max, min, delta and cummax read slices of the carried window on a decode
+    step: in waves that mix the roles they give the function over the user's tokens alone."""
+    streams = {f"c{i}": tokens for i, tokens in enumerate(stream_list) if tokens}
+    if not streams:
+        return
+    values = _lockstep_values(text, streams)
+    for c, tokens in streams.items():
+        inputs: list[float] = []
+        for t, (value, role) in enumerate(tokens):
+            if role == "user":
+                inputs.append(value)
+            assert values.get((c, t)) == _role_reference(text, inputs), (c, t)
+
+
 def test_role_window_running_sum_survives_cancellation_and_far_apart_values():
     """A huge value that leaves the window must take nothing of the small ones with it (a
     plain running float64 sum would keep its rounding error for good), and values too far
