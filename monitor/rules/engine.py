@@ -1219,6 +1219,10 @@ class _WaveTemporal:
             self.sums[:, column + 2] = 0.0
         elif self.step and slot.kind in _STEP_KINDS and kept == slot.window:
             return self._step_masked_exact(slot, values, inside, carried)
+        elif self.step and slot.kind == "ewma" and kept == slot.window:
+            out = self._step_masked_ewma(slot, values, inside, carried)
+            if out is not None:
+                return out
         ext = np.concatenate([carried, wave.pad(values, slot.fill)], axis=1)
         seen = self.seen[:, slot.counted] if slot.counted >= 0 else None
         if slot.kind == "cummax":
@@ -1379,6 +1383,41 @@ class _WaveTemporal:
         columns[outside] = carried[outside]
         columns[inside, -1] = x[inside]
         return np.where(inside, moved, held)
+
+    def _step_masked_ewma(
+        self, slot: TemporalSlot, x: np.ndarray, inside: np.ndarray, carried: np.ndarray
+    ) -> np.ndarray | None:
+        """A decode step of a restricted ``ewma``: the moved window's and the carried
+        window's weighted sums, each one matrix-vector product in float64 (as the step
+        kernel makes an unrestricted one's; ewma's weighted sums round, so like the kernel's
+        they can differ from ``_apply_window``'s in the last bit: module docstring). None
+        (nothing written) when a sum is not finite: the general path handles it."""
+        n = slot.window
+        weights, totals = _ewma_weights(n, float(slot.param[0]))
+        block = np.empty((len(x), n + 1), dtype=np.float64)
+        block[:, :n] = carried
+        block[:, n] = x
+        moved = block[:, 1:] @ weights
+        held = block[:, :n] @ weights
+        if not math.isfinite(_SUM(moved, axis=None) + _SUM(held, axis=None)):
+            return None
+        seen = self.seen[:, slot.counted]
+        moved /= totals[np.minimum(seen, n - 1)]  # min(seen + 1, n) tokens in the window
+        # The window that ended at the roles' last token: min(seen, n) tokens (0 before any,
+        # whose sum is 0: any divisor).
+        held /= totals[np.clip(seen - 1, 0, n - 1)]
+        columns = self.updated[:, slot.offset : slot.offset + n]  # shifted by one
+        count = np.count_nonzero(inside)
+        if count == len(inside):
+            columns[:, -1] = x
+            return moved.astype(np.float32)
+        if not count:
+            columns[...] = carried
+            return held.astype(np.float32)
+        outside = ~inside
+        columns[outside] = carried[outside]
+        columns[inside, -1] = x[inside]
+        return np.where(inside, moved, held).astype(np.float32)
 
     def compute_one(self, slot: TemporalSlot, values: np.ndarray) -> np.ndarray:
         if slot.roles:
