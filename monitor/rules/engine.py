@@ -16,7 +16,10 @@ integer counts, float64 window sums rounded once), so any split of a conversatio
 batches gives the same firings at the same positions. The one limit: a float64 sum of float32
 values is exact, hence order-independent, while the window's values lie within about 2**29 of
 each other in magnitude (and ewma's weighted products are rounded); past that, a decode step
-(summed by ``_StepKernel``) and a prefill (``_apply_window``) can differ in the last bit.
+(summed by ``_StepKernel``) and a prefill (``_apply_window``) can differ in the last bit. A
+decode step of a rolling sum, mean or count restricted to some roles (``window_roles``) moves
+an exact running sum of its window instead (``_WaveTemporal._step_masked_sum``): the same
+values where those sums are exact, the exactly rounded ones beyond.
 """
 
 from __future__ import annotations
