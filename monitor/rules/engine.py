@@ -19,7 +19,8 @@ each other in magnitude (and ewma's weighted products are rounded); past that, a
 (summed by ``_StepKernel``) and a prefill (``_apply_window``) can differ in the last bit. A
 decode step of a rolling sum, mean or count restricted to some roles (``window_roles``) moves
 an exact running sum of its window instead (``_WaveTemporal._step_masked_sum``): the same
-values where those sums are exact, the exactly rounded ones beyond.
+values where those sums are exact, and beyond them the exactly rounded ones while its values lie
+within about 2**100 of each other.
 """
 
 from __future__ import annotations
