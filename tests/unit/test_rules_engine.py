@@ -244,7 +244,8 @@ def _reference(kind: str, xs: list[float], n: float) -> list[float]:
 def test_temporal_functions_match_reference(call, kind, n):
     # `x > -1000` is true everywhere; the firing values expose the function at each token.
     rules = ruleset(rule_file(f"rule: r, severity: info, condition: '{call} > -1000 and b > 0'"))
-    xs = [random.Random(n).uniform(-3, 3) for _ in range(12)]
+    rng = random.Random(n)  # one generator: twelve different values, not one value twelve times
+    xs = [rng.uniform(-3, 3) for _ in range(12)]
     engine = RuleEngine(rules)
     got = []
     for t, x in enumerate(xs):  # b alternates so the rule fires (rising edge) on every 2nd token
