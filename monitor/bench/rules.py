@@ -184,21 +184,27 @@ def bench_prefill(ruleset: RuleSet, tokens: int, warmup: int, repeats: int) -> d
     return {"tokens": tokens, **_summary(_timed(step, warmup, repeats))}
 
 
-def _window_roles_engines() -> tuple[RuleEngine, RuleEngine]:
+def _window_roles_engines(function: str) -> tuple[RuleEngine, RuleEngine]:
+    masked = WINDOW_ROLES_RULE.replace("rolling_mean(a, 512)", function)
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "rules.yaml"
-        path.write_text(WINDOW_ROLES_RULE.replace("    window_roles: [user]\n", ""))
+        path.write_text(masked.replace("    window_roles: [user]\n", ""))
         plain = RuleEngine(load_rules([path]))
-        path.write_text(WINDOW_ROLES_RULE)
+        path.write_text(masked)
         return plain, RuleEngine(load_rules([path]))
 
 
 def bench_window_roles(
-    conversations: int = 64, prefill: int = 600, steps: int = 300, warmup: int = 20
+    conversations: int = 64,
+    prefill: int = 600,
+    steps: int = 300,
+    warmup: int = 20,
+    function: str = "rolling_mean(a, 512)",
 ) -> dict:
     """Decode-step cost of a ``window_roles`` rule against the same rule without the key.
 
-    ``rolling_mean(a, 512) > 0.5`` (``for: 8``, ``roles: [user]``), ``conversations``
+    ``<function> > 0.5`` (``rolling_mean(a, 512)`` unless told; ``for: 8``,
+    ``roles: [user]``), ``conversations``
     conversations prefilled with ``prefill`` user tokens, then ``steps`` timed one-token
     steps of the user's tokens (the masked window moves on) and of the assistant's (it stays),
     the two engines alternating step by step. Two kinds of values: standard normal, and
@@ -215,7 +221,7 @@ def bench_window_roles(
                     return z
                 return (1.0 / (1.0 + np.exp(-12.0 * z))).astype(np.float32)
 
-            engines = _window_roles_engines()
+            engines = _window_roles_engines(function)
             index = {"p/a": 0}
             block = FeatureBlock(draw(conversations * prefill), index)
             for engine in engines:
@@ -248,6 +254,7 @@ def bench_window_roles(
                 }
             )
     return {
+        "function": function,
         "conversations": conversations,
         "steps": steps,
         "target_ratio": WINDOW_ROLES_TARGET_RATIO,
@@ -308,7 +315,7 @@ def format_table(report: dict) -> str:
     lines.append("within budget" if report["within_budget"] else "OVER BUDGET")
     masked = report["window_roles"]
     lines.append(
-        f"window_roles: rolling_mean(a, 512), {masked['conversations']} conversations, "
+        f"window_roles: {masked['function']}, {masked['conversations']} conversations, "
         f"decode step medians side by side (target ratio <= {masked['target_ratio']})"
     )
     lines.append(f"{'values':<15}{'tokens of':<11}{'plain ms':>10}{'masked ms':>11}{'ratio':>8}")

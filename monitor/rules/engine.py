@@ -16,7 +16,11 @@ integer counts, float64 window sums rounded once), so any split of a conversatio
 batches gives the same firings at the same positions. The one limit: a float64 sum of float32
 values is exact, hence order-independent, while the window's values lie within about 2**29 of
 each other in magnitude (and ewma's weighted products are rounded); past that, a decode step
-(summed by ``_StepKernel``) and a prefill (``_apply_window``) can differ in the last bit.
+(summed by ``_StepKernel``) and a prefill (``_apply_window``) can differ in the last bit. A
+decode step of a rolling sum, mean or count restricted to some roles (``window_roles``) moves
+an exact running sum of its window instead (``_WaveTemporal._step_masked_sum``): the same
+values where those sums are exact, and beyond them the exactly rounded ones while its values lie
+within about 2**100 of each other.
 """
 
 from __future__ import annotations
@@ -1256,6 +1260,10 @@ class _WaveTemporal:
             self.sums[:, column + 2] = 0.0
         elif self.step and slot.kind in _STEP_KINDS and kept == slot.window:
             return self._step_masked_exact(slot, values, inside, carried)
+        elif self.step and slot.kind == "ewma" and kept == slot.window:
+            out = self._step_masked_ewma(slot, values, inside, carried)
+            if out is not None:
+                return out
         ext = np.concatenate([carried, wave.pad(values, slot.fill)], axis=1)
         seen = self.seen[:, slot.counted] if slot.counted >= 0 else None
         if slot.kind == "cummax":
@@ -1416,6 +1424,41 @@ class _WaveTemporal:
         columns[outside] = carried[outside]
         columns[inside, -1] = x[inside]
         return np.where(inside, moved, held)
+
+    def _step_masked_ewma(
+        self, slot: TemporalSlot, x: np.ndarray, inside: np.ndarray, carried: np.ndarray
+    ) -> np.ndarray | None:
+        """A decode step of a restricted ``ewma``: the moved window's and the carried
+        window's weighted sums, each one matrix-vector product in float64 (as the step
+        kernel makes an unrestricted one's; ewma's weighted sums round, so like the kernel's
+        they can differ from ``_apply_window``'s in the last bit: module docstring). None
+        (nothing written) when a sum is not finite: the general path handles it."""
+        n = slot.window
+        weights, totals = _ewma_weights(n, float(slot.param[0]))
+        block = np.empty((len(x), n + 1), dtype=np.float64)
+        block[:, :n] = carried
+        block[:, n] = x
+        moved = block[:, 1:] @ weights
+        held = block[:, :n] @ weights
+        if not math.isfinite(_SUM(moved, axis=None) + _SUM(held, axis=None)):
+            return None
+        seen = self.seen[:, slot.counted]
+        moved /= totals[np.minimum(seen, n - 1)]  # min(seen + 1, n) tokens in the window
+        # The window that ended at the roles' last token: min(seen, n) tokens (0 before any,
+        # whose sum is 0: any divisor).
+        held /= totals[np.clip(seen - 1, 0, n - 1)]
+        columns = self.updated[:, slot.offset : slot.offset + n]  # shifted by one
+        count = np.count_nonzero(inside)
+        if count == len(inside):
+            columns[:, -1] = x
+            return moved.astype(np.float32)
+        if not count:
+            columns[...] = carried
+            return held.astype(np.float32)
+        outside = ~inside
+        columns[outside] = carried[outside]
+        columns[inside, -1] = x[inside]
+        return np.where(inside, moved, held).astype(np.float32)
 
     def compute_one(self, slot: TemporalSlot, values: np.ndarray) -> np.ndarray:
         if slot.roles:

@@ -244,7 +244,8 @@ def _reference(kind: str, xs: list[float], n: float) -> list[float]:
 def test_temporal_functions_match_reference(call, kind, n):
     # `x > -1000` is true everywhere; the firing values expose the function at each token.
     rules = ruleset(rule_file(f"rule: r, severity: info, condition: '{call} > -1000 and b > 0'"))
-    xs = [random.Random(n).uniform(-3, 3) for _ in range(12)]
+    rng = random.Random(n)  # one generator: twelve different values, not one value twelve times
+    xs = [rng.uniform(-3, 3) for _ in range(12)]
     engine = RuleEngine(rules)
     got = []
     for t, x in enumerate(xs):  # b alternates so the rule fires (rising edge) on every 2nd token
@@ -578,10 +579,20 @@ def test_role_window_decode_steps_give_the_exact_window_sum(stream_list, text, r
 
 
 def _role_reference(text: str, inputs: list[float]) -> float | None:
-    """max, min, delta or cummax over the user's values so far (None: -inf, no firing)."""
+    """max, min, delta, cummax or ewma over the user's values so far (None: -inf, no
+    firing)."""
     kind = text.partition("(")[0]
     if kind == "cummax":
         return max(inputs) if inputs else None
+    if kind == "ewma":  # weights 0.5 ** (age / halflife) over its window (program.window)
+        halflife = float(text.rstrip(")").rpartition(",")[2])
+        recent = inputs[::-1][: int(halflife * 13.3) + 1]
+        weights = [0.5 ** (age / halflife) for age in range(len(recent))]
+        return (
+            sum(w * v for w, v in zip(weights, recent, strict=True)) / sum(weights)
+            if recent
+            else 0.0
+        )
     n = int(text.rstrip(")").rpartition(",")[2])
     if kind == "delta":  # the engine's warm-up: n + 1 earlier tokens (the unrestricted one's)
         if len(inputs) <= n + 1:
@@ -605,11 +616,14 @@ def _role_reference(text: str, inputs: list[float]) -> float | None:
         min_size=1,
         max_size=4,
     ),
-    st.sampled_from(["rolling_max(a, 3)", "rolling_min(a, 2)", "delta(a, 2)", "cummax(a)"]),
+    st.sampled_from(
+        ["rolling_max(a, 3)", "rolling_min(a, 2)", "delta(a, 2)", "cummax(a)", "ewma(a, 0.5)"]
+    ),
 )
 def test_role_window_extrema_and_deltas_in_mixed_decode_steps(stream_list, text):
-    """Restricted max, min, delta and cummax read slices of the carried window on a decode
-    step: in waves that mix the roles they give the function over the user's tokens alone."""
+    """Restricted max, min, delta, cummax and ewma have decode-step paths of their own: in
+    waves that mix the roles they give the function over the user's tokens alone (ewma to
+    float32 rounding: its weighted sums round)."""
     streams = {f"c{i}": tokens for i, tokens in enumerate(stream_list) if tokens}
     if not streams:
         return
@@ -619,7 +633,10 @@ def test_role_window_extrema_and_deltas_in_mixed_decode_steps(stream_list, text)
         for t, (value, role) in enumerate(tokens):
             if role == "user":
                 inputs.append(value)
-            assert values.get((c, t)) == _role_reference(text, inputs), (c, t)
+            expected = _role_reference(text, inputs)
+            if text.startswith("ewma"):
+                expected = pytest.approx(expected, rel=1e-6, abs=1e-6)
+            assert values.get((c, t)) == expected, (c, t)
 
 
 def test_role_window_running_sum_survives_cancellation_and_far_apart_values():
