@@ -26,6 +26,7 @@ within about 2**100 of each other.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import operator
 import threading
@@ -43,6 +44,8 @@ from monitor.rules.model import Rule, RuleSet
 from monitor.rules.program import SUMS, TemporalSlot, compile_rules
 
 _INITIAL_CAPACITY = 64
+# Waves of at most this many rows run a ``StepPlan`` of the program kept for their row count.
+_PLAN_ROWS = 256
 _NEVER = -(1 << 62)  # "last fired at" before any firing: far enough back for any cooldown
 
 
@@ -119,6 +122,8 @@ class _Table:
     def __init__(self, width: int, fill: object, dtype: type, capacity: int) -> None:
         self.fill = np.broadcast_to(np.asarray(fill, dtype=dtype), (width,)).copy()
         self.data = np.tile(self.fill, (capacity, 1))
+        # An array of data's shape whose contents do not matter (``_WaveTemporal``), or None.
+        self.spare: np.ndarray | None = None
 
     def grow(self, capacity: int) -> None:
         bigger = np.tile(self.fill, (capacity, 1))
@@ -500,8 +505,7 @@ class _MaskCache:
         key = self.plain[0] if self.plain else None
         values = None
         if key is not None:
-            # In C: a list comprehension over a step's 64 slices costs several times more.
-            values = list(map(operator.methodcaller("get", key), map(_ATTRIBUTES, slices)))
+            values = _attribute_values(slices, key)
         last = self._last
         if last is not None and last[0] == roles and last[1] == values:
             return last[2]
@@ -556,6 +560,19 @@ class _MaskCache:
 
 
 _Signature = tuple[str, str | None, tuple[str | None, ...]]
+
+
+def _attribute_values(slices: list[SequenceSlice], key: str) -> list[str | None]:
+    """Each slice's attribute ``key`` (None where it has none), in C: a list comprehension
+    over a step's 64 slices costs several times more."""
+    attributes = list(map(_ATTRIBUTES, slices))
+    if attributes.count(_NO_ATTRIBUTES) == len(attributes):  # no slice has any (or all empty)
+        return [None] * len(attributes)
+    try:
+        # The dicts a sidecar builds: ``dict.get`` itself, without a method lookup per slice.
+        return list(map(dict.get, attributes, itertools.repeat(key)))
+    except TypeError:  # some other mapping (the shared empty default is a mappingproxy)
+        return list(map(operator.methodcaller("get", key), attributes))
 
 
 class _Columns(NamedTuple):
@@ -709,6 +726,7 @@ class RuleEngine:
         self._program, self._history, self._seen = program, history, seen
         self._sums = sums
         self._for = np.array([rule.for_tokens for rule in rules], dtype=np.int64)
+        self._need = self._for[:, None]  # [K, 1]: broadcast over a wave's slices
         self._required = ruleset.required_features
         self._rule_order = {rule.name: i for i, rule in enumerate(rules)}
         self._request_rules = np.array(
@@ -1019,10 +1037,15 @@ class RuleEngine:
             wave = _layout(slices, cached[1], batch_rows, columns.rows, columns.starts)
         if wave.total and self._rules:
             program = self._program
-            registers = program.allocate(wave.total)
+            # Small waves (decode steps) run a plan kept for their row count.
+            plan = program.plan(wave.total) if wave.total <= _PLAN_ROWS else None
+            registers = plan.registers if plan is not None else program.allocate(wave.total)
             wave.gather(features, program.feature_names, registers, self._block_columns(features))
             temporal = _WaveTemporal(self, wave)
-            conditions, values = program.run(registers, temporal.compute)
+            if plan is not None:
+                conditions, values = plan.run(temporal.compute)
+            else:
+                conditions, values = program.run(registers, temporal.compute)
             temporal.store()
             active = self._masks.active(wave.slices, model)
             fires = self._advance_runs(wave, conditions, active)
@@ -1043,23 +1066,26 @@ class RuleEngine:
         is a cummax over "t where false", seeded with the carried run as a virtual false
         token before the slice.
         """
-        held = wave.pad(conditions, False)  # [K, S, L]
-        if active is not None:  # a rule skipped for a slice (role, exception) breaks its run
-            held = held & active[:, :, None]
         carry = self._runs.data[wave.at].T  # [K, S]
-        need = self._for[:, None]  # [K, 1]
         if wave.uniform and wave.width == 1:
-            # One token per slice (a decode step): the general formula below reduces to this.
+            # One token per slice (a decode step): the general formula below reduces to this,
+            # on [K, S] arrays without the token axis. A rule skipped for a slice (role,
+            # exception) breaks its run.
+            now = conditions if active is None else conditions & active
             if self._for_one:
                 # Runs clamped at 1 are the condition itself, and a run fires where it
                 # starts (``carry`` is a view of the state: read before it is written).
-                now = held[:, :, 0]
                 fires = now & (carry == 0)
                 self._runs.data[wave.at] = now.T
                 return fires[:, :, None]
-            runs = np.where(held[:, :, 0], carry + 1, 0)
-            self._runs.data[wave.at] = np.minimum(runs, need).T
-            return (runs == need)[:, :, None]
+            runs = np.where(now, carry + 1, 0)
+            fires = runs == self._need
+            self._runs.data[wave.at] = np.minimum(runs, self._need, out=runs).T
+            return fires[:, :, None]
+        held = wave.pad(conditions, False)  # [K, S, L]
+        if active is not None:
+            held = held & active[:, :, None]
+        need = self._for[:, None]  # [K, 1]
         local = np.arange(wave.width)
         last_false = np.where(held, -(need[:, :, None] + 2), local)
         seeded = np.concatenate([(-1 - carry)[:, :, None], last_false], axis=2)
@@ -1174,8 +1200,19 @@ class _WaveTemporal:
         # Running sums of restricted windows [S, 3 per function]: a view of the state when
         # the wave's slots are consecutive (written in place), else a copy (``store``).
         self.sums = engine._sums.data[wave.at]
-        self.updated = np.empty_like(self.history)
         self.step = wave.uniform and wave.width == 1  # one token per slice: a decode step
+        # A wave of every slot (the steady decode state when the conversations fill the
+        # table): the new history goes to the table's spare array, which then becomes its
+        # state (``store``), instead of being copied back into the old one.
+        table = engine._history
+        at = wave.at
+        self.swap = (
+            at.__class__ is slice and at == slice(0, len(table.data)) and self.history.size > 0
+        )
+        if self.swap and table.spare is not None and table.spare.shape == table.data.shape:
+            self.updated = table.spare
+        else:
+            self.updated = np.empty_like(self.history)
         self._in_roles: dict[frozenset[str], np.ndarray] = {}  # window roles -> [S] bool
         if self.step and self.history.shape[1]:
             # Every window moves on by one token: one shift for all functions' columns; the
@@ -1447,7 +1484,11 @@ class _WaveTemporal:
 
     def store(self) -> None:
         engine, at = self.engine, self.wave.at
-        engine._history.data[at] = self.updated
+        if self.swap:
+            table = engine._history
+            table.spare, table.data = table.data, self.updated
+        else:
+            engine._history.data[at] = self.updated
         if self.sums.shape[1] and not isinstance(at, slice):  # a copy: written back
             engine._sums.data[at] = self.sums
         if self.seen.shape[1]:

@@ -19,6 +19,7 @@ one over every token, so the same text has different values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -288,6 +289,7 @@ class Program:
         self.values = [register[n] for n in value_nodes]
         self._conditions = _rows(self.conditions) if cond_nodes else slice(0, 0)
         self._values = _rows(self.values) if value_nodes else slice(0, 0)
+        self._plans: dict[int, StepPlan] = {}  # by row count (``plan``)
 
     @staticmethod
     def _slot(key: TemporalKey, ins: Instr, offset: int, counted: int) -> TemporalSlot:
@@ -315,6 +317,16 @@ class Program:
             registers[first : first + len(self._constants)] = self._constants
         return registers
 
+    def plan(self, rows: int) -> StepPlan:
+        """The ``StepPlan`` for ``rows`` rows, kept for the next call with as many (a decode
+        step's row count rarely changes). Not for concurrent use: its register file is one."""
+        plan = self._plans.get(rows)
+        if plan is None:
+            if len(self._plans) >= _PLANS_KEPT:
+                self._plans.clear()
+            plan = self._plans[rows] = StepPlan(self, rows)
+        return plan
+
     def run(self, registers: np.ndarray, temporal: TemporalFn) -> tuple[np.ndarray, np.ndarray]:
         """(conditions [rules, rows] bool, values [rules, rows] float32) from a register
         file made by ``allocate`` with the features filled in.
@@ -330,6 +342,11 @@ class Program:
                 if stateful is not None:
                     out, inputs, slots = stateful
                     r[out] = temporal(slots, _read(r, inputs))
+        return self.results(r)
+
+    def results(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(conditions, values) ``[rules, rows]`` read from a register file that has run:
+        new arrays, not views of it."""
         rules = len(self.conditions)
         conditions = _read(r, self._conditions) != 0
         values = _read(r, self._values)
@@ -338,6 +355,91 @@ class Program:
             conditions = np.broadcast_to(conditions, (rules, r.shape[1])).copy()
         if values.shape[0] != rules:
             values = np.broadcast_to(values, (rules, r.shape[1])).copy()
+        return conditions, values
+
+
+_PLANS_KEPT = 8  # row counts whose plans a program keeps at once
+
+
+class StepPlan:
+    """``Program.run`` for one row count, made once and run step after step.
+
+    The register file is kept (its constants written once), and every group's operands and
+    output are views of it made here, so a group is one prepared numpy call (two for
+    ``clip``), plus one ``take`` into a kept buffer for each operand that is not a slice.
+    ``Program.run`` finds the group's kernel and slices the register file for every operand
+    on every call: on a decode step's 64-value rows that Python work costs as much as the
+    arithmetic. The values computed are the same, by the same numpy functions.
+
+    Use: write the features into rows ``[0, len(feature_names))`` of ``registers``, then
+    ``run``. One caller at a time (the engine holds its lock).
+    """
+
+    def __init__(self, program: Program, rows: int) -> None:
+        self.program = program
+        self.registers = r = program.allocate(rows)
+        self._stages: list[tuple[list[Callable[[], object]], tuple | None]] = []
+        for plain, stateful in program.stages:
+            ops: list[Callable[[], object]] = []
+            for group in plain:
+                ops.extend(self._group(group))
+            temporal = None
+            if stateful is not None:
+                out, inputs, slots = stateful
+                fill: list[Callable[[], object]] = []
+                temporal = (r[out], self._operand(inputs, fill), fill, slots)
+            self._stages.append((ops, temporal))
+
+    def _operand(self, rows: Rows, ops: list[Callable[[], object]]) -> np.ndarray:
+        """A view of the registers for a slice; for an index array a kept buffer, filled by
+        a ``take`` appended to ``ops`` (indices are in range: ``clip`` skips the checks'
+        buffering)."""
+        r = self.registers
+        if rows.__class__ is slice:
+            return r[rows]
+        buffer = np.empty((len(rows), r.shape[1]), dtype=r.dtype)
+        ops.append(functools.partial(r.take, rows, 0, buffer, "clip"))
+        return buffer
+
+    def _group(self, group: _Group) -> list[Callable[[], object]]:
+        ops: list[Callable[[], object]] = []
+        args = [self._operand(rows, ops) for rows in group.args]
+        out = self.registers[group.out]
+        kind = group.kind
+        fn = _BINARY.get(kind)
+        if fn is not None:
+            ops.append(functools.partial(fn, args[0], args[1], out=out))
+        elif kind == "sigmoid":
+            x = args[0]
+
+            def sigmoid() -> None:
+                out[...] = _sigmoid(x)
+
+            ops.append(sigmoid)
+        elif kind == "clip":
+            # max then min, as ``_run_group``: the same float32 values, written into ``out``.
+            ops.append(functools.partial(np.maximum, args[0], args[1], out=out))
+            ops.append(functools.partial(np.minimum, out, args[2], out=out))
+        elif kind in _UNARY:
+            ops.append(functools.partial(_UNARY[kind], args[0], out=out))
+        else:  # pragma: no cover - the resolver only produces the kinds above
+            raise ValueError(f"no kernel for {kind!r}")
+        return ops
+
+    def run(self, temporal: TemporalFn) -> tuple[np.ndarray, np.ndarray]:
+        """As ``Program.run`` on ``registers``: (conditions, values), new arrays."""
+        with np.errstate(all="ignore"):  # x / 0 is inf and inf - inf is NaN, as in torch
+            for ops, stateful in self._stages:
+                for op in ops:
+                    op()
+                if stateful is not None:
+                    out, inputs, fill, slots = stateful
+                    for op in fill:
+                        op()
+                    out[...] = temporal(slots, inputs)
+        conditions, values = self.program.results(self.registers)
+        if values.base is self.registers:  # a view: the registers are written again
+            values = values.copy()
         return conditions, values
 
 

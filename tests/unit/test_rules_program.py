@@ -157,3 +157,58 @@ def test_features_may_be_numpy_arrays_or_other_dtypes():
             == [(f.rule, f.position) for f in expected.firings]
             == [("r", 0)]
         )
+
+
+def _registers(program, rows: int, seed: int, out: np.ndarray | None = None) -> np.ndarray:
+    """A register file with random features, some of them not finite."""
+    registers = program.allocate(rows) if out is None else out
+    features = np.random.default_rng(seed).standard_normal((len(program.feature_names), rows))
+    features[0, :3] = [np.inf, -np.inf, np.nan]
+    registers[: len(features)] = features * 3
+    return registers
+
+
+def _fake_temporal(slots, xs: np.ndarray) -> np.ndarray:
+    # Any function of the inputs: the plan must hand the stage the same inputs as ``run``.
+    return xs * np.float32(0.5) + np.arange(len(slots), dtype=np.float32)[:, None]
+
+
+def test_a_step_plan_computes_what_run_computes_step_after_step():
+    from monitor.bench.rules import bench_ruleset
+
+    program = compile_rules(bench_ruleset().enabled_rules)
+    # The bench's rules read operands through index arrays, clip, sigmoid, abs, neg and two
+    # temporal stages: every kind of prepared call.
+    assert any(
+        not isinstance(rows, slice) for plain, _ in program.stages for g in plain for rows in g.args
+    )
+    plan = program.plan(7)
+    assert program.plan(7) is plan  # kept for the next step of as many rows
+    for seed in range(3):  # the kept registers and buffers are written again each step
+        want = program.run(_registers(program, 7, seed), _fake_temporal)
+        _registers(program, 7, seed, out=plan.registers)
+        got = plan.run(_fake_temporal)
+        for a, b in zip(got, want, strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)  # NaN where NaN
+        # What the plan returns is not a view of registers it will write again.
+        assert not np.shares_memory(got[1], plan.registers)
+
+
+def test_a_decode_step_of_every_slot_matches_one_of_some_slots():
+    """With as many conversations as state rows, a decode step's new history replaces the
+    table's array (double-buffered) instead of being copied into it: the same firings as an
+    engine whose table has room for more, which copies."""
+    conversations = _stream(3, conversations=6, tokens=120)
+    full = RuleEngine(WIDE_RULES, max_conversations=6)
+    roomy = RuleEngine(WIDE_RULES, max_conversations=64)
+    feed(roomy, [("other", 0, [(0.0, 0.0)], "", False)])  # a slot the steps do not hold
+    fired: tuple[list, list] = ([], [])
+    for t in range(120):
+        batch = [(c, t, conversations[c][t : t + 1], "", False) for c in conversations]
+        for engine, out in zip((full, roomy), fired, strict=True):
+            out += feed(engine, batch)
+    assert full._history.spare is not None  # the double-buffered path ran
+    assert roomy._history.spare is None
+    assert fired[0] == fired[1]
+    assert len(fired[0]) > 50
