@@ -414,7 +414,8 @@ def _apply_window(slot: TemporalSlot, ext: np.ndarray, seen: np.ndarray | None, 
     if kind == "delta":
         assert seen is not None
         change = ext[:, n - 1 :] - ext[:, :width]
-        return np.where(seen[:, None] + np.arange(width) >= n, change, np.float32(0.0))
+        # n = k + 1 columns: x[t - k] exists once k = n - 1 tokens came before this one.
+        return np.where(seen[:, None] + np.arange(width) >= n - 1, change, np.float32(0.0))
     # Sums in float64 of float32 inputs are exact (so independent of the order of addition,
     # hence of how the tokens were batched) while a window's values are within about 2**29 of
     # each other in magnitude; ewma's weighted products are rounded, so its sums can differ
@@ -1417,9 +1418,9 @@ class _WaveTemporal:
             return out
         if kind == "delta":  # n = k + 1: the change over k tokens of the roles
             seen = self.seen[:, slot.counted]
-            moved = np.where(seen >= n, x - carried[:, 1], np.float32(0.0))
+            moved = np.where(seen >= n - 1, x - carried[:, 1], np.float32(0.0))
             # The window that ended at the roles' last token: its seen count was one less.
-            held = np.where(seen - 1 >= n, carried[:, -1] - carried[:, 0], np.float32(0.0))
+            held = np.where(seen - 1 >= n - 1, carried[:, -1] - carried[:, 0], np.float32(0.0))
         else:
             op, reduce = (np.maximum, _MAX) if kind == "rolling_max" else (np.minimum, _MIN)
             if n == 1:
@@ -1652,7 +1653,7 @@ class _StepKernel:
                 out[t] = np.minimum(_MIN(carried, axis=1), x[t]) if last > first else x[t]
         for t, oldest, counted, n in self.deltas:
             change = x[t] - history[:, oldest]
-            out[t] = np.where(seen[:, counted] >= n, change, np.float32(0.0))
+            out[t] = np.where(seen[:, counted] >= n - 1, change, np.float32(0.0))
         # ``updated`` holds the history shifted by one column (``_WaveTemporal``): put each
         # function's newest value last (cummax keeps its running maximum instead).
         if self.has_newest:
