@@ -341,11 +341,12 @@ _ATTRIBUTES = operator.attrgetter("attributes")
 
 
 def _waves(
-    sequences: Sequence[SequenceSlice],
+    sequences: Sequence[SequenceSlice], keys: list[Hashable] | None = None
 ) -> list[tuple[list[SequenceSlice], list[Hashable]]]:
     """The k-th slice of each conversation goes to wave k, so state flows wave to wave; each
-    wave with the ``state_key`` of its slices."""
-    keys = _keys(sequences)
+    wave with the ``state_key`` of its slices (``keys``, when the caller has them)."""
+    if keys is None:
+        keys = _keys(sequences)
     if len(set(keys)) == len(sequences):
         return [(list(sequences), keys)] if sequences else []  # the usual case: one wave
     waves: list[tuple[list[SequenceSlice], list[Hashable]]] = []
@@ -413,7 +414,8 @@ def _apply_window(slot: TemporalSlot, ext: np.ndarray, seen: np.ndarray | None, 
     if kind == "delta":
         assert seen is not None
         change = ext[:, n - 1 :] - ext[:, :width]
-        return np.where(seen[:, None] + np.arange(width) >= n, change, np.float32(0.0))
+        # n = k + 1 columns: x[t - k] exists once k = n - 1 tokens came before this one.
+        return np.where(seen[:, None] + np.arange(width) >= n - 1, change, np.float32(0.0))
     # Sums in float64 of float32 inputs are exact (so independent of the order of addition,
     # hence of how the tokens were batched) while a window's values are within about 2**29 of
     # each other in magnitude; ewma's weighted products are rounded, so its sums can differ
@@ -581,6 +583,20 @@ class _Columns(NamedTuple):
     starts: list[int]
     rows: list[int]
     positions: list[int]
+    keys: list[Hashable]  # ``state_key`` of each slice
+    request_ids: list[str]
+    ends: tuple[bool, ...]
+
+
+def _read_columns(sequences: Sequence[SequenceSlice]) -> _Columns:
+    """The slices' fields as columns: one transposing ``zip`` (a pass in C over the named
+    tuples) instead of a ``map`` per field, each as costly on a decode step's 64 slices."""
+    if not sequences:
+        return _Columns([], [], [], [], [], ())
+    ids, starts, rows, positions, _, ends, request_ids, _, scopes = zip(*sequences, strict=True)
+    keys = list(map(state_key, sequences)) if any(scopes) else list(ids)
+    # Lists: they are compared with the lists the previous step kept (``_Bind``).
+    return _Columns(list(starts), list(rows), list(positions), keys, list(request_ids), ends)
 
 
 # --------------------------------------------------------------------------- engine
@@ -790,7 +806,7 @@ class RuleEngine:
             if not all(columns.rows):
                 sequences = [s for s in sequences if s.rows or state_key(s) in tracked]
                 columns = None
-            waves = _waves(sequences)
+            waves = _waves(sequences, None if columns is None else columns.keys)
             for wave, _ in waves:
                 if len(wave) > self._max:
                     raise ValueError(f"batch has more than {self._max} conversations")
@@ -813,10 +829,8 @@ class RuleEngine:
     ) -> tuple[int, _Columns]:
         # Column lists and C-level maps: a decode step has 64 slices, and a Python loop over
         # them is a good part of the step's cost.
-        starts = list(map(_START_ROW, sequences))
-        rows = list(map(_ROWS, sequences))
-        positions = list(map(_POSITION, sequences))
-        columns = _Columns(starts, rows, positions)
+        columns = _read_columns(sequences)
+        starts, rows, positions = columns.starts, columns.rows, columns.positions
         count = len(starts)
         if count and rows.count(1) == count and starts == _range_list(count):
             # A decode step (one row per slice, in batch order): nothing negative but maybe
@@ -888,7 +902,7 @@ class RuleEngine:
         never picks one of this wave's."""
         conversations = self._conversations
         positions = list(map(_POSITION, slices)) if columns is None else columns.positions
-        request_ids = list(map(_REQUEST_ID, slices))
+        request_ids = list(map(_REQUEST_ID, slices)) if columns is None else columns.request_ids
         last = self._last_bind
         if (
             last is not None
@@ -1050,7 +1064,8 @@ class RuleEngine:
             active = self._masks.active(wave.slices, model)
             fires = self._advance_runs(wave, conditions, active)
             self._collect(wave, fires, values, result)
-        if any(map(_END, slices)):  # in C: most steps end no conversation
+        # In C: most steps end no conversation.
+        if any(map(_END, slices) if columns is None else columns.ends):
             for s in slices:
                 if s.end:
                     ended = self._conversations.pop(state_key(s))
@@ -1403,9 +1418,9 @@ class _WaveTemporal:
             return out
         if kind == "delta":  # n = k + 1: the change over k tokens of the roles
             seen = self.seen[:, slot.counted]
-            moved = np.where(seen >= n, x - carried[:, 1], np.float32(0.0))
+            moved = np.where(seen >= n - 1, x - carried[:, 1], np.float32(0.0))
             # The window that ended at the roles' last token: its seen count was one less.
-            held = np.where(seen - 1 >= n, carried[:, -1] - carried[:, 0], np.float32(0.0))
+            held = np.where(seen - 1 >= n - 1, carried[:, -1] - carried[:, 0], np.float32(0.0))
         else:
             op, reduce = (np.maximum, _MAX) if kind == "rolling_max" else (np.minimum, _MIN)
             if n == 1:
@@ -1638,7 +1653,7 @@ class _StepKernel:
                 out[t] = np.minimum(_MIN(carried, axis=1), x[t]) if last > first else x[t]
         for t, oldest, counted, n in self.deltas:
             change = x[t] - history[:, oldest]
-            out[t] = np.where(seen[:, counted] >= n, change, np.float32(0.0))
+            out[t] = np.where(seen[:, counted] >= n - 1, change, np.float32(0.0))
         # ``updated`` holds the history shifted by one column (``_WaveTemporal``): put each
         # function's newest value last (cummax keeps its running maximum instead).
         if self.has_newest:

@@ -238,6 +238,7 @@ def _reference(kind: str, xs: list[float], n: float) -> list[float]:
         ("rolling_min(a, 5)", "rolling_min", 5),
         ("cummax(a)", "cummax", 0),
         ("delta(a, 2)", "delta", 2),
+        ("delta(a, 3)", "delta", 3),
         ("ewma(a, 3)", "ewma", 3),
     ],
 )
@@ -253,6 +254,32 @@ def test_temporal_functions_match_reference(call, kind, n):
     expected = _reference(kind, xs, n)
     assert [p for *_, p, _ in got] == list(range(1, 12, 2))
     assert [v for *_, v in got] == pytest.approx(expected[1::2], rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 6])
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [(1, [0, 1, 2, 4, 8, 16]), (2, [0, 0, 3, 6, 12, 24]), (3, [0, 0, 0, 7, 14, 28])],
+)
+def test_delta_is_the_change_over_n_tokens_from_the_first_it_exists(n, expected, chunk):
+    """`delta(x, n)` = x[t] - x[t-n] as soon as x[t-n] exists (t = n), in decode steps and in
+    prefills alike; 0 before. Every token's value is read: two rules gated on `b`, which
+    alternates sign, each fire on alternate tokens (a rule fires on a rising edge)."""
+    engine = RuleEngine(
+        ruleset(
+            rule_file(
+                f"rule: even, severity: info, condition: 'delta(a, {n}) > -1e30 and b > 0'",
+                f"rule: odd, severity: info, condition: 'delta(a, {n}) > -1e30 and b < 0'",
+            )
+        )
+    )
+    xs = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    values: dict[int, float] = {}
+    for start in range(0, len(xs), chunk):
+        tokens = [(xs[t], 1.0 if t % 2 == 0 else -1.0) for t in range(start, start + chunk)]
+        for _, _, at, value in feed(engine, [("c", start, tokens, "", False)]):
+            values[at] = value
+    assert [values.get(t) for t in range(len(xs))] == expected
 
 
 def test_count_over_and_nesting():
@@ -594,8 +621,8 @@ def _role_reference(text: str, inputs: list[float]) -> float | None:
             else 0.0
         )
     n = int(text.rstrip(")").rpartition(",")[2])
-    if kind == "delta":  # the engine's warm-up: n + 1 earlier tokens (the unrestricted one's)
-        if len(inputs) <= n + 1:
+    if kind == "delta":  # x[t] - x[t - n]: 0 until the user's n + 1st token
+        if len(inputs) <= n:
             return 0.0
         return float(np.float32(inputs[-1]) - np.float32(inputs[-1 - n]))
     if not inputs:
