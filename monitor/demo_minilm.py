@@ -16,6 +16,7 @@ should, benign ones should not, and every miss or false alarm is printed as such
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,10 @@ def write_rules(path: Path, pack: Any) -> Path:
             lines = f"for: {guard} tokens" if guard > 1 else "# no guard"
             if aggregation_masked(info.aggregation):  # the mean of the labeled role alone
                 # The roles the pack says its fit data labeled (older packs: the set's own).
-                roles = ", ".join(info.labeled_roles) or labeled[info.name]
+                # Each role a JSON (so YAML) double-quoted string: a pack's role name is
+                # data, never YAML structure (`]`, `,`, `#` or `:` in it stay in the name).
+                names = info.labeled_roles or (labeled[info.name],)
+                roles = ", ".join(json.dumps(role) for role in names)
                 lines += f"\n    window_roles: [{roles}]"
             windows[f"{info.name}_for"] = lines
     path.write_text(RULES.format(**windows))

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from monitor.escape import escape_text
+
 EXIT_USAGE = 2
 
 
@@ -94,7 +96,8 @@ def _fail(message: str) -> int:
 
 
 def _note(message: str) -> None:
-    print(f"safety-monitor: note: {message}", file=sys.stderr)
+    # Notes quote names from files the user was given (rules, packs): escaped, one line.
+    print(f"safety-monitor: note: {escape_text(message)}", file=sys.stderr)
 
 
 def _conversations(args: argparse.Namespace, split: str | None) -> list[Any]:

@@ -9,11 +9,12 @@ them, returning which rules fired in which conversation and where first.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from monitor.escape import escape_text
 from monitor.features.build.conversations import ConversationTokens
 from monitor.features.pack import FeatureInfo, FeaturePack
 from monitor.rules import Rule, RuleEngine, RuleSet, SequenceSlice
@@ -156,18 +157,24 @@ def pooling_notes(ruleset: RuleSet, packs: Sequence[FeaturePack]) -> list[str]:
     return notes
 
 
+def _role_list(roles: Iterable[str]) -> str:
+    # Role names come from rule files and packs (files from elsewhere): escaped, so a name
+    # cannot drive the terminal or forge a second note line.
+    return ", ".join(escape_text(role) for role in roles)
+
+
 def _served_roles(rule: Rule) -> str:
-    roles = f"roles: [{', '.join(rule.roles)}]" if rule.roles else "every role"
+    roles = f"roles: [{_role_list(rule.roles)}]" if rule.roles else "every role"
     if not rule.window_roles:
         return f"{roles} and no window_roles"
-    return f"{roles} and window_roles: [{', '.join(rule.window_roles)}]"
+    return f"{roles} and window_roles: [{_role_list(rule.window_roles)}]"
 
 
 def _wanted_roles(labeled: list[str], masked: bool) -> str:
     if not labeled:  # a pack that does not record them
         return "window_roles: the labeled roles" if masked else "no window_roles"
-    roles = f"roles: [{', '.join(labeled)}]"
-    windows = f"window_roles: [{', '.join(labeled)}]" if masked else "no window_roles"
+    roles = f"roles: [{_role_list(labeled)}]"
+    windows = f"window_roles: [{_role_list(labeled)}]" if masked else "no window_roles"
     return f"{roles} and {windows}, the roles its fit data labeled"
 
 

@@ -27,6 +27,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from monitor.escape import needs_escape
 from monitor.features.encoder import (
     RUNTIME_NORMALIZATIONS,
     AnyEncoder,
@@ -570,6 +571,8 @@ _OPTIONAL_FEATURE_FIELDS = (
     "labeled_roles",
 )
 _FLOAT_FIELDS = ("threshold", "alert_threshold", "target_fpr")
+# Longest role name a pack may record (roles are short words: user, assistant, tool).
+MAX_ROLE_CHARS = 64
 
 
 def _feature(item: Any, path: Path, at: str) -> FeatureInfo:
@@ -588,6 +591,16 @@ def _feature(item: Any, path: Path, at: str) -> FeatureInfo:
             where=path,
             field=f"{at}.labeled_roles",
         )
+    for role in roles:
+        # A pack may come from elsewhere; its roles are shown in notes and written into
+        # generated rule files, so they must not carry terminal controls or forge lines.
+        if len(role) > MAX_ROLE_CHARS or any(needs_escape(ch) for ch in role):
+            shown = f"{role[:MAX_ROLE_CHARS]!r}{'...' if len(role) > MAX_ROLE_CHARS else ''}"
+            raise PackError(
+                f"role {shown}: a role name is printable characters, at most {MAX_ROLE_CHARS}",
+                where=path,
+                field=f"{at}.labeled_roles",
+            )
     return FeatureInfo(**{**item, **floats, "labeled_roles": tuple(roles)})
 
 

@@ -102,7 +102,10 @@ class StreamBudget:
 
     async def wait_for_room(self) -> None:
         """Until one more batch may be read: fewer than `max_batches` held and fewer than
-        `max_bytes` (so a stream holds at most `max_bytes` plus one message)."""
+        `max_bytes`. A held batch counts its message and its decoded activations (a copy of
+        the message's activation bytes, `add_bytes`), so a stream holds at most `max_bytes`
+        plus one message and its decoded activations; an activation-heavy stream reads
+        ahead about half as many bytes of messages as `max_bytes`."""
         if self.batches < self.max_batches and self.bytes < self.max_bytes:
             return  # the usual case: room now, no lock to take (one event loop: no race)
         async with self._changed:

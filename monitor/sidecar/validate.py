@@ -325,11 +325,15 @@ def decode_layers(batch: pb.StepBatch) -> tuple[torch.Tensor | None, ...]:
         if len(message.shape) == 2:  # anything else is rejected before decoding
             try:
                 values, data = decode_tensor_with_bytes(message, "")
-            except TensorDecodeError:
-                pass
-            else:
                 if _bytes_finite(data, values.dtype):
                     tensor = values
+            except TensorDecodeError:
+                pass
+            except Exception:
+                # A bug, not a bad message: this runs on the event loop, where it would end
+                # the whole stream. None lets validation decode again on the worker, whose
+                # guard turns a bug into a BatchError for this batch alone.
+                tensor = None
         decoded.append(tensor)
     return tuple(decoded)
 

@@ -713,3 +713,64 @@ def test_the_demo_rules_pool_as_each_probe_was_fitted(tmp_path: Path) -> None:
     assert rules["misuse-request"].for_tokens == 8
     assert rules["deceptive-answer"].window_roles == () == rules["biased-answer"].window_roles
     assert pooling_notes(ruleset, [pack]) == []
+
+
+def test_pooling_notes_escape_role_names_from_rule_files_and_packs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Role names in a pooling note come from a rule file and a pack (files from elsewhere):
+    a terminal control in one is shown escaped, and cannot forge a second note line."""
+    from monitor.evaluation.cli import _note
+    from monitor.evaluation.engine_replay import pack_features, pooling_notes
+
+    hostile = "\x1b[2J\x1b[31mowned\nsafety-monitor: note: all clear"
+    fit = ProbeFit("layers.1", torch.randn(8), 0.5, "logistic-token", 1.0)
+    # Built in memory: `load_pack` refuses such a role (test_features_pack).
+    info = FeatureInfo(
+        name="f", hook_point="layers.1", activation="identity", sae_index=None,
+        alert_threshold=1.0, aggregation="max_rolling_mean:512,for:8,roles",
+        threshold_pooling="max_rolling_mean:512,for:8,roles", labeled_roles=(hostile,),
+    )  # fmt: skip
+    pack = FeaturePack(
+        "probes", {"layers.1": HookPointEncoder("layers.1", probe_encoder(fit), [info])}
+    )
+    path = tmp_path / "rules.yaml"
+    window_roles = '\n    window_roles: ["\\e[2J"]'  # YAML double-quoted: an ESC character
+    path.write_text(RULE.format(threshold=1.0, window=512, guard=8, window_roles=window_roles))
+    ruleset = load_rules([path], pack_features([pack]))
+    assert ruleset.rules[0].window_roles == ("\x1b[2J",)  # the rule really holds the ESC
+    (line,) = pooling_notes(ruleset, [pack])
+    assert "\x1b" not in line and "\n" not in line
+    assert "window_roles: [\\x1b[2J]" in line  # the rule's role, escaped
+    assert "\\x1b[2J\\x1b[31mowned\\x0asafety-monitor: note: all clear" in line  # the pack's
+    _note(line)
+    _note("a plain note\x1b[2J")  # what `_note` prints is escaped whatever its caller passes
+    err = capsys.readouterr().err
+    assert "\x1b" not in err
+    lines = err.splitlines()  # two notes, two lines: the forged "note:" stays inside the first
+    assert len(lines) == 2 and lines[0].startswith("safety-monitor: note: rule 'r' pools")
+    assert lines[1] == "safety-monitor: note: a plain note\\x1b[2J"
+
+
+def test_the_demo_rules_quote_role_names_from_the_pack(tmp_path: Path) -> None:
+    """The demo writes a pack's labeled roles into YAML: each stays one role name, whatever
+    YAML syntax it holds (no injection of keys or list items)."""
+    from monitor.demo_minilm import write_rules
+    from monitor.evaluation.engine_replay import pack_features
+
+    roles = ("user], roles: [system", "a # b", "x: y", "\x1b[2J")
+    entries = []
+    for i, name in enumerate(("misuse", "deception", "bias")):
+        fit = ProbeFit(f"layers.{i}", torch.randn(8), 0.5, "logistic-token", 1.0)
+        info = FeatureInfo(
+            name=name, hook_point=f"layers.{i}", activation="identity", sae_index=None,
+            alert_threshold=1.0, aggregation="max_rolling_mean:4,for:2,roles",
+            threshold_pooling="max_rolling_mean:4,for:2,roles", labeled_roles=roles,
+        )  # fmt: skip
+        entries.append((f"layers.{i}", HookPointEncoder(f"layers.{i}", probe_encoder(fit), [info])))
+    pack = FeaturePack("probes", dict(entries))
+    path = write_rules(tmp_path / "demo-rules.yaml", pack)
+    assert "\x1b" not in path.read_text()
+    ruleset = load_rules([path], pack_features([pack]))
+    assert {rule.window_roles for rule in ruleset.rules} == {roles}
+    assert all(rule.roles != ("system",) for rule in ruleset.rules)

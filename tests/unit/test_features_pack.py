@@ -352,6 +352,7 @@ def test_load_invalid_metadata_json(tmp_path: Path, raw: tuple[dict, dict]) -> N
 
 HP = "hook_points.layers.5"
 F0 = f"{HP}.features[0]"
+F0P = "hook_points/layers.5/features/0"
 
 
 def _set(document: dict[str, Any], dotted: str, value: Any) -> None:
@@ -390,6 +391,11 @@ def _set(document: dict[str, Any], dotted: str, value: Any) -> None:
         ("hook_points/layers.5/features/0/labeled_roles", "user", f"{F0}.labeled_roles", "'user'"),
         ("hook_points/layers.5/features/0/labeled_roles", [""], f"{F0}.labeled_roles", "role"),
         ("hook_points/layers.5/features/0/labeled_roles", [3], f"{F0}.labeled_roles", "role names"),
+        # Role names are shown in notes and written into rule files: printable and short.
+        (f"{F0P}/labeled_roles", ["\x1b[2J"], f"{F0}.labeled_roles", "role '\\x1b[2J': "),
+        (f"{F0P}/labeled_roles", ["user\nnote: ok"], f"{F0}.labeled_roles", "printable"),
+        (f"{F0P}/labeled_roles", ["user\u202e"], f"{F0}.labeled_roles", "printable"),
+        (f"{F0P}/labeled_roles", ["u" * 65], f"{F0}.labeled_roles", "at most 64"),
     ],
 )
 def test_load_bad_metadata(

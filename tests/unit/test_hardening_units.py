@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import io
+import math
 import tempfile
 import weakref
 from pathlib import Path
@@ -26,7 +27,7 @@ from monitor.sidecar.firings import BoundedLabel
 from monitor.sidecar.grouping import READ_AHEAD
 from monitor.sidecar.process import release_replaced
 from monitor.sidecar.service import _read_into
-from monitor.wire import pb
+from monitor.wire import encode_tensor, pb
 
 
 def ruleset(text: str) -> RuleSet:
@@ -235,6 +236,23 @@ def test_rule_state_budget_bounds_conversations():
 # --------------------------------------------------------------------------- streams
 
 
+async def _reader_waits(reader: asyncio.Task, arrived: asyncio.Queue, budget) -> int:
+    """Yield to the event loop until `_read_into` waits for room: the budget is full and the
+    queue has not grown for a few turns (it parses inline, so a full budget means it is
+    parked in `wait_for_room`). Bounded in turns of the loop, not in time; the held count."""
+    last, same = -1, 0
+    for _ in range(10_000):
+        await asyncio.sleep(0)  # one turn of the loop: the reader runs until it next waits
+        assert not reader.done(), "the reader stopped instead of waiting for room"
+        full = budget.batches >= budget.max_batches or budget.bytes >= budget.max_bytes
+        held = arrived.qsize()
+        same = same + 1 if full and held == last else 0
+        last = held
+        if same >= 20:
+            return held
+    raise AssertionError(f"the reader did not stop: {arrived.qsize()} held, {budget.bytes} B")
+
+
 def test_read_ahead_is_bounded_in_bytes_not_only_in_messages():
     async def scenario() -> int:
         message = pb.StepBatch(seq_no=1, model="x" * (1024 * 1024)).SerializeToString()
@@ -246,16 +264,58 @@ def test_read_ahead_is_bounded_in_bytes_not_only_in_messages():
         arrived: asyncio.Queue = asyncio.Queue()
         budget = streams.StreamBudget(READ_AHEAD, 4 * 1024 * 1024)
         reader = asyncio.create_task(_read_into(requests(), arrived, budget))
-        await asyncio.sleep(0.2)  # nothing is processed: the reader must stop on its own
-        held = arrived.qsize()
+        held = await _reader_waits(reader, arrived, budget)  # nothing is processed yet
         assert budget.bytes == held * len(message)
         await budget.release(arrived.get_nowait()[1])  # one processed: room for one more
-        await asyncio.sleep(0.1)
-        assert arrived.qsize() == held
+        assert await _reader_waits(reader, arrived, budget) == held
         reader.cancel()
         return held
 
     assert asyncio.run(scenario()) == 4
+
+
+def test_decoded_activations_count_towards_the_stream_budget_and_are_given_back():
+    """A held message's decoded activations (a copy of its bytes) count towards
+    max_stream_bytes while it is held, and all of it comes back when it is released."""
+    rows, d_model, max_bytes = 64, 4096, 4 * 1024 * 1024
+    batch = pb.StepBatch(seq_no=1, model="m")
+    batch.sequences.append(pb.Sequence(conversation_id="c", rows=rows, position=0))
+    activations = encode_tensor(torch.randn(rows, d_model).to(torch.bfloat16))
+    batch.layers.append(pb.Layer(hook_point="layers.1", activations=activations))
+    message = batch.SerializeToString()
+    decoded = rows * d_model * 2  # BF16
+    each = len(message) + decoded
+    count = 12
+
+    async def scenario() -> None:
+        async def requests():
+            for _ in range(count):
+                yield message
+
+        arrived: asyncio.Queue = asyncio.Queue()
+        budget = streams.StreamBudget(READ_AHEAD, max_bytes)
+        reader = asyncio.create_task(_read_into(requests(), arrived, budget))
+        held = await _reader_waits(reader, arrived, budget)
+        # Admitted while below max_bytes: the first count of messages that reaches it, each
+        # with its decoded copy (without the copy it would be twice as many).
+        assert held == math.ceil(max_bytes / each) < math.ceil(max_bytes / len(message))
+        assert budget.bytes == held * each and budget.batches == held
+        assert budget.peak_bytes < max_bytes + each  # the bound: plus one message and its copy
+        first = arrived.get_nowait()
+        assert first[2][0] is not None and first[2][0].nbytes == decoded
+        assert first[1] == each  # what the handler gives back when the batch is processed
+        # Process every batch as it comes, to the end of the stream: all bytes come back.
+        await budget.release(first[1])
+        for _ in range(count):  # bounded: `count` messages, then the end (None)
+            item = await asyncio.wait_for(arrived.get(), 60)  # a hang guard, not a timing
+            if item is None:
+                break
+            await budget.release(item[1])
+        await reader
+        assert budget.bytes == 0 and budget.batches == 0
+        assert budget.peak_bytes < max_bytes + each
+
+    asyncio.run(scenario())
 
 
 def test_undecodable_messages_are_marked_not_raised():

@@ -70,11 +70,17 @@ BAD_LAYERS = {
 }
 
 
+# Bad layers with the right element count: decoded ahead, refused later by the shape checks.
+DECODED_AHEAD = {"wrong_width", "wrong_rows"}
+
+
 @pytest.mark.parametrize("name", sorted(BAD_LAYERS))
-def test_a_bad_layer_is_not_decoded_ahead_and_is_refused_the_same(name: str) -> None:
+def test_a_bad_layer_is_refused_the_same_with_or_without_decoding_ahead(name: str) -> None:
     batch = _batch(_good(), BAD_LAYERS[name])
     decoded = decode_layers(batch)
     assert len(decoded) == 2 and decoded[0] is not None
+    # Only a layer that decodes and is finite comes back; the rest validation decodes again.
+    assert (decoded[1] is not None) == (name in DECODED_AHEAD), name
     without = _validated(batch)
     with_decoded = _validated(batch, decoded)
     assert isinstance(without, BatchRejected), name
@@ -103,3 +109,36 @@ def test_good_layers_validate_to_the_same_tensors(dtype: torch.dtype) -> None:
 def test_decoded_layers_of_another_batch_shape_are_ignored() -> None:
     batch = _batch(_good(), _good())
     assert _validated(batch, decoded=(None,)).activations.keys() == {"layers.1", "layers.2"}
+
+
+def test_a_bug_in_decoding_ahead_leaves_the_layer_to_the_worker(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`decode_layers` runs on the event loop, outside the worker's guard against our own bugs:
+    an unexpected exception there must not end the stream. The layer comes back None, the
+    batch is read on, and validation on the worker decodes again, where the same bug raises
+    inside the guard (`SafetyMonitorService._run_many`: an internal BatchError)."""
+    import asyncio
+
+    from monitor.sidecar import streams, validate
+    from monitor.sidecar.service import _read_into
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in decoding")
+
+    batch = _batch(_good(), _good())
+    monkeypatch.setattr(validate, "decode_tensor_with_bytes", broken)
+    assert decode_layers(batch) == (None, None)
+
+    async def read() -> list:
+        async def requests():  # type: ignore[no-untyped-def]
+            yield batch.SerializeToString()
+
+        arrived: asyncio.Queue = asyncio.Queue()
+        await _read_into(requests(), arrived, streams.StreamBudget(4, 1 << 20))
+        return [arrived.get_nowait() for _ in range(arrived.qsize())]
+
+    (parsed, _, decoded), end = asyncio.run(read())  # no exception: the stream goes on
+    assert parsed.seq_no == 7 and decoded == (None, None) and end is None
+    with pytest.raises(RuntimeError, match="a bug in decoding"):
+        validate_batch(batch, CATALOG, REQUIRED, Limits(), decoded=decoded)
+    monkeypatch.undo()  # without the bug, validation decodes the layers itself
+    assert _validated(batch, decoded).activations.keys() == {"layers.1", "layers.2"}
