@@ -115,6 +115,12 @@ class EvaluationResult:
 # --------------------------------------------------------------------------- state arrays
 
 
+# The largest rule history a full-table wave double-buffers (``_WaveTemporal``): 64
+# conversations of a 512-token window are 132 KiB; 4 MiB bounds the extra memory the spare
+# array holds beyond ``max_rule_state_bytes``.
+_SPARE_HISTORY_MAX_BYTES = 4 << 20
+
+
 class _Table:
     """One row of state per conversation slot, ``width`` columns each with its own initial
     value; grows by doubling up to the conversation cap."""
@@ -129,6 +135,7 @@ class _Table:
         bigger = np.tile(self.fill, (capacity, 1))
         bigger[: len(self.data)] = self.data
         self.data = bigger
+        self.spare = None  # the old shape's: never used again
 
     def reset(self, slots: np.ndarray) -> None:
         self.data[slots] = self.fill
@@ -1221,8 +1228,12 @@ class _WaveTemporal:
         # state (``store``), instead of being copied back into the old one.
         table = engine._history
         at = wave.at
+        # Only for small tables: the spare is a second copy of the whole history, kept between
+        # steps and not counted in ``max_rule_state_bytes``; a large table allocates per wave.
         self.swap = (
-            at.__class__ is slice and at == slice(0, len(table.data)) and self.history.size > 0
+            at.__class__ is slice
+            and at == slice(0, len(table.data))
+            and 0 < self.history.nbytes <= _SPARE_HISTORY_MAX_BYTES
         )
         if self.swap and table.spare is not None and table.spare.shape == table.data.shape:
             self.updated = table.spare

@@ -212,3 +212,18 @@ def test_a_decode_step_of_every_slot_matches_one_of_some_slots():
     assert roomy._history.spare is None
     assert fired[0] == fired[1]
     assert len(fired[0]) > 50
+
+
+def test_a_large_rule_history_is_not_double_buffered():
+    """The spare history array is a second copy of the whole table, outside
+    `max_rule_state_bytes`: only small tables keep one. 300 conversations of a 4,096-token
+    window are 4.7 MiB of history; a decode step of every slot then copies back instead."""
+    engine = RuleEngine(
+        ruleset(rule_file("rule: r, severity: info, condition: 'rolling_max(a, 4096) > 5'")),
+        max_conversations=300,
+    )
+    names = [f"c{i}" for i in range(300)]
+    for t in range(2):  # the first step creates the slots, the second is a wave of all of them
+        feed(engine, [(name, t, [(0.0, 0.0)], "", False) for name in names])
+    assert engine._history.data.shape[0] == 300 and engine._history.data.nbytes > 4 << 20
+    assert engine._history.spare is None
