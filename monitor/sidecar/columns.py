@@ -233,7 +233,9 @@ class ConversationTable:
         # nothing changes them.
         slices.columns = SliceColumns(starts, rows, positions, keys, request_ids, ends, True)
         if texts:
-            tokens: list[Sequence[str]] = [texts[s.start_row : s.start_row + s.rows] for s in slices]
+            tokens: list[Sequence[str]] = [
+                texts[s.start_row : s.start_row + s.rows] for s in slices
+            ]
         else:
             tokens = [_NO_TOKENS] * count  # read only: one shared empty tuple
         return slices, tokens

@@ -93,10 +93,10 @@ def validate_batch(
         check_model(batch.model, limits)
         check_counts(len(batch.sequences), limits)
         slices, tokens = _validate_sequences(batch, limits, scope, scope_attribute)
-    if slices.__class__ is SliceList:  # the columnar format's: it carries its rows
-        rows = sum(slices.columns.rows)  # type: ignore[attr-defined]
-    else:
-        rows = sum(map(_ROWS, slices))  # in C: a generator costs a Python step per slice
+    # A columnar batch's slices carry their rows; in C either way (a generator costs a Python
+    # step per slice).
+    columnar = slices.__class__ is SliceList
+    rows = sum(slices.columns.rows if columnar else map(_ROWS, slices))  # type: ignore[attr-defined]
     if rows > limits.max_rows_per_batch:
         raise BatchRejected(
             "too_many_rows",
