@@ -603,17 +603,85 @@ class SliceColumns(NamedTuple):
 _Columns = SliceColumns
 
 
-class SliceList(list):  # type: ignore[type-arg]
-    """A batch's ``SequenceSlice`` list that also carries its fields as columns
-    (``columns``), for a caller that has them already (the sidecar's columnar format reads
-    them from the message's packed arrays): the engine then reads the columns instead of
-    transposing 64 named tuples back into them on every decode step. Neither the list nor
-    its columns may change once made; ``columns`` must describe exactly the list's slices
-    (a test checks the sidecar's against ``SliceColumns`` read from the slices)."""
+# The fields ``SliceList`` fills, in order: every field of ``SequenceSlice`` (a test checks).
+SLICE_FIELDS = (
+    "conversation_id",
+    "start_row",
+    "rows",
+    "position",
+    "role",
+    "end",
+    "request_id",
+    "attributes",
+    "scope",
+)
+_new_slice = tuple.__new__
 
-    __slots__ = ("columns",)
 
-    columns: SliceColumns
+class SliceList(Sequence[SequenceSlice]):
+    """A batch's ``SequenceSlice`` sequence given as columns (``columns``, plus each slice's
+    id, role, attributes and scope), for a caller that has them already: the sidecar's
+    columnar format reads them from the message's packed arrays and its conversation table.
+    The engine reads the columns; the slices themselves are only made when something reads
+    them (a firing, roles, a grouped step, an audit), so a decode step where nothing fires
+    makes none of its 64 named tuples (and none of their garbage). Nothing here changes once
+    made; ``columns`` must describe exactly the slices (a test checks the sidecar's against
+    the columns read from them)."""
+
+    __slots__ = ("_items", "_parts", "columns")
+
+    def __init__(
+        self,
+        columns: SliceColumns,
+        ids: Sequence[str],
+        roles: Sequence[str],
+        attributes: Sequence[Mapping[str, str]],
+        scopes: Sequence[str],
+    ) -> None:
+        self.columns = columns
+        self._parts = (ids, roles, attributes, scopes)
+        self._items: list[SequenceSlice] | None = None
+
+    def _list(self) -> list[SequenceSlice]:
+        items = self._items
+        if items is None:
+            c = self.columns
+            ids, roles, attributes, scopes = self._parts
+            # All in C: tuple.__new__ instead of the named tuple's Python-level __new__ (a
+            # third of the cost), every field given, in order (SLICE_FIELDS).
+            fields = zip(
+                ids,
+                c.starts,
+                c.rows,
+                c.positions,
+                roles,
+                c.ends,
+                c.request_ids,
+                attributes,
+                scopes,
+                strict=True,
+            )
+            items = self._items = list(map(_new_slice, itertools.repeat(SequenceSlice), fields))
+        return items
+
+    def __len__(self) -> int:
+        return len(self.columns.rows)
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def,override]
+        return self._list()[index]
+
+    def __iter__(self) -> Iterator[SequenceSlice]:
+        return iter(self._list())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SliceList):
+            other = other._list()
+        return self._list() == other
+
+    __hash__ = None  # type: ignore[assignment]  # as a list's
+
+    def __repr__(self) -> str:
+        return f"SliceList({self._list()!r})"
 
 
 def _read_columns(sequences: Sequence[SequenceSlice]) -> _Columns:

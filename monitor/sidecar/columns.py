@@ -10,10 +10,11 @@ Reading the arrays costs no protobuf object per sequence: that is the point of t
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from itertools import accumulate, repeat
+from itertools import accumulate
 from typing import NamedTuple
 
 from monitor.rules import SequenceSlice, SliceColumns, SliceList
+from monitor.rules.engine import SLICE_FIELDS  # noqa: F401  # re-exported: its test reads it here
 from monitor.sidecar.config import Limits
 from monitor.sidecar.validate import (
     MAX_POSITION,
@@ -25,20 +26,7 @@ from monitor.sidecar.validate import (
 from monitor.wire import pb
 
 _NO_ATTRIBUTES: Mapping[str, str] = SequenceSlice._field_defaults["attributes"]
-_new_slice = tuple.__new__
 _NO_TOKENS: tuple[str, ...] = ()
-# The fields the fast construction below fills, in order.
-SLICE_FIELDS = (
-    "conversation_id",
-    "start_row",
-    "rows",
-    "position",
-    "role",
-    "end",
-    "request_id",
-    "attributes",
-    "scope",
-)
 
 
 class _Slot(NamedTuple):
@@ -212,29 +200,14 @@ class ConversationTable:
             ends = [False] * count
         starts = list(accumulate(rows, initial=0))
         starts.pop()  # one more than there are sequences
-        # All in C: tuple.__new__ instead of the named tuple's Python-level __new__ (a third
-        # of the cost). Every field is given, in order (a test checks SLICE_FIELDS against
-        # SequenceSlice._fields).
-        fields = zip(
-            ids,
-            starts,
-            rows,
-            positions,
-            roles,
-            ends,
-            request_ids,
-            attributes,
-            scopes,
-            strict=True,
-        )
-        slices = SliceList(map(_new_slice, repeat(SequenceSlice, count), fields))
-        # The engine reads these instead of transposing the slices back into them. The
-        # lists read from the table (keys, request ids) are shared with the previous steps':
-        # nothing changes them.
-        slices.columns = SliceColumns(starts, rows, positions, keys, request_ids, ends, True)
+        # The engine reads the columns; the slices are made only if something reads them.
+        # The lists read from the table (keys, request ids) are shared with the previous
+        # steps': nothing changes them.
+        columns_read = SliceColumns(starts, rows, positions, keys, request_ids, ends, True)
+        slices = SliceList(columns_read, ids, roles, attributes, scopes)
         if texts:
             tokens: list[Sequence[str]] = [
-                texts[s.start_row : s.start_row + s.rows] for s in slices
+                texts[start : start + n] for start, n in zip(starts, rows, strict=True)
             ]
         else:
             tokens = [_NO_TOKENS] * count  # read only: one shared empty tuple
