@@ -1180,19 +1180,24 @@ class RuleEngine:
 
     def _advance_runs(
         self, wave: _Wave, conditions: np.ndarray, active: np.ndarray | None
-    ) -> np.ndarray:
-        """Run lengths with carry for all rules at once; returns where runs reach ``for``.
+    ) -> np.ndarray | None:
+        """Run lengths with carry for all rules at once; returns where runs reach ``for``
+        (None: nowhere).
 
         The run length at token t is t minus the index of the last false token; that index
         is a cummax over "t where false", seeded with the carried run as a virtual false
         token before the slice.
         """
-        carry = self._runs.data[wave.at].T  # [K, S]
         if wave.uniform and wave.width == 1:
             # One token per slice (a decode step): the general formula below reduces to this,
             # on [K, S] arrays without the token axis. A rule skipped for a slice (role,
             # exception) breaks its run.
             now = conditions if active is None else conditions & active
+            if not _ANY(now, axis=None):
+                # No condition holds (the usual step): every run breaks, none fires.
+                self._runs.data[wave.at] = 0
+                return None
+            carry = self._runs.data[wave.at].T  # [K, S]
             if self._for_one:
                 # Runs clamped at 1 are the condition itself, and a run fires where it
                 # starts (``carry`` is a view of the state: read before it is written).
@@ -1205,6 +1210,7 @@ class RuleEngine:
             fires = runs == self._need
             self._runs.data[wave.at] = np.minimum(runs, self._need, out=runs).T
             return fires[:, :, None]
+        carry = self._runs.data[wave.at].T  # [K, S]
         held = wave.pad(conditions, False)  # [K, S, L]
         if active is not None:
             held = held & active[:, :, None]
@@ -1225,13 +1231,13 @@ class RuleEngine:
     def _collect(
         self,
         wave: _Wave,
-        fires: np.ndarray,
+        fires: np.ndarray | None,
         values: np.ndarray | Callable[[], np.ndarray],
         result: EvaluationResult,
     ) -> None:
         """Firings where runs reached ``for`` (past cooldowns); ``values`` [rules, rows], or
         what reads them."""
-        if not _ANY(fires, axis=None):
+        if fires is None or not _ANY(fires, axis=None):
             return
         if callable(values):
             values = values()
