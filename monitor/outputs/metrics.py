@@ -69,6 +69,16 @@ class _StepHistogram(Histogram):
         bucket.inc(1)
 
 
+def _observe(histogram: tuple[Any, Any, Any], amount: float) -> None:
+    """``_StepHistogram.observe`` on a histogram's values (``_step_values``)."""
+    bounds, buckets, total = histogram
+    bucket = buckets[bisect_left(bounds, amount)]
+    with total._lock:
+        total._value += amount
+    with bucket._lock:
+        bucket._value += 1
+
+
 def _step_values(
     tokens: Counter, batches: Counter, *histograms: Histogram
 ) -> tuple[Any, Any, list[tuple[Any, Any, Any]]] | None:
@@ -204,25 +214,29 @@ class SidecarMetrics:
         negative count, a prometheus-client whose values are laid out otherwise, e.g. in
         multiprocess mode) takes the metrics' own calls."""
         values = self._step_values
-        seconds = (encode_seconds, rules_seconds, batch_seconds)
-        if values is None or not rows >= 0 or any(s != s for s in seconds):
+        # NaN (x != x) and negative counts take the checked calls; written out, not looped:
+        # this runs on every step.
+        if (
+            values is None
+            or not rows >= 0
+            or encode_seconds != encode_seconds
+            or rules_seconds != rules_seconds
+            or batch_seconds != batch_seconds
+        ):
             self.tokens.inc(rows)
             self.batches.inc()
             self.encode_seconds.observe(encode_seconds)
             self.rules_seconds.observe(rules_seconds)
             self.batch_seconds.observe(batch_seconds)
             return
-        tokens, batches, histograms = values
+        tokens, batches, (encode, rules, batch) = values
         with tokens._lock:
             tokens._value += rows
         with batches._lock:
             batches._value += 1
-        for (bounds, buckets, total), amount in zip(histograms, seconds, strict=True):
-            bucket = buckets[bisect_left(bounds, amount)]  # as _StepHistogram.observe
-            with total._lock:
-                total._value += amount
-            with bucket._lock:
-                bucket._value += 1
+        _observe(encode, encode_seconds)
+        _observe(rules, rules_seconds)
+        _observe(batch, batch_seconds)
 
     def show_conversations(self, tracked: int) -> None:
         """Set the conversations gauge (only when it changes: a gauge call costs microseconds,
