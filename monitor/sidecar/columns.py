@@ -9,6 +9,7 @@ Reading the arrays costs no protobuf object per sequence: that is the point of t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from itertools import accumulate
 from typing import NamedTuple
@@ -27,6 +28,13 @@ from monitor.wire import pb
 
 _NO_ATTRIBUTES: Mapping[str, str] = SequenceSlice._field_defaults["attributes"]
 _NO_TOKENS: tuple[str, ...] = ()
+
+
+@functools.lru_cache(maxsize=64)
+def _starts(count: int) -> list[int]:
+    """``[0, 1, ..., count - 1]``, shared: the first rows of a decode step's slices (read
+    only, as the engine reads them)."""
+    return list(range(count))
 
 
 class _Slot(NamedTuple):
@@ -160,20 +168,26 @@ class ConversationTable:
                 f"({limits.max_conversations}), the most the sidecar tracks at once",
             )
         rows, positions, ends = columns.rows[:], columns.position[:], columns.end[:]
-        for name, values, allow_empty in (
-            ("rows", rows, False),
-            ("position", positions, False),
-            ("end", ends, True),
-        ):
-            if len(values) != count and not (allow_empty and not values):
-                raise BatchRejected(
-                    "bad_columns",
-                    f"columns.{name}",
-                    f"columns.{name}: {len(values)} entries for {count} sequences"
-                    + (" (or none)" if allow_empty else ""),
-                )
+        if len(rows) != count or len(positions) != count or (ends and len(ends) != count):
+            for name, values, allow_empty in (
+                ("rows", rows, False),
+                ("position", positions, False),
+                ("end", ends, True),
+            ):
+                if len(values) != count and not (allow_empty and not values):
+                    raise BatchRejected(
+                        "bad_columns",
+                        f"columns.{name}",
+                        f"columns.{name}: {len(values)} entries for {count} sequences"
+                        + (" (or none)" if allow_empty else ""),
+                    )
         last = self._last
-        if last is not None and last[0] == slot_ids and last[1:3] == (scope, scope_attribute):
+        if (
+            last is not None
+            and last[0] == slot_ids
+            and last[1] == scope
+            and last[2] == scope_attribute
+        ):
             read = last[3]  # the same slots as the previous batch, nothing redefined since
         else:
             read = self._read(slot_ids, scope, scope_attribute)
@@ -189,7 +203,7 @@ class ConversationTable:
                         f"columns.position[{i}]: {position} + {n} rows is past the largest "
                         f"supported position {MAX_POSITION}",
                     )
-        texts = columns.tokens[:]
+        texts = columns.tokens
         if texts and len(texts) != sum(rows):
             raise BatchRejected(
                 "bad_tokens",
@@ -198,14 +212,18 @@ class ConversationTable:
             )
         if not ends:
             ends = [False] * count
-        starts = list(accumulate(rows, initial=0))
-        starts.pop()  # one more than there are sequences
+        if rows.count(1) == count:  # a decode step: a row each, starts 0, 1, ...
+            starts = _starts(count)
+        else:
+            starts = list(accumulate(rows, initial=0))
+            starts.pop()  # one more than there are sequences
         # The engine reads the columns; the slices are made only if something reads them.
         # The lists read from the table (keys, request ids) are shared with the previous
         # steps': nothing changes them.
         columns_read = SliceColumns(starts, rows, positions, keys, request_ids, ends, True)
         slices = SliceList(columns_read, ids, roles, attributes, scopes)
         if texts:
+            texts = texts[:]  # a list
             tokens: list[Sequence[str]] = [
                 texts[start : start + n] for start, n in zip(starts, rows, strict=True)
             ]
