@@ -233,7 +233,7 @@ class Pipeline:
         batch = group[0][1] if steps is None else steps.merged
         # The encode's time starts after the merge (its own histogram).
         encode_started = started if alone else time.perf_counter()
-        features, rules_started = self._encode(batch, encode_started)
+        features, rules_started = self._encode(batch)
         result = self.engine.evaluate(
             features, batch.slices, model=batch.model, client=client.owner
         )
@@ -368,14 +368,20 @@ class Pipeline:
         rules read one block only (the usual case), the mapping is a ``FeatureBlock``, from
         which the engine gathers them all with one call."""
         started = time.perf_counter()
-        features, ended = self._encode(batch, started)
+        features, ended = self._encode(batch)
         self.metrics.encode_seconds.observe(ended - started)
         return features
 
-    def _encode(
-        self, batch: ValidatedBatch, started: float
-    ) -> tuple[Mapping[str, np.ndarray], float]:
+    def _encode(self, batch: ValidatedBatch) -> tuple[Mapping[str, np.ndarray], float]:
         """``encode`` (its time not observed), and when it ended."""
+        blocks = self._blocks
+        if len(blocks) == 1:  # the usual case: the rules read one pack's block
+            key = blocks[0]
+            values = batch.encoded.get(key) if batch.encoded else None
+            if values is None:
+                values = self.encode_block(self._packs[key[0]], key[1], batch)
+            block = FeatureBlock(_cpu_float32(values), self._column_index)
+            return block, time.perf_counter()
         encoded: dict[tuple[str, str], np.ndarray] = {}
         for key in self._blocks:
             values = batch.encoded.get(key)
