@@ -179,11 +179,19 @@ def run_sidecar_bench(
             runs = {name: {} for name in sidecars}
             runs["this"] = result
 
+            order = list(sidecars)
+            if tree is not None:  # neither sidecar's first phase pays for its warm-up
+                for _, port in sidecars.values():
+                    _warm_up(f"127.0.0.1:{port}", prefill_rows, conversations, sequence_format)
+
             def each(name: str, phase: Any, *args: Any) -> None:
-                # This sidecar, then the baseline's, back to back: the same machine state.
-                for which, (process, port) in sidecars.items():
+                # Both sidecars back to back, the same machine state; which goes first
+                # alternates from phase to phase, so neither always follows the other.
+                for which in order:
+                    process, port = sidecars[which]
                     target = f"127.0.0.1:{port}"
                     runs[which][name] = _measured(process, phase, target, *args)
+                order.reverse()
 
             each("throughput", _throughput, seconds, prefill_rows)
             load = latency_tokens_per_s or result["throughput"]["tokens_per_s"] / 2
@@ -212,6 +220,17 @@ def run_sidecar_bench(
         if saturation:
             result.update(_bounds(pack, ruleset, prefill_rows, conversations, sidecar_core))
     return result
+
+
+def _warm_up(target: str, prefill_rows: int, conversations: int, sequence_format: str) -> None:
+    """A few messages of each phase's kind, unmeasured: first-call costs (allocator growth,
+    torch's first kernels, gRPC's buffers) then fall on no phase."""
+    _Stream(target, window=4).run(
+        itertools.islice((_prefill(i + 1, prefill_rows, i * prefill_rows) for i in range(8)), 8)
+    )
+    _Stream(target, window=64).run(
+        itertools.islice(_decode_steps(conversations, sequence_format), 64)
+    )
 
 
 # The light-load point: what a lightly loaded engine sends (vLLM's bench overhead: a few
@@ -667,7 +686,8 @@ def side_by_side_lines(result: dict[str, Any]) -> list[str]:
     back in the same run (`--baseline-tree`)."""
     base = result["baseline"]
     lines = [
-        f"side by side with the baseline sidecar of {base['tree']} (each phase: this, then it):",
+        f"side by side with the baseline sidecar of {base['tree']} (each phase run on both, "
+        "back to back, alternating which goes first):",
         f"{'phase':<18}{'CPU ms/msg':>12}{'baseline':>10}{'ratio':>7}"
         f"{'p99 ms':>9}{'baseline':>10}{'tokens/s':>10}{'baseline':>10}",
     ]
