@@ -28,10 +28,11 @@ from monitor.capture.relay.sender import FrameSource, Sender
 log = structlog.get_logger("safety_monitor.capture")
 
 
-def _stop_when_parent_goes(stdin: BinaryIO, stopping: threading.Event) -> None:
+def _stop_when_parent_goes(stdin: BinaryIO, stopping: threading.Event, source: FrameSource) -> None:
     while stdin.read(4096):
         pass
     stopping.set()
+    source.interrupt()  # the sender may be asleep waiting for a frame
 
 
 RELAY_CPUS_ENV = "SAFETY_MONITOR_RELAY_CPUS"
@@ -83,11 +84,11 @@ def main() -> int:
     _pin_to_cpus()  # after logging goes to stderr (stdout carries events), before any thread
     ring = SharedRing.attach(config.ring_fd, config.ring_capacity)
     stopping = threading.Event()
+    source = FrameSource(ring, config.doorbell_fd, config.wakeup_fd)
     watcher = threading.Thread(
-        target=_stop_when_parent_goes, args=(sys.stdin.buffer, stopping), daemon=True
+        target=_stop_when_parent_goes, args=(sys.stdin.buffer, stopping, source), daemon=True
     )
     watcher.start()
-    source = FrameSource(ring, config.doorbell_fd)
     events = EventWriter(sys.stdout.buffer, lambda: sender.count(Slot.ALERTS))
     sender = Sender(config.settings, ring, source, events)
     ring.slots[Slot.RELAY_READY] = 1

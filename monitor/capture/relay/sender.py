@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import random
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,51 +21,113 @@ import structlog
 
 from monitor.capture.channel.frames import read_step
 from monitor.capture.channel.protocol import SenderSettings
-from monitor.capture.channel.ring import Frame, SharedRing, Slot
+from monitor.capture.channel.ring import Frame, SharedRing, Slot, full_fence
 from monitor.wire import pb, pb_grpc
 from monitor.wire.columns import ColumnarEncoder, offers_columns
 
 log = structlog.get_logger("safety_monitor.capture")
 
-# How long the relay sleeps between looks at an empty ring: short while steps are flowing
-# (a decode step every few ms), longer once the model has gone quiet.
-_POLL_ACTIVE, _POLL_IDLE, _ACTIVE_FOR = 0.0005, 0.005, 0.25
+# How long the relay's first sleep after it sets WAITING may last: the fallback for a wake-up
+# lost despite the fences (see `FrameSource._wait`), so such a frame waits at most this long.
+# Longer than a decode step, so at light load the relay wakes once per step, not twice. With
+# no wake-up fd at all (never from RelayLink) the relay polls the ring at this interval.
+LOST_WAKEUP_BOUND = 0.025
+REQUEST_WAIT = 1.0
 
 
 class FrameSource:
-    """Steps off the ring, in order. With a doorbell (CPUs that reorder stores), only frames
-    whose doorbell byte has arrived are read."""
+    """Steps off the ring, in order, waking only when there is one. With a doorbell (CPUs that
+    reorder stores), only frames whose doorbell byte has arrived are read, and the relay
+    blocks on the doorbell pipe; otherwise it blocks on the wake-up eventfd (ring.py).
+    `interrupt` wakes a waiting `next` from another relay thread."""
 
-    def __init__(self, ring: SharedRing, doorbell_fd: int | None = None) -> None:
+    def __init__(
+        self, ring: SharedRing, doorbell_fd: int | None = None, wakeup_fd: int | None = None
+    ) -> None:
         self.ring = ring
         self.doorbell_fd = doorbell_fd
+        self.wakeup_fd = None if doorbell_fd is not None else wakeup_fd
         self._announced = 0
-        self._last_frame = 0.0
+        self._fence = threading.Lock()
+        self._interrupt = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._poller = select.poll()
+        self._poller.register(self._interrupt, select.POLLIN)
+        waker = doorbell_fd if doorbell_fd is not None else self.wakeup_fd
+        if waker is not None:
+            self._poller.register(waker, select.POLLIN)
+        # Whether WAITING was set a whole bounded sleep ago (see `_wait`); with a doorbell
+        # every frame rings it, so no sleep needs a bound.
+        self._waiting_visible = doorbell_fd is not None
+        self.waits = 0  # times `next` blocked (each ends in one wake-up of this thread)
+        self.timeouts = 0  # waits that ended by their timeout, not by a wake-up
 
     def next(self, timeout: float, on_bad_frame: Callable[[], None]) -> pb.StepBatch | None:
-        """The next step on the ring as a StepBatch, None after `timeout` seconds without one;
-        `on_bad_frame` is called for a frame that cannot be read (it is skipped).
+        """The next step on the ring as a StepBatch, None after `timeout` seconds without one
+        (or sooner, after `interrupt`); `on_bad_frame` is called for a frame that cannot be
+        read (it is skipped).
         """
         deadline = time.monotonic() + timeout
+        slots = self.ring.slots
         while True:
             frame = self._peek()
             if frame is not None:
+                if slots[Slot.WAITING]:
+                    slots[Slot.WAITING] = 0  # busy again: the producer need not write
                 try:
                     batch = read_step(self.ring, frame)
                 except Exception:
                     log.exception("unreadable frame on the capture ring")
                     batch = None
                 self.ring.release(frame.size)
-                self._last_frame = time.monotonic()
                 if batch is None:
                     on_bad_frame()
                     continue
                 return batch
             now = time.monotonic()
-            if now >= deadline:
+            if now >= deadline or self._wait(deadline - now):  # timed out, or interrupted
+                # Not waiting any more: the producer must not keep writing the eventfd while
+                # this relay is elsewhere (reconnecting, say).
+                slots[Slot.WAITING] = 0
                 return None
-            idle = now - self._last_frame > _ACTIVE_FOR
-            time.sleep(min(_POLL_IDLE if idle else _POLL_ACTIVE, deadline - now))
+
+    def interrupt(self) -> None:
+        """Wake a `next` that is waiting (from another thread): it returns None."""
+        os.eventfd_write(self._interrupt, 1)
+
+    def _wait(self, remaining: float) -> bool:
+        """Block until a frame may be there, `remaining` seconds at most; True if interrupted."""
+        slots = self.ring.slots
+        if self.wakeup_fd is not None and not slots[Slot.WAITING]:
+            slots[Slot.WAITING] = 1
+            # Once WAITING is set, look again: a frame published before the producer could
+            # see it gets no wake-up from it. x86 lets a load pass an earlier store, so our
+            # store of WAITING and load of HEAD could cross the producer's store of HEAD and
+            # load of WAITING, and both sides miss; a full fence on each side between the two
+            # forbids that (`full_fence`). Should a wake-up be lost all the same, this first
+            # sleep is bounded: that frame waits LOST_WAKEUP_BOUND at most. Sleeps after one
+            # that timed out (WAITING set long before, so visible) need no bound.
+            full_fence(self._fence)
+            if self._peek() is not None:
+                return False
+            self._waiting_visible = False
+        if not self._waiting_visible:  # also: no wake-up fd at all, the relay then polls
+            remaining = min(remaining, LOST_WAKEUP_BOUND)
+        self.waits += 1
+        ready = self._poller.poll(max(1, math.ceil(remaining * 1000)))
+        if not ready:
+            self.timeouts += 1
+            # A whole bounded sleep since WAITING was set: the producer sees it by now.
+            self._waiting_visible = self.wakeup_fd is not None or self.doorbell_fd is not None
+            return False
+        interrupted = False
+        for fd, _ in ready:
+            if fd == self._interrupt:
+                interrupted = True
+                _drain_eventfd(fd)
+            elif fd == self.wakeup_fd:
+                _drain_eventfd(fd)
+            # The doorbell pipe is drained by `_peek`, which counts its bytes.
+        return interrupted
 
     def discard_waiting(self) -> int:
         """Take every waiting frame off the ring unread; returns how many."""
@@ -73,6 +137,10 @@ class FrameSource:
             discarded += 1
         return discarded
 
+    def close(self) -> None:
+        """Release the interrupt eventfd."""
+        os.close(self._interrupt)
+
     def _peek(self) -> Frame | None:
         if self.doorbell_fd is not None:
             with contextlib.suppress(BlockingIOError):
@@ -80,6 +148,11 @@ class FrameSource:
             if self.ring.slots[Slot.CONSUMED] >= self._announced:
                 return None
         return self.ring.peek()
+
+
+def _drain_eventfd(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        os.eventfd_read(fd)
 
 
 class Sender:
@@ -165,6 +238,7 @@ class Sender:
                 self.ring.slots[Slot.CONNECTED] = 0
                 with self._lock:
                     alive.clear()
+                self.source.interrupt()  # gRPC's request thread may be waiting for a frame
                 self._lose_inflight()
             return True
 
@@ -194,7 +268,9 @@ class Sender:
     ) -> Iterator[pb.StepBatch]:
         bad_frame = lambda: self.count(Slot.LOST_BAD_FRAME)  # noqa: E731
         while alive.is_set() and not (stopping.is_set() and self.ring.frames_waiting() == 0):
-            batch = self.source.next(0.05, bad_frame)
+            # Stopping and a broken stream interrupt the wait, so it can be long: an idle
+            # relay wakes once per REQUEST_WAIT.
+            batch = self.source.next(REQUEST_WAIT, bad_frame)
             if batch is None:
                 continue
             seq_no = next(self._seq_no)
