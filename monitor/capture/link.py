@@ -94,6 +94,7 @@ class RelayLink:
         # Where the relay imports `monitor` from: this code. The relay bench points it at
         # another checkout to compare two relays side by side.
         self.package_root = _PACKAGE_ROOT
+        self.relay_env: dict[str, str] = {}  # added to the relay's environment (benches)
         self._lock = threading.Lock()
         self._channel: _Channel | None = _Channel(capacity, doorbell)
         self._retired: Counter[str] = Counter()  # counters of relays that have exited
@@ -191,7 +192,7 @@ class RelayLink:
         )
         extra = (channel.doorbell_read, channel.wakeup)
         fds = [channel.ring.fd] + [fd for fd in extra if fd is not None]
-        env = dict(os.environ)
+        env = {**os.environ, **self.relay_env}
         root = self.package_root
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         try:
@@ -201,6 +202,7 @@ class RelayLink:
                 stdout=subprocess.PIPE,
                 pass_fds=fds,
                 env=env,
+                cwd=root,  # `-m` puts the working directory first on sys.path
             )
         except OSError as exc:
             log.error("could not start the capture relay", error=str(exc))

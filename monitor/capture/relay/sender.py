@@ -27,24 +27,45 @@ from monitor.wire.columns import ColumnarEncoder, offers_columns
 
 log = structlog.get_logger("safety_monitor.capture")
 
+# How the relay waits for frames (the producer's half is `FrameWriter._announce`):
+#
+# - Idle, or when a frame is overdue: it sets WAITING in the ring's header and blocks on the
+#   wake-up eventfd, which the producer writes after a publish only while WAITING is set. No
+#   CPU while idle; a frame is picked up as soon as it is published.
+# - While steps come at a steady pace (a decode loop), waking the relay costs the model's
+#   thread a system call per step, and more: a write that wakes a thread on another CPU took
+#   ~30 us of the writer's CPU time on this project's 2-vCPU VM (scripts/eventfd_wake_cost.py).
+#   So the relay predicts the next frame from the pace so far, blocks (WAITING set: an early
+#   frame still wakes it at once) until a little before it is due, then clears WAITING and
+#   polls every POLL_INTERVAL until it comes: the producer then finds WAITING clear and makes
+#   no system call. A frame later than twice the usual gap ends the polling (blocking again).
+POLL_INTERVAL = 0.0005
+# Polling starts this long before the predicted frame: a fraction of the gap plus a constant,
+# to absorb the steps' jitter (a frame that comes earlier still gets its wake-up).
+POLL_AHEAD_FRACTION, POLL_AHEAD = 0.15, 0.001
+ACTIVE_FOR = 0.25  # a gap longer than this is a pause, not a pace
 # How long the relay's first sleep after it sets WAITING may last: the fallback for a wake-up
 # lost despite the fences (see `FrameSource._wait`), so such a frame waits at most this long.
-# Longer than a decode step, so at light load the relay wakes once per step, not twice. With
-# no wake-up fd at all (never from RelayLink) the relay polls the ring at this interval.
+# With no wake-up fd at all (never from RelayLink) the relay polls the ring at POLL_INTERVAL.
 LOST_WAKEUP_BOUND = 0.025
 REQUEST_WAIT = 1.0
 
 
 class FrameSource:
-    """Steps off the ring, in order, waking only when there is one. With a doorbell (CPUs that
-    reorder stores), only frames whose doorbell byte has arrived are read, and the relay
-    blocks on the doorbell pipe; otherwise it blocks on the wake-up eventfd (ring.py).
-    `interrupt` wakes a waiting `next` from another relay thread."""
+    """Steps off the ring, in order, waking only when there is one (see the comment above).
+    With a doorbell (CPUs that reorder stores), only frames whose doorbell byte has arrived
+    are read, and the relay blocks on the doorbell pipe (every frame rings it) instead of the
+    wake-up eventfd. `interrupt` wakes a waiting `next` from another relay thread."""
 
     def __init__(
-        self, ring: SharedRing, doorbell_fd: int | None = None, wakeup_fd: int | None = None
+        self,
+        ring: SharedRing,
+        doorbell_fd: int | None = None,
+        wakeup_fd: int | None = None,
+        pace: bool = True,
     ) -> None:
         self.ring = ring
+        self.pace = pace  # False: always block until woken (each frame then costs a write)
         self.doorbell_fd = doorbell_fd
         self.wakeup_fd = None if doorbell_fd is not None else wakeup_fd
         self._announced = 0
@@ -58,8 +79,11 @@ class FrameSource:
         # Whether WAITING was set a whole bounded sleep ago (see `_wait`); with a doorbell
         # every frame rings it, so no sleep needs a bound.
         self._waiting_visible = doorbell_fd is not None
-        self.waits = 0  # times `next` blocked (each ends in one wake-up of this thread)
-        self.timeouts = 0  # waits that ended by their timeout, not by a wake-up
+        self._last_frame = -math.inf  # when the last frame was taken (time.monotonic)
+        self.gap: float | None = None  # the average gap between frames while they flow
+        self.waits = 0  # blocking waits (each ends in one wake-up of this thread)
+        self.timeouts = 0  # blocking waits that ended by their timeout, not by a wake-up
+        self.polls = 0  # short sleeps while a frame is due
 
     def next(self, timeout: float, on_bad_frame: Callable[[], None]) -> pb.StepBatch | None:
         """The next step on the ring as a StepBatch, None after `timeout` seconds without one
@@ -73,6 +97,7 @@ class FrameSource:
             if frame is not None:
                 if slots[Slot.WAITING]:
                     slots[Slot.WAITING] = 0  # busy again: the producer need not write
+                self._taken(time.monotonic())
                 try:
                     batch = read_step(self.ring, frame)
                 except Exception:
@@ -84,7 +109,7 @@ class FrameSource:
                     continue
                 return batch
             now = time.monotonic()
-            if now >= deadline or self._wait(deadline - now):  # timed out, or interrupted
+            if now >= deadline or self._wait(now, deadline - now):  # timed out, or interrupted
                 # Not waiting any more: the producer must not keep writing the eventfd while
                 # this relay is elsewhere (reconnecting, say).
                 slots[Slot.WAITING] = 0
@@ -94,9 +119,45 @@ class FrameSource:
         """Wake a `next` that is waiting (from another thread): it returns None."""
         os.eventfd_write(self._interrupt, 1)
 
-    def _wait(self, remaining: float) -> bool:
-        """Block until a frame may be there, `remaining` seconds at most; True if interrupted."""
+    def schedule(self, now: float) -> float | None:
+        """How to wait at `now` with the ring empty: None to poll (a frame is due), else block
+        for at most that many seconds (math.inf: until woken) before looking again."""
+        gap = self.gap
+        if (
+            not self.pace
+            or self.wakeup_fd is None
+            or gap is None
+            or now - self._last_frame > ACTIVE_FOR
+        ):
+            return math.inf
+        due = self._last_frame + gap
+        poll_from = due - POLL_AHEAD_FRACTION * gap - POLL_AHEAD
+        if now < poll_from:
+            return poll_from - now
+        if now < due + gap:
+            return None
+        return math.inf  # overdue: the pace is broken, wait to be woken
+
+    def _taken(self, now: float) -> None:
+        """A frame was taken at `now`: update the pace (an average over the last few gaps)."""
+        gap = now - self._last_frame
+        if gap <= ACTIVE_FOR:
+            # Half the last gap, half the history: a new pace is learnt in two or three steps
+            # (each step of a change costs at most one wake-up write), and jitter is damped.
+            self.gap = gap if self.gap is None else 0.5 * (gap + self.gap)
+        self._last_frame = now
+
+    def _wait(self, now: float, remaining: float) -> bool:
+        """Wait until a frame may be there, `remaining` seconds at most; True if interrupted."""
         slots = self.ring.slots
+        block = self.schedule(now)
+        if block is None or (self.wakeup_fd is None and self.doorbell_fd is None):
+            if slots[Slot.WAITING]:
+                slots[Slot.WAITING] = 0  # due: the producer need not wake us
+            self.polls += 1
+            time.sleep(min(POLL_INTERVAL, remaining))
+            return False
+        remaining = min(remaining, block)
         if self.wakeup_fd is not None and not slots[Slot.WAITING]:
             slots[Slot.WAITING] = 1
             # Once WAITING is set, look again: a frame published before the producer could
@@ -110,10 +171,17 @@ class FrameSource:
             if self._peek() is not None:
                 return False
             self._waiting_visible = False
-        if not self._waiting_visible:  # also: no wake-up fd at all, the relay then polls
+        if not self._waiting_visible:
             remaining = min(remaining, LOST_WAKEUP_BOUND)
         self.waits += 1
-        ready = self._poller.poll(max(1, math.ceil(remaining * 1000)))
+        # poll() counts whole milliseconds: round down, or the relay would start polling
+        # late; under a millisecond, one short sleep instead.
+        milliseconds = int(remaining * 1000)
+        if milliseconds <= 0:
+            self.polls += 1
+            time.sleep(remaining)
+            return False
+        ready = self._poller.poll(milliseconds)
         if not ready:
             self.timeouts += 1
             # A whole bounded sleep since WAITING was set: the producer sees it by now.
