@@ -42,7 +42,7 @@ log = structlog.get_logger("safety_monitor.capture")
 POLL_INTERVAL = 0.0005
 # Polling starts this long before the predicted frame: a fraction of the gap plus a constant,
 # to absorb the steps' jitter (a frame that comes earlier still gets its wake-up).
-POLL_AHEAD_FRACTION, POLL_AHEAD = 0.15, 0.001
+POLL_AHEAD_FRACTION, POLL_AHEAD = 0.1, 0.0005
 ACTIVE_FOR = 0.25  # a gap longer than this is a pause, not a pace
 # How long the relay's first sleep after it sets WAITING may last: the fallback for a wake-up
 # lost despite the fences (see `FrameSource._wait`), so such a frame waits at most this long.
@@ -71,11 +71,9 @@ class FrameSource:
         self._announced = 0
         self._fence = threading.Lock()
         self._interrupt = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._poller = select.poll()
-        self._poller.register(self._interrupt, select.POLLIN)
+        self._interrupts = [self._interrupt]
         waker = doorbell_fd if doorbell_fd is not None else self.wakeup_fd
-        if waker is not None:
-            self._poller.register(waker, select.POLLIN)
+        self._wakers = self._interrupts + ([] if waker is None else [waker])
         # Whether WAITING was set a whole bounded sleep ago (see `_wait`); with a doorbell
         # every frame rings it, so no sleep needs a bound.
         self._waiting_visible = doorbell_fd is not None
@@ -155,7 +153,9 @@ class FrameSource:
             if slots[Slot.WAITING]:
                 slots[Slot.WAITING] = 0  # due: the producer need not wake us
             self.polls += 1
-            time.sleep(min(POLL_INTERVAL, remaining))
+            if select.select(self._interrupts, (), (), min(POLL_INTERVAL, remaining))[0]:
+                _drain_eventfd(self._interrupt)
+                return True
             return False
         remaining = min(remaining, block)
         if self.wakeup_fd is not None and not slots[Slot.WAITING]:
@@ -174,21 +174,15 @@ class FrameSource:
         if not self._waiting_visible:
             remaining = min(remaining, LOST_WAKEUP_BOUND)
         self.waits += 1
-        # poll() counts whole milliseconds: round down, or the relay would start polling
-        # late; under a millisecond, one short sleep instead.
-        milliseconds = int(remaining * 1000)
-        if milliseconds <= 0:
-            self.polls += 1
-            time.sleep(remaining)
-            return False
-        ready = self._poller.poll(milliseconds)
+        # select(), not poll(): its timeout has microseconds, poll()'s whole milliseconds.
+        ready, _, _ = select.select(self._wakers, (), (), remaining)
         if not ready:
             self.timeouts += 1
             # A whole bounded sleep since WAITING was set: the producer sees it by now.
             self._waiting_visible = self.wakeup_fd is not None or self.doorbell_fd is not None
             return False
         interrupted = False
-        for fd, _ in ready:
+        for fd in ready:
             if fd == self._interrupt:
                 interrupted = True
                 _drain_eventfd(fd)
@@ -344,7 +338,9 @@ class Sender:
             seq_no = next(self._seq_no)
             batch.seq_no = seq_no
             batch.model = self.settings.model_name
-            batch.sent_at.GetCurrentTime()
+            # Not Timestamp.GetCurrentTime: that goes through datetime, 4 us against 0.6.
+            stamp = batch.sent_at
+            stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
             rows = sum(sequence.rows for sequence in batch.sequences)
             if encoder is not None:
                 encoder.encode(batch)
