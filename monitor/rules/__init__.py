@@ -11,6 +11,8 @@ from monitor.rules.engine import (
     Firing,
     RuleEngine,
     SequenceSlice,
+    SliceColumns,
+    SliceList,
 )
 from monitor.rules.errors import RuleIssue, RuleLoadError, SourceLocation
 from monitor.rules.loader import Rule, RuleSet, load_rules
@@ -30,6 +32,8 @@ __all__ = [
     "RuleReloader",
     "RuleSet",
     "SequenceSlice",
+    "SliceColumns",
+    "SliceList",
     "SourceLocation",
     "load_rules",
 ]

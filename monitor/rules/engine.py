@@ -30,7 +30,7 @@ import itertools
 import math
 import operator
 import threading
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
@@ -50,6 +50,7 @@ _NEVER = -(1 << 62)  # "last fired at" before any firing: far enough back for an
 
 
 _NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
+_FLOAT32 = np.dtype(np.float32)
 
 
 class SequenceSlice(NamedTuple):
@@ -224,7 +225,8 @@ class FeatureBlock(Mapping[str, np.ndarray]):
     def __init__(self, block: np.ndarray, index: Mapping[str, int]) -> None:
         if block.ndim != 2:
             raise ValueError("a feature block is a [rows, features] array")
-        self.block = block.astype(np.float32, copy=False)
+        # An encode's block is float32 already: no call to say so (``astype`` is one).
+        self.block = block if block.dtype is _FLOAT32 else block.astype(np.float32)
         self.index = index  # name -> column
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -584,20 +586,42 @@ def _attribute_values(slices: list[SequenceSlice], key: str) -> list[str | None]
         return list(map(operator.methodcaller("get", key), attributes))
 
 
-class _Columns(NamedTuple):
-    """A batch's slices as column lists, read once (``RuleEngine._check``)."""
+class SliceColumns(NamedTuple):
+    """A batch's slices as column lists, read once (``RuleEngine._check``), or given with
+    them (``SliceList``). Never changed once made: the engine keeps and compares them."""
 
     starts: list[int]
     rows: list[int]
     positions: list[int]
     keys: list[Hashable]  # ``state_key`` of each slice
     request_ids: list[str]
-    ends: tuple[bool, ...]
+    ends: Sequence[bool]
+    # True when the keys are known to be distinct (one wave); False: not checked.
+    distinct: bool = False
+
+
+_Columns = SliceColumns
+
+
+class SliceList(list):  # type: ignore[type-arg]
+    """A batch's ``SequenceSlice`` list that also carries its fields as columns
+    (``columns``), for a caller that has them already (the sidecar's columnar format reads
+    them from the message's packed arrays): the engine then reads the columns instead of
+    transposing 64 named tuples back into them on every decode step. Neither the list nor
+    its columns may change once made; ``columns`` must describe exactly the list's slices
+    (a test checks the sidecar's against ``SliceColumns`` read from the slices)."""
+
+    __slots__ = ("columns",)
+
+    columns: SliceColumns
 
 
 def _read_columns(sequences: Sequence[SequenceSlice]) -> _Columns:
     """The slices' fields as columns: one transposing ``zip`` (a pass in C over the named
-    tuples) instead of a ``map`` per field, each as costly on a decode step's 64 slices."""
+    tuples) instead of a ``map`` per field, each as costly on a decode step's 64 slices;
+    none at all for a ``SliceList``, which carries them."""
+    if sequences.__class__ is SliceList:
+        return sequences.columns  # type: ignore[attr-defined]
     if not sequences:
         return _Columns([], [], [], [], [], ())
     ids, starts, rows, positions, _, ends, request_ids, _, scopes = zip(*sequences, strict=True)
@@ -813,7 +837,10 @@ class RuleEngine:
             if not all(columns.rows):
                 sequences = [s for s in sequences if s.rows or state_key(s) in tracked]
                 columns = None
-            waves = _waves(sequences, None if columns is None else columns.keys)
+            if columns is not None and columns.distinct:
+                waves = [(sequences, columns.keys)]  # type: ignore[list-item]  # one wave
+            else:
+                waves = _waves(sequences, None if columns is None else columns.keys)
             for wave, _ in waves:
                 if len(wave) > self._max:
                     raise ValueError(f"batch has more than {self._max} conversations")
@@ -1063,8 +1090,12 @@ class RuleEngine:
             registers = plan.registers if plan is not None else program.allocate(wave.total)
             wave.gather(features, program.feature_names, registers, self._block_columns(features))
             temporal = _WaveTemporal(self, wave)
+            values: np.ndarray | Callable[[], np.ndarray]
             if plan is not None:
-                conditions, values = plan.run(temporal.compute)
+                # The values are only read when a rule fires (``_collect``), before the
+                # plan's registers are written again.
+                conditions = plan.run_conditions(temporal.compute, into=True)
+                values = plan.values
             else:
                 conditions, values = program.run(registers, temporal.compute)
             temporal.store()
@@ -1097,7 +1128,9 @@ class RuleEngine:
             if self._for_one:
                 # Runs clamped at 1 are the condition itself, and a run fires where it
                 # starts (``carry`` is a view of the state: read before it is written).
-                fires = now & (carry == 0)
+                # Runs are never negative: ``now > carry`` is ``now & (carry == 0)``, in one
+                # call (a run carried over a reload from a longer ``for`` can exceed 1).
+                fires = np.greater(now, carry)
                 self._runs.data[wave.at] = now.T
                 return fires[:, :, None]
             runs = np.where(now, carry + 1, 0)
@@ -1122,10 +1155,18 @@ class RuleEngine:
         return runs == need[:, :, None]
 
     def _collect(
-        self, wave: _Wave, fires: np.ndarray, values: np.ndarray, result: EvaluationResult
+        self,
+        wave: _Wave,
+        fires: np.ndarray,
+        values: np.ndarray | Callable[[], np.ndarray],
+        result: EvaluationResult,
     ) -> None:
+        """Firings where runs reached ``for`` (past cooldowns); ``values`` [rules, rows], or
+        what reads them."""
         if not _ANY(fires, axis=None):
             return
+        if callable(values):
+            values = values()
         # Flat indices, then unravelled: ``np.argwhere`` of a [rules, 1, 4096] prefill is
         # ~15x slower. Both give C order, i.e. sorted by (rule, slice, token), so a cooldown
         # sees its own firings in order.
@@ -1245,12 +1286,15 @@ class _WaveTemporal:
             # step kernels then write each function's newest value into its last column.
             self.updated[:, :-1] = self.history[:, 1:]
 
-    def compute(self, slots: list[TemporalSlot], xs: np.ndarray) -> np.ndarray:
+    def compute(
+        self, slots: list[TemporalSlot], xs: np.ndarray, into: np.ndarray | None = None
+    ) -> np.ndarray:
         """One stage of the program's temporal functions (``Program.run``'s callback):
-        ``xs`` [slots, rows] in, the functions' values [slots, rows] out."""
+        ``xs`` [slots, rows] in, the functions' values [slots, rows] out; written into
+        ``into`` (and it returned) where the step kernel computes them."""
         if self.step:
             kernel = self.engine._step_kernel(slots)
-            out = kernel(self.history, self.seen, self.updated, xs)
+            out = kernel(self.history, self.seen, self.updated, xs, into)
             if out is not None:
                 for t in kernel.masked:  # restricted to some roles: not in the kernel
                     out[t] = self._compute_masked(slots[t], xs[t])
@@ -1615,6 +1659,8 @@ class _StepKernel:
         self.has_newest = bool(newest_to)
         self.cummax_to = np.array(cummax_to, dtype=np.int64)
         self.cummax_from = np.array(cummax_from, dtype=np.int64)
+        # Per row count: the float64 block and its sums (``__call__``).
+        self._buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __call__(
         self,
@@ -1622,17 +1668,27 @@ class _StepKernel:
         seen: np.ndarray,
         updated: np.ndarray,
         x: np.ndarray,
+        out: np.ndarray | None = None,
     ) -> np.ndarray | None:
         """The stage's outputs [functions, rows] from its inputs ``x`` [functions, rows]
-        (writing new history into ``updated``), or None, having written nothing, when the
-        step has non-finite values (then the caller computes them one function at a time)."""
+        (writing new history into ``updated``), in ``out`` when given, or None, having
+        written nothing, when the step has non-finite values (then the caller computes them
+        one function at a time)."""
         rows = x.shape[1]
-        out = np.empty((self.width, rows), dtype=np.float32)
+        if out is None:
+            out = np.empty((self.width, rows), dtype=np.float32)
         if self.sums:
-            block = np.empty((rows, self.sum_width + len(self.sums)), dtype=np.float64)
+            # Kept from the step before (one per row count): written whole each step.
+            buffers = self._buffers.get(rows)
+            if buffers is None:
+                if len(self._buffers) >= 8:
+                    self._buffers.clear()
+                block = np.empty((rows, self.sum_width + len(self.sums)), dtype=np.float64)
+                buffers = self._buffers[rows] = (block, np.empty((rows, len(self.sums))))
+            block, sums = buffers
             block[:, : self.sum_width] = history[:, : self.sum_width]
             block[:, self.sum_width :] = x[self.sum_rows].T
-            sums = block @ self.weights  # [S, sum functions]
+            np.matmul(block, self.weights, out=sums)  # [S, sum functions]
             # 0 * inf is NaN: an infinite value would spill into other functions' sums in
             # the product. Such a step is computed one function at a time. Every product is
             # made, so a non-finite input makes its row's sums non-finite (NaN where its
@@ -1654,8 +1710,7 @@ class _StepKernel:
                     out[self.sum_rows] = (sums / self.full_divisors).T
             else:
                 counts = self._counts(seen, rows)
-                sums /= self.divisors[self.bases + counts]
-                out[self.sum_rows] = sums.T
+                out[self.sum_rows] = (sums / self.divisors[self.bases + counts]).T
         for t, first, last, maximum in self.extrema:
             carried = history[:, first:last]
             if maximum:

@@ -360,6 +360,17 @@ class Program:
 
 _PLANS_KEPT = 8  # row counts whose plans a program keeps at once
 
+# ``np.errstate(all="ignore")`` made once: entering a new one on every step costs as much as
+# the step's arithmetic when the caches are cold (it builds its error state each time). The
+# context variable numpy keeps it in is private: without it (another numpy), ``errstate``.
+try:
+    from numpy._core._ufunc_config import _extobj_contextvar as _ERROR_STATE
+
+    with np.errstate(all="ignore"):
+        _IGNORE_ERRORS = _ERROR_STATE.get()
+except (ImportError, AttributeError):  # pragma: no cover - numpy < 2 or a changed layout
+    _ERROR_STATE = None
+
 
 class StepPlan:
     """``Program.run`` for one row count, made once and run step after step.
@@ -428,19 +439,57 @@ class StepPlan:
 
     def run(self, temporal: TemporalFn) -> tuple[np.ndarray, np.ndarray]:
         """As ``Program.run`` on ``registers``: (conditions, values), new arrays."""
-        with np.errstate(all="ignore"):  # x / 0 is inf and inf - inf is NaN, as in torch
-            for ops, stateful in self._stages:
-                for op in ops:
-                    op()
-                if stateful is not None:
-                    out, inputs, fill, slots = stateful
-                    for op in fill:
-                        op()
-                    out[...] = temporal(slots, inputs)
-        conditions, values = self.program.results(self.registers)
+        conditions = self.run_conditions(temporal)
+        values = self.values()
         if values.base is self.registers:  # a view: the registers are written again
             values = values.copy()
         return conditions, values
+
+    def run_conditions(self, temporal: TemporalFn, into: bool = False) -> np.ndarray:
+        """``run``'s conditions (a new array) alone: the values are read by ``values``, only
+        when some rule fired (the usual decode step reads none). ``into``: ``temporal``
+        takes a third argument, the registers its values go to, and may write them there
+        itself (returning that array) rather than return new ones to be copied in."""
+        if _ERROR_STATE is None:  # pragma: no cover - see _ERROR_STATE
+            with np.errstate(all="ignore"):
+                self._run(temporal, into)
+        else:
+            # x / 0 is inf and inf - inf is NaN, as in torch
+            token = _ERROR_STATE.set(_IGNORE_ERRORS)
+            try:
+                self._run(temporal, into)
+            finally:
+                _ERROR_STATE.reset(token)
+        program = self.program
+        conditions = _read(self.registers, program._conditions) != 0
+        if conditions.shape[0] != len(program.conditions):  # one register shared by all
+            shape = (len(program.conditions), self.registers.shape[1])
+            conditions = np.broadcast_to(conditions, shape).copy()
+        return conditions
+
+    def values(self) -> np.ndarray:
+        """The rules' values ``[rules, rows]`` of the last run (a view of the registers when
+        they are a slice of them: valid until the next run)."""
+        program = self.program
+        values = _read(self.registers, program._values)
+        if values.shape[0] != len(program.values):  # one register shared by all
+            values = np.broadcast_to(values, (len(program.values), values.shape[1])).copy()
+        return values
+
+    def _run(self, temporal: TemporalFn, into: bool) -> None:
+        for ops, stateful in self._stages:
+            for op in ops:
+                op()
+            if stateful is not None:
+                out, inputs, fill, slots = stateful
+                for op in fill:
+                    op()
+                if into:
+                    done = temporal(slots, inputs, out)  # type: ignore[call-arg]
+                    if done is not out:
+                        out[...] = done
+                else:
+                    out[...] = temporal(slots, inputs)
 
 
 def _run_group(r: np.ndarray, group: _Group) -> None:

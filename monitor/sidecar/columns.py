@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from itertools import accumulate, repeat
 from typing import NamedTuple
 
-from monitor.rules import SequenceSlice
+from monitor.rules import SequenceSlice, SliceColumns, SliceList
 from monitor.sidecar.config import Limits
 from monitor.sidecar.validate import (
     MAX_POSITION,
@@ -26,6 +26,7 @@ from monitor.wire import pb
 
 _NO_ATTRIBUTES: Mapping[str, str] = SequenceSlice._field_defaults["attributes"]
 _new_slice = tuple.__new__
+_NO_TOKENS: tuple[str, ...] = ()
 # The fields the fast construction below fills, in order.
 SLICE_FIELDS = (
     "conversation_id",
@@ -147,7 +148,7 @@ class ConversationTable:
         limits: Limits,
         scope: str = "",
         scope_attribute: str = "",
-    ) -> tuple[list[SequenceSlice], list[list[str]]]:
+    ) -> tuple[list[SequenceSlice], list[Sequence[str]]]:
         """The batch's sequences from its arrays: what `Sequence` messages would have given,
         scoped by `scope` or, when set, by each conversation's `scope_attribute`. Raises
         BatchRejected (located) on a problem."""
@@ -189,7 +190,7 @@ class ConversationTable:
         else:
             read = self._read(slot_ids, scope, scope_attribute)
             self._last = (slot_ids, scope, scope_attribute, read)
-        ids, roles, request_ids, attributes, scopes = read
+        ids, roles, request_ids, attributes, scopes, keys = read
         # max + max bounds every sum: the exact check runs only when that bound is exceeded.
         if max(positions) + max(rows) > MAX_POSITION:
             for i, (position, n) in enumerate(zip(positions, rows, strict=True)):
@@ -201,19 +202,19 @@ class ConversationTable:
                         f"supported position {MAX_POSITION}",
                     )
         texts = columns.tokens[:]
-        total = sum(rows)
-        if texts and len(texts) != total:
+        if texts and len(texts) != sum(rows):
             raise BatchRejected(
                 "bad_tokens",
                 "columns.tokens",
-                f"columns.tokens: {len(texts)} token texts for {total} rows",
+                f"columns.tokens: {len(texts)} token texts for {sum(rows)} rows",
             )
         if not ends:
             ends = [False] * count
+        starts = list(accumulate(rows, initial=0))
+        starts.pop()  # one more than there are sequences
         # All in C: tuple.__new__ instead of the named tuple's Python-level __new__ (a third
         # of the cost). Every field is given, in order (a test checks SLICE_FIELDS against
         # SequenceSlice._fields).
-        starts = accumulate(rows, initial=0)  # one more than there are sequences: not strict
         fields = zip(
             ids,
             starts,
@@ -224,13 +225,19 @@ class ConversationTable:
             request_ids,
             attributes,
             scopes,
-            strict=False,
+            strict=True,
         )
-        slices: list[SequenceSlice] = list(map(_new_slice, repeat(SequenceSlice, count), fields))
+        slices = SliceList(map(_new_slice, repeat(SequenceSlice, count), fields))
+        # The engine reads these instead of transposing the slices back into them. The
+        # lists read from the table (keys, request ids) are shared with the previous steps':
+        # nothing changes them.
+        slices.columns = SliceColumns(starts, rows, positions, keys, request_ids, ends, True)
         if texts:
-            tokens = [texts[s.start_row : s.start_row + s.rows] for s in slices]
+            tokens: list[Sequence[str]] = [
+                texts[s.start_row : s.start_row + s.rows] for s in slices
+            ]
         else:
-            tokens = [[] for _ in range(count)]
+            tokens = [_NO_TOKENS] * count  # read only: one shared empty tuple
         return slices, tokens
 
     def _read(self, slot_ids: list[int], scope: str, scope_attribute: str) -> tuple:
@@ -269,4 +276,6 @@ class ConversationTable:
             scopes: Sequence[str] = [a.get(scope_attribute, "") for a in attributes]
         else:
             scopes = (scope,) * count
-        return ids, roles, request_ids, attributes, scopes
+        # The engine's state keys (``state_key``): the id alone where there is no scope.
+        keys = [(s, i) if s else i for s, i in zip(scopes, ids, strict=True)]
+        return ids, roles, list(request_ids), attributes, scopes, keys

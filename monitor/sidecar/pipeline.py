@@ -149,7 +149,15 @@ class Pipeline:
     ) -> BatchOutcome:
         """Run one batch through the stream's stateful rule engine; never raises on bad input.
         `decoded`: `validate.decode_layers` of the batch, if it ran already."""
-        return self.process_many([batch], client, table, [decoded])[0]
+        # `process_many` of this one batch, without its lists (a decode step under light
+        # load comes alone).
+        try:
+            validated = self.validate(batch, client, table, decoded)
+        except BatchRejected as rejected:
+            return self._reject(batch.seq_no, rejected)
+        outcomes: list[BatchOutcome | None] = [None]
+        self._process_group([(0, validated)], outcomes, client)
+        return outcomes[0]  # type: ignore[return-value]  # set, or an internal error
 
     def process_many(
         self,
@@ -217,36 +225,47 @@ class Pipeline:
         outcomes: list[BatchOutcome | None],
         client: StreamClient,
     ) -> None:
+        metrics = self.metrics
         started = time.perf_counter()
-        steps = merge_steps([member for _, member in group])
-        batch = steps.merged
-        features = self.encode(batch)
-        rules_started = time.perf_counter()
+        # A step alone (the light-load case) is its own merged batch.
+        steps = merge_steps([member for _, member in group]) if len(group) > 1 else None
+        batch = group[0][1] if steps is None else steps.merged
+        # The encode's time starts after the merge (its own histogram).
+        encode_started = started if steps is None else time.perf_counter()
+        features, rules_started = self._encode(batch, encode_started)
         result = self.engine.evaluate(
             features, batch.slices, model=batch.model, client=client.owner
         )
-        self.metrics.rules_seconds.observe(time.perf_counter() - rules_started)
+        metrics.rules_seconds.observe(time.perf_counter() - rules_started)
         if result.gaps:  # a metric call costs microseconds: none for nothing to count
-            self.metrics.position_gaps.inc(result.gaps)
+            metrics.position_gaps.inc(result.gaps)
         if result.evicted:
-            self.metrics.conversations_evicted.inc(result.evicted)
-        self.metrics.show_conversations(self.engine.tracked_conversations)
-        dispatched = self._dispatch(batch, features, result.firings)
-        if not result.firings:
+            metrics.conversations_evicted.inc(result.evicted)
+        metrics.show_conversations(self.engine.tracked_conversations)
+        fired = result.firings
+        # Without actions and firings there is nothing to dispatch.
+        no_dispatch = not fired and self.actions is None
+        dispatched = None if no_dispatch else self._dispatch(batch, features, fired)
+        if not fired:
             # The usual step: nothing fired, nothing withheld, each step's Ack alone (what
             # the loop below gives, without its per-step lists).
             for index, member in group:
-                ack = pb.Ack(seq_no=member.seq_no, rows=member.rows, alerts=0)
-                outcomes[index] = BatchOutcome([pb.MonitorEvent(ack=ack)], [], {})
+                event = pb.MonitorEvent()
+                ack = event.ack
+                ack.seq_no, ack.rows, ack.alerts = member.seq_no, member.rows, 0
+                outcomes[index] = BatchOutcome([event], [], {})
         else:
-            self._firing_outcomes(group, steps, result.firings, dispatched, outcomes)
-        self.metrics.tokens.inc(batch.rows)
-        self.metrics.batches.inc(len(group))
+            assert dispatched is not None
+            if steps is None:
+                steps = StepGroup([batch], batch)
+            self._firing_outcomes(group, steps, fired, dispatched, outcomes)
+        metrics.tokens.inc(batch.rows)
+        metrics.batches.inc(len(group))
         if len(group) > 1:
-            self.metrics.batches_grouped.inc(len(group))
+            metrics.batches_grouped.inc(len(group))
         elapsed = time.perf_counter() - started
         for _ in group:  # each step waited for the whole group
-            self.metrics.batch_seconds.observe(elapsed)
+            metrics.batch_seconds.observe(elapsed)
 
     def _firing_outcomes(
         self,
@@ -340,7 +359,12 @@ class Pipeline:
         view costs a fraction of a torch one, and the rules engine runs on numpy). When the
         rules read one block only (the usual case), the mapping is a ``FeatureBlock``, from
         which the engine gathers them all with one call."""
-        started = time.perf_counter()
+        return self._encode(batch, time.perf_counter())[0]
+
+    def _encode(
+        self, batch: ValidatedBatch, started: float
+    ) -> tuple[Mapping[str, np.ndarray], float]:
+        """``encode``, timed from ``started``; and when it ended."""
         encoded: dict[tuple[str, str], np.ndarray] = {}
         for key in self._blocks:
             values = batch.encoded.get(key)
@@ -356,8 +380,9 @@ class Pipeline:
             features = {
                 c.name: encoded[c.pack.name, c.hook_point][:, c.column] for c in self.columns
             }
-        self.metrics.encode_seconds.observe(time.perf_counter() - started)
-        return features
+        ended = time.perf_counter()
+        self.metrics.encode_seconds.observe(ended - started)
+        return features, ended
 
     def encode_block(
         self, pack: FeaturePack, hook_point: str, batch: ValidatedBatch

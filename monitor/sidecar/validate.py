@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from monitor.rules import SequenceSlice
+from monitor.rules import SequenceSlice, SliceList
 from monitor.sidecar.config import Limits
 from monitor.wire import TensorDecodeError, decode_tensor_with_bytes, pb
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # conversation of 2**62 tokens does not exist, so anything past it is a client bug.
 MAX_POSITION = 2**62
 _ROWS = operator.attrgetter("rows")
+_HOOK_POINT = operator.itemgetter(1)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class ValidatedBatch:
     rows: int
     activations: dict[str, torch.Tensor]  # hook point -> [rows, d_model], wire dtype
     slices: list[SequenceSlice]
-    tokens: list[list[str]]  # per slice; empty lists when the client sent no text
+    tokens: list[Sequence[str]]  # per slice; empty when the client sent no text
     encoded: dict[tuple[str, str], torch.Tensor]  # (pack, hp) -> [rows, k], encoded by the client
 
 
@@ -92,7 +93,10 @@ def validate_batch(
         check_model(batch.model, limits)
         check_counts(len(batch.sequences), limits)
         slices, tokens = _validate_sequences(batch, limits, scope, scope_attribute)
-    rows = sum(map(_ROWS, slices))  # in C: a generator costs a Python step per slice
+    # A columnar batch's slices carry their rows; in C either way (a generator costs a Python
+    # step per slice).
+    columnar = slices.__class__ is SliceList
+    rows = sum(slices.columns.rows if columnar else map(_ROWS, slices))  # type: ignore[attr-defined]
     if rows > limits.max_rows_per_batch:
         raise BatchRejected(
             "too_many_rows",
@@ -105,9 +109,13 @@ def validate_batch(
         raise BatchRejected(
             "no_layers", "layers", "layers: the batch has no layers and no feature blocks"
         )
-    missing = sorted(
-        hp for pack, hp in required if hp not in activations and (pack, hp) not in encoded
-    )
+    # The usual batch carries every hook point the rules read: one C-level pass says so.
+    if encoded or not all(map(activations.__contains__, map(_HOOK_POINT, required))):
+        missing = sorted(
+            hp for pack, hp in required if hp not in activations and (pack, hp) not in encoded
+        )
+    else:
+        missing = []
     if missing:
         raise BatchRejected(
             "missing_hook_point",
@@ -124,7 +132,7 @@ def _validate_columns(
     table: ConversationTable | None,
     scope: str,
     scope_attribute: str,
-) -> tuple[list[SequenceSlice], list[list[str]]]:
+) -> tuple[list[SequenceSlice], list[Sequence[str]]]:
     if batch.sequences:
         raise BatchRejected(
             "mixed_sequence_formats",
@@ -348,8 +356,16 @@ def _validate_layers(
     if len(decoded) != len(batch.layers):
         decoded = (None,) * len(batch.layers)
     for i, layer in enumerate(batch.layers):
-        field = f"layers[{i}]"
         hook_point = layer.hook_point
+        known = decoded[i]
+        if known is not None and hook_point in d_model_of and hook_point not in activations:
+            # Decoded and checked finite already (`decode_layers`): only the shape is left
+            # to check, and the field names are only formatted for an error.
+            shape = layer.activations.shape
+            if len(shape) == 2 and shape[0] == rows and shape[1] == d_model_of[hook_point]:
+                activations[hook_point] = known
+                continue
+        field = f"layers[{i}]"
         if hook_point not in d_model_of:
             raise BatchRejected(
                 "unknown_hook_point",

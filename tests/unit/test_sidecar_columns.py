@@ -418,3 +418,35 @@ def test_any_columns_are_acked_or_a_located_batch_error(make_pipeline, steps):  
             assert error.field.startswith(("columns", "layers")), (error.field, error.message)
         else:
             assert closing.ack.seq_no == seq_no
+
+
+@pytest.mark.parametrize(("scope", "scope_attribute"), [("", ""), ("client-a", ""), ("", "tenant")])
+def test_slices_carry_the_columns_the_engine_would_read_from_them(scope, scope_attribute):
+    """The columnar format's SliceList carries its fields as columns, which the rules engine
+    reads instead of the slices: they must be exactly what it reads from the slices (keys
+    scoped as `state_key` scopes them), and its keys distinct (one wave)."""
+    from monitor.rules import SliceList
+    from monitor.rules.engine import _read_columns
+    from monitor.sidecar.validate import BatchRejected
+
+    limits = Limits()
+    checked = 0
+    for seed in range(4):
+        encoder, table = ColumnarEncoder(6), ConversationTable(6)
+        for batch in _stream(seed, steps=40):
+            columns = encoder.encode(batch).columns
+            try:
+                if columns.define:
+                    table.define(columns.define, limits)
+                slices, tokens = table.slices(columns, limits, scope, scope_attribute)
+            except BatchRejected:
+                continue
+            assert slices.__class__ is SliceList
+            plain = list(slices)
+            # Lists or tuples alike (the engine only reads them).
+            carried, read = slices.columns[:6], _read_columns(plain)[:6]
+            assert [list(c) for c in carried] == [list(c) for c in read]
+            assert slices.columns.distinct and len(set(slices.columns.keys)) == len(plain)
+            assert len(tokens) == len(plain)
+            checked += 1
+    assert checked > 100

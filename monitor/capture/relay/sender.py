@@ -14,7 +14,7 @@ import random
 import select
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 import structlog
@@ -23,6 +23,7 @@ from monitor.capture.channel.frames import read_step
 from monitor.capture.channel.protocol import SenderSettings
 from monitor.capture.channel.ring import Frame, SharedRing, Slot, full_fence
 from monitor.wire import pb, pb_grpc
+from monitor.wire.acks import ask_for_acks, offers_acks
 from monitor.wire.columns import ColumnarEncoder, offers_columns
 
 log = structlog.get_logger("safety_monitor.capture")
@@ -234,6 +235,9 @@ class Sender:
         self.inflight: dict[int, int] = {}  # seq_no -> rows
         self._lock = threading.Lock()
         self._seq_no = itertools.count(1)
+        # The Monitor call's metadata: the settings', plus the request for `Acks` events
+        # when the sidecar offers them (set by `_negotiate` before each stream).
+        self.stream_metadata: tuple[tuple[str, str], ...] = tuple(settings.metadata)
 
     # ---- counters (any relay thread) ---------------------------------------------------------
 
@@ -253,6 +257,20 @@ class Sender:
             else:
                 self.ring.slots[Slot.ROWS_ACKED] += rows
                 self.ring.slots[Slot.ACKED] += 1
+
+    def settle_acked(self, seq_nos: Iterable[int]) -> None:
+        """`settle` for several acked batches at once (an `Acks` event): one lock."""
+        with self._lock:
+            inflight, slots = self.inflight, self.ring.slots
+            acked = rows = 0
+            for seq_no in seq_nos:
+                batch_rows = inflight.pop(seq_no, None)
+                if batch_rows is not None:
+                    acked += 1
+                    rows += batch_rows
+            if acked:
+                slots[Slot.ROWS_ACKED] += rows
+                slots[Slot.ACKED] += acked
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -290,7 +308,7 @@ class Sender:
             alive.set()
             try:
                 requests = self._requests(alive, stopping, encoder)
-                for event in stub.Monitor(requests, metadata=self.settings.metadata):
+                for event in stub.Monitor(requests, metadata=self.stream_metadata):
                     self._handle(event)
             except grpc.RpcError as exc:
                 log.warning(
@@ -308,7 +326,10 @@ class Sender:
         """The sequence format of the stream about to open: columnar (with a fresh
         conversation table, as the sidecar's is per stream) when the sidecar's GetStatus
         offers it, else `Sequence` messages, which every sidecar reads. A failed GetStatus
-        also means `Sequence` messages: the stream itself then decides whether we are up."""
+        also means `Sequence` messages: the stream itself then decides whether we are up.
+        Sets `stream_metadata`: it asks for `Acks` events (a group's acks in one message)
+        when the sidecar offers them; an older sidecar gets, and sends, one Ack per batch."""
+        self.stream_metadata = tuple(self.settings.metadata)
         try:
             status = stub.GetStatus(
                 pb.StatusRequest(),
@@ -318,6 +339,8 @@ class Sender:
         except grpc.RpcError as exc:
             log.warning("GetStatus failed; sending Sequence messages", code=str(exc.code()))
             return None
+        if offers_acks(status):
+            self.stream_metadata = ask_for_acks(self.settings.metadata)
         if not offers_columns(status):
             return None
         return ColumnarEncoder(status.conversation_slots)
@@ -356,6 +379,8 @@ class Sender:
         kind = event.WhichOneof("event")
         if kind == "ack":
             self.settle(event.ack.seq_no, rejected=False)
+        elif kind == "acks":  # a group's acks in one event (asked for in `_negotiate`)
+            self.settle_acked(event.acks.seq_no)
         elif kind == "error":
             log.warning(
                 "batch rejected by sidecar",
