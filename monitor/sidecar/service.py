@@ -168,7 +168,10 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         try:
             ended = False
             while not ended:
-                if arrived.empty():
+                # Whether this stream keeps up: its next batch was not here yet when we came
+                # back for it (the inline path below is only for a stream that keeps up).
+                waited = arrived.empty()
+                if waited:
                     try:  # nothing arrives: the client has gone quiet
                         async with asyncio.timeout(idle):
                             item = await arrived.get()
@@ -190,9 +193,17 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                 batches = [batch for batch, _, _ in held]
                 decoded = [layers for _, _, layers in held]
                 process = functools.partial(process_many, table=table, decoded=decoded)
-                if len(held) == 1 and self.worker.idle and streams.small_batch(*held[0][:2]):
-                    # Light load: a small step and nothing on the pipeline thread. Done here,
-                    # it saves the hand-off there and back, which costs as much as the work.
+                if (
+                    waited
+                    and len(held) == 1
+                    and self.worker.idle
+                    and streams.small_batch(*held[0][:2])
+                ):
+                    # Light load: a small step, the stream keeping up and nothing on the
+                    # pipeline thread. Done here, it saves the hand-off there and back, which
+                    # costs as much as the work. A stream that falls behind (its next batch
+                    # already waiting) goes to the pipeline thread, where the event loop reads
+                    # ahead meanwhile and waiting steps are grouped.
                     outcomes = self._run_inline(batches, client, process)
                 else:
                     outcomes = await self._run_many(batches, client, process)

@@ -75,8 +75,9 @@ def test_sidecar_bench_runs_a_baseline_checkout_side_by_side():
     for phase in ("throughput", "latency", "light"):
         assert result[phase]["errors"] == 0 and base[phase]["errors"] == 0
         assert base[phase]["sidecar_cpu_ms_per_message"] > 0
-    # Both are this checkout's sidecars: both offer coalesced acks, and the client asks.
-    assert result["light"]["events_per_step"] == base["light"]["events_per_step"] == 1.0
+    # At most one event per step (fewer when steps were grouped and their acks coalesced).
+    for run in (result, base):
+        assert 0 < run["light"]["events_per_step"] <= 1.0
     assert "side by side with the baseline sidecar" in format_table(result)
     with pytest.raises(ValueError, match="not a checkout of this project"):
         run_sidecar_bench(seconds=0.1, baseline_tree=str(root / "docs"))
