@@ -1,7 +1,7 @@
 """safety-monitor command line.
 
 serve | demo | eval | pack build|fit|calibrate|search|inspect | rules check|test|calibrate
-| audit list|show|export|purge|serve | bench encoder|rules|overhead|sidecar|review.
+| audit list|show|export|purge|serve | bench encoder|rules|overhead|relay|sidecar|review.
 Each command group lives with its stage (monitor/features/build/cli.py, monitor/rules/cli.py,
 monitor/evaluation/cli.py, monitor/audit/cli.py, monitor/bench/); this module only assembles
 them.
@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     from monitor.audit.cli import add_audit_commands
     from monitor.bench.encoder import add_bench_encoder_command
     from monitor.bench.overhead import add_bench_overhead_command
+    from monitor.bench.relay import add_bench_relay_command
     from monitor.bench.review import add_bench_review_command
     from monitor.bench.rules import add_bench_rules_command
     from monitor.bench.sidecar import add_bench_sidecar_command
@@ -84,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     add_bench_encoder_command(bench_commands)
     add_bench_rules_command(bench_commands)
     add_bench_overhead_command(bench_commands)
+    add_bench_relay_command(bench_commands)
     add_bench_sidecar_command(bench_commands)
     add_bench_stages_command(bench_commands)
     add_bench_review_command(bench_commands)

@@ -40,6 +40,7 @@ import grpc
 import torch
 
 from monitor.wire import encode_tensor, pb, pb_grpc
+from monitor.wire.acks import acked, ask_for_acks, offers_acks
 from monitor.wire.columns import COLUMNS, SEQUENCE_FORMATS, ColumnarEncoder
 
 PIN_MODES = ("client", "both", "none")
@@ -83,6 +84,19 @@ def add_bench_sidecar_command(bench_subparsers: Any) -> None:
         help="how decode steps carry their sequences: columns (what the capture relay sends to "
         "a sidecar that offers it) or sequences (one Sequence message each)",
     )
+    parser.add_argument(
+        "--light",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"also the light-load point: {LIGHT_ROWS}-row steps (one row per conversation) "
+        f"at {LIGHT_STEPS_PER_S:g} steps/s, the sidecar's CPU per message",
+    )
+    parser.add_argument(
+        "--baseline-tree",
+        metavar="PATH",
+        help="another checkout of this project (e.g. a detached worktree of main): its sidecar "
+        "runs beside this one and takes every phase right after it, reported side by side",
+    )
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=_run_command)
 
@@ -99,6 +113,8 @@ def _run_command(args: argparse.Namespace) -> int:
         pin=args.pin,
         saturation=args.saturation,
         sequence_format=args.sequence_format,
+        light=args.light,
+        baseline_tree=args.baseline_tree,
     )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
@@ -124,23 +140,30 @@ def run_sidecar_bench(
     pin: str = "client",
     saturation: bool = True,
     sequence_format: str = COLUMNS,
+    light: bool = True,
+    baseline_tree: str | None = None,
 ) -> dict[str, Any]:
     """`latency_tokens_per_s=None`: pace the decode steps at half the measured throughput.
     `pin` (needs two cores or more, else nothing is pinned): "client" puts this load client
     alone on the first core; "both" also puts the sidecar alone on the last core.
     `sequence_format`: how the decode steps carry their sequences ("columns" or
-    "sequences"); the stage costs measure both."""
+    "sequences"); the stage costs measure both. `light`: also the light-load point
+    (`LIGHT_ROWS`-row steps at `LIGHT_STEPS_PER_S`). `baseline_tree`: another checkout of
+    this project whose sidecar runs beside this one's and takes every phase right after it,
+    in the same run (`result["baseline"]`), so the two compare on the same machine state."""
     if sequence_format not in SEQUENCE_FORMATS:
         raise ValueError(f"sequence_format must be one of {SEQUENCE_FORMATS}")
     if pin not in PIN_MODES:
         raise ValueError(f"pin must be one of {PIN_MODES}, got {pin!r}")
+    tree = _checkout(baseline_tree) if baseline_tree is not None else None
     cores = sorted(os.sched_getaffinity(0))
     pinned = pin != "none" and len(cores) >= 2
     client_cores = {cores[0]} if pinned else set(cores)
     sidecar_core = cores[-1] if pinned and pin == "both" else None
     with tempfile.TemporaryDirectory(prefix="safety-monitor-bench-sidecar-") as tmp:
         workdir = Path(tmp)
-        process, port, pack, ruleset = _start(workdir, sidecar_core)
+        pack, ruleset = reference_setup(workdir)
+        sidecars = {"this": _start(workdir, "this", sidecar_core)}
         result: dict[str, Any] = {
             "shape": f"d_model {D_MODEL}, {FEATURES} of {D_SAE} latents, BF16, 20 rules",
             "pin": pin if pinned else "none",
@@ -149,25 +172,79 @@ def run_sidecar_bench(
             "sequence_format": sequence_format,
         }
         try:
-            target = f"127.0.0.1:{port}"
+            if tree is not None:
+                sidecars["baseline"] = _start(workdir, "baseline", sidecar_core, tree)
+                result["baseline"] = {"tree": str(tree)}
             os.sched_setaffinity(0, client_cores)
-            result["throughput"] = _measured(process, _throughput, target, seconds, prefill_rows)
+            runs = {name: {} for name in sidecars}
+            runs["this"] = result
+
+            order = list(sidecars)
+            if tree is not None:  # neither sidecar's first phase pays for its warm-up
+                for _, port in sidecars.values():
+                    _warm_up(f"127.0.0.1:{port}", prefill_rows, conversations, sequence_format)
+
+            def each(name: str, phase: Any, *args: Any) -> None:
+                # Both sidecars back to back, the same machine state; which goes first
+                # alternates from phase to phase, so neither always follows the other.
+                for which in order:
+                    process, port = sidecars[which]
+                    target = f"127.0.0.1:{port}"
+                    runs[which][name] = _measured(process, phase, target, *args)
+                order.reverse()
+
+            each("throughput", _throughput, seconds, prefill_rows)
             load = latency_tokens_per_s or result["throughput"]["tokens_per_s"] / 2
             rate = load / conversations  # decode steps per second
-            result["latency"] = _measured(
-                process, _latency, target, seconds, conversations, rate, sequence_format
-            )
-            if saturation:
-                result["decode_saturation"] = _measured(
-                    process, _decode_saturation, target, seconds, conversations, sequence_format
+            each("latency", _latency, seconds, conversations, rate, sequence_format)
+            if light:
+                each(
+                    "light",
+                    _latency,
+                    seconds,
+                    LIGHT_ROWS,
+                    LIGHT_STEPS_PER_S,
+                    sequence_format,
                 )
+            if saturation:
+                each(
+                    "decode_saturation", _decode_saturation, seconds, conversations, sequence_format
+                )
+            if tree is not None:
+                result["baseline"].update(runs["baseline"])
         finally:
             os.sched_setaffinity(0, set(cores))
-            process.terminate()
-            process.wait(30)
+            for process, _ in sidecars.values():
+                process.terminate()
+                process.wait(30)
         if saturation:
             result.update(_bounds(pack, ruleset, prefill_rows, conversations, sidecar_core))
     return result
+
+
+def _warm_up(target: str, prefill_rows: int, conversations: int, sequence_format: str) -> None:
+    """A few messages of each phase's kind, unmeasured: first-call costs (allocator growth,
+    torch's first kernels, gRPC's buffers) then fall on no phase."""
+    _Stream(target, window=4).run(
+        itertools.islice((_prefill(i + 1, prefill_rows, i * prefill_rows) for i in range(8)), 8)
+    )
+    _Stream(target, window=64).run(
+        itertools.islice(_decode_steps(conversations, sequence_format), 64)
+    )
+
+
+# The light-load point: what a lightly loaded engine sends (vLLM's bench overhead: a few
+# requests, one row each per engine step, a step every ~8 ms).
+LIGHT_ROWS = 4
+LIGHT_STEPS_PER_S = 125.0
+
+
+def _checkout(path: str) -> Path:
+    """`path` as a checkout of this project (for `--baseline-tree`), or ValueError."""
+    tree = Path(path).resolve()
+    if not (tree / "monitor" / "sidecar" / "process.py").is_file():
+        raise ValueError(f"--baseline-tree {path}: not a checkout of this project")
+    return tree
 
 
 def _bounds(
@@ -319,12 +396,12 @@ def _by_thread(phase: dict[str, Any]) -> str:
     return " (" + ", ".join(f"{group} {ms}" for group, ms in split.items()) + ")"
 
 
-def _start(workdir: Path, core: int | None):  # type: ignore[no-untyped-def]
-    """The sidecar process and its port (on `core` alone, one torch thread, when given), and
-    the pack and rules it serves."""
+def _start(workdir: Path, name: str, core: int | None, tree: Path | None = None):  # type: ignore[no-untyped-def]
+    """A sidecar process serving the pack and rules `reference_setup` wrote to `workdir`
+    (on `core` alone, one torch thread, when given), and its port. `tree`: run the sidecar
+    of that checkout instead of this one (its modules first on the path)."""
     from monitor.fixtures import free_port, start_sidecar
 
-    pack, ruleset = reference_setup(workdir)
     port = free_port()
     config = {
         "listen": f"127.0.0.1:{port}",
@@ -334,19 +411,24 @@ def _start(workdir: Path, core: int | None):  # type: ignore[no-untyped-def]
         "log_format": "json",
         "log_level": "warning",
     }
-    threads = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    rundir = workdir / name
+    rundir.mkdir()
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH")
+    saved = {name: os.environ.get(name) for name in names}
     try:
         if core is not None:  # one core: more torch threads would only fight over it
-            os.environ.update(dict.fromkeys(threads, "1"))  # start_sidecar passes os.environ
+            os.environ.update(dict.fromkeys(names[:2], "1"))  # start_sidecar passes os.environ
+        if tree is not None:
+            os.environ["PYTHONPATH"] = str(tree)
         pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None
-        sidecar = start_sidecar(config, workdir, preexec_fn=pin)
+        sidecar = start_sidecar(config, rundir, cwd=tree, preexec_fn=pin)
     finally:
-        for name, value in threads.items():
+        for key, value in saved.items():
             if value is None:
-                os.environ.pop(name, None)
+                os.environ.pop(key, None)
             else:
-                os.environ[name] = value
-    return sidecar.process, port, pack, ruleset
+                os.environ[key] = value
+    return sidecar.process, port
 
 
 def reference_setup(workdir: Path):  # type: ignore[no-untyped-def]
@@ -424,7 +506,9 @@ def _prefill(seq_no: int, rows: int, position: int):  # type: ignore[no-untyped-
 
 
 class _Stream:
-    """One Monitor stream with send times per seq_no and a bounded window in flight."""
+    """One Monitor stream with send times per seq_no and a bounded window in flight. Like the
+    capture relay, it asks for `Acks` events (a group's acks in one message) when the
+    sidecar's GetStatus offers them."""
 
     def __init__(self, target: str, window: int) -> None:
         self.channel = grpc.insecure_channel(
@@ -435,6 +519,7 @@ class _Stream:
         self.latencies: list[float] = []
         self.rows = 0
         self.errors = 0
+        self.events = 0
 
     def run(self, batches: Iterator[pb.StepBatch]) -> None:
         def requests() -> Iterator[pb.StepBatch]:
@@ -444,13 +529,17 @@ class _Stream:
                 yield batch
 
         stub = pb_grpc.SafetyMonitorStub(self.channel)
-        for event in stub.Monitor(requests(), timeout=600):
-            if event.HasField("ack"):
-                self.latencies.append(time.perf_counter() - self.sent.pop(event.ack.seq_no))
-                self.rows += event.ack.rows
-                self.window.release()
-            elif event.HasField("error"):
+        status = stub.GetStatus(pb.StatusRequest(), timeout=30)
+        metadata = ask_for_acks() if offers_acks(status) else ()
+        for event in stub.Monitor(requests(), metadata=metadata, timeout=600):
+            self.events += 1
+            if event.HasField("error"):
                 self.errors += 1
+                self.window.release()
+                continue
+            for ack in acked(event):
+                self.latencies.append(time.perf_counter() - self.sent.pop(ack.seq_no))
+                self.rows += ack.rows
                 self.window.release()
         self.channel.close()
 
@@ -506,10 +595,12 @@ def _latency(
         "seconds": round(elapsed, 3),
         "decode_steps": len(ms),
         "steps_per_s": round(rate, 1),
+        "rows_per_step": conversations,
         "tokens_per_s": round(rate * conversations),
         "p50_ms": round(statistics.median(ms), 2),
         "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 2),
         "errors": stream.errors,
+        "events_per_step": round(stream.events / len(ms), 3) if ms else None,
     }
 
 
@@ -534,6 +625,9 @@ def _decode_saturation(
         "decode_steps": len(stream.latencies),
         "tokens_per_s": round(stream.rows / elapsed),
         "errors": stream.errors,
+        "events_per_step": (
+            round(stream.events / len(stream.latencies), 3) if stream.latencies else None
+        ),
     }
 
 
@@ -559,6 +653,14 @@ def format_table(result: dict[str, Any]) -> str:
         f"({lat['decode_steps']} steps, {lat['errors']} errors); "
         f"sidecar CPU {lat['sidecar_cpu_ms_per_message']} ms per step{_by_thread(lat)}",
     ]
+    if "light" in result:
+        light = result["light"]
+        lines.append(
+            f"light load ({light['steps_per_s']:g} steps/s of {light['rows_per_step']} rows): "
+            f"send-to-ack p50 {light['p50_ms']} ms, p99 {light['p99_ms']} ms "
+            f"({light['decode_steps']} steps, {light['errors']} errors); "
+            f"sidecar CPU {light['sidecar_cpu_ms_per_message']} ms per step{_by_thread(light)}"
+        )
     if "decode_saturation" in result:
         sat, bound = result["decode_saturation"], result["encode_only_rows_per_s"]
         prefill_bound = bound[str(t["rows_per_message"])]
@@ -574,7 +676,34 @@ def format_table(result: dict[str, Any]) -> str:
             "sidecar CPU per message by stage (ms), the pipeline run in this process:",
             *stage_lines(result["stages"]),
         ]
+    if "baseline" in result:
+        lines += side_by_side_lines(result)
     return "\n".join(lines)
+
+
+def side_by_side_lines(result: dict[str, Any]) -> list[str]:
+    """Each phase's numbers for this checkout's sidecar and the baseline's, measured back to
+    back in the same run (`--baseline-tree`)."""
+    base = result["baseline"]
+    lines = [
+        f"side by side with the baseline sidecar of {base['tree']} (each phase run on both, "
+        "back to back, alternating which goes first):",
+        f"{'phase':<18}{'CPU ms/msg':>12}{'baseline':>10}{'ratio':>7}"
+        f"{'p99 ms':>9}{'baseline':>10}{'tokens/s':>10}{'baseline':>10}",
+    ]
+    for phase in ("throughput", "latency", "light", "decode_saturation"):
+        if phase not in result or phase not in base:
+            continue
+        this, other = result[phase], base[phase]
+        cpu, cpu_base = this["sidecar_cpu_ms_per_message"], other["sidecar_cpu_ms_per_message"]
+        ratio = f"{cpu_base / cpu:.2f}" if cpu and cpu_base else "-"
+        lines.append(
+            f"{phase:<18}{cpu or '-':>12}{cpu_base or '-':>10}{ratio:>7}"
+            f"{this.get('p99_ms', '-'):>9}{other.get('p99_ms', '-'):>10}"
+            f"{this['tokens_per_s']:>10}{other['tokens_per_s']:>10}"
+        )
+    lines.append("ratio: baseline CPU per message / this one's (above 1: this one costs less)")
+    return lines
 
 
 STAGE_COLUMNS = ("parse", "validate", "encode", "rules", "events", "total", "not encode")

@@ -43,11 +43,17 @@ class _Channel:
         self.ring = SharedRing.create(capacity)
         self.doorbell_read: int | None = None
         self.doorbell_write: int | None = None
+        self.wakeup: int | None = None
         if doorbell:
             self.doorbell_read, self.doorbell_write = os.pipe()
             os.set_blocking(self.doorbell_read, False)
             os.set_blocking(self.doorbell_write, False)
-        self.writer = FrameWriter(self.ring, self._ring_doorbell if doorbell else None)
+        else:
+            # Written after a publish only while the relay waits (channel/ring.py).
+            self.wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.writer = FrameWriter(
+            self.ring, self._ring_doorbell if doorbell else None, wakeup_fd=self.wakeup
+        )
         self.alerts_delivered = 0
 
     def _ring_doorbell(self) -> None:
@@ -61,7 +67,7 @@ class _Channel:
 
     def close(self) -> None:
         self.ring.close()
-        for fd in (self.doorbell_read, self.doorbell_write):
+        for fd in (self.doorbell_read, self.doorbell_write, self.wakeup):
             if fd is not None:
                 os.close(fd)
 
@@ -85,6 +91,10 @@ class RelayLink:
         self.queue_size = queue_size
         self.on_event = on_event
         self.doorbell = doorbell
+        # Where the relay imports `monitor` from: this code. The relay bench points it at
+        # another checkout to compare two relays side by side.
+        self.package_root = _PACKAGE_ROOT
+        self.relay_env: dict[str, str] = {}  # added to the relay's environment (benches)
         self._lock = threading.Lock()
         self._channel: _Channel | None = _Channel(capacity, doorbell)
         self._retired: Counter[str] = Counter()  # counters of relays that have exited
@@ -174,11 +184,17 @@ class RelayLink:
         if channel is None:
             return None
         config = RelayConfig(
-            self.settings, channel.ring.fd, channel.ring.capacity, channel.doorbell_read
+            self.settings,
+            channel.ring.fd,
+            channel.ring.capacity,
+            channel.doorbell_read,
+            wakeup_fd=channel.wakeup,
         )
-        fds = [channel.ring.fd] + ([channel.doorbell_read] if channel.doorbell_read else [])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        extra = (channel.doorbell_read, channel.wakeup)
+        fds = [channel.ring.fd] + [fd for fd in extra if fd is not None]
+        env = {**os.environ, **self.relay_env}
+        root = self.package_root
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "monitor.capture.relay"],
@@ -186,6 +202,7 @@ class RelayLink:
                 stdout=subprocess.PIPE,
                 pass_fds=fds,
                 env=env,
+                cwd=root,  # `-m` puts the working directory first on sys.path
             )
         except OSError as exc:
             log.error("could not start the capture relay", error=str(exc))

@@ -131,6 +131,7 @@ class Sidecar:
             initargs=(streams.PIPELINE_THREAD,),
         )
         self.running: RunningSidecar | None = None
+        self.service: SafetyMonitorService | None = None
 
     async def start(self) -> RunningSidecar:
         """Bind the gRPC and metrics ports and start serving; returns what was started."""
@@ -153,9 +154,8 @@ class Sidecar:
                 ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
             ],
         )
-        add_servicer(
-            SafetyMonitorService(self.pipeline, self.executor, self.metrics, tokens), server
-        )
+        self.service = SafetyMonitorService(self.pipeline, self.executor, self.metrics, tokens)
+        add_servicer(self.service, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -217,6 +217,8 @@ class Sidecar:
         """Re-read the rule files (if changed, or when forced) and swap the new set in on the
         pipeline thread, between batches. A broken file keeps the running set. Returns None
         when nothing changed, else whether the new set loaded."""
+        if self.service is not None:  # through the worker: no batch runs inline meanwhile
+            return await self.service.worker.run(self._reload_on_pipeline, force)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self._reload_on_pipeline, force)
 

@@ -30,6 +30,7 @@ from monitor.sidecar.pipeline import (
 from monitor.sidecar.security import tls_subject, token_client
 from monitor.sidecar.validate import decode_layers
 from monitor.wire import SERVICE_NAME, WIRE_DTYPES, pb, pb_grpc
+from monitor.wire.acks import EVENT_FORMATS, asks_for_acks, coalesce_acks
 from monitor.wire.columns import SEQUENCE_FORMATS
 
 log = structlog.get_logger("safety_monitor.sidecar")
@@ -106,6 +107,7 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
     ) -> None:
         self.pipeline = pipeline
         self.executor = executor
+        self.worker = streams.PipelineWorker(executor)
         self.metrics = metrics
         self.tokens = tokens or {}
         self.gate = streams.StreamGate(pipeline.limits.max_streams)
@@ -145,6 +147,9 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         self.metrics.active_streams.inc()
         peer = context.peer()
         client = self.client_of(context)
+        # A client that asked for event format "acks" gets a group's acks as one event: one
+        # gRPC message (and loopback send) per group instead of one per batch.
+        coalesce = asks_for_acks(context.invocation_metadata())
         log.info("stream opened", peer=peer, client=client.identity)
         # Reading runs ahead of processing: the next batches arrive and are parsed on the
         # event loop while the worker thread processes this one, instead of the stream
@@ -163,7 +168,10 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         try:
             ended = False
             while not ended:
-                if arrived.empty():
+                # Whether this stream keeps up: its next batch was not here yet when we came
+                # back for it (the inline path below is only for a stream that keeps up).
+                waited = arrived.empty()
+                if waited:
                     try:  # nothing arrives: the client has gone quiet
                         async with asyncio.timeout(idle):
                             item = await arrived.get()
@@ -185,16 +193,34 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                 batches = [batch for batch, _, _ in held]
                 decoded = [layers for _, _, layers in held]
                 process = functools.partial(process_many, table=table, decoded=decoded)
-                outcomes = await self._run_many(batches, client, process)
+                if (
+                    waited
+                    and len(held) == 1
+                    and self.worker.idle
+                    and streams.small_batch(*held[0][:2])
+                ):
+                    # Light load: a small step, the stream keeping up and nothing on the
+                    # pipeline thread. Done here, it saves the hand-off there and back, which
+                    # costs as much as the work. A stream that falls behind (its next batch
+                    # already waiting) goes to the pipeline thread, where the event loop reads
+                    # ahead meanwhile and waiting steps are grouped.
+                    outcomes = self._run_inline(batches, client, process)
+                else:
+                    outcomes = await self._run_many(batches, client, process)
                 await budget.release(sum(size for _, size, _ in held), len(held))
+                if len(outcomes) == 1:
+                    events = outcomes[0].events
+                else:
+                    events = [event for outcome in outcomes for event in outcome.events]
+                    if coalesce:
+                        events = coalesce_acks(events)
                 try:  # not taken: the client does not read its events
                     # One timer for the group's events, moved on before each write (each
                     # write may take `idle`): `asyncio.wait_for` would make a task per event.
                     async with asyncio.timeout(None) as deadline:
-                        for outcome in outcomes:
-                            for event in outcome.events:
-                                deadline.reschedule(loop.time() + idle)
-                                await context.write(event)
+                        for event in events:
+                            deadline.reschedule(loop.time() + idle)
+                            await context.write(event)
                 except TimeoutError:
                     await self._close_idle(context, peer, "read no event")
             try:
@@ -297,12 +323,27 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
             accepted_dtypes=list(WIRE_DTYPES),
             sequence_formats=list(SEQUENCE_FORMATS),
             conversation_slots=limits.max_conversation_slots,
+            event_formats=list(EVENT_FORMATS),
         )
 
     async def _run(
         self, func: Callable[[pb.StepBatch], BatchOutcome], batch: pb.StepBatch
     ) -> BatchOutcome:
         return (await self._run_many([batch], ANONYMOUS, lambda b, _: [func(b[0])]))[0]
+
+    def _run_inline(
+        self,
+        batches: list[pb.StepBatch],
+        client: StreamClient,
+        func: Callable[[list[pb.StepBatch], StreamClient], list[BatchOutcome]],
+    ) -> list[BatchOutcome]:
+        """`_run_many` on the event loop itself, for a small batch while the pipeline thread
+        is idle (`streams.small_batch`, `PipelineWorker.idle`): nothing else touches the
+        pipeline meanwhile, as the loop is the only one handing it work."""
+        try:
+            return func(batches, client)
+        except Exception as exc:  # the stream must survive our own bugs too
+            return internal_errors([batch.seq_no for batch in batches], exc, self.metrics)
 
     async def _run_many(
         self,
@@ -312,11 +353,8 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
     ) -> list[BatchOutcome]:
         """Run pipeline work on the single worker thread; a bug becomes a BatchError for each
         batch, never a dead stream."""
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(
-                self.executor, func or self.pipeline.process_many, batches, client
-            )
+            return await self.worker.run(func or self.pipeline.process_many, batches, client)
         except Exception as exc:  # the stream must survive our own bugs too
             return internal_errors([batch.seq_no for batch in batches], exc, self.metrics)
 

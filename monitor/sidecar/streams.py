@@ -23,12 +23,14 @@ import ctypes.util
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from concurrent.futures import Executor
+from typing import Any, Final, TypeVar
 
 import structlog
 from google.protobuf.message import DecodeError, Message
 
 log = structlog.get_logger("safety_monitor.streams")
+T = TypeVar("T")
 
 # Streams that held less than this never trigger a trim: nothing worth giving back.
 TRIM_AFTER_BYTES = 8 * 1024 * 1024
@@ -45,6 +47,23 @@ UNDECODABLE: Final = _Undecodable()
 
 # Stream messages larger than this are parsed off the event loop (see server._read_into).
 PARSE_INLINE_BYTES = 1024 * 1024
+
+# A batch this small (its message and decoded activations, in bytes) with at most
+# `INLINE_SEQUENCES` sequences is processed on the event loop itself when the pipeline
+# thread has nothing to do: the hand-off to the thread and back (two context switches and a
+# wake-up of the loop) costs as much CPU as a light-load step's work. Bounded so that one
+# stream's inline batch delays other streams' acks by no more than a small batch's work.
+INLINE_BYTES = 64 * 1024
+INLINE_SEQUENCES = 64
+
+
+def small_batch(batch: Any, held_bytes: int) -> bool:
+    """Whether `batch` (held in `held_bytes`) is small enough to process inline."""
+    if held_bytes > INLINE_BYTES:
+        return False
+    columns = batch.columns
+    sequences = len(batch.sequences) + len(columns.slot) + len(columns.define)
+    return sequences <= INLINE_SEQUENCES
 
 
 def parse_batch(data: bytes) -> Any:
@@ -129,6 +148,37 @@ class StreamBudget:
             self.batches -= batches
             self.bytes -= size
             self._changed.notify_all()
+
+
+class PipelineWorker:
+    """The single pipeline thread (`executor`, one worker) and whether it has work: the
+    event loop may run a small batch itself only while no job is queued or running there,
+    or the two would touch rule state at once. Two counters, each written by one thread
+    only (jobs submitted, on the loop; jobs finished, on the worker, as a job's last step),
+    so no update is lost and "idle" is never seen before the last job has finished."""
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+        self.submitted = 0
+        self.finished = 0
+
+    @property
+    def idle(self) -> bool:
+        """No job queued or running on the pipeline thread (call on the event loop)."""
+        return self.finished == self.submitted
+
+    async def run(self, func: Callable[..., T], *args: Any) -> T:
+        """`func(*args)` on the pipeline thread; its result or exception."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.executor, self._job, func, args)
+        self.submitted += 1  # once queued: a refused job (shut down) never makes it busy
+        return await future
+
+    def _job(self, func: Callable[..., T], args: tuple[Any, ...]) -> T:
+        try:
+            return func(*args)
+        finally:
+            self.finished += 1  # the worker's last touch of the pipeline for this job
 
 
 # OS-level names of the sidecar's own threads (`top -H`, /proc/PID/task/TID/comm, at most

@@ -28,6 +28,11 @@ def test_sidecar_bench_measures_throughput_and_latency():
     by_thread = latency["sidecar_cpu_ms_per_message_by_thread"]
     assert tuple(by_thread) == THREAD_GROUPS
     assert by_thread["pipeline"] > 0 and by_thread["event loop"] > 0
+    # The light-load point: 4-row steps at 125 steps/s, with the sidecar's CPU per step.
+    light = result["light"]
+    assert light["rows_per_step"] == 4 and light["steps_per_s"] == 125
+    assert light["errors"] == 0 and light["decode_steps"] > 0
+    assert light["sidecar_cpu_ms_per_message"] > 0
     # Back-to-back decode steps and the encode-only bounds of the same run.
     saturation = result["decode_saturation"]
     assert saturation["errors"] == 0 and saturation["tokens_per_s"] > 0
@@ -49,6 +54,33 @@ def test_sidecar_bench_measures_throughput_and_latency():
     assert "tokens/s sustained" in table and "of the machine's fp32 GEMM" in table
     assert "(pipeline " in table
     assert os.sched_getaffinity(0) == cores  # the client's pinning is given back
+
+
+def test_sidecar_bench_runs_a_baseline_checkout_side_by_side():
+    """`--baseline-tree`: a second sidecar, from another checkout (here this one), takes
+    every phase too; the table shows both. A checkout of something else is refused."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    result = run_sidecar_bench(
+        seconds=0.5,
+        prefill_rows=64,
+        conversations=8,
+        latency_tokens_per_s=800,
+        saturation=False,
+        baseline_tree=str(root),
+    )
+    base = result["baseline"]
+    assert base["tree"] == str(root)
+    for phase in ("throughput", "latency", "light"):
+        assert result[phase]["errors"] == 0 and base[phase]["errors"] == 0
+        assert base[phase]["sidecar_cpu_ms_per_message"] > 0
+    # At most one event per step (fewer when steps were grouped and their acks coalesced).
+    for run in (result, base):
+        assert 0 < run["light"]["events_per_step"] <= 1.0
+    assert "side by side with the baseline sidecar" in format_table(result)
+    with pytest.raises(ValueError, match="not a checkout of this project"):
+        run_sidecar_bench(seconds=0.1, baseline_tree=str(root / "docs"))
 
 
 def test_sidecar_bench_refuses_a_load_it_cannot_pace():

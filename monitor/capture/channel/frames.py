@@ -20,13 +20,23 @@ conversion, if the wire lacks the model's dtype). This module's relay half impor
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from monitor.capture.channel.ring import FRAME_HEADER, Frame, FrameKind, SharedRing, aligned
+from monitor.capture.channel.ring import (
+    FRAME_HEADER,
+    Frame,
+    FrameKind,
+    SharedRing,
+    Slot,
+    aligned,
+    full_fence,
+)
 from monitor.wire.safety_monitor.v1 import monitor_pb2 as pb
 
 if TYPE_CHECKING:
@@ -87,13 +97,22 @@ class _Layout:
 
 class FrameWriter:
     """The serving process's side: CapturedStep -> frame. One writer at a time (RelayLink
-    holds a lock around it)."""
+    holds a lock around it). After each publish: the doorbell, if given (CPUs that reorder
+    stores), else a write to `wakeup_fd` when the relay has said it is waiting (ring.py)."""
 
-    def __init__(self, ring: SharedRing, doorbell: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        ring: SharedRing,
+        doorbell: Callable[[], None] | None = None,
+        wakeup_fd: int | None = None,
+    ) -> None:
         import torch
 
         self.ring = ring
         self.doorbell = doorbell
+        self.wakeup_fd = wakeup_fd
+        self.wakeups_sent = 0  # eventfd writes: the system calls this writer made
+        self._fence = threading.Lock()
         self._wire = {torch.float32: "FP32", torch.float16: "FP16", torch.bfloat16: "BF16"}
         self._fp32 = torch.float32
         self._templates: OrderedDict[Hashable, _Template] = OrderedDict()
@@ -146,8 +165,7 @@ class FrameWriter:
                 ctypes.memmove(address, tensor.address, tensor.nbytes)
             address += aligned(tensor.nbytes)
         self.ring.publish(new_head)
-        if self.doorbell is not None:
-            self.doorbell()
+        self._announce()
         if template is not None and step.persistent_layers and not step.features:
             self._keep_layout(step, template, total, tensors_at, tensors)
         return True
@@ -197,9 +215,27 @@ class FrameWriter:
                 ctypes.memmove(address, source, nbytes)
             address += size
         ring.publish(new_head)
+        self._announce()
+        return True
+
+    def _announce(self) -> None:
+        """Tell the relay a frame is there, if it needs telling. x86-64 may let the load of
+        WAITING pass the store of HEAD in `publish` (and the relay's store of WAITING and load
+        of HEAD likewise), so that both sides miss each other: the fence between them forbids
+        it. Were a wake-up lost all the same, the relay's bounded first sleep
+        (`FrameSource._wait`) delays that frame by LOST_WAKEUP_BOUND at most."""
         if self.doorbell is not None:
             self.doorbell()
-        return True
+            return
+        if self.wakeup_fd is None:
+            return
+        full_fence(self._fence)
+        if self.ring.slots[Slot.WAITING]:
+            try:  # not contextlib.suppress: this runs on the model's thread, every step
+                os.eventfd_write(self.wakeup_fd, 1)
+                self.wakeups_sent += 1
+            except BlockingIOError:
+                pass  # non-blocking: only a counter at 2**64 - 2 refuses, never reached
 
     def _tensors(self, step: CapturedStep) -> tuple[list[_Tensor], list[tuple[Any, ...]]]:
         """The step's tensors as host arrays (rows selected), and what a template must match:

@@ -71,6 +71,7 @@ class RelayConfig:
     ring_capacity: int
     doorbell_fd: int | None = None
     log_level: str = "warning"
+    wakeup_fd: int | None = None  # the eventfd the producer writes when the relay waits
 
     def to_json(self) -> bytes:
         """The settings as one JSON line for the relay's stdin (PEM bytes in base64)."""
@@ -88,6 +89,7 @@ class RelayConfig:
             "ring_capacity": self.ring_capacity,
             "doorbell_fd": self.doorbell_fd,
             "log_level": self.log_level,
+            "wakeup_fd": self.wakeup_fd,
         }
         return json.dumps(document).encode() + b"\n"
 
@@ -105,7 +107,14 @@ class RelayConfig:
             fail_closed=d["fail_closed"],
             security=TransportSecurity(token=d["token"], **tls),
         )
-        return cls(settings, d["ring_fd"], d["ring_capacity"], d["doorbell_fd"], d["log_level"])
+        return cls(
+            settings,
+            d["ring_fd"],
+            d["ring_capacity"],
+            d["doorbell_fd"],
+            d["log_level"],
+            d.get("wakeup_fd"),
+        )
 
 
 def _b64(value: bytes | None) -> str | None:

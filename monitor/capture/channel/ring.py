@@ -17,6 +17,13 @@ pass a half-written frame. Elsewhere (AArch64) Python has no fence to offer, so 
 also writes one byte to a doorbell pipe per frame and the consumer trusts only the frames it
 has a doorbell for: the two system calls order the memory, at the price of a syscall per step.
 
+Waking the relay: on x86-64 the relay does not poll. When it finds the ring empty it sets
+`WAITING`, looks at the ring once more, and blocks on an eventfd; the producer, after each
+publish, writes that eventfd only if `WAITING` is set. While the relay keeps up with a busy
+model it is rarely waiting and the model's thread makes no system call; at light load it costs
+one `eventfd_write` per step (a few microseconds), and an idle relay sleeps. The doorbell pipe
+of other CPUs is already a wake-up: there the relay blocks on it instead.
+
 The remaining slots are counters the relay keeps for the serving process (acks, drops,
 connection state), so reading its statistics costs the serving process nothing either.
 """
@@ -27,6 +34,7 @@ import ctypes
 import mmap
 import os
 import struct
+import threading
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -36,7 +44,8 @@ FRAME_HEADER = struct.Struct("<IIII")  # frame bytes, kind, meta bytes, rows
 
 
 class Slot(IntEnum):
-    """The u64 slots of the header. Producer: HEAD, PUBLISHED; the rest: the relay."""
+    """The u64 slots of the header. Producer: HEAD, PUBLISHED; the rest (WAITING included): the
+    relay."""
 
     HEAD = 0
     TAIL = 1
@@ -54,6 +63,7 @@ class Slot(IntEnum):
     RELAY_READY = 13  # the relay has started and read its configuration
     UNREACHABLE = 14  # 1 from a failed connection attempt until the next stream opens
     ALERTS = 15  # alerts written to the relay's stdout (before their batch's ack is counted)
+    WAITING = 16  # 1 while the relay is (about to be) blocked on its wake-up eventfd
 
 
 # Every way a consumed frame is settled, and the drop reason the client reports for it.
@@ -83,6 +93,15 @@ class Frame(NamedTuple):
     size: int  # bytes, header and padding included
     meta: int  # metadata bytes
     rows: int
+
+
+def full_fence(lock: threading.Lock) -> None:
+    """A full memory fence, as far as Python can give one: taking and releasing an uncontended
+    lock runs atomic read-modify-write instructions (on x86-64, `lock`-prefixed ones, which
+    no load or store crosses), in user space, without a system call. `lock` is the caller's
+    own, never shared with another thread, so it is always free."""
+    lock.acquire()
+    lock.release()
 
 
 def aligned(nbytes: int) -> int:

@@ -15,6 +15,7 @@ closes: the client closed, or the serving process died.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from typing import BinaryIO
@@ -28,13 +29,17 @@ from monitor.capture.relay.sender import FrameSource, Sender
 log = structlog.get_logger("safety_monitor.capture")
 
 
-def _stop_when_parent_goes(stdin: BinaryIO, stopping: threading.Event) -> None:
+def _stop_when_parent_goes(stdin: BinaryIO, stopping: threading.Event, source: FrameSource) -> None:
     while stdin.read(4096):
         pass
     stopping.set()
+    source.interrupt()  # the sender may be asleep waiting for a frame
 
 
 RELAY_CPUS_ENV = "SAFETY_MONITOR_RELAY_CPUS"
+# "0": the relay blocks until woken for every frame instead of following the steps' pace
+# (see relay/sender.py): one eventfd write per step on the model's thread, less relay CPU.
+RELAY_PACE_ENV = "SAFETY_MONITOR_RELAY_PACE"
 
 
 MAX_CPU_ID = 8192
@@ -60,7 +65,6 @@ def _pin_to_cpus() -> None:
     serving process's cores; done before any thread starts, so all of them inherit it. A bad
     value is logged and ignored: pinning must never stop capture. Call it once logging is
     configured: this process's stdout carries events to the serving process."""
-    import os
 
     text = os.environ.get(RELAY_CPUS_ENV)
     if not text or not hasattr(os, "sched_setaffinity"):
@@ -83,11 +87,12 @@ def main() -> int:
     _pin_to_cpus()  # after logging goes to stderr (stdout carries events), before any thread
     ring = SharedRing.attach(config.ring_fd, config.ring_capacity)
     stopping = threading.Event()
+    pace = os.environ.get(RELAY_PACE_ENV, "1") != "0"
+    source = FrameSource(ring, config.doorbell_fd, config.wakeup_fd, pace=pace)
     watcher = threading.Thread(
-        target=_stop_when_parent_goes, args=(sys.stdin.buffer, stopping), daemon=True
+        target=_stop_when_parent_goes, args=(sys.stdin.buffer, stopping, source), daemon=True
     )
     watcher.start()
-    source = FrameSource(ring, config.doorbell_fd)
     events = EventWriter(sys.stdout.buffer, lambda: sender.count(Slot.ALERTS))
     sender = Sender(config.settings, ring, source, events)
     ring.slots[Slot.RELAY_READY] = 1

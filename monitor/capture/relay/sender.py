@@ -8,62 +8,189 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import random
+import select
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 import structlog
 
 from monitor.capture.channel.frames import read_step
 from monitor.capture.channel.protocol import SenderSettings
-from monitor.capture.channel.ring import Frame, SharedRing, Slot
+from monitor.capture.channel.ring import Frame, SharedRing, Slot, full_fence
 from monitor.wire import pb, pb_grpc
+from monitor.wire.acks import ask_for_acks, offers_acks
 from monitor.wire.columns import ColumnarEncoder, offers_columns
 
 log = structlog.get_logger("safety_monitor.capture")
 
-# How long the relay sleeps between looks at an empty ring: short while steps are flowing
-# (a decode step every few ms), longer once the model has gone quiet.
-_POLL_ACTIVE, _POLL_IDLE, _ACTIVE_FOR = 0.0005, 0.005, 0.25
+# How the relay waits for frames (the producer's half is `FrameWriter._announce`):
+#
+# - Idle, or when a frame is overdue: it sets WAITING in the ring's header and blocks on the
+#   wake-up eventfd, which the producer writes after a publish only while WAITING is set. No
+#   CPU while idle; a frame is picked up as soon as it is published.
+# - While steps come at a steady pace (a decode loop), waking the relay costs the model's
+#   thread a system call per step, and more: a write that wakes a thread on another CPU took
+#   ~30 us of the writer's CPU time on this project's 2-vCPU VM (scripts/eventfd_wake_cost.py).
+#   So the relay predicts the next frame from the pace so far, blocks (WAITING set: an early
+#   frame still wakes it at once) until a little before it is due, then clears WAITING and
+#   polls every POLL_INTERVAL until it comes: the producer then finds WAITING clear and makes
+#   no system call. A frame later than twice the usual gap ends the polling (blocking again).
+POLL_INTERVAL = 0.0005
+# Polling starts this long before the predicted frame: a fraction of the gap plus a constant,
+# to absorb the steps' jitter (a frame that comes earlier still gets its wake-up).
+POLL_AHEAD_FRACTION, POLL_AHEAD = 0.1, 0.0005
+ACTIVE_FOR = 0.25  # a gap longer than this is a pause, not a pace
+# How long the relay's first sleep after it sets WAITING may last: the fallback for a wake-up
+# lost despite the fences (see `FrameSource._wait`), so such a frame waits at most this long.
+# With no wake-up fd at all (never from RelayLink) the relay polls the ring at POLL_INTERVAL.
+LOST_WAKEUP_BOUND = 0.025
+REQUEST_WAIT = 1.0
 
 
 class FrameSource:
-    """Steps off the ring, in order. With a doorbell (CPUs that reorder stores), only frames
-    whose doorbell byte has arrived are read."""
+    """Steps off the ring, in order, waking only when there is one (see the comment above).
+    With a doorbell (CPUs that reorder stores), only frames whose doorbell byte has arrived
+    are read, and the relay blocks on the doorbell pipe (every frame rings it) instead of the
+    wake-up eventfd. `interrupt` wakes a waiting `next` from another relay thread."""
 
-    def __init__(self, ring: SharedRing, doorbell_fd: int | None = None) -> None:
+    def __init__(
+        self,
+        ring: SharedRing,
+        doorbell_fd: int | None = None,
+        wakeup_fd: int | None = None,
+        pace: bool = True,
+    ) -> None:
         self.ring = ring
+        self.pace = pace  # False: always block until woken (each frame then costs a write)
         self.doorbell_fd = doorbell_fd
+        self.wakeup_fd = None if doorbell_fd is not None else wakeup_fd
         self._announced = 0
-        self._last_frame = 0.0
+        self._fence = threading.Lock()
+        self._interrupt = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._interrupts = [self._interrupt]
+        waker = doorbell_fd if doorbell_fd is not None else self.wakeup_fd
+        self._wakers = self._interrupts + ([] if waker is None else [waker])
+        # Whether WAITING was set a whole bounded sleep ago (see `_wait`); with a doorbell
+        # every frame rings it, so no sleep needs a bound.
+        self._waiting_visible = doorbell_fd is not None
+        self._last_frame = -math.inf  # when the last frame was taken (time.monotonic)
+        self.gap: float | None = None  # the average gap between frames while they flow
+        self.waits = 0  # blocking waits (each ends in one wake-up of this thread)
+        self.timeouts = 0  # blocking waits that ended by their timeout, not by a wake-up
+        self.polls = 0  # short sleeps while a frame is due
 
     def next(self, timeout: float, on_bad_frame: Callable[[], None]) -> pb.StepBatch | None:
-        """The next step on the ring as a StepBatch, None after `timeout` seconds without one;
-        `on_bad_frame` is called for a frame that cannot be read (it is skipped).
+        """The next step on the ring as a StepBatch, None after `timeout` seconds without one
+        (or sooner, after `interrupt`); `on_bad_frame` is called for a frame that cannot be
+        read (it is skipped).
         """
         deadline = time.monotonic() + timeout
+        slots = self.ring.slots
         while True:
             frame = self._peek()
             if frame is not None:
+                if slots[Slot.WAITING]:
+                    slots[Slot.WAITING] = 0  # busy again: the producer need not write
+                self._taken(time.monotonic())
                 try:
                     batch = read_step(self.ring, frame)
                 except Exception:
                     log.exception("unreadable frame on the capture ring")
                     batch = None
                 self.ring.release(frame.size)
-                self._last_frame = time.monotonic()
                 if batch is None:
                     on_bad_frame()
                     continue
                 return batch
             now = time.monotonic()
-            if now >= deadline:
+            if now >= deadline or self._wait(now, deadline - now):  # timed out, or interrupted
+                # Not waiting any more: the producer must not keep writing the eventfd while
+                # this relay is elsewhere (reconnecting, say).
+                slots[Slot.WAITING] = 0
                 return None
-            idle = now - self._last_frame > _ACTIVE_FOR
-            time.sleep(min(_POLL_IDLE if idle else _POLL_ACTIVE, deadline - now))
+
+    def interrupt(self) -> None:
+        """Wake a `next` that is waiting (from another thread): it returns None."""
+        os.eventfd_write(self._interrupt, 1)
+
+    def schedule(self, now: float) -> float | None:
+        """How to wait at `now` with the ring empty: None to poll (a frame is due), else block
+        for at most that many seconds (math.inf: until woken) before looking again."""
+        gap = self.gap
+        if (
+            not self.pace
+            or self.wakeup_fd is None
+            or gap is None
+            or now - self._last_frame > ACTIVE_FOR
+        ):
+            return math.inf
+        due = self._last_frame + gap
+        poll_from = due - POLL_AHEAD_FRACTION * gap - POLL_AHEAD
+        if now < poll_from:
+            return poll_from - now
+        if now < due + gap:
+            return None
+        return math.inf  # overdue: the pace is broken, wait to be woken
+
+    def _taken(self, now: float) -> None:
+        """A frame was taken at `now`: update the pace (an average over the last few gaps)."""
+        gap = now - self._last_frame
+        if gap <= ACTIVE_FOR:
+            # Half the last gap, half the history: a new pace is learnt in two or three steps
+            # (each step of a change costs at most one wake-up write), and jitter is damped.
+            self.gap = gap if self.gap is None else 0.5 * (gap + self.gap)
+        self._last_frame = now
+
+    def _wait(self, now: float, remaining: float) -> bool:
+        """Wait until a frame may be there, `remaining` seconds at most; True if interrupted."""
+        slots = self.ring.slots
+        block = self.schedule(now)
+        if block is None or (self.wakeup_fd is None and self.doorbell_fd is None):
+            if slots[Slot.WAITING]:
+                slots[Slot.WAITING] = 0  # due: the producer need not wake us
+            self.polls += 1
+            if select.select(self._interrupts, (), (), min(POLL_INTERVAL, remaining))[0]:
+                _drain_eventfd(self._interrupt)
+                return True
+            return False
+        remaining = min(remaining, block)
+        if self.wakeup_fd is not None and not slots[Slot.WAITING]:
+            slots[Slot.WAITING] = 1
+            # Once WAITING is set, look again: a frame published before the producer could
+            # see it gets no wake-up from it. x86 lets a load pass an earlier store, so our
+            # store of WAITING and load of HEAD could cross the producer's store of HEAD and
+            # load of WAITING, and both sides miss; a full fence on each side between the two
+            # forbids that (`full_fence`). Should a wake-up be lost all the same, this first
+            # sleep is bounded: that frame waits LOST_WAKEUP_BOUND at most. Sleeps after one
+            # that timed out (WAITING set long before, so visible) need no bound.
+            full_fence(self._fence)
+            if self._peek() is not None:
+                return False
+            self._waiting_visible = False
+        if not self._waiting_visible:
+            remaining = min(remaining, LOST_WAKEUP_BOUND)
+        self.waits += 1
+        # select(), not poll(): its timeout has microseconds, poll()'s whole milliseconds.
+        ready, _, _ = select.select(self._wakers, (), (), remaining)
+        if not ready:
+            self.timeouts += 1
+            # A whole bounded sleep since WAITING was set: the producer sees it by now.
+            self._waiting_visible = self.wakeup_fd is not None or self.doorbell_fd is not None
+            return False
+        interrupted = False
+        for fd in ready:
+            if fd == self._interrupt:
+                interrupted = True
+                _drain_eventfd(fd)
+            elif fd == self.wakeup_fd:
+                _drain_eventfd(fd)
+            # The doorbell pipe is drained by `_peek`, which counts its bytes.
+        return interrupted
 
     def discard_waiting(self) -> int:
         """Take every waiting frame off the ring unread; returns how many."""
@@ -73,6 +200,10 @@ class FrameSource:
             discarded += 1
         return discarded
 
+    def close(self) -> None:
+        """Release the interrupt eventfd."""
+        os.close(self._interrupt)
+
     def _peek(self) -> Frame | None:
         if self.doorbell_fd is not None:
             with contextlib.suppress(BlockingIOError):
@@ -80,6 +211,11 @@ class FrameSource:
             if self.ring.slots[Slot.CONSUMED] >= self._announced:
                 return None
         return self.ring.peek()
+
+
+def _drain_eventfd(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        os.eventfd_read(fd)
 
 
 class Sender:
@@ -99,6 +235,9 @@ class Sender:
         self.inflight: dict[int, int] = {}  # seq_no -> rows
         self._lock = threading.Lock()
         self._seq_no = itertools.count(1)
+        # The Monitor call's metadata: the settings', plus the request for `Acks` events
+        # when the sidecar offers them (set by `_negotiate` before each stream).
+        self.stream_metadata: tuple[tuple[str, str], ...] = tuple(settings.metadata)
 
     # ---- counters (any relay thread) ---------------------------------------------------------
 
@@ -118,6 +257,20 @@ class Sender:
             else:
                 self.ring.slots[Slot.ROWS_ACKED] += rows
                 self.ring.slots[Slot.ACKED] += 1
+
+    def settle_acked(self, seq_nos: Iterable[int]) -> None:
+        """`settle` for several acked batches at once (an `Acks` event): one lock."""
+        with self._lock:
+            inflight, slots = self.inflight, self.ring.slots
+            acked = rows = 0
+            for seq_no in seq_nos:
+                batch_rows = inflight.pop(seq_no, None)
+                if batch_rows is not None:
+                    acked += 1
+                    rows += batch_rows
+            if acked:
+                slots[Slot.ROWS_ACKED] += rows
+                slots[Slot.ACKED] += acked
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -155,7 +308,7 @@ class Sender:
             alive.set()
             try:
                 requests = self._requests(alive, stopping, encoder)
-                for event in stub.Monitor(requests, metadata=self.settings.metadata):
+                for event in stub.Monitor(requests, metadata=self.stream_metadata):
                     self._handle(event)
             except grpc.RpcError as exc:
                 log.warning(
@@ -165,6 +318,7 @@ class Sender:
                 self.ring.slots[Slot.CONNECTED] = 0
                 with self._lock:
                     alive.clear()
+                self.source.interrupt()  # gRPC's request thread may be waiting for a frame
                 self._lose_inflight()
             return True
 
@@ -172,7 +326,10 @@ class Sender:
         """The sequence format of the stream about to open: columnar (with a fresh
         conversation table, as the sidecar's is per stream) when the sidecar's GetStatus
         offers it, else `Sequence` messages, which every sidecar reads. A failed GetStatus
-        also means `Sequence` messages: the stream itself then decides whether we are up."""
+        also means `Sequence` messages: the stream itself then decides whether we are up.
+        Sets `stream_metadata`: it asks for `Acks` events (a group's acks in one message)
+        when the sidecar offers them; an older sidecar gets, and sends, one Ack per batch."""
+        self.stream_metadata = tuple(self.settings.metadata)
         try:
             status = stub.GetStatus(
                 pb.StatusRequest(),
@@ -182,6 +339,8 @@ class Sender:
         except grpc.RpcError as exc:
             log.warning("GetStatus failed; sending Sequence messages", code=str(exc.code()))
             return None
+        if offers_acks(status):
+            self.stream_metadata = ask_for_acks(self.settings.metadata)
         if not offers_columns(status):
             return None
         return ColumnarEncoder(status.conversation_slots)
@@ -194,13 +353,17 @@ class Sender:
     ) -> Iterator[pb.StepBatch]:
         bad_frame = lambda: self.count(Slot.LOST_BAD_FRAME)  # noqa: E731
         while alive.is_set() and not (stopping.is_set() and self.ring.frames_waiting() == 0):
-            batch = self.source.next(0.05, bad_frame)
+            # Stopping and a broken stream interrupt the wait, so it can be long: an idle
+            # relay wakes once per REQUEST_WAIT.
+            batch = self.source.next(REQUEST_WAIT, bad_frame)
             if batch is None:
                 continue
             seq_no = next(self._seq_no)
             batch.seq_no = seq_no
             batch.model = self.settings.model_name
-            batch.sent_at.GetCurrentTime()
+            # Not Timestamp.GetCurrentTime: that goes through datetime, 4 us against 0.6.
+            stamp = batch.sent_at
+            stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
             rows = sum(sequence.rows for sequence in batch.sequences)
             if encoder is not None:
                 encoder.encode(batch)
@@ -216,6 +379,8 @@ class Sender:
         kind = event.WhichOneof("event")
         if kind == "ack":
             self.settle(event.ack.seq_no, rejected=False)
+        elif kind == "acks":  # a group's acks in one event (asked for in `_negotiate`)
+            self.settle_acked(event.acks.seq_no)
         elif kind == "error":
             log.warning(
                 "batch rejected by sidecar",

@@ -131,6 +131,16 @@ class Ack(_message.Message):
     alerts: int
     def __init__(self, seq_no: _Optional[int] = ..., rows: _Optional[int] = ..., alerts: _Optional[int] = ...) -> None: ...
 
+class Acks(_message.Message):
+    __slots__ = ("seq_no", "rows", "alerts")
+    SEQ_NO_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
+    seq_no: _containers.RepeatedScalarFieldContainer[int]
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    alerts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq_no: _Optional[_Iterable[int]] = ..., rows: _Optional[_Iterable[int]] = ..., alerts: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class Alert(_message.Message):
     __slots__ = ("seq_no", "rule", "category", "severity", "conversation_id", "request_id", "position", "value", "message", "labels", "actions")
     class LabelsEntry(_message.Message):
@@ -177,14 +187,16 @@ class BatchError(_message.Message):
     def __init__(self, seq_no: _Optional[int] = ..., reason: _Optional[str] = ..., field: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class MonitorEvent(_message.Message):
-    __slots__ = ("ack", "alert", "error")
+    __slots__ = ("ack", "alert", "error", "acks")
     ACK_FIELD_NUMBER: _ClassVar[int]
     ALERT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ACKS_FIELD_NUMBER: _ClassVar[int]
     ack: Ack
     alert: Alert
     error: BatchError
-    def __init__(self, ack: _Optional[_Union[Ack, _Mapping]] = ..., alert: _Optional[_Union[Alert, _Mapping]] = ..., error: _Optional[_Union[BatchError, _Mapping]] = ...) -> None: ...
+    acks: Acks
+    def __init__(self, ack: _Optional[_Union[Ack, _Mapping]] = ..., alert: _Optional[_Union[Alert, _Mapping]] = ..., error: _Optional[_Union[BatchError, _Mapping]] = ..., acks: _Optional[_Union[Acks, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
     __slots__ = ("batch", "include_features")
@@ -276,7 +288,7 @@ class Limits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_rows_per_batch: _Optional[int] = ..., max_conversations: _Optional[int] = ..., max_conversation_id_length: _Optional[int] = ..., max_sequences_per_batch: _Optional[int] = ..., max_request_id_length: _Optional[int] = ..., max_role_length: _Optional[int] = ..., max_model_length: _Optional[int] = ..., max_attributes: _Optional[int] = ..., max_attribute_key_length: _Optional[int] = ..., max_attribute_value_length: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_idle_timeout_seconds: _Optional[int] = ..., max_stream_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "packs", "rule_files", "rules", "limits", "accepted_dtypes", "sequence_formats", "conversation_slots")
+    __slots__ = ("version", "packs", "rule_files", "rules", "limits", "accepted_dtypes", "sequence_formats", "conversation_slots", "event_formats")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PACKS_FIELD_NUMBER: _ClassVar[int]
     RULE_FILES_FIELD_NUMBER: _ClassVar[int]
@@ -285,6 +297,7 @@ class StatusResponse(_message.Message):
     ACCEPTED_DTYPES_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FORMATS_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FORMATS_FIELD_NUMBER: _ClassVar[int]
     version: str
     packs: _containers.RepeatedCompositeFieldContainer[PackStatus]
     rule_files: _containers.RepeatedCompositeFieldContainer[RuleFileStatus]
@@ -293,4 +306,5 @@ class StatusResponse(_message.Message):
     accepted_dtypes: _containers.RepeatedScalarFieldContainer[str]
     sequence_formats: _containers.RepeatedScalarFieldContainer[str]
     conversation_slots: int
-    def __init__(self, version: _Optional[str] = ..., packs: _Optional[_Iterable[_Union[PackStatus, _Mapping]]] = ..., rule_files: _Optional[_Iterable[_Union[RuleFileStatus, _Mapping]]] = ..., rules: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., accepted_dtypes: _Optional[_Iterable[str]] = ..., sequence_formats: _Optional[_Iterable[str]] = ..., conversation_slots: _Optional[int] = ...) -> None: ...
+    event_formats: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[str] = ..., packs: _Optional[_Iterable[_Union[PackStatus, _Mapping]]] = ..., rule_files: _Optional[_Iterable[_Union[RuleFileStatus, _Mapping]]] = ..., rules: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., accepted_dtypes: _Optional[_Iterable[str]] = ..., sequence_formats: _Optional[_Iterable[str]] = ..., conversation_slots: _Optional[int] = ..., event_formats: _Optional[_Iterable[str]] = ...) -> None: ...
