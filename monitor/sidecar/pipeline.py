@@ -174,6 +174,9 @@ class Pipeline:
         conversation table (the columnar sequence format); without one, only `Sequence`
         messages are accepted. `decoded`, when given, holds `validate.decode_layers` of each
         batch, done already (on the server's event loop)."""
+        if len(batches) == 1:  # the light-load case (a decode step alone): no group to form
+            one = decoded[0] if len(decoded) == 1 else ()
+            return [self.process(batches[0], client, table, one)]
         outcomes: list[BatchOutcome | None] = [None] * len(batches)
         if len(decoded) != len(batches):
             decoded = ((),) * len(batches)
