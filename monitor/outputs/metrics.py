@@ -69,6 +69,42 @@ class _StepHistogram(Histogram):
         bucket.inc(1)
 
 
+def _observe(histogram: tuple[Any, Any, Any], amount: float) -> None:
+    """``_StepHistogram.observe`` on a histogram's values (``_step_values``)."""
+    bounds, buckets, total = histogram
+    bucket = buckets[bisect_left(bounds, amount)]
+    with total._lock:
+        total._value += amount
+    with bucket._lock:
+        bucket._value += 1
+
+
+def _step_values(
+    tokens: Counter, batches: Counter, *histograms: Histogram
+) -> tuple[Any, Any, list[tuple[Any, Any, Any]]] | None:
+    """What ``SidecarMetrics.record_step`` updates: the counters' values and each histogram's
+    bounds, buckets and sum, when they are prometheus-client's in-process values (whose
+    ``inc`` adds under the value's lock, as ``record_step`` does); None otherwise."""
+    try:
+        from prometheus_client.values import MutexValue
+
+        found = (
+            tokens._value,
+            batches._value,
+            [(h._upper_bounds, h._buckets, h._sum) for h in histograms],
+        )
+    except (ImportError, AttributeError):
+        return None
+    every = [found[0], found[1]]
+    for _, buckets, total in found[2]:
+        every += [*buckets, total]
+    if not all(type(value) is MutexValue for value in every):
+        return None
+    if not all(isinstance(h, _StepHistogram) and not h._labelnames for h in histograms):
+        return None
+    return found
+
+
 @dataclass
 class SidecarMetrics:
     """The sidecar's Prometheus metrics, in their own registry (several sidecars can share a
@@ -162,8 +198,45 @@ class SidecarMetrics:
             registry=r,
         )
         self._conversations_shown: int | None = None
+        self._step_values = _step_values(
+            self.tokens, self.batches, self.encode_seconds, self.rules_seconds, self.batch_seconds
+        )
         self.build = Info("safety_monitor_build", "Build information.", registry=r)
         self.build.info({"version": monitor.__version__})
+
+    def record_step(
+        self, rows: int, encode_seconds: float, rules_seconds: float, batch_seconds: float
+    ) -> None:
+        """One step processed alone: ``tokens.inc(rows)``, ``batches.inc()`` and ``observe`` of
+        the encode, rules and batch histograms, with the same result, in one call: the eight
+        value updates behind them are eight more Python calls, tens of microseconds when the
+        caches are cold, as they are right after an encode. Anything unusual (a NaN, a
+        negative count, a prometheus-client whose values are laid out otherwise, e.g. in
+        multiprocess mode) takes the metrics' own calls."""
+        values = self._step_values
+        # NaN (x != x) and negative counts take the checked calls; written out, not looped:
+        # this runs on every step.
+        if (
+            values is None
+            or not rows >= 0
+            or encode_seconds != encode_seconds
+            or rules_seconds != rules_seconds
+            or batch_seconds != batch_seconds
+        ):
+            self.tokens.inc(rows)
+            self.batches.inc()
+            self.encode_seconds.observe(encode_seconds)
+            self.rules_seconds.observe(rules_seconds)
+            self.batch_seconds.observe(batch_seconds)
+            return
+        tokens, batches, (encode, rules, batch) = values
+        with tokens._lock:
+            tokens._value += rows
+        with batches._lock:
+            batches._value += 1
+        _observe(encode, encode_seconds)
+        _observe(rules, rules_seconds)
+        _observe(batch, batch_seconds)
 
     def show_conversations(self, tracked: int) -> None:
         """Set the conversations gauge (only when it changes: a gauge call costs microseconds,

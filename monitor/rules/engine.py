@@ -197,9 +197,14 @@ class _Wave:
             if columns is None:
                 columns = features.columns(names)
             if rows is None:
-                # The method, not np.take (a Python wrapper); along the block's rows, then
-                # transposed (taking along the first axis of the transpose is 5x slower).
-                out[: len(names)] = features.block[:total].take(columns, axis=1).T
+                # The method, not np.take (a Python wrapper), along the block's rows (taking
+                # along the first axis of the transpose is 5x slower), into the registers'
+                # transpose: one call. "clip" skips the bounds checks' buffering: the columns
+                # are the block's own (``FeatureBlock.columns``).
+                block = features.block
+                if len(block) != total:
+                    block = block[:total]
+                block.take(columns, 1, out[: len(names)].T, "clip")
             else:
                 # Pick rows and the rules' columns in one step: `block[rows]` first would copy
                 # every column of a wide pack (65,536 SAE features x 4,096 rows is 1 GiB).
@@ -603,17 +608,85 @@ class SliceColumns(NamedTuple):
 _Columns = SliceColumns
 
 
-class SliceList(list):  # type: ignore[type-arg]
-    """A batch's ``SequenceSlice`` list that also carries its fields as columns
-    (``columns``), for a caller that has them already (the sidecar's columnar format reads
-    them from the message's packed arrays): the engine then reads the columns instead of
-    transposing 64 named tuples back into them on every decode step. Neither the list nor
-    its columns may change once made; ``columns`` must describe exactly the list's slices
-    (a test checks the sidecar's against ``SliceColumns`` read from the slices)."""
+# The fields ``SliceList`` fills, in order: every field of ``SequenceSlice`` (a test checks).
+SLICE_FIELDS = (
+    "conversation_id",
+    "start_row",
+    "rows",
+    "position",
+    "role",
+    "end",
+    "request_id",
+    "attributes",
+    "scope",
+)
+_new_slice = tuple.__new__
 
-    __slots__ = ("columns",)
 
-    columns: SliceColumns
+class SliceList(Sequence[SequenceSlice]):
+    """A batch's ``SequenceSlice`` sequence given as columns (``columns``, plus each slice's
+    id, role, attributes and scope), for a caller that has them already: the sidecar's
+    columnar format reads them from the message's packed arrays and its conversation table.
+    The engine reads the columns; the slices themselves are only made when something reads
+    them (a firing, roles, a grouped step, an audit), so a decode step where nothing fires
+    makes none of its 64 named tuples (and none of their garbage). Nothing here changes once
+    made; ``columns`` must describe exactly the slices (a test checks the sidecar's against
+    the columns read from them)."""
+
+    __slots__ = ("_items", "_parts", "columns")
+
+    def __init__(
+        self,
+        columns: SliceColumns,
+        ids: Sequence[str],
+        roles: Sequence[str],
+        attributes: Sequence[Mapping[str, str]],
+        scopes: Sequence[str],
+    ) -> None:
+        self.columns = columns
+        self._parts = (ids, roles, attributes, scopes)
+        self._items: list[SequenceSlice] | None = None
+
+    def _list(self) -> list[SequenceSlice]:
+        items = self._items
+        if items is None:
+            c = self.columns
+            ids, roles, attributes, scopes = self._parts
+            # All in C: tuple.__new__ instead of the named tuple's Python-level __new__ (a
+            # third of the cost), every field given, in order (SLICE_FIELDS).
+            fields = zip(
+                ids,
+                c.starts,
+                c.rows,
+                c.positions,
+                roles,
+                c.ends,
+                c.request_ids,
+                attributes,
+                scopes,
+                strict=True,
+            )
+            items = self._items = list(map(_new_slice, itertools.repeat(SequenceSlice), fields))
+        return items
+
+    def __len__(self) -> int:
+        return len(self.columns.rows)
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def,override]
+        return self._list()[index]
+
+    def __iter__(self) -> Iterator[SequenceSlice]:
+        return iter(self._list())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SliceList):
+            other = other._list()
+        return self._list() == other
+
+    __hash__ = None  # type: ignore[assignment]  # as a list's
+
+    def __repr__(self) -> str:
+        return f"SliceList({self._list()!r})"
 
 
 def _read_columns(sequences: Sequence[SequenceSlice]) -> _Columns:
@@ -1112,19 +1185,24 @@ class RuleEngine:
 
     def _advance_runs(
         self, wave: _Wave, conditions: np.ndarray, active: np.ndarray | None
-    ) -> np.ndarray:
-        """Run lengths with carry for all rules at once; returns where runs reach ``for``.
+    ) -> np.ndarray | None:
+        """Run lengths with carry for all rules at once; returns where runs reach ``for``
+        (None: nowhere).
 
         The run length at token t is t minus the index of the last false token; that index
         is a cummax over "t where false", seeded with the carried run as a virtual false
         token before the slice.
         """
-        carry = self._runs.data[wave.at].T  # [K, S]
         if wave.uniform and wave.width == 1:
             # One token per slice (a decode step): the general formula below reduces to this,
             # on [K, S] arrays without the token axis. A rule skipped for a slice (role,
             # exception) breaks its run.
             now = conditions if active is None else conditions & active
+            if not _ANY(now, axis=None):
+                # No condition holds (the usual step): every run breaks, none fires.
+                self._runs.data[wave.at] = 0
+                return None
+            carry = self._runs.data[wave.at].T  # [K, S]
             if self._for_one:
                 # Runs clamped at 1 are the condition itself, and a run fires where it
                 # starts (``carry`` is a view of the state: read before it is written).
@@ -1137,6 +1215,7 @@ class RuleEngine:
             fires = runs == self._need
             self._runs.data[wave.at] = np.minimum(runs, self._need, out=runs).T
             return fires[:, :, None]
+        carry = self._runs.data[wave.at].T  # [K, S]
         held = wave.pad(conditions, False)  # [K, S, L]
         if active is not None:
             held = held & active[:, :, None]
@@ -1157,13 +1236,13 @@ class RuleEngine:
     def _collect(
         self,
         wave: _Wave,
-        fires: np.ndarray,
+        fires: np.ndarray | None,
         values: np.ndarray | Callable[[], np.ndarray],
         result: EvaluationResult,
     ) -> None:
         """Firings where runs reached ``for`` (past cooldowns); ``values`` [rules, rows], or
         what reads them."""
-        if not _ANY(fires, axis=None):
+        if fires is None or not _ANY(fires, axis=None):
             return
         if callable(values):
             values = values()

@@ -9,11 +9,13 @@ Reading the arrays costs no protobuf object per sequence: that is the point of t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
-from itertools import accumulate, repeat
+from itertools import accumulate
 from typing import NamedTuple
 
 from monitor.rules import SequenceSlice, SliceColumns, SliceList
+from monitor.rules.engine import SLICE_FIELDS  # noqa: F401  # re-exported: its test reads it here
 from monitor.sidecar.config import Limits
 from monitor.sidecar.validate import (
     MAX_POSITION,
@@ -25,20 +27,14 @@ from monitor.sidecar.validate import (
 from monitor.wire import pb
 
 _NO_ATTRIBUTES: Mapping[str, str] = SequenceSlice._field_defaults["attributes"]
-_new_slice = tuple.__new__
 _NO_TOKENS: tuple[str, ...] = ()
-# The fields the fast construction below fills, in order.
-SLICE_FIELDS = (
-    "conversation_id",
-    "start_row",
-    "rows",
-    "position",
-    "role",
-    "end",
-    "request_id",
-    "attributes",
-    "scope",
-)
+
+
+@functools.lru_cache(maxsize=64)
+def _starts(count: int) -> list[int]:
+    """``[0, 1, ..., count - 1]``, shared: the first rows of a decode step's slices (read
+    only, as the engine reads them)."""
+    return list(range(count))
 
 
 class _Slot(NamedTuple):
@@ -172,20 +168,26 @@ class ConversationTable:
                 f"({limits.max_conversations}), the most the sidecar tracks at once",
             )
         rows, positions, ends = columns.rows[:], columns.position[:], columns.end[:]
-        for name, values, allow_empty in (
-            ("rows", rows, False),
-            ("position", positions, False),
-            ("end", ends, True),
-        ):
-            if len(values) != count and not (allow_empty and not values):
-                raise BatchRejected(
-                    "bad_columns",
-                    f"columns.{name}",
-                    f"columns.{name}: {len(values)} entries for {count} sequences"
-                    + (" (or none)" if allow_empty else ""),
-                )
+        if len(rows) != count or len(positions) != count or (ends and len(ends) != count):
+            for name, values, allow_empty in (
+                ("rows", rows, False),
+                ("position", positions, False),
+                ("end", ends, True),
+            ):
+                if len(values) != count and not (allow_empty and not values):
+                    raise BatchRejected(
+                        "bad_columns",
+                        f"columns.{name}",
+                        f"columns.{name}: {len(values)} entries for {count} sequences"
+                        + (" (or none)" if allow_empty else ""),
+                    )
         last = self._last
-        if last is not None and last[0] == slot_ids and last[1:3] == (scope, scope_attribute):
+        if (
+            last is not None
+            and last[0] == slot_ids
+            and last[1] == scope
+            and last[2] == scope_attribute
+        ):
             read = last[3]  # the same slots as the previous batch, nothing redefined since
         else:
             read = self._read(slot_ids, scope, scope_attribute)
@@ -201,7 +203,7 @@ class ConversationTable:
                         f"columns.position[{i}]: {position} + {n} rows is past the largest "
                         f"supported position {MAX_POSITION}",
                     )
-        texts = columns.tokens[:]
+        texts = columns.tokens
         if texts and len(texts) != sum(rows):
             raise BatchRejected(
                 "bad_tokens",
@@ -210,31 +212,20 @@ class ConversationTable:
             )
         if not ends:
             ends = [False] * count
-        starts = list(accumulate(rows, initial=0))
-        starts.pop()  # one more than there are sequences
-        # All in C: tuple.__new__ instead of the named tuple's Python-level __new__ (a third
-        # of the cost). Every field is given, in order (a test checks SLICE_FIELDS against
-        # SequenceSlice._fields).
-        fields = zip(
-            ids,
-            starts,
-            rows,
-            positions,
-            roles,
-            ends,
-            request_ids,
-            attributes,
-            scopes,
-            strict=True,
-        )
-        slices = SliceList(map(_new_slice, repeat(SequenceSlice, count), fields))
-        # The engine reads these instead of transposing the slices back into them. The
-        # lists read from the table (keys, request ids) are shared with the previous steps':
-        # nothing changes them.
-        slices.columns = SliceColumns(starts, rows, positions, keys, request_ids, ends, True)
+        if rows.count(1) == count:  # a decode step: a row each, starts 0, 1, ...
+            starts = _starts(count)
+        else:
+            starts = list(accumulate(rows, initial=0))
+            starts.pop()  # one more than there are sequences
+        # The engine reads the columns; the slices are made only if something reads them.
+        # The lists read from the table (keys, request ids) are shared with the previous
+        # steps': nothing changes them.
+        columns_read = SliceColumns(starts, rows, positions, keys, request_ids, ends, True)
+        slices = SliceList(columns_read, ids, roles, attributes, scopes)
         if texts:
+            texts = texts[:]  # a list
             tokens: list[Sequence[str]] = [
-                texts[s.start_row : s.start_row + s.rows] for s in slices
+                texts[start : start + n] for start, n in zip(starts, rows, strict=True)
             ]
         else:
             tokens = [_NO_TOKENS] * count  # read only: one shared empty tuple

@@ -174,6 +174,9 @@ class Pipeline:
         conversation table (the columnar sequence format); without one, only `Sequence`
         messages are accepted. `decoded`, when given, holds `validate.decode_layers` of each
         batch, done already (on the server's event loop)."""
+        if len(batches) == 1:  # the light-load case (a decode step alone): no group to form
+            one = decoded[0] if len(decoded) == 1 else ()
+            return [self.process(batches[0], client, table, one)]
         outcomes: list[BatchOutcome | None] = [None] * len(batches)
         if len(decoded) != len(batches):
             decoded = ((),) * len(batches)
@@ -228,15 +231,16 @@ class Pipeline:
         metrics = self.metrics
         started = time.perf_counter()
         # A step alone (the light-load case) is its own merged batch.
-        steps = merge_steps([member for _, member in group]) if len(group) > 1 else None
+        alone = len(group) == 1
+        steps = None if alone else merge_steps([member for _, member in group])
         batch = group[0][1] if steps is None else steps.merged
         # The encode's time starts after the merge (its own histogram).
-        encode_started = started if steps is None else time.perf_counter()
-        features, rules_started = self._encode(batch, encode_started)
+        encode_started = started if alone else time.perf_counter()
+        features, rules_started = self._encode(batch)
         result = self.engine.evaluate(
             features, batch.slices, model=batch.model, client=client.owner
         )
-        metrics.rules_seconds.observe(time.perf_counter() - rules_started)
+        rules_ended = time.perf_counter()
         if result.gaps:  # a metric call costs microseconds: none for nothing to count
             metrics.position_gaps.inc(result.gaps)
         if result.evicted:
@@ -259,10 +263,17 @@ class Pipeline:
             if steps is None:
                 steps = StepGroup([batch], batch)
             self._firing_outcomes(group, steps, fired, dispatched, outcomes)
+        encode_seconds, rules_seconds = rules_started - encode_started, rules_ended - rules_started
+        if alone:  # its metrics in one call
+            metrics.record_step(
+                batch.rows, encode_seconds, rules_seconds, time.perf_counter() - started
+            )
+            return
+        metrics.encode_seconds.observe(encode_seconds)
+        metrics.rules_seconds.observe(rules_seconds)
         metrics.tokens.inc(batch.rows)
         metrics.batches.inc(len(group))
-        if len(group) > 1:
-            metrics.batches_grouped.inc(len(group))
+        metrics.batches_grouped.inc(len(group))
         elapsed = time.perf_counter() - started
         for _ in group:  # each step waited for the whole group
             metrics.batch_seconds.observe(elapsed)
@@ -359,12 +370,21 @@ class Pipeline:
         view costs a fraction of a torch one, and the rules engine runs on numpy). When the
         rules read one block only (the usual case), the mapping is a ``FeatureBlock``, from
         which the engine gathers them all with one call."""
-        return self._encode(batch, time.perf_counter())[0]
+        started = time.perf_counter()
+        features, ended = self._encode(batch)
+        self.metrics.encode_seconds.observe(ended - started)
+        return features
 
-    def _encode(
-        self, batch: ValidatedBatch, started: float
-    ) -> tuple[Mapping[str, np.ndarray], float]:
-        """``encode``, timed from ``started``; and when it ended."""
+    def _encode(self, batch: ValidatedBatch) -> tuple[Mapping[str, np.ndarray], float]:
+        """``encode`` (its time not observed), and when it ended."""
+        blocks = self._blocks
+        if len(blocks) == 1:  # the usual case: the rules read one pack's block
+            key = blocks[0]
+            values = batch.encoded.get(key) if batch.encoded else None
+            if values is None:
+                values = self.encode_block(self._packs[key[0]], key[1], batch)
+            block = FeatureBlock(_cpu_float32(values), self._column_index)
+            return block, time.perf_counter()
         encoded: dict[tuple[str, str], np.ndarray] = {}
         for key in self._blocks:
             values = batch.encoded.get(key)
@@ -380,9 +400,7 @@ class Pipeline:
             features = {
                 c.name: encoded[c.pack.name, c.hook_point][:, c.column] for c in self.columns
             }
-        ended = time.perf_counter()
-        self.metrics.encode_seconds.observe(ended - started)
-        return features, ended
+        return features, time.perf_counter()
 
     def encode_block(
         self, pack: FeaturePack, hook_point: str, batch: ValidatedBatch

@@ -17,7 +17,7 @@ import torch
 
 from monitor.rules import SequenceSlice, SliceList
 from monitor.sidecar.config import Limits
-from monitor.wire import TensorDecodeError, decode_tensor_with_bytes, pb
+from monitor.wire import WIRE_DTYPES, TensorDecodeError, decode_tensor_with_bytes, pb
 
 if TYPE_CHECKING:
     from monitor.sidecar.columns import ConversationTable
@@ -330,8 +330,26 @@ def decode_layers(batch: pb.StepBatch) -> tuple[torch.Tensor | None, ...]:
     for layer in batch.layers:
         message = layer.activations
         tensor = None
-        if len(message.shape) == 2:  # anything else is rejected before decoding
+        shape = message.shape
+        if len(shape) == 2:  # anything else is rejected before decoding
             try:
+                rows, width = shape
+                dtype = WIRE_DTYPES.get(message.dtype)
+                # Read once: each read of a bytes field hands out a new copy.
+                data = message.data
+                if (
+                    dtype is not None
+                    and rows > 0
+                    and width > 0
+                    and len(data) == rows * width * dtype.itemsize
+                ):
+                    # The usual message, decoded as `decode_tensor_with_bytes` decodes it
+                    # (a view of the bytes) in fewer calls, and only once it is finite: a
+                    # decode step passes here as it arrives.
+                    if _finite_bits(np.frombuffer(data, _BITS[dtype][0]), dtype):
+                        tensor = torch.frombuffer(data, dtype=dtype).view(rows, width)
+                    decoded.append(tensor)
+                    continue
                 values, data = decode_tensor_with_bytes(message, "")
                 if _bytes_finite(data, values.dtype):
                     tensor = values

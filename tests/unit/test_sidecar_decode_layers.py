@@ -125,7 +125,8 @@ def test_a_bug_in_decoding_ahead_leaves_the_layer_to_the_worker(monkeypatch) -> 
         raise RuntimeError("a bug in decoding")
 
     batch = _batch(_good(), _good())
-    monkeypatch.setattr(validate, "decode_tensor_with_bytes", broken)
+    # The finite check: both the fast decode and the general one run it.
+    monkeypatch.setattr(validate, "_finite_bits", broken)
     assert decode_layers(batch) == (None, None)
 
     async def read() -> list:

@@ -54,3 +54,22 @@ def test_the_conversations_gauge_follows_every_change():
     for tracked in (0, 64, 64, 63, 0, 0, 5):
         metrics.show_conversations(tracked)
         assert metrics.registry.get_sample_value("safety_monitor_conversations") == tracked
+
+
+def test_a_recorded_step_counts_as_the_separate_calls_do():
+    """`record_step` updates the values behind the metrics directly: the exposition must be
+    what tokens.inc, batches.inc and the three observes give, for every bucket bound, NaN
+    (the checked path) and a step of no rows."""
+    fast, slow = SidecarMetrics(), SidecarMetrics()
+    assert fast._step_values is not None  # the direct path is the one under test
+    steps = [(64, 0.0008, 0.0003, 0.0012), (1, 0.0001, 0.00025, 1.0), (0, 2.0, 0.0, 0.05)]
+    steps += [(5, math.nan, 0.001, 0.002), (7, 0.0005, 0.0005, 0.0005)]
+    for rows, encode, rules, batch in steps:
+        fast.record_step(rows, encode, rules, batch)
+        slow.tokens.inc(rows)
+        slow.batches.inc()
+        slow.encode_seconds.observe(encode)
+        slow.rules_seconds.observe(rules)
+        slow.batch_seconds.observe(batch)
+    assert _exposition(fast.registry) == _exposition(slow.registry)
+    assert fast.registry.get_sample_value("safety_monitor_batches_total") == len(steps)
