@@ -198,8 +198,11 @@ class PipelineWorker:
 # An inline run (see `small_batch`) that took longer than this turns the inline path off for
 # INLINE_PAUSE seconds: the byte bound says nothing of the work (wide packs, hundreds of
 # rules, a state eviction sweep), and everything else on the event loop waits meanwhile.
+# The pause is short so that one slow run (a preempted thread, a garbage collection) costs
+# little of the saving; work that is always slow then holds the loop once a pause at most.
 INLINE_BUDGET = 0.002
-INLINE_PAUSE = 10.0
+INLINE_PAUSE = 1.0
+LOG_PAUSES_EVERY = 60.0  # seconds between two log lines about pauses
 
 
 class InlineBudget:
@@ -212,6 +215,7 @@ class InlineBudget:
         self.pause = pause
         self.paused_until = -math.inf
         self.pauses = 0  # how many times a slow run turned the inline path off
+        self._logged = -math.inf
 
     def allowed(self, now: float) -> bool:
         """Whether a small batch may run inline at `now` (time.perf_counter)."""
@@ -223,12 +227,15 @@ class InlineBudget:
             return
         self.paused_until = now + self.pause
         self.pauses += 1
-        log.info(
-            "inline steps paused: one took too long on the event loop",
-            run_ms=round(seconds * 1000, 2),
-            budget_ms=self.budget * 1000,
-            pause_seconds=self.pause,
-        )
+        if now - self._logged >= LOG_PAUSES_EVERY:
+            self._logged = now
+            log.info(
+                "inline steps paused: one took too long on the event loop",
+                run_ms=round(seconds * 1000, 2),
+                budget_ms=self.budget * 1000,
+                pause_seconds=self.pause,
+                pauses=self.pauses,
+            )
 
 
 # OS-level names of the sidecar's own threads (`top -H`, /proc/PID/task/TID/comm, at most
