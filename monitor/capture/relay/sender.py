@@ -238,8 +238,9 @@ FD_SETSIZE = 1024
 class _Readable:
     """Waits until one of `fds` is readable. select() where every fd number allows it: its
     timeout has microseconds (the pace's short sleeps), poll()'s whole milliseconds. poll()
-    otherwise, its timeout rounded up: a sleep then ends up to 1 ms late, which costs at most
-    a wake-up write of the producer (WAITING is set while it lasts), never a frame."""
+    otherwise, its timeout rounded up to whole milliseconds; a wait under 1 ms (POLL_INTERVAL)
+    is a plain sleep and a look, so polling keeps its interval (a wake-up or interrupt during
+    that sleep is seen when it ends, less than 1 ms later)."""
 
     def __init__(self, fds: list[int]) -> None:
         self.fds = fds
@@ -254,6 +255,9 @@ class _Readable:
         as for select()); empty after the timeout."""
         if self._poll is None:
             return select.select(self.fds, (), (), timeout)[0]
+        if timeout < 0.001:
+            time.sleep(timeout)
+            timeout = 0.0
         return [fd for fd, _ in self._poll.poll(math.ceil(timeout * 1000))]
 
 
