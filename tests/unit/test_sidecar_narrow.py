@@ -298,3 +298,18 @@ def test_narrowed_columns_are_bit_identical_at_the_reference_width(rows):
         out = sub.encode(x)
         assert torch.equal(out[:, :count], full[:, columns]), count
         assert not out[:, count:].any()  # the padding columns are 0
+
+
+def test_bench_reference_rules_read_their_columns_or_all(tmp_path):
+    """`bench sidecar`'s reference rules: 20 columns of 256 (the sidecar encodes 32, padded),
+    or with `--rules-read all` every column (the full encode, the bound's shape); 20 rules,
+    10 temporal, either way."""
+    from monitor.bench.sidecar import FEATURES, reference_setup
+
+    for mode, read, width in (("rules", 20, 32), ("all", FEATURES, FEATURES)):
+        pack, ruleset = reference_setup(tmp_path / mode, mode)
+        assert len(ruleset.rules) == 20
+        assert len(ruleset.required_features) == read
+        pipeline = Pipeline([pack], ruleset, SidecarMetrics(), Limits())
+        (hook_point,) = pack.hook_points
+        assert pipeline.encoded_width(pack, hook_point) == width
