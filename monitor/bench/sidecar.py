@@ -704,7 +704,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"encode-only bound (the sidecar's cores and threads): {prefill_bound:,} rows/s "
             f"({t['rows_per_message']}-row inputs), {decode_bound:,} rows/s (decode-step inputs)",
             f"  (the bound is the pack's full encode, all {FEATURES} columns; the sidecar encodes "
-            f"only the columns its rules read, here {result.get('rules_read', '?')}: "
+            f"only the columns its rules read, here {result.get('rules_read', '?')} of {FEATURES}; "
             "`--rules-read all` makes them read every column, the bound's shape)",
             f"prefill throughput {t['tokens_per_s'] / prefill_bound:.0%} of its bound; "
             f"decode saturation {sat['tokens_per_s'] / decode_bound:.0%} of its bound",
