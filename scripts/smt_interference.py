@@ -16,13 +16,22 @@ import time
 
 import torch
 
+# Each burner ends by itself: with its parent (PR_SET_PDEATHSIG, so a parent killed with
+# SIGKILL or by a timeout leaves no spinning orphan) and after BURN_SECONDS at the latest.
+BURN_SECONDS = 60
+_PRELUDE = (
+    "import ctypes, os, signal, time\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)\n"  # PR_SET_PDEATHSIG
+    f"os.sched_setaffinity(0, {{1}})\ndeadline = time.monotonic() + {BURN_SECONDS}\n"
+)
 BURNERS = {
     "none": None,
-    "pyspin": "import os\nos.sched_setaffinity(0, {1})\nwhile True: pass",
-    "gemm": "import os, torch\nos.sched_setaffinity(0, {1})\ntorch.set_num_threads(1)\n"
-    "x = torch.randn(512, 512)\nwhile True: x @ x",
-    "memcpy": "import os, numpy as np\nos.sched_setaffinity(0, {1})\n"
-    "x = np.ones(16 << 20, dtype=np.uint8); y = np.empty_like(x)\nwhile True: np.copyto(y, x)",
+    "pyspin": _PRELUDE + "while time.monotonic() < deadline: pass",
+    "gemm": _PRELUDE + "import torch\ntorch.set_num_threads(1)\n"
+    "x = torch.randn(512, 512)\nwhile time.monotonic() < deadline: x @ x",
+    "memcpy": _PRELUDE + "import numpy as np\n"
+    "x = np.ones(16 << 20, dtype=np.uint8); y = np.empty_like(x)\n"
+    "while time.monotonic() < deadline: np.copyto(y, x)",
 }
 
 

@@ -1738,8 +1738,17 @@ class _StepKernel:
         self.has_newest = bool(newest_to)
         self.cummax_to = np.array(cummax_to, dtype=np.int64)
         self.cummax_from = np.array(cummax_from, dtype=np.int64)
-        # Per row count: the float64 block and its sums (``__call__``).
-        self._buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # The float64 block and its sums (``__call__``), kept from step to step: one pair,
+        # grown to the most rows seen, whose leading rows each step uses. Not one per row
+        # count: decode waves change size every few steps, and buffers kept for each size
+        # would hold many times the rule state of a wave outside `max_rule_state_bytes`.
+        self._block = np.empty((0, sum_width + len(sums)), dtype=np.float64)
+        self._sums = np.empty((0, len(sums)), dtype=np.float64)
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of the buffers kept between steps (the largest wave's float64 block)."""
+        return self._block.nbytes + self._sums.nbytes
 
     def __call__(
         self,
@@ -1757,14 +1766,12 @@ class _StepKernel:
         if out is None:
             out = np.empty((self.width, rows), dtype=np.float32)
         if self.sums:
-            # Kept from the step before (one per row count): written whole each step.
-            buffers = self._buffers.get(rows)
-            if buffers is None:
-                if len(self._buffers) >= 8:
-                    self._buffers.clear()
-                block = np.empty((rows, self.sum_width + len(self.sums)), dtype=np.float64)
-                buffers = self._buffers[rows] = (block, np.empty((rows, len(self.sums))))
-            block, sums = buffers
+            # Kept from the step before, grown when a wave has more rows: its first `rows`
+            # rows (contiguous views) are written whole each step.
+            if self._block.shape[0] < rows:
+                self._block = np.empty((rows, self._block.shape[1]), dtype=np.float64)
+                self._sums = np.empty((rows, self._sums.shape[1]), dtype=np.float64)
+            block, sums = self._block[:rows], self._sums[:rows]
             block[:, : self.sum_width] = history[:, : self.sum_width]
             block[:, self.sum_width :] = x[self.sum_rows].T
             np.matmul(block, self.weights, out=sums)  # [S, sum functions]

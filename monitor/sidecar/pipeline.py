@@ -117,6 +117,13 @@ class Pipeline:
         )
         self._use_rules(ruleset)
 
+    @property
+    def may_block(self) -> bool:
+        """Whether processing a batch may wait on I/O: with an audit recorder, a flagged
+        conversation's step waits for its commit (up to the store's write timeout), so such
+        a pipeline must not run on the event loop. Alertmanager only enqueues."""
+        return self.actions is not None and self.actions.recorder is not None
+
     def replace_rules(self, ruleset: RuleSet) -> None:
         """Swap in a new rule set between batches; state of unchanged rules is kept."""
         self.engine.replace_rules(ruleset)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -108,6 +109,7 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         self.pipeline = pipeline
         self.executor = executor
         self.worker = streams.PipelineWorker(executor)
+        self.inline = streams.InlineBudget()
         self.metrics = metrics
         self.tokens = tokens or {}
         self.gate = streams.StreamGate(pipeline.limits.max_streams)
@@ -197,6 +199,8 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                     waited
                     and len(held) == 1
                     and self.worker.idle
+                    and not self.pipeline.may_block
+                    and self.inline.allowed(time.perf_counter())
                     and streams.small_batch(*held[0][:2])
                 ):
                     # Light load: a small step, the stream keeping up and nothing on the
@@ -340,10 +344,14 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         """`_run_many` on the event loop itself, for a small batch while the pipeline thread
         is idle (`streams.small_batch`, `PipelineWorker.idle`): nothing else touches the
         pipeline meanwhile, as the loop is the only one handing it work."""
+        started = time.perf_counter()
         try:
             return func(batches, client)
         except Exception as exc:  # the stream must survive our own bugs too
             return internal_errors([batch.seq_no for batch in batches], exc, self.metrics)
+        finally:
+            ended = time.perf_counter()
+            self.inline.ran(ended - started, ended)
 
     async def _run_many(
         self,

@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import math
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import Any, Final, TypeVar
 
 import structlog
@@ -51,8 +52,9 @@ PARSE_INLINE_BYTES = 1024 * 1024
 # A batch this small (its message and decoded activations, in bytes) with at most
 # `INLINE_SEQUENCES` sequences is processed on the event loop itself when the pipeline
 # thread has nothing to do: the hand-off to the thread and back (two context switches and a
-# wake-up of the loop) costs as much CPU as a light-load step's work. Bounded so that one
-# stream's inline batch delays other streams' acks by no more than a small batch's work.
+# wake-up of the loop) costs as much CPU as a light-load step's work. The bytes bound keeps
+# the message small; the work it takes is bounded by timing each run (`InlineBudget`), and a
+# pipeline that may block (an audit store's commit) never runs inline (`Pipeline.may_block`).
 INLINE_BYTES = 64 * 1024
 INLINE_SEQUENCES = 64
 
@@ -153,32 +155,87 @@ class StreamBudget:
 class PipelineWorker:
     """The single pipeline thread (`executor`, one worker) and whether it has work: the
     event loop may run a small batch itself only while no job is queued or running there,
-    or the two would touch rule state at once. Two counters, each written by one thread
-    only (jobs submitted, on the loop; jobs finished, on the worker, as a job's last step),
-    so no update is lost and "idle" is never seen before the last job has finished."""
+    or the two would touch rule state at once. Three counters, each written by one thread
+    only (jobs submitted, on the loop; jobs finished, on the worker, as a job's last step;
+    queued jobs cancelled before they ran, on the loop, which is where asyncio cancels
+    them), so no update is lost and "idle" is never seen before the last job has finished
+    or been dropped from the queue."""
 
     def __init__(self, executor: Executor) -> None:
         self.executor = executor
         self.submitted = 0
         self.finished = 0
+        self.cancelled = 0
 
     @property
     def idle(self) -> bool:
         """No job queued or running on the pipeline thread (call on the event loop)."""
-        return self.finished == self.submitted
+        return self.finished + self.cancelled == self.submitted
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
         """`func(*args)` on the pipeline thread; its result or exception."""
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.executor, self._job, func, args)
+        job = self.executor.submit(self._job, func, args)
         self.submitted += 1  # once queued: a refused job (shut down) never makes it busy
-        return await future
+        # A job still queued when its caller is cancelled (client gone, deadline) never runs,
+        # so `_job` never counts it: count it here. asyncio cancels the queued job from the
+        # loop (`wrap_future`), and a cancel runs the done callbacks in the cancelling
+        # thread, so this counter, too, is written on the loop only. A job that ran or is
+        # running is counted by `_job` and not here (`cancelled()` is False for it).
+        job.add_done_callback(self._count_cancelled)
+        return await asyncio.wrap_future(job)
+
+    def _count_cancelled(self, job: Future[Any]) -> None:
+        if job.cancelled():
+            self.cancelled += 1
 
     def _job(self, func: Callable[..., T], args: tuple[Any, ...]) -> T:
         try:
             return func(*args)
         finally:
             self.finished += 1  # the worker's last touch of the pipeline for this job
+
+
+# An inline run (see `small_batch`) that took longer than this turns the inline path off for
+# INLINE_PAUSE seconds: the byte bound says nothing of the work (wide packs, hundreds of
+# rules, a state eviction sweep), and everything else on the event loop waits meanwhile.
+# The pause is short so that one slow run (a preempted thread, a garbage collection) costs
+# little of the saving; work that is always slow then holds the loop once a pause at most.
+INLINE_BUDGET = 0.002
+INLINE_PAUSE = 1.0
+LOG_PAUSES_EVERY = 60.0  # seconds between two log lines about pauses
+
+
+class InlineBudget:
+    """Whether the event loop may still run small batches itself: not for `pause` seconds
+    after a run that took more than `budget` seconds (then they go to the pipeline thread,
+    where a slow step delays only its own stream). Used on the event loop only."""
+
+    def __init__(self, budget: float = INLINE_BUDGET, pause: float = INLINE_PAUSE) -> None:
+        self.budget = budget
+        self.pause = pause
+        self.paused_until = -math.inf
+        self.pauses = 0  # how many times a slow run turned the inline path off
+        self._logged = -math.inf
+
+    def allowed(self, now: float) -> bool:
+        """Whether a small batch may run inline at `now` (time.perf_counter)."""
+        return now >= self.paused_until
+
+    def ran(self, seconds: float, now: float) -> None:
+        """An inline run took `seconds`, ending at `now`; too long pauses the inline path."""
+        if seconds <= self.budget:
+            return
+        self.paused_until = now + self.pause
+        self.pauses += 1
+        if now - self._logged >= LOG_PAUSES_EVERY:
+            self._logged = now
+            log.info(
+                "inline steps paused: one took too long on the event loop",
+                run_ms=round(seconds * 1000, 2),
+                budget_ms=self.budget * 1000,
+                pause_seconds=self.pause,
+                pauses=self.pauses,
+            )
 
 
 # OS-level names of the sidecar's own threads (`top -H`, /proc/PID/task/TID/comm, at most

@@ -7,6 +7,7 @@ through the capture relay when its steps are grouped."""
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 
@@ -250,6 +251,8 @@ def test_small_batches_run_on_the_event_loop_only_while_the_worker_is_idle(sidec
     (the hand-off would cost as much as the work); a large one, or a small one while the
     pipeline thread is busy, goes to the pipeline thread."""
     sidecar = sidecars()
+    # No inline budget here: a step slowed by a busy machine must not change the path.
+    sidecar.thread.sidecar.service.inline = streams.InlineBudget(budget=math.inf)
     small = _decode_steps(1)[0]
     big = pb.StepBatch(seq_no=2, model="tiny")
     rows = streams.INLINE_BYTES // (HIDDEN * 4) + 1  # fp32 rows: over the inline bytes
@@ -272,3 +275,23 @@ def test_small_batches_run_on_the_event_loop_only_while_the_worker_is_idle(sidec
         assert _acks(list(stub.Monitor(iter([later]), timeout=60)))[-1][0] == 2
         held.result(30)
     assert sidecar.threads[2].startswith("pipeline")
+
+
+def test_an_inline_run_over_the_budget_sends_the_next_small_steps_to_the_pipeline_thread(
+    sidecars,
+):
+    """The inline bound is on work, not bytes: a run that took longer than the budget (here
+    zero: any run) turns the inline path off, so the next small step, on an idle pipeline
+    thread, goes there."""
+    sidecar = sidecars()
+    service = sidecar.thread.sidecar.service
+    service.inline = streams.InlineBudget(budget=0.0, pause=600.0)
+    first, second = _decode_steps(2)
+    with grpc.insecure_channel(sidecar.target) as channel:
+        stub = pb_grpc.SafetyMonitorStub(channel)
+        assert _acks(list(stub.Monitor(iter([first]), timeout=60)))[-1][0] == 1
+        assert service.inline.pauses == 1
+        assert service.worker.idle
+        assert _acks(list(stub.Monitor(iter([second]), timeout=60)))[-1][0] == 2
+    assert sidecar.threads[0] == "sidecar"  # inline, then over the budget
+    assert sidecar.threads[1].startswith("pipeline")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
+import threading
 import time
 from urllib.parse import quote
 
@@ -18,6 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from monitor.audit import open_store
 from monitor.audit.store import AuditQuery
 from monitor.fixtures import wait_for
+from monitor.sidecar.config import parse_config
+from monitor.sidecar.process import SidecarThread
 from monitor.wire import encode_tensor, pb, pb_grpc
 from tests.conftest import build_pack_with_cli
 from tests.integration.test_alertmanager import Receiver
@@ -296,3 +300,57 @@ def test_store_down_at_start_withholds_alerts_then_recovers(tmp_path, sidecar_fa
         assert sidecar.stop() == 0
     finally:
         server.stop()
+
+
+def test_an_audited_step_waiting_for_its_commit_does_not_hold_the_event_loop(tmp_path):
+    """With an audit store, a flagged conversation's step waits for its commit before its
+    alerts may go out (up to `write_timeout_seconds` while the store is stuck). That wait
+    must be on the pipeline thread: the event loop keeps answering GetStatus and health
+    checks (liveness probes) meanwhile, so a small step never runs inline there."""
+    db = tmp_path / "audit.db"
+    audit = {"url": f"sqlite:///{db}", "write_timeout_seconds": 60.0, "health_probe_seconds": 60}
+    raw = {**_config(tmp_path, audit=audit), "listen": "127.0.0.1:0", "metrics_port": 0}
+    thread = SidecarThread(parse_config(raw, tmp_path, "test"))
+    writer = thread.sidecar.pipeline.actions.recorder._writer  # observed, not replaced
+    submit, waiting = writer.submit, threading.Event()
+
+    def observed_submit(writes):
+        waiting.set()
+        return submit(writes)
+
+    writer.submit = observed_submit
+    target = f"127.0.0.1:{thread.start().port}"
+    locker = None
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.SafetyMonitorStub(channel)
+            first = list(stub.Monitor(iter([_batch(1, "held", 0, [" a"])]), timeout=60))
+            assert any(event.HasField("ack") for event in first)
+            waiting.clear()
+            # Another connection holds the store's write lock: the next commit cannot happen.
+            locker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+            locker.execute("BEGIN EXCLUSIVE")
+            answered: list[pb.MonitorEvent] = []
+            stream = threading.Thread(
+                target=lambda: answered.extend(
+                    stub.Monitor(iter([_batch(2, "held", 1, [" b"])]), timeout=120)
+                )
+            )
+            stream.start()
+            assert waiting.wait(30), "the audited step never reached the audit writer"
+            with grpc.insecure_channel(target) as other:
+                status = pb_grpc.SafetyMonitorStub(other).GetStatus(pb.StatusRequest(), timeout=10)
+                health = health_pb2_grpc.HealthStub(other).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=10
+                )
+            assert status.version and health.status == health_pb2.HealthCheckResponse.SERVING
+            # Both answered while the step still waited for its commit.
+            assert stream.is_alive() and not answered
+            locker.execute("ROLLBACK")
+            stream.join(90)
+            assert not stream.is_alive()
+            assert [event.ack.seq_no for event in answered if event.HasField("ack")] == [2]
+    finally:
+        if locker is not None:
+            locker.close()
+        thread.stop()

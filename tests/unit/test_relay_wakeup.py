@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import threading
 
 import pytest
@@ -223,3 +224,87 @@ def test_the_wakeup_fd_travels_in_the_relay_settings():
     line = config.to_json().replace(b', "wakeup_fd": 9', b"")
     assert b"wakeup_fd" not in line
     assert RelayConfig.from_json(line).wakeup_fd is None
+
+
+HIGH_FD = 1500  # over select()'s FD_SETSIZE (1024): what pass_fds hands a busy serving process's
+
+
+@pytest.fixture
+def high_fds():
+    """Room for fd numbers over FD_SETSIZE: the soft RLIMIT_NOFILE raised for this test."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = HIGH_FD + 64
+    assert hard == resource.RLIM_INFINITY or hard >= wanted, f"hard fd limit {hard}"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_wakeup_fd_numbered_over_fd_setsize_still_wakes_the_relay(high_fds):
+    """The eventfd arrives with the serving process's number; over 1024 select() raised
+    ValueError on every wait, and the relay's stream was cancelled and reopened forever.
+    The relay works on a low copy of it (and closes that copy)."""
+    pair = Pair()
+    os.dup2(pair.wakeup, HIGH_FD)
+    pair.writer = FrameWriter(pair.ring, wakeup_fd=HIGH_FD)
+    pair.source.close()
+    pair.source = FrameSource(pair.ring, wakeup_fd=HIGH_FD)
+    try:
+        assert pair.source.next(0.01, lambda: None) is None  # an empty ring: a plain timeout
+        thread, got = in_thread(pair.source, 60)
+        wait_until_waiting(pair.ring, pair.source)
+        pair.publish(3)
+        thread.join(30)
+        assert not thread.is_alive(), "the frame did not wake the relay"
+        assert got[0].sequences[0].position == 3
+        assert pair.writer.wakeups_sent == 1
+        copy = pair.source.wakeup_fd
+        assert copy is not None and copy < 1024  # waited on with select() again
+        pair.source.close()
+        with pytest.raises(OSError):  # the copy is the source's to close
+            os.fstat(copy)
+        pair.source = FrameSource(pair.ring)  # for pair.close()
+    finally:
+        pair.close()
+        os.close(HIGH_FD)
+
+
+def test_with_no_low_fd_free_the_relay_waits_with_poll(high_fds):
+    """Where every number under FD_SETSIZE is taken, the high fds are waited on as they
+    are (poll(), no number limit): a frame still wakes the relay, `interrupt` still works."""
+    pair = Pair()
+    os.dup2(pair.wakeup, HIGH_FD)
+    pair.writer = FrameWriter(pair.ring, wakeup_fd=HIGH_FD)
+    pair.source.close()
+    filler: list[int] = []
+    try:
+        while True:  # take every free number under 1024 (bounded: at most 1024 of them)
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            if fd >= 1024:
+                os.close(fd)
+                break
+            filler.append(fd)
+            assert len(filler) <= 1024
+        pair.source = FrameSource(pair.ring, wakeup_fd=HIGH_FD)
+        assert pair.source.wakeup_fd == HIGH_FD  # no low copy was possible
+        assert pair.source._interrupt >= 1024  # its own eventfd is over the limit too
+        for fd in filler:
+            os.close(fd)
+        filler.clear()
+        assert pair.source.next(0.01, lambda: None) is None
+        thread, got = in_thread(pair.source, 60)
+        wait_until_waiting(pair.ring, pair.source)
+        pair.publish(4)
+        thread.join(30)
+        assert not thread.is_alive(), "the frame did not wake the relay"
+        assert got[0].sequences[0].position == 4
+        thread, got = in_thread(pair.source, 60)
+        wait_until_waiting(pair.ring, pair.source)
+        pair.source.interrupt()
+        thread.join(30)
+        assert not thread.is_alive() and got == [None]
+    finally:
+        for fd in filler:
+            os.close(fd)
+        pair.close()
+        os.close(HIGH_FD)

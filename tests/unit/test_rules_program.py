@@ -227,3 +227,32 @@ def test_a_large_rule_history_is_not_double_buffered():
         feed(engine, [(name, t, [(0.0, 0.0)], "", False) for name in names])
     assert engine._history.data.shape[0] == 300 and engine._history.data.nbytes > 4 << 20
     assert engine._history.spare is None
+
+
+def test_the_step_kernel_keeps_one_buffer_for_decode_waves_of_changing_size():
+    """Decode waves change size every few steps (requests join and leave); the step kernel's
+    float64 buffers, outside the rule-state budget, must not be kept once per size: one pair
+    for the largest wave, whose leading rows smaller waves use (stale rows never leak)."""
+    text = rule_file(
+        "rule: m, severity: info, condition: 'rolling_mean(a, 64) > 0.2'",
+        "rule: s, severity: info, condition: 'rolling_sum(b, 8) > 1.5'",
+        "rule: e, severity: info, condition: 'ewma(a, 0.5) > 0.6'",
+    )
+    engine, single = RuleEngine(ruleset(text)), RuleEngine(ruleset(text))
+    rng = np.random.default_rng(7)
+    sizes = [20 + (step * 5) % 8 for step in range(40)]  # 20..27 conversations, mixed order
+    waves, one_by_one = [], []
+    for step, size in enumerate(sizes):
+        batch = [
+            (f"c{i}", step, [(float(rng.random()), float(rng.random()))], "assistant", False)
+            for i in range(size)
+        ]
+        waves += feed(engine, batch)
+        for item in batch:  # one row per call: no buffer is ever shared between sizes
+            one_by_one += feed(single, [item])
+    assert waves and sorted(waves) == sorted(one_by_one)
+    kernels = list(engine._step_kernels.values())
+    assert kernels
+    for kernel in kernels:
+        columns = kernel.sum_width + len(kernel.sums) + len(kernel.sums)
+        assert kernel.kept_bytes == max(sizes) * columns * 8

@@ -7,6 +7,7 @@ of this costs the serving process's GIL. Imports no torch.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import math
 import os
@@ -67,14 +68,18 @@ class FrameSource:
     ) -> None:
         self.ring = ring
         self.pace = pace  # False: always block until woken (each frame then costs a write)
-        self.doorbell_fd = doorbell_fd
-        self.wakeup_fd = None if doorbell_fd is not None else wakeup_fd
+        # The fds come from the serving process with their numbers (`pass_fds`), which may be
+        # over select()'s FD_SETSIZE there: copies under it are taken where the relay has
+        # one free (it has few fds open), and `_Readable` waits with poll() otherwise.
+        self._owned: list[int] = []
+        self.doorbell_fd = self._low(doorbell_fd)
+        self.wakeup_fd = None if doorbell_fd is not None else self._low(wakeup_fd)
         self._announced = 0
         self._fence = threading.Lock()
         self._interrupt = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._interrupts = [self._interrupt]
-        waker = doorbell_fd if doorbell_fd is not None else self.wakeup_fd
-        self._wakers = self._interrupts + ([] if waker is None else [waker])
+        self._interrupts = _Readable([self._interrupt])
+        waker = self.doorbell_fd if doorbell_fd is not None else self.wakeup_fd
+        self._wakers = _Readable([self._interrupt] + ([] if waker is None else [waker]))
         # Whether WAITING was set a whole bounded sleep ago (see `_wait`); with a doorbell
         # every frame rings it, so no sleep needs a bound.
         self._waiting_visible = doorbell_fd is not None
@@ -154,7 +159,7 @@ class FrameSource:
             if slots[Slot.WAITING]:
                 slots[Slot.WAITING] = 0  # due: the producer need not wake us
             self.polls += 1
-            if select.select(self._interrupts, (), (), min(POLL_INTERVAL, remaining))[0]:
+            if self._interrupts.wait(min(POLL_INTERVAL, remaining)):
                 _drain_eventfd(self._interrupt)
                 return True
             return False
@@ -175,8 +180,7 @@ class FrameSource:
         if not self._waiting_visible:
             remaining = min(remaining, LOST_WAKEUP_BOUND)
         self.waits += 1
-        # select(), not poll(): its timeout has microseconds, poll()'s whole milliseconds.
-        ready, _, _ = select.select(self._wakers, (), (), remaining)
+        ready = self._wakers.wait(remaining)
         if not ready:
             self.timeouts += 1
             # A whole bounded sleep since WAITING was set: the producer sees it by now.
@@ -201,8 +205,22 @@ class FrameSource:
         return discarded
 
     def close(self) -> None:
-        """Release the interrupt eventfd."""
+        """Release the interrupt eventfd (and the low copies of the passed fds)."""
         os.close(self._interrupt)
+        for fd in self._owned:
+            os.close(fd)
+        self._owned.clear()
+
+    def _low(self, fd: int | None) -> int | None:
+        """`fd`, or a copy of it numbered under FD_SETSIZE if it is not and one is free."""
+        if fd is None or fd < FD_SETSIZE:
+            return fd
+        copy = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)  # the lowest free number
+        if copy >= FD_SETSIZE:
+            os.close(copy)
+            return fd
+        self._owned.append(copy)
+        return copy
 
     def _peek(self) -> Frame | None:
         if self.doorbell_fd is not None:
@@ -211,6 +229,32 @@ class FrameSource:
             if self.ring.slots[Slot.CONSUMED] >= self._announced:
                 return None
         return self.ring.peek()
+
+
+# select() takes fd numbers below this only (glibc's fd_set); poll() has no such limit.
+FD_SETSIZE = 1024
+
+
+class _Readable:
+    """Waits until one of `fds` is readable. select() where every fd number allows it: its
+    timeout has microseconds (the pace's short sleeps), poll()'s whole milliseconds. poll()
+    otherwise, its timeout rounded up: a sleep then ends up to 1 ms late, which costs at most
+    a wake-up write of the producer (WAITING is set while it lasts), never a frame."""
+
+    def __init__(self, fds: list[int]) -> None:
+        self.fds = fds
+        self._poll: select.poll | None = None
+        if max(fds) >= FD_SETSIZE:
+            self._poll = select.poll()
+            for fd in fds:
+                self._poll.register(fd, select.POLLIN)
+
+    def wait(self, timeout: float) -> list[int]:
+        """The fds readable within `timeout` seconds (at EOF or in error count as readable,
+        as for select()); empty after the timeout."""
+        if self._poll is None:
+            return select.select(self.fds, (), (), timeout)[0]
+        return [fd for fd, _ in self._poll.poll(math.ceil(timeout * 1000))]
 
 
 def _drain_eventfd(fd: int) -> None:
