@@ -44,6 +44,8 @@ from monitor.wire.acks import acked, ask_for_acks, offers_acks
 from monitor.wire.columns import COLUMNS, SEQUENCE_FORMATS, ColumnarEncoder
 
 PIN_MODES = ("client", "both", "none")
+# What the reference rules read: their 20 columns, or every column of the pack (`_rules`).
+RULES_READ = ("rules", "all")
 D_MODEL = 2304
 D_SAE = 16384
 FEATURES = 256
@@ -97,6 +99,14 @@ def add_bench_sidecar_command(bench_subparsers: Any) -> None:
         help="another checkout of this project (e.g. a detached worktree of main): its sidecar "
         "runs beside this one and takes every phase right after it, reported side by side",
     )
+    parser.add_argument(
+        "--rules-read",
+        choices=RULES_READ,
+        default="rules",
+        help="rules: the 20 rules read 20 of the pack's 256 columns (the sidecar encodes only "
+        "those); all: the 10 non-temporal rules also read the other 236 (max of theirs), so "
+        "the sidecar runs the pack's full encode, the shape of the encode-only bound",
+    )
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=_run_command)
 
@@ -115,6 +125,7 @@ def _run_command(args: argparse.Namespace) -> int:
         sequence_format=args.sequence_format,
         light=args.light,
         baseline_tree=args.baseline_tree,
+        rules_read=args.rules_read,
     )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
@@ -142,6 +153,7 @@ def run_sidecar_bench(
     sequence_format: str = COLUMNS,
     light: bool = True,
     baseline_tree: str | None = None,
+    rules_read: str = "rules",
 ) -> dict[str, Any]:
     """`latency_tokens_per_s=None`: pace the decode steps at half the measured throughput.
     `pin` (needs two cores or more, else nothing is pinned): "client" puts this load client
@@ -150,7 +162,10 @@ def run_sidecar_bench(
     "sequences"); the stage costs measure both. `light`: also the light-load point
     (`LIGHT_ROWS`-row steps at `LIGHT_STEPS_PER_S`). `baseline_tree`: another checkout of
     this project whose sidecar runs beside this one's and takes every phase right after it,
-    in the same run (`result["baseline"]`), so the two compare on the same machine state."""
+    in the same run (`result["baseline"]`), so the two compare on the same machine state.
+    `rules_read`: "rules" (the 20 rules' 20 columns) or "all" (every column; `_rules`)."""
+    if rules_read not in RULES_READ:
+        raise ValueError(f"rules_read must be one of {RULES_READ}, got {rules_read!r}")
     if sequence_format not in SEQUENCE_FORMATS:
         raise ValueError(f"sequence_format must be one of {SEQUENCE_FORMATS}")
     if pin not in PIN_MODES:
@@ -162,10 +177,11 @@ def run_sidecar_bench(
     sidecar_core = cores[-1] if pinned and pin == "both" else None
     with tempfile.TemporaryDirectory(prefix="safety-monitor-bench-sidecar-") as tmp:
         workdir = Path(tmp)
-        pack, ruleset = reference_setup(workdir)
+        pack, ruleset = reference_setup(workdir, rules_read)
         sidecars = {"this": _start(workdir, "this", sidecar_core)}
         result: dict[str, Any] = {
             "shape": f"d_model {D_MODEL}, {FEATURES} of {D_SAE} latents, BF16, 20 rules",
+            "rules_read": len(ruleset.required_features),
             "pin": pin if pinned else "none",
             "sidecar_core": sidecar_core,
             "client_cores": sorted(client_cores),
@@ -314,7 +330,8 @@ def stage_lines(stages: dict[str, Any]) -> list[str]:
         )
     for name, row in stages.items():
         lines.append(
-            f"{name} encode: {row['encode_gflops']:.1f} GFLOP/s, "
+            f"{name} encode ({row.get('encoded_columns', '?')} columns): "
+            f"{row['encode_gflops']:.1f} GFLOP/s, "
             f"{row['encode_fraction_of_gemm']:.0%} of the machine's fp32 GEMM "
             f"({row['machine_gemm_gflops']:.1f} GFLOP/s, same run)"
         )
@@ -431,9 +448,10 @@ def _start(workdir: Path, name: str, core: int | None, tree: Path | None = None)
     return sidecar.process, port
 
 
-def reference_setup(workdir: Path):  # type: ignore[no-untyped-def]
+def reference_setup(workdir: Path, rules_read: str = "rules"):  # type: ignore[no-untyped-def]
     """The reference-shape pack and the bench's 20 rules (10 temporal), written to
-    ``workdir`` as ``ref.pack.safetensors`` and ``rules.yaml`` and loaded."""
+    ``workdir`` as ``ref.pack.safetensors`` and ``rules.yaml`` and loaded; ``rules_read``
+    "all": the rules read every column of the pack (`_rules`)."""
     from monitor.features import save_pack
     from monitor.features.build import build_pack_from_sae, load_sae
     from monitor.fixtures import write_layer_sae
@@ -442,17 +460,31 @@ def reference_setup(workdir: Path):  # type: ignore[no-untyped-def]
     sae = load_sae(write_layer_sae(workdir / "sae", D_MODEL, D_SAE, HOOK_LAYER, seed=0))
     pack = build_pack_from_sae(sae, list(range(0, D_SAE, D_SAE // FEATURES)), name="ref")
     save_pack(pack, workdir / "ref.pack.safetensors")
-    (workdir / "rules.yaml").write_text(_rules("ref", D_SAE // FEATURES))
+    (workdir / "rules.yaml").write_text(_rules("ref", D_SAE // FEATURES, rules_read == "all"))
     return pack, load_ruleset([workdir / "rules.yaml"], [pack])
 
 
-def _rules(pack: str, stride: int) -> str:
-    """20 rules on 20 features, half of them temporal, none firing (thresholds out of reach)."""
+def _rules(pack: str, stride: int, read_all: bool = False) -> str:
+    """20 rules on 20 features, half of them temporal, none firing (thresholds out of reach).
+    ``read_all``: the 10 non-temporal rules also read the pack's other columns (the max of
+    their share of them), so the rules read every column and the sidecar encodes the full
+    block (the old shape, to compare with)."""
     lines = ["features:"]
     lines += [f"  f{i}: {pack}/{stride * i}" for i in range(20)]
+    others: dict[int, list[str]] = {i: [] for i in range(1, 20, 2)}
+    if read_all:
+        # Feature names are SAE latents: column c is latent stride * c; f0-f19 are 0-19.
+        for j, column in enumerate(range(20, FEATURES)):
+            lines.append(f"  g{j}: {pack}/{stride * column}")
+            others[1 + 2 * (j % 10)].append(f"g{j}")
     lines.append("rules:")
     for i in range(20):
-        condition = f"f{i} > 1000" if i % 2 else f"rolling_mean(f{i}, 16) > 1000"
+        if i % 2 == 0:
+            condition = f"rolling_mean(f{i}, 16) > 1000"
+        elif others[i]:
+            condition = f"max({', '.join([f'f{i}', *others[i]])}) > 1000"
+        else:
+            condition = f"f{i} > 1000"
         lines += [f"  - rule: bench-{i}", "    severity: info", f"    condition: {condition}"]
     return "\n".join(lines) + "\n"
 
@@ -671,6 +703,9 @@ def format_table(result: dict[str, Any]) -> str:
             f"sidecar CPU {sat['sidecar_cpu_ms_per_message']} ms per step{_by_thread(sat)}",
             f"encode-only bound (the sidecar's cores and threads): {prefill_bound:,} rows/s "
             f"({t['rows_per_message']}-row inputs), {decode_bound:,} rows/s (decode-step inputs)",
+            f"  (the bound is the pack's full encode, all {FEATURES} columns; the sidecar encodes "
+            f"only the columns its rules read, here {result.get('rules_read', '?')} of {FEATURES}; "
+            "`--rules-read all` makes them read every column, the bound's shape)",
             f"prefill throughput {t['tokens_per_s'] / prefill_bound:.0%} of its bound; "
             f"decode saturation {sat['tokens_per_s'] / decode_bound:.0%} of its bound",
             "sidecar CPU per message by stage (ms), the pipeline run in this process:",

@@ -124,7 +124,9 @@ def _stage_costs(
     ms = {stage: statistics.median(r[stage] for r in per_round) for stage in STAGES}
     total_ms = sum(ms.values())
     rows_per_message = rows / len(messages)
-    flop = 2.0 * rows_per_message * pack.d_model(hook_point) * len(pack.qualified_names(hook_point))
+    # The columns the pipeline's encode computes: only those the rules read, when narrowed.
+    columns = pipeline.encoded_width(pack, hook_point)
+    flop = 2.0 * rows_per_message * pack.d_model(hook_point) * columns
     gemm = machine_gemm_gflops(int(rows_per_message), pack.d_model(hook_point))
     encode_gflops = flop / (ms["encode"] / 1000) / 1e9 if ms["encode"] else float("inf")
     return {
@@ -136,6 +138,7 @@ def _stage_costs(
         "machine_gemm_gflops": round(gemm, 2),
         "encode_fraction_of_gemm": round(encode_gflops / gemm, 3),
         "torch_threads": 1,
+        "encoded_columns": columns,
     }
 
 

@@ -16,6 +16,7 @@ Three encoder kinds share one small interface (``d_in``, ``k``, ``encode``, ``to
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -163,6 +164,23 @@ class RestrictedEncoder:
     def column_floors(self) -> list[float]:
         """Per column, the value an output must exceed to count as active (else it is 0)."""
         return self.floor.tolist()
+
+    def subset(self, columns: Sequence[int], multiple: int = 1) -> RestrictedEncoder:
+        """An encoder of only ``columns`` (in that order), on the same device: its output
+        column ``i`` is this encoder's column ``columns[i]`` (each output column depends only
+        on its own weight column, bias and floor). Zero columns (always 0 out) pad the width
+        to a multiple of ``multiple``; they follow the selected ones."""
+        index = torch.as_tensor(list(columns), dtype=torch.int64, device=self.device)
+        if len(index) and not 0 <= int(index.min()) <= int(index.max()) < self.k:
+            raise FeatureError(f"out of range [0, {self.k})", field="columns")
+        weight = self.weight.index_select(1, index)
+        bias, floor = self.bias.index_select(0, index), self.floor.index_select(0, index)
+        pad = -len(index) % multiple
+        if pad:
+            weight = torch.cat([weight, weight.new_zeros(self.d_in, pad)], dim=1)
+            bias = torch.cat([bias, bias.new_zeros(pad)])
+            floor = torch.cat([floor, floor.new_zeros(pad)])
+        return RestrictedEncoder(weight, bias, floor, self.normalization)
 
 
 @dataclass

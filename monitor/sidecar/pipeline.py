@@ -14,7 +14,7 @@ import numpy as np
 import structlog
 import torch
 
-from monitor.features import FeaturePack
+from monitor.features import FeaturePack, RestrictedEncoder
 from monitor.outputs.metrics import SidecarMetrics
 from monitor.rules import FeatureBlock, Firing, RuleEngine, RuleSet
 from monitor.sidecar.columns import ConversationTable
@@ -143,9 +143,13 @@ class Pipeline:
         self.rules_hash = ruleset_hash(ruleset)
         self.columns = _feature_columns(self.packs, ruleset.required_features)
         self.required = {(c.pack.name, c.hook_point) for c in self.columns}
-        self._blocks = list(dict.fromkeys((c.pack.name, c.hook_point) for c in self.columns))
-        self._packs = {c.pack.name: c.pack for c in self.columns}
-        self._column_index = {c.name: c.column for c in self.columns}
+        # One plan per block the rules read; the narrowed sub-encoders are built here, once.
+        packs = {c.pack.name: c.pack for c in self.columns}
+        blocks = dict.fromkeys((c.pack.name, c.hook_point) for c in self.columns)
+        self._plans = [
+            _block_plan(packs[name], hook_point, self.columns) for name, hook_point in blocks
+        ]
+        self._narrowed = {plan.key: plan.encoder for plan in self._plans if plan.encoder}
 
     def process(
         self,
@@ -383,37 +387,47 @@ class Pipeline:
         return features
 
     def _encode(self, batch: ValidatedBatch) -> tuple[Mapping[str, np.ndarray], float]:
-        """``encode`` (its time not observed), and when it ended."""
-        blocks = self._blocks
-        if len(blocks) == 1:  # the usual case: the rules read one pack's block
-            key = blocks[0]
-            values = batch.encoded.get(key) if batch.encoded else None
+        """``encode`` (its time not observed), and when it ended. A block the client encoded
+        (full width) is read with the pack's column index; one encoded here may be narrowed
+        to the rules' columns (``_BlockPlan``) and is read with the narrowed index."""
+        plans = self._plans
+        client_encoded = batch.encoded
+        if len(plans) == 1:  # the usual case: the rules read one pack's block
+            plan = plans[0]
+            values = client_encoded.get(plan.key) if client_encoded else None
+            if values is not None:
+                return FeatureBlock(_cpu_float32(values), plan.full_index), time.perf_counter()
+            values = self.encode_block(plan.pack, plan.key[1], batch)
+            return FeatureBlock(_cpu_float32(values), plan.index), time.perf_counter()
+        features: dict[str, np.ndarray] = {}
+        for plan in plans:
+            values = client_encoded.get(plan.key) if client_encoded else None
+            index = plan.full_index
             if values is None:
-                values = self.encode_block(self._packs[key[0]], key[1], batch)
-            block = FeatureBlock(_cpu_float32(values), self._column_index)
-            return block, time.perf_counter()
-        encoded: dict[tuple[str, str], np.ndarray] = {}
-        for key in self._blocks:
-            values = batch.encoded.get(key)
-            if values is None:
-                pack, hook_point = self._packs[key[0]], key[1]
-                values = self.encode_block(pack, hook_point, batch)
-            encoded[key] = _cpu_float32(values)
-        features: Mapping[str, np.ndarray]
-        if len(encoded) == 1:
-            (block,) = encoded.values()
-            features = FeatureBlock(block, self._column_index)
-        else:
-            features = {
-                c.name: encoded[c.pack.name, c.hook_point][:, c.column] for c in self.columns
-            }
+                values = self.encode_block(plan.pack, plan.key[1], batch)
+                index = plan.index
+            block = _cpu_float32(values)
+            for name, column in index.items():
+                features[name] = block[:, column]
         return features, time.perf_counter()
 
     def encode_block(
         self, pack: FeaturePack, hook_point: str, batch: ValidatedBatch
     ) -> torch.Tensor:
-        """One pack's encode of one hook point's activations (the matrix multiply)."""
-        return pack.encode(hook_point, batch.activations[hook_point])
+        """One pack's encode of one hook point's activations (the matrix multiply): of only
+        the columns the loaded rules read when that block is narrowed (``_BlockPlan``; its
+        ``index`` says where each feature is), else the pack's full block."""
+        activations = batch.activations[hook_point]
+        narrowed = self._narrowed.get((pack.name, hook_point))
+        if narrowed is not None:
+            return narrowed.encode(activations)
+        return pack.encode(hook_point, activations)
+
+    def encoded_width(self, pack: FeaturePack, hook_point: str) -> int:
+        """How many columns ``encode_block`` computes for this block: the narrowed width
+        (padding included) when it is narrowed, else the pack's full width."""
+        narrowed = self._narrowed.get((pack.name, hook_point))
+        return len(pack.qualified_names(hook_point)) if narrowed is None else narrowed.k
 
     def _dispatch(
         self, batch: ValidatedBatch, features: Mapping[str, np.ndarray], firings: list[Firing]
@@ -461,6 +475,42 @@ def _d_model_by_hook_point(packs: Sequence[FeaturePack]) -> dict[str, int]:
                     f"says {d_model_of[hook_point]}"
                 )
     return d_model_of
+
+
+# Width multiple of a narrowed encoder: MKL picks another kernel (another summation order)
+# for a few output columns, so 20 of 256 columns come out a few ulp off the full block's; at
+# a multiple of 16 they came out bit-identical for full widths that are multiples of 16
+# (checked on AVX2 MKL, 1-4,096 rows). The zero columns cost less than the mismatch.
+NARROW_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class _BlockPlan:
+    """How the pipeline encodes one (pack, hook point) block the rules read. ``encoder``: a
+    sub-encoder of only the read columns, when the block's encoder is column-separable
+    (a ``RestrictedEncoder``, not an exact TopK, which needs every latent) and the rules read
+    fewer columns than it has; None: the pack's full encode. ``index``: feature name ->
+    column of what the sidecar's encode returns; ``full_index``: of the pack's full block (a
+    client-encoded block). Built once per rule load; the engine caches columns per index
+    object, so both stay the same objects between loads."""
+
+    key: tuple[str, str]
+    pack: FeaturePack
+    encoder: RestrictedEncoder | None
+    index: dict[str, int]
+    full_index: dict[str, int]
+
+
+def _block_plan(pack: FeaturePack, hook_point: str, columns: Sequence[FeatureColumn]) -> _BlockPlan:
+    key = (pack.name, hook_point)
+    read = [c for c in columns if (c.pack.name, c.hook_point) == key]
+    full_index = {c.name: c.column for c in read}
+    encoder = pack.hook_points[hook_point].encoder
+    width = len(read) + -len(read) % NARROW_MULTIPLE
+    if not isinstance(encoder, RestrictedEncoder) or width >= encoder.k:
+        return _BlockPlan(key, pack, None, full_index, full_index)
+    narrowed = encoder.subset([c.column for c in read], NARROW_MULTIPLE)
+    return _BlockPlan(key, pack, narrowed, {c.name: i for i, c in enumerate(read)}, full_index)
 
 
 def _feature_columns(packs: Sequence[FeaturePack], required: set[str]) -> list[FeatureColumn]:
