@@ -13,6 +13,9 @@ SEVERITIES = ("info", "warning", "critical")
 # (see monitor/capture/vllm); clients that cannot block just see the alert.
 ACTIONS = ("alert", "audit", "log", "block")
 SCOPES = ("conversation", "request")
+# Where a rule's condition is checked: every token of its roles (`token`, the default), or only a
+# turn's last token (`turn_end`: a row whose sequence carries `turn_end` or `end` on the wire).
+AT_CHOICES = ("token", "turn_end")
 DEFAULT_OUTPUT = "{rule} fired at token {position} of {conversation_id} (value {value:.3g})"
 DEFAULT_CATEGORY = "uncategorized"
 
@@ -38,8 +41,9 @@ class RuleException:
 class Rule:
     """One compiled rule: its condition, how long it must hold (`for_tokens`), which roles and
     scope it applies to, which roles' tokens its temporal functions take in (`window_roles`,
-    empty: every role), cooldown, exceptions, and what a firing carries (severity, category,
-    labels, annotations, the rendered `output`, actions). `source` points at its YAML.
+    empty: every role), where it is checked (`at`: every token, or a turn's last), cooldown,
+    exceptions, and what a firing carries (severity, category, labels, annotations, the
+    rendered `output`, actions). `source` points at its YAML.
     """
 
     name: str
@@ -59,6 +63,7 @@ class Rule:
     exceptions: tuple[RuleException, ...] = ()
     annotations: dict[str, str] = field(default_factory=dict)
     window_roles: tuple[str, ...] = ()
+    at: str = "token"  # AT_CHOICES
 
     @property
     def window_key(self) -> tuple[str, ...]:
@@ -66,9 +71,16 @@ class Rule:
         return tuple(sorted(set(self.window_roles)))
 
     @property
-    def state_key(self) -> tuple[str, str, int, str, tuple[str, ...]]:
+    def state_key(self) -> tuple[str, str, int, str, tuple[str, ...], str]:
         """What must stay equal across a reload for the engine to keep this rule's state."""
-        return (self.name, self.condition.digest, self.for_tokens, self.scope, self.window_key)
+        return (
+            self.name,
+            self.condition.digest,
+            self.for_tokens,
+            self.scope,
+            self.window_key,
+            self.at,
+        )
 
     def applies_to(self, attributes: Mapping[str, str]) -> bool:
         """Whether this rule evaluates a sequence: its role is listed and no exception matches."""

@@ -28,7 +28,7 @@ class Layer(_message.Message):
     def __init__(self, hook_point: _Optional[str] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Sequence(_message.Message):
-    __slots__ = ("conversation_id", "request_id", "rows", "position", "tokens", "role", "end", "attributes")
+    __slots__ = ("conversation_id", "request_id", "rows", "position", "tokens", "role", "end", "attributes", "turn_end")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class Sequence(_message.Message):
     ROLE_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    TURN_END_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     request_id: str
     rows: int
@@ -52,7 +53,8 @@ class Sequence(_message.Message):
     role: str
     end: bool
     attributes: _containers.ScalarMap[str, str]
-    def __init__(self, conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., rows: _Optional[int] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[str]] = ..., role: _Optional[str] = ..., end: _Optional[bool] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    turn_end: bool
+    def __init__(self, conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., rows: _Optional[int] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[str]] = ..., role: _Optional[str] = ..., end: _Optional[bool] = ..., attributes: _Optional[_Mapping[str, str]] = ..., turn_end: _Optional[bool] = ...) -> None: ...
 
 class FeatureBlock(_message.Message):
     __slots__ = ("pack", "pack_sha256", "hook_point", "values")
@@ -106,20 +108,22 @@ class ConversationSlot(_message.Message):
     def __init__(self, slot: _Optional[int] = ..., conversation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., role: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SequenceColumns(_message.Message):
-    __slots__ = ("define", "slot", "rows", "position", "end", "tokens")
+    __slots__ = ("define", "slot", "rows", "position", "end", "tokens", "turn_end")
     DEFINE_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TURN_END_FIELD_NUMBER: _ClassVar[int]
     define: _containers.RepeatedCompositeFieldContainer[ConversationSlot]
     slot: _containers.RepeatedScalarFieldContainer[int]
     rows: _containers.RepeatedScalarFieldContainer[int]
     position: _containers.RepeatedScalarFieldContainer[int]
     end: _containers.RepeatedScalarFieldContainer[bool]
     tokens: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, define: _Optional[_Iterable[_Union[ConversationSlot, _Mapping]]] = ..., slot: _Optional[_Iterable[int]] = ..., rows: _Optional[_Iterable[int]] = ..., position: _Optional[_Iterable[int]] = ..., end: _Optional[_Iterable[bool]] = ..., tokens: _Optional[_Iterable[str]] = ...) -> None: ...
+    turn_end: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, define: _Optional[_Iterable[_Union[ConversationSlot, _Mapping]]] = ..., slot: _Optional[_Iterable[int]] = ..., rows: _Optional[_Iterable[int]] = ..., position: _Optional[_Iterable[int]] = ..., end: _Optional[_Iterable[bool]] = ..., tokens: _Optional[_Iterable[str]] = ..., turn_end: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq_no", "rows", "alerts")
@@ -288,7 +292,7 @@ class Limits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_rows_per_batch: _Optional[int] = ..., max_conversations: _Optional[int] = ..., max_conversation_id_length: _Optional[int] = ..., max_sequences_per_batch: _Optional[int] = ..., max_request_id_length: _Optional[int] = ..., max_role_length: _Optional[int] = ..., max_model_length: _Optional[int] = ..., max_attributes: _Optional[int] = ..., max_attribute_key_length: _Optional[int] = ..., max_attribute_value_length: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_idle_timeout_seconds: _Optional[int] = ..., max_stream_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "packs", "rule_files", "rules", "limits", "accepted_dtypes", "sequence_formats", "conversation_slots", "event_formats")
+    __slots__ = ("version", "packs", "rule_files", "rules", "limits", "accepted_dtypes", "sequence_formats", "conversation_slots", "event_formats", "sequence_flags")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PACKS_FIELD_NUMBER: _ClassVar[int]
     RULE_FILES_FIELD_NUMBER: _ClassVar[int]
@@ -298,6 +302,7 @@ class StatusResponse(_message.Message):
     SEQUENCE_FORMATS_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_SLOTS_FIELD_NUMBER: _ClassVar[int]
     EVENT_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FLAGS_FIELD_NUMBER: _ClassVar[int]
     version: str
     packs: _containers.RepeatedCompositeFieldContainer[PackStatus]
     rule_files: _containers.RepeatedCompositeFieldContainer[RuleFileStatus]
@@ -307,4 +312,5 @@ class StatusResponse(_message.Message):
     sequence_formats: _containers.RepeatedScalarFieldContainer[str]
     conversation_slots: int
     event_formats: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[str] = ..., packs: _Optional[_Iterable[_Union[PackStatus, _Mapping]]] = ..., rule_files: _Optional[_Iterable[_Union[RuleFileStatus, _Mapping]]] = ..., rules: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., accepted_dtypes: _Optional[_Iterable[str]] = ..., sequence_formats: _Optional[_Iterable[str]] = ..., conversation_slots: _Optional[int] = ..., event_formats: _Optional[_Iterable[str]] = ...) -> None: ...
+    sequence_flags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[str] = ..., packs: _Optional[_Iterable[_Union[PackStatus, _Mapping]]] = ..., rule_files: _Optional[_Iterable[_Union[RuleFileStatus, _Mapping]]] = ..., rules: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., accepted_dtypes: _Optional[_Iterable[str]] = ..., sequence_formats: _Optional[_Iterable[str]] = ..., conversation_slots: _Optional[int] = ..., event_formats: _Optional[_Iterable[str]] = ..., sequence_flags: _Optional[_Iterable[str]] = ...) -> None: ...
