@@ -189,3 +189,89 @@ def test_at_defaults_to_token_and_turn_end_with_for_one_loads():
         "  - {rule: s, severity: info, condition: a > 0, at: turn_end, for: 1}\n"
     ).rules
     assert [rule.at for rule in rules] == ["token", "turn_end"]
+
+
+def test_rules_test_files_mark_turn_ends(tmp_path):
+    """`rules test`: each listed turn ends at its last token unless it says `turn_end: false`;
+    a conversation without turns is one turn, ended unless it says otherwise."""
+    from monitor.rules.testing import TestFileError, run_test_file
+
+    (tmp_path / "rules.yaml").write_text(
+        "features: {a: p/a}\n"
+        "rules:\n"
+        "  - {rule: turn, severity: info, condition: 'rolling_mean(a, 2) > 0.5', at: turn_end}\n"
+    )
+    test = tmp_path / "rules_test.yaml"
+    test.write_text(
+        "rule_files: [rules.yaml]\n"
+        "tests:\n"
+        "  - name: turns\n"
+        "    conversations:\n"
+        "      c1:\n"
+        "        turns:\n"
+        "          - {role: user, tokens: 3}\n"
+        "          - {role: assistant, tokens: 3, turn_end: false}\n"
+        "          - {role: user, tokens: 2}\n"
+        "        series: {a: '1x8'}\n"
+        "      c2:\n"
+        "        series: {a: '0 0 1 1'}\n"
+        "      c3:\n"
+        "        turn_end: false\n"
+        "        series: {a: '1x4'}\n"
+        "    expect:\n"
+        "      - {rule: turn, conversation: c1, at_token: 2}\n"
+        "      - {rule: turn, conversation: c1, at_token: 7}\n"
+        "      - {rule: turn, conversation: c2, at_token: 3}\n"
+    )
+    result = run_test_file(test)
+    assert result.passed, [(c.missing, c.unexpected) for c in result.cases]
+    # The same rule at every token would fire elsewhere: the marking is what is tested.
+    assert [str(o) for o in result.cases[0].fired] == [
+        "turn on c1 at token 2",
+        "turn on c1 at token 7",
+        "turn on c2 at token 3",
+    ]
+    test.write_text(test.read_text().replace("turn_end: false}", "turn_end: maybe}"))
+    with pytest.raises(TestFileError, match="turns: turn_end: must be true or false"):
+        run_test_file(test)
+
+
+def test_engine_replay_ends_each_turn_at_its_last_token(tmp_path):
+    """`rules calibrate`'s replay sends each turn as one slice marked `turn_end`, as a
+    capture client marks a finished prompt or answer."""
+    from monitor.evaluation.engine_replay import EngineReplay
+    from monitor.features.build import build_pack_from_sae, load_sae
+    from monitor.features.build.conversations import ConversationTokens
+    from monitor.fixtures import write_layer_sae
+
+    pack = build_pack_from_sae(
+        load_sae(write_layer_sae(tmp_path / "sae", 16, 32, 3, seed=1)), [1], "p"
+    )
+    (hook,) = pack.hook_points
+
+    def conversation(name: str, turns: list[tuple[str, int]]) -> ConversationTokens:
+        roles = [role for role, n in turns for _ in range(n)]
+        return ConversationTokens(
+            name,
+            0,
+            {hook: torch.randn(len(roles), 16)},
+            roles,
+            torch.ones(len(roles), dtype=torch.bool),
+            [n for _, n in turns],
+        )
+
+    tokens = [
+        conversation("a", [("user", 4), ("assistant", 3)]),
+        conversation("b", [("assistant", 2), ("user", 5)]),
+    ]
+    replay = EngineReplay(tokens, [pack], {"p/1"}, ids=["a", "b"])
+    assert all(sl.turn_end for batch in replay.batches for sl in batch.slices)
+    # Always true, checked at turn ends: the first firing is the first turn's last token (and
+    # of the user's turns alone, the first user turn's).
+    rules = ruleset(
+        "features: {f: p/1}\nrules:\n"
+        "  - {rule: turn, severity: info, condition: 'rolling_mean(f, 64) > -1e30', at: turn_end}\n"
+        "  - {rule: user, severity: info, condition: 'rolling_mean(f, 64) > -1e30', "
+        "at: turn_end, roles: [user]}\n"
+    )
+    assert replay.run(rules) == {"turn": {"a": 3, "b": 1}, "user": {"a": 3, "b": 6}}
