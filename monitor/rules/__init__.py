@@ -17,12 +17,14 @@ from monitor.rules.engine import (
 from monitor.rules.errors import RuleIssue, RuleLoadError, SourceLocation
 from monitor.rules.loader import Rule, RuleSet, load_rules
 from monitor.rules.model import RuleException
+from monitor.rules.pooling import PackFeatures
 from monitor.rules.reload import ReloadResult, RuleReloader
 
 __all__ = [
     "EvaluationResult",
     "FeatureBlock",
     "Firing",
+    "PackFeatures",
     "ReloadResult",
     "Rule",
     "RuleEngine",
