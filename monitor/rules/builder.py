@@ -35,7 +35,7 @@ from monitor.rules.model import (
     Rule,
     RuleException,
 )
-from monitor.rules.pooling import Pooling
+from monitor.rules.pooling import Pooling, role_list
 from monitor.rules.yamlsource import (
     BOOL_TAG,
     INT_TAG,
@@ -429,7 +429,7 @@ class RuleBuilder:
         elif wanted is not None and where is None:
             rule.window_roles = wanted
         elif wanted is not None and set(rule.window_roles) != set(wanted):
-            shown = f"'window_roles: [{', '.join(rule.window_roles)}]'"
+            shown = f"'window_roles: [{role_list(rule.window_roles)}]'"
             self.error(where, f"{shown} conflicts with {call}: {fitted}; {advice}")
         where = self.last("at")
         if where is None:

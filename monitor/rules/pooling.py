@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from monitor.escape import escape_text
+
 MAX_POOLED_WINDOW = 4096  # the rules' own MAX_WINDOW
 MAX_POOLED_GUARD = 64  # scoring.MAX_FOR
 
@@ -69,10 +71,16 @@ class Pooling:
         if not self.masked:
             roles = "no window_roles"
         elif self.labeled_roles:
-            roles = f"window_roles: [{', '.join(self.labeled_roles)}]"
+            roles = f"window_roles: [{role_list(self.labeled_roles)}]"
         else:
             roles = "window_roles: the labeled roles"
         return f"rolling_mean(., {self.window}) with for: {self.guard}, {roles}, at: {self.at}"
+
+
+def role_list(roles: Iterable[str]) -> str:
+    """Role names for a message, escaped: they come from rule files and packs (files from
+    elsewhere), and a message must not drive a terminal or forge a second line."""
+    return ", ".join(escape_text(role) for role in roles)
 
 
 class AggregationError(ValueError):

@@ -409,3 +409,67 @@ def test_a_reload_expands_against_the_packs_it_was_given(tmp_path: Path) -> None
     rule = third.ruleset.rules[0]
     assert (rule.for_tokens, rule.window_roles) == (1, ("user",))
     assert [i.param for i in rule.condition.program if i.kind == "rolling_mean"] == [(32.0,)]
+
+
+# --------------------------------------------------------------------------- pooling notes
+
+
+def _pack(aggregation: str, roles: tuple[str, ...] = ("user",)):  # type: ignore[no-untyped-def]
+    """A pack of two probe columns, f and g, both recording `aggregation` and `roles`."""
+    import math
+
+    from monitor.features import RestrictedEncoder
+    from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder
+
+    encoder = RestrictedEncoder(
+        weight=torch.randn(8, 2),
+        bias=torch.zeros(2),
+        floor=torch.full((2,), -math.inf),
+        normalization="none",
+    )
+    infos = [
+        FeatureInfo(
+            name=name,
+            hook_point="layers.1",
+            activation="identity",
+            sae_index=None,
+            alert_threshold=1.0,
+            aggregation=aggregation,
+            threshold_pooling=aggregation,
+            labeled_roles=roles,
+        )
+        for name in ("f", "g")
+    ]
+    return FeaturePack("probes", {"layers.1": HookPointEncoder("layers.1", encoder, infos)})
+
+
+def _notes(tmp_path: Path, text: str, aggregation: str) -> list[str]:
+    from monitor.evaluation.engine_replay import pack_features, pooling_notes
+
+    pack = _pack(aggregation)
+    return pooling_notes(load_rules([_write(tmp_path, text)], pack_features([pack])), [pack])
+
+
+def test_a_pooled_rule_gets_no_pooling_note_unless_it_checks_other_roles(
+    tmp_path: Path,
+) -> None:
+    for aggregation in ("max_rolling_mean:8", "max_rolling_mean:512,for:8,roles"):
+        assert _notes(tmp_path, POOLED.format(extra=""), aggregation) == []
+        assert _notes(tmp_path, POOLED.format(extra="\n    roles: [user]"), aggregation) == []
+    (note,) = _notes(
+        tmp_path, POOLED.format(extra="\n    roles: [assistant]"), "max_rolling_mean:8,roles"
+    )
+    assert note.startswith("rule 'r' pools probes/f with pooled() as the pack fitted it")
+    assert "roles: [assistant] and window_roles: [user]" in note
+
+
+def test_a_hand_written_rule_off_a_turn_end_pooling_is_noted(tmp_path: Path) -> None:
+    aggregation = "max_rolling_mean:512,roles,turn_end"
+    hand = POOLED.format(extra="\n    roles: [user]\n    window_roles: [user]").replace(
+        "pooled(f)", "rolling_mean(f, 512)"
+    )
+    (note,) = _notes(tmp_path, hand, aggregation)  # checked at every token, not at turn ends
+    assert "with for: 1, roles: [user] and window_roles: [user], but the pack" in note
+    assert "window_roles: [user], the roles its fit data labeled, at: turn_end)" in note
+    assert "pooled(<alias>) follows the pack" in note
+    assert _notes(tmp_path, POOLED.format(extra=""), aggregation) == []
