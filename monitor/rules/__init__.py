@@ -2,7 +2,9 @@
 
 ``load_rules`` validates and compiles rule files (raising ``RuleLoadError`` with every located
 issue); ``RuleEngine`` evaluates the resulting ``RuleSet`` on batches of feature values;
-``RuleReloader`` notices edited rule files and reloads them without raising.
+``RuleReloader`` notices edited rule files and reloads them without raising. Loaded with their
+packs' ``PackFeatures``, rules may write ``pooled(<alias>)``: the probe pooled as its pack
+recorded it was fitted (``monitor.rules.pooling``).
 """
 
 from monitor.rules.engine import (
