@@ -4,6 +4,11 @@ A test file::
 
     rule_files: [../deception.yaml]       # relative to the test file
     model: gemma-2-2b                     # optional, what exceptions see as `model`
+    aggregations:                         # optional: what pooled() expands from, as the
+      deception: max_rolling_mean:8       # pack records it (`pack inspect --json`), per
+      bias:                               # alias or pack/feature name
+        aggregation: max_rolling_mean:512,for:8,roles
+        labeled_roles: [assistant]
     tests:
       - name: sustained deception fires once
         rules: [sustained-deception]      # optional: only compare these rules' firings
@@ -14,7 +19,7 @@ A test file::
             attributes: {tenant: acme}    # optional, for exceptions
             turns:                        # optional: split the series into turns
               - {role: user, tokens: 10}
-              - {role: assistant, tokens: 24, request_id: r2}
+              - {role: assistant, tokens: 24, request_id: r2, turn_end: false}
             series:                       # per feature alias (or pack/feature name)
               deception: "0x16 3x8 0x10"
         expect:
@@ -23,6 +28,11 @@ A test file::
 Series notation: ``V`` is one token of value V, ``VxN`` is N tokens of V, and ``A+DxN`` /
 ``A-DxN`` is N tokens A, A+D, A+2D, ... (N values, unlike promtool's N+1, so that ``0x16``
 reads as "16 zeros"). Features a rule needs but a conversation does not list are 0.
+
+Turn ends: each turn's last token ends that turn (rules with ``at: turn_end`` are checked
+there), as a capture client marks a finished prompt or answer; ``turn_end: false`` on a turn
+leaves it open (an answer still streaming). A conversation without ``turns`` is one turn,
+ended unless the conversation says ``turn_end: false``; that key is also its turns' default.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from monitor.rules.engine import RuleEngine, SequenceSlice
 from monitor.rules.errors import RuleLoadError
 from monitor.rules.loader import load_rules
 from monitor.rules.model import RuleSet
+from monitor.rules.pooling import FeatureAggregation
 from monitor.rules.yamlsource import MAX_FILE_BYTES
 
 MAX_SERIES_TOKENS = 100_000
@@ -74,6 +85,7 @@ class Turn:
     role: str
     tokens: int
     request_id: str
+    turn_end: bool = True  # its last token ends the turn
 
 
 @dataclass
@@ -206,7 +218,7 @@ def load_test_file(path: Path) -> tuple[list[Path], str, list[dict[str, Any]]]:
     """rule file paths (resolved against the test file), model, raw test entries."""
     data = _read_yaml(path)
     where = str(path)
-    _unknown_keys(data, ("rule_files", "model", "tests"), where)
+    _unknown_keys(data, ("rule_files", "model", "aggregations", "tests"), where)
     files = _expect_type(data.get("rule_files"), list, f"{where}: rule_files", "a list of paths")
     if not files or not all(isinstance(f, str) and f for f in files):
         raise TestFileError(f"{where}: rule_files must be a non-empty list of paths")
@@ -256,12 +268,15 @@ def _occurrence(item: object, where: str) -> Occurrence:
 
 def _conversation(name: str, raw: object, where: str, rules: RuleSet) -> Conversation:
     raw = _expect_type(raw, dict, where, "a mapping with series")
-    _unknown_keys(raw, ("role", "request_id", "attributes", "turns", "series"), where)
+    _unknown_keys(raw, ("role", "request_id", "attributes", "turns", "series", "turn_end"), where)
     series = _series(raw.get("series"), where, rules)
     length = len(next(iter(series.values())))
     role = str(raw.get("role", DEFAULT_ROLE))
     request = str(raw.get("request_id", ""))
-    turns = _turns(raw.get("turns"), where, role, request) or [Turn(role, length, request)]
+    ended = _expect_type(raw.get("turn_end", True), bool, f"{where}: turn_end", "true or false")
+    turns = _turns(raw.get("turns"), where, role, request, ended) or [
+        Turn(role, length, request, ended)
+    ]
     if sum(turn.tokens for turn in turns) != length:
         raise TestFileError(
             f"{where}: turns cover {sum(t.tokens for t in turns)} tokens, the series have {length}"
@@ -290,20 +305,63 @@ def _series(raw: object, where: str, rules: RuleSet) -> dict[str, list[float]]:
     return series
 
 
-def _turns(raw: object, where: str, role: str, request: str) -> list[Turn]:
+def _turns(raw: object, where: str, role: str, request: str, ended: bool) -> list[Turn]:
     if raw is None:
         return []
     turns = []
     for item in _expect_type(raw, list, f"{where}: turns", "a list of {role, tokens}"):
         item = _expect_type(item, dict, f"{where}: turns", "a list of {role, tokens}")
-        _unknown_keys(item, ("role", "tokens", "request_id"), f"{where}: turns")
+        _unknown_keys(item, ("role", "tokens", "request_id", "turn_end"), f"{where}: turns")
         tokens = _expect_type(item.get("tokens"), int, f"{where}: turns", "{tokens: N >= 1}")
         if tokens < 1:
             raise TestFileError(f"{where}: turns: tokens must be >= 1")
+        turn_end = _expect_type(
+            item.get("turn_end", ended), bool, f"{where}: turns: turn_end", "true or false"
+        )
         turns.append(
-            Turn(str(item.get("role", role)), tokens, str(item.get("request_id", request)))
+            Turn(
+                str(item.get("role", role)),
+                tokens,
+                str(item.get("request_id", request)),
+                turn_end,
+            )
         )
     return turns
+
+
+def _aggregations(path: Path, rule_paths: list[Path]) -> dict[str, FeatureAggregation] | None:
+    """The test file's ``aggregations:`` (None without one: ``pooled()`` is then an error),
+    keyed by ``<pack>/<feature>``; an alias key is looked up in the rule files' aliases."""
+    raw = _read_yaml(path).get("aggregations")
+    if raw is None:
+        return None
+    where = f"{path}: aggregations"
+    raw = _expect_type(raw, dict, where, "a mapping of feature alias to aggregation")
+    aliases: Mapping[str, str] = {}
+    if any("/" not in str(key) for key in raw):
+        try:  # the aliases alone; pooled() is expanded by the real load that follows
+            aliases = load_rules(rule_paths, unexpanded=[]).feature_aliases
+        except RuleLoadError:
+            aliases = {}  # the real load reports it
+    found = {}
+    for key, value in raw.items():
+        name = aliases.get(str(key)) or (str(key) if "/" in str(key) else None)
+        if name is None:
+            known = ", ".join(sorted(aliases)) or "none"
+            raise TestFileError(f"{where}: unknown feature alias {key!r} (aliases: {known})")
+        if isinstance(value, str):
+            found[name] = FeatureAggregation(value)
+            continue
+        value = _expect_type(
+            value, dict, f"{where}: {key}", "an aggregation or {aggregation, labeled_roles}"
+        )
+        _unknown_keys(value, ("aggregation", "labeled_roles"), f"{where}: {key}")
+        text = _expect_type(value.get("aggregation"), str, f"{where}: {key}", "an aggregation")
+        roles = _expect_type(
+            value.get("labeled_roles", []), list, f"{where}: {key}", "a list of roles"
+        )
+        found[name] = FeatureAggregation(text, tuple(str(role) for role in roles))
+    return found
 
 
 # --------------------------------------------------------------------------- running
@@ -330,6 +388,7 @@ def run_case(case: TestCase, rules: RuleSet, model: str = "") -> CaseResult:
                     turn.role,
                     request_id=turn.request_id,
                     attributes=conv.attributes,
+                    turn_end=turn.turn_end,
                 )
             )
             position += turn.tokens
@@ -349,7 +408,7 @@ def run_test_file(path: str | Path) -> FileResult:
     rule_paths, model, raw_tests = load_test_file(path)
     result = FileResult(str(path))
     try:
-        rules = load_rules(rule_paths)
+        rules = load_rules(rule_paths, aggregations=_aggregations(path, rule_paths))
     except RuleLoadError as exc:
         result.load_error = exc
         return result
