@@ -169,10 +169,13 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         loop = asyncio.get_running_loop()
         try:
             ended = False
+            # How many times in a row this stream's next batch was already here when we came
+            # back for it: from `streams.INLINE_BEHIND` on, the stream is behind and the
+            # inline path below is not for it.
+            behind = 0
             while not ended:
-                # Whether this stream keeps up: its next batch was not here yet when we came
-                # back for it (the inline path below is only for a stream that keeps up).
                 waited = arrived.empty()
+                behind = 0 if waited else behind + 1
                 if waited:
                     try:  # nothing arrives: the client has gone quiet
                         async with asyncio.timeout(idle):
@@ -196,7 +199,7 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                 decoded = [layers for _, _, layers in held]
                 process = functools.partial(process_many, table=table, decoded=decoded)
                 if (
-                    waited
+                    behind < streams.INLINE_BEHIND
                     and self.worker.idle
                     and not self.pipeline.may_block
                     and self.inline.allowed(time.perf_counter())
@@ -205,10 +208,10 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                     # The stream keeps up, its step is small (`streams.small_batches`: a
                     # decode step is) and nothing is on the pipeline thread. Done here, it
                     # saves the hand-off there and back, which costs as much as the work. A
-                    # stream that falls behind (its next batch already waiting) goes to the
-                    # pipeline thread, where the event loop reads ahead meanwhile and waiting
-                    # steps are grouped: inline, reading would wait for each step's work, and
-                    # steps would not group.
+                    # stream that is behind (`streams.INLINE_BEHIND`) or has more waiting
+                    # goes to the pipeline thread, where the event loop reads ahead meanwhile
+                    # and waiting steps are grouped: inline, reading would wait for each
+                    # step's work, and steps would not group.
                     outcomes = self._run_inline(batches, client, process)
                 else:
                     outcomes = await self._run_many(batches, client, process)

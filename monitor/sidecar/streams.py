@@ -64,6 +64,13 @@ PARSE_INLINE_BYTES = 1024 * 1024
 INLINE_ROWS = 128
 INLINE_SEQUENCES = 128
 INLINE_BYTES = 4 * 1024 * 1024
+# A stream whose next batch was already waiting this many times in a row when the loop came
+# back for it is behind: its batches go to the pipeline thread, where the loop reads ahead
+# meanwhile and waiting steps group. Once is not enough: after an inline step the next step
+# of a stream that keeps up has often arrived while the ack was written (at 390 steps/s of
+# about 1.3 ms each, about half the time); sent to the pipeline thread for that, it pays the
+# hand-off and the loop reads ahead behind it, so the next one is waiting too.
+INLINE_BEHIND = 8
 
 
 def small_batches(held: Sequence[tuple[Any, int, tuple[Any, ...]]]) -> bool:
