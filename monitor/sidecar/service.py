@@ -169,8 +169,14 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         loop = asyncio.get_running_loop()
         try:
             ended = False
+            # How many times in a row this stream's next batch was already here when we came
+            # back for it: from `streams.INLINE_BEHIND` on, the stream is behind and the
+            # inline path below is not for it.
+            behind = 0
             while not ended:
-                if arrived.empty():
+                waited = arrived.empty()
+                behind = 0 if waited else behind + 1
+                if waited:
                     try:  # nothing arrives: the client has gone quiet
                         async with asyncio.timeout(idle):
                             item = await arrived.get()
@@ -193,23 +199,19 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                 decoded = [layers for _, _, layers in held]
                 process = functools.partial(process_many, table=table, decoded=decoded)
                 if (
-                    self.worker.idle
+                    behind < streams.INLINE_BEHIND
+                    and self.worker.idle
                     and not self.pipeline.may_block
                     and self.inline.allowed(time.perf_counter())
                     and streams.small_batches(held)
                 ):
-                    # What waits is small (`streams.small_batches`: a decode step, or two)
-                    # and nothing is on the pipeline thread. Done here, it saves the hand-off
-                    # there and back, which costs as much CPU as the work, and the GIL is not
-                    # passed between two threads that both run Python. This holds for a
-                    # stream that is behind too: reading then waits for each step's work, so
-                    # at most a step or two wait at a time, and one step at a time inline
-                    # cost less CPU than groups of 8 on the pipeline thread (decode steps
-                    # back to back: 1.38 against 1.66 ms a step, 52,584 against 42,945
-                    # tokens/s, side by side in one run on a busy machine). More waiting
-                    # (large batches, or what was read ahead while the pipeline thread ran)
-                    # goes there, where the event loop reads ahead meanwhile and waiting
-                    # steps are grouped.
+                    # The stream keeps up, its step is small (`streams.small_batches`: a
+                    # decode step is) and nothing is on the pipeline thread. Done here, it
+                    # saves the hand-off there and back, which costs as much as the work. A
+                    # stream that is behind (`streams.INLINE_BEHIND`) or has more waiting
+                    # goes to the pipeline thread, where the event loop reads ahead meanwhile
+                    # and waiting steps are grouped: inline, reading would wait for each
+                    # step's work, and steps would not group.
                     outcomes = self._run_inline(batches, client, process)
                 else:
                     outcomes = await self._run_many(batches, client, process)
