@@ -1,0 +1,241 @@
+"""Turn ends from the transformers capture client to a real sidecar, in both sequence formats.
+
+The sidecar runs in this process (`SidecarThread`, a real gRPC server on 127.0.0.1) and its
+pipeline records, for every batch it receives, each sequence's conversation, role, rows,
+position and turn-end flag, read from the wire message as the pipeline gets it (through the
+stream's conversation table for the columnar format). A turn end is the last row of a
+sequence whose `turn_end` is set, so each test compares the exact positions of those rows
+with where the turns end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from monitor.capture import CaptureClient
+from monitor.fixtures import build_tiny_llama
+from monitor.sidecar.config import parse_config
+from monitor.sidecar.process import SidecarThread
+from monitor.sidecar.service import SafetyMonitorService
+from tests.integration.test_capture_serving import (
+    HIDDEN,
+    generate,
+    seen_tokens,
+    sidecar_config,
+    tokens,
+    wait_connected,
+)
+
+
+@dataclass(frozen=True)
+class Received:
+    """One sequence of one batch, as the sidecar's pipeline received it."""
+
+    conversation_id: str
+    role: str
+    position: int
+    rows: int
+    turn_end: bool
+    end: bool
+    columns: bool  # arrived in the columnar format
+
+
+class Recorder:
+    """Reads the sequences of each batch the pipeline receives (both formats)."""
+
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        self._slots: dict[int, tuple[str, str]] = {}  # the stream's table: slot -> (id, role)
+
+    def record(self, batch) -> None:  # type: ignore[no-untyped-def]
+        if batch.HasField("columns"):
+            columns = batch.columns
+            for slot in columns.define:
+                self._slots[slot.slot] = (slot.conversation_id, slot.role)
+            count = len(columns.slot)
+            turn_ends = list(columns.turn_end) or [False] * count
+            ends = list(columns.end) or [False] * count
+            assert len(turn_ends) == count, "columns.turn_end: empty or one per sequence"
+            for i in range(count):
+                cid, role = self._slots[columns.slot[i]]
+                self.received.append(
+                    Received(
+                        cid, role, columns.position[i], columns.rows[i], turn_ends[i], ends[i], True
+                    )
+                )
+        for s in batch.sequences:
+            self.received.append(
+                Received(s.conversation_id, s.role, s.position, s.rows, s.turn_end, s.end, False)
+            )
+
+    def turn_ends(self) -> dict[str, list[int]]:
+        """Conversation id -> positions of its turn-end rows, in order of arrival."""
+        marked: dict[str, list[int]] = defaultdict(list)
+        for r in self.received:
+            if r.turn_end and r.rows:
+                marked[r.conversation_id].append(r.position + r.rows - 1)
+        return dict(marked)
+
+    def roles(self, conversation_id: str) -> list[str]:
+        """The role of each token of a conversation, by position."""
+        by_position: dict[int, str] = {}
+        for r in self.received:
+            if r.conversation_id == conversation_id:
+                for position in range(r.position, r.position + r.rows):
+                    assert position not in by_position, "a token arrived twice"
+                    by_position[position] = r.role
+        assert sorted(by_position) == list(range(len(by_position))), "a gap"
+        return [by_position[p] for p in range(len(by_position))]
+
+    def formats(self) -> set[bool]:
+        return {r.columns for r in self.received}
+
+
+@pytest.fixture
+def older_status(monkeypatch):
+    """GetStatus as a sidecar older than the columnar format answers it: the relay then sends
+    `Sequence` messages. Set before the sidecar registers its servicer."""
+    status = SafetyMonitorService.GetStatus
+
+    async def old_status(self, request, context):
+        response = await status(self, request, context)
+        response.ClearField("sequence_formats")
+        response.ClearField("conversation_slots")
+        return response
+
+    monkeypatch.setattr(SafetyMonitorService, "GetStatus", old_status)
+
+
+def recording_sidecar(workdir, config: dict | None = None):  # type: ignore[no-untyped-def]
+    """A started sidecar whose pipeline records what it receives; (sidecar, target, recorder)."""
+    raw = {**(config or sidecar_config(workdir)), "metrics_port": 0}
+    sidecar = SidecarThread(parse_config(raw, workdir, "test"))
+    recorder = Recorder()
+    process_many = sidecar.sidecar.pipeline.process_many
+
+    def recorded(batches, *args, **kwargs):  # type: ignore[no-untyped-def]
+        for batch in batches:
+            recorder.record(batch)
+        return process_many(batches, *args, **kwargs)
+
+    sidecar.sidecar.pipeline.process_many = recorded  # type: ignore[method-assign]
+    running = sidecar.start()
+    return sidecar, f"127.0.0.1:{running.port}", recorder
+
+
+@pytest.fixture(params=["columns", "sequences"])
+def wire(request, tmp_path):  # type: ignore[no-untyped-def]
+    """(client, model, recorder) against a recording sidecar, in each sequence format."""
+    if request.param == "sequences":
+        request.getfixturevalue("older_status")
+    sidecar, target, recorder = recording_sidecar(tmp_path)
+    model = build_tiny_llama(hidden=HIDDEN)
+    client = CaptureClient(target, model_name="tiny", metrics_registry=None)
+    client.attach(model, layers=[1])
+    wait_connected(client)
+    try:
+        yield client, model, recorder
+        assert recorder.formats() == {request.param == "columns"}
+        assert client.stats.batches_rejected == 0
+    finally:
+        client.close(timeout=10)
+        sidecar.stop()
+
+
+def forward(model, ids, mask=None):  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, use_cache=True)
+
+
+def test_one_pass_per_turn_marks_each_sequences_last_real_token(wire):
+    client, model, recorder = wire
+    ids = tokens([5, 6, 7, 0, 0], [1, 2, 3, 4, 5])
+    mask = tokens([1, 1, 1, 0, 0], [1, 1, 1, 1, 1])  # right padding: 'a' ends at its third
+    with client.conversation(["a", "b"], role="user", turn_end=True):
+        forward(model, ids, mask)
+    # A second turn of each, as one more pass: positions continue.
+    with client.conversation(["a", "b"], role="assistant", turn_end=True):
+        forward(model, tokens([8, 9], [8, 9]))
+    # An unmarked pass marks nothing.
+    with client.conversation(["a", "b"], role="user"):
+        forward(model, tokens([3], [3]))
+    assert client.flush(30)
+    assert recorder.turn_ends() == {"a": [2, 4], "b": [4, 6]}
+    assert recorder.roles("a") == ["user"] * 3 + ["assistant"] * 2 + ["user"]
+    assert seen_tokens(client, "a") == 6 and seen_tokens(client, "b") == 8
+
+
+def test_flags_per_conversation_and_a_chunked_turn(wire):
+    client, model, recorder = wire
+    # Two conversations, only the first ends its turn in this pass.
+    with client.conversation(["x", "y"], role="user", turn_end=[True, False]):
+        forward(model, tokens([5, 6, 7], [1, 2, 3]))
+    # 'y' goes on with the rest of its turn in two chunks; only the last one ends it.
+    with client.conversation("y", role="user"):
+        forward(model, tokens([4, 5]))
+    with client.conversation("y", role="user", turn_end=True):
+        forward(model, tokens([6]))
+    assert client.flush(30)
+    assert recorder.turn_ends() == {"x": [2], "y": [5]}
+    assert seen_tokens(client, "y") == 6
+
+
+def test_generate_with_a_prompt_role_ends_the_prompts_turn_at_its_last_token(wire):
+    client, model, recorder = wire
+    ids = tokens([0, 0, 0, 5, 6, 7], [1, 2, 3, 4, 5, 6])
+    mask = tokens([0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1])
+    with client.conversation(["g", "h"], prompt_role="user"):
+        generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4)
+    assert client.flush(30)
+    # The prefill ends each prompt's turn; the generated tokens (three passes: the fourth is
+    # sampled from the last one and never computed) are the assistant's, unmarked.
+    assert recorder.turn_ends() == {"g": [2], "h": [5]}
+    assert recorder.roles("g") == ["user"] * 3 + ["assistant"] * 3
+    assert recorder.roles("h") == ["user"] * 6 + ["assistant"] * 3
+    # end_conversation sends a zero-row `end`: it names no row, so it marks no turn end.
+    client.end_conversation("g")
+    assert client.flush(30)
+    assert recorder.turn_ends() == {"g": [2], "h": [5]}
+    assert [r.rows for r in recorder.received if r.end] == [0]
+
+
+def test_a_prompt_role_block_with_several_return_sequences(wire):
+    client, model, recorder = wire
+    torch.manual_seed(0)
+    with client.conversation("s", prompt_role="user", role="bot"):
+        generate(
+            model,
+            tokens([3, 4, 5, 6]),
+            do_sample=True,
+            num_return_sequences=2,
+            max_new_tokens=3,
+            min_new_tokens=3,
+        )
+    assert client.flush(30)
+    assert recorder.turn_ends() == {"s/0": [3], "s/1": [3]}
+    assert recorder.roles("s/1") == ["user"] * 4 + ["bot"] * 2
+
+
+def test_turn_end_arguments_are_checked(tmp_path):
+    client = CaptureClient("127.0.0.1:1", metrics_registry=None, connect_timeout=0.1)
+    try:
+        for bad in ("yes", [True, False, True]):
+            with (
+                pytest.raises(ValueError, match="turn_end"),
+                client.conversation(["a", "b"], turn_end=bad),  # type: ignore[arg-type]
+            ):
+                pass
+        with (
+            pytest.raises(ValueError, match="prompt_role"),
+            client.conversation("a", prompt_role=""),
+        ):
+            pass
+        with contextlib.ExitStack() as stack:  # numpy-like flags are taken as bools
+            stack.enter_context(client.conversation(["a", "b"], turn_end=torch.tensor([1, 0])))
+    finally:
+        client.close(timeout=5)
