@@ -239,3 +239,39 @@ def test_turn_end_arguments_are_checked(tmp_path):
             stack.enter_context(client.conversation(["a", "b"], turn_end=torch.tensor([1, 0])))
     finally:
         client.close(timeout=5)
+
+
+def test_eval_streaming_marks_the_end_of_every_replayed_turn(tmp_path):
+    """`safety-monitor eval` replays each turn as one forward pass: every turn's last token
+    reaches the sidecar as a turn end, and no other token does."""
+    from monitor import datasets
+    from monitor.evaluation.evaluate import _stream
+    from monitor.features.build.conversations import load_model
+    from tests.conftest import build_pack_with_cli
+    from tests.integration.test_capture_serving import counting_rules
+    from tests.integration.test_detection_real_path import save_tiny_model, write_conversations
+
+    model, tokenizer = load_model(save_tiny_model(tmp_path / "model"))
+    conversations = datasets.read_jsonl(write_conversations(tmp_path / "data.jsonl", n=6))
+    pack = build_pack_with_cli(tmp_path, d_in=32, d_sae=16, hook_layer=1, features=[0, 1])
+    rules = tmp_path / "counting.yaml"
+    rules.write_text(counting_rules())
+    config = {"listen": "127.0.0.1:0", "packs": [str(pack)], "rules": [str(rules)]}
+    sidecar, target, recorder = recording_sidecar(tmp_path, config)
+    try:
+        id_of = {c.id: f"eval-{i}" for i, c in enumerate(conversations)}
+        _, replayed, capture = _stream(
+            model, tokenizer, target, "tiny", conversations, id_of, [1], None, 60.0
+        )
+    finally:
+        sidecar.stop()
+    assert capture["rejected"] == 0 and not capture["dropped"]
+    expected = {}
+    for streamed in replayed:
+        ends, total = [], 0
+        for rows in streamed.turn_rows:
+            total += rows
+            ends.append(total - 1)
+        expected[streamed.id] = ends  # replayed under its eval id
+    assert len(expected) == 6 and all(len(ends) == 3 for ends in expected.values())
+    assert recorder.turn_ends() == expected
