@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,3 +276,67 @@ def test_eval_streaming_marks_the_end_of_every_replayed_turn(tmp_path):
         expected[streamed.id] = ends  # replayed under its eval id
     assert len(expected) == 6 and all(len(ends) == 3 for ends in expected.values())
     assert recorder.turn_ends() == expected
+
+
+def _tree_before_turn_ends(root) -> str | None:  # type: ignore[no-untyped-def]
+    """The commit before `Sequence.turn_end` was added to the wire, if this is a checkout
+    with that history."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    proto = "proto/safety_monitor/v1/monitor.proto"
+    try:
+        added = subprocess.run(
+            ["git", "-C", str(repo), "log", "-1", "--format=%H", "-S", "bool turn_end = 9", proto],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if not added:
+            return None
+        archive = subprocess.run(
+            ["git", "-C", str(repo), "archive", f"{added}~1", "monitor"],
+            capture_output=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(root, filter="data")
+    return f"{added}~1"
+
+
+def test_a_sidecar_older_than_turn_ends_ignores_the_flag(tmp_path):
+    """The sidecar as it was before the flag existed (its code from git history, run as a
+    process): marked steps are monitored like any others, token for token, in the columnar
+    format it offers."""
+    from monitor.fixtures import start_sidecar
+
+    old = tmp_path / "old"
+    old.mkdir()
+    commit = _tree_before_turn_ends(old)
+    if commit is None:
+        pytest.skip("needs a git checkout with the history of the wire protocol")
+    assert "turn_end" not in (old / "monitor/wire/safety_monitor/v1/monitor_pb2.pyi").read_text()
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    # `python -m` puts its working directory first on sys.path: the old tree's `monitor`.
+    sidecar = start_sidecar(sidecar_config(workdir), workdir, cwd=old)
+    model = build_tiny_llama(hidden=HIDDEN)
+    client = CaptureClient(sidecar.target, model_name="tiny", metrics_registry=None)
+    try:
+        client.attach(model, layers=[1])
+        wait_connected(client)
+        with client.conversation(["p", "q"], role="user", turn_end=True):
+            forward(model, tokens([5, 6, 7], [1, 2, 3]))
+        with client.conversation(["p", "q"], prompt_role="user"):
+            generate(model, tokens([4, 5], [6, 7]), max_new_tokens=3, min_new_tokens=3)
+        assert client.flush(30)
+        assert client.stats.batches_rejected == 0
+        assert seen_tokens(client, "p") == seen_tokens(client, "q") == 3 + 2 + 2
+    finally:
+        client.close(timeout=10)
+        sidecar.stop()
