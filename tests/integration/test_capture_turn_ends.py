@@ -44,6 +44,7 @@ class Received:
     turn_end: bool
     end: bool
     columns: bool  # arrived in the columnar format
+    batch: int  # which batch, in the order the pipeline received them
 
 
 class Recorder:
@@ -51,9 +52,12 @@ class Recorder:
 
     def __init__(self) -> None:
         self.received: list[Received] = []
+        self.batches = 0
         self._slots: dict[int, tuple[str, str]] = {}  # the stream's table: slot -> (id, role)
 
     def record(self, batch) -> None:  # type: ignore[no-untyped-def]
+        number = self.batches
+        self.batches += 1
         if batch.HasField("columns"):
             columns = batch.columns
             for slot in columns.define:
@@ -66,12 +70,21 @@ class Recorder:
                 cid, role = self._slots[columns.slot[i]]
                 self.received.append(
                     Received(
-                        cid, role, columns.position[i], columns.rows[i], turn_ends[i], ends[i], True
+                        cid,
+                        role,
+                        columns.position[i],
+                        columns.rows[i],
+                        turn_ends[i],
+                        ends[i],
+                        True,
+                        number,
                     )
                 )
         for s in batch.sequences:
             self.received.append(
-                Received(s.conversation_id, s.role, s.position, s.rows, s.turn_end, s.end, False)
+                Received(
+                    s.conversation_id, s.role, s.position, s.rows, s.turn_end, s.end, False, number
+                )
             )
 
     def turn_ends(self) -> dict[str, list[int]]:
