@@ -353,3 +353,24 @@ def test_a_sidecar_older_than_turn_ends_ignores_the_flag(tmp_path):
     finally:
         client.close(timeout=10)
         sidecar.stop()
+
+
+def test_the_answers_turn_end_from_one_more_pass_over_its_last_token(wire):
+    """The README's recipe: generate() never computes the token it samples last; one decode
+    pass over it, with the cache generate returns, sends it and ends the answer's turn."""
+    client, model, recorder = wire
+    prompt = tokens([3, 4, 5], [6, 7, 8])
+    with client.conversation(["k", "m"], prompt_role="user"):
+        out = generate(
+            model,
+            prompt,
+            max_new_tokens=4,
+            min_new_tokens=4,
+            return_dict_in_generate=True,
+        )
+    with client.conversation(["k", "m"], turn_end=True), torch.no_grad():
+        model(input_ids=out.sequences[:, -1:], past_key_values=out.past_key_values)
+    assert client.flush(30)
+    assert recorder.turn_ends() == {"k": [2, 6], "m": [2, 6]}
+    assert recorder.roles("k") == ["user"] * 3 + ["assistant"] * 4
+    assert seen_tokens(client, "k") == 3 + 4
