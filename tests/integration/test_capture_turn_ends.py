@@ -1,10 +1,11 @@
 """Turn ends from the transformers capture client to a real sidecar, in both sequence formats.
 
-The sidecar runs in this process (`SidecarThread`, a real gRPC server on 127.0.0.1) and its
-pipeline records, for every batch it receives, each sequence's conversation, role, rows,
-position and turn-end flag, read from the wire message as the pipeline gets it (through the
-stream's conversation table for the columnar format). A turn end is the last row of a
-sequence whose `turn_end` is set, so each test compares the exact positions of those rows
+The sidecar runs in this process (`SidecarThread`, a real gRPC server on 127.0.0.1) with the
+counting rules of test_capture_serving (every token once, in order) and a rule `turn-end` with
+`at: turn_end` and an always-true condition: it fires at every turn-end row the sidecar sees,
+at that row's position. Its pipeline also records, for every batch it receives, each
+sequence's conversation, role, rows, position and turn-end flag, as the wire message says
+(through the stream's conversation table for the columnar format). Each test compares both
 with where the turns end.
 """
 
@@ -25,12 +26,52 @@ from monitor.sidecar.process import SidecarThread
 from monitor.sidecar.service import SafetyMonitorService
 from tests.integration.test_capture_serving import (
     HIDDEN,
+    MAX_COUNTED,
     generate,
-    seen_tokens,
     sidecar_config,
     tokens,
     wait_connected,
 )
+
+# Fires at every turn-end row (checked only there; each turn end afresh).
+TURN_END_RULE = """  - rule: turn-end
+    category: accounting
+    severity: info
+    condition: abs(f) >= 0
+    at: turn_end
+"""
+
+
+def turn_end_config(workdir) -> dict:  # type: ignore[no-untyped-def]
+    """test_capture_serving's sidecar config, with the `turn-end` rule added."""
+    config = sidecar_config(workdir)
+    rules = Path(config["rules"][0])
+    rules.write_text(rules.read_text() + TURN_END_RULE)
+    return config
+
+
+def seen_tokens(client: CaptureClient, conversation_id: str) -> int:
+    """How many contiguous tokens, from position 0, the sidecar saw for a conversation (the
+    counting rules; test_capture_serving's helper, other rules' alerts left out)."""
+    lengths = []
+    for alert in client.alerts:
+        if alert.conversation_id != conversation_id or not alert.rule.startswith("seen-"):
+            continue
+        length = int(alert.rule.removeprefix("seen-"))
+        assert alert.position == length - 1, (conversation_id, alert.rule, alert.position)
+        lengths.append(length)
+    assert sorted(lengths) == list(range(1, len(lengths) + 1)), (conversation_id, lengths)
+    assert len(lengths) < MAX_COUNTED, "conversation too long for the counting rules"
+    return len(lengths)
+
+
+def fired_turn_ends(alerts) -> dict[str, list[int]]:  # type: ignore[no-untyped-def]
+    """Conversation id -> the positions where the `turn-end` rule fired, in order."""
+    fired: dict[str, list[int]] = defaultdict(list)
+    for alert in alerts:
+        if alert.rule == "turn-end":
+            fired[alert.conversation_id].append(alert.position)
+    return {cid: sorted(positions) for cid, positions in fired.items()}
 
 
 @dataclass(frozen=True)
@@ -127,7 +168,7 @@ def older_status(monkeypatch):
 
 def recording_sidecar(workdir, config: dict | None = None):  # type: ignore[no-untyped-def]
     """A started sidecar whose pipeline records what it receives; (sidecar, target, recorder)."""
-    raw = {**(config or sidecar_config(workdir)), "metrics_port": 0}
+    raw = {**(config or turn_end_config(workdir)), "metrics_port": 0}
     sidecar = SidecarThread(parse_config(raw, workdir, "test"))
     recorder = Recorder()
     process_many = sidecar.sidecar.pipeline.process_many
@@ -179,7 +220,7 @@ def test_one_pass_per_turn_marks_each_sequences_last_real_token(wire):
     with client.conversation(["a", "b"], role="user"):
         forward(model, tokens([3], [3]))
     assert client.flush(30)
-    assert recorder.turn_ends() == {"a": [2, 4], "b": [4, 6]}
+    assert recorder.turn_ends() == fired_turn_ends(client.alerts) == {"a": [2, 4], "b": [4, 6]}
     assert recorder.roles("a") == ["user"] * 3 + ["assistant"] * 2 + ["user"]
     assert seen_tokens(client, "a") == 6 and seen_tokens(client, "b") == 8
 
@@ -195,7 +236,7 @@ def test_flags_per_conversation_and_a_chunked_turn(wire):
     with client.conversation("y", role="user", turn_end=True):
         forward(model, tokens([6]))
     assert client.flush(30)
-    assert recorder.turn_ends() == {"x": [2], "y": [5]}
+    assert recorder.turn_ends() == fired_turn_ends(client.alerts) == {"x": [2], "y": [5]}
     assert seen_tokens(client, "y") == 6
 
 
@@ -208,13 +249,13 @@ def test_generate_with_a_prompt_role_ends_the_prompts_turn_at_its_last_token(wir
     assert client.flush(30)
     # The prefill ends each prompt's turn; the generated tokens (three passes: the fourth is
     # sampled from the last one and never computed) are the assistant's, unmarked.
-    assert recorder.turn_ends() == {"g": [2], "h": [5]}
+    assert recorder.turn_ends() == fired_turn_ends(client.alerts) == {"g": [2], "h": [5]}
     assert recorder.roles("g") == ["user"] * 3 + ["assistant"] * 3
     assert recorder.roles("h") == ["user"] * 6 + ["assistant"] * 3
     # end_conversation sends a zero-row `end`: it names no row, so it marks no turn end.
     client.end_conversation("g")
     assert client.flush(30)
-    assert recorder.turn_ends() == {"g": [2], "h": [5]}
+    assert recorder.turn_ends() == fired_turn_ends(client.alerts) == {"g": [2], "h": [5]}
     assert [r.rows for r in recorder.received if r.end] == [0]
 
 
@@ -231,7 +272,7 @@ def test_a_prompt_role_block_with_several_return_sequences(wire):
             min_new_tokens=3,
         )
     assert client.flush(30)
-    assert recorder.turn_ends() == {"s/0": [3], "s/1": [3]}
+    assert recorder.turn_ends() == fired_turn_ends(client.alerts) == {"s/0": [3], "s/1": [3]}
     assert recorder.roles("s/1") == ["user"] * 4 + ["bot"] * 2
 
 
@@ -269,12 +310,12 @@ def test_eval_streaming_marks_the_end_of_every_replayed_turn(tmp_path):
     conversations = datasets.read_jsonl(write_conversations(tmp_path / "data.jsonl", n=6))
     pack = build_pack_with_cli(tmp_path, d_in=32, d_sae=16, hook_layer=1, features=[0, 1])
     rules = tmp_path / "counting.yaml"
-    rules.write_text(counting_rules())
+    rules.write_text(counting_rules() + TURN_END_RULE)
     config = {"listen": "127.0.0.1:0", "packs": [str(pack)], "rules": [str(rules)]}
     sidecar, target, recorder = recording_sidecar(tmp_path, config)
     try:
         id_of = {c.id: f"eval-{i}" for i, c in enumerate(conversations)}
-        _, replayed, capture = _stream(
+        alerts, replayed, capture = _stream(
             model, tokenizer, target, "tiny", conversations, id_of, [1], None, 60.0
         )
     finally:
@@ -289,6 +330,8 @@ def test_eval_streaming_marks_the_end_of_every_replayed_turn(tmp_path):
         expected[streamed.id] = ends  # replayed under its eval id
     assert len(expected) == 6 and all(len(ends) == 3 for ends in expected.values())
     assert recorder.turn_ends() == expected
+    # eval keeps each rule's first firing per conversation: the first turn's end.
+    assert alerts["turn-end"] == {cid: ends[0] for cid, ends in expected.items()}
 
 
 def _tree_before_turn_ends(root) -> str | None:  # type: ignore[no-untyped-def]
@@ -371,6 +414,6 @@ def test_the_answers_turn_end_from_one_more_pass_over_its_last_token(wire):
     with client.conversation(["k", "m"], turn_end=True), torch.no_grad():
         model(input_ids=out.sequences[:, -1:], past_key_values=out.past_key_values)
     assert client.flush(30)
-    assert recorder.turn_ends() == {"k": [2, 6], "m": [2, 6]}
+    assert recorder.turn_ends() == fired_turn_ends(client.alerts) == {"k": [2, 6], "m": [2, 6]}
     assert recorder.roles("k") == ["user"] * 3 + ["assistant"] * 4
     assert seen_tokens(client, "k") == 3 + 4
