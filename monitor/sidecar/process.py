@@ -83,6 +83,32 @@ def release_replaced(replaced: weakref.ref[Any]) -> bool:
     return True
 
 
+class PackFiles:
+    """The pack files a sidecar started with, and whether one changed on disk since (size or
+    modification time: a stat per poll, never a read of a large file)."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.seen = {Path(path): _file_stamp(Path(path)) for path in paths}
+
+    def changed(self) -> list[Path]:
+        """The pack files that changed since the last call (or start): each change once."""
+        changed = []
+        for path, stamp in self.seen.items():
+            now = _file_stamp(path)
+            if now != stamp:
+                self.seen[path] = now
+                changed.append(path)
+        return changed
+
+
+def _file_stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
 @dataclass
 class RunningSidecar:
     """A started sidecar: its gRPC server and health servicer, the ports it bound (useful when
@@ -124,6 +150,7 @@ class Sidecar:
         except ValueError as exc:
             raise StartupError(str(exc)) from exc
         self._background: list[asyncio.Task[None]] = []
+        self.pack_files = PackFiles(config.packs)
         self.executor = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="pipeline",
@@ -217,6 +244,14 @@ class Sidecar:
         """Re-read the rule files (if changed, or when forced) and swap the new set in on the
         pipeline thread, between batches. A broken file keeps the running set. Returns None
         when nothing changed, else whether the new set loaded."""
+        for path in self.pack_files.changed():
+            # Packs load once: the rules keep expanding pooled() from the running pack, so
+            # probe weights and pooling stay one fit (never new pooling over old weights).
+            log.warning(
+                "pack file changed on disk; serving the pack loaded at start (pooled() rules "
+                "keep its pooling): restart the sidecar to serve the new one",
+                pack=str(path),
+            )
         if self.service is not None:  # through the worker: no batch runs inline meanwhile
             return await self.service.worker.run(self._reload_on_pipeline, force)
         loop = asyncio.get_running_loop()
