@@ -343,8 +343,11 @@ def test_the_shipped_rule_tests_declare_what_the_shipped_pack_records() -> None:
         declared = yaml.safe_load(test.read_text())["aggregations"]
         for alias, value in declared.items():
             want = recorded[f"probes/{alias}"]
-            assert value["aggregation"] == want.aggregation, test.name
-            assert tuple(sorted(value["labeled_roles"])) == want.labeled_roles, test.name
+            declared_here = (value["aggregation"], tuple(sorted(value["labeled_roles"])))
+            assert declared_here == (want.aggregation, want.labeled_roles), (
+                f"rules/tests/{test.name} declares {alias}: {declared_here}, the shipped pack "
+                f"records {want}: update its aggregations: and the expectations they imply"
+            )
 
 
 # --------------------------------------------------------------------------- the grammar
