@@ -388,6 +388,26 @@ def test_the_rules_parser_agrees_with_pack_fits(text: str) -> None:
     assert served == fitted
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "max_rolling_mean:\u00b2",
+        "max_rolling_mean:\u0663",
+        "max_rolling_mean:8,for:\u2460",
+        "max_rolling_mean:+8",
+        "max_rolling_mean: 8",
+        "max_rolling_mean:123456",
+    ],
+)
+def test_only_ascii_counts_are_windows_and_guards(tmp_path: Path, text: str) -> None:
+    """A pack's aggregation comes from elsewhere: '²' passes str.isdigit() and int() refuses
+    it; '٣' is a digit to int(). Both are located errors, never a traceback or a window."""
+    with pytest.raises(AggregationError):
+        parse_pooling(text)
+    (error,) = _errors(tmp_path, POOLED.format(extra=""), _known(text))
+    assert ":7:16: pooled(f): probes/f's aggregation cannot be served by a rule" in error
+
+
 # --------------------------------------------------------------------------- reload
 
 
