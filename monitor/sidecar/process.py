@@ -64,9 +64,12 @@ def load_ruleset(paths: Sequence[Path], packs: Sequence[FeaturePack]) -> RuleSet
     """Load the rule files against the packs' feature names; StartupError (one line) on any
     problem."""
     try:
-        return load_rules(paths, known_features=qualified_feature_names(packs))
+        ruleset = load_rules(paths, known_features=qualified_feature_names(packs))
     except RuleLoadError as exc:
         raise StartupError(str(exc).replace("\n", "; ")) from exc
+    for note in ruleset.notes:  # e.g. a threshold calibrated for another pooling
+        log.warning("rule note", note=note)
+    return ruleset
 
 
 def release_replaced(replaced: weakref.ref[Any]) -> bool:
@@ -267,6 +270,8 @@ class Sidecar:
             release_replaced(replaced)
             self.metrics.rule_reloads.labels(result="ok").inc()
             log.info("rules reloaded", rules=len(result.ruleset.rules))
+            for note in result.ruleset.notes:
+                log.warning("rule note", note=note)
             return True
         self.metrics.rule_reloads.labels(result="error").inc()
         log.error("rule reload failed; keeping the running rules", error=result.error)

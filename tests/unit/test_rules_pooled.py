@@ -496,3 +496,73 @@ def test_a_hand_written_rule_off_a_turn_end_pooling_is_noted(tmp_path: Path) -> 
     assert "window_roles: [user], the roles its fit data labeled, at: turn_end)" in note
     assert "pooled(<alias>) follows the pack" in note
     assert _notes(tmp_path, POOLED.format(extra=""), aggregation) == []
+
+
+# --------------------------------------------------------------------------- recalibration
+
+
+CALIBRATED = """\
+features: {f: probes/f}
+thresholds:
+  t: {value: 0.5, pooled: {"probes/f": "max_rolling_mean:8"}}   # rules calibrate
+macros:
+  span: pooled(f)
+rules:
+  - rule: r
+    severity: info
+    condition: span > t
+"""
+
+
+def test_a_threshold_calibrated_for_another_pooling_is_noted(tmp_path: Path) -> None:
+    """`rules calibrate` records the pooling a threshold was set under; after a refit that
+    pools the feature otherwise the rules still load (so they can be recalibrated), with a
+    located note that eval, rules calibrate, rules check and the sidecar show."""
+    path = _write(tmp_path, CALIBRATED)
+    same = load_rules([path], _known("max_rolling_mean:8"))
+    assert same.notes == [] and same.thresholds["t"].value == 0.5
+    assert same.thresholds["t"].pooled == {"probes/f": "max_rolling_mean:8"}
+    refit = load_rules([path], _known("max_rolling_mean:512,roles,turn_end"))
+    (note,) = refit.notes
+    assert note.startswith(f"{path}:3:3: threshold 't' was calibrated with probes/f pooled as ")
+    assert "max_rolling_mean:8, and rule 'r' now pools it as max_rolling_mean:512,roles," in note
+    assert note.endswith("re-run rules calibrate")
+    out = io.StringIO()
+    known = _known("max_rolling_mean:512,roles,turn_end")
+    assert check_rules([path], known, out, io.StringIO()) == 0
+    assert out.getvalue().startswith(f"note: {note}\n")
+    from monitor.evaluation.engine_replay import pooling_notes
+
+    assert pooling_notes(refit, []) == [note]
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("{value: 1, poled: {}}", "threshold 't': unknown key 'poled' (did you mean 'pooled'?)"),
+        ("{pooled: {}}", "threshold 't' must have a 'value'"),
+        ("{value: 1, pooled: [x]}", "threshold 't': 'pooled' must map features to poolings"),
+        ("{value: x, pooled: {}}", "threshold 't' must be a number or '<pack>/<feature>'"),
+    ],
+)
+def test_malformed_calibrated_thresholds(tmp_path: Path, entry: str, expected: str) -> None:
+    text = CALIBRATED.replace('{value: 0.5, pooled: {"probes/f": "max_rolling_mean:8"}}', entry)
+    errors = _errors(tmp_path, text, _known("max_rolling_mean:8"))
+    assert any(expected in error for error in errors), errors
+
+
+def test_rules_calibrate_writes_the_pooling_with_the_number(tmp_path: Path) -> None:
+    from monitor.evaluation.calibrate import replace_thresholds
+
+    text = "thresholds:\n  t: 0.5   # set by rules calibrate\n  u: {value: 2}\n"
+    pooled = {"t": {"probes/f": "max_rolling_mean:8"}, "u": {}}
+    updated = replace_thresholds(text, {"t": 0.25, "u": 3.0}, pooled)
+    assert updated == (
+        'thresholds:\n  t: {value: 0.25, pooled: {"probes/f": "max_rolling_mean:8"}}   # set by '
+        "rules calibrate\n  u: 3\n"
+    )
+    path = _write(tmp_path, CALIBRATED)
+    again = replace_thresholds(path.read_text(), {"t": 0.75}, {"t": {"probes/f": "max"}})
+    path.write_text(again)
+    ruleset = load_rules([path], _known("max"))
+    assert ruleset.thresholds["t"].value == 0.75 and ruleset.notes == []
