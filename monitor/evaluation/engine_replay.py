@@ -2,7 +2,8 @@
 
 The sidecar evaluates what the capture client sends: one message per forward pass, each
 conversation a slice with its role and continuing positions. This module builds exactly those
-slices from a replay (one batch per turn index, all conversations side by side), encodes each
+slices from a replay (one batch per turn index, all conversations side by side, each turn's
+slice marked ``turn_end`` as a capture client marks a finished prompt or answer), encodes each
 hook point once with the pack (the sidecar's own encode), and runs a fresh ``RuleEngine`` over
 them, returning which rules fired in which conversation and where first.
 """
@@ -58,6 +59,8 @@ class EngineReplay:
                         count,
                         begin,
                         role=conversation.roles[begin] if count else "",
+                        # Each turn is one forward pass here, so its last row ends it.
+                        turn_end=True,
                     )
                 )
                 for name in features:
