@@ -566,3 +566,74 @@ def test_rules_calibrate_writes_the_pooling_with_the_number(tmp_path: Path) -> N
     path.write_text(again)
     ruleset = load_rules([path], _known("max"))
     assert ruleset.thresholds["t"].value == 0.75 and ruleset.notes == []
+
+
+# --------------------------------------------------------------------------- at: turn_end
+
+
+def test_an_explicit_at_must_agree_with_a_turn_end_pooling(tmp_path: Path) -> None:
+    known = _known("max_rolling_mean:512,roles,turn_end")
+    (error,) = _errors(tmp_path, POOLED.format(extra="\n    at: token"), known)
+    assert ":8:9: 'at: token' conflicts with pooled(f)" in error
+    assert "fitted as max_rolling_mean:512,roles,turn_end" in error
+    assert "at: turn_end)" in error
+    rule = _load(tmp_path, "max_rolling_mean:512,roles,turn_end", extra="\n    at: turn_end")
+    assert rule.at == "turn_end"
+    (error,) = _errors(tmp_path, POOLED.format(extra="\n    at: turn_end"), _known("max"))
+    assert "'at: turn_end' conflicts with pooled(f)" in error
+    # A guard cannot go with a turn-end pooling: the conflict names the aggregation.
+    errors = _errors(tmp_path, POOLED.format(extra="\n    for: 4"), known)
+    assert any("'for: 4' conflicts with pooled(f)" in error for error in errors), errors
+
+
+def test_a_turn_end_pooled_rule_fires_at_turn_ends_as_the_hand_written_one(
+    tmp_path: Path,
+) -> None:
+    """The turn mean: the user's mean read at the end of each user turn, nowhere else."""
+    aggregation = "max_rolling_mean:512,roles,turn_end"
+    pooled = _write(tmp_path, POOLED.format(extra=""), "pooled.yaml")
+    hand = _write(
+        tmp_path,
+        POOLED.format(
+            extra="\n    roles: [user]\n    window_roles: [user]\n    at: turn_end"
+        ).replace("pooled(f)", "rolling_mean(f, 512)"),
+        "hand.yaml",
+    )
+    values = torch.cat(
+        [
+            torch.full((5,), 3.0),
+            torch.full((20,), 0.4),
+            torch.full((10,), 2.0),
+            torch.full((15,), 0.9),
+        ]
+    )
+    turns = [("system", 5), ("user", 20), ("assistant", 10), ("user", 15)]
+    fired = []
+    for path in (pooled, hand):
+        rules = load_rules([path], _known(aggregation))
+        assert rules.rules[0].at == "turn_end"
+        engine = RuleEngine(rules)
+        slices, row = [], 0
+        for role, n in turns:
+            slices.append(SequenceSlice("c", row, n, row, role, turn_end=True))
+            row += n
+        result = engine.evaluate({"probes/f": values, "probes/g": values}, slices)
+        fired.append([(f.rule, f.position, round(f.value, 5)) for f in result.firings])
+    # The first user turn's mean is 0.4 (the system prompt is not in the window); after the
+    # second it is (20 * 0.4 + 15 * 0.9) / 35 = 0.614 > 0.5, at its last token only.
+    assert fired[0] == fired[1] == [("r", 49, 0.61429)]
+
+
+def test_a_rules_test_file_with_a_turn_end_aggregation(tmp_path: Path) -> None:
+    _write(tmp_path, POOLED.format(extra=""))
+    text = TEST_FILE.format(
+        aggregations="aggregations:\n  f: {aggregation: 'max_rolling_mean:512,roles,turn_end', "
+        "labeled_roles: [user]}",
+        at=9,
+    )
+    assert run_test_file(_write(tmp_path, text, "t_test.yaml")).passed
+    still_open = text.replace(
+        "{role: user, tokens: 10}", "{role: user, tokens: 10, turn_end: false}"
+    )
+    result = run_test_file(_write(tmp_path, still_open, "open_test.yaml"))
+    assert not result.passed and result.cases[0].fired == []  # no turn end, no check
