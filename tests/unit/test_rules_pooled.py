@@ -328,6 +328,14 @@ def test_a_rules_test_file_without_aggregations_fails_to_load_and_says_why(
     )
     with pytest.raises(TestFileError, match="unknown feature alias 'nope'"):
         run_test_file(bad)
+    unused = TEST_FILE.format(aggregations="aggregations: {probes/zz: max}", at=5)
+    with pytest.raises(TestFileError, match="unknown feature alias 'probes/zz'"):
+        run_test_file(_write(tmp_path, unused, "u_test.yaml"))
+    roles = TEST_FILE.format(
+        aggregations="aggregations: {f: {aggregation: max, labeled_roles: [null, 3]}}", at=5
+    )
+    with pytest.raises(TestFileError, match="labeled_roles must be non-empty strings"):
+        run_test_file(_write(tmp_path, roles, "r_test.yaml"))
 
 
 def test_the_shipped_rule_tests_declare_what_the_shipped_pack_records() -> None:
