@@ -144,7 +144,7 @@ def test_pack_calibrate_warns_when_calibration_data_overlaps_the_fit(workdir, ca
     assert info.threshold_pooling == info.aggregation and info.target_fpr == 0.05
 
 
-@pytest.mark.parametrize("pooling_kind", ["window", "whole_turn", "role_masked"])
+@pytest.mark.parametrize("pooling_kind", ["window", "whole_turn", "role_masked", "turn_mean"])
 def test_the_served_rule_reproduces_the_offline_score(
     workdir, capsys, tmp_path, pooling_kind
 ) -> None:
@@ -153,8 +153,10 @@ def test_the_served_rule_reproduces_the_offline_score(
     offline score (the pack's aggregation) is above t; the sidecar's per-token values are the
     offline ones. The same for the guarded whole-turn mean (`rolling_mean(f, 512) > t` with
     `for: 4 tokens`, aggregation ``max_rolling_mean:512,for:4``) and its role-masked form
-    (``window_roles: [assistant]``, aggregation ``max_rolling_mean:512,for:4,roles``)."""
-    whole_turn = pooling_kind != "window"
+    (``window_roles: [assistant]``, aggregation ``max_rolling_mean:512,for:4,roles``), and
+    the turn mean (``at: turn_end``, aggregation ``max_rolling_mean:512,roles,turn_end``: the
+    capture client marks each replayed turn's last token, and the rule reads the answer's mean
+    there, which is mean pooling)."""
     pack_path = fit_pack(workdir, capsys)
     pack = load_pack(pack_path)
     info = next(f for f in pack.features() if f.name == "secrecy")
@@ -171,19 +173,26 @@ def test_the_served_rule_reproduces_the_offline_score(
         "window": info.aggregation,
         "whole_turn": "max_rolling_mean:512,for:4",
         "role_masked": "max_rolling_mean:512,for:4,roles",
+        "turn_mean": "max_rolling_mean:512,roles,turn_end",
     }[pooling_kind]
     scores = [
-        conversation_score(v, t.labeled, aggregation) for v, t in zip(values, tokens, strict=True)
+        conversation_score(v, t.labeled, aggregation, t.turn_ends)
+        for v, t in zip(values, tokens, strict=True)
     ]
     threshold = sorted(scores)[len(scores) // 2]
     rules = tmp_path / "rules.yaml"
-    pooling = (
-        "rolling_mean(secrecy, 512) > t\n    for: 4 tokens"
-        if whole_turn
-        else ("rolling_mean(secrecy, 3) > t")
-    )
-    if pooling_kind == "role_masked":
+    pooling = {
+        "window": "rolling_mean(secrecy, 3) > t",
+        "whole_turn": "rolling_mean(secrecy, 512) > t\n    for: 4 tokens",
+        "role_masked": "rolling_mean(secrecy, 512) > t\n    for: 4 tokens",
+        "turn_mean": "rolling_mean(secrecy, 512) > t\n    at: turn_end",
+    }[pooling_kind]
+    if pooling_kind in ("role_masked", "turn_mean"):
         pooling += "\n    window_roles: [assistant]"
+    if pooling_kind == "turn_mean":  # exactly the answer's mean pooling
+        means = [float(v[t.labeled].double().mean()) for v, t in zip(values, tokens, strict=True)]
+        assert scores == pytest.approx(means, rel=1e-5, abs=1e-5)
+    if pooling_kind == "role_masked":
         unmasked = [
             conversation_score(v, t.labeled, "max_rolling_mean:512,for:4")
             for v, t in zip(values, tokens, strict=True)
@@ -203,7 +212,7 @@ def test_the_served_rule_reproduces_the_offline_score(
     assert rule.false_positives == sum(a and y == 0 for a, y in zip(above, labels, strict=True))
     assert 0 < rule.true_positives + rule.false_positives < len(conversations)
     assert report.capture["rows"] == sum(t.tokens for t in tokens)
-    if not whole_turn:  # the feature's own score is its pack aggregation's
+    if pooling_kind == "window":  # the feature's own score is its pack aggregation's
         served = next(f for f in report.features if f.feature == "probes/secrecy")
         assert served.auroc == pytest.approx(auroc(scores, labels), abs=1e-9)
 

@@ -8,6 +8,7 @@ against the real rules engine."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -247,7 +248,7 @@ def _engine_fires_at_turn_ends(
         for role, n in turns:
             cuts = sorted(set(torch.randint(1, n, (2,), generator=g).tolist())) if n > 1 else []
             bounds = [0, *cuts, n]
-            for a, b in zip(bounds, bounds[1:], strict=False):
+            for a, b in itertools.pairwise(bounds):
                 last = b == n
                 result = engine.evaluate(
                     {"probes/f": values[start + a : start + b]},
