@@ -30,6 +30,7 @@ from monitor.features.build.scoring import (
 from monitor.features.build.token_probes import (
     TURN_MEAN,
     _Padded,
+    _TurnMeans,
     fit_layers,
     fit_pooled_probe,
     fit_through_aggregation,
@@ -133,6 +134,15 @@ def test_the_training_grid_serves_the_same_turn_end_score(aggregation: str) -> N
         grid.x[:, 0], window, None, masked=aggregation_masked(aggregation), turn_end=True
     )
     torch.testing.assert_close(served, torch.tensor(scores, dtype=torch.float64))
+    if aggregation == TURN_MEAN:  # training's shortcut: one pooled vector per turn end
+        means = _TurnMeans(tokens, "layers.0", window)
+        fast = means.pooled(means.x[:, 0], window, None)
+        torch.testing.assert_close(fast, served)
+        torch.testing.assert_close(
+            means.pooled(means.x[:, 0], window, 0.5), grid.pooled(grid.x[:, 0], window, 0.5,
+            masked=True, turn_end=True),
+        )  # fmt: skip
+        torch.testing.assert_close(means.labeled_rows, grid.labeled_rows)
 
 
 def test_a_probe_on_the_pooled_vectors_is_the_served_turn_mean() -> None:

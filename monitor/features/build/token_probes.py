@@ -256,6 +256,10 @@ class _Padded:
         self.turn_end = turn_end[self.index] & self.valid
         self.labels = torch.tensor([float(c.label) for c in conversations], dtype=torch.float64)
         self.x = torch.cat([c.activations[hook_point] for c in conversations]).double()
+        if bool(labeled.any()):
+            self.labeled_rows = self.x[labeled]
+        else:
+            self.labeled_rows = self.x
         # The labeled tokens alone, as their own grid (``masked`` pooling: ``window_roles``),
         # with the length of the run of consecutive labeled tokens ending at each.
         rows = [
@@ -327,6 +331,43 @@ class _Padded:
         return _max(means, where, tau)
 
 
+class _TurnMeans:
+    """Conversations as their pooled vectors (`pooled_vectors`, [turn ends, d_model]) for the
+    turn mean (``max_rolling_mean:W,roles,turn_end``): the rolling mean of w.h_t + b over the
+    labeled tokens, read at a labeled turn end, is w.p + b for that turn end's pooled vector p,
+    so training through it needs one row per turn end, not the token grid of `_Padded` (the
+    scores agree up to float64 rounding: a test checks it)."""
+
+    def __init__(
+        self, conversations: Sequence[ConversationTokens], hook_point: str, window: int
+    ) -> None:
+        vectors = [pooled_vectors(c, hook_point, window) for c in conversations]
+        counts = torch.tensor([len(v) for v in vectors])
+        self.count = len(conversations)
+        self.x = torch.cat(vectors)
+        columns = torch.arange(max(int(counts.max()), 1))
+        self.valid = columns[None, :] < counts[:, None]
+        starts = torch.cumsum(counts, 0) - counts
+        self.index = (starts[:, None] + columns[None, :]).clamp(max=max(len(self.x) - 1, 0))
+        self.labels = torch.tensor([float(c.label) for c in conversations], dtype=torch.float64)
+        labeled = [c.activations[hook_point][c.labeled] for c in conversations]
+        self.labeled_rows = torch.cat(labeled).double()
+
+    def pooled(
+        self,
+        values: torch.Tensor,
+        window: int,
+        tau: float | None,
+        guard: int = 1,
+        masked: bool = True,
+        turn_end: bool = True,
+    ) -> torch.Tensor:
+        """Per conversation: the max (hard, or smooth with ``tau`` as `_Padded.pooled`) of the
+        probe's values on its pooled vectors (``values`` [turn ends]); the window is the one
+        the vectors were pooled with."""
+        return _max(values[self.index] * self.valid, self.valid, tau)
+
+
 def _max(means: torch.Tensor, where: torch.Tensor, tau: float | None) -> torch.Tensor:
     """Per row, the max of ``means`` where ``where``: hard (``tau`` None; -inf for none) or
     smooth (``tau * logsumexp(m / tau)`` minus its value for equal inputs)."""
@@ -370,10 +411,17 @@ def fit_through_aggregation(
     Deterministic: no sampling.
     """
     hook_point = init.hook_point
-    train = _Padded(fit_tokens, hook_point)
-    heldout = _Padded(heldout_tokens, hook_point)
+    train: _Padded | _TurnMeans
+    heldout: _Padded | _TurnMeans
+    if masked and turn_end and guard == 1:
+        # The turn mean is linear in the pooled vectors: no token grid needed.
+        train = _TurnMeans(fit_tokens, hook_point, window)
+        heldout = _TurnMeans(heldout_tokens, hook_point, window)
+    else:
+        train = _Padded(fit_tokens, hook_point)
+        heldout = _Padded(heldout_tokens, hook_point)
     labels = [int(y) for y in heldout.labels.tolist()]
-    rows = train.x[train.labeled[train.valid]] if bool(train.labeled.any()) else train.x
+    rows = train.labeled_rows
     mu = rows.mean(0)
     sigma = rows.std(0).clamp(min=1e-6)
     z_train = (train.x - mu) / sigma
