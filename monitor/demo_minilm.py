@@ -24,9 +24,11 @@ PACK = Path(__file__).resolve().parent / "packs" / "minilm-probes.safetensors"
 PER_LABEL = 4  # conversations per label and task replayed by the demo
 
 RULES = """\
-# Written by `safety-monitor demo`. Each threshold is the pack feature's calibrated alert
-# threshold (set by `pack fit` on the calibrate split for 1% FPR, with the same pooling as
-# the condition): rules refer to it by name instead of copying the number.
+# Written by `safety-monitor demo`. Each condition pools its probe with pooled(): the window,
+# `for`, `window_roles` and `at` come from the pooling the pack recorded when it fitted the
+# probe (`pack inspect --json` shows it), and each threshold is that feature's calibrated alert
+# threshold (set by `pack fit` on the calibrate split for 1% FPR, with the same pooling): rules
+# refer to both by name instead of copying them.
 features:
   misuse: probes/misuse
   deception: probes/deception
@@ -39,12 +41,11 @@ thresholds:
 
 rules:
   - rule: misuse-request
-    desc: A user asks for serious help with harm (max of rolling means, as fitted).
+    desc: A user asks for serious help with harm (pooled as fitted).
     category: misuse
     severity: warning
-    condition: rolling_mean(misuse, {misuse_window}) > misuse_alert
-    {misuse_for}
-    roles: [user]
+    condition: pooled(misuse) > misuse_alert
+    roles: [user]{misuse_window_roles}
     cooldown: 1024 tokens
     output: "misuse request (span mean {{value:.2f}}) at token {{position}} of {{conversation_id}}"
     actions: [alert, audit]
@@ -53,9 +54,8 @@ rules:
     desc: The assistant's answer reads as deceptive to the probe.
     category: deception
     severity: warning
-    condition: rolling_mean(deception, {deception_window}) > deception_alert
-    {deception_for}
-    roles: [assistant]
+    condition: pooled(deception) > deception_alert
+    roles: [assistant]{deception_window_roles}
     cooldown: 1024 tokens
     actions: [alert, audit]
 
@@ -63,9 +63,8 @@ rules:
     desc: The assistant's answer reads as a stereotype to the probe.
     category: bias
     severity: info
-    condition: rolling_mean(bias, {bias_window}) > bias_alert
-    {bias_for}
-    roles: [assistant]
+    condition: pooled(bias) > bias_alert
+    roles: [assistant]{bias_window_roles}
     cooldown: 1024 tokens
     actions: [alert, audit]
 """
@@ -81,30 +80,25 @@ def available() -> bool:
 
 
 def write_rules(path: Path, pack: Any) -> Path:
-    """The demo's rule file, each rule pooling with the window (and the minimum-token guard,
-    ``for:``, and ``window_roles:``) its probe was fitted with."""
-    from monitor.features.build.scoring import (
-        aggregation_guard,
-        aggregation_masked,
-        parse_aggregation,
-    )
+    """The demo's rule file: each rule pools its probe with ``pooled()``, so it serves the
+    pooling the pack recorded (window, ``for:``, ``window_roles:``, ``at:``). A pack written
+    before it recorded its labeled roles gets ``window_roles:`` written out for a role-masked
+    aggregation (the set's own labeled role), which ``pooled()`` cannot take from it."""
+    from monitor.rules.pooling import AggregationError, parse_pooling
 
-    windows = {}
     labeled = {"misuse": "user", "deception": "assistant", "bias": "assistant"}
+    lines = dict.fromkeys((f"{name}_window_roles" for name in labeled), "")
     for info in pack.features():
-        if info.name in labeled:
-            _, windows[f"{info.name}_window"] = parse_aggregation(info.aggregation)
-            guard = aggregation_guard(info.aggregation)
-            lines = f"for: {guard} tokens" if guard > 1 else "# no guard"
-            if aggregation_masked(info.aggregation):  # the mean of the labeled role alone
-                # The roles the pack says its fit data labeled (older packs: the set's own).
-                # Each role a JSON (so YAML) double-quoted string: a pack's role name is
-                # data, never YAML structure (`]`, `,`, `#` or `:` in it stay in the name).
-                names = info.labeled_roles or (labeled[info.name],)
-                roles = ", ".join(json.dumps(role) for role in names)
-                lines += f"\n    window_roles: [{roles}]"
-            windows[f"{info.name}_for"] = lines
-    path.write_text(RULES.format(**windows))
+        try:
+            masked = parse_pooling(info.aggregation).masked
+        except AggregationError:  # reported where the rules load, at the pooled() call
+            continue
+        if info.name in labeled and masked and not info.labeled_roles:
+            # A JSON (so YAML) double-quoted string: a role name is data, never YAML structure.
+            lines[f"{info.name}_window_roles"] = (
+                f"\n    window_roles: [{json.dumps(labeled[info.name])}]"
+            )
+    path.write_text(RULES.format(**lines))
     return path
 
 

@@ -17,7 +17,8 @@ import torch
 from monitor.escape import escape_text
 from monitor.features.build.conversations import ConversationTokens
 from monitor.features.pack import FeatureInfo, FeaturePack
-from monitor.rules import Rule, RuleEngine, RuleSet, SequenceSlice
+from monitor.rules import PackFeatures, Rule, RuleEngine, RuleSet, SequenceSlice
+from monitor.rules.pooling import AggregationError, Pooling, parse_pooling
 
 
 @dataclass
@@ -101,60 +102,76 @@ def _encode(
     return values
 
 
-def pack_features(packs: Sequence[FeaturePack]) -> dict[str, float | None]:
-    """Every '<pack>/<feature>' with its calibrated alert threshold (what rules load with)."""
-    return {f"{p.name}/{info.name}": info.alert_threshold for p in packs for info in p.features()}
+def pack_features(packs: Sequence[FeaturePack]) -> PackFeatures:
+    """Every '<pack>/<feature>' with its calibrated alert threshold and its recorded
+    aggregation (what rules load with: thresholds naming a feature, ``pooled()``)."""
+    return PackFeatures.of(packs)
 
 
 def pooling_notes(ruleset: RuleSet, packs: Sequence[FeaturePack]) -> list[str]:
     """One line per rule that pools a probe differently from how the pack says it was fitted
-    and calibrated: ``rolling_mean(<feature>, W)`` with ``for: K`` (and ``window_roles:`` for a
-    ``,roles`` aggregation, none otherwise) against the pack's ``max_rolling_mean:W',for:K'``;
-    where the pack records the roles its fit data labeled (``labeled_roles``, written by
-    `pack fit`), the rule's ``roles:`` and ``window_roles:`` lists must name those roles too.
-    Such a rule still works, but it does not serve the score the probe was trained through and
-    `eval` measured per feature (after a `pack fit` that chose another pooling, the shipped
-    rules need the pack's window, guard and window roles)."""
-    from monitor.features.build.scoring import (
-        aggregation_guard,
-        aggregation_masked,
-        parse_aggregation,
-    )
-
-    fitted: dict[str, FeatureInfo] = {}
+    and calibrated: ``rolling_mean(<feature>, W)`` with ``for: K``, ``window_roles:`` (for a
+    ``,roles`` aggregation, none otherwise) and ``at:`` (``turn_end`` for ``,turn_end``)
+    against the pack's ``max_rolling_mean:W',for:K'...``; where the pack records the roles its
+    fit data labeled (``labeled_roles``, written by `pack fit`), the rule's ``roles:`` and
+    ``window_roles:`` lists must name those roles too. Such a rule still works, but it does not
+    serve the score the probe was trained through and `eval` measured per feature. A rule that
+    pools with ``pooled(<alias>)`` follows the pack by construction (its window, ``for``,
+    ``window_roles`` and ``at`` come from it at load): it is noted only when its ``roles:``
+    name other roles than the labeled ones."""
+    fitted: dict[str, tuple[FeatureInfo, Pooling]] = {}
     for pack in packs:
         for info in pack.features():
-            if info.aggregation and info.aggregation.startswith("max_rolling_mean"):
-                fitted[f"{pack.name}/{info.name}"] = info
+            try:
+                pooling = parse_pooling(info.aggregation, info.labeled_roles)
+            except AggregationError:  # none recorded, or `mean`: no rule reproduces it
+                continue
+            fitted[f"{pack.name}/{info.name}"] = (info, pooling)
     notes = []
     for rule in ruleset.enabled_rules:
         program = rule.condition.program
+        pooled = ruleset.pooled.get(rule.name, {})
         for ins in program:
             if ins.kind != "rolling_mean" or program[ins.args[0]].kind != "feature":
                 continue
             feature = program[ins.args[0]].param
-            info = fitted.get(feature)
-            if info is None:
+            if feature not in fitted:
                 continue
+            info, pooling = fitted[feature]
             aggregation = info.aggregation
-            window = int(ins.param[0])
-            masked = aggregation_masked(aggregation)
-            expected = (parse_aggregation(aggregation)[1], aggregation_guard(aggregation), masked)
             labeled = frozenset(info.labeled_roles)  # empty: not recorded (an older pack)
+            if feature in pooled:
+                if labeled and frozenset(rule.roles) != labeled:
+                    notes.append(
+                        f"rule {rule.name!r} pools {feature} with pooled() as the pack fitted "
+                        f"it ({aggregation}) but checks it at {_served_roles(rule)}, not at "
+                        f"the roles its fit data labeled ([{_role_list(sorted(labeled))}]) "
+                        "(fine if it is meant to, e.g. to flag the answer to a request)"
+                    )
+                continue
+            window = int(ins.param[0])
+            masked = pooling.masked
+            expected = (pooling.window, pooling.guard, masked, pooling.at)
             roles_differ = bool(labeled) and (
                 frozenset(rule.roles) != labeled
                 or frozenset(rule.window_roles) != (labeled if masked else frozenset())
             )
-            if (window, rule.for_tokens, bool(rule.window_roles)) != expected or roles_differ:
+            served = (window, rule.for_tokens, bool(rule.window_roles), rule.at)
+            if served != expected or roles_differ:
                 notes.append(
                     f"rule {rule.name!r} pools {feature} as rolling_mean(., {window}) with "
-                    f"for: {rule.for_tokens}, {_served_roles(rule)}, but the pack fitted and "
-                    f"calibrated it as {aggregation} (rolling_mean(., {expected[0]}) with for: "
-                    f"{expected[1]} tokens, {_wanted_roles(sorted(labeled), masked)}): it does "
+                    f"for: {rule.for_tokens}, {_served_roles(rule)}{_at(rule.at)}, but the "
+                    f"pack fitted and calibrated it as {aggregation} (rolling_mean(., "
+                    f"{expected[0]}) with for: {expected[1]} tokens, "
+                    f"{_wanted_roles(sorted(labeled), masked)}{_at(pooling.at)}): it does "
                     "not serve the score the probe was trained for (fine if it is meant to "
-                    "pool differently, e.g. on another role)"
+                    "pool differently, e.g. on another role; pooled(<alias>) follows the pack)"
                 )
     return notes
+
+
+def _at(at: str) -> str:
+    return ", at: turn_end" if at == "turn_end" else ""
 
 
 def _role_list(roles: Iterable[str]) -> str:

@@ -2,7 +2,9 @@
 
 ``load_rules`` validates and compiles rule files (raising ``RuleLoadError`` with every located
 issue); ``RuleEngine`` evaluates the resulting ``RuleSet`` on batches of feature values;
-``RuleReloader`` notices edited rule files and reloads them without raising.
+``RuleReloader`` notices edited rule files and reloads them without raising. Loaded with their
+packs' ``PackFeatures``, rules may write ``pooled(<alias>)``: the probe pooled as its pack
+recorded it was fitted (``monitor.rules.pooling``).
 """
 
 from monitor.rules.engine import (
@@ -17,12 +19,14 @@ from monitor.rules.engine import (
 from monitor.rules.errors import RuleIssue, RuleLoadError, SourceLocation
 from monitor.rules.loader import Rule, RuleSet, load_rules
 from monitor.rules.model import RuleException
+from monitor.rules.pooling import PackFeatures
 from monitor.rules.reload import ReloadResult, RuleReloader
 
 __all__ = [
     "EvaluationResult",
     "FeatureBlock",
     "Firing",
+    "PackFeatures",
     "ReloadResult",
     "Rule",
     "RuleEngine",

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from monitor.rules.errors import SourceLocation
-from monitor.rules.expressions import BoolOp, Condition, Resolver, SourceText, did_you_mean
+from monitor.rules.expressions import (
+    BoolOp,
+    Condition,
+    PooledUse,
+    Resolver,
+    SourceText,
+    did_you_mean,
+)
 from monitor.rules.expressions import Node as ExprNode
 from monitor.rules.model import (
     ACTIONS,
@@ -28,6 +35,7 @@ from monitor.rules.model import (
     Rule,
     RuleException,
 )
+from monitor.rules.pooling import Pooling, role_list
 from monitor.rules.yamlsource import (
     BOOL_TAG,
     INT_TAG,
@@ -310,12 +318,16 @@ class RuleBuilder:
         resolver: Resolver,
         issues: Issues,
         lists: Mapping[str, tuple[str, ...]],
+        poolings: Mapping[str, Pooling] | None = None,
     ) -> None:
+        """``poolings``: the parsed aggregation of each feature a ``pooled()`` expanded."""
         self.spec = spec
         self.resolver = resolver
         self.issues = issues
         self.lists = lists
+        self.poolings = poolings if poolings is not None else {}  # filled as pooled() expands
         self.failed = spec.failed
+        self.pooled: dict[str, str] = {}  # feature -> aggregation, of the rule's pooled() uses
 
     def error(self, where: Field | None, message: str, node: Node | None = None) -> None:
         """Record an issue at `where` (or `node` inside it); the rule will not be built."""
@@ -354,6 +366,8 @@ class RuleBuilder:
             exceptions=self.exceptions(),
             annotations=self.mapping("annotations", template=True),
         )
+        if condition is not None:
+            self.follow_pooling(rule, self.resolver.last_uses)
         if rule.window_roles and condition is not None and not condition.temporal:
             # Nothing to restrict: the user expects a restriction the rule would not apply.
             self.error(
@@ -368,6 +382,67 @@ class RuleBuilder:
             self.error(where, message)
             return None
         return rule
+
+    # ----------------------------------------------------------------- pooled()
+
+    def follow_pooling(self, rule: Rule, uses: tuple[PooledUse, ...]) -> None:
+        """Give the rule the ``for``, ``window_roles``, ``at`` (and, when it names none,
+        ``roles``) of the aggregation its ``pooled()`` features were fitted with. A key the rule
+        sets to something else, or ``pooled()`` features that need different keys, is an
+        issue naming the pack's aggregation."""
+        found = [(use, self.poolings[use.feature]) for use in uses if use.feature in self.poolings]
+        if not found:
+            return
+        (first_use, first), call = found[0], f"pooled({found[0][0].alias})"
+        for use, other in found[1:]:
+            if (other.guard, other.window_roles, other.at) != (
+                first.guard,
+                first.window_roles,
+                first.at,
+            ):
+                self.issue_at(
+                    use,
+                    f"pooled({use.alias}) and {call} cannot pool in one rule: {use.feature} "
+                    f"was fitted as {other.text} ({other.served()}), {first_use.feature} as "
+                    f"{first.text} ({first.served()}); split the rule",
+                )
+        self.pooled = {use.feature: pooling.text for use, pooling in found}
+        fitted = f"{first_use.feature} was fitted as {first.text} ({first.served()})"
+        advice = (
+            f"remove it to follow the pack, or write rolling_mean({first_use.alias}, "
+            f"{first.window}) to pool differently on purpose"
+        )
+        where = self.last("for")
+        if where is None:
+            rule.for_tokens = first.guard
+        elif rule.for_tokens != first.guard:
+            self.error(where, f"'for: {rule.for_tokens}' conflicts with {call}: {fitted}; {advice}")
+        wanted = first.window_roles
+        where = self.last("window_roles")
+        if wanted is None and where is None:
+            self.issue_at(
+                first_use,
+                f"{call}: {first.text} takes the labeled roles' tokens alone, and the pack does "
+                "not record which roles those are (a pack written before labeled_roles); set "
+                "window_roles",
+            )
+        elif wanted is not None and where is None:
+            rule.window_roles = wanted
+        elif wanted is not None and set(rule.window_roles) != set(wanted):
+            shown = f"'window_roles: [{role_list(rule.window_roles)}]'"
+            self.error(where, f"{shown} conflicts with {call}: {fitted}; {advice}")
+        where = self.last("at")
+        if where is None:
+            rule.at = first.at
+        elif rule.at != first.at:
+            self.error(where, f"'at: {rule.at}' conflicts with {call}: {fitted}; {advice}")
+        if not self.all("roles") and first.labeled_roles:
+            rule.roles = first.labeled_roles  # checked where the probe was fitted to fire
+
+    def issue_at(self, use: PooledUse, message: str) -> None:
+        """Record an issue at a ``pooled()`` call; the rule will not be built."""
+        self.failed = True
+        self.issues.add(use.loc.issue(message))
 
     # ----------------------------------------------------------------- scalars
 

@@ -12,8 +12,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from monitor.rules.errors import RuleLoadError
+from monitor.rules.errors import RuleIssue, RuleLoadError
 from monitor.rules.loader import load_rules
+from monitor.rules.pooling import PackFeatures
 from monitor.rules.testing import CaseResult, FileResult, TestFileError, run_test_file
 
 EXIT_OK = 0
@@ -68,11 +69,7 @@ def rules_check_command(args: argparse.Namespace) -> int:
         except FeatureError as exc:
             print(f"safety-monitor: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
-        known = {
-            f"{pack.name}/{info.name}": info.alert_threshold
-            for pack in packs
-            for info in pack.features()
-        }
+        known = PackFeatures.of(packs)  # thresholds and aggregations: pooled() expands
     return check_rules(args.paths, known, out=sys.stdout, err=sys.stderr)
 
 
@@ -87,20 +84,31 @@ def check_rules(
     err: TextIO = sys.stderr,
 ) -> int:
     """Load the rule files and print every issue to `err` (exit 1) or a summary to `out` (exit
-    0)."""
+    0).
+
+    Without packs (``known_features`` not a ``PackFeatures``), ``pooled(<alias>)`` cannot be
+    expanded: its window, guard and roles are in the pack. Such rules are checked for
+    everything else, each ``pooled()`` is listed on `out` as not expanded, and the summary says
+    how many rules that left unchecked (exit 0: nothing found is wrong)."""
+    unexpanded: list[RuleIssue] = []
     try:
-        ruleset = load_rules(paths, known_features=known_features)
+        ruleset = load_rules(paths, known_features=known_features, unexpanded=unexpanded)
     except RuleLoadError as exc:
         for issue in exc.issues:
             print(issue, file=err)
         count = len(exc.issues)
         print(f"{count} error{'s' if count != 1 else ''}", file=err)
         return EXIT_FAILED
+    for note in unexpanded:
+        print(f"note: {note}", file=out)
     enabled = len(ruleset.enabled_rules)
-    print(
-        f"OK: {len(ruleset.rules)} rules ({enabled} enabled) in {len(ruleset.files)} files",
-        file=out,
-    )
+    summary = f"OK: {len(ruleset.rules)} rules ({enabled} enabled) in {len(ruleset.files)} files"
+    if unexpanded:
+        summary += (
+            f"; {len(unexpanded)} pooled() not expanded without --packs: the rules using "
+            "them are checked except for their pooling and not counted"
+        )
+    print(summary, file=out)
     return EXIT_OK
 
 

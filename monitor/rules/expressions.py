@@ -38,6 +38,9 @@ BOOLEAN = "boolean"
 _ERROR = "error"  # a sub-expression already reported; suppresses follow-on errors
 
 KEYWORDS = frozenset({"and", "or", "not"})
+# `pooled(<alias>)`: the alias's feature pooled as its pack recorded (monitor/rules/pooling.py).
+# Expanded at load into rolling_mean(<alias>, W), so it is no function the program runs.
+POOLED = "pooled"
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -431,6 +434,21 @@ COMPARE_OPS = frozenset(_COMPARE_KINDS.values())
 
 
 @dataclass(frozen=True)
+class PooledUse:
+    """One ``pooled(<alias>)`` in a condition (or a macro it uses): what it names, where."""
+
+    alias: str
+    feature: str  # the alias's '<pack>/<feature>'
+    loc: SourceLocation  # of `pooled`
+
+
+# The window of a `pooled()` use; a message saying why there is none (reported at the use); or
+# None when the use is left unexpanded on purpose (the loader noted it: `rules check` without
+# packs), which fails the condition without an issue.
+PooledWindow = Callable[[PooledUse], int | str | None]
+
+
+@dataclass(frozen=True)
 class MacroDef:
     """A macro as declared: its name, parsed expression and location."""
 
@@ -446,21 +464,39 @@ class Resolver:
     reported) once, and rules using it share the resulting sub-DAG.
     """
 
-    def __init__(self, aliases: Mapping[str, str], macros: Mapping[str, MacroDef]) -> None:
+    def __init__(
+        self,
+        aliases: Mapping[str, str],
+        macros: Mapping[str, MacroDef],
+        pooled_window: PooledWindow | None = None,
+    ) -> None:
+        """``pooled_window`` expands ``pooled(<alias>)`` (the loader's, from the packs'
+        aggregations); without it ``pooled()`` is an error."""
         self.aliases = dict(aliases)
         self.macros = dict(macros)
+        self.pooled_window = pooled_window
         self.issues: dict[RuleIssue, None] = {}  # ordered set
         self._expanded: dict[str, tuple[Op | None, str]] = {}
         self._active: list[str] = []
         self._depth = 0
+        # The pooled() uses of what is being resolved, innermost macro last; a memoised macro
+        # hands its own on to each condition that uses it.
+        self._uses: list[list[PooledUse]] = []
+        self._macro_uses: dict[str, list[PooledUse]] = {}
+        self.last_uses: tuple[PooledUse, ...] = ()  # of the last `condition()`
 
     def report(self, loc: SourceLocation, message: str) -> None:
         """Record an issue at `loc` (each distinct issue once)."""
         self.issues.setdefault(loc.issue(message), None)
 
     def condition(self, ast: Node, source: SourceText) -> Condition | None:
-        """Resolve and compile a rule condition; None (with issues recorded) when it is wrong."""
-        op, kind = self.resolve(ast)
+        """Resolve and compile a rule condition; None (with issues recorded) when it is wrong.
+        Its ``pooled()`` uses are left in ``last_uses``."""
+        self._uses.append([])
+        try:
+            op, kind = self.resolve(ast)
+        finally:
+            self.last_uses = tuple(self._uses.pop())
         if kind == NUMBER:
             self.report(start_of(ast), "condition must be a boolean expression, got a number")
             return None
@@ -470,9 +506,13 @@ class Resolver:
         """Expand one macro (memoised); also used to check macros no rule references."""
         if name not in self._expanded:
             self._active.append(name)
+            self._uses.append([])
             ast = self.macros[name].ast
             self._expanded[name] = self.resolve(ast) if ast is not None else (None, _ERROR)
+            self._macro_uses[name] = self._uses.pop()
             self._active.pop()
+        if self._uses:
+            self._uses[-1].extend(self._macro_uses.get(name, ()))
         return self._expanded[name]
 
     def resolve(self, node: Node) -> tuple[Op | None, str]:
@@ -514,7 +554,7 @@ class Resolver:
             return self.macro(name)
         if name in self.aliases:
             return Op("feature", param=self.aliases[name]), NUMBER
-        if name in FUNCTIONS:
+        if name in FUNCTIONS or name == POOLED:
             self.report(node.loc, f"'{name}' is a function; call it as {name}(...)")
             return None, _ERROR
         self.report(node.loc, f"unknown feature {name!r}" + did_you_mean(name, self._names()))
@@ -563,11 +603,47 @@ class Resolver:
             result = _build(node.op, result, operand)
         return result, BOOLEAN
 
+    def _pooled(self, node: Call) -> tuple[Op | None, str]:
+        """``pooled(<alias>)`` -> ``rolling_mean(<alias>, W)``, W from the feature's pack: the
+        same operation a hand-written call compiles to (same digest, same state)."""
+        arg = node.args[0] if len(node.args) == 1 else None
+        if not isinstance(arg, Name) or arg.ident not in self.aliases:
+            what = (
+                f"{arg.ident!r} is not a feature alias"
+                if isinstance(arg, Name)
+                else f"{len(node.args)} arguments given"
+                if len(node.args) != 1
+                else "its argument is an expression"
+            )
+            self.report(
+                node.loc,
+                f"pooled() takes one feature alias, pooled as its pack recorded ({what}); "
+                "to pool anything else write rolling_mean(x, W)",
+            )
+            return None, _ERROR
+        use = PooledUse(arg.ident, self.aliases[arg.ident], node.loc)
+        if self.pooled_window is None:
+            self.report(node.loc, "pooled() is not available here")
+            return None, _ERROR
+        window = self.pooled_window(use)
+        if self._uses:
+            self._uses[-1].append(use)
+        if isinstance(window, str):
+            self.report(node.loc, window)
+            return None, _ERROR
+        if window is None:
+            return None, _ERROR
+        feature = Op("feature", param=use.feature)
+        return Op("rolling_mean", (feature,), param=(float(window),)), NUMBER
+
     def _call(self, node: Call) -> tuple[Op | None, str]:
+        if node.func == POOLED:
+            return self._pooled(node)
         spec = FUNCTIONS.get(node.func)
         if spec is None:
             self.report(
-                node.loc, f"unknown function {node.func!r}" + did_you_mean(node.func, FUNCTIONS)
+                node.loc,
+                f"unknown function {node.func!r}" + did_you_mean(node.func, [*FUNCTIONS, POOLED]),
             )
             return None, _ERROR
         problem = _arity_message(spec, len(node.args))

@@ -21,12 +21,21 @@ from monitor.rules.expressions import (
     FUNCTIONS,
     IDENTIFIER,
     KEYWORDS,
+    POOLED,
     MacroDef,
     Number,
+    PooledUse,
     Resolver,
 )
 from monitor.rules.expressions import did_you_mean as did_you_mean
 from monitor.rules.model import Rule, RuleException, RuleSet, Threshold
+from monitor.rules.pooling import (
+    AggregationError,
+    FeatureAggregation,
+    Pooling,
+    as_aggregations,
+    parse_pooling,
+)
 from monitor.rules.yamlsource import (
     Document,
     Issues,
@@ -73,7 +82,7 @@ class _Names:
 def _define(doc: Document, names: _Names, key: str, key_node: Node, issues: Issues) -> bool:
     """Check a new alias or macro name; both share one namespace across all files."""
     loc = location(doc.path, key_node)
-    if not IDENTIFIER.match(key) or key in KEYWORDS or key in FUNCTIONS:
+    if not IDENTIFIER.match(key) or key in KEYWORDS or key in FUNCTIONS or key == POOLED:
         issues.add(loc.issue(f"{key!r} is not a valid name (letters, digits, _; not a keyword)"))
         return False
     if key in names.defined:
@@ -224,6 +233,58 @@ def _list_items(
     return tuple(dict.fromkeys(items))
 
 
+# --------------------------------------------------------------------------- pooled()
+
+
+class PooledFeatures:
+    """Expands ``pooled(<alias>)`` from the packs' recorded aggregations (None: the rules are
+    loaded without packs). With ``unexpanded`` (a list) and no aggregations, each use is noted
+    there instead of being an error, and its rule is left out of the set: how ``rules check``
+    without ``--packs`` validates everything else."""
+
+    def __init__(
+        self,
+        aggregations: Mapping[str, FeatureAggregation] | None,
+        unexpanded: list[RuleIssue] | None = None,
+    ) -> None:
+        self.aggregations = aggregations
+        self.unexpanded = unexpanded
+        self.parsed: dict[str, Pooling] = {}
+
+    def window(self, use: PooledUse) -> int | str | None:
+        """The window of `use`, or why there is none (see ``expressions.PooledWindow``)."""
+        call = f"pooled({use.alias})"
+        if self.aggregations is None:
+            if self.unexpanded is not None:
+                self.unexpanded.append(
+                    use.loc.issue(
+                        f"{call} not expanded: {use.feature}'s pooling is recorded in its pack "
+                        "(pass --packs); the rule is checked without it"
+                    )
+                )
+                return None
+            return (
+                f"{call} pools {use.feature} as its pack recorded, which only the pack knows: "
+                "load these rules with their packs (serve, eval and rules calibrate do; "
+                "rules check --packs; a rules test file declares 'aggregations:')"
+            )
+        recorded = self.aggregations.get(use.feature)
+        if recorded is None:
+            return f"{call}: no loaded pack provides {use.feature}"
+        if not recorded.aggregation:
+            return (
+                f"{call}: {use.feature} records no aggregation (an SAE feature, or a pack "
+                "written before pack fit recorded one); write the pooling you mean, e.g. "
+                f"rolling_mean({use.alias}, 8)"
+            )
+        try:
+            pooling = parse_pooling(recorded.aggregation, recorded.labeled_roles)
+        except AggregationError as exc:
+            return f"{call}: {use.feature}'s aggregation cannot be served by a rule: {exc}"
+        self.parsed[use.feature] = pooling
+        return pooling.window
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -231,14 +292,21 @@ def load_rules(
     paths: Sequence[str | Path],
     known_features: Collection[str] | Mapping[str, float | None] | None = None,
     threshold_overrides: Mapping[str, float] | None = None,
+    aggregations: Mapping[str, FeatureAggregation | str] | None = None,
+    unexpanded: list[RuleIssue] | None = None,
 ) -> RuleSet:
     """Load, validate and compile rule files (or directories of them) into one RuleSet.
 
     ``known_features`` (optional) are the ``<pack>/<feature>`` names aliases must exist in; a
     mapping also gives each feature's calibrated alert threshold, which ``thresholds:``
     entries naming a feature take. ``threshold_overrides`` replaces the values of named
-    thresholds (how ``rules calibrate`` tries values). Every problem in every file is
-    collected and raised together as a RuleLoadError.
+    thresholds (how ``rules calibrate`` tries values). ``aggregations`` (from
+    ``pooling.pack_aggregations(packs)``; by default those of a ``pooling.PackFeatures``
+    given as ``known_features``) is what each feature's pack records about its pooling, which
+    ``pooled(<alias>)`` expands from; without it ``pooled()`` is an error,
+    unless ``unexpanded`` is a list: then each use is noted there and its rule left out (a
+    syntax-only check). Every problem in every file is collected and raised together as a
+    RuleLoadError.
     """
     issues = Issues()
     files: list[tuple[str, str]] = []
@@ -257,8 +325,11 @@ def load_rules(
         _collect_thresholds(doc, names, known_features, threshold_overrides or {}, issues)
     for doc in docs:
         _collect_macros(doc, names, issues)
-    resolver = Resolver(names.aliases, names.macros)
-    rules = _build_rules(docs, resolver, names, issues)
+    if aggregations is None:  # rules loaded with their packs (pooling.PackFeatures)
+        aggregations = getattr(known_features, "aggregations", None)
+    pooled = PooledFeatures(as_aggregations(aggregations), unexpanded)
+    resolver = Resolver(names.aliases, names.macros, pooled.window)
+    rules = _build_rules(docs, resolver, names, pooled, issues)
     for name in names.macros:  # report errors in macros that no rule uses, too
         resolver.macro(name)
     for issue in resolver.issues:
@@ -272,17 +343,31 @@ def load_rules(
         )
     if issues.items:
         raise RuleLoadError(sorted(issues.items, key=_issue_order(files)))
-    return RuleSet(rules, names.aliases, files, names.macro_text, names.lists, names.thresholds)
+    ruleset = RuleSet(
+        [rule for rule, _ in rules],
+        names.aliases,
+        files,
+        names.macro_text,
+        names.lists,
+        names.thresholds,
+    )
+    ruleset.pooled = {rule.name: uses for rule, uses in rules if uses}
+    return ruleset
 
 
 def _build_rules(
-    docs: list[Document], resolver: Resolver, names: _Names, issues: Issues
-) -> list[Rule]:
+    docs: list[Document],
+    resolver: Resolver,
+    names: _Names,
+    pooled: PooledFeatures,
+    issues: Issues,
+) -> list[tuple[Rule, dict[str, str]]]:
     rules = []
     for spec in gather_specs(docs, issues):
-        rule = RuleBuilder(spec, resolver, issues, names.lists).build()
+        builder = RuleBuilder(spec, resolver, issues, names.lists, pooled.parsed)
+        rule = builder.build()
         if rule is not None:
-            rules.append(rule)
+            rules.append((rule, builder.pooled))
     return rules
 
 

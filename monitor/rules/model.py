@@ -112,6 +112,9 @@ class RuleSet:
     macros: dict[str, str] = field(default_factory=dict)  # name -> expression text
     lists: dict[str, tuple[str, ...]] = field(default_factory=dict)
     thresholds: dict[str, Threshold] = field(default_factory=dict)
+    # rule name -> {'<pack>/<feature>': aggregation} for each feature a rule pools with
+    # `pooled()`: the rule's window, `for`, `window_roles` and `at` are the pack's.
+    pooled: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def required_features(self) -> set[str]:

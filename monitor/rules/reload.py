@@ -25,6 +25,7 @@ from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 from monitor.rules.errors import RuleLoadError
 from monitor.rules.loader import load_rules
 from monitor.rules.model import RuleSet
+from monitor.rules.pooling import PackFeatures
 from monitor.rules.yamlsource import Issues, compose, rule_files
 
 Fingerprint = tuple[tuple[str, str], ...]  # (path, sha256 or a read error), in load order
@@ -51,10 +52,13 @@ class RuleReloader:
         """``ruleset``: the set already running (its file hashes are the baseline); without
         one, the first ``check()`` loads."""
         self.paths = list(paths)
-        # A mapping also carries the packs' calibrated thresholds: keep it one.
+        # A mapping also carries the packs' calibrated thresholds: keep it one (and a
+        # PackFeatures keeps the aggregations that pooled() expands from, on every reload).
         self.known_features: Collection[str] | Mapping[str, float | None] | None = (
             None
             if known_features is None
+            else known_features.copy()
+            if isinstance(known_features, PackFeatures)
             else dict(known_features)
             if isinstance(known_features, Mapping)
             else frozenset(known_features)

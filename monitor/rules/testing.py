@@ -4,6 +4,11 @@ A test file::
 
     rule_files: [../deception.yaml]       # relative to the test file
     model: gemma-2-2b                     # optional, what exceptions see as `model`
+    aggregations:                         # optional: what pooled() expands from, as the
+      deception: max_rolling_mean:8       # pack records it (`pack inspect --json`), per
+      bias:                               # alias or pack/feature name
+        aggregation: max_rolling_mean:512,for:8,roles
+        labeled_roles: [assistant]
     tests:
       - name: sustained deception fires once
         rules: [sustained-deception]      # optional: only compare these rules' firings
@@ -40,6 +45,7 @@ from monitor.rules.engine import RuleEngine, SequenceSlice
 from monitor.rules.errors import RuleLoadError
 from monitor.rules.loader import load_rules
 from monitor.rules.model import RuleSet
+from monitor.rules.pooling import FeatureAggregation
 from monitor.rules.yamlsource import MAX_FILE_BYTES
 
 MAX_SERIES_TOKENS = 100_000
@@ -206,7 +212,7 @@ def load_test_file(path: Path) -> tuple[list[Path], str, list[dict[str, Any]]]:
     """rule file paths (resolved against the test file), model, raw test entries."""
     data = _read_yaml(path)
     where = str(path)
-    _unknown_keys(data, ("rule_files", "model", "tests"), where)
+    _unknown_keys(data, ("rule_files", "model", "aggregations", "tests"), where)
     files = _expect_type(data.get("rule_files"), list, f"{where}: rule_files", "a list of paths")
     if not files or not all(isinstance(f, str) and f for f in files):
         raise TestFileError(f"{where}: rule_files must be a non-empty list of paths")
@@ -306,6 +312,41 @@ def _turns(raw: object, where: str, role: str, request: str) -> list[Turn]:
     return turns
 
 
+def _aggregations(path: Path, rule_paths: list[Path]) -> dict[str, FeatureAggregation] | None:
+    """The test file's ``aggregations:`` (None without one: ``pooled()`` is then an error),
+    keyed by ``<pack>/<feature>``; an alias key is looked up in the rule files' aliases."""
+    raw = _read_yaml(path).get("aggregations")
+    if raw is None:
+        return None
+    where = f"{path}: aggregations"
+    raw = _expect_type(raw, dict, where, "a mapping of feature alias to aggregation")
+    aliases: Mapping[str, str] = {}
+    if any("/" not in str(key) for key in raw):
+        try:  # the aliases alone; pooled() is expanded by the real load that follows
+            aliases = load_rules(rule_paths, unexpanded=[]).feature_aliases
+        except RuleLoadError:
+            aliases = {}  # the real load reports it
+    found = {}
+    for key, value in raw.items():
+        name = aliases.get(str(key)) or (str(key) if "/" in str(key) else None)
+        if name is None:
+            known = ", ".join(sorted(aliases)) or "none"
+            raise TestFileError(f"{where}: unknown feature alias {key!r} (aliases: {known})")
+        if isinstance(value, str):
+            found[name] = FeatureAggregation(value)
+            continue
+        value = _expect_type(
+            value, dict, f"{where}: {key}", "an aggregation or {aggregation, labeled_roles}"
+        )
+        _unknown_keys(value, ("aggregation", "labeled_roles"), f"{where}: {key}")
+        text = _expect_type(value.get("aggregation"), str, f"{where}: {key}", "an aggregation")
+        roles = _expect_type(
+            value.get("labeled_roles", []), list, f"{where}: {key}", "a list of roles"
+        )
+        found[name] = FeatureAggregation(text, tuple(str(role) for role in roles))
+    return found
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -349,7 +390,7 @@ def run_test_file(path: str | Path) -> FileResult:
     rule_paths, model, raw_tests = load_test_file(path)
     result = FileResult(str(path))
     try:
-        rules = load_rules(rule_paths)
+        rules = load_rules(rule_paths, aggregations=_aggregations(path, rule_paths))
     except RuleLoadError as exc:
         result.load_error = exc
         return result

@@ -16,7 +16,7 @@ import torch
 
 from monitor.features import FeaturePack, RestrictedEncoder
 from monitor.outputs.metrics import SidecarMetrics
-from monitor.rules import FeatureBlock, Firing, RuleEngine, RuleSet
+from monitor.rules import FeatureBlock, Firing, PackFeatures, RuleEngine, RuleSet
 from monitor.sidecar.columns import ConversationTable
 from monitor.sidecar.config import Limits, ScopeSettings
 from monitor.sidecar.firings import (
@@ -523,14 +523,11 @@ def _feature_columns(packs: Sequence[FeaturePack], required: set[str]) -> list[F
     return columns
 
 
-def qualified_feature_names(packs: Sequence[FeaturePack]) -> dict[str, float | None]:
+def qualified_feature_names(packs: Sequence[FeaturePack]) -> PackFeatures:
     """Every '<pack>/<feature>' the loaded packs provide (for rule validation), with its
-    calibrated alert threshold (what a rule's ``thresholds:`` entry naming it takes)."""
-    return {
-        f"{pack.name}/{info.name}": info.alert_threshold
-        for pack in packs
-        for info in pack.features()
-    }
+    calibrated alert threshold (what a rule's ``thresholds:`` entry naming it takes) and its
+    recorded aggregation (what ``pooled()`` expands from)."""
+    return PackFeatures.of(packs)
 
 
 def internal_errors(

@@ -721,7 +721,31 @@ def test_the_demo_rules_pool_as_each_probe_was_fitted(tmp_path: Path) -> None:
     assert rules["misuse-request"].window_roles == ("user",)
     assert rules["misuse-request"].for_tokens == 8
     assert rules["deceptive-answer"].window_roles == () == rules["biased-answer"].window_roles
+    assert rules["biased-answer"].for_tokens == 2
     assert pooling_notes(ruleset, [pack]) == []
+    # The rules follow the pack: a pack with other poolings (and recorded labeled roles) is
+    # served with its own, from the same rule file.
+    refit = FeaturePack(
+        "probes",
+        {
+            hook: HookPointEncoder(
+                hook,
+                encoder.encoder,
+                [
+                    dataclasses.replace(
+                        encoder.features[0],
+                        aggregation="max_rolling_mean:16,for:4",
+                        labeled_roles=("assistant",),
+                    )
+                ],
+            )
+            for hook, encoder in pack.hook_points.items()
+        },
+    )
+    ruleset = load_rules([write_rules(tmp_path / "refit.yaml", refit)], pack_features([refit]))
+    assert {(r.for_tokens, r.window_roles) for r in ruleset.rules} == {(4, ())}
+    windows = {i.param for r in ruleset.rules for i in r.condition.program if i.param == (16.0,)}
+    assert windows == {(16.0,)}
 
 
 def test_pooling_notes_escape_role_names_from_rule_files_and_packs(
@@ -781,5 +805,6 @@ def test_the_demo_rules_quote_role_names_from_the_pack(tmp_path: Path) -> None:
     path = write_rules(tmp_path / "demo-rules.yaml", pack)
     assert "\x1b" not in path.read_text()
     ruleset = load_rules([path], pack_features([pack]))
-    assert {rule.window_roles for rule in ruleset.rules} == {roles}
+    # pooled() takes them from the pack (the file does not spell them out), each one role.
+    assert {frozenset(rule.window_roles) for rule in ruleset.rules} == {frozenset(roles)}
     assert all(rule.roles != ("system",) for rule in ruleset.rules)

@@ -264,7 +264,13 @@ def test_shipped_rules_check_and_test(capsys):
     tests = sorted((SHIPPED / "tests").glob("*_test.yaml"))
     assert [t.name for t in tests] == ["bias_test.yaml", "deception_test.yaml", "misuse_test.yaml"]
     assert main(["test", *map(str, tests)]) == 0, capsys.readouterr().out
-    ruleset = load_rules([SHIPPED])
+    # The shipped rules pool with pooled(): loaded with the shipped pack, which records how.
+    from monitor.demo_minilm import PACK
+    from monitor.features.pack import load_pack
+    from monitor.rules import PackFeatures
+
+    ruleset = load_rules([SHIPPED], PackFeatures.of([load_pack(PACK)]))
+    assert len(ruleset.rules) == 4
     assert {"probes/deception", "probes/bias", "probes/misuse"} <= ruleset.required_features
     # No SAE feature ids whose meaning the project has not checked (issue 13).
     assert not any(name.startswith("gemma2-2b") for name in ruleset.required_features)

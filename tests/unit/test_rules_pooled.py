@@ -1,0 +1,475 @@
+"""`pooled(<alias>)`: a rule pools a probe as its pack recorded (window, for, window_roles, at),
+expanded at load; conflicts and missing aggregations are located errors; without packs
+`rules check` says what it could not expand and `rules test` files declare `aggregations:`."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+from monitor.features.build.scoring import (
+    aggregation_guard,
+    aggregation_masked,
+    parse_aggregation,
+)
+from monitor.features.errors import FeatureError
+from monitor.rules import (
+    PackFeatures,
+    RuleEngine,
+    RuleLoadError,
+    RuleReloader,
+    SequenceSlice,
+    load_rules,
+)
+from monitor.rules.cli import check_rules, run_tests
+from monitor.rules.pooling import (
+    AggregationError,
+    FeatureAggregation,
+    parse_pooling,
+)
+from monitor.rules.testing import TestFileError, run_test_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+POOLED = """\
+features:
+  f: probes/f
+  g: probes/g
+rules:
+  - rule: r
+    severity: info
+    condition: pooled(f) > 0.5{extra}
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "rules.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _known(f: str, g: str = "max_rolling_mean:8", roles: tuple[str, ...] = ("user",)):
+    thresholds = {"probes/f": 1.0, "probes/g": None}
+    return PackFeatures(
+        thresholds,
+        {"probes/f": FeatureAggregation(f, roles), "probes/g": FeatureAggregation(g, roles)},
+    )
+
+
+def _load(tmp_path: Path, aggregation: str, extra: str = "", **kw):  # type: ignore[no-untyped-def]
+    path = _write(tmp_path, POOLED.format(extra=extra))
+    return load_rules([path], _known(aggregation, **kw)).rules[0]
+
+
+def _errors(tmp_path: Path, text: str, known: PackFeatures | None) -> list[str]:
+    path = _write(tmp_path, text)
+    with pytest.raises(RuleLoadError) as caught:
+        load_rules([path], known)
+    return [str(issue) for issue in caught.value.issues]
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "window", "guard", "window_roles"),
+    [
+        ("max_rolling_mean:8", 8, 1, ()),
+        ("max", 1, 1, ()),
+        ("max_rolling_mean:512,for:8", 512, 8, ()),
+        ("max_rolling_mean:512,roles", 512, 1, ("user",)),
+        ("max_rolling_mean:512,for:4,roles", 512, 4, ("user",)),
+    ],
+)
+def test_each_aggregation_expands_to_its_rule(
+    tmp_path: Path, aggregation: str, window: int, guard: int, window_roles: tuple[str, ...]
+) -> None:
+    rule = _load(tmp_path, aggregation)
+    assert (rule.for_tokens, rule.window_roles, rule.at) == (guard, window_roles, "token")
+    assert rule.roles == ("user",)  # unset: the roles the probe was fitted on
+    # The same program as the hand-written rule: same digest, so the same state and firings.
+    extra = f"\n    for: {guard}" + (
+        f"\n    window_roles: [{', '.join(window_roles)}]" * bool(window_roles)
+    )
+    hand = _write(
+        tmp_path,
+        POOLED.format(extra=extra).replace("pooled(f)", f"rolling_mean(f, {window})"),
+        "hand.yaml",
+    )
+    written = load_rules([hand], _known(aggregation)).rules[0]
+    assert rule.condition.digest == written.condition.digest
+    assert rule.state_key == written.state_key
+
+
+def test_a_turn_end_aggregation_checks_the_rule_at_turn_ends(tmp_path: Path) -> None:
+    rule = _load(tmp_path, "max_rolling_mean:512,roles,turn_end", roles=("assistant",))
+    assert rule.at == "turn_end"
+    assert (rule.for_tokens, rule.window_roles, rule.roles) == (1, ("assistant",), ("assistant",))
+    plain = _load(tmp_path, "max_rolling_mean:512,turn_end")
+    assert (plain.at, plain.window_roles) == ("turn_end", ())
+
+
+def test_explicit_keys_that_agree_are_kept_and_roles_may_differ(tmp_path: Path) -> None:
+    extra = "\n    for: 8 tokens\n    window_roles: [user]\n    roles: [assistant]"
+    rule = _load(tmp_path, "max_rolling_mean:512,for:8,roles", extra=extra)
+    assert (rule.for_tokens, rule.window_roles, rule.roles) == (8, ("user",), ("assistant",))
+
+
+def test_pooled_in_a_macro_and_in_several_places(tmp_path: Path) -> None:
+    text = (
+        "features: {f: probes/f, g: probes/g}\n"
+        "macros: {span: pooled(f)}\n"
+        "rules:\n"
+        "  - {rule: a, severity: info, condition: span > 1}\n"
+        "  - {rule: b, severity: info, condition: span > 1 and pooled(g) < 2}\n"
+    )
+    path = _write(tmp_path, text)
+    ruleset = load_rules([path], _known("max_rolling_mean:16,for:2", g="max_rolling_mean:4,for:2"))
+    rules = {rule.name: rule for rule in ruleset.rules}
+    assert rules["a"].for_tokens == rules["b"].for_tokens == 2
+    assert ruleset.pooled == {
+        "a": {"probes/f": "max_rolling_mean:16,for:2"},
+        "b": {"probes/f": "max_rolling_mean:16,for:2", "probes/g": "max_rolling_mean:4,for:2"},
+    }
+    windows = sorted(i.param for i in rules["b"].condition.program if i.kind == "rolling_mean")
+    assert windows == [(4.0,), (16.0,)]  # windows may differ; for/window_roles/at may not
+
+
+def test_a_pooled_rule_fires_exactly_as_the_hand_written_one(tmp_path: Path) -> None:
+    aggregation = "max_rolling_mean:6,for:3,roles"
+    pooled = _write(tmp_path, POOLED.format(extra=""), "pooled.yaml")
+    hand = _write(
+        tmp_path,
+        POOLED.format(extra="\n    for: 3\n    roles: [user]\n    window_roles: [user]").replace(
+            "pooled(f)", "rolling_mean(f, 6)"
+        ),
+        "hand.yaml",
+    )
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(400, generator=g) + 0.4
+    turns = [("system", 20), ("user", 90), ("assistant", 60), ("user", 150), ("assistant", 80)]
+    fired = []
+    for path in (pooled, hand):
+        engine = RuleEngine(load_rules([path], _known(aggregation)))
+        slices, row = [], 0
+        for role, n in turns:
+            slices.append(SequenceSlice("c", row, n, row, role))
+            row += n
+        result = engine.evaluate({"probes/f": values, "probes/g": values}, slices)
+        fired.append([(f.rule, f.position, f.value) for f in result.firings])
+    assert fired[0] == fired[1] and fired[0]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("extra", "line", "key"),
+    [
+        ("\n    for: 4 tokens", 8, "'for: 4'"),
+        ("\n    window_roles: [assistant]", 8, "'window_roles: [assistant]'"),
+    ],
+)
+def test_a_conflicting_key_is_a_located_error_naming_the_aggregation(
+    tmp_path: Path, extra: str, line: int, key: str
+) -> None:
+    (error,) = _errors(
+        tmp_path, POOLED.format(extra=extra), _known("max_rolling_mean:512,for:8,roles")
+    )
+    assert error.startswith(f"{tmp_path / 'rules.yaml'}:{line}:")
+    assert f"{key} conflicts with pooled(f)" in error
+    assert "probes/f was fitted as max_rolling_mean:512,for:8,roles" in error
+    assert "rolling_mean(f, 512)" in error  # how to pool differently on purpose
+
+
+def test_a_guard_on_a_pooling_without_one_conflicts(tmp_path: Path) -> None:
+    (error,) = _errors(tmp_path, POOLED.format(extra="\n    for: 2"), _known("max_rolling_mean:8"))
+    assert ":8:10: 'for: 2' conflicts with pooled(f)" in error
+    assert "(rolling_mean(., 8) with for: 1, no window_roles, at: token)" in error
+
+
+def test_pooled_features_that_need_different_rule_keys_are_an_error(tmp_path: Path) -> None:
+    text = POOLED.format(extra="").replace("pooled(f) > 0.5", "pooled(f) > 0.5 and pooled(g) > 1")
+    (error,) = _errors(tmp_path, text, _known("max_rolling_mean:8,for:2", g="max_rolling_mean:8"))
+    assert ":7:36: pooled(g) and pooled(f) cannot pool in one rule" in error
+    assert "max_rolling_mean:8,for:2" in error and "split the rule" in error
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "expected"),
+    [
+        ("", "probes/f records no aggregation (an SAE feature"),
+        ("mean", "'mean' pools a finished text, which no rule reproduces"),
+        ("max_rolling_mean:8,for:2,turn_end", "for:K cannot go with turn_end"),
+        ("max_rolling_mean:x", "is not max_rolling_mean:W"),
+    ],
+)
+def test_a_feature_without_a_servable_aggregation_is_a_located_error(
+    tmp_path: Path, aggregation: str, expected: str
+) -> None:
+    (error,) = _errors(tmp_path, POOLED.format(extra=""), _known(aggregation))
+    assert error.startswith(f"{tmp_path / 'rules.yaml'}:7:16: pooled(f)")
+    assert expected in error
+
+
+def test_a_role_masked_pooling_from_a_pack_without_labeled_roles(tmp_path: Path) -> None:
+    known = _known("max_rolling_mean:512,roles", roles=())
+    (error,) = _errors(tmp_path, POOLED.format(extra=""), known)
+    assert ":7:16: pooled(f)" in error and "set window_roles" in error
+    # Set by hand, it is taken (the pack cannot say otherwise).
+    path = _write(tmp_path, POOLED.format(extra="\n    window_roles: [user]"))
+    rule = load_rules([path], known).rules[0]
+    assert (rule.window_roles, rule.roles) == (("user",), ())
+
+
+@pytest.mark.parametrize(
+    ("condition", "expected"),
+    [
+        ("pooled(1) > 0", "pooled() takes one feature alias"),
+        ("pooled(f, 8) > 0", "2 arguments given"),
+        ("pooled(f + 1) > 0", "its argument is an expression"),
+        ("pooled(h) > 0", "'h' is not a feature alias"),
+        ("pooled > 0", "'pooled' is a function; call it as pooled(...)"),
+        ("poled(f) > 0", "(did you mean 'pooled'?)"),
+    ],
+)
+def test_pooled_syntax_errors(tmp_path: Path, condition: str, expected: str) -> None:
+    text = POOLED.format(extra="").replace("pooled(f) > 0.5", condition)
+    errors = _errors(tmp_path, text, _known("max_rolling_mean:8"))
+    assert any(expected in error for error in errors), errors
+
+
+def test_pooled_is_not_a_name_for_an_alias(tmp_path: Path) -> None:
+    errors = _errors(tmp_path, "features: {pooled: probes/f}\n", None)
+    assert any("'pooled' is not a valid name" in error for error in errors)
+
+
+def test_without_packs_pooled_is_a_located_error(tmp_path: Path) -> None:
+    (error,) = _errors(tmp_path, POOLED.format(extra=""), None)
+    assert error.startswith(f"{tmp_path / 'rules.yaml'}:7:16: pooled(f) pools probes/f")
+    assert "load these rules with their packs" in error and "aggregations:" in error
+
+
+# --------------------------------------------------------------------------- without packs
+
+
+def test_rules_check_without_packs_says_what_it_did_not_expand(tmp_path: Path) -> None:
+    path = _write(tmp_path, POOLED.format(extra="\n    for: nonsense"))
+    out, err = io.StringIO(), io.StringIO()
+    assert check_rules([path], None, out, err) == 1  # everything else is still checked
+    assert ":8:10: 'for' must be a positive number" in err.getvalue()
+    path = _write(tmp_path, POOLED.format(extra=""))
+    out, err = io.StringIO(), io.StringIO()
+    assert check_rules([path], None, out, err) == 0, err.getvalue()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == (
+        f"note: {path}:7:16: pooled(f) not expanded: probes/f's pooling is recorded in its "
+        "pack (pass --packs); the rule is checked without it"
+    )
+    assert lines[1].startswith("OK: 0 rules (0 enabled) in 1 files; 1 pooled() not expanded")
+    out = io.StringIO()
+    assert check_rules([path], _known("max_rolling_mean:8"), out, err) == 0
+    assert out.getvalue() == "OK: 1 rules (1 enabled) in 1 files\n"
+    # A conflict needs the pack to be seen: with it, rules check finds it.
+    conflict = _write(tmp_path, POOLED.format(extra="\n    for: 3"), "conflict.yaml")
+    assert check_rules([conflict], None, io.StringIO(), io.StringIO()) == 0
+    err = io.StringIO()
+    assert check_rules([conflict], _known("max_rolling_mean:8"), io.StringIO(), err) == 1
+    assert "'for: 3' conflicts with pooled(f)" in err.getvalue()
+
+
+TEST_FILE = """\
+rule_files: [rules.yaml]
+{aggregations}
+tests:
+  - name: pooled as declared
+    conversations:
+      c:
+        turns:
+          - {{role: user, tokens: 10}}
+        series:
+          f: "0x4 1x6"
+    expect:
+      - {{rule: r, conversation: c, at_token: {at}}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("aggregations", "at"),
+    [
+        ('aggregations:\n  f: "max_rolling_mean:2"', 5),
+        ('aggregations:\n  probes/f: "max_rolling_mean:2,for:3"', 7),
+        ("aggregations:\n  f: {aggregation: 'max_rolling_mean:4,roles', labeled_roles: [user]}", 6),
+    ],
+)
+def test_rules_test_files_declare_the_aggregations(
+    tmp_path: Path, aggregations: str, at: int
+) -> None:
+    _write(tmp_path, POOLED.format(extra=""))
+    test = _write(tmp_path, TEST_FILE.format(aggregations=aggregations, at=at), "t_test.yaml")
+    result = run_test_file(test)
+    assert result.passed, (result.load_error, [c.fired for c in result.cases])
+
+
+def test_a_rules_test_file_without_aggregations_fails_to_load_and_says_why(
+    tmp_path: Path,
+) -> None:
+    _write(tmp_path, POOLED.format(extra=""))
+    test = _write(tmp_path, TEST_FILE.format(aggregations="", at=5), "t_test.yaml")
+    out = io.StringIO()
+    assert run_tests([test], out=out) == 1
+    assert "pooled(f) pools probes/f as its pack recorded" in out.getvalue()
+    assert "a rules test file declares 'aggregations:'" in out.getvalue()
+    bad = _write(
+        tmp_path, TEST_FILE.format(aggregations="aggregations: {nope: max}", at=5), "b_test.yaml"
+    )
+    with pytest.raises(TestFileError, match="unknown feature alias 'nope'"):
+        run_test_file(bad)
+
+
+def test_the_shipped_rule_tests_declare_what_the_shipped_pack_records() -> None:
+    """rules/tests pin the pooling their expectations were written for; it must be the
+    shipped pack's, or the tests test rules that are not served."""
+    import yaml
+
+    from monitor.demo_minilm import PACK
+    from monitor.features.pack import load_pack
+
+    recorded = PackFeatures.of([load_pack(PACK)]).aggregations
+    for test in sorted((REPO / "rules" / "tests").glob("*_test.yaml")):
+        declared = yaml.safe_load(test.read_text())["aggregations"]
+        for alias, value in declared.items():
+            want = recorded[f"probes/{alias}"]
+            assert value["aggregation"] == want.aggregation, test.name
+            assert tuple(sorted(value["labeled_roles"])) == want.labeled_roles, test.name
+
+
+# --------------------------------------------------------------------------- the grammar
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "max",
+        "max_rolling_mean:1",
+        "max_rolling_mean:8",
+        "max_rolling_mean:4096",
+        "max_rolling_mean:512,for:8",
+        "max_rolling_mean:512,roles",
+        "max_rolling_mean:512,for:64,roles",
+        "max_rolling_mean:512,roles,for:4",
+        "max_rolling_mean:0",
+        "max_rolling_mean:4097",
+        "max_rolling_mean:8,for:65",
+        "max_rolling_mean:8,for:2,for:3",
+        "max_rolling_mean:8,roles,roles",
+        "max_rolling_mean:8,bogus",
+        "min_rolling_mean:8",
+    ],
+)
+def test_the_rules_parser_agrees_with_pack_fits(text: str) -> None:
+    """The rules package parses the aggregation grammar itself (it must not import the
+    pack-building code); both parsers accept the same texts with the same meaning."""
+    try:
+        fitted = (parse_aggregation(text)[1], aggregation_guard(text), aggregation_masked(text))
+    except FeatureError:
+        fitted = None
+    try:
+        pooling = parse_pooling(text)
+        served = (pooling.window, pooling.guard, pooling.masked)
+    except AggregationError:
+        served = None
+    assert served == fitted
+
+
+# --------------------------------------------------------------------------- reload
+
+
+def test_a_reload_expands_against_the_packs_it_was_given(tmp_path: Path) -> None:
+    """The sidecar loads its packs once, at start: a reload (poll or SIGHUP) expands pooled()
+    against the running packs, so the rules always pool as the probe being served was
+    fitted; a restart with a refitted pack expands against the new one."""
+    path = _write(tmp_path, POOLED.format(extra=""))
+    reloader = RuleReloader([path], known_features=_known("max_rolling_mean:8,for:2"))
+    first = reloader.check()
+    assert first is not None and first.ok and first.ruleset is not None
+    assert first.ruleset.rules[0].for_tokens == 2
+    path.write_text(POOLED.format(extra="").replace("0.5", "0.75"))
+    second = reloader.check()
+    assert second is not None and second.ok and second.ruleset is not None
+    assert second.ruleset.rules[0].for_tokens == 2  # still the running pack's pooling
+    assert second.ruleset.pooled == {"r": {"probes/f": "max_rolling_mean:8,for:2"}}
+    # What a restart with a refitted pack does: the same file, the new pack's pooling.
+    refit = RuleReloader([path], known_features=_known("max_rolling_mean:32,roles"))
+    third = refit.check()
+    assert third is not None and third.ok and third.ruleset is not None
+    rule = third.ruleset.rules[0]
+    assert (rule.for_tokens, rule.window_roles) == (1, ("user",))
+    assert [i.param for i in rule.condition.program if i.kind == "rolling_mean"] == [(32.0,)]
+
+
+# --------------------------------------------------------------------------- pooling notes
+
+
+def _pack(aggregation: str, roles: tuple[str, ...] = ("user",)):  # type: ignore[no-untyped-def]
+    """A pack of two probe columns, f and g, both recording `aggregation` and `roles`."""
+    import math
+
+    from monitor.features import RestrictedEncoder
+    from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder
+
+    encoder = RestrictedEncoder(
+        weight=torch.randn(8, 2),
+        bias=torch.zeros(2),
+        floor=torch.full((2,), -math.inf),
+        normalization="none",
+    )
+    infos = [
+        FeatureInfo(
+            name=name,
+            hook_point="layers.1",
+            activation="identity",
+            sae_index=None,
+            alert_threshold=1.0,
+            aggregation=aggregation,
+            threshold_pooling=aggregation,
+            labeled_roles=roles,
+        )
+        for name in ("f", "g")
+    ]
+    return FeaturePack("probes", {"layers.1": HookPointEncoder("layers.1", encoder, infos)})
+
+
+def _notes(tmp_path: Path, text: str, aggregation: str) -> list[str]:
+    from monitor.evaluation.engine_replay import pack_features, pooling_notes
+
+    pack = _pack(aggregation)
+    return pooling_notes(load_rules([_write(tmp_path, text)], pack_features([pack])), [pack])
+
+
+def test_a_pooled_rule_gets_no_pooling_note_unless_it_checks_other_roles(
+    tmp_path: Path,
+) -> None:
+    for aggregation in ("max_rolling_mean:8", "max_rolling_mean:512,for:8,roles"):
+        assert _notes(tmp_path, POOLED.format(extra=""), aggregation) == []
+        assert _notes(tmp_path, POOLED.format(extra="\n    roles: [user]"), aggregation) == []
+    (note,) = _notes(
+        tmp_path, POOLED.format(extra="\n    roles: [assistant]"), "max_rolling_mean:8,roles"
+    )
+    assert note.startswith("rule 'r' pools probes/f with pooled() as the pack fitted it")
+    assert "roles: [assistant] and window_roles: [user]" in note
+
+
+def test_a_hand_written_rule_off_a_turn_end_pooling_is_noted(tmp_path: Path) -> None:
+    aggregation = "max_rolling_mean:512,roles,turn_end"
+    hand = POOLED.format(extra="\n    roles: [user]\n    window_roles: [user]").replace(
+        "pooled(f)", "rolling_mean(f, 512)"
+    )
+    (note,) = _notes(tmp_path, hand, aggregation)  # checked at every token, not at turn ends
+    assert "with for: 1, roles: [user] and window_roles: [user], but the pack" in note
+    assert "window_roles: [user], the roles its fit data labeled, at: turn_end)" in note
+    assert "pooled(<alias>) follows the pack" in note
+    assert _notes(tmp_path, POOLED.format(extra=""), aggregation) == []
