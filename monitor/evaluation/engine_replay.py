@@ -2,7 +2,8 @@
 
 The sidecar evaluates what the capture client sends: one message per forward pass, each
 conversation a slice with its role and continuing positions. This module builds exactly those
-slices from a replay (one batch per turn index, all conversations side by side), encodes each
+slices from a replay (one batch per turn index, all conversations side by side, each turn's
+slice marked ``turn_end`` as a capture client marks a finished prompt or answer), encodes each
 hook point once with the pack (the sidecar's own encode), and runs a fresh ``RuleEngine`` over
 them, returning which rules fired in which conversation and where first.
 """
@@ -58,6 +59,8 @@ class EngineReplay:
                         count,
                         begin,
                         role=conversation.roles[begin] if count else "",
+                        # Each turn is one forward pass here, so its last row ends it.
+                        turn_end=True,
                     )
                 )
                 for name in features:
@@ -118,7 +121,8 @@ def pooling_notes(ruleset: RuleSet, packs: Sequence[FeaturePack]) -> list[str]:
     serve the score the probe was trained through and `eval` measured per feature. A rule that
     pools with ``pooled(<alias>)`` follows the pack by construction (its window, ``for``,
     ``window_roles`` and ``at`` come from it at load): it is noted only when its ``roles:``
-    name other roles than the labeled ones."""
+    name other roles than the labeled ones, or (the load's ``RuleSet.notes``) when a
+    threshold it uses was calibrated for another pooling."""
     fitted: dict[str, tuple[FeatureInfo, Pooling]] = {}
     for pack in packs:
         for info in pack.features():
@@ -127,7 +131,7 @@ def pooling_notes(ruleset: RuleSet, packs: Sequence[FeaturePack]) -> list[str]:
             except AggregationError:  # none recorded, or `mean`: no rule reproduces it
                 continue
             fitted[f"{pack.name}/{info.name}"] = (info, pooling)
-    notes = []
+    notes = list(ruleset.notes)  # thresholds calibrated for another pooling than now
     for rule in ruleset.enabled_rules:
         program = rule.condition.program
         pooled = ruleset.pooled.get(rule.name, {})

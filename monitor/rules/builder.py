@@ -28,6 +28,7 @@ from monitor.rules.expressions import (
 from monitor.rules.expressions import Node as ExprNode
 from monitor.rules.model import (
     ACTIONS,
+    AT_CHOICES,
     DEFAULT_CATEGORY,
     DEFAULT_OUTPUT,
     SCOPES,
@@ -59,6 +60,7 @@ RULE_KEYS = (
     "scope",
     "roles",
     "window_roles",
+    "at",
     "cooldown",
     "exceptions",
     "labels",
@@ -365,9 +367,19 @@ class RuleBuilder:
             cooldown_tokens=self.tokens(self.last("cooldown"), "cooldown", 0),
             exceptions=self.exceptions(),
             annotations=self.mapping("annotations", template=True),
+            at=self.choice(self.last("at"), "at", AT_CHOICES, "token"),
         )
         if condition is not None:
             self.follow_pooling(rule, self.resolver.last_uses)
+        if rule.at == "turn_end" and rule.for_tokens > 1:
+            # A turn-end rule is checked at one row per turn: a run of N > 1 such rows would
+            # span N turns, which is not what `for` means anywhere else.
+            self.error(
+                self.last("for"),
+                f"'for: {rule.for_tokens}' cannot hold with 'at: turn_end' (checked at one "
+                "token per turn); drop 'for' or smooth with a temporal function such as "
+                "rolling_mean",
+            )
         if rule.window_roles and condition is not None and not condition.temporal:
             # Nothing to restrict: the user expects a restriction the rule would not apply.
             self.error(

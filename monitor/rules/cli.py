@@ -101,6 +101,8 @@ def check_rules(
         return EXIT_FAILED
     for note in unexpanded:
         print(f"note: {note}", file=out)
+    for line in ruleset.notes:
+        print(f"note: {line}", file=out)
     enabled = len(ruleset.enabled_rules)
     summary = f"OK: {len(ruleset.rules)} rules ({enabled} enabled) in {len(ruleset.files)} files"
     if unexpanded:

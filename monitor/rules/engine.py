@@ -58,7 +58,8 @@ class SequenceSlice(NamedTuple):
     of one conversation. ``attributes`` (tenant, ...) are what rule exceptions match on,
     together with ``role`` and the batch's ``model``. ``scope`` (a client identity or a
     tenant; empty: one namespace) keeps conversations of the same id apart: state belongs to
-    ``(scope, conversation_id)``.
+    ``(scope, conversation_id)``. ``turn_end``: the slice's last row ends a turn of its role
+    (rules with ``at: turn_end`` are checked only at such rows; ``end`` implies it).
 
     A named tuple: a sidecar builds one per sequence per message, and a tuple is built
     several times faster than a frozen dataclass (the decode path builds 64 per step)."""
@@ -72,6 +73,7 @@ class SequenceSlice(NamedTuple):
     request_id: str = ""
     attributes: Mapping[str, str] = _NO_ATTRIBUTES
     scope: str = ""
+    turn_end: bool = False
 
 
 def state_key(sl: SequenceSlice) -> Hashable:
@@ -343,6 +345,7 @@ _SCOPE = operator.attrgetter("scope")
 _CONVERSATION_ID = operator.attrgetter("conversation_id")
 _REQUEST_ID = operator.attrgetter("request_id")
 _END = operator.attrgetter("end")
+_TURN_END = operator.attrgetter("turn_end")
 # The reductions themselves: ``ndarray.any()`` and its kind go through a Python wrapper,
 # which costs as much as the reduction on a decode step's small arrays.
 _ANY = np.logical_or.reduce
@@ -603,6 +606,8 @@ class SliceColumns(NamedTuple):
     ends: Sequence[bool]
     # True when the keys are known to be distinct (one wave); False: not checked.
     distinct: bool = False
+    # Each slice's ``turn_end``, or empty: no slice ends a turn (besides those that ``end``).
+    turn_ends: Sequence[bool] = ()
 
 
 _Columns = SliceColumns
@@ -619,6 +624,7 @@ SLICE_FIELDS = (
     "request_id",
     "attributes",
     "scope",
+    "turn_end",
 )
 _new_slice = tuple.__new__
 
@@ -652,6 +658,7 @@ class SliceList(Sequence[SequenceSlice]):
         if items is None:
             c = self.columns
             ids, roles, attributes, scopes = self._parts
+            turn_ends = c.turn_ends or itertools.repeat(False, len(c.rows))
             # All in C: tuple.__new__ instead of the named tuple's Python-level __new__ (a
             # third of the cost), every field given, in order (SLICE_FIELDS).
             fields = zip(
@@ -664,6 +671,7 @@ class SliceList(Sequence[SequenceSlice]):
                 c.request_ids,
                 attributes,
                 scopes,
+                turn_ends,
                 strict=True,
             )
             items = self._items = list(map(_new_slice, itertools.repeat(SequenceSlice), fields))
@@ -697,10 +705,14 @@ def _read_columns(sequences: Sequence[SequenceSlice]) -> _Columns:
         return sequences.columns  # type: ignore[attr-defined]
     if not sequences:
         return _Columns([], [], [], [], [], ())
-    ids, starts, rows, positions, _, ends, request_ids, _, scopes = zip(*sequences, strict=True)
+    ids, starts, rows, positions, _, ends, request_ids, _, scopes, turn_ends = zip(
+        *sequences, strict=True
+    )
     keys = list(map(state_key, sequences)) if any(scopes) else list(ids)
     # Lists: they are compared with the lists the previous step kept (``_Bind``).
-    return _Columns(list(starts), list(rows), list(positions), keys, list(request_ids), ends)
+    return _Columns(
+        list(starts), list(rows), list(positions), keys, list(request_ids), ends, False, turn_ends
+    )
 
 
 # --------------------------------------------------------------------------- engine
@@ -728,12 +740,15 @@ class RuleEngine:
     conversations; at the cap, eviction is fair between the clients that sent them
     (`monitor.rules.conversations`).
 
-        from monitor.rules import RuleEngine, SequenceSlice, load_rules
+        from monitor.features import load_pack
+        from monitor.rules import PackFeatures, RuleEngine, SequenceSlice, load_rules
 
-        engine = RuleEngine(load_rules(["rules/deception.yaml"]))
+        # The shipped rules write pooled(): load them with their pack (what it records).
+        known = PackFeatures.of([load_pack("monitor/packs/minilm-probes.safetensors")])
+        engine = RuleEngine(load_rules(["rules/deception.yaml"], known))
         result = engine.evaluate(
-            {"deception/lying": torch.tensor([0.1, 2.5, 3.0])},   # one value per token row
-            [SequenceSlice("conv-42", start_row=0, rows=3, position=0)],
+            {"probes/deception": torch.tensor([0.1, 2.5, 3.5])},   # one value per token row
+            [SequenceSlice("conv-42", start_row=0, rows=3, position=0, role="assistant")],
             model="llama-3-8b",
         )
         for firing in result.firings:
@@ -852,6 +867,10 @@ class RuleEngine:
         self._request_rules = np.array(
             [j for j, rule in enumerate(rules) if rule.scope == "request"], dtype=np.int64
         )
+        # Rules checked only at turn ends (``at: turn_end``); None when there are none, so a
+        # rule set without them costs a decode step nothing more.
+        at_turn_end = [j for j, rule in enumerate(rules) if rule.at == "turn_end"]
+        self._turn_end_rules = np.array(at_turn_end, dtype=np.int64) if at_turn_end else None
         self._masks = _MaskCache(rules)
         # The last FeatureBlock index found to hold every required feature (by identity).
         self._checked_index: Mapping[str, int] | None = None
@@ -1173,7 +1192,16 @@ class RuleEngine:
                 conditions, values = program.run(registers, temporal.compute)
             temporal.store()
             active = self._masks.active(wave.slices, model)
+            at_turn_end = self._turn_end_rules
+            if at_turn_end is not None:
+                # Their conditions hold only at turn-end rows (their temporal functions took
+                # in every row above); ``for`` is 1 for them (the loader checks).
+                conditions[at_turn_end] &= _turn_end_rows(wave, columns)
             fires = self._advance_runs(wave, conditions, active)
+            if at_turn_end is not None:
+                # Each turn end is checked afresh: a turn end right after another (a one-token
+                # turn) must not count as the same run and stay silent.
+                self._runs.reset_columns(wave.slots, at_turn_end)
             self._collect(wave, fires, values, result)
         # In C: most steps end no conversation.
         if any(map(_END, slices) if columns is None else columns.ends):
@@ -1261,6 +1289,24 @@ class RuleEngine:
                     continue
             self._fired.data[slots[si], ki] = position
             result.firings.append(_firing(rule, sl, ti, value))
+
+
+def _turn_end_rows(wave: _Wave, columns: _Columns | None) -> np.ndarray:
+    """[R] bool: the wave's turn-end rows, each the last row of a slice that carries
+    ``turn_end`` or ``end``; ``columns`` are the wave's slices' when the caller has them."""
+    if columns is None:
+        ends, turn_ends = list(map(_END, wave.slices)), list(map(_TURN_END, wave.slices))
+    else:
+        ends, turn_ends = columns.ends, columns.turn_ends
+    marked = np.array(ends, dtype=bool) if len(ends) else np.zeros(len(wave.slices), bool)
+    if len(turn_ends):
+        marked |= np.array(turn_ends, dtype=bool)
+    rows = np.zeros(wave.total, dtype=bool)
+    if _ANY(marked, axis=None):
+        lengths = wave.lengths[marked]
+        last = (wave.offsets[marked] + lengths - 1)[lengths > 0]
+        rows[last] = True
+    return rows
 
 
 def _running_max(x: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ A test file::
             attributes: {tenant: acme}    # optional, for exceptions
             turns:                        # optional: split the series into turns
               - {role: user, tokens: 10}
-              - {role: assistant, tokens: 24, request_id: r2}
+              - {role: assistant, tokens: 24, request_id: r2, turn_end: false}
             series:                       # per feature alias (or pack/feature name)
               deception: "0x16 3x8 0x10"
         expect:
@@ -28,6 +28,11 @@ A test file::
 Series notation: ``V`` is one token of value V, ``VxN`` is N tokens of V, and ``A+DxN`` /
 ``A-DxN`` is N tokens A, A+D, A+2D, ... (N values, unlike promtool's N+1, so that ``0x16``
 reads as "16 zeros"). Features a rule needs but a conversation does not list are 0.
+
+Turn ends: each turn's last token ends that turn (rules with ``at: turn_end`` are checked
+there), as a capture client marks a finished prompt or answer; ``turn_end: false`` on a turn
+leaves it open (an answer still streaming). A conversation without ``turns`` is one turn,
+ended unless the conversation says ``turn_end: false``; that key is also its turns' default.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class Turn:
     role: str
     tokens: int
     request_id: str
+    turn_end: bool = True  # its last token ends the turn
 
 
 @dataclass
@@ -262,12 +268,15 @@ def _occurrence(item: object, where: str) -> Occurrence:
 
 def _conversation(name: str, raw: object, where: str, rules: RuleSet) -> Conversation:
     raw = _expect_type(raw, dict, where, "a mapping with series")
-    _unknown_keys(raw, ("role", "request_id", "attributes", "turns", "series"), where)
+    _unknown_keys(raw, ("role", "request_id", "attributes", "turns", "series", "turn_end"), where)
     series = _series(raw.get("series"), where, rules)
     length = len(next(iter(series.values())))
     role = str(raw.get("role", DEFAULT_ROLE))
     request = str(raw.get("request_id", ""))
-    turns = _turns(raw.get("turns"), where, role, request) or [Turn(role, length, request)]
+    ended = _expect_type(raw.get("turn_end", True), bool, f"{where}: turn_end", "true or false")
+    turns = _turns(raw.get("turns"), where, role, request, ended) or [
+        Turn(role, length, request, ended)
+    ]
     if sum(turn.tokens for turn in turns) != length:
         raise TestFileError(
             f"{where}: turns cover {sum(t.tokens for t in turns)} tokens, the series have {length}"
@@ -296,18 +305,26 @@ def _series(raw: object, where: str, rules: RuleSet) -> dict[str, list[float]]:
     return series
 
 
-def _turns(raw: object, where: str, role: str, request: str) -> list[Turn]:
+def _turns(raw: object, where: str, role: str, request: str, ended: bool) -> list[Turn]:
     if raw is None:
         return []
     turns = []
     for item in _expect_type(raw, list, f"{where}: turns", "a list of {role, tokens}"):
         item = _expect_type(item, dict, f"{where}: turns", "a list of {role, tokens}")
-        _unknown_keys(item, ("role", "tokens", "request_id"), f"{where}: turns")
+        _unknown_keys(item, ("role", "tokens", "request_id", "turn_end"), f"{where}: turns")
         tokens = _expect_type(item.get("tokens"), int, f"{where}: turns", "{tokens: N >= 1}")
         if tokens < 1:
             raise TestFileError(f"{where}: turns: tokens must be >= 1")
+        turn_end = _expect_type(
+            item.get("turn_end", ended), bool, f"{where}: turns: turn_end", "true or false"
+        )
         turns.append(
-            Turn(str(item.get("role", role)), tokens, str(item.get("request_id", request)))
+            Turn(
+                str(item.get("role", role)),
+                tokens,
+                str(item.get("request_id", request)),
+                turn_end,
+            )
         )
     return turns
 
@@ -371,6 +388,7 @@ def run_case(case: TestCase, rules: RuleSet, model: str = "") -> CaseResult:
                     turn.role,
                     request_id=turn.request_id,
                     attributes=conv.attributes,
+                    turn_end=turn.turn_end,
                 )
             )
             position += turn.tokens

@@ -168,11 +168,18 @@ class ConversationTable:
                 f"({limits.max_conversations}), the most the sidecar tracks at once",
             )
         rows, positions, ends = columns.rows[:], columns.position[:], columns.end[:]
-        if len(rows) != count or len(positions) != count or (ends and len(ends) != count):
+        turn_ends = columns.turn_end[:]
+        if (
+            len(rows) != count
+            or len(positions) != count
+            or (ends and len(ends) != count)
+            or (turn_ends and len(turn_ends) != count)
+        ):
             for name, values, allow_empty in (
                 ("rows", rows, False),
                 ("position", positions, False),
                 ("end", ends, True),
+                ("turn_end", turn_ends, True),
             ):
                 if len(values) != count and not (allow_empty and not values):
                     raise BatchRejected(
@@ -220,7 +227,9 @@ class ConversationTable:
         # The engine reads the columns; the slices are made only if something reads them.
         # The lists read from the table (keys, request ids) are shared with the previous
         # steps': nothing changes them.
-        columns_read = SliceColumns(starts, rows, positions, keys, request_ids, ends, True)
+        columns_read = SliceColumns(
+            starts, rows, positions, keys, request_ids, ends, True, turn_ends
+        )
         slices = SliceList(columns_read, ids, roles, attributes, scopes)
         if texts:
             texts = texts[:]  # a list

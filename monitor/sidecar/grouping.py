@@ -90,6 +90,9 @@ class GroupState:
         self.rows = 0
         self.ended = False
         self.last: dict[str, tuple[SequenceSlice, bool]] = {}
+        # Conversations whose last slice ended a turn: a merged slice has one turn end, its
+        # last row, so no later step of theirs may join.
+        self.turn_ended: set[str] = set()
         self.add(first)
 
     def add(self, step: ValidatedBatch) -> None:
@@ -100,15 +103,17 @@ class GroupState:
             last[sl.conversation_id] = (sl, bool(text))
             if sl.end:
                 self.ended = True
+            if sl.turn_end:
+                self.turn_ended.add(sl.conversation_id)
 
     def fits(self, step: ValidatedBatch, max_rows: int, room: int) -> bool:
         """Whether `step` can be evaluated together with the group's steps: every
         conversation it shares with them continues at the next position with the same
         request, role, attributes and token-text presence (anything else, a gap or a new
         request, resets rule state at a boundary the merged batch would not have), none of
-        them has ended, and the group's conversations fit in `room` (what the engine can
-        track without evicting: one wave would evict in another order than the steps one at
-        a time)."""
+        them has ended or ended a turn (a merged slice has one turn end: its last row), and
+        the group's conversations fit in `room` (what the engine can track without evicting:
+        one wave would evict in another order than the steps one at a time)."""
         first = self.first
         if step.encoded or first.encoded or step.model != first.model or self.ended:
             return False
@@ -119,12 +124,15 @@ class GroupState:
         if self.rows + step.rows > max_rows:
             return False
         last = self.last
+        turn_ended = self.turn_ended
         new = 0
         for sl, text in zip(step.slices, step.tokens, strict=True):
             before = last.get(sl.conversation_id)
             if before is None:
                 new += 1
                 continue
+            if turn_ended and sl.conversation_id in turn_ended:
+                return False
             previous, had_text = before
             if (
                 sl.position != previous.position + previous.rows
@@ -184,6 +192,7 @@ def _merge_decode_steps(members: list[ValidatedBatch]) -> ValidatedBatch:
             sl.request_id,
             sl.attributes,
             sl.scope,
+            end.turn_end,
         )
         for index, (sl, end) in enumerate(zip(first.slices, last.slices, strict=True))
     ]
@@ -235,6 +244,7 @@ def _merge_any(members: list[ValidatedBatch]) -> ValidatedBatch:
                 first.request_id,
                 first.attributes,
                 first.scope,
+                pieces[-1][1].turn_end,
             )
         )
         tokens.append([t for _, _, text in pieces for t in text])

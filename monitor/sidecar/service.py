@@ -29,7 +29,7 @@ from monitor.sidecar.pipeline import (
     internal_errors,
 )
 from monitor.sidecar.security import tls_subject, token_client
-from monitor.sidecar.validate import decode_layers
+from monitor.sidecar.validate import SEQUENCE_FLAGS, decode_layers
 from monitor.wire import SERVICE_NAME, WIRE_DTYPES, pb, pb_grpc
 from monitor.wire.acks import EVENT_FORMATS, asks_for_acks, coalesce_acks
 from monitor.wire.columns import SEQUENCE_FORMATS
@@ -328,6 +328,7 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
             sequence_formats=list(SEQUENCE_FORMATS),
             conversation_slots=limits.max_conversation_slots,
             event_formats=list(EVENT_FORMATS),
+            sequence_flags=list(SEQUENCE_FLAGS),
         )
 
     async def _run(

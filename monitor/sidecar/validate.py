@@ -22,6 +22,9 @@ from monitor.wire import WIRE_DTYPES, TensorDecodeError, decode_tensor_with_byte
 if TYPE_CHECKING:
     from monitor.sidecar.columns import ConversationTable
 
+# Per-sequence flags read besides `end` (StatusResponse.sequence_flags): `turn_end` marks a
+# slice whose last row ends a turn (rules with `at: turn_end` are checked there).
+SEQUENCE_FLAGS = ("turn_end",)
 # Positions are stored as signed 64-bit integers downstream (audit store, rule state); a
 # conversation of 2**62 tokens does not exist, so anything past it is a client bug.
 MAX_POSITION = 2**62
@@ -185,6 +188,8 @@ def _validate_sequences(
             extra["scope"] = seq.attributes.get(scope_attribute, "")
         elif scope:
             extra["scope"] = scope
+        if seq.turn_end:
+            extra["turn_end"] = True
         slices.append(
             SequenceSlice(
                 conversation_id, start, rows, position, role, seq.end, request_id, **extra

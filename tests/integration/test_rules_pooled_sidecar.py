@@ -5,6 +5,7 @@ same rule file with the new pack's pooling."""
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import grpc
@@ -65,7 +66,7 @@ def _pack(path: Path, aggregation: str) -> Path:
     return path
 
 
-def _batches() -> list[pb.StepBatch]:
+def _batches(prefix: str = "c") -> list[pb.StepBatch]:
     """Three conversations, each turn one batch (as the capture client sends a prefill)."""
     g = torch.Generator().manual_seed(11)
     batches = []
@@ -76,24 +77,38 @@ def _batches() -> list[pb.StepBatch]:
             acts = torch.randn(rows, D_MODEL, generator=g) + 0.3 * (c + 1)
             batch.layers.append(pb.Layer(hook_point=HOOK, activations=encode_tensor(acts)))
             batch.sequences.append(
-                pb.Sequence(conversation_id=f"c{c}", rows=rows, position=position, role=role)
+                pb.Sequence(conversation_id=f"{prefix}{c}", rows=rows, position=position, role=role)
             )
             batches.append(batch)
             position += rows
     return batches
 
 
-def _events(sidecar: SidecarProcess) -> list[bytes]:
+def _events(sidecar: SidecarProcess, prefix: str = "c") -> list[bytes]:
     with grpc.insecure_channel(sidecar.target) as channel:
         stub = pb_grpc.SafetyMonitorStub(channel)
-        events = list(stub.Monitor(iter(_batches()), timeout=60))
+        events = list(stub.Monitor(iter(_batches(prefix)), timeout=60))
     return [event.SerializeToString(deterministic=True) for event in events]
 
 
-def _serve(workdir: Path, pack: Path, rules: str) -> SidecarProcess:
+def _alerts(events: list[bytes]) -> list[tuple[str, int, float]]:
+    """(conversation index, position, value) of each alert: comparable across id prefixes."""
+    parsed = [pb.MonitorEvent.FromString(e) for e in events]
+    return [
+        (e.alert.conversation_id[-1:], e.alert.position, e.alert.value)
+        for e in parsed
+        if e.HasField("alert")
+    ]
+
+
+def _serve(workdir: Path, pack: Path, rules: str, reload_seconds: float = 2) -> SidecarProcess:
     workdir.mkdir()
     (workdir / "rules.yaml").write_text(rules)
-    config = {"packs": [str(pack)], "rules": [str(workdir / "rules.yaml")]}
+    config = {
+        "packs": [str(pack)],
+        "rules": [str(workdir / "rules.yaml")],
+        "rules_reload_seconds": reload_seconds,
+    }
     return start_sidecar(config, workdir, cwd=Path(__file__).resolve().parents[2])
 
 
@@ -150,3 +165,26 @@ def test_a_restart_on_a_refitted_pack_serves_its_pooling(tmp_path: Path) -> None
     assert streams[0] == streams[1]
     first = [pb.MonitorEvent.FromString(e) for e in streams[0]]
     assert any(e.HasField("alert") for e in first)
+
+
+def test_a_reload_after_a_pack_change_keeps_the_running_packs_pooling(tmp_path: Path) -> None:
+    """Packs load at start. A pack file rewritten with another aggregation is logged as
+    changed; a rule reload (here SIGHUP) expands pooled() from the pack being served, so the
+    alerts stay those of the running probe and its pooling, not a mix of old weights and new
+    pooling."""
+    pack = _pack(tmp_path / "probes.safetensors", "max_rolling_mean:6,for:3,roles")
+    sidecar = _serve(tmp_path / "s", pack, POOLED, reload_seconds=0)
+    try:
+        before = _alerts(_events(sidecar, "a"))
+        assert before
+        _pack(pack, "max_rolling_mean:3")  # a refit on disk: another pooling
+        sidecar.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while not any(e.get("event") == "rules reloaded" for e in sidecar.log_events()):
+            assert time.monotonic() < deadline, "SIGHUP did not reload the rules"
+            time.sleep(0.1)
+        (warning,) = [e for e in sidecar.log_events() if "pack file changed" in e["event"]]
+        assert warning["pack"] == str(pack)
+        assert _alerts(_events(sidecar, "b")) == before
+    finally:
+        _stop(sidecar)

@@ -35,12 +35,16 @@ Token = tuple[float, float]  # values of features a and b
 
 def feed(
     engine: RuleEngine,
-    batch: Sequence[tuple[str, int, list[Token], str, bool]],
+    batch: Sequence[tuple],
 ) -> list[tuple[str, str, int, float]]:
-    """One batch of (conversation, first position, tokens, role, end) slices."""
+    """One batch of (conversation, first position, tokens, role, end[, turn_end]) slices."""
     slices, a, b = [], [], []
-    for conversation, position, tokens, role, end in batch:
-        slices.append(SequenceSlice(conversation, len(a), len(tokens), position, role, end))
+    for conversation, position, tokens, role, end, *turn_end in batch:
+        slices.append(
+            SequenceSlice(
+                conversation, len(a), len(tokens), position, role, end, turn_end=any(turn_end)
+            )
+        )
         a.extend(t[0] for t in tokens)
         b.extend(t[1] for t in tokens)
     features = {"p/a": torch.tensor(a, dtype=torch.float32), "p/b": torch.tensor(b)}
@@ -322,6 +326,13 @@ CHUNK_RULES = ruleset(
         "rule: r9, severity: info, condition: 'ewma(b, 2) > 0.3 or delta(a, 2) > 0.5 or "
         "cummax(b) > 1.5 or count_over(a > 0.5, 3) >= 2 or rolling_min(a, 2) > 0.6 or "
         "rolling_sum(b, 3) > 1', window_roles: [assistant], roles: [assistant]",
+        # Checked at turn ends only: their windows still take in every token (of their
+        # window roles), with cooldowns, roles, and a window shared with token rules (span).
+        "rule: t1, severity: info, condition: 'span > 0.25', at: turn_end",
+        "rule: t2, severity: info, condition: 'rolling_mean(a, 4) > 0.2', at: turn_end, "
+        "window_roles: [user], roles: [user], cooldown: 3",
+        "rule: t3, severity: info, condition: 'b > 0 or rolling_max(a, 3) > 1', at: turn_end, "
+        "for: 1",
         extra="macros: {span: 'rolling_mean(a, 3)'}\n",
     )
 )
@@ -330,16 +341,25 @@ _VALUE = st.one_of(
     st.sampled_from([-1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 2.0]),
     st.floats(-2, 2, width=32, allow_subnormal=False),
 )
+# (a, b, role, turn_end): a token that ends a turn ends its slice in every schedule.
 _CONVERSATION = st.lists(
-    st.tuples(_VALUE, _VALUE, st.sampled_from(["assistant", "user"])), min_size=1, max_size=24
+    st.tuples(
+        _VALUE,
+        _VALUE,
+        st.sampled_from(["assistant", "user"]),
+        st.sampled_from([False] * 3 + [True]),
+    ),
+    min_size=1,
+    max_size=24,
 )
 
 
 def _split(tokens: list, cuts: set[int]) -> list[tuple[int, list]]:
-    """Chunks (start, tokens) cut at `cuts` and wherever the role changes."""
+    """Chunks (start, tokens) cut at `cuts`, after each turn end and wherever the role
+    changes."""
     chunks, start = [], 0
     for i in range(1, len(tokens) + 1):
-        if i == len(tokens) or i in cuts or tokens[i][2] != tokens[i - 1][2]:
+        if i == len(tokens) or i in cuts or tokens[i][2] != tokens[i - 1][2] or tokens[i - 1][3]:
             chunks.append((start, tokens[start:i]))
             start = i
     return chunks
@@ -353,9 +373,10 @@ def _run(conversations: dict[str, list], schedule: list[list[tuple[str, int, lis
             (
                 c,
                 start,
-                [(a, b) for a, b, _ in chunk],
+                [(a, b) for a, b, _, _ in chunk],
                 chunk[0][2],
                 start + len(chunk) == len(conversations[c]),
+                chunk[-1][3],
             )
             for c, start, chunk in batch
         ]

@@ -23,9 +23,10 @@ CONVERSATIONS = 8
 
 def _stream(seed: int, steps: int = 60) -> list[pb.StepBatch]:
     """Prefills and decode steps over more conversations than the table's slots in some
-    runs; new requests, role and attribute changes, ends, gaps, token text on all or none,
-    and now and then a bad batch."""
+    runs; new requests, role and attribute changes, ends, turn ends, gaps, token text on all
+    or none, and now and then a bad batch."""
     rng = random.Random(seed)
+    turns = random.Random(seed + 1)  # turn ends drawn apart: the rest is as before them
     generator = torch.Generator().manual_seed(seed)
     ids = [f"conv-{i}" for i in range(CONVERSATIONS)]
     position = dict.fromkeys(ids, 0)
@@ -55,6 +56,7 @@ def _stream(seed: int, steps: int = 60) -> list[pb.StepBatch]:
                     end=end,
                     tokens=[f"t{position[cid] + i}" for i in range(n)] if with_text else [],
                     attributes={"tenant": tenant[cid]} if tenant[cid] else {},
+                    turn_end=turns.random() < 0.2,
                 )
             )
             position[cid] = 0 if end else position[cid] + n
@@ -77,6 +79,19 @@ def _copy(batch: pb.StepBatch) -> pb.StepBatch:
     return copy
 
 
+def _as_columns(encoder: ColumnarEncoder, batch: pb.StepBatch) -> pb.StepBatch:
+    """The encoder's columnar batch, with `columns.turn_end` set from the sequences (empty
+    when none ends a turn): the sidecar's half is under test here, whatever the encoder
+    carries."""
+    turn_ends = [sequence.turn_end for sequence in batch.sequences]
+    sent = encoder.encode(_copy(batch))
+    if sent.HasField("columns"):
+        del sent.columns.turn_end[:]
+        if any(turn_ends):
+            sent.columns.turn_end.extend(turn_ends)
+    return sent
+
+
 @settings(
     max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -86,7 +101,7 @@ def test_columns_give_exactly_the_events_of_sequence_messages(make_pipeline, see
     plain = make_pipeline()
     columnar = make_pipeline()
     encoder = ColumnarEncoder(slots)
-    sent = [encoder.encode(_copy(batch)) for batch in batches]
+    sent = [_as_columns(encoder, batch) for batch in batches]
     table = ConversationTable(slots)
     rng = random.Random(seed)
     expected, got, start = [], [], 0
@@ -110,16 +125,20 @@ def test_columns_give_exactly_the_events_of_sequence_messages(make_pipeline, see
         assert any(len(ids) > 1 for ids in holders.values())
     kinds = [pb.MonitorEvent.FromString(e).WhichOneof("event") for e in _events(expected)]
     assert kinds.count("alert") > 10
+    assert any(batch.columns.turn_end for batch in as_columns)
+    alerts = [pb.MonitorEvent.FromString(e).alert.rule for e in _events(expected)]
+    assert "turn" in alerts  # a rule checked at turn ends fired
     assert plain.engine.tracked_conversations == columnar.engine.tracked_conversations
 
 
-def _columnar(define=(), slot=(0,), rows=(1,), position=(0,), end=(), tokens=()):
+def _columnar(define=(), slot=(0,), rows=(1,), position=(0,), end=(), tokens=(), turn_end=()):
     batch = pb.StepBatch(seq_no=7, model="m")
     batch.columns.define.extend(pb.ConversationSlot(**d) for d in define)
     batch.columns.slot.extend(slot)
     batch.columns.rows.extend(rows)
     batch.columns.position.extend(position)
     batch.columns.end.extend(end)
+    batch.columns.turn_end.extend(turn_end)
     batch.columns.tokens.extend(tokens)
     total = sum(rows)
     batch.layers.append(
@@ -162,6 +181,12 @@ B = {"slot": 1, "conversation_id": "b"}
         (_columnar([A], rows=(1, 1)), "bad_columns", "columns.rows"),
         (_columnar([A], position=()), "bad_columns", "columns.position"),
         (_columnar([A], end=(True, False)), "bad_columns", "columns.end"),
+        (_columnar([A], turn_end=(True, False)), "bad_columns", "columns.turn_end"),
+        (
+            _columnar([A, B], slot=(0, 1), rows=(1, 1), position=(0, 0), turn_end=(True,)),
+            "bad_columns",
+            "columns.turn_end",
+        ),
         (_columnar([A], rows=(2,), tokens=("x",)), "bad_tokens", "columns.tokens"),
         (
             _columnar([A, B], slot=(0, 1), rows=(1, 2), position=(0, MAX_POSITION - 1)),

@@ -42,6 +42,8 @@ def make_pipeline(tmp_path_factory):
         f"  - {{rule: peak, severity: critical, condition: 'cummax(rolling_max(a, 3)) > "
         f"{2 * median[0]}', scope: request}}\n"
         f"  - {{rule: rise, severity: info, condition: 'delta(b, 2) > {median[1]}'}}\n"
+        f"  - {{rule: turn, severity: info, condition: 'rolling_mean(c, 4) > {median[2]}',"
+        " at: turn_end}\n"
     )
     ruleset = load_ruleset([rules], [pack])
 
@@ -53,9 +55,11 @@ def make_pipeline(tmp_path_factory):
 
 
 def _stream(seed: int, steps: int = 120) -> list[pb.StepBatch]:
-    """Prefills, decode steps, chunks, gaps, new requests, ends, role changes, token text,
-    and a bad batch now and then, over a few conversations."""
+    """Prefills, decode steps, chunks, gaps, new requests, ends, turn ends, role changes,
+    token text, and a bad batch now and then, over a few conversations."""
     rng = random.Random(seed)
+    # Turn ends drawn apart, so the streams are the same as before turn ends existed.
+    turns = random.Random(1000 + seed)
     generator = torch.Generator().manual_seed(seed)
     position = {f"c{i}": 0 for i in range(5)}
     request = dict.fromkeys(position, "r0")
@@ -80,6 +84,7 @@ def _stream(seed: int, steps: int = 120) -> list[pb.StepBatch]:
                     request_id=request[cid],
                     end=end,
                     tokens=texts,
+                    turn_end=turns.random() < 0.2,
                 )
             )
             position[cid] = 0 if end else position[cid] + n
@@ -112,6 +117,8 @@ def test_grouped_steps_give_exactly_the_events_of_one_at_a_time(make_pipeline, s
     # The comparison means something: rules fired, batches were rejected, steps grouped.
     kinds = [pb.MonitorEvent.FromString(e).WhichOneof("event") for e in expected]
     assert kinds.count("alert") > 20 and "error" in kinds
+    rules = [pb.MonitorEvent.FromString(e).alert.rule for e in expected]
+    assert rules.count("turn") > 3  # turn ends were checked, grouped or not
     assert grouped.metrics.batches_grouped._value.get() > 20
     assert grouped.engine.tracked_conversations == alone.engine.tracked_conversations
 
