@@ -175,7 +175,9 @@ def _stream(
         client.attach(model, layers)
 
         def around(ids: list[str], roles: list[str]) -> contextlib.AbstractContextManager[Any]:
-            return client.conversation(ids, role=roles)
+            # Each replayed turn is one forward pass: its last row ends the turn (where a
+            # rule with `at: turn_end` reads the turn's mean, as the pooled score does).
+            return client.conversation(ids, role=roles, turn_end=True)
 
         tokens = replay(model, tokenizer, renamed, layers, around=around, progress=progress)
         if not client.flush(timeout):

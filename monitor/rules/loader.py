@@ -15,6 +15,7 @@ from pathlib import Path
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from monitor.escape import escape_text
 from monitor.rules.builder import RULE_KEYS, RuleBuilder, check_template, gather_specs
 from monitor.rules.errors import RuleIssue, RuleLoadError, SourceLocation
 from monitor.rules.expressions import (
@@ -132,10 +133,16 @@ def _collect_thresholds(
         if not _define(doc, names, key, key_node, issues):
             continue
         pooled: dict[str, str] = {}
+        number: float | None = None
+        feature = ""
         if isinstance(value, MappingNode):  # {value: N, pooled: {feature: aggregation}}
-            value, pooled = _calibrated_entry(doc, key, value, issues)
+            entry, pooled = _calibrated_entry(doc, key, value, issues)
+            if entry is not None:
+                value = entry
+                number, feature = _threshold_value(doc, key, value, known, issues)
+        else:
+            number, feature = _threshold_value(doc, key, value, known, issues)
         loc = location(doc.path, value)
-        number, feature = _threshold_value(doc, key, value, known, issues)
         if number is None:
             # Reported already; a placeholder keeps conditions using the name from failing
             # a second time as an unknown name.
@@ -152,7 +159,7 @@ def _collect_thresholds(
 
 def _calibrated_entry(
     doc: Document, key: str, node: MappingNode, issues: Issues
-) -> tuple[Node, dict[str, str]]:
+) -> tuple[Node | None, dict[str, str]]:
     """``{value: N, pooled: {'<pack>/<feature>': aggregation}}``, what `rules calibrate`
     writes for a threshold whose rules use pooled(): the number and the poolings it was
     calibrated under. Returns the value node (checked as a plain entry) and the poolings."""
@@ -163,7 +170,7 @@ def _calibrated_entry(
             issues.at(doc.path, key_node, f"threshold {key!r}: unknown key {name!r}{hint}")
     if "value" not in fields:
         issues.at(doc.path, node, f"threshold {key!r} must have a 'value'")
-        return ScalarNode("tag:yaml.org,2002:null", "", node.start_mark, node.end_mark), {}
+        return None, {}
     pooled: dict[str, str] = {}
     raw = fields.get("pooled", (None, None))[1]
     if raw is not None and not isinstance(raw, MappingNode):
@@ -398,14 +405,17 @@ def _recalibrate_notes(ruleset: RuleSet) -> list[str]:
             continue
         for name in _names_in(rule.condition.source, ruleset.macros):
             threshold = ruleset.thresholds.get(name)
-            if threshold is None or not threshold.pooled:
+            # A pack feature's own threshold travels with the refit: nothing to redo.
+            if threshold is None or not threshold.pooled or threshold.feature:
                 continue
             for feature, aggregation in sorted(pooled.items()):
                 was = threshold.pooled.get(feature)
                 if was != aggregation:
+                    # `was` is rule-file text: escaped, a note must not drive a terminal.
+                    shown = escape_text(repr(was)) if was is not None else "something else"
                     notes.append(
                         f"{threshold.source}: threshold {name!r} was calibrated with {feature} "
-                        f"pooled as {was or 'something else'}, and rule {rule.name!r} now pools "
+                        f"pooled as {shown}, and rule {rule.name!r} now pools "
                         f"it as {aggregation} (a refitted pack): the number was set for another "
                         "score; re-run rules calibrate"
                     )

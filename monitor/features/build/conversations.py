@@ -73,7 +73,8 @@ class ConversationTokens:
 
 
 # A hook for the caller around each batched forward pass: (conversation ids, roles) -> context.
-# ``safety-monitor eval`` wraps the pass in the capture client's ``conversation`` block.
+# Each pass is one whole turn of every conversation in it: ``safety-monitor eval`` wraps it in
+# the capture client's ``conversation`` block with ``turn_end=True`` (its last row ends the turn).
 Around = Callable[[list[str], list[str]], contextlib.AbstractContextManager[Any]]
 
 
