@@ -11,6 +11,7 @@ and nobody copies numbers by hand.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from yaml.nodes import MappingNode, ScalarNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from monitor.evaluation.engine_replay import EngineReplay
 from monitor.rules import RuleSet, load_rules
@@ -40,6 +41,9 @@ class ThresholdResult:
     fpr: float  # measured on the benign conversations at ``new``
     fired: int  # benign conversations any of its rules fired in, at ``new``
     note: str = ""
+    # '<pack>/<feature>' -> aggregation of its rules' pooled() features: written with the
+    # number, so a later load notices a refit that pools them otherwise.
+    pooled: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,9 +121,18 @@ def calibrate(
 
         new, fired, note = _search(rate, threshold.value, math.floor(fpr * n))
         values[name] = new
+        pooled = {f: a for rule in rules for f, a in base.pooled.get(rule, {}).items()}
         report.thresholds.append(
             ThresholdResult(
-                name, threshold.source.path, rules, threshold.value, new, fired / n, fired, note
+                name,
+                threshold.source.path,
+                rules,
+                threshold.value,
+                new,
+                fired / n,
+                fired,
+                note,
+                pooled,
             )
         )
     return report
@@ -189,18 +202,25 @@ def _round_towards(good: float, bad: float) -> float:
 
 
 def write_thresholds(results: Sequence[ThresholdResult]) -> list[str]:
-    """Write each new value in place of the old scalar in its file; returns the files."""
+    """Write each new value in place of the old one in its file (with the poolings of its
+    rules' pooled() features, when they have any); returns the files."""
     by_file: dict[str, dict[str, float]] = {}
+    pooled: dict[str, dict[str, dict[str, str]]] = {}
     for result in results:
         by_file.setdefault(result.path, {})[result.name] = result.new
+        pooled.setdefault(result.path, {})[result.name] = result.pooled
     for path, values in by_file.items():
         text = Path(path).read_text(encoding="utf-8")
-        Path(path).write_text(replace_thresholds(text, values), encoding="utf-8")
+        Path(path).write_text(replace_thresholds(text, values, pooled[path]), encoding="utf-8")
     return sorted(by_file)
 
 
-def replace_thresholds(text: str, values: dict[str, float]) -> str:
-    """``text`` with the ``thresholds:`` entries named in ``values`` set to those numbers."""
+def replace_thresholds(
+    text: str, values: dict[str, float], pooled: dict[str, dict[str, str]] | None = None
+) -> str:
+    """``text`` with the ``thresholds:`` entries named in ``values`` set to those numbers; an
+    entry with poolings in ``pooled`` becomes ``{value: N, pooled: {feature: aggregation}}``
+    (what the number was calibrated under), one without a plain number."""
     root = yaml.compose(text, Loader=yaml.SafeLoader)
     if not isinstance(root, MappingNode):
         raise ValueError("not a rules file (top level is not a mapping)")
@@ -211,14 +231,33 @@ def replace_thresholds(text: str, values: dict[str, float]) -> str:
         raise ValueError("no thresholds: section")
     spans = []
     for key, value in section.value:
-        if isinstance(key, ScalarNode) and key.value in values and isinstance(value, ScalarNode):
-            spans.append((value.start_mark.index, value.end_mark.index, values[key.value]))
+        if isinstance(key, ScalarNode) and key.value in values:
+            entry = _entry(values[key.value], (pooled or {}).get(key.value) or {})
+            spans.append((value.start_mark.index, _end(value), entry))
     missing = set(values) - {k.value for k, _ in section.value if isinstance(k, ScalarNode)}
     if missing:
         raise ValueError(f"no threshold {sorted(missing)[0]!r} in the thresholds: section")
-    for start, end, number in sorted(spans, reverse=True):
-        text = text[:start] + _number(number) + text[end:]
+    for start, end, entry in sorted(spans, reverse=True):
+        text = text[:start] + entry + text[end:]
     return text
+
+
+def _end(node: Node) -> int:
+    """Where a value's text ends. A block mapping or list ends (its end mark) where the next
+    key starts, after the newline, comments and indentation that must stay: it ends with its
+    last nested value instead."""
+    while isinstance(node, MappingNode | SequenceNode) and not node.flow_style and node.value:
+        last = node.value[-1]
+        node = last[1] if isinstance(last, tuple) else last
+    return node.end_mark.index
+
+
+def _entry(value: float, pooled: dict[str, str]) -> str:
+    if not pooled:
+        return _number(value)
+    # JSON strings are YAML double-quoted scalars: a name from a pack stays one scalar.
+    poolings = ", ".join(f"{json.dumps(f)}: {json.dumps(a)}" for f, a in sorted(pooled.items()))
+    return f"{{value: {_number(value)}, pooled: {{{poolings}}}}}"
 
 
 def _number(value: float) -> str:

@@ -121,7 +121,8 @@ def pooling_notes(ruleset: RuleSet, packs: Sequence[FeaturePack]) -> list[str]:
     serve the score the probe was trained through and `eval` measured per feature. A rule that
     pools with ``pooled(<alias>)`` follows the pack by construction (its window, ``for``,
     ``window_roles`` and ``at`` come from it at load): it is noted only when its ``roles:``
-    name other roles than the labeled ones."""
+    name other roles than the labeled ones, or (the load's ``RuleSet.notes``) when a
+    threshold it uses was calibrated for another pooling."""
     fitted: dict[str, tuple[FeatureInfo, Pooling]] = {}
     for pack in packs:
         for info in pack.features():
@@ -130,7 +131,7 @@ def pooling_notes(ruleset: RuleSet, packs: Sequence[FeaturePack]) -> list[str]:
             except AggregationError:  # none recorded, or `mean`: no rule reproduces it
                 continue
             fitted[f"{pack.name}/{info.name}"] = (info, pooling)
-    notes = []
+    notes = list(ruleset.notes)  # thresholds calibrated for another pooling than now
     for rule in ruleset.enabled_rules:
         program = rule.condition.program
         pooled = ruleset.pooled.get(rule.name, {})

@@ -740,12 +740,15 @@ class RuleEngine:
     conversations; at the cap, eviction is fair between the clients that sent them
     (`monitor.rules.conversations`).
 
-        from monitor.rules import RuleEngine, SequenceSlice, load_rules
+        from monitor.features import load_pack
+        from monitor.rules import PackFeatures, RuleEngine, SequenceSlice, load_rules
 
-        engine = RuleEngine(load_rules(["rules/deception.yaml"]))
+        # The shipped rules write pooled(): load them with their pack (what it records).
+        known = PackFeatures.of([load_pack("monitor/packs/minilm-probes.safetensors")])
+        engine = RuleEngine(load_rules(["rules/deception.yaml"], known))
         result = engine.evaluate(
-            {"deception/lying": torch.tensor([0.1, 2.5, 3.0])},   # one value per token row
-            [SequenceSlice("conv-42", start_row=0, rows=3, position=0)],
+            {"probes/deception": torch.tensor([0.1, 2.5, 3.5])},   # one value per token row
+            [SequenceSlice("conv-42", start_row=0, rows=3, position=0, role="assistant")],
             model="llama-3-8b",
         )
         for firing in result.firings:

@@ -13,8 +13,9 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from yaml.nodes import Node, ScalarNode, SequenceNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from monitor.escape import escape_text
 from monitor.rules.builder import RULE_KEYS, RuleBuilder, check_template, gather_specs
 from monitor.rules.errors import RuleIssue, RuleLoadError, SourceLocation
 from monitor.rules.expressions import (
@@ -131,8 +132,17 @@ def _collect_thresholds(
     for key, key_node, value in pairs(doc.path, node, issues):
         if not _define(doc, names, key, key_node, issues):
             continue
+        pooled: dict[str, str] = {}
+        number: float | None = None
+        feature = ""
+        if isinstance(value, MappingNode):  # {value: N, pooled: {feature: aggregation}}
+            entry, pooled = _calibrated_entry(doc, key, value, issues)
+            if entry is not None:
+                value = entry
+                number, feature = _threshold_value(doc, key, value, known, issues)
+        else:
+            number, feature = _threshold_value(doc, key, value, known, issues)
         loc = location(doc.path, value)
-        number, feature = _threshold_value(doc, key, value, known, issues)
         if number is None:
             # Reported already; a placeholder keeps conditions using the name from failing
             # a second time as an unknown name.
@@ -140,9 +150,37 @@ def _collect_thresholds(
             continue
         if key in overrides:
             number = float(overrides[key])
-        names.thresholds[key] = Threshold(key, number, feature, location(doc.path, key_node))
+        names.thresholds[key] = Threshold(
+            key, number, feature, location(doc.path, key_node), pooled
+        )
         names.macros[key] = MacroDef(key, Number(number, loc), loc)
         names.macro_text[key] = repr(number)
+
+
+def _calibrated_entry(
+    doc: Document, key: str, node: MappingNode, issues: Issues
+) -> tuple[Node | None, dict[str, str]]:
+    """``{value: N, pooled: {'<pack>/<feature>': aggregation}}``, what `rules calibrate`
+    writes for a threshold whose rules use pooled(): the number and the poolings it was
+    calibrated under. Returns the value node (checked as a plain entry) and the poolings."""
+    fields = {name: (key_node, value) for name, key_node, value in pairs(doc.path, node, issues)}
+    for name, (key_node, _) in fields.items():
+        if name not in ("value", "pooled"):
+            hint = did_you_mean(name, ("value", "pooled"))
+            issues.at(doc.path, key_node, f"threshold {key!r}: unknown key {name!r}{hint}")
+    if "value" not in fields:
+        issues.at(doc.path, node, f"threshold {key!r} must have a 'value'")
+        return None, {}
+    pooled: dict[str, str] = {}
+    raw = fields.get("pooled", (None, None))[1]
+    if raw is not None and not isinstance(raw, MappingNode):
+        issues.at(doc.path, raw, f"threshold {key!r}: 'pooled' must map features to poolings")
+    elif raw is not None:
+        for feature, _, text in pairs(doc.path, raw, issues):
+            aggregation = string_value(doc, text, f"threshold {key!r} pooling", issues)
+            if aggregation is not None:
+                pooled[feature] = aggregation
+    return fields["value"][1], pooled
 
 
 def _threshold_value(
@@ -352,7 +390,49 @@ def load_rules(
         names.thresholds,
     )
     ruleset.pooled = {rule.name: uses for rule, uses in rules if uses}
+    ruleset.notes = _recalibrate_notes(ruleset)
     return ruleset
+
+
+def _recalibrate_notes(ruleset: RuleSet) -> list[str]:
+    """A note per threshold whose recorded pooling (`rules calibrate` writes it) differs from
+    what a rule using it now pools with pooled(): the pack was refitted with another
+    aggregation, and the number was set for another score."""
+    notes = []
+    for rule in ruleset.rules:
+        pooled = ruleset.pooled.get(rule.name, {})
+        if not pooled:
+            continue
+        for name in _names_in(rule.condition.source, ruleset.macros):
+            threshold = ruleset.thresholds.get(name)
+            # A pack feature's own threshold travels with the refit: nothing to redo.
+            if threshold is None or not threshold.pooled or threshold.feature:
+                continue
+            for feature, aggregation in sorted(pooled.items()):
+                was = threshold.pooled.get(feature)
+                if was != aggregation:
+                    # `was` is rule-file text: escaped, a note must not drive a terminal.
+                    shown = escape_text(repr(was)) if was is not None else "something else"
+                    notes.append(
+                        f"{threshold.source}: threshold {name!r} was calibrated with {feature} "
+                        f"pooled as {shown}, and rule {rule.name!r} now pools "
+                        f"it as {aggregation} (a refitted pack): the number was set for another "
+                        "score; re-run rules calibrate"
+                    )
+    return list(dict.fromkeys(notes))
+
+
+def _names_in(text: str, macros: Mapping[str, str]) -> set[str]:
+    """Every identifier of `text`, through the macros it names (each expanded once)."""
+    found: set[str] = set()
+    pending = [text]
+    while pending:
+        for name in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", pending.pop()):
+            if name not in found:
+                found.add(name)
+                if name in macros:
+                    pending.append(macros[name])
+    return found
 
 
 def _build_rules(

@@ -98,6 +98,9 @@ class Threshold:
     value: float
     feature: str = ""  # '<pack>/<feature>' when the value comes from a pack
     source: SourceLocation = field(default_factory=lambda: SourceLocation("<memory>", 1, 1))
+    # '<pack>/<feature>' -> aggregation: how the pooled() features of the rules using it were
+    # pooled when `rules calibrate` set the number (`{value: N, pooled: {...}}` in the file).
+    pooled: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -115,6 +118,10 @@ class RuleSet:
     # rule name -> {'<pack>/<feature>': aggregation} for each feature a rule pools with
     # `pooled()`: the rule's window, `for`, `window_roles` and `at` are the pack's.
     pooled: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Located warnings of a load that succeeded: a threshold calibrated for another pooling
+    # than its rules' pooled() now expands to (a refitted pack). eval, rules calibrate and
+    # rules check print them, the sidecar logs them.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def required_features(self) -> set[str]:

@@ -21,12 +21,14 @@ parsers agree.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from monitor.escape import escape_text
 
+_DIGITS = re.compile(r"[0-9]{1,5}")
 MAX_POOLED_WINDOW = 4096  # the rules' own MAX_WINDOW
 MAX_POOLED_GUARD = 64  # scoring.MAX_FOR
 
@@ -99,18 +101,14 @@ def parse_pooling(aggregation: str, labeled_roles: Sequence[str] = ()) -> Poolin
             "'mean' pools a finished text, which no rule reproduces: fit the probe with a "
             "max_rolling_mean aggregation (pack fit does) or pool it by hand"
         )
-    elif (
-        kind == "max_rolling_mean"
-        and window_text.isdigit()
-        and 1 <= int(window_text) <= MAX_POOLED_WINDOW
-    ):
+    elif kind == "max_rolling_mean" and _count(window_text, MAX_POOLED_WINDOW):
         window = int(window_text)
     else:
         raise AggregationError(f"{aggregation!r} is not max_rolling_mean:W[,for:K][,roles]...")
     guard, masked, turn_end = 1, False, False
     for option in options:
         name, _, value = option.partition(":")
-        if name == "for" and value.isdigit() and 1 <= int(value) <= MAX_POOLED_GUARD and guard == 1:
+        if name == "for" and _count(value, MAX_POOLED_GUARD) and guard == 1:
             guard = int(value)
         elif option == "roles" and not masked:
             masked = True
@@ -124,6 +122,12 @@ def parse_pooling(aggregation: str, labeled_roles: Sequence[str] = ()) -> Poolin
     if turn_end and guard > 1:
         raise AggregationError(f"{aggregation!r}: for:K cannot go with turn_end")
     return Pooling(aggregation, window, guard, masked, turn_end, tuple(sorted(labeled_roles)))
+
+
+def _count(text: str, most: int) -> bool:
+    """Whether `text` is a count in 1..`most` in ASCII digits: a pack's text comes from
+    elsewhere, and ``str.isdigit`` also takes '²' (which int() refuses) and '٣'."""
+    return _DIGITS.fullmatch(text) is not None and 1 <= int(text) <= most
 
 
 def pack_aggregations(packs: Iterable[Any]) -> dict[str, FeatureAggregation]:

@@ -64,9 +64,12 @@ def load_ruleset(paths: Sequence[Path], packs: Sequence[FeaturePack]) -> RuleSet
     """Load the rule files against the packs' feature names; StartupError (one line) on any
     problem."""
     try:
-        return load_rules(paths, known_features=qualified_feature_names(packs))
+        ruleset = load_rules(paths, known_features=qualified_feature_names(packs))
     except RuleLoadError as exc:
         raise StartupError(str(exc).replace("\n", "; ")) from exc
+    for note in ruleset.notes:  # e.g. a threshold calibrated for another pooling
+        log.warning("rule note", note=note)
+    return ruleset
 
 
 def release_replaced(replaced: weakref.ref[Any]) -> bool:
@@ -102,6 +105,32 @@ def settle_heap() -> None:
     gc.freeze()
     gen0, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(max(GEN0_THRESHOLD, gen0), gen1, gen2)
+
+
+class PackFiles:
+    """The pack files a sidecar started with, and whether one changed on disk since (size or
+    modification time: a stat per poll, never a read of a large file)."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.seen = {Path(path): _file_stamp(Path(path)) for path in paths}
+
+    def changed(self) -> list[Path]:
+        """The pack files that changed since the last call (or start): each change once."""
+        changed = []
+        for path, stamp in self.seen.items():
+            now = _file_stamp(path)
+            if now != stamp:
+                self.seen[path] = now
+                changed.append(path)
+        return changed
+
+
+def _file_stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
 
 
 @dataclass
@@ -145,6 +174,7 @@ class Sidecar:
         except ValueError as exc:
             raise StartupError(str(exc)) from exc
         self._background: list[asyncio.Task[None]] = []
+        self.pack_files = PackFiles(config.packs)
         self.executor = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="pipeline",
@@ -238,6 +268,14 @@ class Sidecar:
         """Re-read the rule files (if changed, or when forced) and swap the new set in on the
         pipeline thread, between batches. A broken file keeps the running set. Returns None
         when nothing changed, else whether the new set loaded."""
+        for path in self.pack_files.changed():
+            # Packs load once: the rules keep expanding pooled() from the running pack, so
+            # probe weights and pooling stay one fit (never new pooling over old weights).
+            log.warning(
+                "pack file changed on disk; serving the pack loaded at start (pooled() rules "
+                "keep its pooling): restart the sidecar to serve the new one",
+                pack=str(path),
+            )
         if self.service is not None:  # through the worker: no batch runs inline meanwhile
             return await self.service.worker.run(self._reload_on_pipeline, force)
         loop = asyncio.get_running_loop()
@@ -253,6 +291,8 @@ class Sidecar:
             release_replaced(replaced)
             self.metrics.rule_reloads.labels(result="ok").inc()
             log.info("rules reloaded", rules=len(result.ruleset.rules))
+            for note in result.ruleset.notes:
+                log.warning("rule note", note=note)
             return True
         self.metrics.rule_reloads.labels(result="error").inc()
         log.error("rule reload failed; keeping the running rules", error=result.error)

@@ -397,12 +397,16 @@ def test_a_slice_spanning_the_prompt_end_becomes_two_sequences():
     assert splitter.state("r")[1] == 13
 
 
-def test_a_straddle_is_one_slice_when_both_roles_are_the_same():
+def test_a_straddle_is_split_at_the_prompts_turn_end_even_when_both_roles_are_the_same():
+    # One slice could carry both roles' rows, but the prompt's turn ends at its last token,
+    # mid-slice: a turn end marks only a slice's last row, so the slice is split there.
     splitter = BatchSplitter()
     same = {"sm_prompt_role": "guarded", "sm_role": "guarded"}
     splitter.track("r", tag_request("r", same), prompt_tokens=4)
-    assert roles_of(splitter.split(["r"], [6], [0])) == [("r", "guarded", 0, 6, 0)]
-    assert splitter.straddles == 0
+    slices = splitter.split(["r"], [6], [0])
+    assert roles_of(slices) == [("r", "guarded", 0, 4, 0), ("r", "guarded", 4, 6, 4)]
+    assert [s.turn_end for s in slices] == [True, False]
+    assert splitter.straddles == 1
 
 
 def test_recomputed_rows_across_the_prompt_end_are_skipped_not_split():
@@ -593,3 +597,62 @@ def test_requests_that_ended_unseen_are_finished_when_the_capture_comes_back():
     ends = [s for s in capture.client.steps if s.tagging.end]
     assert [(s.tagging.conversation_ids, s.positions) for s in ends] == [(("a",), [2])]
     assert capture.finish_missing({"c": object()}) == 0
+
+
+def test_only_the_chunk_holding_the_prompts_last_token_ends_its_turn():
+    splitter = BatchSplitter()
+    splitter.track("r", tag_request("r", None), prompt_tokens=10)
+    splitter.track("s", tag_request("s", None), prompt_tokens=3)
+    # r's prompt in three chunks (4, 4, 2 tokens) next to s's whole prompt, then decodes.
+    steps = [
+        splitter.split(["r", "s"], [4, 3], [0, 0]),
+        splitter.split(["r", "s"], [4, 1], [4, 3]),
+        splitter.split(["r", "s"], [2, 1], [8, 4]),
+        splitter.split(["r", "s"], [1, 1], [10, 5]),
+    ]
+    marks = [[(s.request, s.turn_end) for s in step] for step in steps]
+    assert marks == [
+        [("r", False), ("s", True)],
+        [("r", False), ("s", False)],
+        [("r", True), ("s", False)],
+        [("r", False), ("s", False)],
+    ]
+    # A prompt cached up to its last token: the one computed token ends the prompt's turn.
+    splitter.track("c", tag_request("c", None), prompt_tokens=40)
+    (cached,) = splitter.split(["c"], [1], [39])
+    assert (cached.position, cached.turn_end) == (39, True)
+
+
+def test_recomputed_prompt_rows_do_not_mark_the_turn_end_again():
+    splitter = BatchSplitter()
+    splitter.track("r", tag_request("r", None), prompt_tokens=4)
+    assert [s.turn_end for s in splitter.split(["r"], [4], [0])] == [True]
+    splitter.split(["r"], [1], [4])
+    # Preempted: the prompt and the first output are recomputed with the next token.
+    (again,) = splitter.split(["r"], [6], [0])
+    assert (again.position, again.rows, again.turn_end) == (5, 1, False)
+
+
+def test_a_grown_streaming_prompt_ends_its_turn_at_its_new_end():
+    splitter = BatchSplitter()
+    splitter.track("r", tag_request("r", None), prompt_tokens=4)
+    assert [s.turn_end for s in splitter.split(["r"], [4], [0])] == [True]
+    splitter.split(["r"], [1], [4])
+    splitter.set_prompt_tokens("r", 9)
+    assert [s.turn_end for s in splitter.split(["r"], [4], [5])] == [True]
+
+
+def test_worker_marks_the_prompts_last_chunk_per_request_in_its_tagging():
+    capture = _worker()
+    runner = _runner(a=(3, None), b=(6, None))
+    # a's whole prompt and b's first chunk; then a decodes next to b's last chunk; then both
+    # decode: the tagging (serialised once into the frame template) carries the flags.
+    _run_step(capture, runner, ["a", "b"], [3, 3], [0, 0], new=["a", "b"])
+    _run_step(capture, runner, ["a", "b"], [1, 3], [3, 3])
+    _run_step(capture, runner, ["a", "b"], [1, 1], [4, 6])
+    _run_step(capture, runner, ["a", "b"], [1, 1], [5, 7])
+    taggings = [step.tagging for step in capture.client.steps]
+    assert [t.turn_ends for t in taggings] == [(True, False), (False, True), (), ()]
+    # Flags are part of the key: the frame writer must not reuse another step's template.
+    assert len({t.key for t in taggings[:3]}) == 3
+    assert taggings[2] is taggings[3]  # decode steps reuse one plan (and its tagging)

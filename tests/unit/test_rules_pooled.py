@@ -328,6 +328,14 @@ def test_a_rules_test_file_without_aggregations_fails_to_load_and_says_why(
     )
     with pytest.raises(TestFileError, match="unknown feature alias 'nope'"):
         run_test_file(bad)
+    unused = TEST_FILE.format(aggregations="aggregations: {probes/zz: max}", at=5)
+    with pytest.raises(TestFileError, match="unknown feature alias 'probes/zz'"):
+        run_test_file(_write(tmp_path, unused, "u_test.yaml"))
+    roles = TEST_FILE.format(
+        aggregations="aggregations: {f: {aggregation: max, labeled_roles: [null, 3]}}", at=5
+    )
+    with pytest.raises(TestFileError, match="labeled_roles must be non-empty strings"):
+        run_test_file(_write(tmp_path, roles, "r_test.yaml"))
 
 
 def test_the_shipped_rule_tests_declare_what_the_shipped_pack_records() -> None:
@@ -343,8 +351,11 @@ def test_the_shipped_rule_tests_declare_what_the_shipped_pack_records() -> None:
         declared = yaml.safe_load(test.read_text())["aggregations"]
         for alias, value in declared.items():
             want = recorded[f"probes/{alias}"]
-            assert value["aggregation"] == want.aggregation, test.name
-            assert tuple(sorted(value["labeled_roles"])) == want.labeled_roles, test.name
+            declared_here = (value["aggregation"], tuple(sorted(value["labeled_roles"])))
+            assert declared_here == (want.aggregation, want.labeled_roles), (
+                f"rules/tests/{test.name} declares {alias}: {declared_here}, the shipped pack "
+                f"records {want}: update its aggregations: and the expectations they imply"
+            )
 
 
 # --------------------------------------------------------------------------- the grammar
@@ -383,6 +394,26 @@ def test_the_rules_parser_agrees_with_pack_fits(text: str) -> None:
     except AggregationError:
         served = None
     assert served == fitted
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "max_rolling_mean:\u00b2",
+        "max_rolling_mean:\u0663",
+        "max_rolling_mean:8,for:\u2460",
+        "max_rolling_mean:+8",
+        "max_rolling_mean: 8",
+        "max_rolling_mean:123456",
+    ],
+)
+def test_only_ascii_counts_are_windows_and_guards(tmp_path: Path, text: str) -> None:
+    """A pack's aggregation comes from elsewhere: '²' passes str.isdigit() and int() refuses
+    it; '٣' is a digit to int(). Both are located errors, never a traceback or a window."""
+    with pytest.raises(AggregationError):
+        parse_pooling(text)
+    (error,) = _errors(tmp_path, POOLED.format(extra=""), _known(text))
+    assert ":7:16: pooled(f): probes/f's aggregation cannot be served by a rule" in error
 
 
 # --------------------------------------------------------------------------- reload
@@ -473,3 +504,190 @@ def test_a_hand_written_rule_off_a_turn_end_pooling_is_noted(tmp_path: Path) -> 
     assert "window_roles: [user], the roles its fit data labeled, at: turn_end)" in note
     assert "pooled(<alias>) follows the pack" in note
     assert _notes(tmp_path, POOLED.format(extra=""), aggregation) == []
+
+
+# --------------------------------------------------------------------------- recalibration
+
+
+CALIBRATED = """\
+features: {f: probes/f}
+thresholds:
+  t: {value: 0.5, pooled: {"probes/f": "max_rolling_mean:8"}}   # rules calibrate
+macros:
+  span: pooled(f)
+rules:
+  - rule: r
+    severity: info
+    condition: span > t
+"""
+
+
+def test_a_threshold_calibrated_for_another_pooling_is_noted(tmp_path: Path) -> None:
+    """`rules calibrate` records the pooling a threshold was set under; after a refit that
+    pools the feature otherwise the rules still load (so they can be recalibrated), with a
+    located note that eval, rules calibrate, rules check and the sidecar show."""
+    path = _write(tmp_path, CALIBRATED)
+    same = load_rules([path], _known("max_rolling_mean:8"))
+    assert same.notes == [] and same.thresholds["t"].value == 0.5
+    assert same.thresholds["t"].pooled == {"probes/f": "max_rolling_mean:8"}
+    refit = load_rules([path], _known("max_rolling_mean:512,roles,turn_end"))
+    (note,) = refit.notes
+    assert note.startswith(f"{path}:3:3: threshold 't' was calibrated with probes/f pooled as ")
+    assert "'max_rolling_mean:8', and rule 'r' now pools it as max_rolling_mean:512,roles," in note
+    assert note.endswith("re-run rules calibrate")
+    out = io.StringIO()
+    known = _known("max_rolling_mean:512,roles,turn_end")
+    assert check_rules([path], known, out, io.StringIO()) == 0
+    assert out.getvalue().startswith(f"note: {note}\n")
+    from monitor.evaluation.engine_replay import pooling_notes
+
+    assert pooling_notes(refit, []) == [note]
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("{value: 1, poled: {}}", "threshold 't': unknown key 'poled' (did you mean 'pooled'?)"),
+        ("{pooled: {}}", "threshold 't' must have a 'value'"),
+        ("{value: 1, pooled: [x]}", "threshold 't': 'pooled' must map features to poolings"),
+        ("{value: x, pooled: {}}", "threshold 't' must be a number or '<pack>/<feature>'"),
+    ],
+)
+def test_malformed_calibrated_thresholds(tmp_path: Path, entry: str, expected: str) -> None:
+    text = CALIBRATED.replace('{value: 0.5, pooled: {"probes/f": "max_rolling_mean:8"}}', entry)
+    errors = _errors(tmp_path, text, _known("max_rolling_mean:8"))
+    assert any(expected in error for error in errors), errors
+
+
+def test_rules_calibrate_writes_the_pooling_with_the_number(tmp_path: Path) -> None:
+    from monitor.evaluation.calibrate import replace_thresholds
+
+    text = "thresholds:\n  t: 0.5   # set by rules calibrate\n  u: {value: 2}\n"
+    pooled = {"t": {"probes/f": "max_rolling_mean:8"}, "u": {}}
+    updated = replace_thresholds(text, {"t": 0.25, "u": 3.0}, pooled)
+    assert updated == (
+        'thresholds:\n  t: {value: 0.25, pooled: {"probes/f": "max_rolling_mean:8"}}   # set by '
+        "rules calibrate\n  u: 3\n"
+    )
+    path = _write(tmp_path, CALIBRATED)
+    again = replace_thresholds(path.read_text(), {"t": 0.75}, {"t": {"probes/f": "max"}})
+    path.write_text(again)
+    ruleset = load_rules([path], _known("max"))
+    assert ruleset.thresholds["t"].value == 0.75 and ruleset.notes == []
+
+
+# --------------------------------------------------------------------------- at: turn_end
+
+
+def test_an_explicit_at_must_agree_with_a_turn_end_pooling(tmp_path: Path) -> None:
+    known = _known("max_rolling_mean:512,roles,turn_end")
+    (error,) = _errors(tmp_path, POOLED.format(extra="\n    at: token"), known)
+    assert ":8:9: 'at: token' conflicts with pooled(f)" in error
+    assert "fitted as max_rolling_mean:512,roles,turn_end" in error
+    assert "at: turn_end)" in error
+    rule = _load(tmp_path, "max_rolling_mean:512,roles,turn_end", extra="\n    at: turn_end")
+    assert rule.at == "turn_end"
+    (error,) = _errors(tmp_path, POOLED.format(extra="\n    at: turn_end"), _known("max"))
+    assert "'at: turn_end' conflicts with pooled(f)" in error
+    # A guard cannot go with a turn-end pooling: the conflict names the aggregation.
+    errors = _errors(tmp_path, POOLED.format(extra="\n    for: 4"), known)
+    assert any("'for: 4' conflicts with pooled(f)" in error for error in errors), errors
+
+
+def test_a_turn_end_pooled_rule_fires_at_turn_ends_as_the_hand_written_one(
+    tmp_path: Path,
+) -> None:
+    """The turn mean: the user's mean read at the end of each user turn, nowhere else."""
+    aggregation = "max_rolling_mean:512,roles,turn_end"
+    pooled = _write(tmp_path, POOLED.format(extra=""), "pooled.yaml")
+    hand = _write(
+        tmp_path,
+        POOLED.format(
+            extra="\n    roles: [user]\n    window_roles: [user]\n    at: turn_end"
+        ).replace("pooled(f)", "rolling_mean(f, 512)"),
+        "hand.yaml",
+    )
+    values = torch.cat(
+        [
+            torch.full((5,), 3.0),
+            torch.full((20,), 0.4),
+            torch.full((10,), 2.0),
+            torch.full((15,), 0.9),
+        ]
+    )
+    turns = [("system", 5), ("user", 20), ("assistant", 10), ("user", 15)]
+    fired = []
+    for path in (pooled, hand):
+        rules = load_rules([path], _known(aggregation))
+        assert rules.rules[0].at == "turn_end"
+        engine = RuleEngine(rules)
+        slices, row = [], 0
+        for role, n in turns:
+            slices.append(SequenceSlice("c", row, n, row, role, turn_end=True))
+            row += n
+        result = engine.evaluate({"probes/f": values, "probes/g": values}, slices)
+        fired.append([(f.rule, f.position, round(f.value, 5)) for f in result.firings])
+    # The first user turn's mean is 0.4 (the system prompt is not in the window); after the
+    # second it is (20 * 0.4 + 15 * 0.9) / 35 = 0.614 > 0.5, at its last token only.
+    assert fired[0] == fired[1] == [("r", 49, 0.61429)]
+
+
+def test_a_rules_test_file_with_a_turn_end_aggregation(tmp_path: Path) -> None:
+    _write(tmp_path, POOLED.format(extra=""))
+    text = TEST_FILE.format(
+        aggregations="aggregations:\n  f: {aggregation: 'max_rolling_mean:512,roles,turn_end', "
+        "labeled_roles: [user]}",
+        at=9,
+    )
+    assert run_test_file(_write(tmp_path, text, "t_test.yaml")).passed
+    still_open = text.replace(
+        "{role: user, tokens: 10}", "{role: user, tokens: 10, turn_end: false}"
+    )
+    result = run_test_file(_write(tmp_path, still_open, "open_test.yaml"))
+    assert not result.passed and result.cases[0].fired == []  # no turn end, no check
+
+
+def test_rules_calibrate_rewrites_a_block_style_entry_and_keeps_what_follows(
+    tmp_path: Path,
+) -> None:
+    import yaml
+
+    from monitor.evaluation.calibrate import replace_thresholds
+
+    text = (
+        "thresholds:\n"
+        "  t:\n"
+        "    value: 3\n"
+        "    pooled:\n"
+        "      probes/f: max_rolling_mean:8\n"
+        "  # a comment that stays\n"
+        "  u: 4\n"
+    )
+    out = replace_thresholds(text, {"t": 5.0, "u": 6.0}, {"t": {"probes/f": "max"}})
+    assert out == (
+        "thresholds:\n"
+        "  t:\n"
+        '    {value: 5, pooled: {"probes/f": "max"}}\n'
+        "  # a comment that stays\n"
+        "  u: 6\n"
+    )
+    assert yaml.safe_load(out) == {
+        "thresholds": {"t": {"value": 5, "pooled": {"probes/f": "max"}}, "u": 6}
+    }
+
+
+def test_recalibration_notes_escape_and_skip_pack_thresholds(tmp_path: Path) -> None:
+    hostile = CALIBRATED.replace('"max_rolling_mean:8"', '"\\e[31mRED\\nnote: forged"')
+    path = _write(tmp_path, hostile)
+    known = _known("max_rolling_mean:8")
+    (note,) = load_rules([path], known).notes
+    assert "\x1b" not in note and "\n" not in note
+    out = io.StringIO()
+    assert check_rules([path], known, out, io.StringIO()) == 0
+    assert "\x1b" not in out.getvalue() and out.getvalue().count("\n") == 2  # note, summary
+    # A threshold that is the pack feature's own calibrated value follows the refit.
+    pack_value = CALIBRATED.replace("value: 0.5", "value: probes/f")
+    assert load_rules([_write(tmp_path, pack_value)], _known("max_rolling_mean:4")).notes == []
+    # One mistake, one error.
+    errors = _errors(tmp_path, CALIBRATED.replace("value: 0.5, ", ""), known)
+    assert errors == [f"{tmp_path / 'rules.yaml'}:3:6: threshold 't' must have a 'value'"]

@@ -116,7 +116,8 @@ def test_columns_give_exactly_the_events_of_sequence_messages(make_pipeline, see
     as_columns = [batch for batch in sent if batch.HasField("columns")]
     assert len(as_columns) > len(sent) // 2
     if slots >= CONVERSATIONS:
-        assert sum(not batch.columns.define for batch in as_columns) > 10
+        # Over 150 random seeds 8 to 32 of the 60 batches define nothing (8 at seed 2**28 + 1).
+        assert sum(not batch.columns.define for batch in as_columns) > 5
     else:  # slots were taken over by other conversations
         holders: dict[int, set[str]] = {}
         for batch in as_columns:

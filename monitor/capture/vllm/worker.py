@@ -214,10 +214,11 @@ class WorkerCapture:
         step. Forgotten when a request finishes (its id could come back with another tag).
         A step with prompt rows keys its plan by each slice's role too: a request's prompt
         and its output are tagged with different roles (a decode step has no prompt rows,
-        and its key stays the ids alone)."""
+        and its key stays the ids alone), and by which slices end the prompt's turn."""
         key: tuple[Any, ...] = tuple([s.request for s in slices])
         if slices.prompt_slices:
-            key = (key, tuple([s.tag.role for s in slices]))
+            # A chunked prefill's last chunk ends the prompt's turn, its other chunks do not.
+            key = (key, tuple([s.tag.role for s in slices]), tuple([s.turn_end for s in slices]))
         plan = self._plans.get(key)
         if plan is not None:
             return plan
@@ -415,12 +416,16 @@ def _tagging(group: Sequence[Slice]) -> Tagging:
     # vLLM's internal id: what an alert names is then exactly one request (see `_on_alert`)
     requests = tuple(bounded_id(s.request) for s in group)
     attributes = group[0].tag.attributes
+    turn_ends = tuple(s.turn_end for s in group)
+    if not any(turn_ends):
+        turn_ends = ()
     return Tagging(
         ids,
         roles,
         requests,
         attributes,
-        key=(ids, roles, requests, tuple(sorted(attributes.items()))),
+        key=(ids, roles, requests, tuple(sorted(attributes.items())), turn_ends),
+        turn_ends=turn_ends,
     )
 
 
