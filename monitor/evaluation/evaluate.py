@@ -352,7 +352,10 @@ def _feature_result(
     from monitor.features.build.scoring import roc_curve
 
     scores = [
-        conversation_score(v, t.labeled, aggregation) for v, t in zip(values, tokens, strict=True)
+        # Each replayed turn is one forward pass, so its last token is a turn end (what the
+        # stream marks and a rule with `at: turn_end` is checked at).
+        conversation_score(v, t.labeled, aggregation, t.turn_ends)
+        for v, t in zip(values, tokens, strict=True)
     ]
     at_fpr = {}
     for fpr in fprs:
