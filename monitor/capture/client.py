@@ -222,10 +222,13 @@ class CaptureClient:
             raise ValueError("conversation ids must be non-empty strings")
         if start_position is not None and start_position < 0:
             raise ValueError("start_position must be >= 0")
-        turn_ends = _flags(turn_end, len(ids))
-        prompt_roles = () if prompt_role is None else _as_tuple(prompt_role)
-        if prompt_role is not None and not all(isinstance(r, str) and r for r in prompt_roles):
-            raise ValueError("prompt_role must be a non-empty string (or one per id)")
+        # A server may open a block per forward pass: unmarked ones skip the flag handling.
+        turn_ends = () if turn_end is False else _flags(turn_end, len(ids))
+        prompt_roles: tuple[str, ...] = ()
+        if prompt_role is not None:
+            prompt_roles = _as_tuple(prompt_role)
+            if not all(isinstance(r, str) and r for r in prompt_roles):
+                raise ValueError("prompt_role must be a non-empty string (or one per id)")
         context = ConversationContext(
             ids,
             _as_tuple(role),
