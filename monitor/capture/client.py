@@ -216,7 +216,10 @@ class CaptureClient:
         prefill) is the prompt, its rows take `prompt_role` and its last row ends the
         prompt's turn; the later passes (generated tokens) take `role`. A prompt prefilled
         in several passes (generation_config.prefill_chunk_size) must not use it: only its
-        first pass would be taken as the prompt."""
+        first pass would be taken as the prompt. `prompt_role` with a `turn_end` flag set is
+        a ValueError: `turn_end` marks every pass of the block, and so would mark every
+        generated token as an answer's end; the answer's end is one more pass over its last
+        token in a block of its own, with `turn_end=True` (README: Turn ends)."""
         ids = _as_tuple(conversation_ids)
         if not ids or not all(isinstance(i, str) and i for i in ids):
             raise ValueError("conversation ids must be non-empty strings")
@@ -229,6 +232,15 @@ class CaptureClient:
             prompt_roles = _as_tuple(prompt_role)
             if not all(isinstance(r, str) and r for r in prompt_roles):
                 raise ValueError("prompt_role must be a non-empty string (or one per id)")
+            if any(turn_ends):
+                # Every pass after the prefill would end a turn: an `at: turn_end` rule on the
+                # answer's role would turn into a per-token rule without a word.
+                raise ValueError(
+                    "turn_end together with prompt_role would mark every generated token as "
+                    "a turn end: the prompt's end is marked already; end the answer's turn "
+                    "with one more pass over its last token in a block of its own, "
+                    "conversation(ids, turn_end=True) (README: Turn ends, the answer's end)"
+                )
         context = ConversationContext(
             ids,
             _as_tuple(role),

@@ -292,33 +292,34 @@ class PooledFeatures:
     def window(self, use: PooledUse) -> int | str | None:
         """The window of `use`, or why there is none (see ``expressions.PooledWindow``)."""
         call = f"pooled({use.alias})"
+        feature = escape_text(use.feature)  # rule-file text, shown on a terminal
         if self.aggregations is None:
             if self.unexpanded is not None:
                 self.unexpanded.append(
                     use.loc.issue(
-                        f"{call} not expanded: {use.feature}'s pooling is recorded in its pack "
+                        f"{call} not expanded: {feature}'s pooling is recorded in its pack "
                         "(pass --packs); the rule is checked without it"
                     )
                 )
                 return None
             return (
-                f"{call} pools {use.feature} as its pack recorded, which only the pack knows: "
+                f"{call} pools {feature} as its pack recorded, which only the pack knows: "
                 "load these rules with their packs (serve, eval and rules calibrate do; "
                 "rules check --packs; a rules test file declares 'aggregations:')"
             )
         recorded = self.aggregations.get(use.feature)
         if recorded is None:
-            return f"{call}: no loaded pack provides {use.feature}"
+            return f"{call}: no loaded pack provides {feature}"
         if not recorded.aggregation:
             return (
-                f"{call}: {use.feature} records no aggregation (an SAE feature, or a pack "
+                f"{call}: {feature} records no aggregation (an SAE feature, or a pack "
                 "written before pack fit recorded one); write the pooling you mean, e.g. "
                 f"rolling_mean({use.alias}, 8)"
             )
         try:
             pooling = parse_pooling(recorded.aggregation, recorded.labeled_roles)
         except AggregationError as exc:
-            return f"{call}: {use.feature}'s aggregation cannot be served by a rule: {exc}"
+            return f"{call}: {feature}'s aggregation cannot be served by a rule: {exc}"
         self.parsed[use.feature] = pooling
         return pooling.window
 

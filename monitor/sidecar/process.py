@@ -268,6 +268,13 @@ class Sidecar:
         """Re-read the rule files (if changed, or when forced) and swap the new set in on the
         pipeline thread, between batches. A broken file keeps the running set. Returns None
         when nothing changed, else whether the new set loaded."""
+        if self.service is not None:  # through the worker: no batch runs inline meanwhile
+            return await self.service.worker.run(self._reload_on_pipeline, force)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._reload_on_pipeline, force)
+
+    def _reload_on_pipeline(self, force: bool) -> bool | None:
+        # Off the event loop: a stat() of a pack on a stalled mount must not hold up acks.
         for path in self.pack_files.changed():
             # Packs load once: the rules keep expanding pooled() from the running pack, so
             # probe weights and pooling stay one fit (never new pooling over old weights).
@@ -276,12 +283,6 @@ class Sidecar:
                 "keep its pooling): restart the sidecar to serve the new one",
                 pack=str(path),
             )
-        if self.service is not None:  # through the worker: no batch runs inline meanwhile
-            return await self.service.worker.run(self._reload_on_pipeline, force)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._reload_on_pipeline, force)
-
-    def _reload_on_pipeline(self, force: bool) -> bool | None:
         result = self.reloader.check(force=force)
         if result is None:
             return None

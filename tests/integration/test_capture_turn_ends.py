@@ -12,6 +12,8 @@ with where the turns end.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,6 +292,18 @@ def test_turn_end_arguments_are_checked(tmp_path):
             client.conversation("a", prompt_role=""),
         ):
             pass
+        # turn_end would mark every generated pass: refused, naming the answer's-end recipe.
+        for flags in (True, [False, True]):
+            with (
+                pytest.raises(ValueError, match=r"every generated token.*one more pass"),
+                client.conversation(["a", "b"], prompt_role="user", turn_end=flags),
+            ):
+                pass
+        # Unmarked flags with prompt_role are what they were: no turn end asked for.
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(
+                client.conversation(["a", "b"], prompt_role="user", turn_end=[False, False])
+            )
         with contextlib.ExitStack() as stack:  # numpy-like flags are taken as bools
             stack.enter_context(client.conversation(["a", "b"], turn_end=torch.tensor([1, 0])))
     finally:
@@ -365,6 +379,12 @@ def _tree_before_turn_ends(root) -> str | None:  # type: ignore[no-untyped-def]
     return f"{added}~1"
 
 
+def _in_ci() -> bool:
+    """Whether the `CI` environment variable says this is a CI run (CI services set it to
+    "true"; "0" and "false" say it is not)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def test_a_sidecar_older_than_turn_ends_ignores_the_flag(tmp_path):
     """The sidecar as it was before the flag existed (its code from git history, run as a
     process): marked steps are monitored like any others, token for token, in the columnar
@@ -375,7 +395,11 @@ def test_a_sidecar_older_than_turn_ends_ignores_the_flag(tmp_path):
     old.mkdir()
     commit = _tree_before_turn_ends(old)
     if commit is None:
-        pytest.skip("needs a git checkout with the history of the wire protocol")
+        missing = "needs a git checkout with the history of the wire protocol"
+        if _in_ci():
+            # CI runs on a git clone: without the history this check would vanish unseen.
+            pytest.fail(f"{missing} (CI is set: clone with full history, not --depth)")
+        pytest.skip(f"{missing} (a source tarball has none)")
     assert "turn_end" not in (old / "monitor/wire/safety_monitor/v1/monitor_pb2.pyi").read_text()
     workdir = tmp_path / "work"
     workdir.mkdir()
@@ -417,3 +441,21 @@ def test_the_answers_turn_end_from_one_more_pass_over_its_last_token(wire):
     assert recorder.turn_ends() == fired_turn_ends(client.alerts) == {"k": [2, 6], "m": [2, 6]}
     assert recorder.roles("k") == ["user"] * 3 + ["assistant"] * 4
     assert seen_tokens(client, "k") == 3 + 4
+
+
+def test_the_old_sidecar_check_fails_in_ci_without_git_history(tmp_path, monkeypatch):
+    """The compatibility test above skips only outside CI: with the history lookup finding
+    nothing (a shallow clone, a source tarball), it fails when CI is set and skips, with the
+    reason, when it is not."""
+    monkeypatch.setattr(sys.modules[__name__], "_tree_before_turn_ends", lambda root: None)
+    cases = [("true", pytest.fail.Exception, "CI is set"), ("1", pytest.fail.Exception, "CI")]
+    cases += [(v, pytest.skip.Exception, "source tarball") for v in ("", "0", "false", None)]
+    for index, (value, outcome, reason) in enumerate(cases):
+        if value is None:
+            monkeypatch.delenv("CI", raising=False)
+        else:
+            monkeypatch.setenv("CI", value)
+        workdir = tmp_path / str(index)
+        workdir.mkdir()
+        with pytest.raises(outcome, match=reason):
+            test_a_sidecar_older_than_turn_ends_ignores_the_flag(workdir)

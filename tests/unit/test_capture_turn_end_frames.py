@@ -82,3 +82,38 @@ def test_columns_carry_turn_ends_only_when_a_sequence_has_one():
     assert len(second.columns.define) == 0  # a flag is per step, not part of a slot
     third = encoder.encode(_batch(("b", True)))
     assert list(third.columns.turn_end) == [True] and not third.sequences
+
+
+def test_a_zero_row_turn_end_crosses_the_ring_and_the_columnar_encoder():
+    """What the vLLM plugin sends when a request of a conversation named by
+    `sm_conversation_id` finishes: one sequence, no rows, `turn_end` and not `end`, under the
+    request's id and role, so the columnar encoder reuses the conversation's slot."""
+    ring = SharedRing.create(1 << 16)
+    writer = FrameWriter(ring)
+    rows = Tagging(("chat",), ("assistant",), ("r-1",), key="decode")
+    mark = Tagging(("chat",), ("assistant",), ("r-1",), turn_ends=(True,))
+    try:
+        step = CapturedStep({"layers.1": torch.randn(1, 4)}, rows, [1], [6])
+        decode = _through_ring(writer, ring, step)
+        finish = CapturedStep({"layers.1": torch.empty(0, 4)}, mark, [0], [7])
+        assert writer.write(finish, None)
+        frame = ring.peek()
+        message = read_step(ring, frame)
+        ring.release(frame.size)
+    finally:
+        ring.close()
+    (sequence,) = message.sequences
+    assert (sequence.rows, sequence.position, sequence.turn_end, sequence.end) == (
+        0,
+        7,
+        True,
+        False,
+    )
+    assert (sequence.request_id, sequence.role) == ("r-1", "assistant")
+    assert list(message.layers[0].activations.shape) == [0, 4]
+    encoder = ColumnarEncoder(4)
+    encoder.encode(decode)
+    columns = encoder.encode(message).columns
+    assert list(columns.rows) == [0] and list(columns.position) == [7]
+    assert list(columns.turn_end) == [True] and list(columns.end) == []
+    assert len(columns.define) == 0  # the slot of the rows before it, as it was

@@ -13,6 +13,7 @@ import torch
 from monitor.features.build.scoring import (
     aggregation_guard,
     aggregation_masked,
+    aggregation_turn_end,
     parse_aggregation,
 )
 from monitor.features.errors import FeatureError
@@ -202,7 +203,7 @@ def test_pooled_features_that_need_different_rule_keys_are_an_error(tmp_path: Pa
     ("aggregation", "expected"),
     [
         ("", "probes/f records no aggregation (an SAE feature"),
-        ("mean", "'mean' pools a finished text, which no rule reproduces"),
+        ("mean", "its served form is max_rolling_mean:512,roles,turn_end"),
         ("max_rolling_mean:8,for:2,turn_end", "for:K cannot go with turn_end"),
         ("max_rolling_mean:x", "is not max_rolling_mean:W"),
     ],
@@ -379,18 +380,30 @@ def test_the_shipped_rule_tests_declare_what_the_shipped_pack_records() -> None:
         "max_rolling_mean:8,roles,roles",
         "max_rolling_mean:8,bogus",
         "min_rolling_mean:8",
+        "max_rolling_mean:512,roles,turn_end",
+        "max_rolling_mean:512,turn_end",
+        "max_rolling_mean:512,turn_end,roles",
+        "max_rolling_mean:8,for:2,turn_end",
+        "max_rolling_mean:8,turn_end,turn_end",
+        "max,turn_end",
+        "mean,turn_end",
     ],
 )
 def test_the_rules_parser_agrees_with_pack_fits(text: str) -> None:
     """The rules package parses the aggregation grammar itself (it must not import the
     pack-building code); both parsers accept the same texts with the same meaning."""
     try:
-        fitted = (parse_aggregation(text)[1], aggregation_guard(text), aggregation_masked(text))
+        fitted = (
+            parse_aggregation(text)[1],
+            aggregation_guard(text),
+            aggregation_masked(text),
+            aggregation_turn_end(text),
+        )
     except FeatureError:
         fitted = None
     try:
         pooling = parse_pooling(text)
-        served = (pooling.window, pooling.guard, pooling.masked)
+        served = (pooling.window, pooling.guard, pooling.masked, pooling.turn_end)
     except AggregationError:
         served = None
     assert served == fitted
