@@ -161,7 +161,9 @@ def run(workdir: Path) -> int:
         print(f"[3/5] replaying {len(conversations)} test-split conversations through capture")
 
         def around(ids: list[str], roles: list[str]) -> contextlib.AbstractContextManager[Any]:
-            return client.conversation(ids, role=roles)
+            # Each replayed turn is one forward pass that ends its turn: a pooled() rule whose
+            # pack pooled at turn ends (`at: turn_end`) is checked there, as `eval` does.
+            return client.conversation(ids, role=roles, turn_end=True)
 
         replay(model, tokenizer, conversations, layers, around=around)
         for conversation in conversations:

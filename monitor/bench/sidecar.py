@@ -548,6 +548,7 @@ class _Stream:
         )
         self.window = threading.Semaphore(window)
         self.sent: dict[int, float] = {}
+        self.acked_at: dict[int, float] = {}  # when each seq_no's ack was read
         self.latencies: list[float] = []
         self.rows = 0
         self.errors = 0
@@ -570,7 +571,9 @@ class _Stream:
                 self.window.release()
                 continue
             for ack in acked(event):
-                self.latencies.append(time.perf_counter() - self.sent.pop(ack.seq_no))
+                now = time.perf_counter()
+                self.acked_at[ack.seq_no] = now
+                self.latencies.append(now - self.sent.pop(ack.seq_no))
                 self.rows += ack.rows
                 self.window.release()
         self.channel.close()
@@ -606,8 +609,15 @@ def _throughput(target: str, seconds: float, rows: int) -> dict[str, Any]:
 def _latency(
     target: str, seconds: float, conversations: int, rate: float, sequence_format: str
 ) -> dict[str, Any]:
+    """Decode steps paced at `rate` per second. Send-to-ack runs from when gRPC takes a step
+    from this client (stamped then) to when its ack is read. Besides it, the schedule's
+    lateness (how long after its due time gRPC took each step: this client falling behind,
+    or flow control holding the stream while the sidecar is behind) and due-to-ack (both
+    together: what an engine sending on schedule would see)."""
     interval = 1.0 / max(rate, 1.0)
     count = max(1, int(seconds / interval))
+    due: dict[int, float] = {}
+    late: list[float] = []
 
     def batches() -> Iterator[pb.StepBatch]:
         next_at = time.perf_counter()
@@ -616,6 +626,8 @@ def _latency(
             pause = next_at - time.perf_counter()
             if pause > 0:
                 time.sleep(pause)
+            due[batch.seq_no] = next_at
+            late.append(time.perf_counter() - next_at)
             yield batch
 
     stream = _Stream(target, window=1024)
@@ -623,6 +635,8 @@ def _latency(
     stream.run(batches())
     elapsed = time.perf_counter() - started
     ms = sorted(1000 * x for x in stream.latencies)
+    late_ms = sorted(1000 * max(x, 0.0) for x in late)
+    due_ms = sorted(1000 * (at - due[seq_no]) for seq_no, at in stream.acked_at.items())
     return {
         "seconds": round(elapsed, 3),
         "decode_steps": len(ms),
@@ -630,10 +644,18 @@ def _latency(
         "rows_per_step": conversations,
         "tokens_per_s": round(rate * conversations),
         "p50_ms": round(statistics.median(ms), 2),
-        "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 2),
+        "p99_ms": _p99(ms),
+        "send_late_p50_ms": round(statistics.median(late_ms), 2),
+        "send_late_p99_ms": _p99(late_ms),
+        "due_to_ack_p99_ms": _p99(due_ms),
         "errors": stream.errors,
         "events_per_step": round(stream.events / len(ms), 3) if ms else None,
     }
+
+
+def _p99(ordered: list[float]) -> float:
+    """The 99th percentile of sorted values (the value at index floor(0.99 n))."""
+    return round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 2)
 
 
 def _decode_saturation(
@@ -684,6 +706,9 @@ def format_table(result: dict[str, Any]) -> str:
         f"64 rows): send-to-ack p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms "
         f"({lat['decode_steps']} steps, {lat['errors']} errors); "
         f"sidecar CPU {lat['sidecar_cpu_ms_per_message']} ms per step{_by_thread(lat)}",
+        f"  sends late on the schedule: p50 {lat.get('send_late_p50_ms', '-')} ms, "
+        f"p99 {lat.get('send_late_p99_ms', '-')} ms (this client or flow control); "
+        f"due-to-ack p99 {lat.get('due_to_ack_p99_ms', '-')} ms",
     ]
     if "light" in result:
         light = result["light"]

@@ -199,20 +199,56 @@ class CaptureClient:
         request_id: str | Sequence[str] = "",
         start_position: int | None = None,
         attributes: Mapping[str, str] | None = None,
+        turn_end: bool | Sequence[bool] = False,
+        prompt_role: str | Sequence[str] | None = None,
     ) -> Iterator[None]:
         """Tag forward passes in this block: one id for the whole batch, or one per batch row
         (batched servers mixing requests). With n rows per id (num_return_sequences, beams) the
         rows become '<id>/0' ... '<id>/<n-1>'. `start_position` is the conversation position of
         the block's first token: when a server re-runs the chat history, tokens already sent
         are skipped so positions stay correct across turns. `attributes` (tenant, ...) travel
-        with every row; rule `exceptions` match on them."""
+        with every row; rule `exceptions` match on them.
+
+        Turn ends (the last token of one role's message; rules with `at: turn_end` are checked
+        only there): `turn_end=True` (or one flag per id, as `role`) marks the last row of
+        every forward pass in the block, for a pass that holds a whole message or its last
+        chunk. `prompt_role` is for `model.generate()`: the block's first forward pass (the
+        prefill) is the prompt, its rows take `prompt_role` and its last row ends the
+        prompt's turn; the later passes (generated tokens) take `role`. A prompt prefilled
+        in several passes (generation_config.prefill_chunk_size) must not use it: only its
+        first pass would be taken as the prompt. `prompt_role` with a `turn_end` flag set is
+        a ValueError: `turn_end` marks every pass of the block, and so would mark every
+        generated token as an answer's end; the answer's end is one more pass over its last
+        token in a block of its own, with `turn_end=True` (README: Turn ends)."""
         ids = _as_tuple(conversation_ids)
         if not ids or not all(isinstance(i, str) and i for i in ids):
             raise ValueError("conversation ids must be non-empty strings")
         if start_position is not None and start_position < 0:
             raise ValueError("start_position must be >= 0")
+        # A server may open a block per forward pass: unmarked ones skip the flag handling.
+        turn_ends = () if turn_end is False else _flags(turn_end, len(ids))
+        prompt_roles: tuple[str, ...] = ()
+        if prompt_role is not None:
+            prompt_roles = _as_tuple(prompt_role)
+            if not all(isinstance(r, str) and r for r in prompt_roles):
+                raise ValueError("prompt_role must be a non-empty string (or one per id)")
+            if any(turn_ends):
+                # Every pass after the prefill would end a turn: an `at: turn_end` rule on the
+                # answer's role would turn into a per-token rule without a word.
+                raise ValueError(
+                    "turn_end together with prompt_role would mark every generated token as "
+                    "a turn end: the prompt's end is marked already; end the answer's turn "
+                    "with one more pass over its last token in a block of its own, "
+                    "conversation(ids, turn_end=True) (README: Turn ends, the answer's end)"
+                )
         context = ConversationContext(
-            ids, _as_tuple(role), _as_tuple(request_id), start_position, dict(attributes or {})
+            ids,
+            _as_tuple(role),
+            _as_tuple(request_id),
+            start_position,
+            dict(attributes or {}),
+            turn_ends=turn_ends if any(turn_ends) else (),
+            prompt_roles=prompt_roles,
         )
         token = self._context.set(context)
         try:
@@ -505,6 +541,15 @@ def _read(path: str | Path | None) -> bytes | None:
 
 def _as_tuple(value: str | Sequence[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _flags(value: bool | Sequence[bool], ids: int) -> tuple[bool, ...]:
+    """`turn_end` as a tuple of bools: one for every id, or one per id."""
+    if isinstance(value, bool):
+        return (value,)
+    if isinstance(value, str | bytes) or len(value) not in (1, ids):
+        raise ValueError(f"turn_end: expected a bool or {ids} bools (one per id), got {value!r}")
+    return tuple(bool(flag) for flag in value)  # numpy and torch bools too
 
 
 def _load_pack(pack: Any):  # type: ignore[no-untyped-def]

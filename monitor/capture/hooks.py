@@ -38,6 +38,12 @@ class ConversationContext:
     serial: int = field(default_factory=lambda: next(_context_serials))
     # batch size -> the rows' tagging, built on the block's first forward at that size
     taggings: dict[int, Tagging] = field(default_factory=dict)
+    # One per conversation id (or one for all): every forward pass of the block ends a turn.
+    turn_ends: tuple[bool, ...] = ()
+    # With a prompt role, the block's first forward pass is a prompt (a generate()'s prefill):
+    # its rows take these roles and its last row ends the prompt's turn. Empty: no prompt.
+    prompt_roles: tuple[str, ...] = ()
+    prompted: bool = field(default=False)  # the prompt's forward pass has been tagged
 
 
 _context_serials = itertools.count()
@@ -187,6 +193,8 @@ class StepAssembler:
     def _finish(
         self, pending: _Pending, context: ConversationContext, batch: int, seq: int
     ) -> None:
+        # A prompt block's first forward pass finds no tagging here (see `_tagging`): turn
+        # ends and prompts cost the decode steps nothing.
         tagging = context.taggings.get(batch) or self._tagging(context, batch)
         if tagging is None:
             self.drop("batch_mismatch")
@@ -212,7 +220,10 @@ class StepAssembler:
         self.emit(step)
 
     def _tagging(self, context: ConversationContext, batch: int) -> Tagging | None:
-        """The block's ids, roles and request ids, one per row of a `batch`-row forward."""
+        """The block's ids, roles, request ids and turn ends, one per row of a `batch`-row
+        forward. A prompt block's first forward pass gets the prompt's roles, every row
+        ending its turn, in a tagging of its own that is not kept: the next pass (the first
+        generated token) builds and keeps the block's."""
         ids = _expand(context.conversation_ids, batch)
         if ids is None:
             return None
@@ -220,12 +231,24 @@ class StepAssembler:
             copies = batch // len(context.conversation_ids)
             for i, parent in enumerate(context.conversation_ids):
                 self.ledger.link(parent, ids[i * copies : (i + 1) * copies])
+        if context.prompt_roles and not context.prompted:
+            context.prompted = True
+            return Tagging(
+                conversation_ids=ids,
+                roles=_repeat(context.prompt_roles, batch),
+                request_ids=_repeat(context.request_ids, batch),
+                attributes=context.attributes,
+                key=(context.serial, batch, "prompt"),
+                turn_ends=(True,) * batch,
+            )
+        turn_ends = _repeat_flags(context.turn_ends, batch)
         tagging = Tagging(
             conversation_ids=ids,
             roles=_repeat(context.roles, batch),
             request_ids=_repeat(context.request_ids, batch),
             attributes=context.attributes,
             key=(context.serial, batch),
+            turn_ends=turn_ends if any(turn_ends) else (),
         )
         context.taggings[batch] = tagging
         return tagging
@@ -292,6 +315,19 @@ def _repeat(values: tuple[str, ...], batch: int) -> tuple[str, ...]:
         return values
     if len(values) == 0 or batch % len(values):
         return (values[0] if values else "",) * batch
+    copies = batch // len(values)
+    return tuple(v for v in values for _ in range(copies))
+
+
+def _repeat_flags(values: tuple[bool, ...], batch: int) -> tuple[bool, ...]:
+    """One flag per row, expanded as `_repeat` expands roles (one for all rows, one per row,
+    or one per conversation id repeated over its sequences); empty stays empty."""
+    if not values:
+        return ()
+    if len(values) == batch:
+        return values
+    if batch % len(values):
+        return (values[0],) * batch
     copies = batch // len(values)
     return tuple(v for v in values for _ in range(copies))
 

@@ -22,6 +22,10 @@ class Tagging:
     # Equal keys mean an equal tagging: the frame writer reuses the serialised metadata.
     # None: build it afresh every time.
     key: Hashable | None = None
+    # Per sequence: its slice's last row ends a turn of its role (`Sequence.turn_end`). Empty
+    # when no sequence does. Part of the tagging, not of the step: it is serialised into the
+    # frame template with the rest, so a step of an unmarked block costs nothing more.
+    turn_ends: tuple[bool, ...] = ()
 
 
 @dataclass

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from yaml.nodes import MappingNode, ScalarNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from monitor.evaluation.engine_replay import EngineReplay
 from monitor.rules import RuleSet, load_rules
@@ -233,13 +233,23 @@ def replace_thresholds(
     for key, value in section.value:
         if isinstance(key, ScalarNode) and key.value in values:
             entry = _entry(values[key.value], (pooled or {}).get(key.value) or {})
-            spans.append((value.start_mark.index, value.end_mark.index, entry))
+            spans.append((value.start_mark.index, _end(value), entry))
     missing = set(values) - {k.value for k, _ in section.value if isinstance(k, ScalarNode)}
     if missing:
         raise ValueError(f"no threshold {sorted(missing)[0]!r} in the thresholds: section")
     for start, end, entry in sorted(spans, reverse=True):
         text = text[:start] + entry + text[end:]
     return text
+
+
+def _end(node: Node) -> int:
+    """Where a value's text ends. A block mapping or list ends (its end mark) where the next
+    key starts, after the newline, comments and indentation that must stay: it ends with its
+    last nested value instead."""
+    while isinstance(node, MappingNode | SequenceNode) and not node.flow_style and node.value:
+        last = node.value[-1]
+        node = last[1] if isinstance(last, tuple) else last
+    return node.end_mark.index
 
 
 def _entry(value: float, pooled: dict[str, str]) -> str:

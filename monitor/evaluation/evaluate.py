@@ -175,7 +175,9 @@ def _stream(
         client.attach(model, layers)
 
         def around(ids: list[str], roles: list[str]) -> contextlib.AbstractContextManager[Any]:
-            return client.conversation(ids, role=roles)
+            # Each replayed turn is one forward pass: its last row ends the turn (where a
+            # rule with `at: turn_end` reads the turn's mean, as the pooled score does).
+            return client.conversation(ids, role=roles, turn_end=True)
 
         tokens = replay(model, tokenizer, renamed, layers, around=around, progress=progress)
         if not client.flush(timeout):
@@ -350,7 +352,10 @@ def _feature_result(
     from monitor.features.build.scoring import roc_curve
 
     scores = [
-        conversation_score(v, t.labeled, aggregation) for v, t in zip(values, tokens, strict=True)
+        # Each replayed turn is one forward pass, so its last token is a turn end (what the
+        # stream marks and a rule with `at: turn_end` is checked at).
+        conversation_score(v, t.labeled, aggregation, t.turn_ends)
+        for v, t in zip(values, tokens, strict=True)
     ]
     at_fpr = {}
     for fpr in fprs:

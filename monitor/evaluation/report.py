@@ -54,14 +54,14 @@ def table(report: EvalReport) -> str:
     if not report.rules:
         lines.append("(no rules loaded)")
     fprs = sorted({fpr for f in report.features for fpr in f.at_fpr})
-    # The aggregation names the served pooling (`max_rolling_mean:512,for:32,roles` is 33
-    # characters): clipping it would hide what the rule must do to serve the score.
-    header = f"{'feature':<30} {'aggregation':<34} {'AUROC':>6}"
+    # The aggregation names the served pooling (`max_rolling_mean:4096,roles,turn_end`, the
+    # longest, is 36 characters): clipping it would hide what the rule must do to serve it.
+    header = f"{'feature':<30} {'aggregation':<36} {'AUROC':>6}"
     header += "".join(f" {'recall@' + _pct(fpr):>12}" for fpr in fprs)
     header += f" {'at pack threshold (recall / FPR)':>34}"
     lines += ["", header]
     for f in report.features:
-        row = f"{_clip(f.feature, 30):<30} {_clip(f.aggregation, 34):<34} {_f(f.auroc):>6}"
+        row = f"{_clip(f.feature, 30):<30} {_clip(f.aggregation, 36):<36} {_f(f.auroc):>6}"
         row += "".join(f" {_f(f.at_fpr[fpr][1]) if fpr in f.at_fpr else '-':>12}" for fpr in fprs)
         if f.pack_threshold is not None:
             _, recall, fpr = f.pack_threshold

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from monitor.escape import escape_text
 from monitor.rules.errors import RuleIssue, RuleLoadError
 from monitor.rules.loader import load_rules
 from monitor.rules.pooling import PackFeatures
@@ -101,8 +102,8 @@ def check_rules(
         return EXIT_FAILED
     for note in unexpanded:
         print(f"note: {note}", file=out)
-    for line in ruleset.notes:
-        print(f"note: {line}", file=out)
+    for line in ruleset.notes:  # they quote rule files and packs: escaped for the terminal
+        print(f"note: {escape_text(line)}", file=out)
     enabled = len(ruleset.enabled_rules)
     summary = f"OK: {len(ruleset.rules)} rules ({enabled} enabled) in {len(ruleset.files)} files"
     if unexpanded:

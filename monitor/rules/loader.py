@@ -15,6 +15,7 @@ from pathlib import Path
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from monitor.escape import escape_text
 from monitor.rules.builder import RULE_KEYS, RuleBuilder, check_template, gather_specs
 from monitor.rules.errors import RuleIssue, RuleLoadError, SourceLocation
 from monitor.rules.expressions import (
@@ -132,10 +133,16 @@ def _collect_thresholds(
         if not _define(doc, names, key, key_node, issues):
             continue
         pooled: dict[str, str] = {}
+        number: float | None = None
+        feature = ""
         if isinstance(value, MappingNode):  # {value: N, pooled: {feature: aggregation}}
-            value, pooled = _calibrated_entry(doc, key, value, issues)
+            entry, pooled = _calibrated_entry(doc, key, value, issues)
+            if entry is not None:
+                value = entry
+                number, feature = _threshold_value(doc, key, value, known, issues)
+        else:
+            number, feature = _threshold_value(doc, key, value, known, issues)
         loc = location(doc.path, value)
-        number, feature = _threshold_value(doc, key, value, known, issues)
         if number is None:
             # Reported already; a placeholder keeps conditions using the name from failing
             # a second time as an unknown name.
@@ -152,7 +159,7 @@ def _collect_thresholds(
 
 def _calibrated_entry(
     doc: Document, key: str, node: MappingNode, issues: Issues
-) -> tuple[Node, dict[str, str]]:
+) -> tuple[Node | None, dict[str, str]]:
     """``{value: N, pooled: {'<pack>/<feature>': aggregation}}``, what `rules calibrate`
     writes for a threshold whose rules use pooled(): the number and the poolings it was
     calibrated under. Returns the value node (checked as a plain entry) and the poolings."""
@@ -163,7 +170,7 @@ def _calibrated_entry(
             issues.at(doc.path, key_node, f"threshold {key!r}: unknown key {name!r}{hint}")
     if "value" not in fields:
         issues.at(doc.path, node, f"threshold {key!r} must have a 'value'")
-        return ScalarNode("tag:yaml.org,2002:null", "", node.start_mark, node.end_mark), {}
+        return None, {}
     pooled: dict[str, str] = {}
     raw = fields.get("pooled", (None, None))[1]
     if raw is not None and not isinstance(raw, MappingNode):
@@ -285,33 +292,34 @@ class PooledFeatures:
     def window(self, use: PooledUse) -> int | str | None:
         """The window of `use`, or why there is none (see ``expressions.PooledWindow``)."""
         call = f"pooled({use.alias})"
+        feature = escape_text(use.feature)  # rule-file text, shown on a terminal
         if self.aggregations is None:
             if self.unexpanded is not None:
                 self.unexpanded.append(
                     use.loc.issue(
-                        f"{call} not expanded: {use.feature}'s pooling is recorded in its pack "
+                        f"{call} not expanded: {feature}'s pooling is recorded in its pack "
                         "(pass --packs); the rule is checked without it"
                     )
                 )
                 return None
             return (
-                f"{call} pools {use.feature} as its pack recorded, which only the pack knows: "
+                f"{call} pools {feature} as its pack recorded, which only the pack knows: "
                 "load these rules with their packs (serve, eval and rules calibrate do; "
                 "rules check --packs; a rules test file declares 'aggregations:')"
             )
         recorded = self.aggregations.get(use.feature)
         if recorded is None:
-            return f"{call}: no loaded pack provides {use.feature}"
+            return f"{call}: no loaded pack provides {feature}"
         if not recorded.aggregation:
             return (
-                f"{call}: {use.feature} records no aggregation (an SAE feature, or a pack "
+                f"{call}: {feature} records no aggregation (an SAE feature, or a pack "
                 "written before pack fit recorded one); write the pooling you mean, e.g. "
                 f"rolling_mean({use.alias}, 8)"
             )
         try:
             pooling = parse_pooling(recorded.aggregation, recorded.labeled_roles)
         except AggregationError as exc:
-            return f"{call}: {use.feature}'s aggregation cannot be served by a rule: {exc}"
+            return f"{call}: {feature}'s aggregation cannot be served by a rule: {exc}"
         self.parsed[use.feature] = pooling
         return pooling.window
 
@@ -398,14 +406,17 @@ def _recalibrate_notes(ruleset: RuleSet) -> list[str]:
             continue
         for name in _names_in(rule.condition.source, ruleset.macros):
             threshold = ruleset.thresholds.get(name)
-            if threshold is None or not threshold.pooled:
+            # A pack feature's own threshold travels with the refit: nothing to redo.
+            if threshold is None or not threshold.pooled or threshold.feature:
                 continue
             for feature, aggregation in sorted(pooled.items()):
                 was = threshold.pooled.get(feature)
                 if was != aggregation:
+                    # `was` is rule-file text: escaped, a note must not drive a terminal.
+                    shown = escape_text(repr(was)) if was is not None else "something else"
                     notes.append(
                         f"{threshold.source}: threshold {name!r} was calibrated with {feature} "
-                        f"pooled as {was or 'something else'}, and rule {rule.name!r} now pools "
+                        f"pooled as {shown}, and rule {rule.name!r} now pools "
                         f"it as {aggregation} (a refitted pack): the number was set for another "
                         "score; re-run rules calibrate"
                     )

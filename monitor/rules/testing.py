@@ -337,15 +337,15 @@ def _aggregations(path: Path, rule_paths: list[Path]) -> dict[str, FeatureAggreg
         return None
     where = f"{path}: aggregations"
     raw = _expect_type(raw, dict, where, "a mapping of feature alias to aggregation")
-    aliases: Mapping[str, str] = {}
-    if any("/" not in str(key) for key in raw):
-        try:  # the aliases alone; pooled() is expanded by the real load that follows
-            aliases = load_rules(rule_paths, unexpanded=[]).feature_aliases
-        except RuleLoadError:
-            aliases = {}  # the real load reports it
+    try:  # the aliases alone; pooled() is expanded by the real load that follows
+        aliases: Mapping[str, str] = load_rules(rule_paths, unexpanded=[]).feature_aliases
+    except RuleLoadError:
+        return None  # the real load reports why (and pooled() too)
     found = {}
     for key, value in raw.items():
-        name = aliases.get(str(key)) or (str(key) if "/" in str(key) else None)
+        name = aliases.get(str(key))
+        if name is None and str(key) in aliases.values():
+            name = str(key)  # a '<pack>/<feature>' the rule files alias
         if name is None:
             known = ", ".join(sorted(aliases)) or "none"
             raise TestFileError(f"{where}: unknown feature alias {key!r} (aliases: {known})")
@@ -360,7 +360,9 @@ def _aggregations(path: Path, rule_paths: list[Path]) -> dict[str, FeatureAggreg
         roles = _expect_type(
             value.get("labeled_roles", []), list, f"{where}: {key}", "a list of roles"
         )
-        found[name] = FeatureAggregation(text, tuple(str(role) for role in roles))
+        if not all(isinstance(role, str) and role for role in roles):
+            raise TestFileError(f"{where}: {key}: labeled_roles must be non-empty strings")
+        found[name] = FeatureAggregation(text, tuple(roles))
     return found
 
 

@@ -86,6 +86,27 @@ def release_replaced(replaced: weakref.ref[Any]) -> bool:
     return True
 
 
+# The collector's first threshold in steady state (CPython's default is 700). The count it
+# is compared with is allocations minus deallocations of tracked objects, so 700 is reached
+# by the objects a batch holds while it is processed, not by garbage: at 390 decode steps/s
+# the sidecar ran 10-17 young collections a second, some of them 3-4.6 ms long on a busy
+# machine (measured with `gc.callbacks`), each landing in some step's send-to-ack time.
+# With 20,000, an 8 s run of decode steps had none at all: what outlives a step is far less.
+# Garbage in reference cycles waits longer, bounded by the same count.
+GEN0_THRESHOLD = 20_000
+
+
+def settle_heap() -> None:
+    """After start-up: freeze what is loaded by now (torch, the packs, gRPC), which lives as
+    long as the process, so the collector's full passes leave it out (they took ~90 ms
+    here, a stall every stream felt: send-to-ack p99 60-70 ms instead of 10-14 ms), and
+    raise the young generation's threshold to the steady state's (`GEN0_THRESHOLD`)."""
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(GEN0_THRESHOLD, gen0), gen1, gen2)
+
+
 class PackFiles:
     """The pack files a sidecar started with, and whether one changed on disk since (size or
     modification time: a stat per poll, never a read of a large file)."""
@@ -247,6 +268,13 @@ class Sidecar:
         """Re-read the rule files (if changed, or when forced) and swap the new set in on the
         pipeline thread, between batches. A broken file keeps the running set. Returns None
         when nothing changed, else whether the new set loaded."""
+        if self.service is not None:  # through the worker: no batch runs inline meanwhile
+            return await self.service.worker.run(self._reload_on_pipeline, force)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._reload_on_pipeline, force)
+
+    def _reload_on_pipeline(self, force: bool) -> bool | None:
+        # Off the event loop: a stat() of a pack on a stalled mount must not hold up acks.
         for path in self.pack_files.changed():
             # Packs load once: the rules keep expanding pooled() from the running pack, so
             # probe weights and pooling stay one fit (never new pooling over old weights).
@@ -255,12 +283,6 @@ class Sidecar:
                 "keep its pooling): restart the sidecar to serve the new one",
                 pack=str(path),
             )
-        if self.service is not None:  # through the worker: no batch runs inline meanwhile
-            return await self.service.worker.run(self._reload_on_pipeline, force)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._reload_on_pipeline, force)
-
-    def _reload_on_pipeline(self, force: bool) -> bool | None:
         result = self.reloader.check(force=force)
         if result is None:
             return None
@@ -320,11 +342,7 @@ async def serve(config: SidecarConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain."""
     sidecar = Sidecar(config)
     await sidecar.start()
-    # What is loaded by now (torch, the packs, gRPC) lives as long as the process. Frozen,
-    # it is left out of the collector's full passes, which otherwise took ~90 ms here, a
-    # stall every stream felt (send-to-ack p99 60-70 ms instead of 10-14 ms).
-    gc.collect()
-    gc.freeze()
+    settle_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

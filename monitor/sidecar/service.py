@@ -163,16 +163,19 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         reader = asyncio.create_task(
             _read_into(request_iterator, arrived, budget, self.parser, context.read)
         )
-        # The stream's conversation slots (columnar format); touched only on the worker.
+        # The stream's conversation slots (columnar format); touched only by the pipeline.
         table = ConversationTable(limits.max_conversation_slots)
         process_many = self.pipeline.process_many
         loop = asyncio.get_running_loop()
         try:
             ended = False
+            # How many times in a row this stream's next batch was already here when we came
+            # back for it: from `streams.INLINE_BEHIND` on, the stream is behind and the
+            # inline path below is not for it.
+            behind = 0
             while not ended:
-                # Whether this stream keeps up: its next batch was not here yet when we came
-                # back for it (the inline path below is only for a stream that keeps up).
                 waited = arrived.empty()
+                behind = 0 if waited else behind + 1
                 if waited:
                     try:  # nothing arrives: the client has gone quiet
                         async with asyncio.timeout(idle):
@@ -196,18 +199,19 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                 decoded = [layers for _, _, layers in held]
                 process = functools.partial(process_many, table=table, decoded=decoded)
                 if (
-                    waited
-                    and len(held) == 1
+                    behind < streams.INLINE_BEHIND
                     and self.worker.idle
                     and not self.pipeline.may_block
                     and self.inline.allowed(time.perf_counter())
-                    and streams.small_batch(*held[0][:2])
+                    and streams.small_batches(held)
                 ):
-                    # Light load: a small step, the stream keeping up and nothing on the
-                    # pipeline thread. Done here, it saves the hand-off there and back, which
-                    # costs as much as the work. A stream that falls behind (its next batch
-                    # already waiting) goes to the pipeline thread, where the event loop reads
-                    # ahead meanwhile and waiting steps are grouped.
+                    # The stream keeps up, its step is small (`streams.small_batches`: a
+                    # decode step is) and nothing is on the pipeline thread. Done here, it
+                    # saves the hand-off there and back, which costs as much as the work. A
+                    # stream that is behind (`streams.INLINE_BEHIND`) or has more waiting
+                    # goes to the pipeline thread, where the event loop reads ahead meanwhile
+                    # and waiting steps are grouped: inline, reading would wait for each
+                    # step's work, and steps would not group.
                     outcomes = self._run_inline(batches, client, process)
                 else:
                     outcomes = await self._run_many(batches, client, process)
@@ -343,16 +347,15 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         func: Callable[[list[pb.StepBatch], StreamClient], list[BatchOutcome]],
     ) -> list[BatchOutcome]:
         """`_run_many` on the event loop itself, for a small batch while the pipeline thread
-        is idle (`streams.small_batch`, `PipelineWorker.idle`): nothing else touches the
+        is idle (`streams.small_batches`, `PipelineWorker.idle`): nothing else touches the
         pipeline meanwhile, as the loop is the only one handing it work."""
-        started = time.perf_counter()
+        started = time.thread_time()  # the work's CPU, not its preemptions (InlineBudget)
         try:
             return func(batches, client)
         except Exception as exc:  # the stream must survive our own bugs too
             return internal_errors([batch.seq_no for batch in batches], exc, self.metrics)
         finally:
-            ended = time.perf_counter()
-            self.inline.ran(ended - started, ended)
+            self.inline.ran(time.thread_time() - started, time.perf_counter())
 
     async def _run_many(
         self,

@@ -23,7 +23,7 @@ import ctypes.util
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from typing import Any, Final, TypeVar
 
@@ -49,23 +49,64 @@ UNDECODABLE: Final = _Undecodable()
 # Stream messages larger than this are parsed off the event loop (see server._read_into).
 PARSE_INLINE_BYTES = 1024 * 1024
 
-# A batch this small (its message and decoded activations, in bytes) with at most
-# `INLINE_SEQUENCES` sequences is processed on the event loop itself when the pipeline
-# thread has nothing to do: the hand-off to the thread and back (two context switches and a
-# wake-up of the loop) costs as much CPU as a light-load step's work. The bytes bound keeps
-# the message small; the work it takes is bounded by timing each run (`InlineBudget`), and a
+# Batches of one stream that arrived together, with at most `INLINE_ROWS` activation rows
+# and `INLINE_SEQUENCES` sequences in all, are processed on the event loop itself when the
+# stream keeps up and the pipeline thread has nothing to do. The hand-off to that thread and
+# back (two context switches, a wake-up of the loop, the GIL passed between two threads that
+# both run Python) costs as much CPU as a decode step's work. The bound is on rows and
+# sequences, not bytes: a 64-conversation decode step of a d_model 2304 model is ~295 KB of
+# BF16, and its work (a small matrix multiply, the rules on 64 rows) is a light step's; with
+# a 64 KiB bound no decode step of such a model ever ran inline, and at a few hundred steps a
+# second every one paid the hand-off (the send-to-ack tail of `bench sidecar`).
+# `INLINE_BYTES` still caps what an inline run may hold (messages and decoded activations:
+# wide or many-layer models), the work is bounded by timing each run (`InlineBudget`), and a
 # pipeline that may block (an audit store's commit) never runs inline (`Pipeline.may_block`).
-INLINE_BYTES = 64 * 1024
-INLINE_SEQUENCES = 64
+INLINE_ROWS = 128
+INLINE_SEQUENCES = 128
+INLINE_BYTES = 4 * 1024 * 1024
+# A stream whose next batch was already waiting this many times in a row when the loop came
+# back for it is behind: its batches go to the pipeline thread, where the loop reads ahead
+# meanwhile and waiting steps group. Once is not enough: after an inline step the next step
+# of a stream that keeps up has often arrived while the ack was written (a step every
+# 2.6 ms at 390 steps/s, about 1 ms of work each); sent to the pipeline thread for that, it
+# pays the hand-off and the loop reads ahead behind it, so the next one is waiting too. In
+# a traced run on a busy machine, with "once", only 917 of 3,124 decode steps ran inline,
+# 555 of the others alone on the pipeline thread; with 8, 351 of the first second's 392.
+# Without the count (small steps inline even when behind) decode steps back to back cost
+# less (1.38 against 1.66 ms of CPU a step, one side-by-side run), but a stream that is
+# behind then has no read-ahead and one ack write per step, and paced runs on a busy
+# machine fell further behind than main's; grouped on the pipeline thread, they catch up
+# as before.
+INLINE_BEHIND = 8
 
 
-def small_batch(batch: Any, held_bytes: int) -> bool:
-    """Whether `batch` (held in `held_bytes`) is small enough to process inline."""
-    if held_bytes > INLINE_BYTES:
-        return False
-    columns = batch.columns
-    sequences = len(batch.sequences) + len(columns.slot) + len(columns.define)
-    return sequences <= INLINE_SEQUENCES
+def small_batches(held: Sequence[tuple[Any, int, tuple[Any, ...]]]) -> bool:
+    """Whether the batches in `held` (each with the bytes it holds and its decoded layers,
+    if any) are small enough, together, to process inline: few rows, few sequences, bounded
+    bytes."""
+    total_bytes = total_sequences = total_rows = 0
+    for batch, held_bytes, decoded in held:
+        total_bytes += held_bytes
+        columns = batch.columns
+        total_sequences += len(batch.sequences) + len(columns.slot) + len(columns.define)
+        total_rows += _rows(batch, decoded)
+    return (
+        total_bytes <= INLINE_BYTES
+        and total_sequences <= INLINE_SEQUENCES
+        and total_rows <= INLINE_ROWS
+    )
+
+
+def _rows(batch: Any, decoded: tuple[Any, ...]) -> int:
+    """A batch's rows as its first layer says (validation checks them later; a batch whose
+    layers disagree is rejected there, and its work is bounded by the bytes either way)."""
+    for tensor in decoded:
+        if tensor is not None:
+            return int(tensor.shape[0])
+    for layer in batch.layers:
+        shape = layer.activations.shape
+        return int(shape[0]) if shape else 0
+    return 0
 
 
 def parse_batch(data: bytes) -> Any:
@@ -195,43 +236,57 @@ class PipelineWorker:
             self.finished += 1  # the worker's last touch of the pipeline for this job
 
 
-# An inline run (see `small_batch`) that took longer than this turns the inline path off for
-# INLINE_PAUSE seconds: the byte bound says nothing of the work (wide packs, hundreds of
+# Inline runs (see `small_batches`) over this much CPU turn the inline path off for
+# INLINE_PAUSE seconds: the row bound says nothing of the work (wide packs, hundreds of
 # rules, a state eviction sweep), and everything else on the event loop waits meanwhile.
-# The pause is short so that one slow run (a preempted thread, a garbage collection) costs
-# little of the saving; work that is always slow then holds the loop once a pause at most.
+# Two runs in a row over the budget, or one over INLINE_FAR_OVER times it, do: one run a
+# little over is noise (a young-generation garbage collection, a cold cache), and at a few
+# hundred steps a second each needless pause sent a second of steps through the dearer
+# hand-off. Runs are timed in the loop thread's CPU time, not wall time: a thread preempted
+# by another process has not done more work, and handing the steps to the pipeline thread
+# would not make them wait less (it is preempted as well). Work that is always slow then
+# holds the loop twice per pause at most.
 INLINE_BUDGET = 0.002
+INLINE_FAR_OVER = 4.0
 INLINE_PAUSE = 1.0
 LOG_PAUSES_EVERY = 60.0  # seconds between two log lines about pauses
 
 
 class InlineBudget:
     """Whether the event loop may still run small batches itself: not for `pause` seconds
-    after a run that took more than `budget` seconds (then they go to the pipeline thread,
+    after two runs in a row that took more than `budget` seconds of CPU each, or one that
+    took more than `INLINE_FAR_OVER` times it (then they go to the pipeline thread,
     where a slow step delays only its own stream). Used on the event loop only."""
 
     def __init__(self, budget: float = INLINE_BUDGET, pause: float = INLINE_PAUSE) -> None:
         self.budget = budget
         self.pause = pause
         self.paused_until = -math.inf
-        self.pauses = 0  # how many times a slow run turned the inline path off
+        self.pauses = 0  # how many times slow runs turned the inline path off
+        self._over = False  # whether the last run was over the budget
         self._logged = -math.inf
 
     def allowed(self, now: float) -> bool:
-        """Whether a small batch may run inline at `now` (time.perf_counter)."""
+        """Whether a small batch may run inline at `now` (`time.perf_counter`)."""
         return now >= self.paused_until
 
     def ran(self, seconds: float, now: float) -> None:
-        """An inline run took `seconds`, ending at `now`; too long pauses the inline path."""
+        """An inline run took `seconds` of the loop thread's CPU (`time.thread_time`),
+        ending at `now` (`time.perf_counter`); too long pauses the inline path."""
         if seconds <= self.budget:
+            self._over = False
             return
+        if not self._over and seconds <= self.budget * INLINE_FAR_OVER:
+            self._over = True  # once is noise; the next run decides
+            return
+        self._over = False
         self.paused_until = now + self.pause
         self.pauses += 1
         if now - self._logged >= LOG_PAUSES_EVERY:
             self._logged = now
             log.info(
-                "inline steps paused: one took too long on the event loop",
-                run_ms=round(seconds * 1000, 2),
+                "inline steps paused: they took too long on the event loop",
+                run_cpu_ms=round(seconds * 1000, 2),
                 budget_ms=self.budget * 1000,
                 pause_seconds=self.pause,
                 pauses=self.pauses,

@@ -2,9 +2,10 @@
 as `SequenceColumns` against a stream's conversation table.
 
 A decode step of a batched server repeats the same conversation ids, request ids, roles and
-attributes step after step; only rows, positions and end flags change. In the columnar format
-those strings travel once per stream, as slot definitions, and each step is a few packed
-integer arrays, which the sidecar reads without building a protobuf object per sequence.
+attributes step after step; only rows, positions and end (and turn-end) flags change. In the
+columnar format those strings travel once per stream, as slot definitions, and each step is a
+few packed integer arrays, which the sidecar reads without building a protobuf object per
+sequence.
 
 The table lives as long as one Monitor stream: a new stream (a reconnect) starts with an
 empty one on both sides, so the client makes a new `ColumnarEncoder` per stream. Imports no
@@ -67,7 +68,7 @@ class ColumnarEncoder:
             return batch
         columns = pb.SequenceColumns()
         held, define = self._held, columns.define
-        slots, ends, tokens = [], [], []
+        slots, ends, turn_ends, tokens = [], [], [], []
         # Conversations of this batch are made most recent first, so a slot reused below is
         # never one this batch needs.
         for conversation_id in ids:
@@ -97,6 +98,7 @@ class ColumnarEncoder:
                 slot = entry[0]
             slots.append(slot)
             ends.append(sequence.end)
+            turn_ends.append(sequence.turn_end)
             tokens.extend(sequence.tokens)
         columns.slot.extend(slots)
         columns.rows.extend([sequence.rows for sequence in sequences])
@@ -106,6 +108,8 @@ class ColumnarEncoder:
             for conversation_id, end in zip(ids, ends, strict=True):
                 if end:  # its state ends with this batch: the slot may serve another
                     self._free.append(held.pop(conversation_id)[0])
+        if any(turn_ends):  # else empty, as `end`: no turn ends in this batch
+            columns.turn_end.extend(turn_ends)
         columns.tokens.extend(tokens)
         batch.ClearField("sequences")
         batch.columns.CopyFrom(columns)

@@ -4,8 +4,10 @@ and its relay process, and the Evaluate RPC."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -15,9 +17,9 @@ from monitor import datasets
 from monitor.cli import main
 from monitor.evaluation.engine_replay import EngineReplay, pack_features
 from monitor.evaluation.evaluate import evaluate
-from monitor.features import load_pack
+from monitor.features import load_pack, save_pack
 from monitor.features.build.conversations import load_model, replay
-from monitor.features.build.scoring import auroc, conversation_score
+from monitor.features.build.scoring import auroc, conversation_score, threshold_at_fpr
 from monitor.rules import load_rules
 from monitor.wire import encode_tensor, pb, pb_grpc
 
@@ -144,7 +146,7 @@ def test_pack_calibrate_warns_when_calibration_data_overlaps_the_fit(workdir, ca
     assert info.threshold_pooling == info.aggregation and info.target_fpr == 0.05
 
 
-@pytest.mark.parametrize("pooling_kind", ["window", "whole_turn", "role_masked"])
+@pytest.mark.parametrize("pooling_kind", ["window", "whole_turn", "role_masked", "turn_mean"])
 def test_the_served_rule_reproduces_the_offline_score(
     workdir, capsys, tmp_path, pooling_kind
 ) -> None:
@@ -153,8 +155,10 @@ def test_the_served_rule_reproduces_the_offline_score(
     offline score (the pack's aggregation) is above t; the sidecar's per-token values are the
     offline ones. The same for the guarded whole-turn mean (`rolling_mean(f, 512) > t` with
     `for: 4 tokens`, aggregation ``max_rolling_mean:512,for:4``) and its role-masked form
-    (``window_roles: [assistant]``, aggregation ``max_rolling_mean:512,for:4,roles``)."""
-    whole_turn = pooling_kind != "window"
+    (``window_roles: [assistant]``, aggregation ``max_rolling_mean:512,for:4,roles``), and
+    the turn mean (``at: turn_end``, aggregation ``max_rolling_mean:512,roles,turn_end``: the
+    capture client marks each replayed turn's last token, and the rule reads the answer's mean
+    there, which is mean pooling)."""
     pack_path = fit_pack(workdir, capsys)
     pack = load_pack(pack_path)
     info = next(f for f in pack.features() if f.name == "secrecy")
@@ -171,19 +175,26 @@ def test_the_served_rule_reproduces_the_offline_score(
         "window": info.aggregation,
         "whole_turn": "max_rolling_mean:512,for:4",
         "role_masked": "max_rolling_mean:512,for:4,roles",
+        "turn_mean": "max_rolling_mean:512,roles,turn_end",
     }[pooling_kind]
     scores = [
-        conversation_score(v, t.labeled, aggregation) for v, t in zip(values, tokens, strict=True)
+        conversation_score(v, t.labeled, aggregation, t.turn_ends)
+        for v, t in zip(values, tokens, strict=True)
     ]
     threshold = sorted(scores)[len(scores) // 2]
     rules = tmp_path / "rules.yaml"
-    pooling = (
-        "rolling_mean(secrecy, 512) > t\n    for: 4 tokens"
-        if whole_turn
-        else ("rolling_mean(secrecy, 3) > t")
-    )
-    if pooling_kind == "role_masked":
+    pooling = {
+        "window": "rolling_mean(secrecy, 3) > t",
+        "whole_turn": "rolling_mean(secrecy, 512) > t\n    for: 4 tokens",
+        "role_masked": "rolling_mean(secrecy, 512) > t\n    for: 4 tokens",
+        "turn_mean": "rolling_mean(secrecy, 512) > t\n    at: turn_end",
+    }[pooling_kind]
+    if pooling_kind in ("role_masked", "turn_mean"):
         pooling += "\n    window_roles: [assistant]"
+    if pooling_kind == "turn_mean":  # exactly the answer's mean pooling
+        means = [float(v[t.labeled].double().mean()) for v, t in zip(values, tokens, strict=True)]
+        assert scores == pytest.approx(means, rel=1e-5, abs=1e-5)
+    if pooling_kind == "role_masked":
         unmasked = [
             conversation_score(v, t.labeled, "max_rolling_mean:512,for:4")
             for v, t in zip(values, tokens, strict=True)
@@ -195,6 +206,10 @@ def test_the_served_rule_reproduces_the_offline_score(
         "rules:\n  - rule: secret-answer\n    desc: d\n    severity: warning\n"
         f"    condition: {pooling}\n    roles: [assistant]\n"
     )
+    if pooling_kind == "turn_mean":
+        # The pack records the turn mean: `eval`'s per-feature score and `pack calibrate` pool
+        # the served values at the turn ends too.
+        pack_path = _recorded_as(pack, "secrecy", aggregation, tmp_path / "turn-mean.safetensors")
     report = evaluate(model, tokenizer, [pack_path], [rules], conversations)
     labels = [c.label for c in conversations]
     above = [s > threshold for s in scores]
@@ -203,9 +218,33 @@ def test_the_served_rule_reproduces_the_offline_score(
     assert rule.false_positives == sum(a and y == 0 for a, y in zip(above, labels, strict=True))
     assert 0 < rule.true_positives + rule.false_positives < len(conversations)
     assert report.capture["rows"] == sum(t.tokens for t in tokens)
-    if not whole_turn:  # the feature's own score is its pack aggregation's
+    if pooling_kind in ("window", "turn_mean"):  # the feature's score is its pack aggregation's
         served = next(f for f in report.features if f.feature == "probes/secrecy")
+        assert served.aggregation == aggregation
         assert served.auroc == pytest.approx(auroc(scores, labels), abs=1e-9)
+    if pooling_kind == "turn_mean":
+        calibrated = tmp_path / "calibrated.safetensors"
+        argv = ["pack", "calibrate", str(pack_path), "--model", str(workdir / "model"), "--data"]
+        argv += [str(workdir / "data.jsonl"), "--fpr", "0.05", "--out", str(calibrated)]
+        assert main(argv) == 0
+        capsys.readouterr()
+        info = next(f for f in load_pack(calibrated).features() if f.name == "secrecy")
+        negatives = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+        assert info.threshold_pooling == aggregation
+        assert info.alert_threshold == pytest.approx(threshold_at_fpr(negatives, 0.05), abs=1e-6)
+
+
+def _recorded_as(pack: Any, name: str, aggregation: str, out: Path) -> Path:
+    """A copy of ``pack`` whose feature ``name`` records ``aggregation`` (same weights)."""
+    for entry in pack.hook_points.values():
+        entry.features[:] = [
+            dataclasses.replace(f, aggregation=aggregation, threshold_pooling=aggregation)
+            if f.name == name
+            else f
+            for f in entry.features
+        ]
+    save_pack(pack, out)
+    return out
 
 
 def test_rules_calibrate_writes_the_threshold_the_real_path_confirms(

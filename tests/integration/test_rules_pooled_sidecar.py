@@ -188,3 +188,43 @@ def test_a_reload_after_a_pack_change_keeps_the_running_packs_pooling(tmp_path: 
         assert _alerts(_events(sidecar, "b")) == before
     finally:
         _stop(sidecar)
+
+
+def test_the_demo_checks_a_turn_end_pooled_rule_at_each_turn_end(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    """The real-weights demo marks each replayed turn's end: with a pack whose misuse probe
+    pools at turn ends (and a threshold every score clears), its pooled() rule is `at:
+    turn_end` and fires once at every user turn's end, so every misuse conversation alerts.
+    Without the marks it would never be checked (no alert at all)."""
+    import dataclasses
+    import re
+
+    import monitor.demo_minilm
+    from monitor.cli import main
+    from monitor.features import load_pack
+
+    aggregation = "max_rolling_mean:512,roles,turn_end"
+    pack = load_pack(monitor.demo_minilm.PACK)
+    hooks = {}
+    for hook, encoder in pack.hook_points.items():
+        features = [
+            dataclasses.replace(
+                f, aggregation=aggregation, threshold_pooling=aggregation, alert_threshold=-1e9
+            )
+            if f.name == "misuse"
+            else f
+            for f in encoder.features
+        ]
+        hooks[hook] = HookPointEncoder(hook, encoder.encoder, features)
+    path = tmp_path / "turn-end.safetensors"
+    save_pack(FeaturePack(pack.name, hooks, provenance=pack.provenance), path)
+    monkeypatch.setattr(monitor.demo_minilm, "PACK", path)
+    assert main(["demo", "--workdir", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    misuse = re.search(r"misuse: (\d+) of (\d+) label-1 alerted, (\d+) of (\d+) label-0", out)
+    assert misuse is not None, out
+    hits, positives, silent, _ = map(int, misuse.groups())
+    assert hits == positives > 0 and silent == 0  # every conversation's user turn end fired
+    rules = (tmp_path / "demo" / "demo-rules.yaml").read_text()
+    assert "pooled(misuse)" in rules

@@ -248,14 +248,14 @@ def test_the_relay_does_not_ask_a_sidecar_that_does_not_offer_acks(older_status,
 
 def test_small_batches_run_on_the_event_loop_only_while_the_worker_is_idle(sidecars):
     """A small step with nothing on the pipeline thread is processed on the event loop
-    (the hand-off would cost as much as the work); a large one, or a small one while the
-    pipeline thread is busy, goes to the pipeline thread."""
+    (the hand-off would cost as much as the work); one of more rows, or a small one while
+    the pipeline thread is busy, goes to the pipeline thread."""
     sidecar = sidecars()
     # No inline budget here: a step slowed by a busy machine must not change the path.
     sidecar.thread.sidecar.service.inline = streams.InlineBudget(budget=math.inf)
     small = _decode_steps(1)[0]
     big = pb.StepBatch(seq_no=2, model="tiny")
-    rows = streams.INLINE_BYTES // (HIDDEN * 4) + 1  # fp32 rows: over the inline bytes
+    rows = streams.INLINE_ROWS + 1  # over the inline rows (a few KB: bytes are not the bound)
     big.layers.append(
         pb.Layer(hook_point="layers.1", activations=encode_tensor(torch.randn(rows, HIDDEN)))
     )

@@ -397,12 +397,16 @@ def test_a_slice_spanning_the_prompt_end_becomes_two_sequences():
     assert splitter.state("r")[1] == 13
 
 
-def test_a_straddle_is_one_slice_when_both_roles_are_the_same():
+def test_a_straddle_is_split_at_the_prompts_turn_end_even_when_both_roles_are_the_same():
+    # One slice could carry both roles' rows, but the prompt's turn ends at its last token,
+    # mid-slice: a turn end marks only a slice's last row, so the slice is split there.
     splitter = BatchSplitter()
     same = {"sm_prompt_role": "guarded", "sm_role": "guarded"}
     splitter.track("r", tag_request("r", same), prompt_tokens=4)
-    assert roles_of(splitter.split(["r"], [6], [0])) == [("r", "guarded", 0, 6, 0)]
-    assert splitter.straddles == 0
+    slices = splitter.split(["r"], [6], [0])
+    assert roles_of(slices) == [("r", "guarded", 0, 4, 0), ("r", "guarded", 4, 6, 4)]
+    assert [s.turn_end for s in slices] == [True, False]
+    assert splitter.straddles == 1
 
 
 def test_recomputed_rows_across_the_prompt_end_are_skipped_not_split():
@@ -472,6 +476,7 @@ def _worker(**settings):
     capture._blocks = {}
     capture._blocks_lock = threading.Lock()
     capture.conversations_ended = 0
+    capture.turn_ends_sent = 0
     capture.recent_ends = deque()
     return capture
 
@@ -589,7 +594,128 @@ def test_requests_that_ended_unseen_are_finished_when_the_capture_comes_back():
     _run_step(capture, runner, ["a", "b", "c"], [2, 2, 2], [0, 0, 0], new=["a", "b", "c"])
     assert capture.finish_missing({"c": object()}) == 2
     assert capture.splitter.tracked() == ["c"]
-    # a's conversation (named after its request) ends; "named" may go on in a later request.
+    # a's conversation (named after its request) ends; "named" may go on in a later request:
+    # its answer's turn ends, its state is kept.
     ends = [s for s in capture.client.steps if s.tagging.end]
     assert [(s.tagging.conversation_ids, s.positions) for s in ends] == [(("a",), [2])]
+    turn_ends = [s for s in capture.client.steps if s.tagging.turn_ends and not s.rows[0]]
+    assert [(s.tagging.conversation_ids, s.positions) for s in turn_ends] == [(("named",), [2])]
     assert capture.finish_missing({"c": object()}) == 0
+
+
+def _finish(capture, runner, finished):
+    """One step that only reports finished requests (vLLM's next step after their last)."""
+    before = len(capture.client.steps)
+    capture.after_forward(
+        runner, SimpleNamespace(finished_req_ids=set(finished), scheduled_new_reqs=[])
+    )
+    return capture.client.steps[before:]
+
+
+def test_a_finished_request_of_a_named_conversation_ends_its_answers_turn():
+    capture = _worker()
+    named = {"sm_conversation_id": "chat", "sm_role": "bot", "sm_attributes": {"tenant": "t"}}
+    runner = _runner(**{"r-0a1b2c3d": (3, named), "u": (2, None)})
+    _run_step(capture, runner, ["r-0a1b2c3d", "u"], [3, 2], [0, 0], new=["r-0a1b2c3d", "u"])
+    _run_step(capture, runner, ["r-0a1b2c3d", "u"], [1, 1], [3, 2])
+    (mark,) = _finish(capture, runner, ["r-0a1b2c3d"])
+    # One zero-row sequence right after the request's last sent row (position 3): a turn end,
+    # not an end (the conversation goes on), under the request's own id, role and attributes.
+    assert (mark.rows, mark.positions) == ([0], [4])
+    tagging = mark.tagging
+    assert (tagging.turn_ends, tagging.end) == ((True,), False)
+    assert (tagging.conversation_ids, tagging.roles) == (("chat",), ("bot",))
+    assert (tagging.request_ids, dict(tagging.attributes)) == (("r-0a1b2c3d",), {"tenant": "t"})
+    assert all(t.shape[0] == 0 for t in mark.layers.values())
+    assert (capture.turn_ends_sent, capture.conversations_ended) == (1, 0)
+    # A request named after itself ends its conversation (an end is a turn end too).
+    (end,) = _finish(capture, runner, ["u"])
+    assert (end.tagging.end, end.tagging.turn_ends, end.positions) == (True, (), [3])
+    assert (capture.turn_ends_sent, capture.conversations_ended) == (1, 1)
+
+
+def test_an_aborted_request_of_a_named_conversation_ends_its_turn_where_it_stopped():
+    # vLLM reports an aborted request in finished_req_ids as well: mid-prefill, the turn end
+    # sits after the last row computed for it.
+    capture = _worker()
+    runner = _runner(a=(10, {"sm_conversation_id": "chat"}))
+    _run_step(capture, runner, ["a"], [4], [0], new=["a"])
+    (mark,) = _finish(capture, runner, ["a"])
+    assert (mark.tagging.turn_ends, mark.tagging.end, mark.positions) == ((True,), False, [4])
+
+
+def test_a_named_conversations_turn_ends_once_its_last_running_request_finishes():
+    # Two requests run one named conversation: the first to finish sends nothing (a turn
+    # end at its own position would not be the conversation's next one, a gap to the
+    # sidecar); the last sends one. Two finishing in the same step send one, at the later
+    # position.
+    capture = _worker()
+    shared = {"sm_conversation_id": "chat"}
+    runner = _runner(a=(2, shared), b=(3, shared), c=(2, shared), d=(4, shared))
+    _run_step(capture, runner, ["a", "b"], [2, 3], [0, 0], new=["a", "b"])
+    assert _finish(capture, runner, ["a"]) == []
+    (mark,) = _finish(capture, runner, ["b"])
+    assert (mark.tagging.conversation_ids, mark.positions) == (("chat",), [3])
+    _run_step(capture, runner, ["c", "d"], [2, 4], [0, 0], new=["c", "d"])
+    (mark,) = _finish(capture, runner, ["c", "d"])
+    assert (mark.tagging.request_ids, mark.positions) == (("d",), [4])
+    assert capture.turn_ends_sent == 2
+
+
+def test_only_the_chunk_holding_the_prompts_last_token_ends_its_turn():
+    splitter = BatchSplitter()
+    splitter.track("r", tag_request("r", None), prompt_tokens=10)
+    splitter.track("s", tag_request("s", None), prompt_tokens=3)
+    # r's prompt in three chunks (4, 4, 2 tokens) next to s's whole prompt, then decodes.
+    steps = [
+        splitter.split(["r", "s"], [4, 3], [0, 0]),
+        splitter.split(["r", "s"], [4, 1], [4, 3]),
+        splitter.split(["r", "s"], [2, 1], [8, 4]),
+        splitter.split(["r", "s"], [1, 1], [10, 5]),
+    ]
+    marks = [[(s.request, s.turn_end) for s in step] for step in steps]
+    assert marks == [
+        [("r", False), ("s", True)],
+        [("r", False), ("s", False)],
+        [("r", True), ("s", False)],
+        [("r", False), ("s", False)],
+    ]
+    # A prompt cached up to its last token: the one computed token ends the prompt's turn.
+    splitter.track("c", tag_request("c", None), prompt_tokens=40)
+    (cached,) = splitter.split(["c"], [1], [39])
+    assert (cached.position, cached.turn_end) == (39, True)
+
+
+def test_recomputed_prompt_rows_do_not_mark_the_turn_end_again():
+    splitter = BatchSplitter()
+    splitter.track("r", tag_request("r", None), prompt_tokens=4)
+    assert [s.turn_end for s in splitter.split(["r"], [4], [0])] == [True]
+    splitter.split(["r"], [1], [4])
+    # Preempted: the prompt and the first output are recomputed with the next token.
+    (again,) = splitter.split(["r"], [6], [0])
+    assert (again.position, again.rows, again.turn_end) == (5, 1, False)
+
+
+def test_a_grown_streaming_prompt_ends_its_turn_at_its_new_end():
+    splitter = BatchSplitter()
+    splitter.track("r", tag_request("r", None), prompt_tokens=4)
+    assert [s.turn_end for s in splitter.split(["r"], [4], [0])] == [True]
+    splitter.split(["r"], [1], [4])
+    splitter.set_prompt_tokens("r", 9)
+    assert [s.turn_end for s in splitter.split(["r"], [4], [5])] == [True]
+
+
+def test_worker_marks_the_prompts_last_chunk_per_request_in_its_tagging():
+    capture = _worker()
+    runner = _runner(a=(3, None), b=(6, None))
+    # a's whole prompt and b's first chunk; then a decodes next to b's last chunk; then both
+    # decode: the tagging (serialised once into the frame template) carries the flags.
+    _run_step(capture, runner, ["a", "b"], [3, 3], [0, 0], new=["a", "b"])
+    _run_step(capture, runner, ["a", "b"], [1, 3], [3, 3])
+    _run_step(capture, runner, ["a", "b"], [1, 1], [4, 6])
+    _run_step(capture, runner, ["a", "b"], [1, 1], [5, 7])
+    taggings = [step.tagging for step in capture.client.steps]
+    assert [t.turn_ends for t in taggings] == [(True, False), (False, True), (), ()]
+    # Flags are part of the key: the frame writer must not reuse another step's template.
+    assert len({t.key for t in taggings[:3]}) == 3
+    assert taggings[2] is taggings[3]  # decode steps reuse one plan (and its tagging)

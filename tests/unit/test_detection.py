@@ -484,7 +484,11 @@ def test_training_through_the_aggregation_improves_the_served_score() -> None:
 
 def test_fit_layers_trains_through_the_aggregation_unless_told_not_to() -> None:
     fit_tokens, heldout = _span_tokens(200, 4), _span_tokens(120, 5)
-    (trained,) = fit_layers(fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 4), guards=())
+    # The windowed candidate alone: every label-1 token carries the template direction, so the
+    # turn mean would win here (see test_fit_layers_offers_the_turn_mean).
+    (trained,) = fit_layers(
+        fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 4), guards=(), turn_mean=False
+    )
     (plain,) = fit_layers(
         fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 4), train_aggregation=False
     )
@@ -523,7 +527,9 @@ def test_fit_layers_chooses_the_whole_turn_mean_where_mean_pooling_works() -> No
     the best prefix of at least K tokens, and short noisy prefixes cost some AUROC against
     the same probe's mean over the finished turn (which no rule serves)."""
     fit_tokens, heldout, test = (_diffuse_tokens(240, s) for s in (6, 7, 8))
-    (result,) = fit_layers(fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 8, 32))
+    (result,) = fit_layers(
+        fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 8, 32), turn_mean=False
+    )
     assert result.aggregation.startswith("max_rolling_mean:512,for:")
     assert result.aggregation.endswith(",roles")
     assert result.heldout["auroc_whole_turn"] > result.heldout["auroc_windowed"] + 0.02
@@ -535,8 +541,9 @@ def test_fit_layers_chooses_the_whole_turn_mean_where_mean_pooling_works() -> No
     )
     assert served > 0.9 and served > windowed + 0.1 and pooled >= served
     (fixed,) = fit_layers(
-        fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 8, 32), guards=()
-    )
+        fit_tokens, heldout, ["layers.0"], fpr=0.05, windows=(1, 8, 32), guards=(),
+        turn_mean=False,
+    )  # fmt: skip
     assert fixed.aggregation.startswith("max_rolling_mean:") and "for" not in fixed.aggregation
     assert "auroc_whole_turn" not in fixed.heldout
 
@@ -661,8 +668,10 @@ def test_the_role_masked_whole_turn_mean_cannot_read_the_prompt() -> None:
         _prompted(fit_tokens, 12), _prompted(heldout, 12), ["layers.0"], fpr=0.05,
         windows=windows,
     )  # fmt: skip
-    assert plain.aggregation.endswith(",roles")
+    # The turn mean (role-masked too) wins on this data, where mean pooling works.
+    assert plain.aggregation == "max_rolling_mean:512,roles,turn_end"
     assert prompted.heldout["auroc_whole_turn"] == pytest.approx(plain.heldout["auroc_whole_turn"])
+    assert prompted.heldout["auroc_turn_mean"] == pytest.approx(plain.heldout["auroc_turn_mean"])
     assert plain.heldout["windowed_reads_other_roles"] == 0.0
     assert prompted.heldout["windowed_reads_other_roles"] == 1.0
     assert window_reads_other_roles(_prompted(fit_tokens, 12), 2)  # the first labeled token

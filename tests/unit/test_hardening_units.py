@@ -25,7 +25,7 @@ from monitor.rules.reload import RuleReloader
 from monitor.sidecar import streams
 from monitor.sidecar.firings import BoundedLabel
 from monitor.sidecar.grouping import READ_AHEAD
-from monitor.sidecar.process import release_replaced
+from monitor.sidecar.process import GEN0_THRESHOLD, release_replaced, settle_heap
 from monitor.sidecar.service import _read_into
 from monitor.wire import encode_tensor, pb
 
@@ -351,6 +351,23 @@ def test_replaced_objects_in_a_frozen_cycle_are_released():
         assert gc.get_freeze_count() > 0  # frozen again for the next full passes
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("where", ["sidecar", "relay"])
+def test_settling_the_heap_freezes_start_up_and_raises_the_young_threshold(where):
+    from monitor.capture.relay import main as relay_main
+
+    settle = settle_heap if where == "sidecar" else relay_main.settle_heap
+    threshold = relay_main.GEN0_THRESHOLD if where == "relay" else GEN0_THRESHOLD
+    saved = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)
+    try:
+        settle()
+        assert gc.get_freeze_count() > 0  # start-up's objects: out of every collection
+        assert gc.get_threshold() == (threshold, 10, 10)  # the older generations as they were
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*saved)
 
 
 def test_deepest_cpu_layer_is_cloned_when_an_earlier_layer_is_on_a_gpu(monkeypatch):

@@ -13,6 +13,7 @@ import torch
 from monitor.features.build.scoring import (
     aggregation_guard,
     aggregation_masked,
+    aggregation_turn_end,
     parse_aggregation,
 )
 from monitor.features.errors import FeatureError
@@ -202,7 +203,7 @@ def test_pooled_features_that_need_different_rule_keys_are_an_error(tmp_path: Pa
     ("aggregation", "expected"),
     [
         ("", "probes/f records no aggregation (an SAE feature"),
-        ("mean", "'mean' pools a finished text, which no rule reproduces"),
+        ("mean", "its served form is max_rolling_mean:512,roles,turn_end"),
         ("max_rolling_mean:8,for:2,turn_end", "for:K cannot go with turn_end"),
         ("max_rolling_mean:x", "is not max_rolling_mean:W"),
     ],
@@ -328,6 +329,14 @@ def test_a_rules_test_file_without_aggregations_fails_to_load_and_says_why(
     )
     with pytest.raises(TestFileError, match="unknown feature alias 'nope'"):
         run_test_file(bad)
+    unused = TEST_FILE.format(aggregations="aggregations: {probes/zz: max}", at=5)
+    with pytest.raises(TestFileError, match="unknown feature alias 'probes/zz'"):
+        run_test_file(_write(tmp_path, unused, "u_test.yaml"))
+    roles = TEST_FILE.format(
+        aggregations="aggregations: {f: {aggregation: max, labeled_roles: [null, 3]}}", at=5
+    )
+    with pytest.raises(TestFileError, match="labeled_roles must be non-empty strings"):
+        run_test_file(_write(tmp_path, roles, "r_test.yaml"))
 
 
 def test_the_shipped_rule_tests_declare_what_the_shipped_pack_records() -> None:
@@ -371,18 +380,30 @@ def test_the_shipped_rule_tests_declare_what_the_shipped_pack_records() -> None:
         "max_rolling_mean:8,roles,roles",
         "max_rolling_mean:8,bogus",
         "min_rolling_mean:8",
+        "max_rolling_mean:512,roles,turn_end",
+        "max_rolling_mean:512,turn_end",
+        "max_rolling_mean:512,turn_end,roles",
+        "max_rolling_mean:8,for:2,turn_end",
+        "max_rolling_mean:8,turn_end,turn_end",
+        "max,turn_end",
+        "mean,turn_end",
     ],
 )
 def test_the_rules_parser_agrees_with_pack_fits(text: str) -> None:
     """The rules package parses the aggregation grammar itself (it must not import the
     pack-building code); both parsers accept the same texts with the same meaning."""
     try:
-        fitted = (parse_aggregation(text)[1], aggregation_guard(text), aggregation_masked(text))
+        fitted = (
+            parse_aggregation(text)[1],
+            aggregation_guard(text),
+            aggregation_masked(text),
+            aggregation_turn_end(text),
+        )
     except FeatureError:
         fitted = None
     try:
         pooling = parse_pooling(text)
-        served = (pooling.window, pooling.guard, pooling.masked)
+        served = (pooling.window, pooling.guard, pooling.masked, pooling.turn_end)
     except AggregationError:
         served = None
     assert served == fitted
@@ -525,7 +546,7 @@ def test_a_threshold_calibrated_for_another_pooling_is_noted(tmp_path: Path) -> 
     refit = load_rules([path], _known("max_rolling_mean:512,roles,turn_end"))
     (note,) = refit.notes
     assert note.startswith(f"{path}:3:3: threshold 't' was calibrated with probes/f pooled as ")
-    assert "max_rolling_mean:8, and rule 'r' now pools it as max_rolling_mean:512,roles," in note
+    assert "'max_rolling_mean:8', and rule 'r' now pools it as max_rolling_mean:512,roles," in note
     assert note.endswith("re-run rules calibrate")
     out = io.StringIO()
     known = _known("max_rolling_mean:512,roles,turn_end")
@@ -637,3 +658,49 @@ def test_a_rules_test_file_with_a_turn_end_aggregation(tmp_path: Path) -> None:
     )
     result = run_test_file(_write(tmp_path, still_open, "open_test.yaml"))
     assert not result.passed and result.cases[0].fired == []  # no turn end, no check
+
+
+def test_rules_calibrate_rewrites_a_block_style_entry_and_keeps_what_follows(
+    tmp_path: Path,
+) -> None:
+    import yaml
+
+    from monitor.evaluation.calibrate import replace_thresholds
+
+    text = (
+        "thresholds:\n"
+        "  t:\n"
+        "    value: 3\n"
+        "    pooled:\n"
+        "      probes/f: max_rolling_mean:8\n"
+        "  # a comment that stays\n"
+        "  u: 4\n"
+    )
+    out = replace_thresholds(text, {"t": 5.0, "u": 6.0}, {"t": {"probes/f": "max"}})
+    assert out == (
+        "thresholds:\n"
+        "  t:\n"
+        '    {value: 5, pooled: {"probes/f": "max"}}\n'
+        "  # a comment that stays\n"
+        "  u: 6\n"
+    )
+    assert yaml.safe_load(out) == {
+        "thresholds": {"t": {"value": 5, "pooled": {"probes/f": "max"}}, "u": 6}
+    }
+
+
+def test_recalibration_notes_escape_and_skip_pack_thresholds(tmp_path: Path) -> None:
+    hostile = CALIBRATED.replace('"max_rolling_mean:8"', '"\\e[31mRED\\nnote: forged"')
+    path = _write(tmp_path, hostile)
+    known = _known("max_rolling_mean:8")
+    (note,) = load_rules([path], known).notes
+    assert "\x1b" not in note and "\n" not in note
+    out = io.StringIO()
+    assert check_rules([path], known, out, io.StringIO()) == 0
+    assert "\x1b" not in out.getvalue() and out.getvalue().count("\n") == 2  # note, summary
+    # A threshold that is the pack feature's own calibrated value follows the refit.
+    pack_value = CALIBRATED.replace("value: 0.5", "value: probes/f")
+    assert load_rules([_write(tmp_path, pack_value)], _known("max_rolling_mean:4")).notes == []
+    # One mistake, one error.
+    errors = _errors(tmp_path, CALIBRATED.replace("value: 0.5, ", ""), known)
+    assert errors == [f"{tmp_path / 'rules.yaml'}:3:6: threshold 't' must have a 'value'"]

@@ -1,6 +1,6 @@
-"""The sidecar's light-load inline path, its two guards on the event loop side: the pipeline
-worker's idle count survives a job cancelled while queued, and the inline budget turns the
-inline path off after a slow run."""
+"""The sidecar's inline path and its guards on the event loop side: what is small enough
+(rows and sequences), the pipeline worker's idle count survives a job cancelled while
+queued, and the inline budget turns the inline path off after slow runs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from monitor.sidecar.streams import InlineBudget, PipelineWorker
+import torch
+
+from monitor.sidecar import streams
+from monitor.sidecar.streams import INLINE_FAR_OVER, InlineBudget, PipelineWorker, small_batches
+from monitor.wire import encode_tensor, pb
 
 
 async def _until(condition, limit: float = 30.0) -> None:
@@ -90,12 +94,63 @@ def test_a_job_cancelled_while_running_is_counted_once_when_it_ends():
     assert asyncio.run(scenario()) == (True, (1, 1, 0, True))
 
 
-def test_a_slow_inline_run_pauses_the_inline_path_for_a_while():
+def test_slow_inline_runs_pause_the_inline_path_for_a_while():
     budget = InlineBudget(budget=0.002, pause=10.0)
     assert budget.allowed(100.0)
     budget.ran(0.0015, 100.0)  # within budget
     assert budget.allowed(100.0) and budget.pauses == 0
-    budget.ran(0.004, 100.0)  # over: no inline runs for 10 s
+    budget.ran(0.004, 100.0)  # over once: noise (a collection, a cold cache), no pause yet
+    assert budget.allowed(100.0) and budget.pauses == 0
+    budget.ran(0.004, 100.0)  # over twice in a row: no inline runs for 10 s
     assert budget.pauses == 1
     assert not budget.allowed(100.0) and not budget.allowed(109.9)
     assert budget.allowed(110.0)
+
+
+def test_a_run_over_the_budget_once_between_fast_ones_never_pauses():
+    budget = InlineBudget(budget=0.002, pause=10.0)
+    for _ in range(5):
+        budget.ran(0.005, 100.0)
+        budget.ran(0.001, 100.0)
+    assert budget.pauses == 0 and budget.allowed(100.0)
+
+
+def test_a_run_far_over_the_budget_pauses_at_once():
+    budget = InlineBudget(budget=0.002, pause=10.0)
+    budget.ran(0.002 * INLINE_FAR_OVER + 0.001, 100.0)
+    assert budget.pauses == 1 and not budget.allowed(105.0)
+
+
+def _step(rows: int, width: int = 8, conversations: int | None = None) -> pb.StepBatch:
+    batch = pb.StepBatch(seq_no=1, model="m")
+    batch.layers.append(
+        pb.Layer(hook_point="layers.1", activations=encode_tensor(torch.zeros(rows, width)))
+    )
+    count = rows if conversations is None else conversations
+    for c in range(count):
+        batch.sequences.append(pb.Sequence(conversation_id=f"c{c}", rows=rows // count))
+    return batch
+
+
+def test_the_inline_bound_is_on_rows_and_sequences_not_the_message_bytes():
+    """A 64-conversation decode step of a wide model (~295 KB at d_model 2304, BF16) runs
+    inline; so do two of them together; three, or a step of more rows, or one holding more
+    than the byte cap, do not."""
+    step = _step(64, width=2304)
+    size = step.ByteSize()
+    assert size > 256 * 1024  # the old byte bound (64 KiB) kept every such step off the loop
+    assert small_batches([(step, size, ())])
+    assert small_batches([(step, size, ()), (step, size, ())])
+    assert not small_batches([(step, size, ())] * 3)  # 192 rows: the pipeline thread groups
+    wide = _step(streams.INLINE_ROWS + 1, conversations=1)
+    assert not small_batches([(wide, wide.ByteSize(), ())])
+    assert not small_batches([(step, streams.INLINE_BYTES + 1, ())])
+    many = _step(streams.INLINE_SEQUENCES + 1)  # one row each, but too many sequences
+    assert not small_batches([(many, many.ByteSize(), ())])
+
+
+def test_the_inline_rows_come_from_the_decoded_layers_when_there_are_some():
+    step = _step(4)  # the message says 4 rows
+    decoded = (torch.zeros(streams.INLINE_ROWS + 1, 8),)
+    assert small_batches([(step, step.ByteSize(), ())])
+    assert not small_batches([(step, step.ByteSize(), decoded)])

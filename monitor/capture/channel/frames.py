@@ -10,8 +10,11 @@ and needs no schema of its own. It comes in two forms:
 - TEMPLATED_STEP: `[u32 n][n bytes: a StepBatch][pad to 8][u64 rows × sequences]
   [u64 positions × sequences]`. Steps of one tagging differ only in rows, positions and the
   tensors' row counts, so the serving process serialises the StepBatch once per tagging and
-  each step adds two short arrays; the relay fills them in. Every frame is whole in itself:
-  the relay keeps no state between frames, so frames it skips or a relay restart lose nothing.
+  each step adds two short arrays; the relay fills them in. Turn-end flags belong to the
+  tagging (`Tagging.turn_ends`), so they travel inside the serialised StepBatch: a marked
+  step is a step of another tagging, and an unmarked one costs nothing more. Every frame is
+  whole in itself: the relay keeps no state between frames, so frames it skips or a relay
+  restart lose nothing.
 
 Tensors are copied straight from the model's output into shared memory (after a dtype
 conversion, if the wire lacks the model's dtype). This module's relay half imports no torch.
@@ -314,6 +317,7 @@ def _describe(
             )
         )
     tagging = step.tagging
+    turn_ends = tagging.turn_ends or (False,) * len(tagging.conversation_ids)
     for index, cid in enumerate(tagging.conversation_ids):
         batch.sequences.append(
             pb.Sequence(
@@ -325,6 +329,7 @@ def _describe(
                 end=tagging.end,
                 tokens=texts[index] if texts else (),
                 attributes=tagging.attributes,
+                turn_end=turn_ends[index],
             )
         )
     return batch

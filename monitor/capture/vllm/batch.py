@@ -16,7 +16,10 @@ its first scheduled token). This module turns that layout into `CapturedStep` sl
   `assistant`). A step computes a request's prompt (in chunks) and then one output token at a
   time, so a slice is normally all prompt or all output; one that spans the prompt's end is
   split into two sequences (they go out in two messages, in order, as the sidecar refuses a
-  message naming a conversation twice).
+  message naming a conversation twice);
+- the slice holding the prompt's last token (the whole prompt, or a chunked prefill's last
+  chunk) is marked as ending the prompt's turn (`Sequence.turn_end`). The end of the output
+  is learnt only in the next step, once its last row has gone (see the worker's `_finish`).
 
 Kept free of vLLM imports so it is unit-tested in the main environment.
 """
@@ -211,6 +214,9 @@ class Slice(NamedTuple):
     start: int
     stop: int
     position: int
+    # The last row is the prompt's last token: the prompt's turn ends there (a chunked
+    # prefill's last chunk; never a decode step's slice).
+    turn_end: bool = False
 
     @property
     def rows(self) -> int:
@@ -326,7 +332,8 @@ class BatchSplitter:
         counts and positions are Python ints (the caller converts them once, with tolist).
         Each slice is all prompt rows or all output rows (its tag's role says which); a
         request's rows that span the prompt's end become two slices, prompt first; the result
-        says how many slices are prompt rows (`StepSlices.prompt_slices`)."""
+        says how many slices are prompt rows (`StepSlices.prompt_slices`). A prompt slice
+        whose last row is the prompt's last token is marked `turn_end`."""
         slices = []
         offset = 0
         prompt_slices = 0
@@ -356,16 +363,18 @@ class BatchSplitter:
                     continue
                 prompt_slices += 1
                 prompt_tag = tracked.prompt_tag
-                if end <= prompt or prompt_tag is tracked.tag:
-                    slices.append(Slice(internal_id, prompt_tag, start, offset, first))
+                if end <= prompt:  # the chunk that computes the prompt's last token ends it
+                    slices.append(
+                        Slice(internal_id, prompt_tag, start, offset, first, end == prompt)
+                    )
                     continue
                 # Spans the prompt's end. The scheduler computes the last prompt token in one
                 # step and samples the first output from it, so a fresh request does not get
                 # here; rows recomputed after preemption are skipped above. Split, never
-                # mis-tag, whatever path leads here.
+                # mis-tag (nor miss the prompt's turn end), whatever path leads here.
                 self.straddles += 1
                 middle = start + prompt - first
-                slices.append(Slice(internal_id, prompt_tag, start, middle, first))
+                slices.append(Slice(internal_id, prompt_tag, start, middle, first, True))
                 slices.append(Slice(internal_id, tracked.tag, middle, offset, prompt))
         return StepSlices(slices, prompt_slices)
 

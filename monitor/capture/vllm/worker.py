@@ -115,6 +115,9 @@ class WorkerCapture:
         self.block_requests = 0  # block alerts that named a request in flight
         self.blocks_unmatched = 0  # block alerts for a request no longer (or never) in flight
         self.conversations_ended = 0  # end messages sent for conversations named by requests
+        # Zero-row turn-end messages sent for answers of conversations named by
+        # `sm_conversation_id` (one per finished request; see `_finish`).
+        self.turn_ends_sent = 0
         self.recent_ends: deque[str] = deque(maxlen=_KEEP_RECENT_ENDS)  # their ids, for reports
         self.guard_timeouts = 0  # steps released without the sidecar's verdict (fail-open)
         self.steps = 0
@@ -214,10 +217,11 @@ class WorkerCapture:
         step. Forgotten when a request finishes (its id could come back with another tag).
         A step with prompt rows keys its plan by each slice's role too: a request's prompt
         and its output are tagged with different roles (a decode step has no prompt rows,
-        and its key stays the ids alone)."""
+        and its key stays the ids alone), and by which slices end the prompt's turn."""
         key: tuple[Any, ...] = tuple([s.request for s in slices])
         if slices.prompt_slices:
-            key = (key, tuple([s.tag.role for s in slices]))
+            # A chunked prefill's last chunk ends the prompt's turn, its other chunks do not.
+            key = (key, tuple([s.tag.role for s in slices]), tuple([s.turn_end for s in slices]))
         plan = self._plans.get(key)
         if plan is not None:
             return plan
@@ -313,10 +317,16 @@ class WorkerCapture:
         return len(gone)
 
     def _finish(self, finished: set[str]) -> None:
-        """Requests that ended: a conversation named after its request ends with the last
-        request still running under that name (a user may give two requests one id, or the
-        operator's `ignore_request_conversation_ids` names each by its request's internal id)."""
-        states = [self.splitter.state(internal_id) for internal_id in finished]
+        """Requests that ended (finished, or aborted: vLLM reports both here): each ends its
+        answer's turn, at the position after its last sent row (the sidecar's rules engine
+        marks the turn end at the conversation's last evaluated token, as the answer's last
+        token is sampled and never computed). A conversation named after its request is over:
+        it gets a zero-row `end` (which is also a turn end), sent when the last request still
+        running under that name finishes (a user may give two requests one id, or the
+        operator's `ignore_request_conversation_ids` names each by its request's internal id).
+        A conversation named with `sm_conversation_id` may go on in a later request: it gets
+        a zero-row `turn_end`, which keeps its state."""
+        states = [(i, self.splitter.state(i)) for i in finished]
         self.splitter.finish(finished)
         self._plans.clear()  # they name finished requests
         with self._blocks_lock:
@@ -324,29 +334,45 @@ class WorkerCapture:
                 self._blocks.pop(internal_id, None)
         if self.client is None:
             return
-        ends: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[RequestTag, int]] = {}
-        for state in states:
-            if state is None or state[0].explicit:
-                continue  # a named conversation may go on in a later request
+        marks: dict[tuple[bool, str, tuple[tuple[str, str], ...]], tuple[str, RequestTag, int]]
+        marks = {}
+        for internal_id, state in states:
+            if state is None:
+                continue
             tag, position = state
             if self.splitter.requests_of(tag.conversation_id):
-                continue  # another request still runs this conversation: it ends with that one
-            key = (tag.conversation_id, tuple(sorted(tag.attributes.items())))
-            if key not in ends or position > ends[key][1]:
-                ends[key] = (tag, position)
-        for tag, position in ends.values():
-            step = CapturedStep(
-                layers=dict(self._empty),
+                # Another request still runs this conversation: an `end` would drop its
+                # state; a turn end here would sit at this request's position, not the
+                # conversation's next one, and read as a gap (which resets its state too).
+                # The conversation ends (or ends a turn) with that request.
+                continue
+            key = (tag.explicit, tag.conversation_id, tuple(sorted(tag.attributes.items())))
+            if key not in marks or position > marks[key][2]:
+                marks[key] = (internal_id, tag, position)
+        for internal_id, tag, position in marks.values():
+            if tag.explicit:
+                # The request's own id and output role, as on its rows: the sidecar's slot
+                # for the conversation is reused as it is, and nothing reads the zero-row
+                # slice as another request.
+                tagging = Tagging(
+                    (tag.conversation_id,),
+                    (tag.role,),
+                    (bounded_id(internal_id),),
+                    dict(tag.attributes),
+                    turn_ends=(True,),
+                )
+                self.turn_ends_sent += 1
+            else:
                 # The attributes too: with `conversations.scope: attribute` they pick the
                 # conversation's namespace in the sidecar.
-                tagging=Tagging(
+                tagging = Tagging(
                     (tag.conversation_id,), ("",), ("",), dict(tag.attributes), end=True
-                ),
-                rows=[0],
-                positions=[position],
+                )
+                self.conversations_ended += 1
+                self.recent_ends.append(tag.conversation_id)
+            step = CapturedStep(
+                layers=dict(self._empty), tagging=tagging, rows=[0], positions=[position]
             )
-            self.conversations_ended += 1
-            self.recent_ends.append(tag.conversation_id)
             self.client.submit(step)
 
     # ---- guard mode -----------------------------------------------------------------------
@@ -415,12 +441,16 @@ def _tagging(group: Sequence[Slice]) -> Tagging:
     # vLLM's internal id: what an alert names is then exactly one request (see `_on_alert`)
     requests = tuple(bounded_id(s.request) for s in group)
     attributes = group[0].tag.attributes
+    turn_ends = tuple(s.turn_end for s in group)
+    if not any(turn_ends):
+        turn_ends = ()
     return Tagging(
         ids,
         roles,
         requests,
         attributes,
-        key=(ids, roles, requests, tuple(sorted(attributes.items()))),
+        key=(ids, roles, requests, tuple(sorted(attributes.items())), turn_ends),
+        turn_ends=turn_ends,
     )
 
 
@@ -489,6 +519,7 @@ def capture_report(worker: Any) -> dict[str, Any]:
         block_requests=capture.block_requests,
         blocks_unmatched=capture.blocks_unmatched,
         conversations_ended=capture.conversations_ended,
+        turn_ends_sent=capture.turn_ends_sent,
         recent_ends=list(capture.recent_ends),
         guard_timeouts=capture.guard_timeouts,
         naming_errors=capture.naming_errors,

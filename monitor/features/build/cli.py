@@ -212,7 +212,8 @@ def _add_fit(sub: Any) -> None:
         help="rolling-mean window of the aggregation (max of rolling means), or auto: "
         "the best held-out AUROC among 1,4,8,16,32 and, trained through, a role-masked "
         "whole-turn mean (the labeled role's last 512 tokens, for: 4|8|16|32 tokens guard; "
-        "served with window_roles)",
+        "served with window_roles) and the turn mean (that mean at each labeled turn's last "
+        "token: mean pooling, served with at: turn_end)",
     )
     p.add_argument("--fpr", type=float, default=0.01, help="alert threshold's held-out FPR")
     p.add_argument(
@@ -288,6 +289,7 @@ def _fit(args: argparse.Namespace) -> int:
         fpr=args.fpr,
         windows=windows,
         guards=_guards(args.window),
+        turn_mean=args.window == "auto",
         l2=args.l2,
         train_aggregation=args.train_aggregation,
         category=args.category,
@@ -316,6 +318,7 @@ def _fit_datasets(args: argparse.Namespace, layers: list[int]) -> int:
             model, tokenizer, fit, heldout, layers, name=args.name, feature_name=name,
             fpr=args.fpr, windows=_windows(args.window), l2=args.l2, category=name,
             guards=_guards(args.window),
+            turn_mean=args.window == "auto",
             train_aggregation=args.train_aggregation,
             data_name=f"dataset:{name}",
         )  # fmt: skip
@@ -565,7 +568,9 @@ def _benign_scores(pack: Any, args: argparse.Namespace) -> tuple[dict[str, Any],
             values = [pack.encode(hp, t.activations[hp])[:, column] for t in tokens]
             columns.append(
                 [
-                    conversation_score(v, t.labeled, _as_aggregation(pooling[info.name]))
+                    conversation_score(
+                        v, t.labeled, _as_aggregation(pooling[info.name]), t.turn_ends
+                    )
                     for v, t in zip(values, tokens, strict=True)
                 ]
             )

@@ -63,9 +63,18 @@ class ConversationTokens:
         """Tokens in the conversation's stream (all turns)."""
         return len(self.roles)
 
+    @property
+    def turn_ends(self) -> torch.Tensor:
+        """bool [tokens]: each turn's last token (where the capture stream marks ``turn_end``):
+        what a ``,turn_end`` aggregation and a rule with ``at: turn_end`` read."""
+        from monitor.features.build.scoring import turn_ends
+
+        return turn_ends(self.turn_rows)
+
 
 # A hook for the caller around each batched forward pass: (conversation ids, roles) -> context.
-# ``safety-monitor eval`` wraps the pass in the capture client's ``conversation`` block.
+# Each pass is one whole turn of every conversation in it: ``safety-monitor eval`` wraps it in
+# the capture client's ``conversation`` block with ``turn_end=True`` (its last row ends the turn).
 Around = Callable[[list[str], list[str]], contextlib.AbstractContextManager[Any]]
 
 

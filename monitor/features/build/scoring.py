@@ -19,6 +19,14 @@ probe is fitted and calibrated with is recorded in the pack as its *aggregation*
   set to the labeled roles (and ``for: K tokens``) fires on. With W = 512 this is the
   role-masked whole-turn mean, the closest causal counterpart of mean pooling that cannot read
   the prompt.
+- ``max_rolling_mean:W,roles,turn_end`` (or ``max_rolling_mean:W,turn_end``): the same rolling
+  mean, read only at the labeled tokens that *end a turn* (a turn's last token, where that
+  turn's role is labeled): what ``rolling_mean(f, W) > t`` with ``roles:``, ``window_roles:``
+  (with ``,roles``) and ``at: turn_end`` fires on. With W = 512 and ``,roles`` this is mean
+  pooling served exactly: at the end of a labeled turn the rule reads the mean of the labeled
+  role's tokens so far (w.mean(h) + b = mean(w.h + b)), for one labeled turn the mean of that
+  turn ("turn mean"). ``for`` together with ``turn_end`` is invalid (a rule checked once per
+  turn has no run of consecutive tokens to guard).
 - ``max``: ``max_rolling_mean:1``.
 - ``mean``: the mean over the labeled tokens (what a probe fitted on mean-pooled texts sees;
   no rule reproduces it exactly).
@@ -46,8 +54,8 @@ MAX_FOR = 64  # the longest minimum-token guard an aggregation may name
 def parse_aggregation(text: str) -> tuple[str, int]:
     """``'max_rolling_mean:8'`` -> ``('max_rolling_mean', 8)``; ``'mean'`` -> ``('mean', 0)``;
     the guard of ``'max_rolling_mean:W,for:K'`` is `aggregation_guard`'s, the ``,roles``
-    option `aggregation_masked`'s."""
-    text, _, _ = _split_options(text)
+    option `aggregation_masked`'s, the ``,turn_end`` option `aggregation_turn_end`'s."""
+    text = _split_options(text).base
     kind, _, window = text.partition(":")
     if kind == "max" and not window:
         return "max_rolling_mean", 1
@@ -64,18 +72,32 @@ def parse_aggregation(text: str) -> tuple[str, int]:
 
 def aggregation_guard(text: str) -> int:
     """The minimum-token guard K of ``'max_rolling_mean:W,for:K'`` (1 without one)."""
-    return _split_options(text)[1]
+    return _split_options(text).guard
 
 
 def aggregation_masked(text: str) -> bool:
     """Whether the rolling mean takes in the labeled roles' tokens alone (``,roles``): served
     with ``window_roles:`` set to the labeled roles."""
-    return _split_options(text)[2]
+    return _split_options(text).masked
 
 
-def _split_options(text: str) -> tuple[str, int, bool]:
+def aggregation_turn_end(text: str) -> bool:
+    """Whether the score is read only at the labeled turns' last tokens (``,turn_end``): served
+    with ``at: turn_end``."""
+    return _split_options(text).turn_end
+
+
+@dataclass(frozen=True)
+class _Options:
+    base: str
+    guard: int
+    masked: bool
+    turn_end: bool
+
+
+def _split_options(text: str) -> _Options:
     base, *options = text.split(",")
-    guard, masked = 1, False
+    guard, masked, turn_end = 1, False, False
     for option in options:
         name, _, k = option.partition(":")
         if not base.startswith("max_rolling"):
@@ -84,14 +106,36 @@ def _split_options(text: str) -> tuple[str, int, bool]:
             guard = int(k)
         elif option == "roles" and not masked:
             masked = True
+        elif option == "turn_end" and not turn_end:
+            turn_end = True
         else:
             break
     else:
-        return base, guard, masked
+        if turn_end and guard > 1:
+            # A rule checked only at a turn's last token sees one row per turn: `for: K` would
+            # need K consecutive turn ends (the rules loader rejects the pair too).
+            raise FeatureError(
+                f"{text!r}: for:K cannot be combined with turn_end (a rule with at: turn_end "
+                "is checked once per turn)",
+                field="aggregation",
+            )
+        return _Options(base, guard, masked, turn_end)
     raise FeatureError(
-        f"{text!r}, expected max_rolling_mean:W[,for:K][,roles] (K in 1..{MAX_FOR})",
+        f"{text!r}, expected max_rolling_mean:W[,for:K][,roles][,turn_end] (K in 1..{MAX_FOR})",
         field="aggregation",
     )
+
+
+def turn_ends(turn_rows: Sequence[int]) -> torch.Tensor:
+    """bool [tokens]: True at each turn's last token, from the tokens per turn
+    (``ConversationTokens.turn_rows``); a turn of no tokens has no end."""
+    ends = torch.zeros(sum(turn_rows), dtype=torch.bool)
+    position = 0
+    for rows in turn_rows:
+        position += rows
+        if rows > 0:
+            ends[position - 1] = True
+    return ends
 
 
 def guarded_runs(labeled: torch.Tensor, guard: int) -> torch.Tensor:
@@ -136,15 +180,36 @@ def rolling_mean(values: torch.Tensor, window: int) -> torch.Tensor:
     return ((sums[ends] - sums[starts]) / (ends - starts)).float()
 
 
-def conversation_score(values: torch.Tensor, labeled: torch.Tensor, aggregation: str) -> float:
+def conversation_score(
+    values: torch.Tensor,
+    labeled: torch.Tensor,
+    aggregation: str,
+    turn_end: torch.Tensor | None = None,
+) -> float:
     """One conversation's score: per-token ``values`` [tokens] pooled by ``aggregation`` over
-    the ``labeled`` tokens (bool [tokens]); -inf when no token is labeled."""
+    the ``labeled`` tokens (bool [tokens]); -inf when no token is labeled. A ``,turn_end``
+    aggregation needs ``turn_end`` (bool [tokens], each turn's last token: `turn_ends`); the
+    others ignore it."""
     kind, window = parse_aggregation(aggregation)
+    options = _split_options(aggregation)
+    if options.turn_end:
+        if turn_end is None:
+            raise ValueError(f"{aggregation!r} is read at turn ends: pass turn_end (turn_ends)")
+        if turn_end.shape != labeled.shape:
+            raise ValueError(f"turn_end has {len(turn_end)} tokens, labeled {len(labeled)}")
     if not bool(labeled.any()):
         return -math.inf
     if kind == "mean":
         return float(values[labeled].double().mean())
-    _, guard, masked = _split_options(aggregation)
+    guard, masked = options.guard, options.masked
+    if options.turn_end:
+        assert turn_end is not None
+        # The rule is checked at the labeled turns' last tokens only (`at: turn_end`).
+        if masked:
+            means = rolling_mean(values[labeled], window)[turn_end[labeled]]
+        else:
+            means = rolling_mean(values, window)[labeled & turn_end]
+        return float(means.max()) if means.numel() else -math.inf
     if masked:
         # The window holds the labeled tokens alone (``window_roles``); a ``for`` run is still
         # broken by another role's tokens.

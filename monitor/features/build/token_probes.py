@@ -14,7 +14,10 @@ mean-pooled probe lost 29 points of recall at 1% FPR when served per token). So:
    not diluted). W is chosen on the held-out calibration split among ``WINDOWS`` (or given),
    by AUROC. A second candidate is the role-masked whole-turn mean: the mean of the last
    ``WHOLE_TURN`` tokens *of the labeled roles* (``max_rolling_mean:512,for:K,roles``, served
-   with ``window_roles:``), which never reads a system prompt or another role's turn.
+   with ``window_roles:``), which never reads a system prompt or another role's turn. A third
+   is the *turn mean* (``max_rolling_mean:512,roles,turn_end``, served with ``at: turn_end``):
+   the same mean read only at a labeled turn's last token, which is mean pooling served
+   exactly; it starts from a logistic regression on the pooled vectors (``fit_pooled_probe``).
 3. Then the probe is trained *through* that aggregation (``fit_through_aggregation``): the
    conversation score max-of-rolling-means(w.h_t + b) goes into the loss (a smooth max for
    training), so only the tokens that carry the signal must score high, not every token of a
@@ -46,6 +49,7 @@ from monitor.features.build.probes import ProbeFit, probe_encoder
 from monitor.features.build.scoring import (
     aggregation_guard,
     aggregation_masked,
+    aggregation_turn_end,
     auroc,
     conversation_score,
     labeled_runs,
@@ -66,6 +70,9 @@ WINDOWS = (1, 4, 8, 16, 32)
 # unmasked mean learned the system prompt's instruction to lie on the shipped deception set.
 WHOLE_TURN = 512
 GUARDS = (4, 8, 16, 32)
+# The turn mean: the labeled roles' whole-turn mean read at each labeled turn's last token
+# (the rule's ``at: turn_end``), so no guard is needed: the turn is finished when it is read.
+TURN_MEAN = f"max_rolling_mean:{WHOLE_TURN},roles,turn_end"
 
 
 @dataclass
@@ -106,15 +113,7 @@ def fit_token_probe(
 ) -> ProbeFit:
     """Weighted logistic regression on the labeled tokens of ``conversations``."""
     rows, labels, weights = [], [], []
-    counts = {0: 0, 1: 0}
-    for conv in conversations:
-        if bool(conv.labeled.any()):
-            counts[conv.label] += 1
-    if not counts[0] or not counts[1]:
-        raise FeatureError(
-            f"need conversations of both labels 0 and 1 with labeled tokens, got {counts}",
-            field="label",
-        )
+    counts = _both_labels(conversations)
     for conv in conversations:
         n = int(conv.labeled.sum())
         if n == 0:
@@ -124,8 +123,35 @@ def fit_token_probe(
         # Each conversation weighs 1 / (conversations of its class), spread over its tokens.
         weights.append(torch.full((n,), 1.0 / (n * counts[conv.label]), dtype=torch.float64))
     x = torch.cat(rows).double()
-    y = torch.cat(labels)
-    weight = torch.cat(weights)
+    return _fit_standardised(
+        x, torch.cat(labels), torch.cat(weights), hook_point, "logistic-token", l2, max_iter
+    )
+
+
+def _both_labels(conversations: Sequence[ConversationTokens]) -> dict[int, int]:
+    counts = {0: 0, 1: 0}
+    for conv in conversations:
+        if bool(conv.labeled.any()):
+            counts[conv.label] += 1
+    if not counts[0] or not counts[1]:
+        raise FeatureError(
+            f"need conversations of both labels 0 and 1 with labeled tokens, got {counts}",
+            field="label",
+        )
+    return counts
+
+
+def _fit_standardised(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    hook_point: str,
+    method: str,
+    l2: float,
+    max_iter: int,
+) -> ProbeFit:
+    """Weighted logistic regression with L2 on standardised rows, folded into one ``w, b`` on
+    the raw activations."""
     weight = weight / weight.sum() * len(weight)
     mu = (x * weight[:, None]).sum(0) / weight.sum()
     sigma = (((x - mu) ** 2) * weight[:, None]).sum(0).div(weight.sum()).sqrt().clamp(min=1e-6)
@@ -136,7 +162,52 @@ def fit_token_probe(
     accuracy = float(
         ((((x @ folded + bias) > 0).double() == y).double() * weight).sum() / weight.sum()
     )
-    return ProbeFit(hook_point, folded.float(), bias, "logistic-token", accuracy)
+    return ProbeFit(hook_point, folded.float(), bias, method, accuracy)
+
+
+def pooled_vectors(conversation: ConversationTokens, hook_point: str, window: int) -> torch.Tensor:
+    """[labeled turn ends, d_model] float64: at each labeled turn's last token, the mean of the
+    last ``window`` labeled tokens' activations (across the labeled turns so far). A linear
+    probe's value on it is the turn mean's score there (w.mean(h) + b = mean(w.h + b)); for one
+    labeled turn of at most ``window`` tokens it is plain mean pooling of that turn."""
+    x = conversation.activations[hook_point][conversation.labeled].double()
+    ends = torch.nonzero(conversation.turn_ends[conversation.labeled])[:, 0]
+    sums = torch.cat([x.new_zeros(1, x.shape[1]), torch.cumsum(x, 0)])
+    starts = (ends + 1 - window).clamp(min=0)
+    return (sums[ends + 1] - sums[starts]) / (ends + 1 - starts)[:, None]
+
+
+def fit_pooled_probe(
+    conversations: Sequence[ConversationTokens],
+    hook_point: str,
+    *,
+    window: int = WHOLE_TURN,
+    l2: float = 1e-2,
+    max_iter: int = 200,
+) -> ProbeFit:
+    """Logistic regression on the pooled vectors (`pooled_vectors`): one example per labeled
+    turn end, each conversation weighted equally and the classes balanced. The turn mean's
+    starting point: served through ``max_rolling_mean:<window>,roles,turn_end`` it scores a
+    conversation exactly as a mean-pooled probe scores its labeled turn."""
+    counts = _both_labels(conversations)
+    rows, labels, weights = [], [], []
+    for conv in conversations:
+        if not bool(conv.labeled.any()):
+            continue
+        pooled = pooled_vectors(conv, hook_point, window)
+        n = len(pooled)
+        rows.append(pooled)
+        labels.append(torch.full((n,), float(conv.label), dtype=torch.float64))
+        weights.append(torch.full((n,), 1.0 / (n * counts[conv.label]), dtype=torch.float64))
+    return _fit_standardised(
+        torch.cat(rows),
+        torch.cat(labels),
+        torch.cat(weights),
+        hook_point,
+        "logistic-turn-mean",
+        l2,
+        max_iter,
+    )
 
 
 def _weighted_logistic(
@@ -181,8 +252,14 @@ class _Padded:
         self.index = (starts[:, None] + columns[None, :]).clamp(max=total - 1)
         labeled = torch.cat([c.labeled for c in conversations])
         self.labeled = labeled[self.index] & self.valid
+        turn_end = torch.cat([c.turn_ends for c in conversations])
+        self.turn_end = turn_end[self.index] & self.valid
         self.labels = torch.tensor([float(c.label) for c in conversations], dtype=torch.float64)
         self.x = torch.cat([c.activations[hook_point] for c in conversations]).double()
+        if bool(labeled.any()):
+            self.labeled_rows = self.x[labeled]
+        else:
+            self.labeled_rows = self.x
         # The labeled tokens alone, as their own grid (``masked`` pooling: ``window_roles``),
         # with the length of the run of consecutive labeled tokens ending at each.
         rows = [
@@ -198,6 +275,7 @@ class _Padded:
         for i, (r, run) in enumerate(zip(rows, runs, strict=True)):
             self.masked_index[i, : len(r)] = r
             self.masked_runs[i, : len(r)] = run
+        self.masked_turn_end = turn_end[self.masked_index] & self.masked_valid
 
     def pooled(
         self,
@@ -206,6 +284,7 @@ class _Padded:
         tau: float | None,
         guard: int = 1,
         masked: bool = False,
+        turn_end: bool = False,
     ) -> torch.Tensor:
         """Per conversation: the max over labeled tokens of the rolling mean of the last
         ``window`` values of the stream (scoring.rolling_mean), with ``guard`` > 1 over runs of
@@ -213,15 +292,16 @@ class _Padded:
         ``tau``, a smooth max (``tau * logsumexp(r / tau)`` minus its value for equal inputs)
         for training. A conversation with no such run scores -inf (hard max) or a very
         negative number (smooth max). With ``masked`` the stream is the labeled tokens alone
-        (scoring's ``,roles``), and a guard's run must not cross another role's tokens."""
+        (scoring's ``,roles``), and a guard's run must not cross another role's tokens. With
+        ``turn_end`` (no guard) the max is over the labeled turns' last tokens alone."""
         if masked:
-            return self._pooled_masked(values, window, tau, guard)
+            return self._pooled_masked(values, window, tau, guard, turn_end)
         grid = values[self.index] * self.valid
         sums = torch.cat([grid.new_zeros(self.count, 1), torch.cumsum(grid, 1)], 1)
         ends = torch.arange(1, grid.shape[1] + 1)
         starts = (ends - window).clamp(min=0)
         means = (sums[:, ends] - sums[:, starts]) / (ends - starts)
-        where = self.labeled
+        where = self.labeled & self.turn_end if turn_end else self.labeled
         if guard > 1:
             padded = torch.cat([means.new_full((self.count, guard - 1), math.inf), means], 1)
             means = padded.unfold(1, guard, 1).min(2).values
@@ -235,7 +315,7 @@ class _Padded:
         return _max(means, where, tau)
 
     def _pooled_masked(
-        self, values: torch.Tensor, window: int, tau: float | None, guard: int
+        self, values: torch.Tensor, window: int, tau: float | None, guard: int, turn_end: bool
     ) -> torch.Tensor:
         valid = self.masked_valid
         grid = values[self.masked_index] * valid
@@ -243,12 +323,49 @@ class _Padded:
         ends = torch.arange(1, grid.shape[1] + 1)
         starts = (ends - window).clamp(min=0)
         means = (sums[:, ends] - sums[:, starts]) / (ends - starts)
-        where = valid
+        where = self.masked_turn_end if turn_end else valid
         if guard > 1:
             padded = torch.cat([means.new_full((self.count, guard - 1), math.inf), means], 1)
             means = padded.unfold(1, guard, 1).min(2).values
             where = valid & (self.masked_runs >= guard)
         return _max(means, where, tau)
+
+
+class _TurnMeans:
+    """Conversations as their pooled vectors (`pooled_vectors`, [turn ends, d_model]) for the
+    turn mean (``max_rolling_mean:W,roles,turn_end``): the rolling mean of w.h_t + b over the
+    labeled tokens, read at a labeled turn end, is w.p + b for that turn end's pooled vector p,
+    so training through it needs one row per turn end, not the token grid of `_Padded` (the
+    scores agree up to float64 rounding: a test checks it)."""
+
+    def __init__(
+        self, conversations: Sequence[ConversationTokens], hook_point: str, window: int
+    ) -> None:
+        vectors = [pooled_vectors(c, hook_point, window) for c in conversations]
+        counts = torch.tensor([len(v) for v in vectors])
+        self.count = len(conversations)
+        self.x = torch.cat(vectors)
+        columns = torch.arange(max(int(counts.max()), 1))
+        self.valid = columns[None, :] < counts[:, None]
+        starts = torch.cumsum(counts, 0) - counts
+        self.index = (starts[:, None] + columns[None, :]).clamp(max=max(len(self.x) - 1, 0))
+        self.labels = torch.tensor([float(c.label) for c in conversations], dtype=torch.float64)
+        labeled = [c.activations[hook_point][c.labeled] for c in conversations]
+        self.labeled_rows = torch.cat(labeled).double()
+
+    def pooled(
+        self,
+        values: torch.Tensor,
+        window: int,
+        tau: float | None,
+        guard: int = 1,
+        masked: bool = True,
+        turn_end: bool = True,
+    ) -> torch.Tensor:
+        """Per conversation: the max (hard, or smooth with ``tau`` as `_Padded.pooled`) of the
+        probe's values on its pooled vectors (``values`` [turn ends]); the window is the one
+        the vectors were pooled with."""
+        return _max(values[self.index] * self.valid, self.valid, tau)
 
 
 def _max(means: torch.Tensor, where: torch.Tensor, tau: float | None) -> torch.Tensor:
@@ -269,6 +386,7 @@ def fit_through_aggregation(
     *,
     guard: int = 1,
     masked: bool = False,
+    turn_end: bool = False,
     l2: float = 1e-2,
     tau: float = 0.5,
     lr: float = 0.01,
@@ -282,7 +400,8 @@ def fit_through_aggregation(
     a smooth max (temperature ``tau``) so every high window gets gradient (with ``guard`` > 1,
     over runs of that many labeled tokens of the run's smallest mean, what a rule with
     ``for: <guard> tokens`` fires on; with ``masked``, over the labeled tokens alone, what a
-    rule with ``window_roles:`` the labeled roles serves); the loss is BCE on
+    rule with ``window_roles:`` the labeled roles serves; with ``turn_end``, read at the
+    labeled turns' last tokens alone, what a rule with ``at: turn_end`` serves); the loss is BCE on
     the conversation label (classes balanced) plus L2 on the standardised weights. Only the
     tokens that carry the signal need to score high, where the per-token fit asks every token
     of a harmful request ("How do I ...") to. Full-batch Adam from ``init`` (the per-token
@@ -292,10 +411,17 @@ def fit_through_aggregation(
     Deterministic: no sampling.
     """
     hook_point = init.hook_point
-    train = _Padded(fit_tokens, hook_point)
-    heldout = _Padded(heldout_tokens, hook_point)
+    train: _Padded | _TurnMeans
+    heldout: _Padded | _TurnMeans
+    if masked and turn_end and guard == 1:
+        # The turn mean is linear in the pooled vectors: no token grid needed.
+        train = _TurnMeans(fit_tokens, hook_point, window)
+        heldout = _TurnMeans(heldout_tokens, hook_point, window)
+    else:
+        train = _Padded(fit_tokens, hook_point)
+        heldout = _Padded(heldout_tokens, hook_point)
     labels = [int(y) for y in heldout.labels.tolist()]
-    rows = train.x[train.labeled[train.valid]] if bool(train.labeled.any()) else train.x
+    rows = train.labeled_rows
     mu = rows.mean(0)
     sigma = rows.std(0).clamp(min=1e-6)
     z_train = (train.x - mu) / sigma
@@ -312,7 +438,7 @@ def fit_through_aggregation(
     for step in range(max_steps + 1):
         if step % every == 0:
             with torch.no_grad():
-                served = heldout.pooled(z_heldout @ w + b, window, None, guard, masked)
+                served = heldout.pooled(z_heldout @ w + b, window, None, guard, masked, turn_end)
             score = auroc(served.tolist(), labels)
             if step == 0:
                 initial = score
@@ -323,7 +449,7 @@ def fit_through_aggregation(
         if step == max_steps:
             break
         optimizer.zero_grad()
-        pooled = train.pooled(z_train @ w + b, window, tau, guard, masked)
+        pooled = train.pooled(z_train @ w + b, window, tau, guard, masked, turn_end)
         loss = nn.functional.binary_cross_entropy_with_logits(
             pooled, train.labels, pos_weight=pos_weight
         )
@@ -334,9 +460,10 @@ def fit_through_aggregation(
         return AggregationFit(init, 0, initial, score)
     folded = w_best / sigma
     bias = float(b_best - mu @ folded)
-    fit = ProbeFit(
-        hook_point, folded.float(), bias, "logistic-token-aggregated", init.train_accuracy
-    )
+    # The source a pack records says where training started (the per-token fit, or the
+    # pooled-vector fit of the turn mean).
+    method = "logistic-token" if init.method == "logistic-token" else init.method
+    fit = ProbeFit(hook_point, folded.float(), bias, f"{method}-aggregated", init.train_accuracy)
     return AggregationFit(fit, step, initial, score)
 
 
@@ -345,7 +472,7 @@ def score_conversations(
 ) -> list[float]:
     """Each conversation's score: the probe's per-token values pooled by ``aggregation``."""
     return [
-        conversation_score(token_values(c, hook_point, fit), c.labeled, aggregation)
+        conversation_score(token_values(c, hook_point, fit), c.labeled, aggregation, c.turn_ends)
         for c in conversations
     ]
 
@@ -419,6 +546,7 @@ def fit_layers(
     l2: float = 1e-2,
     train_aggregation: bool = True,
     guards: Sequence[int] = GUARDS,
+    turn_mean: bool = True,
 ) -> list[LayerResult]:
     """Fit, choose the aggregation and set the threshold, per hook point.
 
@@ -428,7 +556,13 @@ def fit_layers(
     whole-turn mean (``max_rolling_mean:WHOLE_TURN,for:K,roles``: the labeled roles' tokens
     alone, the guard K chosen by the per-token fit's held-out AUROC) and whichever of the two
     serves the better held-out AUROC is kept. It reads no other role, so it is offered for
-    every data set (the unmasked whole-turn mean it replaces learned a system prompt).
+    every data set (the unmasked whole-turn mean it replaces learned a system prompt). With
+    ``turn_mean`` (and training), a third candidate, the turn mean (``TURN_MEAN``: that mean
+    read only at each labeled turn's last token, served with ``at: turn_end``), starts from a
+    logistic regression on the pooled vectors (`fit_pooled_probe`) and is trained through its
+    pooling too; the best held-out AUROC of the three is kept (ties keep the earlier one: the
+    windowed pooling alerts without waiting for a guard, the whole-turn mean before the turn
+    ends).
     """
     results = []
     labels = [c.label for c in heldout_tokens]
@@ -451,6 +585,8 @@ def fit_layers(
             per_token = fit
             trained = fit_through_aggregation(fit_tokens, heldout_tokens, fit, window, l2=l2)
             fit = trained.fit
+            if guards or turn_mean:
+                extra["auroc_windowed"] = trained.auroc
             if guards:
                 whole, _ = choose_guard(heldout_tokens, hp, per_token, guards)
                 _, whole_window = parse_aggregation(whole)
@@ -459,13 +595,27 @@ def fit_layers(
                     guard=aggregation_guard(whole), masked=aggregation_masked(whole), l2=l2,
                 )  # fmt: skip
                 extra |= {
-                    "auroc_windowed": trained.auroc,
                     "auroc_whole_turn": candidate.auroc,
                     "whole_turn_guard": float(aggregation_guard(whole)),
                 }
                 # Ties keep the windowed pooling: it alerts without waiting for a guard.
                 if candidate.auroc > trained.auroc:
                     trained, fit, aggregation = candidate, candidate.fit, whole
+            if turn_mean:
+                pooled_fit = fit_pooled_probe(fit_tokens, hp, window=WHOLE_TURN, l2=l2)
+                _, turn_window = parse_aggregation(TURN_MEAN)
+                turn = fit_through_aggregation(
+                    fit_tokens, heldout_tokens, pooled_fit, turn_window,
+                    masked=aggregation_masked(TURN_MEAN),
+                    turn_end=aggregation_turn_end(TURN_MEAN), l2=l2,
+                )  # fmt: skip
+                # The pooled-vector fit served exactly (step 0), and what training added.
+                extra |= {
+                    "auroc_turn_mean": turn.auroc,
+                    "auroc_turn_mean_pooled": turn.initial_auroc,
+                }
+                if turn.auroc > trained.auroc:
+                    trained, fit, aggregation = turn, turn.fit, TURN_MEAN
         scores = score_conversations(heldout_tokens, hp, fit, aggregation)
         negative_scores = [s for s, y in zip(scores, labels, strict=True) if y == 0]
         threshold = threshold_at_fpr(negative_scores, fpr) if resolvable else max(negative_scores)
@@ -480,8 +630,10 @@ def fit_layers(
             "threshold_at_max_negative": float(not resolvable),
         }
         if trained is not None:
-            # What training through the aggregation gained over the per-token fit, held out.
-            heldout["auroc_per_token_fit"] = trained.initial_auroc
+            # What training through the aggregation gained over the fit it started from, held
+            # out (the turn mean starts from the pooled-vector fit: auroc_turn_mean_pooled).
+            if aggregation != TURN_MEAN:
+                heldout["auroc_per_token_fit"] = trained.initial_auroc
             heldout["aggregation_steps"] = float(trained.steps)
         heldout.update(extra)
         results.append(LayerResult(hp, fit, aggregation, threshold, heldout, by_window))
@@ -502,6 +654,7 @@ def fit_token_probe_pack(
     l2: float = 1e-2,
     train_aggregation: bool = True,
     guards: Sequence[int] = GUARDS,
+    turn_mean: bool = True,
     category: str = "",
     description: str = "",
     data_name: str = "",
@@ -519,7 +672,7 @@ def fit_token_probe_pack(
     hook_points = [f"layers.{i}" for i in layers]
     results = fit_layers(
         fit_tokens, heldout_tokens, hook_points, fpr=fpr, windows=windows, l2=l2,
-        train_aggregation=train_aggregation, guards=guards,
+        train_aggregation=train_aggregation, guards=guards, turn_mean=turn_mean,
     )  # fmt: skip
     chosen = max(results, key=lambda r: (r.heldout["auroc"], r.heldout["recall"])).hook_point
     roles = labeled_roles(fit_data)
