@@ -882,6 +882,8 @@ class RuleEngine:
         # rule set without them costs a decode step nothing more.
         at_turn_end = [j for j, rule in enumerate(rules) if rule.at == "turn_end"]
         self._turn_end_rules = np.array(at_turn_end, dtype=np.int64) if at_turn_end else None
+        # The same rows of [rules, ...] arrays: a slice (views, no gather) when consecutive.
+        self._turn_end_at = _index(at_turn_end) if at_turn_end else slice(0, 0)
         # Per slot and turn-end rule, what its condition was at the conversation's last
         # evaluated row, for a turn end a slice without rows marks there later (a server
         # learns that an answer ended after its last token): whether it held there, the rule
@@ -1260,15 +1262,19 @@ class RuleEngine:
             if at_turn_end is not None:
                 # Their conditions hold only at turn-end rows (their temporal functions took
                 # in every row above); ``for`` is 1 for them (the loader checks).
-                held = conditions[at_turn_end]
+                te = self._turn_end_at
                 marked = _turn_end_rows(wave, columns)
-                conditions[at_turn_end] = held & marked
-                values = self._keep_pending(wave, held, marked, active, values)
+                values = self._keep_pending(wave, conditions[te], marked, active, values)
+                conditions[te] &= marked
             fires = self._advance_runs(wave, conditions, active)
             if at_turn_end is not None:
                 # Each turn end is checked afresh: a turn end right after another (a one-token
                 # turn) must not count as the same run and stay silent.
-                self._runs.reset_columns(wave.slots, at_turn_end)
+                te = self._turn_end_at
+                if te.__class__ is slice:  # a view: no index arrays built
+                    self._runs.data[wave.at, te] = 0
+                else:
+                    self._runs.reset_columns(wave.slots, at_turn_end)
             self._collect(wave, fires, values, result)
         if self._turn_end_rules is not None and not (wave.uniform and wave.width == 1):
             self._turn_ends_without_rows(wave, keys, columns, result)
@@ -1289,29 +1295,29 @@ class RuleEngine:
         values: np.ndarray | Callable[[], np.ndarray],
     ) -> np.ndarray | Callable[[], np.ndarray]:
         """Keep, for each slice with rows, what its turn-end rules' conditions (``held``
-        [turn-end rules, R]) were at its last row, for a turn end marked there later by a
-        slice without rows (``_turn_ends_without_rows``); ``marked`` [R]: the turn-end rows.
-        Returns ``values``, read (an array) when some condition is kept as holding."""
-        at_turn_end = self._turn_end_rules
-        assert at_turn_end is not None
+        [turn-end rules, R], maybe a view: not written, read before the caller masks it)
+        were at its last row, for a turn end marked there later by a slice without rows
+        (``_turn_ends_without_rows``); ``marked`` [R]: the turn-end rows. Returns ``values``,
+        read (an array) when some condition is kept as holding."""
+        te = self._turn_end_at
         if wave.uniform and wave.width == 1:  # a decode step: each row is its slice's last
             last: np.ndarray | slice = slice(None)
             at: np.ndarray | slice = wave.at
             pending = held & ~marked
             if active is not None:
-                pending &= active[at_turn_end]
+                pending &= active[te]
         else:
             has_rows = wave.lengths > 0
             last = (wave.offsets + wave.lengths - 1)[has_rows]
             at = wave.slots[has_rows]
             pending = held[:, last] & ~marked[last]
             if active is not None:
-                pending &= active[at_turn_end][:, has_rows]
+                pending &= active[te][:, has_rows]
         self._pending.data[at] = pending.T
         if _ANY(pending, axis=None):  # values are only read where a condition held
             if callable(values):
                 values = values()
-            self._pending_values.data[at] = values[at_turn_end][:, last].T
+            self._pending_values.data[at] = values[te][:, last].T
         return values
 
     def _turn_ends_without_rows(
