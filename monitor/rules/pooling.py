@@ -99,8 +99,9 @@ def parse_pooling(aggregation: str, labeled_roles: Sequence[str] = ()) -> Poolin
     elif kind == "mean" and not window_text:
         raise AggregationError(
             "'mean' pools a whole text, which a rule checking token by token cannot know is "
-            "complete; its served form is max_rolling_mean:512,roles,turn_end (the mean of "
-            "the labeled role read at each turn's end), which pack fit records"
+            "complete; for one labeled turn of at most 512 tokens its served form is "
+            "max_rolling_mean:512,roles,turn_end (the labeled role's mean read at the turn's "
+            "end), which pack fit records"
         )
     elif kind == "max_rolling_mean" and _count(window_text, MAX_POOLED_WINDOW):
         window = int(window_text)

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from monitor.features import FeatureError, FeaturePack, load_pack
+from monitor.heap import settle_heap
 from monitor.outputs.metrics import SidecarMetrics
 from monitor.rules import RuleLoadError, RuleReloader, RuleSet, load_rules
 from monitor.sidecar import streams
@@ -84,27 +85,6 @@ def release_replaced(replaced: weakref.ref[Any]) -> bool:
     gc.collect()
     gc.freeze()
     return True
-
-
-# The collector's first threshold in steady state (CPython's default is 700). The count it
-# is compared with is allocations minus deallocations of tracked objects, so 700 is reached
-# by the objects a batch holds while it is processed, not by garbage: at 390 decode steps/s
-# the sidecar ran 10-17 young collections a second, some of them 3-4.6 ms long on a busy
-# machine (measured with `gc.callbacks`), each landing in some step's send-to-ack time.
-# With 20,000, an 8 s run of decode steps had none at all: what outlives a step is far less.
-# Garbage in reference cycles waits longer, bounded by the same count.
-GEN0_THRESHOLD = 20_000
-
-
-def settle_heap() -> None:
-    """After start-up: freeze what is loaded by now (torch, the packs, gRPC), which lives as
-    long as the process, so the collector's full passes leave it out (they took ~90 ms
-    here, a stall every stream felt: send-to-ack p99 60-70 ms instead of 10-14 ms), and
-    raise the young generation's threshold to the steady state's (`GEN0_THRESHOLD`)."""
-    gc.collect()
-    gc.freeze()
-    gen0, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(max(GEN0_THRESHOLD, gen0), gen1, gen2)
 
 
 class PackFiles:

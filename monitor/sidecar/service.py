@@ -349,13 +349,15 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         """`_run_many` on the event loop itself, for a small batch while the pipeline thread
         is idle (`streams.small_batches`, `PipelineWorker.idle`): nothing else touches the
         pipeline meanwhile, as the loop is the only one handing it work."""
-        started = time.thread_time()  # the work's CPU, not its preemptions (InlineBudget)
+        # CPU time for the work, wall time for how long the loop was held (InlineBudget).
+        started, wall_started = time.thread_time(), time.perf_counter()
         try:
             return func(batches, client)
         except Exception as exc:  # the stream must survive our own bugs too
             return internal_errors([batch.seq_no for batch in batches], exc, self.metrics)
         finally:
-            self.inline.ran(time.thread_time() - started, time.perf_counter())
+            now = time.perf_counter()
+            self.inline.ran(time.thread_time() - started, now, now - wall_started)
 
     async def _run_many(
         self,

@@ -49,8 +49,9 @@ UNDECODABLE: Final = _Undecodable()
 # Stream messages larger than this are parsed off the event loop (see server._read_into).
 PARSE_INLINE_BYTES = 1024 * 1024
 
-# Batches of one stream that arrived together, with at most `INLINE_ROWS` activation rows
-# and `INLINE_SEQUENCES` sequences in all, are processed on the event loop itself when the
+# Batches of one stream that arrived together, with at most `INLINE_ROWS` rows (the most any
+# part of a batch claims: its sequences, layers or feature blocks) and `INLINE_SEQUENCES`
+# sequences in all, are processed on the event loop itself when the
 # stream keeps up and the pipeline thread has nothing to do. The hand-off to that thread and
 # back (two context switches, a wake-up of the loop, the GIL passed between two threads that
 # both run Python) costs as much CPU as a decode step's work. The bound is on rows and
@@ -64,6 +65,12 @@ PARSE_INLINE_BYTES = 1024 * 1024
 INLINE_ROWS = 128
 INLINE_SEQUENCES = 128
 INLINE_BYTES = 4 * 1024 * 1024
+# Batches of client-encoded features (`StepBatch.features`, encode_locally) have no layers to
+# decode: their bytes are the feature values themselves, a few per row, so the old 64 KiB
+# bound still fits a 128-row step of a hundred features (float32) and keeps 4 MiB of values
+# (170,000 rows of six features) off the event loop even if the rows a batch claims are
+# wrong (validation rejects it later, on whichever thread it runs).
+INLINE_FEATURE_BYTES = 64 * 1024
 # A stream whose next batch was already waiting this many times in a row when the loop came
 # back for it is behind: its batches go to the pipeline thread, where the loop reads ahead
 # meanwhile and waiting steps group. Once is not enough: after an inline step the next step
@@ -83,30 +90,43 @@ INLINE_BEHIND = 8
 def small_batches(held: Sequence[tuple[Any, int, tuple[Any, ...]]]) -> bool:
     """Whether the batches in `held` (each with the bytes it holds and its decoded layers,
     if any) are small enough, together, to process inline: few rows, few sequences, bounded
-    bytes."""
-    total_bytes = total_sequences = total_rows = 0
+    bytes (tighter for batches of client-encoded features, `INLINE_FEATURE_BYTES`)."""
+    total_bytes = feature_bytes = total_sequences = total_rows = 0
     for batch, held_bytes, decoded in held:
         total_bytes += held_bytes
+        if batch.features:
+            feature_bytes += held_bytes
         columns = batch.columns
         total_sequences += len(batch.sequences) + len(columns.slot) + len(columns.define)
+        if total_sequences > INLINE_SEQUENCES:
+            return False  # before the rows are summed: that walks every sequence
         total_rows += _rows(batch, decoded)
     return (
         total_bytes <= INLINE_BYTES
-        and total_sequences <= INLINE_SEQUENCES
+        and feature_bytes <= INLINE_FEATURE_BYTES
         and total_rows <= INLINE_ROWS
     )
 
 
 def _rows(batch: Any, decoded: tuple[Any, ...]) -> int:
-    """A batch's rows as its first layer says (validation checks them later; a batch whose
-    layers disagree is rejected there, and its work is bounded by the bytes either way)."""
+    """The most rows any part of a batch claims: its sequences' (what the rules' work scales
+    with), its first layer's (decoded or as the message says) and its feature blocks'.
+    Validation checks later that they agree; until then the largest bounds the work, so a
+    batch without layers (client-encoded features) is not taken for an empty one."""
+    rows = sum(sequence.rows for sequence in batch.sequences) + sum(batch.columns.rows)
     for tensor in decoded:
         if tensor is not None:
-            return int(tensor.shape[0])
-    for layer in batch.layers:
-        shape = layer.activations.shape
-        return int(shape[0]) if shape else 0
-    return 0
+            rows = max(rows, int(tensor.shape[0]))
+            break
+    else:
+        for layer in batch.layers:
+            shape = layer.activations.shape
+            rows = max(rows, int(shape[0]) if shape else 0)
+            break
+    for block in batch.features:
+        shape = block.values.shape
+        rows = max(rows, int(shape[0]) if shape else 0)
+    return rows
 
 
 def parse_batch(data: bytes) -> Any:
@@ -244,18 +264,26 @@ class PipelineWorker:
 # hundred steps a second each needless pause sent a second of steps through the dearer
 # hand-off. Runs are timed in the loop thread's CPU time, not wall time: a thread preempted
 # by another process has not done more work, and handing the steps to the pipeline thread
-# would not make them wait less (it is preempted as well). Work that is always slow then
-# holds the loop twice per pause at most.
+# would not make them wait less (it is preempted as well); wall time pauses only far over
+# (`INLINE_WALL_FAR_OVER`). Work that is always slow then holds the loop twice per pause at
+# most.
 INLINE_BUDGET = 0.002
 INLINE_FAR_OVER = 4.0
+# CPU time misses the loop held without running: waiting for the GIL (relay, recorder and
+# gRPC threads), for torch's intra-op threads, in a blocking write (a log line to a full
+# pipe). A run that held the loop this many times the budget in wall time pauses the inline
+# path whatever its CPU time. Far over, not just over: a preempted thread on a busy machine
+# loses a scheduler slice (a few ms) without doing more work, and that alone must not pause.
+INLINE_WALL_FAR_OVER = 16.0
 INLINE_PAUSE = 1.0
 LOG_PAUSES_EVERY = 60.0  # seconds between two log lines about pauses
 
 
 class InlineBudget:
     """Whether the event loop may still run small batches itself: not for `pause` seconds
-    after two runs in a row that took more than `budget` seconds of CPU each, or one that
-    took more than `INLINE_FAR_OVER` times it (then they go to the pipeline thread,
+    after two runs in a row that took more than `budget` seconds of CPU each, one that
+    took more than `INLINE_FAR_OVER` times it, or one that held the loop more than
+    `INLINE_WALL_FAR_OVER` times it in wall time (then they go to the pipeline thread,
     where a slow step delays only its own stream). Used on the event loop only."""
 
     def __init__(self, budget: float = INLINE_BUDGET, pause: float = INLINE_PAUSE) -> None:
@@ -270,15 +298,22 @@ class InlineBudget:
         """Whether a small batch may run inline at `now` (`time.perf_counter`)."""
         return now >= self.paused_until
 
-    def ran(self, seconds: float, now: float) -> None:
-        """An inline run took `seconds` of the loop thread's CPU (`time.thread_time`),
-        ending at `now` (`time.perf_counter`); too long pauses the inline path."""
+    def ran(self, seconds: float, now: float, wall: float = 0.0) -> None:
+        """An inline run took `seconds` of the loop thread's CPU (`time.thread_time`) and
+        `wall` seconds of wall time, ending at `now` (`time.perf_counter`); too long pauses
+        the inline path."""
+        if wall > self.budget * INLINE_WALL_FAR_OVER:
+            self._pause(seconds, wall, now)
+            return
         if seconds <= self.budget:
             self._over = False
             return
         if not self._over and seconds <= self.budget * INLINE_FAR_OVER:
             self._over = True  # once is noise; the next run decides
             return
+        self._pause(seconds, wall, now)
+
+    def _pause(self, seconds: float, wall: float, now: float) -> None:
         self._over = False
         self.paused_until = now + self.pause
         self.pauses += 1
@@ -287,6 +322,7 @@ class InlineBudget:
             log.info(
                 "inline steps paused: they took too long on the event loop",
                 run_cpu_ms=round(seconds * 1000, 2),
+                run_wall_ms=round(wall * 1000, 2),
                 budget_ms=self.budget * 1000,
                 pause_seconds=self.pause,
                 pauses=self.pauses,

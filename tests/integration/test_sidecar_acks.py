@@ -295,3 +295,36 @@ def test_an_inline_run_over_the_budget_sends_the_next_small_steps_to_the_pipelin
         assert _acks(list(stub.Monitor(iter([second]), timeout=60)))[-1][0] == 2
     assert sidecar.threads[0] == "sidecar"  # inline, then over the budget
     assert sidecar.threads[1].startswith("pipeline")
+
+
+def test_a_client_encoded_step_over_the_rows_bound_goes_to_the_pipeline_thread(sidecars):
+    """A batch of client-encoded features (encode_locally: no layers) is bounded by the rows
+    it carries like any other: a small one runs on the event loop, one over `INLINE_ROWS`
+    rows goes to the pipeline thread (its bytes alone would have let it run inline)."""
+    sidecar = sidecars()
+    sidecar.thread.sidecar.service.inline = streams.InlineBudget(budget=math.inf)
+    with grpc.insecure_channel(sidecar.target) as channel:
+        stub = pb_grpc.SafetyMonitorStub(channel)
+        pack = stub.GetStatus(pb.StatusRequest(), timeout=10).packs[0]
+        (hook_point,) = pack.hook_points
+
+        def encoded(seq_no: int, conversation: str, rows: int) -> pb.StepBatch:
+            batch = pb.StepBatch(seq_no=seq_no, model="tiny")
+            batch.features.append(
+                pb.FeatureBlock(
+                    pack=pack.name,
+                    pack_sha256=pack.sha256,
+                    hook_point=hook_point,
+                    values=encode_tensor(torch.zeros(rows, pack.features)),
+                )
+            )
+            batch.sequences.append(pb.Sequence(conversation_id=conversation, rows=rows))
+            return batch
+
+        rows = streams.INLINE_ROWS + 1
+        big = encoded(2, "big", rows)
+        assert big.ByteSize() <= streams.INLINE_FEATURE_BYTES  # bytes are not what stops it
+        events = list(stub.Monitor(iter([encoded(1, "small", 2), big]), timeout=60))
+    assert [(seq_no, rows) for seq_no, rows, _ in _acks(events)] == [(1, 2), (2, rows)]
+    assert sidecar.threads[0] == "sidecar"  # the SidecarThread's event loop
+    assert sidecar.threads[1].startswith("pipeline")

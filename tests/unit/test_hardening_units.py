@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from monitor.capture.hooks import ConversationContext, PositionLedger, StepAssembler, _Pending
+from monitor.heap import GEN0_THRESHOLD
 from monitor.rules import RuleEngine, RuleSet, SequenceSlice, load_rules
 from monitor.rules.cli import check_rules
 from monitor.rules.conversations import Conversation, ConversationTable
@@ -25,7 +26,7 @@ from monitor.rules.reload import RuleReloader
 from monitor.sidecar import streams
 from monitor.sidecar.firings import BoundedLabel
 from monitor.sidecar.grouping import READ_AHEAD
-from monitor.sidecar.process import GEN0_THRESHOLD, release_replaced, settle_heap
+from monitor.sidecar.process import release_replaced
 from monitor.sidecar.service import _read_into
 from monitor.wire import encode_tensor, pb
 
@@ -355,16 +356,20 @@ def test_replaced_objects_in_a_frozen_cycle_are_released():
 
 @pytest.mark.parametrize("where", ["sidecar", "relay"])
 def test_settling_the_heap_freezes_start_up_and_raises_the_young_threshold(where):
+    """The sidecar and the relay settle their heaps with the one helper (`monitor.heap`),
+    so their thresholds cannot drift apart."""
+    from monitor import heap
     from monitor.capture.relay import main as relay_main
+    from monitor.sidecar import process
 
-    settle = settle_heap if where == "sidecar" else relay_main.settle_heap
-    threshold = relay_main.GEN0_THRESHOLD if where == "relay" else GEN0_THRESHOLD
+    settle = process.settle_heap if where == "sidecar" else relay_main.settle_heap
+    assert settle is heap.settle_heap
     saved = gc.get_threshold()
     gc.set_threshold(700, 10, 10)
     try:
         settle()
         assert gc.get_freeze_count() > 0  # start-up's objects: out of every collection
-        assert gc.get_threshold() == (threshold, 10, 10)  # the older generations as they were
+        assert gc.get_threshold() == (GEN0_THRESHOLD, 10, 10)  # older generations unchanged
     finally:
         gc.unfreeze()
         gc.set_threshold(*saved)

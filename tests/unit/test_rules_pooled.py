@@ -203,7 +203,7 @@ def test_pooled_features_that_need_different_rule_keys_are_an_error(tmp_path: Pa
     ("aggregation", "expected"),
     [
         ("", "probes/f records no aggregation (an SAE feature"),
-        ("mean", "its served form is max_rolling_mean:512,roles,turn_end"),
+        ("mean", "of at most 512 tokens its served form is max_rolling_mean:512,roles,"),
         ("max_rolling_mean:8,for:2,turn_end", "for:K cannot go with turn_end"),
         ("max_rolling_mean:x", "is not max_rolling_mean:W"),
     ],

@@ -5,6 +5,8 @@ problem with the arrays or the slot definitions is a located BatchError."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +21,8 @@ from monitor.wire.columns import ColumnarEncoder, offers_columns
 from tests.unit.test_sidecar_grouping import D_MODEL, HOOK, make_pipeline  # noqa: F401
 
 CONVERSATIONS = 8
+# The stream of the fixed-seed test that the column comparison covers what it is about.
+SEED = 0
 
 
 def _stream(seed: int, steps: int = 60) -> list[pb.StepBatch]:
@@ -92,44 +96,60 @@ def _as_columns(encoder: ColumnarEncoder, batch: pb.StepBatch) -> pb.StepBatch:
     return sent
 
 
-@settings(
-    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(seed=st.integers(0, 2**31), slots=st.sampled_from([4, 6, 64]))
-def test_columns_give_exactly_the_events_of_sequence_messages(make_pipeline, seed, slots):  # noqa: F811
+def _compared(make: Callable[[], Any], seed: int, slots: int):
+    """One random stream through sequence messages and through columns (the same random
+    grouping on both sides): the columnar batches sent and the events of both."""
     batches = _stream(seed)
-    plain = make_pipeline()
-    columnar = make_pipeline()
+    plain = make()
+    columnar = make()
     encoder = ColumnarEncoder(slots)
     sent = [_as_columns(encoder, batch) for batch in batches]
     table = ConversationTable(slots)
     rng = random.Random(seed)
     expected, got, start = [], [], 0
-    while start < len(batches):  # the same random grouping on both sides
+    while start < len(batches):
         size = rng.randint(1, 8)
         expected += plain.process_many(batches[start : start + size])
         got += columnar.process_many(sent[start : start + size], table=table)
         start += size
-    assert _events(got) == _events(expected)
-    # The comparison means something: most batches went as columns, slots were reused
-    # without being defined again, alerts fired and bad batches were rejected.
+    assert plain.engine.tracked_conversations == columnar.engine.tracked_conversations
+    return sent, _events(expected), _events(got)
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(seed=st.integers(0, 2**31), slots=st.sampled_from([4, 6, 64]))
+def test_columns_give_exactly_the_events_of_sequence_messages(make_pipeline, seed, slots):  # noqa: F811
+    _, expected, got = _compared(make_pipeline, seed, slots)
+    assert got == expected
+    # Only the equality here: whether a random stream exercises enough (see the fixed-seed
+    # test below) is a statistical bound, and a bound hypothesis can break is a flaky test.
+
+
+@pytest.mark.parametrize("slots", [4, 6, 64])
+def test_the_column_comparison_means_something(make_pipeline, slots):  # noqa: F811
+    """On a fixed stream, the comparison above covers what it is about: most batches went
+    as columns, slots were reused without being defined again (or, with fewer slots than
+    conversations, taken over by other conversations), alerts fired (a turn-end rule too)
+    and turn ends travelled as columns."""
+    sent, expected, got = _compared(make_pipeline, SEED, slots)
+    assert got == expected
     as_columns = [batch for batch in sent if batch.HasField("columns")]
     assert len(as_columns) > len(sent) // 2
     if slots >= CONVERSATIONS:
-        # Over 150 random seeds 8 to 32 of the 60 batches define nothing (8 at seed 2**28 + 1).
         assert sum(not batch.columns.define for batch in as_columns) > 5
-    else:  # slots were taken over by other conversations
+    else:
         holders: dict[int, set[str]] = {}
         for batch in as_columns:
             for definition in batch.columns.define:
                 holders.setdefault(definition.slot, set()).add(definition.conversation_id)
         assert any(len(ids) > 1 for ids in holders.values())
-    kinds = [pb.MonitorEvent.FromString(e).WhichOneof("event") for e in _events(expected)]
+    kinds = [pb.MonitorEvent.FromString(e).WhichOneof("event") for e in expected]
     assert kinds.count("alert") > 10
     assert any(batch.columns.turn_end for batch in as_columns)
-    alerts = [pb.MonitorEvent.FromString(e).alert.rule for e in _events(expected)]
+    alerts = [pb.MonitorEvent.FromString(e).alert.rule for e in expected]
     assert "turn" in alerts  # a rule checked at turn ends fired
-    assert plain.engine.tracked_conversations == columnar.engine.tracked_conversations
 
 
 def _columnar(define=(), slot=(0,), rows=(1,), position=(0,), end=(), tokens=(), turn_end=()):

@@ -154,3 +154,74 @@ def test_the_inline_rows_come_from_the_decoded_layers_when_there_are_some():
     decoded = (torch.zeros(streams.INLINE_ROWS + 1, 8),)
     assert small_batches([(step, step.ByteSize(), ())])
     assert not small_batches([(step, step.ByteSize(), decoded)])
+
+
+def _encoded(rows: int, claimed: int | None = None, columns: int = 6) -> pb.StepBatch:
+    """A client-encoded step (encode_locally): a feature block, no layers; its one
+    sequence claims `claimed` rows (default: as many as the block holds)."""
+    batch = pb.StepBatch(seq_no=1, model="m")
+    batch.features.append(
+        pb.FeatureBlock(
+            pack="p",
+            pack_sha256="0" * 64,
+            hook_point="layers.1",
+            values=encode_tensor(torch.zeros(rows, columns)),
+        )
+    )
+    batch.sequences.append(
+        pb.Sequence(conversation_id="c", rows=rows if claimed is None else claimed)
+    )
+    return batch
+
+
+def test_a_client_encoded_step_is_bounded_by_its_rows_though_it_has_no_layers():
+    """Without layers, the rows come from the sequences and the feature blocks: the review's
+    repro (170,000 rows of six features in 128 sequences, 4 MB) is not small; a decode step
+    of client-encoded features is."""
+    step = _encoded(4)
+    assert small_batches([(step, step.ByteSize(), ())])
+    huge = pb.StepBatch(seq_no=1, model="m")
+    huge.features.append(
+        pb.FeatureBlock(
+            pack="p", hook_point="layers.1", values=encode_tensor(torch.zeros(172762, 6))
+        )
+    )
+    for c in range(128):
+        huge.sequences.append(pb.Sequence(conversation_id=f"c{c}", rows=1349))
+    assert not small_batches([(huge, huge.ByteSize(), ())])
+    over = _encoded(streams.INLINE_ROWS + 1)
+    assert not small_batches([(over, over.ByteSize(), ())])
+
+
+def test_the_rows_a_batch_claims_count_whichever_part_claims_more():
+    """The sequences claim more rows than the block holds, or the block more than the
+    sequences: either is over the bound (validation rejects the mismatch later)."""
+    claims_more = _encoded(4, claimed=streams.INLINE_ROWS + 1)
+    assert not small_batches([(claims_more, claims_more.ByteSize(), ())])
+    holds_more = _encoded(streams.INLINE_ROWS + 1, claimed=4)
+    assert not small_batches([(holds_more, holds_more.ByteSize(), ())])
+    columns = pb.StepBatch(seq_no=1, model="m")
+    columns.columns.slot.append(0)
+    columns.columns.rows.append(streams.INLINE_ROWS + 1)
+    assert not small_batches([(columns, columns.ByteSize(), ())])
+
+
+def test_client_encoded_steps_keep_the_small_byte_bound():
+    """Few rows but many features: over `INLINE_FEATURE_BYTES` goes to the pipeline thread,
+    though a layer batch of those bytes would run inline."""
+    wide = _encoded(64, columns=512)  # 128 KiB of float32 values
+    size = wide.ByteSize()
+    assert streams.INLINE_FEATURE_BYTES < size <= streams.INLINE_BYTES
+    assert not small_batches([(wide, size, ())])
+    step = _encoded(64, columns=64)
+    assert small_batches([(step, step.ByteSize(), ())])
+
+
+def test_a_run_that_held_the_loop_far_over_the_budget_in_wall_time_pauses_at_once():
+    """CPU time misses the loop held while waiting (the GIL, a blocking write): a run far
+    over in wall time pauses whatever its CPU; a little over in wall time does not."""
+    budget = InlineBudget(budget=0.002, pause=10.0)
+    budget.ran(0.001, 100.0, wall=0.002 * INLINE_FAR_OVER)  # preempted: not far enough
+    assert budget.pauses == 0 and budget.allowed(100.0)
+    budget.ran(0.001, 100.0, wall=0.002 * streams.INLINE_WALL_FAR_OVER + 0.001)
+    assert budget.pauses == 1 and not budget.allowed(105.0) and budget.allowed(110.0)

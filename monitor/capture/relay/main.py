@@ -15,7 +15,6 @@ closes: the client closed, or the serving process died.
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 import threading
@@ -26,6 +25,7 @@ import structlog
 from monitor.capture.channel.protocol import EventWriter, RelayConfig
 from monitor.capture.channel.ring import SharedRing, Slot
 from monitor.capture.relay.sender import FrameSource, Sender
+from monitor.heap import settle_heap
 
 log = structlog.get_logger("safety_monitor.capture")
 
@@ -44,20 +44,6 @@ RELAY_PACE_ENV = "SAFETY_MONITOR_RELAY_PACE"
 
 
 MAX_CPU_ID = 8192
-# The collector's first threshold once started (CPython's default is 700): the count it is
-# compared with is allocations minus deallocations, so the objects one step holds in flight
-# reach 700 and trigger young collections that find no garbage. The same as the sidecar's.
-GEN0_THRESHOLD = 20_000
-
-
-def settle_heap() -> None:
-    """Freeze what start-up loaded (gRPC, protobuf, logging: ~30,000 objects, whose full
-    collection took 27-31 ms on a busy 2-core machine, a stall in the relay's sending) so
-    full passes leave it out, and raise the young generation's threshold (`GEN0_THRESHOLD`)."""
-    gc.collect()
-    gc.freeze()
-    gen0, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(max(GEN0_THRESHOLD, gen0), gen1, gen2)
 
 
 def parse_cpu_list(text: str) -> set[int]:
