@@ -9,7 +9,9 @@ that makes numbers from different machines comparable.
 
 A third case sets one role-masked rule (``window_roles``) beside the same rule without the key,
 decode steps of the two alternating in one run, so that their ratio holds however busy the
-machine is (target: at most 1.2).
+machine is (target: at most 1.2). A fourth sets the same role-masked rule with ``at: turn_end``
+beside it with ``at: token`` (what a turn-end rule keeps per step for a turn end that a slice
+without rows marks later), the same way (target: at most 1.2).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from monitor.rules.engine import FeatureBlock
 DECODE_BUDGET_MS = 1.0
 PREFILL_BUDGET_MS = 5.0
 WINDOW_ROLES_TARGET_RATIO = 1.2  # a window_roles rule's decode step / the same rule's without
+TURN_END_TARGET_RATIO = 1.2  # an at: turn_end rule's decode step / the same rule's at: token
 
 # One role-masked whole-turn rule (``window_roles``); the plain case drops the last line.
 WINDOW_ROLES_RULE = """\
@@ -266,6 +269,61 @@ def bench_window_roles(
     }
 
 
+def bench_turn_end(
+    conversations: int = 64, prefill: int = 600, steps: int = 300, warmup: int = 20
+) -> dict:
+    """Decode-step cost of an ``at: turn_end`` rule against the same rule with ``at: token``:
+    ``rolling_mean(a, 512) > 0.5`` with ``roles: [user]`` and ``window_roles: [user]``,
+    ``conversations`` conversations prefilled with ``prefill`` user tokens, then ``steps``
+    timed one-token steps (no turn end among them, as in most decode steps) of the user's
+    tokens and of the assistant's, the two engines alternating step by step (and which runs
+    first); standard normal values."""
+    rule = WINDOW_ROLES_RULE.replace("    for: 8 tokens\n", "")
+    engines = []
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "rules.yaml"
+        for at in ("token", "turn_end"):
+            path.write_text(f"{rule}    at: {at}\n")
+            engines.append(RuleEngine(load_rules([path])))
+    index = {"p/a": 0}
+    rng = np.random.default_rng(0)
+    block = FeatureBlock(rng.standard_normal((conversations * prefill, 1), dtype=np.float32), index)
+    prefills = [
+        SequenceSlice(f"c{i}", i * prefill, prefill, 0, "user") for i in range(conversations)
+    ]
+    for engine in engines:
+        engine.evaluate(block, prefills)
+    cases = []
+    position = prefill
+    for role in ("user", "assistant"):
+        times: tuple[list[float], list[float]] = ([], [])
+        for t in range(warmup + steps):
+            block = FeatureBlock(rng.standard_normal((conversations, 1), dtype=np.float32), index)
+            slices = [SequenceSlice(f"c{i}", i, 1, position, role) for i in range(conversations)]
+            position += 1
+            pairs = list(zip(engines, times, strict=True))
+            for engine, timed in pairs if t % 2 == 0 else pairs[::-1]:
+                start = time.perf_counter()
+                engine.evaluate(block, slices)
+                if t >= warmup:
+                    timed.append((time.perf_counter() - start) * 1000)
+        token, turn_end = (statistics.median(timed) for timed in times)
+        cases.append(
+            {
+                "role": role,
+                "token_median_ms": token,
+                "turn_end_median_ms": turn_end,
+                "ratio": turn_end / token,
+            }
+        )
+    return {
+        "conversations": conversations,
+        "steps": steps,
+        "target_ratio": TURN_END_TARGET_RATIO,
+        "cases": cases,
+    }
+
+
 def run_rules_bench(
     conversations: int = 64,
     prefill_tokens: int = 4096,
@@ -275,8 +333,9 @@ def run_rules_bench(
     window_roles_steps: int | None = None,
 ) -> dict:
     """Median/p99 of ``evaluate`` for a decode step and a prefill, and the ``window_roles``
-    step-cost ratios (``bench_window_roles``, ``window_roles_steps`` steps per case, default
-    ``repeats`` but at least 100); a JSON-ready dict."""
+    and ``at: turn_end`` step-cost ratios (``bench_window_roles``, ``bench_turn_end``,
+    ``window_roles_steps`` steps per case, default ``repeats`` but at least 100); a
+    JSON-ready dict."""
     ruleset = bench_ruleset()
     temporal = sum(rule.condition.temporal for rule in ruleset.rules)
     decode = bench_decode(ruleset, conversations, warmup, repeats)
@@ -284,6 +343,9 @@ def run_rules_bench(
         ruleset, prefill_tokens, max(1, warmup // 4), prefill_repeats or max(1, repeats // 4)
     )
     window_roles = bench_window_roles(
+        conversations, steps=window_roles_steps or max(repeats, 100), warmup=warmup
+    )
+    turn_end = bench_turn_end(
         conversations, steps=window_roles_steps or max(repeats, 100), warmup=warmup
     )
     from monitor.bench.stages import machine_gemm_gflops
@@ -296,6 +358,7 @@ def run_rules_bench(
         "decode": {**decode, "budget_ms": DECODE_BUDGET_MS},
         "prefill": {**prefill, "budget_ms": PREFILL_BUDGET_MS},
         "window_roles": window_roles,
+        "turn_end": turn_end,
         "within_budget": decode["median_ms"] <= DECODE_BUDGET_MS
         and prefill["median_ms"] <= PREFILL_BUDGET_MS,
     }
@@ -327,6 +390,18 @@ def format_table(report: dict) -> str:
         lines.append(
             f"{case['values']:<15}{case['role']:<11}{case['plain_median_ms']:>10.3f}"
             f"{case['window_roles_median_ms']:>11.3f}{case['ratio']:>8.2f}"
+        )
+    turn_end = report["turn_end"]
+    lines.append(
+        f"at: turn_end: the same rule with window_roles, {turn_end['conversations']} "
+        f"conversations, decode step medians beside at: token (target ratio <= "
+        f"{turn_end['target_ratio']})"
+    )
+    lines.append(f"{'tokens of':<11}{'token ms':>10}{'turn_end ms':>13}{'ratio':>8}")
+    for case in turn_end["cases"]:
+        lines.append(
+            f"{case['role']:<11}{case['token_median_ms']:>10.3f}"
+            f"{case['turn_end_median_ms']:>13.3f}{case['ratio']:>8.2f}"
         )
     return "\n".join(lines)
 

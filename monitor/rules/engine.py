@@ -59,7 +59,10 @@ class SequenceSlice(NamedTuple):
     together with ``role`` and the batch's ``model``. ``scope`` (a client identity or a
     tenant; empty: one namespace) keeps conversations of the same id apart: state belongs to
     ``(scope, conversation_id)``. ``turn_end``: the slice's last row ends a turn of its role
-    (rules with ``at: turn_end`` are checked only at such rows; ``end`` implies it).
+    (rules with ``at: turn_end`` are checked only at such rows; ``end`` implies it). A slice
+    without rows that carries ``turn_end`` or ``end`` marks the turn end at the conversation's
+    last evaluated token instead (servers learn that an answer finished after its last token
+    was sent); it takes no part in a request (its ``request_id`` and ``role`` are not read).
 
     A named tuple: a sidecar builds one per sequence per message, and a tuple is built
     several times faster than a frozen dataclass (the decode path builds 64 per step)."""
@@ -87,6 +90,12 @@ class Firing:
     position (and batch row), with the value of its condition's feature expression, its rendered
     `output` message, labels, annotations and actions (`alert`, `audit`). The sidecar's
     `firings.py` turns it into the stream's Alert, the audit record and the Alertmanager alert.
+
+    `row` is the batch row of the token at `position`, except for a firing with `in_batch`
+    False: an `at: turn_end` rule fired by a slice without rows (`SequenceSlice`), at the
+    conversation's last evaluated token, which came in an earlier batch. `row` is then that
+    slice's `start_row`, which holds none of the token's values (it may even be past the
+    batch's last row). `scope` is the slice's (`SequenceSlice.scope`).
     """
 
     rule: str
@@ -101,6 +110,8 @@ class Firing:
     message: str
     actions: tuple[str, ...]
     annotations: dict[str, str] = field(default_factory=dict)
+    scope: str = ""
+    in_batch: bool = True
 
 
 @dataclass
@@ -871,6 +882,27 @@ class RuleEngine:
         # rule set without them costs a decode step nothing more.
         at_turn_end = [j for j, rule in enumerate(rules) if rule.at == "turn_end"]
         self._turn_end_rules = np.array(at_turn_end, dtype=np.int64) if at_turn_end else None
+        # The same rows of [rules, ...] arrays: a slice (views, no gather) when consecutive.
+        self._turn_end_at = _index(at_turn_end) if at_turn_end else slice(0, 0)
+        # Per slot and turn-end rule, what its condition was at the conversation's last
+        # evaluated row, for a turn end a slice without rows marks there later (a server
+        # learns that an answer ended after its last token): whether it held there, the rule
+        # applied to that row (role, exceptions) and the row was not itself a turn end
+        # (checked already), and the rule's value there. Kept across reloads as run lengths.
+        pending = _Table(len(at_turn_end), False, np.bool_, self._capacity)
+        pending_values = _Table(len(at_turn_end), 0.0, np.float64, self._capacity)
+        if previous is not None:
+            was = {key: i for i, key in enumerate(self._turn_end_keys)}
+            for i, j in enumerate(at_turn_end):
+                k = was.get(rules[j].state_key)
+                if k is not None:
+                    pending.data[:, i] = self._pending.data[:, k]
+                    pending_values.data[:, i] = self._pending_values.data[:, k]
+        self._pending, self._pending_values = pending, pending_values
+        self._turn_end_keys = [rules[j].state_key for j in at_turn_end]
+        self._request_turn_end = np.array(
+            [i for i, j in enumerate(at_turn_end) if rules[j].scope == "request"], dtype=np.int64
+        )
         self._masks = _MaskCache(rules)
         # The last FeatureBlock index found to hold every required feature (by identity).
         self._checked_index: Mapping[str, int] | None = None
@@ -925,9 +957,8 @@ class RuleEngine:
             batch_rows, columns = self._check(features, sequences)
             # A slice without rows of a conversation not tracked has nothing to evaluate and
             # nothing to end: it must not take a slot (millions of them cost nothing else).
-            tracked = self._conversations
             if not all(columns.rows):
-                sequences = [s for s in sequences if s.rows or state_key(s) in tracked]
+                sequences = self._drop_untracked(sequences, columns)
                 columns = None
             if columns is not None and columns.distinct:
                 waves = [(sequences, columns.keys)]  # type: ignore[list-item]  # one wave
@@ -945,6 +976,22 @@ class RuleEngine:
             if len(result.firings) > 1:
                 result.firings.sort(key=lambda f: (f.row, self._rule_order[f.rule]))
             return result
+
+    def _drop_untracked(
+        self, sequences: Sequence[SequenceSlice], columns: _Columns
+    ) -> list[SequenceSlice]:
+        """The slices to evaluate: those with rows, and those without of a conversation that is
+        tracked or has rows earlier in this batch (its end or turn end is then one)."""
+        tracked = self._conversations
+        with_rows: set[Hashable] = set()
+        kept = []
+        for s, key, rows in zip(sequences, columns.keys, columns.rows, strict=True):
+            if rows:
+                with_rows.add(key)
+            elif key not in tracked and key not in with_rows:
+                continue
+            kept.append(s)
+        return kept
 
     # ----------------------------------------------------------------- validation
 
@@ -1061,6 +1108,11 @@ class RuleEngine:
             if conv.next_position != s.position:
                 result.gaps += 1
                 fresh.append(conv.slot)
+            elif not s.rows:
+                # A slice without rows (an end, a turn end after the last token) takes no
+                # part in a request: servers send it with no request id.
+                slots.append(conv.slot)
+                continue
             elif conv.request_id != s.request_id:
                 new_request.append(conv.slot)
             conv.next_position = s.position + s.rows
@@ -1076,7 +1128,7 @@ class RuleEngine:
             slots[i] = conv.slot
         if fresh:
             index = np.array(fresh, dtype=np.int64)
-            for table in (self._runs, self._fired, self._history, self._seen, self._sums):
+            for table in self._tables():
                 table.reset(index)
         if new_request:
             self._reset_request_state(np.array(new_request, dtype=np.int64))
@@ -1112,6 +1164,8 @@ class RuleEngine:
             self._seen.reset_columns(slots, self._request_seen)
         if len(self._request_sums):
             self._sums.reset_columns(slots, self._request_sums)
+        if len(self._request_turn_end):
+            self._pending.reset_columns(slots, self._request_turn_end)
 
     def _allocate(
         self, key: Hashable, client: str, keep: set[Hashable], result: EvaluationResult
@@ -1150,8 +1204,20 @@ class RuleEngine:
 
     def _grow(self) -> None:
         self._capacity = min(self._capacity * 2, self._max)
-        for table in (self._runs, self._fired, self._history, self._seen, self._sums):
+        for table in self._tables():
             table.grow(self._capacity)
+
+    def _tables(self) -> tuple[_Table, ...]:
+        """Every table of per-slot state."""
+        return (
+            self._runs,
+            self._fired,
+            self._history,
+            self._seen,
+            self._sums,
+            self._pending,
+            self._pending_values,
+        )
 
     # ----------------------------------------------------------------- evaluation
 
@@ -1196,13 +1262,22 @@ class RuleEngine:
             if at_turn_end is not None:
                 # Their conditions hold only at turn-end rows (their temporal functions took
                 # in every row above); ``for`` is 1 for them (the loader checks).
-                conditions[at_turn_end] &= _turn_end_rows(wave, columns)
+                te = self._turn_end_at
+                marked = _turn_end_rows(wave, columns)
+                values = self._keep_pending(wave, conditions[te], marked, active, values)
+                conditions[te] &= marked
             fires = self._advance_runs(wave, conditions, active)
             if at_turn_end is not None:
                 # Each turn end is checked afresh: a turn end right after another (a one-token
                 # turn) must not count as the same run and stay silent.
-                self._runs.reset_columns(wave.slots, at_turn_end)
+                te = self._turn_end_at
+                if te.__class__ is slice:  # a view: no index arrays built
+                    self._runs.data[wave.at, te] = 0
+                else:
+                    self._runs.reset_columns(wave.slots, at_turn_end)
             self._collect(wave, fires, values, result)
+        if self._turn_end_rules is not None and not (wave.uniform and wave.width == 1):
+            self._turn_ends_without_rows(wave, keys, columns, result)
         # In C: most steps end no conversation.
         if any(map(_END, slices) if columns is None else columns.ends):
             for s in slices:
@@ -1210,6 +1285,81 @@ class RuleEngine:
                     ended = self._conversations.pop(state_key(s))
                     if ended is not None:
                         self._free.append(ended.slot)
+
+    def _keep_pending(
+        self,
+        wave: _Wave,
+        held: np.ndarray,
+        marked: np.ndarray,
+        active: np.ndarray | None,
+        values: np.ndarray | Callable[[], np.ndarray],
+    ) -> np.ndarray | Callable[[], np.ndarray]:
+        """Keep, for each slice with rows, what its turn-end rules' conditions (``held``
+        [turn-end rules, R], maybe a view: not written, read before the caller masks it)
+        were at its last row, for a turn end marked there later by a slice without rows
+        (``_turn_ends_without_rows``); ``marked`` [R]: the turn-end rows. Returns ``values``,
+        read (an array) when some condition is kept as holding."""
+        te = self._turn_end_at
+        if wave.uniform and wave.width == 1:  # a decode step: each row is its slice's last
+            last: np.ndarray | slice = slice(None)
+            at: np.ndarray | slice = wave.at
+            pending = held & ~marked
+            if active is not None:
+                pending &= active[te]
+        else:
+            has_rows = wave.lengths > 0
+            last = (wave.offsets + wave.lengths - 1)[has_rows]
+            at = wave.slots[has_rows]
+            pending = held[:, last] & ~marked[last]
+            if active is not None:
+                pending &= active[te][:, has_rows]
+        self._pending.data[at] = pending.T
+        if _ANY(pending, axis=None):  # values are only read where a condition held
+            if callable(values):
+                values = values()
+            self._pending_values.data[at] = values[te][:, last].T
+        return values
+
+    def _turn_ends_without_rows(
+        self,
+        wave: _Wave,
+        keys: list[Hashable],
+        columns: _Columns | None,
+        result: EvaluationResult,
+    ) -> None:
+        """Fire the turn-end rules whose condition held at the last evaluated row of a
+        conversation whose slice here has no rows and carries ``turn_end`` or ``end``: the
+        turn end is that row (a server learns that an answer ended after its last token).
+        Each such turn end is checked once: whatever was kept is cleared here."""
+        zero = wave.lengths == 0
+        if not _ANY(zero, axis=None):
+            return
+        marked = _turn_end_slices(wave, columns) & zero
+        if not _ANY(marked, axis=None):
+            return
+        at_turn_end = self._turn_end_rules
+        assert at_turn_end is not None
+        for si in np.flatnonzero(marked).tolist():
+            slot = int(wave.slots[si])
+            pending = self._pending.data[slot]
+            if not _ANY(pending, axis=None):
+                continue
+            sl = wave.slices[si]
+            conv = self._conversations.get(keys[si])
+            # The request of the rows evaluated last: a slice without rows names none.
+            request_id = conv.request_id if conv is not None else sl.request_id
+            position = sl.position - 1
+            for i in np.flatnonzero(pending).tolist():
+                k = int(at_turn_end[i])
+                rule = self._rules[k]
+                last = int(self._fired.data[slot, k])
+                if rule.cooldown_tokens and position - last < rule.cooldown_tokens:
+                    continue
+                self._fired.data[slot, k] = position
+                value = float(self._pending_values.data[slot, i])
+                firing = _firing(rule, sl, position, sl.start_row, value, request_id, False)
+                result.firings.append(firing)
+            pending[:] = False
 
     def _advance_runs(
         self, wave: _Wave, conditions: np.ndarray, active: np.ndarray | None
@@ -1288,12 +1438,12 @@ class RuleEngine:
                 if position - last < rule.cooldown_tokens:
                     continue
             self._fired.data[slots[si], ki] = position
-            result.firings.append(_firing(rule, sl, ti, value))
+            result.firings.append(_firing(rule, sl, position, sl.start_row + ti, value))
 
 
-def _turn_end_rows(wave: _Wave, columns: _Columns | None) -> np.ndarray:
-    """[R] bool: the wave's turn-end rows, each the last row of a slice that carries
-    ``turn_end`` or ``end``; ``columns`` are the wave's slices' when the caller has them."""
+def _turn_end_slices(wave: _Wave, columns: _Columns | None) -> np.ndarray:
+    """[S] bool: the wave's slices that carry ``turn_end`` or ``end``; ``columns`` are the
+    wave's slices' when the caller has them."""
     if columns is None:
         ends, turn_ends = list(map(_END, wave.slices)), list(map(_TURN_END, wave.slices))
     else:
@@ -1301,6 +1451,13 @@ def _turn_end_rows(wave: _Wave, columns: _Columns | None) -> np.ndarray:
     marked = np.array(ends, dtype=bool) if len(ends) else np.zeros(len(wave.slices), bool)
     if len(turn_ends):
         marked |= np.array(turn_ends, dtype=bool)
+    return marked
+
+
+def _turn_end_rows(wave: _Wave, columns: _Columns | None) -> np.ndarray:
+    """[R] bool: the wave's turn-end rows, each the last row of a slice that carries
+    ``turn_end`` or ``end``; ``columns`` are the wave's slices' when the caller has them."""
+    marked = _turn_end_slices(wave, columns)
     rows = np.zeros(wave.total, dtype=bool)
     if _ANY(marked, axis=None):
         lengths = wave.lengths[marked]
@@ -1318,12 +1475,15 @@ def _running_max(x: np.ndarray) -> np.ndarray:
 
 def state_bytes_per_conversation(rules: Sequence[Rule]) -> int:
     """Bytes of rule state one conversation takes: a run length and a last-fired position per
-    rule, the history columns and counts of the rules' temporal functions, and the running
-    sums of their restricted (``window_roles``) rolling sums, means and counts."""
+    rule, the history columns and counts of the rules' temporal functions, the running
+    sums of their restricted (``window_roles``) rolling sums, means and counts, and what each
+    ``at: turn_end`` rule's condition was at the last row (a flag and a value)."""
     program = compile_rules(list(rules))
     compensated = sum(1 for s in program.temporal if s.roles and s.kind in _PLAIN_SUMS)
+    at_turn_end = sum(1 for rule in rules if rule.at == "turn_end")
     return (
         16 * len(rules)
+        + 9 * at_turn_end
         + 4 * program.history_width
         + 8 * program.counted_width
         + 24 * compensated
@@ -1880,14 +2040,25 @@ def _index(positions: list[int], strided: bool = False) -> slice | np.ndarray:
     return np.array(positions, dtype=np.int64)
 
 
-def _firing(rule: Rule, sl: SequenceSlice, offset: int, value: float) -> Firing:
-    position = sl.position + offset
+def _firing(
+    rule: Rule,
+    sl: SequenceSlice,
+    position: int,
+    row: int,
+    value: float,
+    request_id: str | None = None,
+    in_batch: bool = True,
+) -> Firing:
+    """``rule``'s firing at ``position`` (batch ``row``) of ``sl``'s conversation, under
+    ``request_id`` (default: the slice's)."""
+    if request_id is None:
+        request_id = sl.request_id
     fields = {
         "value": value,
         "position": position,
         "rule": rule.name,
         "conversation_id": sl.conversation_id,
-        "request_id": sl.request_id,
+        "request_id": request_id,
         "category": rule.category,
         "severity": rule.severity,
         "start": position - rule.for_tokens + 1,
@@ -1898,14 +2069,16 @@ def _firing(rule: Rule, sl: SequenceSlice, offset: int, value: float) -> Firing:
         category=rule.category,
         severity=rule.severity,
         conversation_id=sl.conversation_id,
-        request_id=sl.request_id,
+        request_id=request_id,
         position=position,
-        row=sl.start_row + offset,
+        row=row,
         value=value,
         labels=dict(rule.labels),
         message=_render(rule.output, fields),
         actions=rule.actions,
         annotations={name: _render(text, fields) for name, text in rule.annotations.items()},
+        scope=sl.scope,
+        in_batch=in_batch,
     )
 
 

@@ -12,7 +12,6 @@ records follow once the store recovers when the recorder kept them pending).
 
 from __future__ import annotations
 
-import bisect
 import functools
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
@@ -96,7 +95,7 @@ class Actions:
         alerts with the `alert` action to Alertmanager."""
         status = "off"
         sendable = list(firings)
-        ids = _audited_ids(batch, firings)
+        ids = _audited_ids(firings)
         if self.recorder is not None:
             step = _audit_step(batch, rules_hash, features, firings, ids)
             result = self.recorder.record_batch(step)
@@ -199,17 +198,21 @@ def audited_conversation_id(scope: str, conversation_id: str) -> str:
     return scope.replace("%", "%25").replace("/", "%2F") + "/" + conversation_id
 
 
-def _audited_ids(batch: ValidatedBatch, firings: Sequence[Firing]) -> list[str]:
-    """Each firing's audited conversation id, from the slice its row belongs to."""
-    if not any(s.scope for s in batch.slices):
-        return [f.conversation_id for f in firings]
-    ordered = sorted(batch.slices, key=lambda s: s.start_row)
-    starts = [s.start_row for s in ordered]
-    out = []
-    for f in firings:
-        sl = ordered[bisect.bisect_right(starts, f.row) - 1]
-        out.append(audited_conversation_id(sl.scope, f.conversation_id))
-    return out
+def _audited_ids(firings: Sequence[Firing]) -> list[str]:
+    """Each firing's audited conversation id, under the scope of the slice it fired on (not
+    looked up by row: a slice without rows, whose turn end a rule fired at, starts at the
+    row of the slice after it)."""
+    return [audited_conversation_id(f.scope, f.conversation_id) for f in firings]
+
+
+def _feature_values(
+    features: Mapping[str, torch.Tensor | np.ndarray], firing: Firing
+) -> dict[str, float]:
+    """The batch's feature values at the firing's row; none for a firing at a turn end marked
+    by a slice without rows (its token came in an earlier batch: no row here holds it)."""
+    if not firing.in_batch:
+        return {}
+    return {n: float(v[firing.row]) for n, v in features.items()}
 
 
 def _audit_step(
@@ -244,7 +247,7 @@ def _audit_step(
             message=f.message,
             labels=f.labels,
             actions=f.actions,
-            feature_values={n: float(v[f.row]) for n, v in features.items()},
+            feature_values=_feature_values(features, f),
         )
         for f, cid in zip(firings, audited_ids, strict=True)
     ]

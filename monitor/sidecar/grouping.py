@@ -61,7 +61,13 @@ class StepGroup:
         parts = _parts(self.members)
         for firing in firings:
             for part in parts[firing.conversation_id]:
-                if part.first_position <= firing.position < part.end_position:
+                if not firing.in_batch:
+                    # A turn end marked by a slice without rows, at the token before it: the
+                    # member of that slice, at its start row (as that member alone).
+                    if part.first_position == part.end_position == firing.position + 1:
+                        keyed[part.member].append((part.start_row, firing))
+                        break
+                elif part.first_position <= firing.position < part.end_position:
                     row = part.start_row + firing.position - part.first_position
                     keyed[part.member].append((row, firing))
                     break
@@ -110,8 +116,10 @@ class GroupState:
         """Whether `step` can be evaluated together with the group's steps: every
         conversation it shares with them continues at the next position with the same
         request, role, attributes and token-text presence (anything else, a gap or a new
-        request, resets rule state at a boundary the merged batch would not have), none of
-        them has ended or ended a turn (a merged slice has one turn end: its last row), and
+        request, resets rule state at a boundary the merged batch would not have), with rows
+        (a turn end without rows would become the merged slice's last row, and fire in the
+        member before), none of them has ended or ended a turn (a merged slice has one turn
+        end: its last row), and
         the group's conversations fit in `room` (what the engine can track without evicting:
         one wave would evict in another order than the steps one at a time)."""
         first = self.first
@@ -135,7 +143,8 @@ class GroupState:
                 return False
             previous, had_text = before
             if (
-                sl.position != previous.position + previous.rows
+                not sl.rows
+                or sl.position != previous.position + previous.rows
                 or sl.request_id != previous.request_id
                 or sl.role != previous.role
                 or sl.attributes != previous.attributes

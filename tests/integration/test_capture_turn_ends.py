@@ -256,10 +256,12 @@ def test_generate_with_a_prompt_role_ends_the_prompts_turn_at_its_last_token(wir
     assert recorder.turn_ends() == fired_turn_ends(client.alerts) == {"g": [2], "h": [5]}
     assert recorder.roles("g") == ["user"] * 3 + ["assistant"] * 3
     assert recorder.roles("h") == ["user"] * 6 + ["assistant"] * 3
-    # end_conversation sends a zero-row `end`: it names no row, so it marks no turn end.
+    # end_conversation sends a zero-row `end`: it marks no row, and the sidecar reads it as
+    # the turn end of the last token evaluated (the answer's last computed one, 5).
     client.end_conversation("g")
     assert client.flush(30)
-    assert recorder.turn_ends() == fired_turn_ends(client.alerts) == {"g": [2], "h": [5]}
+    assert recorder.turn_ends() == {"g": [2], "h": [5]}
+    assert fired_turn_ends(client.alerts) == {"g": [2, 5], "h": [5]}
     assert [r.rows for r in recorder.received if r.end] == [0]
 
 

@@ -42,6 +42,12 @@ def test_run_rules_bench_reports_keys():
     for case in masked["cases"]:
         assert case["plain_median_ms"] > 0 and case["window_roles_median_ms"] > 0
         assert case["ratio"] == case["window_roles_median_ms"] / case["plain_median_ms"]
+    turn_end = report["turn_end"]
+    assert turn_end["conversations"] == 8 and turn_end["target_ratio"] == 1.2
+    assert [c["role"] for c in turn_end["cases"]] == ["user", "assistant"]
+    for case in turn_end["cases"]:
+        assert case["token_median_ms"] > 0 and case["turn_end_median_ms"] > 0
+        assert case["ratio"] == case["turn_end_median_ms"] / case["token_median_ms"]
 
 
 def test_bench_command_prints_json(capsys):

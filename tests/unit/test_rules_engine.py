@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -365,24 +365,47 @@ def _split(tokens: list, cuts: set[int]) -> list[tuple[int, list]]:
     return chunks
 
 
-def _run(conversations: dict[str, list], schedule: list[list[tuple[str, int, list]]]) -> list:
+def _run(conversations: dict[str, list], schedule: list[list[tuple]]) -> list:
+    """Firings of a schedule of batches of (conversation, start, chunk[, deferred]) items. A
+    ``deferred`` chunk's turn end (or end) comes later, as an item without tokens: a slice
+    without rows at the next position, with ``end`` for the conversation's last token and
+    ``turn_end`` otherwise, and no role (as servers send an answer's end)."""
     engine = RuleEngine(CHUNK_RULES)
     fired = []
     for batch in schedule:
-        slices = [
-            (
-                c,
-                start,
-                [(a, b) for a, b, _, _ in chunk],
-                chunk[0][2],
-                start + len(chunk) == len(conversations[c]),
-                chunk[-1][3],
+        slices = []
+        for c, start, chunk, *deferred in batch:
+            if not chunk:
+                last = start == len(conversations[c])
+                slices.append((c, start, [], "", last, not last))
+                continue
+            marked = not any(deferred)
+            slices.append(
+                (
+                    c,
+                    start,
+                    [(a, b) for a, b, _, _ in chunk],
+                    chunk[0][2],
+                    marked and start + len(chunk) == len(conversations[c]),
+                    marked and chunk[-1][3],
+                )
             )
-            for c, start, chunk in batch
-        ]
         fired += feed(engine, slices)
     assert engine.tracked_conversations == 0  # every conversation ended
     return sorted(fired)
+
+
+def _deferred(tokens: list, chunks: list[tuple[int, list]], defer: Callable[[], bool]) -> list:
+    """``chunks`` of a conversation, where ``defer()`` says so each chunk that ends a turn
+    (or the conversation) marks it with a slice without rows after it instead."""
+    out: list[tuple] = []
+    for start, chunk in chunks:
+        end = start + len(chunk)
+        if (chunk[-1][3] or end == len(tokens)) and defer():
+            out += [(start, chunk, True), (end, [])]
+        else:
+            out.append((start, chunk))
+    return out
 
 
 @settings(max_examples=100, deadline=None)
@@ -403,16 +426,39 @@ def test_chunking_invariance(conversation_list, rng):
     all_at_once = [
         [(c, s, chunk) for c, tokens in conversations.items() for s, chunk in _split(tokens, set())]
     ]
-    # Random cuts, random interleaving, random batch boundaries.
+    # Every turn end (and end) by a slice without rows, all in one batch: a conversation's
+    # rows and its turn ends go to waves one after the other.
+    deferred_at_once = [
+        [
+            (c, *item)
+            for c, tokens in conversations.items()
+            for item in _deferred(tokens, _split(tokens, set()), lambda: True)
+        ]
+    ]
+    # Decode steps, each turn end (and end) by a slice without rows in a batch of its own
+    # after the step (a server's finish message).
+    deferred_steps = []
+    for t in range(max(len(v) for v in conversations.values())):
+        step = [(c, t, tokens[t : t + 1], True) for c, tokens in conversations.items()]
+        step = [item for item in step if item[2]]
+        deferred_steps.append(step)
+        ends = {c for c, _, chunk, _ in step if chunk[0][3]}
+        ends |= {c for c, tokens in conversations.items() if len(tokens) == t + 1}
+        if ends:
+            deferred_steps.append([(c, t + 1, []) for c in sorted(ends)])
+    # Random cuts, random interleaving, random batch boundaries, some turn ends without rows.
     queues = {
-        c: _split(tokens, {i for i in range(1, len(tokens)) if rng.random() < 0.3})
+        c: _deferred(
+            tokens,
+            _split(tokens, {i for i in range(1, len(tokens)) if rng.random() < 0.3}),
+            lambda: rng.random() < 0.5,
+        )
         for c, tokens in conversations.items()
     }
     stream = []
     while any(queues.values()):
         c = rng.choice([c for c, q in queues.items() if q])
-        start, chunk = queues[c].pop(0)
-        stream.append((c, start, chunk))
+        stream.append((c, *queues[c].pop(0)))
     random_batches, batch = [], []
     for item in stream:
         batch.append(item)
@@ -425,6 +471,8 @@ def test_chunking_invariance(conversation_list, rng):
     expected = _run(conversations, one_by_one)
     assert _run(conversations, all_at_once) == expected
     assert _run(conversations, random_batches) == expected
+    assert _run(conversations, deferred_at_once) == expected
+    assert _run(conversations, deferred_steps) == expected
 
 
 @settings(max_examples=100, deadline=None)

@@ -164,6 +164,180 @@ def test_reload_keeps_a_turn_end_rule_window():
     assert [(f.rule, f.position) for f in fired] == [("turn_mean", 2)]  # (1 + 1 + 0) / 3
 
 
+# ------------------------------------------------------------ turn ends without rows
+# A server learns that an answer finished after its last token: the vLLM plugin's finish
+# message and the capture client's end_conversation are slices without rows, with `end` (or
+# `turn_end`), no role and no request id. The turn end is the last token evaluated.
+
+ANSWER_RULES = """
+features: {a: p/a}
+rules:
+  - rule: answer
+    severity: warning
+    condition: rolling_mean(a, 4) > 1
+    at: turn_end
+    roles: [assistant]
+    output: "{rule} at {position} of {conversation_id} in {request_id}: {value}"
+  - rule: token
+    severity: info
+    condition: a > 100
+"""
+
+
+def _finish(cid: str, position: int, *, end: bool = True, start_row: int = 0) -> SequenceSlice:
+    """A finish message: no rows, no role, no request id."""
+    return SequenceSlice(cid, start_row, 0, position, "", end, turn_end=not end)
+
+
+def _answer(engine, cid: str, values: list[float], position: int = 0, **flags) -> list:
+    sl = SequenceSlice(cid, 0, len(values), position, "assistant", request_id="r1", **flags)
+    return _evaluate(engine, [sl], values)
+
+
+def test_an_end_without_rows_fires_once_at_the_last_evaluated_token():
+    engine = RuleEngine(ruleset(ANSWER_RULES))
+    assert _answer(engine, "c", [2.0, 2.0, 2.0]) == []  # no turn end yet: nothing checked
+    (firing,) = _evaluate(engine, [_finish("c", 3, end=False, start_row=5)], [9.0] * 5)
+    assert (firing.rule, firing.position, firing.value) == ("answer", 2, 2.0)
+    # The request of the rows, though the slice without rows names none; its row is the
+    # slice's start row, which holds none of the token's values.
+    assert (firing.request_id, firing.row, firing.in_batch) == ("r1", 5, False)
+    assert firing.message == "answer at 2 of c in r1: 2.0"
+    # Checked once: another turn end or the end without rows in between fires nothing.
+    assert _evaluate(engine, [_finish("c", 3, end=False)], []) == []
+    assert _evaluate(engine, [_finish("c", 3)], []) == []
+    assert engine.tracked_conversations == 0
+
+
+def test_a_turn_end_on_the_last_row_then_an_end_without_rows_fires_once():
+    engine = RuleEngine(ruleset(ANSWER_RULES))
+    fired = _answer(engine, "c", [2.0, 2.0], turn_end=True)
+    assert [(f.rule, f.position, f.in_batch) for f in fired] == [("answer", 1, True)]
+    assert _evaluate(engine, [_finish("c", 2)], []) == []
+    # The same where the flagged row is a decode step's (one row per slice).
+    _answer(engine, "e", [2.0, 2.0])
+    assert [f.position for f in _answer(engine, "e", [2.0], position=2, turn_end=True)] == [2]
+    assert _evaluate(engine, [_finish("e", 3)], []) == []
+    # A row after the flagged one is checked again at the next turn end without rows.
+    engine = RuleEngine(ruleset(ANSWER_RULES))
+    _answer(engine, "d", [2.0, 2.0], turn_end=True)
+    _answer(engine, "d", [2.0], position=2)
+    assert [f.position for f in _evaluate(engine, [_finish("d", 3)], [])] == [2]
+
+
+def test_a_turn_end_without_rows_fires_only_where_the_condition_and_role_held():
+    engine = RuleEngine(ruleset(ANSWER_RULES))
+    _answer(engine, "low", [2.0, 2.0, 0.0, 0.0])  # mean 1.0 at the last token: not > 1
+    for cid in ("user", "user-step"):  # roles: [assistant] leaves them out
+        _evaluate(engine, [SequenceSlice(cid, 0, 3, 0, "user")], [5.0, 5.0, 5.0])
+    _evaluate(engine, [SequenceSlice("user-step", 0, 1, 3, "user")], [5.0])  # a decode step
+    ends = [_finish("low", 4), _finish("user", 3), _finish("user-step", 4), _finish("x", 7)]
+    assert _evaluate(engine, ends, []) == []
+    assert engine.tracked_conversations == 0
+    # A gap (the end is not at the next position) drops the state: nothing to fire.
+    engine = RuleEngine(ruleset(ANSWER_RULES))
+    _answer(engine, "c", [2.0, 2.0])
+    result = engine.evaluate({"p/a": torch.zeros(0)}, [_finish("c", 5)])
+    assert (result.firings, result.gaps) == ([], 1)
+
+
+def test_turn_ends_without_rows_honour_cooldown():
+    engine = RuleEngine(
+        ruleset(ANSWER_RULES.replace("at: turn_end", "at: turn_end\n    cooldown: 4"))
+    )
+    fired = [f.position for f in _answer(engine, "c", [2.0, 2.0], turn_end=True)]
+    _answer(engine, "c", [2.0], position=2)
+    fired += [f.position for f in _evaluate(engine, [_finish("c", 3, end=False)], [])]  # 2 - 1 < 4
+    _answer(engine, "c", [2.0, 2.0, 2.0], position=3)
+    fired += [f.position for f in _evaluate(engine, [_finish("c", 6, end=False)], [])]  # 5 - 1 >= 4
+    assert fired == [1, 5]
+
+
+def test_a_request_scoped_turn_end_rule_fires_for_the_request_of_its_rows():
+    """`scope: request`: a finish message names no request, and does not start one (which
+    would reset the rule); the next request's rows do."""
+    engine = RuleEngine(
+        ruleset(ANSWER_RULES.replace("at: turn_end", "at: turn_end\n    scope: request"))
+    )
+    _answer(engine, "c", [2.0, 2.0])
+    fired = _evaluate(engine, [_finish("c", 2, end=False)], [])
+    assert [(f.position, f.request_id) for f in fired] == [(1, "r1")]
+    # The next request starts its window afresh: 0.5 alone is not above 1.
+    nxt = SequenceSlice("c", 0, 1, 2, "assistant", request_id="r2")
+    assert _evaluate(engine, [nxt], [0.5]) == []
+    assert _evaluate(engine, [_finish("c", 3)], []) == []
+
+
+def test_rows_and_their_end_without_rows_in_one_batch_fire_and_end_the_conversation():
+    engine = RuleEngine(ruleset(ANSWER_RULES))
+    slices = [
+        SequenceSlice("new", 0, 2, 0, "assistant", request_id="r1"),
+        SequenceSlice("other", 2, 1, 0, "assistant"),
+        _finish("new", 2, start_row=3),
+    ]
+    fired = _evaluate(engine, slices, [2.0, 2.0, 0.0])
+    assert [(f.conversation_id, f.position, f.row, f.in_batch) for f in fired] == [
+        ("new", 1, 3, False)
+    ]
+    assert engine.tracked_conversations == 1  # "new" ended, "other" goes on
+    # An end without rows before any row of its conversation marks nothing, and takes no slot.
+    slices = [_finish("later", 0), SequenceSlice("later", 0, 2, 0, "assistant")]
+    assert _evaluate(engine, slices, [2.0, 2.0]) == []
+    assert engine.tracked_conversations == 2
+
+
+def test_turn_ends_without_rows_after_decode_steps_of_many_conversations():
+    """Decode steps of 8 conversations (the step kernel), each finished by a message without
+    rows at its own step, beside the others' rows: each fires at its last token where the
+    4-token mean there is above 1, with that token's value."""
+    engine = RuleEngine(ruleset(ANSWER_RULES))
+    lengths = {c: 3 + 2 * c for c in range(8)}
+    values = {c: [float((c + t) % 4) for t in range(lengths[c])] for c in range(8)}
+    fired = []
+    for t in range(max(lengths.values()) + 1):
+        slices, batch = [], []
+        for c in range(8):
+            if t < lengths[c]:
+                slices.append(
+                    SequenceSlice(f"c{c}", len(batch), 1, t, "assistant", request_id="r1")
+                )
+                batch.append(values[c][t])
+            elif t == lengths[c]:
+                slices.append(_finish(f"c{c}", t, start_row=len(batch)))
+        fired += [
+            (f.conversation_id, f.position, f.value, f.in_batch)
+            for f in _evaluate(engine, slices, batch)
+        ]
+    expected = []
+    for c in range(8):
+        last = lengths[c] - 1
+        window = values[c][max(0, last - 3) : last + 1]
+        if sum(window) / len(window) > 1:
+            expected.append((f"c{c}", last, sum(window) / len(window), False))
+    assert sorted(fired) == sorted(expected)
+    assert 0 < len(expected) < 8  # some fire, some do not
+    assert engine.tracked_conversations == 0
+
+
+def test_reload_keeps_what_a_turn_end_without_rows_fires_on():
+    engine = RuleEngine(ruleset(ANSWER_RULES))
+    _answer(engine, "c", [2.0, 2.0])
+    _answer(engine, "d", [2.0, 2.0])
+    engine.replace_rules(ruleset(ANSWER_RULES))  # unchanged: kept
+    assert [f.position for f in _evaluate(engine, [_finish("c", 2)], [])] == [1]
+    # A changed condition is another rule: it never saw the last token, so it does not fire.
+    engine.replace_rules(ruleset(ANSWER_RULES.replace("> 1", "> 1.5")))
+    assert _evaluate(engine, [_finish("d", 2)], []) == []
+
+
+def test_turn_end_rules_cost_their_kept_condition_in_the_state_budget():
+    from monitor.rules.engine import state_bytes_per_conversation
+
+    rules = ruleset(ANSWER_RULES).enabled_rules
+    token_only = ruleset(ANSWER_RULES.replace("at: turn_end", "at: token")).enabled_rules
+    assert state_bytes_per_conversation(rules) == state_bytes_per_conversation(token_only) + 9
+
+
 @pytest.mark.parametrize(
     ("rule", "message"),
     [

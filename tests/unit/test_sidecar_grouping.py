@@ -149,6 +149,56 @@ def test_steps_that_cannot_be_merged_are_not(make_pipeline):
     assert not can_join(first, step(2, 4), max_rows=64, room=0)  # the engine is full
 
 
+def test_turn_ends_without_rows_group_as_one_at_a_time(make_pipeline):
+    """A finish message (a slice without rows marking `turn_end` or `end`, no request id)
+    fires `at: turn_end` rules at the conversation's last token, in the finish message's own
+    step, grouped or not; it never joins a group holding its conversation's rows (the merged
+    slice would end the turn at that row, in the member before)."""
+    from monitor.sidecar.grouping import can_join
+
+    pipeline = make_pipeline()
+    generator = torch.Generator().manual_seed(7)
+
+    def step(seq_no, sequences):
+        batch = pb.StepBatch(seq_no=seq_no, model="m")
+        batch.sequences.extend(sequences)
+        rows = sum(sequence.rows for sequence in sequences)
+        values = torch.randn(rows, D_MODEL, generator=generator)
+        batch.layers.append(pb.Layer(hook_point=HOOK, activations=encode_tensor(values)))
+        return batch
+
+    def answer(cid, position, rows):
+        return pb.Sequence(
+            conversation_id=cid, rows=rows, position=position, role="assistant", request_id="r"
+        )
+
+    def finish(cid, position, end):
+        return pb.Sequence(
+            conversation_id=cid, rows=0, position=position, end=end, turn_end=not end
+        )
+
+    names = [f"d{i}" for i in range(12)]
+    batches = [step(1, [answer(cid, 0, 3) for cid in names])]
+    for seq_no in range(2, 8):  # a decode step of "c", then finish messages of two d's
+        batches.append(step(seq_no, [answer("c", seq_no - 2, 1)]))
+        done = names[2 * (seq_no - 2) : 2 * (seq_no - 1)]
+        batches.append(step(100 + seq_no, [finish(cid, 3, cid < "d6") for cid in done]))
+    alone = make_pipeline()
+    expected = _events(alone.process(batch) for batch in batches)
+    grouped = make_pipeline()
+    outcomes = grouped.process_many(batches[:1])
+    outcomes += grouped.process_many(batches[1:])
+    assert _events(outcomes) == expected
+    assert grouped.metrics.batches_grouped._value.get() == len(batches) - 1
+    events = [pb.MonitorEvent.FromString(e) for e in expected]
+    late = [e.alert for e in events if e.alert.rule == "turn" and e.alert.seq_no > 100]
+    assert late and all(a.position == 2 and a.request_id == "r" for a in late)
+    # The finish message of a conversation whose rows are in the group waits for the next.
+    first = [pipeline.validate(step(1, [answer("c", 0, 4)]))]
+    assert not can_join(first, pipeline.validate(step(2, [finish("c", 4, False)])), 64, 10)
+    assert can_join(first, pipeline.validate(step(2, [finish("d", 3, False)])), 64, 10)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_grouping_at_the_conversation_cap_still_matches_one_at_a_time(make_pipeline, seed):
     """With few conversation slots the engine evicts; a merged wave would evict in another
