@@ -12,8 +12,10 @@ with where the turns end.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -437,8 +439,14 @@ def test_the_answers_turn_end_from_one_more_pass_over_its_last_token(wire):
             min_new_tokens=4,
             return_dict_in_generate=True,
         )
-    with client.conversation(["k", "m"], turn_end=True), torch.no_grad():
-        model(input_ids=out.sequences[:, -1:], past_key_values=out.past_key_values)
+    # As the README: the cache keyword the installed transformers wants (5.24: `cache`, the
+    # old `past_key_values` warns; 5.19: only `past_key_values`, `cache` would be ignored).
+    new = "cache" in inspect.signature(model.forward).parameters
+    cache = {"cache": out.cache} if new else {"past_key_values": out.past_key_values}
+    ending = client.conversation(["k", "m"], turn_end=True)
+    with ending, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated keyword
+        model(input_ids=out.sequences[:, -1:], **cache)
     assert client.flush(30)
     assert recorder.turn_ends() == fired_turn_ends(client.alerts) == {"k": [2, 6], "m": [2, 6]}
     assert recorder.roles("k") == ["user"] * 3 + ["assistant"] * 4

@@ -387,6 +387,16 @@ def test_the_shipped_rule_tests_declare_what_the_shipped_pack_records() -> None:
         "max_rolling_mean:8,turn_end,turn_end",
         "max,turn_end",
         "mean,turn_end",
+        # Counts in ASCII digits only, in both parsers ('²' passes str.isdigit, '٣' is 3
+        # to int()); a leading zero is the same count to both.
+        "max_rolling_mean:\u00b2",
+        "max_rolling_mean:\u0663",
+        "max_rolling_mean:8,for:\u2460",
+        "max_rolling_mean:8,for:\u0663,roles",
+        "max_rolling_mean:08",
+        "max_rolling_mean:8,for:02",
+        "max_rolling_mean:+8",
+        "max_rolling_mean:123456",
     ],
 )
 def test_the_rules_parser_agrees_with_pack_fits(text: str) -> None:

@@ -38,6 +38,7 @@ rounding.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,16 @@ DEFAULT_WINDOW = 8
 
 
 MAX_FOR = 64  # the longest minimum-token guard an aggregation may name
+# Counts in an aggregation are ASCII digits only, as the rules' parser reads them
+# (monitor/rules/pooling.py): a pack's text comes from elsewhere, and `str.isdigit` also
+# takes '²' (which int() refuses: a ValueError, not a FeatureError) and '٣' (which int()
+# reads as 3, a window the rules would refuse).
+_DIGITS = re.compile(r"[0-9]{1,5}")
+
+
+def _count(text: str, most: int) -> bool:
+    """Whether `text` is a count in 1..`most` in ASCII digits."""
+    return _DIGITS.fullmatch(text) is not None and 1 <= int(text) <= most
 
 
 def parse_aggregation(text: str) -> tuple[str, int]:
@@ -61,7 +72,7 @@ def parse_aggregation(text: str) -> tuple[str, int]:
         return "max_rolling_mean", 1
     if kind == "mean" and not window:
         return "mean", 0
-    if kind == "max_rolling_mean" and window.isdigit() and 1 <= int(window) <= 4096:
+    if kind == "max_rolling_mean" and _count(window, 4096):
         return kind, int(window)
     raise FeatureError(
         f"{text!r}, expected max_rolling_mean:W[,for:K] (W in 1..4096, K in 1..{MAX_FOR}), "
@@ -102,7 +113,7 @@ def _split_options(text: str) -> _Options:
         name, _, k = option.partition(":")
         if not base.startswith("max_rolling"):
             break
-        if name == "for" and k.isdigit() and 1 <= int(k) <= MAX_FOR and guard == 1:
+        if name == "for" and _count(k, MAX_FOR) and guard == 1:
             guard = int(k)
         elif option == "roles" and not masked:
             masked = True
