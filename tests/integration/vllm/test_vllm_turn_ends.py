@@ -30,12 +30,31 @@ from tests.integration.vllm.harness import (
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
 
 PROMPTS = {"short-a": 5, "short-b": 7, "long": 70, "late": 40}
+# Checked only at turn ends of the answer's role: fires at each answer's last computed token.
+ANSWER_END_RULE = """  - rule: answer-end
+    category: accounting
+    severity: info
+    condition: abs(f) >= 0
+    roles: [assistant]
+    at: turn_end
+"""
+
+
+def fired(alerts, rule):  # type: ignore[no-untyped-def]
+    """Conversation id -> the positions where `rule` fired, in order."""
+    positions: dict[str, list[int]] = {}
+    for alert in alerts:
+        if alert["rule"] == rule:
+            positions.setdefault(alert["conversation_id"], []).append(alert["position"])
+    return {cid: sorted(found) for cid, found in positions.items()}
 
 
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vllm-turn-ends-sidecar")
-    sidecar, target, recorder = recording_sidecar(workdir, sidecar_config(workdir, TURN_END_RULE))
+    sidecar, target, recorder = recording_sidecar(
+        workdir, sidecar_config(workdir, TURN_END_RULE + ANSWER_END_RULE)
+    )
     yield target, recorder
     sidecar.stop()
 
@@ -74,14 +93,14 @@ def test_the_prompts_last_token_ends_its_turn_in_chunked_and_mixed_steps(engine,
         # fifth token: the sixth is sampled from it and never computed.
         assert seen(report["alerts"], name) == length + 6 - 1
         assert recorder.roles(name) == ["user"] * length + ["assistant"] * 5
-    # Exactly one turn end per request: its prompt's last token; the rule fired there.
+    # Exactly one row marked per request: its prompt's last token. The rule fired there, and
+    # at the answer's last computed token, where the zero-row `end` sent when the request
+    # finished put the answer's turn end (the answer rule fired there only).
     expected = {name: [length - 1] for name, length in PROMPTS.items()}
     assert recorder.turn_ends() == expected
-    fired: dict[str, list[int]] = {}
-    for alert in report["alerts"]:
-        if alert["rule"] == "turn-end":
-            fired.setdefault(alert["conversation_id"], []).append(alert["position"])
-    assert fired == expected
+    answers = {name: [length + 4] for name, length in PROMPTS.items()}
+    assert fired(report["alerts"], "turn-end") == {n: expected[n] + answers[n] for n in PROMPTS}
+    assert fired(report["alerts"], "answer-end") == answers
     chunks = [r for r in recorder.received if r.conversation_id == "long" and r.role == "user"]
     assert len(chunks) >= 3 and [c.turn_end for c in chunks][-1] is True
     assert not any(c.turn_end for c in chunks[:-1])
@@ -161,3 +180,13 @@ def test_a_finished_request_of_a_named_conversation_ends_its_answers_turn(engine
     # The unnamed request's conversation is over: a zero-row `end` (no turn_end flag needed).
     assert [e for e in _events(recorder, "plain") if e[0] == "mark"] == [("mark", 11, False, True)]
     assert report["turn_ends_sent"] >= 3
+    # The answer rule (`roles: [assistant]`, `at: turn_end`) fired at each answer's last
+    # computed token, and nowhere else; the turn-end rule at the prompts' ends too.
+    cut_end = events[-1][1] - 1
+    answer_ends = {"chat-7": [9, len(history) + 2], "chat-abort": [cut_end], "plain": [10]}
+    ours = set(answer_ends)
+    answer_fired = fired(report["alerts"], "answer-end")
+    assert {c: p for c, p in answer_fired.items() if c in ours} == answer_ends
+    turn_fired = fired(report["alerts"], "turn-end")
+    assert turn_fired["chat-7"] == [4, 9, len(history) - 1, len(history) + 2]
+    assert turn_fired["chat-abort"] == [2, cut_end] and turn_fired["plain"] == [3, 10]
