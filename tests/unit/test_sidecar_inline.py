@@ -194,8 +194,8 @@ def test_a_client_encoded_step_is_bounded_by_its_rows_though_it_has_no_layers():
 
 
 def test_the_rows_a_batch_claims_count_whichever_part_claims_more():
-    """The sequences claim more rows than the block holds, or the block more than the
-    sequences: either is over the bound (validation rejects the mismatch later)."""
+    """Without layers, the sequences claim more rows than the block holds, or the block more
+    than the sequences: either is over the bound (validation rejects the mismatch later)."""
     claims_more = _encoded(4, claimed=streams.INLINE_ROWS + 1)
     assert not small_batches([(claims_more, claims_more.ByteSize(), ())])
     holds_more = _encoded(streams.INLINE_ROWS + 1, claimed=4)
