@@ -385,12 +385,18 @@ def _nonempty(values: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in values.items() if v}
 
 
+def _ascii_digits(text: str) -> bool:
+    """Whether ``text`` is a non-empty run of ASCII digits (what a Content-Length may be)."""
+    return text.isascii() and text.isdigit()
+
+
 async def _bounded_body(request: Request, limit: int) -> bytes | None:
     """The request body, or None when it is over `limit` bytes. Read in chunks and given up
     on at the limit: `request.body()` would first buffer whatever an unauthenticated client
     sends to /login, gigabytes included."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+    # ASCII digits only: str.isdigit() also takes "²" (latin-1 0xB2), which int() refuses.
+    if declared is not None and (not _ascii_digits(declared) or int(declared) > limit):
         return None
     chunks: list[bytes] = []
     size = 0

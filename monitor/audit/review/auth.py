@@ -101,7 +101,7 @@ class Authenticator:
             return None
         name, _, rest = payload.partition("|")
         expiry, _, nonce = rest.partition("|")
-        if not expiry.isdigit() or int(expiry) < time.time():
+        if not (expiry.isascii() and expiry.isdigit()) or int(expiry) < time.time():
             return None
         # A token removed from the config ends its sessions at the next restart at the latest;
         # a name no longer configured is refused at once.
