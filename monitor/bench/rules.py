@@ -21,7 +21,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +197,28 @@ def _window_roles_engines(function: str) -> tuple[RuleEngine, RuleEngine]:
         return plain, RuleEngine(load_rules([path]))
 
 
+def _alternating_steps(
+    engines: Sequence[RuleEngine],
+    count: int,
+    warmup: int,
+    make_step: Callable[[int], tuple[FeatureBlock, list[SequenceSlice]]],
+) -> tuple[list[float], ...]:
+    """Each engine's milliseconds per step over ``count`` steps (``make_step(t)`` gives step
+    t's block and slices; the first ``warmup`` are not timed), the engines taking turns at
+    running first: the second to run finds the step's block warm in the cache, an advantage
+    neither may have on every step."""
+    times: tuple[list[float], ...] = tuple([] for _ in engines)
+    for t in range(count):
+        block, slices = make_step(t)
+        pairs = list(zip(engines, times, strict=True))
+        for engine, timed in pairs if t % 2 == 0 else pairs[::-1]:
+            start = time.perf_counter()
+            engine.evaluate(block, slices)
+            if t >= warmup:
+                timed.append((time.perf_counter() - start) * 1000)
+    return times
+
+
 def bench_window_roles(
     conversations: int = 64,
     prefill: int = 600,
@@ -236,20 +258,15 @@ def bench_window_roles(
                         for i in range(conversations)
                     ],
                 )
-            times: tuple[list[float], list[float]] = ([], [])
-            for t in range(warmup + steps):
-                block = FeatureBlock(draw(conversations), index)
-                slices = [
-                    SequenceSlice(f"c{i}", i, 1, prefill + t, role) for i in range(conversations)
-                ]
-                # Each engine first on every other step: the second to run finds the block
-                # warm in the cache, an advantage neither may have on every step.
-                pairs = list(zip(engines, times, strict=True))
-                for engine, timed in pairs if t % 2 == 0 else pairs[::-1]:
-                    start = time.perf_counter()
-                    engine.evaluate(block, slices)
-                    if t >= warmup:
-                        timed.append((time.perf_counter() - start) * 1000)
+            times = _alternating_steps(
+                engines,
+                warmup + steps,
+                warmup,
+                lambda t, draw=draw, role=role, index=index: (
+                    FeatureBlock(draw(conversations), index),
+                    [SequenceSlice(f"c{i}", i, 1, prefill + t, role) for i in range(conversations)],
+                ),
+            )
             plain, masked = (statistics.median(timed) for timed in times)
             cases.append(
                 {
@@ -296,17 +313,16 @@ def bench_turn_end(
     cases = []
     position = prefill
     for role in ("user", "assistant"):
-        times: tuple[list[float], list[float]] = ([], [])
-        for t in range(warmup + steps):
-            block = FeatureBlock(rng.standard_normal((conversations, 1), dtype=np.float32), index)
-            slices = [SequenceSlice(f"c{i}", i, 1, position, role) for i in range(conversations)]
-            position += 1
-            pairs = list(zip(engines, times, strict=True))
-            for engine, timed in pairs if t % 2 == 0 else pairs[::-1]:
-                start = time.perf_counter()
-                engine.evaluate(block, slices)
-                if t >= warmup:
-                    timed.append((time.perf_counter() - start) * 1000)
+        times = _alternating_steps(
+            engines,
+            warmup + steps,
+            warmup,
+            lambda t, role=role, start=position: (
+                FeatureBlock(rng.standard_normal((conversations, 1), dtype=np.float32), index),
+                [SequenceSlice(f"c{i}", i, 1, start + t, role) for i in range(conversations)],
+            ),
+        )
+        position += warmup + steps
         token, turn_end = (statistics.median(timed) for timed in times)
         cases.append(
             {
