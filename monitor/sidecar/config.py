@@ -331,7 +331,7 @@ def _listen_address(value: Any, origin: str) -> str:
     if not isinstance(value, str) or ":" not in value:
         raise ConfigError(f"{origin}: listen: expected 'host:port', got {value!r}")
     port = value.rsplit(":", 1)[1]
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{origin}: listen: port must be 0-65535, got {port!r}")
     return value
 

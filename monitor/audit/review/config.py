@@ -152,7 +152,7 @@ def parse_review_config(raw: dict[str, Any], base_dir: Path, origin: str) -> Rev
     if "listen" in raw:
         listen = raw["listen"]
         host, _, port = str(listen).rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
             raise ReviewConfigError(f"{origin}: listen: expected HOST:PORT, got {listen!r}")
         values["listen"] = str(listen)
     if "packs" in raw:

@@ -65,7 +65,10 @@ def export_files(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def _natural(path: Path) -> list[Any]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+    return [
+        int(part) if part.isascii() and part.isdigit() else part
+        for part in re.split(r"([0-9]+)", str(path))
+    ]
 
 
 def read_explanations(
@@ -123,7 +126,7 @@ def _text(item: dict[str, Any], key: str, where: str) -> str:
 def _index(item: dict[str, Any], where: str) -> int:
     value = item.get("index")
     # The exports write the index as a string; accept an integer too.
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit():
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
