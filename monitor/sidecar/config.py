@@ -16,7 +16,6 @@ import yaml
 from monitor.audit.store import SQLITE_SCHEME, is_store_url, sqlite_path
 from monitor.limits import MAX_CONVERSATION_SLOTS, MAX_CONVERSATIONS
 
-
 # Batches of at most this many rows (a decode step: one row per conversation, and a few such
 # steps grouped) encode on one torch thread. Two intra-op threads halve a 512-row prefill's
 # encode on two idle cores, but a decode step's encode is a few hundred microseconds of
