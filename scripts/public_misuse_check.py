@@ -241,18 +241,24 @@ def _write(path: Path, items: list[dict]) -> None:
 
 
 def commands(out: Path) -> list[str]:
-    """The user's flow on the built files, one shell command each."""
+    """The user's flow on the built files, one shell command each: one file for every
+    command (`pack fit` reads its fit and calibrate splits, `rules calibrate` its calibrate
+    split, `eval` its test split)."""
     sm = "safety-monitor"
+    data = f"{out}/all.jsonl"
+    rules = f"{out}/rules-misuse.yaml"
     return [
-        f"cp rules/misuse.yaml {out}/rules-misuse.yaml",
-        f"{sm} pack fit --data {out}/all.jsonl --layers 3,4 --name probes --feature-name misuse "
+        f"cp rules/misuse.yaml {rules}",
+        f"{sm} pack fit --data {data} --layers 3,4 --name probes --feature-name misuse "
         f"--category misuse --fpr 0.01 --json --out {out}/pack.safetensors > {out}/fit.json",
-        f"{sm} rules calibrate --packs {out}/pack.safetensors --rules {out}/rules-misuse.yaml "
-        f"--data {out}/calibrate.jsonl --fpr 0.01 --json > {out}/calibrate.json",
-        f"{sm} eval --packs {out}/pack.safetensors --rules {out}/rules-misuse.yaml "
-        f"--data {out}/test.jsonl --json --plot {out}/roc.png --no-progress > {out}/eval.json",
+        f"{sm} rules calibrate --packs {out}/pack.safetensors --rules {rules} --data {data} "
+        "--fpr 0.01",
+        f"{sm} eval --packs {out}/pack.safetensors --rules {rules} --data {data} "
+        f"--plot {out}/roc.png --no-progress",
+        f"python scripts/public_misuse_check.py --offline {out}/pack.safetensors "
+        f"--data {out}/test.jsonl",
         f"{sm} eval --packs monitor/packs/minilm-probes.safetensors --rules rules/misuse.yaml "
-        f"--data {out}/test.jsonl --json --no-progress > {out}/eval-shipped.json",
+        f"--data {data} --no-progress",
     ]
 
 
