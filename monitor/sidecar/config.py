@@ -17,14 +17,14 @@ from monitor.audit.store import SQLITE_SCHEME, is_store_url, sqlite_path
 from monitor.limits import MAX_CONVERSATION_SLOTS, MAX_CONVERSATIONS
 
 # Batches of at most this many rows (a decode step: one row per conversation, and a few such
-# steps grouped) encode on one torch thread. Two intra-op threads halve a 512-row prefill's
-# encode on two idle cores, but a decode step's encode is a few hundred microseconds of
-# work, and with two OpenMP threads every small op (the BF16 to float32 copy, the matrix
-# multiply, the epilogue) ends in a barrier that waits for the other thread: when that thread
-# shares its core with anything else (the engine, the load client of `bench sidecar`), it
-# waits for a scheduler slice. A 64-row encode beside a busy loop on one of two cores: p99
-# 16 ms on two threads, 0.6-1.1 ms on one (`scripts/encode_threads.py`).
-# Larger batches use torch's thread count.
+# steps grouped) encode on one torch thread. Two intra-op threads make a 512-row prefill's
+# encode about 1.6 times faster on two idle cores, but a decode step's encode is a few
+# hundred microseconds of work, and with two OpenMP threads every small op (the BF16 to
+# float32 copy, the matrix multiply, the epilogue) ends in a barrier that waits for the
+# other thread: when that thread shares its core with anything else (the engine, the load
+# client of `bench sidecar`), it waits for a scheduler slice. A 64-row encode beside a busy loop on one of two cores: p99
+# 16 ms on two threads, 0.6-1.1 ms on one (`scripts/encode_threads.py`). Larger batches use
+# torch's thread count; 512 (groups of eight decode steps too) measured no different.
 SINGLE_THREAD_ROWS = 256
 
 
