@@ -22,9 +22,10 @@ from monitor.limits import MAX_CONVERSATION_SLOTS, MAX_CONVERSATIONS
 # hundred microseconds of work, and with two OpenMP threads every small op (the BF16 to
 # float32 copy, the matrix multiply, the epilogue) ends in a barrier that waits for the
 # other thread: when that thread shares its core with anything else (the engine, the load
-# client of `bench sidecar`), it waits for a scheduler slice. A 64-row encode beside a busy loop on one of two cores: p99
-# 16 ms on two threads, 0.6-1.1 ms on one (`scripts/encode_threads.py`). Larger batches use
-# torch's thread count; 512 (groups of eight decode steps too) measured no different.
+# client of `bench sidecar`), it waits for a scheduler slice. A 64-row encode beside a busy
+# loop on one of two cores: p99 16 ms on two threads, 0.6-1.1 ms on one
+# (`scripts/encode_threads.py`). Larger batches use torch's thread count; 512 (groups of
+# eight decode steps too) measured no different.
 SINGLE_THREAD_ROWS = 256
 
 
