@@ -23,6 +23,7 @@ import structlog
 from monitor.capture.channel.frames import read_step
 from monitor.capture.channel.protocol import SenderSettings
 from monitor.capture.channel.ring import Frame, SharedRing, Slot, full_fence
+from monitor.capture.relay.reader import Reader, StepReader
 from monitor.wire import pb, pb_grpc
 from monitor.wire.acks import ask_for_acks, offers_acks
 from monitor.wire.columns import ColumnarEncoder, offers_columns
@@ -89,10 +90,12 @@ class FrameSource:
         self.timeouts = 0  # blocking waits that ended by their timeout, not by a wake-up
         self.polls = 0  # short sleeps while a frame is due
 
-    def next(self, timeout: float, on_bad_frame: Callable[[], None]) -> pb.StepBatch | None:
-        """The next step on the ring as a StepBatch, None after `timeout` seconds without one
-        (or sooner, after `interrupt`); `on_bad_frame` is called for a frame that cannot be
-        read (it is skipped).
+    def next(
+        self, timeout: float, on_bad_frame: Callable[[], None], read: Reader = read_step
+    ) -> pb.StepBatch | None:
+        """The next step on the ring as a StepBatch (made by `read`), None after `timeout`
+        seconds without one (or sooner, after `interrupt`); `on_bad_frame` is called for a
+        frame that cannot be read (it is skipped).
         """
         deadline = time.monotonic() + timeout
         slots = self.ring.slots
@@ -103,7 +106,7 @@ class FrameSource:
                     slots[Slot.WAITING] = 0  # busy again: the producer need not write
                 self._taken(time.monotonic())
                 try:
-                    batch = read_step(self.ring, frame)
+                    batch = read(self.ring, frame)
                 except Exception:
                     log.exception("unreadable frame on the capture ring")
                     batch = None
@@ -400,21 +403,21 @@ class Sender:
         encoder: ColumnarEncoder | None = None,
     ) -> Iterator[pb.StepBatch]:
         bad_frame = lambda: self.count(Slot.LOST_BAD_FRAME)  # noqa: E731
+        # The model name is set and the encoder applied as each frame is read; the reader
+        # keeps a decode loop's encoded message to reuse (relay/reader.py).
+        reader = StepReader(self.settings.model_name, encoder)
         while alive.is_set() and not (stopping.is_set() and self.ring.frames_waiting() == 0):
             # Stopping and a broken stream interrupt the wait, so it can be long: an idle
             # relay wakes once per REQUEST_WAIT.
-            batch = self.source.next(REQUEST_WAIT, bad_frame)
+            batch = self.source.next(REQUEST_WAIT, bad_frame, reader.read)
             if batch is None:
                 continue
             seq_no = next(self._seq_no)
             batch.seq_no = seq_no
-            batch.model = self.settings.model_name
             # Not Timestamp.GetCurrentTime: that goes through datetime, 4 us against 0.6.
             stamp = batch.sent_at
             stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
-            rows = sum(sequence.rows for sequence in batch.sequences)
-            if encoder is not None:
-                encoder.encode(batch)
+            rows = reader.rows
             with self._lock:
                 if not alive.is_set():
                     self.ring.slots[Slot.LOST_DISCONNECTED] += 1
