@@ -8,8 +8,10 @@ missing, extra or misplaced token shows up as a wrong set or a wrong position.
 
 from __future__ import annotations
 
+import inspect
 import signal
 import time
+import warnings
 
 import pytest
 import torch
@@ -141,13 +143,19 @@ def test_chunked_prefill_and_manual_decode_loop(client):
     model = build_tiny_llama(hidden=HIDDEN)
     client.attach(model, layers=[1])
     prompt = torch.randint(1, 256, (1, 12), generator=torch.Generator().manual_seed(3))
-    cache = tf.DynamicCache()
-    with client.conversation("chunked"), torch.no_grad():
+    # The cache keyword the installed transformers wants (5.24: `cache`; `past_key_values`
+    # warns there and goes in 5.40; 5.19 knows only `past_key_values`).
+    keyword = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
+    cache = {keyword: tf.DynamicCache()}
+    with client.conversation("chunked"), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated keyword
         for start in range(0, 12, 5):  # chunks of 5, 5, 2
-            out = model(prompt[:, start : start + 5], past_key_values=cache, use_cache=True)
+            out = model(prompt[:, start : start + 5], use_cache=True, **cache)
         for _ in range(6):
             next_token = out.logits[:, -1:].argmax(-1)
-            out = model(next_token, past_key_values=cache, use_cache=True)
+            out = model(next_token, use_cache=True, **cache)
     assert client.flush(30)
     assert seen_tokens(client, "chunked") == 12 + 6
 
