@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any
 
 from monitor.capture.channel.ring import (
     FRAME_HEADER,
+    SLOT_WAITING,
     Frame,
     FrameKind,
     SharedRing,
-    Slot,
     aligned,
     full_fence,
 )
@@ -233,7 +233,7 @@ class FrameWriter:
         if self.wakeup_fd is None:
             return
         full_fence(self._fence)
-        if self.ring.slots[Slot.WAITING]:
+        if self.ring.slots[SLOT_WAITING]:
             try:  # not contextlib.suppress: this runs on the model's thread, every step
                 os.eventfd_write(self.wakeup_fd, 1)
                 self.wakeups_sent += 1

@@ -22,13 +22,14 @@ import structlog
 
 from monitor.capture.channel.frames import read_step
 from monitor.capture.channel.protocol import SenderSettings
-from monitor.capture.channel.ring import Frame, SharedRing, Slot, full_fence
+from monitor.capture.channel.ring import SLOT_WAITING, Frame, SharedRing, Slot, full_fence
 from monitor.capture.relay.reader import Reader, StepReader
 from monitor.wire import pb, pb_grpc
 from monitor.wire.acks import ask_for_acks, offers_acks
 from monitor.wire.columns import ColumnarEncoder, offers_columns
 
 log = structlog.get_logger("safety_monitor.capture")
+_CONSUMED = int(Slot.CONSUMED)  # an int: see ring.SLOT_WAITING
 
 # How the relay waits for frames (the producer's half is `FrameWriter._announce`):
 #
@@ -102,8 +103,8 @@ class FrameSource:
         while True:
             frame = self._peek()
             if frame is not None:
-                if slots[Slot.WAITING]:
-                    slots[Slot.WAITING] = 0  # busy again: the producer need not write
+                if slots[SLOT_WAITING]:
+                    slots[SLOT_WAITING] = 0  # busy again: the producer need not write
                 self._taken(time.monotonic())
                 try:
                     batch = read(self.ring, frame)
@@ -119,7 +120,7 @@ class FrameSource:
             if now >= deadline or self._wait(now, deadline - now):  # timed out, or interrupted
                 # Not waiting any more: the producer must not keep writing the eventfd while
                 # this relay is elsewhere (reconnecting, say).
-                slots[Slot.WAITING] = 0
+                slots[SLOT_WAITING] = 0
                 return None
 
     def interrupt(self) -> None:
@@ -159,16 +160,16 @@ class FrameSource:
         slots = self.ring.slots
         block = self.schedule(now)
         if block is None or (self.wakeup_fd is None and self.doorbell_fd is None):
-            if slots[Slot.WAITING]:
-                slots[Slot.WAITING] = 0  # due: the producer need not wake us
+            if slots[SLOT_WAITING]:
+                slots[SLOT_WAITING] = 0  # due: the producer need not wake us
             self.polls += 1
             if self._interrupts.wait(min(POLL_INTERVAL, remaining)):
                 _drain_eventfd(self._interrupt)
                 return True
             return False
         remaining = min(remaining, block)
-        if self.wakeup_fd is not None and not slots[Slot.WAITING]:
-            slots[Slot.WAITING] = 1
+        if self.wakeup_fd is not None and not slots[SLOT_WAITING]:
+            slots[SLOT_WAITING] = 1
             # Once WAITING is set, look again: a frame published before the producer could
             # see it gets no wake-up from it. x86 lets a load pass an earlier store, so our
             # store of WAITING and load of HEAD could cross the producer's store of HEAD and
@@ -229,7 +230,7 @@ class FrameSource:
         if self.doorbell_fd is not None:
             with contextlib.suppress(BlockingIOError):
                 self._announced += len(os.read(self.doorbell_fd, 65536))
-            if self.ring.slots[Slot.CONSUMED] >= self._announced:
+            if self.ring.slots[_CONSUMED] >= self._announced:
                 return None
         return self.ring.peek()
 
