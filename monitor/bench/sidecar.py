@@ -371,7 +371,9 @@ THREAD_GROUPS = ("pipeline", "event loop", "grpc core", "other")
 encode, rules, events: what ``bench stages`` measures), ``event loop`` the main thread (the
 asyncio loop: gRPC reads and writes, parsing, decoding the activations, hand-offs to the
 worker), ``grpc core`` gRPC's own C threads (sockets, HTTP/2 framing), ``other`` the rest
-(gRPC's completion-queue poller, the large-message parser, metrics, audit)."""
+(gRPC's completion-queue poller, the large-message parser, metrics, audit). torch's OpenMP
+workers carry the name of the thread that started them: the pipeline thread's count under
+``pipeline``, the event loop's (an inline step's encode on two threads) under ``other``."""
 
 
 def _thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:

@@ -44,6 +44,10 @@ class ThresholdResult:
     # '<pack>/<feature>' -> aggregation of its rules' pooled() features: written with the
     # number, so a later load notices a refit that pools them otherwise.
     pooled: dict[str, str] = field(default_factory=dict)
+    # True when the benign data cannot set this threshold (its rules fire in no more than the
+    # allowed conversations at any value tried, e.g. no tokens of the roles they watch): the
+    # old value stays and is not written.
+    kept: bool = False
 
 
 @dataclass
@@ -120,6 +124,18 @@ def calibrate(
             return len(set().union(*fired.values())) if fired else 0
 
         new, fired, note = _search(rate, threshold.value, math.floor(fpr * n))
+        kept = note == _UNBOUNDED
+        if kept:
+            # The search walked as far as it could towards more firings (-5e11 for `x > t`)
+            # without exceeding the allowance: the data says nothing about this threshold, and
+            # writing that extreme would make its rules fire on every token of real traffic.
+            new, fired = threshold.value, rate(threshold.value)
+            note = (
+                f"not changed: at no value tried do its rules fire in more than "
+                f"{math.floor(fpr * n)} of the {n} benign conversations (do they hold tokens "
+                "of the roles the rules watch?)"
+            )
+            report.warnings.append(f"threshold {name!r} ({', '.join(rules)}) {note}")
         values[name] = new
         pooled = {f: a for rule in rules for f, a in base.pooled.get(rule, {}).items()}
         report.thresholds.append(
@@ -133,6 +149,7 @@ def calibrate(
                 fired,
                 note,
                 pooled,
+                kept,
             )
         )
     return report
@@ -148,6 +165,9 @@ def _only(ruleset: RuleSet, names: list[str]) -> RuleSet:
         ruleset.lists,
         ruleset.thresholds,
     )
+
+
+_UNBOUNDED = "the rules fire on no more than allowed at any value tried"
 
 
 def _search(rate: Callable[[float], int], start: float, allowed: int) -> tuple[float, int, str]:
@@ -168,7 +188,7 @@ def _search(rate: Callable[[float], int], start: float, allowed: int) -> tuple[f
                 break
             good = candidate
         if bad is None:
-            return good, rate(good), "the rules fire on no more than allowed at any value tried"
+            return good, rate(good), _UNBOUNDED
     else:
         bad = start
         for k in range(_BRACKET_STEPS):
@@ -203,10 +223,13 @@ def _round_towards(good: float, bad: float) -> float:
 
 def write_thresholds(results: Sequence[ThresholdResult]) -> list[str]:
     """Write each new value in place of the old one in its file (with the poolings of its
-    rules' pooled() features, when they have any); returns the files."""
+    rules' pooled() features, when they have any); thresholds the data could not set
+    (``kept``) are left as they are. Returns the files written."""
     by_file: dict[str, dict[str, float]] = {}
     pooled: dict[str, dict[str, dict[str, str]]] = {}
     for result in results:
+        if result.kept:
+            continue
         by_file.setdefault(result.path, {})[result.name] = result.new
         pooled.setdefault(result.path, {})[result.name] = result.pooled
     for path, values in by_file.items():

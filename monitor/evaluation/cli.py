@@ -32,7 +32,12 @@ def add_eval_command(commands: Any) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="labeled conversations (JSONL)")
     source.add_argument("--dataset", help="a shipped set (its --split, default test)")
-    p.add_argument("--split", default="test", help="with --dataset: fit, calibrate or test")
+    p.add_argument(
+        "--split",
+        default="test",
+        help="fit, calibrate or test: of --dataset, or of a --data file whose conversations "
+        "name splits (a file that names none is used whole)",
+    )
     p.add_argument(
         "--fprs", default="0.01,0.05", help="false-positive rates for the recall columns"
     )
@@ -55,7 +60,11 @@ def add_rules_calibrate_command(rules_subparsers: Any) -> None:
     p.add_argument("--packs", nargs="+", required=True, type=Path, metavar="PACK")
     p.add_argument("--rules", nargs="+", required=True, type=Path, metavar="FILE|DIR")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, help="conversations (JSONL; label 0 used)")
+    source.add_argument(
+        "--data",
+        type=Path,
+        help="conversations (JSONL; label 0 used; its calibrate split if it names splits)",
+    )
     source.add_argument("--dataset", help="a shipped set's calibrate split (label 0 used)")
     p.add_argument("--fpr", type=float, required=True, help="target conversation-level FPR")
     p.add_argument("--dry-run", action="store_true", help="report, do not write the files")
@@ -100,12 +109,15 @@ def _note(message: str) -> None:
     print(f"safety-monitor: note: {escape_text(message)}", file=sys.stderr)
 
 
-def _conversations(args: argparse.Namespace, split: str | None) -> list[Any]:
-    from monitor.features.build.labeled import load_dataset, read_conversations
+def _conversations(args: argparse.Namespace, split: str) -> list[Any]:
+    from monitor.features.build.labeled import load_dataset, read_conversations, select_split
 
     if args.dataset is not None:
         return load_dataset(args.dataset, split=split)
-    return read_conversations(args.data)
+    conversations, note = select_split(read_conversations(args.data), split, args.data)
+    if note is not None:
+        _note(note)
+    return conversations
 
 
 def _progress(total: int, enabled: bool, what: str) -> Any:

@@ -16,6 +16,18 @@ import yaml
 from monitor.audit.store import SQLITE_SCHEME, is_store_url, sqlite_path
 from monitor.limits import MAX_CONVERSATION_SLOTS, MAX_CONVERSATIONS
 
+# Batches of at most this many rows (a decode step: one row per conversation, and a few such
+# steps grouped) encode on one torch thread. Two intra-op threads make a 512-row prefill's
+# encode about 1.6 times faster on two idle cores, but a decode step's encode is a few
+# hundred microseconds of work, and with two OpenMP threads every small op (the BF16 to
+# float32 copy, the matrix multiply, the epilogue) ends in a barrier that waits for the
+# other thread: when that thread shares its core with anything else (the engine, the load
+# client of `bench sidecar`), it waits for a scheduler slice. A 64-row encode beside a busy
+# loop on one of two cores: p99 16 ms on two threads, 0.6-1.1 ms on one
+# (`scripts/encode_threads.py`). Larger batches use torch's thread count; 512 (groups of
+# eight decode steps too) measured no different.
+SINGLE_THREAD_ROWS = 256
+
 
 class ConfigError(ValueError):
     """Invalid sidecar configuration; str() is one line naming the file and the key."""
@@ -131,6 +143,9 @@ class SidecarConfig:
     shutdown_grace_seconds: float = 10.0
     rules_reload_seconds: float = 2.0  # poll rule files for changes; 0 = only on SIGHUP
     device: str = "auto"  # where packs encode: auto (cuda if available) | cpu | cuda
+    # Batches of at most this many rows encode on one torch thread (`SINGLE_THREAD_ROWS`);
+    # 0: every batch uses torch's thread count.
+    single_thread_rows: int = SINGLE_THREAD_ROWS
     audit: AuditSettings = field(default_factory=AuditSettings)
     alertmanager: AlertmanagerSettings = field(default_factory=AlertmanagerSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
@@ -196,6 +211,9 @@ def parse_config(raw: dict[str, Any], base_dir: Path, origin: str) -> SidecarCon
         values[key] = _number(raw[key], origin, key)
     if "device" in raw:
         values["device"] = _choice(raw["device"], ("auto", "cpu", "cuda"), origin, "device")
+    if "single_thread_rows" in raw:
+        key = "single_thread_rows"
+        values[key] = _int(raw[key], origin, key, low=0, high=2**31 - 1)
     if "audit" in raw:
         values["audit"] = _audit(raw["audit"], base_dir, origin)
     if "alertmanager" in raw:

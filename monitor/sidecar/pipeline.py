@@ -18,7 +18,7 @@ from monitor.features import FeaturePack, RestrictedEncoder
 from monitor.outputs.metrics import SidecarMetrics
 from monitor.rules import FeatureBlock, Firing, PackFeatures, RuleEngine, RuleSet
 from monitor.sidecar.columns import ConversationTable
-from monitor.sidecar.config import Limits, ScopeSettings
+from monitor.sidecar.config import SINGLE_THREAD_ROWS, Limits, ScopeSettings
 from monitor.sidecar.firings import (
     Actions,
     AlertRedaction,
@@ -92,8 +92,13 @@ class Pipeline:
         limits: Limits,
         actions: Actions | None = None,
         scoping: ScopeSettings | None = None,
+        single_thread_rows: int = SINGLE_THREAD_ROWS,
     ) -> None:
         self.packs = list(packs)
+        # Batches of at most `single_thread_rows` rows encode on one torch thread, larger
+        # ones on as many as torch had when the pipeline was made (`SINGLE_THREAD_ROWS`).
+        self.single_thread_rows = single_thread_rows
+        self.threads = torch.get_num_threads()
         self.metrics = metrics
         self.limits = limits
         self.scoping = scoping or ScopeSettings()
@@ -418,6 +423,11 @@ class Pipeline:
         the columns the loaded rules read when that block is narrowed (``_BlockPlan``; its
         ``index`` says where each feature is), else the pack's full block."""
         activations = batch.activations[hook_point]
+        # Per calling thread (OpenMP's and MKL's thread counts are the caller's): the event
+        # loop's inline steps and the pipeline thread each set their own.
+        threads = 1 if len(activations) <= self.single_thread_rows else self.threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         narrowed = self._narrowed.get((pack.name, hook_point))
         if narrowed is not None:
             return narrowed.encode(activations)

@@ -149,7 +149,13 @@ class Sidecar:
             raise StartupError(f"audit: {exc}") from exc
         try:
             self.pipeline = Pipeline(
-                packs, ruleset, self.metrics, config.limits, self.actions, config.conversations
+                packs,
+                ruleset,
+                self.metrics,
+                config.limits,
+                self.actions,
+                config.conversations,
+                config.single_thread_rows,
             )
         except ValueError as exc:
             raise StartupError(str(exc)) from exc

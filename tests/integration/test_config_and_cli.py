@@ -27,9 +27,10 @@ def test_valid_config_resolves_paths_relative_to_the_file(tmp_path):
     path = tmp_path / "sidecar.yaml"
     path.write_text(
         "listen: 0.0.0.0:7000\nmetrics_port: 9100\npacks: [p.safetensors]\nrules: rules\n"
-        "limits: {max_rows_per_batch: 32}\n"
+        "limits: {max_rows_per_batch: 32}\nsingle_thread_rows: 0\n"
     )
     config = load_config(path)
+    assert config.single_thread_rows == 0
     assert config.listen == "0.0.0.0:7000"
     assert config.metrics_port == 9100
     assert config.packs == ((tmp_path / "p.safetensors").resolve(),)
@@ -50,6 +51,7 @@ def test_valid_config_resolves_paths_relative_to_the_file(tmp_path):
         ("packs: [p]\nlimits: {max_rows: 3}\n", "limits.max_rows: unknown key"),
         ("packs: [p]\nlimits: {max_rows_per_batch: 0}\n", "limits.max_rows_per_batch"),
         ("packs: [p]\nlog_format: xml\n", "log_format: expected one of"),
+        ("packs: [p]\nsingle_thread_rows: -1\n", "single_thread_rows: expected an integer"),
         ("listen: 'a:1'\n", "packs: at least one feature pack is required"),
         ("- just\n- a list\n", "expected a mapping"),
         ("packs: [p\n", "invalid YAML"),

@@ -92,6 +92,16 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
+def whole_file(workdir: Path) -> Path:
+    """data.jsonl with no split named: `eval`, `pack calibrate` and `rules calibrate` use such
+    a file whole (a file that names splits: their own split of it)."""
+    out = workdir / "whole.jsonl"
+    if not out.exists():
+        everything = datasets.read_jsonl(workdir / "data.jsonl")
+        datasets.write_jsonl(out, [dataclasses.replace(c, split=None) for c in everything])
+    return out
+
+
 def fit_pack(workdir: Path, capsys) -> Path:
     out = workdir / "probes.safetensors"
     if not out.exists():
@@ -136,8 +146,9 @@ def test_pack_fit_reports_held_out_metrics_and_names_the_best_layer(workdir, cap
 def test_pack_calibrate_warns_when_calibration_data_overlaps_the_fit(workdir, capsys) -> None:
     pack = fit_pack(workdir, capsys)
     copy = workdir / "calibrated.safetensors"
+    # Splits unnamed, so the file is used whole: its fit split's negatives among them.
     argv = ["pack", "calibrate", str(pack), "--model", str(workdir / "model")]
-    argv += ["--data", str(workdir / "data.jsonl"), "--fpr", "0.05", "--out", str(copy)]
+    argv += ["--data", str(whole_file(workdir)), "--fpr", "0.05", "--out", str(copy)]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "48 of 80 calibration conversations were in the data the probes were fitted on" in err
@@ -225,7 +236,7 @@ def test_the_served_rule_reproduces_the_offline_score(
     if pooling_kind == "turn_mean":
         calibrated = tmp_path / "calibrated.safetensors"
         argv = ["pack", "calibrate", str(pack_path), "--model", str(workdir / "model"), "--data"]
-        argv += [str(workdir / "data.jsonl"), "--fpr", "0.05", "--out", str(calibrated)]
+        argv += [str(whole_file(workdir)), "--fpr", "0.05", "--out", str(calibrated)]
         assert main(argv) == 0
         capsys.readouterr()
         info = next(f for f in load_pack(calibrated).features() if f.name == "secrecy")
@@ -260,7 +271,10 @@ def test_rules_calibrate_writes_the_threshold_the_real_path_confirms(
     )
     benign = tmp_path / "benign.jsonl"
     everything = datasets.read_jsonl(workdir / "data.jsonl")
-    datasets.write_jsonl(benign, [c for c in everything if c.split == "test"])
+    # A file that names no splits is used whole (one that does: its calibrate split).
+    datasets.write_jsonl(
+        benign, [dataclasses.replace(c, split=None) for c in everything if c.split == "test"]
+    )
     argv = ["rules", "calibrate", "--model", str(workdir / "model"), "--packs", str(pack_path)]
     argv += ["--rules", str(rules), "--data", str(benign), "--fpr", "0.2", "--json"]
     assert main(argv) == 0
@@ -295,7 +309,7 @@ def test_eval_cli_prints_json_and_draws_roc_curves(workdir, capsys, tmp_path) ->
     )
     png = tmp_path / "roc.png"
     argv = ["eval", "--model", str(workdir / "model"), "--packs", str(pack_path), "--rules"]
-    argv += [str(rules), "--data", str(workdir / "data.jsonl"), "--json", "--plot", str(png)]
+    argv += [str(rules), "--data", str(whole_file(workdir)), "--json", "--plot", str(png)]
     assert main([*argv, "--no-progress"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["conversations"] == 160 and report["positives"] == 80
@@ -312,6 +326,42 @@ def test_eval_cli_prints_json_and_draws_roc_curves(workdir, capsys, tmp_path) ->
     assert main([*argv[:-3], "--no-progress"]) == 0
     table = capsys.readouterr().out
     assert "at-pack-threshold" in table and "probes/secrecy" in table
+
+
+def test_eval_and_rules_calibrate_take_their_split_of_a_file_that_names_splits(
+    workdir, capsys, tmp_path
+) -> None:
+    """One file holding fit, calibrate and test (the shipped sets' format, what `pack fit`
+    reads) goes to every command: `eval` scores its test split (or `--split`), `rules
+    calibrate` sets thresholds on its calibrate split, never on the fit split's negatives."""
+    pack_path = fit_pack(workdir, capsys)
+    data = workdir / "data.jsonl"
+    everything = datasets.read_jsonl(data)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "features:\n  secrecy: probes/secrecy\nthresholds:\n  t: 0.0\n"
+        "rules:\n  - rule: r\n    desc: d\n    severity: info\n"
+        "    condition: rolling_mean(secrecy, 3) > t\n    roles: [assistant]\n"
+    )
+    model = ["--model", str(workdir / "model"), "--packs", str(pack_path), "--rules", str(rules)]
+    argv = ["eval", *model, "--data", str(data), "--json", "--no-progress", "--fprs", "0.1"]
+    for split in ("test", "calibrate"):
+        assert main([*argv, "--split", split]) == 0
+        out = capsys.readouterr()
+        chosen = [c for c in everything if c.split == split]
+        assert json.loads(out.out)["conversations"] == len(chosen) < len(everything)
+        assert f"using its '{split}' split ({len(chosen)} of {len(everything)}" in out.err
+    argv = ["rules", "calibrate", *model, "--data", str(data), "--fpr", "0.2", "--json"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    benign = [c for c in everything if c.split == "calibrate" and c.label == 0]
+    assert json.loads(out.out)["conversations"] == len(benign)
+    assert "using its 'calibrate' split" in out.err and "were in the data" not in out.err
+    # A split the file does not have is an error, not the whole file.
+    fit_only = tmp_path / "fit.jsonl"
+    datasets.write_jsonl(fit_only, [c for c in everything if c.split == "fit"])
+    assert main([*argv[:-5], "--data", str(fit_only), "--fpr", "0.2"]) == 2
+    assert "name splits (fit) but none is 'calibrate'" in capsys.readouterr().err
 
 
 def test_evaluate_returns_every_feature_with_no_rules_loaded(workdir, capsys) -> None:

@@ -313,3 +313,42 @@ def test_bench_reference_rules_read_their_columns_or_all(tmp_path):
         pipeline = Pipeline([pack], ruleset, SidecarMetrics(), Limits())
         (hook_point,) = pack.hook_points
         assert pipeline.encoded_width(pack, hook_point) == width
+
+
+def test_small_batches_encode_on_one_thread_with_the_same_events(packs, tmp_path):
+    """Batches of at most `single_thread_rows` rows encode on one torch thread of the calling
+    thread, larger ones on the count torch had when the pipeline was made; the events are
+    those of a pipeline that never switches (0: always torch's count)."""
+    import threading
+
+    ruleset = _ruleset(packs, tmp_path, 11, "threads")
+    batches = _stream(packs, 11)
+    rows = [sum(sequence.rows for sequence in batch.sequences) for batch in batches]
+    assert min(rows) <= 4 < max(rows)  # both sides of the bound below are taken
+    seen: dict[str, object] = {}
+
+    def run() -> None:  # a thread of its own: torch's thread count is per calling thread
+        torch.set_num_threads(2)
+        switching = Pipeline(packs, ruleset, SidecarMetrics(), Limits(), single_thread_rows=4)
+        never = Pipeline(packs, ruleset, SidecarMetrics(), Limits(), single_thread_rows=0)
+        assert switching.threads == never.threads == 2
+        threads, events = [], []
+        for batch, count in zip(batches, rows, strict=True):
+            got = switching.process(batch)
+            threads.append((count, torch.get_num_threads()))
+            want = never.process(batch)
+            assert torch.get_num_threads() == 2
+            events.append((_events(got), _events(want)))
+        seen.update(threads=threads, events=events)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive() and seen, "the encode thread failed or hung"
+    for count, threads in seen["threads"]:
+        assert threads == (1 if count <= 4 else 2), count
+    fired = 0
+    for got, want in seen["events"]:
+        assert got == want
+        fired += len(got) - 1
+    assert fired > 0  # alerts were compared, not only acks

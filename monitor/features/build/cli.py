@@ -476,7 +476,11 @@ def _add_calibrate(sub: Any) -> None:
     p.add_argument("--fpr", type=float, help="target false-positive rate on benign samples")
     p.add_argument("--activations", type=Path, help="benign activations, one row per sample")
     p.add_argument("--model", type=Path, help="model dir, with --data: benign texts")
-    p.add_argument("--data", type=Path, help="benign conversations (JSONL; label 0 used)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="benign conversations (JSONL; label 0 used; its calibrate split if it names splits)",
+    )
     p.add_argument("--dataset", help="a shipped set's calibrate split (its label-0 items)")
     p.add_argument(
         "--pooling",
@@ -524,7 +528,7 @@ def _benign_scores(pack: Any, args: argparse.Namespace) -> tuple[dict[str, Any],
     import torch
 
     from monitor.features.build.conversations import replay, text_digest
-    from monitor.features.build.labeled import load_dataset, read_conversations
+    from monitor.features.build.labeled import load_dataset, read_conversations, select_split
     from monitor.features.build.scoring import conversation_score
     from monitor.features.build.token_probes import fit_digests
     from monitor.features.build.topk import load_activations
@@ -541,7 +545,11 @@ def _benign_scores(pack: Any, args: argparse.Namespace) -> tuple[dict[str, Any],
     elif args.model is not None or args.data is not None:
         if args.data is None:
             raise ValueError("--model needs --data FILE (or use --dataset NAME)")
-        conversations = read_conversations(args.data)
+        conversations, chosen = select_split(read_conversations(args.data), "calibrate", args.data)
+        if chosen is not None:
+            from monitor.escape import escape_text
+
+            note(escape_text(chosen))  # it names the user's file
         where = str(args.data)
     else:
         raise ValueError(

@@ -96,6 +96,31 @@ def split_of(conversation: Any) -> str | None:
     return getattr(conversation, "split", None)
 
 
+def select_split(
+    conversations: Sequence[Any], split: str, where: str | Path
+) -> tuple[list[Any], str | None]:
+    """The conversations of ``split`` when the file names splits, with a note saying so; all
+    of them (and no note) when it names none.
+
+    A file in the shipped sets' format holds fit, calibrate and test together, and `pack fit`
+    reads its fit and calibrate splits: `eval` on the same file must not score the fit split
+    and `rules calibrate` must not set thresholds on the fit split's negatives."""
+    named = sorted({s for s in (split_of(c) for c in conversations) if s is not None})
+    if not named:
+        return list(conversations), None
+    chosen = [c for c in conversations if split_of(c) == split]
+    if not chosen:
+        raise FeatureError(
+            f"the conversations name splits ({', '.join(named)}) but none is {split!r}",
+            where=where,
+            field="split",
+        )
+    return chosen, (
+        f"{where}: using its {split!r} split ({len(chosen)} of {len(conversations)} "
+        "conversations; the file names splits)"
+    )
+
+
 def fit_and_heldout(
     conversations: Sequence[Any], heldout_fraction: float = 0.2
 ) -> tuple[list[Any], list[Any]]:
