@@ -49,6 +49,9 @@ class ColumnarEncoder:
         self._held: OrderedDict[str, tuple[int, tuple[str, str, tuple[tuple[str, str], ...]]]]
         self._held = OrderedDict()
         self._free = list(range(self.slots - 1, -1, -1))  # popped from the end: slot 0 first
+        # Bumped whenever a slot is defined or freed: while it stays the same, a batch of the
+        # same sequences encodes to the same columns (see `touch`).
+        self.version = 0
 
     def encode(self, batch: pb.StepBatch) -> pb.StepBatch:
         """`batch` with its `sequences` moved into `columns` (in place; returned for
@@ -94,6 +97,7 @@ class ColumnarEncoder:
                     )
                 )
                 held[conversation_id] = (slot, key)
+                self.version += 1
             else:
                 slot = entry[0]
             slots.append(slot)
@@ -108,12 +112,23 @@ class ColumnarEncoder:
             for conversation_id, end in zip(ids, ends, strict=True):
                 if end:  # its state ends with this batch: the slot may serve another
                     self._free.append(held.pop(conversation_id)[0])
+                    self.version += 1
         if any(turn_ends):  # else empty, as `end`: no turn ends in this batch
             columns.turn_end.extend(turn_ends)
         columns.tokens.extend(tokens)
         batch.ClearField("sequences")
         batch.columns.CopyFrom(columns)
         return batch
+
+    def touch(self, conversation_ids: tuple[str, ...]) -> None:
+        """What `encode` does to the table for a batch of these conversations, all held with
+        the same request id, role and attributes and none ending (a batch encoded at the same
+        `version`): makes them the most recently used, in order. Encoding such a batch again
+        would give the same slots and no definitions, so a caller that kept that encoding
+        (the capture relay) reuses it with `touch` instead."""
+        held = self._held
+        for conversation_id in conversation_ids:
+            held.move_to_end(conversation_id)
 
     def _take_slot(self) -> int:
         if self._free:

@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any
 
 from monitor.capture.channel.ring import (
     FRAME_HEADER,
+    SLOT_WAITING,
     Frame,
     FrameKind,
     SharedRing,
-    Slot,
     aligned,
     full_fence,
 )
@@ -233,7 +233,7 @@ class FrameWriter:
         if self.wakeup_fd is None:
             return
         full_fence(self._fence)
-        if self.ring.slots[Slot.WAITING]:
+        if self.ring.slots[SLOT_WAITING]:
             try:  # not contextlib.suppress: this runs on the model's thread, every step
                 os.eventfd_write(self.wakeup_fd, 1)
                 self.wakeups_sent += 1
@@ -338,15 +338,35 @@ def _describe(
 def read_step(ring: SharedRing, frame: Frame) -> pb.StepBatch:
     """The relay's side: a step frame -> StepBatch with its tensor bytes (copied out of the
     ring, so the frame can be released). Raises ValueError on a malformed frame."""
-    start = frame.offset + FRAME_HEADER.size
-    meta = ring.data[start : start + frame.meta]
+    meta = frame_meta(ring, frame)
     if frame.kind == FrameKind.TEMPLATED_STEP:
         batch = _from_template(meta, frame.rows)
     else:
         batch = pb.StepBatch.FromString(meta)
-    position = frame.offset + aligned(FRAME_HEADER.size + frame.meta)
+    fill_tensors(ring, frame, tensor_messages(batch))
+    return batch
+
+
+def frame_meta(ring: SharedRing, frame: Frame) -> memoryview:
+    """A frame's metadata, in place on the ring (valid until the frame is released)."""
+    start = frame.offset + FRAME_HEADER.size
+    return ring.data[start : start + frame.meta]
+
+
+def tensor_messages(batch: pb.StepBatch) -> list[pb.Tensor]:
+    """A StepBatch's tensors in frame order: the layers', then the feature blocks'."""
     messages = [layer.activations for layer in batch.layers]
     messages += [block.values for block in batch.features]
+    return messages
+
+
+def fill_tensors(ring: SharedRing, frame: Frame, messages: list[pb.Tensor]) -> None:
+    """Copy the frame's tensor bytes into a StepBatch's tensors (`tensor_messages`), which
+    must describe them (dtype and shape); ValueError if they run past the frame or name an
+    unknown dtype."""
+    position = frame.offset + aligned(FRAME_HEADER.size + frame.meta)
+    end = frame.offset + frame.size
+    data = ring.data
     for message in messages:
         count = 1
         for dim in message.shape:
@@ -355,24 +375,46 @@ def read_step(ring: SharedRing, frame: Frame) -> pb.StepBatch:
         if itemsize is None:
             raise ValueError(f"frame tensor has unknown dtype {message.dtype!r}")
         size = count * itemsize
-        if position + size > frame.offset + frame.size:
+        if position + size > end:
             raise ValueError("frame tensors run past the end of the frame")
-        message.data = ring.data[position : position + size].tobytes()
+        message.data = data[position : position + size].tobytes()
         position += aligned(size)
-    return batch
+
+
+def split_template(meta: memoryview) -> tuple[memoryview, tuple[int, ...]]:
+    """TEMPLATED_STEP metadata -> (the serialised StepBatch, this step's rows per sequence
+    followed by its positions). Raises ValueError if the parts do not fit the metadata."""
+    if len(meta) < _U32.size:
+        raise ValueError("templated frame: metadata too short")
+    (length,) = _U32.unpack_from(meta, 0)
+    counts_at = _U32.size + length
+    counts_at += -counts_at % 8
+    if counts_at > len(meta) or (len(meta) - counts_at) % 16:
+        raise ValueError("templated frame: the rows and positions do not fit the metadata")
+    counts = _counts((len(meta) - counts_at) // 8)
+    return meta[_U32.size : _U32.size + length], counts.unpack_from(meta, counts_at)
+
+
+def _counts(values: int) -> struct.Struct:
+    """The struct of `values` little-endian u64s (cached: building one parses its format)."""
+    counts = _COUNTS.get(values)
+    if counts is None:
+        counts = struct.Struct(f"<{values}Q")
+        if len(_COUNTS) < 1024:
+            _COUNTS[values] = counts
+    return counts
+
+
+_COUNTS: dict[int, struct.Struct] = {}
 
 
 def _from_template(meta: memoryview, total_rows: int) -> pb.StepBatch:
     """TEMPLATED_STEP metadata -> the StepBatch, this step's rows and positions filled in."""
-    (length,) = _U32.unpack_from(meta, 0)
-    batch = pb.StepBatch.FromString(meta[_U32.size : _U32.size + length])
+    template, values = split_template(meta)
+    batch = pb.StepBatch.FromString(template)
     sequences = len(batch.sequences)
-    counts_at = _U32.size + length
-    counts_at += -counts_at % 8
-    counts = struct.Struct(f"<{2 * sequences}Q")
-    if counts_at + counts.size != len(meta):
+    if len(values) != 2 * sequences:
         raise ValueError("templated frame: the rows and positions do not fit the metadata")
-    values = counts.unpack_from(meta, counts_at)
     if sum(values[:sequences]) != total_rows:
         raise ValueError("templated frame: the sequences' rows do not add up to the frame's")
     for sequence, rows, position in zip(
@@ -380,9 +422,7 @@ def _from_template(meta: memoryview, total_rows: int) -> pb.StepBatch:
     ):
         sequence.rows = rows
         sequence.position = position
-    for message in [layer.activations for layer in batch.layers] + [
-        block.values for block in batch.features
-    ]:
+    for message in tensor_messages(batch):
         if len(message.shape) != 2:
             raise ValueError("templated frame: tensors must be [rows, columns]")
         message.shape[0] = total_rows

@@ -22,12 +22,14 @@ import structlog
 
 from monitor.capture.channel.frames import read_step
 from monitor.capture.channel.protocol import SenderSettings
-from monitor.capture.channel.ring import Frame, SharedRing, Slot, full_fence
+from monitor.capture.channel.ring import SLOT_WAITING, Frame, SharedRing, Slot, full_fence
+from monitor.capture.relay.reader import Reader, StepReader
 from monitor.wire import pb, pb_grpc
 from monitor.wire.acks import ask_for_acks, offers_acks
 from monitor.wire.columns import ColumnarEncoder, offers_columns
 
 log = structlog.get_logger("safety_monitor.capture")
+_CONSUMED = int(Slot.CONSUMED)  # an int: see ring.SLOT_WAITING
 
 # How the relay waits for frames (the producer's half is `FrameWriter._announce`):
 #
@@ -89,21 +91,23 @@ class FrameSource:
         self.timeouts = 0  # blocking waits that ended by their timeout, not by a wake-up
         self.polls = 0  # short sleeps while a frame is due
 
-    def next(self, timeout: float, on_bad_frame: Callable[[], None]) -> pb.StepBatch | None:
-        """The next step on the ring as a StepBatch, None after `timeout` seconds without one
-        (or sooner, after `interrupt`); `on_bad_frame` is called for a frame that cannot be
-        read (it is skipped).
+    def next(
+        self, timeout: float, on_bad_frame: Callable[[], None], read: Reader = read_step
+    ) -> pb.StepBatch | None:
+        """The next step on the ring as a StepBatch (made by `read`), None after `timeout`
+        seconds without one (or sooner, after `interrupt`); `on_bad_frame` is called for a
+        frame that cannot be read (it is skipped).
         """
         deadline = time.monotonic() + timeout
         slots = self.ring.slots
         while True:
             frame = self._peek()
             if frame is not None:
-                if slots[Slot.WAITING]:
-                    slots[Slot.WAITING] = 0  # busy again: the producer need not write
+                if slots[SLOT_WAITING]:
+                    slots[SLOT_WAITING] = 0  # busy again: the producer need not write
                 self._taken(time.monotonic())
                 try:
-                    batch = read_step(self.ring, frame)
+                    batch = read(self.ring, frame)
                 except Exception:
                     log.exception("unreadable frame on the capture ring")
                     batch = None
@@ -116,7 +120,7 @@ class FrameSource:
             if now >= deadline or self._wait(now, deadline - now):  # timed out, or interrupted
                 # Not waiting any more: the producer must not keep writing the eventfd while
                 # this relay is elsewhere (reconnecting, say).
-                slots[Slot.WAITING] = 0
+                slots[SLOT_WAITING] = 0
                 return None
 
     def interrupt(self) -> None:
@@ -156,16 +160,16 @@ class FrameSource:
         slots = self.ring.slots
         block = self.schedule(now)
         if block is None or (self.wakeup_fd is None and self.doorbell_fd is None):
-            if slots[Slot.WAITING]:
-                slots[Slot.WAITING] = 0  # due: the producer need not wake us
+            if slots[SLOT_WAITING]:
+                slots[SLOT_WAITING] = 0  # due: the producer need not wake us
             self.polls += 1
             if self._interrupts.wait(min(POLL_INTERVAL, remaining)):
                 _drain_eventfd(self._interrupt)
                 return True
             return False
         remaining = min(remaining, block)
-        if self.wakeup_fd is not None and not slots[Slot.WAITING]:
-            slots[Slot.WAITING] = 1
+        if self.wakeup_fd is not None and not slots[SLOT_WAITING]:
+            slots[SLOT_WAITING] = 1
             # Once WAITING is set, look again: a frame published before the producer could
             # see it gets no wake-up from it. x86 lets a load pass an earlier store, so our
             # store of WAITING and load of HEAD could cross the producer's store of HEAD and
@@ -226,7 +230,7 @@ class FrameSource:
         if self.doorbell_fd is not None:
             with contextlib.suppress(BlockingIOError):
                 self._announced += len(os.read(self.doorbell_fd, 65536))
-            if self.ring.slots[Slot.CONSUMED] >= self._announced:
+            if self.ring.slots[_CONSUMED] >= self._announced:
                 return None
         return self.ring.peek()
 
@@ -400,21 +404,21 @@ class Sender:
         encoder: ColumnarEncoder | None = None,
     ) -> Iterator[pb.StepBatch]:
         bad_frame = lambda: self.count(Slot.LOST_BAD_FRAME)  # noqa: E731
+        # The model name is set and the encoder applied as each frame is read; the reader
+        # keeps a decode loop's encoded message to reuse (relay/reader.py).
+        reader = StepReader(self.settings.model_name, encoder)
         while alive.is_set() and not (stopping.is_set() and self.ring.frames_waiting() == 0):
             # Stopping and a broken stream interrupt the wait, so it can be long: an idle
             # relay wakes once per REQUEST_WAIT.
-            batch = self.source.next(REQUEST_WAIT, bad_frame)
+            batch = self.source.next(REQUEST_WAIT, bad_frame, reader.read)
             if batch is None:
                 continue
             seq_no = next(self._seq_no)
             batch.seq_no = seq_no
-            batch.model = self.settings.model_name
             # Not Timestamp.GetCurrentTime: that goes through datetime, 4 us against 0.6.
             stamp = batch.sent_at
             stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
-            rows = sum(sequence.rows for sequence in batch.sequences)
-            if encoder is not None:
-                encoder.encode(batch)
+            rows = reader.rows
             with self._lock:
                 if not alive.is_set():
                     self.ring.slots[Slot.LOST_DISCONNECTED] += 1
