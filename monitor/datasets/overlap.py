@@ -52,7 +52,6 @@ def near_copies(
     return sorted(found, key=lambda f: -f[0])
 
 
-
 def near_copy_groups(texts: Sequence[str], threshold: float = 0.8) -> list[int]:
     """A group number per text: texts joined by a chain of pairs whose normalised similarity
     (as in ``near_copies``) reaches ``threshold`` share one, so a split by group puts no
@@ -80,6 +79,7 @@ def near_copy_groups(texts: Sequence[str], threshold: float = 0.8) -> list[int]:
                 parent[root(j)] = root(i)
     numbers: dict[int, int] = {}
     return [numbers.setdefault(root(i), len(numbers)) for i in range(len(texts))]
+
 
 def read_texts(path: Path, column: str | None) -> list[str]:
     """Texts of a CSV (``column``), JSONL (``column`` key) or plain-text (one per line) file."""
