@@ -375,3 +375,33 @@ def test_small_batches_encode_on_one_thread_with_the_same_events(packs, tmp_path
         assert got == want
         fired += len(got) - 1
     assert fired > 0  # alerts were compared, not only acks
+
+
+def test_the_parse_thread_starts_with_the_pipelines_torch_threads(packs, tmp_path):
+    """The parse thread converts prefill-sized layers; it must not start with a count some
+    other thread set last (here 1), but with the pipeline's."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from monitor.sidecar.service import SafetyMonitorService
+
+    ruleset = _ruleset(packs, tmp_path, 12, "parse")
+    seen: list[int] = []
+
+    def run() -> None:
+        torch.set_num_threads(2)
+        pipeline = Pipeline(packs, ruleset, SidecarMetrics(), Limits())
+        with ThreadPoolExecutor(max_workers=1) as worker:
+            service = SafetyMonitorService(pipeline, worker, SidecarMetrics())
+            try:
+                torch.set_num_threads(1)  # what a thread starting now would inherit
+                seen.append(service.parser.submit(torch.get_num_threads).result(30))
+            finally:
+                service.parser.shutdown(wait=True)
+                torch.set_num_threads(2)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert seen == [2]
