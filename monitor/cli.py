@@ -11,24 +11,42 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 
 import monitor
 
 EXIT_USAGE = 2  # bad config, bad input files: one clear line on stderr
 
+# The sidecar's gRPC server I/O path: gRPC's older (iomgr) listener and endpoints instead of
+# the EventEngine ones. The EventEngine server reads each stream's messages on a pool of
+# threads of its own and hands them to the completion queue's poller thread, about five more
+# thread wake-ups per decode step; the older path reads in the poller thread that is woken
+# anyway. Measured with scripts/sidecar_wakeups.py and `safety-monitor bench sidecar
+# --baseline-tree` (README, "Not there yet", issue 15). Must be in the environment before
+# gRPC is imported (the command parser imports it).
+SIDECAR_GRPC_EXPERIMENTS = "-event_engine_listener,-event_engine_for_all_other_endpoints"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`safety-monitor`: parse the command line and run the chosen command; returns the exit
     code."""
+    if list(sys.argv[1:] if argv is None else argv)[:1] == ["serve"]:
+        sidecar_grpc_environment(os.environ)
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
         parser.print_help()
         return EXIT_USAGE
     return args.handler(args)
+
+
+def sidecar_grpc_environment(environ: MutableMapping[str, str]) -> None:
+    """Put `SIDECAR_GRPC_EXPERIMENTS` into `environ` unless it already has GRPC_EXPERIMENTS
+    (a user's own choice wins). Has an effect only before gRPC is imported."""
+    environ.setdefault("GRPC_EXPERIMENTS", SIDECAR_GRPC_EXPERIMENTS)
 
 
 def _parser() -> argparse.ArgumentParser:
