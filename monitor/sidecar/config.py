@@ -25,7 +25,10 @@ from monitor.limits import MAX_CONVERSATION_SLOTS, MAX_CONVERSATIONS
 # client of `bench sidecar`), it waits for a scheduler slice. A 64-row encode beside a busy
 # loop on one of two cores: p99 16 ms on two threads, 0.6-1.1 ms on one
 # (`scripts/encode_threads.py`). Larger batches use torch's thread count; 512 (groups of
-# eight decode steps too) measured no different.
+# eight decode steps too) measured no different. The same stall hits a prefill-sized encode
+# when a core is busy (512 rows beside the spin: p99 16.5-25.7 ms on two threads, 6.2-6.6 on
+# one), so torch's thread count should be the cores the sidecar has to itself (the README's
+# config table); the default is not changed without a side-by-side measurement.
 SINGLE_THREAD_ROWS = 256
 
 

@@ -7,7 +7,8 @@ rule state is never touched concurrently and batches of a stream stay in order.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -38,6 +39,26 @@ from monitor.sidecar.validate import (
 from monitor.wire import pb
 
 log = structlog.get_logger("safety_monitor.pipeline")
+
+
+@contextmanager
+def encode_threads(threads: int, restore: int) -> Iterator[None]:
+    """Run the block with ``threads`` torch threads in the calling thread, then set
+    ``restore`` (the pipeline's count) again if it had to change it.
+
+    OpenMP's count is the calling thread's, but ``torch.set_num_threads`` also sets the
+    process-wide value that every thread starting torch work later begins with (the parse
+    thread, an in-process neighbour such as eval's sidecar thread). Restoring keeps a
+    one-thread small-batch encode from leaking into those; a set costs well under 1 us.
+    """
+    if torch.get_num_threads() == threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(restore)
 
 
 @dataclass(frozen=True)
@@ -423,15 +444,12 @@ class Pipeline:
         the columns the loaded rules read when that block is narrowed (``_BlockPlan``; its
         ``index`` says where each feature is), else the pack's full block."""
         activations = batch.activations[hook_point]
-        # Per calling thread (OpenMP's and MKL's thread counts are the caller's): the event
-        # loop's inline steps and the pipeline thread each set their own.
         threads = 1 if len(activations) <= self.single_thread_rows else self.threads
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        narrowed = self._narrowed.get((pack.name, hook_point))
-        if narrowed is not None:
-            return narrowed.encode(activations)
-        return pack.encode(hook_point, activations)
+        with encode_threads(threads, self.threads):
+            narrowed = self._narrowed.get((pack.name, hook_point))
+            if narrowed is not None:
+                return narrowed.encode(activations)
+            return pack.encode(hook_point, activations)
 
     def encoded_width(self, pack: FeaturePack, hook_point: str) -> int:
         """How many columns ``encode_block`` computes for this block: the narrowed width

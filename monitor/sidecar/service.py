@@ -98,6 +98,14 @@ class _Undecodable(Exception):
 _UNDECODABLE_MESSAGE = "a message on the stream is not a valid StepBatch (protobuf decoding failed)"
 
 
+def _start_parse_thread(threads: int) -> None:
+    """Name the parse thread and give it the pipeline's torch thread count: it converts
+    prefill-sized BF16 layers to float32 (``decode_layers``), and a new thread otherwise
+    starts with whatever count any thread set last."""
+    streams.name_os_thread(streams.PARSE_THREAD)
+    torch.set_num_threads(threads)
+
+
 class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
     def __init__(
         self,
@@ -120,8 +128,8 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         self.parser = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="parse",
-            initializer=streams.name_os_thread,
-            initargs=(streams.PARSE_THREAD,),
+            initializer=_start_parse_thread,
+            initargs=(pipeline.threads,),
         )
 
     def client_of(self, context: grpc.aio.ServicerContext) -> StreamClient:

@@ -3,6 +3,7 @@ and the events must be those of encoding every pack's full block and picking the
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -315,10 +316,12 @@ def test_bench_reference_rules_read_their_columns_or_all(tmp_path):
         assert pipeline.encoded_width(pack, hook_point) == width
 
 
-def test_small_batches_encode_on_one_thread_with_the_same_events(packs, tmp_path):
+def test_small_batches_encode_on_one_thread_with_the_same_events(packs, tmp_path, monkeypatch):
     """Batches of at most `single_thread_rows` rows encode on one torch thread of the calling
     thread, larger ones on the count torch had when the pipeline was made; the events are
-    those of a pipeline that never switches (0: always torch's count)."""
+    those of a pipeline that never switches (0: always torch's count). After each encode the
+    count is the pipeline's again, and a thread started later begins with it: the one-thread
+    setting does not leak (torch's set_num_threads also sets the value new threads take)."""
     import threading
 
     ruleset = _ruleset(packs, tmp_path, 11, "threads")
@@ -326,29 +329,79 @@ def test_small_batches_encode_on_one_thread_with_the_same_events(packs, tmp_path
     rows = [sum(sequence.rows for sequence in batch.sequences) for batch in batches]
     assert min(rows) <= 4 < max(rows)  # both sides of the bound below are taken
     seen: dict[str, object] = {}
+    inside: list[int] = []
+    real = pipeline_module.encode_threads
+
+    @contextlib.contextmanager
+    def recording(threads: int, restore: int):
+        with real(threads, restore):
+            inside.append(torch.get_num_threads())
+            yield
+
+    monkeypatch.setattr(pipeline_module, "encode_threads", recording)
 
     def run() -> None:  # a thread of its own: torch's thread count is per calling thread
         torch.set_num_threads(2)
         switching = Pipeline(packs, ruleset, SidecarMetrics(), Limits(), single_thread_rows=4)
         never = Pipeline(packs, ruleset, SidecarMetrics(), Limits(), single_thread_rows=0)
         assert switching.threads == never.threads == 2
-        threads, events = [], []
+        threads, events, after, later = [], [], [], []
         for batch, count in zip(batches, rows, strict=True):
+            inside.clear()
             got = switching.process(batch)
-            threads.append((count, torch.get_num_threads()))
+            threads.append((count, list(inside)))
+            after.append(torch.get_num_threads())
+            if count <= 4 and not later:
+                # The last set was a one-thread encode's: a thread started now must not
+                # begin with it.
+                probe = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+                probe.start()
+                probe.join(30)
             want = never.process(batch)
             assert torch.get_num_threads() == 2
             events.append((_events(got), _events(want)))
-        seen.update(threads=threads, events=events)
+        seen.update(threads=threads, events=events, after=after, later=later)
 
     worker = threading.Thread(target=run)
     worker.start()
     worker.join(120)
     assert not worker.is_alive() and seen, "the encode thread failed or hung"
     for count, threads in seen["threads"]:
-        assert threads == (1 if count <= 4 else 2), count
+        assert threads and set(threads) == {1 if count <= 4 else 2}, count
+    assert set(seen["after"]) == {2}
+    assert seen["later"] == [2]
     fired = 0
     for got, want in seen["events"]:
         assert got == want
         fired += len(got) - 1
     assert fired > 0  # alerts were compared, not only acks
+
+
+def test_the_parse_thread_starts_with_the_pipelines_torch_threads(packs, tmp_path):
+    """The parse thread converts prefill-sized layers; it must not start with a count some
+    other thread set last (here 1), but with the pipeline's."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from monitor.sidecar.service import SafetyMonitorService
+
+    ruleset = _ruleset(packs, tmp_path, 12, "parse")
+    seen: list[int] = []
+
+    def run() -> None:
+        torch.set_num_threads(2)
+        pipeline = Pipeline(packs, ruleset, SidecarMetrics(), Limits())
+        with ThreadPoolExecutor(max_workers=1) as worker:
+            service = SafetyMonitorService(pipeline, worker, SidecarMetrics())
+            try:
+                torch.set_num_threads(1)  # what a thread starting now would inherit
+                seen.append(service.parser.submit(torch.get_num_threads).result(30))
+            finally:
+                service.parser.shutdown(wait=True)
+                torch.set_num_threads(2)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert seen == [2]
