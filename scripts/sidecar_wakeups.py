@@ -2,8 +2,11 @@
 
 Issue 15: a decode step costs the sidecar about nine thread wake-ups. The relay dropped three
 of its own by turning off gRPC's EventEngine client (``GRPC_EXPERIMENTS=-event_engine_client``);
-this tries the server-side settings in the sidecar process. For each variant (a set of
-environment variables given to the sidecar alone, the load client keeps gRPC's defaults) it
+this tries the server-side settings in the sidecar process. `safety-monitor serve` sets
+``GRPC_EXPERIMENTS=-event_engine_listener,-event_engine_for_all_other_endpoints`` when the
+environment has no ``GRPC_EXPERIMENTS``; any value given (the empty one too) replaces it, so
+every variant but ``serve's default`` runs on top of gRPC's own defaults. For each variant (a
+set of environment variables given to the sidecar alone, the load client keeps gRPC's) it
 starts the reference sidecar of ``safety-monitor bench sidecar``, warms it up, runs the
 bench's paced decode-step phase (64-row steps at 390.6 steps/s) and prints, per step, the
 sidecar's context switches (voluntary and involuntary, all threads, and by thread name), its
@@ -23,12 +26,12 @@ from pathlib import Path
 from monitor.bench import sidecar as bench
 
 STEPS_PER_S = 25_000 / 64  # the bench's latency phase: 25,000 tokens/s in 64-row steps
-VARIANTS = (
-    "",  # gRPC's defaults; first, so this client's gRPC reads its settings with none set
-    "GRPC_EXPERIMENTS=-event_engine_listener,-event_engine_for_all_other_endpoints",
-    "GRPC_EXPERIMENTS=-event_engine_callback_cq",
-    "GRPC_EXPERIMENTS=tcp_rcv_lowat",
-    "GRPC_POLL_STRATEGY=poll",
+VARIANTS = (  # (label, environment of the sidecar: `KEY=VALUE;KEY=VALUE`)
+    ("gRPC's defaults (GRPC_EXPERIMENTS empty)", "GRPC_EXPERIMENTS="),
+    ("serve's default (GRPC_EXPERIMENTS unset)", ""),
+    ("gRPC's defaults + -event_engine_callback_cq", "GRPC_EXPERIMENTS=-event_engine_callback_cq"),
+    ("gRPC's defaults + tcp_rcv_lowat", "GRPC_EXPERIMENTS=tcp_rcv_lowat"),
+    ("gRPC's defaults + GRPC_POLL_STRATEGY=poll", "GRPC_EXPERIMENTS=;GRPC_POLL_STRATEGY=poll"),
 )
 
 
@@ -45,7 +48,7 @@ def switches(pid: int) -> collections.Counter[str]:
     return counts
 
 
-def measure(workdir: Path, name: str, variant: str, seconds: float) -> str:
+def measure(workdir: Path, name: str, label: str, variant: str, seconds: float) -> str:
     """One variant's line: start its sidecar, warm up, run the paced phase, stop it."""
     settings = dict(item.split("=", 1) for item in variant.split(";") if item)
     saved = {key: os.environ.get(key) for key in settings}
@@ -74,7 +77,7 @@ def measure(workdir: Path, name: str, variant: str, seconds: float) -> str:
     by_name = {k: round((after[k] - before[k]) / steps, 2) for k in after if after[k] > before[k]}
     total = sum(after[k] - before[k] for k in after) / steps
     return (
-        f"{variant or 'defaults':<80} switches/step {total:5.2f}  CPU/step "
+        f"{label:<48} switches/step {total:5.2f}  CPU/step "
         f"{1000 * (cpu_after - cpu_before) / steps:.3f} ms  p99 {result['p99_ms']} ms  {by_name}"
     )
 
@@ -89,8 +92,9 @@ def main() -> None:
         workdir = Path(tmp)
         bench.reference_setup(workdir)
         for round_no in range(args.rounds):
-            for index, variant in enumerate(VARIANTS):
-                print(measure(workdir, f"r{round_no}v{index}", variant, args.seconds), flush=True)
+            for index, (label, variant) in enumerate(VARIANTS):
+                line = measure(workdir, f"r{round_no}v{index}", label, variant, args.seconds)
+                print(line, flush=True)
 
 
 if __name__ == "__main__":

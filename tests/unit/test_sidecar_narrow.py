@@ -341,6 +341,15 @@ def test_small_batches_encode_on_one_thread_with_the_same_events(packs, tmp_path
     monkeypatch.setattr(pipeline_module, "encode_threads", recording)
 
     def run() -> None:  # a thread of its own: torch's thread count is per calling thread
+        # set_num_threads also sets what threads started later begin with: put back what
+        # this fresh thread started with, so later tests keep the suite's count.
+        start = torch.get_num_threads()
+        try:
+            _run()
+        finally:
+            torch.set_num_threads(start)
+
+    def _run() -> None:
         torch.set_num_threads(2)
         switching = Pipeline(packs, ruleset, SidecarMetrics(), Limits(), single_thread_rows=4)
         never = Pipeline(packs, ruleset, SidecarMetrics(), Limits(), single_thread_rows=0)
@@ -389,6 +398,7 @@ def test_the_parse_thread_starts_with_the_pipelines_torch_threads(packs, tmp_pat
     seen: list[int] = []
 
     def run() -> None:
+        start = torch.get_num_threads()  # what later threads start with; put back below
         torch.set_num_threads(2)
         pipeline = Pipeline(packs, ruleset, SidecarMetrics(), Limits())
         with ThreadPoolExecutor(max_workers=1) as worker:
@@ -398,7 +408,7 @@ def test_the_parse_thread_starts_with_the_pipelines_torch_threads(packs, tmp_pat
                 seen.append(service.parser.submit(torch.get_num_threads).result(30))
             finally:
                 service.parser.shutdown(wait=True)
-                torch.set_num_threads(2)
+                torch.set_num_threads(start)
 
     thread = threading.Thread(target=run)
     thread.start()
