@@ -51,16 +51,7 @@ def switches(pid: int) -> collections.Counter[str]:
 def measure(workdir: Path, name: str, label: str, variant: str, seconds: float) -> str:
     """One variant's line: start its sidecar, warm up, run the paced phase, stop it."""
     settings = dict(item.split("=", 1) for item in variant.split(";") if item)
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)  # start_sidecar hands os.environ to the sidecar
-    try:
-        process, port = bench._start(workdir, name, None)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    process, port = bench._start(workdir, name, None, environment=settings)
     cores = os.sched_getaffinity(0)
     try:
         os.sched_setaffinity(0, {min(cores)})

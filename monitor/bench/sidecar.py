@@ -478,11 +478,13 @@ def _start(  # type: ignore[no-untyped-def]
     core: int | None,
     tree: Path | None = None,
     settings: dict[str, Any] | None = None,
+    environment: dict[str, str] | None = None,
 ):
     """A sidecar process serving the pack and rules `reference_setup` wrote to `workdir`
     (on `core` alone, one torch thread, when given), and its port. `tree`: run the sidecar
     of that checkout instead of this one (its modules first on the path). `settings`: more
-    config keys (`sidecar_settings`)."""
+    config keys (`sidecar_settings`). `environment`: more environment variables for the
+    sidecar process alone (e.g. gRPC's runtime settings)."""
     from monitor.fixtures import free_port, start_sidecar
     from monitor.sidecar.config import parse_config
 
@@ -499,9 +501,11 @@ def _start(  # type: ignore[no-untyped-def]
     rundir = workdir / name
     rundir.mkdir()
     parse_config(config, rundir, f"bench sidecar {name}")  # the loader's error, before a start
-    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH")
+    extra = environment or {}
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH", *extra)
     saved = {name: os.environ.get(name) for name in names}
     try:
+        os.environ.update(extra)
         if core is not None:  # one core: more torch threads would only fight over it
             os.environ.update(dict.fromkeys(names[:2], "1"))  # start_sidecar passes os.environ
         if tree is not None:
