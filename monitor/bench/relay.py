@@ -189,7 +189,7 @@ _KEYS = (
     "producer_us_per_step",
     "eventfd_writes_per_step",
 )
-_NOT_DROPS = {"sent", "acked", "rejected", "rows_acked", "reconnects"}
+_NOT_DROPS = {"sent", "acked", "rejected", "rows_acked", "reconnects", "messages"}
 
 
 class _Producer:

@@ -22,7 +22,15 @@ import structlog
 
 from monitor.capture.channel.frames import read_step
 from monitor.capture.channel.protocol import SenderSettings
-from monitor.capture.channel.ring import SLOT_WAITING, Frame, SharedRing, Slot, full_fence
+from monitor.capture.channel.ring import (
+    SLOT_HURRY,
+    SLOT_WAITING,
+    Frame,
+    SharedRing,
+    Slot,
+    full_fence,
+)
+from monitor.capture.relay.coalesce import Coalescer
 from monitor.capture.relay.reader import Reader, StepReader
 from monitor.wire import pb, pb_grpc
 from monitor.wire.acks import ask_for_acks, offers_acks
@@ -30,6 +38,7 @@ from monitor.wire.columns import ColumnarEncoder, offers_columns
 
 log = structlog.get_logger("safety_monitor.capture")
 _CONSUMED = int(Slot.CONSUMED)  # an int: see ring.SLOT_WAITING
+_MESSAGES = int(Slot.MESSAGES)
 
 # How the relay waits for frames (the producer's half is `FrameWriter._announce`):
 #
@@ -284,7 +293,10 @@ class Sender:
         self.ring = ring
         self.source = source
         self.on_event = on_event
-        self.inflight: dict[int, int] = {}  # seq_no -> rows
+        # seq_no -> (steps, rows): a message holds several steps with a linger, and every
+        # counter the serving process reads (sent, acked, lost...) counts steps, as it
+        # publishes them (`RelayLink.unsettled`).
+        self.inflight: dict[int, tuple[int, int]] = {}
         self._lock = threading.Lock()
         self._seq_no = itertools.count(1)
         # The Monitor call's metadata: the settings', plus the request for `Acks` events
@@ -299,16 +311,18 @@ class Sender:
             self.ring.slots[slot] += amount
 
     def settle(self, seq_no: int, rejected: bool) -> None:
-        """A batch was acked or rejected: count it (and its rows, when acked) and forget it."""
+        """A batch was acked or rejected: count it (the steps it holds, and their rows when
+        acked) and forget it."""
         with self._lock:
-            rows = self.inflight.pop(seq_no, None)
-            if rows is None:
+            entry = self.inflight.pop(seq_no, None)
+            if entry is None:
                 return
+            steps, rows = entry
             if rejected:
-                self.ring.slots[Slot.REJECTED] += 1
+                self.ring.slots[Slot.REJECTED] += steps
             else:
                 self.ring.slots[Slot.ROWS_ACKED] += rows
-                self.ring.slots[Slot.ACKED] += 1
+                self.ring.slots[Slot.ACKED] += steps
 
     def settle_acked(self, seq_nos: Iterable[int]) -> None:
         """`settle` for several acked batches at once (an `Acks` event): one lock."""
@@ -316,10 +330,10 @@ class Sender:
             inflight, slots = self.inflight, self.ring.slots
             acked = rows = 0
             for seq_no in seq_nos:
-                batch_rows = inflight.pop(seq_no, None)
-                if batch_rows is not None:
-                    acked += 1
-                    rows += batch_rows
+                entry = inflight.pop(seq_no, None)
+                if entry is not None:
+                    acked += entry[0]
+                    rows += entry[1]
             if acked:
                 slots[Slot.ROWS_ACKED] += rows
                 slots[Slot.ACKED] += acked
@@ -403,6 +417,9 @@ class Sender:
         stopping: threading.Event,
         encoder: ColumnarEncoder | None = None,
     ) -> Iterator[pb.StepBatch]:
+        if self.settings.linger_ms > 0:
+            yield from self._lingering_requests(alive, stopping, encoder)
+            return
         bad_frame = lambda: self.count(Slot.LOST_BAD_FRAME)  # noqa: E731
         # The model name is set and the encoder applied as each frame is read; the reader
         # keeps a decode loop's encoded message to reuse (relay/reader.py).
@@ -413,19 +430,80 @@ class Sender:
             batch = self.source.next(REQUEST_WAIT, bad_frame, reader.read)
             if batch is None:
                 continue
-            seq_no = next(self._seq_no)
-            batch.seq_no = seq_no
-            # Not Timestamp.GetCurrentTime: that goes through datetime, 4 us against 0.6.
-            stamp = batch.sent_at
-            stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
-            rows = reader.rows
-            with self._lock:
-                if not alive.is_set():
-                    self.ring.slots[Slot.LOST_DISCONNECTED] += 1
-                    return
-                self.inflight[seq_no] = rows
-                self.ring.slots[Slot.SENT] += 1
+            if not self._stamp(batch, 1, reader.rows, alive):
+                return
             yield batch
+
+    def _stamp(self, batch: pb.StepBatch, steps: int, rows: int, alive: threading.Event) -> bool:
+        """Number the batch, time it and count it in flight; False (its steps counted as
+        lost) when the stream is already gone."""
+        seq_no = next(self._seq_no)
+        batch.seq_no = seq_no
+        # Not Timestamp.GetCurrentTime: that goes through datetime, 4 us against 0.6.
+        stamp = batch.sent_at
+        stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
+        with self._lock:
+            if not alive.is_set():
+                self.ring.slots[Slot.LOST_DISCONNECTED] += steps
+                return False
+            self.inflight[seq_no] = (steps, rows)
+            self.ring.slots[Slot.SENT] += steps
+            self.ring.slots[_MESSAGES] += 1
+        return True
+
+    def _lingering_requests(
+        self,
+        alive: threading.Event,
+        stopping: threading.Event,
+        encoder: ColumnarEncoder | None,
+    ) -> Iterator[pb.StepBatch]:
+        """`_requests` with a linger: after the first step, the steps published within
+        `linger_ms` go into the same message (relay/coalesce.py) until one cannot join, a
+        bound is reached, or the serving process waits for verdicts (Slot.HURRY). Frames are
+        read in full (`read_step`): the merged message is encoded once, so the reader's
+        template reuse has nothing to save here."""
+        bad_frame = lambda: self.count(Slot.LOST_BAD_FRAME)  # noqa: E731
+        linger = self.settings.linger_ms / 1000
+        # A merged message stays well under the message size limit (a step alone may not).
+        merged = Coalescer(max_bytes=self.settings.max_message_bytes // 2)
+        slots = self.ring.slots
+        source = self.source
+        left_over: pb.StepBatch | None = None  # a step that could not join the last message
+        try:
+            while alive.is_set() and not (
+                stopping.is_set() and left_over is None and self.ring.frames_waiting() == 0
+            ):
+                if left_over is not None:
+                    first, left_over = left_over, None
+                else:
+                    first = source.next(REQUEST_WAIT, bad_frame, read_step)
+                    if first is None:
+                        continue
+                merged.add(first)
+                deadline = time.monotonic() + linger
+                while not merged.full and not slots[SLOT_HURRY] and not stopping.is_set():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    step = source.next(remaining, bad_frame, read_step)
+                    if step is None:  # the linger is over, or the wait was interrupted
+                        break
+                    if not merged.add(step):
+                        left_over = step
+                        break
+                batch, steps = merged.take()
+                batch.model = self.settings.model_name
+                rows = sum(sequence.rows for sequence in batch.sequences)
+                if encoder is not None:
+                    encoder.encode(batch)
+                if not self._stamp(batch, steps, rows, alive):
+                    return
+                yield batch
+        finally:
+            # A step taken off the ring and never sent must still be settled, or the serving
+            # process would count it unsettled for ever (its flush would wait in vain).
+            if left_over is not None or merged.frames:
+                self.count(Slot.LOST_DISCONNECTED, merged.frames + (left_over is not None))
 
     def _handle(self, event: pb.MonitorEvent) -> None:
         kind = event.WhichOneof("event")
@@ -445,7 +523,7 @@ class Sender:
 
     def _lose_inflight(self) -> None:
         with self._lock:
-            lost = len(self.inflight)
+            lost = sum(steps for steps, _ in self.inflight.values())
             self.inflight.clear()
             self.ring.slots[Slot.LOST_DISCONNECTED] += lost
 
