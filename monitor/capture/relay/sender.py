@@ -101,11 +101,16 @@ class FrameSource:
         self.polls = 0  # short sleeps while a frame is due
 
     def next(
-        self, timeout: float, on_bad_frame: Callable[[], None], read: Reader = read_step
+        self,
+        timeout: float,
+        on_bad_frame: Callable[[], None],
+        read: Reader = read_step,
+        until_hurried: bool = False,
     ) -> pb.StepBatch | None:
         """The next step on the ring as a StepBatch (made by `read`), None after `timeout`
-        seconds without one (or sooner, after `interrupt`); `on_bad_frame` is called for a
-        frame that cannot be read (it is skipped).
+        seconds without one (or sooner, after `interrupt`, or with `until_hurried` once the
+        serving process sets HURRY: its wake-up comes with it); `on_bad_frame` is called for
+        a frame that cannot be read (it is skipped).
         """
         deadline = time.monotonic() + timeout
         slots = self.ring.slots
@@ -126,7 +131,11 @@ class FrameSource:
                     continue
                 return batch
             now = time.monotonic()
-            if now >= deadline or self._wait(now, deadline - now):  # timed out, or interrupted
+            if (
+                now >= deadline
+                or self._wait(now, deadline - now)  # timed out, or interrupted
+                or (until_hurried and slots[SLOT_HURRY])
+            ):
                 # Not waiting any more: the producer must not keep writing the eventfd while
                 # this relay is elsewhere (reconnecting, say).
                 slots[SLOT_WAITING] = 0
@@ -458,10 +467,11 @@ class Sender:
         encoder: ColumnarEncoder | None,
     ) -> Iterator[pb.StepBatch]:
         """`_requests` with a linger: after the first step, the steps published within
-        `linger_ms` go into the same message (relay/coalesce.py) until one cannot join, a
-        bound is reached, or the serving process waits for verdicts (Slot.HURRY). Frames are
-        read in full (`read_step`): the merged message is encoded once, so the reader's
-        template reuse has nothing to save here."""
+        `linger_ms` go into the same message (relay/coalesce.py) until one cannot join or a
+        bound is reached; steps already waiting on the ring join too (no wait for them),
+        which is all that joins while the serving process waits for verdicts (Slot.HURRY).
+        Frames are read in full (`read_step`): the merged message is encoded once, so the
+        reader's template reuse has nothing to save here."""
         bad_frame = lambda: self.count(Slot.LOST_BAD_FRAME)  # noqa: E731
         linger = self.settings.linger_ms / 1000
         # A merged message stays well under the message size limit (a step alone may not).
@@ -481,11 +491,13 @@ class Sender:
                         continue
                 merged.add(first)
                 deadline = time.monotonic() + linger
-                while not merged.full and not slots[SLOT_HURRY] and not stopping.is_set():
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                while not merged.full and not stopping.is_set():
+                    # Past the linger, or hurried: only the steps already there (a backlog
+                    # merged costs no wait).
+                    remaining = 0.0 if slots[SLOT_HURRY] else deadline - time.monotonic()
+                    if remaining <= 0 and self.ring.frames_waiting() == 0:
                         break
-                    step = source.next(remaining, bad_frame, read_step)
+                    step = source.next(max(remaining, 0.0), bad_frame, read_step, True)
                     if step is None:  # the linger is over, or the wait was interrupted
                         break
                     if not merged.add(step):
