@@ -23,14 +23,7 @@ import structlog
 
 from monitor.capture.channel.frames import FrameWriter
 from monitor.capture.channel.protocol import RelayConfig, SenderSettings, read_event
-from monitor.capture.channel.ring import (
-    LOST_REASONS,
-    SLOT_HURRY,
-    SLOT_WAITING,
-    SharedRing,
-    Slot,
-    full_fence,
-)
+from monitor.capture.channel.ring import LOST_REASONS, SLOT_HURRY, SharedRing, Slot
 from monitor.capture.steps import CapturedStep
 from monitor.wire import pb
 
@@ -69,7 +62,6 @@ class _Channel:
             self.ring, self._ring_doorbell if doorbell else None, wakeup_fd=self.wakeup
         )
         self.alerts_delivered = 0
-        self._fence = threading.Lock()
 
     def _ring_doorbell(self) -> None:
         # The pipe only fills if the relay is 64k frames behind; the queue bound forbids that.
@@ -80,15 +72,14 @@ class _Channel:
         slots = self.ring.slots
         return slots[Slot.PUBLISHED] - sum(slots[slot] for slot in _SETTLED)
 
-    def set_hurry(self, waiters: int) -> None:
-        """Publish HURRY, and wake a relay asleep in its linger so it sends at once. With a
-        doorbell (which counts frames) there is no wake-up to give: the linger ends it."""
+    def set_hurry(self, waiters: int, wake: bool) -> None:
+        """Publish HURRY; `wake`: also wake a relay asleep in its linger (which sleeps with
+        WAITING clear, so the eventfd is written whatever WAITING says), so it sends at once.
+        With a doorbell (which counts frames) there is no wake-up to give: the linger ends."""
         self.ring.slots[SLOT_HURRY] = waiters
-        if waiters and self.wakeup is not None:
-            full_fence(self._fence)  # as `FrameWriter._announce`: HURRY before WAITING's load
-            if self.ring.slots[SLOT_WAITING]:
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_write(self.wakeup, 1)
+        if wake and self.wakeup is not None:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_write(self.wakeup, 1)
 
     def close(self) -> None:
         self.ring.close()
@@ -152,14 +143,14 @@ class RelayLink:
         with self._lock:
             self._hurrying += 1
             if self._channel is not None:
-                self._channel.set_hurry(self._hurrying)
+                self._channel.set_hurry(self._hurrying, wake=self._hurrying == 1)
         try:
             yield
         finally:
             with self._lock:
                 self._hurrying -= 1
                 if self._channel is not None:
-                    self._channel.set_hurry(self._hurrying)
+                    self._channel.set_hurry(self._hurrying, wake=False)
 
     @property
     def unreachable(self) -> bool:
@@ -292,7 +283,7 @@ class RelayLink:
                 return
             self._fold(old, "relay_exited")
             self._channel = _Channel(self.capacity, self.doorbell)
-            self._channel.set_hurry(self._hurrying)
+            self._channel.set_hurry(self._hurrying, wake=False)
         old.close()
 
     def close(self, timeout: float) -> None:

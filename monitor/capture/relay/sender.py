@@ -91,6 +91,8 @@ class FrameSource:
         self._interrupts = _Readable([self._interrupt])
         waker = self.doorbell_fd if doorbell_fd is not None else self.wakeup_fd
         self._wakers = _Readable([self._interrupt] + ([] if waker is None else [waker]))
+        wakeup = [] if self.wakeup_fd is None else [self.wakeup_fd]
+        self._lingers = _Readable([self._interrupt, *wakeup])  # see `linger`
         # Whether WAITING was set a whole bounded sleep ago (see `_wait`); with a doorbell
         # every frame rings it, so no sleep needs a bound.
         self._waiting_visible = doorbell_fd is not None
@@ -105,12 +107,12 @@ class FrameSource:
         timeout: float,
         on_bad_frame: Callable[[], None],
         read: Reader = read_step,
-        until_hurried: bool = False,
+        pace: bool = True,
     ) -> pb.StepBatch | None:
         """The next step on the ring as a StepBatch (made by `read`), None after `timeout`
-        seconds without one (or sooner, after `interrupt`, or with `until_hurried` once the
-        serving process sets HURRY: its wake-up comes with it); `on_bad_frame` is called for
-        a frame that cannot be read (it is skipped).
+        seconds without one (or sooner, after `interrupt`); `on_bad_frame` is called for a
+        frame that cannot be read (it is skipped). `pace=False`: the frame does not count
+        towards the pace (a lingering relay's later frames, taken in a burst).
         """
         deadline = time.monotonic() + timeout
         slots = self.ring.slots
@@ -119,7 +121,8 @@ class FrameSource:
             if frame is not None:
                 if slots[SLOT_WAITING]:
                     slots[SLOT_WAITING] = 0  # busy again: the producer need not write
-                self._taken(time.monotonic())
+                if pace:
+                    self._taken(time.monotonic())
                 try:
                     batch = read(self.ring, frame)
                 except Exception:
@@ -131,15 +134,33 @@ class FrameSource:
                     continue
                 return batch
             now = time.monotonic()
-            if (
-                now >= deadline
-                or self._wait(now, deadline - now)  # timed out, or interrupted
-                or (until_hurried and slots[SLOT_HURRY])
-            ):
+            if now >= deadline or self._wait(now, deadline - now):  # timed out, or interrupted
                 # Not waiting any more: the producer must not keep writing the eventfd while
                 # this relay is elsewhere (reconnecting, say).
                 slots[SLOT_WAITING] = 0
                 return None
+
+    def linger(self, seconds: float) -> bool:
+        """Sleep up to `seconds` with WAITING clear, so the producer makes no system call for
+        the frames published meanwhile (they are taken after, in one burst); True if cut
+        short by `interrupt` or by the serving process's HURRY (`RelayLink.hurry` writes the
+        wake-up eventfd whatever WAITING says). A stray wake-up (a write from before WAITING
+        was cleared) sleeps on. With a doorbell there is no such wake-up: it sleeps on."""
+        slots = self.ring.slots
+        if slots[SLOT_WAITING]:
+            slots[SLOT_WAITING] = 0
+        deadline = time.monotonic() + seconds
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            ready = self._lingers.wait(remaining)
+            if not ready:
+                return False
+            for fd in ready:
+                _drain_eventfd(fd)
+            if self._interrupt in ready or slots[SLOT_HURRY]:
+                return True
 
     def interrupt(self) -> None:
         """Wake a `next` that is waiting (from another thread): it returns None."""
@@ -468,10 +489,12 @@ class Sender:
     ) -> Iterator[pb.StepBatch]:
         """`_requests` with a linger: after the first step, the steps published within
         `linger_ms` go into the same message (relay/coalesce.py) until one cannot join or a
-        bound is reached; steps already waiting on the ring join too (no wait for them),
-        which is all that joins while the serving process waits for verdicts (Slot.HURRY).
-        Frames are read in full (`read_step`): the merged message is encoded once, so the
-        reader's template reuse has nothing to save here."""
+        bound is reached. The relay sleeps through the linger (`FrameSource.linger`: no
+        wake-up per step, none asked of the producer) and then takes the steps that came in
+        one burst; while the serving process waits for verdicts (Slot.HURRY) it does not
+        sleep, and only steps already on the ring join. Frames are read in full
+        (`read_step`): the merged message is encoded once, so the reader's template reuse
+        has nothing to save here."""
         bad_frame = lambda: self.count(Slot.LOST_BAD_FRAME)  # noqa: E731
         linger = self.settings.linger_ms / 1000
         # A merged message stays well under the message size limit (a step alone may not).
@@ -479,6 +502,7 @@ class Sender:
         slots = self.ring.slots
         source = self.source
         left_over: pb.StepBatch | None = None  # a step that could not join the last message
+        step_gap: float | None = None  # seconds between steps in the last linger
         try:
             while alive.is_set() and not (
                 stopping.is_set() and left_over is None and self.ring.frames_waiting() == 0
@@ -490,15 +514,25 @@ class Sender:
                     if first is None:
                         continue
                 merged.add(first)
-                deadline = time.monotonic() + linger
-                while not merged.full and not stopping.is_set():
-                    # Past the linger, or hurried: only the steps already there (a backlog
-                    # merged costs no wait).
-                    remaining = 0.0 if slots[SLOT_HURRY] else deadline - time.monotonic()
-                    if remaining <= 0 and self.ring.frames_waiting() == 0:
+                # Sleep through the linger, waking only to keep the ring from filling up
+                # (at the step rate of the last message, when about half of MAX_FRAMES
+                # wait), then take what came.
+                started = time.monotonic()
+                deadline = started + linger
+                while not merged.full and not slots[SLOT_HURRY] and not stopping.is_set():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self.ring.frames_waiting() >= merged.max_frames // 2:
                         break
-                    step = source.next(max(remaining, 0.0), bad_frame, read_step, True)
-                    if step is None:  # the linger is over, or the wait was interrupted
+                    if step_gap is not None:
+                        remaining = min(remaining, max(0.001, step_gap * merged.max_frames / 2))
+                    if source.linger(remaining):
+                        break
+                waiting = self.ring.frames_waiting()
+                if waiting:
+                    step_gap = (time.monotonic() - started) / waiting
+                while not merged.full and self.ring.frames_waiting():
+                    step = source.next(0.0, bad_frame, read_step, pace=False)
+                    if step is None:
                         break
                     if not merged.add(step):
                         left_over = step
