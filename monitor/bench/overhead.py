@@ -55,7 +55,9 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
         type=float,
         default=None,
         help="also run sidecar-up with the relay's linger at this many ms (mode "
-        "sidecar-up+linger; vllm: every monitored engine gets it, SAFETY_MONITOR_LINGER_MS)",
+        "sidecar-up+linger); vllm: the monitored engines run with it instead "
+        "(SAFETY_MONITOR_LINGER_MS; up-baseline gets it too, and ignores it if its plugin "
+        "predates the setting)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
@@ -105,10 +107,6 @@ def _run_command(args: argparse.Namespace) -> int:
     configure_logging("auto", "warning")
     if args.engine == "vllm":
         from monitor.bench.vllm_overhead import format_vllm_table, run_vllm_overhead_bench
-        from monitor.capture.vllm.config import ENV_LINGER_MS
-
-        if args.linger_ms is not None:  # the engines inherit it (a baseline tree's may not read it)
-            os.environ[ENV_LINGER_MS] = f"{args.linger_ms:g}"
 
         eager = {"both": (False, True), "compiled": (False,), "eager": (True,)}[args.execution]
         result = run_vllm_overhead_bench(
@@ -120,6 +118,7 @@ def _run_command(args: argparse.Namespace) -> int:
             baseline_tree=args.baseline_tree,
             pinnings=("pinned", "unpinned") if args.pinning == "both" else (args.pinning,),
             same_engine=args.same_engine,
+            linger_ms=args.linger_ms,
         )
         print(json.dumps(result, indent=2) if args.json else format_vllm_table(result))
         return 0
