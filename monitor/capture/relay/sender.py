@@ -16,6 +16,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import grpc
 import structlog
@@ -106,7 +107,7 @@ class FrameSource:
         self,
         timeout: float,
         on_bad_frame: Callable[[], None],
-        read: Reader = read_step,
+        read: Reader | None = read_step,
         pace: bool = True,
     ) -> pb.StepBatch | None:
         """The next step on the ring as a StepBatch (made by `read`), None after `timeout`
@@ -123,6 +124,8 @@ class FrameSource:
                     slots[SLOT_WAITING] = 0  # busy again: the producer need not write
                 if pace:
                     self._taken(time.monotonic())
+                if read is None:
+                    return frame  # type: ignore[return-value]  # see `wait_for_frame`
                 try:
                     batch = read(self.ring, frame)
                 except Exception:
@@ -139,6 +142,25 @@ class FrameSource:
                 # this relay is elsewhere (reconnecting, say).
                 slots[SLOT_WAITING] = 0
                 return None
+
+    def wait_for_frame(self, timeout: float) -> Frame | None:
+        """`next`, but the frame is left on the ring unread: the caller reads it and releases
+        it (`take`). A lingering relay keeps its first frame there until it knows whether
+        others join it."""
+        return self.next(timeout, lambda: None, None)  # type: ignore[return-value]
+
+    def take(self, frame: Frame, read: Reader, on_bad_frame: Callable[[], None]) -> Any:
+        """Read a frame `wait_for_frame` left on the ring, and release it; None (counted by
+        `on_bad_frame`) if it cannot be read."""
+        try:
+            batch = read(self.ring, frame)
+        except Exception:
+            log.exception("unreadable frame on the capture ring")
+            batch = None
+        self.ring.release(frame.size)
+        if batch is None:
+            on_bad_frame()
+        return batch
 
     def linger(self, seconds: float) -> bool:
         """Sleep up to `seconds` with WAITING clear, so the producer makes no system call for
@@ -492,10 +514,12 @@ class Sender:
         bound is reached. The relay sleeps through the linger (`FrameSource.linger`: no
         wake-up per step, none asked of the producer) and then takes the steps that came in
         one burst; while the serving process waits for verdicts (Slot.HURRY) it does not
-        sleep, and only steps already on the ring join. Frames are read in full
-        (`read_step`): the merged message is encoded once, so the reader's template reuse
-        has nothing to save here."""
+        sleep, and only steps already on the ring join. The first step stays on the ring
+        through the linger: left alone, it is read as without a linger (`StepReader`, which
+        reuses a decode loop's encoded message); merged steps are read in full (`read_step`)
+        and the merged message is encoded once."""
         bad_frame = lambda: self.count(Slot.LOST_BAD_FRAME)  # noqa: E731
+        reader = StepReader(self.settings.model_name, encoder)  # for a step left alone
         linger = self.settings.linger_ms / 1000
         # A merged message stays well under the message size limit (a step alone may not).
         merged = Coalescer(max_bytes=self.settings.max_message_bytes // 2)
@@ -507,19 +531,21 @@ class Sender:
             while alive.is_set() and not (
                 stopping.is_set() and left_over is None and self.ring.frames_waiting() == 0
             ):
+                peeked = None
                 if left_over is not None:
                     first, left_over = left_over, None
                 else:
-                    first = source.next(REQUEST_WAIT, bad_frame, read_step)
-                    if first is None:
+                    # Left on the ring until the linger is over: alone, it is read as without
+                    # a linger (the reader reuses a decode loop's encoded message).
+                    peeked = source.wait_for_frame(REQUEST_WAIT)
+                    if peeked is None:
                         continue
-                merged.add(first)
                 # Sleep through the linger, waking only to keep the ring from filling up
                 # (at the step rate of the last message, when about half of MAX_FRAMES
                 # wait), then take what came.
                 started = time.monotonic()
                 deadline = started + linger
-                while not merged.full and not slots[SLOT_HURRY] and not stopping.is_set():
+                while not slots[SLOT_HURRY] and not stopping.is_set():
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or self.ring.frames_waiting() >= merged.max_frames // 2:
                         break
@@ -527,9 +553,22 @@ class Sender:
                         remaining = min(remaining, max(0.001, step_gap * merged.max_frames / 2))
                     if source.linger(remaining):
                         break
-                waiting = self.ring.frames_waiting()
+                waiting = self.ring.frames_waiting() - (peeked is not None)
                 if waiting:
                     step_gap = (time.monotonic() - started) / waiting
+                if peeked is not None:
+                    if not waiting:  # alone: as without a linger
+                        batch = source.take(peeked, reader.read, bad_frame)
+                        if batch is None:
+                            continue
+                        if not self._stamp(batch, 1, reader.rows, alive):
+                            return
+                        yield batch
+                        continue
+                    first = source.take(peeked, read_step, bad_frame)
+                    if first is None:
+                        continue
+                merged.add(first)
                 while not merged.full and self.ring.frames_waiting():
                     step = source.next(0.0, bad_frame, read_step, pace=False)
                     if step is None:
