@@ -15,11 +15,12 @@ import torch
 
 from monitor import datasets
 from monitor.cli import main
+from monitor.conformal import fpr_upper_bound
 from monitor.evaluation.engine_replay import EngineReplay, pack_features
 from monitor.evaluation.evaluate import evaluate
 from monitor.features import load_pack, save_pack
 from monitor.features.build.conversations import load_model, replay
-from monitor.features.build.scoring import auroc, conversation_score, threshold_at_fpr
+from monitor.features.build.scoring import auroc, calibrated_threshold, conversation_score
 from monitor.rules import load_rules
 from monitor.wire import encode_tensor, pb, pb_grpc
 
@@ -242,7 +243,11 @@ def test_the_served_rule_reproduces_the_offline_score(
         info = next(f for f in load_pack(calibrated).features() if f.name == "secrecy")
         negatives = [s for s, y in zip(scores, labels, strict=True) if y == 0]
         assert info.threshold_pooling == aggregation
-        assert info.alert_threshold == pytest.approx(threshold_at_fpr(negatives, 0.05), abs=1e-6)
+        # The split-conformal rank on the 80 negatives: ceil(81 * 0.95) = 77, so 3 above it.
+        assert info.alert_threshold == pytest.approx(
+            calibrated_threshold(negatives, 0.05), abs=1e-6
+        )
+        assert sum(s > info.alert_threshold + 1e-6 for s in negatives) <= 3
 
 
 def _recorded_as(pack: Any, name: str, aggregation: str, out: Path) -> Path:
@@ -282,6 +287,13 @@ def test_rules_calibrate_writes_the_threshold_the_real_path_confirms(
     (result,) = out["thresholds"]
     assert result["name"] == "secret_answer" and result["rules"] == ["secret-answer"]
     assert result["fpr"] <= 0.2 and out["written"] == [str(rules)]
+    # 16 benign conversations at 20%: the split-conformal rank ceil(17 * 0.8) = 14 lets 2 fire
+    # (the empirical quantile would let floor(3.2) = 3); the bound is that of what fired.
+    assert out["conversations"] == 16 and out["allowed"] == 2
+    assert out["minimum_conversations"] == 4 and result["fired"] <= 2
+    assert result["fpr"] == result["fired"] / 16
+    assert result["fpr_upper_95"] == pytest.approx(fpr_upper_bound(result["fired"], 16))
+    assert result["fpr_upper_95"] > result["fpr"]
     text = rules.read_text()
     assert f"secret_answer: {result['new']:.6g}   # rules calibrate sets this" in text
     # The written number, through the real path: the same FPR on the same benign set.
@@ -297,6 +309,15 @@ def test_rules_calibrate_writes_the_threshold_the_real_path_confirms(
     engine = EngineReplay(tokens, [pack], {"probes/secrecy"})
     lower = load_rules([rules], pack_features([pack]), {"secret_answer": result["new"] - 0.05})
     assert len(engine.run(lower)["secret-answer"]) > result["fired"]
+    # The terminal report: the calibration rate, the bound on new data, and what the target
+    # needs; too few benign conversations for the target is an error naming that number.
+    assert main([*argv[:-1], "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "at most 2 may fire" in printed and "needs at least 4" in printed
+    assert f"FPR {result['fpr']:.4f}, new data <= {result['fpr_upper_95']:.4f} (95%)" in printed
+    assert main([*argv[:-3], "--fpr", "0.05"]) == 2
+    error = capsys.readouterr().err
+    assert "16 benign conversations cannot resolve" in error and "need at least 19" in error
 
 
 def test_eval_cli_prints_json_and_draws_roc_curves(workdir, capsys, tmp_path) -> None:
