@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -151,11 +152,18 @@ def test_pack_calibrate_warns_when_calibration_data_overlaps_the_fit(workdir, ca
     argv = ["pack", "calibrate", str(pack), "--model", str(workdir / "model")]
     argv += ["--data", str(whole_file(workdir)), "--fpr", "0.05", "--out", str(copy)]
     assert main(argv) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "48 of 80 calibration conversations were in the data the probes were fitted on" in err
     info = next(f for f in load_pack(copy).features() if f.name == "secrecy")
     # Calibrated with the pooling the pack records, and says so.
     assert info.threshold_pooling == info.aggregation and info.target_fpr == 0.05
+    # Per threshold: the calibration rate, its bound on new data, and what 5% needs. The
+    # split-conformal rank on 80 negatives, ceil(81 * 0.95) = 77, lets at most 3 fire.
+    line = next(x for x in out.splitlines() if x.startswith("probes/secrecy:"))
+    fired = int(re.search(r"calibration FPR [0-9.]+ \((\d+) of 80\)", line).group(1))
+    assert fired <= 3 and f"({fired} of 80)" in line
+    assert f"<= {fpr_upper_bound(fired, 80):.4f} (95%, one-sided)" in line
+    assert "the target needs >= 19 samples" in line
 
 
 @pytest.mark.parametrize("pooling_kind", ["window", "whole_turn", "role_masked", "turn_mean"])
