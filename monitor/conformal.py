@@ -21,7 +21,9 @@ the probes never saw is such a shift.
 rate: the one-sided Clopper-Pearson bound of ``fired`` of ``n``. For a threshold at an order
 statistic of continuous scores, its true rate follows Beta(fired + 1, n - fired) over
 calibration sets, whose quantile that bound is, so it holds although the threshold was chosen
-on the same scores.
+on the same scores. Where ties or a jump in firings leave fewer than ``allowed`` above the
+threshold, the count that fired is itself data-dependent and the bound of that count treats
+it as fixed; the bound of ``allowed`` (never lower) holds without that assumption.
 
 Pure Python (``math`` only), so both the evaluation and the build side import it.
 """
