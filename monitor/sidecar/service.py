@@ -196,13 +196,16 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                     break
                 # Whatever else has arrived meanwhile goes with it: under load the pipeline
                 # evaluates waiting decode steps together (see grouping.py).
+                # Up to `streams.GROUP_ROWS` rows: a prefill-sized batch goes alone.
                 held = [item]
-                while len(held) < MAX_GROUP and not arrived.empty():
+                rows = streams.batch_rows(item[0], item[2])
+                while len(held) < MAX_GROUP and rows < streams.GROUP_ROWS and not arrived.empty():
                     more = arrived.get_nowait()
                     if more is None:
                         ended = True
                         break
                     held.append(more)
+                    rows += streams.batch_rows(more[0], more[2])
                 batches = [batch for batch, _, _ in held]
                 decoded = [layers for _, _, layers in held]
                 process = functools.partial(process_many, table=table, decoded=decoded)

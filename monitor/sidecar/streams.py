@@ -108,6 +108,25 @@ def small_batches(held: Sequence[tuple[Any, int, tuple[Any, ...]]]) -> bool:
     )
 
 
+# A group of waiting batches (service.py) takes no more once it holds this many rows. The
+# rules engine's cost is mostly per call, so grouping pays for small steps, but past a few
+# hundred rows per call it saves next to nothing, while merging batches copies all their
+# activations (`grouping.merge_steps`) and every member's ack waits for the whole group.
+# Prefill-sized batches (512 rows each) then went through mostly in groups: the
+# pipeline thread merged and encoded them while the client, its window of batches in flight
+# full, waited for the acks, then refilled the window while the pipeline thread waited
+# (README, "Not there yet", issue 15). Alone, each one's ack goes out as it is done.
+# 512 is eight 64-row decode steps: `grouping.MAX_GROUP` of them, as before.
+GROUP_ROWS = 512
+
+
+def batch_rows(batch: Any, decoded: tuple[Any, ...]) -> int:
+    """The most rows a batch's data claims (its first layer's, decoded or as the message
+    says, and its feature blocks'; without layers, what its sequences claim), from what the
+    reader put in the stream's queue, without validating it."""
+    return _rows(batch, decoded)
+
+
 def _rows(batch: Any, decoded: tuple[Any, ...]) -> int:
     """The most rows a batch's data claims: its first layer's (decoded or as the message
     says) and its feature blocks'. A batch without layers (client-encoded features) also
