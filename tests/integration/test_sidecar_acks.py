@@ -183,7 +183,9 @@ def test_waiting_batches_group_only_up_to_group_rows(sidecars, parsed):
     held.result(30)
     assert sidecar.groups == [1, 1, 1, 1, 4, 1]
     rows = [m.layers[0].activations.shape[0] for m in messages]
-    assert [(seq_no, n) for seq_no, n, _ in _acks(events)] == list(zip(range(1, 10), rows))
+    assert [(seq_no, n) for seq_no, n, _ in _acks(events)] == list(
+        zip(range(1, 10), rows, strict=True)
+    )
     assert not [e for e in events if e.HasField("error")]
 
 
