@@ -189,6 +189,41 @@ def test_waiting_batches_group_only_up_to_group_rows(sidecars, parsed):
     assert not [e for e in events if e.HasField("error")]
 
 
+def test_large_bf16_layers_reach_the_pipeline_as_float32_with_the_same_events(sidecars):
+    """A message over `streams.PARSE_INLINE_BYTES` is parsed on the parse thread, which on a
+    CPU sidecar also converts its BF16 layer to float32 (the copy every CPU encoder makes
+    first), so the worker thread does not: the pipeline gets float32 activations, and the
+    events are exactly those of a sidecar that hands on the BF16 layer."""
+    rows = streams.PARSE_INLINE_BYTES // (2 * HIDDEN) + 8  # BF16: just over the bound
+    values = torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(3))
+    batch = pb.StepBatch(seq_no=1, model="tiny")
+    batch.layers.append(
+        pb.Layer(hook_point="layers.1", activations=encode_tensor(values.bfloat16()))
+    )
+    batch.sequences.append(pb.Sequence(conversation_id="long", rows=rows, position=0))
+    runs = []
+    for widen in (True, False):
+        sidecar = sidecars()
+        service = sidecar.thread.sidecar.service
+        assert service.widen  # a CPU sidecar
+        service.widen = widen
+        dtypes: list[torch.dtype] = []
+        process_many = sidecar.thread.sidecar.pipeline.process_many
+
+        def seen(batches, *args, process_many=process_many, dtypes=dtypes, **kwargs):
+            dtypes.extend(t.dtype for layers in kwargs["decoded"] for t in layers)
+            return process_many(batches, *args, **kwargs)
+
+        sidecar.thread.sidecar.pipeline.process_many = seen  # type: ignore[method-assign]
+        with grpc.insecure_channel(sidecar.target) as channel:
+            stub = pb_grpc.SafetyMonitorStub(channel)
+            runs.append(list(stub.Monitor(iter([batch]), timeout=60)))
+        assert dtypes == [torch.float32 if widen else torch.bfloat16]
+    widened, kept = runs
+    assert _acks(widened) == _acks(kept) == [(1, rows, _acks(kept)[0][2])]
+    assert [e.SerializeToString() for e in widened] == [e.SerializeToString() for e in kept]
+
+
 def test_get_status_offers_the_acks_format(sidecars):
     sidecar = sidecars()
     with grpc.insecure_channel(sidecar.target) as channel:
