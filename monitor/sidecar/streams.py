@@ -112,10 +112,10 @@ def small_batches(held: Sequence[tuple[Any, int, tuple[Any, ...]]]) -> bool:
 # rules engine's cost is mostly per call, so grouping pays for small steps, but past a few
 # hundred rows per call it saves next to nothing, while merging batches copies all their
 # activations (`grouping.merge_steps`) and every member's ack waits for the whole group.
-# Prefill-sized batches (512 rows each) then went through mostly in groups: the
-# pipeline thread merged and encoded them while the client, its window of batches in flight
-# full, waited for the acks, then refilled the window while the pipeline thread waited
-# (README, "Not there yet", issue 15). Alone, each one's ack goes out as it is done.
+# Prefill-sized batches (512 rows each) went through mostly in groups, each merged before
+# its encode; alone, each needs no merge and its ack goes out as it is done (README, "Not
+# there yet", issue 15: the worker's CPU per 512-row message fell by about a fifth, with
+# the BF16 to float32 copy also moved to the parse thread, `validate.decode_layers`).
 # 512 is eight 64-row decode steps: `grouping.MAX_GROUP` of them, as before.
 GROUP_ROWS = 512
 
