@@ -175,9 +175,10 @@ class WorkerCapture:
         """Called right after `_prepare_inputs`: the order and positions the forward uses."""
         batch = runner.input_batch
         count = batch.num_reqs
+        tokens = _ints(num_scheduled_tokens)  # vLLM's holds num_reqs counts: no slice to make
         self._layout = (
             batch.req_ids[:count],
-            _ints(num_scheduled_tokens[:count]),
+            tokens if len(tokens) == count else tokens[:count],
             _ints(batch.num_computed_tokens_cpu[:count]),
         )
 
