@@ -9,8 +9,11 @@ wakes as it does beside a real engine).
 What it counts is what the plugin adds on the engine's thread, its own timing
 (`PluginTiming`) included; the runner's methods themselves do nothing. Run from the
 repository root, in the lock of a shared machine:
-``OMP_NUM_THREADS=1 python scripts/vllm_plugin_step_cost.py [--runs 30] [--profile]``
-(about 10 s per 30 runs). `--profile` prints a cProfile of the decode steps instead.
+``OMP_NUM_THREADS=1 python scripts/vllm_plugin_step_cost.py [--runs 30] [--profile]
+[--compare-decode-run]`` (about 10 s per 30 runs). `--profile` prints a cProfile of the
+decode steps instead; `--compare-decode-run` alternates runs with the worker's decode-run
+shortcut on and off (`DecodeRun.matches` always False) in one process and prints both
+medians, side by side on the same machine state.
 """
 
 from __future__ import annotations
@@ -143,10 +146,33 @@ def _replay(runner, runs: int, profile: cProfile.Profile | None, tag: str) -> li
     return per_run
 
 
+def _compare_decode_run(runner, runs: int) -> None:
+    """Print the median decode-step cost with the decode-run shortcut and without, from
+    runs alternating between the two (the order flipping each pair)."""
+    from monitor.capture.vllm.batch import DecodeRun
+
+    matches = DecodeRun.matches
+    results: dict[str, list[float]] = {"with": [], "without": []}
+    try:
+        for index in range(runs):
+            for mode in ("with", "without") if index % 2 else ("without", "with"):
+                DecodeRun.matches = matches if mode == "with" else lambda *_: False
+                results[mode] += _replay(runner, 1, None, f"{mode}{index}-")
+    finally:
+        DecodeRun.matches = matches
+    for mode, values in results.items():
+        q1, _, q3 = statistics.quantiles(values, n=4)
+        print(
+            f"decode step, thread CPU us, {mode} the decode run: median "
+            f"{statistics.median(values):.1f} [{q1:.1f}, {q3:.1f}] over {runs} runs"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--compare-decode-run", action="store_true")
     args = parser.parse_args()
     sys.path.insert(0, str(Path.cwd()))
     from monitor.bench.vllm_overhead import _start_sidecar
@@ -164,6 +190,9 @@ def main() -> None:
         runner._safety_monitor = _capture(client, 256)
         _replay(runner, 3, None, "warmup")  # warm-up: caches, templates, the relay's stream
         runner._safety_monitor.timing.__init__()
+        if args.compare_decode_run:
+            _compare_decode_run(runner, args.runs)
+            return
         profile = cProfile.Profile() if args.profile else None
         per_run = _replay(runner, args.runs, profile, "run")
         timing = runner._safety_monitor.timing
