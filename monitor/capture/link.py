@@ -34,6 +34,8 @@ log = structlog.get_logger("safety_monitor.capture")
 ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64")
 _SETTLED = (Slot.ACKED, Slot.REJECTED, *LOST_REASONS)
 _REPORTED = (Slot.SENT, Slot.ACKED, Slot.REJECTED, Slot.ROWS_ACKED, Slot.RECONNECTS)
+# Read on every step (the model's thread): a plain int, not an IntEnum member to look up.
+_UNREACHABLE = int(Slot.UNREACHABLE)
 
 
 class _Channel:
@@ -123,7 +125,7 @@ class RelayLink:
     def unreachable(self) -> bool:
         """The relay's last attempt to reach the sidecar failed (and none has succeeded since)."""
         channel = self._channel
-        return channel is not None and channel.ring.slots[Slot.UNREACHABLE] == 1
+        return channel is not None and channel.ring.slots[_UNREACHABLE] == 1
 
     # ---- what the client reads ----------------------------------------------------------------
 
