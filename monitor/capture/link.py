@@ -41,6 +41,8 @@ _REPORTED = (
     Slot.RECONNECTS,
     Slot.MESSAGES,
 )
+# Read on every step (the model's thread): a plain int, not an IntEnum member to look up.
+_UNREACHABLE = int(Slot.UNREACHABLE)
 
 
 class _Channel:
@@ -156,7 +158,7 @@ class RelayLink:
     def unreachable(self) -> bool:
         """The relay's last attempt to reach the sidecar failed (and none has succeeded since)."""
         channel = self._channel
-        return channel is not None and channel.ring.slots[Slot.UNREACHABLE] == 1
+        return channel is not None and channel.ring.slots[_UNREACHABLE] == 1
 
     # ---- what the client reads ----------------------------------------------------------------
 
