@@ -21,7 +21,11 @@ from pathlib import Path
 from typing import Any
 
 PACK = Path(__file__).resolve().parent / "packs" / "minilm-probes.safetensors"
-PER_LABEL = 4  # conversations per label and task replayed by the demo
+# Conversations per label and task replayed by the demo: the first by id of each test split.
+# With the thresholds of the split-conformal rank (2026-12-02) misuse's rule catches about
+# half of the harmful test requests, and the first four by id all score below it; eight show
+# hits and misses both (3 of the first 8 harmful requests alert, measured offline).
+PER_LABEL = 8
 
 RULES = """\
 # Written by `safety-monitor demo`. Each condition pools its probe with pooled(): the window,

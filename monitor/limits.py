@@ -10,3 +10,7 @@ MAX_CONVERSATIONS = 100_000
 # uses no more than it whatever slot count a sidecar reports (both sides hold a table of
 # that many entries per stream). A batched server runs a few hundred sequences at once.
 MAX_CONVERSATION_SLOTS = 65_536
+
+# The longest relay linger a capture client accepts (milliseconds): alerts come later by up to
+# the linger, and a monitor whose alerts lag by seconds is no monitor.
+MAX_LINGER_MS = 1000.0

@@ -8,6 +8,7 @@ interleaved so drift hits every mode alike:
   sidecar-up     capture on 2 layers, streaming to a real sidecar process
   sidecar-down   capture on 2 layers, nothing listening (fail-open: steps dropped)
   local-encode   capture encoding the pack in-process, sending only feature values
+  sidecar-up+linger  (with `--linger-ms N`) sidecar-up with the relay's linger at N ms
 
 The model runs on core 0 with one torch thread; the sidecar process is pinned to the other
 core, as it would run in its own container. Optionally a soak: memory of the serving process
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 MODES = ("baseline", "sidecar-up", "sidecar-down", "local-encode")
+LINGER_MODE = "sidecar-up+linger"
 HOOK_LAYERS = (2, 4)
 
 
@@ -47,6 +49,15 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument(
         "--soak-steps", type=int, default=0, help="also measure memory over N steps"
+    )
+    parser.add_argument(
+        "--linger-ms",
+        type=float,
+        default=None,
+        help="also run sidecar-up with the relay's linger at this many ms (mode "
+        "sidecar-up+linger); vllm: the monitored engines run with it instead "
+        "(SAFETY_MONITOR_LINGER_MS; up-baseline gets it too, and ignores it if its plugin "
+        "predates the setting)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
@@ -107,6 +118,7 @@ def _run_command(args: argparse.Namespace) -> int:
             baseline_tree=args.baseline_tree,
             pinnings=("pinned", "unpinned") if args.pinning == "both" else (args.pinning,),
             same_engine=args.same_engine,
+            linger_ms=args.linger_ms,
         )
         print(json.dumps(result, indent=2) if args.json else format_vllm_table(result))
         return 0
@@ -117,6 +129,7 @@ def _run_command(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         layers=args.layers,
         soak_steps=args.soak_steps,
+        linger_ms=args.linger_ms,
     )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
@@ -146,9 +159,11 @@ def run_overhead_bench(
     layers: int = 6,
     prompt_tokens: int = 32,
     soak_steps: int = 0,
+    linger_ms: float | None = None,
 ) -> dict[str, Any]:
     """Generation throughput of one model without capture and with it (sidecar up, sidecar down,
-    local encoding), in interleaved rounds; per mode the median of per-round ratios.
+    local encoding; with `linger_ms`, sidecar up with that relay linger too), in interleaved
+    rounds; per mode the median of per-round ratios.
     """
     from monitor.capture import CaptureClient
     from monitor.fixtures import free_port
@@ -173,10 +188,16 @@ def run_overhead_bench(
                 f"127.0.0.1:{port}", encode_locally=pack, metrics_registry=None
             ),
         }
+        if linger_ms is not None:
+            clients[LINGER_MODE] = CaptureClient(
+                f"127.0.0.1:{port}", metrics_registry=None, linger_ms=linger_ms
+            )
         _pin_to_first_core()
         try:
             _wait_connected(clients["sidecar-up"])
             _wait_connected(clients["local-encode"])
+            if LINGER_MODE in clients:
+                _wait_connected(clients[LINGER_MODE])
             seconds = _interleaved_rounds(model, prompt, new_tokens, rounds, clients)
             for client in clients.values():
                 client.flush(30)
@@ -189,14 +210,17 @@ def run_overhead_bench(
             sidecar.wait(30)
             torch.set_num_threads(threads)  # the caller's process as it was
             os.sched_setaffinity(0, cores)
-    return _summarise(seconds, batch * new_tokens, accounting, soak, hidden, layers, batch)
+    result = _summarise(seconds, batch * new_tokens, accounting, soak, hidden, layers, batch)
+    result["linger_ms"] = linger_ms
+    return result
 
 
 def _interleaved_rounds(model, prompt, new_tokens, rounds, clients) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
-    seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
+    modes = MODES + ((LINGER_MODE,) if LINGER_MODE in clients else ())
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
     _generate(model, prompt, new_tokens)  # warm-up
     for round_index in range(rounds):
-        for mode in MODES:
+        for mode in modes:
             client = clients.get(mode)
             if client is not None:
                 client.attach(model, layers=list(HOOK_LAYERS))
@@ -285,12 +309,14 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"capture overhead: {result['model']}; {result['new_tokens_per_round']} new tokens per "
         f"round, {result['rounds']} interleaved rounds (overhead: median of per-round ratios)",
-        f"{'mode':<14}{'tokens/s':>10}{'ms/step':>10}{'overhead':>10}{'acked':>8}{'dropped':>9}",
+        f"{'mode':<18}{'tokens/s':>10}{'ms/step':>10}{'overhead':>10}{'acked':>8}"
+        f"{'dropped':>9}{'messages':>10}",
     ]
     for mode, row in result["modes"].items():
         lines.append(
-            f"{mode:<14}{row['tokens_per_s']:>10.1f}{row['ms_per_decode_step']:>10.2f}"
+            f"{mode:<18}{row['tokens_per_s']:>10.1f}{row['ms_per_decode_step']:>10.2f}"
             f"{row['overhead_pct']:>9.2f}%{row.get('acked', '-'):>8}{row.get('dropped', '-'):>9}"
+            f"{row.get('messages', '-'):>10}"
         )
     if result["soak"]:
         soak = result["soak"]
@@ -303,7 +329,12 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _accounting(client: Any) -> dict[str, int]:
-    return {"acked": client.stats.batches_acked, "dropped": client.stats.dropped.total()}
+    stats = client.stats
+    return {
+        "acked": stats.batches_acked,
+        "dropped": stats.dropped.total(),
+        "messages": stats.messages_sent,
+    }
 
 
 def _write_pack(workdir: Path, hidden: int) -> Path:

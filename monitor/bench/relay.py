@@ -14,6 +14,8 @@ Modes, run in turn within each round (the order rotating each round) so drift hi
   no-pacing  the same, blocking until woken for every frame (SAFETY_MONITOR_RELAY_PACE=0)
   baseline   (with `--baseline-tree DIR`) the relay of another checkout, fed by this same
              producer: two relays side by side in one run
+  linger-Nms (with `--linger-ms N[,M...]`) this checkout's relay with a linger of N ms
+             (several steps per message); the table's `steps/msg` shows how many
 
 Per mode, medians over rounds, per step: the relay process's CPU (schedstat, every thread), its
 context switches (voluntary: how often its threads went to sleep, i.e. wake-ups), the sidecar's
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -58,6 +61,12 @@ def add_bench_relay_command(bench_subparsers: Any) -> None:
         help="also run the relay of another checkout (e.g. `git worktree add --detach DIR "
         "main`) on the same producer, as mode `baseline`",
     )
+    parser.add_argument(
+        "--linger-ms",
+        default="",
+        metavar="N[,M...]",
+        help="also run this relay with each of these lingers (modes linger-Nms)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(handler=_run_command)
 
@@ -74,6 +83,7 @@ def _run_command(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         idle_seconds=args.idle_seconds,
         baseline_tree=args.baseline_tree,
+        lingers=tuple(float(v) for v in args.linger_ms.split(",") if v.strip()),
     )
     print(json.dumps(result, indent=2) if args.json else format_relay_table(result))
     return 0
@@ -87,6 +97,7 @@ def run_relay_bench(
     hidden: int = 256,
     idle_seconds: float = 3.0,
     baseline_tree: str | None = None,
+    lingers: tuple[float, ...] = (),
 ) -> dict[str, Any]:
     """Steps at `rate` per second through each mode's relay to one sidecar, rounds interleaved;
     returns per-mode medians of the per-step costs (see the module docstring)."""
@@ -104,6 +115,8 @@ def run_relay_bench(
         if not (root / "monitor" / "capture" / "relay" / "__main__.py").is_file():
             raise SystemExit(f"{root} holds no monitor/capture/relay: not a checkout")
         roots["baseline"] = (str(root), {})
+    linger_of = {f"linger-{linger:g}ms": linger for linger in lingers}
+    roots.update({mode: (None, {}) for mode in linger_of})
     cores = sorted(os.sched_getaffinity(0))
     producer_cpus = {cores[0]} if len(cores) > 1 else None
     side_cpus = set(cores[1:]) if len(cores) > 1 else None
@@ -124,7 +137,13 @@ def run_relay_bench(
                 fail_closed=False,
             )
             for mode, (root, env) in roots.items():
-                link = RelayLink(settings, 16 << 20, 1024, lambda event: None)
+                linger = linger_of.get(mode, 0.0)
+                link = RelayLink(
+                    dataclasses.replace(settings, linger_ms=linger),
+                    16 << 20,
+                    1024,
+                    lambda event: None,
+                )
                 if root is not None:
                     link.package_root = root
                 link.relay_env = env
@@ -174,6 +193,9 @@ def run_relay_bench(
                 **{key: round(statistics.median(s[key] for s in rows_), 4) for key in _KEYS},
                 "idle": idle[mode],
                 "acked": counters[mode].get("acked", 0),
+                "steps_per_message": round(
+                    counters[mode].get("sent", 0) / max(1, counters[mode].get("messages", 0)), 2
+                ),
                 "dropped": sum(v for k, v in counters[mode].items() if k not in _NOT_DROPS and v),
             }
             for mode, rows_ in samples.items()
@@ -189,7 +211,7 @@ _KEYS = (
     "producer_us_per_step",
     "eventfd_writes_per_step",
 )
-_NOT_DROPS = {"sent", "acked", "rejected", "rows_acked", "reconnects"}
+_NOT_DROPS = {"sent", "acked", "rejected", "rows_acked", "reconnects", "messages"}
 
 
 class _Producer:
@@ -343,15 +365,17 @@ def format_relay_table(result: dict[str, Any]) -> str:
         f"{c['hidden']} FP32, {c['rounds']} rounds x {c['seconds_per_mode']:g} s per mode; "
         f"producer on CPU {c['producer_cpus']}, relays + sidecar on {c['relay_and_sidecar_cpus']}"
         " (per step: medians over rounds)",
-        f"{'mode':<11}{'relay ms':>10}{'relay cs':>10}{'sidecar ms':>12}{'producer us':>13}"
-        f"{'eventfd':>9}{'idle ms/s':>11}{'idle cs/s':>11}{'acked':>8}{'dropped':>9}",
+        f"{'mode':<12}{'relay ms':>9}{'relay cs':>10}{'sidecar ms':>12}{'producer us':>13}"
+        f"{'eventfd':>9}{'idle ms/s':>11}{'idle cs/s':>11}{'acked':>8}{'dropped':>9}"
+        f"{'steps/msg':>10}",
     ]
     for mode, row in result["modes"].items():
         lines.append(
-            f"{mode:<11}{row['relay_ms_per_step']:>10.3f}{row['relay_switches_per_step']:>10.2f}"
+            f"{mode:<12}{row['relay_ms_per_step']:>9.3f}{row['relay_switches_per_step']:>10.2f}"
             f"{row['sidecar_ms_per_step']:>12.3f}{row['producer_us_per_step']:>13.1f}"
             f"{row['eventfd_writes_per_step']:>9.2f}{row['idle']['relay_cpu_ms_per_s']:>11.2f}"
             f"{row['idle']['relay_switches_per_s']:>11.1f}{row['acked']:>8}{row['dropped']:>9}"
+            f"{row['steps_per_message']:>10.2f}"
         )
     lines.append(
         "relay cs: voluntary context switches of the relay's threads (wake-ups); eventfd: the "

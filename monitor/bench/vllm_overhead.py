@@ -296,6 +296,7 @@ def run_vllm_overhead_bench(
     baseline_tree: str | None = None,
     pinnings: tuple[str, ...] = ("pinned",),
     same_engine: bool = False,
+    linger_ms: float | None = None,
 ) -> dict[str, Any]:
     """Measure the three engine modes for each execution mode; returns the results. With
     `control`, a second monitor-off engine runs in every round too: its loss against the
@@ -353,6 +354,7 @@ def run_vllm_overhead_bench(
         "pinnings": list(pinnings),
         "engine_cpus": _cpu_text(engine_cpus),
         "monitor_cpus": _cpu_text(side_cpus),
+        "linger_ms": linger_ms,
         "execution": {},
     }
     started = time.monotonic()
@@ -371,6 +373,7 @@ def run_vllm_overhead_bench(
                 pinnings,
                 modes,
                 baseline_tree,
+                linger_ms,
             )
             for pinning, rows in measured.items():
                 # The key stays the bare execution mode for the default (pinned) run.
@@ -421,6 +424,7 @@ def _measure(
     pinnings: tuple[str, ...],
     modes: tuple[str, ...] = ENGINE_MODES,
     baseline_tree: str | None = None,
+    linger_ms: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     workdir.mkdir(parents=True)
     kwargs = {
@@ -437,6 +441,7 @@ def _measure(
         # engines are up at once.
         "kv_cache_memory_bytes": 256 * 1024 * 1024,
     }
+    from monitor.capture.vllm.config import ENV_LINGER_MS
     from monitor.fixtures import free_port
 
     pinning_env: dict[str, str] = {}
@@ -453,6 +458,9 @@ def _measure(
         "sidecar-up": {"SAFETY_MONITOR_TARGET": target, "SAFETY_MONITOR_LAYERS": layers},
         "sidecar-down": {"SAFETY_MONITOR_TARGET": down, "SAFETY_MONITOR_LAYERS": layers},
     }
+    if linger_ms is not None:  # the monitored engines only: unmonitored ones refuse the key
+        for mode in ("sidecar-up", "sidecar-down"):
+            envs[mode] = {**envs[mode], ENV_LINGER_MS: f"{linger_ms:g}"}
     if baseline_tree is not None:
         envs[BASELINE_MODE] = {**envs["sidecar-up"], "PYTHONPATH": baseline_tree}
     if PAUSED_MODE in modes:

@@ -16,14 +16,14 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import structlog
 
 from monitor.capture.channel.frames import FrameWriter
 from monitor.capture.channel.protocol import RelayConfig, SenderSettings, read_event
-from monitor.capture.channel.ring import LOST_REASONS, SharedRing, Slot
+from monitor.capture.channel.ring import LOST_REASONS, SLOT_HURRY, SharedRing, Slot
 from monitor.capture.steps import CapturedStep
 from monitor.wire import pb
 
@@ -33,7 +33,16 @@ log = structlog.get_logger("safety_monitor.capture")
 # doorbell byte (see channel/ring.py).
 ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64")
 _SETTLED = (Slot.ACKED, Slot.REJECTED, *LOST_REASONS)
-_REPORTED = (Slot.SENT, Slot.ACKED, Slot.REJECTED, Slot.ROWS_ACKED, Slot.RECONNECTS)
+_REPORTED = (
+    Slot.SENT,
+    Slot.ACKED,
+    Slot.REJECTED,
+    Slot.ROWS_ACKED,
+    Slot.RECONNECTS,
+    Slot.MESSAGES,
+)
+# Read on every step (the model's thread): a plain int, not an IntEnum member to look up.
+_UNREACHABLE = int(Slot.UNREACHABLE)
 
 
 class _Channel:
@@ -64,6 +73,15 @@ class _Channel:
     def unsettled(self) -> int:
         slots = self.ring.slots
         return slots[Slot.PUBLISHED] - sum(slots[slot] for slot in _SETTLED)
+
+    def set_hurry(self, waiters: int, wake: bool) -> None:
+        """Publish HURRY; `wake`: also wake a relay asleep in its linger (which sleeps with
+        WAITING clear, so the eventfd is written whatever WAITING says), so it sends at once.
+        With a doorbell (which counts frames) there is no wake-up to give: the linger ends."""
+        self.ring.slots[SLOT_HURRY] = waiters
+        if wake and self.wakeup is not None:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_write(self.wakeup, 1)
 
     def close(self) -> None:
         self.ring.close()
@@ -100,6 +118,7 @@ class RelayLink:
         self._retired: Counter[str] = Counter()  # counters of relays that have exited
         self._process: subprocess.Popen[bytes] | None = None
         self._closing = threading.Event()
+        self._hurrying = 0  # callers inside `hurry`
         self._thread = threading.Thread(
             target=self._supervise, name="safety-monitor-relay", daemon=True
         )
@@ -119,11 +138,27 @@ class RelayLink:
                 return False
             return channel.writer.write(step, texts)
 
+    @contextlib.contextmanager
+    def hurry(self) -> Iterator[None]:
+        """While inside, the relay does not linger (`SenderSettings.linger_ms`): for callers
+        that wait for verdicts (`CaptureClient.flush`, `wait_settled`)."""
+        with self._lock:
+            self._hurrying += 1
+            if self._channel is not None:
+                self._channel.set_hurry(self._hurrying, wake=self._hurrying == 1)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._hurrying -= 1
+                if self._channel is not None:
+                    self._channel.set_hurry(self._hurrying, wake=False)
+
     @property
     def unreachable(self) -> bool:
         """The relay's last attempt to reach the sidecar failed (and none has succeeded since)."""
         channel = self._channel
-        return channel is not None and channel.ring.slots[Slot.UNREACHABLE] == 1
+        return channel is not None and channel.ring.slots[_UNREACHABLE] == 1
 
     # ---- what the client reads ----------------------------------------------------------------
 
@@ -250,6 +285,7 @@ class RelayLink:
                 return
             self._fold(old, "relay_exited")
             self._channel = _Channel(self.capacity, self.doorbell)
+            self._channel.set_hurry(self._hurrying, wake=False)
         old.close()
 
     def close(self, timeout: float) -> None:

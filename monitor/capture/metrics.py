@@ -38,6 +38,11 @@ class _CaptureCollector(Collector):
         dropped = CounterMetricFamily(
             f"{prefix}_dropped", "Steps dropped, by reason.", labels=["target", "reason"]
         )
+        messages = CounterMetricFamily(
+            f"{prefix}_messages_sent",
+            "StepBatch messages sent (several batches each with a relay linger).",
+            labels=["target"],
+        )
         reconnects = CounterMetricFamily(
             f"{prefix}_reconnects", "Stream reconnect attempts.", labels=["target"]
         )
@@ -51,10 +56,11 @@ class _CaptureCollector(Collector):
             acked.add_metric([target], stats.batches_acked)
             rejected.add_metric([target], stats.batches_rejected)
             reconnects.add_metric([target], stats.reconnects)
+            messages.add_metric([target], stats.messages_sent)
             depth.add_metric([target], client.queue_depth)
             for reason, count in sorted(stats.dropped.items()):
                 dropped.add_metric([target, reason], count)
-        yield from (steps, sent, acked, rejected, dropped, reconnects, depth)
+        yield from (steps, sent, acked, rejected, dropped, reconnects, messages, depth)
 
 
 def register_client(client: CaptureClient, registry: CollectorRegistry | None = REGISTRY) -> None:

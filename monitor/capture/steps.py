@@ -71,3 +71,6 @@ class CaptureStats:
     rows_acked: int = 0
     reconnects: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
+    # StepBatch messages the relay sent; the batches_* counters count steps, which a relay
+    # with a linger sends several to a message.
+    messages_sent: int = 0

@@ -2,11 +2,14 @@
 
 A rule's condition names a threshold of a ``thresholds:`` section (``rolling_mean(misuse, 8)
 > misuse_request``). Calibration replays benign conversations through the real rules engine
-(`engine_replay.py`) and searches, per threshold, the smallest value at which at most ``fpr``
-of the benign conversations see any rule using it fire. Whether a larger value fires less or
-more is measured, not assumed. The chosen number is written in place of the old one in the
-rule file (only that scalar changes; comments and layout stay), so rules refer to it by name
-and nobody copies numbers by hand.
+(`engine_replay.py`) and searches, per threshold, the smallest value at which at most
+``n - k`` of the ``n`` benign conversations see any rule using it fire, with
+``k = ceil((n + 1)(1 - fpr))`` (the split-conformal rank, `monitor.conformal`): new benign
+conversations from the same source then fire at a rate of at most ``fpr`` in expectation,
+where allowing ``floor(fpr * n)`` would give ``(floor(fpr * n) + 1) / (n + 1)``. Whether a
+larger value fires less or more is measured, not assumed. The chosen number is written in place
+of the old one in the rule file (only that scalar changes; comments and layout stay), so rules
+refer to it by name and nobody copies numbers by hand.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from monitor.conformal import allowed_above, fpr_upper_bound, minimum_negatives
 from monitor.evaluation.engine_replay import EngineReplay
 from monitor.rules import RuleSet, load_rules
 
@@ -40,6 +44,9 @@ class ThresholdResult:
     new: float
     fpr: float  # measured on the benign conversations at ``new``
     fired: int  # benign conversations any of its rules fired in, at ``new``
+    # One-sided 95% Clopper-Pearson upper bound of the rate at ``new`` on new conversations
+    # from the same source (not under distribution shift); None when ``kept``.
+    fpr_upper_95: float | None = None
     note: str = ""
     # '<pack>/<feature>' -> aggregation of its rules' pooled() features: written with the
     # number, so a later load notices a refit that pools them otherwise.
@@ -56,6 +63,8 @@ class CalibrationReport:
 
     conversations: int
     target_fpr: float
+    allowed: int = 0  # benign conversations that may fire: n - ceil((n + 1)(1 - fpr))
+    minimum_conversations: int = 0  # the fewest that resolve target_fpr
     thresholds: list[ThresholdResult] = field(default_factory=list)
     uncalibrated: dict[str, float] = field(default_factory=dict)  # rule -> its benign FPR
     warnings: list[str] = field(default_factory=list)
@@ -93,13 +102,9 @@ def calibrate(
     if not 0.0 < fpr < 1.0:
         raise ValueError(f"--fpr: {fpr} is not in (0, 1)")
     n = len(replay.ids)
-    if math.floor(fpr * n) < 1:
-        raise ValueError(
-            f"{n} benign conversations cannot resolve a false-positive rate of {fpr} "
-            f"(need at least {math.ceil(1 / fpr)})"
-        )
+    allowed = allowed_above(n, fpr, "benign conversations")
     base = load_rules(rule_paths, known_features)
-    report = CalibrationReport(n, fpr)
+    report = CalibrationReport(n, fpr, allowed, minimum_negatives(fpr))
     used = thresholds_used(base)
     baseline = replay.run(base)
     calibrated_rules = {rule for names in used.values() for rule in names}
@@ -123,7 +128,7 @@ def calibrate(
             fired = replay.run(_only(trial, rules))
             return len(set().union(*fired.values())) if fired else 0
 
-        new, fired, note = _search(rate, threshold.value, math.floor(fpr * n))
+        new, fired, note = _search(rate, threshold.value, allowed)
         kept = note == _UNBOUNDED
         if kept:
             # The search walked as far as it could towards more firings (-5e11 for `x > t`)
@@ -132,7 +137,7 @@ def calibrate(
             new, fired = threshold.value, rate(threshold.value)
             note = (
                 f"not changed: at no value tried do its rules fire in more than "
-                f"{math.floor(fpr * n)} of the {n} benign conversations (do they hold tokens "
+                f"{allowed} of the {n} benign conversations (do they hold tokens "
                 "of the roles the rules watch?)"
             )
             report.warnings.append(f"threshold {name!r} ({', '.join(rules)}) {note}")
@@ -147,6 +152,7 @@ def calibrate(
                 new,
                 fired / n,
                 fired,
+                None if kept else fpr_upper_bound(fired, n),
                 note,
                 pooled,
                 kept,

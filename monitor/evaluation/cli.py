@@ -54,7 +54,8 @@ def add_rules_calibrate_command(rules_subparsers: Any) -> None:
         help="set the rules' named thresholds for a conversation-level false-positive rate",
         description="Replays benign conversations through the real rules engine and writes, "
         "for each number in the rule files' thresholds: sections that enabled rules use, the "
-        "value at which at most --fpr of the conversations fire.",
+        "value at which new benign conversations from the same source fire at a rate of at "
+        "most --fpr (split-conformal rank: n - ceil((n + 1)(1 - fpr)) of the n may fire).",
     )
     _model_args(p)
     p.add_argument("--packs", nargs="+", required=True, type=Path, metavar="PACK")
@@ -246,16 +247,25 @@ def _calibrate(args: argparse.Namespace) -> int:
         document = {
             "conversations": report.conversations,
             "target_fpr": report.target_fpr,
+            "allowed": report.allowed,
+            "minimum_conversations": report.minimum_conversations,
             "thresholds": [vars(t) for t in report.thresholds],
             "uncalibrated_rules_fpr": report.uncalibrated,
             "written": written,
         }
         print(json.dumps(document, indent=2))
         return 0
-    print(f"{report.conversations} benign conversations, target FPR {report.target_fpr:g}:")
+    print(
+        f"{report.conversations} benign conversations, target FPR {report.target_fpr:g} on new "
+        f"data: at most {report.allowed} may fire (split-conformal rank; the target needs at "
+        f"least {report.minimum_conversations}):"
+    )
     for t in report.thresholds:
+        # The calibration rate, and how high the rate on new conversations from the same
+        # source may be (one-sided 95%); under distribution shift neither holds.
+        bound = "" if t.fpr_upper_95 is None else f", new data <= {t.fpr_upper_95:.4f} (95%)"
         print(
-            f"  {t.name:<24} {t.old:>10.6g} -> {t.new:<10.6g} FPR {t.fpr:.4f} "
+            f"  {t.name:<24} {t.old:>10.6g} -> {t.new:<10.6g} FPR {t.fpr:.4f}{bound} "
             f"({t.fired} conversations; rules {', '.join(t.rules)}){' ' + t.note if t.note else ''}"
         )
     for rule, fpr in sorted(report.uncalibrated.items()):

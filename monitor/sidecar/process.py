@@ -132,7 +132,8 @@ class Sidecar:
     def __init__(self, config: SidecarConfig) -> None:
         self.config = config
         self.metrics = SidecarMetrics()
-        packs = [pack.to(_device(config.device)) for pack in load_packs(config.packs)]
+        self.device = _device(config.device)
+        packs = [pack.to(self.device) for pack in load_packs(config.packs)]
         ruleset = load_ruleset(config.rules, packs)
         self.reloader = RuleReloader(
             config.rules, known_features=qualified_feature_names(packs), ruleset=ruleset
@@ -191,7 +192,9 @@ class Sidecar:
                 ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
             ],
         )
-        self.service = SafetyMonitorService(self.pipeline, self.executor, self.metrics, tokens)
+        self.service = SafetyMonitorService(
+            self.pipeline, self.executor, self.metrics, tokens, widen=self.device == "cpu"
+        )
         add_servicer(self.service, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

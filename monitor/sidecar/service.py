@@ -43,6 +43,7 @@ async def _read_into(
     budget: streams.StreamBudget,
     parser: ThreadPoolExecutor | None = None,
     read: Callable[[], Awaitable[Any]] | None = None,
+    widen: bool = False,
 ) -> None:
     """Read a stream's messages, parse them and put the batches into `arrived` with their
     sizes and decoded layers (`validate.decode_layers`), within the stream's budget; None at
@@ -56,7 +57,9 @@ async def _read_into(
     encodes the batch before it: the worker is what bounds a stream's steps per second.
 
     `read` is the servicer context's `read` (`grpc.aio.EOF` at the end), which the server
-    uses instead of iterating `requests`: one coroutine per message fewer."""
+    uses instead of iterating `requests`: one coroutine per message fewer. `widen`: the
+    layers of a message parsed on `parser`'s thread are decoded to float32 there
+    (`decode_layers`), off the worker thread."""
     if read is None:
         read = functools.partial(anext, aiter(requests), grpc.aio.EOF)
     loop = asyncio.get_running_loop()
@@ -69,7 +72,7 @@ async def _read_into(
             size = len(data)
             budget.hold(size)
             if parser is not None and size > streams.PARSE_INLINE_BYTES:
-                batch, decoded = await loop.run_in_executor(parser, _parse, data)
+                batch, decoded = await loop.run_in_executor(parser, _parse, data, widen)
             else:
                 batch, decoded = _parse(data)
             if batch is streams.UNDECODABLE:
@@ -83,12 +86,13 @@ async def _read_into(
         arrived.put_nowait(None)
 
 
-def _parse(data: bytes) -> tuple[Any, tuple[torch.Tensor | None, ...]]:
-    """The StepBatch of `data` (or `streams.UNDECODABLE`) and its decoded layers."""
+def _parse(data: bytes, widen: bool = False) -> tuple[Any, tuple[torch.Tensor | None, ...]]:
+    """The StepBatch of `data` (or `streams.UNDECODABLE`) and its decoded layers (float32
+    with `widen`, `decode_layers`)."""
     batch = streams.parse_batch(data)
     if batch is streams.UNDECODABLE:
         return batch, ()
-    return batch, decode_layers(batch)
+    return batch, decode_layers(batch, widen)
 
 
 class _Undecodable(Exception):
@@ -98,12 +102,14 @@ class _Undecodable(Exception):
 _UNDECODABLE_MESSAGE = "a message on the stream is not a valid StepBatch (protobuf decoding failed)"
 
 
-def _start_parse_thread(threads: int) -> None:
-    """Name the parse thread and give it the pipeline's torch thread count: it converts
-    prefill-sized BF16 layers to float32 (``decode_layers``), and a new thread otherwise
-    starts with whatever count any thread set last."""
+def _start_parse_thread() -> None:
+    """Name the parse thread and give it one torch thread: it converts prefill-sized BF16
+    layers to float32 (``decode_layers`` with ``widen``) while the worker thread encodes the
+    batch before, on the pipeline's threads; more threads here would only make the two
+    wait for each other's cores. A new thread otherwise starts with whatever count any
+    thread set last."""
     streams.name_os_thread(streams.PARSE_THREAD)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
 
 
 class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
@@ -113,8 +119,12 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         executor: ThreadPoolExecutor,
         metrics: SidecarMetrics,
         tokens: dict[str, str] | None = None,
+        widen: bool = False,
     ) -> None:
         self.pipeline = pipeline
+        # Large messages' layers decoded to float32 on the parse thread (`decode_layers`):
+        # for packs that encode on the CPU, where the worker would convert them anyway.
+        self.widen = widen
         self.executor = executor
         self.worker = streams.PipelineWorker(executor)
         self.inline = streams.InlineBudget()
@@ -129,7 +139,6 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
             max_workers=1,
             thread_name_prefix="parse",
             initializer=_start_parse_thread,
-            initargs=(pipeline.threads,),
         )
 
     def client_of(self, context: grpc.aio.ServicerContext) -> StreamClient:
@@ -169,7 +178,7 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
         budget = streams.StreamBudget(READ_AHEAD, limits.max_stream_bytes)
         idle = float(limits.stream_idle_timeout_seconds)
         reader = asyncio.create_task(
-            _read_into(request_iterator, arrived, budget, self.parser, context.read)
+            _read_into(request_iterator, arrived, budget, self.parser, context.read, self.widen)
         )
         # The stream's conversation slots (columnar format); touched only by the pipeline.
         table = ConversationTable(limits.max_conversation_slots)
@@ -196,13 +205,16 @@ class SafetyMonitorService(pb_grpc.SafetyMonitorServicer):
                     break
                 # Whatever else has arrived meanwhile goes with it: under load the pipeline
                 # evaluates waiting decode steps together (see grouping.py).
+                # Up to `streams.GROUP_ROWS` rows: a prefill-sized batch goes alone.
                 held = [item]
-                while len(held) < MAX_GROUP and not arrived.empty():
+                rows = streams.batch_rows(item[0], item[2])
+                while len(held) < MAX_GROUP and rows < streams.GROUP_ROWS and not arrived.empty():
                     more = arrived.get_nowait()
                     if more is None:
                         ended = True
                         break
                     held.append(more)
+                    rows += streams.batch_rows(more[0], more[2])
                 batches = [batch for batch, _, _ in held]
                 decoded = [layers for _, _, layers in held]
                 process = functools.partial(process_many, table=table, decoded=decoded)

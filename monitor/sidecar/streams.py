@@ -108,6 +108,25 @@ def small_batches(held: Sequence[tuple[Any, int, tuple[Any, ...]]]) -> bool:
     )
 
 
+# A group of waiting batches (service.py) takes no more once it holds this many rows. The
+# rules engine's cost is mostly per call, so grouping pays for small steps, but past a few
+# hundred rows per call it saves next to nothing, while merging batches copies all their
+# activations (`grouping.merge_steps`) and every member's ack waits for the whole group.
+# Prefill-sized batches (512 rows each) went through mostly in groups, each merged before
+# its encode; alone, each needs no merge and its ack goes out as it is done (README, "Not
+# there yet", issue 15: the worker's CPU per 512-row message fell by about a fifth, with
+# the BF16 to float32 copy also moved to the parse thread, `validate.decode_layers`).
+# 512 is eight 64-row decode steps: `grouping.MAX_GROUP` of them, as before.
+GROUP_ROWS = 512
+
+
+def batch_rows(batch: Any, decoded: tuple[Any, ...]) -> int:
+    """The most rows a batch's data claims (its first layer's, decoded or as the message
+    says, and its feature blocks'; without layers, what its sequences claim), from what the
+    reader put in the stream's queue, without validating it."""
+    return _rows(batch, decoded)
+
+
 def _rows(batch: Any, decoded: tuple[Any, ...]) -> int:
     """The most rows a batch's data claims: its first layer's (decoded or as the message
     says) and its feature blocks'. A batch without layers (client-encoded features) also

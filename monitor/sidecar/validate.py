@@ -324,13 +324,18 @@ def _validate_feature_blocks(
     return encoded
 
 
-def decode_layers(batch: pb.StepBatch) -> tuple[torch.Tensor | None, ...]:
+def decode_layers(batch: pb.StepBatch, widen: bool = False) -> tuple[torch.Tensor | None, ...]:
     """Each layer's activations decoded and checked finite, or None for a layer where either
     fails (validation then finds the problem again and names it). This is the part of
     validation that reads every byte of a batch and depends on the message alone, not on
     packs, rules or stream state: the server runs it as a message arrives, on the event loop,
     while the worker thread encodes the previous batch with the GIL released, instead of on
-    the worker, which is the sidecar's bottleneck (see `service._read_into`)."""
+    the worker, which is the sidecar's bottleneck (see `service._read_into`).
+
+    ``widen``: hand back float32 copies of BF16/FP16 layers, the dtype every CPU encoder
+    converts its input to before its matrix multiply (the same values: the conversion is
+    exact), so that copy is made here rather than on the worker. Only for packs that encode
+    on the CPU: a GPU kernel reads the wire's dtype itself."""
     decoded: list[torch.Tensor | None] = []
     for layer in batch.layers:
         message = layer.activations
@@ -353,11 +358,13 @@ def decode_layers(batch: pb.StepBatch) -> tuple[torch.Tensor | None, ...]:
                     # decode step passes here as it arrives.
                     if _finite_bits(np.frombuffer(data, _BITS[dtype][0]), dtype):
                         tensor = torch.frombuffer(data, dtype=dtype).view(rows, width)
+                        if widen:
+                            tensor = tensor.float()
                     decoded.append(tensor)
                     continue
                 values, data = decode_tensor_with_bytes(message, "")
                 if _bytes_finite(data, values.dtype):
-                    tensor = values
+                    tensor = values.float() if widen else values
             except TensorDecodeError:
                 pass
             except Exception:

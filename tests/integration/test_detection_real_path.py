@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,12 @@ import torch
 
 from monitor import datasets
 from monitor.cli import main
+from monitor.conformal import fpr_upper_bound
 from monitor.evaluation.engine_replay import EngineReplay, pack_features
 from monitor.evaluation.evaluate import evaluate
 from monitor.features import load_pack, save_pack
 from monitor.features.build.conversations import load_model, replay
-from monitor.features.build.scoring import auroc, conversation_score, threshold_at_fpr
+from monitor.features.build.scoring import auroc, calibrated_threshold, conversation_score
 from monitor.rules import load_rules
 from monitor.wire import encode_tensor, pb, pb_grpc
 
@@ -150,11 +152,18 @@ def test_pack_calibrate_warns_when_calibration_data_overlaps_the_fit(workdir, ca
     argv = ["pack", "calibrate", str(pack), "--model", str(workdir / "model")]
     argv += ["--data", str(whole_file(workdir)), "--fpr", "0.05", "--out", str(copy)]
     assert main(argv) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "48 of 80 calibration conversations were in the data the probes were fitted on" in err
     info = next(f for f in load_pack(copy).features() if f.name == "secrecy")
     # Calibrated with the pooling the pack records, and says so.
     assert info.threshold_pooling == info.aggregation and info.target_fpr == 0.05
+    # Per threshold: the calibration rate, its bound on new data, and what 5% needs. The
+    # split-conformal rank on 80 negatives, ceil(81 * 0.95) = 77, lets at most 3 fire.
+    line = next(x for x in out.splitlines() if x.startswith("probes/secrecy:"))
+    fired = int(re.search(r"calibration FPR [0-9.]+ \((\d+) of 80\)", line).group(1))
+    assert fired <= 3 and f"({fired} of 80)" in line
+    assert f"<= {fpr_upper_bound(fired, 80):.4f} (95%, one-sided)" in line
+    assert "the target needs >= 19 samples" in line
 
 
 @pytest.mark.parametrize("pooling_kind", ["window", "whole_turn", "role_masked", "turn_mean"])
@@ -242,7 +251,11 @@ def test_the_served_rule_reproduces_the_offline_score(
         info = next(f for f in load_pack(calibrated).features() if f.name == "secrecy")
         negatives = [s for s, y in zip(scores, labels, strict=True) if y == 0]
         assert info.threshold_pooling == aggregation
-        assert info.alert_threshold == pytest.approx(threshold_at_fpr(negatives, 0.05), abs=1e-6)
+        # The split-conformal rank on the 80 negatives: ceil(81 * 0.95) = 77, so 3 above it.
+        assert info.alert_threshold == pytest.approx(
+            calibrated_threshold(negatives, 0.05), abs=1e-6
+        )
+        assert sum(s > info.alert_threshold + 1e-6 for s in negatives) <= 3
 
 
 def _recorded_as(pack: Any, name: str, aggregation: str, out: Path) -> Path:
@@ -282,6 +295,13 @@ def test_rules_calibrate_writes_the_threshold_the_real_path_confirms(
     (result,) = out["thresholds"]
     assert result["name"] == "secret_answer" and result["rules"] == ["secret-answer"]
     assert result["fpr"] <= 0.2 and out["written"] == [str(rules)]
+    # 16 benign conversations at 20%: the split-conformal rank ceil(17 * 0.8) = 14 lets 2 fire
+    # (the empirical quantile would let floor(3.2) = 3); the bound is that of what fired.
+    assert out["conversations"] == 16 and out["allowed"] == 2
+    assert out["minimum_conversations"] == 4 and result["fired"] <= 2
+    assert result["fpr"] == result["fired"] / 16
+    assert result["fpr_upper_95"] == pytest.approx(fpr_upper_bound(result["fired"], 16))
+    assert result["fpr_upper_95"] > result["fpr"]
     text = rules.read_text()
     assert f"secret_answer: {result['new']:.6g}   # rules calibrate sets this" in text
     # The written number, through the real path: the same FPR on the same benign set.
@@ -297,6 +317,15 @@ def test_rules_calibrate_writes_the_threshold_the_real_path_confirms(
     engine = EngineReplay(tokens, [pack], {"probes/secrecy"})
     lower = load_rules([rules], pack_features([pack]), {"secret_answer": result["new"] - 0.05})
     assert len(engine.run(lower)["secret-answer"]) > result["fired"]
+    # The terminal report: the calibration rate, the bound on new data, and what the target
+    # needs; too few benign conversations for the target is an error naming that number.
+    assert main([*argv[:-1], "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "at most 2 may fire" in printed and "needs at least 4" in printed
+    assert f"FPR {result['fpr']:.4f}, new data <= {result['fpr_upper_95']:.4f} (95%)" in printed
+    assert main([*argv[:-3], "--fpr", "0.05"]) == 2
+    error = capsys.readouterr().err
+    assert "16 benign conversations cannot resolve" in error and "need at least 19" in error
 
 
 def test_eval_cli_prints_json_and_draws_roc_curves(workdir, capsys, tmp_path) -> None:

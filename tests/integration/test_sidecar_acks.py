@@ -154,6 +154,76 @@ def _acks(events: list[pb.MonitorEvent]) -> list[tuple[int, int, int]]:
     return [(a.seq_no, a.rows, a.alerts) for event in events for a in acked(event)]
 
 
+def _prefill(seq_no: int, rows: int, conversation: str) -> pb.StepBatch:
+    batch = pb.StepBatch(seq_no=seq_no, model="tiny")
+    values = torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(seq_no))
+    batch.layers.append(pb.Layer(hook_point="layers.1", activations=encode_tensor(values)))
+    batch.sequences.append(pb.Sequence(conversation_id=conversation, rows=rows, position=0))
+    return batch
+
+
+def test_waiting_batches_group_only_up_to_group_rows(sidecars, parsed):
+    """Batches that wait while the pipeline thread is busy are taken as one group only up
+    to `streams.GROUP_ROWS` rows: prefill-sized batches go one by one (each one's ack as it
+    is done, no merge copying their activations), small steps still group, and a group
+    that reaches the rows with a large batch stops there. Every batch is acked, in order."""
+    sidecar = sidecars()
+    big = streams.GROUP_ROWS
+    messages = [
+        _prefill(1, big, "p0"),  # handed to the pipeline thread behind the holding job
+        *(_prefill(seq_no, big, f"p{seq_no}") for seq_no in range(2, 5)),  # wait: one by one
+        *(_prefill(seq_no, 2, f"s{seq_no}") for seq_no in range(5, 8)),  # wait: one group...
+        _prefill(8, big, "p8"),  # ...that this one joins and fills
+        _prefill(9, 2, "s9"),  # the next group
+    ]
+    held = sidecar.hold_worker(lambda: len(parsed) >= len(messages))
+    with grpc.insecure_channel(sidecar.target) as channel:
+        stub = pb_grpc.SafetyMonitorStub(channel)
+        events = list(stub.Monitor(iter(messages), timeout=60))
+    held.result(30)
+    assert sidecar.groups == [1, 1, 1, 1, 4, 1]
+    rows = [m.layers[0].activations.shape[0] for m in messages]
+    assert [(seq_no, n) for seq_no, n, _ in _acks(events)] == list(
+        zip(range(1, 10), rows, strict=True)
+    )
+    assert not [e for e in events if e.HasField("error")]
+
+
+def test_large_bf16_layers_reach_the_pipeline_as_float32_with_the_same_events(sidecars):
+    """A message over `streams.PARSE_INLINE_BYTES` is parsed on the parse thread, which on a
+    CPU sidecar also converts its BF16 layer to float32 (the copy every CPU encoder makes
+    first), so the worker thread does not: the pipeline gets float32 activations, and the
+    events are exactly those of a sidecar that hands on the BF16 layer."""
+    rows = streams.PARSE_INLINE_BYTES // (2 * HIDDEN) + 8  # BF16: just over the bound
+    values = torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(3))
+    batch = pb.StepBatch(seq_no=1, model="tiny")
+    batch.layers.append(
+        pb.Layer(hook_point="layers.1", activations=encode_tensor(values.bfloat16()))
+    )
+    batch.sequences.append(pb.Sequence(conversation_id="long", rows=rows, position=0))
+    runs = []
+    for widen in (True, False):
+        sidecar = sidecars()
+        service = sidecar.thread.sidecar.service
+        assert service.widen  # a CPU sidecar
+        service.widen = widen
+        dtypes: list[torch.dtype] = []
+        process_many = sidecar.thread.sidecar.pipeline.process_many
+
+        def seen(batches, *args, process_many=process_many, dtypes=dtypes, **kwargs):
+            dtypes.extend(t.dtype for layers in kwargs["decoded"] for t in layers)
+            return process_many(batches, *args, **kwargs)
+
+        sidecar.thread.sidecar.pipeline.process_many = seen  # type: ignore[method-assign]
+        with grpc.insecure_channel(sidecar.target) as channel:
+            stub = pb_grpc.SafetyMonitorStub(channel)
+            runs.append(list(stub.Monitor(iter([batch]), timeout=60)))
+        assert dtypes == [torch.float32 if widen else torch.bfloat16]
+    widened, kept = runs
+    assert _acks(widened) == _acks(kept) == [(1, rows, _acks(kept)[0][2])]
+    assert [e.SerializeToString() for e in widened] == [e.SerializeToString() for e in kept]
+
+
 def test_get_status_offers_the_acks_format(sidecars):
     sidecar = sidecars()
     with grpc.insecure_channel(sidecar.target) as channel:

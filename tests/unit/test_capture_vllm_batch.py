@@ -719,3 +719,136 @@ def test_worker_marks_the_prompts_last_chunk_per_request_in_its_tagging():
     # Flags are part of the key: the frame writer must not reuse another step's template.
     assert len({t.key for t in taggings[:3]}) == 3
     assert taggings[2] is taggings[3]  # decode steps reuse one plan (and its tagging)
+
+
+def _counting_splits(capture):
+    """Count the steps that go through `BatchSplitter.split` (the others took the decode
+    run's shortcut)."""
+    calls = []
+    split = capture.splitter.split
+
+    def counted(*args):
+        calls.append(args[0])
+        return split(*args)
+
+    capture.splitter.split = counted
+    return calls
+
+
+def _run_finishing(capture, runner, req_ids, num_tokens, computed, finished):
+    """A step whose scheduler output also reports requests that finished in the step before."""
+    runner.input_batch = SimpleNamespace(
+        num_reqs=len(req_ids), req_ids=list(req_ids), num_computed_tokens_cpu=np.array(computed)
+    )
+    capture.note_layout(runner, np.array(num_tokens))
+    before = len(capture.client.steps)
+    capture.after_forward(
+        runner, SimpleNamespace(finished_req_ids=set(finished), scheduled_new_reqs=[])
+    )
+    return [
+        (s.tagging.conversation_ids, s.tagging.roles, s.rows, s.positions)
+        for s in capture.client.steps[before:]
+    ]
+
+
+def test_a_decode_run_is_sent_without_splitting_each_step_and_keeps_the_bookkeeping():
+    capture = _worker()
+    runner = _runner(a=(3, {"sm_role": "bot"}), b=(2, None))
+    splits = _counting_splits(capture)
+    _run_step(capture, runner, ["a", "b"], [3, 2], [0, 0], new=["a", "b"])
+    for step in range(5):
+        decode = _run_step(capture, runner, ["a", "b"], [1, 1], [3 + step, 2 + step])
+        assert decode == [(("a", "b"), ("bot", "assistant"), [1, 1], [3 + step, 2 + step])]
+    # The prefill and the first decode step are split; the next four take the shortcut.
+    assert len(splits) == 2
+    decodes = capture.client.steps[1:]
+    assert all(s.tagging is decodes[0].tagging for s in decodes)  # one template for the run
+    assert all(s.persistent_layers for s in decodes)
+    assert [s.layers[hook_point_name(1)].data_ptr() for s in decodes] == [
+        capture.buffers[hook_point_name(1)].data_ptr()
+    ] * 5
+    # What `split` would have advanced: each request's next position to send (read by the
+    # request's end and by block alerts).
+    assert capture.splitter.state("a")[1] == 8 and capture.splitter.state("b")[1] == 7
+    assert capture.steps == 6
+
+
+def test_a_changed_composition_leaves_the_decode_run():
+    capture = _worker()
+    runner = _runner(a=(2, None), b=(2, None), c=(2, None))
+    splits = _counting_splits(capture)
+    _run_step(capture, runner, ["a", "b"], [2, 2], [0, 0], new=["a", "b"])
+    _run_step(capture, runner, ["a", "b"], [1, 1], [2, 2])
+    _run_step(capture, runner, ["a", "b"], [1, 1], [3, 3])
+    assert len(splits) == 2
+    # A request joins (its prefill next to the decodes): split, with the prompt's role.
+    joined = _run_step(capture, runner, ["a", "b", "c"], [1, 1, 2], [4, 4, 0], new=["c"])
+    assert joined == [(("a", "b", "c"), ("assistant", "assistant", "user"), [1, 1, 2], [4, 4, 0])]
+    # The same requests in another order (vLLM condenses its batch when one leaves).
+    swapped = _run_step(capture, runner, ["b", "a", "c"], [1, 1, 1], [5, 5, 2])
+    assert swapped == [(("b", "a", "c"), ("assistant",) * 3, [1, 1, 1], [5, 5, 2])]
+    # Then a new run of the three, in that order.
+    again = _run_step(capture, runner, ["b", "a", "c"], [1, 1, 1], [6, 6, 3])
+    assert again == [(("b", "a", "c"), ("assistant",) * 3, [1, 1, 1], [6, 6, 3])]
+    assert len(splits) == 4
+    # One request leaves the batch without finishing (preempted): split again.
+    left = _run_step(capture, runner, ["b", "a"], [1, 1], [7, 7])
+    assert left == [(("b", "a"), ("assistant",) * 2, [1, 1], [7, 7])]
+    assert len(splits) == 5
+
+
+def test_a_preempted_request_recomputed_in_a_decode_run_is_not_sent_twice():
+    capture = _worker()
+    runner = _runner(a=(2, None), b=(2, None))
+    _run_step(capture, runner, ["a", "b"], [2, 2], [0, 0], new=["a", "b"])
+    _run_step(capture, runner, ["a", "b"], [1, 1], [2, 2])
+    _run_step(capture, runner, ["a", "b"], [1, 1], [3, 3])
+    # b was preempted and comes back in the same place, recomputing from position 0 up to
+    # and including one new token (position 4): only the new row goes out.
+    step = _run_step(capture, runner, ["a", "b"], [1, 5], [4, 0])
+    assert step == [(("a", "b"), ("assistant",) * 2, [1, 1], [4, 4])]
+    assert capture.splitter.skipped_rows == 4
+    # Even a recomputation of exactly one token (b at 4 again, as a decode step would look)
+    # is split, and its row skipped: it does not continue the run.
+    step = _run_step(capture, runner, ["a", "b"], [1, 1], [5, 4])
+    assert step == [(("a",), ("assistant",), [1], [5])]
+    assert capture.splitter.skipped_rows == 5
+    # A position past what was sent (a gap) is split too, and counted.
+    step = _run_step(capture, runner, ["a", "b"], [1, 1], [6, 9])
+    assert step == [(("a", "b"), ("assistant",) * 2, [1, 1], [6, 9])]
+    assert capture.splitter.gaps == 1
+
+
+def test_a_finished_request_ends_the_decode_run_and_its_id_is_tagged_anew():
+    capture = _worker()
+    runner = _runner(a=(2, None), b=(2, None))
+    splits = _counting_splits(capture)
+    _run_step(capture, runner, ["a", "b"], [2, 2], [0, 0], new=["a", "b"])
+    _run_step(capture, runner, ["a", "b"], [1, 1], [2, 2])
+    _run_step(capture, runner, ["a", "b"], [1, 1], [3, 3])
+    assert len(splits) == 2
+    # a finished; its id comes back at once as a new request of another conversation, in
+    # the same batch slot, with a one-token prompt (a layout the old run would match).
+    runner.requests["a"] = SimpleNamespace(
+        sampling_params=SimpleNamespace(extra_args={"sm_conversation_id": "other"}),
+        num_prompt_tokens=1,
+    )
+    steps = _run_finishing(capture, runner, ["a", "b"], [1, 1], [4, 4], finished=["a"])
+    # a's end, then the step: a is untracked now, tracked again as "other" from position 4
+    # (a gap: its prompt's first 4 positions were never computed here).
+    assert steps[0][0] == ("a",)
+    assert steps[1:] == [(("other", "b"), ("assistant", "assistant"), [1, 1], [4, 4])]
+    assert capture.splitter.state("a")[0].conversation_id == "other"
+    assert len(splits) == 3
+
+
+def test_a_streaming_input_that_grows_the_prompt_by_one_token_leaves_the_decode_run():
+    capture = _worker()
+    runner = _runner(a=(2, None))
+    _run_step(capture, runner, ["a"], [2], [0], new=["a"])
+    _run_step(capture, runner, ["a"], [1], [2])
+    _run_step(capture, runner, ["a"], [1], [3])
+    # vLLM schedules the session as new again with one more input token: prompt rows.
+    runner.requests["a"].num_prompt_tokens = 5
+    step = _run_step(capture, runner, ["a"], [1], [4], new=["a"])
+    assert step == [(("a",), ("user",), [1], [4])]

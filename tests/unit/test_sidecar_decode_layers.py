@@ -106,6 +106,29 @@ def test_good_layers_validate_to_the_same_tensors(dtype: torch.dtype) -> None:
     assert with_decoded.activations["layers.1"] is decoded[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_widened_layers_are_float32_of_the_same_values(dtype: torch.dtype) -> None:
+    """`widen` (large messages, packs on the CPU): each layer comes back float32, exactly
+    the values the encoder's own conversion gives, and validation hands it on as is."""
+    batch = _batch(_good(dtype, rows=3), _good(dtype, rows=3), rows=3)
+    narrow, wide = decode_layers(batch), decode_layers(batch, widen=True)
+    for kept, widened in zip(narrow, wide, strict=True):
+        assert kept is not None and widened is not None
+        assert kept.dtype == dtype and widened.dtype == torch.float32
+        assert torch.equal(widened, kept.float())
+    validated = _validated(batch, wide)
+    assert not isinstance(validated, BatchRejected)
+    assert validated.activations["layers.1"] is wide[0]
+
+
+@pytest.mark.parametrize("name", sorted(BAD_LAYERS))
+def test_widening_refuses_the_same_bad_layers(name: str) -> None:
+    batch = _batch(_good(), BAD_LAYERS[name])
+    narrow, wide = decode_layers(batch), decode_layers(batch, widen=True)
+    assert [t is None for t in wide] == [t is None for t in narrow]
+    assert _validated(batch, wide) == _validated(batch)
+
+
 def test_decoded_layers_of_another_batch_shape_are_ignored() -> None:
     batch = _batch(_good(), _good())
     assert _validated(batch, decoded=(None,)).activations.keys() == {"layers.1", "layers.2"}

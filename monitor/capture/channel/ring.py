@@ -44,8 +44,8 @@ FRAME_HEADER = struct.Struct("<IIII")  # frame bytes, kind, meta bytes, rows
 
 
 class Slot(IntEnum):
-    """The u64 slots of the header. Producer: HEAD, PUBLISHED; the rest (WAITING included): the
-    relay."""
+    """The u64 slots of the header. Producer: HEAD, PUBLISHED, HURRY; the rest (WAITING
+    included): the relay."""
 
     HEAD = 0
     TAIL = 1
@@ -64,6 +64,10 @@ class Slot(IntEnum):
     UNREACHABLE = 14  # 1 from a failed connection attempt until the next stream opens
     ALERTS = 15  # alerts written to the relay's stdout (before their batch's ack is counted)
     WAITING = 16  # 1 while the relay is (about to be) blocked on its wake-up eventfd
+    # Producer: > 0 while the serving process waits for verdicts (`RelayLink.hurry`): the
+    # relay then sends every step at once, whatever its linger.
+    HURRY = 17
+    MESSAGES = 18  # StepBatch messages sent (SENT counts steps: fewer messages with a linger)
 
 
 # The hot slots as plain ints: indexing with an IntEnum member costs a class attribute lookup
@@ -71,6 +75,7 @@ class Slot(IntEnum):
 _HEAD, _TAIL = int(Slot.HEAD), int(Slot.TAIL)
 _PUBLISHED, _CONSUMED = int(Slot.PUBLISHED), int(Slot.CONSUMED)
 SLOT_WAITING = int(Slot.WAITING)
+SLOT_HURRY = int(Slot.HURRY)
 
 # Every way a consumed frame is settled, and the drop reason the client reports for it.
 LOST_REASONS = {

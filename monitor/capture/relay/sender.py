@@ -16,13 +16,22 @@ import select
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import grpc
 import structlog
 
 from monitor.capture.channel.frames import read_step
 from monitor.capture.channel.protocol import SenderSettings
-from monitor.capture.channel.ring import SLOT_WAITING, Frame, SharedRing, Slot, full_fence
+from monitor.capture.channel.ring import (
+    SLOT_HURRY,
+    SLOT_WAITING,
+    Frame,
+    SharedRing,
+    Slot,
+    full_fence,
+)
+from monitor.capture.relay.coalesce import Coalescer
 from monitor.capture.relay.reader import Reader, StepReader
 from monitor.wire import pb, pb_grpc
 from monitor.wire.acks import ask_for_acks, offers_acks
@@ -30,6 +39,7 @@ from monitor.wire.columns import ColumnarEncoder, offers_columns
 
 log = structlog.get_logger("safety_monitor.capture")
 _CONSUMED = int(Slot.CONSUMED)  # an int: see ring.SLOT_WAITING
+_MESSAGES = int(Slot.MESSAGES)
 
 # How the relay waits for frames (the producer's half is `FrameWriter._announce`):
 #
@@ -82,6 +92,8 @@ class FrameSource:
         self._interrupts = _Readable([self._interrupt])
         waker = self.doorbell_fd if doorbell_fd is not None else self.wakeup_fd
         self._wakers = _Readable([self._interrupt] + ([] if waker is None else [waker]))
+        wakeup = [] if self.wakeup_fd is None else [self.wakeup_fd]
+        self._lingers = _Readable([self._interrupt, *wakeup])  # see `linger`
         # Whether WAITING was set a whole bounded sleep ago (see `_wait`); with a doorbell
         # every frame rings it, so no sleep needs a bound.
         self._waiting_visible = doorbell_fd is not None
@@ -92,11 +104,16 @@ class FrameSource:
         self.polls = 0  # short sleeps while a frame is due
 
     def next(
-        self, timeout: float, on_bad_frame: Callable[[], None], read: Reader = read_step
+        self,
+        timeout: float,
+        on_bad_frame: Callable[[], None],
+        read: Reader | None = read_step,
+        pace: bool = True,
     ) -> pb.StepBatch | None:
         """The next step on the ring as a StepBatch (made by `read`), None after `timeout`
         seconds without one (or sooner, after `interrupt`); `on_bad_frame` is called for a
-        frame that cannot be read (it is skipped).
+        frame that cannot be read (it is skipped). `pace=False`: the frame does not count
+        towards the pace (a lingering relay's later frames, taken in a burst).
         """
         deadline = time.monotonic() + timeout
         slots = self.ring.slots
@@ -105,7 +122,10 @@ class FrameSource:
             if frame is not None:
                 if slots[SLOT_WAITING]:
                     slots[SLOT_WAITING] = 0  # busy again: the producer need not write
-                self._taken(time.monotonic())
+                if pace:
+                    self._taken(time.monotonic())
+                if read is None:
+                    return frame  # type: ignore[return-value]  # see `wait_for_frame`
                 try:
                     batch = read(self.ring, frame)
                 except Exception:
@@ -122,6 +142,47 @@ class FrameSource:
                 # this relay is elsewhere (reconnecting, say).
                 slots[SLOT_WAITING] = 0
                 return None
+
+    def wait_for_frame(self, timeout: float) -> Frame | None:
+        """`next`, but the frame is left on the ring unread: the caller reads it and releases
+        it (`take`). A lingering relay keeps its first frame there until it knows whether
+        others join it."""
+        return self.next(timeout, lambda: None, None)  # type: ignore[return-value]
+
+    def take(self, frame: Frame, read: Reader, on_bad_frame: Callable[[], None]) -> Any:
+        """Read a frame `wait_for_frame` left on the ring, and release it; None (counted by
+        `on_bad_frame`) if it cannot be read."""
+        try:
+            batch = read(self.ring, frame)
+        except Exception:
+            log.exception("unreadable frame on the capture ring")
+            batch = None
+        self.ring.release(frame.size)
+        if batch is None:
+            on_bad_frame()
+        return batch
+
+    def linger(self, seconds: float) -> bool:
+        """Sleep up to `seconds` with WAITING clear, so the producer makes no system call for
+        the frames published meanwhile (they are taken after, in one burst); True if cut
+        short by `interrupt` or by the serving process's HURRY (`RelayLink.hurry` writes the
+        wake-up eventfd whatever WAITING says). A stray wake-up (a write from before WAITING
+        was cleared) sleeps on. With a doorbell there is no such wake-up: it sleeps on."""
+        slots = self.ring.slots
+        if slots[SLOT_WAITING]:
+            slots[SLOT_WAITING] = 0
+        deadline = time.monotonic() + seconds
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            ready = self._lingers.wait(remaining)
+            if not ready:
+                return False
+            for fd in ready:
+                _drain_eventfd(fd)
+            if self._interrupt in ready or slots[SLOT_HURRY]:
+                return True
 
     def interrupt(self) -> None:
         """Wake a `next` that is waiting (from another thread): it returns None."""
@@ -284,7 +345,10 @@ class Sender:
         self.ring = ring
         self.source = source
         self.on_event = on_event
-        self.inflight: dict[int, int] = {}  # seq_no -> rows
+        # seq_no -> (steps, rows): a message holds several steps with a linger, and every
+        # counter the serving process reads (sent, acked, lost...) counts steps, as it
+        # publishes them (`RelayLink.unsettled`).
+        self.inflight: dict[int, tuple[int, int]] = {}
         self._lock = threading.Lock()
         self._seq_no = itertools.count(1)
         # The Monitor call's metadata: the settings', plus the request for `Acks` events
@@ -299,16 +363,18 @@ class Sender:
             self.ring.slots[slot] += amount
 
     def settle(self, seq_no: int, rejected: bool) -> None:
-        """A batch was acked or rejected: count it (and its rows, when acked) and forget it."""
+        """A batch was acked or rejected: count it (the steps it holds, and their rows when
+        acked) and forget it."""
         with self._lock:
-            rows = self.inflight.pop(seq_no, None)
-            if rows is None:
+            entry = self.inflight.pop(seq_no, None)
+            if entry is None:
                 return
+            steps, rows = entry
             if rejected:
-                self.ring.slots[Slot.REJECTED] += 1
+                self.ring.slots[Slot.REJECTED] += steps
             else:
                 self.ring.slots[Slot.ROWS_ACKED] += rows
-                self.ring.slots[Slot.ACKED] += 1
+                self.ring.slots[Slot.ACKED] += steps
 
     def settle_acked(self, seq_nos: Iterable[int]) -> None:
         """`settle` for several acked batches at once (an `Acks` event): one lock."""
@@ -316,10 +382,10 @@ class Sender:
             inflight, slots = self.inflight, self.ring.slots
             acked = rows = 0
             for seq_no in seq_nos:
-                batch_rows = inflight.pop(seq_no, None)
-                if batch_rows is not None:
-                    acked += 1
-                    rows += batch_rows
+                entry = inflight.pop(seq_no, None)
+                if entry is not None:
+                    acked += entry[0]
+                    rows += entry[1]
             if acked:
                 slots[Slot.ROWS_ACKED] += rows
                 slots[Slot.ACKED] += acked
@@ -403,6 +469,9 @@ class Sender:
         stopping: threading.Event,
         encoder: ColumnarEncoder | None = None,
     ) -> Iterator[pb.StepBatch]:
+        if self.settings.linger_ms > 0:
+            yield from self._lingering_requests(alive, stopping, encoder)
+            return
         bad_frame = lambda: self.count(Slot.LOST_BAD_FRAME)  # noqa: E731
         # The model name is set and the encoder applied as each frame is read; the reader
         # keeps a decode loop's encoded message to reuse (relay/reader.py).
@@ -413,19 +482,113 @@ class Sender:
             batch = self.source.next(REQUEST_WAIT, bad_frame, reader.read)
             if batch is None:
                 continue
-            seq_no = next(self._seq_no)
-            batch.seq_no = seq_no
-            # Not Timestamp.GetCurrentTime: that goes through datetime, 4 us against 0.6.
-            stamp = batch.sent_at
-            stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
-            rows = reader.rows
-            with self._lock:
-                if not alive.is_set():
-                    self.ring.slots[Slot.LOST_DISCONNECTED] += 1
-                    return
-                self.inflight[seq_no] = rows
-                self.ring.slots[Slot.SENT] += 1
+            if not self._stamp(batch, 1, reader.rows, alive):
+                return
             yield batch
+
+    def _stamp(self, batch: pb.StepBatch, steps: int, rows: int, alive: threading.Event) -> bool:
+        """Number the batch, time it and count it in flight; False (its steps counted as
+        lost) when the stream is already gone."""
+        seq_no = next(self._seq_no)
+        batch.seq_no = seq_no
+        # Not Timestamp.GetCurrentTime: that goes through datetime, 4 us against 0.6.
+        stamp = batch.sent_at
+        stamp.seconds, stamp.nanos = divmod(time.time_ns(), 1_000_000_000)
+        with self._lock:
+            if not alive.is_set():
+                self.ring.slots[Slot.LOST_DISCONNECTED] += steps
+                return False
+            self.inflight[seq_no] = (steps, rows)
+            self.ring.slots[Slot.SENT] += steps
+            self.ring.slots[_MESSAGES] += 1
+        return True
+
+    def _lingering_requests(
+        self,
+        alive: threading.Event,
+        stopping: threading.Event,
+        encoder: ColumnarEncoder | None,
+    ) -> Iterator[pb.StepBatch]:
+        """`_requests` with a linger: after the first step, the steps published within
+        `linger_ms` go into the same message (relay/coalesce.py) until one cannot join or a
+        bound is reached. The relay sleeps through the linger (`FrameSource.linger`: no
+        wake-up per step, none asked of the producer) and then takes the steps that came in
+        one burst; while the serving process waits for verdicts (Slot.HURRY) it does not
+        sleep, and only steps already on the ring join. The first step stays on the ring
+        through the linger: left alone, it is read as without a linger (`StepReader`, which
+        reuses a decode loop's encoded message); merged steps are read in full (`read_step`)
+        and the merged message is encoded once."""
+        bad_frame = lambda: self.count(Slot.LOST_BAD_FRAME)  # noqa: E731
+        reader = StepReader(self.settings.model_name, encoder)  # for a step left alone
+        linger = self.settings.linger_ms / 1000
+        # A merged message stays well under the message size limit (a step alone may not).
+        merged = Coalescer(max_bytes=self.settings.max_message_bytes // 2)
+        slots = self.ring.slots
+        source = self.source
+        left_over: pb.StepBatch | None = None  # a step that could not join the last message
+        step_gap: float | None = None  # seconds between steps in the last linger
+        try:
+            while alive.is_set() and not (
+                stopping.is_set() and left_over is None and self.ring.frames_waiting() == 0
+            ):
+                peeked = None
+                if left_over is not None:
+                    first, left_over = left_over, None
+                else:
+                    # Left on the ring until the linger is over: alone, it is read as without
+                    # a linger (the reader reuses a decode loop's encoded message).
+                    peeked = source.wait_for_frame(REQUEST_WAIT)
+                    if peeked is None:
+                        continue
+                # Sleep through the linger, waking only to keep the ring from filling up
+                # (at the step rate of the last message, when about half of MAX_FRAMES
+                # wait), then take what came.
+                started = time.monotonic()
+                deadline = started + linger
+                while not slots[SLOT_HURRY] and not stopping.is_set():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self.ring.frames_waiting() >= merged.max_frames // 2:
+                        break
+                    if step_gap is not None:
+                        remaining = min(remaining, max(0.001, step_gap * merged.max_frames / 2))
+                    if source.linger(remaining):
+                        break
+                waiting = self.ring.frames_waiting() - (peeked is not None)
+                if waiting:
+                    step_gap = (time.monotonic() - started) / waiting
+                if peeked is not None:
+                    if not waiting:  # alone: as without a linger
+                        batch = source.take(peeked, reader.read, bad_frame)
+                        if batch is None:
+                            continue
+                        if not self._stamp(batch, 1, reader.rows, alive):
+                            return
+                        yield batch
+                        continue
+                    first = source.take(peeked, read_step, bad_frame)
+                    if first is None:
+                        continue
+                merged.add(first)
+                while not merged.full and self.ring.frames_waiting():
+                    step = source.next(0.0, bad_frame, read_step, pace=False)
+                    if step is None:
+                        break
+                    if not merged.add(step):
+                        left_over = step
+                        break
+                batch, steps = merged.take()
+                batch.model = self.settings.model_name
+                rows = sum(sequence.rows for sequence in batch.sequences)
+                if encoder is not None:
+                    encoder.encode(batch)
+                if not self._stamp(batch, steps, rows, alive):
+                    return
+                yield batch
+        finally:
+            # A step taken off the ring and never sent must still be settled, or the serving
+            # process would count it unsettled for ever (its flush would wait in vain).
+            if left_over is not None or merged.frames:
+                self.count(Slot.LOST_DISCONNECTED, merged.frames + (left_over is not None))
 
     def _handle(self, event: pb.MonitorEvent) -> None:
         kind = event.WhichOneof("event")
@@ -445,7 +608,7 @@ class Sender:
 
     def _lose_inflight(self) -> None:
         with self._lock:
-            lost = len(self.inflight)
+            lost = sum(steps for steps, _ in self.inflight.values())
             self.inflight.clear()
             self.ring.slots[Slot.LOST_DISCONNECTED] += lost
 

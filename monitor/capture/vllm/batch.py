@@ -378,6 +378,23 @@ class BatchSplitter:
                 slices.append(Slice(internal_id, tracked.tag, middle, offset, prompt))
         return StepSlices(slices, prompt_slices)
 
+    def decode_run(self, req_ids: Sequence[str], slices: StepSlices) -> DecodeRun | None:
+        """A DecodeRun for the steps after this one, if this step (`split(req_ids, ...)`'s
+        result) was a pure decode step: every request of `req_ids` tracked and sent one
+        output row, in batch order. None otherwise."""
+        if slices.prompt_slices or len(slices) != len(req_ids):
+            return None
+        records = []
+        with self._lock:
+            for index, (piece, internal_id) in enumerate(zip(slices, req_ids, strict=True)):
+                tracked = self._requests.get(internal_id)
+                if piece.request != internal_id or piece.start != index or piece.stop != index + 1:
+                    return None
+                if tracked is None or tracked.sent_until != piece.position + 1:
+                    return None
+                records.append(tracked)
+        return DecodeRun(list(req_ids), [s.position + 1 for s in slices], records, self._lock)
+
     def _unlink(self, internal_id: str, tracked: _Tracked) -> None:
         if tracked.wire_id:
             self._by_wire_id.pop(tracked.wire_id, None)
@@ -390,6 +407,46 @@ class BatchSplitter:
 
     def __len__(self) -> int:
         return len(self._requests)
+
+
+class DecodeRun:
+    """A run of pure decode steps over one batch composition: the same requests in the same
+    order, one token each, each at the position after the last one sent. Such a step splits
+    exactly as the one before it with every position one further, so the worker sends it
+    without `split` (and without planning or slicing it again): `matches` recognises it
+    from the layout alone and `advance` does the bookkeeping `split` would do (each
+    request's next position to send). Anything else (a request joining, leaving, finishing
+    or preempted, a prompt chunk, recomputed or skipped positions, a new order) fails
+    `matches` and goes through `split`, which starts a new run when the step qualifies.
+    The worker drops its run whenever a request finishes (`BatchSplitter.finish` does not
+    know of runs)."""
+
+    __slots__ = ("_lock", "_records", "expected", "ones", "req_ids")
+
+    def __init__(
+        self,
+        req_ids: list[str],
+        expected: list[int],
+        records: list[_Tracked],
+        lock: threading.Lock,
+    ) -> None:
+        self.req_ids = req_ids
+        self.ones = [1] * len(req_ids)  # the step's tokens per request, and rows per slice
+        self.expected = expected  # each request's position in the next decode step
+        self._records = records  # the splitter's per-request state, in batch order
+        self._lock = lock  # the splitter's
+
+    def matches(self, req_ids: Sequence[str], num_tokens: list[int], computed: list[int]) -> bool:
+        """Whether a step (the layout `split` takes, as lists) continues this run."""
+        return computed == self.expected and num_tokens == self.ones and req_ids == self.req_ids
+
+    def advance(self, computed: list[int]) -> None:
+        """Record a matching step as sent (its positions are `computed`)."""
+        expected = [position + 1 for position in computed]
+        with self._lock:
+            for tracked, position in zip(self._records, expected, strict=True):
+                tracked.sent_until = position
+        self.expected = expected
 
 
 def group_by_attributes(slices: Sequence[Slice]) -> list[list[Slice]]:

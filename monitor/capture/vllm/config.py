@@ -15,6 +15,9 @@ ignore_request_conversation_ids (true: `sm_conversation_id` in a request's extra
 vllm_xargs is ignored and every conversation is named after vLLM's internal request id, which
 no client chooses; for deployments whose API users must not name, and so write into, each
 other's conversations),
+linger_ms (milliseconds, 0..1000: the relay sends the steps of that long as one message,
+less CPU per step beside the engine, alerts later by up to that much; not with `block_within`
+set, where every step waits for its verdict: there it is 0),
 ignore_request_roles_and_attributes (true: `sm_prompt_role`, `sm_role` and `sm_attributes` in
 a request are ignored too: prompt tokens get the default prompt role `user`, generated tokens
 the default role `assistant`, and no attributes; for deployments whose API
@@ -22,6 +25,7 @@ users must not choose which rules see their tokens: a made-up role escapes every
 roles, and an attribute a rule's `exceptions` name exempts the request).
 
     SAFETY_MONITOR_BLOCK_WITHIN   overrides block_within
+    SAFETY_MONITOR_LINGER_MS      overrides linger_ms
     SAFETY_MONITOR_IGNORE_REQUEST_CONVERSATION_IDS   overrides ignore_request_conversation_ids
                                                      (1/true/yes or 0/false/no)
     SAFETY_MONITOR_IGNORE_REQUEST_ROLES_AND_ATTRIBUTES  overrides
@@ -38,12 +42,17 @@ from typing import Any
 
 import yaml
 
+from monitor.limits import MAX_LINGER_MS
+
 ENV_TARGET = "SAFETY_MONITOR_TARGET"
 ENV_LAYERS = "SAFETY_MONITOR_LAYERS"
 ENV_CONFIG = "SAFETY_MONITOR_CONFIG"
 ENV_BLOCK_WITHIN = "SAFETY_MONITOR_BLOCK_WITHIN"
+ENV_LINGER_MS = "SAFETY_MONITOR_LINGER_MS"
 ENV_IGNORE_IDS = "SAFETY_MONITOR_IGNORE_REQUEST_CONVERSATION_IDS"
 ENV_IGNORE_ROLES = "SAFETY_MONITOR_IGNORE_REQUEST_ROLES_AND_ATTRIBUTES"
+# The relay's linger by default (see `linger_ms` above and the README's measurements).
+DEFAULT_LINGER_MS = 0.0
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
 _KEYS = {
@@ -62,6 +71,7 @@ _KEYS = {
     "guard",
     "block_within",
     "guard_timeout",
+    "linger_ms",
     "ignore_request_conversation_ids",
     "ignore_request_roles_and_attributes",
 }
@@ -89,6 +99,7 @@ class PluginSettings:
     guard: bool = True
     block_within: int | None = None
     guard_timeout: float = 1.0
+    linger_ms: float = DEFAULT_LINGER_MS
     ignore_request_conversation_ids: bool = False
     ignore_request_roles_and_attributes: bool = False
 
@@ -107,7 +118,16 @@ class PluginSettings:
             "tls_cert": self.tls_cert,
             "tls_key": self.tls_key,
             "token": token,
+            "linger_ms": self.effective_linger_ms,
         }
+
+    @property
+    def effective_linger_ms(self) -> float:
+        """The relay's linger: none where every step waits for its verdict (`block_within`
+        in guard mode), since a lingering relay would hold back the very steps waited for."""
+        if self.guard and self.block_within is not None:
+            return 0.0
+        return self.linger_ms
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> PluginSettings | None:
@@ -134,6 +154,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> PluginSettings | 
         raw["layers"] = env[ENV_LAYERS]
     if env.get(ENV_BLOCK_WITHIN):
         raw["block_within"] = env[ENV_BLOCK_WITHIN]
+    if env.get(ENV_LINGER_MS):
+        raw["linger_ms"] = env[ENV_LINGER_MS]
     for variable, key in (
         (ENV_IGNORE_IDS, "ignore_request_conversation_ids"),
         (ENV_IGNORE_ROLES, "ignore_request_roles_and_attributes"),
@@ -176,6 +198,16 @@ def _validate(raw: dict[str, Any]) -> PluginSettings:
             raise PluginConfigError(
                 f"block_within: expected a number of tokens >= 0, got {raw['block_within']!r}"
             )
+    linger_ms = raw.get("linger_ms", DEFAULT_LINGER_MS)
+    try:
+        linger_ms = float(linger_ms)
+    except (TypeError, ValueError):
+        linger_ms = -1.0
+    if isinstance(raw.get("linger_ms"), bool) or not 0 <= linger_ms <= MAX_LINGER_MS:
+        raise PluginConfigError(
+            f"linger_ms: expected milliseconds in 0..{MAX_LINGER_MS:g}, "
+            f"got {raw.get('linger_ms')!r}"
+        )
     return PluginSettings(
         target=str(raw["target"]),
         layers=layers,
@@ -192,6 +224,7 @@ def _validate(raw: dict[str, Any]) -> PluginSettings:
         guard=guard,
         block_within=block_within,
         guard_timeout=float(raw.get("guard_timeout", 1.0)),
+        linger_ms=linger_ms,
         **switches,
     )
 

@@ -38,6 +38,7 @@ from monitor.capture.vllm.batch import (
     REQUEST_KEY,
     SEQUENCE_KEY,
     BatchSplitter,
+    DecodeRun,
     NamingError,
     RequestTag,
     Slice,
@@ -82,6 +83,9 @@ class PluginTiming:
 class WorkerCapture:
     """One per model runner: buffers, the request bookkeeping and the capture client."""
 
+    # The current run of pure decode steps and how its steps go out (see `after_forward`).
+    _decode: tuple[DecodeRun, Tagging, dict[str, torch.Tensor]] | None = None
+
     def __init__(self, settings: PluginSettings, runner: Any) -> None:
         from vllm.distributed import get_pp_group, get_tp_group
 
@@ -125,6 +129,7 @@ class WorkerCapture:
         self.timing = PluginTiming()
         self._plans: dict[tuple[Any, ...], list[tuple[tuple[int, ...], Tagging]]] = {}
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._decode = None
         self._on_cuda = False
         if not self.plan.sends:
             log.info("safety-monitor: this rank does not send", reason=self.plan.reason)
@@ -170,9 +175,10 @@ class WorkerCapture:
         """Called right after `_prepare_inputs`: the order and positions the forward uses."""
         batch = runner.input_batch
         count = batch.num_reqs
+        tokens = _ints(num_scheduled_tokens)  # vLLM's holds num_reqs counts: no slice to make
         self._layout = (
             batch.req_ids[:count],
-            _ints(num_scheduled_tokens[:count]),
+            tokens if len(tokens) == count else tokens[:count],
             _ints(batch.num_computed_tokens_cpu[:count]),
         )
 
@@ -190,8 +196,19 @@ class WorkerCapture:
         if layout is None or self.client is None:
             return
         req_ids, num_tokens, computed = layout
-        splitter = self.splitter
         new_requests = scheduler_output.scheduled_new_reqs
+        decode = self._decode
+        if decode is not None and not new_requests and decode[0].matches(*layout):
+            # The usual step: the last step's requests, one token each, one position on.
+            # It splits, plans and slices as that step did: send it as that one, with this
+            # step's positions (a new request makes it a step of `new_requests`; a grown
+            # streaming prompt too, whose rows the slow path tags by position).
+            decode[0].advance(computed)
+            self.steps += 1
+            self.client.submit(self._captured(decode[2], decode[1], decode[0].ones, computed))
+            return
+        self._decode = None
+        splitter = self.splitter
         if new_requests:  # empty on a decode step
             # A request id vLLM schedules as new while it runs is a streaming-input session
             # given more input: its prompt grew. Its naming stays the first input's (the
@@ -206,8 +223,13 @@ class WorkerCapture:
             return
         self.steps += 1
         submit = self.client.submit
-        for indices, tagging in self._plan(slices):
+        plan = self._plan(slices)
+        for indices, tagging in plan:
             submit(self._step([slices[i] for i in indices] if indices else slices, tagging))
+        if len(plan) == 1 and not plan[0][0]:  # one message of every slice: a run may start
+            run = splitter.decode_run(req_ids, slices)
+            if run is not None:
+                self._decode = (run, plan[0][1], self._row_views(0, len(slices)))
 
     def _plan(self, slices: StepSlices) -> list[tuple[tuple[int, ...], Tagging]]:
         """How this step's slices go out: groups (indices into `slices`; () for all of them)
@@ -242,24 +264,39 @@ class WorkerCapture:
     def _step(self, group: Sequence[Slice], tagging: Tagging) -> CapturedStep:
         start, stop = group[0].start, group[-1].stop
         rows = [s.stop - s.start for s in group]
-        persistent = False
+        positions = [s.position for s in group]
         if stop - start == sum(rows):  # contiguous rows
-            # Views of the persistent buffers, made once per row range: decode steps repeat
-            # one range, and slicing a tensor costs more than the rest of a step's Python.
-            # The frame writer recognises the same views and reuses the frame's layout.
-            views = self._views.get((start, stop))
-            if views is None:
-                if len(self._views) >= _MAX_VIEWS:
-                    self._views.clear()
-                views = {hp: buffer[start:stop] for hp, buffer in self.buffers.items()}
-                self._views[(start, stop)] = views
-            layers = dict(views)
-            persistent = not self._on_cuda
-        else:
-            index = torch.cat([torch.arange(s.start, s.stop) for s in group])
-            layers = {}
-            for hp, buffer in self.buffers.items():
-                layers[hp] = buffer.index_select(0, index.to(buffer.device))
+            return self._captured(self._row_views(start, stop), tagging, rows, positions)
+        index = torch.cat([torch.arange(s.start, s.stop) for s in group])
+        layers = {}
+        for hp, buffer in self.buffers.items():
+            layers[hp] = buffer.index_select(0, index.to(buffer.device))
+        return self._captured(layers, tagging, rows, positions, views=False)
+
+    def _row_views(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Views of the persistent buffers' rows `start:stop`, made once per row range: decode
+        steps repeat one range, and slicing a tensor costs more than the rest of a step's
+        Python. The frame writer recognises the same views and reuses the frame's layout.
+        The dict is shared by every step of that range: nothing downstream modifies a
+        step's `layers`."""
+        views = self._views.get((start, stop))
+        if views is None:
+            if len(self._views) >= _MAX_VIEWS:
+                self._views.clear()
+            views = {hp: buffer[start:stop] for hp, buffer in self.buffers.items()}
+            self._views[(start, stop)] = views
+        return views
+
+    def _captured(
+        self,
+        layers: dict[str, torch.Tensor],
+        tagging: Tagging,
+        rows: list[int],
+        positions: list[int],
+        views: bool = True,
+    ) -> CapturedStep:
+        """The step to submit: `layers` (the buffers' `views` of this step's rows, or rows
+        selected into new tensors) as they are on a CPU, or copied off the GPU."""
         ready = None
         if self._on_cuda:
             # Off the device without waiting: the client publishes once the copy is done.
@@ -274,9 +311,9 @@ class WorkerCapture:
             layers=layers,
             tagging=tagging,
             rows=rows,
-            positions=[s.position for s in group],
+            positions=positions,
             ready=ready,
-            persistent_layers=persistent,
+            persistent_layers=views and ready is None,
         )
 
     def _tag(self, runner: Any, internal_id: str) -> RequestTag:
@@ -329,6 +366,7 @@ class WorkerCapture:
         states = [(i, self.splitter.state(i)) for i in finished]
         self.splitter.finish(finished)
         self._plans.clear()  # they name finished requests
+        self._decode = None  # as does the decode run (their ids may come back, tagged anew)
         with self._blocks_lock:
             for internal_id in finished:
                 self._blocks.pop(internal_id, None)

@@ -396,11 +396,17 @@ def _print_fit(
         f"held-out ({report.heldout_conversations} conversations, the calibrate split; "
         f"it also chose the window and threshold):"
     )
-    print(f"  {'feature':<28} {'aggregation':<20} {'AUROC':>6} {'recall':>7} {'FPR':>6} threshold")
+    print(
+        f"  {'feature':<28} {'aggregation':<20} {'AUROC':>6} {'recall':>7} {'FPR':>6} "
+        f"{'FPR<=95%':>8} threshold"
+    )
     for row in rows:
+        # FPR<=95%: one-sided 95% upper bound of the rate on new data from the same source.
+        upper = row.get("fpr_upper_95")
         print(
             f"  {row['feature']:<28} {row['aggregation']:<20} {row['auroc']:>6.3f} "
-            f"{row['recall']:>7.3f} {row['fpr']:>6.3f} {row['alert_threshold']:.4g}"
+            f"{row['recall']:>7.3f} {row['fpr']:>6.3f} "
+            f"{'-' if upper is None else f'{upper:.3f}':>8} {row['alert_threshold']:.4g}"
         )
     for row in rows:
         if row.get("threshold_at_max_negative"):
@@ -517,10 +523,32 @@ def _calibrate(args: argparse.Namespace) -> int:
             f.name: f.alert_threshold for f in pack.features() if f.alert_threshold is not None
         }
         report["pooling"] = pooling
+        report["calibration"] = _calibration_rates(pack, scores, args.fpr)
     elif args.topk_sae is None:
         return fail("nothing to do: give --fpr (with benign samples) and/or --topk-sae")
     _print_report(report, args.json)
     return 0
+
+
+def _calibration_rates(pack: Any, scores: dict[str, Any], fpr: float) -> dict[str, Any]:
+    """Per feature: how many benign samples fire at its new threshold, that rate, the
+    one-sided 95% upper bound of the rate on new data from the same source, and the fewest
+    samples ``fpr`` needs (`monitor.conformal`)."""
+    from monitor.conformal import fpr_upper_bound, minimum_negatives
+
+    rates = {}
+    for hp, values in scores.items():
+        n = int(values.shape[0])
+        for column, info in enumerate(pack.hook_points[hp].features):
+            fired = int((values[:, column] > info.alert_threshold).sum())
+            rates[info.name] = {
+                "samples": n,
+                "fired": fired,
+                "rate": fired / n,
+                "upper_95": fpr_upper_bound(fired, n),
+                "minimum_samples": minimum_negatives(fpr),
+            }
+    return rates
 
 
 def _benign_scores(pack: Any, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
@@ -634,9 +662,17 @@ def _print_report(report: dict[str, Any], as_json: bool) -> None:
         )
     for name, threshold in report.get("thresholds", {}).items():
         pooling = report.get("pooling", {}).get(name, "")
+        rate = report.get("calibration", {}).get(name)
         print(
             f"{report['pack']}/{name}: alert threshold {threshold:.6g}"
             + (f" ({pooling} pooling)" if pooling else "")
+            + (
+                f"; calibration FPR {rate['rate']:.4f} ({rate['fired']} of {rate['samples']}), "
+                f"new data from the same source <= {rate['upper_95']:.4f} (95%, one-sided); "
+                f"the target needs >= {rate['minimum_samples']} samples"
+                if rate
+                else ""
+            )
         )
     if "wrote" in report:
         print(f"wrote {report['wrote']}: sha256 {report['sha256']}")

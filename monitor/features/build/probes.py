@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from monitor.conformal import threshold_index
 from monitor.features.build.builder import assemble_pack
 from monitor.features.encoder import RestrictedEncoder
 from monitor.features.errors import FeatureError
@@ -310,19 +311,16 @@ def probe_encoder(fit: ProbeFit) -> RestrictedEncoder:
 
 
 def calibrate_thresholds(scores: torch.Tensor, fpr: float) -> torch.Tensor:
-    """Per-column threshold t with at most ``fpr`` of the benign ``scores [n, k]`` above t."""
-    if not 0.0 < fpr < 1.0:
-        raise FeatureError(f"{fpr} is not in (0, 1)", field="fpr")
+    """Per-column threshold t for ``fpr`` on new data from the source of the benign
+    ``scores [n, k]``: the split-conformal rank (`monitor.conformal`), the k-th smallest score
+    with k = ceil((n + 1)(1 - fpr)), so at most n - k of them are above t."""
     n = scores.shape[0]
-    allowed = math.floor(fpr * n)  # benign samples allowed strictly above the threshold
-    if allowed < 1:
-        raise FeatureError(
-            f"{n} benign samples cannot resolve a false-positive rate of {fpr} "
-            f"(need at least {math.ceil(1 / fpr)})",
-            field="fpr",
-        )
+    try:
+        index = threshold_index(n, fpr)
+    except ValueError as e:  # out of (0, 1), or too few samples for the rank
+        raise FeatureError(str(e), field="fpr") from None
     ordered = scores.double().sort(dim=0).values
-    return ordered[n - allowed - 1].float()
+    return ordered[index].float()
 
 
 def sample_scores(

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from monitor.conformal import threshold_index
 from monitor.features.errors import FeatureError
 
 DEFAULT_WINDOW = 8
@@ -277,8 +278,11 @@ def _average_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def threshold_at_fpr(negative_scores: Sequence[float], fpr: float) -> float:
-    """The smallest threshold t (alert when score > t) with at most ``fpr`` of the negatives
-    above it."""
+    """The smallest threshold t (alert when score > t) with at most ``fpr`` of *these*
+    negatives above it: a rate measured on the data at hand (`recall_at_fpr`, `eval`'s columns
+    on a test split). To set a threshold for new data use `calibrated_threshold`: on new
+    negatives from the same source this one's expected rate is (floor(fpr n) + 1) / (n + 1),
+    above ``fpr``."""
     if not 0.0 < fpr < 1.0:
         raise FeatureError(f"{fpr} is not in (0, 1)", field="fpr")
     ordered = sorted(negative_scores)
@@ -287,6 +291,19 @@ def threshold_at_fpr(negative_scores: Sequence[float], fpr: float) -> float:
         raise FeatureError("no negative (label 0) conversations", field="fpr")
     allowed = math.floor(fpr * n)
     return ordered[n - allowed - 1]
+
+
+def calibrated_threshold(negative_scores: Sequence[float], fpr: float) -> float:
+    """The threshold t (alert when score > t) for ``fpr`` on new negatives from the same
+    source: the split-conformal rank (`monitor.conformal`), the k-th smallest score with
+    k = ceil((n + 1)(1 - fpr)). Raises `FeatureError` when n < (1 - fpr) / fpr."""
+    ordered = sorted(negative_scores)
+    if not ordered:
+        raise FeatureError("no negative (label 0) conversations", field="fpr")
+    try:
+        return ordered[threshold_index(len(ordered), fpr, "negatives")]
+    except ValueError as e:
+        raise FeatureError(str(e), field="fpr") from None
 
 
 @dataclass(frozen=True)

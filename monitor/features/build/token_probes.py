@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from monitor.conformal import fpr_upper_bound, minimum_negatives
 from monitor.features.build.builder import assemble_pack
 from monitor.features.build.conversations import (
     ConversationLike,
@@ -51,12 +52,12 @@ from monitor.features.build.scoring import (
     aggregation_masked,
     aggregation_turn_end,
     auroc,
+    calibrated_threshold,
     conversation_score,
     labeled_runs,
     operating_point,
     parse_aggregation,
     recall_at_fpr,
-    threshold_at_fpr,
 )
 from monitor.features.errors import FeatureError
 from monitor.features.pack import FeatureInfo, FeaturePack, HookPointEncoder
@@ -569,9 +570,10 @@ def fit_layers(
     negatives = labels.count(0)
     if negatives == 0 or labels.count(1) == 0:
         raise FeatureError("the held-out split needs both labels", field="label")
-    # Too few negatives to resolve ``fpr``: the threshold goes just above the highest negative
-    # score (none of them above it), which is the lowest rate these negatives can show.
-    resolvable = math.floor(fpr * negatives) >= 1
+    # Too few negatives to resolve ``fpr`` on new data (the conformal rank, monitor.conformal,
+    # needs n >= (1 - fpr) / fpr): the threshold is the highest negative score (none of them
+    # above it), the lowest rate these negatives can show.
+    resolvable = negatives >= minimum_negatives(fpr)
     for hp in hook_points:
         fit = fit_token_probe(fit_tokens, hp, l2=l2)
         aggregation, by_window = choose_aggregation(heldout_tokens, hp, fit, fpr, windows)
@@ -618,12 +620,18 @@ def fit_layers(
                     trained, fit, aggregation = turn, turn.fit, TURN_MEAN
         scores = score_conversations(heldout_tokens, hp, fit, aggregation)
         negative_scores = [s for s, y in zip(scores, labels, strict=True) if y == 0]
-        threshold = threshold_at_fpr(negative_scores, fpr) if resolvable else max(negative_scores)
+        threshold = (
+            calibrated_threshold(negative_scores, fpr) if resolvable else max(negative_scores)
+        )
         point = operating_point(scores, labels, threshold)
         heldout = {
             "auroc": auroc(scores, labels),
             "recall": point.recall,
             "fpr": point.fpr,
+            # One-sided 95% Clopper-Pearson bound of the rate on new data from this source
+            # (monitor.conformal): the held-out split also chose the window and layer, so it
+            # is a little optimistic.
+            "fpr_upper_95": fpr_upper_bound(round(point.fpr * negatives), negatives),
             "conversations": float(len(heldout_tokens)),
             "negatives": float(negatives),
             # 1.0 when the negatives could not resolve ``fpr`` and the threshold is their max.
