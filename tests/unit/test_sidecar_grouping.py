@@ -54,9 +54,11 @@ def make_pipeline(tmp_path_factory):
     return make
 
 
-def _stream(seed: int, steps: int = 120) -> list[pb.StepBatch]:
+def _stream(seed: int, steps: int = 120, one_row: float = 0.8) -> list[pb.StepBatch]:
     """Prefills, decode steps, chunks, gaps, new requests, ends, turn ends, role changes,
-    token text, and a bad batch now and then, over a few conversations."""
+    token text, and a bad batch now and then, over a few conversations. `one_row`: how
+    often a conversation has one row in a step (decode steps, never merged with each other, are
+    the steps where all have one)."""
     rng = random.Random(seed)
     # Turn ends drawn apart, so the streams are the same as before turn ends existed.
     turns = random.Random(1000 + seed)
@@ -68,7 +70,7 @@ def _stream(seed: int, steps: int = 120) -> list[pb.StepBatch]:
         batch = pb.StepBatch(seq_no=seq_no, model="m")
         rows = 0
         for cid in rng.sample(sorted(position), rng.randint(1, 5)):
-            n = 1 if rng.random() < 0.8 else rng.randint(0, 6)
+            n = 1 if rng.random() < one_row else rng.randint(0, 6)
             if rng.random() < 0.04:
                 position[cid] += rng.randint(1, 5)  # a dropped step: a gap
             if rng.random() < 0.05:
@@ -102,8 +104,9 @@ def _events(outcomes) -> list[bytes]:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_grouped_steps_give_exactly_the_events_of_one_at_a_time(make_pipeline, seed):
-    batches = _stream(seed)
+@pytest.mark.parametrize("one_row", [0.8, 0.25])
+def test_grouped_steps_give_exactly_the_events_of_one_at_a_time(make_pipeline, seed, one_row):
+    batches = _stream(seed, one_row=one_row)
     alone = make_pipeline()
     expected = _events(alone.process(batch) for batch in batches)
 
@@ -119,7 +122,9 @@ def test_grouped_steps_give_exactly_the_events_of_one_at_a_time(make_pipeline, s
     assert kinds.count("alert") > 20 and "error" in kinds
     rules = [pb.MonitorEvent.FromString(e).alert.rule for e in expected]
     assert rules.count("turn") > 3  # turn ends were checked, grouped or not
-    assert grouped.metrics.batches_grouped._value.get() > 20
+    # Decode steps do not merge with each other (`_decode_step`): the stream with fewer of
+    # them checks that steps merged.
+    assert one_row > 0.5 or grouped.metrics.batches_grouped._value.get() > 20
     assert grouped.engine.tracked_conversations == alone.engine.tracked_conversations
 
 
@@ -257,3 +262,48 @@ def test_decode_steps_merge_as_the_general_path_merges_them(make_pipeline):
     assert not _decode_steps([step(1), step(2, order=(1, 0, 2))])
     assert not _decode_steps([step(1), step(2, rows=2)])
     assert not _decode_steps([step(1), step(2, order=(0, 1))])
+
+
+def test_decode_steps_are_evaluated_one_at_a_time(make_pipeline):
+    """Decode steps that wait together (one row per conversation) are not merged: the rules
+    engine evaluates each with its one-token kernel, cheaper than the merged group's general
+    path (issue 15's send-to-ack tail). Steps with more rows per conversation still merge.
+    The events are those of one step at a time either way."""
+    generator = torch.Generator().manual_seed(7)
+
+    def steps(rows: int, count: int = 6) -> list[pb.StepBatch]:
+        batches = []
+        for seq_no in range(1, count + 1):
+            batch = pb.StepBatch(seq_no=seq_no, model="m")
+            for c in range(3):
+                batch.sequences.append(
+                    pb.Sequence(
+                        conversation_id=f"c{c}",
+                        rows=rows,
+                        position=(seq_no - 1) * rows,
+                        request_id="r",
+                        role="assistant",
+                    )
+                )
+            values = torch.randn(3 * rows, D_MODEL, generator=generator)
+            batch.layers.append(pb.Layer(hook_point=HOOK, activations=encode_tensor(values)))
+            batches.append(batch)
+        return batches
+
+    for rows, evaluations in ((1, [3] * 6), (2, [36])):
+        batches = steps(rows)
+        alone = make_pipeline()
+        expected = _events(alone.process(batch) for batch in batches)
+        grouped = make_pipeline()
+        seen: list[int] = []
+        evaluate = grouped.engine.evaluate
+
+        def spy(features, slices, evaluate=evaluate, seen=seen, **kwargs):
+            seen.append(sum(sl.rows for sl in slices))
+            return evaluate(features, slices, **kwargs)
+
+        grouped.engine.evaluate = spy
+        assert _events(grouped.process_many(batches)) == expected
+        assert seen == evaluations
+    kinds = [pb.MonitorEvent.FromString(e).WhichOneof("event") for e in expected]
+    assert kinds.count("alert") > 3
