@@ -124,7 +124,7 @@ class CaptureClient:
         rejected merged message loses every step it holds (see README, "Relay linger")."""
         if on_full not in ("drop", "block"):
             raise ValueError(f"on_full: expected 'drop' or 'block', got {on_full!r}")
-        if not 0 <= linger_ms <= MAX_LINGER_MS:
+        if isinstance(linger_ms, bool) or not 0 <= linger_ms <= MAX_LINGER_MS:
             raise ValueError(f"linger_ms: expected 0..{MAX_LINGER_MS}, got {linger_ms!r}")
         self.target = target
         self.on_full = on_full
