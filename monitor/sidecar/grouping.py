@@ -11,7 +11,6 @@ load a group is a single step and nothing changes.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -37,10 +36,6 @@ class _Part(NamedTuple):
     end_position: int
     member: int
     start_row: int  # in the member
-
-
-_CONVERSATION_ID = operator.attrgetter("conversation_id")
-_ROWS = operator.attrgetter("rows")
 
 
 @dataclass
@@ -169,64 +164,7 @@ def merge_steps(members: list[ValidatedBatch]) -> StepGroup:
     """One batch of the members' rows, each conversation's rows contiguous and in order."""
     if len(members) == 1:  # the light-load case: the step itself
         return StepGroup(members, members[0])
-    if _decode_steps(members):
-        return StepGroup(members, _merge_decode_steps(members))
     return StepGroup(members, _merge_any(members))
-
-
-def _decode_steps(members: list[ValidatedBatch]) -> bool:
-    """Whether every member is a decode step of the same conversations in the same order, one
-    row each: then the merged rows are the members' rows interleaved."""
-    ids = list(map(_CONVERSATION_ID, members[0].slices))
-    return all(
-        set(map(_ROWS, member.slices)) == {1} and list(map(_CONVERSATION_ID, member.slices)) == ids
-        for member in members
-    )
-
-
-def _merge_decode_steps(members: list[ValidatedBatch]) -> ValidatedBatch:
-    """`_merge_any` of decode steps (`_decode_steps`), without a Python step per row: the
-    merged rows are the members' rows interleaved (conversation by conversation, member by
-    member), which stacking along a new second dimension lays out in one copy."""
-    count = len(members)
-    first, last = members[0], members[-1]
-    slices = [
-        SequenceSlice(
-            sl.conversation_id,
-            index * count,
-            count,
-            sl.position,
-            sl.role,
-            end.end,
-            sl.request_id,
-            sl.attributes,
-            sl.scope,
-            end.turn_end,
-        )
-        for index, (sl, end) in enumerate(zip(first.slices, last.slices, strict=True))
-    ]
-    if any(any(member.tokens) for member in members):
-        tokens = [
-            [text for member in members for text in member.tokens[index]]
-            for index in range(len(slices))
-        ]
-    else:
-        tokens = [[] for _ in slices]
-    activations = {
-        hook_point: torch.stack([m.activations[hook_point] for m in members], dim=1).reshape(
-            first.rows * count, -1
-        )
-        for hook_point in first.activations
-    }
-    return ValidatedBatch(
-        seq_no=last.seq_no,
-        model=first.model,
-        rows=first.rows * count,
-        activations=activations,
-        slices=slices,
-        tokens=tokens,
-        encoded={},  # can_join never groups steps the client encoded itself
-    )
 
 
 def _merge_any(members: list[ValidatedBatch]) -> ValidatedBatch:

@@ -492,8 +492,9 @@ def _decode_step(step: ValidatedBatch) -> bool:
     """Whether `step` is a decode step: one row for each of its conversations. Two such
     steps are never merged (`process_many`; other steps still join them): the rules engine
     evaluates one row per conversation with its one-token kernel, and a merged group takes
-    its general path, which costs more than the steps one at a time. A 64-conversation decode
-    step of `bench sidecar` (20 rules, 10 temporal), in process on one core: 0.62 ms alone;
+    its general path, which costs more than the steps one at a time. Observed on 2026-12-02
+    with timing code that was not kept (so not a reproducible benchmark): a 64-conversation
+    decode step of `bench sidecar` (20 rules, 10 temporal), in process on one core: 0.62 ms alone;
     two merged 1.83 ms (rules 0.91 against 0.19), eight merged 4.73 (0.59 a step). In the
     sidecar, with the event loop parsing the next steps beside it, a merged pair took 3.2 ms
     of the pipeline thread's CPU against 0.9 for one step, so a stream that fell behind paid

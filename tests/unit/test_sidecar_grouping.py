@@ -221,49 +221,6 @@ def test_grouping_at_the_conversation_cap_still_matches_one_at_a_time(make_pipel
     assert kinds.count("alert") > 5 and alone.metrics.conversations_evicted._value.get() > 0
 
 
-def test_decode_steps_merge_as_the_general_path_merges_them(make_pipeline):
-    """The decode-step shortcut of `merge_steps` (one row per conversation, the same
-    conversations in the same order: the rows interleaved by one stack) gives the batch the
-    general merge gives: the same slices, token text and activations, row for row."""
-    from monitor.sidecar.grouping import _decode_steps, _merge_any, merge_steps
-
-    pipeline = make_pipeline()
-    generator = torch.Generator().manual_seed(3)
-
-    def step(seq_no, order=(0, 1, 2), text=False, end=False, rows=1):
-        batch = pb.StepBatch(seq_no=seq_no, model="m")
-        for c in order:
-            batch.sequences.append(
-                pb.Sequence(
-                    conversation_id=f"c{c}",
-                    rows=rows,
-                    position=10 * c + seq_no * rows,
-                    request_id=f"r{c}",
-                    role="assistant",
-                    tokens=[f"t{seq_no}.{c}.{i}" for i in range(rows)] if text else [],
-                    end=end and c == 1,
-                )
-            )
-        values = torch.randn(rows * len(order), D_MODEL, generator=generator).bfloat16()
-        batch.layers.append(pb.Layer(hook_point=HOOK, activations=encode_tensor(values)))
-        return pipeline.validate(batch)
-
-    for text in (False, True):
-        members = [step(seq_no, text=text, end=seq_no == 4) for seq_no in range(1, 5)]
-        assert _decode_steps(members)
-        fast, general = merge_steps(members).merged, _merge_any(members)
-        assert fast.slices == general.slices and fast.slices[1].end
-        assert fast.tokens == general.tokens and any(fast.tokens) == text
-        assert (fast.seq_no, fast.model, fast.rows) == (general.seq_no, general.model, 12)
-        assert fast.activations.keys() == general.activations.keys()
-        for hook_point, values in general.activations.items():
-            assert torch.equal(fast.activations[hook_point], values)
-    # Anything else takes the general path: another order, two rows, other conversations.
-    assert not _decode_steps([step(1), step(2, order=(1, 0, 2))])
-    assert not _decode_steps([step(1), step(2, rows=2)])
-    assert not _decode_steps([step(1), step(2, order=(0, 1))])
-
-
 def test_decode_steps_are_evaluated_one_at_a_time(make_pipeline):
     """Decode steps that wait together (one row per conversation) are not merged: the rules
     engine evaluates each with its one-token kernel, cheaper than the merged group's general
