@@ -120,10 +120,11 @@ class CaptureClient:
         larger than that is dropped as `too_large`). `linger_ms` > 0 lets the relay send the
         steps published within that many milliseconds as one message (less CPU per step for
         the relay and the sidecar; alerts later by up to that much); `flush` and
-        `wait_settled` make it send at once."""
+        `wait_settled` make it send at once. The sidecar rejects a message as a whole, so a
+        rejected merged message loses every step it holds (see README, "Relay linger")."""
         if on_full not in ("drop", "block"):
             raise ValueError(f"on_full: expected 'drop' or 'block', got {on_full!r}")
-        if not 0 <= linger_ms <= MAX_LINGER_MS:
+        if isinstance(linger_ms, bool) or not 0 <= linger_ms <= MAX_LINGER_MS:
             raise ValueError(f"linger_ms: expected 0..{MAX_LINGER_MS}, got {linger_ms!r}")
         self.target = target
         self.on_full = on_full
@@ -160,6 +161,7 @@ class CaptureClient:
                 ca=_read(tls_ca), cert=_read(tls_cert), key=_read(tls_key), token=token
             ),
             linger_ms=float(linger_ms),
+            queue_size=queue_size,
         )
         self._link = RelayLink(settings, buffer_bytes, queue_size, self._on_event)
         self._link.start()

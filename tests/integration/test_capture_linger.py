@@ -171,3 +171,66 @@ def test_flush_does_not_wait_out_the_linger(tmp_path):
     finally:
         client.close(timeout=10)
         sidecar.stop()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("queue_size", "buffer_bytes"),
+    [(16, 64 << 20), (256, 8192)],
+    ids=["few-steps", "few-bytes"],
+)
+def test_a_long_linger_drops_nothing_from_a_small_ring(tmp_path, queue_size, buffer_bytes):
+    """A linger ends early once about half the ring (the client's queue_size, or its bytes)
+    waits: with a 16-step queue or an 8 KiB ring and a 200 ms linger, a fail-open client
+    drops no step, as without a linger."""
+    sidecar = start_sidecar(sidecar_config(tmp_path), tmp_path)
+    client = CaptureClient(
+        sidecar.target,
+        model_name="tiny",
+        metrics_registry=None,
+        linger_ms=200.0,
+        queue_size=queue_size,
+        buffer_bytes=buffer_bytes,
+    )
+    try:
+        model = build_tiny_llama(hidden=HIDDEN)
+        client.attach(model, layers=[1])
+        wait_connected(client)
+        for turn in range(3):
+            with client.conversation(f"c{turn}"):
+                generate(model, tokens([3, 4, 5]), max_new_tokens=40, min_new_tokens=40)
+        assert client.flush(60)
+        stats = client.stats
+    finally:
+        client.close(timeout=10)
+        sidecar.stop()
+    assert not stats.dropped, stats
+    assert stats.steps_captured == stats.batches_acked == 3 * 40, stats
+    assert stats.messages_sent < stats.batches_sent, stats  # it did linger
+
+
+@pytest.mark.timeout(300)
+def test_merged_messages_respect_the_sidecars_limits(tmp_path):
+    """A sidecar that takes 4 rows per batch gets merged messages of at most 4 rows: the steps
+    it accepts one by one are accepted merged too (none rejected)."""
+    config = sidecar_config(tmp_path)
+    config["limits"] = {"max_rows_per_batch": 4}
+    sidecar = start_sidecar(config, tmp_path)
+    client = CaptureClient(
+        sidecar.target, model_name="tiny", metrics_registry=None, linger_ms=1000.0
+    )
+    try:
+        model = build_tiny_llama(hidden=HIDDEN)
+        client.attach(model, layers=[1])
+        wait_connected(client)
+        with client.conversation("c"):
+            generate(model, tokens([3, 4, 5]), max_new_tokens=8, min_new_tokens=8)
+        assert client.flush(30)
+        stats = client.stats
+    finally:
+        client.close(timeout=10)
+        sidecar.stop()
+    assert stats.batches_rejected == 0, stats
+    assert stats.batches_acked == stats.steps_captured == 8, stats
+    assert stats.rows_acked == 3 + 7, stats  # the prompt, then one row per decode
+    assert stats.messages_sent < stats.batches_sent, stats  # merged, up to 4 rows each

@@ -138,9 +138,58 @@ def test_nothing_follows_a_turn_end_or_an_end_in_one_message(flag):
     coalescer = Coalescer()
     assert coalescer.add(step(_seq("conv-a", 0, 2, **{flag: True})))
     assert not coalescer.add(step(_seq("conv-a", 2, 1)))
-    # another conversation may still join
-    assert coalescer.add(step(_seq("conv-b", 0, 1)))
-    assert coalescer.take()[1] == 2
+    # after a turn end another conversation may still join; after an end nothing does (as the
+    # sidecar's grouping: at its conversation capacity the eviction order would change)
+    joined = coalescer.add(step(_seq("conv-b", 0, 1)))
+    assert joined == (flag == "turn_end")
+    assert coalescer.full == (flag == "end")
+    assert coalescer.take()[1] == (2 if joined else 1)
+
+
+@pytest.mark.parametrize("dtype", ["FP32", "FP16", "BF16"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_step_with_a_non_finite_value_is_sent_alone(dtype, bad):
+    """The sidecar rejects a whole message over one NaN/Inf: such a step must not take the
+    steps merged with it down too."""
+
+    def poisoned(sequence: dict) -> pb.StepBatch:
+        return _as(step(sequence), dtype, bad=bad)
+
+    def clean(sequence: dict) -> pb.StepBatch:
+        return _as(step(sequence), dtype)
+
+    coalescer = Coalescer()
+    assert coalescer.add(clean(_seq("conv-a", 0, 1)))
+    assert not coalescer.add(poisoned(_seq("conv-a", 1, 1)))  # not merged with the clean one
+    assert coalescer.take()[1] == 1
+    assert coalescer.add(poisoned(_seq("conv-a", 1, 1)))
+    assert coalescer.full  # nothing joins it
+    assert not coalescer.add(clean(_seq("conv-a", 2, 1)))
+    # large finite values (high byte 0x7F/0xFF) are not mistaken for non-finite ones
+    assert coalescer.take()[1] == 1
+    big = _as(step(_seq("conv-b", 0, 1)), dtype, value=-6.0e4 if dtype == "FP16" else -3.0e38)
+    assert coalescer.add(big) and not coalescer.full
+
+
+def _as(
+    batch: pb.StepBatch, dtype: str, value: float | None = None, bad: float | None = None
+) -> pb.StepBatch:
+    """`batch` (FP32) in `dtype`, every value replaced by `value` when given, and one value
+    in the middle of each layer by `bad`."""
+    for layer in batch.layers:
+        values = np.frombuffer(layer.activations.data, np.float32).copy()
+        if value is not None:
+            values[:] = value
+        if bad is not None:
+            values[len(values) // 2] = bad
+        if dtype == "FP16":
+            data = values.astype(np.float16).tobytes()
+        elif dtype == "BF16":
+            data = (values.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+        else:
+            data = values.tobytes()
+        layer.activations.dtype, layer.activations.data = dtype, data
+    return batch
 
 
 def test_steps_of_another_kind_flush():

@@ -40,7 +40,12 @@ class SenderSettings:
     `linger_ms` > 0: after taking a step the relay keeps taking the steps published within
     that many milliseconds and sends them as one StepBatch (relay/coalesce.py): less CPU per
     step for the relay and the sidecar, alerts later by up to that much. It does not linger
-    while the serving process waits for verdicts (`RelayLink.hurry`).
+    while the serving process waits for verdicts (`RelayLink.hurry`), and it ends the linger
+    early once about half of `queue_size` (the client's bound on waiting steps) or of the
+    ring's bytes wait, so a linger drops no step that no linger would. The sidecar rejects a
+    message as a whole: a rejected merged message loses every step it holds (the relay keeps
+    merged messages under the sidecar's advertised limits and sends a step with a NaN or an
+    infinity alone, so the rejects it can foresee hit one step only).
     """
 
     target: str
@@ -51,6 +56,7 @@ class SenderSettings:
     fail_closed: bool
     security: TransportSecurity = TransportSecurity()
     linger_ms: float = 0.0
+    queue_size: int = 256  # the client's bound on steps waiting on the ring
 
     def channel(self) -> grpc.Channel:
         """A gRPC channel to the target, with TLS when a CA or client certificate is set."""
@@ -90,6 +96,7 @@ class RelayConfig:
             "connect_timeout": s.connect_timeout,
             "fail_closed": s.fail_closed,
             "linger_ms": s.linger_ms,
+            "queue_size": s.queue_size,
             "tls": {name: _b64(getattr(tls, name)) for name in ("ca", "cert", "key")},
             "token": tls.token,
             "ring_fd": self.ring_fd,
@@ -114,6 +121,7 @@ class RelayConfig:
             fail_closed=d["fail_closed"],
             security=TransportSecurity(token=d["token"], **tls),
             linger_ms=float(d.get("linger_ms", 0.0)),
+            queue_size=int(d.get("queue_size", 256)),
         )
         return cls(
             settings,

@@ -13,6 +13,19 @@ for each of its conversations and it has the same layers (hook points, dtypes, c
 feature blocks and token text on all rows or none, as they have; otherwise they are sent first
 (`Coalescer.add` says so). A conversation is never twice in one batch (the wire forbids it).
 
+What a merge must not change, the Coalescer keeps apart:
+- The sidecar rejects a message as a whole, so one bad step would take the steps merged with it
+  down too. A step with a NaN or an infinity (which the sidecar rejects as `non_finite`) is
+  sent alone; the relay builds the Coalescer under the limits the sidecar advertises (rows,
+  sequences, bytes per batch: `Sender._negotiate`). Any other reject of a merged message still
+  loses every step it holds.
+- Nothing joins a message after a step that ends a conversation, as the sidecar's own grouping
+  does: at its conversation capacity the steps merged across an end could evict another
+  conversation than the steps one at a time.
+- The events are those of the steps one at a time up to the limit of chunking invariance:
+  float64 window sums may differ in the last bit between the decode path and the prefill path
+  once values span more than ~2**29 (monitor/rules/engine.py).
+
 Works on StepBatches in the `Sequence` format, as `frames.read_step` gives them; the stream's
 columnar encoder runs on the merged batch. Imports no torch.
 """
@@ -77,7 +90,31 @@ def _layout(batch: pb.StepBatch) -> tuple[tuple[str, str, int], ...] | None:
     texts = [len(sequence.tokens) for sequence in sequences]
     if any(texts) and any(t != s.rows for t, s in zip(texts, sequences, strict=True)):
         return None
+    if not all(_finite(layer.activations.data, layer.activations.dtype) for layer in batch.layers):
+        return None  # sent alone: the sidecar rejects it, and it alone, as without a linger
     return tuple(layout)
+
+
+# High bytes (little-endian) of the FP16 values whose exponent bits are all set (NaN, +-Inf):
+# deleting every other byte leaves nothing when all values are finite.
+_FP16_FINITE_HIGH = bytes(b for b in range(256) if b & 0x7C != 0x7C)
+# BF16 and FP32: the high byte holds the sign and the exponent's top 7 bits; only 0x7F and 0xFF
+# can start a non-finite value (then the next byte's top bit decides).
+_NOT_TOP_HIGH = bytes(b for b in range(256) if b & 0x7F != 0x7F)
+
+
+def _finite(data: bytes, dtype: str) -> bool:
+    """No NaN and no +-Inf among the little-endian floats of `dtype` in `data`, with byte
+    slicing and `translate` only (the relay loads no numpy; a value that large is rare, so the
+    exact check of a candidate is a Python loop that almost never runs)."""
+    width = ITEMSIZE[dtype]
+    high = data[width - 1 :: width]
+    if dtype == "FP16":
+        return not high.translate(None, _FP16_FINITE_HIGH)
+    if not high.translate(None, _NOT_TOP_HIGH):
+        return True
+    low = data[width - 2 :: width]
+    return not any(h & 0x7F == 0x7F and low[i] & 0x80 for i, h in enumerate(high))
 
 
 def _attributes(sequence: pb.Sequence) -> list[tuple[str, str]]:
@@ -115,11 +152,17 @@ class Coalescer:
         self._conversations: dict[str, _Conversation] = {}
         self._rows = 0
         self._bytes = 0
+        self._ended = False  # a step gathered ends a conversation: nothing more joins
 
     @property
     def full(self) -> bool:
-        """No further step can join (frame count reached, or the first cannot be merged)."""
-        return self.frames >= self.max_frames or (self.frames > 0 and self._layout is None)
+        """No further step can join (frame count reached, a conversation ended, or the first
+        cannot be merged)."""
+        return (
+            self.frames >= self.max_frames
+            or self._ended
+            or (self.frames > 0 and self._layout is None)
+        )
 
     def add(self, batch: pb.StepBatch) -> bool:
         """Take a step; False (nothing taken) if it cannot join the steps gathered so far."""
@@ -183,6 +226,7 @@ class Coalescer:
             held.tokens.extend(sequence.tokens)
             held.end, held.turn_end = sequence.end, sequence.turn_end
             held.closed = sequence.end or sequence.turn_end
+            self._ended = self._ended or sequence.end
             start += sequence.rows
 
     def take(self) -> tuple[pb.StepBatch, int]:

@@ -31,7 +31,7 @@ from monitor.capture.channel.ring import (
     Slot,
     full_fence,
 )
-from monitor.capture.relay.coalesce import Coalescer
+from monitor.capture.relay.coalesce import MAX_ROWS, MAX_SEQUENCES, Coalescer
 from monitor.capture.relay.reader import Reader, StepReader
 from monitor.wire import pb, pb_grpc
 from monitor.wire.acks import ask_for_acks, offers_acks
@@ -63,6 +63,10 @@ ACTIVE_FOR = 0.25  # a gap longer than this is a pause, not a pace
 # With no wake-up fd at all (never from RelayLink) the relay polls the ring at POLL_INTERVAL.
 LOST_WAKEUP_BOUND = 0.025
 REQUEST_WAIT = 1.0
+# A lingering relay looks at the ring at least this often while it knows no step rate yet
+# (reading the header: no system call asked of the producer), so a linger cannot let the
+# ring fill up before it wakes.
+LINGER_POLL = 0.001
 
 
 class FrameSource:
@@ -354,6 +358,9 @@ class Sender:
         # The Monitor call's metadata: the settings', plus the request for `Acks` events
         # when the sidecar offers them (set by `_negotiate` before each stream).
         self.stream_metadata: tuple[tuple[str, str], ...] = tuple(settings.metadata)
+        # The limits the sidecar advertised in GetStatus (None: unknown), which bound a merged
+        # message (set by `_negotiate` before each stream).
+        self.sidecar_limits: pb.Limits | None = None
 
     # ---- counters (any relay thread) ---------------------------------------------------------
 
@@ -448,6 +455,7 @@ class Sender:
         Sets `stream_metadata`: it asks for `Acks` events (a group's acks in one message)
         when the sidecar offers them; an older sidecar gets, and sends, one Ack per batch."""
         self.stream_metadata = tuple(self.settings.metadata)
+        self.sidecar_limits = None
         try:
             status = stub.GetStatus(
                 pb.StatusRequest(),
@@ -457,6 +465,8 @@ class Sender:
         except grpc.RpcError as exc:
             log.warning("GetStatus failed; sending Sequence messages", code=str(exc.code()))
             return None
+        if status.HasField("limits"):
+            self.sidecar_limits = status.limits
         if offers_acks(status):
             self.stream_metadata = ask_for_acks(self.settings.metadata)
         if not offers_columns(status):
@@ -517,12 +527,17 @@ class Sender:
         sleep, and only steps already on the ring join. The first step stays on the ring
         through the linger: left alone, it is read as without a linger (`StepReader`, which
         reuses a decode loop's encoded message); merged steps are read in full (`read_step`)
-        and the merged message is encoded once."""
+        and the merged message is encoded once. The linger ends early once about half of the
+        client's `queue_size` (or of MAX_FRAMES) or of the ring's bytes wait: a linger must not
+        drop (fail-open) or hold back (fail-closed) a step that no linger would."""
         bad_frame = lambda: self.count(Slot.LOST_BAD_FRAME)  # noqa: E731
         reader = StepReader(self.settings.model_name, encoder)  # for a step left alone
         linger = self.settings.linger_ms / 1000
-        # A merged message stays well under the message size limit (a step alone may not).
-        merged = Coalescer(max_bytes=self.settings.max_message_bytes // 2)
+        merged = self._coalescer()
+        # Wake before about half the ring (steps or bytes) is taken, whatever the linger.
+        frames_bound = max(1, min(self.settings.queue_size, merged.max_frames) // 2)
+        bytes_bound = self.ring.capacity // 2
+        step_bytes = 0  # bytes per step on the ring in the last linger
         slots = self.ring.slots
         source = self.source
         left_over: pb.StepBatch | None = None  # a step that could not join the last message
@@ -540,22 +555,29 @@ class Sender:
                     peeked = source.wait_for_frame(REQUEST_WAIT)
                     if peeked is None:
                         continue
-                # Sleep through the linger, waking only to keep the ring from filling up
-                # (at the step rate of the last message, when about half of MAX_FRAMES
-                # wait), then take what came.
+                # Sleep through the linger, waking only to keep the ring from filling up:
+                # when about half the frames or bytes it may hold wait, looking at the step
+                # rate and size of the last linger (every LINGER_POLL before one is known),
+                # then take what came.
                 started = time.monotonic()
                 deadline = started + linger
                 while not slots[SLOT_HURRY] and not stopping.is_set():
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0 or self.ring.frames_waiting() >= merged.max_frames // 2:
+                    if remaining <= 0 or self._ring_half_full(frames_bound, bytes_bound):
                         break
-                    if step_gap is not None:
-                        remaining = min(remaining, max(0.001, step_gap * merged.max_frames / 2))
+                    if step_gap is None:
+                        remaining = min(remaining, LINGER_POLL)
+                    else:
+                        room = frames_bound
+                        if step_bytes:
+                            room = min(room, max(1, bytes_bound // step_bytes))
+                        remaining = min(remaining, max(LINGER_POLL, step_gap * room / 2))
                     if source.linger(remaining):
                         break
                 waiting = self.ring.frames_waiting() - (peeked is not None)
                 if waiting:
                     step_gap = (time.monotonic() - started) / waiting
+                    step_bytes = max(1, self._ring_bytes() // (waiting + (peeked is not None)))
                 if peeked is not None:
                     if not waiting:  # alone: as without a linger
                         batch = source.take(peeked, reader.read, bad_frame)
@@ -589,6 +611,30 @@ class Sender:
             # process would count it unsettled for ever (its flush would wait in vain).
             if left_over is not None or merged.frames:
                 self.count(Slot.LOST_DISCONNECTED, merged.frames + (left_over is not None))
+
+    def _coalescer(self) -> Coalescer:
+        """A Coalescer whose merged messages the sidecar accepts wherever it accepts their
+        steps one by one: its own bounds, lowered to the limits the sidecar advertised (rows and
+        sequences per batch, conversations tracked at once, message bytes). Bytes count
+        tensor data only, so a merged message stays at half the smaller message limit, leaving
+        room for token text and the rest (a step alone may exceed that)."""
+        rows, sequences = MAX_ROWS, MAX_SEQUENCES
+        message_bytes = self.settings.max_message_bytes
+        limits = self.sidecar_limits
+        if limits is not None:  # 0: not advertised
+            rows = min(rows, limits.max_rows_per_batch or rows)
+            for limit in (limits.max_sequences_per_batch, limits.max_conversations):
+                sequences = min(sequences, limit or sequences)
+            message_bytes = min(message_bytes, limits.max_message_bytes or message_bytes)
+        return Coalescer(max_rows=rows, max_bytes=message_bytes // 2, max_sequences=sequences)
+
+    def _ring_bytes(self) -> int:
+        """Bytes of the ring taken by frames not yet released (padding included)."""
+        slots = self.ring.slots
+        return slots[Slot.HEAD] - slots[Slot.TAIL]
+
+    def _ring_half_full(self, frames: int, nbytes: int) -> bool:
+        return self.ring.frames_waiting() >= frames or self._ring_bytes() >= nbytes
 
     def _handle(self, event: pb.MonitorEvent) -> None:
         kind = event.WhichOneof("event")
