@@ -130,14 +130,8 @@ class FrameSource:
                     self._taken(time.monotonic())
                 if read is None:
                     return frame  # type: ignore[return-value]  # see `wait_for_frame`
-                try:
-                    batch = read(self.ring, frame)
-                except Exception:
-                    log.exception("unreadable frame on the capture ring")
-                    batch = None
-                self.ring.release(frame.size)
+                batch = self.take(frame, read, on_bad_frame)
                 if batch is None:
-                    on_bad_frame()
                     continue
                 return batch
             now = time.monotonic()
