@@ -4,7 +4,8 @@ Most of what the relay and the sidecar spend per step is spent per message (wake
 gRPC send and its ack, protobuf, one rules call), not per row. With a linger the relay keeps
 taking the frames published within that time after the first and sends them as one message.
 
-Merging relies on the sidecar's chunking invariance (tests/property): a conversation's events
+Merging relies on the sidecar's chunking invariance (tested in tests/unit/test_rules_engine.py,
+test_rules_language.py and test_sidecar_grouping.py): a conversation's events
 are the same however its tokens are split into slices. So, per conversation, consecutive
 slices become one slice: the rows of every layer gathered in the new order, positions
 contiguous, token text concatenated, request id, role and attributes unchanged, `turn_end` and
