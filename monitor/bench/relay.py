@@ -193,8 +193,12 @@ def run_relay_bench(
                 **{key: round(statistics.median(s[key] for s in rows_), 4) for key in _KEYS},
                 "idle": idle[mode],
                 "acked": counters[mode].get("acked", 0),
-                "steps_per_message": round(
-                    counters[mode].get("sent", 0) / max(1, counters[mode].get("messages", 0)), 2
+                # None where the relay does not count messages (a baseline tree from before
+                # the linger): the table prints "-" rather than steps / 1.
+                "steps_per_message": (
+                    round(counters[mode]["sent"] / counters[mode]["messages"], 2)
+                    if counters[mode].get("messages") and counters[mode].get("sent")
+                    else None
                 ),
                 "dropped": sum(v for k, v in counters[mode].items() if k not in _NOT_DROPS and v),
             }
@@ -375,7 +379,11 @@ def format_relay_table(result: dict[str, Any]) -> str:
             f"{row['sidecar_ms_per_step']:>12.3f}{row['producer_us_per_step']:>13.1f}"
             f"{row['eventfd_writes_per_step']:>9.2f}{row['idle']['relay_cpu_ms_per_s']:>11.2f}"
             f"{row['idle']['relay_switches_per_s']:>11.1f}{row['acked']:>8}{row['dropped']:>9}"
-            f"{row['steps_per_message']:>10.2f}"
+            + (
+                f"{row['steps_per_message']:>10.2f}"
+                if row["steps_per_message"] is not None
+                else f"{'-':>10}"
+            )
         )
     lines.append(
         "relay cs: voluntary context switches of the relay's threads (wake-ups); eventfd: the "
