@@ -416,6 +416,7 @@ class _FakeClient:
             batches_acked=0,
             batches_rejected=0,
             reconnects=0,
+            messages_sent=0,
             dropped={"queue_full": 0},
         )
 
