@@ -24,6 +24,7 @@ import os
 import resource
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,12 +53,14 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
     )
     parser.add_argument(
         "--linger-ms",
-        type=float,
+        type=_linger_list,
         default=None,
+        metavar="MS[,MS...]",
         help="also run sidecar-up with the relay's linger at this many ms (mode "
         "sidecar-up+linger); vllm: the monitored engines run with it instead "
         "(SAFETY_MONITOR_LINGER_MS; up-baseline gets it too, and ignores it if its plugin "
-        "predates the setting)",
+        "predates the setting), and a list (vllm only, e.g. 0,20) runs the sidecar-up engine "
+        "with each value in every round (modes sidecar-up, then sidecar-up-linger<N>)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
@@ -101,10 +104,28 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
     parser.set_defaults(handler=_run_command)
 
 
+def _linger_list(text: str) -> tuple[float, ...]:
+    """`--linger-ms`: one value or a list, each bad value named with its place."""
+    from monitor.bench.vllm_overhead import parse_lingers
+
+    try:
+        return parse_lingers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _run_command(args: argparse.Namespace) -> int:
     from monitor.logs import configure_logging
 
     configure_logging("auto", "warning")
+    lingers = args.linger_ms or ()
+    if args.engine != "vllm" and len(lingers) > 1:
+        print(
+            f"--linger-ms {','.join(f'{v:g}' for v in lingers)}: a list is for --engine vllm; "
+            "the transformers bench takes one value",
+            file=sys.stderr,
+        )
+        return 2
     if args.engine == "vllm":
         from monitor.bench.vllm_overhead import format_vllm_table, run_vllm_overhead_bench
 
@@ -118,7 +139,7 @@ def _run_command(args: argparse.Namespace) -> int:
             baseline_tree=args.baseline_tree,
             pinnings=("pinned", "unpinned") if args.pinning == "both" else (args.pinning,),
             same_engine=args.same_engine,
-            linger_ms=args.linger_ms,
+            linger_ms=lingers or None,
         )
         print(json.dumps(result, indent=2) if args.json else format_vllm_table(result))
         return 0
@@ -129,7 +150,7 @@ def _run_command(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         layers=args.layers,
         soak_steps=args.soak_steps,
-        linger_ms=args.linger_ms,
+        linger_ms=lingers[0] if lingers else None,
     )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
