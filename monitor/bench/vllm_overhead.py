@@ -540,9 +540,12 @@ def _measure(
         # ...and are placed before anything is measured.
         for pinning in pinnings:
             placement.apply(pinning, engines)
+            started = time.monotonic()
             measured[pinning] = _rounds(
                 engines, modes, batch, rounds, placement.sidecar_pid, pinning, eager, lingers
             )
+            # The warm-up, the idle measurement and the rounds (the engines' start is apart).
+            measured[pinning]["off"]["rounds_seconds"] = round(time.monotonic() - started, 1)
     finally:
         for engine in engines.values():
             engine.stop()
@@ -608,6 +611,7 @@ def _rounds(
         engine.pause()
     runs: dict[str, list[tuple[int, float]]] = {mode: [] for mode in modes}  # tokens, s
     steps: dict[str, list[float]] = {mode: [] for mode in modes}
+    itl: dict[str, list[float]] = {mode: [] for mode in modes}  # median decode step, per round
     # CPU time per engine step in each round: the engine's processes (during the run), its
     # relay and the sidecar (during the run and the flush that follows it).
     cpu: dict[str, dict[str, list[float]]] = {
@@ -636,7 +640,9 @@ def _rounds(
             engine_ns = _on_cpu_ns(own) - engine_ns
             tokens = sum(len(r["outputs"][0]["token_ids"]) for r in reply["results"].values())
             runs[mode].append((tokens, reply["seconds"]))
-            steps[mode].extend(reply["step_seconds"][2:])  # after the prefill step(s)
+            decode = reply["step_seconds"][2:]  # after the prefill step(s)
+            steps[mode].extend(decode)
+            itl[mode].append(1000 * statistics.median(decode or reply["step_seconds"]))
             # Let the sidecar and relay catch up before the next engine runs (not timed).
             engine.call({"op": "flush", "timeout": 30.0})
             relay_ns = _on_cpu_ns(relays) - relay_ns
@@ -684,6 +690,7 @@ def _rounds(
             "itl_ms_p50": 1000 * statistics.median(steps[mode]),
             **summary(losses, "loss_pct"),
             **_pairs_summary(runs[mode], runs["off"]),
+            **_step_summary(itl[mode], itl["off"]),
             "idle_cpu_pct": idle[mode],
             "steps_captured": captured,
             "acked": acked,
@@ -700,6 +707,14 @@ def _rounds(
             "engine_cpu_extra_pct_q3": _quantile(extra, 0.75),
             "relay_cpu_ms_per_step": statistics.median(cpu[mode]["relay"]),
             "sidecar_cpu_ms_per_step": statistics.median(cpu[mode]["sidecar"]),
+            # Every round's numbers, in run order, so any other statistic can be computed
+            # from the JSON output.
+            "per_round": {
+                "tokens": [tokens for tokens, _ in runs[mode]],
+                "seconds": [seconds for _, seconds in runs[mode]],
+                "itl_ms": itl[mode],
+                **{f"{part}_cpu_ms_per_step": cpu[mode][part] for part in cpu[mode]},
+            },
         }
         if mode in switch:
             rows[mode]["linger_ms"] = switch[mode]
@@ -715,6 +730,7 @@ def _rounds(
             rows[mode]["same_engine"] = {
                 **summary(same, "loss_pct"),
                 **_pairs_summary(runs[mode], runs[PAUSED_MODE]),
+                **_step_summary(itl[mode], itl[PAUSED_MODE]),
                 "itl_ms_paused": 1000 * statistics.median(steps[PAUSED_MODE]),
                 "itl_ms_up": 1000 * statistics.median(steps[mode]),
             }
@@ -738,9 +754,20 @@ def _rounds(
             "first_linger_ms": lingers[0],
             **summary(first, "loss_pct"),
             **_pairs_summary(runs[mode], runs["sidecar-up"]),
+            **_step_summary(itl[mode], itl["sidecar-up"]),
             **summary(monitor_cpu, "monitor_cpu_ms_diff"),
         }
     return rows
+
+
+def _step_summary(mode_itl: list[float], base_itl: list[float]) -> dict[str, float]:
+    """The loss in decode speed per round: 1 - the reference's median decode step time over
+    the mode's, in the same round. A step slowed by another process on the machine moves a
+    run's tokens/s but not its median step: this says what the monitor costs every step,
+    not what it costs in a rare slow one (which only the tokens/s loss shows)."""
+    return summary(
+        [100 * (1 - b / m) for m, b in zip(mode_itl, base_itl, strict=True)], "step_loss_pct"
+    )
 
 
 def _pairs_summary(
@@ -799,7 +826,8 @@ def _ci(row: dict[str, Any], prefix: str = "loss_pct") -> str:
 
 
 def _loss_text(row: dict[str, Any]) -> str:
-    """`median% (95% CI low to high) [q1, q3] (min..max)`, and the same per mirrored pair."""
+    """`median% (95% CI low to high) [q1, q3] (min..max)`, then the same per mirrored pair
+    of rounds and by the median decode step time, each with its interval."""
     text = (
         f"{row['loss_pct_median']:.2f}% (95% CI {_ci(row)}) [{row['loss_pct_q1']:.1f}, "
         f"{row['loss_pct_q3']:.1f}] ({row['loss_pct_min']:.1f}..{row['loss_pct_max']:.1f})"
@@ -808,6 +836,11 @@ def _loss_text(row: dict[str, Any]) -> str:
         text += (
             f"; per pair of rounds {row['loss_pct_pairs_median']:.2f}% "
             f"(95% CI {_ci(row, 'loss_pct_pairs')})"
+        )
+    if "step_loss_pct_median" in row:
+        text += (
+            f"; median decode step {row['step_loss_pct_median']:.2f}% "
+            f"(95% CI {_ci(row, 'step_loss_pct')})"
         )
     return text
 
@@ -865,6 +898,11 @@ def format_vllm_table(result: dict[str, Any]) -> str:
                 f"{row['acked']:>8}{row['dropped']:>9}{plugin_text:>16}"
             )
     for execution, rows in result["execution"].items():
+        if "rounds_seconds" in rows.get("off", {}):
+            lines.append(
+                f"{execution}: warm-up and rounds {rows['off']['rounds_seconds']:.0f} s (the "
+                "engines' start apart)"
+            )
         for mode, row in rows.items():
             same = row.get("same_engine")
             if same is None:
