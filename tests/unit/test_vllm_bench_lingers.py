@@ -149,3 +149,16 @@ def test_the_table_shows_each_linger_against_the_first():
     rows = [line.split() for line in text.splitlines() if line.startswith("compiled ")]
     # The longer mode name widens the column instead of running into the numbers.
     assert rows[2][:4] == ["compiled", "sidecar-up-linger20", "400.0", "8.00"]
+
+
+def test_the_decode_step_loss_is_paired_per_round():
+    from monitor.bench.vllm_overhead import _step_summary
+
+    # The mode's median decode step is 2% slower than the reference's in every round, while
+    # the rounds themselves differ by 6%: 2% in every round, and so is the interval.
+    base = [5.0, 5.2, 4.9, 5.1, 5.0]
+    mode = [b / 0.98 for b in base]
+    row = _step_summary(mode, base)
+    assert row["step_loss_pct_median"] == pytest.approx(2.0)
+    assert row["step_loss_pct_ci_low"] == pytest.approx(2.0)
+    assert row["step_loss_pct_ci_high"] == pytest.approx(2.0)
