@@ -336,7 +336,7 @@ PINNINGS = ("pinned", "unpinned")
 
 
 def run_vllm_overhead_bench(
-    rounds: int = 30,
+    rounds: int = 60,
     requests: int = 4,
     prompt_tokens: int = 32,
     new_tokens: int = 32,
@@ -629,6 +629,8 @@ def _rounds(
             start = None
             if mode in switch:
                 start = engine.call({"op": "linger", "ms": switch[mode]})[0]
+                if start is None or start["linger_ms"] != switch[mode]:
+                    raise RuntimeError(f"{mode}: the engine did not switch its linger: {start}")
                 # Only the relay of the client in use: the other lingers' relays sit idle.
                 relays = [start["relay_pid"]] if start.get("relay_pid") else relays
             engine_ns, relay_ns, side_ns = (
@@ -660,6 +662,11 @@ def _rounds(
             cpu[mode]["sidecar"].append(side_ns / per_step)
     for engine in engines.values():
         engine.resume()
+    for mode, switched in counted.items():
+        # A plugin that kept sending through another client than `capture.client` would
+        # leave this client's count at zero: the comparison would then be of nothing.
+        if rounds and not switched["steps_captured"]:
+            raise RuntimeError(f"{mode}: no step went through its capture client")
     reports = {mode: engines[mode].call({"op": "report"})[0] for mode in engines}
     for mode in modes:
         if mode not in engines:  # its counters are the sidecar-up engine's

@@ -58,6 +58,8 @@ def test_a_large_normal_sample_gets_the_normal_theory_width():
 def test_the_seed_makes_it_reproducible():
     rounds = [random.Random(i).gauss(0, 5) for i in range(20)]
     assert median_ci(rounds) == median_ci(list(rounds))  # seed 0 by default, every call
+    # The rounds' order does not matter (the JSON lists them in run order, the table sorted).
+    assert median_ci(rounds) == median_ci(sorted(rounds)) == median_ci(rounds[::-1])
     # With few resamples the seed shows (with 10,000 most seeds land on the same medians):
     # the same seed, the same interval; other seeds, other resamples.
     few = {seed: median_ci(rounds, resamples=50, seed=seed) for seed in range(6)}
