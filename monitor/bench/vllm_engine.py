@@ -92,10 +92,18 @@ def _use_linger(worker: Any, linger_ms: float | None) -> dict[str, Any] | None:
     step (vLLM reports an end in the step after), through whichever client that run uses:
     the sidecar keys conversations by client identity, not by stream, so they still end.
     Returns the active client's relay pid and counters, and the plugin's time so far (the
-    bench takes them around each run); None without a capture on this worker."""
+    bench takes them around each run); None without a capture on this worker, and
+    {"refused": why} for a linger the plugin would not use (`block_within` set)."""
+    import dataclasses
+
     capture = getattr(worker.model_runner, "_safety_monitor", None)
     if capture is None or capture.client is None:
         return None
+    if linger_ms is not None:
+        settings = dataclasses.replace(capture.settings, linger_ms=float(linger_ms))
+        if settings.effective_linger_ms != float(linger_ms):
+            # As the plugin itself: a guard that waits for every step's verdict never lingers.
+            return {"refused": f"linger {linger_ms:g} ms with block_within set"}
     clients = getattr(worker, "_bench_clients", None)
     if clients is None:
         clients = worker._bench_clients = {capture.settings.effective_linger_ms: capture.client}
@@ -104,12 +112,11 @@ def _use_linger(worker: Any, linger_ms: float | None) -> dict[str, Any] | None:
         if client is None:
             from monitor.capture.client import CaptureClient
 
-            kwargs = {**capture.settings.client_kwargs(), "linger_ms": float(linger_ms)}
             client = clients[float(linger_ms)] = CaptureClient(
-                capture.settings.target,
+                settings.target,
                 on_alert=capture._on_alert,
                 metrics_registry=None,
-                **kwargs,
+                **settings.client_kwargs(),
             )
         capture.client = client
     client = capture.client

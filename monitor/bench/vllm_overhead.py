@@ -629,7 +629,7 @@ def _rounds(
             start = None
             if mode in switch:
                 start = engine.call({"op": "linger", "ms": switch[mode]})[0]
-                if start is None or start["linger_ms"] != switch[mode]:
+                if start is None or start.get("linger_ms") != switch[mode]:
                     raise RuntimeError(f"{mode}: the engine did not switch its linger: {start}")
                 # Only the relay of the client in use: the other lingers' relays sit idle.
                 relays = [start["relay_pid"]] if start.get("relay_pid") else relays
