@@ -20,6 +20,10 @@ Commands:
   {"op": "monitor", "on": bool, "keep_op": bool} -> turns the plugin's work off or back on
       in this engine (bench: the same engine with and without the monitor, see
       `bench overhead --engine vllm --same-engine`; needs VLLM_ALLOW_INSECURE_SERIALIZATION=1)
+  {"op": "linger", "ms": N | null} -> sends the next steps through a capture client whose
+      relay lingers N ms (null: switch nothing); returns per worker the client's relay pid
+      and its counters and the plugin's time so far (bench: `--linger-ms 0,20`, several
+      lingers in one engine; needs VLLM_ALLOW_INSECURE_SERIALIZATION=1)
   {"op": "quit"}
 """
 
@@ -78,6 +82,56 @@ def _set_monitor(worker: Any, on: bool, keep_op: bool) -> bool:
         runner._bench_saved_monitor = None
         runner._safety_monitor.finish_missing(runner.requests)
     return getattr(runner, "_safety_monitor", None) is not None
+
+
+def _use_linger(worker: Any, linger_ms: float | None) -> dict[str, Any] | None:
+    """Send the next steps through the capture client whose relay lingers `linger_ms`: the
+    plugin's own client serves the linger it was configured with, any other is started here
+    on first use (the plugin's settings otherwise, its own relay and sidecar stream; no
+    metrics). Between runs only. A run's conversation ends go out in the next run's first
+    step (vLLM reports an end in the step after), through whichever client that run uses:
+    the sidecar keys conversations by client identity, not by stream, so they still end.
+    Returns the active client's relay pid and counters, and the plugin's time so far (the
+    bench takes them around each run); None without a capture on this worker, and
+    {"refused": why} for a linger the plugin would not use (`block_within` set)."""
+    import dataclasses
+
+    capture = getattr(worker.model_runner, "_safety_monitor", None)
+    if capture is None or capture.client is None:
+        return None
+    if linger_ms is not None:
+        settings = dataclasses.replace(capture.settings, linger_ms=float(linger_ms))
+        if settings.effective_linger_ms != float(linger_ms):
+            # As the plugin itself: a guard that waits for every step's verdict never lingers.
+            return {"refused": f"linger {linger_ms:g} ms with block_within set"}
+    clients = getattr(worker, "_bench_clients", None)
+    if clients is None:
+        clients = worker._bench_clients = {capture.settings.effective_linger_ms: capture.client}
+    if linger_ms is not None:
+        client = clients.get(float(linger_ms))
+        if client is None:
+            from monitor.capture.client import CaptureClient
+
+            client = clients[float(linger_ms)] = CaptureClient(
+                settings.target,
+                on_alert=capture._on_alert,
+                metrics_registry=None,
+                **settings.client_kwargs(),
+            )
+        capture.client = client
+    client = capture.client
+    stats = client.stats
+    process = getattr(getattr(client, "_link", None), "_process", None)  # the relay's
+    return {
+        "linger_ms": next(value for value, known in clients.items() if known is client),
+        "relay_pid": None if process is None else process.pid,
+        "plugin_steps": capture.timing.steps,
+        "plugin_cpu_ns": capture.timing.cpu_ns,
+        "steps_captured": stats.steps_captured,
+        "batches_acked": stats.batches_acked,
+        "messages_sent": stats.messages_sent,
+        "dropped": sum(stats.dropped.values()),
+    }
 
 
 def run(engine: Any, requests: list[dict[str, Any]], max_steps: int) -> dict[str, Any]:
@@ -162,6 +216,8 @@ def main() -> None:
             reply = llm.collective_rpc(
                 _set_monitor, args=(command["on"], command.get("keep_op", False))
             )
+        elif op == "linger":
+            reply = llm.collective_rpc(_use_linger, args=(command["ms"],))
         elif op == "quit":
             print(json.dumps({"reply": "bye"}), flush=True)
             break

@@ -12,9 +12,10 @@ The measurement isolates the monitor's cost on the serving process:
   has CPUs of its own, and what the engine pays is the capture op, the copy onto the ring and
   the plugin's Python, which this keeps on the engine's CPU;
 - only one engine generates at a time: a round runs the same batch of greedy requests on each
-  engine in turn (the order rotating each round, so drift hits every mode alike), many short
-  rounds; between runs the sidecar catches up (a flush, not timed), so its backlog never
-  overlaps the next engine's run;
+  engine in turn, many short rounds, in mirrored pairs (one round in an order, the next in
+  the reverse order, the order rotating from pair to pair): drift hits every mode alike, and
+  within a pair a linear drift cancels exactly; between runs the sidecar catches up (a flush,
+  not timed), so its backlog never overlaps the next engine's run;
 - the engines not generating are paused (SIGSTOP to their process group, after their
   sidecar has caught up): vLLM's worker busy-polls its message queue (`sched_yield`) for a
   second after each message, so an engine that has just run would take the CPU from the next
@@ -25,9 +26,15 @@ The measurement isolates the monitor's cost on the serving process:
 Reported per execution mode (compiled, vLLM's default, and eager) and engine mode: median
 generation throughput over rounds (output tokens/s), median inter-token latency (engine step
 time in the decode phase), and the throughput loss against monitor-off paired per round
-(1 - tokens/s of the mode / tokens/s of the off engine in the same round): its median and
-spread (quartiles, min, max); the plugin's thread CPU time per step; and where the CPU time
+(1 - tokens/s of the mode / tokens/s of the off engine in the same round): its median, the
+95% bootstrap confidence interval of that median (monitor/bench/intervals.py: rounds
+resampled, seeded) and spread (quartiles, min, max); the same per mirrored pair of rounds
+(JSON: `loss_pct_pairs_*`); the plugin's thread CPU time per step; and where the CPU time
 per step goes: the engine's own processes, its capture relay, the sidecar (schedstat).
+`linger_ms` with several values (`--linger-ms 0,20`) runs the sidecar-up engine with each
+relay linger in turn, every round (modes sidecar-up, with the first value, and
+sidecar-up-linger<N>): one capture client per value in the same engine process, switched
+between runs, so the linger's effect is measured without the bias between two engines.
 `--pinning unpinned` (or `both`) measures with every process free to run on every CPU;
 `--same-engine` adds the sidecar-up engine with its plugin switched off (mode up-paused) as a
 baseline in the same process, which two separately started engines are not (`--control`
@@ -47,9 +54,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from monitor.bench.intervals import summary
+from monitor.limits import MAX_LINGER_MS
 
 ENGINE_MODES = ("off", "sidecar-up", "sidecar-down")
 CONTROL_MODE = "off-control"  # a second monitor-off engine: the bench's own noise and bias
@@ -60,6 +70,9 @@ BASELINE_MODE = "up-baseline"
 # the capture op is off too; compiled: the op stays in the graph, only the plugin's Python and
 # everything after it is off).
 PAUSED_MODE = "up-paused"
+# The sidecar-up engine with another relay linger (`--linger-ms 0,20`): see `linger_mode`.
+LINGER_PREFIX = "sidecar-up-linger"
+MAX_LINGERS = 4  # every value is one more run per round
 HIDDEN = 256
 IDLE_WINDOW_S = 2.0
 IDLE_AFTER_S = 1.5  # vLLM's worker busy-polls its message queue for 1 s after a message
@@ -80,6 +93,43 @@ TINY_LLAMA = {
     "tie_word_embeddings": False,
     "rope_theta": 10000.0,
 }
+
+
+def linger_mode(linger_ms: float) -> str:
+    """The mode name of the sidecar-up engine with a relay linger after the list's first:
+    `sidecar-up-linger20` for 20 ms, `sidecar-up-linger2.5` for 2.5."""
+    return f"{LINGER_PREFIX}{linger_ms:g}"
+
+
+def parse_lingers(text: str) -> tuple[float, ...]:
+    """`--linger-ms`: one value or a comma-separated list of milliseconds (0..MAX_LINGER_MS,
+    each once). A bad item is named with its place in the list."""
+    items = text.split(",")
+    if len(items) > MAX_LINGERS:
+        raise ValueError(f"--linger-ms {text!r}: at most {MAX_LINGERS} values")
+    values: list[float] = []
+    for place, item in enumerate(items, 1):
+        where = f"--linger-ms {text!r}, value {place} ({item.strip()!r})"
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"{where}: not a number of milliseconds") from None
+        if not 0 <= value <= MAX_LINGER_MS:  # NaN fails this too
+            raise ValueError(f"{where}: expected 0..{MAX_LINGER_MS:g} ms")
+        if value in values:
+            raise ValueError(f"{where}: given twice")
+        values.append(value)
+    return tuple(values)
+
+
+def _lingers(linger_ms: float | Sequence[float] | None) -> tuple[float, ...]:
+    """The bench's lingers as a tuple (empty: the plugin's default), checked as on the
+    command line."""
+    if linger_ms is None:
+        return ()
+    if isinstance(linger_ms, int | float):
+        linger_ms = (linger_ms,)
+    return parse_lingers(",".join(repr(float(v)) for v in linger_ms))
 
 
 def _pin_engine(session: int, engine_cpus: set[int], side_cpus: set[int]) -> dict[str, int]:
@@ -286,7 +336,7 @@ PINNINGS = ("pinned", "unpinned")
 
 
 def run_vllm_overhead_bench(
-    rounds: int = 30,
+    rounds: int = 60,
     requests: int = 4,
     prompt_tokens: int = 32,
     new_tokens: int = 32,
@@ -296,7 +346,7 @@ def run_vllm_overhead_bench(
     baseline_tree: str | None = None,
     pinnings: tuple[str, ...] = ("pinned",),
     same_engine: bool = False,
-    linger_ms: float | None = None,
+    linger_ms: float | Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Measure the three engine modes for each execution mode; returns the results. With
     `control`, a second monitor-off engine runs in every round too: its loss against the
@@ -311,7 +361,13 @@ def run_vllm_overhead_bench(
 
     With `same_engine`, the sidecar-up engine also runs every round with the plugin turned
     off (mode up-paused): the loss of sidecar-up against up-paused is then measured in one
-    process, without the bias between two engines (the control engine shows that bias)."""
+    process, without the bias between two engines (the control engine shows that bias).
+
+    `linger_ms`: the monitored engines' relay linger (None: the plugin's default). Several
+    values: every engine with the monitor starts with the first, and the sidecar-up engine
+    also runs each other value in every round (mode `linger_mode(value)`), through a capture
+    client of its own in the same engine process."""
+    lingers = _lingers(linger_ms)
     if not pinnings or any(p not in PINNINGS for p in pinnings):
         raise ValueError(f"pinnings: a non-empty subset of {PINNINGS}, got {pinnings!r}")
     modes = ENGINE_MODES + ((CONTROL_MODE,) if control else ())
@@ -320,6 +376,7 @@ def run_vllm_overhead_bench(
         if not (Path(baseline_tree) / "monitor" / "capture" / "vllm").is_dir():
             raise ValueError(f"--baseline-tree {baseline_tree}: not a checkout of this project")
         modes += (BASELINE_MODE,)
+    modes += tuple(linger_mode(value) for value in lingers[1:])
     if same_engine:
         modes += (PAUSED_MODE,)
     workdir = Path(tempfile.mkdtemp(prefix="sm-bench-vllm-"))
@@ -354,7 +411,7 @@ def run_vllm_overhead_bench(
         "pinnings": list(pinnings),
         "engine_cpus": _cpu_text(engine_cpus),
         "monitor_cpus": _cpu_text(side_cpus),
-        "linger_ms": linger_ms,
+        "linger_ms": list(lingers) or None,
         "execution": {},
     }
     started = time.monotonic()
@@ -373,7 +430,7 @@ def run_vllm_overhead_bench(
                 pinnings,
                 modes,
                 baseline_tree,
-                linger_ms,
+                lingers,
             )
             for pinning, rows in measured.items():
                 # The key stays the bare execution mode for the default (pinned) run.
@@ -424,7 +481,7 @@ def _measure(
     pinnings: tuple[str, ...],
     modes: tuple[str, ...] = ENGINE_MODES,
     baseline_tree: str | None = None,
-    linger_ms: float | None = None,
+    lingers: tuple[float, ...] = (),
 ) -> dict[str, dict[str, Any]]:
     workdir.mkdir(parents=True)
     kwargs = {
@@ -458,22 +515,22 @@ def _measure(
         "sidecar-up": {"SAFETY_MONITOR_TARGET": target, "SAFETY_MONITOR_LAYERS": layers},
         "sidecar-down": {"SAFETY_MONITOR_TARGET": down, "SAFETY_MONITOR_LAYERS": layers},
     }
-    if linger_ms is not None:  # the monitored engines only: unmonitored ones refuse the key
+    if lingers:  # the monitored engines only: unmonitored ones refuse the key
         for mode in ("sidecar-up", "sidecar-down"):
-            envs[mode] = {**envs[mode], ENV_LINGER_MS: f"{linger_ms:g}"}
+            envs[mode] = {**envs[mode], ENV_LINGER_MS: f"{lingers[0]:g}"}
     if baseline_tree is not None:
         envs[BASELINE_MODE] = {**envs["sidecar-up"], "PYTHONPATH": baseline_tree}
-    if PAUSED_MODE in modes:
-        # The bench's own function turns the plugin off in the worker: vLLM sends it pickled
-        # between this engine's own processes (local pipes only).
+    if PAUSED_MODE in modes or len(lingers) > 1:
+        # The bench's own functions turn the plugin off in the worker or switch its capture
+        # client: vLLM sends them pickled between this engine's own processes (local pipes).
         envs["sidecar-up"] = {**envs["sidecar-up"], "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
     engines: dict[str, _Engine] = {}
     measured = {}
     try:
         # All start at once, on every CPU (start-up is most of this bench's time)...
         for mode in modes:
-            if mode == PAUSED_MODE:
-                continue  # the sidecar-up engine, its plugin off
+            if _engine_of(mode) != mode:
+                continue  # the sidecar-up engine, its plugin off or another linger
             cwd = baseline_tree if mode == BASELINE_MODE else None
             engines[mode] = _Engine(
                 kwargs, {**pinning_env, **envs[mode]}, workdir / f"{mode}.log", cwd=cwd
@@ -483,13 +540,42 @@ def _measure(
         # ...and are placed before anything is measured.
         for pinning in pinnings:
             placement.apply(pinning, engines)
+            started = time.monotonic()
             measured[pinning] = _rounds(
-                engines, modes, batch, rounds, placement.sidecar_pid, pinning, eager
+                engines, modes, batch, rounds, placement.sidecar_pid, pinning, eager, lingers
             )
+            # The warm-up, the idle measurement and the rounds (the engines' start is apart).
+            measured[pinning]["off"]["rounds_seconds"] = round(time.monotonic() - started, 1)
     finally:
         for engine in engines.values():
             engine.stop()
     return measured
+
+
+def _engine_of(mode: str) -> str:
+    """The engine a mode runs on: up-paused and the other lingers are the sidecar-up engine."""
+    return "sidecar-up" if mode == PAUSED_MODE or mode.startswith(LINGER_PREFIX) else mode
+
+
+def round_order(modes: tuple[str, ...], index: int) -> tuple[str, ...]:
+    """The order of round `index`: rounds go in mirrored pairs (an order, then its reverse),
+    the order rotating by one mode from pair to pair. Within a pair every mode's two runs sit
+    at the same mean time, so a drift linear over the pair cancels from every paired loss;
+    over the rotations each mode runs early and late alike."""
+    shift = (index // 2) % len(modes)
+    order = modes[shift:] + modes[:shift]
+    return order[::-1] if index % 2 else order
+
+
+# Counters the `linger` op reports, taken around each run of a switched client.
+_SWITCHED = (
+    "plugin_steps",
+    "plugin_cpu_ns",
+    "steps_captured",
+    "batches_acked",
+    "messages_sent",
+    "dropped",
+)
 
 
 def _rounds(
@@ -500,36 +586,53 @@ def _rounds(
     sidecar_pid: int,
     tag: str,
     eager: bool,
+    lingers: tuple[float, ...] = (),
 ) -> dict[str, Any]:
     """Warm up, then `rounds` interleaved rounds; the rows of one placement."""
     paused = PAUSED_MODE in modes
-    for engine in engines.values():
-        engine.call({"op": "run", "requests": _renamed(batch, f"{tag}-warmup")})
-        engine.call({"op": "flush", "timeout": 30.0})
+    # With several lingers, the linger each run of the sidecar-up engine uses (its capture
+    # client switched before the run); the counters of those runs are taken around each run.
+    switch = {"sidecar-up": lingers[0]} if len(lingers) > 1 else {}
+    switch.update({linger_mode(value): value for value in lingers[1:]})
+    for name, engine in engines.items():
+        # Each linger's client warms up too (its relay started, connected, the sidecar's
+        # stream open); the first is the engine's own and goes last, as rounds expect.
+        for value in [*lingers[1:], lingers[0]] if name == "sidecar-up" and switch else [None]:
+            if value is not None:
+                engine.call({"op": "linger", "ms": value})
+            engine.call({"op": "run", "requests": _renamed(batch, f"{tag}-warmup-{value}")})
+            engine.call({"op": "flush", "timeout": 30.0})
     idle = _idle_cpu(engines)
-    if paused:
-        idle[PAUSED_MODE] = idle["sidecar-up"]
+    for mode in modes:
+        idle.setdefault(mode, idle[_engine_of(mode)])
     # The plugin's own time is counted from here: the measured rounds only.
     before = {mode: engines[mode].call({"op": "report"})[0] for mode in engines}
     for engine in engines.values():
         engine.pause()
-    tps: dict[str, list[float]] = {mode: [] for mode in modes}
+    runs: dict[str, list[tuple[int, float]]] = {mode: [] for mode in modes}  # tokens, s
     steps: dict[str, list[float]] = {mode: [] for mode in modes}
+    itl: dict[str, list[float]] = {mode: [] for mode in modes}  # median decode step, per round
     # CPU time per engine step in each round: the engine's processes (during the run), its
     # relay and the sidecar (during the run and the flush that follows it).
     cpu: dict[str, dict[str, list[float]]] = {
         mode: {"engine": [], "relay": [], "sidecar": []} for mode in modes
     }
+    counted: dict[str, dict[str, float]] = {mode: dict.fromkeys(_SWITCHED, 0) for mode in switch}
     for index in range(rounds):
-        shift = index % len(modes)
-        order = modes[shift:] + modes[:shift]
-        for mode in order:
-            engine = engines["sidecar-up" if mode == PAUSED_MODE else mode]
+        for mode in round_order(modes, index):
+            engine = engines[_engine_of(mode)]
             engine.resume()
             if mode == PAUSED_MODE:
                 # A compiled graph calls the op on the buffer it was compiled with: keep it.
                 engine.call({"op": "monitor", "on": False, "keep_op": not eager})
             own, relays = _split_pids(engine.process.pid)
+            start = None
+            if mode in switch:
+                start = engine.call({"op": "linger", "ms": switch[mode]})[0]
+                if start is None or start.get("linger_ms") != switch[mode]:
+                    raise RuntimeError(f"{mode}: the engine did not switch its linger: {start}")
+                # Only the relay of the client in use: the other lingers' relays sit idle.
+                relays = [start["relay_pid"]] if start.get("relay_pid") else relays
             engine_ns, relay_ns, side_ns = (
                 _on_cpu_ns(own),
                 _on_cpu_ns(relays),
@@ -538,14 +641,20 @@ def _rounds(
             reply = engine.call({"op": "run", "requests": _renamed(batch, f"{tag}-{index}")})
             engine_ns = _on_cpu_ns(own) - engine_ns
             tokens = sum(len(r["outputs"][0]["token_ids"]) for r in reply["results"].values())
-            tps[mode].append(tokens / reply["seconds"])
-            steps[mode].extend(reply["step_seconds"][2:])  # after the prefill step(s)
+            runs[mode].append((tokens, reply["seconds"]))
+            decode = reply["step_seconds"][2:]  # after the prefill step(s)
+            steps[mode].extend(decode)
+            itl[mode].append(1000 * statistics.median(decode or reply["step_seconds"]))
             # Let the sidecar and relay catch up before the next engine runs (not timed).
             engine.call({"op": "flush", "timeout": 30.0})
             relay_ns = _on_cpu_ns(relays) - relay_ns
             if mode == PAUSED_MODE:
                 engine.call({"op": "monitor", "on": True})
             side_ns = _on_cpu_ns([sidecar_pid]) - side_ns
+            if start is not None:
+                end = engine.call({"op": "linger", "ms": None})[0]
+                for key in _SWITCHED:
+                    counted[mode][key] += end[key] - start[key]
             engine.pause()
             per_step = 1e6 * max(reply["steps"], 1)
             cpu[mode]["engine"].append(engine_ns / per_step)
@@ -553,13 +662,20 @@ def _rounds(
             cpu[mode]["sidecar"].append(side_ns / per_step)
     for engine in engines.values():
         engine.resume()
+    for mode, switched in counted.items():
+        # A plugin that kept sending through another client than `capture.client` would
+        # leave this client's count at zero: the comparison would then be of nothing.
+        if rounds and not switched["steps_captured"]:
+            raise RuntimeError(f"{mode}: no step went through its capture client")
     reports = {mode: engines[mode].call({"op": "report"})[0] for mode in engines}
-    if paused:  # its counters are the sidecar-up engine's
-        before[PAUSED_MODE] = reports[PAUSED_MODE] = {"op_calls": None}
+    for mode in modes:
+        if mode not in engines:  # its counters are the sidecar-up engine's
+            before[mode] = reports[mode] = {"op_calls": None}
+    tps = {mode: [tokens / seconds for tokens, seconds in runs[mode]] for mode in modes}
     rows = {}
     off_itl_ms = 1000 * statistics.median(steps["off"])
     for mode in modes:
-        losses = sorted(100 * (1 - m / b) for m, b in zip(tps[mode], tps["off"], strict=True))
+        losses = [100 * (1 - m / b) for m, b in zip(tps[mode], tps["off"], strict=True)]
         # The engine's own CPU per step against the off engine's in the same round: what the
         # monitor adds to the serving process, barely touched by the machine's other load.
         extra = sorted(
@@ -568,18 +684,24 @@ def _rounds(
         )
         report = reports[mode]
         plugin = _plugin_ms_per_step(before[mode], report)
+        captured = report.get("steps_captured", 0)
+        acked = report.get("batches_acked", 0)
+        dropped = sum(report.get("dropped", {}).values())
+        if mode in counted:  # the runs of this linger only (the measured rounds)
+            switched = counted[mode]
+            plugin = _plugin_ms_per_step({"plugin_steps": 0, "plugin_cpu_ns": 0}, switched)
+            captured, acked = int(switched["steps_captured"]), int(switched["batches_acked"])
+            dropped = int(switched["dropped"])
         rows[mode] = {
             "tokens_per_s": statistics.median(tps[mode]),
             "itl_ms_p50": 1000 * statistics.median(steps[mode]),
-            "loss_pct_median": statistics.median(losses),
-            "loss_pct_q1": _quantile(losses, 0.25),
-            "loss_pct_q3": _quantile(losses, 0.75),
-            "loss_pct_min": losses[0],
-            "loss_pct_max": losses[-1],
+            **summary(losses, "loss_pct"),
+            **_pairs_summary(runs[mode], runs["off"]),
+            **_step_summary(itl[mode], itl["off"]),
             "idle_cpu_pct": idle[mode],
-            "steps_captured": report.get("steps_captured", 0),
-            "acked": report.get("batches_acked", 0),
-            "dropped": sum(report.get("dropped", {}).values()),
+            "steps_captured": captured,
+            "acked": acked,
+            "dropped": dropped,
             "op_calls": report["op_calls"],
             # The plugin's Python on the runner's thread, per forward pass (thread CPU time:
             # a busy machine barely inflates it, unlike the throughput loss), and as a share of
@@ -592,22 +714,83 @@ def _rounds(
             "engine_cpu_extra_pct_q3": _quantile(extra, 0.75),
             "relay_cpu_ms_per_step": statistics.median(cpu[mode]["relay"]),
             "sidecar_cpu_ms_per_step": statistics.median(cpu[mode]["sidecar"]),
+            # Every round's numbers, in run order, so any other statistic can be computed
+            # from the JSON output.
+            "per_round": {
+                "tokens": [tokens for tokens, _ in runs[mode]],
+                "seconds": [seconds for _, seconds in runs[mode]],
+                "itl_ms": itl[mode],
+                **{f"{part}_cpu_ms_per_step": cpu[mode][part] for part in cpu[mode]},
+            },
         }
+        if mode in switch:
+            rows[mode]["linger_ms"] = switch[mode]
+            if counted[mode]["messages_sent"]:
+                rows[mode]["steps_per_message"] = (
+                    counted[mode]["steps_captured"] / counted[mode]["messages_sent"]
+                )
     if paused:
-        # Same engine: sidecar-up against itself with the plugin off, paired per round.
-        same = sorted(
-            100 * (1 - m / b) for m, b in zip(tps["sidecar-up"], tps[PAUSED_MODE], strict=True)
-        )
-        rows["sidecar-up"]["same_engine"] = {
-            "loss_pct_median": statistics.median(same),
-            "loss_pct_q1": _quantile(same, 0.25),
-            "loss_pct_q3": _quantile(same, 0.75),
-            "loss_pct_min": same[0],
-            "loss_pct_max": same[-1],
-            "itl_ms_paused": 1000 * statistics.median(steps[PAUSED_MODE]),
-            "itl_ms_up": 1000 * statistics.median(steps["sidecar-up"]),
+        # Same engine: sidecar-up (and its other lingers) against itself with the plugin
+        # off, paired per round.
+        for mode in ("sidecar-up", *(m for m in modes if m.startswith(LINGER_PREFIX))):
+            same = [100 * (1 - m / b) for m, b in zip(tps[mode], tps[PAUSED_MODE], strict=True)]
+            rows[mode]["same_engine"] = {
+                **summary(same, "loss_pct"),
+                **_pairs_summary(runs[mode], runs[PAUSED_MODE]),
+                **_step_summary(itl[mode], itl[PAUSED_MODE]),
+                "itl_ms_paused": 1000 * statistics.median(steps[PAUSED_MODE]),
+                "itl_ms_up": 1000 * statistics.median(steps[mode]),
+            }
+    for value in lingers[1:]:
+        # Each other linger against the first, same engine, paired per round: its
+        # throughput loss (negative: faster) and the monitor's CPU per engine step (relay and
+        # sidecar together) it saves.
+        mode = linger_mode(value)
+        first = [100 * (1 - m / b) for m, b in zip(tps[mode], tps["sidecar-up"], strict=True)]
+        monitor_cpu = [
+            (r + s) - (r0 + s0)
+            for r, s, r0, s0 in zip(
+                cpu[mode]["relay"],
+                cpu[mode]["sidecar"],
+                cpu["sidecar-up"]["relay"],
+                cpu["sidecar-up"]["sidecar"],
+                strict=True,
+            )
+        ]
+        rows[mode]["against_first_linger"] = {
+            "first_linger_ms": lingers[0],
+            **summary(first, "loss_pct"),
+            **_pairs_summary(runs[mode], runs["sidecar-up"]),
+            **_step_summary(itl[mode], itl["sidecar-up"]),
+            **summary(monitor_cpu, "monitor_cpu_ms_diff"),
         }
     return rows
+
+
+def _step_summary(mode_itl: list[float], base_itl: list[float]) -> dict[str, float]:
+    """The loss in decode speed per round: 1 - the reference's median decode step time over
+    the mode's, in the same round. A step slowed by another process on the machine moves a
+    run's tokens/s but not its median step: this says what the monitor costs every step,
+    not what it costs in a rare slow one (which only the tokens/s loss shows)."""
+    return summary(
+        [100 * (1 - b / m) for m, b in zip(mode_itl, base_itl, strict=True)], "step_loss_pct"
+    )
+
+
+def _pairs_summary(
+    mode_runs: list[tuple[int, float]], base_runs: list[tuple[int, float]]
+) -> dict[str, float]:
+    """The loss per mirrored pair of rounds (`round_order`): each side's tokens over its
+    seconds across both rounds of the pair, so a linear drift across the pair cancels.
+    Empty under two rounds (an odd last round is left out)."""
+    losses = []
+    for start in range(0, len(mode_runs) - 1, 2):
+        mode = mode_runs[start : start + 2]
+        base = base_runs[start : start + 2]
+        rate = sum(t for t, _ in mode) / sum(s for _, s in mode)
+        base_rate = sum(t for t, _ in base) / sum(s for _, s in base)
+        losses.append(100 * (1 - rate / base_rate))
+    return summary(losses, "loss_pct_pairs") if losses else {}
 
 
 def _plugin_ms_per_step(before: dict[str, Any], after: dict[str, Any]) -> float | None:
@@ -642,9 +825,36 @@ def _renamed(batch: list[dict[str, Any]], tag: str) -> list[dict[str, Any]]:
     return [{**request, "id": f"{request['id']}-{tag}"} for request in batch]
 
 
+def _ci(row: dict[str, Any], prefix: str = "loss_pct") -> str:
+    """A median's 95% interval as `low to high` (empty without one)."""
+    if f"{prefix}_ci_low" not in row:
+        return ""
+    return f"{row[f'{prefix}_ci_low']:.2f} to {row[f'{prefix}_ci_high']:.2f}"
+
+
+def _loss_text(row: dict[str, Any]) -> str:
+    """`median% (95% CI low to high) [q1, q3] (min..max)`, then the same per mirrored pair
+    of rounds and by the median decode step time, each with its interval."""
+    text = (
+        f"{row['loss_pct_median']:.2f}% (95% CI {_ci(row)}) [{row['loss_pct_q1']:.1f}, "
+        f"{row['loss_pct_q3']:.1f}] ({row['loss_pct_min']:.1f}..{row['loss_pct_max']:.1f})"
+    )
+    if "loss_pct_pairs_median" in row:
+        text += (
+            f"; per pair of rounds {row['loss_pct_pairs_median']:.2f}% "
+            f"(95% CI {_ci(row, 'loss_pct_pairs')})"
+        )
+    if "step_loss_pct_median" in row:
+        text += (
+            f"; median decode step {row['step_loss_pct_median']:.2f}% "
+            f"(95% CI {_ci(row, 'step_loss_pct')})"
+        )
+    return text
+
+
 def format_vllm_table(result: dict[str, Any]) -> str:
-    """The result as text: one row per execution mode and engine mode, then where the CPU
-    time per step went (engine, relay, sidecar)."""
+    """The result as text: one row per execution mode and engine mode, then the same-engine
+    and linger comparisons, then where the CPU time per step went (engine, relay, sidecar)."""
     placement = (
         f"engines on CPU {result['engine_cpus']}, sidecar and relays on CPU "
         f"{result['monitor_cpus']}"
@@ -652,44 +862,61 @@ def format_vllm_table(result: dict[str, Any]) -> str:
         else f"pinned: engines on CPU {result['engine_cpus']}, sidecar and relays on CPU "
         f"{result['monitor_cpus']}; unpinned: every process on every CPU"
     )
+    lingers = result.get("linger_ms") or []
+    linger_text = (
+        ""
+        if not lingers
+        else f"; relay linger {lingers[0]:g} ms (sidecar-up, sidecar-down, up-baseline)"
+        + "".join(f", {value:g} ms ({linger_mode(value)})" for value in lingers[1:])
+    )
+    width = max(14, *(len(m) + 2 for rows in result["execution"].values() for m in rows))
     lines = [
         f"vLLM plugin overhead: {result['model']}; {result['requests']} requests x "
         f"{result['prompt_tokens']} prompt + {result['new_tokens']} new tokens per run, "
         f"capture on layer(s) {result['layers']}, {result['rounds']} interleaved rounds, one "
-        f"engine generating at a time; {placement}; {result.get('seconds', 0):.0f} s",
+        f"engine generating at a time; {placement}{linger_text}; "
+        f"{result.get('seconds', 0):.0f} s",
         "loss: 1 - tokens/s against the monitor-off engine in the same round, median over "
-        "rounds [quartiles] (min..max); plugin ms/step: the plugin's thread CPU time per "
+        "rounds, the 95% bootstrap confidence interval of that median (rounds resampled, "
+        "seeded), [quartiles] (min..max); plugin ms/step: the plugin's thread CPU time per "
         "forward pass on the model runner's thread (its % of the monitor-off ITL)",
-        f"{'execution':<19}{'mode':<14}{'tokens/s':>10}{'ITL ms':>8}{'loss':>8}"
-        f"{'  [q1, q3] (min..max)':<30}{'idle CPU':>9}{'captured':>10}{'acked':>8}"
-        f"{'dropped':>9}{'plugin ms/step':>16}",
+        f"{'execution':<19}{'mode':<{width}}{'tokens/s':>10}{'ITL ms':>8}{'loss':>8}"
+        f"{'  95% CI':<18}{'[q1, q3] (min..max)':<28}{'idle CPU':>9}{'captured':>10}"
+        f"{'acked':>8}{'dropped':>9}{'plugin ms/step':>16}",
     ]
     for execution, rows in result["execution"].items():
         for mode, row in rows.items():
-            spread = ""
+            loss = ci = spread = ""
             if mode != "off":
+                loss = f"{row['loss_pct_median']:.2f}%"
+                ci = f"  {_ci(row)}"
                 spread = (
-                    f"  [{row['loss_pct_q1']:.1f}, {row['loss_pct_q3']:.1f}] "
+                    f"[{row['loss_pct_q1']:.1f}, {row['loss_pct_q3']:.1f}] "
                     f"({row['loss_pct_min']:.1f}..{row['loss_pct_max']:.1f})"
                 )
-            loss = f"{row['loss_pct_median']:.2f}%" if mode != "off" else ""
             plugin = row.get("plugin_ms_per_step")
             plugin_text = (
                 "" if plugin is None else f"{plugin:.3f} ({row['plugin_pct_of_off_itl']:.1f}%)"
             )
             lines.append(
-                f"{execution:<19}{mode:<14}{row['tokens_per_s']:>10.1f}{row['itl_ms_p50']:>8.2f}"
-                f"{loss:>8}{spread:<30}{row['idle_cpu_pct']:>8.1f}%{row['steps_captured']:>10}"
+                f"{execution:<19}{mode:<{width}}{row['tokens_per_s']:>10.1f}"
+                f"{row['itl_ms_p50']:>8.2f}{loss:>8}{ci:<18}{spread:<28}"
+                f"{row['idle_cpu_pct']:>8.1f}%{row['steps_captured']:>10}"
                 f"{row['acked']:>8}{row['dropped']:>9}{plugin_text:>16}"
             )
     for execution, rows in result["execution"].items():
-        same = rows.get("sidecar-up", {}).get("same_engine")
-        if same is not None:
+        if "rounds_seconds" in rows.get("off", {}):
             lines.append(
-                f"{execution}: same engine, sidecar-up against {PAUSED_MODE}: loss "
-                f"{same['loss_pct_median']:.2f}% [{same['loss_pct_q1']:.1f}, "
-                f"{same['loss_pct_q3']:.1f}] ({same['loss_pct_min']:.1f}.."
-                f"{same['loss_pct_max']:.1f}); ITL {same['itl_ms_paused']:.2f} -> "
+                f"{execution}: warm-up and rounds {rows['off']['rounds_seconds']:.0f} s (the "
+                "engines' start apart)"
+            )
+        for mode, row in rows.items():
+            same = row.get("same_engine")
+            if same is None:
+                continue
+            lines.append(
+                f"{execution}: same engine, {mode} against {PAUSED_MODE}: loss "
+                f"{_loss_text(same)}; ITL {same['itl_ms_paused']:.2f} -> "
                 f"{same['itl_ms_up']:.2f} ms"
                 # A compiled graph keeps the capture op while paused: its cost is not in this.
                 + (
@@ -697,6 +924,18 @@ def format_vllm_table(result: dict[str, Any]) -> str:
                     if execution.startswith("eager")
                     else f" ({PAUSED_MODE} keeps the capture op)"
                 )
+            )
+        for mode, row in rows.items():
+            other = row.get("against_first_linger")
+            if other is None:
+                continue
+            per_message = row.get("steps_per_message")
+            lines.append(
+                f"{execution}: same engine, {mode} against sidecar-up (linger "
+                f"{other['first_linger_ms']:g} ms): loss {_loss_text(other)}; relay + "
+                f"sidecar CPU per engine step {other['monitor_cpu_ms_diff_median']:+.3f} ms "
+                f"(95% CI {_ci(other, 'monitor_cpu_ms_diff')})"
+                + ("" if per_message is None else f"; {per_message:.2f} steps per message")
             )
     if any(
         "engine_cpu_ms_per_step" in row
@@ -709,8 +948,8 @@ def format_vllm_table(result: dict[str, Any]) -> str:
             "own processes during the run; its capture relay and the sidecar during the run and "
             "the flush after it; engine +%: the engine's CPU per step against the off engine's "
             "in the same round, median [quartiles]",
-            f"{'execution':<19}{'mode':<14}{'engine':>9}{'engine +%':>11}{'  [q1, q3]':<18}"
-            f"{'relay':>8}{'sidecar':>9}",
+            f"{'execution':<19}{'mode':<{width}}{'engine':>9}{'engine +%':>11}"
+            f"{'  [q1, q3]':<18}{'relay':>8}{'sidecar':>9}",
         ]
         for execution, rows in result["execution"].items():
             for mode, row in rows.items():
@@ -724,8 +963,8 @@ def format_vllm_table(result: dict[str, Any]) -> str:
                         f"{row['engine_cpu_extra_pct_q3']:.1f}]"
                     )
                 lines.append(
-                    f"{execution:<19}{mode:<14}{row['engine_cpu_ms_per_step']:>9.3f}{extra:>11}"
-                    f"{spread:<18}{row['relay_cpu_ms_per_step']:>8.3f}"
+                    f"{execution:<19}{mode:<{width}}{row['engine_cpu_ms_per_step']:>9.3f}"
+                    f"{extra:>11}{spread:<18}{row['relay_cpu_ms_per_step']:>8.3f}"
                     f"{row['sidecar_cpu_ms_per_step']:>9.3f}"
                 )
     return "\n".join(lines)

@@ -60,6 +60,8 @@ def _row(**extra):
         "loss_pct_q3": 3.0,
         "loss_pct_min": 0.0,
         "loss_pct_max": 4.0,
+        "loss_pct_ci_low": 0.5,
+        "loss_pct_ci_high": 3.5,
         "idle_cpu_pct": 0.0,
         "steps_captured": 10,
         "acked": 10,
@@ -83,6 +85,8 @@ def test_table_shows_both_placements_the_cpu_per_step_and_the_same_engine_loss()
         "loss_pct_q3": 3.5,
         "loss_pct_min": -1.0,
         "loss_pct_max": 6.0,
+        "loss_pct_ci_low": 0.5,
+        "loss_pct_ci_high": 4.25,
         "itl_ms_paused": 8.0,
         "itl_ms_up": 8.2,
     }
@@ -100,8 +104,8 @@ def test_table_shows_both_placements_the_cpu_per_step_and_the_same_engine_loss()
     text = format_vllm_table(result)
     assert "unpinned: every process on every CPU" in text.splitlines()[0]
     assert (
-        "eager/unpinned: same engine, sidecar-up against up-paused: loss 2.25% [1.0, 3.5] "
-        "(-1.0..6.0); ITL 8.00 -> 8.20 ms"
+        "eager/unpinned: same engine, sidecar-up against up-paused: loss 2.25% "
+        "(95% CI 0.50 to 4.25) [1.0, 3.5] (-1.0..6.0); ITL 8.00 -> 8.20 ms"
     ) in text
     cpu_rows = [line.split() for line in text.splitlines() if line.startswith("eager/pinned ")]
     # the throughput row, then the CPU row: engine, engine +% (none for off), relay, sidecar

@@ -181,3 +181,27 @@ def test_bench_switch_turns_the_monitor_off_and_back_on_in_one_engine(engine):
     assert after["op_calls"] >= before["op_calls"] + 6  # one captured layer, every forward
     assert after["steps_captured"] >= before["steps_captured"] + 6
     assert after["dropped"] == before["dropped"]
+
+
+def test_bench_linger_switch_reports_the_client_in_use_and_refuses_a_guarded_linger(engine):
+    """`bench overhead --engine vllm --linger-ms 0,20` switches the sidecar-up engine's
+    capture client between runs (`linger` op): with no value it switches nothing and reports
+    the client in use (its relay's pid, its counters, which a run moves on); a linger this
+    engine's plugin would not use (block_within is set: a waiting guard never lingers) is
+    refused, and the client in use stays."""
+    engine.flush()  # whatever earlier tests sent is settled before the counters are read
+    first = engine.call({"op": "linger", "ms": None})[0]
+    assert first["linger_ms"] == 0.0 and first["relay_pid"] > 0
+    assert engine.call({"op": "linger", "ms": 20}) == [
+        {"refused": "linger 20 ms with block_within set"}
+    ]
+    assert engine.call({"op": "linger", "ms": 0})[0]["relay_pid"] == first["relay_pid"]
+    engine.run([{"id": "linger-switch", "prompt": [93] * 12, "params": greedy(6)}])
+    engine.flush()
+    after = engine.call({"op": "linger", "ms": None})[0]
+    assert after["steps_captured"] >= first["steps_captured"] + 6
+    assert after["plugin_steps"] >= first["plugin_steps"] + 6
+    # Flushed: every step sent through it since is acknowledged.
+    sent = after["steps_captured"] - first["steps_captured"]
+    assert after["batches_acked"] - first["batches_acked"] == sent
+    assert after["dropped"] == first["dropped"]
