@@ -34,6 +34,7 @@ from pathlib import Path
 
 STEPS_PER_S = 25_000 / 64  # the bench's latency phase: 25,000 tokens/s in 64-row steps
 SERVERS = ("sidecar", "bare+parse", "bare")
+ROOT = Path(__file__).resolve().parents[1]  # the checkout this script belongs to
 
 
 async def _serve_bare(port: int, parse: bool) -> None:
@@ -104,7 +105,13 @@ def _leading_seq_no(data: bytes) -> int:
 def _start_bare(port: int, parse: bool) -> subprocess.Popen[str]:
     from monitor.cli import SIDECAR_GRPC_EXPERIMENTS
 
-    environment = {**os.environ, "GRPC_EXPERIMENTS": SIDECAR_GRPC_EXPERIMENTS}
+    # This checkout's modules first, as the script's own: not an installed copy elsewhere.
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    environment = {
+        **os.environ,
+        "GRPC_EXPERIMENTS": SIDECAR_GRPC_EXPERIMENTS,
+        "PYTHONPATH": path,
+    }
     process = subprocess.Popen(
         [sys.executable, __file__, "--serve-bare", str(port), *(["--parse"] if parse else [])],
         stdin=subprocess.PIPE,
