@@ -4,7 +4,8 @@ Issue 15: at 25,000 tokens/s of 64-row decode steps the sidecar spends 1.2-2.0 m
 step, the stages (`bench stages`: parse, validate, encode, rules, events) about 0.7 of it.
 This runs `bench sidecar`'s paced phase (64-row BF16 decode steps, columnar, 390.6 steps/s,
 the load client pinned to CPU 0) against three servers in turn, each a fresh process with
-the gRPC settings of `safety-monitor serve` (`SIDECAR_GRPC_EXPERIMENTS`):
+the gRPC settings of `safety-monitor serve` (`SIDECAR_GRPC_EXPERIMENTS` and the server
+options, `process.server_options`):
 
   sidecar     `safety-monitor serve` with the bench's reference pack and 20 rules;
   bare+parse  a bare `grpc.aio` server: for each message, `context.read()`, the sidecar's
@@ -33,6 +34,7 @@ from pathlib import Path
 
 STEPS_PER_S = 25_000 / 64  # the bench's latency phase: 25,000 tokens/s in 64-row steps
 SERVERS = ("sidecar", "bare+parse", "bare")
+ROOT = Path(__file__).resolve().parents[1]  # the checkout this script belongs to
 
 
 async def _serve_bare(port: int, parse: bool) -> None:
@@ -68,13 +70,22 @@ async def _serve_bare(port: int, parse: bool) -> None:
             response_serializer=pb.StatusResponse.SerializeToString,
         ),
     }
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    server = grpc.aio.server(options=_options())
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await server.stop(None)
+
+
+def _options() -> list[tuple[str, int]]:
+    """`serve`'s gRPC server options (message sizes, gRPC's flow control: no bandwidth
+    probe, a 4 MiB stream window) for the bench sidecar's limits."""
+    from monitor.sidecar.config import Limits
+    from monitor.sidecar.process import server_options
+
+    return server_options(Limits().max_message_bytes)
 
 
 def _leading_seq_no(data: bytes) -> int:
@@ -94,7 +105,13 @@ def _leading_seq_no(data: bytes) -> int:
 def _start_bare(port: int, parse: bool) -> subprocess.Popen[str]:
     from monitor.cli import SIDECAR_GRPC_EXPERIMENTS
 
-    environment = {**os.environ, "GRPC_EXPERIMENTS": SIDECAR_GRPC_EXPERIMENTS}
+    # This checkout's modules first, as the script's own: not an installed copy elsewhere.
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    environment = {
+        **os.environ,
+        "GRPC_EXPERIMENTS": SIDECAR_GRPC_EXPERIMENTS,
+        "PYTHONPATH": path,
+    }
     process = subprocess.Popen(
         [sys.executable, __file__, "--serve-bare", str(port), *(["--parse"] if parse else [])],
         stdin=subprocess.PIPE,

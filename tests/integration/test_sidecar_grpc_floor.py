@@ -35,6 +35,17 @@ def test_the_leading_seq_no_is_the_steps_seq_no(floor) -> None:  # type: ignore[
     assert floor._leading_seq_no(b"") == 0
 
 
+def test_the_bare_servers_run_with_serves_server_options(floor) -> None:  # type: ignore[no-untyped-def]
+    """Like for like: the flow-control options (no bandwidth probe, a 4 MiB window) and
+    message sizes of the sidecar the floor is compared with."""
+    from monitor.sidecar.config import Limits
+    from monitor.sidecar.process import server_options
+
+    options = dict(floor._options())
+    assert options == dict(server_options(Limits().max_message_bytes))
+    assert options["grpc.http2.bdp_probe"] == 0
+
+
 @pytest.mark.parametrize("parse", [False, True])
 def test_a_bare_server_acks_every_step(floor, parse) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
