@@ -42,6 +42,20 @@ AUDIT_HEALTH_SERVICE = "safety_monitor.audit"
 HEALTH_POLL_SECONDS = 1.0
 
 
+def server_options(max_bytes: int) -> list[tuple[str, int]]:
+    """The sidecar's gRPC server options for messages of up to `max_bytes` (also those of
+    `scripts/sidecar_grpc_floor.py`'s bare servers, so they compare like for like)."""
+    return [
+        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.max_send_message_length", max_bytes),
+        # gRPC's own receive window per stream stays at 4 MiB instead of growing with its
+        # bandwidth probe: with never-read streams of 16 MiB messages it was most of the
+        # sidecar's memory beyond `max_stream_bytes`.
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
+    ]
+
+
 class StartupError(RuntimeError):
     """The sidecar cannot start with this configuration; str() is one line."""
 
@@ -182,15 +196,7 @@ class Sidecar:
             raise StartupError(f"security: {exc}") from exc
         server = grpc.aio.server(
             interceptors=[BearerTokenInterceptor(tokens)] if tokens else [],
-            options=[
-                ("grpc.max_receive_message_length", max_bytes),
-                ("grpc.max_send_message_length", max_bytes),
-                # gRPC's own receive window per stream stays at 4 MiB instead of growing
-                # with its bandwidth probe: with never-read streams of 16 MiB messages it
-                # was most of the sidecar's memory beyond `max_stream_bytes`.
-                ("grpc.http2.bdp_probe", 0),
-                ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
-            ],
+            options=server_options(max_bytes),
         )
         self.service = SafetyMonitorService(
             self.pipeline, self.executor, self.metrics, tokens, widen=self.device == "cpu"
