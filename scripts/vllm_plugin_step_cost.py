@@ -10,18 +10,25 @@ What it counts is what the plugin adds on the engine's thread, its own timing
 (`PluginTiming`) included; the runner's methods themselves do nothing. Run from the
 repository root, in the lock of a shared machine:
 ``OMP_NUM_THREADS=1 python scripts/vllm_plugin_step_cost.py [--runs 30] [--profile]
-[--compare-decode-run]`` (about 10 s per 30 runs). `--profile` prints a cProfile of the
-decode steps instead; `--compare-decode-run` alternates runs with the worker's decode-run
-shortcut on and off (`DecodeRun.matches` always False) in one process and prints both
-medians, side by side on the same machine state.
+[--compare-decode-run] [--baseline-tree DIR [--rounds N]]`` (about 10 s per 30 runs).
+`--profile` prints a cProfile of the decode steps instead; `--compare-decode-run` alternates
+runs with the worker's decode-run shortcut on and off (`DecodeRun.matches` always False) in
+one process and prints both medians, side by side on the same machine state.
+`--baseline-tree DIR` compares this checkout's plugin with another's (a `git worktree` of
+an earlier commit): N rounds, each running this script once per tree in a subprocess
+(`--runs` runs each, the order flipping every round; each tree with its own relay and
+sidecar), then both medians over every run and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
+import os
 import pstats
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -37,7 +44,7 @@ HIDDEN = 256
 REQUESTS = 4
 PROMPT = 32
 NEW = 32
-PACE_S = float(__import__("os").environ.get("PACE_S", "0.008"))
+PACE_S = float(os.environ.get("PACE_S", "0.008"))
 
 
 class _Runner:
@@ -168,12 +175,50 @@ def _compare_decode_run(runner, runs: int) -> None:
         )
 
 
+def _compare_trees(baseline: Path, runs: int, rounds: int) -> None:
+    """Alternate subprocesses of this script in this checkout and in `baseline` (each
+    imports `monitor` from its own tree: the working directory comes first on sys.path) and
+    print both medians over every run, and their ratio."""
+    trees = {"this tree": Path.cwd().resolve(), "baseline": baseline.resolve()}
+    results: dict[str, list[float]] = {name: [] for name in trees}
+    for index in range(rounds):
+        order = list(trees) if index % 2 else list(trees)[::-1]
+        for name in order:
+            root = trees[name]
+            env = {**os.environ, "PYTHONPATH": str(root)}
+            done = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), "--runs", str(runs), "--json"],
+                cwd=root,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=True,
+            )
+            results[name] += json.loads(done.stdout.strip().splitlines()[-1])["per_run_us"]
+    medians = {name: statistics.median(values) for name, values in results.items()}
+    for name, values in results.items():
+        q1, _, q3 = statistics.quantiles(values, n=4)
+        print(
+            f"decode step, thread CPU us, {name} ({trees[name]}): median {medians[name]:.1f} "
+            f"[{q1:.1f}, {q3:.1f}] over {len(values)} runs"
+        )
+    ratio = medians["this tree"] / medians["baseline"]
+    print(f"this tree / baseline: {ratio:.2f} ({rounds} rounds of {runs} runs per tree)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--compare-decode-run", action="store_true")
+    parser.add_argument("--baseline-tree", type=Path, default=None)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--json", action="store_true", help="one JSON line of per-run costs")
     args = parser.parse_args()
+    if args.baseline_tree is not None:
+        _compare_trees(args.baseline_tree, args.runs, args.rounds)
+        return
     sys.path.insert(0, str(Path.cwd()))
     from monitor.bench.vllm_overhead import _start_sidecar
     from monitor.capture.client import CaptureClient
@@ -200,6 +245,9 @@ def main() -> None:
         stats = client.stats
         if profile is not None:
             pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+            return
+        if args.json:
+            print(json.dumps({"per_run_us": per_run, "acked": stats.batches_acked}))
             return
         print(
             f"decode step, thread CPU us: median {statistics.median(per_run):.1f} "

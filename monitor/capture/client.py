@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -287,6 +287,33 @@ class CaptureClient:
         Counted, dropped and sent exactly like a hooked step; never raises into the caller."""
         try:
             self._enqueue(step)
+        except Exception as exc:
+            self._on_hook_error("submit", exc)
+
+    def submit_again(self, step: CapturedStep, positions: list[int]) -> None:
+        """`submit(dataclasses.replace(step, positions=positions))` for a step submitted
+        before whose next step differs only in its positions (vLLM's decode runs: the same
+        requests, tagging, rows and persistent views, one token further). Counted, dropped and
+        sent exactly as that; when the ring's last frame was laid out for `step`, written
+        with no new step object (`FrameWriter.write_again`). `step` must not have changed
+        since. Never raises into the caller."""
+        try:
+            if (
+                step.ready is not None  # a device copy per step: the full path
+                or self.tokenizer is not None
+                or step.tagging is not self._last_tagging
+            ):
+                self._enqueue(replace(step, positions=positions))
+                return
+            with self._lock:
+                self._captured += 1
+            if self.on_full == "drop" and self._link.unreachable:
+                self._count_drop("sidecar_unavailable")  # as `_publish` would
+                return
+            if not self._link.publish_again(step, positions):
+                # No room or another layout: `_publish` writes it in full, waits for room
+                # (fail-closed) or counts the drop, as for any step.
+                self._publish(replace(step, positions=positions))
         except Exception as exc:
             self._on_hook_error("submit", exc)
 

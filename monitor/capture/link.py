@@ -138,6 +138,16 @@ class RelayLink:
                 return False
             return channel.writer.write(step, texts)
 
+    def publish_again(self, step: CapturedStep, positions: list[int]) -> bool:
+        """`publish` of `step` at `positions` through `FrameWriter.write_again`: False, with
+        nothing written, when there is no room or the ring's last frame was not laid out for
+        `step` (the caller then takes `publish`'s path)."""
+        with self._lock:
+            channel = self._channel
+            if channel is None or channel.ring.frames_waiting() >= self.queue_size:
+                return False
+            return channel.writer.write_again(step, positions)
+
     @contextlib.contextmanager
     def hurry(self) -> Iterator[None]:
         """While inside, the relay does not linger (`SenderSettings.linger_ms`): for callers

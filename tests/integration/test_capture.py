@@ -50,6 +50,30 @@ def test_sidecar_down_fails_open_and_generation_is_unchanged():
     assert client.stats.dropped["queue_full"] + client.stats.dropped["sidecar_unavailable"] == 5
 
 
+def test_steps_submitted_again_are_counted_and_settled_once_each():
+    """`CaptureClient.submit_again` (vLLM's decode runs) counts, drops and settles each step
+    as `submit` would: with the sidecar down (fail-open) every step is captured once and
+    dropped once, whether the ring took it or the client dropped it first."""
+    from monitor.capture.steps import CapturedStep, Tagging
+
+    buffer = torch.zeros(8, 4)
+    tagging = Tagging(("a", "b"), ("assistant",) * 2, ("ra", "rb"), key=("decode",))
+    step = CapturedStep({"layers.1": buffer[0:2]}, tagging, [1, 1], [0, 0], persistent_layers=True)
+    client = CaptureClient(f"127.0.0.1:{free_port()}", queue_size=4, metrics_registry=None)
+    try:
+        client.submit(step)
+        for position in range(1, 40):
+            client.submit_again(step, [position, position])
+        assert client.flush(timeout=20)
+        stats = client.stats
+    finally:
+        client.close(timeout=5)
+    assert stats.steps_captured == 40
+    assert stats.batches_acked == 0
+    assert sum(stats.dropped.values()) == 40
+    assert set(stats.dropped) <= {"queue_full", "sidecar_unavailable"}
+
+
 def test_detach_removes_every_hook():
     model = build_tiny_llama()
     client = CaptureClient("127.0.0.1:1")

@@ -4,6 +4,7 @@ plugin settings."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import deque
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ import torch
 from monitor.capture.vllm.batch import (
     MAX_ID_CHARS,
     BatchSplitter,
+    DecodeRun,
     NamingError,
     bounded_id,
     group_by_attributes,
@@ -456,6 +458,10 @@ class _Client:
     def submit(self, step):
         self.steps.append(step)
 
+    def submit_again(self, step, positions):
+        # CaptureClient.submit_again's contract: `step` again, at `positions`.
+        self.steps.append(dataclasses.replace(step, positions=positions))
+
 
 def _worker(**settings):
     """The worker's per-step path without a vLLM runner: `WorkerCapture.__init__` needs a
@@ -852,3 +858,121 @@ def test_a_streaming_input_that_grows_the_prompt_by_one_token_leaves_the_decode_
     runner.requests["a"].num_prompt_tokens = 5
     step = _run_step(capture, runner, ["a"], [1], [4], new=["a"])
     assert step == [(("a",), ("user",), [1], [4])]
+
+
+class _RecordingClient:
+    """What reaches the capture client, as the ring would carry it: each step's tagging, rows,
+    positions and the rows' values at submit time (the buffer is rewritten every step)."""
+
+    def __init__(self):
+        self.sent = []
+        self.again = 0
+
+    def submit(self, step):
+        tagging = step.tagging
+        layers = {hp: t.clone() for hp, t in step.layers.items()}
+        self.sent.append(
+            (
+                tagging.conversation_ids,
+                tagging.roles,
+                tagging.request_ids,
+                tuple(sorted(tagging.attributes.items())),
+                tagging.turn_ends,
+                tagging.end,
+                list(step.rows),
+                list(step.positions),
+                layers,
+            )
+        )
+
+    def submit_again(self, step, positions):
+        self.again += 1
+        self.submit(dataclasses.replace(step, positions=positions))
+
+
+def _random_schedule(seed):
+    """A vLLM-like run: requests join (prompts in chunks), decode one token a step, finish
+    (reported in the next step), get preempted (recomputed from 0 with one new token), and
+    the batch gets reordered. Yields (req_ids, num_tokens, computed, new, finished)."""
+    import random
+
+    rng = random.Random(seed)
+    prompts, computed, batch, finished, next_id = {}, {}, [], set(), 0
+    for _ in range(60):
+        if batch and rng.random() < 0.08:  # finishes; vLLM says so in the next step
+            gone = rng.choice(batch)
+            batch.remove(gone)
+            finished.add(gone)
+        new = []
+        if len(batch) < 5 and rng.random() < 0.15:
+            rid = f"q{next_id}-0a1b2c3d"
+            next_id += 1
+            prompts[rid], computed[rid] = rng.randint(1, 7), 0
+            batch.append(rid)
+            new.append(rid)
+        if len(batch) > 1 and rng.random() < 0.05:
+            first, second = rng.sample(range(len(batch)), 2)
+            batch[first], batch[second] = batch[second], batch[first]
+        tokens = []
+        for rid in batch:
+            if rid not in new and computed[rid] >= prompts[rid] and rng.random() < 0.03:
+                tokens.append(computed[rid] + 1)  # preempted: recomputed, one new token
+                computed[rid] = 0
+            elif computed[rid] < prompts[rid]:
+                tokens.append(min(rng.randint(1, 3), prompts[rid] - computed[rid]))
+            else:
+                tokens.append(1)
+        yield list(batch), tokens, [computed[r] for r in batch], new, set(finished), prompts
+        finished = set()
+        for rid, count in zip(batch, tokens, strict=True):
+            computed[rid] += count
+
+
+def _replay_schedule(seed):
+    capture = _worker()
+    capture.client = _RecordingClient()
+    runner = SimpleNamespace(requests={})
+    buffer = capture.buffers[hook_point_name(1)] = torch.zeros(512, 4)  # max_num_tokens rows
+    generator = torch.Generator().manual_seed(seed)
+    for req_ids, tokens, computed, new, finished, prompts in _random_schedule(seed):
+        for rid in req_ids:
+            named = {"sm_conversation_id": f"chat-{rid[1]}"} if rid[1] in "13" else None
+            runner.requests.setdefault(
+                rid,
+                SimpleNamespace(
+                    sampling_params=SimpleNamespace(extra_args=named),
+                    num_prompt_tokens=prompts[rid],
+                ),
+            )
+        buffer.copy_(torch.randn(buffer.shape, generator=generator))  # this step's rows
+        runner.input_batch = SimpleNamespace(
+            num_reqs=len(req_ids), req_ids=list(req_ids), num_computed_tokens_cpu=np.array(computed)
+        )
+        capture.note_layout(runner, np.array(tokens, dtype=np.int32))
+        capture.after_forward(
+            runner,
+            SimpleNamespace(
+                finished_req_ids=finished,
+                scheduled_new_reqs=[SimpleNamespace(req_id=r) for r in new],
+            ),
+        )
+    states = {rid: capture.splitter.state(rid) for rid in capture.splitter.tracked()}
+    return capture.client, states, capture.steps
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_the_decode_run_sends_what_the_full_path_sends(seed, monkeypatch):
+    """Whatever the schedule (joins, chunks, finishes, preemption, reordering), the decode
+    run's shortcut sends the same steps (taggings, rows, positions, values) and keeps the
+    same bookkeeping as splitting every step."""
+    fast, fast_states, fast_steps = _replay_schedule(seed)
+    monkeypatch.setattr(DecodeRun, "matches", lambda *args: False)
+    full, full_states, full_steps = _replay_schedule(seed)
+    assert full.again == 0 and fast.again > 0  # the shortcut was taken
+    assert len(fast.sent) == len(full.sent)
+    for got, expected in zip(fast.sent, full.sent, strict=True):
+        assert got[:8] == expected[:8]
+        assert got[8].keys() == expected[8].keys()
+        assert all(torch.equal(got[8][hp], expected[8][hp]) for hp in got[8])
+    assert fast_states == full_states
+    assert fast_steps == full_steps

@@ -257,6 +257,9 @@ class BatchSplitter:
         # alert names the wire id, and finding it must not hash every tracked id.
         self._by_wire_id: dict[str, str] = {}
         self._lock = threading.Lock()
+        # The decode run whose positions may be ahead of its records' `sent_until` (it
+        # writes them only when they are read: `_settle`).
+        self._run: DecodeRun | None = None
         self.skipped_rows = 0  # recomputed rows not sent again
         self.gaps = 0  # requests whose first computed token was past what was sent
         self.straddles = 0  # slices split in two at the prompt's end
@@ -302,12 +305,14 @@ class BatchSplitter:
     def state(self, internal_id: str) -> tuple[RequestTag, int] | None:
         """A tracked request's tag and the next position not yet sent."""
         with self._lock:
+            self._settle(keep=True)
             tracked = self._requests.get(internal_id)
             return None if tracked is None else (tracked.tag, tracked.sent_until)
 
     def finish(self, internal_ids: Sequence[str] | set[str]) -> None:
         """Forget finished or aborted requests."""
         with self._lock:
+            self._settle(keep=True)
             for internal_id in internal_ids:
                 tracked = self._requests.pop(internal_id, None)
                 if tracked is not None:
@@ -339,6 +344,7 @@ class BatchSplitter:
         prompt_slices = 0
         requests = self._requests
         with self._lock:
+            self._settle(keep=False)  # the step did not continue the run (or none runs)
             for internal_id, count, first in zip(req_ids, num_tokens, computed, strict=True):
                 start = offset
                 offset += count
@@ -393,7 +399,23 @@ class BatchSplitter:
                 if tracked is None or tracked.sent_until != piece.position + 1:
                     return None
                 records.append(tracked)
-        return DecodeRun(list(req_ids), [s.position + 1 for s in slices], records, self._lock)
+            run = DecodeRun(list(req_ids), [s.position + 1 for s in slices], records)
+            self._run = run
+        return run
+
+    def _settle(self, keep: bool) -> None:
+        """Under the lock: write the decode run's positions into its requests' records
+        (`sent_until`), before anything reads or writes them; `keep`: the run goes on.
+        Only the model runner's thread advances a run (`DecodeRun.advance`, one reference
+        assignment), and every write of `sent_until` happens here or in `split` (which
+        ends the run first), so a settle never writes a position older than one written."""
+        run = self._run
+        if run is None:
+            return
+        for tracked, position in zip(run.records, run.expected, strict=True):
+            tracked.sent_until = position
+        if not keep:
+            self._run = None
 
     def _unlink(self, internal_id: str, tracked: _Tracked) -> None:
         if tracked.wire_id:
@@ -419,34 +441,26 @@ class DecodeRun:
     or preempted, a prompt chunk, recomputed or skipped positions, a new order) fails
     `matches` and goes through `split`, which starts a new run when the step qualifies.
     The worker drops its run whenever a request finishes (`BatchSplitter.finish` does not
-    know of runs)."""
+    know of runs). `advance` only notes the positions: the splitter writes them into its
+    records when they are read (`BatchSplitter._settle`), as taking its lock and writing
+    each record every step cost more than the rest of the step's bookkeeping."""
 
-    __slots__ = ("_lock", "_records", "expected", "ones", "req_ids")
+    __slots__ = ("expected", "ones", "records", "req_ids")
 
-    def __init__(
-        self,
-        req_ids: list[str],
-        expected: list[int],
-        records: list[_Tracked],
-        lock: threading.Lock,
-    ) -> None:
+    def __init__(self, req_ids: list[str], expected: list[int], records: list[_Tracked]) -> None:
         self.req_ids = req_ids
         self.ones = [1] * len(req_ids)  # the step's tokens per request, and rows per slice
         self.expected = expected  # each request's position in the next decode step
-        self._records = records  # the splitter's per-request state, in batch order
-        self._lock = lock  # the splitter's
+        self.records = records  # the splitter's per-request state, in batch order
 
     def matches(self, req_ids: Sequence[str], num_tokens: list[int], computed: list[int]) -> bool:
         """Whether a step (the layout `split` takes, as lists) continues this run."""
         return computed == self.expected and num_tokens == self.ones and req_ids == self.req_ids
 
     def advance(self, computed: list[int]) -> None:
-        """Record a matching step as sent (its positions are `computed`)."""
-        expected = [position + 1 for position in computed]
-        with self._lock:
-            for tracked, position in zip(self._records, expected, strict=True):
-                tracked.sent_until = position
-        self.expected = expected
+        """Record a matching step as sent (its positions are `computed`): one assignment,
+        which the splitter settles into its records when they are read."""
+        self.expected = [position + 1 for position in computed]
 
 
 def group_by_attributes(slices: Sequence[Slice]) -> list[list[Slice]]:

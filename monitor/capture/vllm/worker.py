@@ -7,10 +7,10 @@ Patched into vLLM's V1 model runner (`GPUModelRunner`, which the CPU runner exte
   role, give each chosen decoder layer a capture buffer and start the CaptureClient (the
   same ring, relay process, fail-open/closed semantics and metrics as the transformers
   client);
-- `_prepare_inputs`: note the flattened batch's layout (request order, tokens per request,
+- `_prepare_inputs`: keep the flattened batch's layout (request order, tokens per request,
   position of each request's first token), exactly as the runner computes it;
-- `execute_model`: after the forward, read the first `num_tokens` rows of each buffer and
-  send them split per request (batch.py);
+- `execute_model`: after the forward, read that layout and the first `num_tokens` rows of
+  each buffer, and send them split per request (batch.py);
 - `sample_tokens`: hand the engine core the requests a `block` alert asked to stop, on the
   ModelRunnerOutput (it travels to the scheduler process with the output; guard.py).
 
@@ -60,10 +60,12 @@ _MAX_VIEWS = 1024
 
 
 class PluginTiming:
-    """Time the plugin spends on the model runner's thread (noting the layout, splitting and
+    """Time the plugin spends on the model runner's thread (reading the layout, splitting and
     submitting each step, handing blocks back): thread CPU time, which a busy machine does
     not inflate, and wall time. `steps` counts the forward passes it handled (the calls
-    that only report finished requests add their time, not a step)."""
+    that only report finished requests add their time, not a step). Not timed: finding
+    the capture on the runner and keeping the layout's two references after
+    `_prepare_inputs` (a clock read costs more than either)."""
 
     __slots__ = ("cpu_ns", "steps", "wall_ns")
 
@@ -83,8 +85,9 @@ class PluginTiming:
 class WorkerCapture:
     """One per model runner: buffers, the request bookkeeping and the capture client."""
 
-    # The current run of pure decode steps and how its steps go out (see `after_forward`).
-    _decode: tuple[DecodeRun, Tagging, dict[str, torch.Tensor]] | None = None
+    # The current run of pure decode steps and how its steps go out (see `after_forward`):
+    # the run, its tagging and row views, and the step that started it.
+    _decode: tuple[DecodeRun, Tagging, dict[str, torch.Tensor], CapturedStep] | None = None
 
     def __init__(self, settings: PluginSettings, runner: Any) -> None:
         from vllm.distributed import get_pp_group, get_tp_group
@@ -113,7 +116,7 @@ class WorkerCapture:
         self.buffers: dict[str, torch.Tensor] = {}
         self.splitter = BatchSplitter()
         self.client = None
-        self._layout: tuple[list[str], Any, Any] | None = None
+        self._layout: tuple[Any, Any] | None = None  # the input batch and token counts
         self._blocks: dict[str, str] = {}
         self._blocks_lock = threading.Lock()
         self.block_requests = 0  # block alerts that named a request in flight
@@ -172,15 +175,12 @@ class WorkerCapture:
     # ---- per step -------------------------------------------------------------------------
 
     def note_layout(self, runner: Any, num_scheduled_tokens: Any) -> None:
-        """Called right after `_prepare_inputs`: the order and positions the forward uses."""
-        batch = runner.input_batch
-        count = batch.num_reqs
-        tokens = _ints(num_scheduled_tokens)  # vLLM's holds num_reqs counts: no slice to make
-        self._layout = (
-            batch.req_ids[:count],
-            tokens if len(tokens) == count else tokens[:count],
-            _ints(batch.num_computed_tokens_cpu[:count]),
-        )
+        """Called right after `_prepare_inputs`: keep the batch and the step's token counts,
+        which hold the order and positions the forward uses. `after_forward` reads them (and
+        is timed): vLLM changes neither before the next step's `_update_states`, inside the
+        next `execute_model`, so the wrapper around `_prepare_inputs` reads no clock (two
+        clock reads there cost more than keeping two references)."""
+        self._layout = (runner.input_batch, num_scheduled_tokens)
 
     @property
     def has_layout(self) -> bool:
@@ -189,13 +189,20 @@ class WorkerCapture:
 
     def after_forward(self, runner: Any, scheduler_output: Any) -> None:
         """Called after `execute_model`: send this step's rows, split per request."""
-        layout, self._layout = self._layout, None
+        noted, self._layout = self._layout, None
         finished = scheduler_output.finished_req_ids
         if finished:
             self._finish(finished)
-        if layout is None or self.client is None:
+        if noted is None or self.client is None:
             return
-        req_ids, num_tokens, computed = layout
+        batch, scheduled = noted
+        count = batch.num_reqs
+        req_ids = batch.req_ids[:count]
+        num_tokens = _ints(scheduled)  # vLLM's holds num_reqs counts: no slice to make
+        if len(num_tokens) != count:
+            num_tokens = num_tokens[:count]
+        computed = _ints(batch.num_computed_tokens_cpu[:count])
+        layout = (req_ids, num_tokens, computed)
         new_requests = scheduler_output.scheduled_new_reqs
         decode = self._decode
         if decode is not None and not new_requests and decode[0].matches(*layout):
@@ -203,9 +210,13 @@ class WorkerCapture:
             # It splits, plans and slices as that step did: send it as that one, with this
             # step's positions (a new request makes it a step of `new_requests`; a grown
             # streaming prompt too, whose rows the slow path tags by position).
-            decode[0].advance(computed)
+            run, tagging, views, first = decode
+            run.advance(computed)
             self.steps += 1
-            self.client.submit(self._captured(decode[2], decode[1], decode[0].ones, computed))
+            if self._on_cuda:  # each step is its own copy off the device
+                self.client.submit(self._captured(views, tagging, run.ones, computed))
+            else:  # the run's first step again, at this step's positions: no new objects
+                self.client.submit_again(first, computed)
             return
         self._decode = None
         splitter = self.splitter
@@ -225,11 +236,12 @@ class WorkerCapture:
         submit = self.client.submit
         plan = self._plan(slices)
         for indices, tagging in plan:
-            submit(self._step([slices[i] for i in indices] if indices else slices, tagging))
+            step = self._step([slices[i] for i in indices] if indices else slices, tagging)
+            submit(step)
         if len(plan) == 1 and not plan[0][0]:  # one message of every slice: a run may start
             run = splitter.decode_run(req_ids, slices)
             if run is not None:
-                self._decode = (run, plan[0][1], self._row_views(0, len(slices)))
+                self._decode = (run, plan[0][1], self._row_views(0, len(slices)), step)
 
     def _plan(self, slices: StepSlices) -> list[tuple[tuple[int, ...], Tagging]]:
         """How this step's slices go out: groups (indices into `slices`; () for all of them)
