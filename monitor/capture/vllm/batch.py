@@ -440,10 +440,12 @@ class DecodeRun:
     request's next position to send). Anything else (a request joining, leaving, finishing
     or preempted, a prompt chunk, recomputed or skipped positions, a new order) fails
     `matches` and goes through `split`, which starts a new run when the step qualifies.
-    The worker drops its run whenever a request finishes (`BatchSplitter.finish` does not
-    know of runs). `advance` only notes the positions: the splitter writes them into its
-    records when they are read (`BatchSplitter._settle`), as taking its lock and writing
-    each record every step cost more than the rest of the step's bookkeeping."""
+    The worker drops its run whenever a request finishes (the next step then goes through
+    `split`). `advance` only notes the positions: the splitter writes them into its
+    records whenever they are read or written (`BatchSplitter._settle`, from `state`,
+    `finish` and `split`, under its lock), as taking its lock and writing each record every
+    step cost more than the rest of the step's bookkeeping; so the splitter's run can
+    outlive the worker's until the next `split`."""
 
     __slots__ = ("expected", "ones", "records", "req_ids")
 
