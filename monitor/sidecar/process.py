@@ -334,14 +334,19 @@ class Sidecar:
 
 
 async def serve(config: SidecarConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
-    sidecar = Sidecar(config)
-    await sidecar.start()
-    settle_heap()
+    """Run until SIGTERM or SIGINT, then drain.
+
+    The handlers go in before the sidecar starts: `start()` logs 'sidecar started', the line
+    a supervisor (and the test fixtures) take for ready, and `settle_heap()`'s full collection
+    follows it (~0.1 s, more on a loaded machine). A SIGTERM (or SIGHUP) in that window used
+    to meet the default action and kill the process (exit -15) with no drain and no audit
+    flush. Now a SIGTERM during start-up sets `stop`: the sidecar finishes starting, then
+    drains."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    sidecar = Sidecar(config)
     reloads: set[asyncio.Task[None]] = set()
 
     async def reload_logged() -> None:
@@ -356,6 +361,8 @@ async def serve(config: SidecarConfig) -> None:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    await sidecar.start()
+    settle_heap()
     await stop.wait()
     await sidecar.stop()
 

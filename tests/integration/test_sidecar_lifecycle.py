@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -41,3 +43,15 @@ def test_metrics_endpoint_has_build_info_and_histograms(tmp_path, sidecar_factor
     assert "safety_monitor_encode_seconds_bucket" in names
     assert "safety_monitor_tokens_total" in names
     assert metrics[("safety_monitor_active_streams", ())] == 0
+
+
+def test_signals_at_the_ready_line_drain_not_kill(tmp_path, sidecar_factory):
+    """SIGHUP then SIGTERM the moment 'sidecar started' is logged (the fixture's readiness
+    signal). The handlers used to go in only after that line and the heap settling after it,
+    so either signal met the default action there: exit -1 / -15, no drain (the flake of
+    test_sqlite_file_locked_mid_stream's second sidecar). Now both are handled."""
+    sidecar = _sidecar(tmp_path, sidecar_factory)
+    sidecar.process.send_signal(signal.SIGHUP)  # a rule reload, not an exit
+    assert sidecar.stop() == 0
+    events = [e.get("event") for e in sidecar.log_events()]
+    assert events.index("sidecar draining") < events.index("sidecar stopped")
