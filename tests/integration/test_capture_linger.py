@@ -181,16 +181,24 @@ def test_flush_does_not_wait_out_the_linger(tmp_path):
 )
 def test_a_long_linger_drops_nothing_from_a_small_ring(tmp_path, queue_size, buffer_bytes):
     """A linger ends early once about half the ring (the client's queue_size, or its bytes)
-    waits: with a 16-step queue or an 8 KiB ring and a 200 ms linger, a fail-open client
-    drops no step, as without a linger."""
+    waits: with a 16-step queue or an 8 KiB ring and a 1 s linger, a fail-closed client whose
+    model waits at most 0.5 s for room drops no step. A linger that did not end early would
+    hold a full ring for 1 s, so the model's wait would time out and drop steps.
+
+    Fail-closed, not fail-open: a fail-open client drops a step whenever its ring is full,
+    linger or not, so on a loaded machine (a relay descheduled for a few ms while the tiny
+    model writes many steps) an 8 KiB ring overflows without any linger; that made this test
+    flaky when it was fail-open. The bounded wait isolates what the linger controls."""
     sidecar = start_sidecar(sidecar_config(tmp_path), tmp_path)
     client = CaptureClient(
         sidecar.target,
         model_name="tiny",
         metrics_registry=None,
-        linger_ms=200.0,
+        linger_ms=1000.0,
         queue_size=queue_size,
         buffer_bytes=buffer_bytes,
+        on_full="block",
+        block_timeout=0.5,
     )
     try:
         model = build_tiny_llama(hidden=HIDDEN)
