@@ -48,7 +48,7 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
     # the 95% intervals of the median losses (the median of five: 6.5 points over all 60
     # rounds of that run, 13.1 over its first 20; README, Serving with vLLM).
     parser.add_argument("--rounds", type=int, default=None, help="default 21 (vllm: 60)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="default 48 (vllm: 32)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 48 (vllm: 128)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
@@ -137,7 +137,7 @@ def _run_command(args: argparse.Namespace) -> int:
         result = run_vllm_overhead_bench(
             rounds=args.rounds or 60,
             requests=args.batch,
-            new_tokens=args.new_tokens or 32,
+            new_tokens=args.new_tokens or 128,
             eager_modes=eager,
             control=args.control,
             baseline_tree=args.baseline_tree,
