@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from monitor.bench.machine import describe, render
+
 MODES = ("baseline", "sidecar-up", "sidecar-down", "local-encode")
 LINGER_MODE = "sidecar-up+linger"
 HOOK_LAYERS = (2, 4)
@@ -147,6 +149,8 @@ def _run_command(args: argparse.Namespace) -> int:
         )
         print(json.dumps(result, indent=2) if args.json else format_vllm_table(result))
         return 0
+    # Described before the bench pins this process to one core.
+    machine = describe()
     result = run_overhead_bench(
         rounds=args.rounds or 21,
         new_tokens=args.new_tokens or 48,
@@ -156,7 +160,7 @@ def _run_command(args: argparse.Namespace) -> int:
         soak_steps=args.soak_steps,
         linger_ms=lingers[0] if lingers else None,
     )
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    print(render(result, args.json, format_table, machine))
     return 0
 
 
