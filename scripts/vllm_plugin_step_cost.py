@@ -2,9 +2,11 @@
 the plugin's wrappers around a model runner's `_prepare_inputs`, `execute_model` and
 `sample_tokens` (monitor/capture/vllm/plugin.py), with a real capture client, relay and
 `safety-monitor serve` behind them, for the batches `bench overhead --engine vllm` runs (4
-requests: a 32-token prefill each, then 32 decode steps; layer 1 of a hidden-256 float32
-model), one step every 8 ms (the engine's inter-token latency here, so the relay sleeps and
-wakes as it does beside a real engine).
+requests: a 32-token prefill each, then 32 decode steps, as the bench's runs had until
+2026-12-02, now 128: the same steps, more of them; layer 1 of a hidden-256 float32 model),
+one step every 8 ms (the engine's inter-token latency here, so the relay sleeps and wakes as
+it does beside a real engine). Its working directory (the sidecar's log) is removed when the
+replay completes and kept, its path printed, when it fails (monitor/bench/workdir.py).
 
 What it counts is what the plugin adds on the engine's thread, its own timing
 (`PluginTiming`) included; the runner's methods themselves do nothing. Run from the

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import resource
 import statistics
@@ -136,6 +135,7 @@ def _run_command(args: argparse.Namespace) -> int:
         from monitor.bench.vllm_overhead import format_vllm_table, run_vllm_overhead_bench
 
         eager = {"both": (False, True), "compiled": (False,), "eager": (True,)}[args.execution]
+        machine = describe()  # the bench's own process is never pinned: every usable CPU
         result = run_vllm_overhead_bench(
             rounds=args.rounds or 60,
             requests=args.batch,
@@ -147,7 +147,7 @@ def _run_command(args: argparse.Namespace) -> int:
             same_engine=args.same_engine,
             linger_ms=lingers or None,
         )
-        print(json.dumps(result, indent=2) if args.json else format_vllm_table(result))
+        print(render(result, args.json, format_vllm_table, machine))
         return 0
     # Described before the bench pins this process to one core.
     machine = describe()

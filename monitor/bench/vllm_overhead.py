@@ -30,7 +30,12 @@ time in the decode phase), and the throughput loss against monitor-off paired pe
 95% bootstrap confidence interval of that median (monitor/bench/intervals.py: rounds
 resampled, seeded) and spread (quartiles, min, max); the same per mirrored pair of rounds
 (JSON: `loss_pct_pairs_*`); the plugin's thread CPU time per step; and where the CPU time
-per step goes: the engine's own processes, its capture relay, the sidecar (schedstat).
+per step goes: the engine's own processes, its capture relay, the sidecar (schedstat), and the
+engine's share of its CPU during each run (its on-CPU time over the run's wall time; below 1
+when another process ran there) with its threads' run-queue wait (`per_round` in the JSON).
+A run is 4 requests x 32 prompt + 128 new tokens (about 0.4 s here): with 32 new tokens (0.15
+s) a run was shorter than the machine's slow and fast spells, and its loss against the next
+engine's run varied far more (README, Serving with vLLM, has the numbers).
 `linger_ms` with several values (`--linger-ms 0,20`) runs the sidecar-up engine with each
 relay linger in turn, every round (modes sidecar-up, with the first value, and
 sidecar-up-linger<N>): one capture client per value in the same engine process, switched

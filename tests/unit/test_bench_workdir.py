@@ -38,10 +38,12 @@ def test_completed_run_removes_its_directory(monkeypatch: pytest.MonkeyPatch) ->
 def test_failed_run_keeps_its_directory_and_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV_KEEP, raising=False)
     out = io.StringIO()
-    with pytest.raises(RuntimeError, match="engine exited"):
-        with bench_workdir("sm-test-workdir-", stream=out) as path:
-            (path / "sidecar.log").write_text("the sidecar's last words")
-            raise RuntimeError("engine exited")
+    with (
+        pytest.raises(RuntimeError, match="engine exited"),
+        bench_workdir("sm-test-workdir-", stream=out) as path,
+    ):
+        (path / "sidecar.log").write_text("the sidecar's last words")
+        raise RuntimeError("engine exited")
     try:
         assert (path / "sidecar.log").read_text() == "the sidecar's last words"
         assert str(path) in out.getvalue() and "failed" in out.getvalue()
