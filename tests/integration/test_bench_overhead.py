@@ -27,5 +27,17 @@ def test_overhead_bench_runs_every_mode_and_accounts_for_every_step():
     assert soak["steps"] == 100 and soak["acked"] >= forwards + 100
     # The bench pins itself to one core while it measures; the caller gets its process back.
     assert os.sched_getaffinity(0) == cores and torch.get_num_threads() == threads
+    # The rounds ran as a mirrored pair; every mode has its loss's interval and the model
+    # thread's CPU per step, measured (a real generate() takes CPU on this thread).
+    orders = result["per_round"]["orders"]
+    assert orders[1] == orders[0][::-1] and sorted(orders[0]) == sorted(MODES)
+    assert all(row["thread_cpu_ms_per_step"] > 0 for row in modes.values())
+    for mode in MODES[1:]:
+        row = modes[mode]
+        assert row["loss_pct_ci_low"] <= row["loss_pct_median"] <= row["loss_pct_ci_high"]
+        ci = (row["thread_cpu_extra_ms_ci_low"], row["thread_cpu_extra_ms_ci_high"])
+        assert ci[0] <= row["thread_cpu_extra_ms_median"] <= ci[1]
+    assert all(len(v) == rounds for v in result["per_round"]["thread_cpu_s"].values())
     table = format_table(result)
     assert "sidecar-up" in table and "soak: 100 steps captured" in table
+    assert "95% CI" in table and "extra CPU/step" in table
