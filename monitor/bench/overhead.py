@@ -259,11 +259,11 @@ def run_overhead_bench(
 
 def round_orders(modes: tuple[str, ...], rounds: int) -> list[tuple[str, ...]]:
     """The order of the modes in each round: mirrored pairs of rounds, rotating from pair to
-    pair (`round_order`). In a fixed order one mode would always run right after the
-    baseline and another always last (after the most allocation, the warmest or coolest
-    core); here, over every 2 x len(modes) rounds, each mode runs in each place equally
-    often, and within a pair every mode's mean place is the same, so a drift linear over the
-    pair cancels from each round's paired ratio on average."""
+    pair (`round_order`). A fixed order runs each mode always in the same place and after
+    the same mode, so whatever a place costs (what the previous mode left in the caches and
+    the allocator, a drift within the round) lands on one mode every round; here, over every
+    2 x len(modes) rounds, each mode runs in each place equally often, and within a pair
+    every mode's mean place is the same, so a drift linear over the pair cancels."""
     return [round_order(modes, index) for index in range(rounds)]
 
 
