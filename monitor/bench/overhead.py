@@ -50,6 +50,9 @@ from monitor.bench.vllm_overhead import round_order
 MODES = ("baseline", "sidecar-up", "sidecar-down", "local-encode")
 LINGER_MODE = "sidecar-up+linger"
 HOOK_LAYERS = (2, 4)
+# generate() calls per capture mode (and once more for the timers alone) in the hook-timing
+# phase after the rounds: about 0.7 s each with the default model.
+HOOK_TIMING_RUNS = 7
 
 
 def add_bench_overhead_command(bench_subparsers: Any) -> None:
@@ -202,6 +205,7 @@ def run_overhead_bench(
     prompt_tokens: int = 32,
     soak_steps: int = 0,
     linger_ms: float | None = None,
+    hook_timing_runs: int = HOOK_TIMING_RUNS,
 ) -> dict[str, Any]:
     """Generation throughput of one model without capture and with it (sidecar up, sidecar down,
     local encoding; with `linger_ms`, sidecar up with that relay linger too), in interleaved
@@ -244,6 +248,8 @@ def run_overhead_bench(
             for client in clients.values():
                 client.flush(30)
             accounting = {m: _accounting(c) for m, c in clients.items()}
+            # After the accounting: its messages are not the rounds'.
+            hook_cpu = _hook_cpu(model, prompt, new_tokens, clients, hook_timing_runs)
             soak = _soak(model, clients["sidecar-up"], soak_steps) if soak_steps else None
         finally:
             for client in clients.values():
@@ -253,6 +259,7 @@ def run_overhead_bench(
             torch.set_num_threads(threads)  # the caller's process as it was
             os.sched_setaffinity(0, cores)
     result = _summarise(runs, new_tokens, accounting, soak, hidden, layers, batch)
+    _add_hook_cpu(result, hook_cpu)
     result["linger_ms"] = linger_ms
     return result
 
@@ -298,6 +305,79 @@ def _interleaved_rounds(model, prompt, new_tokens, rounds, clients) -> dict[str,
             if client is not None:
                 client.detach()
     return runs
+
+
+class _HookTimer:
+    """The model thread's CPU time inside the capture's hooks: a hook put before the
+    capture's on the model's forward pre-hooks and on each hooked layer's forward hooks
+    starts a clock, one put after them stops it. Only for the hook-timing phase: the timers
+    are hooks themselves, so the rounds that measure throughput run without them."""
+
+    def __init__(self, model: torch.nn.Module, layers: list[torch.nn.Module]) -> None:
+        self.total_ns = 0
+        self._started = 0
+        self._handles = [model.register_forward_pre_hook(self._start, prepend=True)]
+        self._handles.append(model.register_forward_pre_hook(self._stop))
+        for layer in layers:
+            self._handles.append(layer.register_forward_hook(self._start, prepend=True))
+            self._handles.append(layer.register_forward_hook(self._stop))
+
+    def _start(self, *_: object) -> None:
+        self._started = time.thread_time_ns()
+
+    def _stop(self, *_: object) -> None:
+        self.total_ns += time.thread_time_ns() - self._started
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _hook_cpu(model, prompt, new_tokens, clients, runs) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
+    """Per mode, per generate(), the model thread's CPU ms per generated step inside the
+    capture's hooks; "timers" is the timers alone (no capture), their own floor. Run after
+    the rounds, apart from them (`_HookTimer`)."""
+    from monitor.capture.layers import select_layers
+
+    layers = list(select_layers(model, list(HOOK_LAYERS)).values())
+    modes = ("timers", *clients)
+    per_step: dict[str, list[float]] = {mode: [] for mode in modes}
+    for index in range(runs):
+        for mode in modes:
+            client = clients.get(mode)
+            if client is not None:
+                client.attach(model, layers=list(HOOK_LAYERS))
+            # Attached after the capture's hooks: `prepend` puts the start before them.
+            timer = _HookTimer(model, layers)
+            try:
+                if client is None:
+                    _generate(model, prompt, new_tokens)
+                else:
+                    ids = [f"hooks-{mode}-{index}-{row}" for row in range(prompt.shape[0])]
+                    with client.conversation(ids):
+                        _generate(model, prompt, new_tokens)
+            finally:
+                timer.remove()
+                if client is not None:
+                    client.detach()
+            per_step[mode].append(timer.total_ns / 1e6 / new_tokens)
+    return per_step
+
+
+def _add_hook_cpu(result: dict[str, Any], hook_cpu: dict[str, list[float]]) -> None:
+    """The hook-timing phase into the result: per capture mode `hook_cpu_ms_*` (median over
+    runs of the CPU ms per step in the hooks, its interval) and `hook_cpu_pct` (that median
+    as % of the baseline's model-thread CPU per step)."""
+    floor = hook_cpu.pop("timers", None)
+    base = result["modes"]["baseline"]["thread_cpu_ms_per_step"]
+    for mode, values in hook_cpu.items():
+        row = result["modes"][mode]
+        row.update(_rounded(summary(values, "hook_cpu_ms"), 4))
+        row["hook_cpu_pct"] = round(100 * row["hook_cpu_ms_median"] / base, 2) if base else None
+    if floor:
+        result["hook_timer_floor_ms"] = round(statistics.median(floor), 4)
+    result["hook_timing_runs"] = len(floor or [])
+    result["per_round"]["hook_cpu_ms_per_step"] = {"timers": floor or [], **hook_cpu}
 
 
 def _generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -442,6 +522,20 @@ def format_table(result: dict[str, Any]) -> str:
             f"{row['thread_cpu_ms_per_step']:>6.3f} ms{extra}{row.get('acked', '-'):>7}"
             f"{row.get('dropped', '-'):>8}{row.get('messages', '-'):>9}"
         )
+    hooked = [(mode, row) for mode, row in result["modes"].items() if "hook_cpu_ms_median" in row]
+    if hooked:
+        lines.append(
+            "CPU on the model's thread inside the capture's hooks per step (median of "
+            f"{result['hook_timing_runs']} generate() per mode after the rounds, timed by hooks "
+            f"around the capture's; the timers alone: {result.get('hook_timer_floor_ms', 0):.4f}"
+            " ms):"
+        )
+        for mode, row in hooked:
+            lines.append(
+                f"  {mode:<18}{row['hook_cpu_ms_median']:.3f} ms (95% CI "
+                f"{_ci(row, 'hook_cpu_ms', 3)}), {row['hook_cpu_pct']:.2f}% of the baseline's "
+                "CPU per step"
+            )
     if result["soak"]:
         soak = result["soak"]
         lines.append(

@@ -14,7 +14,13 @@ def test_overhead_bench_runs_every_mode_and_accounts_for_every_step():
     new_tokens, rounds = 4, 2
     cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
     result = run_overhead_bench(
-        rounds=rounds, new_tokens=new_tokens, batch=2, hidden=64, layers=6, soak_steps=100
+        rounds=rounds,
+        new_tokens=new_tokens,
+        batch=2,
+        hidden=64,
+        layers=6,
+        soak_steps=100,
+        hook_timing_runs=2,
     )
     modes = result["modes"]
     assert set(modes) == set(MODES)
@@ -38,6 +44,10 @@ def test_overhead_bench_runs_every_mode_and_accounts_for_every_step():
         ci = (row["thread_cpu_extra_ms_ci_low"], row["thread_cpu_extra_ms_ci_high"])
         assert ci[0] <= row["thread_cpu_extra_ms_median"] <= ci[1]
     assert all(len(v) == rounds for v in result["per_round"]["thread_cpu_s"].values())
+    # The capture's hooks take CPU on the model's thread beyond the timers' own.
+    assert result["hook_timing_runs"] == 2
+    for mode in MODES[1:]:
+        assert modes[mode]["hook_cpu_ms_median"] > result["hook_timer_floor_ms"] > 0
     table = format_table(result)
     assert "sidecar-up" in table and "soak: 100 steps captured" in table
-    assert "95% CI" in table and "extra CPU/step" in table
+    assert "95% CI" in table and "extra CPU/step" in table and "inside the capture's hooks" in table

@@ -1,17 +1,21 @@
 """`bench overhead` (transformers): the order of the modes within rounds (every mode in every
-place equally often, rounds in mirrored pairs), and the per-mode summary: the loss's median
-with its 95% interval and the model thread's extra CPU per step against the same round's
-baseline."""
+place equally often, rounds in mirrored pairs), the per-mode summary (the loss's median with
+its 95% interval, the model thread's extra CPU per step against the same round's baseline),
+and the timer of the CPU inside the capture's hooks."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
+import torch
 
 from monitor.bench.overhead import (
     LINGER_MODE,
     MODES,
+    _add_hook_cpu,
+    _HookTimer,
     _summarise,
     extra_cpu_per_step,
     format_table,
@@ -87,3 +91,39 @@ def test_the_interval_widens_with_noisy_rounds():
     runs["seconds"]["sidecar-up"] = noisy
     up = _summarise(runs, steps, {}, None, 64, 2, 4)["modes"]["sidecar-up"]
     assert up["loss_pct_ci_high"] - up["loss_pct_ci_low"] > 5
+
+
+def _burn(ms: float) -> None:
+    # Busy on this thread for `ms` of its own CPU time (preemption does not count).
+    end = time.thread_time_ns() + int(ms * 1e6)
+    while time.thread_time_ns() < end:
+        pass
+
+
+def test_hook_timer_counts_only_the_hooks_it_brackets():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    layer = model[0]
+    # The capture's hooks, attached first: a model pre-hook and a layer hook.
+    model.register_forward_pre_hook(lambda *_: _burn(2))
+    layer.register_forward_hook(lambda *_: _burn(3))
+    timer = _HookTimer(model, [layer])
+    # Attached after the timer: outside its brackets, not counted.
+    layer.register_forward_hook(lambda *_: _burn(20))
+    model.register_forward_pre_hook(lambda *_: _burn(20))
+    model(torch.zeros(1, 4))
+    assert 5e6 <= timer.total_ns < 15e6
+    timer.remove()
+    model(torch.zeros(1, 4))  # removed: nothing more counted
+    assert timer.total_ns < 15e6
+
+
+def test_hook_cpu_goes_into_the_result():
+    runs, steps = _runs(5)
+    result = _summarise(runs, steps, {}, None, 64, 2, 4)
+    _add_hook_cpu(result, {"timers": [0.001] * 3, "sidecar-up": [0.10, 0.12, 0.11]})
+    up = result["modes"]["sidecar-up"]
+    assert up["hook_cpu_ms_median"] == pytest.approx(0.11)
+    assert up["hook_cpu_pct"] == pytest.approx(5.5)  # of the baseline's 2 ms per step
+    assert result["hook_timer_floor_ms"] == pytest.approx(0.001)
+    assert result["hook_timing_runs"] == 3
+    assert "0.110 ms (95% CI 0.100 to 0.120), 5.50% of the baseline" in format_table(result)
