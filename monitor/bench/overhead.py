@@ -15,11 +15,17 @@ Per mode: the median over rounds of the throughput lost against the same round's
 with its 95% bootstrap interval (`monitor.bench.intervals`): the headline, the issue's target.
 Beside it, the CPU time of the model's thread per generated step (`time.thread_time_ns`,
 which time spent preempted or waiting does not inflate), extra against the same round's
-baseline: what the hooks cost on the model's thread, with less noise than the throughput. It
-misses what does not run on that thread: waits for the GIL while another thread of the
-process holds it, time the thread is preempted, and work in the process's other threads
-(the process's CPU per step, all its threads, is in `--json`); and it counts, as the
-throughput does, the model's own work slowed by the hooks' use of the caches.
+baseline. It misses what does not run on that thread: waits for the GIL while another
+thread of the process holds it, time the thread is preempted, and work in the process's
+other threads (the process's CPU per step, all its threads, is in `--json`); and it counts,
+as the throughput does, the model's own work slowed by the hooks' use of the caches. On the
+2-core machine it was as noisy as the throughput (the model's thread hardly waits there, so
+its CPU per step is its wall time per step; the model's own work varies from round to round
+with the other core's load): 2026-12-02 16:32-16:46 UTC, shared machine, `safety-monitor
+bench overhead --rounds 31`, three runs, 95% intervals 3.8-9.3 points wide for the loss,
+3.6-9.1 for the extra CPU in % (sidecar up and local encoding). Hence a third number, steady:
+the CPU inside the capture's hooks alone (`_HookTimer`), timed after the rounds, its
+intervals 0.02-0.04 ms wide in the same runs.
 
 The model runs on core 0 with one torch thread; the sidecar process is pinned to the other
 core, as it would run in its own container. Optionally a soak: memory of the serving process
@@ -60,7 +66,10 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
     parser = bench_subparsers.add_parser(
         "overhead", help="generation throughput with and without capture, side by side"
     )
-    # Per-round noise is about ±1.5 points here; the median of 21 rounds is stable to ±0.5.
+    # transformers: the 95% interval of the median loss was 4-11 points wide at 31 rounds on the
+    # 2-core machine (2026-12-02 16:32-16:46 UTC, shared machine, three runs of
+    # `bench overhead --rounds 31`; README, Benchmarks), as wide as the runs' spread: more
+    # rounds narrow it, the default stays short.
     # vllm: the rounds are the smaller part of a run, which starts its engines first
     # (2026-12-02, shared machine: 60 rounds took 68 s of 150), and 60 rather than 20 halved
     # the 95% intervals of the median losses (the median of five: 6.5 points over all 60
