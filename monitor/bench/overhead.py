@@ -19,13 +19,12 @@ baseline. It misses what does not run on that thread: waits for the GIL while an
 thread of the process holds it, time the thread is preempted, and work in the process's
 other threads (the process's CPU per step, all its threads, is in `--json`); and it counts,
 as the throughput does, the model's own work slowed by the hooks' use of the caches. On the
-2-core machine it was as noisy as the throughput (the model's thread hardly waits there, so
-its CPU per step is its wall time per step; the model's own work varies from round to round
-with the other core's load): 2026-12-02 16:32-16:46 UTC, shared machine, `safety-monitor
-bench overhead --rounds 31`, three runs, 95% intervals 3.8-9.3 points wide for the loss,
-3.6-9.1 for the extra CPU in % (sidecar up and local encoding). Hence a third number, steady:
-the CPU inside the capture's hooks alone (`_HookTimer`), timed after the rounds, its
-intervals 0.02-0.04 ms wide in the same runs.
+2-core machine it was as noisy as the throughput while the model's thread hardly waited
+(its CPU per step then is its wall time per step, and the model's own work varies from round
+to round), and narrower only when the thread was preempted (README, Benchmarks: four runs of
+`safety-monitor bench overhead --rounds 31`, 2026-12-02 16:32-16:55 UTC, shared machine).
+Hence a third number, steady: the CPU inside the capture's hooks alone (`_HookTimer`), timed
+after the rounds, its intervals 0.01-0.04 ms wide in the same runs.
 
 The model runs on core 0 with one torch thread; the sidecar process is pinned to the other
 core, as it would run in its own container. Optionally a soak: memory of the serving process
@@ -65,8 +64,8 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
     parser = bench_subparsers.add_parser(
         "overhead", help="generation throughput with and without capture, side by side"
     )
-    # transformers: the 95% interval of the median loss was 4-11 points wide at 31 rounds on the
-    # 2-core machine (2026-12-02 16:32-16:46 UTC, shared machine, three runs of
+    # transformers: the 95% interval of the median loss was 4-13 points wide at 31 rounds on the
+    # 2-core machine (2026-12-02 16:32-16:55 UTC, shared machine, four runs of
     # `bench overhead --rounds 31`; README, Benchmarks), as wide as the runs' spread: more
     # rounds narrow it, the default stays short.
     # vllm: the rounds are the smaller part of a run, which starts its engines first
