@@ -72,8 +72,9 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
     # (2026-12-02, shared machine: 60 rounds took 68 s of 150), and 60 rather than 20 halved
     # the 95% intervals of the median losses (the median of five: 6.5 points over all 60
     # rounds of that run, 13.1 over its first 20; README, Serving with vLLM). 128 new tokens
-    # per run rather than 32 narrowed them again (median width 5.6-8.5 points in three runs
-    # against 11.9-17.4 in two, same afternoon), for 228-293 s a run instead of 168.
+    # per run rather than 32 narrowed them on the whole (median width 5.6-8.5 points in three
+    # runs against 8.7-17.4 in three, alternating, same afternoon), for 228-293 s a run
+    # instead of 167-183.
     parser.add_argument("--rounds", type=int, default=None, help="default 21 (vllm: 60)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 48 (vllm: 128)")
     parser.add_argument("--batch", type=int, default=4)
