@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import resource
 import statistics
@@ -72,9 +71,12 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
     # vllm: the rounds are the smaller part of a run, which starts its engines first
     # (2026-12-02, shared machine: 60 rounds took 68 s of 150), and 60 rather than 20 halved
     # the 95% intervals of the median losses (the median of five: 6.5 points over all 60
-    # rounds of that run, 13.1 over its first 20; README, Serving with vLLM).
+    # rounds of that run, 13.1 over its first 20; README, Serving with vLLM). 128 new tokens
+    # per run rather than 32 narrowed them on the whole (median width 5.6-8.5 points in three
+    # runs against 8.7-17.4 in three, alternating, same afternoon), for 228-293 s a run
+    # instead of 167-183.
     parser.add_argument("--rounds", type=int, default=None, help="default 21 (vllm: 60)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="default 48 (vllm: 32)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 48 (vllm: 128)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
@@ -160,10 +162,11 @@ def _run_command(args: argparse.Namespace) -> int:
         from monitor.bench.vllm_overhead import format_vllm_table, run_vllm_overhead_bench
 
         eager = {"both": (False, True), "compiled": (False,), "eager": (True,)}[args.execution]
+        machine = describe()  # the bench's own process is never pinned: every usable CPU
         result = run_vllm_overhead_bench(
             rounds=args.rounds or 60,
             requests=args.batch,
-            new_tokens=args.new_tokens or 32,
+            new_tokens=args.new_tokens or 128,
             eager_modes=eager,
             control=args.control,
             baseline_tree=args.baseline_tree,
@@ -171,7 +174,7 @@ def _run_command(args: argparse.Namespace) -> int:
             same_engine=args.same_engine,
             linger_ms=lingers or None,
         )
-        print(json.dumps(result, indent=2) if args.json else format_vllm_table(result))
+        print(render(result, args.json, format_vllm_table, machine))
         return 0
     # Described before the bench pins this process to one core.
     machine = describe()
