@@ -2,9 +2,11 @@
 the plugin's wrappers around a model runner's `_prepare_inputs`, `execute_model` and
 `sample_tokens` (monitor/capture/vllm/plugin.py), with a real capture client, relay and
 `safety-monitor serve` behind them, for the batches `bench overhead --engine vllm` runs (4
-requests: a 32-token prefill each, then 32 decode steps; layer 1 of a hidden-256 float32
-model), one step every 8 ms (the engine's inter-token latency here, so the relay sleeps and
-wakes as it does beside a real engine).
+requests: a 32-token prefill each, then 32 decode steps, as the bench's runs had until
+2026-12-02, now 128: the same steps, more of them; layer 1 of a hidden-256 float32 model),
+one step every 8 ms (the engine's inter-token latency here, so the relay sleeps and wakes as
+it does beside a real engine). Its working directory (the sidecar's log) is removed when the
+replay completes and kept, its path printed, when it fails (monitor/bench/workdir.py).
 
 What it counts is what the plugin adds on the engine's thread, its own timing
 (`PluginTiming`) included; the runner's methods themselves do nothing. Run from the
@@ -30,7 +32,6 @@ import pstats
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -221,43 +222,45 @@ def main() -> None:
         return
     sys.path.insert(0, str(Path.cwd()))
     from monitor.bench.vllm_overhead import _start_sidecar
+    from monitor.bench.workdir import bench_workdir
     from monitor.capture.client import CaptureClient
 
-    workdir = Path(tempfile.mkdtemp(prefix="sm-plugin-step-"))
-    sidecar, target = _start_sidecar(workdir, None)
-    client = CaptureClient(target, metrics_registry=None)
-    try:
-        deadline = time.monotonic() + 30
-        while not client.connected and time.monotonic() < deadline:
-            time.sleep(0.05)
-        runner_class = _patched_runner_class()
-        runner = runner_class()
-        runner._safety_monitor = _capture(client, 256)
-        _replay(runner, 3, None, "warmup")  # warm-up: caches, templates, the relay's stream
-        runner._safety_monitor.timing.__init__()
-        if args.compare_decode_run:
-            _compare_decode_run(runner, args.runs)
-            return
-        profile = cProfile.Profile() if args.profile else None
-        per_run = _replay(runner, args.runs, profile, "run")
-        timing = runner._safety_monitor.timing
-        client.flush(30)
-        stats = client.stats
-        if profile is not None:
-            pstats.Stats(profile).sort_stats("tottime").print_stats(30)
-            return
-        if args.json:
-            print(json.dumps({"per_run_us": per_run, "acked": stats.batches_acked}))
-            return
-        print(
-            f"decode step, thread CPU us: median {statistics.median(per_run):.1f} "
-            f"[{min(per_run):.1f}..{max(per_run):.1f}] over {args.runs} runs; PluginTiming "
-            f"(prefills too): {timing.cpu_ns / max(timing.steps, 1) / 1e3:.1f} us/step; "
-            f"acked {stats.batches_acked}, dropped {dict(stats.dropped)}"
-        )
-    finally:
-        client.close(timeout=10)
-        sidecar.stop()
+    # Removed when the replay completes, kept (and named) when it fails: the sidecar log.
+    with bench_workdir("sm-plugin-step-") as workdir:
+        sidecar, target = _start_sidecar(workdir, None)
+        client = CaptureClient(target, metrics_registry=None)
+        try:
+            deadline = time.monotonic() + 30
+            while not client.connected and time.monotonic() < deadline:
+                time.sleep(0.05)
+            runner_class = _patched_runner_class()
+            runner = runner_class()
+            runner._safety_monitor = _capture(client, 256)
+            _replay(runner, 3, None, "warmup")  # warm-up: caches, templates, the relay's stream
+            runner._safety_monitor.timing.__init__()
+            if args.compare_decode_run:
+                _compare_decode_run(runner, args.runs)
+                return
+            profile = cProfile.Profile() if args.profile else None
+            per_run = _replay(runner, args.runs, profile, "run")
+            timing = runner._safety_monitor.timing
+            client.flush(30)
+            stats = client.stats
+            if profile is not None:
+                pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+                return
+            if args.json:
+                print(json.dumps({"per_run_us": per_run, "acked": stats.batches_acked}))
+                return
+            print(
+                f"decode step, thread CPU us: median {statistics.median(per_run):.1f} "
+                f"[{min(per_run):.1f}..{max(per_run):.1f}] over {args.runs} runs; PluginTiming "
+                f"(prefills too): {timing.cpu_ns / max(timing.steps, 1) / 1e3:.1f} us/step; "
+                f"acked {stats.batches_acked}, dropped {dict(stats.dropped)}"
+            )
+        finally:
+            client.close(timeout=10)
+            sidecar.stop()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ so the ratios are meaningful whatever machine this runs on.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from monitor.bench.machine import describe, render
 from monitor.features.build.sae import SAE
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -40,8 +40,9 @@ def _run_command(args: argparse.Namespace) -> int:
     if min(sizes) <= 0 or args.k > args.d_sae:
         print("safety-monitor: error: sizes must be positive and --k <= --d-sae", file=sys.stderr)
         return 2
+    machine = describe()
     result = run_encoder_bench(*sizes, dtype=args.dtype, repeats=args.repeats)
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    print(render(result, args.json, format_table, machine))
     return 0
 
 

@@ -1,14 +1,30 @@
 """`safety-monitor bench overhead`: what capture costs the serving model.
 
 Generation throughput of a randomly initialised transformers causal LM (sized so one decode
-step takes several milliseconds on one CPU core), measured side by side in one run, rounds
-interleaved so drift hits every mode alike:
+step takes several milliseconds on one CPU core), measured side by side in one run, every mode
+once per round, rounds in mirrored pairs with the order rotating from pair to pair (the vLLM
+bench's `round_order`) so drift and a mode's place in the round hit every mode alike:
 
   baseline       no hooks
   sidecar-up     capture on 2 layers, streaming to a real sidecar process
   sidecar-down   capture on 2 layers, nothing listening (fail-open: steps dropped)
   local-encode   capture encoding the pack in-process, sending only feature values
   sidecar-up+linger  (with `--linger-ms N`) sidecar-up with the relay's linger at N ms
+
+Per mode: the median over rounds of the throughput lost against the same round's baseline,
+with its 95% bootstrap interval (`monitor.bench.intervals`): the headline, the issue's target.
+Beside it, the CPU time of the model's thread per generated step (`time.thread_time_ns`,
+which time spent preempted or waiting does not inflate), extra against the same round's
+baseline. It misses what does not run on that thread: waits for the GIL while another
+thread of the process holds it, time the thread is preempted, and work in the process's
+other threads (the process's CPU per step, all its threads, is in `--json`); and it counts,
+as the throughput does, the model's own work slowed by the hooks' use of the caches. On the
+2-core machine it was as noisy as the throughput while the model's thread hardly waited
+(its CPU per step then is its wall time per step, and the model's own work varies from round
+to round), and narrower only when the thread was preempted (README, Benchmarks: four runs of
+`safety-monitor bench overhead --rounds 31`, 2026-12-02 16:32-16:55 UTC, shared machine).
+Hence a third number, steady: the CPU inside the capture's hooks alone (`_HookTimer`), timed
+after the rounds, its intervals 0.01-0.04 ms wide in the same runs.
 
 The model runs on core 0 with one torch thread; the sidecar process is pinned to the other
 core, as it would run in its own container. Optionally a soak: memory of the serving process
@@ -19,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import resource
 import statistics
@@ -32,9 +47,16 @@ from typing import Any
 
 import torch
 
+from monitor.bench.intervals import summary
+from monitor.bench.machine import describe, render
+from monitor.bench.vllm_overhead import round_order
+
 MODES = ("baseline", "sidecar-up", "sidecar-down", "local-encode")
 LINGER_MODE = "sidecar-up+linger"
 HOOK_LAYERS = (2, 4)
+# generate() calls per capture mode (and once more for the timers alone) in the hook-timing
+# phase after the rounds: about 0.7 s each with the default model.
+HOOK_TIMING_RUNS = 7
 
 
 def add_bench_overhead_command(bench_subparsers: Any) -> None:
@@ -42,13 +64,19 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
     parser = bench_subparsers.add_parser(
         "overhead", help="generation throughput with and without capture, side by side"
     )
-    # Per-round noise is about ±1.5 points here; the median of 21 rounds is stable to ±0.5.
+    # transformers: the 95% interval of the median loss was 4-13 points wide at 31 rounds on the
+    # 2-core machine (2026-12-02 16:32-16:55 UTC, shared machine, four runs of
+    # `bench overhead --rounds 31`; README, Benchmarks), as wide as the runs' spread: more
+    # rounds narrow it, the default stays short.
     # vllm: the rounds are the smaller part of a run, which starts its engines first
     # (2026-12-02, shared machine: 60 rounds took 68 s of 150), and 60 rather than 20 halved
     # the 95% intervals of the median losses (the median of five: 6.5 points over all 60
-    # rounds of that run, 13.1 over its first 20; README, Serving with vLLM).
+    # rounds of that run, 13.1 over its first 20; README, Serving with vLLM). 128 new tokens
+    # per run rather than 32 narrowed them on the whole (median width 5.6-8.5 points in three
+    # runs against 8.7-17.4 in three, alternating, same afternoon), for 228-293 s a run
+    # instead of 167-183.
     parser.add_argument("--rounds", type=int, default=None, help="default 21 (vllm: 60)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="default 48 (vllm: 32)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 48 (vllm: 128)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
@@ -134,10 +162,11 @@ def _run_command(args: argparse.Namespace) -> int:
         from monitor.bench.vllm_overhead import format_vllm_table, run_vllm_overhead_bench
 
         eager = {"both": (False, True), "compiled": (False,), "eager": (True,)}[args.execution]
+        machine = describe()  # the bench's own process is never pinned: every usable CPU
         result = run_vllm_overhead_bench(
             rounds=args.rounds or 60,
             requests=args.batch,
-            new_tokens=args.new_tokens or 32,
+            new_tokens=args.new_tokens or 128,
             eager_modes=eager,
             control=args.control,
             baseline_tree=args.baseline_tree,
@@ -145,8 +174,10 @@ def _run_command(args: argparse.Namespace) -> int:
             same_engine=args.same_engine,
             linger_ms=lingers or None,
         )
-        print(json.dumps(result, indent=2) if args.json else format_vllm_table(result))
+        print(render(result, args.json, format_vllm_table, machine))
         return 0
+    # Described before the bench pins this process to one core.
+    machine = describe()
     result = run_overhead_bench(
         rounds=args.rounds or 21,
         new_tokens=args.new_tokens or 48,
@@ -156,7 +187,7 @@ def _run_command(args: argparse.Namespace) -> int:
         soak_steps=args.soak_steps,
         linger_ms=lingers[0] if lingers else None,
     )
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    print(render(result, args.json, format_table, machine))
     return 0
 
 
@@ -185,6 +216,7 @@ def run_overhead_bench(
     prompt_tokens: int = 32,
     soak_steps: int = 0,
     linger_ms: float | None = None,
+    hook_timing_runs: int = HOOK_TIMING_RUNS,
 ) -> dict[str, Any]:
     """Generation throughput of one model without capture and with it (sidecar up, sidecar down,
     local encoding; with `linger_ms`, sidecar up with that relay linger too), in interleaved
@@ -223,10 +255,12 @@ def run_overhead_bench(
             _wait_connected(clients["local-encode"])
             if LINGER_MODE in clients:
                 _wait_connected(clients[LINGER_MODE])
-            seconds = _interleaved_rounds(model, prompt, new_tokens, rounds, clients)
+            runs = _interleaved_rounds(model, prompt, new_tokens, rounds, clients)
             for client in clients.values():
                 client.flush(30)
             accounting = {m: _accounting(c) for m, c in clients.items()}
+            # After the accounting: its messages are not the rounds'.
+            hook_cpu = _hook_cpu(model, prompt, new_tokens, clients, hook_timing_runs)
             soak = _soak(model, clients["sidecar-up"], soak_steps) if soak_steps else None
         finally:
             for client in clients.values():
@@ -235,20 +269,40 @@ def run_overhead_bench(
             sidecar.wait(30)
             torch.set_num_threads(threads)  # the caller's process as it was
             os.sched_setaffinity(0, cores)
-    result = _summarise(seconds, batch * new_tokens, accounting, soak, hidden, layers, batch)
+    result = _summarise(runs, new_tokens, accounting, soak, hidden, layers, batch)
+    _add_hook_cpu(result, hook_cpu)
     result["linger_ms"] = linger_ms
     return result
 
 
-def _interleaved_rounds(model, prompt, new_tokens, rounds, clients) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
+def round_orders(modes: tuple[str, ...], rounds: int) -> list[tuple[str, ...]]:
+    """The order of the modes in each round: mirrored pairs of rounds, rotating from pair to
+    pair (`round_order`). A fixed order runs each mode always in the same place and after
+    the same mode, so whatever a place costs (what the previous mode left in the caches and
+    the allocator, a drift within the round) lands on one mode every round; here, over every
+    2 x len(modes) rounds, each mode runs in each place equally often, and within a pair
+    every mode's mean place is the same, so a drift linear over the pair cancels."""
+    return [round_order(modes, index) for index in range(rounds)]
+
+
+def _interleaved_rounds(model, prompt, new_tokens, rounds, clients) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Every mode once per round, in `round_orders`; per mode and round the wall seconds, the
+    model thread's CPU seconds and the process's CPU seconds of one generate()."""
     modes = MODES + ((LINGER_MODE,) if LINGER_MODE in clients else ())
-    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    runs: dict[str, Any] = {
+        key: {mode: [] for mode in modes} for key in ("seconds", "thread_cpu", "process_cpu")
+    }
+    orders = round_orders(modes, rounds)
+    runs["orders"] = [list(order) for order in orders]
     _generate(model, prompt, new_tokens)  # warm-up
-    for round_index in range(rounds):
-        for mode in modes:
+    for round_index, order in enumerate(orders):
+        for mode in order:
             client = clients.get(mode)
             if client is not None:
                 client.attach(model, layers=list(HOOK_LAYERS))
+            # The model runs on this thread (one torch thread: intra-op work stays on the
+            # caller), so this thread's CPU time is the model's plus what the hooks run here.
+            thread_started, process_started = time.thread_time_ns(), time.process_time_ns()
             started = time.perf_counter()
             if client is None:
                 _generate(model, prompt, new_tokens)
@@ -256,10 +310,85 @@ def _interleaved_rounds(model, prompt, new_tokens, rounds, clients) -> dict[str,
                 ids = [f"{mode}-{round_index}-{row}" for row in range(prompt.shape[0])]
                 with client.conversation(ids):
                     _generate(model, prompt, new_tokens)
-            seconds[mode].append(time.perf_counter() - started)
+            runs["seconds"][mode].append(time.perf_counter() - started)
+            runs["thread_cpu"][mode].append((time.thread_time_ns() - thread_started) / 1e9)
+            runs["process_cpu"][mode].append((time.process_time_ns() - process_started) / 1e9)
             if client is not None:
                 client.detach()
-    return seconds
+    return runs
+
+
+class _HookTimer:
+    """The model thread's CPU time inside the capture's hooks: a hook put before the
+    capture's on the model's forward pre-hooks and on each hooked layer's forward hooks
+    starts a clock, one put after them stops it. Only for the hook-timing phase: the timers
+    are hooks themselves, so the rounds that measure throughput run without them."""
+
+    def __init__(self, model: torch.nn.Module, layers: list[torch.nn.Module]) -> None:
+        self.total_ns = 0
+        self._started = 0
+        self._handles = [model.register_forward_pre_hook(self._start, prepend=True)]
+        self._handles.append(model.register_forward_pre_hook(self._stop))
+        for layer in layers:
+            self._handles.append(layer.register_forward_hook(self._start, prepend=True))
+            self._handles.append(layer.register_forward_hook(self._stop))
+
+    def _start(self, *_: object) -> None:
+        self._started = time.thread_time_ns()
+
+    def _stop(self, *_: object) -> None:
+        self.total_ns += time.thread_time_ns() - self._started
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _hook_cpu(model, prompt, new_tokens, clients, runs) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
+    """Per mode, per generate(), the model thread's CPU ms per generated step inside the
+    capture's hooks; "timers" is the timers alone (no capture), their own floor. Run after
+    the rounds, apart from them (`_HookTimer`)."""
+    from monitor.capture.layers import select_layers
+
+    layers = list(select_layers(model, list(HOOK_LAYERS)).values())
+    modes = ("timers", *clients)
+    per_step: dict[str, list[float]] = {mode: [] for mode in modes}
+    for index in range(runs):
+        for mode in modes:
+            client = clients.get(mode)
+            if client is not None:
+                client.attach(model, layers=list(HOOK_LAYERS))
+            # Attached after the capture's hooks: `prepend` puts the start before them.
+            timer = _HookTimer(model, layers)
+            try:
+                if client is None:
+                    _generate(model, prompt, new_tokens)
+                else:
+                    ids = [f"hooks-{mode}-{index}-{row}" for row in range(prompt.shape[0])]
+                    with client.conversation(ids):
+                        _generate(model, prompt, new_tokens)
+            finally:
+                timer.remove()
+                if client is not None:
+                    client.detach()
+            per_step[mode].append(timer.total_ns / 1e6 / new_tokens)
+    return per_step
+
+
+def _add_hook_cpu(result: dict[str, Any], hook_cpu: dict[str, list[float]]) -> None:
+    """The hook-timing phase into the result: per capture mode `hook_cpu_ms_*` (median over
+    runs of the CPU ms per step in the hooks, its interval) and `hook_cpu_pct` (that median
+    as % of the baseline's model-thread CPU per step)."""
+    floor = hook_cpu.pop("timers", None)
+    base = result["modes"]["baseline"]["thread_cpu_ms_per_step"]
+    for mode, values in hook_cpu.items():
+        row = result["modes"][mode]
+        row.update(_rounded(summary(values, "hook_cpu_ms"), 4))
+        row["hook_cpu_pct"] = round(100 * row["hook_cpu_ms_median"] / base, 2) if base else None
+    if floor:
+        result["hook_timer_floor_ms"] = round(statistics.median(floor), 4)
+    result["hook_timing_runs"] = len(floor or [])
+    result["per_round"]["hook_cpu_ms_per_step"] = {"timers": floor or [], **hook_cpu}
 
 
 def _generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -302,47 +431,122 @@ def _soak(model: torch.nn.Module, client: Any, steps: int) -> dict[str, Any]:
     }
 
 
-def _summarise(seconds, tokens, accounting, soak, hidden, layers, batch) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    medians = {mode: statistics.median(values) for mode, values in seconds.items()}
-    modes = {
-        mode: {
+def _summarise(runs, new_tokens, accounting, soak, hidden, layers, batch) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    seconds, thread_cpu = runs["seconds"], runs["thread_cpu"]
+    tokens = batch * new_tokens
+    modes = {}
+    for mode, values in seconds.items():
+        median = statistics.median(values)
+        row: dict[str, Any] = {
             "tokens_per_s": round(tokens / median, 1),
-            "ms_per_decode_step": round(1000 * median / (tokens / batch), 2),
-            "overhead_pct": _paired_overhead(seconds[mode], seconds["baseline"]),
-            **accounting.get(mode, {}),
+            "ms_per_decode_step": round(1000 * median / new_tokens, 2),
+            "thread_cpu_ms_per_step": round(
+                1000 * statistics.median(thread_cpu[mode]) / new_tokens, 3
+            ),
+            "process_cpu_ms_per_step": round(
+                1000 * statistics.median(runs["process_cpu"][mode]) / new_tokens, 3
+            ),
         }
-        for mode, median in medians.items()
-    }
+        if mode != "baseline":
+            losses = paired_losses(values, seconds["baseline"])
+            row["overhead_pct"] = round(statistics.median(losses), 2)
+            row.update(_rounded(summary(losses, "loss_pct"), 2))
+            for key, cpu in (("thread_cpu", thread_cpu), ("process_cpu", runs["process_cpu"])):
+                extra_ms, extra_pct = extra_cpu_per_step(cpu[mode], cpu["baseline"], new_tokens)
+                row.update(_rounded(summary(extra_ms, f"{key}_extra_ms"), 4))
+                row.update(_rounded(summary(extra_pct, f"{key}_extra_pct"), 2))
+        else:
+            row["overhead_pct"] = 0.0
+        modes[mode] = {**row, **accounting.get(mode, {})}
     return {
         "model": f"llama hidden={hidden} layers={layers}, batch {batch}, hooks on {HOOK_LAYERS}",
         "new_tokens_per_round": tokens,
+        "steps_per_round": new_tokens,
         "rounds": len(seconds["baseline"]),
         "modes": modes,
         "soak": soak,
+        # Every round's numbers, in run order, so any other statistic can be computed.
+        "per_round": {
+            "orders": runs["orders"],
+            "seconds": seconds,
+            "thread_cpu_s": thread_cpu,
+            "process_cpu_s": runs["process_cpu"],
+        },
     }
 
 
-def _paired_overhead(mode: list[float], baseline: list[float]) -> float:
-    """Median over rounds of the throughput lost against the same round's baseline: each
-    round's modes run back to back, so slow drift of the machine cancels out of each ratio."""
-    losses = [1 - base / seconds for seconds, base in zip(mode, baseline, strict=True)]
-    return round(100 * statistics.median(losses), 2)
+def paired_losses(mode: list[float], baseline: list[float]) -> list[float]:
+    """Per round, the throughput lost (%) against the same round's baseline: each round's
+    modes run back to back, so slow drift of the machine cancels out of each ratio."""
+    return [100 * (1 - base / seconds) for seconds, base in zip(mode, baseline, strict=True)]
+
+
+def extra_cpu_per_step(
+    mode: list[float], baseline: list[float], steps: int
+) -> tuple[list[float], list[float]]:
+    """Per round, the CPU seconds of a mode's generate() over the same round's baseline's, as
+    ms per generated step and as % of the baseline's CPU per step."""
+    extra_ms = [1000 * (m - b) / steps for m, b in zip(mode, baseline, strict=True)]
+    extra_pct = [100 * (m - b) / b for m, b in zip(mode, baseline, strict=True)]
+    return extra_ms, extra_pct
+
+
+def _rounded(values: dict[str, float], digits: int) -> dict[str, float]:
+    return {key: round(value, digits) for key, value in values.items()}
+
+
+def _ci(row: dict[str, Any], prefix: str, digits: int) -> str:
+    return f"{row[f'{prefix}_ci_low']:.{digits}f} to {row[f'{prefix}_ci_high']:.{digits}f}"
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The report as a table."""
+    """The report as a table: per mode throughput, its loss with the median's 95% interval,
+    and the extra CPU on the model's thread per step with its interval."""
     lines = [
         f"capture overhead: {result['model']}; {result['new_tokens_per_round']} new tokens per "
-        f"round, {result['rounds']} interleaved rounds (overhead: median of per-round ratios)",
-        f"{'mode':<18}{'tokens/s':>10}{'ms/step':>10}{'overhead':>10}{'acked':>8}"
-        f"{'dropped':>9}{'messages':>10}",
+        f"round, {result['rounds']} rounds, modes in mirrored pairs of rounds rotating their "
+        "order",
+        "loss: median over rounds of the throughput lost against the same round's baseline "
+        "(95% bootstrap CI of the median); model CPU: the model thread's CPU per step, and "
+        "the median extra against the same round's baseline (its CI; not counted: GIL waits, "
+        "preemption, other threads)",
+        f"{'mode':<18}{'tokens/s':>9}{'ms/step':>9}{'loss':>8}  {'95% CI':<20}"
+        f"{'CPU/step':>9}{'extra CPU/step':>16}  {'95% CI':<20}{'acked':>7}{'dropped':>8}"
+        f"{'messages':>9}",
     ]
     for mode, row in result["modes"].items():
+        if "loss_pct_median" in row:
+            loss = f"{row['loss_pct_median']:>7.2f}%  {'(' + _ci(row, 'loss_pct', 2) + ')':<20}"
+            extra_ms, extra_pct = (
+                row["thread_cpu_extra_ms_median"],
+                row["thread_cpu_extra_pct_median"],
+            )
+            extra = (
+                f"{extra_ms:>+7.3f} ms {extra_pct:>+5.1f}%"
+                f"  {'(' + _ci(row, 'thread_cpu_extra_ms', 3) + ' ms)':<20}"
+            )
+        else:
+            loss = f"{'-':>8}  {'':<20}"
+            extra = f"{'-':>16}  {'':<20}"
         lines.append(
-            f"{mode:<18}{row['tokens_per_s']:>10.1f}{row['ms_per_decode_step']:>10.2f}"
-            f"{row['overhead_pct']:>9.2f}%{row.get('acked', '-'):>8}{row.get('dropped', '-'):>9}"
-            f"{row.get('messages', '-'):>10}"
+            f"{mode:<18}{row['tokens_per_s']:>9.1f}{row['ms_per_decode_step']:>9.2f}{loss}"
+            f"{row['thread_cpu_ms_per_step']:>6.3f} ms{extra}{row.get('acked', '-'):>7}"
+            f"{row.get('dropped', '-'):>8}{row.get('messages', '-'):>9}"
         )
+    hooked = [(mode, row) for mode, row in result["modes"].items() if "hook_cpu_ms_median" in row]
+    if hooked:
+        lines.append(
+            "CPU on the model's thread inside the capture's hooks per step (median of "
+            f"{result['hook_timing_runs']} generate() per mode after the rounds, timed by hooks "
+            f"around the capture's; the timers alone: {result.get('hook_timer_floor_ms', 0):.4f}"
+            " ms):"
+        )
+        for mode, row in hooked:
+            lines.append(
+                f"  {mode:<18}{row['hook_cpu_ms_median']:.3f} ms (95% CI "
+                f"{_ci(row, 'hook_cpu_ms', 3)}), {row['hook_cpu_pct']:.2f}% of the baseline's "
+                "CPU per step"
+            )
     if result["soak"]:
         soak = result["soak"]
         lines.append(

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import statistics
 import tempfile
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from monitor.bench.machine import describe, render
 
 HOOK_LAYER = 1
 
@@ -75,6 +76,7 @@ def _run_command(args: argparse.Namespace) -> int:
     from monitor.logs import configure_logging
 
     configure_logging("auto", "warning")
+    machine = describe()
     result = run_relay_bench(
         rounds=args.rounds,
         seconds=args.seconds,
@@ -85,7 +87,7 @@ def _run_command(args: argparse.Namespace) -> int:
         baseline_tree=args.baseline_tree,
         lingers=tuple(float(v) for v in args.linger_ms.split(",") if v.strip()),
     )
-    print(json.dumps(result, indent=2) if args.json else format_relay_table(result))
+    print(render(result, args.json, format_relay_table, machine))
     return 0
 
 

@@ -17,7 +17,6 @@ without rows marks later), the same way (target: at most 1.2).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from monitor.bench.machine import describe, render
 from monitor.rules import RuleEngine, RuleSet, SequenceSlice, load_rules
 from monitor.rules.engine import FeatureBlock
 
@@ -434,6 +434,7 @@ def add_bench_rules_command(bench_subparsers: argparse._SubParsersAction) -> Non
 
 
 def _bench_rules(args: argparse.Namespace) -> int:
+    machine = describe()
     report = run_rules_bench(args.conversations, args.prefill_tokens, args.repeats, args.warmup)
-    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    print(render(report, args.json, format_table, machine))
     return 0

@@ -40,6 +40,7 @@ from typing import Any
 import grpc
 import torch
 
+from monitor.bench.machine import describe, render
 from monitor.wire import encode_tensor, pb, pb_grpc
 from monitor.wire.acks import acked, ask_for_acks, offers_acks
 from monitor.wire.columns import COLUMNS, SEQUENCE_FORMATS, ColumnarEncoder
@@ -131,6 +132,7 @@ def _run_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"safety-monitor bench sidecar: {exc}", file=sys.stderr)
         return 2
+    machine = describe()
     result = run_sidecar_bench(
         args.seconds,
         args.prefill_rows,
@@ -144,7 +146,7 @@ def _run_command(args: argparse.Namespace) -> int:
         rules_read=args.rules_read,
         sidecar_set=settings,
     )
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    print(render(result, args.json, format_table, machine))
     return 0
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from monitor.bench.machine import describe, render
 from monitor.features import FeaturePack
 from monitor.outputs.metrics import SidecarMetrics
 from monitor.rules import RuleSet
@@ -328,11 +329,12 @@ def _bench_stages(args: argparse.Namespace) -> int:
     from monitor.logs import configure_logging
 
     configure_logging("auto", "warning")
+    machine = describe()
     if args.baseline_tree:
         pairs, rounds = max(1, args.pairs), max(1, args.rounds)
         both = run_side_by_side(args.baseline_tree, pairs, rounds)
-        print(json.dumps(both, indent=2) if args.json else format_side_by_side(both))
+        print(render(both, args.json, format_side_by_side, machine))
         return 0
     report = run_stages_bench(max(1, args.rounds))
-    print(json.dumps(report, indent=2) if args.json else format_stages(report))
+    print(render(report, args.json, format_stages, machine))
     return 0

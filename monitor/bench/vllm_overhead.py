@@ -30,7 +30,13 @@ time in the decode phase), and the throughput loss against monitor-off paired pe
 95% bootstrap confidence interval of that median (monitor/bench/intervals.py: rounds
 resampled, seeded) and spread (quartiles, min, max); the same per mirrored pair of rounds
 (JSON: `loss_pct_pairs_*`); the plugin's thread CPU time per step; and where the CPU time
-per step goes: the engine's own processes, its capture relay, the sidecar (schedstat).
+per step goes: the engine's own processes, its capture relay, the sidecar (schedstat), and the
+engine's share of its CPU during each run (its on-CPU time over the run's wall time; pinned,
+below 1 when the engine was idle or preempted) with its threads' run-queue wait per step,
+which says which (`per_round` in the JSON).
+A run is 4 requests x 32 prompt + 128 new tokens (about 0.4 s here): with 32 new tokens (0.15
+s) a run was shorter than the machine's slow and fast spells, and its loss against the next
+engine's run varied far more (README, Serving with vLLM, has the numbers).
 `linger_ms` with several values (`--linger-ms 0,20`) runs the sidecar-up engine with each
 relay linger in turn, every round (modes sidecar-up, with the first value, and
 sidecar-up-linger<N>): one capture client per value in the same engine process, switched
@@ -51,7 +57,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -59,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.bench.intervals import summary
+from monitor.bench.workdir import bench_workdir, engine_tmp_env
 from monitor.limits import MAX_LINGER_MS
 
 ENGINE_MODES = ("off", "sidecar-up", "sidecar-down")
@@ -162,6 +168,17 @@ def _pin_process(pid: int, cpus: set[int]) -> None:
 def _on_cpu_ns(pids: list[int]) -> int:
     """Nanoseconds the threads of these processes have run on a CPU (schedstat: exact, unlike
     the 10 ms ticks of /proc/PID/stat)."""
+    return _schedstat_ns(pids, 0)
+
+
+def _run_queue_ns(pids: list[int]) -> int:
+    """Nanoseconds the threads of these processes have waited on a run queue: runnable, not
+    running (schedstat's second field). Summed over threads, so it exceeds the wall time when
+    several wait at once."""
+    return _schedstat_ns(pids, 1)
+
+
+def _schedstat_ns(pids: list[int], field: int) -> int:
     total = 0
     for pid in pids:
         try:
@@ -170,7 +187,7 @@ def _on_cpu_ns(pids: list[int]) -> int:
             continue
         for tid in tids:
             with contextlib.suppress(OSError, ValueError, IndexError):
-                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[field])
     return total
 
 
@@ -339,7 +356,7 @@ def run_vllm_overhead_bench(
     rounds: int = 60,
     requests: int = 4,
     prompt_tokens: int = 32,
-    new_tokens: int = 32,
+    new_tokens: int = 128,
     layers: str = "1",
     eager_modes: tuple[bool, ...] = (False, True),
     control: bool = False,
@@ -379,66 +396,68 @@ def run_vllm_overhead_bench(
     modes += tuple(linger_mode(value) for value in lingers[1:])
     if same_engine:
         modes += (PAUSED_MODE,)
-    workdir = Path(tempfile.mkdtemp(prefix="sm-bench-vllm-"))
-    # A fixed model path: vLLM's compile cache is then reused by the next run (start-up is
-    # most of this bench's time). In the user's own cache directory, not a shared /tmp name
-    # that another user could create first (and point config.json elsewhere).
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    model = cache / "safety-monitor" / "bench-vllm-model"
-    model.mkdir(mode=0o700, parents=True, exist_ok=True)
-    (model / "config.json").write_text(json.dumps(TINY_LLAMA))
-    available = os.sched_getaffinity(0)
-    engine_cpus, side_cpus = plan_cpus(available)
-    if engine_cpus is None:
-        pinnings = ("unpinned",)  # one CPU: nothing to split
-    sidecar, target = _start_sidecar(workdir, side_cpus if "pinned" in pinnings else None)
-    batch = [
-        {
-            "id": f"r{i}",
-            "prompt": [(7 * i + j) % 8000 + 10 for j in range(prompt_tokens)],
-            "params": {"max_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True},
+    # Removed when the bench completes, kept (and named) when it fails: the sidecar's and
+    # the engines' logs are there.
+    with bench_workdir("sm-bench-vllm-") as workdir:
+        # A fixed model path: vLLM's compile cache is then reused by the next run (start-up is
+        # most of this bench's time). In the user's own cache directory, not a shared /tmp name
+        # that another user could create first (and point config.json elsewhere).
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        model = cache / "safety-monitor" / "bench-vllm-model"
+        model.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (model / "config.json").write_text(json.dumps(TINY_LLAMA))
+        available = os.sched_getaffinity(0)
+        engine_cpus, side_cpus = plan_cpus(available)
+        if engine_cpus is None:
+            pinnings = ("unpinned",)  # one CPU: nothing to split
+        sidecar, target = _start_sidecar(workdir, side_cpus if "pinned" in pinnings else None)
+        batch = [
+            {
+                "id": f"r{i}",
+                "prompt": [(7 * i + j) % 8000 + 10 for j in range(prompt_tokens)],
+                "params": {"max_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True},
+            }
+            for i in range(requests)
+        ]
+        results: dict[str, Any] = {
+            "model": f"Llama-style, hidden {HIDDEN}, 4 layers, float32, random weights",
+            "requests": requests,
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens,
+            "layers": layers,
+            "rounds": rounds,
+            "baseline_tree": baseline_tree,
+            "pinnings": list(pinnings),
+            "engine_cpus": _cpu_text(engine_cpus),
+            "monitor_cpus": _cpu_text(side_cpus),
+            "linger_ms": list(lingers) or None,
+            "execution": {},
         }
-        for i in range(requests)
-    ]
-    results: dict[str, Any] = {
-        "model": f"Llama-style, hidden {HIDDEN}, 4 layers, float32, random weights",
-        "requests": requests,
-        "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens,
-        "layers": layers,
-        "rounds": rounds,
-        "baseline_tree": baseline_tree,
-        "pinnings": list(pinnings),
-        "engine_cpus": _cpu_text(engine_cpus),
-        "monitor_cpus": _cpu_text(side_cpus),
-        "linger_ms": list(lingers) or None,
-        "execution": {},
-    }
-    started = time.monotonic()
-    try:
-        for eager in eager_modes:
-            name = "eager" if eager else "compiled"
-            measured = _measure(
-                workdir / name,
-                model,
-                eager,
-                target,
-                layers,
-                batch,
-                rounds,
-                _Placement(engine_cpus, side_cpus, available, sidecar.process.pid),
-                pinnings,
-                modes,
-                baseline_tree,
-                lingers,
-            )
-            for pinning, rows in measured.items():
-                # The key stays the bare execution mode for the default (pinned) run.
-                key = name if pinnings == ("pinned",) else f"{name}/{pinning}"
-                results["execution"][key] = rows
-    finally:
-        sidecar.stop()
-    results["seconds"] = round(time.monotonic() - started, 1)
+        started = time.monotonic()
+        try:
+            for eager in eager_modes:
+                name = "eager" if eager else "compiled"
+                measured = _measure(
+                    workdir / name,
+                    model,
+                    eager,
+                    target,
+                    layers,
+                    batch,
+                    rounds,
+                    _Placement(engine_cpus, side_cpus, available, sidecar.process.pid),
+                    pinnings,
+                    modes,
+                    baseline_tree,
+                    lingers,
+                )
+                for pinning, rows in measured.items():
+                    # The key stays the bare execution mode for the default (pinned) run.
+                    key = name if pinnings == ("pinned",) else f"{name}/{pinning}"
+                    results["execution"][key] = rows
+        finally:
+            sidecar.stop()
+        results["seconds"] = round(time.monotonic() - started, 1)
     return results
 
 
@@ -533,7 +552,12 @@ def _measure(
                 continue  # the sidecar-up engine, its plugin off or another linger
             cwd = baseline_tree if mode == BASELINE_MODE else None
             engines[mode] = _Engine(
-                kwargs, {**pinning_env, **envs[mode]}, workdir / f"{mode}.log", cwd=cwd
+                kwargs,
+                # vLLM's file store and IPC sockets in this bench's working directory, not
+                # left in /tmp (it is removed when the bench completes).
+                {**engine_tmp_env(workdir), **pinning_env, **envs[mode]},
+                workdir / f"{mode}.log",
+                cwd=cwd,
             )
         for engine in engines.values():
             engine.reply(timeout=1800)
@@ -618,6 +642,8 @@ def _rounds(
         mode: {"engine": [], "relay": [], "sidecar": []} for mode in modes
     }
     counted: dict[str, dict[str, float]] = {mode: dict.fromkeys(_SWITCHED, 0) for mode in switch}
+    share: dict[str, list[float]] = {mode: [] for mode in modes}  # engine on-CPU / wall
+    waits: dict[str, list[float]] = {mode: [] for mode in modes}  # run-queue ms per step
     for index in range(rounds):
         for mode in round_order(modes, index):
             engine = engines[_engine_of(mode)]
@@ -638,8 +664,18 @@ def _rounds(
                 _on_cpu_ns(relays),
                 _on_cpu_ns([sidecar_pid]),
             )
+            wait_ns, run_ns, wall_ns = _run_queue_ns(own), _on_cpu_ns(own), time.monotonic_ns()
             reply = engine.call({"op": "run", "requests": _renamed(batch, f"{tag}-{index}")})
+            wall_ns = time.monotonic_ns() - wall_ns
+            wait_ns = _run_queue_ns(own) - wait_ns
+            run_ns = _on_cpu_ns(own) - run_ns
             engine_ns = _on_cpu_ns(own) - engine_ns
+            # The engine's share of its CPU during the run (pinned: about 1 when it neither
+            # waited idle nor was preempted) and its threads' wait on the run queue: a run
+            # slowed as a whole by another process on the engine's CPU shows as a low share
+            # and a long wait (README, Serving with vLLM).
+            share[mode].append(run_ns / max(wall_ns, 1))
+            waits[mode].append(wait_ns / 1e6 / max(reply["steps"], 1))
             tokens = sum(len(r["outputs"][0]["token_ids"]) for r in reply["results"].values())
             runs[mode].append((tokens, reply["seconds"]))
             decode = reply["step_seconds"][2:]  # after the prefill step(s)
@@ -714,6 +750,9 @@ def _rounds(
             "engine_cpu_extra_pct_q3": _quantile(extra, 0.75),
             "relay_cpu_ms_per_step": statistics.median(cpu[mode]["relay"]),
             "sidecar_cpu_ms_per_step": statistics.median(cpu[mode]["sidecar"]),
+            "engine_cpu_share_median": statistics.median(share[mode]),
+            "engine_cpu_share_min": min(share[mode]),
+            "engine_run_queue_ms_per_step": statistics.median(waits[mode]),
             # Every round's numbers, in run order, so any other statistic can be computed
             # from the JSON output.
             "per_round": {
@@ -721,6 +760,8 @@ def _rounds(
                 "seconds": [seconds for _, seconds in runs[mode]],
                 "itl_ms": itl[mode],
                 **{f"{part}_cpu_ms_per_step": cpu[mode][part] for part in cpu[mode]},
+                "engine_cpu_share": share[mode],
+                "engine_run_queue_ms_per_step": waits[mode],
             },
         }
         if mode in switch:
@@ -947,9 +988,13 @@ def format_vllm_table(result: dict[str, Any]) -> str:
             "CPU ms per engine step (on-CPU time, schedstat; median over rounds): the engine's "
             "own processes during the run; its capture relay and the sidecar during the run and "
             "the flush after it; engine +%: the engine's CPU per step against the off engine's "
-            "in the same round, median [quartiles]",
+            "in the same round, median [quartiles]; pinned runs only: on CPU, the engine's "
+            "on-CPU time over the run's wall time, median (lowest run), below 1 when the engine "
+            "was idle or preempted, and rq wait, its threads' run-queue wait per step (median, "
+            "ms; about a step's time from its own processes taking turns on one CPU, longer "
+            "when another process preempts them)",
             f"{'execution':<19}{'mode':<{width}}{'engine':>9}{'engine +%':>11}"
-            f"{'  [q1, q3]':<18}{'relay':>8}{'sidecar':>9}",
+            f"{'  [q1, q3]':<18}{'relay':>8}{'sidecar':>9}{'on CPU':>14}{'rq wait':>9}",
         ]
         for execution, rows in result["execution"].items():
             for mode, row in rows.items():
@@ -962,9 +1007,16 @@ def format_vllm_table(result: dict[str, Any]) -> str:
                         f"  [{row['engine_cpu_extra_pct_q1']:.1f}, "
                         f"{row['engine_cpu_extra_pct_q3']:.1f}]"
                     )
+                on_cpu = wait = ""
+                # Unpinned, the engine may use every CPU: its share says nothing there.
+                if "engine_cpu_share_median" in row and not execution.endswith("/unpinned"):
+                    on_cpu = (
+                        f"{row['engine_cpu_share_median']:.2f} ({row['engine_cpu_share_min']:.2f})"
+                    )
+                    wait = f"{row['engine_run_queue_ms_per_step']:.2f}"
                 lines.append(
                     f"{execution:<19}{mode:<{width}}{row['engine_cpu_ms_per_step']:>9.3f}"
                     f"{extra:>11}{spread:<18}{row['relay_cpu_ms_per_step']:>8.3f}"
-                    f"{row['sidecar_cpu_ms_per_step']:>9.3f}"
+                    f"{row['sidecar_cpu_ms_per_step']:>9.3f}{on_cpu:>14}{wait:>9}"
                 )
     return "\n".join(lines)
