@@ -31,8 +31,9 @@ time in the decode phase), and the throughput loss against monitor-off paired pe
 resampled, seeded) and spread (quartiles, min, max); the same per mirrored pair of rounds
 (JSON: `loss_pct_pairs_*`); the plugin's thread CPU time per step; and where the CPU time
 per step goes: the engine's own processes, its capture relay, the sidecar (schedstat), and the
-engine's share of its CPU during each run (its on-CPU time over the run's wall time; below 1
-when another process ran there) with its threads' run-queue wait (`per_round` in the JSON).
+engine's share of its CPU during each run (its on-CPU time over the run's wall time; pinned,
+below 1 when the engine was idle or preempted) with its threads' run-queue wait per step,
+which says which (`per_round` in the JSON).
 A run is 4 requests x 32 prompt + 128 new tokens (about 0.4 s here): with 32 new tokens (0.15
 s) a run was shorter than the machine's slow and fast spells, and its loss against the next
 engine's run varied far more (README, Serving with vLLM, has the numbers).
@@ -669,10 +670,10 @@ def _rounds(
             wait_ns = _run_queue_ns(own) - wait_ns
             run_ns = _on_cpu_ns(own) - run_ns
             engine_ns = _on_cpu_ns(own) - engine_ns
-            # The engine's share of its CPU during the run (about 1 when nothing else ran
-            # there) and its threads' wait on the run queue: a run slowed as a whole by
-            # another process on the engine's CPU shows as a low share and a long wait
-            # (README, Serving with vLLM).
+            # The engine's share of its CPU during the run (pinned: about 1 when it neither
+            # waited idle nor was preempted) and its threads' wait on the run queue: a run
+            # slowed as a whole by another process on the engine's CPU shows as a low share
+            # and a long wait (README, Serving with vLLM).
             share[mode].append(run_ns / max(wall_ns, 1))
             waits[mode].append(wait_ns / 1e6 / max(reply["steps"], 1))
             tokens = sum(len(r["outputs"][0]["token_ids"]) for r in reply["results"].values())
@@ -987,10 +988,13 @@ def format_vllm_table(result: dict[str, Any]) -> str:
             "CPU ms per engine step (on-CPU time, schedstat; median over rounds): the engine's "
             "own processes during the run; its capture relay and the sidecar during the run and "
             "the flush after it; engine +%: the engine's CPU per step against the off engine's "
-            "in the same round, median [quartiles]; on CPU: the engine's on-CPU time over the "
-            "run's wall time, median (lowest run): below 1, something else ran on its CPU",
+            "in the same round, median [quartiles]; pinned runs only: on CPU, the engine's "
+            "on-CPU time over the run's wall time, median (lowest run), below 1 when the engine "
+            "was idle or preempted, and rq wait, its threads' run-queue wait per step (median, "
+            "ms; about a step's time from its own processes taking turns on one CPU, longer "
+            "when another process preempts them)",
             f"{'execution':<19}{'mode':<{width}}{'engine':>9}{'engine +%':>11}"
-            f"{'  [q1, q3]':<18}{'relay':>8}{'sidecar':>9}{'on CPU':>14}",
+            f"{'  [q1, q3]':<18}{'relay':>8}{'sidecar':>9}{'on CPU':>14}{'rq wait':>9}",
         ]
         for execution, rows in result["execution"].items():
             for mode, row in rows.items():
@@ -1003,14 +1007,16 @@ def format_vllm_table(result: dict[str, Any]) -> str:
                         f"  [{row['engine_cpu_extra_pct_q1']:.1f}, "
                         f"{row['engine_cpu_extra_pct_q3']:.1f}]"
                     )
-                on_cpu = (
-                    f"{row['engine_cpu_share_median']:.2f} ({row['engine_cpu_share_min']:.2f})"
-                    if "engine_cpu_share_median" in row
-                    else ""
-                )
+                on_cpu = wait = ""
+                # Unpinned, the engine may use every CPU: its share says nothing there.
+                if "engine_cpu_share_median" in row and not execution.endswith("/unpinned"):
+                    on_cpu = (
+                        f"{row['engine_cpu_share_median']:.2f} ({row['engine_cpu_share_min']:.2f})"
+                    )
+                    wait = f"{row['engine_run_queue_ms_per_step']:.2f}"
                 lines.append(
                     f"{execution:<19}{mode:<{width}}{row['engine_cpu_ms_per_step']:>9.3f}"
                     f"{extra:>11}{spread:<18}{row['relay_cpu_ms_per_step']:>8.3f}"
-                    f"{row['sidecar_cpu_ms_per_step']:>9.3f}{on_cpu:>14}"
+                    f"{row['sidecar_cpu_ms_per_step']:>9.3f}{on_cpu:>14}{wait:>9}"
                 )
     return "\n".join(lines)

@@ -934,6 +934,9 @@ def _replay_schedule(seed):
     runner = SimpleNamespace(requests={})
     buffer = capture.buffers[hook_point_name(1)] = torch.zeros(512, 4)  # max_num_tokens rows
     generator = torch.Generator().manual_seed(seed)
+    # As vLLM's InputBatch: one int32 array for the engine's life, rewritten in place each
+    # step (the worker reads it through a view it keeps: a stale view would send old positions).
+    computed_cpu = np.zeros(16, dtype=np.int32)
     for req_ids, tokens, computed, new, finished, prompts in _random_schedule(seed):
         for rid in req_ids:
             named = {"sm_conversation_id": f"chat-{rid[1]}"} if rid[1] in "13" else None
@@ -945,8 +948,10 @@ def _replay_schedule(seed):
                 ),
             )
         buffer.copy_(torch.randn(buffer.shape, generator=generator))  # this step's rows
+        computed_cpu[:] = -1  # entries past num_reqs hold stale values in vLLM too
+        computed_cpu[: len(computed)] = computed
         runner.input_batch = SimpleNamespace(
-            num_reqs=len(req_ids), req_ids=list(req_ids), num_computed_tokens_cpu=np.array(computed)
+            num_reqs=len(req_ids), req_ids=list(req_ids), num_computed_tokens_cpu=computed_cpu
         )
         capture.note_layout(runner, np.array(tokens, dtype=np.int32))
         capture.after_forward(

@@ -133,14 +133,26 @@ def test_unknown_placements_are_refused():
 
 def test_cpu_table_shows_the_engines_share_of_its_cpu():
     # A run slowed as a whole by another process on the engine's CPU: its share below 1.
-    share = {"engine_cpu_share_median": 0.98, "engine_cpu_share_min": 0.67}
+    share = {
+        "engine_cpu_share_median": 0.98,
+        "engine_cpu_share_min": 0.67,
+        "engine_run_queue_ms_per_step": 4.25,
+    }
     result = _result({"compiled": {"off": _row(**share), "sidecar-up": _row()}})
     text = format_vllm_table(result)
-    assert "on CPU: the engine's on-CPU time over the run's wall time" in text
+    assert "pinned runs only: on CPU, the engine's on-CPU time over the run's wall time" in text
     cpu_rows = [line.split() for line in text.splitlines() if line.startswith("compiled ")]
-    assert cpu_rows[2] == ["compiled", "off", "8.000", "0.700", "1.900", "0.98", "(0.67)"]
+    assert cpu_rows[2] == ["compiled", "off", "8.000", "0.700", "1.900", "0.98", "(0.67)", "4.25"]
     # A row without the share (a JSON from before it was measured) still formats.
     assert cpu_rows[3][-2:] == ["0.700", "1.900"]
+    # Unpinned, the engine may run on every CPU: no share, no wait.
+    both = _result(
+        {f"compiled/{p}": {"off": _row(**share)} for p in ("pinned", "unpinned")},
+        pinnings=["pinned", "unpinned"],
+    )
+    rows = {line.split()[0]: line.split() for line in format_vllm_table(both).splitlines()[-2:]}
+    assert rows["compiled/pinned"][-3:] == ["0.98", "(0.67)", "4.25"]
+    assert rows["compiled/unpinned"][-2:] == ["0.700", "1.900"]
 
 
 def test_the_command_names_the_machine_above_the_table_and_in_the_json(monkeypatch, capsys):
