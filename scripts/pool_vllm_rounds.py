@@ -3,7 +3,10 @@ throughput loss of one mode against another over every round of every run, with 
 interval from a two-level bootstrap (resample the runs, then the rounds within each chosen
 run), so the differences between runs widen the interval instead of being taken for noise
 within one run. One run's interval (`monitor/bench/intervals.py`) cannot decide a 3% target
-on a 2-core shared machine; several runs pooled this way can.
+on a 2-core shared machine. With few runs the pooled interval is approximate and likely too
+narrow (with 3 runs the first level has only 10 distinct sets of runs, and a bootstrap over
+so few clusters understates the spread between them): gather more runs, ideally 10 or more,
+before deciding, and read it beside the runs' own medians (printed, with their range).
 
     python scripts/pool_vllm_rounds.py RUN.json [RUN.json ...] [--mode sidecar-up]
         [--against up-paused] [--execution compiled]
@@ -74,10 +77,13 @@ def main() -> None:
             f"median {np.median(losses):.2f}%"
         )
     median, low, high = pooled_median_ci(runs)
+    medians = [float(np.median(run)) for run in runs]
     print(
         f"{args.mode} against {args.against} ({args.execution}), {len(runs)} runs, "
         f"{sum(map(len, runs))} rounds: median loss {median:.2f}% "
-        f"(95% CI {low:.2f} to {high:.2f}; runs, then rounds, resampled)"
+        f"(95% CI {low:.2f} to {high:.2f}; runs, then rounds, resampled"
+        + ("; approximate and likely too narrow with under 10 runs" if len(runs) < 10 else "")
+        + f"); the runs' medians {min(medians):.2f} to {max(medians):.2f}%"
     )
 
 

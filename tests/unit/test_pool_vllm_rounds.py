@@ -56,3 +56,4 @@ def test_round_losses_pair_each_round(pool, tmp_path, capsys, monkeypatch):
     pool.main()
     out = capsys.readouterr().out
     assert "sidecar-up against up-paused (compiled), 1 runs, 2 rounds" in out
+    assert "likely too narrow with under 10 runs" in out and "the runs' medians" in out
