@@ -132,6 +132,9 @@ class CaptureClient:
         self.on_alert = on_alert
         self.tokenizer = tokenizer
         self.pack = _load_pack(encode_locally)
+        # hook point -> (its encoder, its feature block's key), set at attach: what the layer
+        # hook needs per step, looked up once rather than through the pack every step.
+        self._local_encoders: dict[str, tuple[Any, tuple[str, str, str]]] = {}
         self._captured = 0
         self._dropped: Counter[str] = Counter()  # drops decided in this process
         self._ledger = PositionLedger(max_tracked_conversations)
@@ -180,6 +183,10 @@ class CaptureClient:
         selected = select_layers(model, list(layers), layer_path)
         if self.pack is not None:  # local encoding runs on the model's own device
             self.pack = self.pack.to(next(model.parameters()).device)
+            self._local_encoders = {
+                hook_point: (entry.encoder, (self.pack.name, self.pack.sha256, hook_point))
+                for hook_point, entry in self.pack.hook_points.items()
+            }
         assembler = StepAssembler(
             list(selected),
             self._ledger,
@@ -521,11 +528,12 @@ class CaptureClient:
     def _encode_locally(
         self, hook_point: str, hidden: torch.Tensor
     ) -> dict[tuple[str, str, str], torch.Tensor]:
-        pack = self.pack
-        if pack is None or hook_point not in pack.hook_points:
+        # The model's thread, every step: `pack.encode` without the pack's per-call lookups.
+        local = self._local_encoders.get(hook_point)
+        if local is None:  # a hook point the pack does not cover goes as activations
             return {}
-        values = pack.encode(hook_point, hidden.reshape(-1, hidden.shape[-1]))
-        return {(pack.name, pack.sha256, hook_point): values}
+        encoder, key = local
+        return {key: encoder.encode(hidden.reshape(-1, hidden.shape[-1]))}
 
     def _decode_tokens(self, conversation_id: str, ids: list[int]) -> list[str]:
         """Token texts that join back into the decoded text, spaces included."""
