@@ -937,6 +937,7 @@ def _replay_schedule(seed):
     # As vLLM's InputBatch: one int32 array for the engine's life, rewritten in place each
     # step (the worker reads it through a view it keeps: a stale view would send old positions).
     computed_cpu = np.zeros(16, dtype=np.int32)
+    live_ids: list[str] = []  # vLLM's request-id list, likewise one list rewritten in place
     for req_ids, tokens, computed, new, finished, prompts in _random_schedule(seed):
         for rid in req_ids:
             named = {"sm_conversation_id": f"chat-{rid[1]}"} if rid[1] in "13" else None
@@ -950,8 +951,9 @@ def _replay_schedule(seed):
         buffer.copy_(torch.randn(buffer.shape, generator=generator))  # this step's rows
         computed_cpu[:] = -1  # entries past num_reqs hold stale values in vLLM too
         computed_cpu[: len(computed)] = computed
+        live_ids[:] = req_ids
         runner.input_batch = SimpleNamespace(
-            num_reqs=len(req_ids), req_ids=list(req_ids), num_computed_tokens_cpu=computed_cpu
+            num_reqs=len(req_ids), req_ids=live_ids, num_computed_tokens_cpu=computed_cpu
         )
         capture.note_layout(runner, np.array(tokens, dtype=np.int32))
         capture.after_forward(
@@ -981,3 +983,33 @@ def test_the_decode_run_sends_what_the_full_path_sends(seed, monkeypatch):
         assert all(torch.equal(got[8][hp], expected[8][hp]) for hp in got[8])
     assert fast_states == full_states
     assert fast_steps == full_steps
+
+
+def test_a_batch_reordered_in_place_at_equal_positions_leaves_the_decode_run():
+    """vLLM rewrites its request-id list in place (swaps, condensing): the decode run must
+    compare against its own copy, or a swap of two requests at the same positions would send
+    each one's rows under the other's conversation."""
+    capture = _worker()
+    capture.client = _RecordingClient()
+    runner = _runner(a=(2, None), b=(2, None))
+    live = ["a", "b"]  # one list for the engine's life, as vLLM's InputBatch keeps
+    computed = np.zeros(4, dtype=np.int32)
+    for ids, tokens, new in ((["a", "b"], [2, 2], ["a", "b"]), (["a", "b"], [1, 1], [])):
+        live[:] = ids
+        runner.input_batch = SimpleNamespace(
+            num_reqs=2, req_ids=live, num_computed_tokens_cpu=computed
+        )
+        capture.note_layout(runner, np.array(tokens, dtype=np.int32))
+        capture.after_forward(
+            runner,
+            SimpleNamespace(
+                finished_req_ids=set(), scheduled_new_reqs=[SimpleNamespace(req_id=r) for r in new]
+            ),
+        )
+        computed[:2] += tokens
+    assert capture._decode is not None  # the decode step started a run
+    live.reverse()  # swapped in place; both requests are at position 3
+    capture.note_layout(runner, np.array([1, 1], dtype=np.int32))
+    capture.after_forward(runner, SimpleNamespace(finished_req_ids=set(), scheduled_new_reqs=[]))
+    assert capture.client.sent[-1][0] == ("b", "a")
+    assert capture.client.sent[-1][7] == [3, 3]

@@ -400,6 +400,7 @@ class BatchSplitter:
                 if tracked is None or tracked.sent_until != piece.position + 1:
                     return None
                 records.append(tracked)
+            # A copy: the caller's list may be vLLM's, which it rewrites in place.
             run = DecodeRun(list(req_ids), [s.position + 1 for s in slices], records)
             self._run = run
         return run

@@ -202,9 +202,9 @@ class WorkerCapture:
             return
         batch, scheduled = noted
         count = batch.num_reqs
-        req_ids = batch.req_ids  # vLLM trims its list to num_reqs before the forward
-        if len(req_ids) != count:
-            req_ids = req_ids[:count]
+        # A copy: vLLM rewrites its list in place (swaps, condensing), and a kept alias
+        # would make `DecodeRun.matches` compare the batch with itself.
+        req_ids = batch.req_ids[:count]
         num_tokens = _ints(scheduled)  # vLLM's holds num_reqs counts: no slice to make
         if len(num_tokens) != count:
             num_tokens = num_tokens[:count]
