@@ -152,13 +152,14 @@ class RestrictedEncoder:
             and x.ndim == 2
             and x.shape[1] == weight.shape[0]
         ):
-            # A capture client encoding on the model's CPU thread (`encode_locally`), every
-            # decode step: `encode_torch`'s very calls minus the ones that do nothing here
-            # (the move, the dtype conversion, the normalisation), and with a floor shared by
-            # every column (ReLU packs) one in-place threshold instead of a compare and a
-            # masked fill. Each torch call costs 5-15 us on the model's cold caches
-            # (2026-12-02, shared machine: 125 -> 90 us a 4-row step; README, Local encoding).
-            # Same values, bit for bit (tests/unit/test_encoder_fast_path.py).
+            # CPU float32 rows, no normalisation: a capture client encoding on the model's
+            # thread (`encode_locally`) every decode step, and the sidecar's CPU encode too.
+            # `encode_torch`'s very calls minus the ones that do nothing here (the move, the
+            # dtype conversion, the normalisation), and with a floor shared by every column
+            # (ReLU packs) one in-place threshold instead of a compare and a masked fill. Each
+            # torch call costs 5-15 us on the model's cold caches (README, Local encoding:
+            # the encode of a 4-row step in the model's hook, 181 -> 118 us, one scratch
+            # observation). Same values, bit for bit (tests/unit/test_encoder_fast_path.py).
             h = torch.addmm(self.bias, x, weight)
             floor = self._shared_floor()
             if floor is None:
