@@ -25,16 +25,20 @@ sidecar), then both medians over every run and their ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import os
 import pstats
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -194,8 +198,9 @@ def _compare_trees(baseline: Path, runs: int, rounds: int) -> None:
                 capture_output=True,
                 text=True,
                 timeout=600,
-                check=True,
             )
+            if done.returncode != 0:
+                raise SystemExit(f"the replay in {root} failed:\n{done.stderr[-4000:]}")
             results[name] += json.loads(done.stdout.strip().splitlines()[-1])["per_run_us"]
     medians = {name: statistics.median(values) for name, values in results.items()}
     for name, values in results.items():
@@ -206,6 +211,16 @@ def _compare_trees(baseline: Path, runs: int, rounds: int) -> None:
         )
     ratio = medians["this tree"] / medians["baseline"]
     print(f"this tree / baseline: {ratio:.2f} ({rounds} rounds of {runs} runs per tree)")
+
+
+@contextlib.contextmanager
+def _temporary_workdir(prefix: str) -> Iterator[Path]:
+    """`bench_workdir` for a baseline tree that predates it: removed in any case."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def main() -> None:
@@ -222,7 +237,11 @@ def main() -> None:
         return
     sys.path.insert(0, str(Path.cwd()))
     from monitor.bench.vllm_overhead import _start_sidecar
-    from monitor.bench.workdir import bench_workdir
+
+    try:
+        from monitor.bench.workdir import bench_workdir
+    except ImportError:  # a `--baseline-tree` checkout from before it (8fda6c8 and older)
+        bench_workdir = _temporary_workdir
     from monitor.capture.client import CaptureClient
 
     # Removed when the replay completes, kept (and named) when it fails: the sidecar log.

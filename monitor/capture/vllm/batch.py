@@ -33,7 +33,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from operator import add
 from typing import Any, NamedTuple
 
 # Keys read from `SamplingParams.extra_args` (Python) or `vllm_xargs` (the OpenAI server).
@@ -464,7 +463,7 @@ class DecodeRun:
     def advance(self, computed: list[int]) -> None:
         """Record a matching step as sent (its positions are `computed`): one assignment,
         which the splitter settles into its records when they are read."""
-        self.expected = list(map(add, computed, self.ones))  # no Python frame per call
+        self.expected = [position + 1 for position in computed]
 
 
 def group_by_attributes(slices: Sequence[Slice]) -> list[list[Slice]]:

@@ -28,7 +28,6 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import structlog
 import torch
 
@@ -89,10 +88,6 @@ class WorkerCapture:
     # The current run of pure decode steps and how its steps go out (see `after_forward`):
     # the run, its tagging and row views, and the step that started it.
     _decode: tuple[DecodeRun, Tagging, dict[str, torch.Tensor], CapturedStep] | None = None
-    # vLLM's `num_computed_tokens_cpu`, a count and a memoryview of its first `count` entries
-    # (see `_computed`). Class defaults: the per-step path runs on instances made without
-    # `__init__` too (tests, scripts/vllm_plugin_step_cost.py).
-    _computed_view: tuple[Any, int, memoryview] | None = None
 
     def __init__(self, settings: PluginSettings, runner: Any) -> None:
         from vllm.distributed import get_pp_group, get_tp_group
@@ -208,7 +203,7 @@ class WorkerCapture:
         num_tokens = _ints(scheduled)  # vLLM's holds num_reqs counts: no slice to make
         if len(num_tokens) != count:
             num_tokens = num_tokens[:count]
-        computed = self._computed(batch.num_computed_tokens_cpu, count)
+        computed = _ints(batch.num_computed_tokens_cpu[:count])
         layout = (req_ids, num_tokens, computed)
         new_requests = scheduler_output.scheduled_new_reqs
         decode = self._decode
@@ -249,27 +244,6 @@ class WorkerCapture:
             run = splitter.decode_run(req_ids, slices)
             if run is not None:
                 self._decode = (run, plan[0][1], self._row_views(0, len(slices)), step)
-
-    def _computed(self, array: Any, count: int) -> list[int]:
-        """`array[:count]` as a list of ints. vLLM's `num_computed_tokens_cpu` is one numpy
-        array for the engine's life, updated in place: its first `count` entries are read
-        through a memoryview made once per (array, count), not sliced by numpy every step
-        (on this project's shared 2-core VM, in a replay of decode steps paced 8 ms apart,
-        numpy's slice and `tolist` measured several microseconds more than a memoryview's
-        `tolist`: README, Serving with vLLM)."""
-        cached = self._computed_view
-        if cached is not None and cached[0] is array and cached[1] == count:
-            return cached[2].tolist()  # type: ignore[no-any-return]
-        if not (
-            isinstance(array, np.ndarray)
-            and array.ndim == 1
-            and array.flags.c_contiguous
-            and array.dtype.kind == "i"
-        ):  # a list (tests) or another array: nothing to keep
-            return _ints(array[:count])
-        view = memoryview(array[:count])  # keeps `array` alive while it is cached
-        self._computed_view = (array, count, view)
-        return view.tolist()  # type: ignore[no-any-return]
 
     def _plan(self, slices: StepSlices) -> list[tuple[tuple[int, ...], Tagging]]:
         """How this step's slices go out: groups (indices into `slices`; () for all of them)

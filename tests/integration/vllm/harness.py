@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from monitor.bench.workdir import engine_tmp_env
 from tests.conftest import REPO_ROOT, build_pack_with_cli
 
 HIDDEN = 256
@@ -187,6 +190,10 @@ class Engine:
     def __init__(self, kwargs: dict[str, Any], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
+        # vLLM's temporary files (its ZeroMQ IPC sockets, the `vllm_dist_*` store) go into a
+        # short directory of this engine's own, removed at stop: left in /tmp they pile up by
+        # the hundred over test runs. Short, because a Unix socket's path must fit 108 bytes.
+        self._tmp = Path(tempfile.mkdtemp(prefix="sm-vllm-test-"))
         full_env = {
             **os.environ,
             "OMP_NUM_THREADS": "1",
@@ -194,6 +201,7 @@ class Engine:
             "PYTHONPATH": str(REPO_ROOT),
             # The hook probe is a function sent to the workers (pickled): tests only.
             "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+            **engine_tmp_env(self._tmp),
             **env,
         }
         self.process = subprocess.Popen(
@@ -281,6 +289,7 @@ class Engine:
                 self.process.wait(30)
             if not self._log.closed:
                 self._log.close()
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 def monitor_env(target: str, layers: str = "1", **extra: str) -> dict[str, str]:

@@ -16,9 +16,11 @@ import http.client
 import importlib.metadata
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from monitor.bench.workdir import engine_tmp_env
 from monitor.fixtures import free_port, start_sidecar
 from monitor.sidecar.firings import AlertRedaction
 from tests.conftest import REPO_ROOT
@@ -112,6 +115,7 @@ class Server:
             "--enable-log-requests",  # "Request <id> aborted.": the hang-up test reads it
         ]
         self._log = log_path.open("wb")
+        self._tmp = Path(tempfile.mkdtemp(prefix="sm-vllm-test-"))  # as harness.Engine's
         self.process = subprocess.Popen(
             command,
             stdout=self._log,
@@ -122,6 +126,7 @@ class Server:
                 "OMP_NUM_THREADS": "1",
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": str(REPO_ROOT),
+                **engine_tmp_env(self._tmp),
                 **env,
             },
             start_new_session=True,
@@ -221,6 +226,7 @@ class Server:
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(30)
             self._log.close()
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
