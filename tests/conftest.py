@@ -7,10 +7,12 @@ browsers). `make test-fast` runs `-m unit`."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -18,6 +20,21 @@ from monitor.fixtures import SidecarProcess, start_sidecar, write_layer_sae
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
+
+
+def load_script(name: str) -> Iterator[ModuleType]:
+    """`scripts/<name>.py` imported as a module for a fixture to yield (the scripts are not a
+    package), registered in `sys.modules` while it is in use (dataclasses look it up there)
+    and removed after. Usage: `yield from load_script("pool_vllm_rounds")`."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture

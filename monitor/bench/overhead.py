@@ -304,12 +304,7 @@ def _interleaved_rounds(model, prompt, new_tokens, rounds, clients) -> dict[str,
             # caller), so this thread's CPU time is the model's plus what the hooks run here.
             thread_started, process_started = time.thread_time_ns(), time.process_time_ns()
             started = time.perf_counter()
-            if client is None:
-                _generate(model, prompt, new_tokens)
-            else:
-                ids = [f"{mode}-{round_index}-{row}" for row in range(prompt.shape[0])]
-                with client.conversation(ids):
-                    _generate(model, prompt, new_tokens)
+            _generate_as(model, prompt, new_tokens, client, f"{mode}-{round_index}")
             runs["seconds"][mode].append(time.perf_counter() - started)
             runs["thread_cpu"][mode].append((time.thread_time_ns() - thread_started) / 1e9)
             runs["process_cpu"][mode].append((time.process_time_ns() - process_started) / 1e9)
@@ -361,12 +356,7 @@ def _hook_cpu(model, prompt, new_tokens, clients, runs) -> dict[str, list[float]
             # Attached after the capture's hooks: `prepend` puts the start before them.
             timer = _HookTimer(model, layers)
             try:
-                if client is None:
-                    _generate(model, prompt, new_tokens)
-                else:
-                    ids = [f"hooks-{mode}-{index}-{row}" for row in range(prompt.shape[0])]
-                    with client.conversation(ids):
-                        _generate(model, prompt, new_tokens)
+                _generate_as(model, prompt, new_tokens, client, f"hooks-{mode}-{index}")
             finally:
                 timer.remove()
                 if client is not None:
@@ -389,6 +379,16 @@ def _add_hook_cpu(result: dict[str, Any], hook_cpu: dict[str, list[float]]) -> N
         result["hook_timer_floor_ms"] = round(statistics.median(floor), 4)
     result["hook_timing_runs"] = len(floor or [])
     result["per_round"]["hook_cpu_ms_per_step"] = {"timers": floor or [], **hook_cpu}
+
+
+def _generate_as(model, prompt, new_tokens, client, tag: str) -> None:  # type: ignore[no-untyped-def]
+    """One generate(): without capture when `client` is None, else with each batch row a
+    conversation of its own (`<tag>-<row>`)."""
+    if client is None:
+        _generate(model, prompt, new_tokens)
+        return
+    with client.conversation([f"{tag}-{row}" for row in range(prompt.shape[0])]):
+        _generate(model, prompt, new_tokens)
 
 
 def _generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:

@@ -4,28 +4,19 @@ sidecar's."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import sys
-from pathlib import Path
 
 import pytest
 
 from monitor.bench import sidecar as bench
 from monitor.fixtures import free_port
 from monitor.wire.columns import COLUMNS
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "sidecar_grpc_floor.py"
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def floor():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("sidecar_grpc_floor", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    yield from load_script("sidecar_grpc_floor")
 
 
 def test_the_leading_seq_no_is_the_steps_seq_no(floor) -> None:  # type: ignore[no-untyped-def]

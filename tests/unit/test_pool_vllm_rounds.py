@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from monitor.bench.intervals import median_ci
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "pool_vllm_rounds.py"
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def pool():
-    spec = importlib.util.spec_from_file_location("pool_vllm_rounds", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_script("pool_vllm_rounds")
 
 
 def test_differences_between_runs_widen_the_interval(pool):

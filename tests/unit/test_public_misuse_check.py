@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
 from monitor.datasets import overlap
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "public_misuse_check.py"
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def check():
-    spec = importlib.util.spec_from_file_location("public_misuse_check", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_script("public_misuse_check")
 
 
 def _words(rng: random.Random, n: int) -> str:

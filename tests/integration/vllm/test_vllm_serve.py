@@ -506,30 +506,43 @@ def test_a_client_that_hangs_up_mid_stream_aborts_its_request_only(server, sidec
     What the engine computed for it before the abort arrives (once, in order), nothing after;
     a neighbour in the same steps finishes, and the engine goes on serving."""
     hang_up_after = 5
-    gone_body = {
-        "prompt": "hello how are you",
-        "max_tokens": 120,  # far more than it gets to: the abort must stop it
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "return_token_ids": True,
-        "vllm_xargs": {"sm_conversation_id": "hung-up"},
-    }
 
     def hang_up(chunks: list[dict[str, Any]]) -> bool:
         return len(streamed(chunks)[0]) >= hang_up_after
 
-    with ThreadPoolExecutor(2) as pool:
-        gone_reply = pool.submit(server.stream, "/v1/completions", gone_body, hang_up)
-        stays_reply = pool.submit(
-            server.complete,
-            greedy([7] * 4, 30, vllm_xargs={"sm_conversation_id": "stays"}),
-        )
-        (chunks, done), stays = gone_reply.result(), stays_reply.result()
-    assert not done
-    received = len(streamed(chunks)[0])
-    assert received >= hang_up_after
-    assert stays["choices"][0]["finish_reason"] == "length"
-    assert stays["usage"]["completion_tokens"] == 30
+    # vLLM notices a hang-up only when its server gets to it, and a fast machine computes the
+    # whole request (120 tokens; the engine's context is 128) in well under a second: in one CI
+    # run of three requests at once it finished first, logged no abort, and there was nothing
+    # of the abort path to check. Such a request is not this test's case: try again, bounded.
+    for attempt in range(3):
+        gone_body = {
+            "prompt": "hello how are you",
+            "max_tokens": 120,  # far more than it gets to: the abort must stop it
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+            "vllm_xargs": {"sm_conversation_id": f"hung-up-{attempt}"},
+        }
+        stays_id = f"stays-{attempt}"
+        with ThreadPoolExecutor(2) as pool:
+            gone_reply = pool.submit(server.stream, "/v1/completions", gone_body, hang_up)
+            stays_reply = pool.submit(
+                server.complete, greedy([7] * 4, 30, vllm_xargs={"sm_conversation_id": stays_id})
+            )
+            (chunks, done), stays = gone_reply.result(), stays_reply.result()
+        assert not done
+        received = len(streamed(chunks)[0])
+        assert received >= hang_up_after
+        assert stays["choices"][0]["finish_reason"] == "length"
+        assert stays["usage"]["completion_tokens"] == 30
+        # vLLM itself says it aborted that request (--enable-log-requests): the stream's
+        # `cmpl-...` id and the prompt's index.
+        aborted = f"Request {chunks[0]['id']}-0 aborted."
+        if wait_until(lambda aborted=aborted: aborted in server.log(), timeout=15):
+            break
+    else:
+        raise AssertionError(f"vLLM aborted none of 3 hung-up requests: {server.tail()}")
+    gone_id = f"hung-up-{attempt}"
 
     # Until the count stays the same across two requests through the same engine (each
     # `settled` one more): the abort may land a few steps after the hang-up on a busy box.
@@ -537,7 +550,7 @@ def test_a_client_that_hangs_up_mid_stream_aborts_its_request_only(server, sidec
     counts: list[int] = []
     for _ in range(10):
         alerts = settled(server, sidecar)
-        counts.append(seen(alerts, "hung-up"))
+        counts.append(seen(alerts, gone_id))
         if len(counts) >= 2 and counts[-1] == counts[-2]:
             break
     else:
@@ -546,12 +559,11 @@ def test_a_client_that_hangs_up_mid_stream_aborts_its_request_only(server, sidec
     # At least what the client received (each token it got but the last was an input of a
     # forward pass), far less than the 120 it asked for: the engine stopped computing it.
     assert 4 + received - 1 <= computed < 4 + 120 - 1, (received, computed)
-    assert seen(alerts, "stays") == 4 + 30 - 1
-    # And vLLM itself says it aborted that request (--enable-log-requests): the stream's
-    # `cmpl-...` id and the prompt's index.
-    aborted = f"Request {chunks[0]['id']}-0 aborted."
-    assert wait_until(lambda: aborted in server.log(), timeout=30), server.tail()
-    print(f"hung up after {received} tokens; the engine computed {computed - 4 + 1} ({counts})")
+    assert seen(alerts, stays_id) == 4 + 30 - 1
+    print(
+        f"hung up after {received} tokens (attempt {attempt + 1}); the engine computed "
+        f"{computed - 4 + 1} ({counts})"
+    )
 
 
 def test_block_reaches_a_streaming_chat_client(server, sidecar, tokenizer):
