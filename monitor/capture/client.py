@@ -47,6 +47,11 @@ from monitor.wire import pb
 log = structlog.get_logger("safety_monitor.capture")
 
 OnFull = Literal["drop", "block"]
+# Where local encoding runs: "hook" (the layer hook, on the model's device and thread),
+# "relay" (the capture relay process, from the activations on the ring), "auto" (the relay
+# for a model on the CPU, the hook for one on a GPU).
+EncodeIn = Literal["auto", "hook", "relay"]
+ENCODE_PLACES = ("auto", "hook", "relay")
 _KEEP_ALERTS = 10_000
 _MAX_LAST_TOKENS = 100_000
 
@@ -110,6 +115,7 @@ class CaptureClient:
         tls_key: str | Path | None = None,
         token: str | None = None,
         linger_ms: float = 0.0,
+        encode_in: EncodeIn = "auto",
     ) -> None:
         """`tokenizer` (optional) adds token text for the audit trail; `encode_locally` (a
         FeaturePack or a pack path) encodes on the model's device and sends only feature values;
@@ -121,7 +127,14 @@ class CaptureClient:
         steps published within that many milliseconds as one message (less CPU per step for
         the relay and the sidecar; alerts later by up to that much); `flush` and
         `wait_settled` make it send at once. The sidecar rejects a message as a whole, so a
-        rejected merged message loses every step it holds (see README, "Relay linger")."""
+        rejected merged message loses every step it holds (see README, "Relay linger").
+
+        `encode_in` says where local encoding runs: "hook" (in the layer hook, on the model's
+        device and thread), "relay" (in the capture relay process, on another core, from the
+        activations on the ring; needs `encode_locally` as a pack path, which the relay loads)
+        or "auto" (the default: the relay for a model on the CPU, whose thread then does not
+        run the pack's GEMM, and the hook for a model on a GPU, which encodes on its device
+        and copies only feature values off it). The values sent are the same either way."""
         if on_full not in ("drop", "block"):
             raise ValueError(f"on_full: expected 'drop' or 'block', got {on_full!r}")
         if isinstance(linger_ms, bool) or not 0 <= linger_ms <= MAX_LINGER_MS:
@@ -131,7 +144,23 @@ class CaptureClient:
         self.block_timeout = block_timeout
         self.on_alert = on_alert
         self.tokenizer = tokenizer
+        if encode_in not in ENCODE_PLACES:
+            raise ValueError(f"encode_in: expected one of {ENCODE_PLACES}, got {encode_in!r}")
+        self.encode_in = encode_in
         self.pack = _load_pack(encode_locally)
+        # The pack's file, for the relay to encode from (relay/encode.py): only a pack given
+        # by path can be loaded there.
+        self._relay_pack = ""
+        if self.pack is not None and encode_in != "hook":
+            if isinstance(encode_locally, str | Path):
+                self._relay_pack = str(Path(encode_locally).resolve())
+            elif encode_in == "relay":
+                raise ValueError(
+                    "encode_in='relay': pass encode_locally as the pack's path (the relay "
+                    "process loads the pack from its file), or use encode_in='hook'"
+                )
+        # Where this client's local encoding runs once attached: "hook", "relay" or None.
+        self.encoding_in: str | None = None
         # hook point -> (its encoder, its feature block's key), set at attach: what the layer
         # hook needs per step, looked up once rather than through the pack every step.
         self._local_encoders: dict[str, tuple[Any, tuple[str, str, str]]] = {}
@@ -165,6 +194,9 @@ class CaptureClient:
             ),
             linger_ms=float(linger_ms),
             queue_size=queue_size,
+            encode_pack=self._relay_pack,
+            encode_pack_sha256=self.pack.sha256 if self._relay_pack else "",
+            encode_hook_points=tuple(self.pack.hook_points) if self._relay_pack else (),
         )
         self._link = RelayLink(settings, buffer_bytes, queue_size, self._on_event)
         self._link.start()
@@ -181,24 +213,36 @@ class CaptureClient:
         if any(p.device.type == "meta" for p in model.parameters()):
             raise ValueError("the model has parameters on the meta device; load its weights first")
         selected = select_layers(model, list(layers), layer_path)
-        if self.pack is not None:  # local encoding runs on the model's own device
-            self.pack = self.pack.to(next(model.parameters()).device)
-            self._local_encoders = {
-                hook_point: (entry.encoder, (self.pack.name, self.pack.sha256, hook_point))
-                for hook_point, entry in self.pack.hook_points.items()
-            }
+        self.encoding_in = None
+        if self.pack is not None:
+            device = next(model.parameters()).device
+            if self._relay_pack and (self.encode_in == "relay" or device.type == "cpu"):
+                # The hooks send activations (the ring's cheap path); the relay encodes them.
+                self.encoding_in = "relay"
+            else:  # in the hook, on the model's own device
+                self.encoding_in = "hook"
+                self.pack = self.pack.to(device)
+                self._local_encoders = {
+                    hook_point: (entry.encoder, (self.pack.name, self.pack.sha256, hook_point))
+                    for hook_point, entry in self.pack.hook_points.items()
+                }
         assembler = StepAssembler(
             list(selected),
             self._ledger,
             emit=self._enqueue,
             drop=self._count_drop,
             want_token_ids=self.tokenizer is not None,
-            local_encoder=self._encode_locally if self.pack is not None else None,
+            local_encoder=self._encode_locally if self.encoding_in == "hook" else None,
         )
         self._handles = register_hooks(
             model, selected, assembler, self._context.get, self._on_hook_error
         )
-        log.info("capture attached", hook_points=list(selected), target=self.target)
+        log.info(
+            "capture attached",
+            hook_points=list(selected),
+            target=self.target,
+            local_encoding=self.encoding_in,
+        )
         return self
 
     def detach(self) -> None:

@@ -367,6 +367,9 @@ def test_local_encoding_with_another_pack_version_is_rejected(sidecar, tmp_path)
     local = CaptureClient(sidecar.target, encode_locally=other, metrics_registry=None)
     model = build_tiny_llama(hidden=HIDDEN)
     local.attach(model, layers=[1])
+    # A CPU model's pack runs in the relay (test_relay_encoding.py): the rejection shows the
+    # relay sends feature values under the pack's hash, not the activations.
+    assert local.encoding_in == "relay"
     try:
         with local.conversation("stale-pack"), torch.no_grad():
             model(tokens([1, 2, 3]))

@@ -46,6 +46,11 @@ class SenderSettings:
     message as a whole: a rejected merged message loses every step it holds (the relay keeps
     merged messages under the sidecar's advertised limits and sends a step with a NaN or an
     infinity alone, so the rejects it can foresee hit one step only).
+
+    `encode_pack` (a feature pack's path, with its sha256 and the hook points it covers):
+    the relay encodes the activations of those hook points with the pack and sends feature
+    values instead (local encoding off the model's thread: relay/encode.py). Empty: it
+    sends what the frames hold.
     """
 
     target: str
@@ -57,6 +62,9 @@ class SenderSettings:
     security: TransportSecurity = TransportSecurity()
     linger_ms: float = 0.0
     queue_size: int = 256  # the client's bound on steps waiting on the ring
+    encode_pack: str = ""
+    encode_pack_sha256: str = ""
+    encode_hook_points: tuple[str, ...] = ()
 
     def channel(self) -> grpc.Channel:
         """A gRPC channel to the target, with TLS when a CA or client certificate is set."""
@@ -97,6 +105,9 @@ class RelayConfig:
             "fail_closed": s.fail_closed,
             "linger_ms": s.linger_ms,
             "queue_size": s.queue_size,
+            "encode_pack": s.encode_pack,
+            "encode_pack_sha256": s.encode_pack_sha256,
+            "encode_hook_points": list(s.encode_hook_points),
             "tls": {name: _b64(getattr(tls, name)) for name in ("ca", "cert", "key")},
             "token": tls.token,
             "ring_fd": self.ring_fd,
@@ -122,6 +133,9 @@ class RelayConfig:
             security=TransportSecurity(token=d["token"], **tls),
             linger_ms=float(d.get("linger_ms", 0.0)),
             queue_size=int(d.get("queue_size", 256)),
+            encode_pack=d.get("encode_pack", ""),
+            encode_pack_sha256=d.get("encode_pack_sha256", ""),
+            encode_hook_points=tuple(d.get("encode_hook_points", ())),
         )
         return cls(
             settings,

@@ -27,6 +27,7 @@ from monitor.capture.channel.frames import (
     tensor_messages,
 )
 from monitor.capture.channel.ring import Frame, FrameKind, SharedRing
+from monitor.capture.relay.encode import RelayFeatureEncoder
 from monitor.wire import pb
 from monitor.wire.columns import ColumnarEncoder
 
@@ -50,17 +51,31 @@ class _Encoded:
 class StepReader:
     """Reads frames for one stream: `read(ring, frame)` returns the StepBatch (model name set,
     columnar when `encoder` is given) and sets `rows` to its rows; ValueError on a malformed
-    frame. The encoder is the stream's: every batch the stream sends must pass through it."""
+    frame. The encoder is the stream's: every batch the stream sends must pass through it.
+    `features` (local encoding in the relay) turns the covered activations into feature
+    values in the batch it returns; what it keeps for reuse stays as the frames hold it."""
 
-    def __init__(self, model_name: str, encoder: ColumnarEncoder | None) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        encoder: ColumnarEncoder | None,
+        features: RelayFeatureEncoder | None = None,
+    ) -> None:
         self.model_name = model_name
         self.encoder = encoder
+        self.features = features
         self.rows = 0
         self.reused = 0  # frames read from a kept encoding (tests, benches)
         self._kept: dict[bytes, _Encoded] = {}
 
     def read(self, ring: SharedRing, frame: Frame) -> pb.StepBatch:
         """The frame as the StepBatch to send (see the class)."""
+        batch = self._read(ring, frame)
+        if self.features is not None:
+            self.features.apply(batch)
+        return batch
+
+    def _read(self, ring: SharedRing, frame: Frame) -> pb.StepBatch:
         encoder = self.encoder
         if encoder is None or frame.kind != _TEMPLATED:
             return self._read_in_full(ring, frame, None)

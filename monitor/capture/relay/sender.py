@@ -32,6 +32,7 @@ from monitor.capture.channel.ring import (
     full_fence,
 )
 from monitor.capture.relay.coalesce import MAX_ROWS, MAX_SEQUENCES, Coalescer
+from monitor.capture.relay.encode import RelayFeatureEncoder
 from monitor.capture.relay.reader import Reader, StepReader
 from monitor.wire import pb, pb_grpc
 from monitor.wire.acks import ask_for_acks, offers_acks
@@ -355,6 +356,15 @@ class Sender:
         # The limits the sidecar advertised in GetStatus (None: unknown), which bound a merged
         # message (set by `_negotiate` before each stream).
         self.sidecar_limits: pb.Limits | None = None
+        # Local encoding in the relay (relay/encode.py): kept across streams, so the pack is
+        # loaded once per relay process.
+        self.features = (
+            RelayFeatureEncoder(
+                settings.encode_pack, settings.encode_pack_sha256, settings.encode_hook_points
+            )
+            if settings.encode_pack
+            else None
+        )
 
     # ---- counters (any relay thread) ---------------------------------------------------------
 
@@ -479,7 +489,7 @@ class Sender:
         bad_frame = lambda: self.count(Slot.LOST_BAD_FRAME)  # noqa: E731
         # The model name is set and the encoder applied as each frame is read; the reader
         # keeps a decode loop's encoded message to reuse (relay/reader.py).
-        reader = StepReader(self.settings.model_name, encoder)
+        reader = StepReader(self.settings.model_name, encoder, self.features)
         while alive.is_set() and not (stopping.is_set() and self.ring.frames_waiting() == 0):
             # Stopping and a broken stream interrupt the wait, so it can be long: an idle
             # relay wakes once per REQUEST_WAIT.
@@ -525,7 +535,9 @@ class Sender:
         client's `queue_size` (or of MAX_FRAMES) or of the ring's bytes wait: a linger must not
         drop (fail-open) or hold back (fail-closed) a step that no linger would."""
         bad_frame = lambda: self.count(Slot.LOST_BAD_FRAME)  # noqa: E731
-        reader = StepReader(self.settings.model_name, encoder)  # for a step left alone
+        reader = StepReader(
+            self.settings.model_name, encoder, self.features
+        )  # for a step left alone
         linger = self.settings.linger_ms / 1000
         merged = self._coalescer()
         # Wake before about half the ring (steps or bytes) is taken, whatever the linger.
@@ -595,6 +607,8 @@ class Sender:
                 batch, steps = merged.take()
                 batch.model = self.settings.model_name
                 rows = sum(sequence.rows for sequence in batch.sequences)
+                if self.features is not None:
+                    self.features.apply(batch)
                 if encoder is not None:
                     encoder.encode(batch)
                 if not self._stamp(batch, steps, rows, alive):

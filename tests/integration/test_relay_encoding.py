@@ -1,0 +1,157 @@
+"""Local encoding in the capture relay (a CPU model's default), against a real sidecar: the
+alerts and their values are those of local encoding in the hook, a relay killed and restarted
+keeps encoding, and a pack the relay cannot load costs nothing (the sidecar encodes the
+activations). That the relay's feature values do reach the sidecar as features, under the
+pack's hash, is shown by test_capture_serving.py's stale-pack test (rejected as a whole)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from monitor.capture import CaptureClient
+from monitor.fixtures import build_tiny_llama, start_sidecar
+from tests.conftest import build_pack_with_cli
+from tests.integration.test_capture_relay import relay_pid, wait_for
+from tests.integration.test_capture_serving import HIDDEN, generate, tokens, wait_connected
+
+# Counting rules (as in test_capture_serving.py): value-<f>-<L> fires once a conversation has
+# shown L tokens, at position L-1, and its value is that token's value of the feature. So equal
+# alerts mean equal feature values at every position, bit for bit.
+COUNTED = 10
+VALUE_RULES = "features: {f0: bars/0, f1: bars/1}\nrules:\n" + "".join(
+    f"  - rule: value-{feature}-{length}\n"
+    "    category: accounting\n"
+    "    severity: info\n"
+    f"    condition: abs({feature}) >= 0\n"
+    f"    for: {length}\n"
+    for feature in ("f0", "f1")
+    for length in range(1, COUNTED + 1)
+)
+
+
+@pytest.fixture(scope="module")
+def pack_and_sidecar(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("relay-encoding")
+    pack = build_pack_with_cli(workdir, d_in=HIDDEN, d_sae=32, hook_layer=1, features=[0, 1])
+    rules = workdir / "values.yaml"
+    rules.write_text(VALUE_RULES)
+    config = {"listen": "127.0.0.1:0", "packs": [str(pack)], "rules": [str(rules)]}
+    process = start_sidecar(config, workdir)
+    yield pack, process
+    process.stop()
+
+
+def _alerts(client: CaptureClient, conversation_id: str) -> list[tuple[str, int, float]]:
+    return sorted(
+        (a.rule, a.position, a.value) for a in client.alerts if a.conversation_id == conversation_id
+    )
+
+
+def _run(client: CaptureClient, model, conversation_id: str) -> list[tuple[str, int, float]]:
+    with client.conversation(conversation_id):
+        generate(model, tokens([3, 1, 4, 1, 5], [9, 2, 6, 5, 3]), max_new_tokens=6)
+    assert client.flush(30)
+    return _alerts(client, f"{conversation_id}/0") + _alerts(client, f"{conversation_id}/1")
+
+
+def test_relay_encoding_sends_what_hook_encoding_sends(pack_and_sidecar):
+    pack, sidecar = pack_and_sidecar
+    model = build_tiny_llama(hidden=HIDDEN)
+    hook = CaptureClient(
+        sidecar.target, encode_locally=pack, encode_in="hook", metrics_registry=None
+    )
+    relay = CaptureClient(sidecar.target, encode_locally=pack, metrics_registry=None)
+    try:
+        hook.attach(model, layers=[1])
+        in_hook = _run(hook, model, "by-hook")
+        hook.detach()
+        relay.attach(model, layers=[1])
+        assert relay.encoding_in == "relay" and hook.encoding_in == "hook"
+        in_relay = _run(relay, model, "by-relay")
+        assert len(in_hook) == 2 * 2 * COUNTED  # two features, two rows, every counted token
+        assert in_relay == in_hook
+        assert len({value for _, _, value in in_hook}) > 10  # real feature values, not a constant
+        for client in (hook, relay):
+            assert client.stats.batches_rejected == 0
+            assert client.stats.dropped.total() == 0
+    finally:
+        hook.close(timeout=10)
+        relay.close(timeout=10)
+
+
+def test_a_relay_killed_and_restarted_keeps_encoding(pack_and_sidecar):
+    pack, sidecar = pack_and_sidecar
+    model = build_tiny_llama(hidden=HIDDEN)
+    hook = CaptureClient(
+        sidecar.target, encode_locally=pack, encode_in="hook", metrics_registry=None
+    )
+    client = CaptureClient(
+        sidecar.target,
+        encode_locally=pack,
+        reconnect_backoff=(0.05, 0.2),
+        metrics_registry=None,
+    )
+    try:
+        hook.attach(model, layers=[1])
+        expected = _run(hook, model, "restart")
+        hook.detach()
+        client.attach(model, layers=[1])
+        wait_connected(client)
+        first = relay_pid(client)
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: client._link._process.pid != first and client.connected)
+        assert _run(client, model, "restart") == expected
+        assert client.stats.batches_rejected == 0
+    finally:
+        hook.close(timeout=10)
+        client.close(timeout=10)
+
+
+def test_a_pack_the_relay_cannot_load_leaves_encoding_to_the_sidecar(pack_and_sidecar, tmp_path):
+    pack, sidecar = pack_and_sidecar
+    copy = tmp_path / "bars.pack.safetensors"
+    copy.write_bytes(pack.read_bytes())
+    model = build_tiny_llama(hidden=HIDDEN)
+    client = CaptureClient(sidecar.target, encode_locally=copy, metrics_registry=None)
+    hook = CaptureClient(
+        sidecar.target, encode_locally=pack, encode_in="hook", metrics_registry=None
+    )
+    try:
+        copy.unlink()  # gone before the relay first needs it
+        client.attach(model, layers=[1])
+        assert client.encoding_in == "relay"
+        got = _run(client, model, "no-pack")
+        client.detach()
+        hook.attach(model, layers=[1])
+        # The sidecar encoded the activations with the pack it serves: the same alerts.
+        assert got == _run(hook, model, "no-pack")
+        assert client.stats.batches_rejected == 0
+        assert client.stats.dropped.total() == 0
+    finally:
+        client.close(timeout=10)
+        hook.close(timeout=10)
+
+
+def test_relay_encoding_needs_a_pack_path(pack_and_sidecar):
+    pack, sidecar = pack_and_sidecar
+    from monitor.features import load_pack
+
+    with pytest.raises(ValueError, match="encode_in='relay': pass encode_locally as the pack"):
+        CaptureClient(
+            sidecar.target,
+            encode_locally=load_pack(pack),
+            encode_in="relay",
+            metrics_registry=None,
+        )
+    with pytest.raises(ValueError, match="encode_in: expected one of"):
+        CaptureClient(sidecar.target, encode_in="gpu", metrics_registry=None)
+    # A pack object with the default: encoded in the hook, as before.
+    client = CaptureClient(sidecar.target, encode_locally=load_pack(pack), metrics_registry=None)
+    try:
+        client.attach(build_tiny_llama(hidden=HIDDEN), layers=[1])
+        assert client.encoding_in == "hook"
+    finally:
+        client.close(timeout=10)
