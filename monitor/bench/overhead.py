@@ -54,6 +54,10 @@ from monitor.bench.vllm_overhead import round_order
 
 MODES = ("baseline", "sidecar-up", "sidecar-down", "local-encode")
 LINGER_MODE = "sidecar-up+linger"
+# `--null`: the baseline run a second time as if it were a mode (no hooks). Its "loss" against
+# the baseline is the bench's own noise: an unbiased bench puts its median near 0 with an
+# interval as wide as the capture modes' (an A/A test).
+NULL_MODE = "baseline-again"
 HOOK_LAYERS = (2, 4)
 # generate() calls per capture mode (and once more for the timers alone) in the hook-timing
 # phase after the rounds: about 0.7 s each with the default model.
@@ -96,6 +100,13 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
         "with each value in every round (modes sidecar-up, then sidecar-up-linger<N>)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--null",
+        action="store_true",
+        help="transformers only: also run the baseline a second time as a mode of its own "
+        f"({NULL_MODE}, no capture), whose loss shows the bench's own noise (an A/A test; "
+        "vllm has --control)",
+    )
     parser.add_argument(
         "--engine",
         choices=("transformers", "vllm"),
@@ -159,6 +170,12 @@ def _run_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.engine == "vllm" and args.null:
+        print(
+            "--null is for the transformers bench; with --engine vllm use --control",
+            file=sys.stderr,
+        )
+        return 2
     if args.engine == "vllm":
         from monitor.bench.vllm_overhead import format_vllm_table, run_vllm_overhead_bench
 
@@ -187,6 +204,7 @@ def _run_command(args: argparse.Namespace) -> int:
         layers=args.layers,
         soak_steps=args.soak_steps,
         linger_ms=lingers[0] if lingers else None,
+        null=args.null,
     )
     print(render(result, args.json, format_table, machine))
     return 0
@@ -218,10 +236,12 @@ def run_overhead_bench(
     soak_steps: int = 0,
     linger_ms: float | None = None,
     hook_timing_runs: int = HOOK_TIMING_RUNS,
+    null: bool = False,
 ) -> dict[str, Any]:
     """Generation throughput of one model without capture and with it (sidecar up, sidecar down,
-    local encoding; with `linger_ms`, sidecar up with that relay linger too), in interleaved
-    rounds; per mode the median of per-round ratios.
+    local encoding; with `linger_ms`, sidecar up with that relay linger too; with `null`, the
+    baseline again as a mode: `NULL_MODE`), in interleaved rounds; per mode the median of
+    per-round ratios.
     """
     from monitor.capture import CaptureClient
     from monitor.fixtures import free_port
@@ -256,7 +276,8 @@ def run_overhead_bench(
             _wait_connected(clients["local-encode"])
             if LINGER_MODE in clients:
                 _wait_connected(clients[LINGER_MODE])
-            runs = _interleaved_rounds(model, prompt, new_tokens, rounds, clients)
+            modes = bench_modes(LINGER_MODE in clients, null)
+            runs = _interleaved_rounds(model, prompt, new_tokens, rounds, clients, modes)
             for client in clients.values():
                 client.flush(30)
             accounting = {m: _accounting(c) for m, c in clients.items()}
@@ -286,10 +307,15 @@ def round_orders(modes: tuple[str, ...], rounds: int) -> list[tuple[str, ...]]:
     return [round_order(modes, index) for index in range(rounds)]
 
 
-def _interleaved_rounds(model, prompt, new_tokens, rounds, clients) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def bench_modes(linger: bool, null: bool) -> tuple[str, ...]:
+    """The modes of a run: `MODES`, then `LINGER_MODE` and `NULL_MODE` when asked for."""
+    return MODES + ((LINGER_MODE,) if linger else ()) + ((NULL_MODE,) if null else ())
+
+
+def _interleaved_rounds(model, prompt, new_tokens, rounds, clients, modes) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """Every mode once per round, in `round_orders`; per mode and round the wall seconds, the
-    model thread's CPU seconds and the process's CPU seconds of one generate()."""
-    modes = MODES + ((LINGER_MODE,) if LINGER_MODE in clients else ())
+    model thread's CPU seconds and the process's CPU seconds of one generate(). A mode
+    without a client (the baseline, `NULL_MODE`) runs with no hooks."""
     runs: dict[str, Any] = {
         key: {mode: [] for mode in modes} for key in ("seconds", "thread_cpu", "process_cpu")
     }

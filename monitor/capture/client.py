@@ -233,6 +233,8 @@ class CaptureClient:
             drop=self._count_drop,
             want_token_ids=self.tokenizer is not None,
             local_encoder=self._encode_locally if self.encoding_in == "hook" else None,
+            dropping=self._dropping if self.on_full == "drop" else None,
+            unsent=self._unsent,
         )
         self._handles = register_hooks(
             model, selected, assembler, self._context.get, self._on_hook_error
@@ -559,6 +561,19 @@ class CaptureClient:
             finally:
                 with self._lock:
                     self._copies_pending -= 1
+
+    def _dropping(self) -> bool:
+        # Fail-open with the sidecar known to be down: `_publish` would drop the step, so the
+        # hooks skip assembling it (copies, encodes, the step object): the cheapest path for
+        # the model while the sidecar is down.
+        return self._link.unreachable
+
+    def _unsent(self) -> None:
+        # A step the hooks did not assemble (`_dropping`): counted as `_enqueue` and
+        # `_publish` count a step they drop for the same reason.
+        with self._lock:
+            self._captured += 1
+            self._dropped["sidecar_unavailable"] += 1
 
     def _count_drop(self, reason: str) -> None:
         with self._lock:

@@ -59,6 +59,9 @@ class _Pending:
     # The rows `features` were encoded from when only the real tokens were (CPU activations
     # with padding): `valid` as it was then. None: encoded from every row of the forward.
     encoded_rows: torch.Tensor | None = None
+    # Decided as the step begins: it will be dropped whatever it holds (fail-open, sidecar
+    # unreachable), so its hooks copy and encode nothing (`StepAssembler.dropping`).
+    unsent: bool = False
 
 
 class PositionLedger:
@@ -133,7 +136,15 @@ class StepAssembler:
         drop: Callable[[str], None],
         want_token_ids: bool,
         local_encoder: LocalEncoder | None = None,
+        dropping: Callable[[], bool] | None = None,
+        unsent: Callable[[], None] | None = None,
     ) -> None:
+        """`emit` takes each assembled step, `drop(reason)` counts one dropped before it was
+        assembled. `dropping()`, asked as each forward pass begins, says the step will be
+        dropped whatever it holds (the client's fail-open with the sidecar known to be
+        down): then nothing is copied, encoded or assembled, the conversations' positions
+        move on as if it had been sent, and `unsent()` counts it (a captured step dropped
+        as `sidecar_unavailable`) instead of `emit`."""
         self.hook_points = hook_points
         self.deepest = max(hook_points, key=lambda hp: int(hp.rsplit(".", 1)[1]))
         self.ledger = ledger
@@ -141,6 +152,8 @@ class StepAssembler:
         self.drop = drop
         self.want_token_ids = want_token_ids
         self.local_encoder = local_encoder
+        self.dropping = dropping
+        self.unsent = unsent
         self._pending = threading.local()
 
     def begin(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -150,12 +163,23 @@ class StepAssembler:
             token_ids = args[0]
         seq = _sequence_length(token_ids, kwargs.get("inputs_embeds"))
         mask = kwargs.get("attention_mask")
-        pending = _Pending()
+        pending = self._new_pending()
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and seq is not None:
-            pending.valid = _real_tokens(mask[:, -seq:])
-        if self.want_token_ids and isinstance(token_ids, torch.Tensor) and token_ids.dim() == 2:
+            pending.valid = _real_tokens(mask[:, -seq:])  # the positions still count them
+        if (
+            self.want_token_ids
+            and not pending.unsent
+            and isinstance(token_ids, torch.Tensor)
+            and token_ids.dim() == 2
+        ):
             pending.token_ids = token_ids.to("cpu")
         self._pending.state = pending
+
+    def _new_pending(self) -> _Pending:
+        pending = _Pending()
+        if self.dropping is not None and self.dropping():
+            pending.unsent = True
+        return pending
 
     def layer_output(
         self, hook_point: str, output: object, context: ConversationContext | None
@@ -163,14 +187,14 @@ class StepAssembler:
         """Layer forward hook: start the copy off the device; the deepest layer closes the step."""
         pending: _Pending | None = getattr(self._pending, "state", None)
         if pending is None:
-            pending = self._pending.state = _Pending()
+            pending = self._pending.state = self._new_pending()
         hidden = output[0] if isinstance(output, tuple) else output
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             raise TypeError(f"{hook_point}: expected a [batch, seq, d_model] tensor output")
         if hidden.is_meta:
             raise TypeError(f"{hook_point}: activations on the meta device cannot be captured")
         deepest = hook_point == self.deepest
-        if context is not None:
+        if context is not None and not pending.unsent:
             if hidden.requires_grad:
                 hidden = hidden.detach()
             # With local encoding, hook points the pack does not cover still go as activations.
@@ -181,7 +205,7 @@ class StepAssembler:
                 if valid is not None and hidden.is_cpu and valid.shape == hidden.shape[:2]:
                     # Only the rows that are sent: MKL's result for a row depends on how
                     # many rows are multiplied together, and the relay (`encode_in="relay"`)
-                    # and the sidecar see only these, so this is what they would compute
+                    # sees only these, so both compute the same values
                     # (tests/integration/test_relay_encoding_bits.py). Fewer rows, too.
                     rows = hidden[valid]
                     pending.encoded_rows = valid
@@ -219,6 +243,11 @@ class StepAssembler:
         if not context.started:
             valid = self._skip_already_sent(valid, tagging.conversation_ids, context, seq)
         rows = [seq] * batch if valid is None else valid.sum(dim=1).tolist()
+        if pending.unsent:
+            # Dropped as if it had been sent: the next step sent has its true positions.
+            self.ledger.advance_many(tagging.conversation_ids, rows)
+            self.unsent()  # type: ignore[misc]  # set whenever `dropping` is
+            return
         step = CapturedStep(
             layers=pending.layers,
             tagging=tagging,

@@ -14,9 +14,13 @@ import torch
 from monitor.bench.overhead import (
     LINGER_MODE,
     MODES,
+    NULL_MODE,
     _add_hook_cpu,
     _HookTimer,
+    _interleaved_rounds,
     _summarise,
+    bench_modes,
+    build_bench_model,
     extra_cpu_per_step,
     format_table,
     paired_losses,
@@ -127,3 +131,28 @@ def test_hook_cpu_goes_into_the_result():
     assert result["hook_timer_floor_ms"] == pytest.approx(0.001)
     assert result["hook_timing_runs"] == 3
     assert "0.110 ms (95% CI 0.100 to 0.120), 5.50% of the baseline" in format_table(result)
+
+
+def test_the_null_mode_is_the_baseline_again_measured_as_a_mode():
+    assert bench_modes(False, False) == MODES
+    assert bench_modes(True, True) == (*MODES, LINGER_MODE, NULL_MODE)
+    # With no client the null mode runs the model bare, like the baseline, in every round.
+    model = build_bench_model(hidden=64, layers=2)
+    prompt = torch.randint(0, 8192, (1, 4), generator=torch.Generator().manual_seed(0))
+    attached = []
+    model.register_forward_pre_hook(lambda *_: attached.append(1))
+    runs = _interleaved_rounds(model, prompt, 2, 2, {}, ("baseline", NULL_MODE))
+    assert len(runs["seconds"][NULL_MODE]) == 2 and len(runs["seconds"]["baseline"]) == 2
+    assert runs["orders"] == [["baseline", NULL_MODE], [NULL_MODE, "baseline"]]
+    assert len(model._forward_pre_hooks) == 1  # nothing attached or left behind
+    # It is summarised as any mode: a loss against the baseline with its interval.
+    result = _summarise(runs, 2, {}, None, 64, 2, 1)
+    assert "loss_pct_median" in result["modes"][NULL_MODE]
+    assert NULL_MODE in format_table(result)
+
+
+def test_null_is_refused_for_the_vllm_bench(capsys):
+    from monitor.cli import main
+
+    assert main(["bench", "overhead", "--engine", "vllm", "--null"]) == 2
+    assert "--null is for the transformers bench" in capsys.readouterr().err
