@@ -8,7 +8,8 @@ bench's `round_order`) so drift and a mode's place in the round hit every mode a
   baseline       no hooks
   sidecar-up     capture on 2 layers, streaming to a real sidecar process
   sidecar-down   capture on 2 layers, nothing listening (fail-open: steps dropped)
-  local-encode   capture encoding the pack in-process, sending only feature values
+  local-encode   capture with local encoding (`encode_locally`, `encode_in="auto"`: on this
+                 CPU model the relay encodes), sending only feature values
   sidecar-up+linger  (with `--linger-ms N`) sidecar-up with the relay's linger at N ms
 
 Per mode: the median over rounds of the throughput lost against the same round's baseline,

@@ -56,6 +56,9 @@ class _Pending:
     layers: dict[str, torch.Tensor] = field(default_factory=dict)
     features: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
     on_cuda: bool = False  # some copy off the device is still in flight
+    # The rows `features` were encoded from when only the real tokens were (CPU activations
+    # with padding): `valid` as it was then. None: encoded from every row of the forward.
+    encoded_rows: torch.Tensor | None = None
     # Decided as the step begins: it will be dropped whatever it holds (fail-open, sidecar
     # unreachable), so its hooks copy and encode nothing (`StepAssembler.dropping`).
     unsent: bool = False
@@ -195,7 +198,18 @@ class StepAssembler:
             if hidden.requires_grad:
                 hidden = hidden.detach()
             # With local encoding, hook points the pack does not cover still go as activations.
-            encoded = self.local_encoder(hook_point, hidden) if self.local_encoder else None
+            encoded = None
+            if self.local_encoder:
+                rows = hidden
+                valid = pending.valid
+                if valid is not None and hidden.is_cpu and valid.shape == hidden.shape[:2]:
+                    # Only the rows that are sent: MKL's result for a row depends on how
+                    # many rows are multiplied together, and the relay (`encode_in="relay"`)
+                    # sees only these, so both compute the same values
+                    # (tests/integration/test_relay_encoding_bits.py). Fewer rows, too.
+                    rows = hidden[valid]
+                    pending.encoded_rows = valid
+                encoded = self.local_encoder(hook_point, rows)
             if encoded:
                 pending.features.update(encoded)
             elif deepest and hidden.is_cpu and not pending.on_cuda:
@@ -241,7 +255,7 @@ class StepAssembler:
             positions=self.ledger.advance_many(tagging.conversation_ids, rows),
             valid=valid,
             token_ids=pending.token_ids,
-            features=_select_features(pending.features, valid),
+            features=_select_features(pending.features, valid, pending.encoded_rows),
         )
         if pending.on_cuda:
             step.ready = torch.cuda.Event()
@@ -362,8 +376,19 @@ def _repeat_flags(values: tuple[bool, ...], batch: int) -> tuple[bool, ...]:
 
 
 def _select_features(
-    features: dict[tuple[str, str, str], torch.Tensor], valid: torch.Tensor | None
+    features: dict[tuple[str, str, str], torch.Tensor],
+    valid: torch.Tensor | None,
+    encoded_rows: torch.Tensor | None = None,
 ) -> dict[tuple[str, str, str], torch.Tensor]:
+    """The feature rows of the tokens sent (`valid`), from features encoded from every row
+    of the forward or, with `encoded_rows`, from those rows only."""
+    if encoded_rows is not None:
+        if valid is encoded_rows:
+            return features
+        if valid is None:  # the mask did not fit the step after all: nothing is sent
+            valid = torch.zeros_like(encoded_rows)
+        keep = valid[encoded_rows]  # a block re-running tokens already sent drops more
+        return {key: values[keep.to(values.device)] for key, values in features.items()}
     if valid is None:
         return features
     flat = valid.flatten()

@@ -68,8 +68,10 @@ RULES = [
     ),
     # The relay never loads torch (its start-up and memory). The channel's writing half
     # imports torch inside FrameWriter, which only the serving process builds; the fresh
-    # interpreter test below checks what the relay really loads.
-    (("monitor.capture.relay",), ("torch", "transformers"), ()),
+    # interpreter test below checks what the relay really loads. Local encoding in the relay
+    # (relay/encode.py) imports torch inside a function, when the first activations it
+    # encodes arrive: a relay not asked to encode never does.
+    (("monitor.capture.relay",), ("torch", "transformers"), ("monitor.capture.relay.encode",)),
     # The runtime half of features never reaches for the build half.
     (("monitor.features",), ("monitor.features.build",), ("monitor.features.build",)),
     (("monitor",), ("monitor.cli",), ("monitor.cli",)),

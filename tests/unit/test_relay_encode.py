@@ -1,6 +1,7 @@
 """Local encoding in the relay (relay/encode.py): what the relay sends for activations it
 encodes is, bit for bit, the feature block local encoding in the layer hook sends, on the full
-path and a decode loop's reused template, for any row count and the hook's thread count; hook
+path and a decode loop's reused template, for the row counts below and a hook on one or two
+threads (MKL can round some row counts differently by thread count: relay/encode.py); hook
 points the pack does not cover, and a pack that cannot be used, leave the activations as
 they came (the sidecar then encodes them itself)."""
 

@@ -29,9 +29,14 @@ from monitor.wire import pb
 log = structlog.get_logger("safety_monitor.capture")
 
 # One torch thread: the relay is a helper meant to take one spare core; intra-op threads would
-# spread its GEMM onto the serving process's cores. (The encoder's rows are computed
-# independently, so the values do not depend on the thread count: checked bit for bit in
-# tests/unit/test_relay_encode.py.)
+# spread its GEMM onto the serving process's cores. The values are the hook's bit for bit when
+# both encode the same rows (the hook encodes only the rows it sends; a lingering relay
+# encodes each step alone) with the same thread count: MKL's rounding of a row can depend on
+# how many rows are multiplied together and, for some row counts, on the thread count (a
+# 512 x 256 pack: 5 rows on 1 and 2 threads differ in the last bits; torch 2.13, this
+# project's 2-core machine, 2026-12-03). A serving process with more torch threads may see
+# such last-bit differences; tests/unit/test_relay_encode.py and
+# tests/integration/test_relay_encoding_bits.py check the rest.
 RELAY_TORCH_THREADS = 1
 
 

@@ -538,6 +538,11 @@ class Sender:
         reader = StepReader(
             self.settings.model_name, encoder, self.features
         )  # for a step left alone
+        # Steps that may be merged are encoded one by one as they are read, before merging:
+        # encoding a merged message would put several steps' rows in one GEMM, whose
+        # rounding depends on the row count, so the values would not be the hook's. Encoded,
+        # they carry feature blocks and go one per message, as the hook's steps do.
+        read_one = read_step if self.features is None else self._read_and_encode
         linger = self.settings.linger_ms / 1000
         merged = self._coalescer()
         # Wake before about half the ring (steps or bytes) is taken, whatever the linger.
@@ -593,12 +598,12 @@ class Sender:
                             return
                         yield batch
                         continue
-                    first = source.take(peeked, read_step, bad_frame)
+                    first = source.take(peeked, read_one, bad_frame)
                     if first is None:
                         continue
                 merged.add(first)
                 while not merged.full and self.ring.frames_waiting():
-                    step = source.next(0.0, bad_frame, read_step, pace=False)
+                    step = source.next(0.0, bad_frame, read_one, pace=False)
                     if step is None:
                         break
                     if not merged.add(step):
@@ -607,8 +612,6 @@ class Sender:
                 batch, steps = merged.take()
                 batch.model = self.settings.model_name
                 rows = sum(sequence.rows for sequence in batch.sequences)
-                if self.features is not None:
-                    self.features.apply(batch)
                 if encoder is not None:
                     encoder.encode(batch)
                 if not self._stamp(batch, steps, rows, alive):
@@ -619,6 +622,12 @@ class Sender:
             # process would count it unsettled for ever (its flush would wait in vain).
             if left_over is not None or merged.frames:
                 self.count(Slot.LOST_DISCONNECTED, merged.frames + (left_over is not None))
+
+    def _read_and_encode(self, ring: SharedRing, frame: Frame) -> pb.StepBatch:
+        """`read_step`, then the relay's local encoding (`features`)."""
+        batch = read_step(ring, frame)
+        self.features.apply(batch)  # type: ignore[union-attr]
+        return batch
 
     def _coalescer(self) -> Coalescer:
         """A Coalescer whose merged messages the sidecar accepts wherever it accepts their
