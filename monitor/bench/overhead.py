@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import os
 import resource
 import statistics
@@ -317,7 +318,8 @@ def _interleaved_rounds(model, prompt, new_tokens, rounds, clients, modes) -> di
     model thread's CPU seconds and the process's CPU seconds of one generate(). A mode
     without a client (the baseline, `NULL_MODE`) runs with no hooks."""
     runs: dict[str, Any] = {
-        key: {mode: [] for mode in modes} for key in ("seconds", "thread_cpu", "process_cpu")
+        key: {mode: [] for mode in modes}
+        for key in ("seconds", "thread_cpu", "process_cpu", "step_median", "step_mean")
     }
     orders = round_orders(modes, rounds)
     runs["orders"] = [list(order) for order in orders]
@@ -329,12 +331,18 @@ def _interleaved_rounds(model, prompt, new_tokens, rounds, clients, modes) -> di
                 client.attach(model, layers=list(HOOK_LAYERS))
             # The model runs on this thread (one torch thread: intra-op work stays on the
             # caller), so this thread's CPU time is the model's plus what the hooks run here.
+            # Every mode, the baseline too, runs with the step clock: its cost is the same in
+            # all of them, so it cancels out of the paired losses.
+            clock = StepClock()
             thread_started, process_started = time.thread_time_ns(), time.process_time_ns()
             started = time.perf_counter()
-            _generate_as(model, prompt, new_tokens, client, f"{mode}-{round_index}")
+            _generate_as(model, prompt, new_tokens, client, f"{mode}-{round_index}", clock)
             runs["seconds"][mode].append(time.perf_counter() - started)
             runs["thread_cpu"][mode].append((time.thread_time_ns() - thread_started) / 1e9)
             runs["process_cpu"][mode].append((time.process_time_ns() - process_started) / 1e9)
+            step_median, step_mean = decode_step_times(clock.stamps)
+            runs["step_median"][mode].append(step_median)
+            runs["step_mean"][mode].append(step_mean)
             if client is not None:
                 client.detach()
     return runs
@@ -408,17 +416,24 @@ def _add_hook_cpu(result: dict[str, Any], hook_cpu: dict[str, list[float]]) -> N
     result["per_round"]["hook_cpu_ms_per_step"] = {"timers": floor or [], **hook_cpu}
 
 
-def _generate_as(model, prompt, new_tokens, client, tag: str) -> None:  # type: ignore[no-untyped-def]
+def _generate_as(model, prompt, new_tokens, client, tag: str, clock=None) -> None:  # type: ignore[no-untyped-def]
     """One generate(): without capture when `client` is None, else with each batch row a
-    conversation of its own (`<tag>-<row>`)."""
+    conversation of its own (`<tag>-<row>`); `clock` (a `StepClock`) stamps every step."""
     if client is None:
-        _generate(model, prompt, new_tokens)
+        _generate(model, prompt, new_tokens, clock)
         return
     with client.conversation([f"{tag}-{row}" for row in range(prompt.shape[0])]):
-        _generate(model, prompt, new_tokens)
+        _generate(model, prompt, new_tokens, clock)
 
 
-def _generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def _generate(
+    model: torch.nn.Module,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    clock: StepClock | None = None,
+) -> torch.Tensor:
+    from transformers import StoppingCriteriaList
+
     with torch.no_grad():
         return model.generate(
             prompt,
@@ -426,7 +441,36 @@ def _generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> 
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=0,
+            stopping_criteria=None if clock is None else StoppingCriteriaList([clock]),
         )
+
+
+class StepClock:
+    """A stopping criterion that never stops: generate() calls it once per generated token,
+    after the step's forward and the token's choice, so consecutive stamps bound one decode
+    step (the first stamp ends the prefill). Per-step timing without a hook on the model:
+    a forward hook would sit among the capture's and time them differently per mode."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **_: Any) -> torch.Tensor:
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def decode_step_times(stamps: list[float]) -> tuple[float, float]:
+    """The median and the mean of the decode steps' wall seconds between consecutive
+    `StepClock` stamps; the prefill (before the first stamp) is left out, in every mode alike.
+    The median ignores a rare slow step (a GC pause, the other core's burst) whoever caused
+    it, so it is tighter but blind to a cost the capture pays on few steps only; the mean
+    counts every decode step."""
+    if len(stamps) < 2:
+        raise ValueError(f"stamps: expected >= 2 (a prefill and a decode step), got {len(stamps)}")
+    steps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
+    if min(steps) < 0:
+        raise ValueError(f"stamps: not in time order at step {steps.index(min(steps)) + 1}")
+    return statistics.median(steps), statistics.fmean(steps)
 
 
 def _soak(model: torch.nn.Module, client: Any, steps: int) -> dict[str, Any]:
@@ -482,6 +526,12 @@ def _summarise(runs, new_tokens, accounting, soak, hidden, layers, batch) -> dic
                 extra_ms, extra_pct = extra_cpu_per_step(cpu[mode], cpu["baseline"], new_tokens)
                 row.update(_rounded(summary(extra_ms, f"{key}_extra_ms"), 4))
                 row.update(_rounded(summary(extra_pct, f"{key}_extra_pct"), 2))
+            # Per-step estimators beside the headline (whole generate() calls, prefill in):
+            # the same paired loss from the median decode step and from the mean one.
+            for key, prefix in (("step_median", "step_loss_pct"), ("step_mean", "decode_loss_pct")):
+                if runs.get(key):
+                    losses = paired_losses(runs[key][mode], runs[key]["baseline"])
+                    row.update(_rounded(summary(losses, prefix), 2))
         else:
             row["overhead_pct"] = 0.0
         modes[mode] = {**row, **accounting.get(mode, {})}
@@ -498,6 +548,7 @@ def _summarise(runs, new_tokens, accounting, soak, hidden, layers, batch) -> dic
             "seconds": seconds,
             "thread_cpu_s": thread_cpu,
             "process_cpu_s": runs["process_cpu"],
+            **{f"{key}_s": runs[key] for key in ("step_median", "step_mean") if runs.get(key)},
         },
     }
 
@@ -560,6 +611,18 @@ def format_table(result: dict[str, Any]) -> str:
             f"{row['thread_cpu_ms_per_step']:>6.3f} ms{extra}{row.get('acked', '-'):>7}"
             f"{row.get('dropped', '-'):>8}{row.get('messages', '-'):>9}"
         )
+    stepped = [(m, row) for m, row in result["modes"].items() if "step_loss_pct_median" in row]
+    if stepped:
+        lines.append(
+            "per-step loss (decode steps only, prefill out; paired with the same round's "
+            "baseline): median step, and mean step (95% CI):"
+        )
+        for mode, row in stepped:
+            lines.append(
+                f"  {mode:<18}median step {row['step_loss_pct_median']:>6.2f}% "
+                f"({_ci(row, 'step_loss_pct', 2)}), mean step "
+                f"{row['decode_loss_pct_median']:>6.2f}% ({_ci(row, 'decode_loss_pct', 2)})"
+            )
     hooked = [(mode, row) for mode, row in result["modes"].items() if "hook_cpu_ms_median" in row]
     if hooked:
         lines.append(
