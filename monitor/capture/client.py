@@ -118,7 +118,7 @@ class CaptureClient:
         encode_in: EncodeIn = "auto",
     ) -> None:
         """`tokenizer` (optional) adds token text for the audit trail; `encode_locally` (a
-        FeaturePack or a pack path) encodes on the model's device and sends only feature values;
+        FeaturePack or a pack path) encodes before sending and sends only feature values;
         `metrics_registry=None` registers no client metrics. `tls_ca` (PEM file of the sidecar's
         CA) turns on TLS, `tls_cert` + `tls_key` add a client certificate for mutual TLS, and
         `token` is sent as `authorization: Bearer <token>`. `queue_size` bounds the steps
@@ -131,10 +131,13 @@ class CaptureClient:
 
         `encode_in` says where local encoding runs: "hook" (in the layer hook, on the model's
         device and thread), "relay" (in the capture relay process, on another core, from the
-        activations on the ring; needs `encode_locally` as a pack path, which the relay loads)
-        or "auto" (the default: the relay for a model on the CPU, whose thread then does not
-        run the pack's GEMM, and the hook for a model on a GPU, which encodes on its device
-        and copies only feature values off it). The values sent are the same either way."""
+        activations on the ring; needs `encode_locally` as a pack path, which the relay loads
+        as it starts: until it is loaded, `relay_encoder` says "loading" and the activations
+        go unencoded, for the sidecar to encode) or "auto" (the default: the relay on a host
+        without CUDA given a pack path, whose model's thread then does not run the pack's
+        GEMM; else the hook, on a GPU encoding on its device and copying only feature values
+        off it). The values are the same, bit for bit under the conditions README's "Local
+        encoding" gives (the same rows per GEMM and torch thread count)."""
         if on_full not in ("drop", "block"):
             raise ValueError(f"on_full: expected 'drop' or 'block', got {on_full!r}")
         if isinstance(linger_ms, bool) or not 0 <= linger_ms <= MAX_LINGER_MS:
@@ -149,9 +152,13 @@ class CaptureClient:
         self.encode_in = encode_in
         self.pack = _load_pack(encode_locally)
         # The pack's file, for the relay to encode from (relay/encode.py): only a pack given
-        # by path can be loaded there.
+        # by path can be loaded there. The relay loads it as it starts, before `attach` knows
+        # the model's device, so "auto" asks for it only on a host without CUDA, where the
+        # model is on the CPU (a relay on a GPU host would hold torch and the pack unused).
         self._relay_pack = ""
-        if self.pack is not None and encode_in != "hook":
+        if self.pack is not None and (
+            encode_in == "relay" or (encode_in == "auto" and not torch.cuda.is_available())
+        ):
             if isinstance(encode_locally, str | Path):
                 self._relay_pack = str(Path(encode_locally).resolve())
             elif encode_in == "relay":
@@ -414,6 +421,15 @@ class CaptureClient:
     def queue_depth(self) -> int:
         """Steps waiting to be sent (on the ring or still being copied off the GPU)."""
         return self._link.queue_depth + self._copies_pending
+
+    @property
+    def relay_encoder(self) -> str | None:
+        """Local encoding in the relay: None when not asked for (`encode_in`), else
+        "loading" (activations go unencoded meanwhile), "ready" or "failed" (the relay
+        could not use the pack: activations go unencoded; its log says why)."""
+        if not self._relay_pack:
+            return None
+        return ("loading", "ready", "failed")[self._link.encoder_state]
 
     @property
     def connected(self) -> bool:

@@ -191,6 +191,12 @@ class RelayLink:
             return 0 if self._channel is None else self._channel.unsettled()
 
     @property
+    def encoder_state(self) -> int:
+        """The relay's `Slot.ENCODER` (0 when there is no relay)."""
+        channel = self._channel
+        return 0 if channel is None else channel.ring.slots[Slot.ENCODER]
+
+    @property
     def connected(self) -> bool:
         """The relay has a live stream to the sidecar."""
         channel = self._channel

@@ -50,6 +50,7 @@ def test_a_conversation_across_a_sidecar_outage_keeps_its_positions(tmp_path):
         assert stats.steps_captured == 6
         assert stats.dropped == {"sidecar_unavailable": 6}  # all by the early exit
         assert client.queue_depth == 0  # nothing was put on the ring
+        assert client._last_tagging is None  # nor assembled: the hooks' early exit
 
         sidecar = start_sidecar(sidecar_config(tmp_path, port), tmp_path)
         wait_connected(client)

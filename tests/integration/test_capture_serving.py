@@ -370,6 +370,9 @@ def test_local_encoding_with_another_pack_version_is_rejected(sidecar, tmp_path)
     # A CPU model's pack runs in the relay (test_relay_encoding.py): the rejection shows the
     # relay sends feature values under the pack's hash, not the activations.
     assert local.encoding_in == "relay"
+    from tests.integration.test_relay_encoding import wait_relay_encoder
+
+    wait_relay_encoder(local)  # before: activations go unencoded, for the sidecar to encode
     try:
         with local.conversation("stale-pack"), torch.no_grad():
             model(tokens([1, 2, 3]))

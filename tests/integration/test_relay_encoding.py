@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -44,6 +45,12 @@ def pack_and_sidecar(tmp_path_factory):
     process.stop()
 
 
+def wait_relay_encoder(client: CaptureClient, state: str = "ready") -> None:
+    """Until the relay has loaded the pack (or failed to): before that, activations go
+    unencoded (the sidecar encodes them), which these tests must not mistake for the relay's."""
+    wait_for(lambda: client.relay_encoder == state, timeout=60)
+
+
 def _alerts(client: CaptureClient, conversation_id: str) -> list[tuple[str, int, float]]:
     return sorted(
         (a.rule, a.position, a.value) for a in client.alerts if a.conversation_id == conversation_id
@@ -70,6 +77,8 @@ def test_relay_encoding_sends_what_hook_encoding_sends(pack_and_sidecar):
         hook.detach()
         relay.attach(model, layers=[1])
         assert relay.encoding_in == "relay" and hook.encoding_in == "hook"
+        assert hook.relay_encoder is None
+        wait_relay_encoder(relay)
         in_relay = _run(relay, model, "by-relay")
         assert len(in_hook) == 2 * 2 * COUNTED  # two features, two rows, every counted token
         assert in_relay == in_hook
@@ -100,9 +109,12 @@ def test_a_relay_killed_and_restarted_keeps_encoding(pack_and_sidecar):
         hook.detach()
         client.attach(model, layers=[1])
         wait_connected(client)
+        wait_relay_encoder(client)
         first = relay_pid(client)
         os.kill(first, signal.SIGKILL)
         wait_for(lambda: client._link._process.pid != first and client.connected)
+        # The new relay loads the pack again (a fresh ring: its state starts at "loading").
+        wait_relay_encoder(client)
         assert _run(client, model, "restart") == expected
         assert client.stats.batches_rejected == 0
     finally:
@@ -123,6 +135,7 @@ def test_a_pack_the_relay_cannot_load_leaves_encoding_to_the_sidecar(pack_and_si
         copy.unlink()  # gone before the relay first needs it
         client.attach(model, layers=[1])
         assert client.encoding_in == "relay"
+        wait_relay_encoder(client, "failed")
         got = _run(client, model, "no-pack")
         client.detach()
         hook.attach(model, layers=[1])
@@ -155,3 +168,36 @@ def test_relay_encoding_needs_a_pack_path(pack_and_sidecar):
         assert client.encoding_in == "hook"
     finally:
         client.close(timeout=10)
+
+
+def test_a_lingering_relay_does_not_hold_back_the_steps_it_encodes(pack_and_sidecar):
+    """Encoded steps carry feature blocks, which never merge: with a linger each would wait
+    it out alone (1 s a step here, about 6 s for this generate); they go as they come."""
+    pack, sidecar = pack_and_sidecar
+    model = build_tiny_llama(hidden=HIDDEN)
+    client = CaptureClient(
+        sidecar.target, encode_locally=pack, linger_ms=1000, metrics_registry=None
+    )
+    try:
+        client.attach(model, layers=[1])
+        wait_connected(client)
+        wait_relay_encoder(client)
+        with client.conversation("lingering"):
+            generate(model, tokens([3, 1, 4]), max_new_tokens=6, min_new_tokens=6)
+        started = time.monotonic()
+        settled = wait_settled_within(client, 3.0)
+        assert settled, f"6 steps not settled {time.monotonic() - started:.1f} s after generate"
+        assert client.stats.batches_acked == 6
+    finally:
+        client.close(timeout=10)
+
+
+def wait_settled_within(client: CaptureClient, seconds: float) -> bool:
+    """Whether every step is settled within `seconds`, without asking the relay to hurry
+    (`flush` would end its linger)."""
+    deadline = time.monotonic() + seconds
+    while client.queue_depth or client._link.unsettled():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True

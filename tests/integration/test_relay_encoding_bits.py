@@ -85,6 +85,8 @@ def _client(target: str, pack, encode_in: str, **options) -> CaptureClient:
         target, encode_locally=pack, encode_in=encode_in, metrics_registry=None, **options
     )
     wait_for(lambda: client.connected, timeout=30)
+    if encode_in == "relay":  # until the relay has loaded the pack, activations go unencoded
+        wait_for(lambda: client.relay_encoder == "ready", timeout=60)
     return client
 
 

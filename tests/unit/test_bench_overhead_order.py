@@ -145,6 +145,7 @@ def test_the_null_mode_is_the_baseline_again_measured_as_a_mode():
     assert len(runs["seconds"][NULL_MODE]) == 2 and len(runs["seconds"]["baseline"]) == 2
     assert runs["orders"] == [["baseline", NULL_MODE], [NULL_MODE, "baseline"]]
     assert len(model._forward_pre_hooks) == 1  # nothing attached or left behind
+    assert len(attached) >= 2 * 2 * 2  # every round ran both modes' forward passes
     # It is summarised as any mode: a loss against the baseline with its interval.
     result = _summarise(runs, 2, {}, None, 64, 2, 1)
     assert "loss_pct_median" in result["modes"][NULL_MODE]

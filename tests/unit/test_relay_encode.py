@@ -14,7 +14,7 @@ import torch
 
 from monitor.capture.channel.frames import FrameWriter, read_step
 from monitor.capture.channel.ring import SharedRing
-from monitor.capture.relay.encode import RelayFeatureEncoder
+from monitor.capture.relay.encode import ENCODER_FAILED, ENCODER_READY, RelayFeatureEncoder
 from monitor.capture.relay.reader import StepReader
 from monitor.capture.steps import CapturedStep, Tagging
 from monitor.features import load_pack, save_pack
@@ -48,6 +48,12 @@ def _keep_torch_threads():
     threads = torch.get_num_threads()  # the relay encoder sets its process's thread count
     yield
     torch.set_num_threads(threads)
+
+
+def _loaded(path, sha256: str, hook_points: tuple[str, ...]) -> RelayFeatureEncoder:
+    encoder = RelayFeatureEncoder(str(path), sha256, hook_points)
+    encoder.load()
+    return encoder
 
 
 def _tagging(count: int) -> Tagging:
@@ -94,7 +100,7 @@ def test_the_relay_sends_the_hooks_feature_block_bit_for_bit(
     pack = load_pack(pack_path)
     hidden = torch.randn(count, rows, HIDDEN, generator=torch.Generator().manual_seed(rows))
     expected = _hook_block(ring, pack, "layers.1", hidden, count, rows)
-    encoder = RelayFeatureEncoder(str(pack_path), pack.sha256, ("layers.1",))
+    encoder = _loaded(pack_path, pack.sha256, ("layers.1",))
     reader = StepReader("m", ColumnarEncoder(1024), encoder)
     step = _step({"layers.1": hidden.reshape(-1, HIDDEN)}, {}, count, rows, 0)
     batch = _through_relay(ring, reader, step)
@@ -106,7 +112,7 @@ def test_the_relay_sends_the_hooks_feature_block_bit_for_bit(
 
 def test_a_decode_loop_reusing_its_template_is_encoded_every_step(pack_path, ring):
     pack = load_pack(pack_path)
-    encoder = RelayFeatureEncoder(str(pack_path), pack.sha256, ("layers.1",))
+    encoder = _loaded(pack_path, pack.sha256, ("layers.1",))
     reader = StepReader("m", ColumnarEncoder(1024), encoder)
     buffer = torch.empty(4, HIDDEN)
     writer = FrameWriter(ring)
@@ -133,7 +139,7 @@ def test_a_decode_loop_reusing_its_template_is_encoded_every_step(pack_path, rin
 
 def test_hook_points_the_pack_does_not_cover_go_as_activations(pack_path, ring):
     pack = load_pack(pack_path)
-    encoder = RelayFeatureEncoder(str(pack_path), pack.sha256, ("layers.1",))
+    encoder = _loaded(pack_path, pack.sha256, ("layers.1",))
     reader = StepReader("m", None, encoder)
     layers = {"layers.1": torch.randn(2, HIDDEN), "layers.3": torch.randn(2, HIDDEN)}
     batch = _through_relay(ring, reader, _step(layers, {}, 2, 1, 0))
@@ -144,12 +150,45 @@ def test_hook_points_the_pack_does_not_cover_go_as_activations(pack_path, ring):
     assert [block.hook_point for block in batch.features] == ["layers.1"]
 
 
-def test_a_relay_that_never_sees_a_covered_hook_point_loads_nothing(pack_path, ring):
-    encoder = RelayFeatureEncoder(str(pack_path / "missing"), "", ("layers.1",))
+def test_until_the_pack_is_loaded_activations_go_unencoded(pack_path, ring):
+    pack = load_pack(pack_path)
+    states = []
+    encoder = RelayFeatureEncoder(str(pack_path), pack.sha256, ("layers.1",), states.append)
     reader = StepReader("m", None, encoder)
-    batch = _through_relay(ring, reader, _step({"layers.3": torch.ones(1, 4)}, {}, 1, 1, 0))
-    assert encoder._pack is None and not encoder._failed
-    assert [layer.hook_point for layer in batch.layers] == ["layers.3"]
+    hidden = torch.randn(2, HIDDEN)
+    batch = _through_relay(ring, reader, _step({"layers.1": hidden}, {}, 2, 1, 0))
+    assert not encoder.ready and states == []
+    assert [layer.hook_point for layer in batch.layers] == ["layers.1"]
+    encoder.start()  # the relay starts it as it starts; a thread of its own
+    assert encoder.wait(60) and states == [ENCODER_READY]
+    batch = _through_relay(ring, reader, _step({"layers.1": hidden}, {}, 2, 1, 0))
+    assert len(batch.layers) == 0 and [b.hook_point for b in batch.features] == ["layers.1"]
+
+
+def test_blocks_go_in_layer_order_as_the_hooks(tmp_path, ring):
+    saes = [load_sae(write_layer_sae(tmp_path / f"sae{i}", HIDDEN, 64, i, seed=i)) for i in (1, 3)]
+    packs = [
+        build_pack_from_sae(sae, features, name="two")  # feature names are unique in a pack
+        for sae, features in zip(saes, ([0, 5, 9], [1, 6, 10]), strict=True)
+    ]
+    pack = packs[0]
+    pack.hook_points.update(packs[1].hook_points)  # one pack covering layers 1 and 3
+    path = tmp_path / "two.pack.safetensors"
+    save_pack(pack, path)
+    pack = load_pack(path)
+    assert set(pack.hook_points) == {"layers.1", "layers.3"}
+    encoder = _loaded(path, pack.sha256, ("layers.1", "layers.3"))
+    layers = {
+        "layers.0": torch.randn(2, HIDDEN),
+        "layers.1": torch.randn(2, HIDDEN),
+        "layers.3": torch.randn(2, HIDDEN),
+    }
+    batch = _through_relay(ring, StepReader("m", None, encoder), _step(layers, {}, 2, 1, 0))
+    assert [layer.hook_point for layer in batch.layers] == ["layers.0"]
+    assert [block.hook_point for block in batch.features] == ["layers.1", "layers.3"]
+    for block in batch.features:
+        expected = pack.hook_points[block.hook_point].encoder.encode(layers[block.hook_point])
+        assert torch.equal(decode_tensor(block.values, "v"), expected)
 
 
 @pytest.mark.parametrize("problem", ["missing file", "another hash", "uncovered hook point"])
@@ -162,7 +201,10 @@ def test_a_pack_the_relay_cannot_use_leaves_the_activations(pack_path, ring, pro
         sha = "0" * 64
     else:
         hook_points = ("layers.1", "layers.7")
-    encoder = RelayFeatureEncoder(path, sha, hook_points)
+    states = []
+    encoder = RelayFeatureEncoder(path, sha, hook_points, states.append)
+    encoder.start()
+    assert not encoder.wait(60) and states == [ENCODER_FAILED]
     reader = StepReader("m", None, encoder)
     hidden = torch.randn(3, HIDDEN)
     for _ in range(2):  # logged once, then left alone
@@ -170,6 +212,6 @@ def test_a_pack_the_relay_cannot_use_leaves_the_activations(pack_path, ring, pro
         assert [layer.hook_point for layer in batch.layers] == ["layers.1"]
         assert len(batch.features) == 0
         assert torch.equal(decode_tensor(batch.layers[0].activations, "a"), hidden)
-    assert encoder._failed and encoder.encoded == 0
+    assert encoder.encoded == 0
     logged = capsys.readouterr()
     assert (logged.out + logged.err).count("cannot encode with the pack") == 1

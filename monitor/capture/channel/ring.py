@@ -68,6 +68,9 @@ class Slot(IntEnum):
     # relay then sends every step at once, whatever its linger.
     HURRY = 17
     MESSAGES = 18  # StepBatch messages sent (SENT counts steps: fewer messages with a linger)
+    # Local encoding in the relay (relay/encode.py): 0 loading or not asked, 1 the pack is
+    # loaded and encodes, 2 it could not be used (activations go unencoded).
+    ENCODER = 19
 
 
 # The hot slots as plain ints: indexing with an IntEnum member costs a class attribute lookup

@@ -10,16 +10,20 @@ another core, encodes the hook points the pack covers before sending, so the wir
 same `[rows, k]` feature values and pack hash as local encoding in the hook, and the sidecar
 skips encoding as before.
 
-torch and the pack are loaded only when the first activations of a covered hook point
-arrive: a relay that never sees them (no local encoding, or a model on a GPU, which encodes
-on its device in the hook) stays light. A pack the relay cannot load, or whose hash is not
-the one the serving process loaded, is logged once and the activations go on unencoded: the
-sidecar encodes them itself (it serves the pack, or the hash check would fail anyway), so
-nothing is lost and the model is never touched.
+torch and the pack are loaded on a thread of their own as the relay starts (the client asks
+for it only when its pack will run here: `encode_in="relay"`, or "auto" on a host without
+CUDA), so the relay keeps sending while they load (1-3 s: loaded on the sending thread, the
+first frame waited that long and a small ring filled up and dropped steps). Until the pack is
+ready, and for good if it cannot be used (a file the relay cannot load, or whose hash is not
+the one the serving process loaded: logged once), the activations go on unencoded: a sidecar
+serving the pack encodes them itself, so nothing is lost and the model is never touched. The
+ring's `Slot.ENCODER` tells the client which (`CaptureClient.relay_encoder`).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -39,6 +43,10 @@ log = structlog.get_logger("safety_monitor.capture")
 # tests/integration/test_relay_encoding_bits.py check the rest.
 RELAY_TORCH_THREADS = 1
 
+# `Slot.ENCODER` of the ring: 0 while loading (or not asked to encode), then one of these.
+ENCODER_READY = 1
+ENCODER_FAILED = 2
+
 
 class RelayFeatureEncoder:
     """Encodes a StepBatch's activations with a feature pack, in place.
@@ -46,31 +54,63 @@ class RelayFeatureEncoder:
     Example (the relay builds one from its settings; `apply` runs on every batch it sends):
 
         encoder = RelayFeatureEncoder("pack.safetensors", sha256, ("layers.2",))
-        encoder.apply(batch)  # layers.2's activations -> a FeatureBlock of the pack
+        encoder.start()  # loads torch and the pack on a thread of its own
+        encoder.apply(batch)  # once loaded: layers.2's activations -> a FeatureBlock
     """
 
-    def __init__(self, path: str, sha256: str, hook_points: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        path: str,
+        sha256: str,
+        hook_points: tuple[str, ...],
+        on_state: Callable[[int], None] = lambda state: None,
+    ) -> None:
         self.path = path
         self.sha256 = sha256
         self.hook_points = frozenset(hook_points)
+        self.on_state = on_state  # ENCODER_READY / ENCODER_FAILED, once loaded or failed
         self.encoded = 0  # layers encoded (tests, benches)
-        self._pack: Any = None
-        self._failed = False
+        self._pack: Any = None  # set once, by the loading thread: then it is used
+        self._encoding_thread: int | None = None  # where torch's thread count was last set
+        self._loaded = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        """The pack is loaded: covered activations are encoded from now on."""
+        return self._pack is not None
+
+    def start(self) -> None:
+        """Load torch and the pack on a daemon thread (`apply` sends activations unencoded
+        until they are loaded)."""
+        threading.Thread(target=self.load, name="relay-pack-load", daemon=True).start()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for the load to end (loaded or failed); whether it is ready."""
+        self._loaded.wait(timeout)
+        return self.ready
 
     def apply(self, batch: pb.StepBatch) -> None:
         """Replace the covered hook points' activations with the pack's feature values (the
-        same FeatureBlock local encoding in the hook sends). Leaves the batch as it is when
-        the pack cannot be used (see the module)."""
+        same FeatureBlock local encoding in the hook sends, in the same order). Leaves the
+        batch as it is while the pack is not loaded (see the module)."""
+        pack = self._pack
         layers = batch.layers
-        if self._failed or not layers:
+        if pack is None or not layers:
             return
         covered = [i for i, layer in enumerate(layers) if layer.hook_point in self.hook_points]
-        if not covered or not self._ready():
+        if not covered:
             return
         from monitor.wire.tensors import decode_tensor, encode_tensor
 
-        pack = self._pack
-        for index in reversed(covered):  # deleting from the end keeps the indices valid
+        if self._encoding_thread != threading.get_ident():
+            # torch's intra-op thread count is set per calling thread (OpenMP's), so the
+            # thread that encodes sets it, not the one that loaded the pack.
+            import torch
+
+            torch.set_num_threads(RELAY_TORCH_THREADS)
+            self._encoding_thread = threading.get_ident()
+        blocks, encoded = [], []
+        for index in covered:
             layer = layers[index]
             try:
                 activations = decode_tensor(layer.activations, f"layers[{index}].activations")
@@ -84,7 +124,7 @@ class RelayFeatureEncoder:
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 continue
-            batch.features.append(
+            blocks.append(
                 pb.FeatureBlock(
                     pack=pack.name,
                     pack_sha256=pack.sha256,
@@ -92,19 +132,21 @@ class RelayFeatureEncoder:
                     values=encode_tensor(values),
                 )
             )
+            encoded.append(index)
+        for index in reversed(encoded):  # deleting from the end keeps the indices valid
             del layers[index]
-            self.encoded += 1
+        batch.features.extend(blocks)  # in layer order, as the hook's
+        self.encoded += len(encoded)
 
-    def _ready(self) -> bool:
-        """Load torch and the pack once; False (for good) when it cannot be used."""
-        if self._pack is not None:
-            return True
+    def load(self) -> None:
+        """Load torch and the pack (`start` runs this on its thread); on failure log once and
+        leave the encoder unready for good."""
         try:
             import torch
 
             from monitor.features import load_pack
 
-            torch.set_num_threads(RELAY_TORCH_THREADS)
+            torch.set_num_threads(RELAY_TORCH_THREADS)  # this thread's (see `apply`)
             pack = load_pack(self.path)
             if self.sha256 and pack.sha256 != self.sha256:
                 raise ValueError(
@@ -115,12 +157,14 @@ class RelayFeatureEncoder:
             if missing:
                 raise ValueError(f"no encoder for {sorted(missing)}")
         except Exception as exc:
-            self._failed = True
             log.error(
                 "capture relay: cannot encode with the pack; sending activations instead",
                 pack=self.path,
                 error=f"{type(exc).__name__}: {exc}",
             )
-            return False
+            self.on_state(ENCODER_FAILED)
+            self._loaded.set()
+            return
         self._pack = pack
-        return True
+        self.on_state(ENCODER_READY)
+        self._loaded.set()

@@ -357,14 +357,19 @@ class Sender:
         # message (set by `_negotiate` before each stream).
         self.sidecar_limits: pb.Limits | None = None
         # Local encoding in the relay (relay/encode.py): kept across streams, so the pack is
-        # loaded once per relay process.
-        self.features = (
-            RelayFeatureEncoder(
-                settings.encode_pack, settings.encode_pack_sha256, settings.encode_hook_points
+        # loaded once per relay process, on a thread of its own from now on.
+        self.features: RelayFeatureEncoder | None = None
+        if settings.encode_pack:
+            self.features = RelayFeatureEncoder(
+                settings.encode_pack,
+                settings.encode_pack_sha256,
+                settings.encode_hook_points,
+                on_state=self._encoder_state,
             )
-            if settings.encode_pack
-            else None
-        )
+            self.features.start()
+
+    def _encoder_state(self, state: int) -> None:
+        self.ring.slots[Slot.ENCODER] = state
 
     # ---- counters (any relay thread) ---------------------------------------------------------
 
@@ -572,7 +577,10 @@ class Sender:
                 # then take what came.
                 started = time.monotonic()
                 deadline = started + linger
-                while not slots[SLOT_HURRY] and not stopping.is_set():
+                # Steps the relay encodes carry feature blocks, which never merge: lingering
+                # would only hold each one back, so they go as they come.
+                encoding = self.features is not None and self.features.ready
+                while not encoding and not slots[SLOT_HURRY] and not stopping.is_set():
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or self._ring_half_full(frames_bound, bytes_bound):
                         break
