@@ -157,7 +157,7 @@ class CaptureClient:
         # model is on the CPU (a relay on a GPU host would hold torch and the pack unused).
         self._relay_pack = ""
         if self.pack is not None and (
-            encode_in == "relay" or (encode_in == "auto" and not torch.cuda.is_available())
+            encode_in == "relay" or (encode_in == "auto" and not _has_cuda_devices())
         ):
             if isinstance(encode_locally, str | Path):
                 self._relay_pack = str(Path(encode_locally).resolve())
@@ -684,6 +684,13 @@ def _flags(value: bool | Sequence[bool], ids: int) -> tuple[bool, ...]:
     if isinstance(value, str | bytes) or len(value) not in (1, ids):
         raise ValueError(f"turn_end: expected a bool or {ids} bools (one per id), got {value!r}")
     return tuple(bool(flag) for flag in value)  # numpy and torch bools too
+
+
+def _has_cuda_devices() -> bool:
+    # `torch.cuda.device_count` asks NVML first, which does not initialise CUDA in this
+    # process (`torch.cuda.is_available` would, and a serving process that forks its workers
+    # afterwards could then not use CUDA in them).
+    return torch.backends.cuda.is_built() and torch.cuda.device_count() > 0
 
 
 def _load_pack(pack: Any):  # type: ignore[no-untyped-def]
