@@ -385,8 +385,11 @@ def _select_features(
     if encoded_rows is not None:
         if valid is encoded_rows:
             return features
-        if valid is None:  # the mask did not fit the step after all: nothing is sent
-            valid = torch.zeros_like(encoded_rows)
+        if valid is None:
+            # Not reached: `encoded_rows` is set only for a mask that fits the step, and a
+            # mask with a padded row keeps one. If it were, every row would be sent against
+            # fewer feature rows: refuse (counted as a hook error) rather than misalign.
+            raise RuntimeError("features were encoded from a mask the step no longer has")
         keep = valid[encoded_rows]  # a block re-running tokens already sent drops more
         return {key: values[keep.to(values.device)] for key, values in features.items()}
     if valid is None:

@@ -51,6 +51,12 @@ def wait_relay_encoder(client: CaptureClient, state: str = "ready") -> None:
     wait_for(lambda: client.relay_encoder == state, timeout=60)
 
 
+def _assert_nothing_lost(*clients: CaptureClient) -> None:
+    for client in clients:
+        assert client.stats.batches_rejected == 0
+        assert client.stats.dropped.total() == 0
+
+
 def _alerts(client: CaptureClient, conversation_id: str) -> list[tuple[str, int, float]]:
     return sorted(
         (a.rule, a.position, a.value) for a in client.alerts if a.conversation_id == conversation_id
@@ -83,9 +89,7 @@ def test_relay_encoding_sends_what_hook_encoding_sends(pack_and_sidecar):
         assert len(in_hook) == 2 * 2 * COUNTED  # two features, two rows, every counted token
         assert in_relay == in_hook
         assert len({value for _, _, value in in_hook}) > 10  # real feature values, not a constant
-        for client in (hook, relay):
-            assert client.stats.batches_rejected == 0
-            assert client.stats.dropped.total() == 0
+        _assert_nothing_lost(hook, relay)
     finally:
         hook.close(timeout=10)
         relay.close(timeout=10)
@@ -141,8 +145,7 @@ def test_a_pack_the_relay_cannot_load_leaves_encoding_to_the_sidecar(pack_and_si
         hook.attach(model, layers=[1])
         # The sidecar encoded the activations with the pack it serves: the same alerts.
         assert got == _run(hook, model, "no-pack")
-        assert client.stats.batches_rejected == 0
-        assert client.stats.dropped.total() == 0
+        _assert_nothing_lost(client)
     finally:
         client.close(timeout=10)
         hook.close(timeout=10)
