@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import inspect
 import json
 import os
 import pstats
@@ -246,7 +247,9 @@ def main() -> None:
 
     # Removed when the replay completes, kept (and named) when it fails: the sidecar log.
     with bench_workdir("sm-plugin-step-") as workdir:
-        sidecar, target = _start_sidecar(workdir, None)
+        # A `--baseline-tree` checkout from before `--hidden` (8ea3cdf and older) takes no width.
+        width = (HIDDEN,) if "hidden" in inspect.signature(_start_sidecar).parameters else ()
+        sidecar, target = _start_sidecar(workdir, None, *width)
         client = CaptureClient(target, metrics_registry=None)
         try:
             deadline = time.monotonic() + 30

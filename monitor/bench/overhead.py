@@ -84,7 +84,7 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="default 21 (vllm: 60)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 48 (vllm: 128)")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=None, help="default 512 (vllm: 256)")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument(
         "--soak-steps", type=int, default=0, help="also measure memory over N steps"
@@ -120,7 +120,8 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
     parser.add_argument(
         "--control",
         action="store_true",
-        help="vllm only: a second monitor-off engine, to show the bench's own noise",
+        help="vllm only: a second monitor-off engine, to show the bench's own noise (with "
+        "--pairs, also a second plugin-off run per pair)",
     )
     parser.add_argument(
         "--pinning",
@@ -137,6 +138,29 @@ def add_bench_overhead_command(bench_subparsers: Any) -> None:
         help="vllm only: also run the sidecar-up engine with its plugin turned off (mode "
         "up-paused) in every round, and report sidecar-up's loss against it: one process "
         "with and without the monitor, free of the bias between two engines",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="vllm only, with --same-engine: after the rounds, N pairs of short runs of the "
+        "sidecar-up engine alone, its plugin on and off in turn, for a narrower interval of "
+        "the same-engine loss (600 take about as long as 60 rounds); with --control one more "
+        "run per pair, off again (the A/A)",
+    )
+    parser.add_argument(
+        "--pair-tokens",
+        type=int,
+        default=None,
+        metavar="T",
+        help="vllm only: new tokens per request in each run of --pairs (default 16)",
+    )
+    parser.add_argument(
+        "--decompose",
+        action="store_true",
+        help="vllm only, with --pairs: one more run per pair with the plugin on and the "
+        "capture relay stopped during the run: what the plugin alone costs the engine's thread",
     )
     parser.add_argument(
         "--baseline-tree",
@@ -177,8 +201,35 @@ def _run_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    vllm_only = args.pairs or args.pair_tokens is not None or args.decompose
+    if args.engine != "vllm" and vllm_only:
+        print("--pairs, --pair-tokens and --decompose are for --engine vllm", file=sys.stderr)
+        return 2
+    if args.pairs < 0 or (args.pair_tokens is not None and args.pair_tokens < 4):
+        print("--pairs: 0 or more; --pair-tokens: 4 or more", file=sys.stderr)
+        return 2
+    if args.pairs and not args.same_engine:
+        print(
+            "--pairs needs --same-engine (it switches the plugin off as that does)", file=sys.stderr
+        )
+        return 2
+    if args.decompose and not args.pairs:
+        print("--decompose is a kind of run of --pairs: give --pairs N", file=sys.stderr)
+        return 2
     if args.engine == "vllm":
-        from monitor.bench.vllm_overhead import format_vllm_table, run_vllm_overhead_bench
+        from monitor.bench.vllm_overhead import (
+            HIDDEN,
+            PAIR_TOKENS,
+            bench_model_config,
+            format_vllm_table,
+            run_vllm_overhead_bench,
+        )
+
+        try:
+            bench_model_config(args.hidden or HIDDEN)
+        except ValueError as exc:
+            print(f"--hidden: {exc}", file=sys.stderr)
+            return 2
 
         eager = {"both": (False, True), "compiled": (False,), "eager": (True,)}[args.execution]
         machine = describe()  # the bench's own process is never pinned: every usable CPU
@@ -192,6 +243,10 @@ def _run_command(args: argparse.Namespace) -> int:
             pinnings=("pinned", "unpinned") if args.pinning == "both" else (args.pinning,),
             same_engine=args.same_engine,
             linger_ms=lingers or None,
+            pairs=args.pairs,
+            pair_tokens=args.pair_tokens or PAIR_TOKENS,
+            decompose=args.decompose,
+            hidden=args.hidden or HIDDEN,
         )
         print(render(result, args.json, format_vllm_table, machine))
         return 0
@@ -201,7 +256,7 @@ def _run_command(args: argparse.Namespace) -> int:
         rounds=args.rounds or 21,
         new_tokens=args.new_tokens or 48,
         batch=args.batch,
-        hidden=args.hidden,
+        hidden=args.hidden or 512,
         layers=args.layers,
         soak_steps=args.soak_steps,
         linger_ms=lingers[0] if lingers else None,

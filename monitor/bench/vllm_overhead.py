@@ -61,7 +61,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from monitor.bench.intervals import summary
 from monitor.bench.workdir import bench_workdir, engine_tmp_env
@@ -76,10 +76,13 @@ BASELINE_MODE = "up-baseline"
 # the capture op is off too; compiled: the op stays in the graph, only the plugin's Python and
 # everything after it is off).
 PAUSED_MODE = "up-paused"
+# `--pairs`: short runs of the sidecar-up engine alone, the plugin on and off in turn (see
+# `same_engine_pairs`); new tokens per request in each (the rounds' runs have 128).
+PAIR_TOKENS = 16
 # The sidecar-up engine with another relay linger (`--linger-ms 0,20`): see `linger_mode`.
 LINGER_PREFIX = "sidecar-up-linger"
 MAX_LINGERS = 4  # every value is one more run per round
-HIDDEN = 256
+HIDDEN = 256  # the default model's; `--hidden` picks another (see `bench_model_config`)
 IDLE_WINDOW_S = 2.0
 IDLE_AFTER_S = 1.5  # vLLM's worker busy-polls its message queue for 1 s after a message
 
@@ -99,6 +102,24 @@ TINY_LLAMA = {
     "tie_word_embeddings": False,
     "rope_theta": 10000.0,
 }
+
+
+def bench_model_config(hidden: int = HIDDEN) -> dict[str, Any]:
+    """The bench's Llama-style model config at `hidden` (a multiple of 128): 4 layers, head
+    dimension 64 (the CPU attention backend's smallest), an MLP 2.75 times as wide, as the
+    default (hidden 256: 704). At 256 its float32 weights are about 28 MB, a size a CPU's
+    last-level cache can hold; at 1024 about 200 MB, which stream from memory every step
+    as a served model's do."""
+    if hidden < 128 or hidden % 128:
+        raise ValueError(f"hidden: a multiple of 128 from 128 up, got {hidden!r}")
+    heads = hidden // 64
+    return {
+        **TINY_LLAMA,
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 11 // 4,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads // 2,
+    }
 
 
 def linger_mode(linger_ms: float) -> str:
@@ -327,10 +348,10 @@ def _cpu_text(cpus: set[int] | None) -> str:
     return "unpinned" if cpus is None else ",".join(str(c) for c in sorted(cpus))
 
 
-def _start_sidecar(workdir: Path, cpus: set[int] | None) -> tuple[Any, str]:
+def _start_sidecar(workdir: Path, cpus: set[int] | None, hidden: int) -> tuple[Any, str]:
     from monitor.fixtures import start_sidecar, write_layer_sae
 
-    sae = write_layer_sae(workdir / "sae", HIDDEN, 64, 1, seed=5)
+    sae = write_layer_sae(workdir / "sae", hidden, 64, 1, seed=5)
     pack = workdir / "bench.pack.safetensors"
     build = ["pack", "build", "--sae", str(sae), "--features", "0,1,2,3", "--name", "bench"]
     subprocess.run(
@@ -364,6 +385,10 @@ def run_vllm_overhead_bench(
     pinnings: tuple[str, ...] = ("pinned",),
     same_engine: bool = False,
     linger_ms: float | Sequence[float] | None = None,
+    pairs: int = 0,
+    pair_tokens: int = PAIR_TOKENS,
+    decompose: bool = False,
+    hidden: int = HIDDEN,
 ) -> dict[str, Any]:
     """Measure the three engine modes for each execution mode; returns the results. With
     `control`, a second monitor-off engine runs in every round too: its loss against the
@@ -383,8 +408,25 @@ def run_vllm_overhead_bench(
     `linger_ms`: the monitored engines' relay linger (None: the plugin's default). Several
     values: every engine with the monitor starts with the first, and the sidecar-up engine
     also runs each other value in every round (mode `linger_mode(value)`), through a capture
-    client of its own in the same engine process."""
+    client of its own in the same engine process.
+
+    `pairs` (needs `same_engine`): after the rounds, that many pairs of short runs
+    (`pair_tokens` new tokens per request) of the sidecar-up engine alone, the plugin on and
+    off in turn (`same_engine_pairs`): the same-engine loss with a narrower interval than the
+    rounds give in the same time. With `control`, one more run per pair with the plugin off
+    again (the A/A of that comparison); with `decompose`, one more with the plugin on and
+    the engine's capture relay stopped for the run (what the plugin costs the engine's
+    thread alone; the rest of the loss is the monitor's processes running beside it).
+
+    `hidden`: the model's width (`bench_model_config`); the sidecar's pack follows it."""
     lingers = _lingers(linger_ms)
+    if pairs < 0 or pair_tokens < 4:
+        raise ValueError(f"pairs >= 0 and pair_tokens >= 4, got {pairs!r} and {pair_tokens!r}")
+    if pairs and not same_engine:
+        raise ValueError("pairs: the plugin is switched off between runs as for same_engine")
+    if decompose and not pairs:
+        raise ValueError("decompose: a kind of run of `pairs`, which is 0")
+    model_config = bench_model_config(hidden)
     if not pinnings or any(p not in PINNINGS for p in pinnings):
         raise ValueError(f"pinnings: a non-empty subset of {PINNINGS}, got {pinnings!r}")
     modes = ENGINE_MODES + ((CONTROL_MODE,) if control else ())
@@ -403,14 +445,18 @@ def run_vllm_overhead_bench(
         # most of this bench's time). In the user's own cache directory, not a shared /tmp name
         # that another user could create first (and point config.json elsewhere).
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        model = cache / "safety-monitor" / "bench-vllm-model"
+        # One directory per width: each keeps its own compile cache.
+        suffix = "" if hidden == HIDDEN else f"-h{hidden}"
+        model = cache / "safety-monitor" / f"bench-vllm-model{suffix}"
         model.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (model / "config.json").write_text(json.dumps(TINY_LLAMA))
+        (model / "config.json").write_text(json.dumps(model_config))
         available = os.sched_getaffinity(0)
         engine_cpus, side_cpus = plan_cpus(available)
         if engine_cpus is None:
             pinnings = ("unpinned",)  # one CPU: nothing to split
-        sidecar, target = _start_sidecar(workdir, side_cpus if "pinned" in pinnings else None)
+        sidecar, target = _start_sidecar(
+            workdir, side_cpus if "pinned" in pinnings else None, hidden
+        )
         batch = [
             {
                 "id": f"r{i}",
@@ -420,7 +466,7 @@ def run_vllm_overhead_bench(
             for i in range(requests)
         ]
         results: dict[str, Any] = {
-            "model": f"Llama-style, hidden {HIDDEN}, 4 layers, float32, random weights",
+            "model": f"Llama-style, hidden {hidden}, 4 layers, float32, random weights",
             "requests": requests,
             "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens,
@@ -431,6 +477,8 @@ def run_vllm_overhead_bench(
             "engine_cpus": _cpu_text(engine_cpus),
             "monitor_cpus": _cpu_text(side_cpus),
             "linger_ms": list(lingers) or None,
+            "pairs": pairs,
+            "pair_tokens": pair_tokens if pairs else None,
             "execution": {},
         }
         started = time.monotonic()
@@ -450,6 +498,7 @@ def run_vllm_overhead_bench(
                     modes,
                     baseline_tree,
                     lingers,
+                    PairSettings(pairs, pair_tokens, control, decompose),
                 )
                 for pinning, rows in measured.items():
                     # The key stays the bare execution mode for the default (pinned) run.
@@ -501,6 +550,7 @@ def _measure(
     modes: tuple[str, ...] = ENGINE_MODES,
     baseline_tree: str | None = None,
     lingers: tuple[float, ...] = (),
+    pairs: PairSettings | None = None,
 ) -> dict[str, dict[str, Any]]:
     workdir.mkdir(parents=True)
     kwargs = {
@@ -570,10 +620,194 @@ def _measure(
             )
             # The warm-up, the idle measurement and the rounds (the engines' start is apart).
             measured[pinning]["off"]["rounds_seconds"] = round(time.monotonic() - started, 1)
+            if pairs is not None and pairs.count:
+                measured[pinning]["sidecar-up"]["same_engine_pairs"] = same_engine_pairs(
+                    engines, batch, pairs, pinning, eager
+                )
     finally:
         for engine in engines.values():
             engine.stop()
     return measured
+
+
+class PairSettings(NamedTuple):
+    """What `same_engine_pairs` runs."""
+
+    count: int  # pairs (0: none)
+    tokens: int  # new tokens per request in each run
+    control: bool = False  # one more run per pair, the plugin off again (the A/A)
+    decompose: bool = False  # one more, the plugin on and the capture relay stopped
+
+
+# The kinds of run of `same_engine_pairs`, in the order of an even pair.
+PAIR_UP, PAIR_PAUSED, PAIR_CONTROL, PAIR_RELAY_STOPPED = (
+    "up",
+    "paused",
+    "paused-again",
+    "up-relay-stopped",
+)
+
+
+def pair_kinds(pairs: PairSettings) -> tuple[str, ...]:
+    """The runs of one pair: up and paused, then the A/A's and the decomposition's if asked."""
+    kinds = (PAIR_UP, PAIR_PAUSED)
+    if pairs.control:
+        kinds += (PAIR_CONTROL,)
+    if pairs.decompose:
+        kinds += (PAIR_RELAY_STOPPED,)
+    return kinds
+
+
+def same_engine_pairs(
+    engines: dict[str, _Engine],
+    batch: list[dict[str, Any]],
+    pairs: PairSettings,
+    tag: str,
+    eager: bool,
+) -> dict[str, Any]:
+    """The sidecar-up engine alone (every other engine stopped), `pairs.count` pairs of short
+    runs: one with the plugin on ("up"), one with it off ("paused", as up-paused), and the
+    kinds `pair_kinds` adds; the order reverses from pair to pair (a drift linear over two
+    pairs cancels). Each kind's loss against "paused" is paired per pair (tokens/s, and the
+    median decode step); their medians and 95% intervals over the pairs are the result.
+
+    "up-relay-stopped" runs with the plugin on and the engine's capture relay stopped
+    (SIGSTOP) until the run ends: the plugin writes every step onto the ring as always (the
+    relay sends them once it continues, before the flush), but neither the relay nor the
+    sidecar runs meanwhile. Its loss is what the plugin costs the engine's own thread; what
+    "up" loses beyond it comes from the monitor's processes running on the other CPUs,
+    through what the CPUs share (caches, memory).
+
+    Why short pairs: one run's tokens/s on this kind of machine moves by 10-15% from run to
+    run however long the run (two identical runs of one engine, 16 or 64 new tokens per
+    request, 2026-12-03: quartiles of their loss about -14% and +12%), so 60 rounds of 128
+    tokens leave an interval 8-12 points wide. 600 short pairs take about as long as 60
+    rounds of five engine modes and narrow it about threefold. A short run's prefill is a
+    larger share of it than in the rounds, and the plugin's slower path runs there, so its
+    tokens/s loss counts the plugin's per-request cost more than a long generation would;
+    the median decode step leaves prefills out."""
+    up = engines["sidecar-up"]
+    for name, engine in engines.items():
+        if name != "sidecar-up" and not engine.paused:
+            engine.pause()
+    if up.paused:
+        up.resume()
+    short = [
+        {**request, "params": {**request["params"], "max_tokens": pairs.tokens}}
+        for request in batch
+    ]
+    kinds = pair_kinds(pairs)
+    runs: dict[str, list[tuple[int, float]]] = {kind: [] for kind in kinds}
+    itl: dict[str, list[float]] = {kind: [] for kind in kinds}
+    started = time.monotonic()
+    try:
+        for index in range(pairs.count):
+            for kind in kinds if index % 2 == 0 else kinds[::-1]:
+                off = kind in (PAIR_PAUSED, PAIR_CONTROL)
+                if off:
+                    up.call({"op": "monitor", "on": False, "keep_op": not eager})
+                stopped = _split_pids(up.process.pid)[1] if kind == PAIR_RELAY_STOPPED else []
+                _stop(stopped)
+                try:
+                    reply = up.call(
+                        {"op": "run", "requests": _renamed(short, f"{tag}-pair{index}-{kind}")}
+                    )
+                finally:
+                    for pid in stopped:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGCONT)
+                # The relay and sidecar catch up before the next run (not timed).
+                up.call({"op": "flush", "timeout": 30.0})
+                if off:
+                    up.call({"op": "monitor", "on": True})
+                tokens = sum(len(r["outputs"][0]["token_ids"]) for r in reply["results"].values())
+                runs[kind].append((tokens, reply["seconds"]))
+                decode = reply["step_seconds"][2:] or reply["step_seconds"]
+                itl[kind].append(1000 * statistics.median(decode))
+    finally:
+        for engine in engines.values():
+            if engine.paused:
+                engine.resume()
+    return pairs_result(runs, itl, pairs.tokens, time.monotonic() - started)
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat ("T": stopped); "" once the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2]
+
+
+def _stop(pids: list[int], timeout: float = 1.0) -> None:
+    """SIGSTOP each process and wait (up to `timeout`) until each has stopped: a signal is
+    delivered when its process next runs, so a process caught running or asleep in the
+    kernel would otherwise go on for part of the run that is meant to be without it."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while _process_state(pid) not in ("T", "") and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+
+def pairs_result(
+    runs: dict[str, list[tuple[int, float]]],
+    itl: dict[str, list[float]],
+    tokens: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """`same_engine_pairs`'s numbers from its runs ((tokens, seconds) per run of each kind, in
+    run order) and their median decode steps (ms): every other kind against "paused", pair
+    by pair, under the kind's prefix ("up": none; "paused-again": `control_`;
+    "up-relay-stopped": `relay_stopped_`)."""
+    tps = {kind: [t / s for t, s in values] for kind, values in runs.items()}
+    result: dict[str, Any] = {
+        "pairs": len(tps[PAIR_PAUSED]),
+        "new_tokens": tokens,
+        "seconds": round(seconds, 1),
+        **{f"tokens_per_s_{kind}": statistics.median(tps[kind]) for kind in tps},
+        **{f"itl_ms_{kind}": statistics.median(itl[kind]) for kind in itl},
+    }
+    prefixes = {PAIR_UP: "", PAIR_CONTROL: "control_", PAIR_RELAY_STOPPED: "relay_stopped_"}
+    for kind, prefix in prefixes.items():
+        if kind not in tps:
+            continue
+        losses = [100 * (1 - m / b) for m, b in zip(tps[kind], tps[PAIR_PAUSED], strict=True)]
+        result.update(summary(losses, f"{prefix}loss_pct"))
+        steps = _step_summary(itl[kind], itl[PAIR_PAUSED])
+        result.update({f"{prefix}{name}": value for name, value in steps.items()})
+    # Every run's numbers, in run order, so any other statistic can be computed from the JSON.
+    result["per_pair"] = {
+        **{f"{kind}_tokens_per_s": tps[kind] for kind in tps},
+        **{f"{kind}_itl_ms": itl[kind] for kind in itl},
+    }
+    return result
+
+
+def _pairs_lines(execution: str, pairs: dict[str, Any]) -> list[str]:
+    """The table's lines for `same_engine_pairs`'s result."""
+    lines = [
+        f"{execution}: same engine, {pairs['pairs']} short pairs ({pairs['new_tokens']} new "
+        f"tokens per request, {pairs['seconds']:.0f} s), sidecar-up against {PAUSED_MODE}: "
+        f"loss {_loss_text(pairs)}; ITL {pairs[f'itl_ms_{PAIR_PAUSED}']:.2f} -> "
+        f"{pairs[f'itl_ms_{PAIR_UP}']:.2f} ms"
+    ]
+    for prefix, what in (
+        ("relay_stopped_", "the capture relay stopped during the run (the plugin alone)"),
+        ("control_", f"A/A: {PAUSED_MODE} again"),
+    ):
+        if f"{prefix}loss_pct_median" not in pairs:
+            continue
+        lines.append(
+            f"{execution}: same engine, short pairs, {what} against {PAUSED_MODE}: loss "
+            f"{pairs[f'{prefix}loss_pct_median']:.2f}% (95% CI {_ci(pairs, f'{prefix}loss_pct')})"
+            f"; median decode step {pairs[f'{prefix}step_loss_pct_median']:.2f}% (95% CI "
+            f"{_ci(pairs, f'{prefix}step_loss_pct')})"
+        )
+    return lines
 
 
 def _engine_of(mode: str) -> str:
@@ -966,6 +1200,9 @@ def format_vllm_table(result: dict[str, Any]) -> str:
                     else f" ({PAUSED_MODE} keeps the capture op)"
                 )
             )
+        pairs = rows.get("sidecar-up", {}).get("same_engine_pairs")
+        if pairs is not None:
+            lines += _pairs_lines(execution, pairs)
         for mode, row in rows.items():
             other = row.get("against_first_linger")
             if other is None:

@@ -329,7 +329,15 @@ class CaptureClient:
     def end_conversation(self, conversation_id: str) -> None:
         """Tell the sidecar the conversation is over (its rule state is freed) and forget it."""
         positions = self._ledger.forget(conversation_id)  # with its '<id>/<j>' sequences
-        if not positions or not (self._empty_layers or self._empty_features):
+        if not positions:
+            return
+        if not (self._empty_layers or self._empty_features):
+            # No step was ever assembled (each went through the hooks' early exit while the
+            # sidecar was down), so there are no shapes for an end message. While it is still
+            # down, the end is counted as an assembled one would be (captured, then dropped);
+            # once it is back, it never saw these conversations: there is nothing to end.
+            if self.on_full == "drop" and self._link.unreachable:
+                self._unsent()
             return
         ids = tuple(positions)
         step = CapturedStep(

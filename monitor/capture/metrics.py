@@ -49,6 +49,14 @@ class _CaptureCollector(Collector):
         depth = GaugeMetricFamily(
             f"{prefix}_queue_depth", "Steps waiting to be sent.", labels=["target"]
         )
+        # Only for clients whose relay encodes (`encode_in`): 1 for the state it is in, 0 for
+        # the others, so `...{state="failed"} == 1` alerts on a relay that could not use the
+        # pack (its steps then go out unencoded and the sidecar encodes them).
+        encoder = GaugeMetricFamily(
+            f"{prefix}_relay_encoder",
+            "Local encoding in the capture relay: 1 for its state (loading, ready, failed).",
+            labels=["target", "state"],
+        )
         for client in list(self.clients):
             stats, target = client.stats, client.target
             steps.add_metric([target], stats.steps_captured)
@@ -58,9 +66,13 @@ class _CaptureCollector(Collector):
             reconnects.add_metric([target], stats.reconnects)
             messages.add_metric([target], stats.messages_sent)
             depth.add_metric([target], client.queue_depth)
+            state = client.relay_encoder
+            if state is not None:
+                for name in ("loading", "ready", "failed"):
+                    encoder.add_metric([target, name], 1 if name == state else 0)
             for reason, count in sorted(stats.dropped.items()):
                 dropped.add_metric([target, reason], count)
-        yield from (steps, sent, acked, rejected, dropped, reconnects, messages, depth)
+        yield from (steps, sent, acked, rejected, dropped, reconnects, messages, depth, encoder)
 
 
 def register_client(client: CaptureClient, registry: CollectorRegistry | None = REGISTRY) -> None:

@@ -51,6 +51,13 @@ def test_a_conversation_across_a_sidecar_outage_keeps_its_positions(tmp_path):
         assert stats.dropped == {"sidecar_unavailable": 6}  # all by the early exit
         assert client.queue_depth == 0  # nothing was put on the ring
         assert client._last_tagging is None  # nor assembled: the hooks' early exit
+        # A conversation that ends while the sidecar is still down: its end is counted as an
+        # assembled end would be (captured, dropped), though no step of it was assembled.
+        with client.conversation("gone"):
+            generate(model, prompt, max_new_tokens=2, min_new_tokens=2)
+        client.end_conversation("gone")
+        assert client.stats.steps_captured == 6 + 2 + 1
+        assert client.stats.dropped == {"sidecar_unavailable": 6 + 2 + 1}
 
         sidecar = start_sidecar(sidecar_config(tmp_path, port), tmp_path)
         wait_connected(client)

@@ -408,6 +408,7 @@ class _FakeClient:
 
     target = "127.0.0.1:50051"
     queue_depth = 0
+    relay_encoder = "ready"  # a client whose relay encodes lists that gauge too
 
     def __init__(self) -> None:
         self.stats = SimpleNamespace(

@@ -11,6 +11,7 @@ import signal
 import time
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from monitor.capture import CaptureClient
 from monitor.fixtures import build_tiny_llama, start_sidecar
@@ -76,7 +77,8 @@ def test_relay_encoding_sends_what_hook_encoding_sends(pack_and_sidecar):
     hook = CaptureClient(
         sidecar.target, encode_locally=pack, encode_in="hook", metrics_registry=None
     )
-    relay = CaptureClient(sidecar.target, encode_locally=pack, metrics_registry=None)
+    registry = CollectorRegistry()
+    relay = CaptureClient(sidecar.target, encode_locally=pack, metrics_registry=registry)
     try:
         hook.attach(model, layers=[1])
         in_hook = _run(hook, model, "by-hook")
@@ -85,6 +87,7 @@ def test_relay_encoding_sends_what_hook_encoding_sends(pack_and_sidecar):
         assert relay.encoding_in == "relay" and hook.encoding_in == "hook"
         assert hook.relay_encoder is None
         wait_relay_encoder(relay)
+        assert _encoder_states(registry, relay.target) == {"loading": 0, "ready": 1, "failed": 0}
         in_relay = _run(relay, model, "by-relay")
         assert len(in_hook) == 2 * 2 * COUNTED  # two features, two rows, every counted token
         assert in_relay == in_hook
@@ -131,15 +134,26 @@ def test_a_pack_the_relay_cannot_load_leaves_encoding_to_the_sidecar(pack_and_si
     copy = tmp_path / "bars.pack.safetensors"
     copy.write_bytes(pack.read_bytes())
     model = build_tiny_llama(hidden=HIDDEN)
-    client = CaptureClient(sidecar.target, encode_locally=copy, metrics_registry=None)
+    registry = CollectorRegistry()
+    client = CaptureClient(sidecar.target, encode_locally=copy, metrics_registry=registry)
     hook = CaptureClient(
-        sidecar.target, encode_locally=pack, encode_in="hook", metrics_registry=None
+        sidecar.target, encode_locally=pack, encode_in="hook", metrics_registry=registry
     )
     try:
         copy.unlink()  # gone before the relay first needs it
         client.attach(model, layers=[1])
         assert client.encoding_in == "relay"
         wait_relay_encoder(client, "failed")
+        # An operator sees it in the client's metrics, not only in the relay's log; a client
+        # that encodes in its hooks reports no relay encoder at all.
+        assert _encoder_states(registry, client.target) == {"loading": 0, "ready": 0, "failed": 1}
+        samples = [
+            sample
+            for metric in registry.collect()
+            if metric.name == "safety_monitor_capture_relay_encoder"
+            for sample in metric.samples
+        ]
+        assert len(samples) == 3  # the relay-encoding client's states only
         got = _run(client, model, "no-pack")
         client.detach()
         hook.attach(model, layers=[1])
@@ -149,6 +163,15 @@ def test_a_pack_the_relay_cannot_load_leaves_encoding_to_the_sidecar(pack_and_si
     finally:
         client.close(timeout=10)
         hook.close(timeout=10)
+
+
+def _encoder_states(registry: CollectorRegistry, target: str) -> dict[str, float | None]:
+    return {
+        state: registry.get_sample_value(
+            "safety_monitor_capture_relay_encoder", {"target": target, "state": state}
+        )
+        for state in ("loading", "ready", "failed")
+    }
 
 
 def test_relay_encoding_needs_a_pack_path(pack_and_sidecar):
