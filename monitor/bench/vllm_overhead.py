@@ -621,6 +621,8 @@ def _measure(
             # The warm-up, the idle measurement and the rounds (the engines' start is apart).
             measured[pinning]["off"]["rounds_seconds"] = round(time.monotonic() - started, 1)
             if pairs is not None and pairs.count:
+                if len(lingers) > 1:  # the pairs run with the engine's own linger, the first
+                    engines["sidecar-up"].call({"op": "linger", "ms": lingers[0]})
                 measured[pinning]["sidecar-up"]["same_engine_pairs"] = same_engine_pairs(
                     engines, batch, pairs, pinning, eager
                 )
