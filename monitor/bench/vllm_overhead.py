@@ -621,6 +621,8 @@ def _measure(
             # The warm-up, the idle measurement and the rounds (the engines' start is apart).
             measured[pinning]["off"]["rounds_seconds"] = round(time.monotonic() - started, 1)
             if pairs is not None and pairs.count:
+                if len(lingers) > 1:  # the pairs run with the engine's own linger, the first
+                    engines["sidecar-up"].call({"op": "linger", "ms": lingers[0]})
                 measured[pinning]["sidecar-up"]["same_engine_pairs"] = same_engine_pairs(
                     engines, batch, pairs, pinning, eager
                 )
@@ -699,6 +701,7 @@ def same_engine_pairs(
     kinds = pair_kinds(pairs)
     runs: dict[str, list[tuple[int, float]]] = {kind: [] for kind in kinds}
     itl: dict[str, list[float]] = {kind: [] for kind in kinds}
+    before = up.call({"op": "report"})[0]
     started = time.monotonic()
     try:
         for index in range(pairs.count):
@@ -728,7 +731,15 @@ def same_engine_pairs(
         for engine in engines.values():
             if engine.paused:
                 engine.resume()
-    return pairs_result(runs, itl, pairs.tokens, time.monotonic() - started)
+    seconds = time.monotonic() - started
+    after = up.call({"op": "report"})[0]
+    result = pairs_result(runs, itl, pairs.tokens, seconds)
+    # What the monitored runs sent: a relay-stopped run longer than the ring's queue would
+    # drop steps (fail-open), and a dropped step costs the plugin less than a sent one.
+    result["steps_captured"] = after["steps_captured"] - before["steps_captured"]
+    result["acked"] = after["batches_acked"] - before["batches_acked"]
+    result["dropped"] = sum(after["dropped"].values()) - sum(before["dropped"].values())
+    return result
 
 
 def _process_state(pid: int) -> str:
@@ -794,6 +805,12 @@ def _pairs_lines(execution: str, pairs: dict[str, Any]) -> list[str]:
         f"tokens per request, {pairs['seconds']:.0f} s), sidecar-up against {PAUSED_MODE}: "
         f"loss {_loss_text(pairs)}; ITL {pairs[f'itl_ms_{PAIR_PAUSED}']:.2f} -> "
         f"{pairs[f'itl_ms_{PAIR_UP}']:.2f} ms"
+        + (
+            f"; steps captured {pairs['steps_captured']}, acked {pairs['acked']}, dropped "
+            f"{pairs['dropped']}"
+            if "steps_captured" in pairs
+            else ""
+        )
     ]
     for prefix, what in (
         ("relay_stopped_", "the capture relay stopped during the run (the plugin alone)"),

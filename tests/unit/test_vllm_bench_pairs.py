@@ -192,6 +192,7 @@ class _StandInEngine:
         self.paused = False
         self.calls: list[Any] = []
         self.monitor_on = True
+        self.captured = 0  # steps of the monitored runs, as the plugin's report counts them
 
     def _relay_state(self) -> str:
         stat = Path(f"/proc/{self.process.pid}/stat").read_text()
@@ -214,11 +215,16 @@ class _StandInEngine:
         if op == "flush":
             self.calls.append("flush")
             return [True]
+        if op == "report":
+            self.calls.append("report")
+            report = {"steps_captured": self.captured, "batches_acked": self.captured}
+            return [{**report, "dropped": {"queue_full": 0}}]
         assert op == "run"
         # The run's kind is in its requests' ids (`_renamed(short, "<tag>-pair<i>-<kind>")`).
         kind = command["requests"][0]["id"].split("-pair", 1)[1].split("-", 1)[1]
         tokens = command["requests"][0]["params"]["max_tokens"]
         self.calls.append(("run", kind, self.monitor_on, self._relay_state(), tokens))
+        self.captured += (tokens + 1) * self.monitor_on  # a prefill step and the decode steps
         outputs = {r["id"]: {"outputs": [{"token_ids": [0] * tokens}]} for r in command["requests"]}
         return {"results": outputs, "seconds": 0.01, "step_seconds": [0.002] * (tokens + 1)}
 
@@ -263,6 +269,10 @@ def test_one_engine_runs_each_kind_with_the_plugin_and_relay_as_that_kind_needs(
         # The other engines were stopped for the pairs and continued after them.
         assert other.calls == ["pause", "resume"] and not other.paused
         assert result["pairs"] == 2 and result["relay_stopped_loss_pct_median"] == 0.0
+        # The pairs' own counters: the monitored runs' steps (2 kinds x 2 pairs x 9 steps),
+        # read around the pairs, none dropped.
+        assert (result["steps_captured"], result["acked"], result["dropped"]) == (36, 36, 0)
+        assert engine.calls[0] == "report" and engine.calls[-1] == "report"
     finally:
         engine.stop()
         other.stop()
