@@ -702,6 +702,7 @@ def same_engine_pairs(
     runs: dict[str, list[tuple[int, float]]] = {kind: [] for kind in kinds}
     itl: dict[str, list[float]] = {kind: [] for kind in kinds}
     before = up.call({"op": "report"})[0]
+    unflushed = 0
     started = time.monotonic()
     try:
         for index in range(pairs.count):
@@ -710,8 +711,8 @@ def same_engine_pairs(
                 if off:
                     up.call({"op": "monitor", "on": False, "keep_op": not eager})
                 stopped = _split_pids(up.process.pid)[1] if kind == PAIR_RELAY_STOPPED else []
-                _stop(stopped)
                 try:
+                    _stop(stopped)
                     reply = up.call(
                         {"op": "run", "requests": _renamed(short, f"{tag}-pair{index}-{kind}")}
                     )
@@ -720,9 +721,13 @@ def same_engine_pairs(
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid, signal.SIGCONT)
                 # The relay and sidecar catch up before the next run (not timed).
-                up.call({"op": "flush", "timeout": 30.0})
+                unflushed += not all(up.call({"op": "flush", "timeout": 30.0}))
                 if off:
+                    # Turning it back on ends the requests that finished while it was off
+                    # (`finish_missing`): their end messages settle here too, not during the
+                    # next run.
                     up.call({"op": "monitor", "on": True})
+                    unflushed += not all(up.call({"op": "flush", "timeout": 30.0}))
                 tokens = sum(len(r["outputs"][0]["token_ids"]) for r in reply["results"].values())
                 runs[kind].append((tokens, reply["seconds"]))
                 decode = reply["step_seconds"][2:] or reply["step_seconds"]
@@ -739,6 +744,7 @@ def same_engine_pairs(
     result["steps_captured"] = after["steps_captured"] - before["steps_captured"]
     result["acked"] = after["batches_acked"] - before["batches_acked"]
     result["dropped"] = sum(after["dropped"].values()) - sum(before["dropped"].values())
+    result["unflushed"] = unflushed  # flushes that timed out: a run may have overlapped one
     return result
 
 
@@ -760,7 +766,9 @@ def _stop(pids: list[int], timeout: float = 1.0) -> None:
             os.kill(pid, signal.SIGSTOP)
     deadline = time.monotonic() + timeout
     for pid in pids:
-        while _process_state(pid) not in ("T", "") and time.monotonic() < deadline:
+        while _process_state(pid) not in ("T", ""):
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"the capture relay {pid} did not stop within {timeout} s")
             time.sleep(0.001)
 
 
@@ -788,6 +796,12 @@ def pairs_result(
             continue
         losses = [100 * (1 - m / b) for m, b in zip(tps[kind], tps[PAIR_PAUSED], strict=True)]
         result.update(summary(losses, f"{prefix}loss_pct"))
+        # Over each two pairs (one order and its reverse): each side's tokens over its seconds
+        # across both, so a drift linear over the two cancels, and each side has one run
+        # after a monitored run and one after a paused one (a request's end is processed in
+        # the next run: a monitored run after a paused one has none to process).
+        mirrored = _pairs_summary(runs[kind], runs[PAIR_PAUSED])
+        result.update({f"{prefix}{name}": value for name, value in mirrored.items()})
         steps = _step_summary(itl[kind], itl[PAIR_PAUSED])
         result.update({f"{prefix}{name}": value for name, value in steps.items()})
     # Every run's numbers, in run order, so any other statistic can be computed from the JSON.
@@ -803,11 +817,12 @@ def _pairs_lines(execution: str, pairs: dict[str, Any]) -> list[str]:
     lines = [
         f"{execution}: same engine, {pairs['pairs']} short pairs ({pairs['new_tokens']} new "
         f"tokens per request, {pairs['seconds']:.0f} s), sidecar-up against {PAUSED_MODE}: "
-        f"loss {_loss_text(pairs)}; ITL {pairs[f'itl_ms_{PAIR_PAUSED}']:.2f} -> "
+        f"loss {_loss_text(pairs).replace('per pair of rounds', 'per two mirrored pairs')}; "
+        f"ITL {pairs[f'itl_ms_{PAIR_PAUSED}']:.2f} -> "
         f"{pairs[f'itl_ms_{PAIR_UP}']:.2f} ms"
         + (
             f"; steps captured {pairs['steps_captured']}, acked {pairs['acked']}, dropped "
-            f"{pairs['dropped']}"
+            f"{pairs['dropped']}, flushes timed out {pairs.get('unflushed', 0)}"
             if "steps_captured" in pairs
             else ""
         )

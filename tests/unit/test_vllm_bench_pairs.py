@@ -65,6 +65,9 @@ def test_each_kind_is_paired_with_the_paused_run_of_its_pair():
     result = pairs_result(runs, itl, 16, 12.34)
     assert result["pairs"] == 5 and result["new_tokens"] == 16 and result["seconds"] == 12.3
     assert result["loss_pct_median"] == pytest.approx(5.0)
+    # Also over each two mirrored pairs (the fifth, unpaired, left out): still 5%.
+    assert result["loss_pct_pairs_median"] == pytest.approx(5.0)
+    assert result["relay_stopped_loss_pct_pairs_median"] == pytest.approx(2.0)
     # Paired per pair: the 20% spread between pairs leaves the interval at the one value.
     assert result["loss_pct_ci_low"] == pytest.approx(5.0)
     assert result["loss_pct_ci_high"] == pytest.approx(5.0)
@@ -265,14 +268,33 @@ def test_one_engine_runs_each_kind_with_the_plugin_and_relay_as_that_kind_needs(
         # Compiled: the paused runs keep the capture op in the graph; the plugin comes back on.
         assert ("monitor", False, True) in engine.calls
         assert engine.monitor_on and engine._relay_state() != "T"
-        assert engine.calls.count("flush") == len(runs)  # each run's steps settled after it
+        # Each run's steps settle after it, and after each plugin-off run the ends that
+        # turning the plugin back on sends (4 of the 8 runs are off).
+        assert engine.calls.count("flush") == len(runs) + 4
         # The other engines were stopped for the pairs and continued after them.
         assert other.calls == ["pause", "resume"] and not other.paused
         assert result["pairs"] == 2 and result["relay_stopped_loss_pct_median"] == 0.0
         # The pairs' own counters: the monitored runs' steps (2 kinds x 2 pairs x 9 steps),
         # read around the pairs, none dropped.
         assert (result["steps_captured"], result["acked"], result["dropped"]) == (36, 36, 0)
+        assert result["unflushed"] == 0
         assert engine.calls[0] == "report" and engine.calls[-1] == "report"
     finally:
         engine.stop()
         other.stop()
+
+
+def test_a_relay_that_does_not_stop_fails_the_bench_instead_of_being_measured_as_stopped():
+    from monitor.bench.vllm_overhead import _stop
+
+    # A zombie (exited, not reaped) never reaches state T.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        with pytest.raises(RuntimeError, match=f"relay {child.pid} did not stop"):
+            _stop([child.pid], timeout=0.2)
+    finally:
+        child.wait()
