@@ -213,8 +213,8 @@ def _run_command(args: argparse.Namespace) -> int:
             "--pairs needs --same-engine (it switches the plugin off as that does)", file=sys.stderr
         )
         return 2
-    if args.decompose and not args.pairs:
-        print("--decompose is a kind of run of --pairs: give --pairs N", file=sys.stderr)
+    if (args.decompose or args.pair_tokens is not None) and not args.pairs:
+        print("--decompose and --pair-tokens are for --pairs: give --pairs N", file=sys.stderr)
         return 2
     if args.engine == "vllm":
         from monitor.bench.vllm_overhead import (
@@ -226,9 +226,9 @@ def _run_command(args: argparse.Namespace) -> int:
         )
 
         try:
-            bench_model_config(args.hidden or HIDDEN)
+            bench_model_config(HIDDEN if args.hidden is None else args.hidden)
         except ValueError as exc:
-            print(f"--hidden: {exc}", file=sys.stderr)
+            print(f"--{exc}", file=sys.stderr)  # "hidden: a multiple of 128 ..."
             return 2
 
         eager = {"both": (False, True), "compiled": (False,), "eager": (True,)}[args.execution]
@@ -244,9 +244,9 @@ def _run_command(args: argparse.Namespace) -> int:
             same_engine=args.same_engine,
             linger_ms=lingers or None,
             pairs=args.pairs,
-            pair_tokens=args.pair_tokens or PAIR_TOKENS,
+            pair_tokens=PAIR_TOKENS if args.pair_tokens is None else args.pair_tokens,
             decompose=args.decompose,
-            hidden=args.hidden or HIDDEN,
+            hidden=HIDDEN if args.hidden is None else args.hidden,
         )
         print(render(result, args.json, format_vllm_table, machine))
         return 0
@@ -256,7 +256,7 @@ def _run_command(args: argparse.Namespace) -> int:
         rounds=args.rounds or 21,
         new_tokens=args.new_tokens or 48,
         batch=args.batch,
-        hidden=args.hidden or 512,
+        hidden=512 if args.hidden is None else args.hidden,
         layers=args.layers,
         soak_steps=args.soak_steps,
         linger_ms=lingers[0] if lingers else None,

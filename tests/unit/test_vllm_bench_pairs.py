@@ -142,10 +142,15 @@ def test_the_table_shows_the_pairs_the_decomposition_and_the_a_a():
     [
         (["--engine", "vllm", "--pairs", "10"], "--pairs needs --same-engine"),
         (["--pairs", "10"], "are for --engine vllm"),
-        (["--engine", "vllm", "--same-engine", "--decompose"], "--decompose is a kind of run"),
+        (["--engine", "vllm", "--same-engine", "--decompose"], "are for --pairs: give --pairs N"),
+        (["--engine", "vllm", "--pair-tokens", "8"], "are for --pairs: give --pairs N"),
+        (["--engine", "vllm", "--hidden", "0"], "--hidden: a multiple of 128 from 128 up, got 0"),
         (["--engine", "vllm", "--same-engine", "--pairs", "-1"], "--pairs: 0 or more"),
         (["--engine", "vllm", "--same-engine", "--pairs", "5", "--pair-tokens", "2"], "4 or more"),
-        (["--engine", "vllm", "--hidden", "200"], "--hidden: hidden: a multiple of 128"),
+        (
+            ["--engine", "vllm", "--hidden", "200"],
+            "--hidden: a multiple of 128 from 128 up, got 200",
+        ),
     ],
 )
 def test_the_command_line_refuses_what_cannot_run(capsys, args, message):
